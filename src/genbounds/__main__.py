@@ -1,0 +1,3 @@
+from genbounds.cli import main
+
+main()

@@ -1,0 +1,193 @@
+"""``HeldoutGradient``: the training batch's gradient against a held-out reference (SPEC §2)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from torch.optim import Optimizer
+
+from genbounds.callbacks.channel import Channel, HeldoutRecord
+from genbounds.callbacks.checks import check_automatic_optimization
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
+from genbounds.estimators.backpack_norms import has_batchnorm
+from genbounds.estimators.functional import dot, sq_norm, trainable_parameters
+from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments
+from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
+from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
+
+
+class HeldoutGradient(ProbeCallback):
+    r"""Compare the training batch's gradient with held-out and training reference gradients.
+
+    At every ``every_n_steps``-th optimizer step, at the weights ``W_{t−1}`` its gradient ``ḡ_B``
+    was computed at (read from ``.grad`` in ``on_before_optimizer_step``: unscaled, accumulated
+    and DDP-averaged, before clipping):
+
+    * ``grad/heldout_dist_sq = ‖ḡ_B − ĝ_ref‖² − s²_ref/m`` — unbiased for ``‖g(w,B_t) − g(w)‖²``,
+      whose mean is Neu et al.'s ``V_t`` (train/test mismatch included); ``ĝ_ref`` and
+      ``s²_ref`` are the mean gradient and per-sample covariance trace of ``m`` held-out samples.
+      It can be negative: keep it signed in sums. The held-out probe set is reused at every step,
+      so its errors are correlated over ``t``.
+    * ``gap/step_realized = η_t ḡ_B·(ĝ_tr − ĝ_ref)`` — first-order change of the train/held-out
+      gap caused by this step (Roberts, generalized to a step on a batch of ``S``), with ``ĝ_tr``
+      the gradient of a fixed training probe batch independent of ``B_t``.
+    * ``gap/step_predicted = η_t s²/n`` — its expectation ``η tr Σ / n`` while train and test
+      gradients agree (``s²`` of the training probe batch, ``n`` training samples).
+    * ``gap/predicted_cumulative = Σ_t η_t s²_t/n`` over every step (each measurement standing for
+      the steps until the next one, each with its own ``η_t``); compare it with
+      ``gap/measured(t) − gap/measured(0)``.
+
+    With an optimizer other than plain SGD the step is not ``η_t ḡ_B``; the quantities are then
+    heuristics (``GeneralizationBound`` warns about it).
+
+    Args:
+        every_n_steps: measure every this many optimizer steps.
+        backend: per-sample gradients of the probe sets by ``"functorch"`` (exact), by
+            ``"microbatch"`` chunks, or ``"auto"`` (functorch unless train-mode BatchNorm).
+        num_chunks: chunks for the micro-batch backend.
+        num_train: ``n``; default: the training dataset's length.
+        probe_batch_size: samples per probe batch (default: one loader batch).
+        num_probe_batches: loader batches concatenated into each probe set.
+        probe_mode: ``"eval"`` (default) or ``"train"`` mode for the probe passes.
+        loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses`` (default: the module's
+            ``per_sample_loss``).
+        seed: seed of the callback's own generator.
+    """
+
+    owner = "HeldoutGradient"
+    needs_heldout_probe = True
+    heldout_required = True
+
+    def __init__(
+        self,
+        every_n_steps: int = 10,
+        backend: Literal["auto", "functorch", "microbatch"] = "auto",
+        num_chunks: int = 8,
+        num_train: int | None = None,
+        probe_batch_size: int | None = None,
+        num_probe_batches: int = 1,
+        probe_mode: ProbeMode = "eval",
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps=every_n_steps, every_n_epochs=None, at_train_end=False,
+                         probe_batch_size=probe_batch_size, num_probe_batches=num_probe_batches,
+                         probe_mode=probe_mode, loss_fn=loss_fn, seed=seed)
+        if backend not in ("auto", "functorch", "microbatch"):
+            raise MisconfigurationException(f"HeldoutGradient(backend={backend!r}) must be auto, functorch or microbatch")
+        self.backend = backend
+        self.num_chunks = num_chunks
+        self.num_train = num_train
+        self.channel: Channel[HeldoutRecord] = Channel()
+        self.predicted_cumulative = 0.0
+        self._s2_over_n: float | None = None
+        self._n: int | None = None
+        self._due = False
+        self._lr = 0.0
+        self._per_sample = True
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.schedule.every_n_steps)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        check_automatic_optimization(self.owner, pl_module)
+        bn_train = has_batchnorm(pl_module) and self.probe_mode == "train"
+        if self.backend == "functorch" and bn_train:
+            raise MisconfigurationException(
+                "HeldoutGradient(backend='functorch', probe_mode='train') cannot take per-sample "
+                "gradients through train-mode BatchNorm; use backend='microbatch' or probe_mode='eval'."
+            )
+        self._per_sample = self.backend == "functorch" or (self.backend == "auto" and not bn_train)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.optimizers:
+            _warn_lr_groups(trainer.optimizers[0])
+        self._n = self.num_train or training_set_size(trainer)
+        if self._n is None:
+            raise MisconfigurationException(
+                "HeldoutGradient could not determine the number of training samples n from the "
+                "dataloader; pass HeldoutGradient(num_train=...)."
+            )
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self._due = self.schedule.due_at_step(trainer.global_step)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pass  # measured only at optimizer steps, where ḡ_B exists
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        self._lr = float(optimizer.param_groups[0]["lr"])
+        if self._due:
+            self._due = False
+            self._probe(trainer, pl_module, log=True)
+        elif self._s2_over_n is not None:
+            self.predicted_cumulative += self._lr * self._s2_over_n
+
+    def _moments(self, pl_module: LightningModule, batch: Any) -> GradientMoments:
+        assert self._loss_fn is not None
+        if self._per_sample:
+            return per_sample_gradient_moments(pl_module, self._loss_fn, batch)
+        return microbatch_gradient_moments(
+            pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device)
+        )
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
+        params = list(trainable_parameters(pl_module).values())
+        g_batch = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        ref = self._moments(pl_module, self.heldout_probe)
+        train = self._moments(pl_module, self.train_probe)
+        assert ref.weighted_sum is not None and train.weighted_sum is not None
+        m, m_tr = int(ref.num_samples), int(train.num_samples)
+        g_ref = [s / m for s in ref.weighted_sum]
+        g_tr = [s / m_tr for s in train.weighted_sum]
+        s2_ref = dispersion_from_moments(ref).trace_cov
+        s2_tr = dispersion_from_moments(train).trace_cov
+        dist = sq_norm([a - b for a, b in zip(g_batch, g_ref)]) - s2_ref / m
+        realized = self._lr * dot(g_batch, [a - b for a, b in zip(g_tr, g_ref)])
+        packed = torch.stack([dist, realized, s2_tr.to(dist.device)]).cpu().tolist()
+        return {"grad/heldout_dist_sq": packed[0], "gap/step_realized": packed[1], "_s2_train": packed[2]}
+
+    def finalize(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
+        assert self._n is not None
+        s2 = values.pop("_s2_train")
+        self._s2_over_n = s2 / self._n
+        predicted = self._lr * self._s2_over_n
+        self.predicted_cumulative += predicted
+        values["gap/step_predicted"] = predicted
+        values["gap/predicted_cumulative"] = self.predicted_cumulative
+        return values
+
+    def publish(self, step: int, values: dict[str, float]) -> None:
+        self.channel.publish([
+            HeldoutRecord(step=step, lr=self._lr, heldout_dist_sq=values["grad/heldout_dist_sq"],
+                          step_realized=values["gap/step_realized"], step_predicted=values["gap/step_predicted"],
+                          predicted_cumulative=values["gap/predicted_cumulative"])
+        ])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(predicted_cumulative=self.predicted_cumulative, s2_over_n=self._s2_over_n)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.predicted_cumulative = float(state_dict.get("predicted_cumulative", 0.0))
+        self._s2_over_n = state_dict.get("s2_over_n")
+
+
+def _warn_lr_groups(optimizer: Optimizer) -> None:
+    lrs = {g["lr"] for g in optimizer.param_groups}
+    if len(lrs) > 1:
+        rank_zero_warn("HeldoutGradient: parameter groups have different learning rates; using the first group's.")

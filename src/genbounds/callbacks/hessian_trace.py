@@ -1,0 +1,190 @@
+"""``HessianTrace``: Hutchinson trace, top eigenvalue and Hessian-weighted dispersion (SPEC §5)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+from genbounds.callbacks.channel import Channel, CurvatureRecord
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass
+from genbounds.estimators.functional import LossFn, per_sample_losses
+from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
+from genbounds.estimators.hessian_trace import hutchinson_trace
+from genbounds.estimators.hessian_vector_product import HVPMethod, LossHessian
+from genbounds.estimators.weighted_dispersion import hessian_weighted_dispersion
+
+
+class HessianTrace(ProbeCallback):
+    r"""Log the trace of the training-loss Hessian at the current weights, on the training probe
+    batch: ``curv/hessian_trace`` and ``curv/hessian_trace_se`` (Hutchinson with Rademacher probes
+    and a standard-error stopping rule, SPEC §5), ``curv/hessian_trace_probes`` (samples used).
+
+    Optional: ``curv/hessian_top_eig`` by warm-started power iteration (with
+    ``curv/hessian_top_eig_residual`` ``= ‖Hv − λv‖``), and ``curv/weighted_dispersion``
+    ``≈ Tr(H Σ_B)`` (+ ``_se``) from ``num_chunks`` chunks of the current training batch with ``H``
+    on the probe batch — a local proxy of the first component of the algorithmic-variability
+    bound (measured at step-start probes only, where a training batch exists).
+
+    ``backend="pyhessian"`` runs PyHessian 0.1's ``trace()`` instead, for cross-checking. PyHessian
+    forces eval mode, writes ``.grad`` with ``backward(create_graph=True)``, draws from the global
+    RNG and, in its 0.1 release, stops after two samples when the first is negative; genbounds
+    saves and restores ``.grad``, runs it under the probe isolation (modes, buffers, RNG restored)
+    and passes ``tol=pyhessian_tol`` (default 0: always ``max_probes`` samples).
+
+    Args:
+        backend: ``"hutchinson"`` (ours) or ``"pyhessian"``.
+        hvp_method: ``"auto"``/``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
+        rel_tol: stop when the relative SE is below this.
+        abs_tol: …or when the SE is below this absolute floor.
+        min_probes: never stop before this many Rademacher samples.
+        max_probes: never draw more.
+        block_size: Rademacher vectors per HVP block (default 1 on CPU, 10 on a GPU, where they are
+            vectorized).
+        top_eigenvalue: also run power iteration.
+        eig_max_iter: power-iteration cap.
+        eig_tol: relative change of the Rayleigh quotient to stop at.
+        weighted_dispersion: also estimate ``Tr(H Σ_B)``.
+        num_chunks: chunks of the training batch for ``Tr(H Σ_B)``.
+        pyhessian_tol: PyHessian's own relative-change tolerance.
+        every_n_steps: probe every this many optimizer steps.
+        every_n_epochs: probe at the end of every this many epochs.
+        log_spaced: probe at this many log-spaced steps per decade.
+        at_train_end: probe the final weights.
+        probe_batch_size: samples in the training probe batch.
+        num_probe_batches: loader batches concatenated into the probe batch.
+        probe_mode: ``"eval"`` (default) or ``"train"``.
+        loss_fn: the loss contract (default: ``per_sample_loss``).
+        seed: seed of the callback's own generator.
+    """
+
+    owner = "HessianTrace"
+
+    def __init__(
+        self,
+        backend: Literal["hutchinson", "pyhessian"] = "hutchinson",
+        hvp_method: HVPMethod = "auto",
+        rel_tol: float = 0.05,
+        abs_tol: float = 0.0,
+        min_probes: int = 10,
+        max_probes: int = 200,
+        block_size: int | None = None,
+        top_eigenvalue: bool = False,
+        eig_max_iter: int = 100,
+        eig_tol: float = 1e-3,
+        weighted_dispersion: bool = False,
+        num_chunks: int = 8,
+        pyhessian_tol: float = 0.0,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        log_spaced: int | None = None,
+        at_train_end: bool = True,
+        probe_batch_size: int | None = None,
+        num_probe_batches: int = 1,
+        probe_mode: ProbeMode = "eval",
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(every_n_steps, every_n_epochs, log_spaced, at_train_end, probe_batch_size,
+                         num_probe_batches, probe_mode, loss_fn, seed)
+        if backend not in ("hutchinson", "pyhessian"):
+            raise MisconfigurationException(f"HessianTrace(backend={backend!r}) must be 'hutchinson' or 'pyhessian'")
+        if hvp_method not in ("auto", "reverse", "forward"):
+            raise MisconfigurationException(f"HessianTrace(hvp_method={hvp_method!r}) must be auto, reverse or forward")
+        if not 0 < min_probes <= max_probes:
+            raise MisconfigurationException("HessianTrace needs 0 < min_probes <= max_probes")
+        if weighted_dispersion and num_chunks < 2:
+            raise MisconfigurationException("HessianTrace(num_chunks=...) must be >= 2")
+        self.backend = backend
+        self.hvp_method = hvp_method
+        self.rel_tol, self.abs_tol = rel_tol, abs_tol
+        self.min_probes, self.max_probes, self.block_size = min_probes, max_probes, block_size
+        self.top_eigenvalue = top_eigenvalue
+        self.eig_max_iter, self.eig_tol = eig_max_iter, eig_tol
+        self.weighted_dispersion = weighted_dispersion
+        self.num_chunks = num_chunks
+        self.pyhessian_tol = pyhessian_tol
+        self.channel: Channel[CurvatureRecord] = Channel()
+        self._eigvec: list[Tensor] | None = None
+        self._step = 0
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(backend=self.backend)
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
+        assert self._loss_fn is not None
+        self._step = int(trainer.global_step)
+        gen = self.generator(pl_module.device)
+        out: dict[str, float] = {}
+        op = LossHessian(pl_module, self._loss_fn, self.train_probe, method=self.hvp_method)
+        if self.backend == "pyhessian":
+            samples = pyhessian_trace(pl_module, self._loss_fn, self.train_probe, self.max_probes, self.pyhessian_tol)
+            n = len(samples)
+            mean = sum(samples) / n
+            sd = math.sqrt(sum((x - mean) ** 2 for x in samples) / (n - 1)) if n > 1 else math.inf
+            out["curv/hessian_trace"], out["curv/hessian_trace_se"] = mean, sd / math.sqrt(n)
+            out["curv/hessian_trace_probes"] = float(n)
+        else:
+            est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
+                                   max_probes=self.max_probes,
+                                   block_size=per_pass(self.block_size, pl_module.device, gpu_default=10))
+            out["curv/hessian_trace"], out["curv/hessian_trace_se"] = est.value, est.standard_error
+            out["curv/hessian_trace_probes"] = float(est.num_probes)
+        if self.top_eigenvalue:
+            eig = top_eigenvalue(op, gen, init=self._eigvec, max_iter=self.eig_max_iter, tol=self.eig_tol)
+            self._eigvec = eig.vector
+            out["curv/hessian_top_eig"] = eig.value
+            out["curv/hessian_top_eig_residual"] = eig.residual
+        if self.weighted_dispersion and batch is not None:
+            wd = hessian_weighted_dispersion(pl_module, self._loss_fn, batch, op, self.num_chunks)
+            out["curv/weighted_dispersion"], out["curv/weighted_dispersion_se"] = wd.value, wd.standard_error
+        op.release()
+        return out
+
+    def publish(self, step: int, values: dict[str, float]) -> None:
+        self.channel.publish([CurvatureRecord(
+            step=self._step, hessian_trace=values["curv/hessian_trace"],
+            hessian_trace_se=values["curv/hessian_trace_se"], top_eigenvalue=values.get("curv/hessian_top_eig"),
+        )])
+
+
+class _LossAsModel(nn.Module):
+    """PyHessian calls ``criterion(model(inputs), targets)`` and moves ``inputs`` with ``.cuda()``;
+    this model ignores its (dummy tensor) input and returns the per-sample losses of a batch it
+    holds, so any batch structure and device work."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any) -> None:
+        super().__init__()
+        self.inner = module
+        self._loss_fn = loss_fn
+        self._batch = batch
+
+    def forward(self, _dummy: Tensor) -> Tensor:
+        return per_sample_losses(self.inner, self._loss_fn, self._batch)
+
+
+def pyhessian_trace(module: nn.Module, loss_fn: LossFn, batch: Any, max_probes: int, tol: float) -> list[float]:
+    """PyHessian 0.1's Hutchinson samples on ``batch``; ``.grad`` is saved and restored around it."""
+    from pyhessian import hessian as PyHessian
+
+    params = list(module.parameters())
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        device = next(iter(params)).device
+        dummy = torch.zeros(1, device=device)
+        model = _LossAsModel(module, loss_fn, batch)
+        engine = PyHessian(model, lambda losses, _t: losses.mean(), data=(dummy, dummy), cuda=device.type == "cuda")
+        samples = engine.trace(maxIter=max_probes, tol=tol)
+        del engine
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return [float(x) for x in samples]

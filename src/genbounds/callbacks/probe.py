@@ -1,0 +1,323 @@
+"""Shared machinery of the probe callbacks (held-out gradient, sensitivity, flatness, curvature).
+
+* **Schedule** — :class:`ProbeSchedule`: every ``n`` optimizer steps, every ``n`` epochs,
+  log-spaced steps (``k`` per decade: dense early, sparse late), and/or once at the end of
+  training. Nothing runs during Lightning's sanity check (probes only use training hooks).
+* **Probe batches** — drawn once, at ``on_train_start``, from the training and the validation
+  dataloaders (default: the first full batch of each; ``probe_batch_size`` /
+  ``num_probe_batches`` to change that), passed through the module's own batch-transfer hooks
+  (the same transforms as the training batches) and cached on the module's device. Drawing
+  them runs under a forked RNG so the training run's data order is untouched. Without a
+  validation loader only the held-out quantities are disabled, with one warning.
+* **Isolation** — every probe runs inside :func:`genbounds.callbacks.isolation.isolated_pass`
+  in eval mode by default (``probe_mode="train"`` keeps train mode: dropout active, BatchNorm on
+  batch statistics — its running statistics are restored afterwards either way).
+* **DDP** — each rank probes its own probe batches; values are averaged over ranks (standard
+  errors combined as ``√(Σ SE²)/R``, minima reduced by min) before logging, on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+from genbounds.callbacks.checks import check_positive, check_precision, check_strategy
+from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.loss_contract import resolve_loss_fn
+from genbounds.callbacks.step_log import StepLog, logger_step
+from genbounds.estimators.batching import batch_size, concat_batches, index_batch
+from genbounds.estimators.functional import LossFn
+
+ProbeMode = Literal["eval", "train"]
+
+
+class ProbeSchedule:
+    """When a probe runs. ``step`` is the number of optimizer steps already taken."""
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = None,
+        log_spaced: int | None = None,
+        at_train_end: bool = True,
+    ) -> None:
+        self.every_n_steps = every_n_steps
+        self.every_n_epochs = every_n_epochs
+        self.log_spaced = log_spaced
+        self.at_train_end = at_train_end
+
+    def due_at_step(self, step: int) -> bool:
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return True
+        if self.log_spaced:
+            # k points per decade: step s is due when ⌊k·log10(s+1)⌋ advances past ⌊k·log10(s)⌋
+            k = self.log_spaced
+            return step == 0 or math.floor(k * math.log10(step + 1)) > math.floor(k * math.log10(step))
+        return False
+
+    def due_at_epoch_end(self, epoch: int) -> bool:
+        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
+
+
+def _loader_batches(loader: Any, size: int | None, count: int) -> Any:
+    """``count`` probe batches concatenated: each the first full batch (``size=None``) or the
+    first ``size`` samples, consecutive along the loader."""
+    collected: list[Any] = []
+    it = iter(loader)
+    want = None if size is None else size * count
+    have = 0
+    first_size = None
+    for batch in it:
+        b = batch_size(batch)
+        if size is None:
+            first_size = first_size or b
+            if b < first_size:
+                continue  # a partial last batch is not a "full" batch
+            collected.append(batch)
+            if len(collected) == count:
+                break
+        else:
+            collected.append(batch)
+            have += b
+            if have >= want:
+                break
+    if not collected:
+        return None
+    merged = concat_batches(collected) if len(collected) > 1 else collected[0]
+    if want is not None:
+        merged = index_batch(merged, slice(0, min(want, batch_size(merged))))
+    return merged
+
+
+def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int) -> Any:
+    """The probe set of one dataloader, on the module's device, without touching the run's RNG."""
+    device = trainer.strategy.root_device
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        batch = _loader_batches(loader, size, count)
+    if batch is None:
+        return None
+    return trainer.strategy.batch_to_device(batch)
+
+
+def _first_loader(loaders: Any) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def validation_loader(trainer: Trainer) -> Any:
+    """The first validation dataloader, set up now if Lightning has not done so yet."""
+    if trainer.val_dataloaders is None:
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        except Exception:  # noqa: BLE001 - no validation data is a legitimate configuration
+            return None
+    return _first_loader(trainer.val_dataloaders)
+
+
+def training_set_size(trainer: Trainer) -> int | None:
+    """``n``: the number of training samples (all ranks), when the loader has a sized dataset."""
+    dm = trainer.datamodule
+    if dm is not None and isinstance(getattr(dm, "num_train", None), int):
+        return int(dm.num_train)
+    loader = _first_loader(trainer.train_dataloader)
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+class ProbeCallback(Callback):
+    """Base class: schedule, probe batches, isolation, DDP reduction and logging. Subclasses set
+    ``owner`` and implement :meth:`measure`, returning ``{tag: value}`` (a ``…_se`` tag is a
+    standard error, a ``…_min`` tag a minimum, for the DDP reduction)."""
+
+    owner = "ProbeCallback"
+    needs_train_probe = True
+    needs_heldout_probe = False
+    heldout_required = False
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        log_spaced: int | None = None,
+        at_train_end: bool = True,
+        probe_batch_size: int | None = None,
+        num_probe_batches: int = 1,
+        probe_mode: ProbeMode = "eval",
+        loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive(self.owner, every_n_steps=every_n_steps, every_n_epochs=every_n_epochs,
+                       log_spaced=log_spaced, probe_batch_size=probe_batch_size,
+                       num_probe_batches=num_probe_batches)
+        if probe_mode not in ("eval", "train"):
+            raise MisconfigurationException(f"{self.owner}(probe_mode={probe_mode!r}) must be 'eval' or 'train'")
+        self.schedule = ProbeSchedule(every_n_steps, every_n_epochs, log_spaced, at_train_end)
+        self.probe_batch_size = probe_batch_size
+        self.num_probe_batches = num_probe_batches
+        self.probe_mode = probe_mode
+        self.loss_fn = loss_fn
+        self.seed = seed
+        self.step_log = StepLog(self.owner)
+        self.train_probe: Any = None
+        self.heldout_probe: Any = None
+        self.heldout_available = False
+        self.num_probes_run = 0
+        self._loss_fn: LossFn | None = None
+        self._generator: torch.Generator | None = None
+        self._generator_state: Tensor | None = None
+        self._last_probe_step: int | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        check_strategy(self.owner, trainer)
+        check_precision(self.owner, trainer)
+        self._loss_fn = resolve_loss_fn(self.owner, pl_module, self.loss_fn)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.needs_train_probe:
+            self.train_probe = draw_probe_batch(
+                trainer, _first_loader(trainer.train_dataloader), self.probe_batch_size, self.num_probe_batches
+            )
+        if self.needs_heldout_probe:
+            loader = validation_loader(trainer)
+            self.heldout_probe = (
+                draw_probe_batch(trainer, loader, self.probe_batch_size, self.num_probe_batches)
+                if loader is not None else None
+            )
+            self.heldout_available = self.heldout_probe is not None
+            if not self.heldout_available:
+                message = f"{self.owner}: no validation dataloader, so the held-out quantities are disabled."
+                if self.heldout_required:
+                    message = f"{self.owner}: needs held-out data, but there is no validation dataloader; it is disabled."
+                rank_zero_warn(message)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if batch_idx % trainer.accumulate_grad_batches != 0:
+            return
+        if self.schedule.due_at_step(trainer.global_step):
+            self._probe(trainer, pl_module, batch=batch, log=True)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.schedule.due_at_epoch_end(trainer.current_epoch):
+            self._probe(trainer, pl_module, log=True, epoch_end=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.schedule.at_train_end:
+            self._probe(trainer, pl_module, log=False)
+
+    # ------------------------------------------------------------------ machinery
+    @property
+    def active(self) -> bool:
+        return not (self.heldout_required and not self.heldout_available)
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """This callback's own random stream (never the global RNG), resumable."""
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device)
+            self._generator.manual_seed(self.seed)
+            if self._generator_state is not None:
+                try:
+                    self._generator.set_state(self._generator_state)
+                except RuntimeError:
+                    pass  # saved on another device type: restart the stream from the seed
+        return self._generator
+
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, batch: Any = None,
+               epoch_end: bool = False) -> None:
+        if not self.active or trainer.sanity_checking:
+            return
+        step = logger_step(trainer)
+        if self._last_probe_step == trainer.global_step:
+            return  # already probed at these weights (e.g. epoch end and the next step start)
+        self._last_probe_step = trainer.global_step
+        with isolated_pass(pl_module, mode=self.probe_mode):
+            values = self.measure(trainer, pl_module, batch)
+        if not values:
+            return
+        if trainer.world_size > 1:
+            values = _reduce_over_ranks(trainer, values)
+        values = self.finalize(trainer, values)
+        self.num_probes_run += 1
+        device = pl_module.device
+        self.step_log.record(step, {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in values.items()})
+        self.step_log.flush(trainer, pl_module if log else None, epoch_end=epoch_end)
+        self.publish(step, values)
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
+        raise NotImplementedError
+
+    def finalize(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
+        """Derived values computed from the rank-reduced ones (subclasses)."""
+        return values
+
+    def publish(self, step: int, values: dict[str, float]) -> None:
+        """Send a typed record on the callback's channel (subclasses)."""
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"num_probes_run": self.num_probes_run, "last_probe_step": self._last_probe_step}
+        if self._generator is not None:
+            state["generator_state"] = self._generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.num_probes_run = int(state_dict.get("num_probes_run", 0))
+        self._last_probe_step = state_dict.get("last_probe_step")
+        self._generator_state = state_dict.get("generator_state")
+        self._generator = None
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.train_probe = None
+        self.heldout_probe = None
+
+
+def _has_suffix(tag: str, suffix: str) -> bool:
+    """Whether any path component of ``tag`` ends with ``suffix`` (``flat/train_se/sigma=0.1``)."""
+    return any(part.endswith(suffix) for part in tag.split("/"))
+
+
+def per_pass(requested: int | None, device: torch.device, gpu_default: int = 8) -> int:
+    """Vectorization width: as requested, else 1 on CPU (looping is faster there, see
+    ``benchmarks/probes.py``) and ``gpu_default`` on an accelerator."""
+    if requested is not None:
+        return requested
+    return 1 if device.type == "cpu" else gpu_default
+
+
+def sigma_tag(sigma: float) -> str:
+    return f"sigma={sigma:g}"
+
+
+def _reduce_over_ranks(trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
+    """Mean over ranks; ``…_se`` tags as √(Σ SE²)/R; ``…_min`` by min; ``…_max`` by max."""
+    names = list(values)
+    device = trainer.strategy.root_device
+    raw = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+    world = trainer.world_size
+    is_se = torch.tensor([_has_suffix(n, "_se") for n in names], device=device)
+    is_min = torch.tensor([_has_suffix(n, "_min") for n in names], device=device)
+    is_max = torch.tensor([_has_suffix(n, "_max") for n in names], device=device)
+    summed = trainer.strategy.reduce(torch.where(is_se, raw * raw, raw), reduce_op="sum")
+    lo = -trainer.strategy.reduce(-raw, reduce_op=torch.distributed.ReduceOp.MAX)
+    hi = trainer.strategy.reduce(raw, reduce_op=torch.distributed.ReduceOp.MAX)
+    mean = torch.where(is_se, summed.sqrt() / world, summed / world)
+    out = torch.where(is_min, lo, torch.where(is_max, hi, mean))
+    return dict(zip(names, out.cpu().tolist()))

@@ -1,0 +1,126 @@
+"""Logging per-step statistics without a host sync per step.
+
+Measurement callbacks compute their statistics as 0-d device tensors and :meth:`StepLog.record`
+them. Nothing is copied to the host until :meth:`StepLog.flush`, which callbacks call on
+Lightning's own logging cadence (``Trainer(log_every_n_steps=...)``) and at epoch and train end:
+one device→host copy for all buffered values, then
+
+* every finite record is written to every logger **at the step it was measured** (so the curve
+  is exact even when ``every_n_steps`` and ``log_every_n_steps`` differ);
+* a record with any non-finite value (NaN loss, inf gradient) is dropped with one warning
+  naming its step;
+* the latest value of each metric is also passed to ``pl_module.log(..., logger=False)``, so
+  ``EarlyStopping``, ``ModelCheckpoint`` and the progress bar can use it;
+* listeners (the bound aggregator) receive the finite records as plain floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+
+
+@dataclass
+class StepRecord:
+    """One measurement: the optimizer-step index it describes and its values."""
+
+    step: int
+    values: dict[str, float]
+
+
+Listener = Callable[[list[StepRecord]], None]
+
+
+def logger_step(trainer: Trainer) -> int:
+    """The step index Lightning uses for the training metrics logged in this batch."""
+    loop = getattr(trainer.fit_loop, "epoch_loop", None)
+    stepped = getattr(loop, "_batches_that_stepped", None)
+    return int(stepped) if stepped is not None else int(trainer.global_step)
+
+
+def is_log_step(trainer: Trainer) -> bool:
+    """Whether Lightning writes training metrics to the loggers at the end of this batch."""
+    every = trainer.log_every_n_steps
+    return bool(every) and ((logger_step(trainer) + 1) % every == 0 or trainer.should_stop)
+
+
+class StepLog:
+    """Device-side buffer of per-step scalar records (see the module docstring)."""
+
+    def __init__(self, owner: str, prog_bar: tuple[str, ...] = ()) -> None:
+        self.owner = owner
+        self.prog_bar = prog_bar
+        self._pending: list[tuple[int, dict[str, Tensor]]] = []
+        self._listeners: list[Listener] = []
+        self.skipped_steps: list[int] = []
+        self.latest: dict[str, float] = {}
+
+    def add_listener(self, listener: Listener) -> None:
+        if listener not in self._listeners:
+            self._listeners.append(listener)
+
+    def record(self, step: int, values: dict[str, Tensor]) -> None:
+        self._pending.append((step, values))
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def clear(self) -> None:
+        self._pending.clear()
+
+    def flush(
+        self, trainer: Trainer, pl_module: LightningModule | None = None, epoch_end: bool = False
+    ) -> list[StepRecord]:
+        """Copy the buffer to the host once, log and dispatch it; returns the finite records.
+
+        ``pl_module`` is given from hooks where ``pl_module.log`` is allowed (``epoch_end`` for
+        the epoch-level hooks, which Lightning lets log only ``on_epoch``); from others
+        (``on_train_end``) only the loggers are written.
+        """
+        if not self._pending:
+            return []
+        pending, self._pending = self._pending, []
+        flat = torch.stack(
+            [v.detach().reshape(()).to(torch.float64) for _, vals in pending for v in vals.values()]
+        ).cpu().tolist()
+        records: list[StepRecord] = []
+        bad: list[int] = []
+        it = iter(flat)
+        for step, vals in pending:
+            host = {name: next(it) for name in vals}
+            if all(math.isfinite(x) for x in host.values()):
+                records.append(StepRecord(step, host))
+            else:
+                bad.append(step)
+        if bad:
+            self.skipped_steps.extend(bad)
+            rank_zero_warn(
+                f"{self.owner}: non-finite statistics (NaN/inf loss or gradients) at step(s) "
+                f"{bad[:10]}{' …' if len(bad) > 10 else ''}; those steps are skipped.",
+                category=RuntimeWarning,
+            )
+        for logger in trainer.loggers:
+            for rec in records:
+                logger.log_metrics(rec.values, step=rec.step)
+        if records:
+            self.latest.update(records[-1].values)
+            if pl_module is not None:
+                for name, value in records[-1].values.items():
+                    pl_module.log(
+                        name,
+                        value,
+                        logger=False,
+                        prog_bar=name in self.prog_bar,
+                        on_step=not epoch_end,
+                        on_epoch=epoch_end,
+                        batch_size=1,
+                    )
+            for listener in self._listeners:
+                listener(records)
+        return records

@@ -1,0 +1,104 @@
+"""The loss contract as a pure function of the parameters.
+
+Every estimator in :mod:`genbounds.estimators` receives
+
+* ``module`` — an ``nn.Module`` (typically the LightningModule itself),
+* ``loss_fn(module, batch) -> Tensor[b]`` — the **per-sample** losses of ``batch``
+  (no reduction), computed through ``module``'s forward,
+* ``batch`` — one batch as the dataloader yields it.
+
+:func:`functional_loss` turns that triple into ``f(params, batch)`` so that ``torch.func`` can
+differentiate, ``vmap`` and perturb it **without writing the module's real parameters**: the
+parameters are swapped in only for the duration of the call by
+:func:`torch.func.functional_call`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+"""``loss_fn(module, batch)`` returns the per-sample losses of ``batch`` as a 1-d tensor."""
+
+ParamDict = dict[str, Tensor]
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters that training updates (``requires_grad=True``), by qualified name."""
+    return {name: p for name, p in module.named_parameters() if p.requires_grad}
+
+
+def num_trainable(module: nn.Module) -> int:
+    """``d``: the number of trainable scalars."""
+    return sum(p.numel() for p in trainable_parameters(module).values())
+
+
+def detached(params: dict[str, Tensor]) -> ParamDict:
+    """Detached views of ``params`` (no copy): the base point for ``torch.func`` transforms."""
+    return {k: v.detach() for k, v in params.items()}
+
+
+class _LossOfModule(nn.Module):
+    """Holds ``module`` as a child so that ``functional_call`` on this wrapper re-parametrizes it
+    while the user's ``loss_fn`` runs (``functional_call`` alone would only call ``forward``)."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.inner = module
+        self._loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self._loss_fn(self.inner, batch)
+
+
+def functional_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[ParamDict, Any], Tensor]:
+    """``f(params, batch) -> per-sample losses`` evaluated with ``params`` in place of the
+    module's trainable parameters (names as in :func:`trainable_parameters`); every other
+    parameter and buffer is the module's own."""
+    wrapper = _LossOfModule(module, loss_fn)
+
+    def f(params: ParamDict, batch: Any) -> Tensor:
+        renamed = {"inner." + k: v for k, v in params.items()}
+        losses = functional_call(wrapper, renamed, (batch,), strict=False)
+        return _as_per_sample(losses)
+
+    return f
+
+
+def _as_per_sample(losses: Tensor) -> Tensor:
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        shape = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+        raise ValueError(
+            "the loss function must return the per-sample losses as a 1-d tensor "
+            f"(reduction='none'); got {shape}"
+        )
+    return losses
+
+
+def per_sample_losses(module: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+    """``loss_fn(module, batch)`` checked to be a 1-d tensor of per-sample losses."""
+    return _as_per_sample(loss_fn(module, batch))
+
+
+def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Squared Euclidean norm of a list of tensors, accumulated in float64 (a 0-d tensor).
+
+    Uses the fused multi-tensor norm (one kernel launch for all tensors on CUDA, as
+    ``clip_grad_norm_`` does) with float64 accumulation."""
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    try:
+        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
+    except (TypeError, RuntimeError):  # older torch without the dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
+    return torch.stack(list(norms)).square().sum()
+
+
+def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Inner product of two lists of tensors, accumulated in float64."""
+    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()

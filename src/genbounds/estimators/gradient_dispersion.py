@@ -1,0 +1,146 @@
+"""Gradient dispersion of one training batch (SPEC §1).
+
+All three backends (BackPACK per-sample norms, ``torch.func`` per-sample gradients, micro-batch
+chunk gradients) reduce to the same sufficient statistics of a batch of ``b`` samples split into
+``k`` *units* ``j`` of ``m_j`` samples with mean gradient ``h_j`` (a unit is one sample for the
+exact backends, ``m_j = 1``, ``k = b``; a chunk for the micro-batch estimator):
+
+* ``S2 = Σ_j m_j ‖h_j‖²`` (float64),
+* ``ḡ = Σ_j m_j h_j / b`` — the batch mean gradient, or only ``‖ḡ‖²`` when the caller reads it
+  from ``p.grad``,
+* optionally the centred per-unit terms ``v_j = m_j ‖h_j − ḡ‖²`` for a standard error.
+
+From those, with ``Σ_j m_j ‖h_j − ḡ‖² = S2 − b ‖ḡ‖²``:
+
+* ``dispersion = Tr Σ_B = (S2 − b‖ḡ‖²) / ((k − 1) b)`` — unbiased for ``tr Σ / b``;
+* ``trace_cov = s² = b · dispersion`` — for ``k = b`` exactly
+  ``1/(b−1) Σ_i ‖g_i − ḡ‖²``;
+* ``norm_sq = ‖ḡ‖²``.
+
+``S2`` and ``b‖ḡ‖²`` are nearly equal early in training, so both are float64 and the difference
+is never clamped here (clamping happens only when a value is displayed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from genbounds.estimators.functional import sq_norm
+
+
+@dataclass
+class GradientMoments:
+    """Sufficient statistics of the gradients of one batch, split into ``num_units`` units."""
+
+    weighted_sq_norm_sum: Tensor
+    """``Σ_j m_j ‖h_j‖²`` as a float64 scalar."""
+    num_samples: int | Tensor
+    """``b = Σ_j m_j`` (a tensor once summed over DDP ranks on the device)."""
+    num_units: int | Tensor
+    """``k``: number of units (``b`` for per-sample backends)."""
+    weighted_sum: list[Tensor] | None = None
+    """``Σ_j m_j h_j`` per parameter; ``None`` when the mean gradient comes from ``p.grad``."""
+    centered_sums: tuple[Tensor, Tensor, int] | None = None
+    """``(Σ_j v_j, Σ_j v_j², count)`` of the centred terms ``v_j = m_j ‖h_j − ḡ‖²`` (float64)
+    when the backend can afford them; they give the standard error. Sums rather than the
+    vector so that accumulation micro-steps and DDP ranks combine by addition."""
+    losses: Tensor | None = field(default=None, repr=False)
+    """The per-sample losses seen while computing the moments (for the loss range ``R``)."""
+
+    def merged(self, other: GradientMoments) -> GradientMoments:
+        """Moments of the union of two disjoint batches taken at the same weights
+        (accumulation micro-steps, or ranks). Centred terms, when present in both, were centred
+        at each part's own mean, so after merging they only feed an approximate SE."""
+        if (self.weighted_sum is None) != (other.weighted_sum is None):
+            raise ValueError("cannot merge moments with and without a gradient sum")
+        summed = (
+            None
+            if self.weighted_sum is None
+            else [a + b for a, b in zip(self.weighted_sum, other.weighted_sum)]  # type: ignore[arg-type]
+        )
+        centered = None
+        if self.centered_sums is not None and other.centered_sums is not None:
+            centered = (
+                self.centered_sums[0] + other.centered_sums[0],
+                self.centered_sums[1] + other.centered_sums[1],
+                self.centered_sums[2] + other.centered_sums[2],
+            )
+        losses = (
+            torch.cat([self.losses, other.losses])
+            if self.losses is not None and other.losses is not None
+            else (self.losses if other.losses is None else other.losses)
+        )
+        return GradientMoments(
+            weighted_sq_norm_sum=self.weighted_sq_norm_sum + other.weighted_sq_norm_sum,
+            num_samples=self.num_samples + other.num_samples,
+            num_units=self.num_units + other.num_units,
+            weighted_sum=summed,
+            centered_sums=centered,
+            losses=losses,
+        )
+
+
+@dataclass
+class DispersionEstimate:
+    """SPEC §1 statistics of one batch (0-d float64 tensors, still on the device)."""
+
+    norm_sq: Tensor
+    """``grad/norm_sq = ‖ḡ_B‖²``."""
+    trace_cov: Tensor
+    """``grad/trace_cov = s²``: unbiased for ``tr Σ``."""
+    dispersion: Tensor
+    """``grad/dispersion = s²/b = Tr Σ_B``."""
+    trace_cov_se: Tensor | None
+    """Standard error of ``trace_cov`` (``None`` when the backend has no centred terms)."""
+    batch_size: int | Tensor
+    num_units: int | Tensor
+
+
+def centered_sums(values: Tensor) -> tuple[Tensor, Tensor, int]:
+    """``(Σ v, Σ v², n)`` of a vector of centred terms, in float64."""
+    v = values.detach().double()
+    return v.sum(), (v * v).sum(), v.numel()
+
+
+def dispersion_from_moments(
+    moments: GradientMoments, mean_grad_sq_norm: Tensor | None = None
+) -> DispersionEstimate:
+    """Turn :class:`GradientMoments` into ``norm_sq``, ``trace_cov`` and ``dispersion``.
+
+    Args:
+        moments: the batch's sufficient statistics.
+        mean_grad_sq_norm: ``‖ḡ‖²`` when the mean gradient is read elsewhere (``p.grad`` of the
+            training step); required when ``moments.weighted_sum`` is ``None``.
+
+    Raises:
+        ValueError: with fewer than two units (no spread to measure) or no mean gradient.
+    """
+    b, k = moments.num_samples, moments.num_units
+    if isinstance(k, int) and k < 2:
+        raise ValueError(f"the dispersion needs at least two samples or chunks, got {k}")
+    if mean_grad_sq_norm is None:
+        if moments.weighted_sum is None:
+            raise ValueError("pass mean_grad_sq_norm when the moments carry no gradient sum")
+        mean_grad_sq_norm = sq_norm(moments.weighted_sum) / (b * b)
+    s2 = moments.weighted_sq_norm_sum.double()
+    n2 = mean_grad_sq_norm.double().to(s2.device)
+    spread = s2 - b * n2  # Σ_j m_j ‖h_j − ḡ‖²
+    dispersion = spread / ((k - 1) * b)
+    trace_cov = dispersion * b
+    se = None
+    if moments.centered_sums is not None:
+        total, total_sq, count = moments.centered_sums
+        # trace_cov = k/(k−1) · mean_j v_j  ⇒  SE = k/(k−1) · sd(v)/√k
+        var = (total_sq - total * total / count) / (count - 1)
+        se = (k / (k - 1)) * torch.sqrt(torch.clamp(var, min=0.0) / k)
+    return DispersionEstimate(
+        norm_sq=n2,
+        trace_cov=trace_cov,
+        dispersion=dispersion,
+        trace_cov_se=se,
+        batch_size=b,
+        num_units=k,
+    )

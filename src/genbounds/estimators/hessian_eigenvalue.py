@@ -1,0 +1,67 @@
+"""Top Hessian eigenvalue by power iteration (SPEC §5).
+
+Power iteration converges to the eigenvalue of largest *magnitude*; near a minimum that is the
+top eigenvalue, but if a negative eigenvalue dominates it is returned (negative), which is
+reported as is. The iteration stops when the Rayleigh quotient changes by less than ``tol``
+relative, or after ``max_iter`` products; the residual ``‖Hv − λv‖`` is returned as the
+accuracy of the result (power iteration is deterministic given its start, so it has no Monte
+Carlo standard error). A warm start from the previous call's vector cuts the iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from genbounds.estimators.functional import dot, sq_norm
+from genbounds.estimators.hessian_vector_product import LossHessian, gaussian_like
+
+
+@dataclass
+class EigenEstimate:
+    value: float
+    """Rayleigh quotient ``vᵀHv`` of the final unit vector."""
+    residual: float
+    """``‖Hv − λv‖`` of the final vector (0 for an exact eigenvector)."""
+    iterations: int
+    converged: bool
+    vector: list[Tensor]
+
+
+def top_eigenvalue(
+    hessian: LossHessian,
+    generator: torch.Generator,
+    *,
+    init: list[Tensor] | None = None,
+    max_iter: int = 100,
+    tol: float = 1e-3,
+) -> EigenEstimate:
+    """Power iteration on ``hessian`` (one HVP and one host sync per iteration)."""
+    v = init if init is not None else [t[0] for t in gaussian_like(hessian.params, 1, generator)]
+    v = _normalized(v)
+    value = math.nan
+    hv = hessian.hvp(v)
+    for it in range(1, max_iter + 1):
+        new_value = float(dot(v, hv))
+        converged = it > 1 and abs(new_value - value) <= tol * (abs(value) + 1e-12)
+        value = new_value
+        if converged:
+            break
+        v = _normalized(hv)
+        hv = hessian.hvp(v)
+    else:
+        it, converged = max_iter, False
+        value = float(dot(v, hv))
+    residual = float(sq_norm([h - value * x for h, x in zip(hv, v)]).sqrt())
+    return EigenEstimate(value, residual, it, converged, [x.detach() for x in v])
+
+
+def _normalized(v: list[Tensor]) -> list[Tensor]:
+    norm = sq_norm(v).sqrt().to(v[0].dtype)
+    return [x / norm for x in v]
+
+
+__all__ = ["EigenEstimate", "top_eigenvalue"]

@@ -1,0 +1,156 @@
+"""Hessian-vector products of the mean loss ``L(w) = mean_i ℓ(w, z_i)`` on one batch.
+
+Two exact methods, both writing nothing into ``.grad`` or the parameters:
+
+* ``"reverse"`` (double backward): ``g = ∇L`` is built once with ``create_graph=True``; each
+  product is one more backward through that graph (``torch.autograd.grad``). Several vectors at
+  once go through ``is_grads_batched=True`` (vmap over the backward). Best operator coverage:
+  works for train-mode BatchNorm and everything autograd differentiates twice.
+* ``"forward"`` (forward-over-reverse): ``torch.func.jvp`` of ``torch.func.grad`` on a
+  functional copy of the model; several vectors at once by ``vmap``. Needs forward-mode AD for
+  every op (not train-mode BatchNorm, not flash/efficient attention kernels).
+
+``method="auto"`` picks ``"reverse"``; ``benchmarks/probes.py`` measures both. Whether a block of
+vectors is vectorized (``vmap``) or looped is a separate choice, ``vectorize``: on CPU the loop is
+faster (measured ×1.7–2 per product), on a GPU vectorizing fills the device with small models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad as func_grad
+from torch.func import jvp, vmap
+
+from genbounds.estimators.functional import LossFn, detached, functional_loss, per_sample_losses, trainable_parameters
+
+HVPMethod = Literal["auto", "reverse", "forward"]
+
+Vector = list[Tensor]
+"""A vector in parameter space: one tensor per trainable parameter, in module order."""
+
+
+class LossHessian:
+    """The Hessian of the mean loss on ``batch`` at the module's current weights, as an operator.
+
+    Args:
+        module: the model (its trainable parameters define the space).
+        loss_fn: the loss contract.
+        batch: the batch the Hessian is taken on.
+        method: ``"reverse"``, ``"forward"`` or ``"auto"`` (reverse).
+    """
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any, method: HVPMethod = "auto",
+                 vectorize: bool | None = None) -> None:
+        if method not in ("auto", "reverse", "forward"):
+            raise ValueError(f"unknown HVP method {method!r}")
+        self.module = module
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.method = "reverse" if method == "auto" else method
+        self.named = trainable_parameters(module)
+        self.params = list(self.named.values())
+        device = self.params[0].device if self.params else torch.device("cpu")
+        self.vectorize = (device.type != "cpu") if vectorize is None else vectorize
+        self._grad: tuple[Tensor, ...] | None = None
+        self._loss: Tensor | None = None
+        self._grad_fn = None
+
+    @property
+    def dim(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # -------------------------------------------------------------- reverse-over-reverse
+    def _graph(self) -> tuple[Tensor, ...]:
+        if self._grad is None:
+            loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
+            self._loss = loss.detach()
+            self._grad = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            self._grad = tuple(
+                torch.zeros_like(p, requires_grad=True) * 0 if g is None else g for g, p in zip(self._grad, self.params)
+            )
+        return self._grad
+
+    def gradient(self) -> Vector:
+        """``∇L`` at the current weights (detached)."""
+        if self.method == "reverse":
+            return [g.detach() for g in self._graph()]
+        base = detached(self.named)
+        f = functional_loss(self.module, self.loss_fn)
+        g = func_grad(lambda p: f(p, self.batch).mean())(base)
+        return [g[n] for n in self.named]
+
+    def loss(self) -> Tensor:
+        """``L`` at the current weights (detached)."""
+        if self._loss is None:
+            if self.method == "reverse":
+                self._graph()
+            else:
+                with torch.no_grad():
+                    self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
+        assert self._loss is not None
+        return self._loss
+
+    def hvp(self, v: Vector) -> Vector:
+        """``H v`` for one vector."""
+        if self.method == "reverse":
+            out = torch.autograd.grad(self._graph(), self.params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return [torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)]
+        return [h[0] for h in self._hvp_stacked([t.unsqueeze(0) for t in v])]
+
+    def hvp_batched(self, vs: Vector) -> Vector:
+        """``H v_j`` for ``n`` vectors stacked along a leading dimension (each tensor ``[n, *shape]``);
+        vectorized or looped according to ``self.vectorize``."""
+        n = vs[0].shape[0] if vs else 0
+        if self.vectorize or n == 1 and self.method == "forward":
+            return self._hvp_stacked(vs)
+        rows = [self.hvp([t[j] for t in vs]) for j in range(n)]
+        return [torch.stack([r[i] for r in rows]) for i in range(len(vs))]
+
+    def _hvp_stacked(self, vs: Vector) -> Vector:
+        if self.method == "reverse":
+            grads = self._graph()
+            out = torch.autograd.grad(
+                grads, self.params, grad_outputs=vs, retain_graph=True, is_grads_batched=True, allow_unused=True
+            )
+            return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)]
+        base = detached(self.named)
+        names = list(self.named)
+        f = functional_loss(self.module, self.loss_fn)
+
+        def grad_of(p: dict[str, Tensor]) -> dict[str, Tensor]:
+            return func_grad(lambda q: f(q, self.batch).mean())(p)
+
+        def one(*tangent: Tensor) -> tuple[Tensor, ...]:
+            _, hv = jvp(grad_of, (base,), (dict(zip(names, tangent)),))
+            return tuple(hv[n] for n in names)
+
+        return list(vmap(one, randomness="same")(*vs))
+
+    def release(self) -> None:
+        """Free the retained gradient graph."""
+        self._grad = None
+
+
+def rademacher_like(params: list[Tensor], n: int, generator: torch.Generator) -> Vector:
+    """``n`` Rademacher (±1) vectors stacked along a leading dimension, from ``generator``."""
+    out = []
+    for p in params:
+        bits = torch.randint(0, 2, (n, *p.shape), generator=generator, device=generator.device)
+        out.append((bits * 2 - 1).to(device=p.device, dtype=p.dtype))
+    return out
+
+
+def gaussian_like(params: list[Tensor], n: int, generator: torch.Generator) -> Vector:
+    """``n`` standard-normal vectors stacked along a leading dimension, from ``generator``."""
+    return [
+        torch.randn((n, *p.shape), generator=generator, device=generator.device, dtype=p.dtype).to(p.device)
+        for p in params
+    ]
+
+
+def batched_dot(a: Vector, b: Vector) -> Tensor:
+    """Row-wise inner products of two stacked vector lists → ``[n]`` in float64."""
+    return torch.stack([(x.double() * y.double()).reshape(x.shape[0], -1).sum(1) for x, y in zip(a, b)]).sum(0)

@@ -1,0 +1,110 @@
+"""Evaluating the loss and its gradient at many perturbed copies of the weights at once.
+
+The real parameters are never written: each perturbed point ``w + Δ`` is a separate set of
+tensors passed to ``torch.func.functional_call``, and ``torch.func.vmap`` evaluates ``m`` of
+them in one pass (memory ``m × d`` for the points plus ``m ×`` the activations). ``m = 1`` runs
+the same code without ``vmap`` — the sequential reference that ``benchmarks/probes.py`` compares
+against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad as func_grad
+from torch.func import vmap
+
+from genbounds.estimators.batching import map_tensors
+from genbounds.estimators.functional import LossFn, ParamDict, detached, functional_loss, trainable_parameters
+
+Stacked = dict[str, Tensor]
+"""Parameter dict whose tensors carry a leading dimension ``m`` (one row per point)."""
+
+
+class PerturbedLoss:
+    """Mean loss on ``batch`` as a function of the trainable parameters, evaluable at stacks of
+    points. ``dtype`` (e.g. ``torch.float64``) evaluates in that precision: parameters, floating
+    buffers and floating batch tensors are cast (the module itself is untouched)."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None) -> None:
+        self.module = module
+        self.named = trainable_parameters(module)
+        self.names = list(self.named)
+        self.dtype = dtype
+        self._f = functional_loss(module, loss_fn)
+        self.base: ParamDict = {k: _cast(v, dtype) for k, v in detached(self.named).items()}
+        self._extra: dict[str, Tensor] = {}
+        if dtype is not None:
+            self._extra = {
+                k: _cast(b.detach(), dtype)
+                for k, b in module.named_buffers()
+                if b.is_floating_point()
+            }
+
+    def prepare(self, batch: Any) -> Any:
+        return map_tensors(batch, lambda t: _cast(t, self.dtype)) if self.dtype is not None else batch
+
+    def _mean(self, params: ParamDict, batch: Any) -> Tensor:
+        return self._f({**self._extra, **params}, batch).mean()
+
+    def loss(self, params: ParamDict, batch: Any) -> Tensor:
+        with torch.no_grad():
+            return self._mean(params, batch)
+
+    def gradient(self, params: ParamDict, batch: Any) -> ParamDict:
+        return func_grad(lambda p: self._mean(p, batch))(params)
+
+    def losses_at(self, points: Stacked, batch: Any) -> Tensor:
+        """``[m]`` mean losses at ``m`` stacked points."""
+        m = next(iter(points.values())).shape[0]
+        with torch.no_grad():
+            if m == 1:
+                return self._mean({k: v[0] for k, v in points.items()}, batch).reshape(1)
+            return vmap(lambda p: self._mean(p, batch), randomness="same")(points)
+
+    def gradients_at(self, points: Stacked, batch: Any) -> Stacked:
+        """Stacked gradients at ``m`` stacked points."""
+        m = next(iter(points.values())).shape[0]
+        if m == 1:
+            g = self.gradient({k: v[0] for k, v in points.items()}, batch)
+            return {k: v.unsqueeze(0) for k, v in g.items()}
+        return vmap(lambda p: self.gradient(p, batch), randomness="same")(points)
+
+    def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None) -> Stacked:
+        """Stacked points ``base + scale · directionⱼ``."""
+        base = self.base if base is None else base
+        return {k: base[k].unsqueeze(0) + scale * directions[k] for k in self.names}
+
+
+def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def standard_normal(base: ParamDict, n: int, generator: torch.Generator) -> Stacked:
+    """``n`` standard-normal directions shaped like ``base`` (drawn on the generator's device)."""
+    return {
+        k: torch.randn((n, *v.shape), generator=generator, device=generator.device, dtype=v.dtype).to(v.device)
+        for k, v in base.items()
+    }
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
+    """``(start, count)`` blocks covering ``range(total)``."""
+    start = 0
+    while start < total:
+        count = min(size, total - start)
+        yield start, count
+        start += count
+
+
+def flat_dot(a: Stacked, b: Stacked) -> Tensor:
+    """Row-wise ``⟨aⱼ, bⱼ⟩`` over all parameters → ``[m]`` in float64."""
+    return torch.stack([(a[k].double() * b[k].double()).reshape(a[k].shape[0], -1).sum(1) for k in a]).sum(0)
+
+
+def flat_sq_norm(a: Stacked) -> Tensor:
+    return flat_dot(a, a)
+

@@ -1,0 +1,123 @@
+"""Small models, data and trainer helpers shared by the tests."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from genbounds.models import Regressor
+
+
+def trainer(tmp_path, callbacks=(), **kwargs: Any) -> pl.Trainer:
+    """A quiet CPU trainer for tests."""
+    defaults: dict[str, Any] = dict(
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(callbacks=list(callbacks), **defaults)
+
+
+class TensorData(LightningDataModule):
+    """Train/val TensorDatasets with a fixed batch order (no shuffling unless asked)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int, x_val: Tensor | None = None,
+                 y_val: Tensor | None = None, shuffle: bool = False) -> None:
+        super().__init__()
+        self.train = TensorDataset(x, y)
+        self.val = TensorDataset(x_val, y_val) if x_val is not None else None
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+
+    def train_dataloader(self) -> DataLoader:
+        gen = torch.Generator().manual_seed(0) if self.shuffle else None
+        return DataLoader(self.train, batch_size=self.batch_size, shuffle=self.shuffle, generator=gen)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val, batch_size=self.batch_size) if self.val is not None else []
+
+
+def unit_sphere_regression(n: int, d: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """``x ~ N(0, I)`` normalized to ``‖x‖ = 1``, ``y = βᵀx + noise``."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen)
+    x = x / x.norm(dim=1, keepdim=True)
+    y = (x @ torch.randn(d, generator=gen) + 0.3 * torch.randn(n, generator=gen)).unsqueeze(1)
+    return x, y
+
+
+def linear_regressor(d: int, lr: float = 0.0, seed: int = 0) -> Regressor:
+    from genbounds.models import LinearRegression
+
+    torch.manual_seed(seed)
+    return Regressor(LinearRegression(d), lr=lr)
+
+
+def exact_linear_stats(module: Regressor, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Closed form for ``ℓ = ½(wᵀx − y)²``: ``g_i = (wᵀx_i − y_i) x_i``."""
+    w = module.network.linear.weight.detach().double().squeeze(0)
+    xd, yd = x.double(), y.double().squeeze(1)
+    g = (xd @ w - yd)[:, None] * xd
+    b = x.shape[0]
+    gbar = g.mean(0)
+    s2 = ((g - gbar) ** 2).sum() / (b - 1)
+    return {"grad/norm_sq": float(gbar @ gbar), "grad/trace_cov": float(s2), "grad/dispersion": float(s2 / b)}
+
+
+def tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar series found in the TensorBoard event files under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in glob.glob(os.path.join(logdir, "**", "events.out.tfevents*"), recursive=True):
+        acc = EventAccumulator(path)
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def csv_metric(logdir: str, name: str) -> list[float]:
+    """Values of one metric column from a CSVLogger's metrics.csv under ``logdir``."""
+    (path,) = glob.glob(os.path.join(logdir, "**", "metrics.csv"), recursive=True)
+    with open(path) as fh:
+        return [float(row[name]) for row in csv.DictReader(fh) if row.get(name)]
+
+
+class LayerNormNet(nn.Module):
+    """An MLP with a LayerNorm, which BackPACK does not support."""
+
+    def __init__(self, d_in: int = 64, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_in, width), nn.LayerNorm(width), nn.ReLU(), nn.Linear(width, classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class DropoutBatchNormNet(nn.Module):
+    """Dropout + BatchNorm: every source of hidden state a probe could disturb."""
+
+    def __init__(self, d_in: int = 64, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(d_in, width), nn.BatchNorm1d(width), nn.ReLU(), nn.Dropout(0.3), nn.Linear(width, classes)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)

@@ -1,0 +1,270 @@
+"""Estimators of SPEC §3–§5 against closed forms (quadratic loss, linear regression) and PyHessian."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from genbounds.estimators.contractivity import contractivity, contractivity_exact
+from genbounds.estimators.flatness import gaussian_flatness
+from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
+from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
+from genbounds.estimators.hessian_trace import hutchinson_trace
+from genbounds.estimators.hessian_vector_product import LossHessian
+from genbounds.estimators.perturbation import standard_normal
+from genbounds.estimators.weighted_dispersion import hessian_weighted_dispersion
+from helpers import unit_sphere_regression
+
+
+class Quadratic(nn.Module):
+    """``ℓ(w, z) = ½ wᵀAw − zᵀw``: every sample has Hessian ``A``; gradients differ by ``z``."""
+
+    def __init__(self, a: Tensor, w0: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("a", a)
+        self.w = nn.Parameter(w0.clone())
+
+    def per_sample_loss(self, z: Tensor) -> Tensor:
+        return 0.5 * self.w @ self.a @ self.w - z @ self.w
+
+
+def quad_loss(module: nn.Module, batch: Tensor) -> Tensor:
+    return module.per_sample_loss(batch)
+
+
+def make_quadratic(d: int = 8, seed: int = 0) -> tuple[Quadratic, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+    eig = torch.linspace(0.2, 3.0, d)
+    a = q @ torch.diag(eig) @ q.T
+    a = 0.5 * (a + a.T)
+    model = Quadratic(a, torch.randn(d, generator=gen))
+    z = torch.randn(64, d, generator=gen)
+    return model, z
+
+
+def lin_loss(module: nn.Module, batch) -> Tensor:
+    x, y = batch
+    return 0.5 * (module(x).squeeze(-1) - y.squeeze(-1)) ** 2
+
+
+def ce_loss(module: nn.Module, batch) -> Tensor:
+    x, y = batch
+    return F.cross_entropy(module(x), y, reduction="none")
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def params_snapshot(m: nn.Module) -> list[Tensor]:
+    return [p.detach().clone() for p in m.parameters()]
+
+
+def assert_same(m: nn.Module, snap: list[Tensor]) -> None:
+    assert all(torch.equal(p, s) for p, s in zip(m.parameters(), snap))
+
+
+# ---------------------------------------------------------------- HVP
+@pytest.mark.parametrize("method,vectorize", [("reverse", False), ("reverse", True), ("forward", True)])
+def test_hvp_matches_the_full_hessian(method, vectorize):
+    model = tiny_mlp()
+    torch.manual_seed(1)
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    params = list(model.parameters())
+    shapes = [p.shape for p in params]
+    sizes = [p.numel() for p in params]
+
+    def flat_loss(flat: Tensor) -> Tensor:
+        parts, start = {}, 0
+        for (name, _), shape, size in zip(model.named_parameters(), shapes, sizes):
+            parts[name] = flat[start : start + size].view(shape)
+            start += size
+        out = torch.func.functional_call(model, parts, (x,))
+        return F.cross_entropy(out, y)
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    full = torch.autograd.functional.hessian(flat_loss, flat)
+    snap = params_snapshot(model)
+    op = LossHessian(model, ce_loss, (x, y), method=method, vectorize=vectorize)
+    vs = [torch.randn(3, *s) for s in shapes]
+    hv = op.hvp_batched(vs)
+    for j in range(3):
+        v = torch.cat([t[j].reshape(-1) for t in vs])
+        expected = full @ v
+        got = torch.cat([t[j].reshape(-1) for t in hv])
+        assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
+    single = torch.cat([t.reshape(-1) for t in op.hvp([t[0] for t in vs])])
+    assert torch.allclose(single, full @ torch.cat([t[0].reshape(-1) for t in vs]), rtol=1e-5, atol=1e-6)
+    assert all(p.grad is None for p in model.parameters())  # nothing written into .grad
+    assert_same(model, snap)
+
+
+# ---------------------------------------------------------------- Hutchinson trace
+def test_hutchinson_linear_regression_unit_inputs_trace_is_one():
+    x, y = unit_sphere_regression(128, 20)
+    model = nn.Linear(20, 1, bias=False)
+    est = hutchinson_trace(LossHessian(model, lin_loss, (x, y)), gen(0), rel_tol=0.02, max_probes=500)
+    assert abs(est.value - 1.0) < 3 * est.standard_error
+    assert est.standard_error < 0.03 and est.num_probes >= 10
+
+
+def test_hutchinson_standard_error_coverage_is_nominal():
+    """Over repeated seeds, |estimate − 1| < 1.96·SE about 95 % of the time (stopping rule on)."""
+    x, y = unit_sphere_regression(64, 12, seed=3)
+    model = nn.Linear(12, 1, bias=False)
+    op = LossHessian(model, lin_loss, (x, y))
+    reps, hits, ratios = 400, 0, []
+    for seed in range(reps):
+        est = hutchinson_trace(op, gen(seed), rel_tol=0.1, min_probes=10, max_probes=200)
+        hits += abs(est.value - 1.0) < 1.96 * est.standard_error
+        ratios.append(est.standard_error)
+    coverage = hits / reps
+    assert 0.90 <= coverage <= 0.99, coverage
+
+
+def test_hutchinson_absolute_floor_stops_near_zero_trace():
+    """A Hessian with trace ≈ 0 (indefinite, symmetric spectrum) stops on the SE floor."""
+    d = 10
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen(0)))
+    a = q @ torch.diag(torch.linspace(-1, 1, d)) @ q.T
+    model = Quadratic(0.5 * (a + a.T), torch.zeros(d))
+    est = hutchinson_trace(LossHessian(model, quad_loss, torch.zeros(4, d)), gen(1), rel_tol=0.05, abs_tol=0.5,
+                           max_probes=1000)
+    assert est.num_probes < 1000 and abs(est.value) < 3 * est.standard_error + 1e-6
+
+
+def test_trace_agrees_with_pyhessian_within_5_percent():
+    from pyhessian import hessian as PyHessian
+
+    model = tiny_mlp(2)
+    torch.manual_seed(5)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    ours = hutchinson_trace(LossHessian(model, ce_loss, (x, y)), gen(0), rel_tol=0.005, max_probes=4000,
+                            block_size=200)
+    torch.manual_seed(0)  # PyHessian draws from the global RNG
+    samples = PyHessian(model, nn.CrossEntropyLoss(), data=(x, y), cuda=False).trace(maxIter=3000, tol=0.0)
+    theirs = sum(samples) / len(samples)
+    assert len(samples) == 3000  # tol=0 keeps PyHessian 0.1 from its early exit
+    assert ours.value == pytest.approx(theirs, rel=0.05)
+
+
+# ---------------------------------------------------------------- eigenvalue
+def test_power_iteration_finds_top_eigenvalue_and_warm_start_helps():
+    model, z = make_quadratic(10)
+    op = LossHessian(model, quad_loss, z)
+    cold = top_eigenvalue(op, gen(0), tol=1e-8, max_iter=2000)
+    assert cold.value == pytest.approx(3.0, rel=1e-4) and cold.converged
+    warm = top_eigenvalue(op, gen(1), init=cold.vector, tol=1e-8, max_iter=2000)
+    assert warm.iterations < cold.iterations and warm.residual < 1e-2
+
+
+# ---------------------------------------------------------------- flatness
+@pytest.mark.parametrize("draws_per_pass", [1, 16])
+def test_flatness_of_a_quadratic_is_half_sigma_squared_trace(draws_per_pass):
+    model, z = make_quadratic(8)
+    snap = params_snapshot(model)
+    sigmas = [0.05, 0.3, 1.0]
+    est = gaussian_flatness(model, quad_loss, z[:32], sigmas, 400, gen(0), heldout_batch=z[32:],
+                            draws_per_pass=draws_per_pass)
+    tr = float(torch.trace(model.a))
+    for s, m, se in zip(sigmas, est.train, est.train_se):
+        assert abs(m - 0.5 * s * s * tr) < 3 * se, (s, m, se)
+        assert se > 0
+    # same Hessian on both data sets: the flatness term is exactly 0 draw by draw
+    assert all(abs(t) < 1e-6 * max(1.0, abs(m)) for t, m in zip(est.term, est.train))
+    # common random numbers: the per-draw increments scale exactly with σ²
+    inc = est.increments["train"]
+    assert torch.allclose(inc[1] / inc[0], torch.full_like(inc[0], (0.3 / 0.05) ** 2), rtol=1e-3)
+    assert_same(model, snap)
+
+
+def test_flatness_term_se_uses_paired_draws():
+    torch.manual_seed(0)
+    model = tiny_mlp(1)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    est = gaussian_flatness(model, ce_loss, (x[:32], y[:32]), [0.1], 200, gen(0), heldout_batch=(x[32:], y[32:]))
+    unpaired = math.hypot(est.train_se[0], est.heldout_se[0])
+    assert est.term_se[0] < unpaired  # positive correlation of the two sets' increments
+
+
+# ---------------------------------------------------------------- gradient sensitivity
+def test_sensitivity_of_a_quadratic_is_sigma_squared_trace_of_h_squared():
+    model, z = make_quadratic(8, seed=2)
+    snap = params_snapshot(model)
+    sigmas = [0.0, 0.1, 0.5]
+    est = gradient_sensitivity(model, quad_loss, z, sigmas, 300, gen(0))
+    tr2 = float(torch.trace(model.a @ model.a))
+    assert est.value[0] == 0.0
+    for s, m, se in zip(sigmas[1:], est.value[1:], est.standard_error[1:]):
+        assert abs(m - s * s * tr2) < 3 * se, (s, m, se)
+    assert_same(model, snap)
+
+
+def test_half_split_removes_the_fixed_batch_bias():
+    """Linear regression: per-sample Hessians x xᵀ differ from their mean, so the naive
+    ‖ĝ(w) − ĝ(w+ξ)‖² on one batch is biased up; the half-split product is not."""
+    d, sigma = 20, 0.5  # bias σ²(1 − 1/d)/m vs truth σ²/d: the naive estimate is ≈ 2.2× too large
+    x, y = unit_sphere_regression(4000, d, seed=9)
+    model = nn.Linear(d, 1, bias=False)
+    h_pop = (x.T @ x / x.shape[0]).double()  # population Hessian (of the pool)
+    truth = sigma**2 * float(torch.trace(h_pop @ h_pop))
+    g = gen(0)
+    split, naive = [], []
+    for rep in range(60):
+        idx = torch.randperm(4000, generator=g)[:16]
+        est = gradient_sensitivity(model, lin_loss, (x[idx], y[idx]), [sigma], 50, g)
+        split.append(est.value[0])
+        hb = (x[idx].T @ x[idx] / 16).double()
+        naive.append(sigma**2 * float(torch.trace(hb @ hb)))  # E_ξ of the naive estimator
+    mean_split = sum(split) / len(split)
+    se_split = torch.tensor(split).std().item() / math.sqrt(len(split))
+    assert abs(mean_split - truth) < 3 * se_split
+    assert sum(naive) / len(naive) > 1.5 * truth  # the bias the half split avoids
+
+
+# ---------------------------------------------------------------- contractivity
+def test_contractivity_of_a_quadratic_matches_closed_form():
+    model, z = make_quadratic(8, seed=4)
+    snap = params_snapshot(model)
+    a, w = model.a.double(), model.w.detach().double()
+    zbar = z.double().mean(0)
+    g = a @ w - zbar
+    exact = float(g @ a @ g / (g @ g))
+    assert contractivity_exact(LossHessian(model, quad_loss, z)) == pytest.approx(exact, rel=1e-5)
+    # finite differences at K points on the unit sphere: exact for a quadratic, point by point
+    g_state = gen(7)
+    replay = torch.Generator().set_state(g_state.get_state())
+    est = contractivity(model, quad_loss, z, g_state, radius=1.0, eta=1e-3, num_points=20, points_per_pass=20)
+    u = standard_normal({"w": model.w.detach()}, 20, replay)["w"].double()
+    u = u / u.norm(dim=1, keepdim=True)
+    expected = []
+    for k in range(20):
+        gk = a @ (w + u[k]) - zbar
+        expected.append(float(gk @ a @ gk / (gk @ gk)))
+    assert torch.allclose(est.values, torch.tensor(expected, dtype=torch.float64), rtol=1e-3)
+    assert est.minimum == pytest.approx(min(expected), rel=1e-3)
+    assert_same(model, snap)
+
+
+# ---------------------------------------------------------------- weighted dispersion
+def test_weighted_dispersion_formula_on_a_quadratic():
+    model, z = make_quadratic(6, seed=5)
+    hess = LossHessian(model, quad_loss, z[:8])  # H = A on any batch
+    k = 4
+    est = hessian_weighted_dispersion(model, quad_loss, z[16:48], hess, num_chunks=k)
+    a = model.a.double()
+    zc = z[16:48].double().view(k, 8, -1).mean(1)  # h_j = A w − z̄_j
+    dev = zc - zc.mean(0)
+    expected = float(sum(d @ a @ d for d in dev)) / (k * (k - 1))
+    assert est.value == pytest.approx(expected, rel=1e-5)
+    assert est.standard_error > 0

@@ -1,0 +1,293 @@
+"""GradientDispersion: closed form, backends, observer effect, fallbacks, NaN steps, AMP."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from genbounds.callbacks import GradientDispersion
+from genbounds.data import DigitsDataModule
+from genbounds.models import MLP, Classifier
+from helpers import (
+    DropoutBatchNormNet,
+    LayerNormNet,
+    TensorData,
+    csv_metric,
+    exact_linear_stats,
+    linear_regressor,
+    trainer,
+    unit_sphere_regression,
+)
+
+
+def run_collect(tmp_path, module, data, callback, **kwargs):
+    records = []
+    callback.add_listener(records.extend)
+    trainer(tmp_path, [callback], **kwargs).fit(module, data)
+    return records
+
+
+# ---------------------------------------------------------------- closed form (lr = 0)
+@pytest.mark.parametrize("backend", ["backpack", "functorch"])
+def test_exact_backends_match_closed_form(tmp_path, backend):
+    x, y = unit_sphere_regression(32, 6)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    cb = GradientDispersion(backend=backend)
+    records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=3)
+    assert cb.active_backend == backend
+    assert len(records) == 3
+    for rec in records:
+        for name, value in truth.items():
+            assert rec.values[name] == pytest.approx(value, rel=1e-5), name
+
+
+def test_microbatch_averages_to_closed_form_within_3_se(tmp_path):
+    x, y = unit_sphere_regression(32, 6, seed=1)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)["grad/dispersion"]
+    cb = GradientDispersion(backend="microbatch", num_chunks=4, seed=3)
+    records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=400)
+    values = [r.values["grad/dispersion"] for r in records]
+    mean, se = statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+    assert abs(mean - truth) < 3 * se, (mean, truth, se)
+    # and it is genuinely noisy (a constant estimate would make this test vacuous)
+    assert statistics.stdev(values) > 0.05 * truth
+
+
+def test_functorch_standard_error_is_reported_and_sane(tmp_path):
+    x, y = unit_sphere_regression(64, 6, seed=2)
+    module = linear_regressor(6, lr=0.0)
+    cb = GradientDispersion(backend="functorch")
+    (rec,) = run_collect(tmp_path, module, TensorData(x, y, 64), cb, max_steps=1)
+    se = rec.values["grad/trace_cov_se"]
+    assert 0 < se < rec.values["grad/trace_cov"]
+
+
+# ---------------------------------------------------------------- accumulation
+def test_functorch_under_accumulation_is_exact_over_the_effective_batch(tmp_path):
+    x, y = unit_sphere_regression(32, 5, seed=4)
+    module = linear_regressor(5, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    cb = GradientDispersion(backend="functorch")
+    records = run_collect(tmp_path, module, TensorData(x, y, 16), cb, max_steps=2, accumulate_grad_batches=2)
+    assert len(records) == 2
+    for name, value in truth.items():
+        assert records[0].values[name] == pytest.approx(value, rel=1e-5), name
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_microbatch_uses_accumulation_steps_as_chunks(tmp_path, precision):
+    """Two micro-batches of 16 are the k = 2 chunks: dispersion = Σ_j m‖h_j − ḡ‖²/((k−1)b).
+    Under fp16 AMP the micro-step gradients are loss-scaled (×65536); the callback undoes it."""
+    x, y = unit_sphere_regression(32, 5, seed=5)
+    module = linear_regressor(5, lr=0.0)
+    w = module.network.linear.weight.detach().double().squeeze(0)
+    g = (x.double() @ w - y.double().squeeze(1))[:, None] * x.double()
+    h = [g[:16].mean(0), g[16:].mean(0)]
+    gbar = g.mean(0)
+    expected = sum(16 * float(((hj - gbar) ** 2).sum()) for hj in h) / (1 * 32)
+    kwargs = {}
+    if precision == "16-mixed":
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))]
+    cb = GradientDispersion(backend="microbatch")
+    # the GradScaler's first steps overflow at its initial scale 2^16 and are skipped (with a
+    # warning); lr = 0 keeps the weights, so every finite record must match the closed form
+    records = run_collect(tmp_path, module, TensorData(x, y, 16), cb, max_steps=4,
+                          accumulate_grad_batches=2, **kwargs)
+    assert cb._free_chunks and records
+    tol = 1e-5 if precision == "32-true" else 2e-2  # fp16 forward under autocast
+    for rec in records:
+        assert rec.values["grad/dispersion"] == pytest.approx(expected, rel=tol)
+        assert rec.values["grad/norm_sq"] == pytest.approx(float(gbar @ gbar), rel=tol)
+
+
+# ---------------------------------------------------------------- zero observer effect
+def _digits_run(tmp_path, network, callbacks, seed=0, **kwargs):
+    import lightning.pytorch as pl
+
+    pl.seed_everything(seed, verbose=False)
+    module = Classifier(network(), lr=0.05)
+    data = DigitsDataModule(batch_size=64, seed=seed)
+    logger = CSVLogger(str(tmp_path), name="log")
+    t = trainer(tmp_path, callbacks, max_epochs=2, logger=logger, limit_train_batches=6,
+                limit_val_batches=2, **kwargs)
+    t.fit(module, data)
+    return module, csv_metric(logger.log_dir, "train_loss_step")
+
+
+@pytest.mark.parametrize(
+    "backend,network",
+    [
+        ("backpack", lambda: MLP(64, 10, 32, dropout=0.2)),
+        ("functorch", lambda: MLP(64, 10, 32, dropout=0.2)),
+        ("microbatch", DropoutBatchNormNet),
+    ],
+)
+def test_training_is_bit_identical_with_and_without_the_callback(tmp_path, backend, network):
+    plain, plain_losses = _digits_run(tmp_path / "plain", network, [])
+    cb = GradientDispersion(backend=backend)
+    observed, observed_losses = _digits_run(tmp_path / "observed", network, [cb])
+    assert cb.measured_steps == 12
+    for (name, a), b in zip(plain.state_dict().items(), observed.state_dict().values()):
+        assert torch.equal(a, b), name  # parameters and BatchNorm buffers
+    assert plain_losses == observed_losses and len(plain_losses) == 12
+
+
+def test_bit_identical_under_accumulation_with_free_chunks(tmp_path):
+    net = lambda: MLP(64, 10, 32)  # noqa: E731
+    plain, _ = _digits_run(tmp_path / "p", net, [], accumulate_grad_batches=3)
+    cb = GradientDispersion(backend="microbatch")
+    observed, _ = _digits_run(tmp_path / "o", net, [cb], accumulate_grad_batches=3)
+    assert cb._free_chunks and cb.measured_steps > 0
+    for a, b in zip(plain.parameters(), observed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_backpack_hooks_are_removed_after_training(tmp_path):
+    _digits_run(tmp_path, lambda: MLP(64, 10, 32), [GradientDispersion(backend="backpack")])
+    import lightning.pytorch as pl
+
+    pl.seed_everything(0, verbose=False)
+    module = Classifier(MLP(64, 10, 32))
+    trainer(tmp_path, [GradientDispersion(backend="backpack")], max_steps=2).fit(module, DigitsDataModule())
+    for m in module.modules():
+        assert not m._forward_hooks and not m._backward_hooks
+        assert not hasattr(m, "input0") and not hasattr(m, "output")
+
+
+# ---------------------------------------------------------------- unsupported layers
+def test_backpack_refuses_layernorm_at_setup(tmp_path):
+    module = Classifier(LayerNormNet())
+    t = trainer(tmp_path, [GradientDispersion(backend="backpack")], max_steps=2)
+    with pytest.raises(MisconfigurationException, match="LayerNorm has no BackPACK extension"):
+        t.fit(module, DigitsDataModule())
+    assert t.global_step == 0  # refused before any training step
+
+
+def test_auto_falls_back_with_one_warning_and_correct_values(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier(LayerNormNet(), lr=0.0)
+    data = DigitsDataModule(batch_size=32, shuffle=False)
+    cb = GradientDispersion(backend="auto")
+    with pytest.warns(UserWarning, match="not using BackPACK") as caught:
+        records = run_collect(tmp_path, module, data, cb, max_steps=1)
+    assert sum("not using BackPACK" in str(w.message) for w in caught) == 1
+    assert cb.active_backend == "functorch"
+    # reference: a plain per-sample loop
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+    g = torch.stack(grads)
+    s2 = float(((g - g.mean(0)) ** 2).sum() / (g.shape[0] - 1))
+    assert records[0].values["grad/trace_cov"] == pytest.approx(s2, rel=1e-5)
+
+
+def test_functorch_refuses_train_mode_batchnorm(tmp_path):
+    module = Classifier(DropoutBatchNormNet())
+    with pytest.raises(MisconfigurationException, match="BatchNorm"):
+        trainer(tmp_path, [GradientDispersion(backend="functorch")], max_steps=1).fit(module, DigitsDataModule())
+
+
+def test_auto_picks_microbatch_for_batchnorm(tmp_path):
+    module = Classifier(DropoutBatchNormNet())
+    cb = GradientDispersion(backend="auto")
+    with pytest.warns(UserWarning, match="Falling back to 'microbatch'"):
+        trainer(tmp_path, [cb], max_steps=2).fit(module, DigitsDataModule())
+    assert cb.active_backend == "microbatch"
+
+
+def test_missing_loss_contract_is_a_setup_error(tmp_path):
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    t = trainer(tmp_path, [GradientDispersion(backend="functorch")], max_steps=1)
+    with pytest.raises(MisconfigurationException, match="per_sample_loss"):
+        t.fit(BoringModel())
+
+
+def test_training_loss_that_is_not_the_mean_switches_backend(tmp_path):
+    class SumLoss(Classifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y, reduction="sum")
+
+    module = SumLoss(MLP(64, 10, 16))
+    cb = GradientDispersion(backend="backpack")
+    with pytest.warns(UserWarning, match="not the mean of the per-sample losses"):
+        records = run_collect(tmp_path, module, DigitsDataModule(), cb, max_steps=2)
+    assert cb.active_backend == "functorch" and len(records) == 2
+
+
+def test_bad_arguments_fail_in_init():
+    with pytest.raises(MisconfigurationException):
+        GradientDispersion(backend="magic")  # type: ignore[arg-type]
+    with pytest.raises(MisconfigurationException):
+        GradientDispersion(num_chunks=1)
+    with pytest.raises(MisconfigurationException):
+        GradientDispersion(every_n_steps=0)
+
+
+def test_half_precision_parameters_are_refused(tmp_path):
+    t = trainer(tmp_path, [GradientDispersion()], max_steps=1, precision="bf16-true")
+    with pytest.raises(MisconfigurationException, match="half-precision"):
+        t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+
+
+# ---------------------------------------------------------------- NaN step
+class NaNOnce(Classifier):
+    """Returns a NaN loss at one step and skips that update, as a GradScaler would."""
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.global_step == 2:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def on_before_optimizer_step(self, optimizer):
+        for p in self.parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                p.grad.zero_()
+
+
+@pytest.mark.parametrize("backend", ["backpack", "functorch", "microbatch"])
+def test_nan_step_is_skipped_with_one_warning(tmp_path, backend):
+    torch.manual_seed(0)
+    module = NaNOnce(MLP(64, 10, 16))
+    cb = GradientDispersion(backend=backend, loss_fn=_nan_aware_loss if backend != "backpack" else None)
+    with pytest.warns(RuntimeWarning, match=r"non-finite statistics .* step\(s\) \[2\]") as caught:
+        records = run_collect(tmp_path, module, DigitsDataModule(), cb, max_steps=6, log_every_n_steps=3)
+    assert sum("non-finite" in str(w.message) for w in caught) == 1
+    assert [r.step for r in records] == [0, 1, 3, 4, 5]
+    assert all(math.isfinite(v) for r in records for v in r.values.values())
+    assert cb.step_log.skipped_steps == [2]
+
+
+def _nan_aware_loss(module, batch):
+    """The contract's losses, NaN on the step where the module's training loss is NaN."""
+    losses = module.per_sample_loss(batch)
+    return losses * float("nan") if module.global_step == 2 else losses
+
+
+# ---------------------------------------------------------------- loss range and state
+def test_loss_range_is_tracked_and_checkpointed(tmp_path):
+    torch.manual_seed(0)
+    module = Classifier(MLP(64, 10, 16))
+    cb = GradientDispersion(backend="backpack")
+    trainer(tmp_path, [cb], max_steps=5).fit(module, DigitsDataModule())
+    lo, hi = cb.loss_range
+    assert 0 <= lo < hi
+    restored = GradientDispersion(backend="backpack")
+    restored.load_state_dict(cb.state_dict())
+    assert restored.loss_range == (lo, hi)
+    assert restored.measured_steps == cb.measured_steps == 5
