@@ -121,3 +121,36 @@ class DropoutBatchNormNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
+
+
+def bound_suite(sigmas=(1e-3, 1e-2, 1e-1), **bound_kwargs):
+    """A small but complete measurement suite feeding GeneralizationBound."""
+    from genbounds.callbacks import (
+        Flatness,
+        GeneralizationBound,
+        GradientDispersion,
+        GradientSensitivity,
+        HeldoutGradient,
+        HessianTrace,
+    )
+
+    sig = list(sigmas)
+    return [
+        GradientDispersion(backend="backpack"),
+        HeldoutGradient(every_n_steps=2),
+        GradientSensitivity(sigmas=sig, num_draws=4, every_n_steps=3),
+        Flatness(sigmas=sig, scaling="sqrt_steps", num_draws=8, every_n_epochs=None, at_train_end=False),
+        HessianTrace(min_probes=8, max_probes=24, every_n_epochs=None, at_train_end=False),
+        GeneralizationBound(**bound_kwargs),
+    ]
+
+
+class RecordFinalStep(pl.Callback):
+    """Writes ``rank global_step`` to a file at train end (works across spawned processes)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}.txt"), "w") as fh:
+            fh.write(str(trainer.global_step))

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.slow
-def test_digits_config_runs_and_logs_dispersion(tmp_path):
+def test_main_job_runs_and_logs_dispersion_and_every_bound(tmp_path):
     cmd = [
         sys.executable, "-m", "genbounds", "fit", "--config", os.path.join(ROOT, "configs", "digits_mlp.yaml"),
         "--trainer.max_epochs=1", "--trainer.enable_progress_bar=false",
@@ -26,6 +26,15 @@ def test_digits_config_runs_and_logs_dispersion(tmp_path):
     assert "grad/dispersion" in scalars and len(scalars["grad/dispersion"]) > 0
     assert all(v > 0 for _, v in scalars["grad/dispersion"])
     assert "train_loss_step" in scalars
+    # the whole default suite: every bound of the aggregator, R and the measured gap
+    for tag in ("bound/wang_mao_eq2", "bound/sigma_wang_mao", "bound/trajectory_wang_mao", "bound/flatness_wang_mao",
+                "bound/wang_mao_eq3", "bound/trajectory_factor_wang_mao_eq3", "bound/flatness_factor_wang_mao_eq3",
+                "bound/neu", "bound/neu_abs", "bound/trajectory_neu", "bound/sigma_neu", "bound/R", "bound/n",
+                "bound/d", "bound/T", "gap/measured", "grad/heldout_dist_sq", "gap/predicted_cumulative",
+                "curv/hessian_trace", "curv/hessian_trace_se", "curv/contractivity_mean"):
+        assert tag in scalars, tag
+    assert any(t.startswith("bound/fig1_trajectory_neu/") for t in scalars)
+    assert any(t.startswith("flat/term/") for t in scalars) and any(t.startswith("sens/gradient_sensitivity/") for t in scalars)
 
 
 CONFIGS = sorted(

@@ -8,7 +8,9 @@ from genbounds.callbacks.channel import (
     HeldoutRecord,
     SensitivityRecord,
 )
+from genbounds.callbacks.bound_gate import BoundGate, BoundViolation
 from genbounds.callbacks.flatness import Flatness
+from genbounds.callbacks.generalization_bound import GeneralizationBound
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
@@ -17,11 +19,14 @@ from genbounds.callbacks.hessian_trace import HessianTrace
 from genbounds.callbacks.probe import ProbeCallback, ProbeSchedule
 
 __all__ = [
+    "BoundGate",
+    "BoundViolation",
     "Channel",
     "CurvatureRecord",
     "DispersionRecord",
     "Flatness",
     "FlatnessRecord",
+    "GeneralizationBound",
     "GradientDispersion",
     "GradientSensitivity",
     "HeldoutGradient",

@@ -102,6 +102,7 @@ class Flatness(ProbeCallback):
             pl_module, self._loss_fn, self.train_probe, [s * self._scale for s in self.sigmas], self.num_draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
             draws_per_pass=per_pass(self.draws_per_pass, pl_module.device), dtype=self.dtype,
+            reduce=self.reducer(trainer),
         )
         out: dict[str, float] = {}
         for i, s in enumerate(self.sigmas):

@@ -20,6 +20,7 @@ from genbounds.callbacks.checks import (
     check_precision,
     check_strategy,
 )
+from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import resolve_loss_fn
 from genbounds.callbacks.step_log import Listener, StepLog, logger_step, is_log_step
@@ -435,7 +436,7 @@ class GradientDispersion(Callback):
             if window is None:
                 return
         if trainer.world_size > 1:
-            window = _reduce_moments(trainer, window)
+            window = reduce_moments(trainer, window)
         estimate = dispersion_from_moments(window, mean_sq)
         values = {
             "grad/norm_sq": estimate.norm_sq,
@@ -531,32 +532,3 @@ class GradientDispersion(Callback):
 
 def _has_active_dropout(module: nn.Module) -> bool:
     return any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in module.modules())
-
-
-def _reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoments:
-    """Sum the moments over DDP ranks (every rank calls this on the same steps)."""
-    strategy = trainer.strategy
-    device = moments.weighted_sq_norm_sum.device
-    scalars = [moments.weighted_sq_norm_sum.double(),
-               torch.tensor(float(moments.num_samples), dtype=torch.float64, device=device),
-               torch.tensor(float(moments.num_units), dtype=torch.float64, device=device)]
-    if moments.centered_sums is not None:
-        s, s2, c = moments.centered_sums
-        scalars += [s.to(device), s2.to(device), torch.tensor(float(c), dtype=torch.float64, device=device)]
-    packed = strategy.reduce(torch.stack(scalars), reduce_op="sum")
-    summed = None
-    if moments.weighted_sum is not None:
-        flat = torch.cat([w.reshape(-1) for w in moments.weighted_sum])
-        flat = strategy.reduce(flat, reduce_op="sum")
-        summed, start = [], 0
-        for w in moments.weighted_sum:
-            summed.append(flat[start : start + w.numel()].view_as(w))
-            start += w.numel()
-    centered = (packed[3], packed[4], packed[5]) if moments.centered_sums is not None else None
-    return GradientMoments(
-        weighted_sq_norm_sum=packed[0],
-        num_samples=packed[1],
-        num_units=packed[2],
-        weighted_sum=summed,
-        centered_sums=centered,
-    )

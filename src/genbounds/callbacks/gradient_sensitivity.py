@@ -103,6 +103,7 @@ class GradientSensitivity(ProbeCallback):
         est = gradient_sensitivity(
             pl_module, self._loss_fn, self.heldout_probe, levels, self.num_draws,
             self.generator(pl_module.device), draws_per_pass=per_pass(self.draws_per_pass, pl_module.device), dtype=self.dtype,
+            reduce=self.reducer(trainer),
         )
         out: dict[str, float] = {}
         k = len(self.sigmas)

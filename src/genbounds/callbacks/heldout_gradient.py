@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_automatic_optimization
+from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
 from genbounds.estimators.backpack_norms import has_batchnorm
 from genbounds.estimators.functional import dot, sq_norm, trainable_parameters
@@ -135,19 +136,22 @@ class HeldoutGradient(ProbeCallback):
         elif self._s2_over_n is not None:
             self.predicted_cumulative += self._lr * self._s2_over_n
 
-    def _moments(self, pl_module: LightningModule, batch: Any) -> GradientMoments:
+    def _moments(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> GradientMoments:
+        """Moments of a probe set, summed over DDP ranks (the union of the ranks' shares)."""
         assert self._loss_fn is not None
         if self._per_sample:
-            return per_sample_gradient_moments(pl_module, self._loss_fn, batch)
-        return microbatch_gradient_moments(
-            pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device)
-        )
+            moments = per_sample_gradient_moments(pl_module, self._loss_fn, batch)
+        else:
+            moments = microbatch_gradient_moments(
+                pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device)
+            )
+        return reduce_moments(trainer, moments) if trainer.world_size > 1 else moments
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         params = list(trainable_parameters(pl_module).values())
         g_batch = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
-        ref = self._moments(pl_module, self.heldout_probe)
-        train = self._moments(pl_module, self.train_probe)
+        ref = self._moments(trainer, pl_module, self.heldout_probe)
+        train = self._moments(trainer, pl_module, self.train_probe)
         assert ref.weighted_sum is not None and train.weighted_sum is not None
         m, m_tr = int(ref.num_samples), int(train.num_samples)
         g_ref = [s / m for s in ref.weighted_sum]

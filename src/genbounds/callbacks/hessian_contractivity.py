@@ -80,11 +80,12 @@ class HessianContractivity(ProbeCallback):
         self._step = int(trainer.global_step)
         est = contractivity(pl_module, self._loss_fn, self.train_probe, self.generator(pl_module.device),
                             radius=self.radius, eta=self.eta, num_points=self.num_points,
-                            points_per_pass=per_pass(self.points_per_pass, pl_module.device), dtype=self.dtype)
+                            points_per_pass=per_pass(self.points_per_pass, pl_module.device), dtype=self.dtype,
+                            reduce=self.reducer(trainer))
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,
                "curv/contractivity_min": est.minimum}
         if self.exact:
-            op = LossHessian(pl_module, self._loss_fn, self.train_probe)
+            op = LossHessian(pl_module, self._loss_fn, self.train_probe, reduce=self.reducer(trainer))
             out["curv/contractivity_exact"] = contractivity_exact(op)
             op.release()
         return out

@@ -117,12 +117,20 @@ class HessianTrace(ProbeCallback):
     def state_key(self) -> str:
         return self._generate_state_key(backend=self.backend)
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.backend == "pyhessian" and trainer.world_size > 1:
+            raise MisconfigurationException(
+                "HessianTrace(backend='pyhessian') is a single-process cross-check; use the default "
+                "backend='hutchinson' under DDP."
+            )
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)
         gen = self.generator(pl_module.device)
         out: dict[str, float] = {}
-        op = LossHessian(pl_module, self._loss_fn, self.train_probe, method=self.hvp_method)
+        op = LossHessian(pl_module, self._loss_fn, self.train_probe, method=self.hvp_method, reduce=self.reducer(trainer))
         if self.backend == "pyhessian":
             samples = pyhessian_trace(pl_module, self._loss_fn, self.train_probe, self.max_probes, self.pyhessian_tol)
             n = len(samples)
@@ -142,7 +150,8 @@ class HessianTrace(ProbeCallback):
             out["curv/hessian_top_eig"] = eig.value
             out["curv/hessian_top_eig_residual"] = eig.residual
         if self.weighted_dispersion and batch is not None:
-            wd = hessian_weighted_dispersion(pl_module, self._loss_fn, batch, op, self.num_chunks)
+            wd = hessian_weighted_dispersion(pl_module, self._loss_fn, batch, op, self.num_chunks,
+                                             reduce=self.reducer(trainer))
             out["curv/weighted_dispersion"], out["curv/weighted_dispersion_se"] = wd.value, wd.standard_error
         op.release()
         return out

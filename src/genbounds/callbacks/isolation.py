@@ -10,7 +10,8 @@
   which would un-freeze layers a user keeps in eval mode);
 * autocast is switched off: probes run in the parameters' own precision (fp32) on purpose;
 * a ``torch.compile``\\ d LightningModule is probed through its original forward (compiled
-  graphs do not support double backward, and probe shapes would trigger recompilation).
+  graphs do not support double backward, and probe shapes would trigger recompilation);
+* BackPACK hooks attached for the training step's own backward are suspended.
 
 Parameters are never written by the estimators (they use ``torch.func.functional_call`` or
 ``torch.autograd.grad``); :func:`assert_unchanged` exists for tests and debugging.
@@ -24,6 +25,8 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from genbounds.estimators.backpack_norms import suspended_hooks
 
 ProbeMode = Literal["keep", "eval", "train"]
 
@@ -69,6 +72,7 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
         if device.type in ("cuda", "cpu"):
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
         stack.enter_context(original_forward(module))
+        stack.enter_context(suspended_hooks())
         if mode == "eval":
             module.eval()
         elif mode == "train":

@@ -12,8 +12,11 @@
 * **Isolation** — every probe runs inside :func:`genbounds.callbacks.isolation.isolated_pass`
   in eval mode by default (``probe_mode="train"`` keeps train mode: dropout active, BatchNorm on
   batch statistics — its running statistics are restored afterwards either way).
-* **DDP** — each rank probes its own probe batches; values are averaged over ranks (standard
-  errors combined as ``√(Σ SE²)/R``, minima reduced by min) before logging, on every rank.
+* **DDP** — each rank holds its share of the probe batches (Lightning's distributed sampler);
+  the estimators average every batch mean (loss, gradient, Hessian-vector product) over the ranks
+  and every rank seeds its generator alike, so all ranks compute the statistic of the union of
+  the probe batches — with equal per-rank batches, exactly what one process computes on the
+  whole probe batch.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from genbounds.callbacks.checks import check_positive, check_precision, check_strategy
+from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import resolve_loss_fn
 from genbounds.callbacks.step_log import StepLog, logger_step
 from genbounds.estimators.batching import batch_size, concat_batches, index_batch
-from genbounds.estimators.functional import LossFn
+from genbounds.estimators.functional import LossFn, Reduce
 
 ProbeMode = Literal["eval", "train"]
 
@@ -140,9 +144,9 @@ def training_set_size(trainer: Trainer) -> int | None:
 
 
 class ProbeCallback(Callback):
-    """Base class: schedule, probe batches, isolation, DDP reduction and logging. Subclasses set
-    ``owner`` and implement :meth:`measure`, returning ``{tag: value}`` (a ``…_se`` tag is a
-    standard error, a ``…_min`` tag a minimum, for the DDP reduction)."""
+    """Base class: schedule, probe batches, isolation and logging. Subclasses set ``owner`` and
+    implement :meth:`measure`, returning ``{tag: value}`` (values identical on every rank: pass
+    :meth:`reducer` to the estimators)."""
 
     owner = "ProbeCallback"
     needs_train_probe = True
@@ -228,6 +232,17 @@ class ProbeCallback(Callback):
     def active(self) -> bool:
         return not (self.heldout_required and not self.heldout_available)
 
+    @staticmethod
+    def reducer(trainer: Trainer) -> Reduce | None:
+        """Mean over DDP ranks for the estimators (``None`` in a single process)."""
+        return mean_over_ranks(trainer)
+
+    def probe_now(self, trainer: Trainer, pl_module: LightningModule, *, log: bool = True,
+                  epoch_end: bool = True) -> None:
+        """Measure at the current weights now (the bound aggregator asks for the end-of-run
+        quantities this way); skipped when this callback already measured these weights."""
+        self._probe(trainer, pl_module, log=log, epoch_end=epoch_end)
+
     def generator(self, device: torch.device) -> torch.Generator:
         """This callback's own random stream (never the global RNG), resumable."""
         if self._generator is None or self._generator.device != device:
@@ -252,8 +267,6 @@ class ProbeCallback(Callback):
             values = self.measure(trainer, pl_module, batch)
         if not values:
             return
-        if trainer.world_size > 1:
-            values = _reduce_over_ranks(trainer, values)
         values = self.finalize(trainer, values)
         self.num_probes_run += 1
         device = pl_module.device
@@ -289,11 +302,6 @@ class ProbeCallback(Callback):
         self.heldout_probe = None
 
 
-def _has_suffix(tag: str, suffix: str) -> bool:
-    """Whether any path component of ``tag`` ends with ``suffix`` (``flat/train_se/sigma=0.1``)."""
-    return any(part.endswith(suffix) for part in tag.split("/"))
-
-
 def per_pass(requested: int | None, device: torch.device, gpu_default: int = 8) -> int:
     """Vectorization width: as requested, else 1 on CPU (looping is faster there, see
     ``benchmarks/probes.py``) and ``gpu_default`` on an accelerator."""
@@ -304,20 +312,3 @@ def per_pass(requested: int | None, device: torch.device, gpu_default: int = 8) 
 
 def sigma_tag(sigma: float) -> str:
     return f"sigma={sigma:g}"
-
-
-def _reduce_over_ranks(trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
-    """Mean over ranks; ``…_se`` tags as √(Σ SE²)/R; ``…_min`` by min; ``…_max`` by max."""
-    names = list(values)
-    device = trainer.strategy.root_device
-    raw = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
-    world = trainer.world_size
-    is_se = torch.tensor([_has_suffix(n, "_se") for n in names], device=device)
-    is_min = torch.tensor([_has_suffix(n, "_min") for n in names], device=device)
-    is_max = torch.tensor([_has_suffix(n, "_max") for n in names], device=device)
-    summed = trainer.strategy.reduce(torch.where(is_se, raw * raw, raw), reduce_op="sum")
-    lo = -trainer.strategy.reduce(-raw, reduce_op=torch.distributed.ReduceOp.MAX)
-    hi = trainer.strategy.reduce(raw, reduce_op=torch.distributed.ReduceOp.MAX)
-    mean = torch.where(is_se, summed.sqrt() / world, summed / world)
-    out = torch.where(is_min, lo, torch.where(is_max, hi, mean))
-    return dict(zip(names, out.cpu().tolist()))

@@ -19,6 +19,9 @@ BackPACK returns ``‖g_i‖²/(m·A)²``; :meth:`BackpackNormHooks.read` undoes
 from __future__ import annotations
 
 import warnings
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import Tensor, nn
@@ -99,6 +102,25 @@ def _supported_layer_types() -> set[type]:
     }
 
 
+_ATTACHED: "weakref.WeakSet[BackpackNormHooks]" = weakref.WeakSet()
+
+
+@contextmanager
+def suspended_hooks() -> Iterator[None]:
+    """Remove every attached :class:`BackpackNormHooks` for the duration of the block and put
+    them back afterwards — for extra passes (probes) that run between the measured training
+    step's ``on_train_batch_start`` and its forward: ``torch.func`` transforms reject BackPACK's
+    hooked modules, and a probe's forward must not be recorded as the training step's."""
+    active = [h for h in list(_ATTACHED) if h.attached]
+    for hooks in active:
+        hooks.detach()
+    try:
+        yield
+    finally:
+        for hooks in active:
+            hooks.attach()
+
+
 class BackpackNormHooks:
     """Per-sample squared gradient norms of the covered layers, for backward passes run
     between :meth:`attach` and :meth:`detach`.
@@ -137,6 +159,7 @@ class BackpackNormHooks:
         for module in self.modules:
             self._handles.append(module.register_forward_hook(hook_store_io))
             self._handles.append(module.register_full_backward_hook(hook_run_extensions))
+        _ATTACHED.add(self)
 
     def detach(self) -> None:
         """Remove every hook and every field BackPACK wrote (``batch_l2``, stored IO)."""
@@ -144,6 +167,7 @@ class BackpackNormHooks:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        _ATTACHED.discard(self)
         for module in self.modules:
             memory_cleanup(module)
             for p in module.parameters(recurse=False):
@@ -186,4 +210,4 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-__all__ = ["BackpackCoverage", "BackpackNormHooks", "backpack_coverage", "has_batchnorm"]
+__all__ = ["BackpackCoverage", "BackpackNormHooks", "backpack_coverage", "has_batchnorm", "suspended_hooks"]

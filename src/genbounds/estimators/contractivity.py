@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genbounds.estimators.functional import LossFn, dot, sq_norm
+from genbounds.estimators.functional import LossFn, Reduce, dot, sq_norm
 from genbounds.estimators.hessian_vector_product import LossHessian
 from genbounds.estimators.perturbation import PerturbedLoss, chunks, flat_dot, flat_sq_norm, standard_normal
 
@@ -47,12 +47,13 @@ def contractivity(
     num_points: int = 100,
     points_per_pass: int = 8,
     dtype: torch.dtype | None = None,
+    reduce: Reduce | None = None,
 ) -> ContractivityEstimate:
     """Finite-difference contractivity at ``num_points`` points on the sphere of ``radius``
     around the current weights (see the module docstring). One host sync at the end."""
     if num_points < 2:
         raise ValueError("num_points must be >= 2 for a standard error")
-    fn = PerturbedLoss(module, loss_fn, dtype)
+    fn = PerturbedLoss(module, loss_fn, dtype, reduce)
     data = fn.prepare(batch)
     values = []
     for _, count in chunks(num_points, max(1, points_per_pass)):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genbounds.estimators.functional import LossFn
+from genbounds.estimators.functional import LossFn, Reduce
 from genbounds.estimators.perturbation import PerturbedLoss, chunks, standard_normal
 
 
@@ -55,13 +55,14 @@ def gaussian_flatness(
     heldout_batch: Any | None = None,
     draws_per_pass: int = 8,
     dtype: torch.dtype | None = None,
+    reduce: Reduce | None = None,
 ) -> FlatnessEstimate:
     """Antithetic Gaussian flatness on a training probe batch (and a held-out one) — see the
     module docstring. ``draws_per_pass`` perturbations are evaluated in one vectorized pass
     (1 = sequential). One host sync at the end."""
     if num_draws < 2:
         raise ValueError("num_draws must be >= 2 for a standard error")
-    fn = PerturbedLoss(module, loss_fn, dtype)
+    fn = PerturbedLoss(module, loss_fn, dtype, reduce)
     sets = {"train": fn.prepare(train_batch)}
     if heldout_batch is not None:
         sets["heldout"] = fn.prepare(heldout_batch)

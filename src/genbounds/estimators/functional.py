@@ -25,6 +25,12 @@ from torch.func import functional_call
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(module, batch)`` returns the per-sample losses of ``batch`` as a 1-d tensor."""
 
+Reduce = Callable[[Tensor], Tensor]
+"""Averages a tensor over data-parallel ranks (``None``: single process). Estimators apply it to
+every rank-local *batch mean* (loss, gradient, Hessian-vector product), so that with equal
+per-rank batches each rank computes exactly the statistic of the union of the ranks' batches,
+with the same random draws (every rank seeds its generator alike)."""
+
 ParamDict = dict[str, Tensor]
 
 
@@ -102,3 +108,15 @@ def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Inner product of two lists of tensors, accumulated in float64."""
     return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+
+
+def reduce_all(tensors: list[Tensor], reduce: Reduce | None) -> list[Tensor]:
+    """Apply ``reduce`` to a list of tensors with one collective (flattened and split back)."""
+    if reduce is None or not tensors:
+        return tensors
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors]))
+    out, start = [], 0
+    for t in tensors:
+        out.append(flat[start : start + t.numel()].view_as(t))
+        start += t.numel()
+    return out

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from genbounds.estimators.batching import batch_size, index_batch
-from genbounds.estimators.functional import LossFn
+from genbounds.estimators.functional import LossFn, Reduce
 from genbounds.estimators.perturbation import PerturbedLoss, chunks, flat_dot, standard_normal
 
 
@@ -49,6 +49,7 @@ def gradient_sensitivity(
     *,
     draws_per_pass: int = 4,
     dtype: torch.dtype | None = None,
+    reduce: Reduce | None = None,
 ) -> SensitivityEstimate:
     """Half-split estimate of ``Γ_σ`` on ``batch`` (held-out data) for every ``σ`` in ``sigmas``.
     ``σ = 0`` gives exactly 0. One host sync at the end."""
@@ -57,7 +58,7 @@ def gradient_sensitivity(
     b = batch_size(batch)
     if b < 2:
         raise ValueError("the gradient sensitivity needs a batch of at least 2 samples")
-    fn = PerturbedLoss(module, loss_fn, dtype)
+    fn = PerturbedLoss(module, loss_fn, dtype, reduce)
     data = fn.prepare(batch)
     halves = [index_batch(data, slice(0, b // 2)), index_batch(data, slice(b // 2, b))]
     g0 = [fn.gradient(fn.base, h) for h in halves]

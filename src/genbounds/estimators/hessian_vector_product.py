@@ -24,7 +24,15 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
-from genbounds.estimators.functional import LossFn, detached, functional_loss, per_sample_losses, trainable_parameters
+from genbounds.estimators.functional import (
+    LossFn,
+    Reduce,
+    detached,
+    functional_loss,
+    per_sample_losses,
+    reduce_all,
+    trainable_parameters,
+)
 
 HVPMethod = Literal["auto", "reverse", "forward"]
 
@@ -40,10 +48,12 @@ class LossHessian:
         loss_fn: the loss contract.
         batch: the batch the Hessian is taken on.
         method: ``"reverse"``, ``"forward"`` or ``"auto"`` (reverse).
+        vectorize: ``vmap`` blocks of vectors (default: on accelerators only).
+        reduce: DDP mean over ranks of every product and gradient (see ``functional.Reduce``).
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any, method: HVPMethod = "auto",
-                 vectorize: bool | None = None) -> None:
+                 vectorize: bool | None = None, reduce: Reduce | None = None) -> None:
         if method not in ("auto", "reverse", "forward"):
             raise ValueError(f"unknown HVP method {method!r}")
         self.module = module
@@ -54,6 +64,7 @@ class LossHessian:
         self.params = list(self.named.values())
         device = self.params[0].device if self.params else torch.device("cpu")
         self.vectorize = (device.type != "cpu") if vectorize is None else vectorize
+        self.reduce = reduce
         self._grad: tuple[Tensor, ...] | None = None
         self._loss: Tensor | None = None
         self._grad_fn = None
@@ -76,11 +87,11 @@ class LossHessian:
     def gradient(self) -> Vector:
         """``∇L`` at the current weights (detached)."""
         if self.method == "reverse":
-            return [g.detach() for g in self._graph()]
+            return reduce_all([g.detach() for g in self._graph()], self.reduce)
         base = detached(self.named)
         f = functional_loss(self.module, self.loss_fn)
         g = func_grad(lambda p: f(p, self.batch).mean())(base)
-        return [g[n] for n in self.named]
+        return reduce_all([g[n] for n in self.named], self.reduce)
 
     def loss(self) -> Tensor:
         """``L`` at the current weights (detached)."""
@@ -91,13 +102,13 @@ class LossHessian:
                 with torch.no_grad():
                     self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
         assert self._loss is not None
-        return self._loss
+        return reduce_all([self._loss], self.reduce)[0]
 
     def hvp(self, v: Vector) -> Vector:
         """``H v`` for one vector."""
         if self.method == "reverse":
             out = torch.autograd.grad(self._graph(), self.params, grad_outputs=v, retain_graph=True, allow_unused=True)
-            return [torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)]
+            return reduce_all([torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)], self.reduce)
         return [h[0] for h in self._hvp_stacked([t.unsqueeze(0) for t in v])]
 
     def hvp_batched(self, vs: Vector) -> Vector:
@@ -115,7 +126,7 @@ class LossHessian:
             out = torch.autograd.grad(
                 grads, self.params, grad_outputs=vs, retain_graph=True, is_grads_batched=True, allow_unused=True
             )
-            return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)]
+            return reduce_all([torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)], self.reduce)
         base = detached(self.named)
         names = list(self.named)
         f = functional_loss(self.module, self.loss_fn)
@@ -127,7 +138,7 @@ class LossHessian:
             _, hv = jvp(grad_of, (base,), (dict(zip(names, tangent)),))
             return tuple(hv[n] for n in names)
 
-        return list(vmap(one, randomness="same")(*vs))
+        return reduce_all(list(vmap(one, randomness="same")(*vs)), self.reduce)
 
     def release(self) -> None:
         """Free the retained gradient graph."""

@@ -18,7 +18,15 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 
 from genbounds.estimators.batching import map_tensors
-from genbounds.estimators.functional import LossFn, ParamDict, detached, functional_loss, trainable_parameters
+from genbounds.estimators.functional import (
+    LossFn,
+    ParamDict,
+    Reduce,
+    detached,
+    functional_loss,
+    reduce_all,
+    trainable_parameters,
+)
 
 Stacked = dict[str, Tensor]
 """Parameter dict whose tensors carry a leading dimension ``m`` (one row per point)."""
@@ -27,10 +35,13 @@ Stacked = dict[str, Tensor]
 class PerturbedLoss:
     """Mean loss on ``batch`` as a function of the trainable parameters, evaluable at stacks of
     points. ``dtype`` (e.g. ``torch.float64``) evaluates in that precision: parameters, floating
-    buffers and floating batch tensors are cast (the module itself is untouched)."""
+    buffers and floating batch tensors are cast (the module itself is untouched). ``reduce``
+    averages every loss and gradient over DDP ranks (see ``functional.Reduce``)."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None,
+                 reduce: Reduce | None = None) -> None:
         self.module = module
+        self.reduce = reduce
         self.named = trainable_parameters(module)
         self.names = list(self.named)
         self.dtype = dtype
@@ -50,28 +61,39 @@ class PerturbedLoss:
     def _mean(self, params: ParamDict, batch: Any) -> Tensor:
         return self._f({**self._extra, **params}, batch).mean()
 
+    def _reduced(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        names = list(tensors)
+        return dict(zip(names, reduce_all([tensors[k] for k in names], self.reduce)))
+
     def loss(self, params: ParamDict, batch: Any) -> Tensor:
         with torch.no_grad():
-            return self._mean(params, batch)
+            return reduce_all([self._mean(params, batch)], self.reduce)[0]
+
+    def _local_gradient(self, params: ParamDict, batch: Any) -> ParamDict:
+        return func_grad(lambda p: self._mean(p, batch))(params)
 
     def gradient(self, params: ParamDict, batch: Any) -> ParamDict:
-        return func_grad(lambda p: self._mean(p, batch))(params)
+        return self._reduced(self._local_gradient(params, batch))
 
     def losses_at(self, points: Stacked, batch: Any) -> Tensor:
         """``[m]`` mean losses at ``m`` stacked points."""
         m = next(iter(points.values())).shape[0]
         with torch.no_grad():
             if m == 1:
-                return self._mean({k: v[0] for k, v in points.items()}, batch).reshape(1)
-            return vmap(lambda p: self._mean(p, batch), randomness="same")(points)
+                out = self._mean({k: v[0] for k, v in points.items()}, batch).reshape(1)
+            else:
+                out = vmap(lambda p: self._mean(p, batch), randomness="same")(points)
+        return reduce_all([out], self.reduce)[0]
 
     def gradients_at(self, points: Stacked, batch: Any) -> Stacked:
         """Stacked gradients at ``m`` stacked points."""
         m = next(iter(points.values())).shape[0]
         if m == 1:
-            g = self.gradient({k: v[0] for k, v in points.items()}, batch)
-            return {k: v.unsqueeze(0) for k, v in g.items()}
-        return vmap(lambda p: self.gradient(p, batch), randomness="same")(points)
+            g = self._local_gradient({k: v[0] for k, v in points.items()}, batch)
+            g = {k: v.unsqueeze(0) for k, v in g.items()}
+        else:
+            g = vmap(lambda p: self._local_gradient(p, batch), randomness="same")(points)
+        return self._reduced(g)
 
     def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None) -> Stacked:
         """Stacked points ``base + scale · directionⱼ``."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from genbounds.estimators.batching import batch_size, split_batch, split_sizes
-from genbounds.estimators.functional import LossFn, per_sample_losses, trainable_parameters
+from genbounds.estimators.functional import LossFn, Reduce, per_sample_losses, reduce_all, trainable_parameters
 from genbounds.estimators.hessian_vector_product import LossHessian, batched_dot
 
 
@@ -37,6 +37,7 @@ def hessian_weighted_dispersion(
     chunk_batch: Any,
     hessian: LossHessian,
     num_chunks: int = 8,
+    reduce: Reduce | None = None,
 ) -> WeightedDispersionEstimate:
     """``Tr(H Σ_B)`` from ``num_chunks`` chunks of ``chunk_batch`` and the Hessian operator
     ``hessian`` (built on another batch). One host sync."""
@@ -52,7 +53,7 @@ def hessian_weighted_dispersion(
     for chunk in split_batch(chunk_batch, sizes):
         loss = per_sample_losses(module, loss_fn, chunk).mean()
         g = torch.autograd.grad(loss, params, allow_unused=True)
-        grads.append([torch.zeros_like(p) if x is None else x.detach() for x, p in zip(g, params)])
+        grads.append(reduce_all([torch.zeros_like(p) if x is None else x.detach() for x, p in zip(g, params)], reduce))
     stacked = [torch.stack([g[i] for g in grads]) for i in range(len(params))]  # [k, *shape]
     centered = [s - s.mean(0, keepdim=True) for s in stacked]
     q = batched_dot(centered, hessian.hvp_batched(centered))  # [k]

@@ -1,0 +1,19 @@
+"""Bounds: pure math over accumulated per-step series (numpy; no torch hooks, no Lightning)."""
+
+from genbounds.bounds.neu import NeuResult, neu_theorem1, trajectory_comparison
+from genbounds.bounds.series import block_weights, expand_blocks
+from genbounds.bounds.wang_mao import Eq2Result, Eq3Result, eq2_relaxed, trajectory_wang_mao, wang_mao_eq2, wang_mao_eq3
+
+__all__ = [
+    "Eq2Result",
+    "Eq3Result",
+    "NeuResult",
+    "block_weights",
+    "eq2_relaxed",
+    "expand_blocks",
+    "neu_theorem1",
+    "trajectory_comparison",
+    "trajectory_wang_mao",
+    "wang_mao_eq2",
+    "wang_mao_eq3",
+]

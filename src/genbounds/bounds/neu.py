@@ -1,0 +1,109 @@
+"""Neu, Dziugaite, Haghifam & Roy (COLT 2021), Theorem 1 with constant σ (SPEC §6):
+
+    bound(σ) = sqrt( 4R²/n · Σ_t η_t²/σ² · (Γ_{σ√(t−1)}(W_{t−1}) + V_t(W_{t−1})) )
+               + ( γ(W_T, S; σ√T) − γ(W_T, S'; σ√T) )
+
+with ``Γ_0 = 0``. The flatness term is signed and bounds the signed gap; the variant with its
+absolute value bounds ``|gen|``. ``V_t`` estimates (held-out ``‖ḡ_B − ĝ_ref‖² − s²_ref/m``) may be
+negative; they are kept signed in the sum, and a negative total under the square root is taken
+as 0 (reported as such, not hidden: the trajectory term is then 0).
+
+Also the seed-001 Figure-1 comparison of the two trajectory terms at the same σ, common
+``R²/n`` dropped: Neu ``sqrt(4 Σ_t η_t²(Γ + V)/σ²)`` vs Wang–Mao ``sqrt(d Σ_t log1p(η_t² V̂_t/(dσ²)))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class NeuResult:
+    sigmas: list[float]
+    trajectory: list[float]
+    flatness: list[float]
+    """Signed ``γ(S) − γ(S')`` per σ."""
+    bound: list[float]
+    """Signed version (bounds the signed gap)."""
+    bound_abs: list[float]
+    """With ``|flatness|`` (bounds ``|gen|``)."""
+    best: int
+    best_abs: int
+    standard_error: float
+    """SE at the minimizer: flatness SE and the Γ estimates' SE, combined."""
+
+    @property
+    def value(self) -> float:
+        return self.bound[self.best]
+
+    @property
+    def sigma(self) -> float:
+        return self.sigmas[self.best]
+
+
+def neu_trajectory_sum(eta: np.ndarray, gamma: np.ndarray, v: np.ndarray) -> float:
+    """``Σ_t η_t² (Γ_t + V_t)`` for one σ (per-step arrays of length T)."""
+    eta = np.asarray(eta, dtype=np.float64)
+    return float(np.sum(eta**2 * (np.asarray(gamma, dtype=np.float64) + np.asarray(v, dtype=np.float64))))
+
+
+def neu_theorem1(
+    eta: np.ndarray,
+    gamma: np.ndarray,
+    v: np.ndarray,
+    r: float,
+    n: int,
+    sigmas: Sequence[float],
+    flatness_term: Sequence[float],
+    flatness_term_se: Sequence[float] | None = None,
+    gamma_sum_se: Sequence[float] | None = None,
+) -> NeuResult:
+    """Theorem 1 per grid σ and its minima.
+
+    Args:
+        eta: per-step learning rates ``[T]``.
+        gamma: per-step ``Γ_{σ√(t−1)}(W_{t−1})``, shape ``[T, len(sigmas)]``.
+        v: per-step ``V_t(W_{t−1})``, shape ``[T]``.
+        r, n: sub-Gaussian constant and training-set size.
+        sigmas: the grid.
+        flatness_term: signed ``γ(S) − γ(S')`` at ``σ√T`` per σ.
+        flatness_term_se: its SE per σ.
+        gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` per σ (from the Γ probes' SEs).
+    """
+    gamma = np.asarray(gamma, dtype=np.float64).reshape(len(eta), len(sigmas))
+    traj, bound, bound_abs, traj_se = [], [], [], []
+    for i, s in enumerate(sigmas):
+        total = neu_trajectory_sum(eta, gamma[:, i], v)
+        inner = 4.0 * r * r / n * total / (s * s)
+        t = math.sqrt(max(inner, 0.0))
+        traj.append(t)
+        f = float(flatness_term[i])
+        bound.append(t + f)
+        bound_abs.append(t + abs(f))
+        if gamma_sum_se is not None and t > 0:
+            traj_se.append(4.0 * r * r / n / (s * s) * float(gamma_sum_se[i]) / (2.0 * t))
+        else:
+            traj_se.append(0.0)
+    best = int(np.argmin(bound))
+    best_abs = int(np.argmin(bound_abs))
+    flat_se = float(flatness_term_se[best]) if flatness_term_se is not None else math.nan
+    se = math.hypot(flat_se, traj_se[best])
+    return NeuResult(list(map(float, sigmas)), traj, [float(f) for f in flatness_term], bound, bound_abs, best,
+                     best_abs, se)
+
+
+def trajectory_comparison(eta: np.ndarray, gamma: np.ndarray, v: np.ndarray, vhat: np.ndarray, d: int,
+                          sigmas: Sequence[float]) -> tuple[list[float], list[float]]:
+    """Seed 001 Figure 1: ``(Neu, Wang–Mao)`` trajectory terms per σ, common ``R²/n`` dropped."""
+    gamma = np.asarray(gamma, dtype=np.float64).reshape(len(eta), len(sigmas))
+    eta = np.asarray(eta, dtype=np.float64)
+    vh = np.maximum(np.asarray(vhat, dtype=np.float64), 0.0)
+    neu, wm = [], []
+    for i, s in enumerate(sigmas):
+        neu.append(math.sqrt(max(4.0 * neu_trajectory_sum(eta, gamma[:, i], v) / (s * s), 0.0)))
+        wm.append(math.sqrt(d * float(np.sum(np.log1p(eta**2 * vh / (d * s * s))))))
+    return neu, wm

@@ -1,0 +1,42 @@
+"""Per-step series from scheduled measurements (pure math, numpy).
+
+A quantity measured at optimizer steps ``s_1 < s_2 < …`` (0-based step indices: the statistic of
+step ``t`` is logged at ``t − 1``) *stands for the steps of its block* ``[s_i, s_{i+1})``, the last
+one until the end of the run, each step keeping its own learning rate. Steps before the first
+measurement take the first measurement's value (a back-fill, which only matters when a schedule
+does not measure step 0).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def expand_blocks(steps: Sequence[int], values: Sequence[float] | np.ndarray, total_steps: int) -> np.ndarray:
+    """Per-step array of length ``total_steps`` (float64) from block measurements.
+
+    ``values`` may be 2-d (``[len(steps), k]``): each column is expanded.
+    """
+    vals = np.asarray(values, dtype=np.float64)
+    if total_steps <= 0:
+        return np.zeros((0,) + vals.shape[1:], dtype=np.float64)
+    if len(steps) == 0:
+        raise ValueError("no measurement to expand")
+    order = np.argsort(np.asarray(steps), kind="stable")
+    s = np.asarray(steps)[order]
+    vals = vals[order]
+    # index of the block each step falls in: the last measurement at or before it (0 before the first)
+    idx = np.searchsorted(s, np.arange(total_steps), side="right") - 1
+    idx = np.clip(idx, 0, len(s) - 1)
+    return vals[idx]
+
+
+def block_weights(steps: Sequence[int], weights: np.ndarray) -> np.ndarray:
+    """Sum of per-step ``weights`` (length ``T``) over each measurement's block, in the order of
+    ``steps`` (sorted) — e.g. ``Σ_{t∈block} η_t²``, the weight of that measurement's error."""
+    total = len(weights)
+    s = np.sort(np.asarray(steps))
+    idx = np.clip(np.searchsorted(s, np.arange(total), side="right") - 1, 0, len(s) - 1)
+    return np.bincount(idx, weights=weights, minlength=len(s)).astype(np.float64)

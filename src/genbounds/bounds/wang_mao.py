@@ -1,0 +1,113 @@
+"""Wang & Mao (ICLR 2022), Theorem 2: Eq. 2 over a σ grid and the closed form Eq. 3 (SPEC §6).
+
+Eq. 2, constant noise level σ:
+
+    traj(σ) = sqrt( R² d/n · Σ_t log1p( η_t² V̂_t / (d σ²) ) )
+    flat(σ) = | γ(W_T, S; σ√T) − γ(W_T, S'; σ√T) |
+    bound(σ) = traj(σ) + flat(σ),  minimized over a grid fixed before the run.
+
+``log1p`` in float64: the argument is often below 1e−7. The dispersion ``V̂_t`` is a variance;
+an estimate that rounding made slightly negative is taken as 0 *inside the logarithm only*.
+
+Eq. 3 replaces ``log1p(x)`` by ``x`` and the flatness by its second-order value ``½σ²T Tr H`` on the
+training set, then minimizes ``A/σ + Bσ²`` (``A = sqrt(R² Σ η_t² V̂_t/n)``, ``B = T Tr H/2``):
+minimum ``3(A/2)^{2/3} B^{1/3}``, i.e.
+
+    B_3 = 3/2 · ( R² · T · Tr H(W_T) · Σ_t η_t² V̂_t / n )^{1/3}
+
+reached at ``σ* = (A/(2B))^{1/3}``, where the additive trajectory and flatness terms stand 2 : 1.
+It bounds the *signed* gap under ``L_μ(w_T) ≤ E L_μ(w_T + Δ_T)``, is a second-order
+approximation, and is undefined for ``Tr H ≤ 0``. Its two multiplicative factors are
+``(R² Σ η_t² V̂_t / n)^{1/3}`` (trajectory) and ``(T Tr H)^{1/3}`` (flatness).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Eq2Result:
+    sigmas: list[float]
+    trajectory: list[float]
+    flatness: list[float]
+    bound: list[float]
+    best: int
+    """Index of the grid minimum."""
+    standard_error: float
+    """SE of the bound at the minimizer (from the flatness estimate's Monte Carlo SE)."""
+
+    @property
+    def value(self) -> float:
+        return self.bound[self.best]
+
+    @property
+    def sigma(self) -> float:
+        return self.sigmas[self.best]
+
+
+@dataclass
+class Eq3Result:
+    value: float
+    trajectory_factor: float
+    """``(R² Σ η_t² V̂_t / n)^{1/3}``."""
+    flatness_factor: float
+    """``(T Tr H)^{1/3}``."""
+    sigma_star: float
+    """The σ at which the closed form's minimum is reached."""
+    standard_error: float
+    """Delta-method SE from the SE of ``Tr H``: ``B_3/3 · SE(Tr H)/Tr H``."""
+
+
+def trajectory_wang_mao(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float) -> float:
+    """``sqrt(R² d/n Σ_t log1p(η_t² V̂_t/(dσ²)))``."""
+    eta = np.asarray(eta, dtype=np.float64)
+    v = np.maximum(np.asarray(vhat, dtype=np.float64), 0.0)
+    total = float(np.sum(np.log1p(eta**2 * v / (d * sigma**2))))
+    return math.sqrt(r * r * d / n * total)
+
+
+def wang_mao_eq2(
+    eta: np.ndarray,
+    vhat: np.ndarray,
+    r: float,
+    n: int,
+    d: int,
+    sigmas: Sequence[float],
+    flatness_term: Sequence[float],
+    flatness_term_se: Sequence[float] | None = None,
+) -> Eq2Result:
+    """Eq. 2 at every grid σ and its minimum. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
+    γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound)."""
+    traj = [trajectory_wang_mao(eta, vhat, r, n, d, s) for s in sigmas]
+    flat = [abs(float(f)) for f in flatness_term]
+    bound = [a + b for a, b in zip(traj, flat)]
+    best = int(np.argmin(bound))
+    se = float(flatness_term_se[best]) if flatness_term_se is not None else math.nan
+    return Eq2Result(list(map(float, sigmas)), traj, flat, bound, best, se)
+
+
+def wang_mao_eq3(r: float, total_steps: int, trace_h: float, sum_eta2_vhat: float, n: int,
+                 trace_h_se: float | None = None) -> Eq3Result | None:
+    """The closed form; ``None`` when ``Tr H ≤ 0`` (undefined)."""
+    if not trace_h > 0:
+        return None
+    traj = (r * r * sum_eta2_vhat / n) ** (1.0 / 3.0)
+    flat = (total_steps * trace_h) ** (1.0 / 3.0)
+    value = 1.5 * traj * flat
+    a = math.sqrt(r * r * sum_eta2_vhat / n)
+    b = total_steps * trace_h / 2.0
+    sigma_star = (a / (2.0 * b)) ** (1.0 / 3.0) if b > 0 else math.inf
+    se = value / 3.0 * trace_h_se / trace_h if trace_h_se is not None else math.nan
+    return Eq3Result(value, traj, flat, sigma_star, se)
+
+
+def eq2_relaxed(sigma: float, r: float, total_steps: int, trace_h: float, sum_eta2_vhat: float, n: int) -> float:
+    """Eq. 2 after ``log1p(x) ≤ x`` and ``γ = ½σ²T Tr H``: ``A/σ + Bσ²`` — whose minimum over σ
+    is Eq. 3 (used by the tests and to plot the relaxation)."""
+    a = math.sqrt(r * r * sum_eta2_vhat / n)
+    return a / sigma + 0.5 * total_steps * trace_h * sigma**2

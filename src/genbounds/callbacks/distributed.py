@@ -1,0 +1,51 @@
+"""Reductions over DDP ranks for the callbacks (every rank must call them on the same steps)."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import Trainer
+from torch import Tensor
+
+from genbounds.estimators.functional import Reduce
+from genbounds.estimators.gradient_dispersion import GradientMoments
+
+
+def mean_over_ranks(trainer: Trainer) -> Reduce | None:
+    """The estimators' ``reduce``: a mean over ranks, or ``None`` in a single process."""
+    if trainer.world_size <= 1:
+        return None
+    strategy = trainer.strategy
+
+    def reduce(t: Tensor) -> Tensor:
+        return strategy.reduce(t, reduce_op="mean")
+
+    return reduce
+
+
+def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoments:
+    """Sum the moments over DDP ranks (every rank calls this on the same steps)."""
+    strategy = trainer.strategy
+    device = moments.weighted_sq_norm_sum.device
+    scalars = [moments.weighted_sq_norm_sum.double(),
+               torch.tensor(float(moments.num_samples), dtype=torch.float64, device=device),
+               torch.tensor(float(moments.num_units), dtype=torch.float64, device=device)]
+    if moments.centered_sums is not None:
+        s, s2, c = moments.centered_sums
+        scalars += [s.to(device), s2.to(device), torch.tensor(float(c), dtype=torch.float64, device=device)]
+    packed = strategy.reduce(torch.stack(scalars), reduce_op="sum")
+    summed = None
+    if moments.weighted_sum is not None:
+        flat = torch.cat([w.reshape(-1) for w in moments.weighted_sum])
+        flat = strategy.reduce(flat, reduce_op="sum")
+        summed, start = [], 0
+        for w in moments.weighted_sum:
+            summed.append(flat[start : start + w.numel()].view_as(w))
+            start += w.numel()
+    centered = (packed[3], packed[4], packed[5]) if moments.centered_sums is not None else None
+    return GradientMoments(
+        weighted_sq_norm_sum=packed[0],
+        num_samples=packed[1],
+        num_units=packed[2],
+        weighted_sum=summed,
+        centered_sums=centered,
+    )

@@ -1,0 +1,170 @@
+"""GeneralizationBound and BoundGate in real runs: setup checks, gating, resume, DDP, TensorBoard."""
+
+from __future__ import annotations
+
+import glob
+import os
+import sys
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from genbounds.callbacks import BoundGate, BoundViolation, Flatness, GeneralizationBound, GradientDispersion
+from genbounds.data import DigitsDataModule
+from genbounds.models import MLP, Classifier
+from helpers import RecordFinalStep, bound_suite, trainer
+
+BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "bound/R", "bound/n",
+              "bound/d", "bound/T", "gap/measured", "bound/trajectory_wang_mao", "bound/flatness_wang_mao",
+              "bound/trajectory_neu", "bound/sigma_neu", "bound/sigma_wang_mao",
+              "bound/trajectory_factor_wang_mao_eq3", "bound/flatness_factor_wang_mao_eq3"]
+
+
+def small_fit(tmp_path, callbacks, max_epochs=2, ckpt_path=None, seed=0, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    module = Classifier(MLP(64, 10, 32), lr=0.05, **kwargs.pop("module_kwargs", {}))
+    defaults = dict(max_epochs=max_epochs, limit_train_batches=5, limit_val_batches=2)
+    defaults.update(kwargs)
+    t = trainer(tmp_path, callbacks, **defaults)
+    t.fit(module, DigitsDataModule(batch_size=64, seed=seed), ckpt_path=ckpt_path)
+    return t, module
+
+
+def test_setup_names_the_missing_producers(tmp_path):
+    with pytest.raises(MisconfigurationException) as err:
+        small_fit(tmp_path, [GradientDispersion(), GeneralizationBound()])
+    text = str(err.value)
+    assert 'Flatness(scaling="sqrt_steps")' in text and "HessianTrace()" in text and "GradientSensitivity" in text
+    # restricting the bounds restricts what is needed
+    with pytest.raises(MisconfigurationException, match="HessianTrace"):
+        small_fit(tmp_path, [GradientDispersion(), GeneralizationBound(bounds=["wang_mao_eq3"])])
+
+
+def test_sigma_grids_must_agree(tmp_path):
+    suite = bound_suite()
+    suite[2].sigmas = [0.5]
+    with pytest.raises(MisconfigurationException, match="same σ grid"):
+        small_fit(tmp_path, suite)
+
+
+def test_bounds_are_logged_and_monitorable(tmp_path):
+    early = EarlyStopping(monitor="bound/wang_mao_eq3", mode="min", patience=100, check_finite=True)
+    t, _ = small_fit(tmp_path, [*bound_suite(), early])
+    for tag in BOUND_TAGS:
+        assert tag in t.callback_metrics, tag  # pl_module.log: EarlyStopping/ModelCheckpoint can use them
+    agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert agg.latest["bound/T"] == 10 and agg.latest["bound/n"] == 1258
+    assert agg.latest["bound/wang_mao_eq3"] > 0 and agg.optimizer == "SGD"
+
+
+def test_non_sgd_optimizer_warns_once_and_is_recorded(tmp_path):
+    with pytest.warns(UserWarning, match="not plain SGD") as caught:
+        t, _ = small_fit(tmp_path, bound_suite(), module_kwargs={"momentum": 0.9})
+    assert sum("not plain SGD" in str(w.message) for w in caught) == 1
+    agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert agg.optimizer == "SGD(momentum=0.9)"
+
+
+@pytest.mark.parametrize("mode", ["warn", "stop", "raise"])
+def test_bound_gate_actions(tmp_path, mode):
+    gate = BoundGate(max={"bound/wang_mao_eq3": 1e-9}, on_violation=mode)
+    if mode == "raise":
+        with pytest.raises(BoundViolation, match="bound/wang_mao_eq3"):
+            small_fit(tmp_path, [*bound_suite(), gate], max_epochs=4)
+        return
+    if mode == "warn":
+        with pytest.warns(UserWarning, match="threshold violated"):
+            t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=3)
+        assert t.current_epoch == 3 and len(gate.violations) == 3
+    else:
+        t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=4)
+        assert t.global_step == 5 and gate.stopped_step == 5  # stopped after the first validation
+    assert gate.violations[0]["metric"] == "bound/wang_mao_eq3" and gate.violations[0]["kind"] == "max"
+    restored = BoundGate(max={"bound/wang_mao_eq3": 1e-9}, on_violation=mode)
+    restored.load_state_dict(gate.state_dict())
+    assert restored.violations == gate.violations
+
+
+def test_bound_gate_passes_and_skips_fast_dev_run(tmp_path):
+    ok = BoundGate(max={"bound/wang_mao_eq3": 1e9}, min={"bound/wang_mao_eq3": 0.0}, on_violation="raise")
+    t, _ = small_fit(tmp_path, [*bound_suite(), ok])
+    assert ok.checks == 2 and not ok.violations
+    skipped = BoundGate(max={"val_loss": -1.0}, on_violation="raise")
+    small_fit(tmp_path / "fdr", [skipped], fast_dev_run=2)
+    assert skipped.checks == 0
+    with pytest.raises(MisconfigurationException):
+        BoundGate()
+
+
+def test_resume_gives_the_same_final_bounds(tmp_path):
+    """2 epochs, checkpoint, resume for 2 more == 4 uninterrupted epochs (same seed)."""
+    full, _ = small_fit(tmp_path / "full", bound_suite(), max_epochs=4)
+    ckpt_dir = tmp_path / "ckpt"
+    small_fit(tmp_path / "first", [*bound_suite(), ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+              max_epochs=2, enable_checkpointing=True)
+    resumed, _ = small_fit(tmp_path / "second", bound_suite(), max_epochs=4, ckpt_path=str(ckpt_dir / "last.ckpt"))
+
+    def bounds(t):
+        agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+        return {k: v for k, v in agg.latest.items() if k.startswith(("bound/", "gap/"))}
+
+    a, b = bounds(full), bounds(resumed)
+    assert a.keys() == b.keys() and len(a) > 20
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-12), key
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """Same data: 1 process with batch 32 vs 2 processes with 16 each. Lightning's distributed
+    sampler (seeded by seed_everything) draws the permutation EpochSeededSampler draws, and the
+    ranks' interleaved halves make up the same global batches."""
+
+    def run(devices, batch, directory):
+        pl.seed_everything(0, verbose=False)
+        module = Classifier(MLP(64, 10, 32), lr=0.05)
+        gate = BoundGate(max={"bound/wang_mao_eq3": 1e9}, on_violation="stop")
+        kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
+        t = trainer(directory, [*bound_suite(), gate, RecordFinalStep(str(directory))], devices=devices,
+                    max_epochs=2, limit_train_batches=4, limit_val_batches=2, **kwargs)
+        t.fit(module, DigitsDataModule(batch_size=batch, seed=0))
+        return t
+
+    os.makedirs(tmp_path / "one"), os.makedirs(tmp_path / "two")
+    one = run(1, 32, tmp_path / "one")
+    two = run(2, 16, tmp_path / "two")
+    for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "bound/R", "curv/hessian_trace", "gap/measured"):
+        a, b = float(one.callback_metrics[key]), float(two.callback_metrics[key])
+        assert b == pytest.approx(a, rel=1e-4), key
+
+
+@pytest.mark.slow
+def test_bound_gate_stop_stops_every_ddp_rank(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    gate = BoundGate(max={"bound/wang_mao_eq3": 1e-9}, on_violation="stop")
+    t = trainer(tmp_path, [*bound_suite(), gate, RecordFinalStep(str(tmp_path))], devices=2, strategy="ddp_spawn",
+                max_epochs=5, limit_train_batches=3, limit_val_batches=1)
+    t.fit(Classifier(MLP(64, 10, 16), lr=0.05), DigitsDataModule(batch_size=16, shuffle=False))
+    steps = {p: open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank*.txt")))}
+    assert len(steps) == 2 and set(steps.values()) == {"3"}, steps  # both ranks stopped after epoch 1
+
+
+def test_tensorboard_layout_and_hparams(tmp_path):
+    logger = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    small_fit(tmp_path, bound_suite(), logger=logger)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (path,) = glob.glob(os.path.join(logger.log_dir, "events.out.tfevents*"))
+    acc = EventAccumulator(path)
+    acc.Reload()
+    plugins = acc.PluginAssets("custom_scalars") if hasattr(acc, "PluginAssets") else None
+    raw = open(path, "rb").read()
+    assert b"bounds vs measured gap" in raw and b"trajectory vs flatness" in raw  # custom-scalars layout
+    assert b"hparams" in raw and b"bound/wang_mao_eq3" in raw and b"sigma_grid" in raw  # HPARAMS session
+    assert "bound/wang_mao_eq3" in acc.Tags()["scalars"]
+    del plugins

@@ -1,0 +1,165 @@
+"""SPEC §6 bound math against hand-computed values on synthetic series."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize_scalar
+
+from genbounds.bounds import (
+    block_weights,
+    eq2_relaxed,
+    expand_blocks,
+    neu_theorem1,
+    trajectory_comparison,
+    wang_mao_eq2,
+    wang_mao_eq3,
+)
+from genbounds.callbacks.channel import DispersionRecord, FlatnessRecord, HeldoutRecord, SensitivityRecord
+from genbounds.callbacks.channel import CurvatureRecord
+from genbounds.callbacks.generalization_bound import GeneralizationBound
+
+RNG = np.random.default_rng(0)
+T, N, D, R = 40, 500, 1000, 1.3
+ETA = 0.05 * 0.97 ** np.arange(T)  # a decaying schedule: every step keeps its own η_t
+SIGMAS = [1e-3, 3e-3, 1e-2, 3e-2]
+
+
+def test_block_expansion_and_weights():
+    steps, vals = [0, 10, 25], [1.0, 2.0, 3.0]
+    x = expand_blocks(steps, vals, 30)
+    assert x[0] == 1.0 and x[9] == 1.0 and x[10] == 2.0 and x[24] == 2.0 and x[29] == 3.0
+    assert expand_blocks([5], [7.0], 8).tolist() == [7.0] * 8  # back-filled before the first
+    w = block_weights(steps, np.arange(30, dtype=float))
+    assert w.tolist() == [sum(range(10)), sum(range(10, 25)), sum(range(25, 30))]
+    two = expand_blocks(steps, [[1, 10], [2, 20], [3, 30]], 30)
+    assert two.shape == (30, 2) and two[12].tolist() == [2, 20]
+
+
+def test_wang_mao_eq2_matches_hand_computation():
+    vhat = RNG.uniform(0.01, 1.0, T)
+    flat = [0.002, -0.01, 0.05, 0.3]
+    res = wang_mao_eq2(ETA, vhat, R, N, D, SIGMAS, flat, [0.1, 0.2, 0.3, 0.4])
+    for i, s in enumerate(SIGMAS):
+        total = sum(math.log1p(ETA[t] ** 2 * vhat[t] / (D * s * s)) for t in range(T))
+        traj = math.sqrt(R * R * D / N * total)
+        assert res.trajectory[i] == pytest.approx(traj, rel=1e-12)
+        assert res.bound[i] == pytest.approx(traj + abs(flat[i]), rel=1e-12)
+    best = int(np.argmin(res.bound))
+    assert res.value == res.bound[best] and res.sigma == SIGMAS[best] and res.standard_error == [0.1, 0.2, 0.3, 0.4][best]
+
+
+def test_log1p_precision_for_tiny_arguments():
+    """η²V/(dσ²) ≈ 1e−12: log(1+x) in float32 would return 0."""
+    eta = np.full(10, 1e-4)
+    res = wang_mao_eq2(eta, np.full(10, 1e-3), 1.0, 100, 10**6, [1.0], [0.0])
+    expected = math.sqrt(10**6 / 100 * 10 * (1e-8 * 1e-3 / 10**6))
+    assert res.value == pytest.approx(expected, rel=1e-9) and res.value > 0
+
+
+def test_eq3_closed_form_and_factors():
+    vhat = RNG.uniform(0.01, 1.0, T)
+    s = float(np.sum(ETA**2 * vhat))
+    tr, tr_se = 37.0, 2.0
+    res = wang_mao_eq3(R, T, tr, s, N, tr_se)
+    expected = 1.5 * (R * R * T * tr * s / N) ** (1 / 3)
+    assert res.value == pytest.approx(expected, rel=1e-12)
+    assert res.trajectory_factor == pytest.approx((R * R * s / N) ** (1 / 3), rel=1e-12)
+    assert res.flatness_factor == pytest.approx((T * tr) ** (1 / 3), rel=1e-12)
+    assert res.value == pytest.approx(1.5 * res.trajectory_factor * res.flatness_factor, rel=1e-12)
+    assert res.standard_error == pytest.approx(expected / 3 * tr_se / tr, rel=1e-12)
+    assert wang_mao_eq3(R, T, 0.0, s, N) is None and wang_mao_eq3(R, T, -1.0, s, N) is None
+
+
+def test_eq3_is_the_minimum_over_sigma_of_the_relaxed_eq2():
+    """Eq. 2 with log1p(x) ≤ x and γ = ½σ²T Tr H is A/σ + Bσ²; its minimum over σ is Eq. 3."""
+    vhat = RNG.uniform(0.01, 1.0, T)
+    s = float(np.sum(ETA**2 * vhat))
+    tr = 12.5
+    eq3 = wang_mao_eq3(R, T, tr, s, N)
+    opt = minimize_scalar(lambda u: eq2_relaxed(math.exp(u), R, T, tr, s, N), bounds=(-20, 5), method="bounded",
+                          options={"xatol": 1e-12})
+    assert opt.fun == pytest.approx(eq3.value, rel=1e-6)
+    assert math.exp(opt.x) == pytest.approx(eq3.sigma_star, rel=1e-4)
+    # and the relaxation is an upper bound of Eq. 2's trajectory term at every σ (log1p(x) ≤ x)
+    for sigma in (1e-3, 1e-2, 1e-1):
+        traj = wang_mao_eq2(ETA, vhat, R, N, D, [sigma], [0.0]).trajectory[0]
+        assert traj <= math.sqrt(R * R * s / N) / sigma + 1e-15
+    # at σ*, the additive trajectory and flatness terms stand 2 : 1
+    a = math.sqrt(R * R * s / N)
+    sig = eq3.sigma_star
+    assert (a / sig) / (0.5 * T * tr * sig * sig) == pytest.approx(2.0, rel=1e-9)
+
+
+def test_neu_theorem1_matches_hand_computation():
+    gamma = np.abs(RNG.normal(size=(T, len(SIGMAS)))) * 1e-4
+    gamma[0] = 0.0  # Γ_0 = 0
+    v = RNG.normal(0.5, 0.2, T)
+    v[3] = -0.1  # a negative held-out estimate stays signed in the sum
+    flat = [0.01, -0.02, 0.03, -0.5]
+    res = neu_theorem1(ETA, gamma, v, R, N, SIGMAS, flat, [0.01] * 4, [0.0] * 4)
+    for i, s in enumerate(SIGMAS):
+        total = sum(ETA[t] ** 2 / s**2 * (gamma[t, i] + v[t]) for t in range(T))
+        traj = math.sqrt(4 * R * R / N * total)
+        assert res.trajectory[i] == pytest.approx(traj, rel=1e-12)
+        assert res.bound[i] == pytest.approx(traj + flat[i], rel=1e-12)
+        assert res.bound_abs[i] == pytest.approx(traj + abs(flat[i]), rel=1e-12)
+    assert res.value == min(res.bound)
+    # a negative total under the square root gives a zero trajectory term, not a NaN
+    neg = neu_theorem1(ETA, np.zeros((T, 1)), -np.ones(T), R, N, [1e-2], [0.0])
+    assert neg.trajectory == [0.0]
+
+
+def test_figure1_comparison_matches_hand_computation():
+    gamma = np.abs(RNG.normal(size=(T, 2))) * 1e-3
+    v, vhat = RNG.uniform(0.1, 1, T), RNG.uniform(0.1, 1, T)
+    neu, wm = trajectory_comparison(ETA, gamma, v, vhat, D, [1e-5, 1e-6])
+    for i, s in enumerate([1e-5, 1e-6]):
+        assert neu[i] == pytest.approx(math.sqrt(4 * np.sum(ETA**2 * (gamma[:, i] + v)) / s**2), rel=1e-12)
+        assert wm[i] == pytest.approx(math.sqrt(D * np.sum(np.log1p(ETA**2 * vhat / (D * s * s)))), rel=1e-12)
+
+
+def test_aggregator_compute_on_synthetic_channel_records():
+    """GeneralizationBound.compute on records as the producers publish them, measured every 5
+    steps: each measurement stands for its 5 steps with their own η_t."""
+    agg = GeneralizationBound()
+    agg._n, agg._d = N, D
+    agg.lrs = ETA.tolist()
+    disp = RNG.uniform(0.1, 1.0, T // 5)
+    agg._on_dispersion([DispersionRecord(step=5 * i, norm_sq=0, trace_cov=0, dispersion=float(x))
+                        for i, x in enumerate(disp)])
+    held = RNG.uniform(0.1, 1.0, T // 5)
+    agg._on_heldout([HeldoutRecord(step=5 * i, lr=0, heldout_dist_sq=float(x), step_realized=0, step_predicted=0,
+                                   predicted_cumulative=0) for i, x in enumerate(held)])
+    gam = np.abs(RNG.normal(size=(T // 5, len(SIGMAS)))) * 1e-5
+    agg._on_sensitivity([SensitivityRecord(step=5 * i, sigmas=SIGMAS, value=[0] * 4, standard_error=[0] * 4,
+                                           growing_value=g.tolist(), growing_standard_error=[1e-6] * 4)
+                         for i, g in enumerate(gam)])
+    flat_term = [0.001, 0.002, -0.004, 0.2]
+    agg._on_flatness([FlatnessRecord(step=T, sigmas=SIGMAS, scale=math.sqrt(T), train=[0] * 4, train_se=[0] * 4,
+                                     heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[1e-3] * 4)])
+    agg._on_curvature([CurvatureRecord(step=T, hessian_trace=20.0, hessian_trace_se=1.0)])
+
+    class _Flat:  # the σ grid comes from the Flatness callback
+        sigmas = SIGMAS
+
+    agg._flatness = _Flat()
+    out = agg.compute(T, R)
+    vhat = np.repeat(disp, 5)
+    gamma = np.repeat(gam, 5, axis=0)
+    v = np.repeat(held, 5)
+    s = float(np.sum(ETA**2 * vhat))
+    assert out["bound/wang_mao_eq3"] == pytest.approx(1.5 * (R * R * T * 20.0 * s / N) ** (1 / 3), rel=1e-9)
+    eq2 = min(math.sqrt(R * R * D / N * np.sum(np.log1p(ETA**2 * vhat / (D * sg * sg)))) + abs(f)
+              for sg, f in zip(SIGMAS, flat_term))
+    assert out["bound/wang_mao_eq2"] == pytest.approx(eq2, rel=1e-9)
+    neu = min(math.sqrt(4 * R * R / N * np.sum(ETA**2 / sg**2 * (gamma[:, i] + v))) + flat_term[i]
+              for i, sg in enumerate(SIGMAS))
+    assert out["bound/neu"] == pytest.approx(neu, rel=1e-9)
+    assert out["bound/T"] == T and out["bound/n"] == N and out["bound/d"] == D and out["bound/R"] == R
+    # a flatness record from other weights (step ≠ T) is never used
+    agg._on_flatness([FlatnessRecord(step=T - 1, sigmas=SIGMAS, scale=1.0, train=[0] * 4, train_se=[0] * 4,
+                                     heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[0] * 4)])
+    assert "bound/wang_mao_eq2" not in agg.compute(T, R)
