@@ -1,6 +1,7 @@
 """Bounds: pure math over accumulated per-step series (numpy; no torch hooks, no Lightning)."""
 
 from genbounds.bounds.neu import NeuResult, neu_theorem1, trajectory_comparison
+from genbounds.bounds.phases import find_valley, trailing_mean
 from genbounds.bounds.series import block_weights, expand_blocks
 from genbounds.bounds.wang_mao import Eq2Result, Eq3Result, eq2_relaxed, trajectory_wang_mao, wang_mao_eq2, wang_mao_eq3
 
@@ -11,7 +12,9 @@ __all__ = [
     "block_weights",
     "eq2_relaxed",
     "expand_blocks",
+    "find_valley",
     "neu_theorem1",
+    "trailing_mean",
     "trajectory_comparison",
     "trajectory_wang_mao",
     "wang_mao_eq2",

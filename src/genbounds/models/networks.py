@@ -140,3 +140,29 @@ class TwoLayerReLU(nn.Module):
         if self.output is not None:
             return self.output(h)
         return h @ self.signs.t()
+
+
+class DiagonalLinearNetwork(nn.Module):
+    """Seed 002 §4.1's diagonal linear network ``f(x; θ) = ⟨θ_a ⊙ θ_b, x⟩``, ``θ = (θ_a, θ_b) ∈ R^{2d}``:
+    linear in ``x`` but over-parameterized and non-convex in ``θ``.
+
+    Args:
+        in_features: ``d``.
+        init_scale: ``θ_a`` and ``θ_b`` start at ``init_scale · (1 + noise)``.
+        init_noise: relative spread of the initialization (seeded by ``seed``).
+        seed: initialization seed.
+    """
+
+    def __init__(self, in_features: int = 100, init_scale: float = 0.5, init_noise: float = 0.1, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.theta_a = nn.Parameter(init_scale * (1 + init_noise * torch.randn(in_features, generator=gen)))
+        self.theta_b = nn.Parameter(init_scale * (1 + init_noise * torch.randn(in_features, generator=gen)))
+
+    @property
+    def weight(self) -> Tensor:
+        """The effective linear predictor ``θ_a ⊙ θ_b``."""
+        return self.theta_a * self.theta_b
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x @ self.weight).unsqueeze(-1)
