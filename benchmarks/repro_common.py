@@ -102,3 +102,25 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def fit_in_process(config: str, overrides: Sequence[str] = ()):
+    """Build trainer, model and data from ``config`` + ``overrides`` with LightningCLI (exactly as
+    ``genbounds fit`` would) and fit in this process — for sweeps of many small runs, where a
+    subprocess per run would cost more than the run. Returns ``(trainer, model, datamodule)``."""
+    import warnings
+
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    import genbounds.callbacks  # noqa: F401
+    import genbounds.data  # noqa: F401
+    import genbounds.models  # noqa: F401
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cli = LightningCLI(LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+                           args=["--config", config, *overrides], run=False, save_config_callback=None,
+                           auto_configure_optimizers=False)
+        cli.trainer.fit(cli.model, cli.datamodule)
+    return cli.trainer, cli.model, cli.datamodule

@@ -291,3 +291,11 @@ def test_loss_range_is_tracked_and_checkpointed(tmp_path):
     restored.load_state_dict(cb.state_dict())
     assert restored.loss_range == (lo, hi)
     assert restored.measured_steps == cb.measured_steps == 5
+
+
+@pytest.mark.parametrize("backend", ["backpack", "functorch", "microbatch"])
+def test_a_last_batch_of_one_sample_is_skipped_not_fatal(tmp_path, backend):
+    x, y = unit_sphere_regression(17, 4)  # batches of 8, 8 and 1
+    cb = GradientDispersion(backend=backend)
+    records = run_collect(tmp_path, linear_regressor(4, lr=0.1), TensorData(x, y, 8), cb, max_epochs=2)
+    assert [r.step for r in records] == [0, 1, 3, 4]

@@ -238,3 +238,18 @@ def test_interventions_reject_bad_arguments():
         GaussianModelPerturbation(rho=1.5)
     with pytest.raises(MisconfigurationException):
         TwinRunStability(mode="swap")  # type: ignore[arg-type]
+
+
+def test_twin_recognizes_a_torchvision_style_sample_by_every_field():
+    """A dataset item ``(image, int)`` against collated ``(images, labels)``: same image with another
+    label is a different sample; the replacement swaps image and label."""
+    twin = TwinRunStability(mode="replace")
+    twin._sample, twin._replacement = (torch.ones(3), 4), (torch.zeros(3), 7)
+    batch = (torch.stack([torch.ones(3), torch.ones(3), torch.full((3,), 2.0)]), torch.tensor([4, 5, 4]))
+    assert twin._matches(batch).tolist() == [True, False, False]
+    images, labels = twin._twin_batch_of(batch)
+    assert torch.equal(images[0], torch.zeros(3)) and labels.tolist() == [7, 5, 4]
+    removing = TwinRunStability(mode="remove")
+    removing._sample = (torch.ones(3), 4)
+    images, labels = removing._twin_batch_of(batch)
+    assert labels.tolist() == [5, 4] and images.shape == (2, 3)

@@ -55,9 +55,9 @@ def test_analytic_gradients_match_autograd(repro):
     torch.testing.assert_close(repro.candidate_grads(x.detach(), pop), auto)
 
 
-@pytest.mark.parametrize("variant", ["main", "brief"])
+@pytest.mark.parametrize("variant", ["main", "shallow"])
 def test_population_loss_has_local_minimum_near_77(repro, variant):
-    cfg = repro.Config() if variant == "main" else repro.Config(**repro.BRIEF_EXAMPLE)
+    cfg = repro.Config() if variant == "main" else repro.Config(**repro.SHALLOW_BUMPS)
     pop = repro.make_population(cfg, np.random.default_rng(0))
     assert repro.population_min_near_good(pop)
     x = torch.tensor([7.0, 7.0], dtype=torch.float64)

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from genbounds.bounds.phases import find_valley
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
-from genbounds.callbacks.step_log import logger_step
+from genbounds.callbacks.step_log import epoch_end_step
 
 
 @dataclass
@@ -85,7 +85,7 @@ class DispersionPhaseDetector(Callback):
         if self.valley_epoch is not None:
             metrics["phase/memorization_start_epoch"] = float(self.valley_epoch)
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=logger_step(trainer))
+            logger.log_metrics(metrics, step=epoch_end_step(trainer))
         pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -13,11 +13,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.callbacks.intervention import GradientIntervention
-from genbounds.callbacks.step_log import StepLog, is_log_step, logger_step
+from genbounds.callbacks.step_log import FlushesStepLog, StepLog, epoch_end_step, logger_step
 from genbounds.estimators.functional import sq_norm, trainable_parameters
 
 
-class DynamicGradientClipping(GradientIntervention):
+class DynamicGradientClipping(FlushesStepLog, GradientIntervention):
     r"""**Changes training.** Dynamic gradient clipping, seed 001 Algorithm 1.
 
     ``G`` starts at ``initial_norm`` (``+∞``). At every optimizer step ``t`` from the start step
@@ -126,13 +126,8 @@ class DynamicGradientClipping(GradientIntervention):
             values.update({"clip/level": self.level, "clip/active": clip.double()})
         self.step_log.record(step, values)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if is_log_step(trainer):
-            self.step_log.flush(trainer, pl_module)
-
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.step_log.flush(trainer, pl_module, epoch_end=True)
+        super().on_train_epoch_end(trainer, pl_module)
         if self._epoch_count:
             assert self._epoch_sum is not None
             self.epoch_norms.append(float(self._epoch_sum) / self._epoch_count)
@@ -143,10 +138,7 @@ class DynamicGradientClipping(GradientIntervention):
                         f"{self.epoch_norms[-1]:.4g} exceeds the previous epoch's {self.epoch_norms[-2]:.4g}")
         if self.start_step is not None:
             for logger in trainer.loggers:
-                logger.log_metrics({"clip/start_step": float(self.start_step)}, step=logger_step(trainer))
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.step_log.flush(trainer)
+                logger.log_metrics({"clip/start_step": float(self.start_step)}, step=epoch_end_step(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {"start_step": self.start_step, "level": None if self.level is None else float(self.level),

@@ -38,7 +38,7 @@ from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
 from genbounds.callbacks.hessian_trace import HessianTrace
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag, training_set_size
-from genbounds.callbacks.step_log import logger_step
+from genbounds.callbacks.step_log import weights_step
 from genbounds.estimators.functional import num_trainable, per_sample_losses, reduce_all
 
 BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu"]
@@ -420,7 +420,7 @@ class GeneralizationBound(ProbeCallback):
         if not finite:
             return
         self.latest.update(finite)
-        step = logger_step(trainer)
+        step = weights_step(trainer)
         self.step_log.record(step, {k: torch.tensor(v, dtype=torch.float64) for k, v in finite.items()})
         self.step_log.flush(trainer, pl_module if log else None, epoch_end=log)
 

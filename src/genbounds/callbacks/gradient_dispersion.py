@@ -437,6 +437,8 @@ class GradientDispersion(Callback):
                 return
         if trainer.world_size > 1:
             window = reduce_moments(trainer, window)
+        elif isinstance(window.num_units, int) and window.num_units < 2:
+            return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
         estimate = dispersion_from_moments(window, mean_sq)
         values = {
             "grad/norm_sq": estimate.norm_sq,

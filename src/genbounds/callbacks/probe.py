@@ -35,7 +35,7 @@ from genbounds.callbacks.checks import check_positive, check_precision, check_st
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import resolve_loss_fn
-from genbounds.callbacks.step_log import StepLog, logger_step
+from genbounds.callbacks.step_log import StepLog, weights_step
 from genbounds.estimators.batching import batch_size, concat_batches, index_batch
 from genbounds.estimators.functional import LossFn, Reduce
 
@@ -259,7 +259,7 @@ class ProbeCallback(Callback):
                epoch_end: bool = False) -> None:
         if not self.active or trainer.sanity_checking:
             return
-        step = logger_step(trainer)
+        step = self.record_step(trainer)
         if self._last_probe_step == trainer.global_step:
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
@@ -276,6 +276,11 @@ class ProbeCallback(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         raise NotImplementedError
+
+    def record_step(self, trainer: Trainer) -> int:
+        """The step a probe's values are logged at: the number of optimizer steps taken (a probe
+        measures the current weights)."""
+        return weights_step(trainer)
 
     def finalize(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
         """Derived values computed from the rank-reduced ones (subclasses)."""

@@ -6,7 +6,10 @@ Lightning's own logging cadence (``Trainer(log_every_n_steps=...)``) and at epoc
 one device→host copy for all buffered values, then
 
 * every finite record is written to every logger **at the step it was measured** (so the curve
-  is exact even when ``every_n_steps`` and ``log_every_n_steps`` differ);
+  is exact even when ``every_n_steps`` and ``log_every_n_steps`` differ). Steps: a statistic of
+  a training batch is logged at that batch's index (next to ``train_loss_step``), a quantity of the
+  weights at the number of optimizer steps taken (:func:`weights_step`), an aggregate over an epoch
+  where Lightning logs epoch metrics (:func:`epoch_end_step`);
 * a record with any non-finite value (NaN loss, inf gradient) is dropped with one warning
   naming its step;
 * the latest value of each metric is also passed to ``pl_module.log(..., logger=False)``, so
@@ -38,10 +41,23 @@ Listener = Callable[[list[StepRecord]], None]
 
 
 def logger_step(trainer: Trainer) -> int:
-    """The step index Lightning uses for the training metrics logged in this batch."""
+    """The step index Lightning uses for the training metrics logged in this batch (the batch's
+    0-based index: per-batch statistics are logged here, next to ``train_loss_step``)."""
     loop = getattr(trainer.fit_loop, "epoch_loop", None)
     stepped = getattr(loop, "_batches_that_stepped", None)
     return int(stepped) if stepped is not None else int(trainer.global_step)
+
+
+def epoch_end_step(trainer: Trainer) -> int:
+    """The step Lightning logs epoch-end metrics at (``train_acc``, ``train_loss_epoch``): the
+    epoch's last batch index. For aggregates over an epoch, logged from ``on_train_epoch_end``."""
+    return max(logger_step(trainer) - 1, 0)
+
+
+def weights_step(trainer: Trainer) -> int:
+    """Label of a quantity of the *weights* (probes, bounds, twin divergence): the number of
+    optimizer steps taken — the same weights get the same label in every hook."""
+    return int(trainer.global_step)
 
 
 def is_log_step(trainer: Trainer) -> bool:
@@ -124,3 +140,21 @@ class StepLog:
             for listener in self._listeners:
                 listener(records)
         return records
+
+
+class FlushesStepLog:
+    """Mixin for callbacks owning a ``step_log``: flush it on Lightning's logging steps, at every
+    epoch end and at train end (subclasses extending a hook call ``super()``)."""
+
+    step_log: StepLog
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: object, batch: object,
+                           batch_idx: int) -> None:
+        if is_log_step(trainer):
+            self.step_log.flush(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.step_log.flush(trainer, pl_module, epoch_end=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.step_log.flush(trainer)

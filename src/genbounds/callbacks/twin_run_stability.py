@@ -15,10 +15,19 @@ from torch import Tensor
 
 from genbounds.callbacks.checks import FULL_PRECISIONS, check_automatic_optimization, check_positive
 from genbounds.callbacks.probe import _first_loader, validation_loader
-from genbounds.callbacks.step_log import StepLog, is_log_step, logger_step
+from genbounds.callbacks.step_log import FlushesStepLog, StepLog, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
 
 Mode = Literal["replace", "remove", "none"]
+
+
+def _sample_fields(item: Any) -> list[Tensor]:
+    """The fields of one dataset item as tensors, in batch order (numbers become 0-d tensors)."""
+    if isinstance(item, dict):
+        item = list(item.values())
+    if not isinstance(item, (tuple, list)):
+        item = [item]
+    return [torch.as_tensor(field) for field in item]
 
 
 def _step_output_loss(output: Any) -> Tensor:
@@ -29,7 +38,7 @@ def _step_output_loss(output: Any) -> Tensor:
     raise MisconfigurationException("TwinRunStability: training_step must return the loss or a dict with 'loss'")
 
 
-class TwinRunStability(Callback):
+class TwinRunStability(FlushesStepLog, Callback):
     r"""Train a twin of the model in lockstep on a neighbouring training set and log how far the
     two drift apart (the uniform-stability divergence ``δ_t = ‖w_t − w'_t‖`` of seed 004 §4 and seed
     002 Lemma 1).
@@ -42,7 +51,8 @@ class TwinRunStability(Callback):
     held-out sample — seed 002's ``S^i``, seed 004's Definition 4; with ``mode="remove"`` it is
     dropped from its batch (seed 004's Fig. 1a experiment); ``mode="none"`` changes nothing (the
     divergence is then exactly 0 — a check of the lockstep). The sample is recognized in a batch
-    by value, so the training transforms must be deterministic (no random augmentation).
+    by value in every field (so an exact duplicate of it elsewhere in the data set is changed too),
+    and the training transforms must be deterministic (no random augmentation).
 
     The twin's step is the module's own ``training_step`` on the twin (detached from the
     trainer: what it logs goes nowhere) or, with ``loss_fn``, the mean of the per-sample losses;
@@ -162,12 +172,18 @@ class TwinRunStability(Callback):
 
     # ------------------------------------------------------------------ lockstep
     def _matches(self, batch: Any) -> Tensor:
-        """Boolean mask of the batch rows equal to the chosen sample (all tensor leaves)."""
+        """Boolean mask of the batch rows equal to the chosen sample in every field (a dataset's
+        ``(image, int)`` item is compared with the collated ``(images, labels)`` batch)."""
         rows = tensor_leaves(batch)
-        target = tensor_leaves(self._sample if isinstance(self._sample, (tuple, list, dict)) else (self._sample,))
+        target = _sample_fields(self._sample)
+        if len(target) != len(rows):
+            raise MisconfigurationException(
+                f"TwinRunStability: a dataset item has {len(target)} fields but a batch has {len(rows)} tensors; "
+                "the changed sample cannot be recognized in the batches"
+            )
         mask = torch.ones(rows[0].shape[0], dtype=torch.bool, device=rows[0].device)
         for r, t in zip(rows, target):
-            t = torch.as_tensor(t).to(r.device, r.dtype)
+            t = t.to(r.device, r.dtype)
             mask &= (r.reshape(r.shape[0], -1) == t.reshape(1, -1)).all(1)
         return mask
 
@@ -180,11 +196,10 @@ class TwinRunStability(Callback):
         self.changed_batches += 1
         if self.mode == "remove":
             return index_batch(batch, (~mask).nonzero().squeeze(1))
-        replacement = self._replacement if isinstance(self._replacement, (tuple, list)) else (self._replacement,)
-        leaves = iter(tensor_leaves(replacement))
+        leaves = iter(_sample_fields(self._replacement))
 
         def swap(t: Tensor) -> Tensor:
-            r = torch.as_tensor(next(leaves)).to(t.device, t.dtype)
+            r = next(leaves).to(t.device, t.dtype)
             out = t.clone()
             out[mask] = r
             return out
@@ -203,9 +218,8 @@ class TwinRunStability(Callback):
         self._twin_step(trainer, pl_module, self._twin_batch, batch_idx)
         self._twin_batch = None
         if (trainer.global_step - 1) % self.every_n_steps == 0:
-            self.step_log.record(logger_step(trainer), self._divergence(pl_module))
-        if is_log_step(trainer):
-            self.step_log.flush(trainer, pl_module)
+            self.step_log.record(weights_step(trainer), self._divergence(pl_module))
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def _twin_step(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.twin is not None and self.twin_optimizer is not None
@@ -255,13 +269,10 @@ class TwinRunStability(Callback):
         return out
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.step_log.flush(trainer, pl_module, epoch_end=True)
+        super().on_train_epoch_end(trainer, pl_module)
         if self.mode != "none" and self.changed_batches == 0 and trainer.current_epoch == 0:
             rank_zero_warn("TwinRunStability: the chosen sample never appeared in the first epoch's batches; are the "
                            "training transforms random, or limit_train_batches cutting the epoch short?")
-
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.step_log.flush(trainer)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

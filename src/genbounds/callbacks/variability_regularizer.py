@@ -19,13 +19,13 @@ from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import resolve_loss_fn
 from genbounds.callbacks.probe import _first_loader, draw_probe_batch
-from genbounds.callbacks.step_log import StepLog, is_log_step, logger_step
+from genbounds.callbacks.step_log import FlushesStepLog, StepLog, logger_step
 from genbounds.estimators.batching import batch_size, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, reduce_all, trainable_parameters
 from genbounds.estimators.hessian_vector_product import LossHessian
 
 
-class VariabilityRegularizer(GradientIntervention):
+class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
     r"""**Changes training.** Adds the gradient of seed 002's variability penalties to the step:
 
     * Reg1 ``= λ1 · mean_{i∈S} ‖∇ℓ(z_i) − ∇L(S)‖²`` (Eq. 11) — the mean over the whole training
@@ -172,14 +172,6 @@ class VariabilityRegularizer(GradientIntervention):
                 p.grad.add_(grads[name].to(p.grad.dtype))
         self.step_log.record(logger_step(trainer), values)
         self._batch = None
-
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if is_log_step(trainer):
-            self.step_log.flush(trainer, pl_module)
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.step_log.flush(trainer, pl_module, epoch_end=True)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
