@@ -12,6 +12,7 @@ from genbounds.bounds import (
     block_weights,
     eq2_relaxed,
     expand_blocks,
+    growing_level_series,
     neu_theorem1,
     trajectory_comparison,
     wang_mao_eq2,
@@ -148,7 +149,9 @@ def test_aggregator_compute_on_synthetic_channel_records():
     agg._flatness = _Flat()
     out = agg.compute(T, R)
     vhat = np.repeat(disp, 5)
-    gamma = np.repeat(gam, 5, axis=0)
+    # Γ fill (default "scaled"): step τ of the block of the probe at s ≥ 1 gets (τ/s)·Γ_s; the
+    # block of the s = 0 probe is scaled from the probe at s = 5
+    gamma = np.array([(t / (5 * max(t // 5, 1))) * gam[max(t // 5, 1)] for t in range(T)])
     v = np.repeat(held, 5)
     s = float(np.sum(ETA**2 * vhat))
     assert out["bound/wang_mao_eq3"] == pytest.approx(1.5 * (R * R * T * 20.0 * s / N) ** (1 / 3), rel=1e-9)
@@ -163,3 +166,20 @@ def test_aggregator_compute_on_synthetic_channel_records():
     agg._on_flatness([FlatnessRecord(step=T - 1, sigmas=SIGMAS, scale=1.0, train=[0] * 4, train_se=[0] * 4,
                                      heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[0] * 4)])
     assert "bound/wang_mao_eq2" not in agg.compute(T, R)
+
+
+def test_scaled_fill_recovers_the_exact_sum_of_growing_sensitivities():
+    """For a quadratic loss Γ_{σ√τ} = σ²τ·tr(H²) exactly: probes every 50 steps, filled with
+    (τ/s)·Γ_s, give the exact Σ_τ η_τ² Γ_τ; the block rule under-counts (and zeroes the first block)."""
+    total, every, c = 200, 50, 3.7  # c = σ² tr(H²)
+    steps = list(range(0, total, every))
+    probes = np.array([[c * s] for s in steps])
+    eta2 = (0.05 * 0.99 ** np.arange(total)) ** 2
+    exact = float(np.sum(eta2 * c * np.arange(total)))
+    scaled, w = growing_level_series(steps, probes, total, "scaled")
+    block, _ = growing_level_series(steps, probes, total, "block")
+    assert float(eta2 @ scaled[:, 0]) == pytest.approx(exact, rel=1e-12)
+    assert float(eta2 @ block[:, 0]) < 0.8 * exact
+    assert np.allclose(w.T @ probes, scaled)  # the weights give the SE of any weighted sum
+    with pytest.raises(ValueError):
+        growing_level_series(steps, probes, total, "linear")

@@ -299,3 +299,21 @@ def test_a_last_batch_of_one_sample_is_skipped_not_fatal(tmp_path, backend):
     cb = GradientDispersion(backend=backend)
     records = run_collect(tmp_path, linear_regressor(4, lr=0.1), TensorData(x, y, 8), cb, max_epochs=2)
     assert [r.step for r in records] == [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("backend", ["backpack", "functorch"])
+@pytest.mark.parametrize("n,windows", [(40, [(0, 40)]), (70, [(0, 60), (60, 70)])])
+def test_uneven_accumulation_windows_are_exact(tmp_path, backend, n, windows):
+    """A = 2, batches of 30: n = 40 gives one window of micro-batches 30 + 10; n = 70 gives 30 + 30
+    and then a lone micro-batch of 10 (a partial window). .grad = Σ_j h_j / A is not the mean
+    gradient in either uneven case; the statistics must still be exact."""
+    x, y = unit_sphere_regression(n, 5, seed=9)
+    module = linear_regressor(5, lr=0.0)
+    cb = GradientDispersion(backend=backend)
+    records = run_collect(tmp_path, module, TensorData(x, y, 30), cb, max_steps=len(windows),
+                          accumulate_grad_batches=2)
+    assert len(records) == len(windows)
+    for rec, (lo, hi) in zip(records, windows):
+        truth = exact_linear_stats(module, x[lo:hi], y[lo:hi])
+        for name, value in truth.items():
+            assert rec.values[name] == pytest.approx(value, rel=1e-5), (name, lo, hi)

@@ -166,9 +166,9 @@ def test_regularizer_arguments():
 
 
 # ---------------------------------------------------------------- twin runs
-def _twin_fit(tmp_path, mode, **kwargs):
+def _twin_fit(tmp_path, mode, lr_decay=1.0, **kwargs):
     pl.seed_everything(0, verbose=False)
-    module = Classifier(MLP(64, 10, 32, dropout=0.2), lr=0.1)
+    module = Classifier(MLP(64, 10, 32, dropout=0.2), lr=0.1, lr_decay=lr_decay)
     twin = TwinRunStability(mode=mode, **kwargs)
     records = []
     twin.step_log.add_listener(records.extend)
@@ -176,8 +176,10 @@ def _twin_fit(tmp_path, mode, **kwargs):
     return twin, module, records
 
 
-def test_twin_without_a_changed_sample_does_not_diverge_at_all(tmp_path):
-    twin, module, records = _twin_fit(tmp_path, "none")
+@pytest.mark.parametrize("lr_decay", [1.0, 0.5])
+def test_twin_without_a_changed_sample_does_not_diverge_at_all(tmp_path, lr_decay):
+    """Also under a learning-rate schedule (the scheduler moves the rate after each epoch's last step)."""
+    twin, module, records = _twin_fit(tmp_path, "none", lr_decay=lr_decay)
     assert len(records) == 40  # 2 epochs × 20 steps
     assert all(r.values["stability/divergence"] == 0.0 for r in records)
     for a, b in zip(module.parameters(), twin.twin.parameters()):

@@ -88,6 +88,31 @@ def test_probe_batches_are_drawn_once_and_cached_on_device(tmp_path):
     assert x.shape[0] == 96 and x.device == torch.device("cpu")
 
 
+def test_training_probe_is_a_seeded_subset_not_the_first_batch(tmp_path):
+    """ĝ_tr must be independent of the training batches it is compared with (SPEC §2)."""
+    firsts = {}
+
+    class First(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            firsts.setdefault("batch", batch[0].clone())
+
+    a, b = HessianTrace(max_probes=10, seed=1), HessianTrace(max_probes=10, seed=1)
+    seen = {}
+
+    class Grab(pl.Callback):
+        def __init__(self, key, probe_cb):
+            self.key, self.probe_cb = key, probe_cb
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.setdefault(self.key, self.probe_cb.train_probe[0].clone())
+
+    _run(tmp_path, [First(), a, Grab("a", a)])
+    _run(tmp_path / "again", [b, Grab("b", b)])
+    assert seen["a"].shape == firsts["batch"].shape  # one loader batch's worth by default
+    assert not torch.equal(seen["a"], firsts["batch"])
+    assert torch.equal(seen["a"], seen["b"])  # seeded: the same subset in every run
+
+
 def test_missing_validation_disables_only_heldout_quantities(tmp_path):
     x, y = unit_sphere_regression(64, 5)
     module = linear_regressor(5, lr=0.1)

@@ -2,7 +2,7 @@
 
 from genbounds.bounds.neu import NeuResult, neu_theorem1, trajectory_comparison
 from genbounds.bounds.phases import find_valley, trailing_mean
-from genbounds.bounds.series import block_weights, expand_blocks
+from genbounds.bounds.series import block_weights, expand_blocks, growing_level_series
 from genbounds.bounds.wang_mao import Eq2Result, Eq3Result, eq2_relaxed, trajectory_wang_mao, wang_mao_eq2, wang_mao_eq3
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "eq2_relaxed",
     "expand_blocks",
     "find_valley",
+    "growing_level_series",
     "neu_theorem1",
     "trailing_mean",
     "trajectory_comparison",

@@ -40,3 +40,40 @@ def block_weights(steps: Sequence[int], weights: np.ndarray) -> np.ndarray:
     s = np.sort(np.asarray(steps))
     idx = np.clip(np.searchsorted(s, np.arange(total), side="right") - 1, 0, len(s) - 1)
     return np.bincount(idx, weights=weights, minlength=len(s)).astype(np.float64)
+
+
+def growing_level_series(steps: Sequence[int], values: np.ndarray, total_steps: int,
+                         fill: str = "scaled") -> tuple[np.ndarray, np.ndarray]:
+    """Per-step ``Γ_{σ√τ}(W_τ)`` (``τ = t − 1`` steps taken) from probes of Γ at the growing level
+    ``σ√s`` taken at steps ``s`` (``values``: ``[len(steps), k]``, one column per grid σ).
+
+    * ``fill="block"`` — each probe stands for the steps of its block (SPEC §3 literally). Γ grows
+      with the level, so this under-counts inside every block, and the probe at ``s = 0`` (where
+      ``Γ_0 = 0`` exactly) zeroes its whole block.
+    * ``fill="scaled"`` (default) — second order, ``Γ_{σ√τ} ≈ σ²τ·tr(H²)``: the probe at ``s ≥ 1``
+      stands for its block as ``(τ/s)·Γ_{σ√s}`` (exact for a quadratic loss); the block of an
+      ``s = 0`` probe is scaled from the next probe with ``s ≥ 1``.
+
+    Returns ``(gamma [T, k], weights [len(steps), T])`` with ``gamma = weightsᵀ @ values`` (sorted
+    ``steps``), so the standard error of ``Σ_τ c_τ Γ_τ`` is ``sqrt(Σ_i ((weights @ c)_i · SE_i)²)``.
+    """
+    if fill not in ("scaled", "block"):
+        raise ValueError(f"fill must be 'scaled' or 'block', got {fill!r}")
+    order = np.argsort(np.asarray(steps), kind="stable")
+    s = np.asarray(steps)[order]
+    vals = np.asarray(values, dtype=np.float64).reshape(len(s), -1)[order]
+    tau = np.arange(total_steps)
+    block = np.clip(np.searchsorted(s, tau, side="right") - 1, 0, len(s) - 1)
+    weights = np.zeros((len(s), total_steps))
+    if fill == "block":
+        weights[block, tau] = 1.0
+    else:
+        positive = np.nonzero(s >= 1)[0]
+        for t in tau:
+            i = block[t]
+            if s[i] < 1:
+                if positive.size == 0:
+                    continue  # only the s = 0 probe: Γ = 0 everywhere it can speak for
+                i = positive[0]
+            weights[i, t] = t / s[i]
+    return weights.T @ vals, weights

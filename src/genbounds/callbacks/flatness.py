@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, FlatnessRecord
-from genbounds.callbacks.gradient_sensitivity import Precision, _dtype
+from genbounds.callbacks.gradient_sensitivity import Precision, check_precision_option, probe_dtype
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass, sigma_tag
 from genbounds.estimators.flatness import gaussian_flatness
 
@@ -35,7 +35,8 @@ class Flatness(ProbeCallback):
         num_draws: Gaussian draws per probe (≥ 2).
         draws_per_pass: draws evaluated in one vectorized pass (default 1 on CPU, where looping is
             faster, 8 on a GPU).
-        precision: ``"float32"`` or ``"float64"`` (increments below float32 resolution of the loss).
+        precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest perturbation
+            std is below 1e−3, where the loss increments ``½σ² Tr H`` approach float32's resolution).
         every_n_steps: probe every this many optimizer steps.
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
@@ -57,7 +58,7 @@ class Flatness(ProbeCallback):
         scaling: Literal["fixed", "sqrt_steps"] = "fixed",
         num_draws: int = 32,
         draws_per_pass: int | None = None,
-        precision: Precision = "float32",
+        precision: Precision = "auto",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
@@ -80,7 +81,7 @@ class Flatness(ProbeCallback):
         self.scaling = scaling
         self.num_draws = num_draws
         self.draws_per_pass = draws_per_pass
-        self.dtype = _dtype(precision)
+        self.precision = check_precision_option(self.owner, precision)
         self.channel: Channel[FlatnessRecord] = Channel()
         self._scale = 1.0
         self._step = 0
@@ -101,7 +102,8 @@ class Flatness(ProbeCallback):
         est = gaussian_flatness(
             pl_module, self._loss_fn, self.train_probe, [s * self._scale for s in self.sigmas], self.num_draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
-            draws_per_pass=per_pass(self.draws_per_pass, pl_module.device), dtype=self.dtype,
+            draws_per_pass=per_pass(self.draws_per_pass, pl_module.device),
+            dtype=probe_dtype(self.precision, min(self.sigmas) * self._scale),
             reduce=self.reducer(trainer),
         )
         out: dict[str, float] = {}

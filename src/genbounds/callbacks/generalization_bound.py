@@ -18,8 +18,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.bounds import (
-    block_weights,
     expand_blocks,
+    growing_level_series,
     neu_theorem1,
     trajectory_comparison,
     wang_mao_eq2,
@@ -80,7 +80,8 @@ class GeneralizationBound(ProbeCallback):
     * the seed-001 Figure-1 comparison of the trajectory terms at each grid σ
       (``bound/fig1_trajectory_neu/sigma=…``, ``bound/fig1_trajectory_wang_mao/sigma=…``);
     * ``gap/measured`` — held-out minus training loss on probe sets of equal size, same weights,
-      eval mode (also at step 0);
+      eval mode (also at step 0), and ``gap/measured_change`` ``= gap(t) − gap(0)``, what
+      ``gap/predicted_cumulative`` predicts;
     * ``bound/R``, ``bound/n``, ``bound/d``, ``bound/T``.
 
     ``η_t`` is read from the optimizer at every step. A quantity measured every ``k`` steps stands
@@ -108,6 +109,11 @@ class GeneralizationBound(ProbeCallback):
         loss_fn: the loss contract (default: ``per_sample_loss``).
         tensorboard_layout: add the custom-scalars layout.
         hparams: write the final bounds as HPARAMS metrics at train end.
+        sensitivity_fill: how a ``GradientSensitivity`` probe at step ``s`` fills the steps ``τ`` of
+            its block in Neu's sum: ``"scaled"`` (default) ``(τ/s)·Γ_{σ√s}``, second order in the
+            noise level (exact for a quadratic loss; ``Γ`` grows with ``τ``); ``"block"`` the probe's
+            value as is (SPEC §3's rule, which under-counts, and zeroes the block of the ``s = 0``
+            probe).
     """
 
     owner = "GeneralizationBound"
@@ -125,6 +131,7 @@ class GeneralizationBound(ProbeCallback):
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         tensorboard_layout: bool = True,
         hparams: bool = True,
+        sensitivity_fill: Literal["scaled", "block"] = "scaled",
     ) -> None:
         super().__init__(every_n_steps=None, every_n_epochs=None, at_train_end=False,
                          probe_batch_size=probe_batch_size, num_probe_batches=num_probe_batches,
@@ -141,6 +148,10 @@ class GeneralizationBound(ProbeCallback):
         self.num_train = num_train
         self.tensorboard_layout = tensorboard_layout
         self.write_hparams = hparams
+        if sensitivity_fill not in ("scaled", "block"):
+            raise MisconfigurationException(
+                f"GeneralizationBound(sensitivity_fill={sensitivity_fill!r}) must be 'scaled' or 'block'")
+        self.sensitivity_fill = sensitivity_fill
         # producers
         self._dispersion: GradientDispersion | None = None
         self._flatness: Flatness | None = None
@@ -165,6 +176,7 @@ class GeneralizationBound(ProbeCallback):
         self._d: int | None = None
         self._warned: set[str] = set()
         self._evaluated_step: int | None = None
+        self.gap_at_start: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -287,7 +299,9 @@ class GeneralizationBound(ProbeCallback):
             self._warn_once("no-val", f"GeneralizationBound: without held-out data the flatness term γ(S) − γ(S') "
                             f"and gap/measured cannot be measured, so {skipped} are skipped.")
         if trainer.global_step == 0 and self.heldout_available:
-            self._log_values(trainer, pl_module, {"gap/measured": self._measured_gap(trainer, pl_module)}, log=True)
+            self.gap_at_start = self._measured_gap(trainer, pl_module)
+            self._log_values(trainer, pl_module, {"gap/measured": self.gap_at_start, "gap/measured_change": 0.0},
+                             log=True)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self.lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -348,6 +362,8 @@ class GeneralizationBound(ProbeCallback):
         values = self.compute(trainer.global_step, self._loss_range_r(trainer))
         if self.heldout_available:
             values["gap/measured"] = self._measured_gap(trainer, pl_module)
+            if self.gap_at_start is not None:
+                values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
         self._log_values(trainer, pl_module, values, log=log)
         return values
 
@@ -388,12 +404,12 @@ class GeneralizationBound(ProbeCallback):
                 "bound/flatness_wang_mao": eq2.flatness[eq2.best],
             })
         if "neu" in self.bounds and flat is not None and self.sensitivity_steps:
-            gamma = expand_blocks(self.sensitivity_steps, self.sensitivity_values, T)
+            gamma, fill_weights = growing_level_series(self.sensitivity_steps, self.sensitivity_values, T,
+                                                       self.sensitivity_fill)
             v = (expand_blocks(self.heldout_steps, self.heldout_values, T) if self.heldout_steps else vhat)
-            weights = block_weights(self.sensitivity_steps, eta**2)
             order = np.argsort(self.sensitivity_steps, kind="stable")
             se = np.asarray(self.sensitivity_se, dtype=np.float64)[order]
-            gamma_sum_se = np.sqrt(np.sum((weights[:, None] * se) ** 2, axis=0))
+            gamma_sum_se = np.sqrt(np.sum(((fill_weights @ eta**2)[:, None] * se) ** 2, axis=0))
             neu = neu_theorem1(eta, gamma, v, r, n, sigmas, flat["term"], flat["term_se"], gamma_sum_se)
             out.update({
                 "bound/neu": neu.value,
@@ -433,7 +449,8 @@ class GeneralizationBound(ProbeCallback):
                                                          r"^bound/neu$", r"^bound/neu_abs$", r"^gap/measured$"]],
                 "trajectory vs flatness": ["Multiline", [r"^bound/trajectory_.*", r"^bound/flatness_.*"]],
                 "dispersion and loss": ["Multiline", [r"^grad/dispersion$", r"^train_loss_step$", r"^val_loss$"]],
-                "predicted vs measured gap": ["Multiline", [r"^gap/predicted_cumulative$", r"^gap/measured$"]],
+                "predicted vs measured change of the gap": ["Multiline", [r"^gap/predicted_cumulative$",
+                                                                         r"^gap/measured_change$"]],
             }
         }
 
@@ -479,7 +496,7 @@ class GeneralizationBound(ProbeCallback):
             sensitivity_se=[list(v) for v in self.sensitivity_se],
             flatness_record=self.flatness_record, curvature_record=self.curvature_record,
             latest=dict(self.latest), optimizer=self.optimizer, warned=sorted(self._warned),
-            evaluated_step=self._evaluated_step,
+            evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
         )
         return state
 
@@ -499,3 +516,4 @@ class GeneralizationBound(ProbeCallback):
         self.optimizer = state_dict.get("optimizer")
         self._warned = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
+        self.gap_at_start = state_dict.get("gap_at_start")

@@ -86,9 +86,9 @@ class GradientDispersion(Callback):
             (bounds memory at ``chunk_size × d`` floats; its SE needs the whole batch at once).
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the module's
             ``per_sample_loss(batch)`` method.
-        track_loss_range: keep the min/max per-sample training loss (from the extra pass, or from
-            ``training_step``'s output key ``"per_sample_loss"``; with backpack and no such key,
-            one extra no-grad forward per measured step).
+        track_loss_range: keep the min/max per-sample training loss at the step's weights ``W_{t−1}``
+            (from the extra pass, or from ``training_step``'s output key ``"per_sample_loss"``; with
+            backpack and no such key, one extra no-grad forward per measured step, before the update).
         check_loss_contract: verify once that the training loss is the mean of ``loss_fn``'s
             per-sample losses before trusting the training backward (backpack, accumulation
             micro-steps); on a mismatch, warn and switch to an extra-pass backend.
@@ -156,6 +156,10 @@ class GradientDispersion(Callback):
         self._prev_grad: list[Tensor] | None = None
         self._losses_seen = False
         self._pending_losses: list[Tensor] = []
+        self._range_losses: Tensor | None = None
+        self._outputs_have_losses = False
+        self._accumulated: list[Tensor] | None = None  # Σ_j m_j·A·δ_j (backpack under accumulation)
+        self._accumulated_prev: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -281,6 +285,7 @@ class GradientDispersion(Callback):
     def _start_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._window = None
         self._prev_grad = None
+        self._accumulated = None
         self._step = logger_step(trainer)
         self._measuring = trainer.global_step % self.every_n_steps == 0
         if self._measuring and not self._params:
@@ -314,6 +319,12 @@ class GradientDispersion(Callback):
                 self.active_backend = "functorch"
             else:
                 moments = GradientMoments(read[0], m, m)
+                if self._accumulate >= 2 and trainer.world_size == 1:
+                    # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for full windows of
+                    # equal micro-batches: keep Σ_j m_j h_j from the micro-steps' gradient deltas
+                    part = [m * self._accumulate * d for d in self._grad_delta()]
+                    self._accumulated = part if self._accumulated is None else [
+                        a + p for a, p in zip(self._accumulated, part)]
         elif self._free_chunks:
             if self._contract_pending and not self._loss_contract_holds(pl_module, batch):
                 self._free_chunks = False
@@ -327,11 +338,15 @@ class GradientDispersion(Callback):
             self._update_loss_range(moments.losses)
             self._losses_seen = True
         self._window = moments if self._window is None else self._window.merged(moments)
+        if moments.losses is None and self.track_loss_range and not self._outputs_have_losses:
+            # the per-sample losses at W_{t−1} (the step's own weights) for the loss range R
+            with isolated_pass(pl_module, mode="keep", grad=False):
+                self._range_losses = per_sample_losses(pl_module, self._loss_fn, batch).detach()
         self._batch = None
 
-    def _accumulation_chunk(self, m: int) -> GradientMoments:
-        """Chunk moments from the gradient this accumulation micro-step added to ``.grad``
-        (still scaled by ``S/A``: AMP loss scale ``S``, accumulation ``A``; undone at the step)."""
+    def _grad_delta(self) -> list[Tensor]:
+        """What this accumulation micro-step's backward added to ``.grad``: ``S·h_j/A`` (``h_j`` its
+        mean gradient, ``S`` the AMP loss scale, ``A`` the accumulation factor)."""
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
         if self._prev_grad is None:
             delta = [g.clone() for g in grads]
@@ -340,6 +355,11 @@ class GradientDispersion(Callback):
             delta = [g - prev for g, prev in zip(grads, self._prev_grad)]
             for prev, g in zip(self._prev_grad, grads):
                 prev.copy_(g)
+        return delta
+
+    def _accumulation_chunk(self, m: int) -> GradientMoments:
+        """Chunk moments from the micro-step's gradient delta (in ``.grad`` units; unscaled at the step)."""
+        delta = self._grad_delta()
         return GradientMoments(m * sq_norm(delta), m, 1, weighted_sum=[m * d for d in delta])
 
     def _extra_pass(self, pl_module: LightningModule, batch: Any) -> GradientMoments | None:
@@ -430,7 +450,12 @@ class GradientDispersion(Callback):
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
         mean_sq: Tensor | None = None
         if self.active_backend == "backpack":
-            mean_sq = sq_norm(grads)
+            if self._accumulated is not None:
+                b = int(window.num_samples)
+                mean_sq = sq_norm([a / b for a in self._accumulated])
+                self._accumulated = None
+            else:
+                mean_sq = sq_norm(grads)
         elif self._free_chunks:
             window = self._unscale_accumulation_chunks(window, grads)
             if window is None:
@@ -474,11 +499,12 @@ class GradientDispersion(Callback):
     ) -> None:
         if self._measuring and self.track_loss_range and not self._losses_seen:
             losses = outputs.get("per_sample_loss") if isinstance(outputs, dict) else None
-            if losses is None and self._loss_fn is not None:
-                with isolated_pass(pl_module, mode="keep", grad=False):
-                    losses = per_sample_losses(pl_module, self._loss_fn, batch)
+            self._outputs_have_losses = losses is not None
+            if losses is None and self._range_losses is not None:
+                losses = self._range_losses  # computed in on_after_backward, at W_{t−1}
             if isinstance(losses, Tensor):
                 self._update_loss_range(losses)
+        self._range_losses = None
         if self._hooks is not None and self._hooks.attached:
             self._hooks.detach()
         if is_log_step(trainer):

@@ -15,13 +15,25 @@ from genbounds.callbacks.channel import Channel, SensitivityRecord
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass, sigma_tag
 from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
 
-Precision = Literal["float32", "float64"]
+Precision = Literal["auto", "float32", "float64"]
+
+AUTO_FLOAT64_BELOW = 1e-3
+"""``precision="auto"`` evaluates in float64 when the smallest perturbation scale is below this:
+gradient or loss differences of relative size ~σ then fall towards float32's resolution (1e−7)."""
 
 
-def _dtype(precision: str) -> torch.dtype | None:
-    if precision not in ("float32", "float64"):
-        raise MisconfigurationException(f"precision={precision!r} must be 'float32' or 'float64'")
-    return torch.float64 if precision == "float64" else None
+def check_precision_option(owner: str, precision: str) -> str:
+    if precision not in ("auto", "float32", "float64"):
+        raise MisconfigurationException(f"{owner}(precision={precision!r}) must be 'auto', 'float32' or 'float64'")
+    return precision
+
+
+def probe_dtype(precision: str, smallest_sigma: float) -> torch.dtype | None:
+    """``None`` (the model's float32) or ``torch.float64`` for a probe whose smallest perturbation
+    standard deviation is ``smallest_sigma``."""
+    if precision == "float64" or (precision == "auto" and smallest_sigma < AUTO_FLOAT64_BELOW):
+        return torch.float64
+    return None
 
 
 class GradientSensitivity(ProbeCallback):
@@ -42,7 +54,8 @@ class GradientSensitivity(ProbeCallback):
         num_draws: Gaussian draws per probe (≥ 2).
         draws_per_pass: draws evaluated in one vectorized pass, memory ∝ this × d (default 1 on CPU,
             8 on a GPU).
-        precision: ``"float32"`` or ``"float64"`` (for very small ``σ``).
+        precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest σ is below
+            1e−3, where gradient differences approach float32's resolution).
         every_n_steps: probe every this many optimizer steps.
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
@@ -65,7 +78,7 @@ class GradientSensitivity(ProbeCallback):
         growing: bool = True,
         num_draws: int = 16,
         draws_per_pass: int | None = None,
-        precision: Precision = "float32",
+        precision: Precision = "auto",
         every_n_steps: int | None = 50,
         every_n_epochs: int | None = None,
         log_spaced: int | None = None,
@@ -86,7 +99,7 @@ class GradientSensitivity(ProbeCallback):
         self.growing = growing
         self.num_draws = num_draws
         self.draws_per_pass = draws_per_pass
-        self.dtype = _dtype(precision)
+        self.precision = check_precision_option(self.owner, precision)
         self.channel: Channel[SensitivityRecord] = Channel()
         self._step = 0
 
@@ -102,7 +115,8 @@ class GradientSensitivity(ProbeCallback):
             levels += [s * math.sqrt(self._step) for s in self.sigmas]
         est = gradient_sensitivity(
             pl_module, self._loss_fn, self.heldout_probe, levels, self.num_draws,
-            self.generator(pl_module.device), draws_per_pass=per_pass(self.draws_per_pass, pl_module.device), dtype=self.dtype,
+            self.generator(pl_module.device), draws_per_pass=per_pass(self.draws_per_pass, pl_module.device),
+            dtype=probe_dtype(self.precision, min(s for s in levels if s > 0) if any(levels) else 1.0),
             reduce=self.reducer(trainer),
         )
         out: dict[str, float] = {}

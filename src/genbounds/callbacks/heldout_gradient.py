@@ -40,9 +40,10 @@ class HeldoutGradient(ProbeCallback):
       the gradient of a fixed training probe batch independent of ``B_t``.
     * ``gap/step_predicted = η_t s²/n`` — its expectation ``η tr Σ / n`` while train and test
       gradients agree (``s²`` of the training probe batch, ``n`` training samples).
-    * ``gap/predicted_cumulative = Σ_t η_t s²_t/n`` over every step (each measurement standing for
-      the steps until the next one, each with its own ``η_t``); compare it with
-      ``gap/measured(t) − gap/measured(0)``.
+    * ``gap/predicted_cumulative = Σ_t η_t s²_t/n`` over every step up to and including this one
+      (each measurement standing for the steps until the next one, each with its own ``η_t``): the
+      predicted change of the gap up to the weights after this step; compare it with
+      ``gap/measured_change = gap(t) − gap(0)`` logged by ``GeneralizationBound``.
 
     With an optimizer other than plain SGD the step is not ``η_t ḡ_B``; the quantities are then
     heuristics (``GeneralizationBound`` warns about it).

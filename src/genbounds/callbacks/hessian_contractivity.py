@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, CurvatureRecord
-from genbounds.callbacks.gradient_sensitivity import Precision, _dtype
+from genbounds.callbacks.gradient_sensitivity import Precision, check_precision_option, probe_dtype
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass
 from genbounds.estimators.contractivity import contractivity, contractivity_exact
 from genbounds.estimators.hessian_vector_product import LossHessian
@@ -32,7 +32,8 @@ class HessianContractivity(ProbeCallback):
         num_points: ``K``.
         points_per_pass: points evaluated in one vectorized pass (default 1 on CPU, 8 on a GPU).
         exact: also log the exact HVP form.
-        precision: ``"float32"`` or ``"float64"``.
+        precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when ``eta`` is below 1e−3,
+            where the finite difference of gradients approaches float32's resolution).
         every_n_steps: probe every this many optimizer steps.
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
@@ -53,7 +54,7 @@ class HessianContractivity(ProbeCallback):
         num_points: int = 100,
         points_per_pass: int | None = None,
         exact: bool = True,
-        precision: Precision = "float32",
+        precision: Precision = "auto",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
@@ -71,7 +72,7 @@ class HessianContractivity(ProbeCallback):
         self.radius, self.eta, self.num_points = radius, eta, num_points
         self.points_per_pass = points_per_pass
         self.exact = exact
-        self.dtype = _dtype(precision)
+        self.precision = check_precision_option(self.owner, precision)
         self.channel: Channel[CurvatureRecord] = Channel()
         self._step = 0
 
@@ -80,7 +81,8 @@ class HessianContractivity(ProbeCallback):
         self._step = int(trainer.global_step)
         est = contractivity(pl_module, self._loss_fn, self.train_probe, self.generator(pl_module.device),
                             radius=self.radius, eta=self.eta, num_points=self.num_points,
-                            points_per_pass=per_pass(self.points_per_pass, pl_module.device), dtype=self.dtype,
+                            points_per_pass=per_pass(self.points_per_pass, pl_module.device),
+                            dtype=probe_dtype(self.precision, self.eta),
                             reduce=self.reducer(trainer))
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,
                "curv/contractivity_min": est.minimum}

@@ -41,7 +41,8 @@ class HessianTrace(ProbeCallback):
         backend: ``"hutchinson"`` (ours) or ``"pyhessian"``.
         hvp_method: ``"auto"``/``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
         rel_tol: stop when the relative SE is below this.
-        abs_tol: …or when the SE is below this absolute floor.
+        abs_tol: …or when the SE is below this absolute floor (so a trace near 0 does not always run
+            to ``max_probes``; 0 disables it).
         min_probes: never stop before this many Rademacher samples.
         max_probes: never draw more.
         block_size: Rademacher vectors per HVP block (default 1 on CPU, 10 on a GPU, where they are
@@ -70,7 +71,7 @@ class HessianTrace(ProbeCallback):
         backend: Literal["hutchinson", "pyhessian"] = "hutchinson",
         hvp_method: HVPMethod = "auto",
         rel_tol: float = 0.05,
-        abs_tol: float = 0.0,
+        abs_tol: float = 1e-3,
         min_probes: int = 10,
         max_probes: int = 200,
         block_size: int | None = None,

@@ -3,11 +3,12 @@
 * **Schedule** — :class:`ProbeSchedule`: every ``n`` optimizer steps, every ``n`` epochs,
   log-spaced steps (``k`` per decade: dense early, sparse late), and/or once at the end of
   training. Nothing runs during Lightning's sanity check (probes only use training hooks).
-* **Probe batches** — drawn once, at ``on_train_start``, from the training and the validation
-  dataloaders (default: the first full batch of each; ``probe_batch_size`` /
-  ``num_probe_batches`` to change that), passed through the module's own batch-transfer hooks
-  (the same transforms as the training batches) and cached on the module's device. Drawing
-  them runs under a forked RNG so the training run's data order is untouched. Without a
+* **Probe batches** — drawn once, at ``on_train_start``, and cached on the module's device:
+  from the training set a seeded uniform subset (one loader batch's worth by default; not the
+  first training batch, which the step's gradient would otherwise be compared with), from the
+  validation loader its first full batch; ``probe_batch_size`` / ``num_probe_batches`` change the
+  size. Both are collated and passed through the module's own batch-transfer hooks (the same
+  transforms as the training batches); nothing touches the training run's RNG. Without a
   validation loader only the held-out quantities are disabled, with one warning.
 * **Isolation** — every probe runs inside :func:`genbounds.callbacks.isolation.isolated_pass`
   in eval mode by default (``probe_mode="train"`` keeps train mode: dropout active, BatchNorm on
@@ -110,6 +111,29 @@ def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int
     return trainer.strategy.batch_to_device(batch)
 
 
+def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
+    """A uniform random subset of the training set (seeded), collated like the loader's batches
+    and moved to the device: ``size × count`` samples per rank (``size`` defaults to the loader's
+    batch size). Unlike the loader's first batch, it is not the first training batch ``B_1``, so
+    ``ĝ_tr`` is independent of the batches it is compared with (SPEC §2) and ``H`` comes from other
+    data than the training chunks (§5). Under DDP every rank draws the same global subset of
+    ``world_size ×`` that size and keeps its interleaved share. Falls back to the loader's first
+    batches for datasets without random access."""
+    dataset = getattr(loader, "dataset", None)
+    per_rank = (size or getattr(loader, "batch_size", None) or 1) * count
+    try:
+        n = len(dataset)  # type: ignore[arg-type]
+        dataset[0]  # type: ignore[index]
+    except Exception:  # noqa: BLE001 - iterable datasets have no random access
+        return draw_probe_batch(trainer, loader, size, count)
+    world, rank = trainer.world_size, trainer.global_rank
+    total = min(per_rank * world, n)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:total]
+    items = [dataset[i] for i in order[rank::world].tolist()]
+    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+    return trainer.strategy.batch_to_device(collate(items))
+
+
 def _first_loader(loaders: Any) -> Any:
     if loaders is None:
         return None
@@ -197,8 +221,9 @@ class ProbeCallback(Callback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.needs_train_probe:
-            self.train_probe = draw_probe_batch(
-                trainer, _first_loader(trainer.train_dataloader), self.probe_batch_size, self.num_probe_batches
+            self.train_probe = draw_training_subset(
+                trainer, _first_loader(trainer.train_dataloader), self.probe_batch_size, self.num_probe_batches,
+                self.seed,
             )
         if self.needs_heldout_probe:
             loader = validation_loader(trainer)

@@ -44,8 +44,9 @@ class TwinRunStability(FlushesStepLog, Callback):
     002 Lemma 1).
 
     The twin starts from the same initialization (a copy taken at ``on_train_start``) and follows
-    the same batch order, optimizer class, hyper-parameters and learning-rate schedule (its learning
-    rates are copied from the real optimizer every step) and the same dropout masks (the RNG state
+    the same batch order, optimizer class, hyper-parameters and learning-rate schedule (the real
+    optimizer's learning rates of each step, read before Lightning's schedulers update them) and the
+    same dropout masks (the RNG state
     of the real step is replayed). Its batches differ in one sample: with ``mode="replace"`` one
     training sample (seeded choice, or ``sample_index``) is replaced, wherever it occurs, by a
     held-out sample — seed 002's ``S^i``, seed 004's Definition 4; with ``mode="remove"`` it is
@@ -105,6 +106,7 @@ class TwinRunStability(FlushesStepLog, Callback):
         self._twin_batch: Any = None
         self._rng_state: Tensor | None = None
         self._cuda_rng: Tensor | None = None
+        self._lrs: list[float] = []
         self._twin_state: dict[str, Any] | None = None
 
     @property
@@ -207,6 +209,8 @@ class TwinRunStability(FlushesStepLog, Callback):
         return map_tensors(batch, swap)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # the step's learning rates, read before Lightning's schedulers move them after the step
+        self._lrs = [group["lr"] for group in trainer.optimizers[0].param_groups]
         self._twin_batch = self._twin_batch_of(batch)
         self._rng_state = torch.get_rng_state()
         self._cuda_rng = torch.cuda.get_rng_state(pl_module.device) if pl_module.device.type == "cuda" else None
@@ -225,8 +229,8 @@ class TwinRunStability(FlushesStepLog, Callback):
         assert self.twin is not None and self.twin_optimizer is not None
         if batch_size(batch) == 0:
             return
-        for main_group, twin_group in zip(trainer.optimizers[0].param_groups, self.twin_optimizer.param_groups):
-            twin_group["lr"] = main_group["lr"]
+        for lr, twin_group in zip(self._lrs, self.twin_optimizer.param_groups):
+            twin_group["lr"] = lr
         for m_twin, m_main in zip(self.twin.modules(), pl_module.modules()):
             m_twin.training = m_main.training
         devices = [pl_module.device.index or 0] if pl_module.device.type == "cuda" else []
