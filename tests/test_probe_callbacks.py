@@ -96,7 +96,7 @@ def test_training_probe_is_a_seeded_subset_not_the_first_batch(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             firsts.setdefault("batch", batch[0].clone())
 
-    a, b = HessianTrace(max_probes=10, seed=1), HessianTrace(max_probes=10, seed=1)
+    a, b = HessianTrace(max_probes=10), HessianTrace(max_probes=10)  # default seeds: data 0, callback 0
     seen = {}
 
     class Grab(pl.Callback):
@@ -109,7 +109,9 @@ def test_training_probe_is_a_seeded_subset_not_the_first_batch(tmp_path):
     _run(tmp_path, [First(), a, Grab("a", a)])
     _run(tmp_path / "again", [b, Grab("b", b)])
     assert seen["a"].shape == firsts["batch"].shape  # one loader batch's worth by default
-    assert not torch.equal(seen["a"], firsts["batch"])
+    first = {tuple(r.tolist()) for r in firsts["batch"]}
+    shared = sum(tuple(r.tolist()) in first for r in seen["a"])
+    assert shared < len(first) // 2  # an independent draw, not B_1 (expected overlap 32²/1258 ≈ 1)
     assert torch.equal(seen["a"], seen["b"])  # seeded: the same subset in every run
 
 

@@ -111,6 +111,10 @@ def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int
     return trainer.strategy.batch_to_device(batch)
 
 
+PROBE_STREAM = 0x5EED_0F_9B0BE
+"""Offset that separates the probe subsets' random stream from samplers seeded with small integers."""
+
+
 def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
     """A uniform random subset of the training set (seeded), collated like the loader's batches
     and moved to the device: ``size × count`` samples per rank (``size`` defaults to the loader's
@@ -128,7 +132,10 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
         return draw_probe_batch(trainer, loader, size, count)
     world, rank = trainer.world_size, trainer.global_rank
     total = min(per_rank * world, n)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:total]
+    # a stream of its own: randperm from a plain `seed` would replay the data module's epoch-0
+    # order when the two seeds agree (both default to 0), and the probe would be B_1 again
+    stream = (seed * 0x9E3779B1 + PROBE_STREAM) % (2**63 - 1)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(stream))[:total]
     items = [dataset[i] for i in order[rank::world].tolist()]
     collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
     return trainer.strategy.batch_to_device(collate(items))
