@@ -16,7 +16,7 @@ SUMMARY_TAGS = (
     ("bound/trajectory_factor_wang_mao_eq3", None), ("bound/flatness_factor_wang_mao_eq3", None),
     ("bound/trajectory_neu", None), ("bound/sigma_neu", None),
     ("bound/R", None), ("bound/n", None), ("bound/d", None), ("bound/T", None),
-    ("gap/predicted_cumulative", None), ("curv/hessian_trace", "curv/hessian_trace_se"),
+    ("gap/measured_change", None), ("gap/predicted_cumulative", None), ("curv/hessian_trace", "curv/hessian_trace_se"),
     ("curv/hessian_top_eig", None), ("curv/contractivity_mean", "curv/contractivity_mean_se"),
     ("grad/dispersion", None),
 )
@@ -66,8 +66,10 @@ def plot_run(run: Run, out_dir: str) -> list[str]:
     for tag in BOUND_TAGS:
         any_bound |= _plot(ax, run, tag, marker=".")
     _plot(ax, run, "gap/measured", label="gap/measured (held-out − train loss)", color="black", linewidth=2)
-    _plot(ax, run, "gap/predicted_cumulative", label="gap/predicted_cumulative (Σ η s²/n)", color="gray",
-          linestyle="--")
+    _plot(ax, run, "gap/measured_change", label="gap/measured_change (gap(t) − gap(0))", color="black",
+          linestyle=":")
+    _plot(ax, run, "gap/predicted_cumulative", label="gap/predicted_cumulative (Σ η s²/n, predicts the change)",
+          color="gray", linestyle="--")
     if any_bound:
         ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("optimizer step")
