@@ -27,7 +27,6 @@ Usage: python benchmarks/repro_001_fig4_dynamic_clipping.py [--full]
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time

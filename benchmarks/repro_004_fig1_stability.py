@@ -95,7 +95,6 @@ def main() -> None:
         cfg = yaml.safe_load(fh)
     max_epochs = int(cfg["trainer"]["max_epochs"])
     cbs = {c["class_path"].rsplit(".", 1)[1]: c.get("init_args", {}) for c in cfg["trainer"]["callbacks"]}
-    batch = cfg["data"]["init_args"]["batch_size"]
     if not args.full:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -155,7 +154,6 @@ def main() -> None:
 
     train_acc = per_epoch("train_acc")
     train_loss = per_epoch("train_loss_epoch")
-    val_acc = per_epoch("val_acc")
 
     # ---- table at the contractivity checkpoints
     def pm(m: float, s: float, digits: int = 3) -> str:

@@ -8,12 +8,11 @@ import sys
 
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from genbounds.callbacks import BoundGate, BoundViolation, Flatness, GeneralizationBound, GradientDispersion
+from genbounds.callbacks import BoundGate, BoundViolation, GeneralizationBound, GradientDispersion
 from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
 from helpers import RecordFinalStep, bound_suite, trainer

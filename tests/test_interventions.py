@@ -22,7 +22,7 @@ from genbounds.callbacks import (
 from genbounds.data import DigitsDataModule
 from genbounds.estimators.perturbation import standard_normal
 from genbounds.models import MLP, Classifier, Regressor
-from helpers import TensorData, linear_regressor, trainer, unit_sphere_regression
+from helpers import TensorData, trainer, unit_sphere_regression
 
 
 class GradRecorder(Regressor):

@@ -344,8 +344,7 @@ class GeneralizationBound(ProbeCallback):
         if self.R is not None:
             return float(self.R)
         assert self._dispersion is not None
-        self._dispersion._fold_losses(trainer)
-        rng = self._dispersion.loss_range
+        rng = self._dispersion.loss_range  # folded over the ranks by the flush evaluate() starts with
         if rng is None or not math.isfinite(rng[1] - rng[0]):
             return math.nan
         return (rng[1] - rng[0]) / 2.0

@@ -159,7 +159,6 @@ class GradientDispersion(Callback):
         self._range_losses: Tensor | None = None
         self._outputs_have_losses = False
         self._accumulated: list[Tensor] | None = None  # Σ_j m_j·A·δ_j (backpack under accumulation)
-        self._accumulated_prev: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ public helpers
     @property
@@ -263,7 +262,7 @@ class GradientDispersion(Callback):
             return "backpack"
         fallback = "microbatch" if self._has_bn else "functorch"
         rank_zero_warn(
-            f"GradientDispersion(backend='auto'): not using BackPACK because of "
+            "GradientDispersion(backend='auto'): not using BackPACK because of "
             + "; ".join(blockers)
             + f". Falling back to {fallback!r}"
             + (" (train-mode BatchNorm has no per-sample gradients)." if self._has_bn else ".")

@@ -291,7 +291,7 @@ class ProbeCallback(Callback):
                epoch_end: bool = False) -> None:
         if not self.active or trainer.sanity_checking:
             return
-        step = self.record_step(trainer)
+        step = weights_step(trainer)  # a probe measures the current weights
         if self._last_probe_step == trainer.global_step:
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
@@ -308,11 +308,6 @@ class ProbeCallback(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         raise NotImplementedError
-
-    def record_step(self, trainer: Trainer) -> int:
-        """The step a probe's values are logged at: the number of optimizer steps taken (a probe
-        measures the current weights)."""
-        return weights_step(trainer)
 
     def finalize(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
         """Derived values computed from the rank-reduced ones (subclasses)."""
