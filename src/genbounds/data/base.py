@@ -1,0 +1,130 @@
+"""Shared pieces of genbounds' data modules: a reproducible shuffling sampler, label noise and a
+base ``LightningDataModule`` with a training split and a held-out split."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+
+
+class EpochSeededSampler(Sampler[int]):
+    """Random permutation per epoch from ``seed + epoch`` — independent of the global RNG.
+
+    Lightning calls ``set_epoch`` at every epoch, so the data order of epoch ``e`` is the same in
+    an uninterrupted run and in a run resumed from a checkpoint, and no callback that consumes
+    global random numbers could ever change it. It is the permutation ``DistributedSampler``
+    draws (``randperm(n)`` from a generator seeded with ``seed + epoch``), so under DDP, where
+    :class:`SupervisedDataModule` shards with ``DistributedSampler(seed=seed)``, the ranks'
+    interleaved shares make up the same global batches as one process (per-rank batch size
+    ``b / world_size``).
+    """
+
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
+        self.n = len(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=gen).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def corrupt_labels(labels: Tensor, fraction: float, num_classes: int, generator: torch.Generator) -> Tensor:
+    """Replace the labels of a ``fraction`` of the samples (chosen at random) by labels drawn
+    uniformly from all classes — seed 001 §5's label noise (a replaced label may coincide with
+    the true one, as in the paper's protocol)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label_noise must be in [0, 1], got {fraction}")
+    labels = labels.clone()
+    n = labels.shape[0]
+    count = int(round(fraction * n))
+    if count == 0:
+        return labels
+    idx = torch.randperm(n, generator=generator)[:count]
+    labels[idx] = torch.randint(0, num_classes, (count,), generator=generator, dtype=labels.dtype)
+    return labels
+
+
+def seeded_subset(dataset: Dataset, size: int | None, seed: int) -> Dataset:
+    """A uniformly random subset of ``size`` samples (the whole dataset for ``None``)."""
+    n = len(dataset)  # type: ignore[arg-type]
+    if size is None or size >= n:
+        return dataset
+    gen = torch.Generator().manual_seed(seed)
+    return Subset(dataset, torch.randperm(n, generator=gen)[:size].tolist())
+
+
+class SupervisedDataModule(LightningDataModule):
+    """A training split and a held-out split (the validation loader, which genbounds uses as
+    the population stand-in ``S'``). Subclasses fill ``self.train_set`` / ``self.val_set`` in
+    :meth:`build`.
+
+    Args:
+        batch_size: training and validation batch size.
+        seed: seeds the split, the label noise and the per-epoch shuffling.
+        shuffle: shuffle the training set (reproducibly, see :class:`EpochSeededSampler`).
+        num_workers: dataloader worker processes.
+        drop_last: drop the last incomplete training batch.
+    """
+
+    def __init__(self, batch_size: int = 60, seed: int = 0, shuffle: bool = True, num_workers: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.num_workers = num_workers
+        self.drop_last = drop_last
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            self.build()
+
+    @property
+    def num_train(self) -> int:
+        """``n``: the number of training samples."""
+        if self.train_set is None:
+            self.build()
+        return len(self.train_set)  # type: ignore[arg-type]
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup() first"
+        trainer = self.trainer
+        sampler: Sampler[int] | None
+        if trainer is not None and trainer.world_size > 1:
+            # shard explicitly (Lightning leaves a DistributedSampler alone): the ranks' interleaved
+            # shares of the same permutation EpochSeededSampler draws
+            sampler = DistributedSampler(self.train_set, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=self.shuffle, seed=self.seed)
+        else:
+            sampler = EpochSeededSampler(self.train_set, self.seed) if self.shuffle else None  # type: ignore[arg-type]
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            drop_last=self.drop_last,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup() first"
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
