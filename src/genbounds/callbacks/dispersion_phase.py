@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from genbounds.bounds.phases import find_valley
 from genbounds.callbacks.channel import Channel, DispersionRecord
+from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.step_log import epoch_end_step
 
@@ -42,8 +43,7 @@ class DispersionPhaseDetector(Callback):
 
     def __init__(self, smooth: int = 3, rise: float = 0.1, patience: int = 2) -> None:
         super().__init__()
-        if smooth < 1 or rise <= 0 or patience < 1:
-            raise MisconfigurationException("DispersionPhaseDetector needs smooth >= 1, rise > 0 and patience >= 1")
+        check_positive("DispersionPhaseDetector", smooth=smooth, rise=rise, patience=patience)
         self.smooth, self.rise, self.patience = smooth, rise, patience
         self.channel: Channel[PhaseRecord] = Channel()
         self.epoch_means: list[float] = []

@@ -12,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
+from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, epoch_end_step, logger_step
 from genbounds.estimators.functional import sq_norm, trainable_parameters
@@ -57,8 +58,7 @@ class DynamicGradientClipping(FlushesStepLog, GradientIntervention):
         initial_norm: float = math.inf,
     ) -> None:
         super().__init__()
-        if not 0 < alpha:
-            raise MisconfigurationException(f"DynamicGradientClipping(alpha={alpha}) must be > 0")
+        check_positive("DynamicGradientClipping", alpha=alpha)
         if start_step is not None and start_step < 0:
             raise MisconfigurationException(f"DynamicGradientClipping(start_step={start_step}) must be >= 0")
         if auto_start not in ("grad_norm", "dispersion"):

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
+from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
@@ -57,8 +58,9 @@ class GaussianModelPerturbation(GradientIntervention):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not 0 <= rho <= 1 or sigma < 0 or k < 1:
-            raise MisconfigurationException("GaussianModelPerturbation needs 0 <= rho <= 1, sigma >= 0 and k >= 1")
+        check_positive("GaussianModelPerturbation", k=k)
+        if not 0 <= rho <= 1 or sigma < 0:
+            raise MisconfigurationException("GaussianModelPerturbation needs 0 <= rho <= 1 and sigma >= 0")
         self.rho, self.sigma, self.k = rho, sigma, k
         self.draws_per_pass = draws_per_pass
         self.loss_fn = loss_fn

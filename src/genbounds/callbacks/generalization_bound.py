@@ -32,6 +32,7 @@ from genbounds.callbacks.channel import (
     HeldoutRecord,
     SensitivityRecord,
 )
+from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.flatness import Flatness
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
@@ -142,8 +143,7 @@ class GeneralizationBound(ProbeCallback):
             raise MisconfigurationException(
                 f"GeneralizationBound(bounds={self.bounds}) must be a non-empty subset of {list(ALL_BOUNDS)}"
             )
-        if R is not None and not R > 0:
-            raise MisconfigurationException(f"GeneralizationBound(R={R}) must be > 0")
+        check_positive("GeneralizationBound", R=R)
         self.R = R
         self.num_train = num_train
         self.tensorboard_layout = tensorboard_layout

@@ -14,6 +14,7 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 from torch.optim import Optimizer
 
+from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
@@ -68,8 +69,7 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
             raise MisconfigurationException("VariabilityRegularizer needs lambda1 >= 0, lambda2 >= 0, not both 0")
         if reference not in ("dataset", "none"):
             raise MisconfigurationException(f"VariabilityRegularizer(reference={reference!r}) must be 'dataset' or 'none'")
-        if refresh_every_n_steps < 1:
-            raise MisconfigurationException("VariabilityRegularizer(refresh_every_n_steps=...) must be >= 1")
+        check_positive("VariabilityRegularizer", refresh_every_n_steps=refresh_every_n_steps)
         self.lambda1, self.lambda2 = lambda1, lambda2
         self.reference = reference
         self.reference_batches = reference_batches
