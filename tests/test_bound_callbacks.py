@@ -17,10 +17,13 @@ from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
 from helpers import RecordFinalStep, bound_suite, trainer
 
-BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "bound/R", "bound/n",
-              "bound/d", "bound/T", "gap/measured", "bound/trajectory_wang_mao", "bound/flatness_wang_mao",
-              "bound/trajectory_neu", "bound/sigma_neu", "bound/sigma_wang_mao",
-              "bound/trajectory_factor_wang_mao_eq3", "bound/flatness_factor_wang_mao_eq3"]
+BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "setting/R", "setting/n",
+              "setting/d", "setting/T", "gap/measured", "gap/measured_se", "gap/error", "bound_terms/trajectory_wang_mao",
+              "bound_terms/flatness_wang_mao", "bound_terms/trajectory_neu", "bound_terms/sigma_neu",
+              "bound_terms/sigma_wang_mao_eq2", "bound_terms/trajectory_factor_wang_mao_eq3",
+              "bound_terms/flatness_factor_wang_mao_eq3", "bound/wang_mao_eq2_error", "bound/neu_error",
+              "bound/test_error_upper", "bound/wang_mao_eq2_layerwise", "bound/wang_mao_eq3_layerwise",
+              "bound/neu_layerwise", "bound/valid", "bound/heuristic"]
 
 
 def small_fit(tmp_path, callbacks, max_epochs=2, ckpt_path=None, seed=0, **kwargs):
@@ -56,7 +59,7 @@ def test_bounds_are_logged_and_monitorable(tmp_path):
     for tag in BOUND_TAGS:
         assert tag in t.callback_metrics, tag  # pl_module.log: EarlyStopping/ModelCheckpoint can use them
     agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
-    assert agg.latest["bound/T"] == 10 and agg.latest["bound/n"] == 1258
+    assert agg.latest["setting/T"] == 10 and agg.latest["setting/n"] == 1258
     assert agg.latest["bound/wang_mao_eq3"] > 0 and agg.optimizer == "SGD"
 
 
@@ -76,9 +79,11 @@ def test_bound_gate_actions(tmp_path, mode):
             small_fit(tmp_path, [*bound_suite(), gate], max_epochs=4)
         return
     if mode == "warn":
-        with pytest.warns(UserWarning, match="threshold violated"):
+        with pytest.warns(UserWarning, match="threshold violated") as caught:
             t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=3)
-        assert t.current_epoch == 3 and len(gate.violations) == 3
+        assert sum("BoundGate" in str(w.message) for w in caught) == 1  # warned once
+        assert t.current_epoch == 3 and len(gate.violations) == 4  # 3 validations + the final values
+        assert gate.verdict().startswith("FAIL")
     else:
         t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=4)
         assert t.global_step == 5 and gate.stopped_step == 5  # stopped after the first validation
@@ -91,7 +96,7 @@ def test_bound_gate_actions(tmp_path, mode):
 def test_bound_gate_passes_and_skips_fast_dev_run(tmp_path):
     ok = BoundGate(max={"bound/wang_mao_eq3": 1e9}, min={"bound/wang_mao_eq3": 0.0}, on_violation="raise")
     t, _ = small_fit(tmp_path, [*bound_suite(), ok])
-    assert ok.checks == 2 and not ok.violations
+    assert ok.checks == 3 and not ok.violations and ok.verdict().startswith("PASS")
     skipped = BoundGate(max={"val_loss": -1.0}, on_violation="raise")
     small_fit(tmp_path / "fdr", [skipped], fast_dev_run=2)
     assert skipped.checks == 0
@@ -137,7 +142,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     os.makedirs(tmp_path / "one"), os.makedirs(tmp_path / "two")
     one = run(1, 32, tmp_path / "one")
     two = run(2, 16, tmp_path / "two")
-    for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "bound/R", "curv/hessian_trace", "gap/measured"):
+    for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "setting/R", "curv/hessian_trace", "gap/measured"):
         a, b = float(one.callback_metrics[key]), float(two.callback_metrics[key])
         assert b == pytest.approx(a, rel=1e-4), key
 
@@ -163,7 +168,8 @@ def test_tensorboard_layout_and_hparams(tmp_path):
     acc.Reload()
     plugins = acc.PluginAssets("custom_scalars") if hasattr(acc, "PluginAssets") else None
     raw = open(path, "rb").read()
-    assert b"bounds vs measured gap" in raw and b"trajectory vs flatness" in raw  # custom-scalars layout
+    assert b"bound vs gap/measured" in raw and b"trajectory vs flatness" in raw  # custom-scalars layout
+    assert b"bound_ci/wang_mao_eq3_lower" in raw  # the ± SE margin charts
     assert b"hparams" in raw and b"bound/wang_mao_eq3" in raw and b"sigma_grid" in raw  # HPARAMS session
     assert "bound/wang_mao_eq3" in acc.Tags()["scalars"]
     del plugins

@@ -20,7 +20,8 @@ from genbounds.bounds import (
 )
 from genbounds.callbacks.channel import DispersionRecord, FlatnessRecord, HeldoutRecord, SensitivityRecord
 from genbounds.callbacks.channel import CurvatureRecord
-from genbounds.callbacks.generalization_bound import GeneralizationBound
+from genbounds.bounds.aggregate import compute_bounds
+from genbounds.callbacks.bound_series import BoundSeries
 
 RNG = np.random.default_rng(0)
 T, N, D, R = 40, 500, 1000, 1.3
@@ -123,31 +124,26 @@ def test_figure1_comparison_matches_hand_computation():
 
 
 def test_aggregator_compute_on_synthetic_channel_records():
-    """GeneralizationBound.compute on records as the producers publish them, measured every 5
-    steps: each measurement stands for its 5 steps with their own η_t."""
-    agg = GeneralizationBound()
-    agg._n, agg._d = N, D
-    agg.lrs = ETA.tolist()
+    """The bounds from records as the producers publish them, measured every 5 steps: each
+    measurement stands for its 5 steps with their own η_t."""
+    series = BoundSeries()
+    series.lrs = ETA.tolist()
     disp = RNG.uniform(0.1, 1.0, T // 5)
-    agg._on_dispersion([DispersionRecord(step=5 * i, norm_sq=0, trace_cov=0, dispersion=float(x))
-                        for i, x in enumerate(disp)])
+    series.on_dispersion([DispersionRecord(step=5 * i, norm_sq=0, trace_cov=0, dispersion=float(x))
+                          for i, x in enumerate(disp)])
     held = RNG.uniform(0.1, 1.0, T // 5)
-    agg._on_heldout([HeldoutRecord(step=5 * i, lr=0, heldout_dist_sq=float(x), step_realized=0, step_predicted=0,
-                                   predicted_cumulative=0) for i, x in enumerate(held)])
+    series.on_heldout([HeldoutRecord(step=5 * i, lr=0, heldout_dist_sq=float(x), step_realized=0, step_predicted=0,
+                                     predicted_cumulative=0) for i, x in enumerate(held)])
     gam = np.abs(RNG.normal(size=(T // 5, len(SIGMAS)))) * 1e-5
-    agg._on_sensitivity([SensitivityRecord(step=5 * i, sigmas=SIGMAS, value=[0] * 4, standard_error=[0] * 4,
-                                           growing_value=g.tolist(), growing_standard_error=[1e-6] * 4)
-                         for i, g in enumerate(gam)])
+    series.on_sensitivity([SensitivityRecord(step=5 * i, sigmas=SIGMAS, value=[0] * 4, standard_error=[0] * 4,
+                                             growing_value=g.tolist(), growing_standard_error=[1e-6] * 4)
+                           for i, g in enumerate(gam)])
     flat_term = [0.001, 0.002, -0.004, 0.2]
-    agg._on_flatness([FlatnessRecord(step=T, sigmas=SIGMAS, scale=math.sqrt(T), train=[0] * 4, train_se=[0] * 4,
-                                     heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[1e-3] * 4)])
-    agg._on_curvature([CurvatureRecord(step=T, hessian_trace=20.0, hessian_trace_se=1.0)])
-
-    class _Flat:  # the σ grid comes from the Flatness callback
-        sigmas = SIGMAS
-
-    agg._flatness = _Flat()
-    out = agg.compute(T, R)
+    series.on_flatness([FlatnessRecord(step=T, sigmas=SIGMAS, scale=math.sqrt(T), train=[0] * 4, train_se=[0] * 4,
+                                       heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[1e-3] * 4)])
+    series.on_curvature([CurvatureRecord(step=T, hessian_trace=20.0, hessian_trace_se=1.0)])
+    wanted = ("wang_mao_eq2", "wang_mao_eq3", "neu")
+    out = compute_bounds(series.inputs(T, N, D, R, SIGMAS, wanted, z=0.0))  # z = 0: the plain grid minimum
     vhat = np.repeat(disp, 5)
     # Γ fill (default "scaled"): step τ of the block of the probe at s ≥ 1 gets (τ/s)·Γ_s; the
     # block of the s = 0 probe is scaled from the probe at s = 5
@@ -161,11 +157,13 @@ def test_aggregator_compute_on_synthetic_channel_records():
     neu = min(math.sqrt(4 * R * R / N * np.sum(ETA**2 / sg**2 * (gamma[:, i] + v))) + flat_term[i]
               for i, sg in enumerate(SIGMAS))
     assert out["bound/neu"] == pytest.approx(neu, rel=1e-9)
-    assert out["bound/T"] == T and out["bound/n"] == N and out["bound/d"] == D and out["bound/R"] == R
-    # a flatness record from other weights (step ≠ T) is never used
-    agg._on_flatness([FlatnessRecord(step=T - 1, sigmas=SIGMAS, scale=1.0, train=[0] * 4, train_se=[0] * 4,
-                                     heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[0] * 4)])
-    assert "bound/wang_mao_eq2" not in agg.compute(T, R)
+    assert out["setting/T"] == T and out["setting/n"] == N and out["setting/d"] == D and out["setting/R"] == R
+    # a flatness record from other weights (step ≠ T) is never used: the bounds that need it are NaN
+    series.on_flatness([FlatnessRecord(step=T - 1, sigmas=SIGMAS, scale=1.0, train=[0] * 4, train_se=[0] * 4,
+                                       heldout=[0] * 4, heldout_se=[0] * 4, term=flat_term, term_se=[0] * 4)])
+    later = compute_bounds(series.inputs(T, N, D, R, SIGMAS, wanted))
+    assert math.isnan(later["bound/wang_mao_eq2"]) and math.isnan(later["bound/neu"])
+    assert math.isfinite(later["bound/wang_mao_eq3"])
 
 
 def test_scaled_fill_recovers_the_exact_sum_of_growing_sensitivities():

@@ -27,13 +27,17 @@ def test_main_job_runs_and_logs_dispersion_and_every_bound(tmp_path):
     assert all(v > 0 for _, v in scalars["grad/dispersion"])
     assert "train_loss_step" in scalars
     # the whole default suite: every bound of the aggregator, R and the measured gap
-    for tag in ("bound/wang_mao_eq2", "bound/sigma_wang_mao", "bound/trajectory_wang_mao", "bound/flatness_wang_mao",
-                "bound/wang_mao_eq3", "bound/trajectory_factor_wang_mao_eq3", "bound/flatness_factor_wang_mao_eq3",
-                "bound/neu", "bound/neu_abs", "bound/trajectory_neu", "bound/sigma_neu", "bound/R", "bound/n",
-                "bound/d", "bound/T", "gap/measured", "grad/heldout_dist_sq", "gap/predicted_cumulative",
-                "curv/hessian_trace", "curv/hessian_trace_se", "curv/contractivity_mean"):
+    for tag in ("bound/wang_mao_eq2", "bound_terms/sigma_wang_mao_eq2", "bound_terms/trajectory_wang_mao",
+                "bound_terms/flatness_wang_mao", "bound/wang_mao_eq3", "bound_terms/trajectory_factor_wang_mao_eq3",
+                "bound_terms/flatness_factor_wang_mao_eq3", "bound/neu", "bound/neu_abs", "bound_terms/trajectory_neu",
+                "bound_terms/sigma_neu", "setting/R", "setting/n", "setting/d", "setting/T", "gap/measured",
+                "gap/measured_se", "gap/error", "bound/wang_mao_eq2_error", "bound/neu_error",
+                "bound/test_error_upper", "bound/wang_mao_eq2_layerwise", "bound/wang_mao_eq3_layerwise",
+                "bound/neu_layerwise", "bound/valid", "run/complete", "grad/heldout_dist_sq",
+                "gap/predicted_cumulative", "curv/hessian_trace", "curv/hessian_trace_se", "curv/contractivity_mean"):
         assert tag in scalars, tag
-    assert any(t.startswith("bound/fig1_trajectory_neu/") for t in scalars)
+    assert any(t.startswith("bound_terms/fig1_trajectory_neu/") for t in scalars)
+    assert "genbounds — final values" in proc.stdout and "bound/wang_mao_eq3" in proc.stdout  # the results table
     assert any(t.startswith("flat/term/") for t in scalars) and any(t.startswith("sens/gradient_sensitivity/") for t in scalars)
 
 

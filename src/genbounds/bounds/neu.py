@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from genbounds.bounds.selection import Selection, sigma_min_with_se
+
 
 @dataclass
 class NeuResult:
@@ -34,15 +36,23 @@ class NeuResult:
     best: int
     best_abs: int
     standard_error: float
-    """SE at the minimizer: flatness SE and the Γ estimates' SE, combined."""
+    """SE at the selected σ: flatness SE and the Γ estimates' SE, combined."""
+    standard_errors: list[float] | None = None
+    """Per grid σ."""
+    selection: Selection | None = None
+    selection_abs: Selection | None = None
 
     @property
     def value(self) -> float:
-        return self.bound[self.best]
+        return self.bound[self.best] if self.best >= 0 else math.nan
+
+    @property
+    def value_abs(self) -> float:
+        return self.bound_abs[self.best_abs] if self.best_abs >= 0 else math.nan
 
     @property
     def sigma(self) -> float:
-        return self.sigmas[self.best]
+        return self.sigmas[self.best] if self.best >= 0 else math.nan
 
 
 def neu_trajectory_sum(eta: np.ndarray, gamma: np.ndarray, v: np.ndarray) -> float:
@@ -61,6 +71,8 @@ def neu_theorem1(
     flatness_term: Sequence[float],
     flatness_term_se: Sequence[float] | None = None,
     gamma_sum_se: Sequence[float] | None = None,
+    z: float = 1.0,
+    allowed: Sequence[bool] | None = None,
 ) -> NeuResult:
     """Theorem 1 per grid σ and its minima.
 
@@ -73,13 +85,15 @@ def neu_theorem1(
         flatness_term: signed ``γ(S) − γ(S')`` at ``σ√T`` per σ.
         flatness_term_se: its SE per σ.
         gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` per σ (from the Γ probes' SEs).
+        z: the selection minimizes ``bound + z·SE`` (:mod:`genbounds.bounds.selection`).
+        allowed: grid points that may be selected (default: all).
     """
     gamma = np.asarray(gamma, dtype=np.float64).reshape(len(eta), len(sigmas))
     traj, bound, bound_abs, traj_se = [], [], [], []
     for i, s in enumerate(sigmas):
         total = neu_trajectory_sum(eta, gamma[:, i], v)
         inner = 4.0 * r * r / n * total / (s * s)
-        t = math.sqrt(max(inner, 0.0))
+        t = math.sqrt(max(inner, 0.0)) if math.isfinite(inner) else math.nan
         traj.append(t)
         f = float(flatness_term[i])
         bound.append(t + f)
@@ -88,12 +102,17 @@ def neu_theorem1(
             traj_se.append(4.0 * r * r / n / (s * s) * float(gamma_sum_se[i]) / (2.0 * t))
         else:
             traj_se.append(0.0)
-    best = int(np.argmin(bound))
-    best_abs = int(np.argmin(bound_abs))
-    flat_se = float(flatness_term_se[best]) if flatness_term_se is not None else math.nan
-    se = math.hypot(flat_se, traj_se[best])
+    flat_se = [float(x) for x in flatness_term_se] if flatness_term_se is not None else [math.nan] * len(bound)
+    ses = [math.hypot(f, t) for f, t in zip(flat_se, traj_se)]
+    use_se = flatness_term_se is not None
+    masked = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound)]
+    masked_abs = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound_abs)]
+    sel = sigma_min_with_se(masked, ses if use_se else None, z if use_se else 0.0)
+    sel_abs = sigma_min_with_se(masked_abs, ses if use_se else None, z if use_se else 0.0)
+    best, best_abs = sel.index, sel_abs.index
+    se = ses[best] if best >= 0 else math.nan
     return NeuResult(list(map(float, sigmas)), traj, [float(f) for f in flatness_term], bound, bound_abs, best,
-                     best_abs, se)
+                     best_abs, se, ses, sel, sel_abs)
 
 
 def trajectory_comparison(eta: np.ndarray, gamma: np.ndarray, v: np.ndarray, vhat: np.ndarray, d: int,

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from genbounds.bounds.selection import Selection, sigma_min_with_se
+
 
 @dataclass
 class Eq2Result:
@@ -37,17 +39,18 @@ class Eq2Result:
     flatness: list[float]
     bound: list[float]
     best: int
-    """Index of the grid minimum."""
+    """Index of the selected grid point (the minimizer of ``bound + z·SE``; −1: none usable)."""
     standard_error: float
-    """SE of the bound at the minimizer (from the flatness estimate's Monte Carlo SE)."""
+    """SE of the bound at the selected σ (from the flatness estimate's Monte Carlo SE)."""
+    selection: Selection | None = None
 
     @property
     def value(self) -> float:
-        return self.bound[self.best]
+        return self.bound[self.best] if self.best >= 0 else math.nan
 
     @property
     def sigma(self) -> float:
-        return self.sigmas[self.best]
+        return self.sigmas[self.best] if self.best >= 0 else math.nan
 
 
 @dataclass
@@ -64,10 +67,12 @@ class Eq3Result:
 
 
 def trajectory_wang_mao(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float) -> float:
-    """``sqrt(R² d/n Σ_t log1p(η_t² V̂_t/(dσ²)))``."""
+    """``sqrt(R² d/n Σ_t log1p(η_t² V̂_t/(dσ²)))`` (NaN when an input is not finite)."""
     eta = np.asarray(eta, dtype=np.float64)
     v = np.maximum(np.asarray(vhat, dtype=np.float64), 0.0)
     total = float(np.sum(np.log1p(eta**2 * v / (d * sigma**2))))
+    if not math.isfinite(total) or not math.isfinite(r):
+        return math.nan
     return math.sqrt(r * r * d / n * total)
 
 
@@ -80,21 +85,27 @@ def wang_mao_eq2(
     sigmas: Sequence[float],
     flatness_term: Sequence[float],
     flatness_term_se: Sequence[float] | None = None,
+    z: float = 1.0,
+    allowed: Sequence[bool] | None = None,
 ) -> Eq2Result:
-    """Eq. 2 at every grid σ and its minimum. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
-    γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound)."""
+    """Eq. 2 at every grid σ and the selected one. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
+    γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound). The selection minimizes
+    ``bound + z·SE`` over the finite (and ``allowed``) grid points (:mod:`genbounds.bounds.selection`)."""
     traj = [trajectory_wang_mao(eta, vhat, r, n, d, s) for s in sigmas]
     flat = [abs(float(f)) for f in flatness_term]
     bound = [a + b for a, b in zip(traj, flat)]
-    best = int(np.argmin(bound))
-    se = float(flatness_term_se[best]) if flatness_term_se is not None else math.nan
-    return Eq2Result(list(map(float, sigmas)), traj, flat, bound, best, se)
+    ses = list(flatness_term_se) if flatness_term_se is not None else None
+    masked = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound)]
+    sel = sigma_min_with_se(masked, ses, z if ses is not None else 0.0)
+    best = sel.index
+    se = float(ses[best]) if ses is not None and best >= 0 else math.nan
+    return Eq2Result(list(map(float, sigmas)), traj, flat, bound, best, se, sel)
 
 
 def wang_mao_eq3(r: float, total_steps: int, trace_h: float, sum_eta2_vhat: float, n: int,
                  trace_h_se: float | None = None) -> Eq3Result | None:
-    """The closed form; ``None`` when ``Tr H ≤ 0`` (undefined)."""
-    if not trace_h > 0:
+    """The closed form; ``None`` when ``Tr H ≤ 0`` (undefined) or an input is not finite."""
+    if not trace_h > 0 or not all(math.isfinite(x) for x in (r, trace_h, sum_eta2_vhat)):
         return None
     traj = (r * r * sum_eta2_vhat / n) ** (1.0 / 3.0)
     flat = (total_steps * trace_h) ** (1.0 / 3.0)

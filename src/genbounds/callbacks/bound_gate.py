@@ -1,7 +1,9 @@
-"""``BoundGate``: act when a logged metric (a bound, a gap, a curvature…) crosses a threshold."""
+"""``BoundGate``: act when a logged metric (a bound, a gap, a curvature…) crosses a threshold —
+and fail closed: a NaN, a missing value or a stale value is a violation, not a pass."""
 
 from __future__ import annotations
 
+import difflib
 import math
 from typing import Any, Literal
 
@@ -10,59 +12,77 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from genbounds.callbacks.checks import check_bool, check_choice, check_float
+
 OnViolation = Literal["warn", "stop", "raise"]
+Lenient = Literal["nan", "missing", "stale"]
+
+GENBOUNDS_PREFIXES = ("bound/", "bound_terms/", "bound_valid/", "bound_ci/", "gap/", "gap_ci/", "setting/", "grad/",
+                      "curv/", "flat/", "sens/", "stability/", "clip/", "phase/", "perf/")
 
 
 class BoundViolation(RuntimeError):
     """Raised on every rank by ``BoundGate(on_violation="raise")``."""
 
 
-def check_thresholds(values: dict[str, float], max: dict[str, float], min: dict[str, float]) -> list[dict[str, Any]]:
-    """The violated thresholds: ``value > max`` or ``value < min`` (a NaN violates both)."""
+def check_thresholds(values: dict[str, float], max: dict[str, float], min: dict[str, float],
+                     lenient: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The violated thresholds: ``value > max`` or ``value < min``; a NaN value (unless ``"nan"`` is
+    lenient) or a missing one (unless ``"missing"`` is) violates too, with its reason."""
     violations = []
     for kind, limits in (("max", max), ("min", min)):
         for name, limit in limits.items():
             if name not in values:
+                if "missing" not in lenient:
+                    violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": math.nan,
+                                       "reason": "missing"})
                 continue
-            value = values[name]
-            bad = math.isnan(value) or (value > limit if kind == "max" else value < limit)
-            if bad:
-                violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": float(value)})
+            value = float(values[name])
+            if math.isnan(value):
+                if "nan" not in lenient:
+                    violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": value,
+                                       "reason": "nan"})
+                continue
+            if value > limit if kind == "max" else value < limit:
+                violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": value,
+                                   "reason": "threshold"})
     return violations
 
 
 def format_violations(violations: list[dict[str, Any]]) -> str:
-    rows = [f"{'metric':<36} {'value':>14} {'rule':>20}"]
+    rows = [f"{'metric':<36} {'value':>14} {'rule':>20}  reason"]
     for v in violations:
         rule = f"{'<=' if v['kind'] == 'max' else '>='} {v['limit']:g}"
-        rows.append(f"{v['metric']:<36} {v['value']:>14.6g} {rule:>20}")
+        rows.append(f"{v['metric']:<36} {v['value']:>14.6g} {rule:>20}  {v.get('reason', 'threshold')}")
     return "\n".join(rows)
 
 
 class BoundGate(Callback):
-    r"""Gate a run on logged metrics: ``max={"bound/wang_mao_eq3": 0.5}``, ``min={...}``.
+    r"""Gate a run on logged metrics: ``max={"bound/wang_mao_eq3": 0.5}``, ``min={"val_acc": 0.9}``.
 
-    Checked after every validation (``on_validation_end``, where every ``on_validation_epoch_end``
-    — the bounds included — has logged), or at the end of every training epoch when the run has
-    no validation; skipped during the sanity check and under ``fast_dev_run``, like Lightning's
-    ``EarlyStopping``. On a violation:
+    Checked after every validation (``on_validation_end``), or at the end of every training epoch
+    when the run has no validation, and a last time on the **final** values at the end of
+    training (the bounds of the final weights included); skipped during the sanity check and
+    under ``fast_dev_run``, like Lightning's ``EarlyStopping``.
 
-    * ``"warn"`` — one warning with a table of the violated thresholds;
-    * ``"stop"`` — a graceful stop: ``trainer.should_stop`` is set, the decision reduced over DDP
-      ranks (any rank's violation stops all); ``min_epochs``/``min_steps`` still delay the stop;
-    * ``"raise"`` — :class:`BoundViolation` on **every** rank (after the same reduction), so a
-      distributed run fails instead of hanging.
+    Fail closed: a gated value that is NaN, missing, or — at the final check — older than the last
+    evaluation is a violation, with its reason; ``lenient=["nan", "missing", "stale"]`` turns the
+    listed cases into warnings. Names of genbounds metrics (``bound/…``, ``gap/…``, ``grad/…``, …)
+    are checked against what the suite logs at ``setup``, with a suggestion for a misspelling.
 
-    The verdict is written to the loggers (``gate/violations``, ``gate/checks``) and kept in the
-    checkpointed state (``violations``, a list of ``{metric, kind, limit, value, step}``). A
-    monitored metric that is not logged yet gets one warning (``strict=True``: an error listing the
-    available metrics).
+    On a violation: ``"warn"`` — one warning at the first violation, and the verdict at the end;
+    ``"stop"`` — a graceful stop, the decision reduced over DDP ranks (``min_epochs`` still
+    applies); ``"raise"`` — :class:`BoundViolation` on every rank.
+
+    The verdict is written to the loggers (``gate/violations``, ``gate/checks``, and
+    ``gate/passed`` at the end) and kept in the checkpointed state.
 
     Args:
-        max: upper thresholds ``{metric: limit}``.
+        max: upper thresholds ``{metric: limit}`` (a limit may be ±inf, never NaN).
         min: lower thresholds ``{metric: limit}``.
         on_violation: ``"warn"``, ``"stop"`` or ``"raise"``.
-        strict: a missing metric is an error instead of a warning.
+        lenient: cases not counted as violations: ``"nan"``, ``"missing"``, ``"stale"``.
+        strict: an unknown genbounds metric name is an error at setup (default) instead of a warning.
     """
 
     def __init__(
@@ -70,26 +90,85 @@ class BoundGate(Callback):
         max: dict[str, float] | None = None,
         min: dict[str, float] | None = None,
         on_violation: OnViolation = "warn",
-        strict: bool = False,
+        lenient: list[Lenient] | None = None,
+        strict: bool = True,
     ) -> None:
         super().__init__()
-        self.max = {k: float(v) for k, v in (max or {}).items()}
-        self.min = {k: float(v) for k, v in (min or {}).items()}
+        owner = "BoundGate"
+        self.max = {str(k): check_float(owner, f"max[{k!r}]", v, allow_inf=True) for k, v in (max or {}).items()}
+        self.min = {str(k): check_float(owner, f"min[{k!r}]", v, allow_inf=True) for k, v in (min or {}).items()}
         if not self.max and not self.min:
             raise MisconfigurationException("BoundGate needs at least one threshold: max={...} or min={...}")
-        if on_violation not in ("warn", "stop", "raise"):
-            raise MisconfigurationException(f"BoundGate(on_violation={on_violation!r}) must be 'warn', 'stop' or 'raise'")
-        self.on_violation = on_violation
-        self.strict = strict
+        self.on_violation = check_choice(owner, "on_violation", on_violation, ("warn", "stop", "raise"))
+        self.lenient = tuple(check_choice(owner, "lenient", x, ("nan", "missing", "stale")) for x in (lenient or []))
+        self.strict = check_bool(owner, "strict", strict)
         self.violations: list[dict[str, Any]] = []
         self.checks = 0
         self.stopped_step: int | None = None
-        self._missing_warned: set[str] = set()
+        self.final: dict[str, Any] | None = None
+        self._warned = False
+        self._bound: Any = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(max=self.max, min=self.min, on_violation=self.on_violation)
+        return "BoundGate"  # thresholds may change on resume: the history is kept, each entry with its rule
 
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        from genbounds.callbacks.generalization_bound import GeneralizationBound
+
+        self._bound = next((cb for cb in trainer.callbacks if isinstance(cb, GeneralizationBound)), None)
+        known = self._known_tags(trainer)
+        unknown = [m for m in [*self.max, *self.min] if m.startswith(GENBOUNDS_PREFIXES) and not _matches(m, known)]
+        if unknown:
+            hints = []
+            for m in unknown:
+                close = difflib.get_close_matches(m, sorted(known), n=1, cutoff=0.6)
+                hints.append(f"{m!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            message = (f"BoundGate: {', '.join(hints)} will never be logged by the genbounds callbacks of this "
+                       f"Trainer; they log: {', '.join(sorted(k for k in known if not k.endswith('/*')))[:600]} …")
+            if self.strict:
+                raise MisconfigurationException(message)
+            rank_zero_warn(message)
+
+    def _known_tags(self, trainer: Trainer) -> set[str]:
+        from genbounds.callbacks import (
+            Flatness,
+            GradientDispersion,
+            GradientSensitivity,
+            HeldoutGradient,
+            HessianContractivity,
+            HessianTrace,
+        )
+
+        tags: set[str] = set()
+        for cb in trainer.callbacks:
+            if isinstance(cb, GradientDispersion):
+                tags |= {"grad/norm_sq", "grad/trace_cov", "grad/trace_cov_se", "grad/dispersion", "grad/dispersion/*"}
+            elif isinstance(cb, HeldoutGradient):
+                tags |= {"grad/heldout_dist_sq", "gap/step_realized", "gap/step_predicted", "gap/predicted_cumulative",
+                         "grad/heldout_dist_sq/*"}
+            elif isinstance(cb, HessianTrace):
+                tags |= {"curv/hessian_trace", "curv/hessian_trace_se", "curv/hessian_trace_probes",
+                         "curv/hessian_top_eig", "curv/hessian_top_eig_residual", "curv/weighted_dispersion",
+                         "curv/weighted_dispersion_se", "curv/hessian_trace/*", "curv/hessian_trace_se/*"}
+            elif isinstance(cb, HessianContractivity):
+                tags |= {"curv/contractivity_mean", "curv/contractivity_mean_se", "curv/contractivity_min",
+                         "curv/contractivity_exact"}
+            elif isinstance(cb, (Flatness, GradientSensitivity)):
+                tags |= {"flat/*", "sens/*"}
+        if self._bound is not None:
+            for name in self._bound.wanted + ("test_error_upper", "neu_abs"):
+                tags |= {f"bound/{name}", f"bound/{name}_se", f"bound_valid/{name}"}
+            tags |= {"bound/valid", "bound/heuristic", "bound_terms/*", "bound_ci/*", "gap_ci/*", "setting/*",
+                     "gap/measured", "gap/measured_se", "gap/error", "gap/error_se", "gap/train_loss",
+                     "gap/heldout_loss", "gap/train_error", "gap/heldout_error", "gap/measured_change",
+                     "perf/overhead"}
+        return tags
+
+    # ------------------------------------------------------------------ checks
     def _skip(self, trainer: Trainer) -> bool:
         from lightning.pytorch.trainer.states import TrainerFn
 
@@ -103,45 +182,89 @@ class BoundGate(Callback):
         if not self._skip(trainer) and not trainer.enable_validation:
             self._check(trainer)
 
-    def _check(self, trainer: Trainer) -> None:
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
-                   if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
-        wanted = list(self.max) + list(self.min)
-        missing = [m for m in wanted if m not in metrics]
-        if missing:
-            if self.strict:
-                raise MisconfigurationException(
-                    f"BoundGate: metric(s) {missing} not logged; available: {sorted(metrics)}"
-                )
-            for m in missing:
-                if m not in self._missing_warned:
-                    self._missing_warned.add(m)
-                    rank_zero_warn(f"BoundGate: {m!r} has not been logged yet; it is not checked until it is.")
-        found = check_thresholds(metrics, self.max, self.min)
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        pass  # the final check runs at fit end, after the bounds of the final weights
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not (trainer.sanity_checking or trainer.fast_dev_run):
+            self.final_check(trainer)
+
+    def _values(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, int]]:
+        values = {k: float(v) for k, v in trainer.callback_metrics.items()
+                  if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
+        steps: dict[str, int] = {}
+        if self._bound is not None:
+            for key, value in self._bound.latest.items():
+                values[key] = float(value)
+                if self._bound._evaluated_step is not None:
+                    steps[key] = int(self._bound._evaluated_step)
+        return values, steps
+
+    def _check(self, trainer: Trainer, final: bool = False) -> list[dict[str, Any]]:
+        values, steps = self._values(trainer)
+        # before the end a metric may not be logged yet (its first evaluation is still to come)
+        lenient = self.lenient if final else self.lenient + ("missing",)
+        found = check_thresholds(values, self.max, self.min, lenient)
+        step = int(trainer.global_step)
+        if final and "stale" not in self.lenient:
+            for name, limit in [*self.max.items(), *self.min.items()]:
+                if name in steps and steps[name] < step:
+                    found.append({"metric": name, "kind": "max" if name in self.max else "min", "limit": limit,
+                                  "value": values[name], "reason": f"stale: last computed at step {steps[name]}, "
+                                                                   f"the run ended at step {step}"})
         violated = trainer.strategy.reduce_boolean_decision(bool(found), all=False)
         self.checks += 1
-        step = int(trainer.global_step)
         for v in found:
             self.violations.append({**v, "step": step})
         for logger in trainer.loggers:
             logger.log_metrics({"gate/violations": float(len(found)), "gate/checks": float(self.checks)}, step=step)
         if not violated:
-            return
+            return found
         table = format_violations(found) if found else "(violated on another rank)"
-        message = f"BoundGate: threshold violated at step {step}:\n{table}"
-        if self.on_violation == "warn":
-            rank_zero_warn(message)
-        elif self.on_violation == "stop":
+        message = f"BoundGate: {'final values' if final else 'threshold'} violated at step {step}:\n{table}"
+        if self.on_violation == "raise":
+            raise BoundViolation(message)
+        if self.on_violation == "stop" and not final:
             rank_zero_info(message + "\nStopping the run.")
             self.stopped_step = step
             trainer.should_stop = True
-        else:
-            raise BoundViolation(message)
+        elif not self._warned:
+            self._warned = True
+            rank_zero_warn(message + ("" if final else "\n(further violations are counted; the verdict is reported "
+                                                      "at the end)"))
+        return found
+
+    def final_check(self, trainer: Trainer) -> dict[str, Any]:
+        """The verdict on the final values (once; later calls return it)."""
+        if self.final is not None:
+            return self.final
+        found = self._check(trainer, final=True)
+        self.final = {"passed": not found, "violations": found, "step": int(trainer.global_step)}
+        for logger in trainer.loggers:
+            logger.log_metrics({"gate/passed": float(not found)}, step=int(trainer.global_step))
+        return self.final
+
+    def verdict(self) -> str:
+        if self.final is None:
+            return "not checked"
+        if self.final["passed"]:
+            return f"PASS ({len(self.max) + len(self.min)} threshold(s) on the final values)"
+        items = ", ".join(f"{v['metric']} {v['reason']}" + (f" ({v['value']:.4g})" if v["reason"] == "threshold" else "")
+                          for v in self.final["violations"])
+        return f"FAIL — {items}"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"violations": list(self.violations), "checks": self.checks, "stopped_step": self.stopped_step}
+        return {"violations": list(self.violations), "checks": self.checks, "stopped_step": self.stopped_step,
+                "warned": self._warned}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.violations = list(state_dict.get("violations", []))
         self.checks = int(state_dict.get("checks", 0))
         self.stopped_step = state_dict.get("stopped_step")
+        self._warned = bool(state_dict.get("warned", False))
+
+
+def _matches(name: str, known: set[str]) -> bool:
+    if name in known:
+        return True
+    return any(k.endswith("/*") and name.startswith(k[:-1]) for k in known)

@@ -44,6 +44,8 @@ class DispersionRecord:
     trace_cov: float
     dispersion: float
     trace_cov_se: float | None = None
+    groups: list[float] | None = None
+    """``Tr Σ_{B,k}`` per parameter group (layer), in the producer's ``group_names`` order."""
 
 
 @dataclass
@@ -57,6 +59,8 @@ class HeldoutRecord:
     step_realized: float
     step_predicted: float
     predicted_cumulative: float
+    groups: list[float] | None = None
+    """The same per parameter group (layer) — the blocks of ``V_t`` for block-diagonal noise."""
 
 
 @dataclass
@@ -70,6 +74,9 @@ class SensitivityRecord:
     growing_value: list[float] = field(default_factory=list)
     """``Γ`` at ``σ√step`` for each grid ``σ`` (``step`` = steps already taken = ``t − 1``)."""
     growing_standard_error: list[float] = field(default_factory=list)
+    shaped_value: list[float] = field(default_factory=list)
+    """``Γ`` in the ``Σ⁻¹`` norm under block-shaped noise ``√step·λ·s`` per shaped scale ``λ``."""
+    shaped_standard_error: list[float] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +93,13 @@ class FlatnessRecord:
     heldout_se: list[float] | None = None
     term: list[float] | None = None
     term_se: list[float] | None = None
+    shape: list[float] | None = None
+    """Per-group noise shape ``s`` when the perturbation is block-shaped (``σ_k = σ·s_k``)."""
+    error_term: list[float] | None = None
+    """``γ(S) − γ(S')`` of the 0-1 error (classifiers), per σ."""
+    error_term_se: list[float] | None = None
+    train_loss: float | None = None
+    """The unperturbed training-probe loss (to flag perturbations that destroy the model)."""
 
 
 @dataclass
@@ -95,6 +109,10 @@ class CurvatureRecord:
     step: int
     hessian_trace: float | None = None
     hessian_trace_se: float | None = None
+    group_traces: list[float] | None = None
+    """``Tr H_k`` per parameter group (``v_kᵀ(Hv)_k`` with the same probes); they sum to the trace."""
+    group_samples: list[list[float]] | None = None
+    """Per probe, the per-group samples (for the layer-wise bound's delta-method SE)."""
     top_eigenvalue: float | None = None
     contractivity_mean: float | None = None
     contractivity_min: float | None = None

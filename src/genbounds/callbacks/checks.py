@@ -1,7 +1,18 @@
-"""Configuration checks run at ``setup`` so that a bad combination fails before training, with a
-message that names the callback, the offending setting and what to do instead."""
+"""Configuration checks, so that a bad argument or combination fails before step 0.
+
+* Argument checks (``check_int``, ``check_float``, ``check_choice``, ``check_sigmas``, …) run in
+  ``__init__``: type, finiteness, range and integer-ness, with a message that quotes the call,
+  names the argument and states the valid range — Lightning's own style
+  (``Timer(duration=...)`` is not a valid duration…).
+* Environment checks (strategy, precision, optimization mode) run at ``setup``.
+"""
 
 from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -11,6 +22,136 @@ FULL_PRECISIONS = ("32-true", "64-true", "32", "64")
 MIXED_PRECISIONS = ("16-mixed", "bf16-mixed")
 
 
+# ---------------------------------------------------------------------------------- arguments
+def _bad(owner: str, name: str, value: Any, expected: str) -> MisconfigurationException:
+    return MisconfigurationException(f"{owner}({name}={value!r}): {name} must be {expected}.")
+
+
+def check_int(owner: str, name: str, value: Any, *, minimum: int | None = 1, maximum: int | None = None,
+              optional: bool = False) -> int | None:
+    """An integer (``bool`` refused; an integral float such as ``4.0`` from YAML is accepted and
+    converted) within ``[minimum, maximum]``; ``None`` only when ``optional``."""
+    rng = _range_text(minimum, maximum, integer=True)
+    expected = f"an integer {rng}" + (" or None" if optional else "")
+    if value is None:
+        if optional:
+            return None
+        raise _bad(owner, name, value, expected)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(owner, name, value, expected)
+    if isinstance(value, numbers.Integral):
+        number = int(value)
+    else:
+        if not math.isfinite(float(value)) or float(value) != int(float(value)):
+            raise _bad(owner, name, value, expected)
+        number = int(float(value))
+    if (minimum is not None and number < minimum) or (maximum is not None and number > maximum):
+        raise _bad(owner, name, value, expected)
+    return number
+
+
+def check_float(owner: str, name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                low_open: bool = False, high_open: bool = False, optional: bool = False,
+                allow_inf: bool = False) -> float | None:
+    """A real number (``bool`` refused, NaN refused, ±inf only with ``allow_inf``) in the interval
+    ``low … high`` (``*_open``: strict inequality)."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low:g}"
+    hi = "" if high is None else f"{high:g}" + (")" if high_open else "]")
+    if low is not None and high is not None:
+        rng = f"in {lo}, {hi}"
+    elif low is not None:
+        rng = f"{'>' if low_open else '>='} {low:g}"
+    elif high is not None:
+        rng = f"{'<' if high_open else '<='} {high:g}"
+    else:
+        rng = ""
+    expected = "a " + ("" if allow_inf else "finite ") + f"number {rng}".rstrip() + (" or None" if optional else "")
+    if value is None:
+        if optional:
+            return None
+        raise _bad(owner, name, value, expected)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _bad(owner, name, value, expected)
+    number = float(value)
+    if math.isnan(number) or (math.isinf(number) and not allow_inf):
+        raise _bad(owner, name, value, expected)
+    if low is not None and (number <= low if low_open else number < low):
+        raise _bad(owner, name, value, expected)
+    if high is not None and (number >= high if high_open else number > high):
+        raise _bad(owner, name, value, expected)
+    return number
+
+
+def _range_text(minimum: int | None, maximum: int | None, integer: bool) -> str:
+    if minimum is not None and maximum is not None:
+        return f"in [{minimum}, {maximum}]"
+    if minimum is not None:
+        return f">= {minimum}"
+    if maximum is not None:
+        return f"<= {maximum}"
+    return ""
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(owner, name, value, "True or False")
+    return value
+
+
+def check_choice(owner: str, name: str, value: Any, choices: Sequence[Any]) -> Any:
+    if isinstance(value, bool) or value not in choices:
+        raise _bad(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
+    return value
+
+
+def check_sigmas(owner: str, value: Any, *, name: str = "sigmas", allow_zero: bool = False) -> list[float]:
+    """A non-empty list of finite noise levels ``σ > 0`` (``≥ 0`` with ``allow_zero``), strictly
+    increasing after sorting is not required but duplicates are refused (they would double-count
+    a grid point)."""
+    expected = f"a non-empty list of finite numbers {'>= 0' if allow_zero else '> 0'} without duplicates"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise _bad(owner, name, value, expected + " (e.g. [0.001, 0.01, 0.1]); a single number must be written as a list")
+    items = list(value)
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, numbers.Real) or not math.isfinite(float(item)):
+            raise _bad(owner, name, value, expected)
+        s = float(item)
+        if s < 0 or (s == 0 and not allow_zero):
+            raise _bad(owner, name, value, expected)
+        out.append(s)
+    if not out or len(set(out)) != len(out):
+        raise _bad(owner, name, value, expected)
+    return out
+
+
+def check_name_list(owner: str, name: str, value: Any, choices: Sequence[str]) -> list[str]:
+    """A non-empty list of names out of ``choices`` (a bare string is refused: it would be split
+    into characters)."""
+    expected = "a non-empty list out of " + ", ".join(repr(c) for c in choices)
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise _bad(owner, name, value, expected + (f" — write [{value!r}]" if isinstance(value, str) else ""))
+    items = list(value)
+    if not items or any(not isinstance(i, str) or i not in choices for i in items) or len(set(items)) != len(items):
+        raise _bad(owner, name, value, expected)
+    return items
+
+
+def check_callable(owner: str, name: str, value: Any, *, optional: bool = True) -> Any:
+    if value is None and optional:
+        return None
+    if not callable(value):
+        raise _bad(owner, name, value, "a callable (an import path in YAML)" + (" or None" if optional else ""))
+    return value
+
+
+def check_positive(owner: str, **values: int | float | None) -> None:
+    """``__init__`` argument check: every given value is a finite number > 0 (``None`` skipped)."""
+    for name, value in values.items():
+        check_float(owner, name, value, low=0.0, low_open=True, optional=True)
+
+
+# ---------------------------------------------------------------------------------- environment
 def check_strategy(owner: str, trainer: Trainer) -> None:
     """Single-device and DDP only: sharded strategies split or flatten the parameters."""
     strategy = trainer.strategy
@@ -42,16 +183,26 @@ def check_precision(owner: str, trainer: Trainer, allow_mixed: bool = True) -> s
 
 
 def check_automatic_optimization(owner: str, pl_module: LightningModule) -> None:
+    """For callbacks that edit or replay the optimizer step (interventions, twin runs)."""
     if not pl_module.automatic_optimization:
         raise MisconfigurationException(
-            f"{owner} reads the training step's gradients through Lightning's automatic "
-            "optimization hooks; manual optimization (automatic_optimization=False) is not "
-            "supported."
+            f"{owner} edits the training step's gradient through Lightning's automatic optimization hooks; "
+            "manual optimization (automatic_optimization=False) is not supported. The measurement callbacks "
+            "(GradientDispersion, the probes, GeneralizationBound) do support single-optimizer manual optimization."
         )
 
 
-def check_positive(owner: str, **values: int | float | None) -> None:
-    """``__init__`` argument check: every given value is > 0 (``None`` is skipped)."""
-    for name, value in values.items():
-        if value is not None and not value > 0:
-            raise MisconfigurationException(f"{owner}({name}={value!r}) must be > 0")
+def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:
+    """Manual optimization is supported with one optimizer (its ``step`` fires Lightning's
+    ``on_before_optimizer_step``); several optimizers step different parameter sets at different
+    times, which the per-step statistics cannot attribute."""
+    if pl_module.automatic_optimization:
+        return
+    trainer = pl_module.trainer
+    optimizers = trainer.optimizers if trainer is not None else []
+    if len(optimizers) > 1:
+        raise MisconfigurationException(
+            f"{owner}: manual optimization with {len(optimizers)} optimizers is not supported — the "
+            "per-step statistics describe one update W_t = W_{t−1} − η_t g. Measure a run with one "
+            "optimizer, or remove the genbounds callbacks from this one."
+        )

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, FlatnessRecord
-from genbounds.callbacks.gradient_sensitivity import Precision, check_precision_option, probe_dtype
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass, sigma_tag
+from genbounds.callbacks.checks import check_choice, check_int, check_sigmas
+from genbounds.callbacks.gradient_sensitivity import PRECISIONS, Precision, probe_dtype
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag
 from genbounds.estimators.flatness import gaussian_flatness
 
 
@@ -21,13 +21,16 @@ class Flatness(ProbeCallback):
 
     Antithetic pairs with common random numbers across the ``σ`` grid and the two data sets
     (SPEC §4). Tags, per grid ``σ``: ``flat/train/sigma=…`` (``s`` = the training probe set),
-    ``flat/heldout/sigma=…`` (a held-out set of the same size), ``flat/term/sigma=…``
-    ``= γ(S) − γ(S')`` (the bounds' flatness term), each with a ``…_se/`` standard error (the
-    term's from per-draw paired differences). A second-order check: ``γ ≈ ½σ² Tr H``.
+    ``flat/heldout/sigma=…`` (a held-out set), ``flat/term/sigma=…`` ``= γ(S) − γ(S')`` (the
+    bounds' flatness term), each with a ``…_se/`` standard error (the term's from per-draw paired
+    differences). For classifiers the same perturbed models also give the flatness of the 0-1
+    error, ``flat/error_term/sigma=…`` (the test-error bounds' flatness term). Second-order check:
+    ``γ ≈ ½σ² Tr H``.
 
     ``scaling="sqrt_steps"`` perturbs with standard deviation ``σ√T`` (``T`` = optimizer steps so
     far) — the accumulated noise ``Δ_T ~ N(0, Tσ²I)`` of the Wang–Mao and Neu bounds; the tags then
-    read ``sigma=…*sqrtT``. ``GeneralizationBound`` needs one ``Flatness`` in that mode.
+    read ``sigma=…*sqrtT``. ``GeneralizationBound`` needs one ``Flatness`` in that mode, and asks it
+    for block-shaped perturbations (``σ_k = σ·s_k`` per layer) for the layer-wise bounds.
 
     Args:
         sigmas: the grid of standard deviations ``σ``.
@@ -37,6 +40,7 @@ class Flatness(ProbeCallback):
             faster, 8 on a GPU).
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest perturbation
             std is below 1e−3, where the loss increments ``½σ² Tr H`` approach float32's resolution).
+        error: also measure the 0-1 error's flatness (``"auto"``: for classifiers).
         every_n_steps: probe every this many optimizer steps.
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
@@ -44,8 +48,9 @@ class Flatness(ProbeCallback):
         probe_batch_size: samples in each probe set.
         num_probe_batches: loader batches concatenated into each probe set.
         probe_mode: ``"eval"`` (default) or ``"train"``.
-        loss_fn: the loss contract (default: ``per_sample_loss``).
+        loss_fn: the loss contract (default: ``per_sample_loss``, else captured from ``training_step``).
         seed: seed of the callback's own generator.
+        overhead_budget: fraction of training time the suite's probes may take (see README).
     """
 
     owner = "Flatness"
@@ -59,6 +64,7 @@ class Flatness(ProbeCallback):
         num_draws: int = 32,
         draws_per_pass: int | None = None,
         precision: Precision = "auto",
+        error: Literal["auto", "on", "off"] = "auto",
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
@@ -68,44 +74,61 @@ class Flatness(ProbeCallback):
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        overhead_budget: float | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs, log_spaced, at_train_end, probe_batch_size,
-                         num_probe_batches, probe_mode, loss_fn, seed)
-        self.sigmas = [float(s) for s in (sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1])]
-        if not self.sigmas or any(s <= 0 for s in self.sigmas):
-            raise MisconfigurationException("Flatness(sigmas=...) must be a non-empty list of σ > 0")
-        if scaling not in ("fixed", "sqrt_steps"):
-            raise MisconfigurationException(f"Flatness(scaling={scaling!r}) must be 'fixed' or 'sqrt_steps'")
-        if num_draws < 2:
-            raise MisconfigurationException("Flatness(num_draws=...) must be >= 2")
-        self.scaling = scaling
-        self.num_draws = num_draws
-        self.draws_per_pass = draws_per_pass
-        self.precision = check_precision_option(self.owner, precision)
+                         num_probe_batches, probe_mode, loss_fn, seed, overhead_budget)
+        o = self.owner
+        self.sigmas = check_sigmas(o, sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1])
+        self.scaling = check_choice(o, "scaling", scaling, ("fixed", "sqrt_steps"))
+        self.num_draws = check_int(o, "num_draws", num_draws, minimum=2)
+        self.draws_per_pass = check_int(o, "draws_per_pass", draws_per_pass, optional=True)
+        self.precision = check_choice(o, "precision", precision, PRECISIONS)
+        self.error = check_choice(o, "error", error, ("auto", "on", "off"))
         self.channel: Channel[FlatnessRecord] = Channel()
         self._scale = 1.0
         self._step = 0
+        self.shapes: list[list[float]] = []
+        """Block shapes (per layer group) to measure besides the isotropic grid (set by the bound)."""
+        self.group_of_param: dict[str, int] = {}
+        self._last: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sigmas=self.sigmas, scaling=self.scaling)
+        return self._generate_state_key(scaling=self.scaling)
 
     def _tag(self, sigma: float) -> str:
         return sigma_tag(sigma) + ("*sqrtT" if self.scaling == "sqrt_steps" else "")
 
+    @property
+    def measures_error(self) -> bool:
+        if self.error == "off" or self.contract is None:
+            return False
+        return self.contract.errors_available and self.contract.per_sample
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
-        assert self._loss_fn is not None
+        assert self._loss_fn is not None and self.contract is not None
         self._step = int(trainer.global_step)
         self._scale = math.sqrt(self._step) if self.scaling == "sqrt_steps" else 1.0
         if self._scale == 0.0:
             return {}  # no step taken yet: Δ_0 = 0
+        levels = [s * self._scale for s in self.sigmas]
+        shapes: list[dict[str, float] | None] = [None] * len(levels)
+        for shape in self.shapes:
+            per_param = {name: shape[g] for name, g in self.group_of_param.items()}
+            levels += [s * self._scale for s in self.sigmas]
+            shapes += [per_param] * len(self.sigmas)
+        rows = self.measures_error
+        loss_fn = self.contract.losses_and_errors if rows else self._loss_fn
         est = gaussian_flatness(
-            pl_module, self._loss_fn, self.train_probe, [s * self._scale for s in self.sigmas], self.num_draws,
+            pl_module, loss_fn, self.train_probe, levels, self.num_draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
-            draws_per_pass=per_pass(self.draws_per_pass, pl_module.device),
-            dtype=probe_dtype(self.precision, min(self.sigmas) * self._scale),
-            reduce=self.reducer(trainer),
+            draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
+            dtype=probe_dtype(self.precision, min(levels) * min([1.0] + [min(s) for s in self.shapes])),
+            reduce=self.reducer(trainer), shapes=shapes, rows=rows,
         )
+        k = len(self.sigmas)
+        self._last = {"estimate": est, "shapes": [list(s) for s in self.shapes]}
         out: dict[str, float] = {}
         for i, s in enumerate(self.sigmas):
             tag = self._tag(s)
@@ -116,18 +139,35 @@ class Flatness(ProbeCallback):
                 out[f"flat/heldout_se/{tag}"] = est.heldout_se[i]  # type: ignore[index]
                 out[f"flat/term/{tag}"] = est.term[i]
                 out[f"flat/term_se/{tag}"] = est.term_se[i]  # type: ignore[index]
+            if est.error_term is not None:
+                out[f"flat/error_term/{tag}"] = est.error_term[i]
+                out[f"flat/error_term_se/{tag}"] = est.error_term_se[i]  # type: ignore[index]
+        assert len(est.train) == k * (1 + len(self.shapes))
         return out
 
     def publish(self, step: int, values: dict[str, float]) -> None:
-        tags = [self._tag(s) for s in self.sigmas]
-        held = f"flat/heldout/{tags[0]}" in values
+        est = self._last["estimate"]
+        k = len(self.sigmas)
+        held = est.term is not None
+        records = []
+        for j, shape in enumerate([None] + self._last["shapes"]):
+            sl = slice(j * k, (j + 1) * k)
+            records.append(FlatnessRecord(
+                step=self._step, sigmas=list(self.sigmas), scale=self._scale,
+                train=est.train[sl], train_se=est.train_se[sl],
+                heldout=est.heldout[sl] if held else None, heldout_se=est.heldout_se[sl] if held else None,
+                term=est.term[sl] if held else None, term_se=est.term_se[sl] if held else None,
+                shape=shape,
+                error_term=est.error_term[sl] if est.error_term is not None else None,
+                error_term_se=est.error_term_se[sl] if est.error_term_se is not None else None,
+                train_loss=est.base_train,
+            ))
+        self.channel.publish(records)
 
-        def col(name: str) -> list[float]:
-            return [values[f"flat/{name}/{t}"] for t in tags]
+    def measure_shapes(self, trainer: Trainer, pl_module: LightningModule, shapes: Sequence[Sequence[float]],
+                       group_of_param: dict[str, int], *, log: bool) -> None:
+        """Measure now (the bound's end-of-run request) with these block shapes besides the grid."""
+        self.shapes = [list(map(float, s)) for s in shapes]
+        self.group_of_param = dict(group_of_param)
+        self.probe_now(trainer, pl_module, log=log, epoch_end=True)
 
-        self.channel.publish([FlatnessRecord(
-            step=self._step, sigmas=list(self.sigmas), scale=self._scale,
-            train=col("train"), train_se=col("train_se"),
-            heldout=col("heldout") if held else None, heldout_se=col("heldout_se") if held else None,
-            term=col("term") if held else None, term_se=col("term_se") if held else None,
-        )])

@@ -15,8 +15,7 @@ from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
-from genbounds.callbacks.loss_contract import resolve_loss_fn
-from genbounds.callbacks.probe import per_pass
+from genbounds.callbacks.loss_contract import LossContract
 from genbounds.estimators.functional import LossFn, trainable_parameters
 from genbounds.estimators.perturbation import PerturbedLoss, standard_normal
 
@@ -83,7 +82,8 @@ class GaussianModelPerturbation(GradientIntervention):
                 "GaussianModelPerturbation needs accumulate_grad_batches=1: its perturbed gradients are "
                 "taken on the step's batch."
             )
-        self._loss_fn = resolve_loss_fn(self.owner, pl_module, self.loss_fn)
+        self._loss_fn = LossContract.shared(pl_module).register(
+            self.owner, self.loss_fn, per_sample=False, what="per-sample gradients for its penalty")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch = batch
@@ -101,7 +101,7 @@ class GaussianModelPerturbation(GradientIntervention):
         with isolated_pass(pl_module, mode="keep"):
             fn = PerturbedLoss(pl_module, self._loss_fn, reduce=mean_over_ranks(trainer))
             eps = standard_normal(fn.base, self.k, self._rng(pl_module.device))
-            width = max(1, per_pass(self.draws_per_pass, pl_module.device, gpu_default=self.k))
+            width = max(1, self.draws_per_pass or (1 if pl_module.device.type == "cpu" or LossContract.shared(pl_module).tier in ("captured", "returned") else self.k))
             total: dict[str, Tensor] | None = None
             for start in range(0, self.k, width):
                 part = {name: e[start : start + width] for name, e in eps.items()}

@@ -1,63 +1,38 @@
-"""``GeneralizationBound``: the bound aggregator (SPEC §6)."""
+"""``GeneralizationBound``: the bound aggregator (SPEC §6, §9)."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.bounds import (
-    expand_blocks,
-    growing_level_series,
-    neu_theorem1,
-    trajectory_comparison,
-    wang_mao_eq2,
-    wang_mao_eq3,
-)
-from genbounds.callbacks.channel import (
-    CurvatureRecord,
-    DispersionRecord,
-    FlatnessRecord,
-    HeldoutRecord,
-    SensitivityRecord,
-)
-from genbounds.callbacks.checks import check_positive
+from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, LAYERWISE, BoundInputs, compute_bounds, validity, wang_mao_shape
+from genbounds.bounds.layerwise import init_rms_shape
+from genbounds.bounds.loss_range import DEFAULT_ALPHA, observed_range_r, quantile_range_r
+from genbounds.callbacks.bound_series import BoundSeries
+from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
 from genbounds.callbacks.flatness import Flatness
+from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
 from genbounds.callbacks.hessian_trace import HessianTrace
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag, training_set_size
-from genbounds.callbacks.step_log import weights_step
-from genbounds.estimators.functional import num_trainable, per_sample_losses, reduce_all
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
+from genbounds.callbacks.run_summary import RunSummary, describe_optimizer, margin_values, progress_status
+from genbounds.callbacks.step_log import StepLog, weights_step
+from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
 
-BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu"]
-ALL_BOUNDS: tuple[str, ...] = ("wang_mao_eq2", "wang_mao_eq3", "neu")
-
-
-def describe_optimizer(optimizer: Optimizer) -> tuple[str, bool]:
-    """A readable description and whether it is plain SGD (no momentum, no weight decay)."""
-    name = type(optimizer).__name__
-    extras = []
-    plain = isinstance(optimizer, torch.optim.SGD)
-    for group in optimizer.param_groups:
-        for key in ("momentum", "weight_decay", "dampening", "betas", "eps", "nesterov"):
-            if key in group and group[key] not in (0, 0.0, False, None) and f"{key}={group[key]}" not in extras:
-                extras.append(f"{key}={group[key]}")
-                if key in ("momentum", "weight_decay", "nesterov"):
-                    plain = False
-    return (f"{name}({', '.join(extras)})" if extras else name), plain
+BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu", "wang_mao_eq2_error", "neu_error",
+                    "wang_mao_eq2_layerwise", "wang_mao_eq3_layerwise", "neu_layerwise"]
 
 
 class GeneralizationBound(ProbeCallback):
@@ -66,121 +41,128 @@ class GeneralizationBound(ProbeCallback):
     At every validation epoch end (and at train end), from what the measurement callbacks in the
     same ``Trainer`` publish on their channels (found by type at ``setup``):
 
-    * ``bound/wang_mao_eq2`` — Wang & Mao Theorem 2, Eq. 2 minimized over the σ grid
-      (``bound/sigma_wang_mao``, ``bound/trajectory_wang_mao``, ``bound/flatness_wang_mao``,
-      ``bound/wang_mao_eq2_se``): needs ``GradientDispersion`` and
-      ``Flatness(scaling="sqrt_steps")``;
-    * ``bound/wang_mao_eq3`` — the closed form Eq. 3 with its two multiplicative factors
-      ``bound/trajectory_factor_wang_mao_eq3`` and ``bound/flatness_factor_wang_mao_eq3`` (+ ``_se``):
-      needs ``GradientDispersion`` and ``HessianTrace``; skipped with a warning while ``Tr H ≤ 0``;
-    * ``bound/neu`` — Neu et al. Theorem 1 minimized over σ (``bound/trajectory_neu``,
-      ``bound/sigma_neu``, ``bound/neu_se``, and ``bound/neu_abs`` with ``|flatness|`` for ``|gen|``):
-      needs ``GradientSensitivity(growing=True)`` and ``Flatness(scaling="sqrt_steps")`` on the same
-      σ grid, and ``HeldoutGradient`` for ``V_t`` (without it, ``grad/dispersion`` stands in, with a
-      warning);
-    * the seed-001 Figure-1 comparison of the trajectory terms at each grid σ
-      (``bound/fig1_trajectory_neu/sigma=…``, ``bound/fig1_trajectory_wang_mao/sigma=…``);
-    * ``gap/measured`` — held-out minus training loss on probe sets of equal size, same weights,
-      eval mode (also at step 0), and ``gap/measured_change`` ``= gap(t) − gap(0)``, what
-      ``gap/predicted_cumulative`` predicts;
-    * ``bound/R``, ``bound/n``, ``bound/d``, ``bound/T``.
+    * ``bound/wang_mao_eq2`` — Wang & Mao Theorem 2, Eq. 2 over the σ grid (``GradientDispersion``,
+      ``Flatness(scaling="sqrt_steps")``);
+    * ``bound/wang_mao_eq3`` — the closed form Eq. 3 (``GradientDispersion``, ``HessianTrace``);
+    * ``bound/neu`` and ``bound/neu_abs`` — Neu et al. Theorem 1 (``GradientSensitivity(growing=True)``,
+      ``Flatness``, and ``HeldoutGradient`` for ``V_t``);
+    * for classifiers ``bound/wang_mao_eq2_error`` and ``bound/neu_error``: the same trajectory terms
+      with the 0-1 loss's exact ``R = ½`` and the 0-1 error's flatness, and
+      ``bound/test_error_upper`` = training error + the tightest of them;
+    * with several parameter groups, the block-diagonal (layer-wise) noise versions
+      ``bound/wang_mao_eq2_layerwise``, ``bound/wang_mao_eq3_layerwise``, ``bound/neu_layerwise``;
+    * ``gap/measured`` (+ ``_se``): held-out minus training loss on the whole training and held-out
+      sets (or ``gap_samples`` of each), eval mode; ``gap/error`` (+ ``_se``) for classifiers;
+    * ``bound_valid/<name>`` (a finite bound not below the gap it bounds) and ``bound/valid``;
+      ``bound/heuristic`` = 1 when the optimizer is not plain SGD;
+    * terms and choices under ``bound_terms/``, the constants under ``setting/`` (``R``, ``n``, ``d``, ``T``).
 
-    ``η_t`` is read from the optimizer at every step. A quantity measured every ``k`` steps stands
-    for the ``k`` steps of its block, each with its own ``η_t``. The end-of-run quantities
-    (flatness at ``σ√T``, ``Tr H(W_T)``) are requested from their callbacks at the moment the
-    bound is evaluated. The σ grid is the ``Flatness`` callback's (fixed before the run and logged
-    as a hyper-parameter); the grid minimum of noisy estimates is optimistic (same draws for every
-    σ; the SE at the minimizer is logged).
-
-    The theory is for plain SGD with a fixed schedule: any other optimizer gets one warning and
-    its name is recorded. Values are logged with ``pl_module.log`` from the validation epoch end,
-    so ``EarlyStopping``/``ModelCheckpoint``/``BoundGate`` can monitor them. On TensorBoard it adds
-    a custom-scalars layout (bounds vs measured gap; trajectory vs flatness; dispersion with the
-    loss) and, at train end, the final bounds as HPARAMS metrics (use
-    ``TensorBoardLogger(default_hp_metric=False)``).
+    A bound that cannot be computed is logged as NaN (never left out): a gate reads it as a
+    failure. Each σ grid is searched for the minimizer of ``value + z·SE`` (``selection_z``), with
+    flags when it sits at the grid's edge or when its perturbation destroys the model
+    (``…_degenerate``); ``max_loss_increase`` restricts the grid to perturbations that raise the
+    training loss by at most that many ``R``.
 
     Args:
-        bounds: which bounds to compute (default: all three).
-        R: the loss's sub-Gaussian constant; default: half the observed range of per-sample
-            training losses (seed 001 E.1 — a heuristic for unbounded losses).
+        bounds: the bounds to compute (default: every one the suite's producers allow).
+        R: the loss's sub-Gaussian constant: a number, ``"quantile"`` (default: half the central 98 %
+            range of the per-sample losses at the current weights) or ``"observed_range"`` (half the
+            range of every per-sample loss seen at an evaluation; one extreme sample decides it).
         num_train: ``n``; default: the training dataset's length.
-        probe_batch_size: samples in each of the two probe sets for ``gap/measured``.
-        num_probe_batches: loader batches concatenated into each probe set.
+        gap_samples: samples of each set for the measured gap (default: the whole sets).
+        gap_batch_size: batch size of the gap evaluation (default: the loaders').
         probe_mode: ``"eval"`` (default) or ``"train"``.
-        loss_fn: the loss contract (default: ``per_sample_loss``).
+        loss_fn: the loss contract (default: ``per_sample_loss``, else captured from ``training_step``).
+        selection_z: the σ selection minimizes ``value + z·SE``.
+        max_loss_increase: exclude σ whose perturbation raises the training-probe loss by more than
+            this many ``R`` (default: all σ allowed, flagged).
+        sensitivity_fill: how a Γ probe at step ``s`` fills its block: ``"scaled"`` (``(τ/s)·Γ``,
+            second order) or ``"block"`` (as is).
+        layer_groups: parameter-name prefix → group name for the layer-wise bounds.
         tensorboard_layout: add the custom-scalars layout.
-        hparams: write the final bounds as HPARAMS metrics at train end.
-        sensitivity_fill: how a ``GradientSensitivity`` probe at step ``s`` fills the steps ``τ`` of
-            its block in Neu's sum: ``"scaled"`` (default) ``(τ/s)·Γ_{σ√s}``, second order in the
-            noise level (exact for a quadratic loss; ``Γ`` grows with ``τ``); ``"block"`` the probe's
-            value as is (SPEC §3's rule, which under-counts, and zeroes the block of the ``s = 0``
-            probe).
+        hparams: write the settings and final bounds as TensorBoard HParams (and ``hparams.yaml``).
+        summary: print the results table at the end of ``fit`` (and write it to the Text tab).
+        prog_bar: show ``headline`` and ``gap/measured`` in the progress bar.
+        headline: the bound shown in the progress bar and first in the tables.
+        overhead_budget: fraction of training time the suite's probes may take (see README).
     """
 
     owner = "GeneralizationBound"
-    needs_train_probe = True
-    needs_heldout_probe = True
+    needs_train_probe = False
+    needs_heldout_probe = False
 
     def __init__(
         self,
         bounds: list[BoundName] | None = None,
-        R: float | None = None,
+        R: float | Literal["quantile", "observed_range"] = "quantile",
         num_train: int | None = None,
-        probe_batch_size: int | None = None,
-        num_probe_batches: int = 1,
+        gap_samples: int | None = None,
+        gap_batch_size: int | None = None,
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
+        selection_z: float = 1.0,
+        max_loss_increase: float | None = None,
+        sensitivity_fill: Literal["scaled", "block"] = "scaled",
+        layer_groups: dict[str, str] | None = None,
         tensorboard_layout: bool = True,
         hparams: bool = True,
-        sensitivity_fill: Literal["scaled", "block"] = "scaled",
+        summary: bool = True,
+        prog_bar: bool = False,
+        headline: BoundName = "wang_mao_eq3",
+        overhead_budget: float | None = None,
+        probe_batch_size: int | None = None,
+        num_probe_batches: int = 1,
     ) -> None:
         super().__init__(every_n_steps=None, every_n_epochs=None, at_train_end=False,
                          probe_batch_size=probe_batch_size, num_probe_batches=num_probe_batches,
-                         probe_mode=probe_mode, loss_fn=loss_fn)
-        self.bounds = list(bounds) if bounds is not None else list(ALL_BOUNDS)
-        unknown = [b for b in self.bounds if b not in ALL_BOUNDS]
-        if unknown or not self.bounds:
-            raise MisconfigurationException(
-                f"GeneralizationBound(bounds={self.bounds}) must be a non-empty subset of {list(ALL_BOUNDS)}"
-            )
-        check_positive("GeneralizationBound", R=R)
-        self.R = R
-        self.num_train = num_train
-        self.tensorboard_layout = tensorboard_layout
-        self.write_hparams = hparams
-        if sensitivity_fill not in ("scaled", "block"):
-            raise MisconfigurationException(
-                f"GeneralizationBound(sensitivity_fill={sensitivity_fill!r}) must be 'scaled' or 'block'")
-        self.sensitivity_fill = sensitivity_fill
-        # producers
+                         probe_mode=probe_mode, loss_fn=loss_fn, overhead_budget=overhead_budget)
+        o = self.owner
+        self.bounds = None if bounds is None else check_name_list(o, "bounds", bounds, ALL_BOUNDS)
+        if isinstance(R, str):
+            self.R: float | str = check_choice(o, "R", R, ("quantile", "observed_range"))
+        else:
+            self.R = check_float(o, "R", R, low=0.0, low_open=True)
+        self.num_train = check_int(o, "num_train", num_train, optional=True)
+        self.gap_samples = check_int(o, "gap_samples", gap_samples, minimum=2, optional=True)
+        self.gap_batch_size = check_int(o, "gap_batch_size", gap_batch_size, optional=True)
+        self.selection_z = check_float(o, "selection_z", selection_z, low=0.0)
+        self.max_loss_increase = check_float(o, "max_loss_increase", max_loss_increase, low=0.0, low_open=True,
+                                             optional=True)
+        self.sensitivity_fill = check_choice(o, "sensitivity_fill", sensitivity_fill, ("scaled", "block"))
+        self.layer_groups = dict(layer_groups) if layer_groups else None
+        self.tensorboard_layout = check_bool(o, "tensorboard_layout", tensorboard_layout)
+        self.write_hparams = check_bool(o, "hparams", hparams)
+        self.print_summary = check_bool(o, "summary", summary)
+        self.headline = check_choice(o, "headline", headline, ALL_BOUNDS)
+        self.step_log = StepLog(o, prog_bar=(f"bound/{self.headline}", "gap/measured") if check_bool(
+            o, "prog_bar", prog_bar) else (), log_nonfinite=True)
+        self.series = BoundSeries()
+        self.wanted: tuple[str, ...] = ()
+        self.latest: dict[str, float] = {}
+        self.optimizer: str | None = None
+        self.plain_sgd = True
+        self.gap_at_start: float | None = None
+        self.loss_lo, self.loss_hi = math.inf, -math.inf
+        self.r_used: float = math.nan
+        self.evaluations = 0
         self._dispersion: GradientDispersion | None = None
         self._flatness: Flatness | None = None
         self._hessian: HessianTrace | None = None
         self._sensitivity: GradientSensitivity | None = None
         self._heldout: HeldoutGradient | None = None
-        self._trainer: Trainer | None = None
-        # accumulated series (all host floats; checkpointed)
-        self.lrs: list[float] = []
-        self.dispersion_steps: list[int] = []
-        self.dispersion_values: list[float] = []
-        self.heldout_steps: list[int] = []
-        self.heldout_values: list[float] = []
-        self.sensitivity_steps: list[int] = []
-        self.sensitivity_values: list[list[float]] = []
-        self.sensitivity_se: list[list[float]] = []
-        self.flatness_record: dict[str, Any] | None = None
-        self.curvature_record: dict[str, Any] | None = None
-        self.latest: dict[str, float] = {}
-        self.optimizer: str | None = None
+        self._gap: GapEvaluation | None = None
+        self._summary = RunSummary()
         self._n: int | None = None
         self._d: int | None = None
+        self._groups: dict[str, list[str]] = {}
         self._warned: set[str] = set()
         self._evaluated_step: int | None = None
-        self.gap_at_start: float | None = None
+        self._trainer: Trainer | None = None
+        self._budget_state: dict | None = None
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(bounds=self.bounds)
+        return "GeneralizationBound"  # one per Trainer; stable across argument changes
 
     @property
     def sigmas(self) -> list[float]:
@@ -191,138 +173,152 @@ class GeneralizationBound(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._trainer = trainer
-        found: dict[type, list] = {}
-        for cb in trainer.callbacks:
-            for kind in (GradientDispersion, Flatness, HessianTrace, GradientSensitivity, HeldoutGradient):
-                if isinstance(cb, kind):
-                    found.setdefault(kind, []).append(cb)
-        flats = [f for f in found.get(Flatness, []) if f.scaling == "sqrt_steps"]
-        sens = [s for s in found.get(GradientSensitivity, []) if s.growing]
-        self._dispersion = next(iter(found.get(GradientDispersion, [])), None)
-        self._flatness = next(iter(flats), None)
-        self._hessian = next(iter(found.get(HessianTrace, [])), None)
-        self._sensitivity = next(iter(sens), None)
-        self._heldout = next(iter(found.get(HeldoutGradient, [])), None)
-        missing = []
-        if self._dispersion is None:
-            missing.append("GradientDispersion() — the trajectory terms (all bounds)")
-        if self._flatness is None and {"wang_mao_eq2", "neu"} & set(self.bounds):
-            missing.append('Flatness(scaling="sqrt_steps") — the flatness term γ(W_T, ·; σ√T) (wang_mao_eq2, neu)')
-        if self._hessian is None and "wang_mao_eq3" in self.bounds:
-            missing.append("HessianTrace() — Tr H(W_T) (wang_mao_eq3)")
-        if self._sensitivity is None and "neu" in self.bounds:
-            missing.append("GradientSensitivity(growing=True) — Γ at σ√(t−1) (neu)")
-        if missing:
-            raise MisconfigurationException(
-                f"GeneralizationBound(bounds={self.bounds}) needs these callbacks in the same Trainer: "
-                + "; ".join(missing)
-                + ". Add them to `trainer.callbacks`, or restrict `bounds=`."
-            )
-        if self._sensitivity is not None and self._flatness is not None and "neu" in self.bounds:
+        if sum(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks) > 1:
+            raise MisconfigurationException("Only one GeneralizationBound per Trainer: it aggregates the whole suite.")
+        pick = _first_of(trainer)
+        self._dispersion = pick(GradientDispersion)
+        self._flatness = pick(Flatness, lambda f: f.scaling == "sqrt_steps")
+        self._hessian = pick(HessianTrace)
+        self._sensitivity = pick(GradientSensitivity, lambda s: s.growing)
+        self._heldout = pick(HeldoutGradient)
+        self._groups = parameter_groups(pl_module, self.layer_groups)
+        self.wanted = self._resolve_bounds()
+        if self._sensitivity is not None and self._flatness is not None and "neu" in self.wanted:
             if [float(s) for s in self._sensitivity.sigmas] != [float(s) for s in self._flatness.sigmas]:
                 raise MisconfigurationException(
                     "GeneralizationBound(neu): GradientSensitivity(sigmas=…) and Flatness(sigmas=…) must use "
-                    f"the same σ grid; got {self._sensitivity.sigmas} and {self._flatness.sigmas}."
-                )
-        if self._heldout is None and "neu" in self.bounds:
+                    f"the same σ grid; got {self._sensitivity.sigmas} and {self._flatness.sigmas}.")
+        if self._heldout is None and "neu" in self.wanted:
             self._warn_once("no-heldout", "GeneralizationBound: no HeldoutGradient callback, so Neu's V_t is "
                             "replaced by grad/dispersion (which misses the train/test mismatch).")
-        assert self._dispersion is not None
-        self._dispersion.channel.subscribe(self._on_dispersion)
-        if self._flatness is not None:
-            self._flatness.channel.subscribe(self._on_flatness)
-        if self._hessian is not None:
-            self._hessian.channel.subscribe(self._on_curvature)
-        if self._sensitivity is not None:
-            self._sensitivity.channel.subscribe(self._on_sensitivity)
-        if self._heldout is not None:
-            self._heldout.channel.subscribe(self._on_heldout)
+        for producer, handler in self._subscriptions():
+            producer.channel.subscribe(handler)
         self._d = num_trainable(pl_module)
+        self._trainer = trainer
+        params = trainable_parameters(pl_module)
+        self.series.config.setdefault("sigmas", self.sigmas)
+        self.series.config.setdefault("groups", list(self._groups))
+        self.series.config.setdefault("group_sizes", [sum(params[n].numel() for n in members)
+                                                      for members in self._groups.values()])
+        self._gap = GapEvaluation(self.owner, self.gap_samples, self.gap_batch_size, self.probe_mode)
+
+    def _subscriptions(self) -> list[tuple[Any, Callable]]:
+        s = self.series
+        pairs = [(self._dispersion, s.on_dispersion), (self._flatness, s.on_flatness), (self._hessian, s.on_curvature),
+                 (self._sensitivity, s.on_sensitivity), (self._heldout, s.on_heldout)]
+        return [(p, h) for p, h in pairs if p is not None]
+
+    def _resolve_bounds(self) -> tuple[str, ...]:
+        need = {
+            "wang_mao_eq2": [("GradientDispersion()", self._dispersion),
+                             ('Flatness(scaling="sqrt_steps")', self._flatness)],
+            "wang_mao_eq3": [("GradientDispersion()", self._dispersion), ("HessianTrace()", self._hessian)],
+            "neu": [("GradientDispersion()", self._dispersion), ('Flatness(scaling="sqrt_steps")', self._flatness),
+                    ("GradientSensitivity(growing=True)", self._sensitivity)],
+        }
+        need.update({"wang_mao_eq2_error": need["wang_mao_eq2"], "neu_error": need["neu"],
+                     "wang_mao_eq2_layerwise": need["wang_mao_eq2"], "wang_mao_eq3_layerwise": need["wang_mao_eq3"],
+                     "neu_layerwise": need["neu"]})
+        if self.bounds is not None:
+            missing = sorted({f"{what} (for {name})" for name in self.bounds for what, cb in need[name] if cb is None})
+            if missing:
+                raise MisconfigurationException(
+                    f"GeneralizationBound(bounds={self.bounds}) needs these callbacks in the same Trainer: "
+                    + "; ".join(missing) + ". Add them to `trainer.callbacks`, or restrict `bounds=`.")
+            return tuple(self.bounds)
+        wanted = tuple(name for name in ALL_BOUNDS if all(cb is not None for _, cb in need[name])
+                       and not (name in LAYERWISE and len(self._groups) < 2))
+        if not wanted:
+            raise MisconfigurationException(
+                "GeneralizationBound needs GradientDispersion() and at least one of Flatness(scaling=\"sqrt_steps\") "
+                "(wang_mao_eq2; with GradientSensitivity(growing=True) also neu) or HessianTrace() (wang_mao_eq3) in the "
+                "same Trainer (see configs/digits_mlp.yaml for the whole suite).")
+        return wanted
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        for producer, fn in ((self._dispersion, self._on_dispersion), (self._flatness, self._on_flatness),
-                             (self._hessian, self._on_curvature), (self._sensitivity, self._on_sensitivity),
-                             (self._heldout, self._on_heldout)):
-            if producer is not None:
-                producer.channel.unsubscribe(fn)
-
-    # ------------------------------------------------------------------ channel handlers
-    def _on_dispersion(self, records: list[DispersionRecord]) -> None:
-        for r in records:
-            self.dispersion_steps.append(r.step)
-            self.dispersion_values.append(r.dispersion)
-
-    def _on_heldout(self, records: list[HeldoutRecord]) -> None:
-        for r in records:
-            self.heldout_steps.append(r.step)
-            self.heldout_values.append(r.heldout_dist_sq)
-
-    def _on_sensitivity(self, records: list[SensitivityRecord]) -> None:
-        for r in records:
-            self.sensitivity_steps.append(r.step)
-            self.sensitivity_values.append(list(r.growing_value))
-            self.sensitivity_se.append(list(r.growing_standard_error))
-
-    def _on_flatness(self, records: list[FlatnessRecord]) -> None:
-        self.flatness_record = asdict(records[-1])
-
-    def _on_curvature(self, records: list[CurvatureRecord]) -> None:
-        self.curvature_record = asdict(records[-1])
+        for producer, handler in self._subscriptions():
+            producer.channel.unsubscribe(handler)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.tensorboard_layout and trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_custom_scalars(self.tensorboard_layout_dict())
+        if self.tensorboard_layout:
+            self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        assert self.contract is not None and self._gap is not None
         self._n = self.num_train or training_set_size(trainer)
         if self._n is None:
             raise MisconfigurationException(
-                "GeneralizationBound could not determine the number of training samples n; pass num_train=..."
-            )
+                "GeneralizationBound could not determine the number of training samples n; pass num_train=...")
+        if self._budget_state and self.budget is not None:
+            self.budget.load_state_dict(self._budget_state)
+        self._gap.prepare(trainer, self.contract)
+        self.heldout_available = self._gap.heldout_available
+        if not self.contract.errors_available:
+            self.wanted = tuple(b for b in self.wanted if b not in ERROR)
         if trainer.optimizers:
-            self.optimizer, plain = describe_optimizer(trainer.optimizers[0])
-            if not plain:
+            self.optimizer, self.plain_sgd = describe_optimizer(trainer.optimizers[0])
+            if not self.plain_sgd:
                 self._warn_once("optimizer", f"GeneralizationBound: the optimizer is {self.optimizer}, not plain SGD; "
-                                "the bounds take η_t·ḡ_B as the step, which is then a heuristic.")
+                                "the bounds take η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1).")
             for config in getattr(trainer, "lr_scheduler_configs", []):
                 if type(config.scheduler).__name__ == "ReduceLROnPlateau":
                     self._warn_once("plateau", "GeneralizationBound: ReduceLROnPlateau makes the learning-rate "
                                     "schedule data-dependent, which the bounds exclude.")
-        skipped = [b for b in self.bounds if b in ("wang_mao_eq2", "neu")]
-        if not self.heldout_available and skipped:
-            self._warn_once("no-val", f"GeneralizationBound: without held-out data the flatness term γ(S) − γ(S') "
-                            f"and gap/measured cannot be measured, so {skipped} are skipped.")
+        if not self.heldout_available:
+            self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
+                            "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
+        self._set_neu_shape(pl_module)
         if trainer.global_step == 0 and self.heldout_available:
-            self.gap_at_start = self._measured_gap(trainer, pl_module)
-            self._log_values(trainer, pl_module, {"gap/measured": self.gap_at_start, "gap/measured_change": 0.0},
-                             log=True)
+            gap = self._measure_gap(trainer, pl_module)
+            self.gap_at_start = gap.get("gap/measured")
+            self._log(trainer, pl_module, {**gap, "gap/measured_change": 0.0}, log=True)
+
+    def _set_neu_shape(self, pl_module: LightningModule) -> None:
+        """Neu's block shape: the per-group RMS of the initial weights (data-independent, §9.4)."""
+        if "neu_layerwise" not in self.wanted or self._sensitivity is None or len(self._groups) < 2:
+            return
+        shape = self.series.config.get("neu_shape")
+        params = trainable_parameters(pl_module)
+        d_blocks = [sum(params[n].numel() for n in members) for members in self._groups.values()]
+        if shape is None:
+            sq = [sum(float(params[n].detach().double().square().sum()) for n in members)
+                  for members in self._groups.values()]
+            shape = init_rms_shape(sq, d_blocks).tolist()
+            self.series.config["neu_shape"] = shape
+        names = list(params)
+        group_of = {n: gi for gi, members in enumerate(self._groups.values()) for n in members}
+        self._sensitivity.set_shape(list(shape), {n: group_of[n] for n in names})
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        self.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         pass  # evaluated at validation epoch end and train end only
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.enable_validation:  # no validation loop: evaluate at every epoch end instead
+        if not trainer.enable_validation and self._affordable():  # no validation loop: every epoch end instead
             self.evaluate(trainer, pl_module, log=True)
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        self.evaluate(trainer, pl_module, log=True)
+        if self._affordable():
+            self.evaluate(trainer, pl_module, log=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._evaluated_step != trainer.global_step:  # not already evaluated at these weights
+        if self._evaluated_step != trainer.global_step:  # the final weights are always evaluated
             self.evaluate(trainer, pl_module, log=False)
-        if self.write_hparams and trainer.is_global_zero:
-            self._write_hparams(trainer, pl_module)
+        self.step_log.report_skipped(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.write_hparams:
+            self._summary.write_hparams(trainer, pl_module, self)
+        if self.print_summary:
+            self._summary.print_table(trainer, self)
 
     # ------------------------------------------------------------------ evaluation
     def _warn_once(self, key: str, message: str) -> None:
@@ -330,189 +326,154 @@ class GeneralizationBound(ProbeCallback):
             self._warned.add(key)
             rank_zero_warn(message)
 
-    def _measured_gap(self, trainer: Trainer, pl_module: LightningModule) -> float:
-        assert self._loss_fn is not None
-        from genbounds.callbacks.isolation import isolated_pass
+    def _measure_gap(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        assert self._gap is not None and self.budget is not None
+        with self.budget.timed(self.owner):
+            result = self._gap.measure(trainer, pl_module)
+        if result.losses.size:
+            finite = result.losses[np.isfinite(result.losses)]
+            if finite.size:
+                self.loss_lo = min(self.loss_lo, float(finite.min()))
+                self.loss_hi = max(self.loss_hi, float(finite.max()))
+        if result.dropped:
+            self._warn_once("gap-nonfinite", f"GeneralizationBound: {result.dropped} per-sample losses were NaN/inf "
+                            "at an evaluation; they are left out of gap/measured (and R) and counted.")
+        if result.heldout_short:
+            self._warn_once("gap-short", f"GeneralizationBound: {result.heldout_short}")
+        self._r_from(result.losses)
+        return result.values
 
-        with isolated_pass(pl_module, mode=self.probe_mode, grad=False):
-            train = per_sample_losses(pl_module, self._loss_fn, self.train_probe).double().mean()
-            held = per_sample_losses(pl_module, self._loss_fn, self.heldout_probe).double().mean()
-            train, held = reduce_all([train, held], self.reducer(trainer))
-        return float(held - train)
-
-    def _loss_range_r(self, trainer: Trainer) -> float:
-        if self.R is not None:
-            return float(self.R)
-        assert self._dispersion is not None
-        rng = self._dispersion.loss_range  # folded over the ranks by the flush evaluate() starts with
-        if rng is None or not math.isfinite(rng[1] - rng[0]):
-            return math.nan
-        return (rng[1] - rng[0]) / 2.0
+    def _r_from(self, losses: np.ndarray) -> None:
+        if isinstance(self.R, float):
+            self.r_used = self.R
+        elif self.R == "observed_range":
+            self.r_used = observed_range_r(self.loss_lo, self.loss_hi)
+        else:
+            self.r_used = quantile_range_r(losses, DEFAULT_ALPHA)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool) -> dict[str, float]:
         """Flush the producers, request the end-of-run measurements, compute and log the bounds."""
         if trainer.sanity_checking or self._dispersion is None:
             return {}
+        assert self.budget is not None
         self._evaluated_step = int(trainer.global_step)
-        self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
-        for producer in (self._flatness, self._hessian):
-            if producer is not None and producer.active:
-                producer.probe_now(trainer, pl_module, log=log, epoch_end=True)
-        values = self.compute(trainer.global_step, self._loss_range_r(trainer))
-        if self.heldout_available:
-            values["gap/measured"] = self._measured_gap(trainer, pl_module)
-            if self.gap_at_start is not None:
-                values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
-        self._log_values(trainer, pl_module, values, log=log)
+        with progress_status(trainer, "GeneralizationBound: computing the bounds…"):
+            self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
+            if self._hessian is not None and self._hessian.active:
+                self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
+            values: dict[str, float] = {}
+            if self.heldout_available:
+                values.update(self._measure_gap(trainer, pl_module))
+            elif not isinstance(self.R, float):
+                self.r_used = math.nan
+            inputs = self._inputs(trainer)
+            if self._flatness is not None and self._flatness.active and inputs is not None:
+                shapes = [s for s in (wang_mao_shape(inputs), self.series.config.get("neu_shape")) if s is not None]
+                names = list(trainable_parameters(pl_module))
+                group_of = {n: gi for gi, members in enumerate(self._groups.values()) for n in members}
+                self._flatness.measure_shapes(trainer, pl_module, [list(map(float, s)) for s in shapes],
+                                              {n: group_of[n] for n in names}, log=log)
+                inputs = self._inputs(trainer)
+            with self.budget.timed(self.owner):
+                values.update(self._compute(inputs))
+        if "gap/measured" in values and self.gap_at_start is not None:
+            values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
+        values.update(validity(values, self.wanted))
+        values["bound/heuristic"] = float(not self.plain_sgd)
+        values["perf/overhead"] = self.budget.overhead
+        self._report(values)
+        self.evaluations += 1
+        self._log(trainer, pl_module, values, log=log)
         return values
 
-    def compute(self, total_steps: int, r: float) -> dict[str, float]:
-        """The bounds from the accumulated series (pure: no model access)."""
-        T = min(total_steps, len(self.lrs))
-        if T == 0 or not self.dispersion_steps or self._n is None or self._d is None:
-            return {}
-        n, d = self._n, self._d
-        eta = np.asarray(self.lrs[:T], dtype=np.float64)
-        vhat = expand_blocks(self.dispersion_steps, self.dispersion_values, T)
-        out: dict[str, float] = {"bound/R": r, "bound/n": float(n), "bound/d": float(d), "bound/T": float(T)}
-        sigmas = self.sigmas
-        flat = self._flatness_at(T)
-        if "wang_mao_eq3" in self.bounds:
-            rec = self.curvature_record
-            if rec is not None and rec["step"] == T and rec["hessian_trace"] is not None:
-                eq3 = wang_mao_eq3(r, T, rec["hessian_trace"], float(np.sum(eta**2 * np.maximum(vhat, 0.0))), n,
-                                   rec["hessian_trace_se"])
-                if eq3 is None:
-                    self._warn_once("trace", "GeneralizationBound: Tr H ≤ 0 at the evaluated weights, so "
-                                    "Wang–Mao Eq. 3 is undefined there and not logged.")
-                else:
-                    out.update({
-                        "bound/wang_mao_eq3": eq3.value,
-                        "bound/wang_mao_eq3_se": eq3.standard_error,
-                        "bound/trajectory_factor_wang_mao_eq3": eq3.trajectory_factor,
-                        "bound/flatness_factor_wang_mao_eq3": eq3.flatness_factor,
-                        "bound/sigma_star_wang_mao_eq3": eq3.sigma_star,
-                    })
-        if "wang_mao_eq2" in self.bounds and flat is not None:
-            eq2 = wang_mao_eq2(eta, vhat, r, n, d, sigmas, flat["term"], flat["term_se"])
-            out.update({
-                "bound/wang_mao_eq2": eq2.value,
-                "bound/wang_mao_eq2_se": eq2.standard_error,
-                "bound/sigma_wang_mao": eq2.sigma,
-                "bound/trajectory_wang_mao": eq2.trajectory[eq2.best],
-                "bound/flatness_wang_mao": eq2.flatness[eq2.best],
-            })
-        if "neu" in self.bounds and flat is not None and self.sensitivity_steps:
-            gamma, fill_weights = growing_level_series(self.sensitivity_steps, self.sensitivity_values, T,
-                                                       self.sensitivity_fill)
-            v = (expand_blocks(self.heldout_steps, self.heldout_values, T) if self.heldout_steps else vhat)
-            order = np.argsort(self.sensitivity_steps, kind="stable")
-            se = np.asarray(self.sensitivity_se, dtype=np.float64)[order]
-            gamma_sum_se = np.sqrt(np.sum(((fill_weights @ eta**2)[:, None] * se) ** 2, axis=0))
-            neu = neu_theorem1(eta, gamma, v, r, n, sigmas, flat["term"], flat["term_se"], gamma_sum_se)
-            out.update({
-                "bound/neu": neu.value,
-                "bound/neu_se": neu.standard_error,
-                "bound/neu_abs": neu.bound_abs[neu.best_abs],
-                "bound/sigma_neu": neu.sigma,
-                "bound/trajectory_neu": neu.trajectory[neu.best],
-                "bound/flatness_neu": neu.flatness[neu.best],
-            })
-            fig_neu, fig_wm = trajectory_comparison(eta, gamma, v, vhat, d, sigmas)
-            for s, a, b in zip(sigmas, fig_neu, fig_wm):
-                out[f"bound/fig1_trajectory_neu/{sigma_tag(s)}"] = a
-                out[f"bound/fig1_trajectory_wang_mao/{sigma_tag(s)}"] = b
-        return out
-
-    def _flatness_at(self, T: int) -> dict[str, Any] | None:
-        rec = self.flatness_record
-        if rec is None or rec["step"] != T or rec["term"] is None:
+    def _inputs(self, trainer: Trainer) -> BoundInputs | None:
+        T = min(int(trainer.global_step), len(self.series.lrs))
+        if self._n is None or self._d is None:
             return None
-        return rec
+        return self.series.inputs(T, self._n, self._d, self.r_used, self.sigmas, self.wanted, z=self.selection_z,
+                                  max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
+                                  grouped=len(self._groups) >= 2)
 
-    def _log_values(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
-        finite = {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
-        if not finite:
-            return
-        self.latest.update(finite)
+    def _compute(self, inputs: BoundInputs | None) -> dict[str, float]:
+        if inputs is None:
+            return {f"bound/{name}": math.nan for name in self.wanted} | {
+                f"bound/{name}_se": math.nan for name in self.wanted}
+        values = compute_bounds(inputs)
+        for note in inputs.notes:
+            key = note.split(":", 1)[0]
+            self._warn_once(key, "GeneralizationBound: " + note.split(":", 1)[-1].strip())
+        return values
+
+    def _report(self, values: dict[str, float]) -> None:
+        err = [values.get(f"bound/{b}", math.nan) for b in ("wang_mao_eq2_error", "neu_error")]
+        finite = [e for e in err if math.isfinite(e) and e >= 0]
+        train_err = values.get("gap/train_error", math.nan)
+        if finite and math.isfinite(train_err):
+            values["bound/test_error_upper"] = min(1.0, train_err + min(finite))
+        elif any(b in self.wanted for b in ERROR):
+            values["bound/test_error_upper"] = math.nan
+        for name in self.wanted:
+            if values.get(f"bound_valid/{name}") == 0.0:
+                v = values.get(f"bound/{name}", math.nan)
+                why = "could not be computed (NaN)" if not math.isfinite(v) else "is below the measured gap"
+                self._warn_once(f"invalid-{name}", f"GeneralizationBound: bound/{name} {why} at step "
+                                f"{self._evaluated_step}: a failed estimate, flagged bound_valid/{name} = 0.")
+            if values.get(f"bound_terms/{name}_sigma_at_edge") == 1.0:
+                self._warn_once(f"edge-{name}", f"GeneralizationBound: bound/{name} is minimized at the edge of the σ "
+                                "grid (bound_terms/…_sigma_at_edge); extend the grid.")
+            if values.get(f"bound_terms/{name}_degenerate") == 1.0:
+                self._warn_once(f"degenerate-{name}", f"GeneralizationBound: at the σ chosen for bound/{name} the "
+                                "perturbation raises the training loss by more than R: its flatness term compares "
+                                "destroyed models and the bound is then close to a held-out estimate of the gap "
+                                "itself. Restrict σ with max_loss_increase=….")
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
+        values = {**values, **margin_values(values)}
+        self.latest.update(values)
         step = weights_step(trainer)
-        self.step_log.record(step, {k: torch.tensor(v, dtype=torch.float64) for k, v in finite.items()})
+        self.step_log.record(step, {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
         self.step_log.flush(trainer, pl_module if log else None, epoch_end=log)
-
-    # ------------------------------------------------------------------ TensorBoard extras
-    @staticmethod
-    def tensorboard_layout_dict() -> dict:
-        return {
-            "genbounds": {
-                "bounds vs measured gap": ["Multiline", [r"^bound/wang_mao_eq2$", r"^bound/wang_mao_eq3$",
-                                                         r"^bound/neu$", r"^bound/neu_abs$", r"^gap/measured$"]],
-                "trajectory vs flatness": ["Multiline", [r"^bound/trajectory_.*", r"^bound/flatness_.*"]],
-                "dispersion and loss": ["Multiline", [r"^grad/dispersion$", r"^train_loss_step$", r"^val_loss$"]],
-                "predicted vs measured change of the gap": ["Multiline", [r"^gap/predicted_cumulative$",
-                                                                         r"^gap/measured_change$"]],
-            }
-        }
-
-    def _write_hparams(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-        metrics = {k: v for k, v in self.latest.items()
-                   if k.startswith(("bound/wang_mao_eq", "bound/neu", "gap/measured", "bound/R"))
-                   and "/" not in k.split("/", 1)[1]}
-        if not metrics:
-            return
-        params: dict[str, Any] = {"optimizer": self.optimizer or "", "bounds": ",".join(self.bounds),
-                                  "sigma_grid": ",".join(f"{s:g}" for s in self.sigmas),
-                                  "n": int(self._n or 0), "d": int(self._d or 0)}
-        if trainer.optimizers:
-            params["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
-        dm = trainer.datamodule
-        if dm is not None and isinstance(getattr(dm, "batch_size", None), int):
-            params["batch_size"] = dm.batch_size
-        for key, value in dict(getattr(pl_module, "hparams", {})).items():
-            if isinstance(value, (int, float, str, bool)):
-                params[f"model/{key}"] = value
-        exp, ssi, sei = hparams_summary(params, metrics)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment._get_file_writer()
-                for summary in (exp, ssi, sei):
-                    writer.add_summary(summary)
-                logger.experiment.add_text("genbounds/optimizer", self.optimizer or "unknown")
-                logger.experiment.flush()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self._trainer is not None and self._dispersion is not None:
+        if self._dispersion is not None and self._trainer is not None:
             self._dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
         state = super().state_dict()
-        state.update(
-            lrs=list(self.lrs),
-            dispersion_steps=list(self.dispersion_steps), dispersion_values=list(self.dispersion_values),
-            heldout_steps=list(self.heldout_steps), heldout_values=list(self.heldout_values),
-            sensitivity_steps=list(self.sensitivity_steps),
-            sensitivity_values=[list(v) for v in self.sensitivity_values],
-            sensitivity_se=[list(v) for v in self.sensitivity_se],
-            flatness_record=self.flatness_record, curvature_record=self.curvature_record,
-            latest=dict(self.latest), optimizer=self.optimizer, warned=sorted(self._warned),
-            evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
-        )
+        state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
+                     warned=sorted(self._warned), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
+                     loss_lo=self.loss_lo, loss_hi=self.loss_hi, evaluations=self.evaluations,
+                     budget=self.budget.state_dict() if self.budget is not None else None)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.lrs = list(state_dict.get("lrs", []))
-        self.dispersion_steps = list(state_dict.get("dispersion_steps", []))
-        self.dispersion_values = list(state_dict.get("dispersion_values", []))
-        self.heldout_steps = list(state_dict.get("heldout_steps", []))
-        self.heldout_values = list(state_dict.get("heldout_values", []))
-        self.sensitivity_steps = list(state_dict.get("sensitivity_steps", []))
-        self.sensitivity_values = [list(v) for v in state_dict.get("sensitivity_values", [])]
-        self.sensitivity_se = [list(v) for v in state_dict.get("sensitivity_se", [])]
-        self.flatness_record = state_dict.get("flatness_record")
-        self.curvature_record = state_dict.get("curvature_record")
+        series = BoundSeries()
+        series.load_state_dict(state_dict.get("series", {}))
+        saved = series.config.get("sigmas")
+        if saved is not None and self._flatness is not None and [float(s) for s in saved] != self.sigmas:
+            raise MisconfigurationException(
+                f"GeneralizationBound: this checkpoint's series were measured on the σ grid {saved}, but the "
+                f"Flatness/GradientSensitivity grid is now {self.sigmas}. Γ and the flatness terms of the two grids "
+                "cannot be mixed: resume with the original grid, or start a new run.")
+        groups = series.config.get("groups")
+        if groups is not None and self._groups and list(groups) != list(self._groups):
+            raise MisconfigurationException(
+                "GeneralizationBound: this checkpoint's per-layer series use the parameter groups "
+                f"{groups}, not {list(self._groups)}: resume with the same model and layer_groups.")
+        self.series.load_state_dict(state_dict.get("series", {}))
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
         self._warned = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
         self.gap_at_start = state_dict.get("gap_at_start")
+        self.loss_lo = float(state_dict.get("loss_lo", math.inf))
+        self.loss_hi = float(state_dict.get("loss_hi", -math.inf))
+        self.evaluations = int(state_dict.get("evaluations", 0))
+        self._budget_state = state_dict.get("budget")
+
+
+def _first_of(trainer: Trainer) -> Callable:
+    def pick(kind: type, accept: Callable[[Any], bool] = lambda _: True) -> Any:
+        return next((cb for cb in trainer.callbacks if isinstance(cb, kind) and accept(cb)), None)
+
+    return pick

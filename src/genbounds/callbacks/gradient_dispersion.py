@@ -9,89 +9,81 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import (
-    MIXED_PRECISIONS,
-    check_automatic_optimization,
-    check_positive,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_float,
+    check_int,
     check_precision,
+    check_single_optimizer,
     check_strategy,
 )
+from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
+from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext
+from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
+from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
+from genbounds.callbacks.dispersion.select import choose_backend
 from genbounds.callbacks.distributed import reduce_moments
-from genbounds.callbacks.isolation import isolated_pass
-from genbounds.callbacks.loss_contract import resolve_loss_fn
-from genbounds.callbacks.step_log import Listener, StepLog, logger_step, is_log_step
-from genbounds.estimators.backpack_norms import BackpackNormHooks, backpack_coverage, has_batchnorm
-from genbounds.estimators.batching import batch_device, batch_size
-from genbounds.estimators.functional import LossFn, dot, per_sample_losses, sq_norm, trainable_parameters
-from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments
-from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
-from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
+from genbounds.callbacks.loss_contract import LossContract
+from genbounds.callbacks.probe import training_trial_batch
+from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
+from genbounds.estimators.batching import batch_size
+from genbounds.estimators.functional import parameter_groups, per_tensor_sq_norms, trainable_parameters
+from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
+from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
-Backend = Literal["auto", "backpack", "functorch", "microbatch"]
-
-_DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
+BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
 
 
 class GradientDispersion(Callback):
     r"""Log the gradient statistics of every training batch (SPEC §1).
 
-    Logged (TensorBoard tags), each describing the batch ``B_t`` at the weights ``W_{t−1}`` the
-    step's gradient is computed at:
+    Logged, each describing the batch ``B_t`` at the weights ``W_{t−1}`` the step's gradient is
+    computed at: ``grad/norm_sq`` ``‖ḡ_B‖²``; ``grad/trace_cov`` ``s² = 1/(b−1) Σ_i ‖g_i − ḡ_B‖²``,
+    unbiased for ``tr Σ`` (``grad/trace_cov_se`` where the backend affords it); ``grad/dispersion``
+    ``s²/b = Tr Σ_B``, the gradient dispersion of Wang & Mao (2022, §5); and per parameter group
+    (layer) ``grad/dispersion/layer/<name>``, which sum to ``grad/dispersion`` exactly.
 
-    * ``grad/norm_sq`` — ``‖ḡ_B‖²``;
-    * ``grad/trace_cov`` — ``s² = 1/(b−1) Σ_i ‖g_i − ḡ_B‖²``, unbiased for ``tr Σ``, the trace of
-      the per-sample gradient covariance (``grad/trace_cov_se``: its standard error where the
-      backend affords it);
-    * ``grad/dispersion`` — ``s²/b = Tr Σ_B``, the trace of the mini-batch gradient covariance:
-      the gradient dispersion of Wang & Mao (2022, §5).
+    Caveats: batches drawn without replacement make ``s²/b`` too large by ``n/(n−b)``; once a model
+    memorizes, ``s²`` measures the *training-set* covariance — :class:`HeldoutGradient` measures
+    the difference.
 
-    It also tracks the smallest and largest per-sample training loss seen (``loss_range``), the
-    observed-range estimate of ``R`` used by the bounds.
+    Backends (``backend``; ``"auto"`` picks the cheapest exact one and says which at the start):
 
-    Caveats: batches drawn without replacement make ``s²/b`` too large by ``n/(n−b)`` (only
-    matters for tiny ``n``); once a model memorizes, ``s²`` measures the *training-set*
-    covariance, smaller than the population one — :class:`HeldoutGradient` measures that gap.
+    * ``"hooks"`` — per-sample squared norms inside the training step's own backward (ghost norms;
+      BackPACK for RNN/LSTM): no extra pass. Needs every trainable parameter in a supported layer
+      and a training loss that is the mean of per-sample losses (the loss contract checks it before
+      step 0). Under train-mode BatchNorm: the per-sample terms of the batch gradient's exact
+      decomposition (an approximation, see the README). ``"backpack"`` is an alias.
+    * ``"functorch"`` — exact per-sample gradients by one extra pass, at most ``memory_budget_mb``
+      MiB of per-sample gradients at a time (any layer but train-mode BatchNorm).
+    * ``"microbatch"`` — SPEC §1's chunk estimator, ``num_chunks`` random chunks, one extra pass:
+      any model; under ``accumulate_grad_batches ≥ 2`` (one process) the accumulation micro-steps
+      are the chunks and nothing extra runs.
 
-    Backends (``backend``):
-
-    * ``"backpack"`` — BackPACK's ``BatchL2Grad`` inside the training step's own backward: no
-      extra pass. Needs every trainable parameter in a layer BackPACK supports (checked at
-      ``setup``: Linear, Conv, Embedding, RNN/LSTM; not LayerNorm, not train-mode BatchNorm),
-      fp32 training, and a training loss equal to the mean of the per-sample losses (checked
-      once, at the first measured step). No standard error.
-    * ``"functorch"`` — exact per-sample gradients with ``torch.func.vmap(grad(...))`` of the loss
-      contract: any layer except train-mode BatchNorm; one extra pass in fp32.
-    * ``"microbatch"`` — SPEC §1's chunk estimator with ``num_chunks`` random chunks: any model,
-      any layer (approximate under train-mode BatchNorm); one extra pass. Under
-      ``accumulate_grad_batches ≥ 2`` (single process) the accumulation micro-steps *are* the
-      chunks and nothing extra is computed.
-    * ``"auto"`` — backpack when it covers the model, else functorch, else microbatch; the choice
-      is logged once at ``setup``.
-
-    Extra passes run in the module's own train/eval mode, in fp32, under a forked RNG, with
-    buffers restored: training is bit-identical with or without this callback. Nothing is
-    copied to the host except on Lightning's logging steps.
+    Extra passes run in the module's own train/eval mode, in fp32, under a forked RNG, with buffers
+    restored: training is bit-identical with or without this callback. Nothing is copied to the host
+    except on Lightning's logging steps.
 
     Args:
         backend: how per-sample statistics are obtained (see above).
         every_n_steps: measure every this many optimizer steps.
         num_chunks: ``k`` for the micro-batch backend (≥ 2).
-        use_accumulation_steps: with ``backend="microbatch"`` and gradient accumulation, use the
-            accumulation micro-steps as chunks instead of an extra pass.
-        chunk_size: the functorch backend vectorizes over at most this many samples at once
-            (bounds memory at ``chunk_size × d`` floats; its SE needs the whole batch at once).
-        loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the module's
-            ``per_sample_loss(batch)`` method.
-        track_loss_range: keep the min/max per-sample training loss at the step's weights ``W_{t−1}``
-            (from the extra pass, or from ``training_step``'s output key ``"per_sample_loss"``; with
-            backpack and no such key, one extra no-grad forward per measured step, before the update).
-        check_loss_contract: verify once that the training loss is the mean of ``loss_fn``'s
-            per-sample losses before trusting the training backward (backpack, accumulation
-            micro-steps); on a mismatch, warn and switch to an extra-pass backend.
+        use_accumulation_steps: with gradient accumulation, use the micro-steps as chunks for
+            ``"microbatch"`` (and for ``"auto"`` under train-mode BatchNorm).
+        chunk_size: samples per vectorized chunk of the functorch backend (default: from
+            ``memory_budget_mb``).
+        memory_budget_mb: MiB of per-sample gradients the functorch backend holds at once.
+        loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the loss contract
+            (``per_sample_loss`` method, else captured from ``training_step``).
+        layer_groups: parameter-name prefix → group name for the per-layer split (default: one
+            group per module that owns parameters).
         prog_bar: show ``grad/dispersion`` in the progress bar.
         seed: seed of this callback's own generator (random chunk assignment).
     """
@@ -103,73 +95,56 @@ class GradientDispersion(Callback):
         num_chunks: int = 4,
         use_accumulation_steps: bool = True,
         chunk_size: int | None = None,
+        memory_budget_mb: float = DEFAULT_MEMORY_BUDGET / 2**20,
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
-        track_loss_range: bool = True,
-        check_loss_contract: bool = True,
+        layer_groups: dict[str, str] | None = None,
         prog_bar: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if backend not in ("auto", "backpack", "functorch", "microbatch"):
-            raise MisconfigurationException(
-                f"GradientDispersion(backend={backend!r}) must be one of "
-                "'auto', 'backpack', 'functorch', 'microbatch'"
-            )
-        check_positive("GradientDispersion", every_n_steps=every_n_steps, chunk_size=chunk_size)
-        if num_chunks < 2:
-            raise MisconfigurationException(f"GradientDispersion(num_chunks={num_chunks}) must be >= 2")
-        self.backend = backend
-        self.every_n_steps = every_n_steps
-        self.num_chunks = num_chunks
-        self.use_accumulation_steps = use_accumulation_steps
-        self.chunk_size = chunk_size
-        self.loss_fn = loss_fn
-        self.track_loss_range = track_loss_range
-        self.check_loss_contract = check_loss_contract
-        self.seed = seed
-        self.step_log = StepLog("GradientDispersion", prog_bar=("grad/dispersion",) if prog_bar else ())
+        owner = "GradientDispersion"
+        self.backend = check_choice(owner, "backend", backend, BACKENDS)
+        self.every_n_steps = check_int(owner, "every_n_steps", every_n_steps)
+        self.num_chunks = check_int(owner, "num_chunks", num_chunks, minimum=2)
+        self.use_accumulation_steps = check_bool(owner, "use_accumulation_steps", use_accumulation_steps)
+        self.chunk_size = check_int(owner, "chunk_size", chunk_size, optional=True)
+        self.memory_budget_mb = check_float(owner, "memory_budget_mb", memory_budget_mb, low=0.0, low_open=True)
+        self.loss_fn = check_callable(owner, "loss_fn", loss_fn)
+        self.layer_groups = dict(layer_groups) if layer_groups else None
+        self.seed = check_int(owner, "seed", seed, minimum=None)
+        self.step_log = StepLog(owner, prog_bar=("grad/dispersion",) if check_bool(owner, "prog_bar", prog_bar) else ())
         self.channel: Channel[DispersionRecord] = Channel()
         self.step_log.add_listener(self._publish)
 
         self.active_backend: str | None = None
-        self.loss_min: Tensor | None = None
-        self.loss_max: Tensor | None = None
         self.measured_steps = 0
-        self._loss_fn: LossFn | None = None
-        self._hooks: BackpackNormHooks | None = None
-        self._params: list[nn.Parameter] = []
-        self._accumulate = 1
-        self._free_chunks = False
-        self._has_bn = False
-        self._scaler = False
-        self._contract_pending = False
-        self._functorch_verified = False
-        self._generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None
-        self._generator_device: str | None = None
-        # per optimizer step ("window" of accumulation micro-steps)
+        self.group_names: list[str] = []
+        self.contract: LossContract | None = None
+        self._loss_fn: Any = None
+        self._impl: DispersionBackend | None = None
+        self._restored_backend: str | None = None
+        self._params: list[Tensor] = []
+        self._groups: list[list[int]] = []
         self._measuring = False
         self._step = 0
         self._batch: Any = None
-        self._train_loss: Tensor | None = None
         self._window: GradientMoments | None = None
-        self._prev_grad: list[Tensor] | None = None
-        self._losses_seen = False
-        self._pending_losses: list[Tensor] = []
-        self._range_losses: Tensor | None = None
-        self._outputs_have_losses = False
-        self._accumulated: list[Tensor] | None = None  # Σ_j m_j·A·δ_j (backpack under accumulation)
+        self._accumulate = 1
+        self._scaler: Any = None
+        self._generator_state: Tensor | None = None
 
-    # ------------------------------------------------------------------ public helpers
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(backend=self.backend, every_n_steps=self.every_n_steps)
+        return self._generate_state_key(every_n_steps=self.every_n_steps)
 
+    # ------------------------------------------------------------------ records
     def _publish(self, records: list) -> None:
         self.channel.publish([
             DispersionRecord(
                 step=r.step, norm_sq=r.values["grad/norm_sq"], trace_cov=r.values["grad/trace_cov"],
                 dispersion=r.values["grad/dispersion"], trace_cov_se=r.values.get("grad/trace_cov_se"),
+                groups=[r.values[f"grad/dispersion/layer/{g}"] for g in self.group_names]
+                if f"grad/dispersion/layer/{self.group_names[0]}" in r.values else None,
             )
             for r in records
         ])
@@ -179,17 +154,8 @@ class GradientDispersion(Callback):
         self.step_log.add_listener(listener)
 
     def flush(self, trainer: Trainer, pl_module: LightningModule | None = None, epoch_end: bool = False) -> None:
-        """Log and dispatch the buffered records; fold the buffered losses (all ranks call it)."""
-        self._fold_losses(trainer)
+        """Log and dispatch the buffered records (all ranks call it)."""
         self.step_log.flush(trainer, pl_module, epoch_end=epoch_end)
-
-    @property
-    def loss_range(self) -> tuple[float, float] | None:
-        """``(min, max)`` per-sample training loss observed so far (host sync)."""
-        self._fold_losses()
-        if self.loss_min is None or self.loss_max is None:
-            return None
-        return float(self.loss_min), float(self.loss_max)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -197,315 +163,127 @@ class GradientDispersion(Callback):
             return
         owner = "GradientDispersion"
         check_strategy(owner, trainer)
-        check_automatic_optimization(owner, pl_module)
-        precision = check_precision(owner, trainer)
-        self._loss_fn = resolve_loss_fn(owner, pl_module, self.loss_fn)
+        check_precision(owner, trainer)
+        check_single_optimizer(owner, pl_module)
+        self.contract = LossContract.shared(pl_module)
+        self._loss_fn = self.contract.register(owner, self.loss_fn, per_sample=self.backend == "functorch",
+                                               what="exact per-sample gradients (backend='functorch')")
+        groups = parameter_groups(pl_module, self.layer_groups)
+        names = list(trainable_parameters(pl_module))
+        self.group_names = list(groups)
+        self._groups = [[names.index(n) for n in members] for members in groups.values()]
         self._accumulate = int(trainer.accumulate_grad_batches)
-        self._has_bn = has_batchnorm(pl_module)
-        mixed = precision in MIXED_PRECISIONS
-        self._scaler = precision == "16-mixed"
-        self.active_backend = self._choose_backend(pl_module, mixed)
-        self._free_chunks = (
-            self.active_backend == "microbatch"
-            and self.use_accumulation_steps
-            and self._accumulate >= 2
-            and trainer.world_size == 1
-        )
-        reads_training_backward = self.active_backend == "backpack" or self._free_chunks
-        self._contract_pending = self.check_loss_contract and reads_training_backward and not self._scaler
-        how = {
-            "backpack": "BackPACK BatchL2Grad in the training backward",
-            "functorch": "torch.func per-sample gradients (one extra pass)",
-            "microbatch": (
-                f"the {self._accumulate} gradient-accumulation micro-steps as chunks (no extra pass)"
-                if self._free_chunks
-                else f"{self.num_chunks} random micro-batch chunks (one extra pass)"
-            ),
-        }[self.active_backend]
-        rank_zero_info(f"GradientDispersion: backend={self.active_backend!r} — {how}.")
 
-    def _choose_backend(self, pl_module: LightningModule, mixed: bool) -> str:
-        coverage = backpack_coverage(pl_module)
-        blockers = []
-        if mixed:
-            blockers.append(
-                "mixed precision (BackPACK would sum squares of float16/bfloat16 activations, "
-                "which overflow or lose the digits the covariance trace needs)"
-            )
-        if not coverage.complete:
-            blockers.append(
-                f"BackPACK covers {100 * coverage.fraction:.1f}% of the trainable parameters, "
-                f"not {coverage.describe()}"
-            )
-        if self.backend == "backpack":
-            if blockers:
-                raise MisconfigurationException(
-                    "GradientDispersion(backend='backpack') cannot measure this model: "
-                    + "; ".join(blockers)
-                    + ". Use backend='functorch' (exact, any layer but train-mode BatchNorm), "
-                    "'microbatch' (any model) or 'auto'."
-                )
-            self._hooks = BackpackNormHooks(coverage.covered_modules)
-            return "backpack"
-        if self.backend == "functorch":
-            if self._has_bn:
-                raise MisconfigurationException(
-                    "GradientDispersion(backend='functorch') cannot give per-sample gradients of a "
-                    "model with BatchNorm in train mode (it couples the samples of a batch); use "
-                    "backend='microbatch' or 'auto'."
-                )
-            return "functorch"
-        if self.backend == "microbatch":
-            return "microbatch"
-        if not blockers:
-            self._hooks = BackpackNormHooks(coverage.covered_modules)
-            return "backpack"
-        fallback = "microbatch" if self._has_bn else "functorch"
-        rank_zero_warn(
-            "GradientDispersion(backend='auto'): not using BackPACK because of "
-            + "; ".join(blockers)
-            + f". Falling back to {fallback!r}"
-            + (" (train-mode BatchNorm has no per-sample gradients)." if self._has_bn else ".")
-        )
-        return fallback
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.contract is not None
+        loader = trainer.train_dataloader
+        size = getattr(loader, "batch_size", None)
+        if isinstance(size, int) and size * self._accumulate < 2:
+            raise MisconfigurationException(
+                f"GradientDispersion: batches of {size} sample(s) (accumulate_grad_batches={self._accumulate}) have "
+                "no spread to measure; use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
+        self.contract.resolve(trainer, pl_module, training_trial_batch(trainer, self.seed))
+        self._params = list(trainable_parameters(pl_module).values())
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+        requested = self._restored_backend or self.backend
+        backend, note = choose_backend(
+            requested, trainer, pl_module, self.contract, parameter_groups(pl_module, self.layer_groups),
+            loss_fn=self._loss_fn, num_chunks=self.num_chunks, chunk_size=self.chunk_size, memory_budget=int(self.memory_budget_mb * 2**20),
+            use_accumulation_steps=self.use_accumulation_steps, seed=self.seed)
+        if isinstance(backend, MicrobatchBackend):
+            backend.generator_state = self._generator_state
+        self._use(backend, pl_module)
+        if note:
+            rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
+        rank_zero_info(f"GradientDispersion: backend={backend.name!r} — {backend.description}.")
+
+    def _use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
+        if self._impl is not None:
+            self._impl.detach()
+        self._impl = backend
+        self.active_backend = "accumulation" if isinstance(backend, AccumulationBackend) else backend.name
+        backend.attach(pl_module)
+
+    def _fallback(self, pl_module: LightningModule, trainer: Trainer) -> None:
+        """After a backend failed on this model: the next exact option, else micro-batches."""
+        assert self.contract is not None and self._impl is not None
+        failed = self._impl.name
+        if failed == "hooks" and self.contract.per_sample and not _has_train_batchnorm(pl_module):
+            method = self.contract.per_sample_method
+            nxt: DispersionBackend = PerSampleBackend(self._loss_fn, method, self.chunk_size,
+                                                      int(self.memory_budget_mb * 2**20))
+        elif self._accumulate >= 2 and trainer.world_size == 1 and self.use_accumulation_steps:
+            nxt = AccumulationBackend(self._accumulate)
+        else:
+            nxt = MicrobatchBackend(self._loss_fn, self.num_chunks, self.seed)
+        self._use(nxt, pl_module)
 
     # ------------------------------------------------------------------ per batch
-    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
-            self._start_window(trainer, pl_module)
-        self._losses_seen = False
-        if not self._measuring:
-            return
-        self._batch = batch
-        if self.active_backend == "backpack":
-            assert self._hooks is not None
-            self._hooks.attach()
+    def _context(self, trainer: Trainer, pl_module: LightningModule) -> StepContext:
+        scale: Tensor | float = 1.0
+        if self._scaler is not None and getattr(self._scaler, "_scale", None) is not None:
+            scale = self._scaler._scale.reshape(())
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+        m = batch_size(self._batch) if self._batch is not None else 0
+        return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
+                           {"grads": grads, "scaler": self._scaler is not None})
 
-    def _start_window(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._window = None
-        self._prev_grad = None
-        self._accumulated = None
-        self._step = logger_step(trainer)
-        self._measuring = trainer.global_step % self.every_n_steps == 0
-        if self._measuring and not self._params:
-            self._params = list(trainable_parameters(pl_module).values())
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        assert self._impl is not None
+        if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
+            self._window = None
+            self._step = logger_step(trainer)
+            self._measuring = trainer.global_step % self.every_n_steps == 0
+            self._impl.start_window(self._measuring)
+        if self._measuring:
+            self._batch = batch
+            self._impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if not self._measuring:
-            return
-        self._train_loss = loss.detach()
-        if self.active_backend == "backpack" and self._hooks is not None and self._hooks.attached:
-            self._hooks.enter_backward()
+        if self._measuring and self._impl is not None:
+            self._impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._measuring or self._batch is None:
+        if not self._measuring or self._batch is None or self._impl is None:
             return
-        batch = self._batch
-        m = batch_size(batch)
-        moments: GradientMoments | None = None
-        if self.active_backend == "backpack":
-            assert self._hooks is not None
-            self._hooks.exit_backward()
-            read = self._hooks.read(scale=m * self._accumulate)
-            self._hooks.detach()
-            if self._contract_pending and not self._loss_contract_holds(pl_module, batch):
-                self.active_backend = "microbatch" if self._has_bn else "functorch"
-            elif read is None:
-                rank_zero_warn(
-                    "GradientDispersion: BackPACK produced no per-sample norms for a covered layer "
-                    "(a layer unused in this step?); switching to backend='functorch'."
-                )
-                self.active_backend = "functorch"
-            else:
-                moments = GradientMoments(read[0], m, m)
-                if self._accumulate >= 2 and trainer.world_size == 1:
-                    # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for full windows of
-                    # equal micro-batches: keep Σ_j m_j h_j from the micro-steps' gradient deltas
-                    part = [m * self._accumulate * d for d in self._grad_delta()]
-                    self._accumulated = part if self._accumulated is None else [
-                        a + p for a, p in zip(self._accumulated, part)]
-        elif self._free_chunks:
-            if self._contract_pending and not self._loss_contract_holds(pl_module, batch):
-                self._free_chunks = False
-            else:
-                moments = self._accumulation_chunk(m)
-        if moments is None:
-            moments = self._extra_pass(pl_module, batch)
-        if moments is None:
-            return
-        if moments.losses is not None:
-            self._update_loss_range(moments.losses)
-            self._losses_seen = True
-        self._window = moments if self._window is None else self._window.merged(moments)
-        if moments.losses is None and self.track_loss_range and not self._outputs_have_losses:
-            # the per-sample losses at W_{t−1} (the step's own weights) for the loss range R
-            with isolated_pass(pl_module, mode="keep", grad=False):
-                self._range_losses = per_sample_losses(pl_module, self._loss_fn, batch).detach()
+        moments = self._impl.after_backward(self._context(trainer, pl_module))
         self._batch = None
-
-    def _grad_delta(self) -> list[Tensor]:
-        """What this accumulation micro-step's backward added to ``.grad``: ``S·h_j/A`` (``h_j`` its
-        mean gradient, ``S`` the AMP loss scale, ``A`` the accumulation factor)."""
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
-        if self._prev_grad is None:
-            delta = [g.clone() for g in grads]
-            self._prev_grad = [g.clone() for g in grads]
-        else:
-            delta = [g - prev for g, prev in zip(grads, self._prev_grad)]
-            for prev, g in zip(self._prev_grad, grads):
-                prev.copy_(g)
-        return delta
-
-    def _accumulation_chunk(self, m: int) -> GradientMoments:
-        """Chunk moments from the micro-step's gradient delta (in ``.grad`` units; unscaled at the step)."""
-        delta = self._grad_delta()
-        return GradientMoments(m * sq_norm(delta), m, 1, weighted_sum=[m * d for d in delta])
-
-    def _extra_pass(self, pl_module: LightningModule, batch: Any) -> GradientMoments | None:
-        assert self._loss_fn is not None
-        with isolated_pass(pl_module, mode="keep"):
-            if self.active_backend == "functorch":
-                try:
-                    moments = per_sample_gradient_moments(
-                        pl_module, self._loss_fn, batch, chunk_size=self.chunk_size
-                    )
-                    self._functorch_verified = True
-                    return moments
-                except Exception as err:  # noqa: BLE001 - never crash mid-training
-                    if self._functorch_verified:
-                        raise
-                    rank_zero_warn(
-                        "GradientDispersion(backend='functorch'): torch.func could not compute "
-                        f"per-sample gradients of this model ({type(err).__name__}: {err}); "
-                        "switching to backend='microbatch'."
-                    )
-                    self.active_backend = "microbatch"
-            if batch_size(batch) < 2:
-                return None
-            return microbatch_gradient_moments(
-                pl_module, self._loss_fn, batch, self.num_chunks, generator=self._rng(batch)
-            )
-
-    def _rng(self, batch: Any) -> torch.Generator:
-        device = batch_device(batch)
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._generator_state is not None and self._generator_device == device.type:
-                self._generator.set_state(self._generator_state)
-        return self._generator
-
-    def _loss_contract_holds(self, pl_module: LightningModule, batch: Any) -> bool:
-        """Once: is the training loss the mean of ``loss_fn``'s per-sample losses? (One host
-        sync.) Skipped when dropout is active — the two forwards would draw different masks."""
-        self._contract_pending = False
-        if self._train_loss is None or _has_active_dropout(pl_module):
-            return True
-        assert self._loss_fn is not None
-        with isolated_pass(pl_module, mode="keep", grad=False):
-            reference = per_sample_losses(pl_module, self._loss_fn, batch).double().mean()
-        observed = self._train_loss.double() * self._accumulate
-        tol = 1e-4 if str(pl_module.trainer.precision) not in MIXED_PRECISIONS else 3e-2
-        ok = bool(torch.isclose(observed, reference.to(observed.device), rtol=tol, atol=1e-7))
-        if not ok:
-            fallback = "an extra-pass estimator"
-            rank_zero_warn(
-                "GradientDispersion: the training loss "
-                f"({float(observed):.6g}) is not the mean of the per-sample losses from loss_fn "
-                f"({float(reference):.6g}), so statistics read from the training backward would be "
-                f"wrong (a sum reduction? a regularizer?). Switching to {fallback} on loss_fn."
-            )
-        return ok
-
-    def _update_loss_range(self, losses: Tensor) -> None:
-        """Buffer the per-sample losses; they are folded into the running min/max at flush."""
-        if self.track_loss_range and losses.numel() > 0:
-            self._pending_losses.append(losses.detach().reshape(-1))
-
-    def _fold_losses(self, trainer: Trainer | None = None) -> None:
-        """Fold the buffered losses into ``loss_min``/``loss_max`` (non-finite ones ignored),
-        reduced over DDP ranks when a multi-process trainer is given."""
-        if not self._pending_losses and (trainer is None or trainer.world_size == 1):
+        if moments is None:
+            if getattr(self._impl, "failed", None) is not None:
+                self._fallback(pl_module, trainer)
+                self._measuring = False  # this window is incomplete: skip it
             return
-        losses = torch.cat(self._pending_losses).double() if self._pending_losses else None
-        self._pending_losses = []
-        if losses is not None:
-            lo = losses.nan_to_num(nan=float("inf")).min()
-            hi = losses.nan_to_num(nan=float("-inf")).max()
-            self.loss_min = lo if self.loss_min is None else torch.fmin(self.loss_min.to(lo.device), lo)
-            self.loss_max = hi if self.loss_max is None else torch.fmax(self.loss_max.to(hi.device), hi)
-        if trainer is not None and trainer.world_size > 1:
-            device = trainer.strategy.root_device
-            inf = torch.tensor(float("inf"), dtype=torch.float64, device=device)
-            lo = inf if self.loss_min is None else self.loss_min.to(device)
-            hi = -inf if self.loss_max is None else self.loss_max.to(device)
-            both = trainer.strategy.reduce(torch.stack([-lo, hi]), reduce_op=torch.distributed.ReduceOp.MAX)
-            self.loss_min, self.loss_max = -both[0], both[1]
+        self._window = moments if self._window is None else self._window.merged(moments)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if not self._measuring or self._window is None:
+        if not self._measuring or self._impl is None:
             return
         window, self._window = self._window, None
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
-        mean_sq: Tensor | None = None
-        if self.active_backend == "backpack":
-            if self._accumulated is not None:
-                b = int(window.num_samples)
-                mean_sq = sq_norm([a / b for a in self._accumulated])
-                self._accumulated = None
-            else:
-                mean_sq = sq_norm(grads)
-        elif self._free_chunks:
-            window = self._unscale_accumulation_chunks(window, grads)
-            if window is None:
-                return
+        result = self._impl.end_window(self._context(trainer, pl_module), window)
+        if result is None:
+            return
+        moments, group_mean_sq = result.moments, result.group_mean_sq
+        if moments.weighted_sum is not None and group_mean_sq is None:
+            b = moments.num_samples
+            group_mean_sq = group_sums(per_tensor_sq_norms([w / b for w in moments.weighted_sum]), self._groups)
         if trainer.world_size > 1:
-            window = reduce_moments(trainer, window)
-        elif isinstance(window.num_units, int) and window.num_units < 2:
+            moments = reduce_moments(trainer, moments)
+        elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
-        estimate = dispersion_from_moments(window, mean_sq)
-        values = {
-            "grad/norm_sq": estimate.norm_sq,
-            "grad/trace_cov": estimate.trace_cov,
-            "grad/dispersion": estimate.dispersion,
-        }
+        estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
+        values = {"grad/norm_sq": estimate.norm_sq, "grad/trace_cov": estimate.trace_cov,
+                  "grad/dispersion": estimate.dispersion}
         if estimate.trace_cov_se is not None:
             values["grad/trace_cov_se"] = estimate.trace_cov_se
+        if estimate.group_dispersion is not None:
+            for name, value in zip(self.group_names, estimate.group_dispersion.unbind()):
+                values[f"grad/dispersion/layer/{name}"] = value
         self.step_log.record(self._step, values)
         self.measured_steps += 1
 
-    def _unscale_accumulation_chunks(self, window: GradientMoments, grads: list[Tensor]) -> GradientMoments | None:
-        """Convert chunk moments measured in ``.grad`` units (``S·h_j/A``) to gradients ``h_j``.
-        ``S`` (the AMP loss scale, 1 without a scaler) is recovered on the device as
-        ``⟨scaled, unscaled⟩/‖unscaled‖²`` from the last scaled cumulative gradient."""
-        if isinstance(window.num_units, int) and window.num_units < 2:
-            return None  # a partial accumulation window of one micro-step
-        factor: Tensor | float = float(self._accumulate)
-        if self._scaler and self._prev_grad is not None:
-            unscaled_sq = sq_norm(grads)
-            scale = dot(self._prev_grad, grads) / unscaled_sq
-            factor = self._accumulate / scale
-        assert window.weighted_sum is not None
-        return GradientMoments(
-            weighted_sq_norm_sum=window.weighted_sq_norm_sum * factor**2,
-            num_samples=window.num_samples,
-            num_units=window.num_units,
-            weighted_sum=[w * factor for w in window.weighted_sum],
-        )
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        if self._measuring and self.track_loss_range and not self._losses_seen:
-            losses = outputs.get("per_sample_loss") if isinstance(outputs, dict) else None
-            self._outputs_have_losses = losses is not None
-            if losses is None and self._range_losses is not None:
-                losses = self._range_losses  # computed in on_after_backward, at W_{t−1}
-            if isinstance(losses, Tensor):
-                self._update_loss_range(losses)
-        self._range_losses = None
-        if self._hooks is not None and self._hooks.attached:
-            self._hooks.detach()
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
 
@@ -514,6 +292,10 @@ class GradientDispersion(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.flush(trainer)
+        self.step_log.report_skipped(trainer)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mark_run_complete(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._cleanup()
@@ -522,40 +304,31 @@ class GradientDispersion(Callback):
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._hooks is not None:
-            self._hooks.detach()
+        if self._impl is not None:
+            self._impl.detach()
         self._window = None
-        self._prev_grad = None
         self._batch = None
-        self._pending_losses = []
         self.step_log.clear()
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        self._fold_losses()
-        state: dict[str, Any] = {
-            "measured_steps": self.measured_steps,
-            "skipped_steps": list(self.step_log.skipped_steps),
-            "active_backend": self.active_backend,
-        }
-        if self.loss_min is not None and self.loss_max is not None:
-            state["loss_min"] = float(self.loss_min)
-            state["loss_max"] = float(self.loss_max)
-        if self._generator is not None:
-            state["generator_state"] = self._generator.get_state()
-            state["generator_device"] = self._generator.device.type
+        state: dict[str, Any] = {"measured_steps": self.measured_steps, "active_backend": self.active_backend,
+                                 **self.step_log.state_dict()}
+        if isinstance(self._impl, MicrobatchBackend):
+            state.update(self._impl.state())
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = int(state_dict.get("measured_steps", 0))
-        self.step_log.skipped_steps = list(state_dict.get("skipped_steps", []))
-        if "loss_min" in state_dict:
-            self.loss_min = torch.tensor(state_dict["loss_min"], dtype=torch.float64)
-            self.loss_max = torch.tensor(state_dict["loss_max"], dtype=torch.float64)
+        self.step_log.load_state_dict(state_dict)
+        restored = state_dict.get("active_backend")
+        self._restored_backend = {"hooks": "hooks", "functorch": "functorch", "microbatch": "microbatch",
+                                  "accumulation": "microbatch"}.get(restored or "")
         self._generator_state = state_dict.get("generator_state")
-        self._generator_device = state_dict.get("generator_device")
-        self._generator = None
 
 
-def _has_active_dropout(module: nn.Module) -> bool:
-    return any(isinstance(m, _DROPOUT_TYPES) and m.training and m.p > 0 for m in module.modules())
+def _has_train_batchnorm(module: torch.nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+

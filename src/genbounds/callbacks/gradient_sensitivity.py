@@ -12,20 +12,17 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, SensitivityRecord
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass, sigma_tag
+from genbounds.callbacks.checks import check_bool, check_choice, check_int, check_sigmas
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag
+from genbounds.estimators.batching import batch_size
 from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
 
 Precision = Literal["auto", "float32", "float64"]
+PRECISIONS = ("auto", "float32", "float64")
 
 AUTO_FLOAT64_BELOW = 1e-3
 """``precision="auto"`` evaluates in float64 when the smallest perturbation scale is below this:
 gradient or loss differences of relative size ~σ then fall towards float32's resolution (1e−7)."""
-
-
-def check_precision_option(owner: str, precision: str) -> str:
-    if precision not in ("auto", "float32", "float64"):
-        raise MisconfigurationException(f"{owner}(precision={precision!r}) must be 'auto', 'float32' or 'float64'")
-    return precision
 
 
 def probe_dtype(precision: str, smallest_sigma: float) -> torch.dtype | None:
@@ -88,36 +85,65 @@ class GradientSensitivity(ProbeCallback):
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        overhead_budget: float | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs, log_spaced, at_train_end, probe_batch_size,
-                         num_probe_batches, probe_mode, loss_fn, seed)
-        self.sigmas = [float(s) for s in (sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1])]
-        if not self.sigmas or any(s < 0 for s in self.sigmas):
-            raise MisconfigurationException("GradientSensitivity(sigmas=...) must be a non-empty list of σ ≥ 0")
-        if num_draws < 2:
-            raise MisconfigurationException("GradientSensitivity(num_draws=...) must be >= 2")
-        self.growing = growing
-        self.num_draws = num_draws
-        self.draws_per_pass = draws_per_pass
-        self.precision = check_precision_option(self.owner, precision)
+                         num_probe_batches, probe_mode, loss_fn, seed, overhead_budget)
+        o = self.owner
+        self.sigmas = check_sigmas(o, sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1], allow_zero=True)
+        self.growing = check_bool(o, "growing", growing)
+        self.num_draws = check_int(o, "num_draws", num_draws, minimum=2)
+        self.draws_per_pass = check_int(o, "draws_per_pass", draws_per_pass, optional=True)
+        self.precision = check_choice(o, "precision", precision, PRECISIONS)
         self.channel: Channel[SensitivityRecord] = Channel()
         self._step = 0
+        self.shape: list[float] | None = None
+        """Block noise shape per layer group (set by the bound for Neu's block-diagonal Theorem 7)."""
+        self.group_of_param: dict[str, int] = {}
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.heldout_probe is not None and batch_size(self.heldout_probe) < 2:
+            raise MisconfigurationException(
+                f"GradientSensitivity needs a held-out probe batch of at least 2 samples (it splits it into two "
+                f"halves); the validation data gives {batch_size(self.heldout_probe)}. Raise the validation batch "
+                "size or probe_batch_size.")
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(sigmas=self.sigmas)
 
+    def set_shape(self, shape: list[float], group_of_param: dict[str, int]) -> None:
+        """Also measure Γ at block-shaped growing levels ``σ√step·s_k`` in the ``Σ⁻¹`` norm (the
+        bound's layer-wise Neu Theorem 7; the shape is fixed for the run)."""
+        self.shape = list(shape)
+        self.group_of_param = dict(group_of_param)
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)  # t − 1 steps taken
         levels = list(self.sigmas)
+        shapes: list[dict[str, float] | None] = [None] * len(levels)
+        weights: list[dict[str, float] | None] = [None] * len(levels)
         if self.growing:
             levels += [s * math.sqrt(self._step) for s in self.sigmas]
+            shapes += [None] * len(self.sigmas)
+            weights += [None] * len(self.sigmas)
+        shaped = self.growing and self.shape is not None and self._step > 0
+        if shaped:
+            assert self.shape is not None
+            per_param = {n: self.shape[g] for n, g in self.group_of_param.items()}
+            for s in self.sigmas:
+                level = s * math.sqrt(self._step)
+                levels.append(level)
+                shapes.append(per_param)
+                # Σ_t = diag((σ s_k)²): the Σ_t⁻¹ norm weighs block k by 1/(σ s_k)²
+                weights.append({n: 1.0 / (s * f) ** 2 for n, f in per_param.items()})
         est = gradient_sensitivity(
             pl_module, self._loss_fn, self.heldout_probe, levels, self.num_draws,
-            self.generator(pl_module.device), draws_per_pass=per_pass(self.draws_per_pass, pl_module.device),
+            self.generator(pl_module.device), draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
             dtype=probe_dtype(self.precision, min(s for s in levels if s > 0) if any(levels) else 1.0),
-            reduce=self.reducer(trainer),
+            reduce=self.reducer(trainer), shapes=shapes, norm_weights=weights,
         )
         out: dict[str, float] = {}
         k = len(self.sigmas)
@@ -127,6 +153,12 @@ class GradientSensitivity(ProbeCallback):
             if self.growing:
                 out[f"sens/gradient_sensitivity_growing/{sigma_tag(s)}"] = est.value[k + i]
                 out[f"sens/gradient_sensitivity_growing_se/{sigma_tag(s)}"] = est.standard_error[k + i]
+            if shaped:
+                out[f"sens/gradient_sensitivity_shaped/{sigma_tag(s)}"] = est.value[2 * k + i]
+                out[f"sens/gradient_sensitivity_shaped_se/{sigma_tag(s)}"] = est.standard_error[2 * k + i]
+            elif self.growing and self.shape is not None:  # step 0: Γ at level 0 is 0 exactly
+                out[f"sens/gradient_sensitivity_shaped/{sigma_tag(s)}"] = 0.0
+                out[f"sens/gradient_sensitivity_shaped_se/{sigma_tag(s)}"] = 0.0
         return out
 
     def publish(self, step: int, values: dict[str, float]) -> None:
@@ -140,4 +172,8 @@ class GradientSensitivity(ProbeCallback):
             growing_standard_error=(
                 [values[f"sens/gradient_sensitivity_growing_se/{t}"] for t in tags] if self.growing else []
             ),
+            shaped_value=[values[f"sens/gradient_sensitivity_shaped/{t}"] for t in tags]
+            if f"sens/gradient_sensitivity_shaped/{tags[0]}" in values else [],
+            shaped_standard_error=[values[f"sens/gradient_sensitivity_shaped_se/{t}"] for t in tags]
+            if f"sens/gradient_sensitivity_shaped/{tags[0]}" in values else [],
         )])

@@ -13,12 +13,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, HeldoutRecord
-from genbounds.callbacks.checks import check_automatic_optimization
+from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
 from genbounds.estimators.backpack_norms import has_batchnorm
-from genbounds.estimators.functional import dot, sq_norm, trainable_parameters
-from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments
+from genbounds.estimators.functional import dot, parameter_groups, per_tensor_sq_norms, trainable_parameters
+from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
 from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
 from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
 
@@ -77,15 +77,19 @@ class HeldoutGradient(ProbeCallback):
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        overhead_budget: float | None = None,
+        layer_groups: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(every_n_steps=every_n_steps, every_n_epochs=None, at_train_end=False,
-                         probe_batch_size=probe_batch_size, num_probe_batches=num_probe_batches,
-                         probe_mode=probe_mode, loss_fn=loss_fn, seed=seed)
-        if backend not in ("auto", "functorch", "microbatch"):
-            raise MisconfigurationException(f"HeldoutGradient(backend={backend!r}) must be auto, functorch or microbatch")
-        self.backend = backend
-        self.num_chunks = num_chunks
-        self.num_train = num_train
+        super().__init__(every_n_steps=check_int(self.owner, "every_n_steps", every_n_steps), every_n_epochs=None,
+                         at_train_end=False, probe_batch_size=probe_batch_size, num_probe_batches=num_probe_batches,
+                         probe_mode=probe_mode, loss_fn=loss_fn, seed=seed, overhead_budget=overhead_budget)
+        o = self.owner
+        self.backend = check_choice(o, "backend", backend, ("auto", "functorch", "microbatch"))
+        self.num_chunks = check_int(o, "num_chunks", num_chunks, minimum=2)
+        self.num_train = check_int(o, "num_train", num_train, optional=True)
+        self.layer_groups = dict(layer_groups) if layer_groups else None
+        self.group_names: list[str] = []
+        self._groups: list[list[int]] = []
         self.channel: Channel[HeldoutRecord] = Channel()
         self.predicted_cumulative = 0.0
         self._s2_over_n: float | None = None
@@ -102,7 +106,7 @@ class HeldoutGradient(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        check_automatic_optimization(self.owner, pl_module)
+        check_single_optimizer(self.owner, pl_module)
         bn_train = has_batchnorm(pl_module) and self.probe_mode == "train"
         if self.backend == "functorch" and bn_train:
             raise MisconfigurationException(
@@ -110,9 +114,20 @@ class HeldoutGradient(ProbeCallback):
                 "gradients through train-mode BatchNorm; use backend='microbatch' or probe_mode='eval'."
             )
         self._per_sample = self.backend == "functorch" or (self.backend == "auto" and not bn_train)
+        groups = parameter_groups(pl_module, self.layer_groups)
+        names = list(trainable_parameters(pl_module))
+        self.group_names = list(groups)
+        self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
+        assert self.contract is not None
+        if self._per_sample and not self.contract.per_sample:
+            if self.backend == "functorch":
+                raise MisconfigurationException(
+                    "HeldoutGradient(backend='functorch') needs per-sample losses: " + "; ".join(self.contract.notes)
+                    + ". Add `per_sample_loss(self, batch)` or pass `loss_fn=...`, or use backend='microbatch'.")
+            self._per_sample = False  # chunk means are all the contract gives
         if trainer.optimizers:
             _warn_lr_groups(trainer.optimizers[0])
         self._n = self.num_train or training_set_size(trainer)
@@ -141,10 +156,12 @@ class HeldoutGradient(ProbeCallback):
         """Moments of a probe set, summed over DDP ranks (the union of the ranks' shares)."""
         assert self._loss_fn is not None
         if self._per_sample:
-            moments = per_sample_gradient_moments(pl_module, self._loss_fn, batch)
+            method = self.contract.per_sample_method if self.contract is not None else "vmap"
+            moments = per_sample_gradient_moments(pl_module, self._loss_fn, batch, method=method, groups=self._groups)
         else:
             moments = microbatch_gradient_moments(
-                pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device)
+                pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device),
+                groups=self._groups,
             )
         return reduce_moments(trainer, moments) if trainer.world_size > 1 else moments
 
@@ -159,10 +176,22 @@ class HeldoutGradient(ProbeCallback):
         g_tr = [s / m_tr for s in train.weighted_sum]
         s2_ref = dispersion_from_moments(ref).trace_cov
         s2_tr = dispersion_from_moments(train).trace_cov
-        dist = sq_norm([a - b for a, b in zip(g_batch, g_ref)]) - s2_ref / m
+        # per group k: ‖ḡ_{B,k} − ĝ_{ref,k}‖² − s²_{ref,k}/m (the blocks of V_t; they sum to the total)
+        diff_sq = group_sums(per_tensor_sq_norms([a - b for a, b in zip(g_batch, g_ref)]), self._groups)
+        ref_spread = group_sums(per_tensor_sq_norms([s / m for s in ref.weighted_sum]), self._groups)
+        ref_s2_groups = None
+        if ref.group_sq is not None:
+            k = ref.num_units
+            ref_s2_groups = (ref.group_sq.to(diff_sq.device) - m * ref_spread) / (k - 1)
+        dist = diff_sq.sum() - s2_ref / m
         realized = self._lr * dot(g_batch, [a - b for a, b in zip(g_tr, g_ref)])
         packed = torch.stack([dist, realized, s2_tr.to(dist.device)]).cpu().tolist()
-        return {"grad/heldout_dist_sq": packed[0], "gap/step_realized": packed[1], "_s2_train": packed[2]}
+        out = {"grad/heldout_dist_sq": packed[0], "gap/step_realized": packed[1], "_s2_train": packed[2]}
+        if ref_s2_groups is not None and len(self.group_names) > 1:
+            per_group = (diff_sq - ref_s2_groups / m).cpu().tolist()
+            for name, value in zip(self.group_names, per_group):
+                out[f"grad/heldout_dist_sq/layer/{name}"] = value
+        return out
 
     def finalize(self, trainer: Trainer, values: dict[str, float]) -> dict[str, float]:
         assert self._n is not None
@@ -175,10 +204,12 @@ class HeldoutGradient(ProbeCallback):
         return values
 
     def publish(self, step: int, values: dict[str, float]) -> None:
+        tags = [f"grad/heldout_dist_sq/layer/{g}" for g in self.group_names]
         self.channel.publish([
             HeldoutRecord(step=step, lr=self._lr, heldout_dist_sq=values["grad/heldout_dist_sq"],
                           step_realized=values["gap/step_realized"], step_predicted=values["gap/step_predicted"],
-                          predicted_cumulative=values["gap/predicted_cumulative"])
+                          predicted_cumulative=values["gap/predicted_cumulative"],
+                          groups=[values[t] for t in tags] if tags and tags[0] in values else None)
         ])
 
     def state_dict(self) -> dict[str, Any]:

@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, CurvatureRecord
-from genbounds.callbacks.gradient_sensitivity import Precision, check_precision_option, probe_dtype
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass
+from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
+from genbounds.callbacks.gradient_sensitivity import PRECISIONS, Precision, probe_dtype
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode
 from genbounds.estimators.contractivity import contractivity, contractivity_exact
 from genbounds.estimators.hessian_vector_product import LossHessian
 
@@ -64,15 +64,17 @@ class HessianContractivity(ProbeCallback):
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        overhead_budget: float | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs, log_spaced, at_train_end, probe_batch_size,
-                         num_probe_batches, probe_mode, loss_fn, seed)
-        if radius < 0 or eta <= 0 or num_points < 2:
-            raise MisconfigurationException("HessianContractivity needs radius >= 0, eta > 0 and num_points >= 2")
-        self.radius, self.eta, self.num_points = radius, eta, num_points
-        self.points_per_pass = points_per_pass
-        self.exact = exact
-        self.precision = check_precision_option(self.owner, precision)
+                         num_probe_batches, probe_mode, loss_fn, seed, overhead_budget)
+        o = self.owner
+        self.radius = check_float(o, "radius", radius, low=0.0)
+        self.eta = check_float(o, "eta", eta, low=0.0, low_open=True)
+        self.num_points = check_int(o, "num_points", num_points, minimum=2)
+        self.points_per_pass = check_int(o, "points_per_pass", points_per_pass, optional=True)
+        self.exact = check_bool(o, "exact", exact)
+        self.precision = check_choice(o, "precision", precision, PRECISIONS)
         self.channel: Channel[CurvatureRecord] = Channel()
         self._step = 0
 
@@ -81,7 +83,7 @@ class HessianContractivity(ProbeCallback):
         self._step = int(trainer.global_step)
         est = contractivity(pl_module, self._loss_fn, self.train_probe, self.generator(pl_module.device),
                             radius=self.radius, eta=self.eta, num_points=self.num_points,
-                            points_per_pass=per_pass(self.points_per_pass, pl_module.device),
+                            points_per_pass=self.per_pass(self.points_per_pass, pl_module.device),
                             dtype=probe_dtype(self.precision, self.eta),
                             reduce=self.reducer(trainer))
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,

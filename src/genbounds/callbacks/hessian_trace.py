@@ -12,8 +12,9 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from genbounds.callbacks.channel import Channel, CurvatureRecord
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, per_pass
-from genbounds.estimators.functional import LossFn, per_sample_losses
+from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode
+from genbounds.estimators.functional import LossFn, parameter_groups, per_sample_losses, trainable_parameters
 from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
 from genbounds.estimators.hessian_trace import hutchinson_trace
 from genbounds.estimators.hessian_vector_product import HVPMethod, LossHessian
@@ -60,8 +61,11 @@ class HessianTrace(ProbeCallback):
         probe_batch_size: samples in the training probe batch.
         num_probe_batches: loader batches concatenated into the probe batch.
         probe_mode: ``"eval"`` (default) or ``"train"``.
-        loss_fn: the loss contract (default: ``per_sample_loss``).
+        loss_fn: the loss contract (default: ``per_sample_loss``, else captured from ``training_step``).
         seed: seed of the callback's own generator.
+        overhead_budget: fraction of training time the suite's probes may take (see README).
+        layer_groups: parameter-name prefix → group name for the per-layer traces
+            ``curv/hessian_trace/layer/<name>`` (default: one group per module with parameters).
     """
 
     owner = "HessianTrace"
@@ -81,6 +85,7 @@ class HessianTrace(ProbeCallback):
         weighted_dispersion: bool = False,
         num_chunks: int = 8,
         pyhessian_tol: float = 0.0,
+        layer_groups: dict[str, str] | None = None,
         every_n_steps: int | None = None,
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
@@ -90,29 +95,33 @@ class HessianTrace(ProbeCallback):
         probe_mode: ProbeMode = "eval",
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
         seed: int = 0,
+        overhead_budget: float | None = None,
     ) -> None:
         super().__init__(every_n_steps, every_n_epochs, log_spaced, at_train_end, probe_batch_size,
-                         num_probe_batches, probe_mode, loss_fn, seed)
-        if backend not in ("hutchinson", "pyhessian"):
-            raise MisconfigurationException(f"HessianTrace(backend={backend!r}) must be 'hutchinson' or 'pyhessian'")
-        if hvp_method not in ("auto", "reverse", "forward"):
-            raise MisconfigurationException(f"HessianTrace(hvp_method={hvp_method!r}) must be auto, reverse or forward")
-        if not 0 < min_probes <= max_probes:
-            raise MisconfigurationException("HessianTrace needs 0 < min_probes <= max_probes")
-        if weighted_dispersion and num_chunks < 2:
-            raise MisconfigurationException("HessianTrace(num_chunks=...) must be >= 2")
-        self.backend = backend
-        self.hvp_method = hvp_method
-        self.rel_tol, self.abs_tol = rel_tol, abs_tol
-        self.min_probes, self.max_probes, self.block_size = min_probes, max_probes, block_size
-        self.top_eigenvalue = top_eigenvalue
-        self.eig_max_iter, self.eig_tol = eig_max_iter, eig_tol
-        self.weighted_dispersion = weighted_dispersion
-        self.num_chunks = num_chunks
-        self.pyhessian_tol = pyhessian_tol
+                         num_probe_batches, probe_mode, loss_fn, seed, overhead_budget)
+        o = self.owner
+        self.backend = check_choice(o, "backend", backend, ("hutchinson", "pyhessian"))
+        self.hvp_method = check_choice(o, "hvp_method", hvp_method, ("auto", "reverse", "forward"))
+        self.rel_tol = check_float(o, "rel_tol", rel_tol, low=0.0)
+        self.abs_tol = check_float(o, "abs_tol", abs_tol, low=0.0)
+        self.min_probes = check_int(o, "min_probes", min_probes, minimum=2)
+        self.max_probes = check_int(o, "max_probes", max_probes, minimum=self.min_probes)
+        self.block_size = check_int(o, "block_size", block_size, optional=True)
+        self.top_eigenvalue = check_bool(o, "top_eigenvalue", top_eigenvalue)
+        self.eig_max_iter = check_int(o, "eig_max_iter", eig_max_iter, minimum=2)
+        self.eig_tol = check_float(o, "eig_tol", eig_tol, low=0.0, low_open=True)
+        self.weighted_dispersion = check_bool(o, "weighted_dispersion", weighted_dispersion)
+        self.num_chunks = check_int(o, "num_chunks", num_chunks, minimum=2)
+        self.pyhessian_tol = check_float(o, "pyhessian_tol", pyhessian_tol, low=0.0)
+        self.layer_groups = dict(layer_groups) if layer_groups else None
         self.channel: Channel[CurvatureRecord] = Channel()
+        self.group_names: list[str] = []
+        self._groups: list[list[int]] = []
         self._eigvec: list[Tensor] | None = None
+        self._eig_generator: torch.Generator | None = None
+        self._eig_generator_state: Tensor | None = None
         self._step = 0
+        self._group_samples: Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -120,17 +129,37 @@ class HessianTrace(ProbeCallback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if stage == "fit" and self.backend == "pyhessian" and trainer.world_size > 1:
+        if stage != "fit":
+            return
+        if self.backend == "pyhessian" and trainer.world_size > 1:
             raise MisconfigurationException(
                 "HessianTrace(backend='pyhessian') is a single-process cross-check; use the default "
                 "backend='hutchinson' under DDP."
             )
+        groups = parameter_groups(pl_module, self.layer_groups)
+        names = list(trainable_parameters(pl_module))
+        self.group_names = list(groups)
+        self._groups = [[names.index(n) for n in members] for members in groups.values()]
+
+    def _eig_stream(self, device: torch.device) -> torch.Generator:
+        """Power iteration's start vectors come from a stream of their own, so that a (re)start never
+        shifts the Hutchinson probes."""
+        if self._eig_generator is None or self._eig_generator.device != device:
+            self._eig_generator = torch.Generator(device=device)
+            self._eig_generator.manual_seed(self.seed + 0x51E7)
+            if self._eig_generator_state is not None:
+                try:
+                    self._eig_generator.set_state(self._eig_generator_state)
+                except RuntimeError:
+                    pass
+        return self._eig_generator
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)
         gen = self.generator(pl_module.device)
         out: dict[str, float] = {}
+        self._group_samples = None
         op = LossHessian(pl_module, self._loss_fn, self.train_probe, method=self.hvp_method, reduce=self.reducer(trainer))
         if self.backend == "pyhessian":
             samples = pyhessian_trace(pl_module, self._loss_fn, self.train_probe, self.max_probes, self.pyhessian_tol)
@@ -142,11 +171,21 @@ class HessianTrace(ProbeCallback):
         else:
             est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
                                    max_probes=self.max_probes,
-                                   block_size=per_pass(self.block_size, pl_module.device, gpu_default=10))
+                                   block_size=self.per_pass(self.block_size, pl_module.device, gpu_default=10),
+                                   groups=self._groups)
             out["curv/hessian_trace"], out["curv/hessian_trace_se"] = est.value, est.standard_error
             out["curv/hessian_trace_probes"] = float(est.num_probes)
+            if est.group_samples is not None and len(self.group_names) > 1:
+                self._group_samples = est.group_samples
+                n = est.group_samples.shape[0]
+                means = est.group_samples.mean(0)
+                ses = est.group_samples.std(0, unbiased=True) / math.sqrt(n)
+                for name, m, se in zip(self.group_names, means.tolist(), ses.tolist()):
+                    out[f"curv/hessian_trace/layer/{name}"] = m
+                    out[f"curv/hessian_trace_se/layer/{name}"] = se
         if self.top_eigenvalue:
-            eig = top_eigenvalue(op, gen, init=self._eigvec, max_iter=self.eig_max_iter, tol=self.eig_tol)
+            eig = top_eigenvalue(op, self._eig_stream(pl_module.device), init=self._eigvec,
+                                 max_iter=self.eig_max_iter, tol=self.eig_tol)
             self._eigvec = eig.vector
             out["curv/hessian_top_eig"] = eig.value
             out["curv/hessian_top_eig_residual"] = eig.residual
@@ -158,10 +197,34 @@ class HessianTrace(ProbeCallback):
         return out
 
     def publish(self, step: int, values: dict[str, float]) -> None:
+        groups = [values[f"curv/hessian_trace/layer/{g}"] for g in self.group_names] \
+            if self.group_names and f"curv/hessian_trace/layer/{self.group_names[0]}" in values else None
+        samples = self._group_samples.cpu().tolist() if self._group_samples is not None else None
         self.channel.publish([CurvatureRecord(
             step=self._step, hessian_trace=values["curv/hessian_trace"],
             hessian_trace_se=values["curv/hessian_trace_se"], top_eigenvalue=values.get("curv/hessian_top_eig"),
+            group_traces=groups, group_samples=samples,
         )])
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self._eigvec is not None:
+            state["eigvec"] = [v.detach().cpu() for v in self._eigvec]
+        if self._eig_generator is not None:
+            state["eig_generator_state"] = self._eig_generator.get_state()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        saved = state_dict.get("eigvec")
+        self._eigvec = None if saved is None else list(saved)
+        self._eig_generator_state = state_dict.get("eig_generator_state")
+        self._eig_generator = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self._eigvec is not None:
+            self._eigvec = [v.to(p.device, p.dtype) for v, p in zip(self._eigvec, trainable_parameters(pl_module).values())]
 
 
 class _LossAsModel(nn.Module):

@@ -37,6 +37,12 @@ class GradientIntervention(Callback):
         check_precision(self.owner, trainer)
         self._install(pl_module)
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from genbounds.callbacks.loss_contract import LossContract
+        from genbounds.callbacks.probe_data import training_trial_batch
+
+        LossContract.shared(pl_module).resolve(trainer, pl_module, training_trial_batch(trainer))
+
     def _install(self, pl_module: LightningModule) -> None:
         if self._wrapped is not None:
             return

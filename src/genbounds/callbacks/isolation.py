@@ -5,13 +5,23 @@
 * the global RNG streams (CPU and the module's CUDA device) are forked — dropout masks or any
   sampling inside the probe do not shift the training run's random numbers;
 * every buffer (BatchNorm running statistics, ``num_batches_tracked``, user buffers) is restored
-  bit-exactly from a snapshot;
+  bit-exactly from a snapshot, and train-mode BatchNorm layers run on batch statistics *without*
+  updating their running statistics during the probe (an in-place update would also be refused
+  inside ``torch.func`` transforms);
 * every submodule's ``training`` flag is restored individually (never a blanket ``.train()``,
   which would un-freeze layers a user keeps in eval mode);
 * autocast is switched off: probes run in the parameters' own precision (fp32) on purpose;
+* ``scaled_dot_product_attention`` runs on its math kernel, the one with a double backward and
+  batching rules (fused CPU/flash/efficient kernels have neither);
 * a ``torch.compile``\\ d LightningModule is probed through its original forward (compiled
   graphs do not support double backward, and probe shapes would trigger recompilation);
-* BackPACK hooks attached for the training step's own backward are suspended.
+* per-sample norm hooks armed for the training step's own backward are suspended.
+
+:func:`muted_training_step` additionally lets a probe call the user's own ``training_step``:
+``self.log``/``self.log_dict`` do nothing, torchmetrics ``Metric`` s neither update nor compute
+(their states are snapshotted and restored as well), and under manual optimization
+``manual_backward``, the optimizers' ``step``/``zero_grad``, the schedulers and
+``toggle_optimizer`` are no-ops — so what the user logs, accumulates and steps is untouched.
 
 Parameters are never written by the estimators (they use ``torch.func.functional_call`` or
 ``torch.autograd.grad``); :func:`assert_unchanged` exists for tests and debugging.
@@ -19,14 +29,16 @@ Parameters are never written by the estimators (they use ``torch.func.functional
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from genbounds.estimators.backpack_norms import suspended_hooks
+from genbounds.estimators.recording import all_suspended
 
 ProbeMode = Literal["keep", "eval", "train"]
 
@@ -54,6 +66,31 @@ def _rng_devices(device: torch.device) -> list[int]:
 
 
 @contextmanager
+def _math_attention() -> Iterator[None]:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: nothing to select
+        yield
+        return
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextmanager
+def _batchnorm_without_running_updates(module: nn.Module) -> Iterator[None]:
+    """Train-mode BatchNorm layers normalize with batch statistics but do not update their
+    running statistics (``track_running_stats=False`` for the duration)."""
+    changed = [m for m in module.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    for m in changed:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in changed:
+            m.track_running_stats = True
+
+
+@contextmanager
 def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True) -> Iterator[None]:
     """Run the body as a side-effect-free probe of ``module`` (see the module docstring).
 
@@ -72,11 +109,13 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
         if device.type in ("cuda", "cpu"):
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))
         stack.enter_context(original_forward(module))
-        stack.enter_context(suspended_hooks())
+        stack.enter_context(all_suspended())
+        stack.enter_context(_math_attention())
         if mode == "eval":
             module.eval()
         elif mode == "train":
             module.train()
+        stack.enter_context(_batchnorm_without_running_updates(module))
         try:
             yield
         finally:
@@ -85,6 +124,147 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
                     buf.copy_(saved)
             for m, flag in modes:
                 m.training = flag
+
+
+# ------------------------------------------------------------------------ the user's training_step
+def _is_metric(module: nn.Module) -> bool:
+    try:
+        from torchmetrics import Metric, MetricCollection
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return False
+    return isinstance(module, (Metric, MetricCollection))
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    return copy.copy(value)
+
+
+def _metric_state(metric: Any) -> dict[str, Any]:
+    state = {name: _copied(getattr(metric, name)) for name in getattr(metric, "_defaults", {})}
+    for name in ("_update_count", "_computed", "_forward_cache", "_update_called"):
+        if name in metric.__dict__:
+            state[name] = metric.__dict__[name]
+    return state
+
+
+def _nan_like_output(*_args: Any, **_kwargs: Any) -> Tensor:
+    return torch.tensor(float("nan"))
+
+
+def _no_op(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
+class _InertOptimizer:
+    """Stands in for a LightningOptimizer inside a muted ``training_step``: ``step`` runs the
+    closure (so a loss computed inside it is still seen) but updates nothing."""
+
+    def __init__(self, optimizer: Any) -> None:
+        self._optimizer = optimizer
+
+    def step(self, closure: Any = None, **_kwargs: Any) -> Any:
+        return closure() if closure is not None else None
+
+    def zero_grad(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:  # param_groups, state, … read-only access
+        return getattr(self._optimizer, name)
+
+
+class _InertScheduler:
+    def __init__(self, scheduler: Any) -> None:
+        self._scheduler = scheduler
+
+    def step(self, *_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._scheduler, name)
+
+
+def _inert(value: Any, wrap: type) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, (list, tuple)):
+        return type(value)(wrap(v) for v in value)
+    return wrap(value)
+
+
+class MutedStep:
+    """What a muted ``training_step`` handed to ``manual_backward`` (manual optimization)."""
+
+    def __init__(self) -> None:
+        self.manual_losses: list[Tensor] = []
+
+    def manual_backward(self, loss: Tensor, *_args: Any, **_kwargs: Any) -> None:
+        self.manual_losses.append(loss)
+
+
+@contextmanager
+def muted_training_step(module: nn.Module) -> Iterator[MutedStep]:
+    """Let a probe call ``module.training_step`` without side effects (see the module docstring).
+    Patches instance attributes only, and removes them afterwards. Yields a :class:`MutedStep`
+    that records the losses given to ``manual_backward``."""
+    patched: list[tuple[Any, str, bool, Any]] = []
+    muted = MutedStep()
+
+    def patch(obj: Any, name: str, value: Any) -> None:
+        had = name in obj.__dict__
+        patched.append((obj, name, had, obj.__dict__.get(name)))
+        setattr(obj, name, value)
+
+    metrics = [m for m in module.modules() if _is_metric(m) and hasattr(m, "_defaults")]
+    states = [(m, _metric_state(m)) for m in metrics]
+    try:
+        if hasattr(module, "log"):
+            patch(module, "log", _no_op)
+        if hasattr(module, "log_dict"):
+            patch(module, "log_dict", _no_op)
+        for m in module.modules():
+            if _is_metric(m):
+                patch(m, "forward", _nan_like_output)
+                patch(m, "update", _no_op)
+        if hasattr(module, "automatic_optimization") and not getattr(module, "automatic_optimization", True):
+            optimizers = module.optimizers() if getattr(module, "_trainer", None) is not None else None
+            schedulers = module.lr_schedulers() if getattr(module, "_trainer", None) is not None else None
+            inert_opt = _inert(optimizers, _InertOptimizer)
+            inert_sched = _inert(schedulers, _InertScheduler)
+            patch(module, "optimizers", lambda *a, **k: inert_opt)
+            patch(module, "lr_schedulers", lambda *a, **k: inert_sched)
+            patch(module, "manual_backward", muted.manual_backward)
+            for name in ("toggle_optimizer", "untoggle_optimizer", "clip_gradients"):
+                patch(module, name, _no_op)
+        yield muted
+    finally:
+        for obj, name, had, old in reversed(patched):
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+        for metric, state in states:
+            for name, value in state.items():
+                setattr(metric, name, value)
+
+
+def call_training_step(module: nn.Module, batch: Any) -> Any:
+    """``module.training_step(batch, 0)`` (or ``(batch)`` for a one-argument signature)."""
+    import inspect
+
+    step = module.training_step  # type: ignore[attr-defined]
+    try:
+        params = inspect.signature(step).parameters
+    except (TypeError, ValueError):
+        params = {}
+    positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    varargs = any(p.kind == p.VAR_POSITIONAL for p in params.values())
+    if len(positional) >= 2 or varargs:
+        return step(batch, 0)
+    return step(batch)
 
 
 def parameter_snapshot(module: nn.Module) -> list[torch.Tensor]:

@@ -1,48 +1,352 @@
-"""How a genbounds callback obtains per-sample losses without re-running ``training_step``.
+"""The loss contract: how every genbounds callback gets the losses of a batch at given weights.
 
-Re-running the user's ``training_step`` from a callback overwrites what it logs (its
-``self.log("train_loss", …)`` is attributed to the callback's hook and the probe value replaces
-the real one) and updates its torchmetrics twice. So callbacks that need extra passes use, in
-this order:
+One :class:`LossContract` per LightningModule is shared by the whole suite (resolved once; one
+message names every callback and what it needs). Tiers, in order of priority:
 
-1. the ``loss_fn(pl_module, batch) -> per-sample losses`` argument given to the callback
-   (an import path in YAML);
-2. a ``per_sample_loss(batch)`` method on the LightningModule (genbounds' ``Classifier`` and
-   ``Regressor`` implement it);
+1. ``loss_fn=`` given to a callback — ``loss_fn(pl_module, batch) -> per-sample losses`` (an
+   import path in YAML). A callback without its own ``loss_fn`` uses the suite's when exactly one
+   distinct ``loss_fn`` was given.
+2. a ``per_sample_loss(self, batch)`` method on the LightningModule.
+3. **automatic** — nothing to add to the module. Extra passes run the module's own
+   ``training_step`` inside :func:`~genbounds.callbacks.isolation.muted_training_step` (no
+   logging, no metric updates, no optimizer effects) while
+   :class:`~genbounds.estimators.loss_capture.LossCapture` records the calls to torch's loss
+   functions and recomputes them with ``reduction="none"`` on the same tensors:
 
-and otherwise fail at ``setup`` with a message naming both options.
+   * ``captured`` — per-sample losses ``ℓ_i`` whose mean is the training loss (the coefficients of
+     the captured terms in the returned loss come from one tiny backward, once);
+   * ``returned`` — nothing captured (a hand-written loss): the batch-mean loss that
+     ``training_step`` returns; estimators that need only a mean (micro-batch dispersion, Hessian
+     trace/eigenvalue, flatness, contractivity, half-split Γ, the measured gap) still run, the
+     per-sample-only parts are named once.
 
-The losses must be **per sample** (``reduction="none"``, shape ``[b]``), and — for the backends
-that read the training step's own backward — the training loss must be their mean.
+The tier is settled by a **trial** at ``on_train_start`` on one training batch, before step 0:
+run the contract once (isolated), compare the per-sample mean with the loss ``training_step``
+returned (one host sync, once). When they agree, backends may read the training step's own
+backward (per-sample norm hooks, accumulation micro-steps); when the returned loss holds a term
+the per-sample losses do not (a regularizer such as ``0.01 * w.pow(2).sum()``), the per-sample
+losses keep the data term only and those backends are disabled, with one warning.
+
+Per-sample losses are always on the scale of the training objective: ``mean_i ℓ_i`` equals the
+loss ``training_step`` returns (a ``sum`` reduction gives ``ℓ_i = b ×`` the unreduced loss). The
+bounds and the measured gap are both stated for that ``ℓ``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Any
 
-from lightning.pytorch import LightningModule
+import torch
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
+from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import LossFn
+
+UserLossFn = Callable[[LightningModule, Any], Tensor]
+
+CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits")
+
+
+@dataclass
+class Need:
+    owner: str
+    per_sample: bool
+    what: str
+    """What the callback loses when only a batch-mean loss is available."""
+
+
+@dataclass
+class TrialResult:
+    tier: str
+    per_sample: bool
+    reads_training_backward: bool
+    errors: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class LossContract:
+    """The losses of a batch for one LightningModule (see the module docstring). Callable as the
+    estimators' ``loss_fn(module, batch)``: a 1-d tensor of per-sample losses, or — in the
+    ``returned`` tier — a 1-element tensor holding the batch mean."""
+
+    def __init__(self) -> None:
+        self.explicit: dict[str, UserLossFn] = {}
+        self.needs: list[Need] = []
+        self.tier: str | None = None
+        self.per_sample = False
+        self.reads_training_backward = False
+        self.errors_available = False
+        self.coefficients: list[float] | None = None
+        self.notes: list[str] = []
+        self._default: LossFn | None = None
+        self._error_record: int | None = None
+        self._resolved = False
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def shared(pl_module: nn.Module) -> LossContract:
+        """The suite's contract of ``pl_module`` (created on first use, kept on the module)."""
+        contract = pl_module.__dict__.get("_genbounds_loss_contract")
+        if contract is None:
+            contract = LossContract()
+            pl_module.__dict__["_genbounds_loss_contract"] = contract
+        return contract
+
+    def register(self, owner: str, loss_fn: UserLossFn | None, *, per_sample: bool = False, what: str = "") -> LossFn:
+        """Called from a callback's ``setup``: declare what it needs; returns its ``loss_fn``."""
+        if loss_fn is not None:
+            if not callable(loss_fn):
+                raise MisconfigurationException(f"{owner}(loss_fn={loss_fn!r}) must be callable")
+            self.explicit[owner] = loss_fn
+        self.needs = [n for n in self.needs if n.owner != owner] + [Need(owner, per_sample, what)]
+        if loss_fn is not None:
+            return _UserLoss(loss_fn)
+        return self
+
+    # ------------------------------------------------------------------ resolution
+    def resolve(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> TrialResult:
+        """Settle the tier on one training ``batch`` (once; later calls return the same result)."""
+        if self._resolved:
+            return self.result
+        self._resolved = True
+        explicit = {id(f): f for f in self.explicit.values()}
+        if callable(getattr(pl_module, "per_sample_loss", None)):
+            self.tier, self._default = "per_sample_loss", _module_per_sample_loss
+        elif len(explicit) == 1:
+            only = next(iter(explicit.values()))
+            self.tier, self._default = "loss_fn", _UserLoss(only)
+            shared_with = [n.owner for n in self.needs if n.owner not in self.explicit]
+            if shared_with:
+                rank_zero_info(f"genbounds: the loss_fn given to {sorted(self.explicit)} also serves {shared_with}.")
+        else:
+            self.tier = "automatic"
+        self._trial(pl_module, batch)
+        self._report(pl_module)
+        return self.result
+
+    @property
+    def per_sample_method(self) -> str:
+        """How an exact per-sample-gradient pass may evaluate these losses: ``"vmap"`` over single
+        samples for a plain per-sample function, ``"jacobian"`` (one forward of the whole batch)
+        when a loss depends on its batch (captured from ``training_step``, or a sum rescaled by
+        the batch size)."""
+        if self.tier in ("per_sample_loss", "loss_fn") and not isinstance(self._default, _SumScaled):
+            return "vmap"
+        return "jacobian"
+
+    @property
+    def result(self) -> TrialResult:
+        return TrialResult(self.tier or "unresolved", self.per_sample, self.reads_training_backward,
+                           self.errors_available, list(self.notes))
+
+    def _trial(self, module: LightningModule, batch: Any) -> None:
+        from genbounds.estimators.loss_capture import LossCapture, combined_per_sample, loss_coefficients
+
+        b = batch_size(batch)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type):
+            rng = torch.get_rng_state()
+            cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+            with ExitStack() as stack:
+                stack.enter_context(isolated_pass(module, mode="keep", grad=True))
+                manual = stack.enter_context(muted_training_step(module))
+                cap = stack.enter_context(LossCapture(batch_size=b))
+                out = call_training_step(module, batch)
+                returned = _returned_loss(out, manual)
+                records = [r for r in cap.records if r.mappable]
+                classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
+                if self.tier == "automatic":
+                    self._settle_automatic(module, returned, records, b, loss_coefficients, combined_per_sample)
+                self._error_record = classification[0] if classification else None
+                user_per_sample = None
+                if self.tier in ("per_sample_loss", "loss_fn"):
+                    # the same dropout masks as training_step's forward: replay the RNG state
+                    torch.set_rng_state(rng)
+                    if cuda_rng is not None:
+                        torch.cuda.set_rng_state(cuda_rng, device)
+                    assert self._default is not None
+                    user_per_sample = self._default(module, batch)
+        if self.tier in ("per_sample_loss", "loss_fn"):
+            self.per_sample = True
+            self.reads_training_backward = _agrees(returned, user_per_sample, [], "the per-sample losses")
+            if not self.reads_training_backward and user_per_sample is not None and \
+                    _agrees(returned, user_per_sample * user_per_sample.shape[0], [], "b ×"):
+                # a sum reduction: ℓ_i on the training objective's scale is b × the unreduced loss
+                assert self._default is not None
+                self._default = _SumScaled(self._default)
+                self.reads_training_backward = True
+                self.notes.append("training_step's loss is the sum of the per-sample losses: genbounds uses "
+                                  "b × per_sample_loss, whose mean is the training loss")
+            elif not self.reads_training_backward:
+                _agrees(returned, user_per_sample, self.notes, "the per-sample losses")
+        self.errors_available = callable(getattr(module, "per_sample_error", None)) or self._error_record is not None
+
+    def _settle_automatic(self, module: nn.Module, returned: Tensor | None, records: list, b: int,
+                          loss_coefficients: Callable, combined_per_sample: Callable) -> None:
+        if records and returned is not None and returned.requires_grad:
+            coefficients, remainder = loss_coefficients(returned, records)
+            used = [i for i, c in enumerate(coefficients.tolist()) if c != 0.0]
+            if used:
+                self.tier = "captured"
+                self.per_sample = True
+                self.coefficients = [float(c) for c in coefficients.tolist()]
+                per_sample = combined_per_sample(records, coefficients, b)
+                names = ", ".join(sorted({records[i].name for i in used}))
+                exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
+                rest = float(remainder.detach().double().abs())
+                scale = max(float(returned.detach().double().abs()), 1e-12)
+                if exact and rest <= 1e-5 * scale:
+                    self.reads_training_backward = True
+                    self.notes.append(f"per-sample losses captured from {names} in training_step")
+                else:
+                    self.reads_training_backward = False
+                    self.notes.append(
+                        f"training_step's loss holds a term beyond the captured {names} (a regularizer? "
+                        f"{rest:.3g} of {scale:.3g}); the per-sample losses keep the captured data term only, and "
+                        "backends that read the training backward are not used")
+                return
+        if returned is not None:
+            self.tier = "returned"
+            self.per_sample = False
+            self.reads_training_backward = False
+            self.notes.append("no torch loss function was captured in training_step (a hand-written loss?): only "
+                              "its returned batch-mean loss is available")
+            return
+        self.tier = "none"
+
+    def _report(self, module: LightningModule) -> None:
+        if self.tier == "none":
+            owners = ", ".join(n.owner for n in self.needs) or "the genbounds callbacks"
+            raise MisconfigurationException(
+                f"{owners} need the loss of a batch, but {type(module).__name__}.training_step returned no loss and "
+                "called no torch loss function genbounds can capture. Add a method `per_sample_loss(self, batch)` "
+                "returning the unreduced per-sample losses, or pass `loss_fn=...` (a callable "
+                "`loss_fn(pl_module, batch) -> Tensor[batch_size]`, an import path in YAML) to any one of the "
+                "genbounds callbacks: it is shared by the whole suite."
+            )
+        if self.per_sample:
+            if self.notes and not self.reads_training_backward:
+                rank_zero_warn("genbounds: " + "; ".join(self.notes) + ".")
+            return
+        lost = [n for n in self.needs if n.per_sample]
+        if lost:
+            items = "; ".join(f"{n.owner}: {n.what}" for n in lost)
+            rank_zero_warn(
+                "genbounds: " + "; ".join(self.notes) + ". Without per-sample losses these parts are not available — "
+                + items + ". To get them, add `per_sample_loss(self, batch)` to your LightningModule or pass "
+                "`loss_fn=...` to one genbounds callback."
+            )
+
+    # ------------------------------------------------------------------ as a loss function
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        if self._default is not None:
+            return self._default(module, batch)
+        return self._training_step_losses(module, batch)[0]
+
+    def _training_step_losses(self, module: nn.Module, batch: Any) -> tuple[Tensor, list]:
+        from genbounds.estimators.loss_capture import LossCapture, combined_per_sample
+
+        b = batch_size(batch)
+        with muted_training_step(module) as manual, LossCapture(batch_size=b) as cap:
+            out = call_training_step(module, batch)
+        records = [r for r in cap.records if r.mappable]
+        if self.tier == "captured" and self.coefficients is not None and len(records) == len(self.coefficients):
+            coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+            return combined_per_sample(records, coefficients, b), records
+        returned = _returned_loss(out, manual)
+        if returned is None:
+            raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
+        return returned.reshape(1), records
+
+    def losses_and_errors(self, module: nn.Module, batch: Any) -> Tensor:
+        """``[2, b]``: the per-sample losses and 0-1 errors of ``batch`` (one forward when both
+        come from the captured ``training_step``)."""
+        if self._default is None and self._error_record is not None and self.tier == "captured":
+            from genbounds.estimators.classification_error import per_sample_error
+
+            losses, records = self._training_step_losses(module, batch)
+            errors = per_sample_error(records[self._error_record], batch_size(batch))
+            return torch.stack([losses, errors.to(losses.dtype)])
+        losses = self(module, batch)
+        errors = self.errors(module, batch)
+        if errors is None:
+            raise RuntimeError("genbounds: no per-sample 0-1 error for this module")
+        return torch.stack([losses, errors.to(losses.dtype).reshape(losses.shape)])
+
+    def errors(self, module: nn.Module, batch: Any) -> Tensor | None:
+        """Per-sample 0-1 error (classifiers), or ``None`` when not available."""
+        method = getattr(module, "per_sample_error", None)
+        if callable(method):
+            return method(batch)
+        if self._error_record is None:
+            return None
+        from genbounds.estimators.classification_error import per_sample_error
+
+        b = batch_size(batch)
+        _, records = self._training_step_losses(module, batch)
+        if self._error_record >= len(records):
+            return None
+        return per_sample_error(records[self._error_record], b)
+
+
+class _UserLoss:
+    """An explicit ``loss_fn(pl_module, batch)`` (the estimators' ``LossFn`` signature)."""
+
+    def __init__(self, fn: UserLossFn) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        return self.fn(module, batch)  # type: ignore[arg-type]
+
+
+class _SumScaled:
+    """``b × loss_fn``: per-sample losses whose mean is a sum-reduced training loss."""
+
+    def __init__(self, fn: LossFn) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, batch: Any) -> Tensor:
+        losses = self.fn(module, batch)
+        return losses * losses.shape[0]
 
 
 def _module_per_sample_loss(module: nn.Module, batch: Any) -> Tensor:
     return module.per_sample_loss(batch)  # type: ignore[operator]
 
 
-def resolve_loss_fn(owner: str, pl_module: LightningModule, loss_fn: LossFn | None) -> LossFn:
-    """The loss contract for ``owner`` (a callback's name, for the error message)."""
-    if loss_fn is not None:
-        if not callable(loss_fn):
-            raise MisconfigurationException(f"{owner}(loss_fn=...) must be callable, got {loss_fn!r}")
-        return loss_fn
-    if callable(getattr(pl_module, "per_sample_loss", None)):
-        return _module_per_sample_loss
-    raise MisconfigurationException(
-        f"{owner} needs per-sample losses for its extra passes and will not re-run "
-        f"`training_step` (that would overwrite what your module logs). Either pass "
-        f"`{owner}(loss_fn=...)`, a callable `loss_fn(pl_module, batch) -> Tensor[batch_size]` "
-        f"(an import path in YAML), or add a method `per_sample_loss(self, batch)` to "
-        f"{type(pl_module).__name__} returning the unreduced per-sample losses."
-    )
+def _returned_loss(out: Any, muted: MutedStep) -> Tensor | None:
+    if isinstance(out, Tensor) and out.numel() == 1:
+        return out.reshape(())
+    if isinstance(out, dict) and isinstance(out.get("loss"), Tensor):
+        return out["loss"].reshape(())
+    if muted.manual_losses:
+        total = muted.manual_losses[0]
+        for extra in muted.manual_losses[1:]:
+            total = total + extra
+        return total.reshape(())
+    return None
+
+
+def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str], what: str) -> bool:
+    """Is ``returned`` the mean of ``per_sample``? (one host sync)"""
+    if returned is None or per_sample is None:
+        return False
+    if not isinstance(per_sample, Tensor) or per_sample.dim() != 1:
+        notes.append(f"{what} are not a 1-d tensor of per-sample losses")
+        return False
+    observed = float(returned.detach().double())
+    reference = float(per_sample.detach().double().mean())
+    ok = math.isfinite(observed) and math.isclose(observed, reference, rel_tol=1e-4, abs_tol=1e-7)
+    if not ok:
+        notes.append(f"training_step's loss ({observed:.6g}) is not the mean of {what} ({reference:.6g})")
+    return ok
+

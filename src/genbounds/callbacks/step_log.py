@@ -10,8 +10,10 @@ one device→host copy for all buffered values, then
   a training batch is logged at that batch's index (next to ``train_loss_step``), a quantity of the
   weights at the number of optimizer steps taken (:func:`weights_step`), an aggregate over an epoch
   where Lightning logs epoch metrics (:func:`epoch_end_step`);
-* a record with any non-finite value (NaN loss, inf gradient) is dropped with one warning
-  naming its step;
+* a record with any non-finite value (NaN loss, inf gradient) is dropped — contained to its own
+  step: the first one gets a warning naming its step, later ones are only counted (the count is
+  reported once at train end and kept in the checkpoint). ``log_nonfinite=True`` (the bounds)
+  logs NaN instead: a bound that cannot be computed is a result, not a gap;
 * the latest value of each metric is also passed to ``pl_module.log(..., logger=False)``, so
   ``EarlyStopping``, ``ModelCheckpoint`` and the progress bar can use it;
 * listeners (the bound aggregator) receive the finite records as plain floats.
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 
@@ -69,13 +71,35 @@ def is_log_step(trainer: Trainer) -> bool:
 class StepLog:
     """Device-side buffer of per-step scalar records (see the module docstring)."""
 
-    def __init__(self, owner: str, prog_bar: tuple[str, ...] = ()) -> None:
+    def __init__(self, owner: str, prog_bar: tuple[str, ...] = (), log_nonfinite: bool = False) -> None:
         self.owner = owner
         self.prog_bar = prog_bar
+        self.log_nonfinite = log_nonfinite
         self._pending: list[tuple[int, dict[str, Tensor]]] = []
         self._listeners: list[Listener] = []
         self.skipped_steps: list[int] = []
+        self.skipped_count = 0
+        self._warned = False
+        self._reported = 0
         self.latest: dict[str, float] = {}
+
+    def state_dict(self) -> dict:
+        return {"skipped_steps": list(self.skipped_steps), "skipped_count": self.skipped_count,
+                "skip_warned": self._warned}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped_steps = list(state.get("skipped_steps", []))
+        self.skipped_count = int(state.get("skipped_count", len(self.skipped_steps)))
+        self._warned = bool(state.get("skip_warned", False))
+        self._reported = self.skipped_count
+
+    def report_skipped(self, trainer: Trainer) -> None:
+        """Once, at train end: how many records were skipped since the warning."""
+        extra = self.skipped_count - self._reported
+        if self._warned and extra > 1:
+            rank_zero_info(f"{self.owner}: {self.skipped_count} step(s) with non-finite statistics were skipped in "
+                           f"all (first ones: {self.skipped_steps[:10]}).")
+        self._reported = self.skipped_count
 
     def add_listener(self, listener: Listener) -> None:
         if listener not in self._listeners:
@@ -110,17 +134,21 @@ class StepLog:
         it = iter(flat)
         for step, vals in pending:
             host = {name: next(it) for name in vals}
-            if all(math.isfinite(x) for x in host.values()):
+            if self.log_nonfinite or all(math.isfinite(x) for x in host.values()):
                 records.append(StepRecord(step, host))
             else:
                 bad.append(step)
         if bad:
-            self.skipped_steps.extend(bad)
-            rank_zero_warn(
-                f"{self.owner}: non-finite statistics (NaN/inf loss or gradients) at step(s) "
-                f"{bad[:10]}{' …' if len(bad) > 10 else ''}; those steps are skipped.",
-                category=RuntimeWarning,
-            )
+            if len(self.skipped_steps) < 100:
+                self.skipped_steps.extend(bad[: 100 - len(self.skipped_steps)])
+            self.skipped_count += len(bad)
+            if not self._warned:
+                self._warned = True
+                rank_zero_warn(
+                    f"{self.owner}: non-finite statistics (NaN/inf loss or gradients) at step {bad[0]}; that step is "
+                    "skipped (later ones are counted and reported at the end of training).",
+                    category=RuntimeWarning,
+                )
         for logger in trainer.loggers:
             for rec in records:
                 logger.log_metrics(rec.values, step=rec.step)
@@ -140,6 +168,19 @@ class StepLog:
             for listener in self._listeners:
                 listener(records)
         return records
+
+
+def mark_run_complete(trainer: Trainer) -> None:
+    """Write ``run/complete = 1`` at the final optimizer step to every logger, once per run (any
+    genbounds callback calls it from ``on_fit_end``): ``genbounds gate|report|compare`` treat a run
+    without it as ended before ``Trainer.fit`` finished."""
+    step = int(trainer.global_step)
+    if trainer.__dict__.get("_genbounds_run_complete") == step:
+        return
+    trainer.__dict__["_genbounds_run_complete"] = step
+    for logger in trainer.loggers:
+        logger.log_metrics({"run/complete": 1.0}, step=int(trainer.global_step))
+        logger.save()
 
 
 class FlushesStepLog:

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from genbounds.callbacks.checks import FULL_PRECISIONS, check_automatic_optimization, check_positive
-from genbounds.callbacks.probe import _first_loader, validation_loader
+from genbounds.callbacks.probe_data import first_loader, validation_loader
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
 
@@ -154,7 +154,7 @@ class TwinRunStability(FlushesStepLog, Callback):
     def _choose_samples(self, trainer: Trainer) -> None:
         if self.mode == "none":
             return
-        dataset = _first_loader(trainer.train_dataloader).dataset
+        dataset = first_loader(trainer.train_dataloader).dataset
         gen = torch.Generator().manual_seed(self.seed)
         i = self.sample_index if self.sample_index is not None else int(torch.randint(len(dataset), (1,), generator=gen))
         self.sample_index = i

@@ -18,8 +18,8 @@ from genbounds.callbacks.checks import check_positive
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
-from genbounds.callbacks.loss_contract import resolve_loss_fn
-from genbounds.callbacks.probe import _first_loader, draw_probe_batch
+from genbounds.callbacks.loss_contract import LossContract
+from genbounds.callbacks.probe_data import draw_probe_batch, first_loader
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, logger_step
 from genbounds.estimators.batching import batch_size, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, reduce_all, trainable_parameters
@@ -91,12 +91,14 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
             return
         if trainer.accumulate_grad_batches != 1:
             raise MisconfigurationException("VariabilityRegularizer needs accumulate_grad_batches=1")
-        self._loss_fn = resolve_loss_fn(self.owner, pl_module, self.loss_fn)
+        self._loss_fn = LossContract.shared(pl_module).register(
+            self.owner, self.loss_fn, per_sample=True, what="per-sample gradients for its penalty")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
         if self.reference == "none":
             return
-        loader = _first_loader(trainer.train_dataloader)
+        loader = first_loader(trainer.train_dataloader)
         if self.reference_batches is None:  # every sample of the (rank's share of the) training set
             batch = draw_probe_batch(trainer, loader, len(loader.dataset), 1)
         else:

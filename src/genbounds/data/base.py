@@ -27,16 +27,44 @@ class EpochSeededSampler(Sampler[int]):
         self.n = len(data_source)
         self.seed = seed
         self.epoch = 0
+        self.start = 0
+        """Samples of the current epoch's permutation to skip once (mid-epoch resume)."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.n, generator=gen).tolist())
+        order = torch.randperm(self.n, generator=gen).tolist()
+        start, self.start = self.start, 0
+        return iter(order[start:])
 
     def __len__(self) -> int:
         return self.n
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that Lightning can resume mid-epoch (``state_dict``/``load_state_dict``):
+    the state is the epoch and the number of batches the trainer has completed in it; on resume
+    the epoch's permutation (:class:`EpochSeededSampler`) continues where it stopped, so a run
+    killed mid-epoch and resumed sees exactly the batches of an uninterrupted run."""
+
+    def __init__(self, *args: object, progress: object = None, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        completed = int(self._progress()) if callable(self._progress) else 0
+        epoch = int(getattr(self.sampler, "epoch", 0))
+        return {"epoch": epoch, "batches": completed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        sampler = self.sampler
+        if isinstance(sampler, (EpochSeededSampler, DistributedSampler)):
+            sampler.set_epoch(int(state.get("epoch", 0)))
+        skip = int(state.get("batches", 0)) * int(self.batch_size or 1)
+        if isinstance(sampler, EpochSeededSampler):
+            sampler.start = skip
 
 
 def corrupt_labels(labels: Tensor, fraction: float, num_classes: int, generator: torch.Generator) -> Tensor:
@@ -113,14 +141,21 @@ class SupervisedDataModule(LightningDataModule):
                                          shuffle=self.shuffle, seed=self.seed)
         else:
             sampler = EpochSeededSampler(self.train_set, self.seed) if self.shuffle else None  # type: ignore[arg-type]
-        return DataLoader(
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
             sampler=sampler,
             num_workers=self.num_workers,
             drop_last=self.drop_last,
             persistent_workers=self.num_workers > 0,
+            progress=self._completed_batches,
         )
+
+    def _completed_batches(self) -> int:
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"

@@ -38,6 +38,7 @@ class DigitsDataModule(SupervisedDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__(batch_size, seed, shuffle, num_workers, drop_last)
+        self.save_hyperparameters()  # every setting in HParams / hparams.yaml (run identity)
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"DigitsDataModule(val_fraction={val_fraction}) must be in (0, 1)")
         self.val_fraction = val_fraction

@@ -50,6 +50,7 @@ class TeacherRegressionDataModule(SupervisedDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__(batch_size, seed, shuffle, num_workers, drop_last)
+        self.save_hyperparameters()  # every setting in HParams / hparams.yaml (run identity)
         if teacher not in ("relu", "linear"):
             raise ValueError(f"TeacherRegressionDataModule(teacher={teacher!r}) must be 'relu' or 'linear'")
         self.num_train_samples = num_train
@@ -116,6 +117,7 @@ class SparseRegressionDataModule(SupervisedDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__(batch_size, seed, shuffle, num_workers, drop_last)
+        self.save_hyperparameters()  # every setting in HParams / hparams.yaml (run identity)
         self.num_train_samples = num_train
         self.num_val = num_val
         self.input_dim = input_dim

@@ -29,6 +29,7 @@ class _TorchvisionDataModule(SupervisedDataModule):
         drop_last: bool = False,
     ) -> None:
         super().__init__(batch_size, seed, shuffle, num_workers, drop_last)
+        self.save_hyperparameters()  # every setting in HParams / hparams.yaml (run identity)
         self.root = root
         self.download = download
         self.label_noise = label_noise

@@ -19,7 +19,6 @@ BackPACK returns ``‖g_i‖²/(m·A)²``; :meth:`BackpackNormHooks.read` undoes
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from torch.utils.hooks import RemovableHandle
 from backpack import backpack as backpack_context
 from backpack import hook_run_extensions, hook_store_io, memory_cleanup
 from backpack.extensions import BatchL2Grad
+
+from genbounds.estimators import recording
 
 
 @dataclass
@@ -102,25 +103,6 @@ def _supported_layer_types() -> set[type]:
     }
 
 
-_ATTACHED: "weakref.WeakSet[BackpackNormHooks]" = weakref.WeakSet()
-
-
-@contextmanager
-def suspended_hooks() -> Iterator[None]:
-    """Remove every attached :class:`BackpackNormHooks` for the duration of the block and put
-    them back afterwards — for extra passes (probes) that run between the measured training
-    step's ``on_train_batch_start`` and its forward: ``torch.func`` transforms reject BackPACK's
-    hooked modules, and a probe's forward must not be recorded as the training step's."""
-    active = [h for h in list(_ATTACHED) if h.attached]
-    for hooks in active:
-        hooks.detach()
-    try:
-        yield
-    finally:
-        for hooks in active:
-            hooks.attach()
-
-
 class BackpackNormHooks:
     """Per-sample squared gradient norms of the covered layers, for backward passes run
     between :meth:`attach` and :meth:`detach`.
@@ -159,20 +141,40 @@ class BackpackNormHooks:
         for module in self.modules:
             self._handles.append(module.register_forward_hook(hook_store_io))
             self._handles.append(module.register_full_backward_hook(hook_run_extensions))
-        _ATTACHED.add(self)
+        recording.register(self)
 
-    def detach(self) -> None:
+    def detach(self, clean: bool = True) -> None:
         """Remove every hook and every field BackPACK wrote (``batch_l2``, stored IO)."""
-        self.exit_backward()
+        if clean:
+            self.exit_backward()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        _ATTACHED.discard(self)
+        recording.unregister(self)
+        if not clean:
+            return
         for module in self.modules:
             memory_cleanup(module)
             for p in module.parameters(recurse=False):
                 if hasattr(p, "batch_l2"):
                     del p.batch_l2
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Remove the hooks for the duration of the block (an extra pass run while they are
+        attached: ``torch.func`` transforms reject BackPACK's hooked modules, and the probe's
+        forward must not be recorded as the training step's) and put them back afterwards."""
+        was_attached = self.attached
+        context = self._context
+        if was_attached:
+            self._context = None  # keep BackPACK's extension context across the pause
+            self.detach(clean=False)
+        try:
+            yield
+        finally:
+            if was_attached:
+                self.attach()
+                self._context = context
 
     def enter_backward(self) -> None:
         """Activate ``BatchL2Grad`` for the next backward (the entry half of ``with backpack``)."""
@@ -184,6 +186,27 @@ class BackpackNormHooks:
         if self._context is not None:
             self._context.__exit__(None, None, None)
             self._context = None
+
+    def read_modules(self, scale: float | Tensor) -> dict[nn.Module, Tensor] | None:
+        """Per covered module, ``‖g_i‖²`` per sample (float64, ``[m]``) from the last backward;
+        ``scale`` as in :meth:`read` (a number or a 0-d device tensor). ``None`` when some covered
+        layer produced no field."""
+        out: dict[nn.Module, Tensor] = {}
+        for module in self.modules:
+            per_sample = None
+            for p in module.parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                field_ = getattr(p, "batch_l2", None)
+                if field_ is None:
+                    return None
+                contrib = field_.double()
+                per_sample = contrib if per_sample is None else per_sample + contrib
+                del p.batch_l2
+            if per_sample is not None:
+                s2 = scale.detach().double().square() if isinstance(scale, Tensor) else float(scale) ** 2
+                out[module] = per_sample * s2
+        return out
 
     def read(self, scale: float) -> tuple[Tensor, Tensor] | None:
         """``(Σ_i ‖g_i‖², ‖g_i‖² per sample)`` in float64 from the last backward, with
@@ -210,4 +233,4 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) for m in model.modules())
 
 
-__all__ = ["BackpackCoverage", "BackpackNormHooks", "backpack_coverage", "has_batchnorm", "suspended_hooks"]
+__all__ = ["BackpackCoverage", "BackpackNormHooks", "backpack_coverage", "has_batchnorm"]

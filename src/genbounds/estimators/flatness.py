@@ -41,7 +41,12 @@ class FlatnessEstimate:
     term_se: list[float] | None
     num_draws: int
     increments: dict[str, Tensor]
-    """Per data set, the ``[len(sigmas), num_draws]`` antithetic increments (device)."""
+    """Per data set, the ``[len(sigmas), num_draws]`` antithetic increments of the loss (device)."""
+    base_train: float = math.nan
+    """The unperturbed training-probe loss."""
+    error_term: list[float] | None = None
+    """``γ(S) − γ(S')`` of the second output (the 0-1 error) when the loss function has two rows."""
+    error_term_se: list[float] | None = None
 
 
 def gaussian_flatness(
@@ -56,35 +61,45 @@ def gaussian_flatness(
     draws_per_pass: int = 8,
     dtype: torch.dtype | None = None,
     reduce: Reduce | None = None,
+    shapes: Sequence[dict[str, float] | None] | None = None,
+    rows: bool = False,
 ) -> FlatnessEstimate:
     """Antithetic Gaussian flatness on a training probe batch (and a held-out one) — see the
     module docstring. ``draws_per_pass`` perturbations are evaluated in one vectorized pass
-    (1 = sequential). One host sync at the end."""
+    (1 = sequential). ``shapes[i]`` (per parameter name, a factor) makes the ``i``-th noise
+    block-shaped: ``σ_i · shape[name]`` per parameter. ``rows=True``: ``loss_fn`` returns
+    ``[2, b]`` (the loss and a second per-sample quantity, e.g. the 0-1 error), both measured at the
+    same perturbed points. One host sync at the end."""
     if num_draws < 2:
         raise ValueError("num_draws must be >= 2 for a standard error")
-    fn = PerturbedLoss(module, loss_fn, dtype, reduce)
+    fn = PerturbedLoss(module, loss_fn, dtype, reduce, rows=rows)
     sets = {"train": fn.prepare(train_batch)}
     if heldout_batch is not None:
         sets["heldout"] = fn.prepare(heldout_batch)
     sig = [float(s) for s in sigmas]
+    shp = list(shapes) if shapes is not None else [None] * len(sig)
     base_loss = {name: fn.loss(fn.base, batch).double() for name, batch in sets.items()}
     inc: dict[str, list[Tensor]] = {name: [] for name in sets}
     for _, count in chunks(num_draws, max(1, draws_per_pass)):
         eps = standard_normal(fn.base, count, generator)
         per_set: dict[str, list[Tensor]] = {name: [] for name in sets}
-        for s in sig:
-            plus, minus = fn.shifted(eps, s), fn.shifted(eps, -s)
+        for s, shape in zip(sig, shp):
+            plus, minus = fn.shifted(eps, s, shape=shape), fn.shifted(eps, -s, shape=shape)
             for name, batch in sets.items():
                 lp = fn.losses_at(plus, batch).double()
                 lm = fn.losses_at(minus, batch).double()
-                per_set[name].append(0.5 * (lp + lm) - base_loss[name])
+                per_set[name].append(0.5 * (lp + lm) - base_loss[name])  # [count] or [count, 2]
         for name in sets:
-            inc[name].append(torch.stack(per_set[name]))  # [S, count]
-    increments = {name: torch.cat(parts, dim=1) for name, parts in inc.items()}
+            inc[name].append(torch.stack(per_set[name]))  # [S, count(, 2)]
+    both = {name: torch.cat(parts, dim=1) for name, parts in inc.items()}
+    increments = {name: (x[..., 0] if rows else x) for name, x in both.items()}
     stats = {name: _mean_se(x) for name, x in increments.items()}
     if "heldout" in increments:
         stats["term"] = _mean_se(increments["train"] - increments["heldout"])
+        if rows:
+            stats["error_term"] = _mean_se(both["train"][..., 1] - both["heldout"][..., 1])
     host = {k: (m.cpu().tolist(), se.cpu().tolist()) for k, (m, se) in stats.items()}
+    base_train = base_loss["train"][0] if rows else base_loss["train"]
     return FlatnessEstimate(
         sigmas=sig,
         train=host["train"][0],
@@ -95,6 +110,9 @@ def gaussian_flatness(
         term_se=host.get("term", (None, None))[1],
         num_draws=num_draws,
         increments=increments,
+        base_train=float(base_train),
+        error_term=host.get("error_term", (None, None))[0],
+        error_term_se=host.get("error_term", (None, None))[1],
     )
 
 

@@ -62,15 +62,18 @@ class _LossOfModule(nn.Module):
         return self._loss_fn(self.inner, batch)
 
 
-def functional_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[ParamDict, Any], Tensor]:
+def functional_loss(module: nn.Module, loss_fn: LossFn, rows: bool = False) -> Callable[[ParamDict, Any], Tensor]:
     """``f(params, batch) -> per-sample losses`` evaluated with ``params`` in place of the
     module's trainable parameters (names as in :func:`trainable_parameters`); every other
-    parameter and buffer is the module's own."""
+    parameter and buffer is the module's own. ``rows=True`` accepts a ``[k, b]`` output (several
+    per-sample quantities, e.g. the loss and the 0-1 error, from one forward)."""
     wrapper = _LossOfModule(module, loss_fn)
 
     def f(params: ParamDict, batch: Any) -> Tensor:
         renamed = {"inner." + k: v for k, v in params.items()}
         losses = functional_call(wrapper, renamed, (batch,), strict=False)
+        if rows and isinstance(losses, Tensor) and losses.dim() == 2:
+            return losses
         return _as_per_sample(losses)
 
     return f
@@ -89,6 +92,41 @@ def _as_per_sample(losses: Tensor) -> Tensor:
 def per_sample_losses(module: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
     """``loss_fn(module, batch)`` checked to be a 1-d tensor of per-sample losses."""
     return _as_per_sample(loss_fn(module, batch))
+
+
+def loss_values(module: nn.Module, loss_fn: LossFn, batch: Any) -> Tensor:
+    """``loss_fn(module, batch)`` as a 1-d tensor whose mean is the batch's mean loss: the
+    per-sample losses, or a single element (a loss contract that only knows the batch mean).
+    For estimators that only ever use means."""
+    return _as_per_sample(loss_fn(module, batch))
+
+
+def parameter_groups(module: nn.Module, layer_groups: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Trainable parameter names by group (layer), in module order.
+
+    Default: the qualified name of the module that owns the parameter (``"net.0"`` for
+    ``"net.0.weight"``; parameters of the root module form the group ``"(root)"``).
+    ``layer_groups`` maps a parameter-name prefix to a group name; the longest matching prefix
+    wins, unmatched parameters keep their default group."""
+    prefixes = sorted((layer_groups or {}).items(), key=lambda kv: -len(kv[0]))
+    groups: dict[str, list[str]] = {}
+    for name in trainable_parameters(module):
+        group = next((g for prefix, g in prefixes if name == prefix or name.startswith(prefix)), None)
+        if group is None:
+            group = name.rsplit(".", 1)[0] if "." in name else "(root)"
+        groups.setdefault(group, []).append(name)
+    return groups
+
+
+def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """``[len(tensors)]`` squared Euclidean norms, accumulated in float64 (fused multi-tensor norm)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    try:
+        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
+    except (TypeError, RuntimeError):  # older torch without the dtype argument
+        norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
+    return torch.stack(list(norms)).square()
 
 
 def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

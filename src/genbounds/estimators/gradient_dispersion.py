@@ -48,7 +48,10 @@ class GradientMoments:
     when the backend can afford them; they give the standard error. Sums rather than the
     vector so that accumulation micro-steps and DDP ranks combine by addition."""
     losses: Tensor | None = field(default=None, repr=False)
-    """The per-sample losses seen while computing the moments (for the loss range ``R``)."""
+    """The per-sample losses seen while computing the moments."""
+    group_sq: Tensor | None = None
+    """``Σ_j m_j ‖h_{j,k}‖²`` per parameter group ``k`` (float64 ``[K]``), when the backend splits
+    its squared norms by group (layer); ``Σ_k group_sq[k] == weighted_sq_norm_sum``."""
 
     def merged(self, other: GradientMoments) -> GradientMoments:
         """Moments of the union of two disjoint batches taken at the same weights
@@ -73,6 +76,9 @@ class GradientMoments:
             if self.losses is not None and other.losses is not None
             else (self.losses if other.losses is None else other.losses)
         )
+        group_sq = (
+            self.group_sq + other.group_sq if self.group_sq is not None and other.group_sq is not None else None
+        )
         return GradientMoments(
             weighted_sq_norm_sum=self.weighted_sq_norm_sum + other.weighted_sq_norm_sum,
             num_samples=self.num_samples + other.num_samples,
@@ -80,6 +86,7 @@ class GradientMoments:
             weighted_sum=summed,
             centered_sums=centered,
             losses=losses,
+            group_sq=group_sq,
         )
 
 
@@ -97,6 +104,8 @@ class DispersionEstimate:
     """Standard error of ``trace_cov`` (``None`` when the backend has no centred terms)."""
     batch_size: int | Tensor
     num_units: int | Tensor
+    group_dispersion: Tensor | None = None
+    """``Tr Σ_{B,k}`` per parameter group (float64 ``[K]``); sums to ``dispersion`` exactly."""
 
 
 def centered_sums(values: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -105,8 +114,13 @@ def centered_sums(values: Tensor) -> tuple[Tensor, Tensor, int]:
     return v.sum(), (v * v).sum(), v.numel()
 
 
+def group_sums(per_tensor: Tensor, groups: list[list[int]]) -> Tensor:
+    """``[K]`` sums of a per-tensor vector over each group's tensor indices."""
+    return torch.stack([per_tensor[idx].sum() if idx else per_tensor.new_zeros(()) for idx in groups])
+
+
 def dispersion_from_moments(
-    moments: GradientMoments, mean_grad_sq_norm: Tensor | None = None
+    moments: GradientMoments, mean_grad_sq_norm: Tensor | None = None, group_mean_sq: Tensor | None = None
 ) -> DispersionEstimate:
     """Turn :class:`GradientMoments` into ``norm_sq``, ``trace_cov`` and ``dispersion``.
 
@@ -114,6 +128,8 @@ def dispersion_from_moments(
         moments: the batch's sufficient statistics.
         mean_grad_sq_norm: ``‖ḡ‖²`` when the mean gradient is read elsewhere (``p.grad`` of the
             training step); required when ``moments.weighted_sum`` is ``None``.
+        group_mean_sq: ``‖ḡ_k‖²`` per group (``[K]``) for the per-group dispersion, when the moments
+            carry ``group_sq``; then ``Σ_k group_mean_sq[k]`` should equal ``‖ḡ‖²``.
 
     Raises:
         ValueError: with fewer than two units (no spread to measure) or no mean gradient.
@@ -136,6 +152,10 @@ def dispersion_from_moments(
         # trace_cov = k/(k−1) · mean_j v_j  ⇒  SE = k/(k−1) · sd(v)/√k
         var = (total_sq - total * total / count) / (count - 1)
         se = (k / (k - 1)) * torch.sqrt(torch.clamp(var, min=0.0) / k)
+    groups = None
+    if moments.group_sq is not None and group_mean_sq is not None:
+        g2 = group_mean_sq.double().to(s2.device)
+        groups = (moments.group_sq.double().to(s2.device) - b * g2) / ((k - 1) * b)
     return DispersionEstimate(
         norm_sq=n2,
         trace_cov=trace_cov,
@@ -143,4 +163,5 @@ def dispersion_from_moments(
         trace_cov_se=se,
         batch_size=b,
         num_units=k,
+        group_dispersion=groups,
     )

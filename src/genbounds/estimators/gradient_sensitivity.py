@@ -50,9 +50,15 @@ def gradient_sensitivity(
     draws_per_pass: int = 4,
     dtype: torch.dtype | None = None,
     reduce: Reduce | None = None,
+    shapes: Sequence[dict[str, float] | None] | None = None,
+    norm_weights: Sequence[dict[str, float] | None] | None = None,
 ) -> SensitivityEstimate:
     """Half-split estimate of ``Γ_σ`` on ``batch`` (held-out data) for every ``σ`` in ``sigmas``.
-    ``σ = 0`` gives exactly 0. One host sync at the end."""
+    ``σ = 0`` gives exactly 0. One host sync at the end.
+
+    Block-diagonal noise (Neu et al. Theorem 7): ``shapes[i]`` (per parameter name) makes the
+    ``i``-th perturbation ``σ_i · shape[name] · ε``, and ``norm_weights[i]`` measures the gradient
+    difference in the weighted norm ``Σ_p w_p ‖δ_p‖²`` (``w_p = 1/σ_p²``: the ``Σ⁻¹`` norm)."""
     if num_draws < 2:
         raise ValueError("num_draws must be >= 2 for a standard error")
     b = batch_size(batch)
@@ -63,6 +69,8 @@ def gradient_sensitivity(
     halves = [index_batch(data, slice(0, b // 2)), index_batch(data, slice(b // 2, b))]
     g0 = [fn.gradient(fn.base, h) for h in halves]
     sig = [float(s) for s in sigmas]
+    shp = list(shapes) if shapes is not None else [None] * len(sig)
+    wts = list(norm_weights) if norm_weights is not None else [None] * len(sig)
     rows: list[list[Tensor]] = [[] for _ in sig]
     for _, count in chunks(num_draws, max(1, draws_per_pass)):
         eps = standard_normal(fn.base, count, generator)
@@ -70,12 +78,12 @@ def gradient_sensitivity(
             if s == 0.0:
                 rows[i].append(torch.zeros(count, dtype=torch.float64, device=eps[fn.names[0]].device))
                 continue
-            points = fn.shifted(eps, s)
+            points = fn.shifted(eps, s, shape=shp[i])
             diffs = []
             for h, g in zip(halves, g0):
                 gp = fn.gradients_at(points, h)
                 diffs.append({k: g[k].unsqueeze(0) - gp[k] for k in fn.names})
-            rows[i].append(flat_dot(diffs[0], diffs[1]))
+            rows[i].append(flat_dot(diffs[0], diffs[1], wts[i]))
     samples = torch.stack([torch.cat(r) for r in rows])  # [S, K]
     mean = samples.mean(1)
     se = samples.std(1, unbiased=True) / math.sqrt(num_draws)

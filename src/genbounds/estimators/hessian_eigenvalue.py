@@ -28,7 +28,8 @@ class EigenEstimate:
     """``‖Hv − λv‖`` of the final vector (0 for an exact eigenvector)."""
     iterations: int
     converged: bool
-    vector: list[Tensor]
+    vector: list[Tensor] | None
+    """The final unit vector (the next call's warm start); ``None`` when it is not finite."""
 
 
 def top_eigenvalue(
@@ -40,15 +41,19 @@ def top_eigenvalue(
     tol: float = 1e-3,
 ) -> EigenEstimate:
     """Power iteration on ``hessian`` (one HVP and one host sync per iteration)."""
-    v = init if init is not None else [t[0] for t in gaussian_like(hessian.params, 1, generator)]
-    v = _normalized(v)
+    usable = init is not None and all(bool(torch.isfinite(x).all()) for x in init) and float(sq_norm(init)) > 0
+    v = init if usable else [t[0] for t in gaussian_like(hessian.params, 1, generator)]
+    v = _normalized(v)  # type: ignore[arg-type]
     value = math.nan
     hv = hessian.hvp(v)
     for it in range(1, max_iter + 1):
         new_value = float(dot(v, hv))
         converged = it > 1 and abs(new_value - value) <= tol * (abs(value) + 1e-12)
         value = new_value
-        if converged:
+        norm = float(sq_norm(hv))
+        if converged or not math.isfinite(norm) or norm == 0.0:
+            # Hv = 0 (a zero Hessian) has no direction to follow: v is an eigenvector of 0
+            converged = converged or norm == 0.0
             break
         v = _normalized(hv)
         hv = hessian.hvp(v)
@@ -56,7 +61,10 @@ def top_eigenvalue(
         it, converged = max_iter, False
         value = float(dot(v, hv))
     residual = float(sq_norm([h - value * x for h, x in zip(hv, v)]).sqrt())
-    return EigenEstimate(value, residual, it, converged, [x.detach() for x in v])
+    vector = [x.detach() for x in v]
+    if not all(bool(torch.isfinite(x).all()) for x in vector):
+        vector = None  # never carry a non-finite warm start into the next probe
+    return EigenEstimate(value, residual, it, converged, vector)
 
 
 def _normalized(v: list[Tensor]) -> list[Tensor]:

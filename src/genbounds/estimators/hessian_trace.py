@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from genbounds.estimators.hessian_vector_product import LossHessian, batched_dot, rademacher_like
+from genbounds.estimators.hessian_vector_product import LossHessian, rademacher_like
 
 
 @dataclass
@@ -37,6 +37,9 @@ class TraceEstimate:
     num_probes: int
     samples: Tensor
     """The ``vⱼᵀ H vⱼ`` (float64, on the device)."""
+    group_samples: Tensor | None = None
+    """``[n, K]``: per probe, ``v_{j,k}ᵀ (H v_j)_k`` for each parameter group ``k`` (they sum to the
+    sample): the same probes give each diagonal block's trace ``Tr H_k`` with its own SE."""
 
 
 def hutchinson_trace(
@@ -48,29 +51,40 @@ def hutchinson_trace(
     min_probes: int = 10,
     max_probes: int = 200,
     block_size: int = 10,
+    groups: list[list[int]] | None = None,
 ) -> TraceEstimate:
     """Hutchinson trace with a standard-error stopping rule (see the module docstring).
 
-    One host sync per block (to test the stopping rule).
+    ``groups`` (parameter indices per group) also returns the per-group samples. One host sync
+    per block (to test the stopping rule). A non-finite sample stops the estimate (its mean is
+    then non-finite: the caller drops the probe).
     """
     if not (0 < min_probes <= max_probes) or block_size < 1:
         raise ValueError("need 0 < min_probes <= max_probes and block_size >= 1")
     samples: list[Tensor] = []
+    per_group: list[Tensor] = []
     drawn = 0
     while drawn < max_probes:
         n = min(block_size, max_probes - drawn)
         vs = rademacher_like(hessian.params, n, generator)
-        samples.append(batched_dot(vs, hessian.hvp_batched(vs)))
+        hvs = hessian.hvp_batched(vs)
+        per_param = torch.stack([(x.double() * y.double()).reshape(x.shape[0], -1).sum(1)
+                                 for x, y in zip(vs, hvs)], dim=1)  # [n, P]
+        samples.append(per_param.sum(1))
+        if groups is not None:
+            per_group.append(torch.stack([per_param[:, idx].sum(1) if idx else per_param.new_zeros(n)
+                                          for idx in groups], dim=1))
         drawn += n
         if drawn < min_probes:
             continue
         all_samples = torch.cat(samples)
         mean, se = _mean_se(all_samples)
-        if se <= rel_tol * abs(mean) or se <= abs_tol:
+        if not math.isfinite(mean) or se <= rel_tol * abs(mean) or se <= abs_tol:
             break
     all_samples = torch.cat(samples)
     mean, se = _mean_se(all_samples)
-    return TraceEstimate(mean, se, int(all_samples.numel()), all_samples)
+    return TraceEstimate(mean, se, int(all_samples.numel()), all_samples,
+                         torch.cat(per_group) if per_group else None)
 
 
 def _mean_se(x: Tensor) -> tuple[float, float]:

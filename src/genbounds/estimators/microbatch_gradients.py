@@ -19,8 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from genbounds.estimators.batching import batch_device, batch_size, split_batch, split_sizes
-from genbounds.estimators.functional import LossFn, per_sample_losses, sq_norm, trainable_parameters
-from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums
+from genbounds.estimators.functional import (
+    LossFn,
+    loss_values,
+    per_tensor_sq_norms,
+    sq_norm,
+    trainable_parameters,
+)
+from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums, group_sums
 
 
 def microbatch_gradient_moments(
@@ -30,6 +36,7 @@ def microbatch_gradient_moments(
     num_chunks: int,
     *,
     generator: torch.Generator | None = None,
+    groups: list[list[int]] | None = None,
 ) -> GradientMoments:
     """Chunk-gradient moments of ``batch`` split into ``num_chunks`` (at most ``b``) chunks.
 
@@ -40,6 +47,10 @@ def microbatch_gradient_moments(
         num_chunks: ``k ≥ 2``.
         generator: source of the random sample-to-chunk assignment; ``None`` keeps the batch
             order (contiguous chunks).
+        groups: parameter indices per group (layer) for ``group_sq``.
+
+    ``loss_fn`` may return a 1-element tensor (the chunk's mean loss) instead of per-sample losses:
+    only chunk means are used here.
     """
     if num_chunks < 2:
         raise ValueError(f"the micro-batch estimator needs num_chunks >= 2, got {num_chunks}")
@@ -54,7 +65,7 @@ def microbatch_gradient_moments(
     chunk_grads: list[list[Tensor]] = []
     losses = []
     for chunk in split_batch(batch, sizes, order):
-        chunk_losses = per_sample_losses(module, loss_fn, chunk)
+        chunk_losses = loss_values(module, loss_fn, chunk)
         grads = torch.autograd.grad(chunk_losses.mean(), params, allow_unused=True)
         chunk_grads.append([torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)])
         losses.append(chunk_losses.detach())
@@ -62,7 +73,8 @@ def microbatch_gradient_moments(
         sum(m * grads[i] for m, grads in zip(sizes, chunk_grads)) for i in range(len(params))
     ]
     mean = [s / b for s in weighted_sum]
-    sq = torch.stack([m * sq_norm(g) for m, g in zip(sizes, chunk_grads)])
+    per_param = torch.stack([m * per_tensor_sq_norms(g) for m, g in zip(sizes, chunk_grads)])  # [k, P]
+    sq = per_param.sum(1)
     centered = torch.stack(
         [m * sq_norm([h - g for h, g in zip(grads, mean)]) for m, grads in zip(sizes, chunk_grads)]
     )
@@ -73,4 +85,5 @@ def microbatch_gradient_moments(
         weighted_sum=[s.detach() for s in weighted_sum],
         centered_sums=centered_sums(centered),
         losses=torch.cat(losses),
+        group_sq=None if groups is None else group_sums(per_param.sum(0), groups),
     )

@@ -1,13 +1,27 @@
-"""Exact per-sample gradients with ``torch.func`` (``vmap`` over ``grad``).
+"""Exact per-sample gradients by an extra pass, with memory bounded by default.
 
-Works for any model whose operations have batching rules (everything but train-mode BatchNorm,
-which couples the samples and has no per-sample gradient). Costs one extra forward and backward
-over the batch and materializes ``chunk_size × d`` gradients at a time.
+Two methods give the same ``g_i = ∇ℓ(w, z_i)``:
+
+* ``"vmap"`` — ``torch.func.vmap(grad(...))`` over single samples: ``b`` vectorized forwards and
+  backwards. Needs a loss function that can run under ``vmap`` (no train-mode BatchNorm, which
+  couples the samples; no in-place updates of captured state).
+* ``"jacobian"`` — one forward of the per-sample loss vector ``ℓ ∈ R^b`` and the rows of its
+  Jacobian by a batched backward (``torch.autograd.grad(..., is_grads_batched=True)`` with one-hot
+  cotangents). Works for any per-sample loss whose backward has batching rules, including one
+  computed by the user's own ``training_step``; under train-mode BatchNorm it gives ``∇ℓ_i`` with
+  the batch statistics as functions of ``w`` (these still average to the batch gradient).
+
+**Memory.** ``c`` per-sample gradients of ``d`` parameters take ``4·c·d`` bytes (fp32), plus
+about as much again in temporaries. Without an explicit ``chunk_size`` the batch is processed in
+chunks of ``c = max(1, budget // (3 · 4 · d))`` samples, ``budget`` = ``memory_budget`` bytes
+(default 256 MiB): peak memory grows by at most about the budget, whatever the batch size.
+The standard error needs ``‖g_i − ḡ‖²``: with one chunk it is computed directly; with several it
+needs ``ḡ`` beforehand (``mean_gradient``, e.g. the training step's ``.grad``), else it is omitted.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -17,13 +31,29 @@ from genbounds.estimators.batching import batch_size, index_batch, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums
 
+Method = Literal["vmap", "jacobian"]
+
+DEFAULT_MEMORY_BUDGET = 256 * 2**20
+"""Bytes of per-sample gradients (and their temporaries) held at once by default."""
+
+
+def budget_chunk_size(num_params: int, batch: int, memory_budget: int = DEFAULT_MEMORY_BUDGET) -> int:
+    """Samples per chunk so that ``c`` fp32 per-sample gradients and two temporaries of the same
+    size fit in ``memory_budget`` bytes."""
+    per_sample = 3 * 4 * max(1, num_params)
+    return max(1, min(batch, int(memory_budget // per_sample)))
+
 
 def per_sample_gradient_moments(
     module: nn.Module,
     loss_fn: LossFn,
     batch: Any,
     *,
+    method: Method = "vmap",
     chunk_size: int | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    groups: list[list[int]] | None = None,
+    mean_gradient: list[Tensor] | None = None,
     randomness: str = "different",
 ) -> GradientMoments:
     """Sufficient statistics of the per-sample gradients ``g_i`` of ``batch`` (units = samples).
@@ -32,17 +62,68 @@ def per_sample_gradient_moments(
         module: the model; its real parameters are never written.
         loss_fn: the loss contract, ``loss_fn(module, batch) -> per-sample losses``.
         batch: the batch.
-        chunk_size: vectorize over at most this many samples at once (memory bound); ``None``
-            does the whole batch in one ``vmap``. The centred terms for the standard error are
-            only available without chunking (they need every ``g_i`` and ``ḡ`` at once).
-        randomness: ``vmap`` randomness for dropout-like layers (``"different"``: independent
-            masks per sample, ``"same"``, or ``"error"``).
+        method: ``"vmap"`` or ``"jacobian"`` (see the module docstring).
+        chunk_size: samples per chunk; ``None`` sizes chunks from ``memory_budget``.
+        memory_budget: bytes (see the module docstring).
+        groups: parameter indices per group (layer) for ``group_sq``.
+        mean_gradient: ``ḡ`` per parameter, for the standard error when chunked.
+        randomness: ``vmap`` randomness for dropout-like layers (``"vmap"`` method).
 
     Returns:
-        :class:`GradientMoments` with ``Σ_i ‖g_i‖²``, ``Σ_i g_i`` and, without chunking,
-        ``‖g_i − ḡ‖²`` for the standard error; also the per-sample losses.
+        :class:`GradientMoments` with ``Σ_i ‖g_i‖²``, ``Σ_i g_i``, per-group ``Σ_i ‖g_{i,k}‖²``,
+        the centred terms when available, and the per-sample losses.
     """
     params = trainable_parameters(module)
+    names = list(params)
+    b = batch_size(batch)
+    d = sum(p.numel() for p in params.values())
+    step = chunk_size if chunk_size is not None else budget_chunk_size(d, b, memory_budget)
+    step = max(1, min(step, b))
+    chunks = _jacobian_chunks(module, loss_fn, batch, params, step) if method == "jacobian" else \
+        _vmap_chunks(module, loss_fn, batch, params, step, randomness)
+    single = step >= b
+    sq_sum = torch.zeros((), dtype=torch.float64)
+    per_param_sq: Tensor | None = None
+    grad_sum: list[Tensor] | None = None
+    losses: list[Tensor] = []
+    centered: list[Tensor] = []
+    kept: list[Tensor] | None = None
+    for flat, loss in chunks:
+        rows = torch.stack([(g * g).sum(1, dtype=torch.float64) for g in flat])  # [P, c]
+        per_param_sq = rows.sum(1) if per_param_sq is None else per_param_sq + rows.sum(1)
+        sq_sum = sq_sum.to(rows.device) + rows.sum()
+        sums = [g.sum(0) for g in flat]
+        grad_sum = sums if grad_sum is None else [a + s for a, s in zip(grad_sum, sums)]
+        losses.append(loss.detach().reshape(-1))
+        if single:
+            kept = flat
+        elif mean_gradient is not None:
+            centered.append(torch.stack([((g - m.reshape(1, -1)) ** 2).sum(1, dtype=torch.float64)
+                                         for g, m in zip(flat, mean_gradient)]).sum(0))
+    assert grad_sum is not None and per_param_sq is not None
+    terms = None
+    if kept is not None:
+        mean = [s / b for s in grad_sum]
+        terms = torch.stack([((g - m) ** 2).sum(1, dtype=torch.float64) for g, m in zip(kept, mean)]).sum(0)
+    elif centered:
+        terms = torch.cat(centered)
+    shaped_sum = [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]
+    group_sq = None
+    if groups is not None:
+        group_sq = torch.stack([per_param_sq[idx].sum() if idx else per_param_sq.new_zeros(()) for idx in groups])
+    return GradientMoments(
+        weighted_sq_norm_sum=sq_sum,
+        num_samples=b,
+        num_units=b,
+        weighted_sum=shaped_sum,
+        centered_sums=None if terms is None else centered_sums(terms),
+        losses=torch.cat(losses),
+        group_sq=group_sq,
+    )
+
+
+def _vmap_chunks(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[str, Tensor], step: int,
+                 randomness: str):
     names = list(params)
     base = detached(params)
     f = functional_loss(module, loss_fn)
@@ -51,37 +132,27 @@ def per_sample_gradient_moments(
         return f(p, map_tensors(sample, lambda t: t.unsqueeze(0))).sum()
 
     per_sample = vmap(grad_and_value(loss_of_one), in_dims=(None, 0), randomness=randomness)
-
     b = batch_size(batch)
-    step = b if chunk_size is None else max(1, min(chunk_size, b))
-    sq_sum = None
-    grad_sum: list[Tensor] | None = None
-    losses = []
-    kept: list[Tensor] | None = None
     for start in range(0, b, step):
         grads, loss = per_sample(base, index_batch(batch, slice(start, start + step)))
-        flat = [grads[n].reshape(grads[n].shape[0], -1) for n in names]
-        sq = torch.stack([(g.double() ** 2).sum(1) for g in flat]).sum(0)  # [chunk]
-        sums = [g.sum(0) for g in flat]
-        sq_sum = sq.sum() if sq_sum is None else sq_sum + sq.sum()
-        grad_sum = sums if grad_sum is None else [a + s for a, s in zip(grad_sum, sums)]
-        losses.append(loss.detach())
-        if step == b:
-            kept = flat
-    assert sq_sum is not None and grad_sum is not None
-    centered = None
-    if kept is not None:
-        mean = [s.double() / b for s in grad_sum]
-        # ‖g_i − ḡ‖², one row per sample, accumulated per parameter in float64
-        centered = torch.stack(
-            [((g.double() - m) ** 2).sum(1) for g, m in zip(kept, mean)]
-        ).sum(0)
-    shaped_sum = [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]
-    return GradientMoments(
-        weighted_sq_norm_sum=sq_sum,
-        num_samples=b,
-        num_units=b,
-        weighted_sum=shaped_sum,
-        centered_sums=None if centered is None else centered_sums(centered),
-        losses=torch.cat(losses),
-    )
+        yield [grads[n].reshape(grads[n].shape[0], -1) for n in names], loss
+
+
+def _jacobian_chunks(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[str, Tensor], step: int):
+    tensors = list(params.values())
+    losses = loss_fn(module, batch)
+    b = batch_size(batch)
+    if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
+        raise ValueError(
+            "per-sample gradients need one loss per sample (a 1-d tensor of length "
+            f"{b}); got {tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__}"
+        )
+    for start in range(0, b, step):
+        count = min(step, b - start)
+        cot = torch.zeros(count, b, dtype=losses.dtype, device=losses.device)
+        cot[torch.arange(count), start + torch.arange(count)] = 1.0
+        grads = torch.autograd.grad(losses, tensors, grad_outputs=cot, is_grads_batched=True,
+                                    retain_graph=start + count < b, allow_unused=True)
+        flat = [torch.zeros(count, p.numel(), dtype=p.dtype, device=p.device) if g is None else g.reshape(count, -1)
+                for g, p in zip(grads, tensors)]
+        yield flat, losses[start:start + count]

@@ -39,13 +39,13 @@ class PerturbedLoss:
     averages every loss and gradient over DDP ranks (see ``functional.Reduce``)."""
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None,
-                 reduce: Reduce | None = None) -> None:
+                 reduce: Reduce | None = None, rows: bool = False) -> None:
         self.module = module
         self.reduce = reduce
         self.named = trainable_parameters(module)
         self.names = list(self.named)
         self.dtype = dtype
-        self._f = functional_loss(module, loss_fn)
+        self._f = functional_loss(module, loss_fn, rows=rows)
         self.base: ParamDict = {k: _cast(v, dtype) for k, v in detached(self.named).items()}
         self._extra: dict[str, Tensor] = {}
         if dtype is not None:
@@ -59,7 +59,8 @@ class PerturbedLoss:
         return map_tensors(batch, lambda t: _cast(t, self.dtype)) if self.dtype is not None else batch
 
     def _mean(self, params: ParamDict, batch: Any) -> Tensor:
-        return self._f({**self._extra, **params}, batch).mean()
+        """The batch mean (``[k]`` means for a ``rows`` loss function)."""
+        return self._f({**self._extra, **params}, batch).mean(-1)
 
     def _reduced(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         names = list(tensors)
@@ -80,7 +81,7 @@ class PerturbedLoss:
         m = next(iter(points.values())).shape[0]
         with torch.no_grad():
             if m == 1:
-                out = self._mean({k: v[0] for k, v in points.items()}, batch).reshape(1)
+                out = self._mean({k: v[0] for k, v in points.items()}, batch).unsqueeze(0)
             else:
                 out = vmap(lambda p: self._mean(p, batch), randomness="same")(points)
         return reduce_all([out], self.reduce)[0]
@@ -95,10 +96,14 @@ class PerturbedLoss:
             g = vmap(lambda p: self._local_gradient(p, batch), randomness="same")(points)
         return self._reduced(g)
 
-    def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None) -> Stacked:
-        """Stacked points ``base + scale · directionⱼ``."""
+    def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None,
+                shape: dict[str, float] | None = None) -> Stacked:
+        """Stacked points ``base + scale · directionⱼ`` (``scale · shape[name]`` per parameter for
+        block-shaped noise)."""
         base = self.base if base is None else base
-        return {k: base[k].unsqueeze(0) + scale * directions[k] for k in self.names}
+        if shape is None:
+            return {k: base[k].unsqueeze(0) + scale * directions[k] for k in self.names}
+        return {k: base[k].unsqueeze(0) + (scale * shape.get(k, 1.0)) * directions[k] for k in self.names}
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -122,9 +127,12 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
         start += count
 
 
-def flat_dot(a: Stacked, b: Stacked) -> Tensor:
-    """Row-wise ``⟨aⱼ, bⱼ⟩`` over all parameters → ``[m]`` in float64."""
-    return torch.stack([(a[k].double() * b[k].double()).reshape(a[k].shape[0], -1).sum(1) for k in a]).sum(0)
+def flat_dot(a: Stacked, b: Stacked, weights: dict[str, float] | None = None) -> Tensor:
+    """Row-wise ``⟨aⱼ, bⱼ⟩`` over all parameters → ``[m]`` in float64 (``Σ_p w_p ⟨a_p, b_p⟩`` with
+    per-parameter ``weights``: an inner product in a block-diagonal norm)."""
+    rows = [(a[k].double() * b[k].double()).reshape(a[k].shape[0], -1).sum(1) * (1.0 if weights is None else
+                                                                                 weights.get(k, 1.0)) for k in a]
+    return torch.stack(rows).sum(0)
 
 
 def flat_sq_norm(a: Stacked) -> Tensor:

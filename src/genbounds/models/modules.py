@@ -76,6 +76,11 @@ class Classifier(_SGDModule):
         x, y = batch
         return F.cross_entropy(self(x), y, reduction="none")
 
+    def per_sample_error(self, batch: Any) -> Tensor:
+        """The 0-1 error of each sample (for the test-error bounds)."""
+        x, y = batch
+        return (self(x).argmax(1) != y).to(torch.get_default_dtype())
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
         logits = self(x)

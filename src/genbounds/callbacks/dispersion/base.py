@@ -1,0 +1,77 @@
+"""The interface every dispersion backend implements, and the per-step context it receives."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor
+
+from genbounds.estimators.gradient_dispersion import GradientMoments
+
+
+@dataclass
+class StepContext:
+    """What a backend may use at one measured micro-batch or optimizer step."""
+
+    trainer: Trainer
+    module: LightningModule
+    params: list[Tensor]
+    groups: list[list[int]]
+    """Parameter indices per group (layer), in the callback's group order."""
+    batch: Any = None
+    micro_size: int = 0
+    """``m``: samples in this micro-batch."""
+    accumulate: int = 1
+    """``A``: Lightning's ``accumulate_grad_batches`` (the training loss is divided by it)."""
+    loss_scale: Tensor | float = 1.0
+    """``S``: the AMP loss scale of this backward (1 without a gradient scaler)."""
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WindowResult:
+    """The statistics of one optimizer step's batch."""
+
+    moments: GradientMoments
+    mean_sq: Tensor | None = None
+    """``‖ḡ‖²`` when read from ``.grad`` (``None``: from ``moments.weighted_sum``)."""
+    group_mean_sq: Tensor | None = None
+    """``‖ḡ_k‖²`` per group."""
+
+
+class DispersionBackend:
+    """Hooks called by ``GradientDispersion`` at the training step's moments. Only measured
+    steps reach ``after_backward``/``end_window``."""
+
+    name = "base"
+    reads_training_backward = False
+    """Whether the backend uses the training step's own backward (then the training loss must be
+    the mean of the per-sample losses: the loss contract's trial checks it)."""
+    description = ""
+
+    def attach(self, module: LightningModule) -> None:
+        """Once, before the first training step."""
+
+    def start_window(self, measuring: bool) -> None:
+        """At the first micro-batch of every optimizer step."""
+
+    def before_forward(self, ctx: StepContext) -> None:
+        """At a measured micro-batch, before its forward."""
+
+    def before_backward(self, ctx: StepContext) -> None:
+        """At a measured micro-batch, just before its backward."""
+
+    def after_backward(self, ctx: StepContext) -> GradientMoments | None:
+        """At a measured micro-batch, after its backward: this micro-batch's moments."""
+        return None
+
+    def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
+        """At ``on_before_optimizer_step`` of a measured step (``.grad`` is complete, unscaled)."""
+        if window is None:
+            return None
+        return WindowResult(window)
+
+    def detach(self) -> None:
+        """At teardown or on an exception."""

@@ -1,0 +1,200 @@
+"""``backend="hooks"``: per-sample squared gradient norms inside the training step's own backward.
+
+Per layer, the cheapest exact route (:mod:`genbounds.estimators.ghost_norms`): the Goodfellow
+factorization for 2-D ``Linear`` inputs, the ghost norm or a materialized per-sample gradient for
+sequences and convolutions (``2T² < d_in·d_out``), a ghost form for ``Embedding``, closed forms for
+normalization layers; BackPACK's ``BatchL2Grad`` for ``RNN``/``LSTM`` layers, which only BackPACK
+reaches. No extra forward or backward.
+
+Hooks are shared by every ``GradientDispersion`` of a module (two callbacks with different
+schedules read the same norms) and registered once: unmeasured steps cost one attribute check
+per hooked layer's forward. Under train-mode BatchNorm the per-sample terms are those of the
+batch gradient's exact decomposition ``ḡ_B = mean_i g̃_i`` (batch statistics as computed on
+``B``), not independent per-sample gradients — documented as an approximation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from genbounds.callbacks.dispersion.accumulation import GradientDeltas
+from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
+from genbounds.estimators import recording
+from genbounds.estimators.backpack_norms import BackpackNormHooks
+from genbounds.estimators.functional import per_tensor_sq_norms
+from genbounds.estimators.ghost_norms import GhostNormHooks
+from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
+
+
+class SharedHooks:
+    """One set of norm hooks per module, armed while any owner measures; each backward's norms
+    are read once and served to every owner."""
+
+    def __init__(self, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
+        self.ghost = GhostNormHooks(ghost) if ghost else None
+        self.backpack = BackpackNormHooks(list(backpack.values())) if backpack else None
+        self.backpack_names = {id(m): n for n, m in backpack.items()}
+        self.owners: set[int] = set()
+        self.cache: tuple[int, Any] | None = None
+        self.backward_count = 0
+        self.in_backward = False
+
+    @staticmethod
+    def for_module(module: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> SharedHooks:
+        shared = module.__dict__.get("_genbounds_norm_hooks")
+        if shared is None:
+            shared = SharedHooks(ghost, backpack)
+            module.__dict__["_genbounds_norm_hooks"] = shared
+        return shared
+
+    def attach(self) -> None:
+        if self.ghost is not None:
+            self.ghost.attach()
+
+    def arm(self, owner: int) -> None:
+        if not self.owners:
+            if self.ghost is not None:
+                self.ghost.arm()
+                recording.register(self.ghost)
+            if self.backpack is not None:
+                self.backpack.attach()
+        self.owners.add(owner)
+
+    def before_backward(self) -> None:
+        if not self.in_backward:
+            self.in_backward = True
+            self.backward_count += 1
+            if self.backpack is not None and self.backpack.attached:
+                self.backpack.enter_backward()
+
+    def read(self, scale: Tensor | float) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """``(per-sample ‖g_i‖² [m], per-module per-sample [m])`` of the last backward."""
+        if self.cache is not None and self.cache[0] == self.backward_count:
+            return self.cache[1]
+        self.in_backward = False
+        per_module: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        if self.ghost is not None:
+            norms = self.ghost.read(scale)
+            if norms is None:
+                result = None
+                self.cache = (self.backward_count, result)
+                return result
+            per_module.update(norms.per_group)
+            total = norms.total
+        if self.backpack is not None:
+            self.backpack.exit_backward()
+            read = self.backpack.read_modules(scale)
+            if read is None:
+                self.cache = (self.backward_count, None)
+                return None
+            for module, sq in read.items():
+                per_module[self.backpack_names[id(module)]] = sq
+                total = sq if total is None else total + sq.to(total.device)
+        assert total is not None
+        result = (total, per_module)
+        self.cache = (self.backward_count, result)
+        return result
+
+    def disarm(self, owner: int) -> None:
+        self.owners.discard(owner)
+        if not self.owners:
+            if self.ghost is not None:
+                self.ghost.disarm()
+                recording.unregister(self.ghost)
+            if self.backpack is not None:
+                self.backpack.detach()
+
+    def detach(self) -> None:
+        self.owners.clear()
+        if self.ghost is not None:
+            self.ghost.detach()
+            recording.unregister(self.ghost)
+        if self.backpack is not None:
+            self.backpack.detach()
+
+
+class NormHooksBackend(DispersionBackend):
+    name = "hooks"
+    reads_training_backward = True
+
+    def __init__(self, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module],
+                 group_of_module: dict[str, int], num_groups: int, approximate_batchnorm: bool) -> None:
+        self.ghost_modules = ghost
+        self.backpack_modules = backpack
+        self.group_of_module = group_of_module
+        self.num_groups = num_groups
+        parts = ["per-sample norms in the training backward (ghost norms"]
+        if backpack:
+            parts.append(", BackPACK for " + ", ".join(sorted({type(m).__name__ for m in backpack.values()})))
+        parts.append("; no extra pass)")
+        if approximate_batchnorm:
+            parts.append(" — train-mode BatchNorm: the per-sample terms of the batch gradient's decomposition")
+        self.description = "".join(parts)
+        self.shared: SharedHooks | None = None
+        self.deltas = GradientDeltas()
+        self._accumulated: list[Tensor] | None = None
+        self.failed: Exception | None = None
+
+    def attach(self, module: LightningModule) -> None:
+        self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
+        self.shared.attach()
+
+    def start_window(self, measuring: bool) -> None:
+        self.deltas.reset()
+        self._accumulated = None
+
+    def before_forward(self, ctx: StepContext) -> None:
+        assert self.shared is not None
+        self.shared.arm(id(self))
+
+    def before_backward(self, ctx: StepContext) -> None:
+        assert self.shared is not None
+        self.shared.before_backward()
+
+    def after_backward(self, ctx: StepContext) -> GradientMoments | None:
+        assert self.shared is not None
+        m = ctx.micro_size
+        scale: Tensor | float = m * ctx.accumulate / ctx.loss_scale
+        try:
+            read = self.shared.read(scale)
+        except RuntimeError as err:
+            self.failed = err
+            rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; switching to an extra-pass backend.")
+            return None
+        finally:
+            self.shared.disarm(id(self))
+        if read is None:
+            self.failed = RuntimeError("no per-sample norms for a hooked layer")
+            rank_zero_warn("GradientDispersion(backend='hooks'): a hooked layer received no gradient in this step "
+                           "(a layer unused in this step?); switching to an extra-pass backend.")
+            return None
+        total, per_module = read
+        group_sq = torch.zeros(self.num_groups, dtype=torch.float64, device=total.device)
+        for name, sq in per_module.items():
+            group_sq[self.group_of_module[name]] += sq.to(total.device).sum()
+        if ctx.accumulate >= 2 and ctx.trainer.world_size == 1:
+            # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for equal micro-batches
+            part = [d * (m * ctx.accumulate / ctx.loss_scale) for d in self.deltas.delta(ctx.extras["grads"])]
+            self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
+        return GradientMoments(total.sum(), m, m, group_sq=group_sq)
+
+    def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
+        if window is None:
+            return None
+        if self._accumulated is not None:
+            b = int(window.num_samples)
+            per_param = per_tensor_sq_norms([a / b for a in self._accumulated])
+            self._accumulated = None
+        else:
+            per_param = per_tensor_sq_norms(ctx.extras["grads"])
+        return WindowResult(window, per_param.sum(), group_sums(per_param, ctx.groups))
+
+    def detach(self) -> None:
+        if self.shared is not None:
+            self.shared.detach()

@@ -1,0 +1,50 @@
+"""``backend="functorch"``: exact per-sample gradients by one extra pass, memory-bounded
+(:func:`~genbounds.estimators.per_sample_gradients.per_sample_gradient_moments`)."""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext
+from genbounds.callbacks.isolation import isolated_pass
+from genbounds.estimators.gradient_dispersion import GradientMoments
+from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET, Method, per_sample_gradient_moments
+from genbounds.estimators.functional import LossFn
+
+
+class PerSampleBackend(DispersionBackend):
+    name = "functorch"
+
+    def __init__(self, loss_fn: LossFn, method: Method, chunk_size: int | None,
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+        self.loss_fn = loss_fn
+        self.method = method
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
+        how = "torch.func vmap(grad)" if method == "vmap" else "one forward and a batched backward"
+        self.description = f"exact per-sample gradients by {how} (one extra pass, ≤ {memory_budget / 2**20:.0f} MiB " \
+                           "of per-sample gradients at once)"
+        self.failed: Exception | None = None
+        self._verified = False
+
+    def after_backward(self, ctx: StepContext) -> GradientMoments | None:
+        mean = None
+        if ctx.accumulate == 1 and ctx.trainer.world_size == 1 and isinstance(ctx.loss_scale, float) \
+                and ctx.loss_scale == 1.0:
+            mean = [g if g is not None else None for g in ctx.extras.get("grads", [])] or None
+        try:
+            with isolated_pass(ctx.module, mode="keep"):
+                moments = per_sample_gradient_moments(
+                    ctx.module, self.loss_fn, ctx.batch, method=self.method, chunk_size=self.chunk_size,
+                    memory_budget=self.memory_budget, groups=ctx.groups,
+                    mean_gradient=None if mean is None else [m.reshape(-1) for m in mean])
+        except Exception as err:  # noqa: BLE001 - never crash mid-training on a model torch.func cannot handle
+            if self._verified:
+                raise
+            self.failed = err
+            rank_zero_warn(
+                f"GradientDispersion(backend='functorch'): per-sample gradients failed on this model "
+                f"({type(err).__name__}: {err}); switching to backend='microbatch'.")
+            return None
+        self._verified = True
+        return moments

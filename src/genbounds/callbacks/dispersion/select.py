@@ -1,0 +1,138 @@
+"""Which dispersion backend measures a given model (``backend="auto"``), and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from genbounds.callbacks.checks import MIXED_PRECISIONS
+from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
+from genbounds.callbacks.dispersion.base import DispersionBackend
+from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
+from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
+from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
+from genbounds.callbacks.loss_contract import LossContract
+from genbounds.estimators.functional import LossFn
+from genbounds.estimators.ghost_norms import plan as ghost_plan
+from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
+
+BACKPACK_ONLY = (nn.RNN, nn.LSTM)
+"""Layers only BackPACK reaches (their weights are used inside fused recurrent kernels)."""
+
+
+@dataclass
+class HookCoverage:
+    ghost: dict[str, nn.Module] = field(default_factory=dict)
+    backpack: dict[str, nn.Module] = field(default_factory=dict)
+    uncovered: dict[str, str] = field(default_factory=dict)
+    batchnorm_train: bool = False
+
+    @property
+    def complete(self) -> bool:
+        return not self.uncovered
+
+    def describe(self, limit: int = 6) -> str:
+        items = [f"{name} ({why})" for name, why in list(self.uncovered.items())[:limit]]
+        more = len(self.uncovered) - len(items)
+        return ", ".join(items) + (f" and {more} more" if more > 0 else "")
+
+
+def hook_coverage(module: nn.Module, mixed_precision: bool) -> HookCoverage:
+    covered, uncovered = ghost_plan(module)
+    cov = HookCoverage(ghost=dict(covered))
+    named = dict(module.named_modules())
+    for param_name, reason in uncovered.items():
+        owner = param_name.rsplit(".", 1)[0] if "." in param_name else ""
+        layer = named.get(owner)
+        if layer is not None and type(layer) in BACKPACK_ONLY and not mixed_precision:
+            cov.backpack[owner] = layer
+        else:
+            cov.uncovered[param_name] = reason + (" (BackPACK would sum squares of half-precision activations)"
+                                                  if layer is not None and type(layer) in BACKPACK_ONLY else "")
+    cov.batchnorm_train = any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+    return cov
+
+
+def is_compiled(module: nn.Module) -> bool:
+    ctx = getattr(module, "_compiler_ctx", None)
+    return isinstance(ctx, dict) and ctx.get("compiler") is not None or type(module).__name__ == "OptimizedModule"
+
+
+def choose_backend(
+    requested: str,
+    trainer: Trainer,
+    module: LightningModule,
+    contract: LossContract,
+    groups: dict[str, list[str]],
+    *,
+    loss_fn: LossFn,
+    num_chunks: int,
+    chunk_size: int | None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    use_accumulation_steps: bool = True,
+    seed: int = 0,
+) -> tuple[DispersionBackend, str | None]:
+    """The backend, and a note for the user when ``auto`` did not get the cheapest exact one."""
+    accumulate = int(trainer.accumulate_grad_batches)
+    mixed = str(trainer.precision) in MIXED_PRECISIONS
+    cov = hook_coverage(module, mixed)
+    compiled = is_compiled(module)
+    blockers: list[str] = []
+    if not contract.reads_training_backward:
+        blockers.append("the training loss is not the mean of per-sample losses genbounds can identify ("
+                        + ("; ".join(contract.notes) or "see the loss contract") + ")")
+    if not cov.complete:
+        blockers.append(f"hooks do not reach {cov.describe()}")
+    if compiled:
+        blockers.append("the module is torch.compile'd (hooks inside a compiled graph are not reliable)")
+    free_chunks = use_accumulation_steps and accumulate >= 2 and trainer.world_size == 1
+    functorch_ok = contract.per_sample and not cov.batchnorm_train
+    method = contract.per_sample_method
+
+    def hooks() -> NormHooksBackend:
+        group_index = {}
+        names = list(groups)
+        for mod_name, layer in {**cov.ghost, **cov.backpack}.items():
+            own = [f"{mod_name}.{n}" if mod_name else n for n, p in layer.named_parameters(recurse=False)
+                   if p.requires_grad]
+            group = next((g for g, members in groups.items() if own and own[0] in members), names[0])
+            group_index[mod_name] = names.index(group)
+        return NormHooksBackend(cov.ghost, cov.backpack, group_index, len(names), cov.batchnorm_train)
+
+    def microbatch() -> DispersionBackend:
+        return AccumulationBackend(accumulate) if free_chunks else MicrobatchBackend(contract_fn, num_chunks, seed)
+
+    contract_fn = loss_fn
+    if requested in ("hooks", "backpack"):
+        if blockers:
+            raise MisconfigurationException(
+                f"GradientDispersion(backend={requested!r}) cannot measure this model: " + "; ".join(blockers)
+                + ". Use backend='auto', 'functorch' or 'microbatch'.")
+        return hooks(), None
+    if requested == "functorch":
+        if cov.batchnorm_train:
+            raise MisconfigurationException(
+                "GradientDispersion(backend='functorch') cannot give per-sample gradients of a model with "
+                "BatchNorm in train mode (it couples the samples of a batch); use backend='auto' or 'microbatch'.")
+        if not contract.per_sample:
+            raise MisconfigurationException(
+                "GradientDispersion(backend='functorch') needs per-sample losses: " + "; ".join(contract.notes)
+                + ". Add `per_sample_loss(self, batch)` to your module or pass `loss_fn=...`, or use "
+                "backend='microbatch'.")
+        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget), None
+    if requested == "microbatch":
+        return microbatch(), None
+    # auto
+    if cov.batchnorm_train and free_chunks:
+        return AccumulationBackend(accumulate), None
+    if not blockers:
+        return hooks(), None
+    if functorch_ok:
+        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget), (
+            "not reading the training backward because " + "; ".join(blockers))
+    return microbatch(), "not reading the training backward because " + "; ".join(blockers) + (
+        "" if contract.per_sample else "; no per-sample losses for an exact extra pass")

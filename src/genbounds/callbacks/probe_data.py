@@ -1,0 +1,162 @@
+"""The probe sets: drawn once, before step 0, without touching the training run's random numbers.
+
+* :func:`draw_training_subset` — a seeded uniform subset of the training set (not the loader's
+  first batch, which is the first training batch ``B_1``), collated like the loader's batches;
+* :func:`draw_probe_batch` — the first full batches of a loader (the held-out set);
+* :func:`screen_nonfinite` — samples with a NaN/inf in any floating tensor are dropped (one bad
+  pixel would otherwise turn every probe of the run into NaN), counted, and reported once.
+
+Every access to a dataset runs under a forked RNG (CPU and the module's CUDA device): datasets
+that draw their augmentation from the global RNG in ``__getitem__`` — the usual way — and loaders
+whose workers take their seed from it see exactly the random numbers they would without us.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from genbounds.estimators.batching import batch_size, concat_batches, index_batch, tensor_leaves
+
+PROBE_STREAM = 0x5EED_0F_9B0BE
+"""Offset that separates the probe subsets' random stream from samplers seeded with small integers."""
+
+
+@contextmanager
+def forked_rng(trainer: Trainer) -> Iterator[None]:
+    device = trainer.strategy.root_device
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"):
+        yield
+
+
+def first_loader(loaders: Any) -> Any:
+    if loaders is None:
+        return None
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders
+
+
+def screen_nonfinite(batch: Any, owner: str, what: str) -> tuple[Any, int]:
+    """Drop the samples holding a non-finite value in a floating tensor leaf; warn once."""
+    if batch is None:
+        return None, 0
+    n = batch_size(batch)
+    keep = torch.ones(n, dtype=torch.bool, device=tensor_leaves(batch)[0].device)
+    for t in tensor_leaves(batch):
+        if t.is_floating_point() and t.dim() > 0:
+            keep &= torch.isfinite(t.reshape(n, -1)).all(1).to(keep.device)
+    dropped = int((~keep).sum())
+    if dropped:
+        rank_zero_warn(f"{owner}: {dropped} of {n} samples of the {what} hold NaN/inf values; they are left out of "
+                       "every probe of this run.")
+        if dropped == n:
+            return None, dropped
+        batch = index_batch(batch, keep.nonzero().squeeze(1))
+    return batch, dropped
+
+
+def _loader_batches(loader: Any, size: int | None, count: int) -> Any:
+    collected: list[Any] = []
+    want = None if size is None else size * count
+    have = 0
+    first_size = None
+    for batch in iter(loader):
+        b = batch_size(batch)
+        if size is None:
+            first_size = first_size or b
+            if b < first_size:
+                continue  # a partial last batch is not a "full" batch
+            collected.append(batch)
+            if len(collected) == count:
+                break
+        else:
+            collected.append(batch)
+            have += b
+            if have >= want:
+                break
+    if not collected:
+        return None
+    merged = concat_batches(collected) if len(collected) > 1 else collected[0]
+    if want is not None:
+        merged = index_batch(merged, slice(0, min(want, batch_size(merged))))
+    return merged
+
+
+def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int) -> Any:
+    """``count`` probe batches of one dataloader concatenated — the first full batches
+    (``size=None``) or the first ``size × count`` samples — on the module's device."""
+    with forked_rng(trainer):
+        batch = _loader_batches(loader, size, count)
+    if batch is None:
+        return None
+    return trainer.strategy.batch_to_device(batch)
+
+
+def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
+    """A uniform random subset of the training set (seeded): ``size × count`` samples per rank
+    (``size`` defaults to the loader's batch size), collated like the loader's batches and moved to
+    the device. Under DDP every rank draws the same global subset of ``world_size ×`` that size
+    and keeps its interleaved share. Falls back to the loader's first batches for datasets without
+    random access."""
+    dataset = getattr(loader, "dataset", None)
+    per_rank = (size or getattr(loader, "batch_size", None) or 1) * count
+    with forked_rng(trainer):
+        try:
+            n = len(dataset)  # type: ignore[arg-type]
+            dataset[0]  # type: ignore[index]
+        except Exception:  # noqa: BLE001 - iterable datasets have no random access
+            n = None
+        if n is None:
+            batch = _loader_batches(loader, size, count)
+        else:
+            world, rank = trainer.world_size, trainer.global_rank
+            total = min(per_rank * world, n)
+            # a stream of its own: randperm from a plain `seed` would replay a data module's epoch-0
+            # order when the two seeds agree (both default to 0), and the probe would be B_1 again
+            stream = (seed * 0x9E3779B1 + PROBE_STREAM) % (2**63 - 1)
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(stream))[:total]
+            items = [dataset[i] for i in order[rank::world].tolist()]
+            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+            batch = collate(items)
+    if batch is None:
+        return None
+    return trainer.strategy.batch_to_device(batch)
+
+
+def training_trial_batch(trainer: Trainer, seed: int = 0) -> Any:
+    """One training batch's worth of samples for the loss contract's trial (before step 0)."""
+    loader = first_loader(trainer.train_dataloader)
+    size = getattr(loader, "batch_size", None)
+    return draw_training_subset(trainer, loader, min(size, 64) if isinstance(size, int) else None, 1, seed)
+
+
+def validation_loader(trainer: Trainer) -> Any:
+    """The first validation dataloader, set up now if Lightning has not done so yet."""
+    if trainer.val_dataloaders is None:
+        try:
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        except Exception:  # noqa: BLE001 - no validation data is a legitimate configuration
+            return None
+    return first_loader(trainer.val_dataloaders)
+
+
+def training_set_size(trainer: Trainer) -> int | None:
+    """``n``: the number of training samples (all ranks), when the loader has a sized dataset."""
+    dm = trainer.datamodule
+    if dm is not None and isinstance(getattr(dm, "num_train", None), int):
+        return int(dm.num_train)
+    loader = first_loader(trainer.train_dataloader)
+    dataset = getattr(loader, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    except TypeError:
+        return None

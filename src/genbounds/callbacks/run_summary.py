@@ -1,0 +1,281 @@
+"""What a run shows besides the scalars: the TensorBoard custom-scalars layout, the HParams
+(every setting of the run next to its final bounds), the results table at the end of ``fit``
+(stdout and the Text tab), and a progress-bar status line while the bounds are computed."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+if TYPE_CHECKING:
+    from genbounds.callbacks.generalization_bound import GeneralizationBound
+
+ISOTROPIC_TITLES = {
+    "wang_mao_eq2": "Wang–Mao Eq. 2", "wang_mao_eq3": "Wang–Mao Eq. 3", "neu": "Neu Thm 1",
+    "wang_mao_eq2_error": "Wang–Mao Eq. 2, 0-1 error", "neu_error": "Neu Thm 1, 0-1 error",
+    "wang_mao_eq2_layerwise": "Wang–Mao Eq. 2, layer-wise", "wang_mao_eq3_layerwise": "Wang–Mao Eq. 3, layer-wise",
+    "neu_layerwise": "Neu Thm 7, layer-wise",
+}
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str, bool]:
+    """A readable description and whether it is plain SGD (no momentum, no weight decay)."""
+    name = type(optimizer).__name__
+    extras: list[str] = []
+    plain = isinstance(optimizer, torch.optim.SGD)
+    for group in optimizer.param_groups:
+        for key in ("momentum", "weight_decay", "dampening", "betas", "eps", "nesterov"):
+            if key in group and group[key] not in (0, 0.0, False, None) and f"{key}={group[key]}" not in extras:
+                extras.append(f"{key}={group[key]}")
+                if key in ("momentum", "weight_decay", "nesterov"):
+                    plain = False
+    return (f"{name}({', '.join(extras)})" if extras else name), plain
+
+
+@contextmanager
+def progress_status(trainer: Trainer, text: str) -> Iterator[None]:
+    """Show ``text`` in the progress bar while the block runs (TQDM bars; others: nothing)."""
+    bar = None
+    callback = getattr(trainer, "progress_bar_callback", None)
+    for attr in ("_val_progress_bar", "_train_progress_bar"):
+        candidate = getattr(callback, attr, None)
+        if candidate is not None and not getattr(candidate, "disable", True):
+            bar = candidate
+            break
+    if bar is None:
+        yield
+        return
+    previous = bar.desc
+    bar.set_description_str(text, refresh=True)
+    try:
+        yield
+    finally:
+        bar.set_description_str(previous, refresh=True)
+
+
+def margin_values(values: dict[str, float]) -> dict[str, float]:
+    """``±1 SE`` companions for the TensorBoard Margin charts."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        if key.startswith("bound/") and not key.endswith("_se") and f"{key}_se" in values:
+            se = values[f"{key}_se"]
+            name = key.split("/", 1)[1]
+            out[f"bound_ci/{name}_lower"] = value - se
+            out[f"bound_ci/{name}_upper"] = value + se
+    for gap in ("measured", "error"):
+        if f"gap/{gap}" in values and f"gap/{gap}_se" in values:
+            out[f"gap_ci/{gap}_lower"] = values[f"gap/{gap}"] - values[f"gap/{gap}_se"]
+            out[f"gap_ci/{gap}_upper"] = values[f"gap/{gap}"] + values[f"gap/{gap}_se"]
+    return out
+
+
+def tensorboard_layout(wanted: tuple[str, ...], groups: list[str]) -> dict:
+    bounds: dict[str, list] = {}
+    for name in wanted:
+        gap = "gap/error" if name.endswith("_error") else "gap/measured"
+        title = ISOTROPIC_TITLES.get(name, name)
+        bounds[f"{title}: bound vs {gap}"] = ["Multiline", [f"^bound/{name}$", f"^{gap}$"]]
+        bounds[f"{title} ± SE"] = ["Margin", [f"bound/{name}", f"bound_ci/{name}_lower", f"bound_ci/{name}_upper"]]
+    gaps = {
+        "measured gap ± SE (held-out − training loss)": ["Margin", ["gap/measured", "gap_ci/measured_lower",
+                                                                    "gap_ci/measured_upper"]],
+        "0-1 error gap ± SE": ["Margin", ["gap/error", "gap_ci/error_lower", "gap_ci/error_upper"]],
+        "predicted vs measured change of the gap": ["Multiline", ["^gap/predicted_cumulative$",
+                                                                  "^gap/measured_change$"]],
+    }
+    terms = {
+        "Wang–Mao Eq. 2: trajectory vs flatness": ["Multiline", ["^bound_terms/trajectory_wang_mao$",
+                                                                 "^bound_terms/flatness_wang_mao$"]],
+        "Neu Thm 1: trajectory vs flatness": ["Multiline", ["^bound_terms/trajectory_neu$", "^bound_terms/flatness_neu$"]],
+        "Wang–Mao Eq. 3: multiplicative factors": ["Multiline", ["^bound_terms/trajectory_factor_wang_mao_eq3$",
+                                                                 "^bound_terms/flatness_factor_wang_mao_eq3$"]],
+        "selected σ": ["Multiline", ["^bound_terms/sigma_"]],
+    }
+    gradients = {
+        "gradient dispersion Tr Σ_B": ["Multiline", ["^grad/dispersion$"]],
+        "training and validation loss": ["Multiline", ["^train_loss_step$", "^train_loss_epoch$", "^val_loss$"]],
+    }
+    if len(groups) > 1:
+        gradients["dispersion per layer"] = ["Multiline", ["^grad/dispersion/layer/"]]
+        gradients["Hessian trace per layer"] = ["Multiline", ["^curv/hessian_trace/layer/"]]
+    return {"genbounds: bounds": bounds, "genbounds: gap": gaps, "genbounds: terms": terms,
+            "genbounds: gradients": gradients}
+
+
+def _simple(value: Any) -> bool:
+    return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
+
+
+def run_settings(trainer: Trainer, pl_module: LightningModule, bound: GeneralizationBound) -> dict[str, Any]:
+    """Every setting that tells runs apart: trainer, data module, model, genbounds, CLI overrides."""
+    params: dict[str, Any] = {}
+    logger = trainer.logger
+    if logger is not None:
+        params["run_name"] = f"{logger.name}/{logger.version}" if logger.version is not None else str(logger.name)
+    params["optimizer"] = bound.optimizer or ""
+    if trainer.optimizers:
+        group = trainer.optimizers[0].param_groups[0]
+        params["lr"] = float(group.get("initial_lr", group["lr"]))
+    if os.environ.get("PL_GLOBAL_SEED") is not None:
+        params["seed"] = int(os.environ["PL_GLOBAL_SEED"])
+    dm = trainer.datamodule
+    data = dict(getattr(dm, "hparams", {}) or {}) if dm is not None else {}
+    if dm is not None and not data:
+        data = {k: v for k, v in vars(dm).items() if not k.startswith("_") and _simple(v)}
+    if "batch_size" in data:
+        params["batch_size"] = data.pop("batch_size")
+    if "seed" in data and "seed" not in params:
+        params["seed"] = data.pop("seed")
+    params.update({f"data/{k}": v for k, v in data.items() if _simple(v)})
+    if dm is not None:
+        params["data"] = type(dm).__name__
+    params["model"] = type(pl_module).__name__
+    for key, value in dict(getattr(pl_module, "hparams", {}) or {}).items():
+        if key == "lr" and "lr" in params:
+            continue
+        if _simple(value):
+            params[f"model/{key}"] = value
+    for key in ("max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val", "log_every_n_steps",
+                "check_val_every_n_epoch"):
+        value = getattr(trainer, key, None)
+        if _simple(value):
+            params[f"trainer/{key}"] = value
+    params["trainer/precision"] = str(trainer.precision)
+    params["trainer/world_size"] = trainer.world_size
+    params["R_method"] = bound.R if isinstance(bound.R, str) else f"fixed {bound.R:g}"
+    params["sigma_grid"] = ",".join(f"{s:g}" for s in bound.sigmas)
+    params["bounds"] = ",".join(bound.wanted)
+    params["n"] = int(bound._n or 0)
+    params["d"] = int(bound._d or 0)
+    overrides = trainer.__dict__.get("_genbounds_cli_overrides")
+    if overrides:
+        params["cli_overrides"] = " ".join(overrides)
+    return params
+
+
+def _metric_order(bound: GeneralizationBound) -> list[str]:
+    head = [f"bound/{bound.headline}"] if bound.headline in bound.wanted else []
+    iso = [f"bound/{b}" for b in ("wang_mao_eq3", "wang_mao_eq2", "neu") if b in bound.wanted]
+    first = list(dict.fromkeys(head + iso))[:3] + ["gap/measured", "bound/test_error_upper", "gap/error"]
+    rest = [f"bound/{b}" for b in bound.wanted] + ["bound/neu_abs"]
+    ses = [f"bound/{b}_se" for b in bound.wanted] + ["gap/measured_se", "gap/error_se"]
+    tail = ["bound/valid", "bound/heuristic", "gap/train_error", "gap/heldout_error", "gap/train_loss",
+            "gap/heldout_loss", "setting/R", "setting/T", "setting/n", "setting/d"]
+    return list(dict.fromkeys(first + rest + ses + tail))
+
+
+class RunSummary:
+    def add_layout(self, trainer: Trainer, wanted: tuple[str, ...], groups: list[str]) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_custom_scalars(tensorboard_layout(wanted, groups))
+
+    def write_hparams(self, trainer: Trainer, pl_module: LightningModule, bound: GeneralizationBound) -> None:
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        if not trainer.is_global_zero:
+            return
+        params = run_settings(trainer, pl_module, bound)
+        metrics = {k: bound.latest[k] for k in _metric_order(bound) if k in bound.latest}
+        if not metrics:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                writer = logger.experiment._get_file_writer()
+                for summary in hparams_summary(params, {k: 0.0 for k in metrics}):
+                    writer.add_summary(summary)
+                logger.experiment.add_text("genbounds/settings", _markdown_settings(params))
+                logger.experiment.flush()
+            elif isinstance(logger, CSVLogger):
+                logger.log_hyperparams(params)
+                logger.save()
+
+    def print_table(self, trainer: Trainer, bound: GeneralizationBound) -> None:
+        text, markdown = results_table(trainer, bound)  # every rank: the gate's verdict and log_dir are collective
+        if not trainer.is_global_zero:
+            return
+        print(text, file=sys.stdout, flush=True)
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_text("genbounds/results", markdown, int(trainer.global_step))
+                logger.experiment.flush()
+
+
+def _fmt(value: float | None, se: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "nan"
+    out = f"{value:.4g}"
+    if se is not None and math.isfinite(se):
+        out += f" ± {se:.2g}"
+    return out
+
+
+def _gate(trainer: Trainer) -> str | None:
+    from genbounds.callbacks.bound_gate import BoundGate
+
+    gates = [cb for cb in trainer.callbacks if isinstance(cb, BoundGate)]
+    if not gates:
+        return None
+    for gate in gates:
+        if not (trainer.sanity_checking or trainer.fast_dev_run):
+            gate.final_check(trainer)
+    return "; ".join(g.verdict() for g in gates)
+
+
+def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, str]:
+    """The end-of-fit results: plain text (stdout) and Markdown (TensorBoard Text tab)."""
+    v = bound.latest
+    rows: list[tuple[str, str, str]] = []
+
+    def row(tag: str, note: str = "") -> None:
+        if tag in v:
+            rows.append((tag, _fmt(v[tag], v.get(f"{tag}_se")), note))
+
+    row("gap/measured", "held-out − training loss, whole sets")
+    row("gap/error", "held-out − training 0-1 error")
+    for name in bound.wanted:
+        valid = v.get(f"bound_valid/{name}")
+        note = ISOTROPIC_TITLES.get(name, name)
+        if valid == 0.0:
+            note += " — FAILED (NaN or below the gap)"
+        if name == bound.headline:
+            note += " (headline)"
+        row(f"bound/{name}", note)
+    row("bound/neu_abs", "Neu Thm 1 with |flatness| (bounds |gap|)")
+    row("bound/test_error_upper", "training error + tightest 0-1 error bound")
+    row("setting/R", f"R ({bound.R if isinstance(bound.R, str) else 'given'})")
+    width = max([len(r[0]) for r in rows] + [24])
+    vwidth = max([len(r[1]) for r in rows] + [16])
+    log_dir = trainer.log_dir if trainer.loggers else None
+    gate = _gate(trainer)
+    heading = f"genbounds — final values at step {trainer.global_step} (± standard error)"
+    lines = [heading, "─" * (width + vwidth + 40)]
+    for tag, value, note in rows:
+        lines.append(f"{tag:<{width}}  {value:>{vwidth}}  {note}")
+    lines.append("─" * (width + vwidth + 40))
+    if not bound.plain_sgd:
+        lines.append(f"optimizer {bound.optimizer}: not plain SGD — the bounds are heuristics here (bound/heuristic = 1)")
+    if gate:
+        lines.append(f"gate: {gate}")
+    if log_dir:
+        lines.append(f"logs: {log_dir}")
+        lines.append(f"next: tensorboard --logdir {os.path.dirname(log_dir.rstrip(os.sep)) or log_dir}    "
+                     f"genbounds report {log_dir}")
+    md = [f"**{heading}**", "", "| metric | value | note |", "|---|---:|---|"]
+    md += [f"| `{t}` | {val} | {note} |" for t, val, note in rows]
+    md += ["", *(f"* {line}" for line in lines[len(rows) + 3:])]
+    return "\n".join(lines), "\n".join(md)
+
+
+def _markdown_settings(params: dict[str, Any]) -> str:
+    return "\n".join(["| setting | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in params.items()])
