@@ -154,3 +154,44 @@ class RecordFinalStep(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         with open(os.path.join(self.directory, f"rank{trainer.global_rank}.txt"), "w") as fh:
             fh.write(str(trainer.global_step))
+
+
+DEFAULT_SUITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                    "digits_mlp.yaml")
+
+
+def default_suite(config: str = DEFAULT_SUITE_CONFIG, **small: Any) -> list[pl.Callback]:
+    """Every callback of the default suite (``trainer.callbacks`` of ``configs/digits_mlp.yaml``):
+    the same classes, in the same order, with the same σ grids, instantiated from the YAML's
+    ``init_args`` updated by ``small`` — for speed in tests.
+
+    ``small`` holds two kinds of overrides: ``ClassName={...}`` (e.g. ``HessianTrace={"max_probes": 12}``)
+    updates that class's arguments only; any other ``name=value`` (e.g. ``num_draws=4``,
+    ``probe_batch_size=16``, ``overhead_budget=None``) is given to every callback whose constructor
+    takes an argument of that name. ``sigmas`` cannot be overridden (the grid is part of the suite).
+    """
+    import importlib
+    import inspect
+
+    import yaml
+
+    if "sigmas" in small:
+        raise ValueError("default_suite keeps the suite's σ grid")
+    with open(config) as fh:
+        specs = yaml.safe_load(fh)["trainer"]["callbacks"]
+    per_class = {k: dict(v) for k, v in small.items() if k[:1].isupper()}
+    shared = {k: v for k, v in small.items() if not k[:1].isupper()}
+    names = [spec["class_path"].rsplit(".", 1)[1] for spec in specs]
+    unknown = sorted(set(per_class) - set(names))
+    if unknown:
+        raise ValueError(f"default_suite: {unknown} are not in {config}: {names}")
+    callbacks = []
+    for spec, name in zip(specs, names):
+        module, _, cls_name = spec["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), cls_name)
+        accepted = inspect.signature(cls.__init__).parameters
+        kwargs = dict(spec.get("init_args") or {})
+        kwargs.update({k: v for k, v in shared.items() if k in accepted})
+        kwargs.update(per_class.get(name, {}))
+        callbacks.append(cls(**kwargs))
+    return callbacks

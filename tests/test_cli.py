@@ -34,7 +34,7 @@ def test_main_job_runs_and_logs_dispersion_and_every_bound(tmp_path):
                 "gap/measured_se", "gap/error", "bound/wang_mao_eq2_error", "bound/neu_error",
                 "bound/test_error_upper", "bound/wang_mao_eq2_layerwise", "bound/wang_mao_eq3_layerwise",
                 "bound/neu_layerwise", "bound/valid", "run/complete", "grad/heldout_dist_sq",
-                "gap/predicted_cumulative", "curv/hessian_trace", "curv/hessian_trace_se", "curv/contractivity_mean"):
+                "gap/predicted_cumulative", "curv/hessian_trace", "curv/hessian_trace_se", "perf/overhead"):
         assert tag in scalars, tag
     assert any(t.startswith("bound_terms/fig1_trajectory_neu/") for t in scalars)
     assert "genbounds — final values" in proc.stdout and "bound/wang_mao_eq3" in proc.stdout  # the results table

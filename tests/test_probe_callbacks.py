@@ -211,10 +211,15 @@ def test_probe_state_round_trip(tmp_path):
     state = cb.state_dict()
     fresh = Flatness(sigmas=[0.1], num_draws=4, every_n_steps=2)
     fresh.load_state_dict(state)
-    assert fresh.num_probes_run == cb.num_probes_run
+    assert fresh.num_probes_run == cb.num_probes_run and fresh._last_probe_step == cb._last_probe_step
+    # a probe's draws depend on (seed, step) only: the restored callback draws what the original would
+    cb._probe_step = fresh._probe_step = 7
     g1 = cb.generator(torch.device("cpu"))
     g2 = fresh.generator(torch.device("cpu"))
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))
+    cb._probe_step = 8
+    assert not torch.equal(torch.rand(3, generator=cb.generator(torch.device("cpu"))),
+                           torch.rand(3, generator=fresh.generator(torch.device("cpu"))))
 
 
 def test_invalid_probe_arguments_fail_in_init():

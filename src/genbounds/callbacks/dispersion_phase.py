@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from genbounds.bounds.phases import find_valley
 from genbounds.callbacks.channel import Channel, DispersionRecord
-from genbounds.callbacks.checks import check_positive
+from genbounds.callbacks.checks import check_float, check_int
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.step_log import epoch_end_step
 
@@ -43,8 +43,10 @@ class DispersionPhaseDetector(Callback):
 
     def __init__(self, smooth: int = 3, rise: float = 0.1, patience: int = 2) -> None:
         super().__init__()
-        check_positive("DispersionPhaseDetector", smooth=smooth, rise=rise, patience=patience)
-        self.smooth, self.rise, self.patience = smooth, rise, patience
+        o = "DispersionPhaseDetector"
+        self.smooth = check_int(o, "smooth", smooth)
+        self.rise = check_float(o, "rise", rise, low=0.0, low_open=True)
+        self.patience = check_int(o, "patience", patience)
         self.channel: Channel[PhaseRecord] = Channel()
         self.epoch_means: list[float] = []
         self.valley_epoch: int | None = None

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.callbacks.checks import check_positive
+from genbounds.callbacks.checks import check_choice, check_float, check_int
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, epoch_end_step, logger_step
 from genbounds.estimators.functional import sq_norm, trainable_parameters
@@ -58,16 +58,11 @@ class DynamicGradientClipping(FlushesStepLog, GradientIntervention):
         initial_norm: float = math.inf,
     ) -> None:
         super().__init__()
-        check_positive("DynamicGradientClipping", alpha=alpha)
-        if start_step is not None and start_step < 0:
-            raise MisconfigurationException(f"DynamicGradientClipping(start_step={start_step}) must be >= 0")
-        if auto_start not in ("grad_norm", "dispersion"):
-            raise MisconfigurationException(
-                f"DynamicGradientClipping(auto_start={auto_start!r}) must be 'grad_norm' or 'dispersion'")
-        self.alpha = alpha
-        self.start_step = start_step
-        self.auto_start = auto_start
-        self.initial_norm = initial_norm
+        o = "DynamicGradientClipping"
+        self.alpha = check_float(o, "alpha", alpha, low=0.0, low_open=True)
+        self.start_step = check_int(o, "start_step", start_step, minimum=0, optional=True)
+        self.auto_start = check_choice(o, "auto_start", auto_start, ("grad_norm", "dispersion"))
+        self.initial_norm = check_float(o, "initial_norm", initial_norm, low=0.0, low_open=True, allow_inf=True)
         self.step_log = StepLog(self.owner)
         self.level: Tensor | None = None
         self.epoch_norms: list[float] = []

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
+import torch
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, FlatnessRecord
@@ -35,7 +36,9 @@ class Flatness(ProbeCallback):
     Args:
         sigmas: the grid of standard deviations ``σ``.
         scaling: ``"fixed"`` (std ``σ``) or ``"sqrt_steps"`` (std ``σ√T``).
-        num_draws: Gaussian draws per probe (≥ 2).
+        num_draws: Gaussian draws per probe (≥ 2); with an ``overhead_budget`` a probe uses fewer
+            (never below ``min_draws``) when the full count would not fit in what is left of it.
+        min_draws: the fewest draws a budgeted probe uses.
         draws_per_pass: draws evaluated in one vectorized pass (default 1 on CPU, where looping is
             faster, 8 on a GPU).
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest perturbation
@@ -62,6 +65,7 @@ class Flatness(ProbeCallback):
         sigmas: list[float] | None = None,
         scaling: Literal["fixed", "sqrt_steps"] = "fixed",
         num_draws: int = 32,
+        min_draws: int = 8,
         draws_per_pass: int | None = None,
         precision: Precision = "auto",
         error: Literal["auto", "on", "off"] = "auto",
@@ -82,6 +86,7 @@ class Flatness(ProbeCallback):
         self.sigmas = check_sigmas(o, sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1])
         self.scaling = check_choice(o, "scaling", scaling, ("fixed", "sqrt_steps"))
         self.num_draws = check_int(o, "num_draws", num_draws, minimum=2)
+        self.min_draws = min(check_int(o, "min_draws", min_draws, minimum=2), self.num_draws)
         self.draws_per_pass = check_int(o, "draws_per_pass", draws_per_pass, optional=True)
         self.precision = check_choice(o, "precision", precision, PRECISIONS)
         self.error = check_choice(o, "error", error, ("auto", "on", "off"))
@@ -120,8 +125,9 @@ class Flatness(ProbeCallback):
             shapes += [per_param] * len(self.sigmas)
         rows = self.measures_error
         loss_fn = self.contract.losses_and_errors if rows else self._loss_fn
+        draws = self._draws_within_budget(pl_module, loss_fn, len(levels))
         est = gaussian_flatness(
-            pl_module, loss_fn, self.train_probe, levels, self.num_draws,
+            pl_module, loss_fn, self.train_probe, levels, draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
             draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
             dtype=probe_dtype(self.precision, min(levels) * min([1.0] + [min(s) for s in self.shapes])),
@@ -144,6 +150,21 @@ class Flatness(ProbeCallback):
                 out[f"flat/error_term_se/{tag}"] = est.error_term_se[i]  # type: ignore[index]
         assert len(est.train) == k * (1 + len(self.shapes))
         return out
+
+    def _draws_within_budget(self, pl_module: LightningModule, loss_fn: Any, num_levels: int) -> int:
+        """``num_draws``, or fewer (≥ ``min_draws``) when the overhead budget has less time left
+        than the full probe would take: the cost of one draw is timed on one evaluation."""
+        if self.budget is None or self.budget.fraction is None:
+            return self.num_draws
+        import time
+
+        sets = 2 if self.heldout_available else 1
+        started = time.perf_counter()
+        with torch.no_grad():
+            loss_fn(pl_module, self.train_probe)
+        per_draw = (time.perf_counter() - started) * 2 * sets * num_levels
+        affordable = int(self.budget.remaining() // max(per_draw, 1e-9))
+        return max(self.min_draws, min(self.num_draws, affordable))
 
     def publish(self, step: int, values: dict[str, float]) -> None:
         est = self._last["estimate"]

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.callbacks.checks import check_positive
+from genbounds.callbacks.checks import check_callable, check_float, check_int
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
@@ -57,13 +57,13 @@ class GaussianModelPerturbation(GradientIntervention):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        check_positive("GaussianModelPerturbation", k=k)
-        if not 0 <= rho <= 1 or sigma < 0:
-            raise MisconfigurationException("GaussianModelPerturbation needs 0 <= rho <= 1 and sigma >= 0")
-        self.rho, self.sigma, self.k = rho, sigma, k
-        self.draws_per_pass = draws_per_pass
-        self.loss_fn = loss_fn
-        self.seed = seed
+        o = "GaussianModelPerturbation"
+        self.rho = check_float(o, "rho", rho, low=0.0, high=1.0)
+        self.sigma = check_float(o, "sigma", sigma, low=0.0)
+        self.k = check_int(o, "k", k)
+        self.draws_per_pass = check_int(o, "draws_per_pass", draws_per_pass, optional=True)
+        self.loss_fn = check_callable(o, "loss_fn", loss_fn)
+        self.seed = check_int(o, "seed", seed, minimum=None)
         self._loss_fn: LossFn | None = None
         self._batch: Any = None
         self._generator: torch.Generator | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -357,10 +358,14 @@ class GeneralizationBound(ProbeCallback):
             return {}
         assert self.budget is not None
         self._evaluated_step = int(trainer.global_step)
+        started = time.perf_counter()
         with progress_status(trainer, "GeneralizationBound: computing the bounds…"):
             self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
             if self._hessian is not None and self._hessian.active:
                 self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
+            if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
+                # no Γ probe fitted in the budget yet: one now stands for the run (second-order fill)
+                self._sensitivity.probe_now(trainer, pl_module, log=log, epoch_end=True)
             values: dict[str, float] = {}
             if self.heldout_available:
                 values.update(self._measure_gap(trainer, pl_module))
@@ -378,6 +383,7 @@ class GeneralizationBound(ProbeCallback):
                 values.update(self._compute(inputs))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
+        self.budget.reserve = time.perf_counter() - started  # room kept for the final evaluation
         values.update(validity(values, self.wanted))
         values["bound/heuristic"] = float(not self.plain_sgd)
         values["perf/overhead"] = self.budget.overhead

@@ -212,7 +212,8 @@ class GradientDispersion(Callback):
         if failed == "hooks" and self.contract.per_sample and not _has_train_batchnorm(pl_module):
             method = self.contract.per_sample_method
             nxt: DispersionBackend = PerSampleBackend(self._loss_fn, method, self.chunk_size,
-                                                      int(self.memory_budget_mb * 2**20))
+                                                      int(self.memory_budget_mb * 2**20),
+                                                      grad_is_mean=self.contract.reads_training_backward)
         elif self._accumulate >= 2 and trainer.world_size == 1 and self.use_accumulation_steps:
             nxt = AccumulationBackend(self._accumulate)
         else:

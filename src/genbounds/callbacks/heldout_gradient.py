@@ -20,7 +20,7 @@ from genbounds.estimators.backpack_norms import has_batchnorm
 from genbounds.estimators.functional import dot, parameter_groups, per_tensor_sq_norms, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
 from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
-from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
+from genbounds.estimators.per_sample_gradients import hooks_cover, per_sample_gradient_moments
 
 
 class HeldoutGradient(ProbeCallback):
@@ -97,6 +97,7 @@ class HeldoutGradient(ProbeCallback):
         self._due = False
         self._lr = 0.0
         self._per_sample = True
+        self._hooks_ok = False
 
     @property
     def state_key(self) -> str:
@@ -128,6 +129,8 @@ class HeldoutGradient(ProbeCallback):
                     "HeldoutGradient(backend='functorch') needs per-sample losses: " + "; ".join(self.contract.notes)
                     + ". Add `per_sample_loss(self, batch)` or pass `loss_fn=...`, or use backend='microbatch'.")
             self._per_sample = False  # chunk means are all the contract gives
+        self._hooks_ok = self.backend == "auto" and hooks_cover(pl_module) and not (
+            has_batchnorm(pl_module) and self.probe_mode == "train")
         if trainer.optimizers:
             _warn_lr_groups(trainer.optimizers[0])
         self._n = self.num_train or training_set_size(trainer)
@@ -156,7 +159,7 @@ class HeldoutGradient(ProbeCallback):
         """Moments of a probe set, summed over DDP ranks (the union of the ranks' shares)."""
         assert self._loss_fn is not None
         if self._per_sample:
-            method = self.contract.per_sample_method if self.contract is not None else "vmap"
+            method = "hooks" if self._hooks_ok else (self.contract.per_sample_method if self.contract else "vmap")
             moments = per_sample_gradient_moments(pl_module, self._loss_fn, batch, method=method, groups=self._groups)
         else:
             moments = microbatch_gradient_moments(

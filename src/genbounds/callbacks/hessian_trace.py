@@ -118,8 +118,6 @@ class HessianTrace(ProbeCallback):
         self.group_names: list[str] = []
         self._groups: list[list[int]] = []
         self._eigvec: list[Tensor] | None = None
-        self._eig_generator: torch.Generator | None = None
-        self._eig_generator_state: Tensor | None = None
         self._step = 0
         self._group_samples: Tensor | None = None
 
@@ -140,19 +138,6 @@ class HessianTrace(ProbeCallback):
         names = list(trainable_parameters(pl_module))
         self.group_names = list(groups)
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
-
-    def _eig_stream(self, device: torch.device) -> torch.Generator:
-        """Power iteration's start vectors come from a stream of their own, so that a (re)start never
-        shifts the Hutchinson probes."""
-        if self._eig_generator is None or self._eig_generator.device != device:
-            self._eig_generator = torch.Generator(device=device)
-            self._eig_generator.manual_seed(self.seed + 0x51E7)
-            if self._eig_generator_state is not None:
-                try:
-                    self._eig_generator.set_state(self._eig_generator_state)
-                except RuntimeError:
-                    pass
-        return self._eig_generator
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
@@ -184,7 +169,8 @@ class HessianTrace(ProbeCallback):
                     out[f"curv/hessian_trace/layer/{name}"] = m
                     out[f"curv/hessian_trace_se/layer/{name}"] = se
         if self.top_eigenvalue:
-            eig = top_eigenvalue(op, self._eig_stream(pl_module.device), init=self._eigvec,
+            # its start vectors come from a stream of their own: a (re)start never shifts the Hutchinson probes
+            eig = top_eigenvalue(op, self.generator(pl_module.device, stream=1), init=self._eigvec,
                                  max_iter=self.eig_max_iter, tol=self.eig_tol)
             self._eigvec = eig.vector
             out["curv/hessian_top_eig"] = eig.value
@@ -210,16 +196,12 @@ class HessianTrace(ProbeCallback):
         state = super().state_dict()
         if self._eigvec is not None:
             state["eigvec"] = [v.detach().cpu() for v in self._eigvec]
-        if self._eig_generator is not None:
-            state["eig_generator_state"] = self._eig_generator.get_state()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         saved = state_dict.get("eigvec")
         self._eigvec = None if saved is None else list(saved)
-        self._eig_generator_state = state_dict.get("eig_generator_state")
-        self._eig_generator = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

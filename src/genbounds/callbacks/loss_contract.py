@@ -86,6 +86,9 @@ class LossContract:
         self.errors_available = False
         self.coefficients: list[float] | None = None
         self.notes: list[str] = []
+        self.warned = False
+        """Whether the trial's notes were already given to the user as a warning (callbacks then
+        refer to it instead of repeating them)."""
         self._default: LossFn | None = None
         self._error_record: int | None = None
         self._resolved = False
@@ -236,6 +239,7 @@ class LossContract:
         if self.per_sample:
             if self.notes and not self.reads_training_backward:
                 rank_zero_warn("genbounds: " + "; ".join(self.notes) + ".")
+                self.warned = True
             return
         lost = [n for n in self.needs if n.per_sample]
         if lost:
@@ -245,6 +249,7 @@ class LossContract:
                 + items + ". To get them, add `per_sample_loss(self, batch)` to your LightningModule or pass "
                 "`loss_fn=...` to one genbounds callback."
             )
+            self.warned = True
 
     # ------------------------------------------------------------------ as a loss function
     def __call__(self, module: nn.Module, batch: Any) -> Tensor:
@@ -276,6 +281,9 @@ class LossContract:
             losses, records = self._training_step_losses(module, batch)
             errors = per_sample_error(records[self._error_record], batch_size(batch))
             return torch.stack([losses, errors.to(losses.dtype)])
+        both = getattr(module, "per_sample_loss_and_error", None)
+        if callable(both) and self.tier == "per_sample_loss" and not isinstance(self._default, _SumScaled):
+            return both(batch)
         losses = self(module, batch)
         errors = self.errors(module, batch)
         if errors is None:

@@ -30,6 +30,9 @@ class OverheadBudget:
         self.by_owner: dict[str, float] = {}
         self.last_cost: dict[str, float] = {}
         self.deferred = 0
+        self.reserve = 0.0
+        """Seconds kept free for the final evaluation (the cost of the last bound evaluation):
+        intermediate probes only run when they leave that much of the budget."""
 
     @staticmethod
     def shared(trainer: Trainer, fraction: float | None) -> OverheadBudget:
@@ -57,12 +60,18 @@ class OverheadBudget:
         train = self.train_time
         return self.probe_time / train if train > 0 else 0.0
 
+    def remaining(self) -> float:
+        """Seconds the probes may still spend now (``inf`` without a budget; may be negative)."""
+        if self.fraction is None:
+            return float("inf")
+        return self.fraction * self.train_time - self.probe_time
+
     def allows(self, owner: str) -> bool:
         """Would running ``owner``'s probe now (at its last measured cost) stay within budget?"""
         if self.fraction is None:
             return True
         expected = self.last_cost.get(owner, 0.0)
-        ok = self.probe_time + expected <= self.fraction * self.train_time
+        ok = self.probe_time + expected + self.reserve <= self.fraction * self.train_time
         if not ok:
             self.deferred += 1
         return ok

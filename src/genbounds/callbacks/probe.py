@@ -3,7 +3,8 @@
 * **Schedule** — :class:`ProbeSchedule`: every ``n`` optimizer steps, every ``n`` epochs,
   log-spaced steps (``k`` per decade: dense early, sparse late), and/or once at the end of
   training. Nothing runs during Lightning's sanity check. With an ``overhead_budget`` (see
-  :mod:`genbounds.callbacks.overhead`) a due probe waits until it fits in the budget.
+  :mod:`genbounds.callbacks.overhead`) a due probe waits until it fits in the budget (the
+  final weights' probe too, unless the bound aggregator needs it: those always run).
 * **Probe batches** — drawn once, at ``on_train_start``, and cached on the module's device (see
   :mod:`genbounds.callbacks.probe_data`): from the training set a seeded uniform subset, from
   the validation loader its first full batches; samples holding NaN/inf are left out. Without a
@@ -45,13 +46,12 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
     draw_probe_batch,
     draw_training_subset,
     first_loader,
-    screen_nonfinite,
     training_set_size,
     training_trial_batch,
     validation_loader,
 )
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
-from genbounds.estimators.batching import batch_size
+from genbounds.estimators.batching import batch_size, index_batch, tensor_leaves
 from genbounds.estimators.functional import LossFn, Reduce
 
 ProbeMode = Literal["eval", "train"]
@@ -138,7 +138,8 @@ class ProbeCallback(Callback):
         self.budget: OverheadBudget | None = None
         self._loss_fn: LossFn | None = None
         self._generator: torch.Generator | None = None
-        self._generator_state: Tensor | None = None
+        self._generator_key: tuple | None = None
+        self._probe_step = 0
         self._last_probe_step: int | None = None
         self._pending = False
 
@@ -152,21 +153,35 @@ class ProbeCallback(Callback):
         self._loss_fn = self.contract.register(self.owner, self.loss_fn, per_sample=self.per_sample_need is not None,
                                                what=self.per_sample_need or "")
         self.budget = OverheadBudget.shared(trainer, self.overhead_budget)
+        if self.schedule.empty and not self._requested_by_aggregator(trainer):
+            rank_zero_warn(
+                f"{self.owner} has no schedule (every_n_steps, every_n_epochs and log_spaced are None, "
+                "at_train_end=False) and no GeneralizationBound in this Trainer asks it for measurements: it will "
+                "never run. Give it a schedule, or add GeneralizationBound().")
+
+    def _requested_by_aggregator(self, trainer: Trainer) -> bool:
+        from genbounds.callbacks.generalization_bound import GeneralizationBound
+
+        return any(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.budget is not None and self.contract is not None
         self.budget.begin()
         wanted = (self.probe_batch_size * self.num_probe_batches) if self.probe_batch_size else None
         if self.needs_train_probe:
-            batch = draw_training_subset(trainer, first_loader(trainer.train_dataloader), self.probe_batch_size,
-                                         self.num_probe_batches, self.seed)
-            self.train_probe, _ = screen_nonfinite(batch, self.owner, "training probe set")
-            self._check_size(self.train_probe, wanted, "training probe set")
+            self.train_probe = draw_training_subset(trainer, first_loader(trainer.train_dataloader),
+                                                    self.probe_batch_size, self.num_probe_batches, self.seed)
         if self.needs_heldout_probe:
             loader = validation_loader(trainer)
-            batch = draw_probe_batch(trainer, loader, self.probe_batch_size, self.num_probe_batches) \
+            self.heldout_probe = draw_probe_batch(trainer, loader, self.probe_batch_size, self.num_probe_batches) \
                 if loader is not None else None
-            self.heldout_probe, _ = screen_nonfinite(batch, self.owner, "held-out probe set")
+        trial = self.train_probe if self.train_probe is not None else training_trial_batch(trainer, self.seed)
+        self.contract.resolve(trainer, pl_module, trial)
+        self.train_probe = self._screened(trainer, pl_module, self.train_probe, "training probe set")
+        self.heldout_probe = self._screened(trainer, pl_module, self.heldout_probe, "held-out probe set")
+        if self.needs_train_probe:
+            self._check_size(self.train_probe, wanted, "training probe set")
+        if self.needs_heldout_probe:
             self.heldout_available = self.heldout_probe is not None
             if not self.heldout_available:
                 message = f"{self.owner}: no validation dataloader, so the held-out quantities are disabled."
@@ -175,8 +190,32 @@ class ProbeCallback(Callback):
                 rank_zero_warn(message)
             else:
                 self._check_size(self.heldout_probe, wanted, "held-out probe set")
-        trial = self.train_probe if self.train_probe is not None else training_trial_batch(trainer, self.seed)
-        self.contract.resolve(trainer, pl_module, trial)
+
+    def _screened(self, trainer: Trainer, pl_module: LightningModule, batch: Any, what: str) -> Any:
+        """The probe set without the samples that hold a NaN/inf input or whose loss at the start
+        weights is not finite: one such sample would turn every probe mean into NaN. Said once per
+        run and kind of set (the suite's callbacks draw the same sets)."""
+        if batch is None:
+            return None
+        n = batch_size(batch)
+        keep = torch.ones(n, dtype=torch.bool)
+        for t in tensor_leaves(batch):
+            if t.is_floating_point() and t.dim() > 0:
+                keep &= torch.isfinite(t.reshape(n, -1)).all(1).cpu()
+        if self.contract is not None and self.contract.per_sample and bool(keep.all()):
+            with isolated_pass(pl_module, mode=self.probe_mode, grad=False):
+                losses = self.contract(pl_module, batch).reshape(-1)
+            if losses.numel() == n:
+                keep &= torch.isfinite(losses).cpu()
+        dropped = int((~keep).sum())
+        if not dropped:
+            return batch
+        warned = trainer.__dict__.setdefault("_genbounds_screened", set())
+        if what not in warned:
+            warned.add(what)
+            rank_zero_warn(f"genbounds: {dropped} of {n} samples of the {what} hold NaN/inf values (or have a "
+                           "non-finite loss); they are left out of every probe of this run.")
+        return None if dropped == n else index_batch(batch, keep.nonzero().squeeze(1).to(tensor_leaves(batch)[0].device))
 
     def _check_size(self, batch: Any, wanted: int | None, what: str) -> None:
         if batch is None or wanted is None:
@@ -203,7 +242,7 @@ class ProbeCallback(Callback):
                 self._pending = True  # at the next step start that fits
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.schedule.at_train_end:
+        if self.schedule.at_train_end and self._affordable():
             self._probe(trainer, pl_module, log=False)
         self.step_log.report_skipped(trainer)
 
@@ -229,16 +268,16 @@ class ProbeCallback(Callback):
         quantities this way); skipped when this callback already measured these weights."""
         self._probe(trainer, pl_module, log=log, epoch_end=epoch_end)
 
-    def generator(self, device: torch.device) -> torch.Generator:
-        """This callback's own random stream (never the global RNG), resumable."""
-        if self._generator is None or self._generator.device != device:
+    def generator(self, device: torch.device, stream: int = 0) -> torch.Generator:
+        """The random stream of the current probe (never the global RNG): seeded from
+        ``(seed, step, stream)``, so the draws of a probe at step ``t`` do not depend on which
+        probes ran before it — a run resumed from a checkpoint (where Lightning may skip a
+        validation, and with it a bound evaluation) draws exactly what the uninterrupted run draws."""
+        key = (self._probe_step, stream, device)
+        if self._generator is None or self._generator_key != key:
             self._generator = torch.Generator(device=device)
-            self._generator.manual_seed(self.seed)
-            if self._generator_state is not None:
-                try:
-                    self._generator.set_state(self._generator_state)
-                except RuntimeError:
-                    pass  # saved on another device type: restart the stream from the seed
+            self._generator.manual_seed(probe_seed(self.seed, self._probe_step, stream))
+            self._generator_key = key
         return self._generator
 
     def per_pass(self, requested: int | None, device: torch.device, gpu_default: int = 8) -> int:
@@ -259,6 +298,7 @@ class ProbeCallback(Callback):
         if self._last_probe_step == trainer.global_step:
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
+        self._probe_step = int(trainer.global_step)
         assert self.budget is not None
         with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
             values = self.measure(trainer, pl_module, batch)
@@ -284,23 +324,27 @@ class ProbeCallback(Callback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"num_probes_run": self.num_probes_run, "last_probe_step": self._last_probe_step,
-                                 "pending": self._pending, **self.step_log.state_dict()}
-        if self._generator is not None:
-            state["generator_state"] = self._generator.get_state()
-        return state
+        return {"num_probes_run": self.num_probes_run, "last_probe_step": self._last_probe_step,
+                "pending": self._pending, **self.step_log.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_probes_run = int(state_dict.get("num_probes_run", 0))
         self._last_probe_step = state_dict.get("last_probe_step")
         self._pending = bool(state_dict.get("pending", False))
         self.step_log.load_state_dict(state_dict)
-        self._generator_state = state_dict.get("generator_state")
-        self._generator = None
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.train_probe = None
         self.heldout_probe = None
+
+
+def probe_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed from ``(seed, step, stream)`` (distinct inputs give well-separated seeds)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB + 0x5EED) % (2**64)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) % (2**64)
+    x ^= x >> 32
+    return x % (2**63 - 1)
 
 
 def sigma_tag(sigma: float) -> str:

@@ -13,7 +13,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from genbounds.callbacks.checks import FULL_PRECISIONS, check_automatic_optimization, check_positive
+from genbounds.callbacks.checks import (
+    FULL_PRECISIONS,
+    check_automatic_optimization,
+    check_bool,
+    check_callable,
+    check_choice,
+    check_int,
+)
 from genbounds.callbacks.probe_data import first_loader, validation_loader
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
@@ -87,16 +94,14 @@ class TwinRunStability(FlushesStepLog, Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if mode not in ("replace", "remove", "none"):
-            raise MisconfigurationException(f"TwinRunStability(mode={mode!r}) must be 'replace', 'remove' or 'none'")
-        check_positive("TwinRunStability", every_n_steps=every_n_steps)
-        self.mode = mode
-        self.sample_index = sample_index
-        self.replacement_index = replacement_index
-        self.every_n_steps = every_n_steps
-        self.per_layer = per_layer
-        self.loss_fn = loss_fn
-        self.seed = seed
+        o = "TwinRunStability"
+        self.mode = check_choice(o, "mode", mode, ("replace", "remove", "none"))
+        self.sample_index = check_int(o, "sample_index", sample_index, minimum=0, optional=True)
+        self.replacement_index = check_int(o, "replacement_index", replacement_index, minimum=0, optional=True)
+        self.every_n_steps = check_int(o, "every_n_steps", every_n_steps)
+        self.per_layer = check_bool(o, "per_layer", per_layer)
+        self.loss_fn = check_callable(o, "loss_fn", loss_fn)
+        self.seed = check_int(o, "seed", seed, minimum=None)
         self.step_log = StepLog("TwinRunStability")
         self.twin: LightningModule | None = None
         self.twin_optimizer: torch.optim.Optimizer | None = None

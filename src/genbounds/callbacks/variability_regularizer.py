@@ -14,7 +14,7 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 from torch.optim import Optimizer
 
-from genbounds.callbacks.checks import check_positive
+from genbounds.callbacks.checks import check_callable, check_choice, check_float, check_int
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
@@ -65,16 +65,15 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
         loss_fn: Callable[[LightningModule, Any], Tensor] | None = None,
     ) -> None:
         super().__init__()
-        if lambda1 < 0 or lambda2 < 0 or (lambda1 == 0 and lambda2 == 0):
-            raise MisconfigurationException("VariabilityRegularizer needs lambda1 >= 0, lambda2 >= 0, not both 0")
-        if reference not in ("dataset", "none"):
-            raise MisconfigurationException(f"VariabilityRegularizer(reference={reference!r}) must be 'dataset' or 'none'")
-        check_positive("VariabilityRegularizer", refresh_every_n_steps=refresh_every_n_steps)
-        self.lambda1, self.lambda2 = lambda1, lambda2
-        self.reference = reference
-        self.reference_batches = reference_batches
-        self.refresh_every_n_steps = refresh_every_n_steps
-        self.loss_fn = loss_fn
+        o = "VariabilityRegularizer"
+        self.lambda1 = check_float(o, "lambda1", lambda1, low=0.0)
+        self.lambda2 = check_float(o, "lambda2", lambda2, low=0.0)
+        if self.lambda1 == 0 and self.lambda2 == 0:
+            raise MisconfigurationException("VariabilityRegularizer(lambda1=0, lambda2=0): at least one must be > 0")
+        self.reference = check_choice(o, "reference", reference, ("dataset", "none"))
+        self.reference_batches = check_int(o, "reference_batches", reference_batches, optional=True)
+        self.refresh_every_n_steps = check_int(o, "refresh_every_n_steps", refresh_every_n_steps)
+        self.loss_fn = check_callable(o, "loss_fn", loss_fn)
         self.step_log = StepLog(self.owner)
         self._loss_fn: LossFn | None = None
         self._batch: Any = None

@@ -27,8 +27,9 @@ class EpochSeededSampler(Sampler[int]):
         self.n = len(data_source)
         self.seed = seed
         self.epoch = 0
-        self.start = 0
-        """Samples of the current epoch's permutation to skip once (mid-epoch resume)."""
+        self.resume_at: tuple[int, int] | None = None
+        """``(epoch, samples)``: on a mid-epoch resume, skip that many samples of that epoch's
+        permutation (once; an epoch that was already complete starts at 0)."""
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -36,7 +37,11 @@ class EpochSeededSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         gen = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=gen).tolist()
-        start, self.start = self.start, 0
+        start = 0
+        if self.resume_at is not None:
+            if self.resume_at[0] == self.epoch:
+                start = self.resume_at[1]
+            self.resume_at = None
         return iter(order[start:])
 
     def __len__(self) -> int:
@@ -64,7 +69,7 @@ class ResumableDataLoader(DataLoader):
             sampler.set_epoch(int(state.get("epoch", 0)))
         skip = int(state.get("batches", 0)) * int(self.batch_size or 1)
         if isinstance(sampler, EpochSeededSampler):
-            sampler.start = skip
+            sampler.resume_at = (int(state.get("epoch", 0)), skip)
 
 
 def corrupt_labels(labels: Tensor, fraction: float, num_classes: int, generator: torch.Generator) -> Tensor:
@@ -155,7 +160,9 @@ class SupervisedDataModule(LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0
-        return int(trainer.fit_loop.epoch_loop.batch_progress.current.completed)
+        # batches whose step is done: at on_train_batch_end (where checkpoints are saved) the current
+        # batch is "processed" but not yet "completed"
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup() first"

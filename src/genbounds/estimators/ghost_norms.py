@@ -239,9 +239,9 @@ def _sq(t: Tensor) -> Tensor:
 
 
 def _rowsq(t: Tensor) -> Tensor:
-    """``[n, d] → [n]`` squared row norms: one op for narrow rows, one reduction kernel without
-    a temporary (then a square) for wide ones (faster on CPU from a few hundred columns)."""
-    if t.shape[-1] < 256:
+    """``[n, d] → [n]`` squared row norms: one op for narrow rows; for wide ones a reduction
+    kernel without a temporary, then a square (measured faster inside a training step)."""
+    if t.shape[-1] < 64:
         return _vecdot(t, t)
     return torch.linalg.vector_norm(t, dim=-1).square_()
 
@@ -306,7 +306,10 @@ class _Kind:
         raise NotImplementedError
 
     def single(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
-               forced: str | None, scratch: _Scratch = _FRESH, pre: Tensor | None = None) -> tuple[Tensor, str]:
+               forced: str | None, scratch: _Scratch = _FRESH, pre: Tensor | None = None,
+               out: Tensor | None = None) -> tuple[Tensor, str]:
+        """Norms of a module called once; ``pre`` is :meth:`precompute`'s result and ``out`` a
+        float64 row the result may be written to directly."""
         return self.norms(module, self.factor(module, x, g, wt, bt, scratch), wt, bt, forced, scratch)
 
     def method_for(self, module: nn.Module, input_shape: torch.Size, forced: str | None) -> str:
@@ -330,15 +333,19 @@ class _LinearKind(_Kind):
             return _rowsq(_as(x.detach(), _compute_dtype(x.dtype)))
         return None
 
-    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None):
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
         if g.dim() == 2 and forced != MATERIALIZE:  # [b, d]: Goodfellow
             cd = _compute_dtype(g.dtype, x.dtype if x is not None else g.dtype)
             d2 = _rowsq(_as(g, cd))
             if not wt:
                 return d2, GOODFELLOW
             a2 = pre if pre is not None else _rowsq(_as(x, cd))
-            # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op
-            return (torch.addcmul(d2, d2, a2) if bt else d2.mul_(a2)), GOODFELLOW
+            # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op, written straight into the float64 row
+            if out is not None and out.shape != d2.shape:
+                out = None  # mismatched batch sizes: reported by the caller
+            if bt:
+                return torch.addcmul(d2, d2, a2, out=out), GOODFELLOW
+            return torch.mul(d2, a2, out=out), GOODFELLOW
         return super().single(module, x, g, wt, bt, forced, scratch)
 
     def factor(self, module, x, g, wt, bt, scratch=_FRESH):
@@ -519,7 +526,7 @@ class _ConvKind(_Kind):
             A = A.view(G.shape[0], -1, A.shape[-1])  # [b·g, K, T]
         return A, G
 
-    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None):
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
         if wt:
             T = _prod(g.shape[2:])
             K = module.in_channels // module.groups * _prod(module.kernel_size)
@@ -860,10 +867,13 @@ class _Site:
     """One hooked module and what it recorded during the current step."""
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
-                 "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched")
+                 "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
+                 "index")
 
-    def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None) -> None:
+    def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
+                 index: int) -> None:
         self.name, self.module, self.group, self.kind, self.forced = name, module, group, kind, forced
+        self.index = index
         self.reset()
 
     def reset(self) -> None:
@@ -951,8 +961,10 @@ class GhostNormHooks:
             forced = method.get(name) if isinstance(method, Mapping) else method
             if forced not in (None, GHOST, MATERIALIZE):
                 raise ValueError(f"method must be 'ghost', 'materialize' or None, got {forced!r}")
-            self._sites.append(_Site(name, module, group_of.get(name, name), kind, forced))
-        self._groups = list(dict.fromkeys(s.group for s in self._sites))
+            self._sites.append(_Site(name, module, group_of.get(name, name), kind, forced, len(self._sites)))
+        self._group_rows: dict[str, list[int]] = {}
+        for site in self._sites:
+            self._group_rows.setdefault(site.group, []).append(site.index)
         self._armed = False
         self._handles: list[RemovableHandle] = []
         self._param_handles: list[RemovableHandle] = []
@@ -975,6 +987,11 @@ class GhostNormHooks:
     @property
     def armed(self) -> bool:
         return self._armed
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes held in reusable CPU work buffers (released by :meth:`disarm`)."""
+        return self._scratch.nbytes
 
     def attach(self) -> None:
         """Register the forward hooks (once; they stay for the whole run)."""
@@ -1038,7 +1055,10 @@ class GhostNormHooks:
         self.clear()
 
     def _reset_step(self) -> None:
-        self._results: list[tuple[_Site, Tensor]] = []
+        # one float64 row per hooked module, allocated at the step's first recorded forward;
+        # each module's per-sample values land in its row (unused modules keep zeros)
+        self._rows: Tensor | None = None
+        self._row_views: tuple[Tensor, ...] = ()
         self._problems: list[str] = []
         self._ordinal = 0
         self._coupled_upto = 0
@@ -1077,6 +1097,9 @@ class GhostNormHooks:
                 f"{site.name}: forward recorded again after its backward; call read() or clear() "
                 "between steps")
             return
+        if self._rows is None:
+            self._rows = torch.zeros((len(self._sites), x.shape[0]), dtype=torch.float64, device=x.device)
+            self._row_views = self._rows.unbind(0)
         self._ordinal += 1
         if not site.calls:
             if not site.touched:
@@ -1125,7 +1148,8 @@ class GhostNormHooks:
     def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool, pre: Tensor | None) -> None:
         wt, bt = site.flags
         if single:
-            sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, pre)
+            row = self._row_views[site.index]
+            sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, pre, row)
             self._add(site, sq)
         else:
             site.factors.append(site.kind.factor(site.module, x, grad, wt, bt))
@@ -1150,7 +1174,9 @@ class GhostNormHooks:
         # one [b] vector per module and step; converted to float64 and summed per group in
         # read() with a constant number of ops (a per-module conversion costs more than it saves)
         site.b = sq.shape[0]
-        self._results.append((site, sq))
+        row = self._row_views[site.index]
+        if sq is not row:
+            row.copy_(sq)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -1198,31 +1224,21 @@ class GhostNormHooks:
         sizes = {s.b for s in recorded}
         if len(sizes) != 1:
             raise RuntimeError(f"ghost norms unavailable: modules saw different batch sizes {sorted(sizes)}")
-        vecs = [v for _, v in self._results]
-        if len({v.dtype for v in vecs}) > 1:
-            vecs = [v.double() for v in vecs]
-        rows = torch.stack(vecs).double()  # [modules, b], float64 from here on
+        rows = self._rows
+        assert rows is not None
         if isinstance(scale, Tensor):
             rows.mul_(scale.detach().to(device=rows.device, dtype=torch.float64).square())
         else:
             rows.mul_(float(scale) ** 2)
-        total = rows.sum(0)
-        by_group: dict[str, list[int]] = {}
-        for i, (site, _) in enumerate(self._results):
-            by_group.setdefault(site.group, []).append(i)
-        per_row = rows.unbind(0)
+        total = rows.sum(0)  # rows of modules that did not run are zero
         per_group: dict[str, Tensor] = {}
-        for g in self._groups:
-            idx = by_group.get(g)
-            if idx is None:
-                per_group[g] = torch.zeros_like(total)
-            elif len(idx) == 1:
-                per_group[g] = per_row[idx[0]]
-            else:
-                acc = per_row[idx[0]] + per_row[idx[1]]
-                for i in idx[2:]:
-                    acc.add_(per_row[i])
-                per_group[g] = acc
+        for g, members in self._group_rows.items():
+            acc = self._row_views[members[0]]
+            if len(members) > 1:
+                acc = acc + self._row_views[members[1]]
+                for i in members[2:]:
+                    acc.add_(self._row_views[i])
+            per_group[g] = acc
         recorded.sort(key=lambda s: s.first_ordinal)
         methods = {s.name: s.method for s in recorded if s.method is not None}
         exactness = {

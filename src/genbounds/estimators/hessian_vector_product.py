@@ -104,10 +104,20 @@ class LossHessian:
         assert self._loss is not None
         return reduce_all([self._loss], self.reduce)[0]
 
+    def _live(self) -> list[int]:
+        """Indices of gradient components that still depend on the weights (a component that is
+        constant — a loss linear in those weights — has a zero Hessian row)."""
+        return [i for i, g in enumerate(self._graph()) if g.requires_grad]
+
     def hvp(self, v: Vector) -> Vector:
         """``H v`` for one vector."""
         if self.method == "reverse":
-            out = torch.autograd.grad(self._graph(), self.params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            live = self._live()
+            if not live:
+                return reduce_all([torch.zeros_like(x) for x in v], self.reduce)
+            grads = self._graph()
+            out = torch.autograd.grad([grads[i] for i in live], self.params, grad_outputs=[v[i] for i in live],
+                                      retain_graph=True, allow_unused=True)
             return reduce_all([torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)], self.reduce)
         return [h[0] for h in self._hvp_stacked([t.unsqueeze(0) for t in v])]
 
@@ -123,8 +133,12 @@ class LossHessian:
     def _hvp_stacked(self, vs: Vector) -> Vector:
         if self.method == "reverse":
             grads = self._graph()
+            live = self._live()
+            if not live:
+                return reduce_all([torch.zeros_like(v) for v in vs], self.reduce)
             out = torch.autograd.grad(
-                grads, self.params, grad_outputs=vs, retain_graph=True, is_grads_batched=True, allow_unused=True
+                [grads[i] for i in live], self.params, grad_outputs=[vs[i] for i in live], retain_graph=True,
+                is_grads_batched=True, allow_unused=True
             )
             return reduce_all([torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)], self.reduce)
         base = detached(self.named)

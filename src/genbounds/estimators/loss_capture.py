@@ -631,6 +631,12 @@ def combined_per_sample(
     So with ``(c, r) = loss_coefficients(loss, records)``, ``mean_i ℓ_i = loss − r`` and
     ``∇ mean_i ℓ_i = ∇loss − ∇r``. Records with all-zero coefficients are skipped when they
     cannot be mapped (checking that costs a synchronization; mappable records never sync).
+
+    A record without autograd graph (``detached``) counts with its coefficient like any other:
+    coefficients from :func:`loss_coefficients` are 0 for it (a loss computed for logging), but
+    coefficients settled on an earlier batch apply to a call recorded under ``torch.no_grad``
+    (an evaluation of the same ``training_step``), where every record is detached. A detached
+    record with zero coefficients adds exactly 0 (even when its values are not finite).
     """
     b = int(batch_size)
     sizes = [r.value.numel() for r in records]
@@ -640,8 +646,8 @@ def combined_per_sample(
         )
     total: Tensor | None = None
     for r, c in zip(records, torch.split(coefficients, sizes)):
-        if r._layout_for(b) is None or r._edge is None:
-            if r._edge is not None and bool((c != 0).any()):
+        if r._layout_for(b) is None:
+            if bool((c != 0).any()):
                 r.per_sample(b)  # raises the mapping error
             continue
         if r.combine == "none":
@@ -650,6 +656,8 @@ def combined_per_sample(
             term = r.per_sample(b) * (c[0] * b)
         else:
             term = r.per_sample(b) * c[0]
+        if r._edge is None:  # no graph: 0 (not 0·NaN) unless its coefficient says it is used
+            term = torch.where((c != 0).any(), term, torch.zeros_like(term))
         total = term if total is None else total + term
     if total is None:
         return torch.zeros(b, dtype=coefficients.dtype, device=coefficients.device)

@@ -10,6 +10,10 @@ Two methods give the same ``g_i = ∇ℓ(w, z_i)``:
   cotangents). Works for any per-sample loss whose backward has batching rules, including one
   computed by the user's own ``training_step``; under train-mode BatchNorm it gives ``∇ℓ_i`` with
   the batch statistics as functions of ``w`` (these still average to the batch gradient).
+* ``"hooks"`` — one forward and one backward of ``mean_i ℓ_i`` with ghost-norm hooks
+  (:mod:`genbounds.estimators.ghost_norms`): ``Σ_i ‖g_i‖²`` and the per-group sums without
+  materializing any per-sample gradient — the cheapest, for models whose every trainable
+  parameter the hooks cover (``ghost_norms.plan``); no standard error.
 
 **Memory.** ``c`` per-sample gradients of ``d`` parameters take ``4·c·d`` bytes (fp32), plus
 about as much again in temporaries. Without an explicit ``chunk_size`` the batch is processed in
@@ -31,7 +35,7 @@ from genbounds.estimators.batching import batch_size, index_batch, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums
 
-Method = Literal["vmap", "jacobian"]
+Method = Literal["vmap", "jacobian", "hooks"]
 
 DEFAULT_MEMORY_BUDGET = 256 * 2**20
 """Bytes of per-sample gradients (and their temporaries) held at once by default."""
@@ -76,6 +80,8 @@ def per_sample_gradient_moments(
     params = trainable_parameters(module)
     names = list(params)
     b = batch_size(batch)
+    if method == "hooks":
+        return _hook_moments(module, loss_fn, batch, params, groups)
     d = sum(p.numel() for p in params.values())
     step = chunk_size if chunk_size is not None else budget_chunk_size(d, b, memory_budget)
     step = max(1, min(step, b))
@@ -120,6 +126,48 @@ def per_sample_gradient_moments(
         losses=torch.cat(losses),
         group_sq=group_sq,
     )
+
+
+def hooks_cover(module: nn.Module) -> bool:
+    """Whether the ghost-norm hooks reach every trainable parameter of ``module``."""
+    from genbounds.estimators.ghost_norms import plan
+
+    return not plan(module)[1]
+
+
+def _hook_moments(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[str, Tensor],
+                  groups: list[list[int]] | None) -> GradientMoments:
+    from genbounds.estimators.ghost_norms import GhostNormHooks, plan
+
+    covered, uncovered = plan(module)
+    if uncovered:
+        raise ValueError(f"the norm hooks do not reach {sorted(uncovered)[:4]}")
+    names = list(params)
+    hooks = GhostNormHooks(covered)
+    hooks.arm()
+    try:
+        losses = loss_fn(module, batch)
+        b = batch_size(batch)
+        if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
+            raise ValueError("per-sample norms need one loss per sample")
+        grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
+        norms = hooks.read(scale=b)
+    finally:
+        hooks.detach()
+    if norms is None:
+        raise ValueError("the norm hooks recorded no gradient")
+    mean = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params.values())]
+    group_sq = None
+    if groups is not None:
+        owner = {n: n.rsplit(".", 1)[0] if "." in n else "" for n in names}
+        per_group = {name: sq.sum() for name, sq in norms.per_group.items()}
+        group_sq = torch.stack([
+            sum((per_group.get(m, torch.zeros((), dtype=torch.float64)) for m in
+                 dict.fromkeys(owner[names[i]] for i in idx)), torch.zeros((), dtype=torch.float64))
+            if idx else torch.zeros((), dtype=torch.float64) for idx in groups])
+    return GradientMoments(
+        weighted_sq_norm_sum=norms.total.sum(), num_samples=b, num_units=b,
+        weighted_sum=[g * b for g in mean], losses=losses.detach(), group_sq=group_sq)
 
 
 def _vmap_chunks(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[str, Tensor], step: int,

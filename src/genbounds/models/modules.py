@@ -81,6 +81,18 @@ class Classifier(_SGDModule):
         x, y = batch
         return (self(x).argmax(1) != y).to(torch.get_default_dtype())
 
+    def per_sample_loss_and_error(self, batch: Any) -> Tensor:
+        """``[2, b]``: the per-sample loss and 0-1 error from one forward (two, when a subclass
+        overrides ``per_sample_loss`` or ``per_sample_error``: those stay authoritative)."""
+        cls = type(self)
+        if cls.per_sample_loss is not Classifier.per_sample_loss or cls.per_sample_error is not Classifier.per_sample_error:
+            losses = self.per_sample_loss(batch)
+            return torch.stack([losses, self.per_sample_error(batch).to(losses.dtype)])
+        x, y = batch
+        logits = self(x)
+        losses = F.cross_entropy(logits, y, reduction="none")
+        return torch.stack([losses, (logits.argmax(1) != y).to(losses.dtype)])
+
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         x, y = batch
         logits = self(x)

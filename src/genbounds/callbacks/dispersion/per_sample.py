@@ -16,8 +16,12 @@ class PerSampleBackend(DispersionBackend):
     name = "functorch"
 
     def __init__(self, loss_fn: LossFn, method: Method, chunk_size: int | None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET) -> None:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, grad_is_mean: bool = True) -> None:
         self.loss_fn = loss_fn
+        self.grad_is_mean = grad_is_mean
+        """Whether the training step's ``.grad`` is the mean of these per-sample gradients (not
+        when the training loss holds a term they lack, e.g. a weight penalty): only then is it
+        used to centre the chunks' terms for the standard error."""
         self.method = method
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
@@ -29,8 +33,8 @@ class PerSampleBackend(DispersionBackend):
 
     def after_backward(self, ctx: StepContext) -> GradientMoments | None:
         mean = None
-        if ctx.accumulate == 1 and ctx.trainer.world_size == 1 and isinstance(ctx.loss_scale, float) \
-                and ctx.loss_scale == 1.0:
+        if self.grad_is_mean and ctx.accumulate == 1 and ctx.trainer.world_size == 1 \
+                and isinstance(ctx.loss_scale, float) and ctx.loss_scale == 1.0:
             mean = [g if g is not None else None for g in ctx.extras.get("grads", [])] or None
         try:
             with isolated_pass(ctx.module, mode="keep"):

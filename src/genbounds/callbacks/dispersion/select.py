@@ -24,6 +24,35 @@ BACKPACK_ONLY = (nn.RNN, nn.LSTM)
 """Layers only BackPACK reaches (their weights are used inside fused recurrent kernels)."""
 
 
+def backpack_refuses(layer: nn.Module) -> str | None:
+    """Why BackPACK cannot give this recurrent layer's per-sample norms (``None``: it can).
+
+    BackPACK's RNN/LSTM derivatives support one unidirectional layer with ``batch_first=True``,
+    biases and no dropout (``tanh`` for ``nn.RNN``), and raise ``NotImplementedError`` inside the
+    training backward otherwise: the layer must be refused here, before step 0. BackPACK's own
+    check is asked when available, so the rule follows the installed version."""
+    checks = []
+    try:
+        from backpack.core.derivatives.lstm import LSTMDerivatives
+        from backpack.core.derivatives.rnn import RNNDerivatives
+
+        checks = [(nn.LSTM, LSTMDerivatives._check_parameters), (nn.RNN, RNNDerivatives._check_parameters)]
+    except (ImportError, AttributeError):  # pragma: no cover - other BackPACK versions
+        pass
+    for kind, check in checks:
+        if type(layer) is kind:
+            try:
+                check(layer)
+            except NotImplementedError as err:
+                return f"BackPACK: {err}"
+            return None
+    if not getattr(layer, "batch_first", False):
+        return "BackPACK: Batch axis must be first."
+    if getattr(layer, "num_layers", 1) != 1 or getattr(layer, "bidirectional", False) or getattr(layer, "dropout", 0):
+        return "BackPACK supports one unidirectional layer without dropout"
+    return None
+
+
 @dataclass
 class HookCoverage:
     ghost: dict[str, nn.Module] = field(default_factory=dict)
@@ -48,11 +77,15 @@ def hook_coverage(module: nn.Module, mixed_precision: bool) -> HookCoverage:
     for param_name, reason in uncovered.items():
         owner = param_name.rsplit(".", 1)[0] if "." in param_name else ""
         layer = named.get(owner)
-        if layer is not None and type(layer) in BACKPACK_ONLY and not mixed_precision:
+        recurrent = layer is not None and type(layer) in BACKPACK_ONLY
+        refused = backpack_refuses(layer) if recurrent else None
+        if recurrent and not mixed_precision and refused is None:
             cov.backpack[owner] = layer
+        elif recurrent:
+            cov.uncovered[param_name] = reason + (f" ({refused})" if refused is not None else
+                                                  " (BackPACK would sum squares of half-precision activations)")
         else:
-            cov.uncovered[param_name] = reason + (" (BackPACK would sum squares of half-precision activations)"
-                                                  if layer is not None and type(layer) in BACKPACK_ONLY else "")
+            cov.uncovered[param_name] = reason
     cov.batchnorm_train = any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
     return cov
 
@@ -83,8 +116,9 @@ def choose_backend(
     compiled = is_compiled(module)
     blockers: list[str] = []
     if not contract.reads_training_backward:
-        blockers.append("the training loss is not the mean of per-sample losses genbounds can identify ("
-                        + ("; ".join(contract.notes) or "see the loss contract") + ")")
+        why = "see the genbounds warning above" if contract.warned else \
+            ("; ".join(contract.notes) or "see the loss contract")
+        blockers.append(f"the training loss is not the mean of per-sample losses genbounds can identify ({why})")
     if not cov.complete:
         blockers.append(f"hooks do not reach {cov.describe()}")
     if compiled:
@@ -123,7 +157,8 @@ def choose_backend(
                 "GradientDispersion(backend='functorch') needs per-sample losses: " + "; ".join(contract.notes)
                 + ". Add `per_sample_loss(self, batch)` to your module or pass `loss_fn=...`, or use "
                 "backend='microbatch'.")
-        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget), None
+        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
+                                   grad_is_mean=contract.reads_training_backward), None
     if requested == "microbatch":
         return microbatch(), None
     # auto
@@ -132,7 +167,12 @@ def choose_backend(
     if not blockers:
         return hooks(), None
     if functorch_ok:
-        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget), (
-            "not reading the training backward because " + "; ".join(blockers))
+        backend = PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
+                                   grad_is_mean=contract.reads_training_backward)
+        if contract.warned and len(blockers) == 1 and not contract.reads_training_backward:
+            # the loss contract's own warning already explained why; the result is still exact
+            backend.description += " — the training loss is not the mean of the per-sample losses"
+            return backend, None
+        return backend, "not reading the training backward because " + "; ".join(blockers)
     return microbatch(), "not reading the training backward because " + "; ".join(blockers) + (
         "" if contract.per_sample else "; no per-sample losses for an exact extra pass")

@@ -1,0 +1,374 @@
+"""Fail closed (issue: never pass a run it should fail): NaN-aware gating, incomplete runs, exact
+resume, contained bad values, every argument validated before step 0."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch.utils.data import DataLoader, TensorDataset
+
+from genbounds.callbacks import (
+    BoundGate,
+    BoundViolation,
+    DispersionPhaseDetector,
+    DynamicGradientClipping,
+    Flatness,
+    GaussianModelPerturbation,
+    GeneralizationBound,
+    GradientDispersion,
+    GradientSensitivity,
+    HeldoutGradient,
+    HessianContractivity,
+    HessianTrace,
+    TwinRunStability,
+    VariabilityRegularizer,
+)
+from genbounds.cli import main
+from genbounds.data import DigitsDataModule
+from genbounds.models import MLP, Classifier
+from helpers import DropoutBatchNormNet, bound_suite, trainer
+
+
+def main_suite(sigmas=(0.001, 0.01, 0.1), draws=6, flat_probe=64):
+    """The callbacks of configs/digits_mlp.yaml, smaller (top eigenvalue and contractivity included)."""
+    sig = list(sigmas)
+    return [
+        GradientDispersion(),
+        HeldoutGradient(every_n_steps=3),
+        GradientSensitivity(sigmas=sig, num_draws=4, every_n_steps=4),
+        Flatness(sigmas=sig, scaling="sqrt_steps", num_draws=draws, probe_batch_size=flat_probe, every_n_epochs=None,
+                 at_train_end=False),
+        HessianTrace(min_probes=6, max_probes=12, top_eigenvalue=True, eig_max_iter=8, every_n_epochs=None,
+                     at_train_end=False),
+        HessianContractivity(num_points=4, every_n_epochs=2),
+        GeneralizationBound(),
+    ]
+
+
+def fit(tmp_path, callbacks, module=None, data=None, seed=0, ckpt_path=None, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    module = module if module is not None else Classifier(MLP(64, 10, 32), lr=0.05)
+    defaults = dict(max_epochs=2, limit_train_batches=5, limit_val_batches=2)
+    defaults.update(kwargs)
+    t = trainer(tmp_path, callbacks, **defaults)
+    t.fit(module, data if data is not None else DigitsDataModule(batch_size=64, seed=seed), ckpt_path=ckpt_path)
+    return t
+
+
+def aggregator(t):
+    return next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+
+
+def run_cli(*args: str) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    return int(info.value.code)
+
+
+# ---------------------------------------------------------------- NaN weights
+class NaNAfter(Classifier):
+    """The weights go NaN after step ``at`` (a diverged run)."""
+
+    def __init__(self, at: int, **kwargs) -> None:
+        super().__init__(MLP(64, 10, 32), lr=0.05, **kwargs)
+        self.at = at
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.global_step == self.at:
+            with torch.no_grad():
+                self.network.net[1].weight.fill_(float("nan"))
+
+
+def test_nan_weights_make_the_gate_raise(tmp_path):
+    gate = BoundGate(max={"bound/wang_mao_eq3": 1e9}, on_violation="raise")
+    with pytest.raises(BoundViolation, match=r"bound/wang_mao_eq3 .* nan"):
+        fit(tmp_path, [*bound_suite(), gate], module=NaNAfter(at=7), max_epochs=3)
+
+
+def test_nan_weights_fail_the_cli_gate_naming_the_metric(tmp_path, capsys):
+    logger = TensorBoardLogger(str(tmp_path), name="nan", default_hp_metric=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = fit(tmp_path, bound_suite(), module=NaNAfter(at=7), max_epochs=3, logger=logger)
+    assert math.isnan(aggregator(t).latest["bound/wang_mao_eq3"])  # logged as NaN, not left out
+    assert aggregator(t).latest["bound/valid"] == 0.0
+    capsys.readouterr()
+    assert run_cli("gate", logger.log_dir, "--max", "bound/wang_mao_eq3=1e9") == 1
+    out = capsys.readouterr().out
+    assert "bound/wang_mao_eq3" in out and "nan" in out.lower()
+
+
+def test_a_nan_threshold_is_refused():
+    with pytest.raises(MisconfigurationException, match="max"):
+        BoundGate(max={"bound/wang_mao_eq3": float("nan")})
+    assert run_cli("gate", ".", "--max", "bound/wang_mao_eq3=nan") == 2
+
+
+def test_a_killed_run_is_incomplete_for_the_cli(tmp_path, capsys):
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 6:
+                raise RuntimeError("killed")
+
+    logger = TensorBoardLogger(str(tmp_path), name="killed", default_hp_metric=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path, [*bound_suite(), Crash()], logger=logger)
+    for command in (["gate", logger.log_dir, "--max", "val_loss=100"], ["report", logger.log_dir],
+                    ["compare", logger.log_dir, logger.log_dir]):
+        assert run_cli(*command) == 2, command
+    assert "incomplete" in capsys.readouterr().err.lower()
+
+
+def test_a_misspelled_gate_metric_is_refused_at_setup(tmp_path):
+    gate = BoundGate(max={"bound/wang_mao_eq33": 1.0})
+    t = trainer(tmp_path, [*bound_suite(), gate], max_steps=2)
+    with pytest.raises(MisconfigurationException, match="did you mean 'bound/wang_mao_eq3'"):
+        t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+    assert t.global_step == 0
+
+
+# ---------------------------------------------------------------- exact resume
+class Kill(Callback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.at:
+            raise RuntimeError("killed")
+
+
+@pytest.mark.parametrize("kill_at", [5, 7])  # 5: at an epoch boundary; 7: mid-epoch
+def test_resume_is_exact_with_the_main_suite(tmp_path, kill_at):
+    full = fit(tmp_path / "full", main_suite(), max_epochs=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=kill_at, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "first", [*main_suite(), ckpt, Kill(kill_at + 1)], max_epochs=3, enable_checkpointing=True)
+    (path,) = glob.glob(str(tmp_path / "ckpt" / f"*step={kill_at}*.ckpt"))
+    resumed = fit(tmp_path / "second", main_suite(), max_epochs=3, ckpt_path=path)
+    a, b = aggregator(full).latest, aggregator(resumed).latest
+    tags = [k for k in a if k.startswith(("bound/", "gap/", "setting/"))]
+    assert len(tags) > 20 and "bound/wang_mao_eq3" in tags
+    for key in tags:
+        x, y = a[key], b.get(key)
+        assert y is not None, key
+        if math.isnan(x):
+            assert math.isnan(y), key
+        else:
+            assert y == pytest.approx(x, rel=1e-6, abs=1e-12), key
+    hessian = [cb for cb in resumed.callbacks if isinstance(cb, HessianTrace)][0]
+    assert hessian._eigvec is not None  # the power-iteration warm start travelled with the checkpoint
+
+
+def test_resume_with_another_sigma_grid_is_refused(tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "first", [*main_suite(), ckpt], max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(MisconfigurationException, match="σ grid"):
+        fit(tmp_path / "second", main_suite(sigmas=(0.002, 0.02, 0.2)), max_epochs=2,
+            ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+
+
+def test_bounds_selection_change_keeps_the_history(tmp_path):
+    """GeneralizationBound's state key does not depend on its arguments: restricting bounds=…
+    on resume keeps the accumulated series (T counts every step)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "first", [*main_suite(), ckpt], max_epochs=2, enable_checkpointing=True)
+    suite = main_suite()
+    suite[-1] = GeneralizationBound(bounds=["wang_mao_eq3"])
+    t = fit(tmp_path / "second", suite, max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert aggregator(t).latest["setting/T"] == 20
+
+
+# ---------------------------------------------------------------- containment
+SENTINEL = 123.0
+
+
+class InfLossClassifier(Classifier):
+    """A classifier whose per-sample loss is +inf for a sample marked by a sentinel pixel (its
+    gradient stays finite: the constant +inf does not depend on the weights)."""
+
+    def per_sample_loss(self, batch):
+        x, y = batch
+        losses = super().per_sample_loss(batch)
+        return torch.where(x[:, 5] == SENTINEL, torch.full_like(losses, float("inf")), losses)
+
+
+def _digits_with_bad_heldout_sample(kind: str | None, seed: int = 0) -> DigitsDataModule:
+    """Digits whose held-out set gets one extra sample with a NaN pixel (``"nan"``) or marked to
+    have an infinite loss (``"inf"``); ``None``: the same data without it."""
+
+    class Data(DigitsDataModule):
+        def build(self) -> None:
+            super().build()
+            x, y = self.val_set.tensors
+            if kind is not None:
+                bad = x[:1].clone()
+                bad[0, 5] = float("nan") if kind == "nan" else SENTINEL
+                x, y = torch.cat([bad, x]), torch.cat([y[:1], y])
+            self.val_set = TensorDataset(x, y)
+
+        def val_dataloader(self) -> DataLoader:
+            return DataLoader(self.val_set, batch_size=1000)
+
+    return Data(batch_size=64, seed=seed)
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf"])
+def test_one_bad_heldout_sample_affects_only_itself(tmp_path, kind):
+    """The probe sets, the measured gap and R leave the bad sample out: every later bound equals
+    the run without it, with at most two warnings about it."""
+    def module():
+        pl.seed_everything(0, verbose=False)
+        return InfLossClassifier(MLP(64, 10, 32), lr=0.05)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        bad = fit(tmp_path / "bad", main_suite(flat_probe=None), module=module(),
+                  data=_digits_with_bad_heldout_sample(kind), limit_val_batches=1)
+    about_it = [str(w.message) for w in caught if "NaN/inf" in str(w.message) or "non-finite" in str(w.message)]
+    assert 1 <= len(about_it) <= 2, about_it
+    clean = fit(tmp_path / "clean", main_suite(flat_probe=None), module=module(),
+                data=_digits_with_bad_heldout_sample(None), limit_val_batches=1)
+    a, b = aggregator(bad).latest, aggregator(clean).latest
+    for key in ("bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "gap/measured", "setting/R"):
+        assert math.isfinite(a[key]), key
+        assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+def test_a_zero_hessian_probe_does_not_poison_the_warm_start():
+    from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
+    from genbounds.estimators.hessian_vector_product import LossHessian
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    x = torch.randn(16, 4)
+
+    def linear_loss(module, batch):  # linear in the weights: H = 0
+        return module(batch).squeeze(1)
+
+    def quadratic_loss(module, batch):
+        return 0.5 * module(batch).squeeze(1) ** 2
+
+    gen = torch.Generator().manual_seed(0)
+    zero = top_eigenvalue(LossHessian(model, linear_loss, x), gen, max_iter=20)
+    assert zero.value == 0.0 and zero.vector is not None
+    assert all(bool(torch.isfinite(v).all()) for v in zero.vector)
+    warm = top_eigenvalue(LossHessian(model, quadratic_loss, x), gen, init=zero.vector, max_iter=200, tol=1e-10)
+    cold = top_eigenvalue(LossHessian(model, quadratic_loss, x), torch.Generator().manual_seed(1), max_iter=200,
+                          tol=1e-10)
+    assert math.isfinite(warm.value) and warm.value == pytest.approx(cold.value, rel=1e-4)
+
+
+def test_nan_statistics_warn_once_then_count(tmp_path):
+    class NaNSteps(Classifier):
+        def training_step(self, batch, batch_idx):
+            out = super().training_step(batch, batch_idx)
+            if self.global_step % 2 == 1:
+                out["loss"] = out["loss"] * float("nan")
+            return out
+
+        def on_before_optimizer_step(self, optimizer):
+            for p in self.parameters():
+                if p.grad is not None and not torch.isfinite(p.grad).all():
+                    p.grad.zero_()
+
+    cb = GradientDispersion()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [cb], module=NaNSteps(MLP(64, 10, 16)), max_epochs=4)
+    about = [w for w in caught if "non-finite statistics" in str(w.message)]
+    assert len(about) == 1 and cb.step_log.skipped_count == 10
+
+
+# ---------------------------------------------------------------- bad configuration
+BAD_INT = [-1, 0, float("nan"), float("inf"), 1.5, "abc", True]
+BAD_POS_FLOAT = [-1.0, 0.0, float("nan"), float("inf"), "abc", True]
+BAD_NONNEG_FLOAT = [-1.0, float("nan"), float("inf"), "abc"]
+
+CASES = [
+    (GradientDispersion, "every_n_steps", BAD_INT), (GradientDispersion, "num_chunks", [1, 2.5, "x", float("nan")]),
+    (GradientDispersion, "chunk_size", BAD_INT), (GradientDispersion, "memory_budget_mb", BAD_POS_FLOAT),
+    (GradientDispersion, "backend", ["magic", 1]), (GradientDispersion, "prog_bar", ["yes"]),
+    (HeldoutGradient, "every_n_steps", BAD_INT), (HeldoutGradient, "num_chunks", [1, 2.5]),
+    (HeldoutGradient, "num_train", BAD_INT), (HeldoutGradient, "probe_batch_size", BAD_INT),
+    (GradientSensitivity, "num_draws", [1, 2.5, float("nan"), "x"]), (GradientSensitivity, "sigmas",
+                                                                      [0.01, "0.1", [-0.1], [float("nan")], []]),
+    (GradientSensitivity, "every_n_steps", BAD_INT), (GradientSensitivity, "draws_per_pass", BAD_INT),
+    (Flatness, "sigmas", [0.01, [0.0], [0.1, 0.1], [float("inf")]]), (Flatness, "num_draws", [1, 1.5, "8"]),
+    (Flatness, "min_draws", [1, 1.5]), (Flatness, "every_n_epochs", BAD_INT), (Flatness, "log_spaced", BAD_INT),
+    (Flatness, "probe_batch_size", BAD_INT), (Flatness, "num_probe_batches", BAD_INT), (Flatness, "seed", [1.5, "x"]),
+    (Flatness, "scaling", ["linear"]), (Flatness, "probe_mode", ["both"]), (Flatness, "overhead_budget", BAD_POS_FLOAT),
+    (HessianTrace, "rel_tol", BAD_NONNEG_FLOAT), (HessianTrace, "abs_tol", BAD_NONNEG_FLOAT),
+    (HessianTrace, "eig_tol", BAD_POS_FLOAT), (HessianTrace, "eig_max_iter", [0, 1, 2.5]),
+    (HessianTrace, "min_probes", [0, 1, 2.5]), (HessianTrace, "max_probes", [0, 1]),
+    (HessianTrace, "block_size", BAD_INT), (HessianTrace, "num_chunks", [1]),
+    (HessianContractivity, "radius", BAD_NONNEG_FLOAT), (HessianContractivity, "eta", BAD_POS_FLOAT),
+    (HessianContractivity, "num_points", [1, 2.5]), (HessianContractivity, "points_per_pass", BAD_INT),
+    (GeneralizationBound, "R", [-1.0, 0.0, float("nan"), float("inf"), "median"]),
+    (GeneralizationBound, "num_train", BAD_INT), (GeneralizationBound, "gap_samples", [1, 2.5, -1]),
+    (GeneralizationBound, "bounds", ["wang_mao_eq3", ["eq4"], []]), (GeneralizationBound, "selection_z", [-1.0]),
+    (GeneralizationBound, "max_loss_increase", BAD_POS_FLOAT), (GeneralizationBound, "headline", ["best"]),
+    (BoundGate, "on_violation", ["explode"]), (BoundGate, "lenient", [["late"]]),
+    (DynamicGradientClipping, "alpha", BAD_POS_FLOAT), (DynamicGradientClipping, "start_step", [-1, 1.5]),
+    (GaussianModelPerturbation, "rho", [-0.1, 1.5, float("nan")]), (GaussianModelPerturbation, "k", BAD_INT),
+    (GaussianModelPerturbation, "draws_per_pass", BAD_INT),
+    (VariabilityRegularizer, "lambda1", [-1.0, float("nan")]),
+    (VariabilityRegularizer, "refresh_every_n_steps", BAD_INT),
+    (TwinRunStability, "every_n_steps", BAD_INT), (TwinRunStability, "mode", ["swap"]),
+    (DispersionPhaseDetector, "rise", BAD_POS_FLOAT), (DispersionPhaseDetector, "patience", BAD_INT),
+]
+REQUIRED = {BoundGate: {"max": {"bound/wang_mao_eq3": 1.0}}, VariabilityRegularizer: {"lambda1": 0.1}}
+
+
+@pytest.mark.parametrize("cls,arg,bad", [(c, a, v) for c, a, values in CASES for v in values],
+                         ids=lambda x: x.__name__ if isinstance(x, type) else repr(x))
+def test_every_bad_argument_is_refused_at_construction_with_its_name(cls, arg, bad):
+    kwargs = dict(REQUIRED.get(cls, {}))
+    kwargs[arg] = bad
+    with pytest.raises(MisconfigurationException, match=arg.split("[")[0]):
+        cls(**kwargs)
+
+
+def test_batch_size_one_is_refused_before_step_0(tmp_path):
+    t = trainer(tmp_path, bound_suite(), max_steps=3)
+    with pytest.raises(MisconfigurationException, match="batches of 1 sample"):
+        t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule(batch_size=1))
+    assert t.global_step == 0
+
+
+def test_a_tiny_validation_set_says_the_probe_is_smaller_than_asked(tmp_path):
+    class Tiny(DigitsDataModule):
+        def build(self):
+            super().build()
+            x, y = self.val_set.tensors
+            self.val_set = TensorDataset(x[:10], y[:10])
+
+    with pytest.warns(UserWarning, match="fewer than the 500 asked"):
+        fit(tmp_path, [Flatness(probe_batch_size=500, num_draws=2, every_n_epochs=1)], data=Tiny(batch_size=64),
+            max_epochs=1)
+
+
+@pytest.mark.parametrize("probe", [
+    lambda: GradientSensitivity(sigmas=[0.01], num_draws=2, every_n_steps=2, probe_mode="train"),
+    lambda: HessianContractivity(num_points=2, every_n_epochs=1, probe_mode="train"),
+    lambda: HessianTrace(max_probes=4, min_probes=2, top_eigenvalue=True, eig_max_iter=3, probe_mode="train"),
+    lambda: Flatness(sigmas=[0.01], num_draws=2, probe_mode="train"),
+])
+def test_train_mode_probes_work_with_batchnorm(tmp_path, probe):
+    module = Classifier(DropoutBatchNormNet(), lr=0.05)
+    cb = probe()
+    t = fit(tmp_path, [cb], module=module, max_epochs=2, limit_train_batches=3)
+    assert cb.num_probes_run >= 1 and t.global_step == 6
+
+
+def test_probe_without_schedule_or_aggregator_warns_at_setup(tmp_path):
+    with pytest.warns(UserWarning, match="will never run"):
+        fit(tmp_path, [Flatness(every_n_epochs=None, at_train_end=False)], max_epochs=1, limit_train_batches=1)

@@ -1,0 +1,127 @@
+"""Honest numbers: the measured gap and its SE, the error gap, a stable R, per-layer quantities
+that add up, HParams that tell runs apart (issues on gating-worthy and layer-wise bounds)."""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from genbounds.bounds.gap import measured_gap
+from genbounds.bounds.loss_range import quantile_range_r
+from genbounds.callbacks import GeneralizationBound, GradientDispersion, HessianTrace
+from genbounds.data import DigitsDataModule
+from genbounds.models import MLP, Classifier
+from helpers import bound_suite, trainer
+
+
+def fit(tmp_path, callbacks, module=None, data=None, seed=0, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    module = module if module is not None else Classifier(MLP(64, 10, 32), lr=0.05)
+    defaults = dict(max_epochs=2, limit_train_batches=5, limit_val_batches=2)
+    defaults.update(kwargs)
+    t = trainer(tmp_path, callbacks, **defaults)
+    t.fit(module, data if data is not None else DigitsDataModule(batch_size=64, seed=seed))
+    return t, module
+
+
+def aggregator(t):
+    return next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+
+
+def test_measured_gap_and_error_gap_match_a_hand_computation(tmp_path):
+    t, module = fit(tmp_path, bound_suite())
+    latest = aggregator(t).latest
+    data = DigitsDataModule(batch_size=64, seed=0)
+    data.setup("fit")
+    module.eval()
+    with torch.no_grad():
+        def per_sample(dataset):
+            x, y = dataset.tensors
+            logits = module(x)
+            return (F.cross_entropy(logits, y, reduction="none").double().numpy(),
+                    (logits.argmax(1) != y).double().numpy())
+
+        tr_loss, tr_err = per_sample(data.train_set)
+        he_loss, he_err = per_sample(data.val_set)
+    for tag, tr, he in (("measured", tr_loss, he_loss), ("error", tr_err, he_err)):
+        gap = he.mean() - tr.mean()
+        se = math.sqrt(he.var(ddof=1) / he.size)  # the whole training set: L_S itself, no error
+        assert latest[f"gap/{tag}"] == pytest.approx(gap, rel=1e-6, abs=1e-9), tag
+        assert latest[f"gap/{tag}_se"] == pytest.approx(se, rel=1e-6), tag
+    assert latest["gap/train_error"] == pytest.approx(tr_err.mean(), abs=1e-12)
+
+
+def test_gap_on_a_subset_carries_the_finite_population_term():
+    rng = np.random.default_rng(0)
+    tr, he = rng.normal(1.0, 0.5, 200), rng.normal(1.2, 0.5, 100)
+    est = measured_gap(tr, he, num_train=1000)
+    want = math.sqrt(he.var(ddof=1) / 100 + (1 - 200 / 1000) * tr.var(ddof=1) / 200)
+    assert est.standard_error == pytest.approx(want, rel=1e-12)
+    with_nan = measured_gap(np.append(tr, np.inf), np.append(he, np.nan), num_train=1000)
+    assert with_nan.dropped == 2 and with_nan.gap == pytest.approx(est.gap, rel=1e-12)
+
+
+def test_one_extreme_loss_moves_the_default_r_by_less_than_one_percent():
+    rng = np.random.default_rng(1)
+    losses = rng.gamma(2.0, 0.5, 1000)
+    base = quantile_range_r(losses)
+    for extreme in (1e3, 1e6, np.inf):
+        moved = quantile_range_r(np.append(losses[:-1], extreme))
+        assert abs(moved - base) <= 0.01 * base, extreme
+    # the observed-range rule, for contrast, is decided by that one sample
+    assert (np.max(np.append(losses, 1e6)) - np.min(losses)) / 2 > 1e5 * base
+
+
+def test_per_layer_dispersion_sums_exactly_and_per_layer_traces_within_se(tmp_path):
+    disp, hess = GradientDispersion(), HessianTrace(min_probes=40, max_probes=40, every_n_epochs=1)
+    records, curv = [], []
+    disp.add_listener(records.extend)
+    hess.channel.subscribe(curv.extend)
+    fit(tmp_path, [disp, hess], module=Classifier(MLP(64, 10, 32, depth=2), lr=0.05))
+    assert len(disp.group_names) == 3
+    for rec in records:
+        parts = [rec.values[f"grad/dispersion/layer/{g}"] for g in disp.group_names]
+        assert sum(parts) == pytest.approx(rec.values["grad/dispersion"], rel=1e-9, abs=1e-15)
+    for rec in curv:
+        samples = np.asarray(rec.group_samples)
+        assert samples.shape == (40, 3)
+        # the per-probe parts add up to each probe's sample: the per-layer means add up to the trace
+        assert sum(rec.group_traces) == pytest.approx(rec.hessian_trace, rel=1e-9)
+        assert abs(sum(rec.group_traces) - rec.hessian_trace) <= 3 * rec.hessian_trace_se
+
+
+def test_hparams_tell_runs_apart(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    dirs = []
+    for noise in (0.0, 0.4):
+        logger = TensorBoardLogger(str(tmp_path), name="hp", default_hp_metric=False)
+        fit(tmp_path, bound_suite(), data=DigitsDataModule(batch_size=64, label_noise=noise), logger=logger)
+        dirs.append(logger.log_dir)
+    seen = []
+    for directory in dirs:
+        (path,) = glob.glob(os.path.join(directory, "events.out.tfevents*"))
+        acc = EventAccumulator(path, size_guidance={"tensors": 0})
+        acc.Reload()
+        content = acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content
+        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        params = {k: (v.number_value if v.HasField("number_value") else v.string_value) for k, v in
+                  start.hparams.items()}
+        assert "data/label_noise" in params and "lr" in params and "batch_size" in params and "seed" in params
+        seen.append(params["data/label_noise"])
+        content = acc.SummaryMetadata("_hparams_/experiment").plugin_data.content
+        metrics = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
+        assert metrics[:3] == ["bound/wang_mao_eq3", "bound/wang_mao_eq2", "bound/neu"]  # ticked first
+        assert "gap/measured" in metrics[:5]
+        latest = [k for k in acc.Tags()["scalars"] if k.startswith("bound/") and not k.endswith("_se")]
+        assert all(tag in metrics for tag in latest if tag != "bound/neu_abs_se"), set(latest) - set(metrics)
+    assert seen == [0.0, 0.4]

@@ -1,0 +1,166 @@
+"""Loose ends from trying the suite on users' modules: wrong-signed bounds, non-SGD optimizers,
+two dispersion callbacks, silent dead ends, torch.compile, other loggers, one clear error."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from genbounds.callbacks import GeneralizationBound, GradientDispersion, HessianTrace
+from genbounds.cli import main
+from genbounds.data import DigitsDataModule
+from genbounds.models import MLP, Classifier
+from genbounds.reporting import load_run
+from helpers import bound_suite, trainer
+
+
+class AutoEncoder(pl.LightningModule):
+    """Written as Lightning's docs write it: no per_sample_loss, an MSE reconstruction loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.decoder = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 64))
+
+    def training_step(self, batch, batch_idx):
+        x, _ = batch
+        loss = F.mse_loss(self.decoder(self.encoder(x)), x)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, _ = batch
+        self.log("val_loss", F.mse_loss(self.decoder(self.encoder(x)), x))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def fit(tmp_path, callbacks, module, seed=0, **kwargs):
+    pl.seed_everything(seed, verbose=False)
+    defaults = dict(max_epochs=2, limit_train_batches=5, limit_val_batches=2)
+    defaults.update(kwargs)
+    t = trainer(tmp_path, callbacks, **defaults)
+    t.fit(module, DigitsDataModule(batch_size=64, seed=seed))
+    return t
+
+
+def aggregator(t):
+    return next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+
+
+def test_autoencoder_neu_is_never_a_silent_negative(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, bound_suite(), AutoEncoder(), max_epochs=3)
+    latest = aggregator(t).latest
+    for name in ("neu", "wang_mao_eq2", "wang_mao_eq3"):
+        value, valid = latest[f"bound/{name}"], latest[f"bound_valid/{name}"]
+        assert (math.isfinite(value) and value >= latest["gap/measured"]) or valid == 0.0, name
+        if valid == 0.0:  # flagged, and said
+            assert any(f"bound/{name}" in str(w.message) for w in caught), name
+    assert latest["bound/neu_abs"] >= 0
+
+
+def test_adam_is_flagged_a_heuristic_in_the_record_and_the_summary(tmp_path, capsys):
+    class AdamClassifier(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    t = fit(tmp_path, bound_suite(), AdamClassifier(MLP(64, 10, 16)))
+    latest = aggregator(t).latest
+    assert latest["bound/heuristic"] == 1.0
+    assert all(f"bound_valid/{n}" in latest for n in ("wang_mao_eq2", "wang_mao_eq3", "neu"))
+    assert "not plain SGD" in capsys.readouterr().out
+
+
+def test_two_dispersion_callbacks_share_the_hooks_and_both_are_correct(tmp_path):
+    every, second = GradientDispersion(every_n_steps=1), GradientDispersion(every_n_steps=2)
+    a, b = [], []
+    every.add_listener(a.extend)
+    second.add_listener(b.extend)
+    fit(tmp_path / "two", [every, second], Classifier(MLP(64, 10, 16), lr=0.0))
+    alone = GradientDispersion(every_n_steps=1)
+    ref = []
+    alone.add_listener(ref.extend)
+    fit(tmp_path / "one", [alone], Classifier(MLP(64, 10, 16), lr=0.0))
+    assert every.active_backend == second.active_backend == "hooks"
+    assert [r.step for r in b] == [r.step for r in ref][::2] and len(a) == len(ref) == 10
+    for got, want in zip(a, ref):
+        assert got.values["grad/dispersion"] == pytest.approx(want.values["grad/dispersion"], rel=1e-9)
+    for got in b:
+        want = next(r for r in ref if r.step == got.step)
+        assert got.values["grad/dispersion"] == pytest.approx(want.values["grad/dispersion"], rel=1e-9)
+
+
+def test_hessian_trace_without_schedule_or_aggregator_warns_at_setup(tmp_path):
+    with pytest.warns(UserWarning, match="HessianTrace has no schedule .* will never run"):
+        fit(tmp_path, [HessianTrace(every_n_epochs=None, at_train_end=False)], Classifier(MLP(64, 10, 8)),
+            max_epochs=1, limit_train_batches=1)
+
+
+def test_gate_and_report_read_a_csv_logger_run_like_a_tensorboard_run(tmp_path, capsys):
+    tb = TensorBoardLogger(str(tmp_path), name="tb", default_hp_metric=False)
+    csv = CSVLogger(str(tmp_path), name="csv")
+    fit(tmp_path, bound_suite(), Classifier(MLP(64, 10, 16), lr=0.05), logger=[tb, csv])
+    runs = {"tb": load_run(tb.log_dir), "csv": load_run(csv.log_dir)}
+    for tag in ("bound/wang_mao_eq3", "bound/neu", "gap/measured", "setting/R", "grad/dispersion"):
+        assert runs["csv"].final(tag) == pytest.approx(runs["tb"].final(tag), rel=1e-6), tag
+
+    def gate(path: str) -> tuple[int, str]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main(["gate", path, "--max", "bound/wang_mao_eq3=1e-9", "--min", "gap/measured=-10"])
+        return int(info.value.code), capsys.readouterr().out
+
+    code_tb, out_tb = gate(tb.log_dir)
+    code_csv, out_csv = gate(csv.log_dir)
+    assert code_tb == code_csv == 1 and "FAIL" in out_tb and "FAIL" in out_csv
+    with pytest.raises(SystemExit) as info:
+        main(["report", csv.log_dir, "--out", str(tmp_path / "report")])
+    assert info.value.code == 0
+
+
+def test_one_error_names_every_callback_that_needs_a_loss(tmp_path):
+    class NoLoss(Classifier):
+        per_sample_loss = None  # type: ignore[assignment]
+
+        def training_step(self, batch, batch_idx):
+            return None  # skips every step: nothing to measure a loss on
+
+    t = trainer(tmp_path, bound_suite(), max_steps=2)
+    with pytest.raises(MisconfigurationException) as err:
+        t.fit(NoLoss(MLP(64, 10, 8)), DigitsDataModule())
+    text = str(err.value)
+    for owner in ("GradientDispersion", "HeldoutGradient", "GradientSensitivity", "Flatness", "HessianTrace",
+                  "GeneralizationBound"):
+        assert owner in text, owner
+    assert "per_sample_loss" in text and "loss_fn" in text and t.global_step == 0
+
+
+@pytest.mark.slow
+def test_a_compiled_module_fits_twice_without_a_spurious_fallback(tmp_path):
+    module = Classifier(MLP(64, 10, 16), lr=0.05)
+    compiled = torch.compile(module, backend="eager")
+    for run in range(2):
+        cb = GradientDispersion()
+        records = []
+        cb.add_listener(records.extend)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            t = trainer(tmp_path / str(run), [cb], max_steps=4)
+            t.fit(compiled, DigitsDataModule(batch_size=32))
+        messages = [str(w.message) for w in caught]
+        assert not any("no per-sample norms" in m or "received no gradient" in m for m in messages), messages
+        assert cb.active_backend in ("functorch", "microbatch") and len(records) == 4
+        assert all(math.isfinite(r.values["grad/dispersion"]) and r.values["grad/dispersion"] > 0 for r in records)
+        assert sum("torch.compile" in m for m in messages) == 1  # said once, explicitly
