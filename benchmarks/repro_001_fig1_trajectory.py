@@ -29,8 +29,8 @@ def main() -> None:
     fig, axes = plt.subplots(1, len(SIGMAS), figsize=(10, 4))
     rows = []
     for ax, s in zip(axes, SIGMAS):
-        steps_n, neu = run.series(f"bound/fig1_trajectory_neu/sigma={s}")
-        steps_w, wm = run.series(f"bound/fig1_trajectory_wang_mao/sigma={s}")
+        steps_n, neu = run.series(f"bound_terms/fig1_trajectory_neu/sigma={s}")
+        steps_w, wm = run.series(f"bound_terms/fig1_trajectory_wang_mao/sigma={s}")
         ax.plot(steps_n, neu, marker="o", label="Neu et al. (Thm 1 / Lemma 2)")
         ax.plot(steps_w, wm, marker="s", label="Wang & Mao (Thm 2, Eq. 2)")
         ax.set_yscale("log")

@@ -31,13 +31,13 @@ def main() -> None:
     for noise in NOISE:
         run = run_fit(config, "001_fig2", f"noise{noise}", [f"--data.init_args.label_noise={noise}"])
         r = {k: run.final(k) for k in ("bound/wang_mao_eq3", "bound/wang_mao_eq3_se", "bound/wang_mao_eq2",
-                                       "bound/wang_mao_eq2_se", "gap/measured", "train_acc", "val_acc", "bound/T",
-                                       "bound/R", "curv/hessian_trace", "bound/sigma_wang_mao")}
+                                       "bound/wang_mao_eq2_se", "gap/measured", "train_acc", "val_acc", "setting/T",
+                                       "setting/R", "curv/hessian_trace", "bound_terms/sigma_wang_mao_eq2")}
         results.append(r)
-        rows.append([noise, r["bound/T"], r["train_acc"], r["val_acc"], r["gap/measured"],
+        rows.append([noise, r["setting/T"], r["train_acc"], r["val_acc"], r["gap/measured"],
                      f"{r['bound/wang_mao_eq3']:.4g} ± {r['bound/wang_mao_eq3_se']:.2g}",
-                     f"{r['bound/wang_mao_eq2']:.4g} ± {r['bound/wang_mao_eq2_se']:.2g}", r["bound/sigma_wang_mao"],
-                     r["bound/R"], r["curv/hessian_trace"]])
+                     f"{r['bound/wang_mao_eq2']:.4g} ± {r['bound/wang_mao_eq2_se']:.2g}", r["bound_terms/sigma_wang_mao_eq2"],
+                     r["setting/R"], r["curv/hessian_trace"]])
     gaps = [r["gap/measured"] for r in results]
     rho3 = spearmanr([r["bound/wang_mao_eq3"] for r in results], gaps).statistic
     rho2 = spearmanr([r["bound/wang_mao_eq2"] for r in results], gaps).statistic

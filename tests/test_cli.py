@@ -37,7 +37,13 @@ def test_main_job_runs_and_logs_dispersion_and_every_bound(tmp_path):
                 "gap/predicted_cumulative", "curv/hessian_trace", "curv/hessian_trace_se", "perf/overhead"):
         assert tag in scalars, tag
     assert any(t.startswith("bound_terms/fig1_trajectory_neu/") for t in scalars)
-    assert "genbounds — final values" in proc.stdout and "bound/wang_mao_eq3" in proc.stdout  # the results table
+    # the results table on stdout, with the final values that were logged
+    assert "genbounds — final values" in proc.stdout
+    for tag in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "gap/measured"):
+        line = next(l for l in proc.stdout.splitlines() if l.startswith(tag + " "))
+        printed = float(line.split()[1])
+        final = max(scalars[tag])[1]
+        assert printed == pytest.approx(final, rel=1e-3), (tag, line)
     assert any(t.startswith("flat/term/") for t in scalars) and any(t.startswith("sens/gradient_sensitivity/") for t in scalars)
 
 

@@ -125,3 +125,34 @@ def test_hparams_tell_runs_apart(tmp_path):
         latest = [k for k in acc.Tags()["scalars"] if k.startswith("bound/") and not k.endswith("_se")]
         assert all(tag in metrics for tag in latest if tag != "bound/neu_abs_se"), set(latest) - set(metrics)
     assert seen == [0.0, 0.4]
+
+
+def test_one_training_forward_on_every_step_without_a_probe(tmp_path):
+    """With the default suite, a step on which no probe runs costs exactly the training forward:
+    no forward for R, no hook-registration pass, nothing (counted with a forward hook)."""
+    from genbounds.callbacks.probe import ProbeCallback
+
+    class Count(pl.Callback):
+        def __init__(self) -> None:
+            self.forwards = 0
+            self.per_step: list[tuple[int, int, bool]] = []
+
+        def setup(self, trainer, pl_module, stage):
+            pl_module.network.register_forward_hook(lambda *_: setattr(self, "forwards", self.forwards + 1))
+
+        def _probes(self, trainer):
+            return sum(cb.num_probes_run for cb in trainer.callbacks if isinstance(cb, ProbeCallback))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self._start, self._probes_before = self.forwards, self._probes(trainer)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            probed = self._probes(trainer) != self._probes_before
+            self.per_step.append((trainer.global_step, self.forwards - self._start, probed))
+
+    counter = Count()
+    suite = bound_suite()
+    fit(tmp_path, [counter, *suite], max_epochs=2, limit_train_batches=8, limit_val_batches=1)
+    quiet = [n for _, n, probed in counter.per_step if not probed]
+    assert len(quiet) >= 4 and set(quiet) == {1}, counter.per_step
+    assert suite[0].measured_steps == 16  # the dispersion was measured on every one of them
