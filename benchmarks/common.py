@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,30 @@ def random_image_batches(n_batches: int, batch: int, shape: tuple[int, ...], cla
 
 def loader(batches: list[tuple[Tensor, Tensor]], steps: int) -> DataLoader:
     return DataLoader(FixedBatches(batches, steps), batch_size=None, shuffle=False)
+
+
+class Samples(Dataset):
+    """The samples of pre-built in-memory batches, one at a time, for an ordinary
+    ``DataLoader(batch_size=b)`` (default collation, as a user's in-memory data would be served;
+    the samples cycle for ``length`` items)."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]], length: int) -> None:
+        self.x = torch.cat([b[0] for b in batches])
+        self.y = torch.cat([b[1] for b in batches])
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        j = i % self.x.shape[0]
+        return self.x[j], self.y[j]
+
+
+def sample_loader(batches: list[tuple[Tensor, Tensor]], steps: int) -> DataLoader:
+    """``steps`` batches of the batches' size, collated from single samples (in order)."""
+    b = batches[0][0].shape[0]
+    return DataLoader(Samples(batches, steps * b), batch_size=b, shuffle=False)
 
 
 class _Block(nn.Module):
@@ -141,3 +166,214 @@ def format_table(title: str, rows: list[tuple[str, float, float, float, float]])
     for name, ms, best_ratio, ratio, spread in rows:
         lines.append(f"| {name} | {ms:.2f} | {best_ratio:.2f} | {ratio:.2f} ± {spread:.2f} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared by overhead_dispersion.py, overhead_suite.py and batchnorm_decomposition.py: fresh-process
+# runs, peak-memory readings, ratio summaries, the machine description, the benchmark models.
+# ----------------------------------------------------------------------------------------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+
+def single_thread_env() -> dict[str, str]:
+    """Environment of a child run: one BLAS/OpenMP thread (the machine is shared; one thread gives
+    the steadiest timings and is what ``torch.set_num_threads(1)`` does inside)."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = "1"
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env
+
+
+def run_json_child(argv: list[str], timeout: float | None = None) -> dict[str, Any]:
+    """Run ``python argv…`` in a fresh interpreter; its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=single_thread_env(),
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"child {' '.join(argv)} printed no JSON:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (``VmRSS``: resident now; ``VmHWM``: resident peak)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def trim_heap() -> None:
+    """Give freed heap pages back to the kernel (glibc ``malloc_trim``) so that the resident set
+    read as the baseline holds what is live, not what was freed earlier."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's resident-set high-water mark (``VmHWM``) to the current resident set
+    (Linux ≥ 4.0: ``echo 5 > /proc/self/clear_refs``). False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def ratio_stats(values: list[float], base: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios ``values[r] / base[r]``."""
+    ratios = [v / b for v, b in zip(values, base)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def fmt_ratio(stats: tuple[float, float, float]) -> str:
+    med, lo, hi = stats
+    return f"{med:.3f}× [{lo:.3f}–{hi:.3f}]"
+
+
+def machine_description() -> dict[str, Any]:
+    """``nproc``, the CPU model (``/proc/cpuinfo``), memory, load averages, library versions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        nproc = len(os.sched_getaffinity(0))
+    except AttributeError:
+        nproc = os.cpu_count() or 0
+    mem_gib = None
+    try:
+        with open("/proc/meminfo") as fh:
+            mem_gib = int(fh.readline().split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    import lightning
+
+    return {"nproc": nproc, "cpu": cpu, "mem_gib": mem_gib, "load": load_average(), "python": platform.python_version(),
+            "torch": torch.__version__, "lightning": lightning.__version__}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages (what ``uptime`` prints)."""
+    try:
+        with open("/proc/loadavg") as fh:
+            return " ".join(fh.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+def describe_machine_md(info: dict[str, Any], loads: list[str]) -> str:
+    mem = f", {info['mem_gib']:.0f} GiB RAM" if info.get("mem_gib") else ""
+    return (f"Machine: `nproc` = {info['nproc']}, CPU `{info['cpu']}`{mem}; Python {info['python']}, torch "
+            f"{info['torch']}, lightning {info['lightning']}; one thread per run (`OMP_NUM_THREADS=1`, "
+            f"`torch.set_num_threads(1)`). Load averages (1/5/15 min) read during the measurement: "
+            + "; ".join(loads) + ".")
+
+
+class FitTimer(pl.Callback):
+    """Wall time from ``on_fit_start`` to ``on_fit_end`` (the training a user waits for, without
+    interpreter start-up, imports or config parsing). Put it first in the callback list."""
+
+    def __init__(self) -> None:
+        self.t0: float | None = None
+        self.seconds: float | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        self.t0 = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        assert self.t0 is not None
+        self.seconds = time.perf_counter() - self.t0
+
+
+class PeakRSS:
+    """Peak resident memory of a block of code above what the process held before it:
+    the heap is trimmed, ``VmRSS`` noted and ``VmHWM`` reset on entry; on exit
+    ``growth_mib = (VmHWM − VmRSS(entry)) / 1024``. Every host allocation touched inside counts
+    (activations, gradients, saved tensors, work buffers, allocator caching, lazily imported
+    modules); Linux only (``nan`` elsewhere)."""
+
+    def __enter__(self) -> "PeakRSS":
+        trim_heap()
+        self.base_kib = status_kib("VmRSS")
+        self.reset = reset_peak_rss()
+        self.peak_kib: int | None = None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peak_kib = status_kib("VmHWM")
+
+    @property
+    def growth_mib(self) -> float:
+        if not self.reset or self.base_kib is None or self.peak_kib is None:
+            return float("nan")
+        return (self.peak_kib - self.base_kib) / 1024.0
+
+
+# ---------------------------------------------------------------------------- benchmark models
+
+
+def resnet18_torchvision(num_classes: int = 10, norm: str = "batch") -> nn.Module:
+    """torchvision's ResNet-18 as shipped (7×7 stem, max-pool, in-place ReLUs), ``norm="batch"``
+    (train-mode BatchNorm) or ``norm="group"`` (GroupNorm with 32 groups in place of every
+    BatchNorm: per-sample gradients are defined, the hooks are exact)."""
+    import torchvision
+
+    if norm == "batch":
+        return torchvision.models.resnet18(num_classes=num_classes)
+    if norm == "group":
+        return torchvision.models.resnet18(num_classes=num_classes, norm_layer=lambda c: nn.GroupNorm(32, c))
+    raise ValueError(norm)
+
+
+class TinyTransformer(nn.Module):
+    """Token classifier: Embedding → ``nn.TransformerEncoder`` (``layers`` × d_model ``d``,
+    ``heads`` heads, feed-forward ``4d``, batch first) → mean over positions → Linear."""
+
+    def __init__(self, vocab: int = 1000, d: int = 64, heads: int = 4, layers: int = 2, num_classes: int = 10,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=dropout, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, num_classes)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens)).mean(1))
+
+
+def random_token_batches(n_batches: int, batch: int, length: int, vocab: int, classes: int,
+                         seed: int = 0) -> list[tuple[Tensor, Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, vocab, (batch, length), generator=gen), torch.randint(0, classes, (batch,), generator=gen))
+            for _ in range(n_batches)]
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

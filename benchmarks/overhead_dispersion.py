@@ -1,110 +1,435 @@
-"""Overhead of GradientDispersion per backend, as a ratio to plain training in the same run.
+"""What ``GradientDispersion`` every step costs: time and peak memory as ratios to plain training.
 
-    python benchmarks/overhead_dispersion.py            # CPU (digits MLP); CUDA too when available
-    python benchmarks/overhead_dispersion.py --rounds 7 --out bench_out/dispersion.md
+    python benchmarks/overhead_dispersion.py                        # all models, 5 rounds
+    python benchmarks/overhead_dispersion.py --models mlp,cnn --rounds 7 --out bench_out/dispersion.md
+    python benchmarks/overhead_dispersion.py --child mlp dispersion  # one run, prints JSON
+    python benchmarks/overhead_dispersion.py --device cuda --suite   # the CUDA rows (benchmarks/cuda_check.sh)
 
-Each configuration trains for ``--steps`` optimizer steps on pre-built in-memory batches; the
-time per step after ``--warmup`` steps is measured with one device synchronization at each end.
-Configurations are interleaved round by round (plain, backpack, functorch, …, then again), every
-ratio is taken against the *same round's* plain run, and the table reports the median ratio over
-rounds with its half-range. Timed tests are avoided on purpose: this script is the evidence.
+Every run is a fresh Python process (one thread: ``OMP_NUM_THREADS=1``,
+``torch.set_num_threads(1)``) that builds the model and its in-memory batches, then calls a real
+``lightning.pytorch.Trainer.fit`` (TensorBoard logger in a temporary folder, ``log_every_n_steps=50``,
+no checkpointing, no validation, no progress bar) for ``warmup + steps`` optimizer steps:
 
-CPU: the digits MLP (64-512-10, batch 64). CUDA: a ResNet-18-sized network (11.2 M parameters,
-BackPACK-compatible: no BatchNorm, no in-place ops) on random 32×32 data, batch 128.
+* ``plain`` — no callback;
+* ``dispersion`` — ``GradientDispersion()`` (``backend="auto"``, every step), or
+  ``GradientDispersion(backend="functorch")`` for the 5.6 M-parameter MLP (default memory budget);
+* ``raw-plain`` / ``raw-hooks`` (``--raw``, MLP and CNN): the same step in a hand-written loop
+  without Lightning, with ghost-norm hooks attached, armed and read every step in the second;
+* ``plain-val`` / ``suite`` (``--suite``): the whole default suite of ``configs/digits_mlp.yaml``
+  (its ``trainer.callbacks``, ``overhead_budget=0.2`` included) against no callbacks, both with
+  epochs of ``--epoch-steps`` steps and a 4-batch validation set (the suite's probes and bounds
+  run at epoch ends); the time per step then includes validation and every probe.
+
+Rounds: every round runs every (model, configuration) once, the two configurations of a model
+back to back in an order that alternates from round to round; each ratio is taken against the
+same round's ``plain`` run, and the tables give the median of the per-round ratios and their
+min–max.
+
+Time: wall time per optimizer step from the start of step ``warmup`` to the end of training
+(``StepTimer``), i.e. everything Lightning and the callback do per step.
+
+Peak memory: just before ``trainer.fit`` the child trims the heap (``malloc_trim``), notes its
+resident set ``VmRSS`` and resets the kernel's high-water mark (``/proc/self/clear_refs``); after
+``fit`` it reads ``VmHWM``.  **Peak growth = VmHWM − VmRSS(before fit)**: how far training pushed
+the resident set above what the process held with the model and data built and every library
+imported (imports happen before the baseline in both configurations).  It includes gradients,
+activations, the callback's work buffers and per-sample gradients, the loss contract's trial
+step, Lightning's own allocations and allocator caching.  The whole-process peak
+(``ru_maxrss``, interpreter and libraries included) is reported too; its ratio is diluted by
+the ~0.8 GiB the libraries occupy.
+
+CUDA (``--device cuda``): the CUDA models (ResNet-18 with GroupNorm and with BatchNorm, the CNN,
+batch 128) run in this process, one ``Trainer.fit`` after another (fresh model each time); peak
+memory is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
+``memory_allocated()`` before ``fit``; the step timer synchronizes at both ends.  Without a CUDA
+device the script prints "not measured" and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import platform
+import resource
+import statistics
 import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
-import lightning.pytorch as pl
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-sys.path.insert(0, os.path.dirname(__file__))
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
-from common import ResNet18NoBN, format_table, loader, median_table, random_image_batches, time_per_step  # noqa: E402
+from common import (  # noqa: E402
+    FitTimer,
+    PeakRSS,
+    StepTimer,
+    TinyTransformer,
+    count_parameters,
+    describe_machine_md,
+    fmt_ratio,
+    load_average,
+    machine_description,
+    random_image_batches,
+    random_token_batches,
+    ratio_stats,
+    resnet18_torchvision,
+    run_json_child,
+    sample_loader,
+)
 
-from genbounds.callbacks import GradientDispersion  # noqa: E402
-from genbounds.models import MLP, Classifier  # noqa: E402
+
+@dataclass
+class Spec:
+    title: str
+    build: Callable[[], nn.Module]
+    batches: Callable[[], list[tuple[Tensor, Tensor]]]
+    steps: int
+    warmup: int
+    dispersion: dict  # GradientDispersion kwargs of the "dispersion" configuration
+    device: str = "cpu"
 
 
-def configurations() -> dict[str, tuple[list, int, str]]:
-    """name → (callbacks, accumulate_grad_batches, baseline name)."""
-    return {
-        "plain": ([], 1, "plain"),
-        "backpack (every step)": ([GradientDispersion(backend="backpack")], 1, "plain"),
-        "functorch (every step)": ([GradientDispersion(backend="functorch")], 1, "plain"),
-        "microbatch k=4 (every step)": ([GradientDispersion(backend="microbatch", num_chunks=4)], 1, "plain"),
-        "functorch (every 10 steps)": ([GradientDispersion(backend="functorch", every_n_steps=10)], 1, "plain"),
-        "plain, accumulate 2": ([], 2, "plain, accumulate 2"),
-        "microbatch from accumulation steps, accumulate 2": (
-            [GradientDispersion(backend="microbatch")], 2, "plain, accumulate 2"),
-    }
+def _cuda() -> torch.device:
+    return torch.device("cuda")
 
 
-def run(device: str, rounds: int, steps: int, warmup: int) -> str:
-    torch.manual_seed(0)
-    dev = torch.device(device)
-    if device == "cuda":
-        batches = random_image_batches(8, 128, (3, 32, 32), 10, dev)
-        make = lambda: Classifier(ResNet18NoBN(), lr=0.01)  # noqa: E731
-        title = f"CUDA ({torch.cuda.get_device_name(dev)}): ResNet-18-sized (11.2 M params), batch 128"
+def _mlp() -> nn.Module:
+    from genbounds.models import MLP
+
+    return MLP(784, 10, hidden=512, depth=2)
+
+
+def _mlp_big() -> nn.Module:
+    from genbounds.models import MLP
+
+    return MLP(784, 10, hidden=2000, depth=2)  # 784·2000 + 2000² + 2000·10 + biases = 5.59 M
+
+
+def _cnn() -> nn.Module:
+    from genbounds.models import AlexNetSmall
+
+    return AlexNetSmall(3, 10, width=1.0)
+
+
+SPECS: dict[str, Spec] = {
+    "mlp": Spec("MLP 784-512-512-10, batch 128", _mlp, lambda: random_image_batches(8, 128, (784,), 10, torch.device("cpu")),
+                300, 30, {}),
+    "cnn": Spec("AlexNet-style CNN of Wang & Mao (`genbounds.models.AlexNetSmall`, width 1: conv 64-192-384-256-256, "
+                "FC 4096-4096-10), 32×32×3, batch 64", _cnn,
+                lambda: random_image_batches(4, 64, (3, 32, 32), 10, torch.device("cpu")), 12, 3, {}),
+    "resnet18": Spec("torchvision ResNet-18 (train-mode BatchNorm), 32×32×3, batch 16", resnet18_torchvision,
+                     lambda: random_image_batches(4, 16, (3, 32, 32), 10, torch.device("cpu")), 30, 5, {}),
+    "transformer": Spec("Transformer: Embedding(1000, 64) + nn.TransformerEncoder (2 layers, d=64, 4 heads, FF 256) "
+                        "+ mean-pool + Linear, 32 tokens, batch 32", TinyTransformer,
+                        lambda: random_token_batches(8, 32, 32, 1000, 10), 100, 10, {}),
+    "mlp5.6m": Spec("MLP 784-2000-2000-10 (5.59 M parameters), batch 128, `backend=\"functorch\"` "
+                    "(default memory budget)", _mlp_big,
+                    lambda: random_image_batches(4, 128, (784,), 10, torch.device("cpu")), 3, 1,
+                    {"backend": "functorch"}),
+    # CUDA rows (benchmarks/cuda_check.sh)
+    "cuda-resnet18-gn": Spec("CUDA: torchvision ResNet-18 with GroupNorm(32) in place of BatchNorm, 32×32×3, batch 128",
+                             lambda: resnet18_torchvision(norm="group"),
+                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+    "cuda-resnet18-bn": Spec("CUDA: torchvision ResNet-18 (train-mode BatchNorm), 32×32×3, batch 128",
+                             resnet18_torchvision,
+                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+    "cuda-cnn": Spec("CUDA: AlexNet-style CNN of Wang & Mao (width 1), 32×32×3, batch 128", _cnn,
+                     lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+}
+CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "mlp5.6m")
+CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn")
+SUITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_mlp.yaml")
+RAW_MODELS = ("mlp", "cnn")
+
+
+# ------------------------------------------------------------------------------------- child
+
+
+def suite_callbacks(config: str = SUITE_CONFIG) -> list:
+    """The callbacks of ``config``'s ``trainer.callbacks``, instantiated from their
+    ``class_path``/``init_args`` (the default suite of the main job)."""
+    import importlib
+
+    import yaml
+
+    with open(config) as fh:
+        cfg = yaml.safe_load(fh)
+    out = []
+    for item in cfg["trainer"]["callbacks"]:
+        module, _, name = item["class_path"].rpartition(".")
+        out.append(getattr(importlib.import_module(module), name)(**(item.get("init_args") or {})))
+    return out
+
+
+def child(model_name: str, config: str, steps: int, warmup: int, log_every: int = 50, epoch_steps: int = 50) -> dict:
+    """One run (a fresh process on CPU); returns the measurements."""
+    import logging
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    import genbounds.callbacks  # noqa: F401  (import everything before the memory baseline)
+    from genbounds.callbacks import GradientDispersion
+    from genbounds.estimators.ghost_norms import GhostNormHooks
+    from genbounds.models import Classifier
+
+    try:
+        import backpack  # noqa: F401
+        import torch.func  # noqa: F401
+    except ImportError:
+        pass
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    spec = SPECS[model_name]
+    cuda = spec.device == "cuda"
+    pl.seed_everything(0, verbose=False)
+    batches = spec.batches()
+    network = spec.build()
+    out: dict = {"model": model_name, "config": config, "params": count_parameters(network), "steps": steps,
+                 "warmup": warmup}
+
+    if config.startswith("raw-"):
+        out.update(_raw_loop(network.to(spec.device), batches, steps, warmup, hooks=config == "raw-hooks",
+                             hook_cls=GhostNormHooks))
     else:
-        batches = random_image_batches(8, 64, (64,), 10, dev)
-        make = lambda: Classifier(MLP(64, 10, 512), lr=0.01)  # noqa: E731
-        title = f"CPU ({torch.get_num_threads()} threads, {platform.processor() or platform.machine()}): digits MLP 64-512-10, batch 64"
-    configs = configurations()
-    results: dict[str, list[float]] = {name: [] for name in configs}
+        module = Classifier(network, num_classes=10, lr=0.01)
+        callbacks: list = []
+        disp = None
+        if config == "dispersion":
+            disp = GradientDispersion(**spec.dispersion)
+            callbacks.append(disp)
+        elif config == "suite":
+            callbacks = suite_callbacks()
+            disp = next((c for c in callbacks if isinstance(c, GradientDispersion)), None)
+        with_val = config in ("suite", "plain-val")
+        fit_timer, step_timer = FitTimer(), StepTimer(warmup)
+        with tempfile.TemporaryDirectory() as logdir:
+            trainer = pl.Trainer(
+                accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps,
+                logger=TensorBoardLogger(logdir, name="b"), enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=4 if with_val else 0,
+                log_every_n_steps=log_every, callbacks=[fit_timer, *callbacks, step_timer])
+            if with_val:  # epochs of `epoch_steps` steps; the validation set: 4 more batches of the same shape
+                train_loader = sample_loader(batches, epoch_steps)
+                val_batches = spec.batches() if not cuda else [(x.roll(1, 0), y.roll(1, 0)) for x, y in batches]
+                loaders = {"train_dataloaders": train_loader, "val_dataloaders": sample_loader(val_batches, 4)}
+            else:
+                loaders = {"train_dataloaders": sample_loader(batches, warmup + steps + 8)}
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                trainer.fit(module, **loaders)
+                torch.cuda.synchronize()
+                out["peak_growth_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                out["base_mib"] = base / 2**20
+            else:
+                with PeakRSS() as peak:
+                    trainer.fit(module, **loaders)
+                out["peak_growth_mib"] = peak.growth_mib
+                out["base_mib"] = (peak.base_kib or 0) / 1024
+        out["ms_per_step"] = 1e3 * step_timer.seconds_per_step
+        out["fit_s"] = fit_timer.seconds
+        if disp is not None:
+            out["backend"] = disp.active_backend
+            out["description"] = disp._impl.description if disp._impl is not None else ""
+            out["measured_steps"] = disp.measured_steps
+        budget = trainer.__dict__.get("_genbounds_overhead")
+        if budget is not None:
+            out["probe_s"] = budget.probe_time
+            out["deferred"] = budget.deferred
+    out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["load"] = load_average()
+    return out
+
+
+def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: bool, hook_cls) -> dict:
+    """Forward, mean cross-entropy, backward, SGD step; with ``hooks``, ghost-norm hooks attached
+    once, armed, read after every backward and reduced to the dispersion (as the callback does)."""
+    import torch.nn.functional as F
+
+    from genbounds.estimators.functional import per_tensor_sq_norms
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    h = None
+    if hooks:
+        h = hook_cls.for_model(model)
+        h.attach()
+    sink: list[Tensor | None] = [None]
+
+    def step(i: int) -> None:
+        x, y = batches[i % len(batches)]
+        x, y = x.to(device), y.to(device)
+        b = x.shape[0]
+        opt.zero_grad(set_to_none=True)
+        if h is not None:
+            h.arm()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        if h is not None:
+            norms = h.read(scale=b)
+            mean_sq = per_tensor_sq_norms([p.grad for p in params]).sum()
+            sink[0] = (norms.total.sum() - b * mean_sq) / (b - 1) / b  # kept on the device, as the callback does
+        opt.step()
+
+    with PeakRSS() as peak:
+        for i in range(warmup):
+            step(i)
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            step(i)
+        seconds = time.perf_counter() - t0
+    return {"ms_per_step": 1e3 * seconds / steps, "peak_growth_mib": peak.growth_mib,
+            "base_mib": (peak.base_kib or 0) / 1024, "backend": "ghost hooks (raw loop)" if hooks else None}
+
+
+# ------------------------------------------------------------------------------------- parent
+
+
+def configs_of(model_name: str, raw: bool, suite: bool) -> list[tuple[str, str]]:
+    """(configuration, its baseline) pairs of one model, baseline first."""
+    pairs = [("plain", "plain"), ("dispersion", "plain")]
+    if raw and model_name in RAW_MODELS:
+        pairs += [("raw-plain", "raw-plain"), ("raw-hooks", "raw-plain")]
+    if suite:
+        pairs += [("plain-val", "plain-val"), ("suite", "plain-val")]
+    return pairs
+
+
+def measure(models: list[str], rounds: int, raw: bool, suite: bool, steps_scale: float, in_process: bool,
+            epoch_steps: int) -> tuple[dict, list[str]]:
+    results: dict[tuple[str, str], list[dict]] = {}
+    loads = [load_average()]
+    here = os.path.abspath(__file__)
     for r in range(rounds):
-        for name, (callbacks, accumulate, _) in configs.items():
-            pl.seed_everything(r, verbose=False)
-            fresh = [type(cb)(**_init_args(cb)) for cb in callbacks]  # new callback per run
-            total = steps * accumulate
-            results[name].append(
-                time_per_step(make, loader(batches, total + 8), fresh, steps, warmup, "gpu" if device == "cuda" else "cpu",
-                              accumulate)
-            )
-        print(f"[{device}] round {r + 1}/{rounds} done", file=sys.stderr)
-    rows = median_table(results, {name: cfg[2] for name, cfg in configs.items()})
-    return format_table(title, rows)
+        for m in models:
+            spec = SPECS[m]
+            steps = max(2, int(round(spec.steps * steps_scale)))
+            pairs = configs_of(m, raw, suite)
+            groups = [pairs[i:i + 2] for i in range(0, len(pairs), 2)]  # (baseline, variant) per group
+            for group in groups:
+                order = group if r % 2 == 0 else group[::-1]
+                for config, _ in order:
+                    if in_process:
+                        res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps)
+                    else:
+                        res = run_json_child([here, "--child", m, config, "--steps", str(steps), "--warmup",
+                                              str(spec.warmup), "--epoch-steps", str(epoch_steps)])
+                    results.setdefault((m, config), []).append(res)
+                    print(f"[round {r + 1}/{rounds}] {m:16s} {config:10s} {res['ms_per_step']:9.2f} ms/step  "
+                          f"peak +{res['peak_growth_mib']:7.1f} MiB  backend={res.get('backend')}  "
+                          f"load {load_average()}", file=sys.stderr, flush=True)
+        loads.append(load_average())
+    return results, loads
 
 
-def _init_args(cb: GradientDispersion) -> dict:
-    return dict(backend=cb.backend, every_n_steps=cb.every_n_steps, num_chunks=cb.num_chunks)
+def tables(results: dict, models: list[str], raw: bool, suite: bool) -> str:
+    lines = ["| model | configuration | backend | median ms / step | time ratio to plain: median [min–max] | "
+             "peak growth MiB (median) | peak-growth ratio: median [min–max] | whole-process peak ratio (median) |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for m in models:
+        for config, base in configs_of(m, raw, suite):
+            runs, base_runs = results[(m, config)], results[(m, base)]
+            t = [x["ms_per_step"] for x in runs]
+            tb = [x["ms_per_step"] for x in base_runs]
+            g = [x["peak_growth_mib"] for x in runs]
+            gb = [x["peak_growth_mib"] for x in base_runs]
+            # whole-process peak: ru_maxrss on CPU; on CUDA the device's peak allocated memory
+            w = [x["base_mib"] + x["peak_growth_mib"] if SPECS[m].device == "cuda" else x["maxrss_mib"] for x in runs]
+            wb = [x["base_mib"] + x["peak_growth_mib"] if SPECS[m].device == "cuda" else x["maxrss_mib"]
+                  for x in base_runs]
+            label = {"plain": "plain (Lightning)", "dispersion": "GradientDispersion(" + ", ".join(
+                f"{k}={v!r}" for k, v in SPECS[m].dispersion.items()) + ") every step",
+                "raw-plain": "plain (raw loop)", "raw-hooks": "ghost hooks + dispersion (raw loop)",
+                "plain-val": "plain, with validation each epoch", "suite": "default suite of digits_mlp.yaml"}[config]
+            backend = runs[0].get("backend") or "–"
+            lines.append(f"| {m} | {label} | {backend} | {statistics.median(t):.2f} | {fmt_ratio(ratio_stats(t, tb))} | "
+                         f"{statistics.median(g):.1f} | {fmt_ratio(ratio_stats(g, gb))} | "
+                         f"{statistics.median([a / b for a, b in zip(w, wb)]):.3f}× |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated (default: every model of --device), from {', '.join(SPECS)}")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: 1000 CPU, 150 CUDA)")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1 gives the steadiest CPU timings)")
-    parser.add_argument("--warmup", type=int, default=20)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--out", default=None, help="also write the Markdown tables to this file")
+    parser.add_argument("--raw", action="store_true", help="also time the raw loop (MLP and CNN)")
+    parser.add_argument("--suite", action="store_true", help="also time the default suite (plain-val vs suite)")
+    parser.add_argument("--epoch-steps", type=int, default=50, help="steps per epoch of the suite runs")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every model's timed steps")
+    parser.add_argument("--out", default=None, help="also write the Markdown to this file")
+    parser.add_argument("--json", default=None, help="also write every run's measurements to this JSON file")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--log-every", type=int, default=50, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    import logging
-    import warnings
-
-    torch.set_num_threads(args.threads)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
-    devices = ["cpu", "cuda"] if args.device == "auto" and torch.cuda.is_available() else (
-        ["cpu"] if args.device == "auto" else [args.device])
-    tables = []
-    for device in devices:
-        steps = args.steps or (1000 if device == "cpu" else 150)
-        tables.append(run(device, args.rounds, steps, args.warmup))
-    if not torch.cuda.is_available():
-        tables.append("(CUDA not available on this machine: CUDA rows not measured.)")
-    text = "\n\n".join(tables)
+    if args.child:
+        m, config = args.child
+        spec = SPECS[m]
+        res = child(m, config, args.steps or spec.steps, spec.warmup if args.warmup is None else args.warmup,
+                    log_every=args.log_every, epoch_steps=args.epoch_steps)
+        print(json.dumps(res))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        text = "CUDA rows: not measured (torch.cuda.is_available() is False on this machine)."
+        print(text)
+        if args.out:
+            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+            with open(args.out, "w") as fh:
+                fh.write(text + "\n")
+        return
+    default = CUDA_MODELS if args.device == "cuda" else CPU_MODELS
+    models = [m.strip() for m in (args.models or ",".join(default)).split(",") if m.strip()]
+    for m in models:
+        if SPECS[m].device != args.device:
+            raise SystemExit(f"model {m!r} is a {SPECS[m].device} model; pass --device {SPECS[m].device}")
+    info = machine_description()
+    if args.device == "cuda":
+        info["cpu"] += f"; GPU {torch.cuda.get_device_name(0)}"
+    # CUDA: one process (device memory is measured by the allocator, not the resident set)
+    results, loads = measure(models, args.rounds, args.raw, args.suite, args.steps_scale,
+                             in_process=args.device == "cuda", epoch_steps=args.epoch_steps)
+    legend = "\n".join(f"* **{m}**: {SPECS[m].title}; {results[(m, 'plain')][0]['params'] / 1e6:.2f} M parameters; "
+                       f"{results[(m, 'plain')][0]['warmup']} warm-up + {results[(m, 'plain')][0]['steps']} timed steps"
+                       for m in models)
+    notes = []
+    for m in models:
+        for config in ("dispersion", "suite"):
+            d = results.get((m, config))
+            if d:
+                extra = ""
+                if config == "suite":
+                    extra = (f"; probes {statistics.median([x.get('probe_s', 0.0) for x in d]):.2f} s per run, "
+                             f"{statistics.median([x.get('deferred', 0) for x in d]):.0f} deferred by the budget")
+                notes.append(f"* {m} ({config}): backend `{d[0].get('backend')}` — {d[0].get('description', '')}{extra}")
+    text = "\n\n".join([
+        f"### GradientDispersion every step vs plain training ({args.device.upper()}, {args.rounds} rounds)",
+        describe_machine_md(info, loads),
+        legend,
+        tables(results, models, args.raw, args.suite),
+        "Backends chosen:\n" + "\n".join(notes),
+    ])
     print(text)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
             fh.write(text + "\n")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump({"machine": info, "loads": loads,
+                       "runs": {f"{m}|{c}": v for (m, c), v in results.items()}}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -56,6 +56,21 @@ def tokens(n: int, length: int = 6, vocab: int = 12, seed: int = 0) -> tuple[Ten
     return x, y
 
 
+def tagged_tokens(n: int, length: int = 6, vocab: int = 12, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Token sequences with a label per token (``token mod NUM_CLASSES``, flipped where the
+    previous token is even); the last positions of some sequences are padding (``-100``)."""
+    gen = _generator(seed)
+    x = torch.randint(1, vocab, (n, length), generator=gen)
+    prev = torch.cat([torch.zeros(n, 1, dtype=torch.long), x[:, :-1]], 1)
+    y = (x + (prev % 2 == 0).long()) % NUM_CLASSES
+    pad = torch.randint(0, 3, (n,), generator=gen)
+    for i, k in enumerate(pad.tolist()):
+        if k:
+            x[i, -k:] = 0
+            y[i, -k:] = -100
+    return x, y
+
+
 def sequences(n: int, length: int = 5, features: int = 3, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Float sequences ``[n, T, F]``; the label is the sign pattern of the time-summed first two features."""
     gen = _generator(seed)
@@ -88,15 +103,17 @@ class Loaders:
 
 
 def loaders(make: Callable[..., tuple[Tensor, Tensor]], n_train: int = 48, n_val: int = 16, batch_size: int = 8,
-            augmented: bool = False, num_workers: int = 0, **kwargs: Any) -> Loaders:
+            augmented: bool = False, num_workers: int = 0, persistent_workers: bool = False,
+            **kwargs: Any) -> Loaders:
+    """A shuffled training loader (``num_workers`` workers) and a validation loader (workers only
+    with ``persistent_workers``, then both loaders keep theirs)."""
     x, y = make(n_train, seed=0, **kwargs)
     xv, yv = make(n_val, seed=1, **kwargs)
     train_set: Dataset = AugmentedDataset(x, y) if augmented else TensorDataset(x, y)
-    extra: dict[str, Any] = {"num_workers": num_workers}
-    if num_workers:
-        extra["persistent_workers"] = False
+    extra: dict[str, Any] = {"num_workers": num_workers, "persistent_workers": persistent_workers}
+    val_extra = extra if persistent_workers else {}
     return Loaders(DataLoader(train_set, batch_size=batch_size, shuffle=True, **extra),
-                   DataLoader(TensorDataset(xv, yv), batch_size=batch_size))
+                   DataLoader(TensorDataset(xv, yv), batch_size=batch_size, **val_extra))
 
 
 # ------------------------------------------------------------------------------------ modules
@@ -230,6 +247,30 @@ class TokenTransformer(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
 
+class TokenTagger(TokenTransformer):
+    """(4b) Token classification: a label per token, padding positions ignored
+    (``ignore_index=-100``), the logits flattened to ``[b·T, C]`` as the docs' taggers do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 16, padding_idx=0)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.encoder(self.embed(tokens), src_key_padding_mask=tokens == 0))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)))
+
+
 class RecurrentClassifier(pl.LightningModule):
     """(5)/(6) An ``nn.LSTM`` or ``nn.GRU`` over ``[b, T, F]`` sequences; with
     ``batch_first=False`` the module transposes to ``[T, b, F]`` as the docs' RNN examples do."""
@@ -288,6 +329,30 @@ class MetricClassifier(CEClassifier):
         self.log("val_acc", self.val_acc)
 
 
+class MetricCollectionClassifier(CEClassifier):
+    """(7b) torchmetrics' documented pattern: a ``MetricCollection`` called in ``training_step``,
+    its output logged with ``log_dict`` and indexed by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchmetrics
+
+        metrics = torchmetrics.MetricCollection([
+            torchmetrics.Accuracy(task="multiclass", num_classes=NUM_CLASSES),
+            torchmetrics.F1Score(task="multiclass", num_classes=NUM_CLASSES, average="macro")])
+        self.train_metrics = metrics.clone(prefix="train_")
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        loss = nn.CrossEntropyLoss()(logits, y)
+        output = self.train_metrics(logits, y)
+        self.log_dict(output)
+        self.log("train_acc_step", output["train_MulticlassAccuracy"], prog_bar=True)
+        self.log("train_loss", loss)
+        return loss
+
+
 class CosineClassifier(CEClassifier):
     """(8) SGD with a cosine learning-rate schedule (stepped per optimizer step); the Trainer
     clips gradients (``gradient_clip_val``)."""
@@ -311,11 +376,14 @@ class FrozenFirstLayer(CEClassifier):
 
 
 class ManualOptimization(CEClassifier):
-    """(12) Manual optimization with one optimizer, as in Lightning's manual-optimization docs."""
+    """(12) Manual optimization with one optimizer, as in Lightning's manual-optimization docs:
+    ``zero_grad``, ``manual_backward``, ``clip_gradients``, ``step``, and the scheduler stepped
+    by hand."""
 
-    def __init__(self) -> None:
+    def __init__(self, clip: bool = True) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.clip = clip
 
     def training_step(self, batch, batch_idx):
         opt = self.optimizers()
@@ -323,11 +391,15 @@ class ManualOptimization(CEClassifier):
         loss = F.cross_entropy(self(x), y)
         opt.zero_grad()
         self.manual_backward(loss)
+        if self.clip:
+            self.clip_gradients(opt, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
         opt.step()
+        self.lr_schedulers().step()
         self.log("train_loss", loss)
 
     def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)]
 
 
 class Regularized(CEClassifier):
@@ -353,6 +425,8 @@ class Case:
     trainer: dict[str, Any] = field(default_factory=dict)
     suite: dict[str, Any] = field(default_factory=dict)
     """Extra ``default_suite`` arguments for this case."""
+    returns_data_loss: bool = True
+    """``training_step`` returns exactly the mean data loss (no penalty, no manual optimization)."""
 
 
 def _vec(**kw: Any) -> Loaders:
@@ -364,16 +438,18 @@ CASES: dict[str, Case] = {
     "mse_autoencoder": Case(MSEAutoencoder, _vec),
     "resnet_blocks": Case(ResNetClassifier, lambda **kw: loaders(images, **kw)),
     "transformer": Case(TokenTransformer, lambda **kw: loaders(tokens, **kw)),
+    "transformer_tagger": Case(TokenTagger, lambda **kw: loaders(tagged_tokens, **kw)),
     "lstm_batch_first": Case(lambda: RecurrentClassifier("lstm", batch_first=True),
                              lambda **kw: loaders(sequences, **kw)),
     "gru_time_major": Case(lambda: RecurrentClassifier("gru", batch_first=False),
                            lambda **kw: loaders(sequences, **kw)),
     "dict_torchmetrics": Case(MetricClassifier, _vec),
+    "metric_collection": Case(MetricCollectionClassifier, _vec),
     "cosine_clip": Case(CosineClassifier, _vec, {"gradient_clip_val": 0.5}),
     "accumulate_4": Case(CEClassifier, lambda **kw: _vec(**{"batch_size": 4, **kw}),
                          {"accumulate_grad_batches": 4, "limit_train_batches": 8}),
     "bf16_mixed": Case(CEClassifier, _vec, {"precision": "bf16-mixed"}),
     "frozen_first_layer": Case(FrozenFirstLayer, _vec),
-    "manual_optimization": Case(ManualOptimization, _vec),
-    "regularized": Case(Regularized, _vec),
+    "manual_optimization": Case(ManualOptimization, _vec, returns_data_loss=False),
+    "regularized": Case(Regularized, _vec, returns_data_loss=False),
 }

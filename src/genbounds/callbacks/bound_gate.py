@@ -186,8 +186,11 @@ class BoundGate(Callback):
         pass  # the final check runs at fit end, after the bounds of the final weights
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from genbounds.callbacks.step_log import mark_run_complete
+
         if not (trainer.sanity_checking or trainer.fast_dev_run):
             self.final_check(trainer)
+        mark_run_complete(trainer)
 
     def _values(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, int]]:
         values = {k: float(v) for k, v in trainer.callback_metrics.items()

@@ -20,7 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from genbounds.bounds.gap import measured_gap
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.probe_data import PROBE_STREAM, first_loader, forked_rng, validation_loader
+from genbounds.callbacks.probe_data import PROBE_STREAM, first_loader, forked_rng, own_iterator, validation_loader
 from genbounds.estimators.batching import batch_size
 
 
@@ -59,11 +59,12 @@ class GapEvaluation:
         """This rank's share of the samples to evaluate (every sample once over the ranks), or
         ``None`` for a dataset without random access (then the loader is iterated)."""
         dataset = getattr(loader, "dataset", None)
-        try:
-            n = len(dataset)  # type: ignore[arg-type]
-            dataset[0]  # type: ignore[index]
-        except Exception:  # noqa: BLE001 - iterable datasets
-            return None
+        with forked_rng(trainer):  # __getitem__ may draw an augmentation from the global RNG
+            try:
+                n = len(dataset)  # type: ignore[arg-type]
+                dataset[0]  # type: ignore[index]
+            except Exception:  # noqa: BLE001 - iterable datasets
+                return None
         if self.samples is None or self.samples >= n:
             order = torch.arange(n)
         elif seeded:
@@ -83,16 +84,14 @@ class GapEvaluation:
 
     def _chunks_from_loader(self, trainer: Trainer, loader: Any, limit: int | None) -> Any:
         seen = 0
-        with forked_rng(trainer):
-            iterator = iter(loader)
-        while limit is None or seen < limit:
-            with forked_rng(trainer):
+        with forked_rng(trainer), own_iterator(loader) as iterator:
+            while limit is None or seen < limit:
                 try:
                     batch = next(iterator)
                 except StopIteration:
                     return
-            seen += batch_size(batch)
-            yield trainer.strategy.batch_to_device(batch)
+                seen += batch_size(batch)
+                yield trainer.strategy.batch_to_device(batch)
 
     def _evaluate(self, module: LightningModule, chunks: Any, rows: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
         assert self.contract is not None

@@ -131,6 +131,7 @@ class GradientDispersion(Callback):
         self._window: GradientMoments | None = None
         self._accumulate = 1
         self._scaler: Any = None
+        self._manual_grads: list[Tensor] | None = None
         self._generator_state: Tensor | None = None
 
     @property
@@ -221,11 +222,13 @@ class GradientDispersion(Callback):
         self._use(nxt, pl_module)
 
     # ------------------------------------------------------------------ per batch
-    def _context(self, trainer: Trainer, pl_module: LightningModule) -> StepContext:
+    def _context(self, trainer: Trainer, pl_module: LightningModule,
+                 grads: list[Tensor] | None = None) -> StepContext:
         scale: Tensor | float = 1.0
         if self._scaler is not None and getattr(self._scaler, "_scale", None) is not None:
             scale = self._scaler._scale.reshape(())
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+        if grads is None:
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
         m = batch_size(self._batch) if self._batch is not None else 0
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
                            {"grads": grads, "scaler": self._scaler is not None})
@@ -248,7 +251,14 @@ class GradientDispersion(Callback):
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._measuring or self._batch is None or self._impl is None:
             return
-        moments = self._impl.after_backward(self._context(trainer, pl_module))
+        ctx = self._context(trainer, pl_module)
+        if not pl_module.automatic_optimization:
+            # the batch gradient as the backward left it: under manual optimization the user's
+            # step may clip .grad (self.clip_gradients) before on_before_optimizer_step reads it
+            scale = ctx.loss_scale
+            self._manual_grads = [g.clone() if isinstance(scale, float) and scale == 1.0 else g / scale
+                                  for g in ctx.extras["grads"]]
+        moments = self._impl.after_backward(ctx)
         self._batch = None
         if moments is None:
             if getattr(self._impl, "failed", None) is not None:
@@ -261,7 +271,8 @@ class GradientDispersion(Callback):
         if not self._measuring or self._impl is None:
             return
         window, self._window = self._window, None
-        result = self._impl.end_window(self._context(trainer, pl_module), window)
+        grads, self._manual_grads = self._manual_grads, None
+        result = self._impl.end_window(self._context(trainer, pl_module, grads), window)
         if result is None:
             return
         moments, group_mean_sq = result.moments, result.group_mean_sq
@@ -309,6 +320,7 @@ class GradientDispersion(Callback):
             self._impl.detach()
         self._window = None
         self._batch = None
+        self._manual_grads = None
         self.step_log.clear()
 
     # ------------------------------------------------------------------ state

@@ -98,6 +98,7 @@ class HeldoutGradient(ProbeCallback):
         self._lr = 0.0
         self._per_sample = True
         self._hooks_ok = False
+        self._manual_grad: list[Tensor] | None = None
 
     @property
     def state_key(self) -> str:
@@ -147,6 +148,16 @@ class HeldoutGradient(ProbeCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # measured only at optimizer steps, where ḡ_B exists
 
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._due and not pl_module.automatic_optimization:
+            # under manual optimization the user's step may clip .grad (self.clip_gradients) before
+            # on_before_optimizer_step: keep the batch gradient as the backward left it (unscaled)
+            scaler = getattr(trainer.precision_plugin, "scaler", None)
+            scale = scaler._scale if scaler is not None and getattr(scaler, "_scale", None) is not None else None
+            self._manual_grad = [torch.zeros_like(p) if p.grad is None else
+                                 (p.grad.detach().clone() if scale is None else p.grad.detach() / scale)
+                                 for p in trainable_parameters(pl_module).values()]
+
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._lr = float(optimizer.param_groups[0]["lr"])
         if self._due:
@@ -170,7 +181,9 @@ class HeldoutGradient(ProbeCallback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         params = list(trainable_parameters(pl_module).values())
-        g_batch = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
+        g_batch, self._manual_grad = self._manual_grad, None
+        if g_batch is None:
+            g_batch = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
         ref = self._moments(trainer, pl_module, self.heldout_probe)
         train = self._moments(trainer, pl_module, self.train_probe)
         assert ref.weighted_sum is not None and train.weighted_sum is not None

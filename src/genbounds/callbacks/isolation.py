@@ -155,6 +155,31 @@ def _nan_like_output(*_args: Any, **_kwargs: Any) -> Tensor:
     return torch.tensor(float("nan"))
 
 
+def _muted_forward(metric: nn.Module) -> Any:
+    """What a muted metric's ``forward`` returns: NaN, shaped like the real output's keys for a
+    ``MetricCollection`` (a dict by metric name, prefix/postfix included), so that a
+    ``training_step`` indexing it (``out["train_acc"]``) still runs."""
+    if not _is_metric_collection(metric):
+        return _nan_like_output
+    try:
+        names = list(metric.keys(keep_base=False))  # type: ignore[operator]
+    except TypeError:  # pragma: no cover - other torchmetrics versions
+        names = list(metric.keys())  # type: ignore[operator]
+
+    def forward(*_args: Any, **_kwargs: Any) -> dict[str, Tensor]:
+        return {name: torch.tensor(float("nan")) for name in names}
+
+    return forward
+
+
+def _is_metric_collection(module: nn.Module) -> bool:
+    try:
+        from torchmetrics import MetricCollection
+    except ImportError:  # pragma: no cover - torchmetrics is a dependency
+        return False
+    return isinstance(module, MetricCollection)
+
+
 def _no_op(*_args: Any, **_kwargs: Any) -> None:
     return None
 
@@ -227,7 +252,7 @@ def muted_training_step(module: nn.Module) -> Iterator[MutedStep]:
             patch(module, "log_dict", _no_op)
         for m in module.modules():
             if _is_metric(m):
-                patch(m, "forward", _nan_like_output)
+                patch(m, "forward", _muted_forward(m))
                 patch(m, "update", _no_op)
         if hasattr(module, "automatic_optimization") and not getattr(module, "automatic_optimization", True):
             optimizers = module.optimizers() if getattr(module, "_trainer", None) is not None else None

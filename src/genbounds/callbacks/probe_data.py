@@ -8,7 +8,10 @@
 
 Every access to a dataset runs under a forked RNG (CPU and the module's CUDA device): datasets
 that draw their augmentation from the global RNG in ``__getitem__`` — the usual way — and loaders
-whose workers take their seed from it see exactly the random numbers they would without us.
+whose workers take their seed from it see exactly the random numbers they would without us. A
+loader with ``persistent_workers=True`` is read through an iterator of our own (shut down after
+use), never through the one it keeps: that one draws its workers' base seed from the global RNG
+once, when the loader is first iterated, and that must stay Lightning's first iteration.
 """
 
 from __future__ import annotations
@@ -64,12 +67,38 @@ def screen_nonfinite(batch: Any, owner: str, what: str) -> tuple[Any, int]:
     return batch, dropped
 
 
+@contextmanager
+def own_iterator(loader: Any) -> Iterator[Any]:
+    """An iterator over ``loader`` that leaves the loader's own state alone: a ``DataLoader`` with
+    persistent workers keeps the iterator of its first ``iter()`` (whose creation draws the
+    workers' base seed from the global RNG) for its whole life; reading probe batches through it
+    would take that first iteration away from the training run. Such a loader is read through a
+    separate iterator, shut down afterwards; any other loader through ``iter(loader)``."""
+    persistent = isinstance(loader, torch.utils.data.DataLoader) and loader.persistent_workers \
+        and loader.num_workers > 0 and hasattr(loader, "_get_iterator")
+    if not persistent:
+        yield iter(loader)
+        return
+    iterator = loader._get_iterator()
+    try:
+        yield iterator
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if callable(shutdown):
+            shutdown()
+
+
 def _loader_batches(loader: Any, size: int | None, count: int) -> Any:
+    with own_iterator(loader) as iterator:
+        return _collect_batches(iterator, size, count)
+
+
+def _collect_batches(iterator: Any, size: int | None, count: int) -> Any:
     collected: list[Any] = []
     want = None if size is None else size * count
     have = 0
     first_size = None
-    for batch in iter(loader):
+    for batch in iterator:
         b = batch_size(batch)
         if size is None:
             first_size = first_size or b

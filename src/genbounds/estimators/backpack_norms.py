@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.hooks import RemovableHandle
@@ -208,24 +209,14 @@ class BackpackNormHooks:
                 out[module] = per_sample * s2
         return out
 
-    def read(self, scale: float) -> tuple[Tensor, Tensor] | None:
+    def read(self, scale: float | Tensor) -> tuple[Tensor, Tensor] | None:
         """``(Σ_i ‖g_i‖², ‖g_i‖² per sample)`` in float64 from the last backward, with
         ``scale`` the loss's divisor (``m·A`` for a mean over ``m`` samples divided by ``A``).
         ``None`` when some covered layer produced no field (it was not used in the backward)."""
-        per_sample = None
-        for module in self.modules:
-            for p in module.parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                field_ = getattr(p, "batch_l2", None)
-                if field_ is None:
-                    return None
-                contrib = field_.double()
-                per_sample = contrib if per_sample is None else per_sample + contrib
-                del p.batch_l2
-        if per_sample is None:
+        per_module = self.read_modules(scale)
+        if not per_module:
             return None
-        per_sample = per_sample * (float(scale) ** 2)
+        per_sample = torch.stack(list(per_module.values())).sum(0)
         return per_sample.sum(), per_sample
 
 
