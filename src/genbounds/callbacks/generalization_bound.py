@@ -16,9 +16,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, LAYERWISE, BoundInputs, compute_bounds, validity, wang_mao_shape
+from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs, compute_bounds, validity, wang_mao_shape
 from genbounds.bounds.layerwise import init_rms_shape
 from genbounds.bounds.loss_range import DEFAULT_ALPHA, observed_range_r, quantile_range_r
+from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
 from genbounds.callbacks.flatness import Flatness
@@ -152,6 +153,7 @@ class GeneralizationBound(ProbeCallback):
         self._sensitivity: GradientSensitivity | None = None
         self._heldout: HeldoutGradient | None = None
         self._gap: GapEvaluation | None = None
+        self.producers = Producers()
         self._summary = RunSummary()
         self._n: int | None = None
         self._d: int | None = None
@@ -176,19 +178,12 @@ class GeneralizationBound(ProbeCallback):
             return
         if sum(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one GeneralizationBound per Trainer: it aggregates the whole suite.")
-        pick = _first_of(trainer)
-        self._dispersion = pick(GradientDispersion)
-        self._flatness = pick(Flatness, lambda f: f.scaling == "sqrt_steps")
-        self._hessian = pick(HessianTrace)
-        self._sensitivity = pick(GradientSensitivity, lambda s: s.growing)
-        self._heldout = pick(HeldoutGradient)
+        self.producers = Producers.find(trainer)
+        p = self.producers
+        self._dispersion, self._flatness, self._hessian = p.dispersion, p.flatness, p.hessian
+        self._sensitivity, self._heldout = p.sensitivity, p.heldout
         self._groups = parameter_groups(pl_module, self.layer_groups)
-        self.wanted = self._resolve_bounds()
-        if self._sensitivity is not None and self._flatness is not None and "neu" in self.wanted:
-            if [float(s) for s in self._sensitivity.sigmas] != [float(s) for s in self._flatness.sigmas]:
-                raise MisconfigurationException(
-                    "GeneralizationBound(neu): GradientSensitivity(sigmas=…) and Flatness(sigmas=…) must use "
-                    f"the same σ grid; got {self._sensitivity.sigmas} and {self._flatness.sigmas}.")
+        self.wanted = p.resolve(self.bounds, len(self._groups))
         if self._heldout is None and "neu" in self.wanted:
             self._warn_once("no-heldout", "GeneralizationBound: no HeldoutGradient callback, so Neu's V_t is "
                             "replaced by grad/dispersion (which misses the train/test mismatch).")
@@ -204,37 +199,7 @@ class GeneralizationBound(ProbeCallback):
         self._gap = GapEvaluation(self.owner, self.gap_samples, self.gap_batch_size, self.probe_mode)
 
     def _subscriptions(self) -> list[tuple[Any, Callable]]:
-        s = self.series
-        pairs = [(self._dispersion, s.on_dispersion), (self._flatness, s.on_flatness), (self._hessian, s.on_curvature),
-                 (self._sensitivity, s.on_sensitivity), (self._heldout, s.on_heldout)]
-        return [(p, h) for p, h in pairs if p is not None]
-
-    def _resolve_bounds(self) -> tuple[str, ...]:
-        need = {
-            "wang_mao_eq2": [("GradientDispersion()", self._dispersion),
-                             ('Flatness(scaling="sqrt_steps")', self._flatness)],
-            "wang_mao_eq3": [("GradientDispersion()", self._dispersion), ("HessianTrace()", self._hessian)],
-            "neu": [("GradientDispersion()", self._dispersion), ('Flatness(scaling="sqrt_steps")', self._flatness),
-                    ("GradientSensitivity(growing=True)", self._sensitivity)],
-        }
-        need.update({"wang_mao_eq2_error": need["wang_mao_eq2"], "neu_error": need["neu"],
-                     "wang_mao_eq2_layerwise": need["wang_mao_eq2"], "wang_mao_eq3_layerwise": need["wang_mao_eq3"],
-                     "neu_layerwise": need["neu"]})
-        if self.bounds is not None:
-            missing = sorted({f"{what} (for {name})" for name in self.bounds for what, cb in need[name] if cb is None})
-            if missing:
-                raise MisconfigurationException(
-                    f"GeneralizationBound(bounds={self.bounds}) needs these callbacks in the same Trainer: "
-                    + "; ".join(missing) + ". Add them to `trainer.callbacks`, or restrict `bounds=`.")
-            return tuple(self.bounds)
-        wanted = tuple(name for name in ALL_BOUNDS if all(cb is not None for _, cb in need[name])
-                       and not (name in LAYERWISE and len(self._groups) < 2))
-        if not wanted:
-            raise MisconfigurationException(
-                "GeneralizationBound needs GradientDispersion() and at least one of Flatness(scaling=\"sqrt_steps\") "
-                "(wang_mao_eq2; with GradientSensitivity(growing=True) also neu) or HessianTrace() (wang_mao_eq3) in the "
-                "same Trainer (see configs/digits_mlp.yaml for the whole suite).")
-        return wanted
+        return self.producers.subscriptions(self.series)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
@@ -476,10 +441,3 @@ class GeneralizationBound(ProbeCallback):
         self.loss_hi = float(state_dict.get("loss_hi", -math.inf))
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._budget_state = state_dict.get("budget")
-
-
-def _first_of(trainer: Trainer) -> Callable:
-    def pick(kind: type, accept: Callable[[Any], bool] = lambda _: True) -> Any:
-        return next((cb for cb in trainer.callbacks if isinstance(cb, kind) and accept(cb)), None)
-
-    return pick
