@@ -181,3 +181,13 @@ def test_scaled_fill_recovers_the_exact_sum_of_growing_sensitivities():
     assert np.allclose(w.T @ probes, scaled)  # the weights give the SE of any weighted sum
     with pytest.raises(ValueError):
         growing_level_series(steps, probes, total, "linear")
+
+
+def test_eq2_is_checked_against_the_absolute_gap():
+    from genbounds.bounds.aggregate import validity
+
+    flags = validity({"bound/wang_mao_eq2": 0.3, "bound/wang_mao_eq3": 0.3, "gap/measured": -0.5},
+                     ("wang_mao_eq2", "wang_mao_eq3"))
+    assert flags["bound_valid/wang_mao_eq2"] == 0.0  # Eq. 2 bounds |gap| = 0.5
+    assert flags["bound_valid/wang_mao_eq3"] == 1.0  # Eq. 3 bounds the signed gap
+    assert flags["bound/valid"] == 0.0

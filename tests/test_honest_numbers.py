@@ -156,3 +156,20 @@ def test_one_training_forward_on_every_step_without_a_probe(tmp_path):
     quiet = [n for _, n, probed in counter.per_step if not probed]
     assert len(quiet) >= 4 and set(quiet) == {1}, counter.per_step
     assert suite[0].measured_steps == 16  # the dispersion was measured on every one of them
+
+
+def test_overhead_budget_spaces_the_probes_and_reports_the_ratio(tmp_path):
+    suite = bound_suite(overhead_budget=0.05)
+    dense = bound_suite()
+    t, _ = fit(tmp_path / "budget", suite, max_epochs=3)
+    fit(tmp_path / "dense", dense, max_epochs=3)
+    budget = t.__dict__["_genbounds_overhead"]
+    agg = aggregator(t)
+    assert budget.fraction == 0.05 and budget.deferred > 0
+    # the next intermediate evaluation is priced at what a whole evaluation cost, not its last block
+    assert budget.last_cost["GeneralizationBound"] == pytest.approx(budget.reserve)
+    assert agg.latest["perf/overhead"] > 0
+    probes = lambda s: sum(cb.num_probes_run for cb in s if hasattr(cb, "num_probes_run"))  # noqa: E731
+    assert probes(suite) < probes(dense)
+    # the final weights are always evaluated: every bound is there
+    assert math.isfinite(agg.latest["bound/wang_mao_eq3"]) and agg.latest["setting/T"] == 15

@@ -149,6 +149,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
             if err.best >= 0:
                 out["bound_terms/trajectory_wang_mao_error"] = err.trajectory[err.best]
                 out["bound_terms/flatness_wang_mao_error"] = err.flatness[err.best]
+                out["bound_terms/wang_mao_eq2_error_degenerate"] = _degenerate(flat, err.best, r)
 
     neu_wanted = {"neu", "neu_error", "neu_layerwise"} & set(inp.wanted)
     if neu_wanted and inp.gamma is not None:
@@ -170,6 +171,8 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
                 err = neu_theorem1(eta, inp.gamma, v, ERROR_R, n, inp.sigmas, flat["error_term"],
                                    flat["error_term_se"], inp.gamma_sum_se, inp.z, allowed)
                 _put_selection(out, "neu_error", err.value, err.standard_error, err.sigma, err.selection)
+                if err.best >= 0:
+                    out["bound_terms/neu_error_degenerate"] = _degenerate(flat, err.best, r)
         fig_neu, fig_wm = trajectory_comparison(eta, inp.gamma, v, vhat, d, inp.sigmas)
         for s, a, b in zip(inp.sigmas, fig_neu, fig_wm):
             out[f"bound_terms/fig1_trajectory_neu/sigma={s:g}"] = a
@@ -232,18 +235,22 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
         out["bound/neu_layerwise_se"] = res3.se
 
 
+BOUNDS_ABS_GAP = ("neu_abs", "wang_mao_eq2", "wang_mao_eq2_error", "wang_mao_eq2_layerwise")
+"""Bounds of ``|gap|`` (Eq. 2's flatness term is an absolute value; ``neu_abs``)."""
+
 HEADLINE_GAP = {name: ("gap/error" if name.endswith("_error") else "gap/measured") for name in ALL_BOUNDS}
 
 
 def validity(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, float]:
     """``bound_valid/<name>``: 1 when the bound is finite and not below the measured gap it bounds
-    (``|gap|`` for ``neu_abs``), 0 otherwise (a failed estimate); ``bound/valid``: all of them."""
+    (``|gap|`` for the bounds of ``|gap|``: Eq. 2 and ``neu_abs``), 0 otherwise (a failed estimate);
+    ``bound/valid``: all of them."""
     out: dict[str, float] = {}
     names = list(wanted) + (["neu_abs"] if "neu" in wanted else [])
     for name in names:
         value = values.get(f"bound/{name}", math.nan)
         gap = values.get(HEADLINE_GAP.get(name, "gap/measured"), math.nan)
-        if name == "neu_abs":
+        if name in BOUNDS_ABS_GAP:
             gap = abs(gap)
         ok = math.isfinite(value) and (not math.isfinite(gap) or value >= gap)
         out[f"bound_valid/{name}"] = float(ok)

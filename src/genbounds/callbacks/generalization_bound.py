@@ -349,6 +349,9 @@ class GeneralizationBound(ProbeCallback):
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
         self.budget.reserve = time.perf_counter() - started  # room kept for the final evaluation
+        # what the next intermediate evaluation will cost: the whole evaluation (gap, the flatness and
+        # Hessian probes it triggers, the bound math), not the last block timed under this owner
+        self.budget.last_cost[self.owner] = self.budget.reserve
         values.update(validity(values, self.wanted))
         values["bound/heuristic"] = float(not self.plain_sgd)
         values["perf/overhead"] = self.budget.overhead

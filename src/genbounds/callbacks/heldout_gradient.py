@@ -148,6 +148,13 @@ class HeldoutGradient(ProbeCallback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # measured only at optimizer steps, where ḡ_B exists
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # the prediction accrues every step (with the last measured s²/n): write its value at the final weights
+        if self._s2_over_n is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"gap/predicted_cumulative": self.predicted_cumulative}, step=int(trainer.global_step))
+
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._due and not pl_module.automatic_optimization:
             # under manual optimization the user's step may clip .grad (self.clip_gradients) before
