@@ -489,7 +489,7 @@ TERMS = ("bound_terms/trajectory_wang_mao", "bound_terms/flatness_wang_mao", "bo
          "bound_terms/flatness_wang_mao_error", "bound_terms/trajectory_factor_wang_mao_eq3",
          "bound_terms/flatness_factor_wang_mao_eq3", "bound_terms/trajectory_neu", "bound_terms/flatness_neu")
 #: tags that are the target itself, measured on held-out/test data, or bookkeeping: not candidate predictors
-NOT_PREDICTORS = ("gap", "gap_ci/", "test/", "val_", "train_", "bound_ci/", "setting/", "bound_valid/", "epoch",
+NOT_PREDICTORS = ("gap", "ci/gap/", "test/", "val_", "train_", "ci/bound/", "setting/", "bound_valid/", "epoch",
                   "perf/", "run/", "gate/", "lr-")
 FLAG_SUFFIXES = ("_se", "_sigma_at_edge", "_degenerate", "_shaped", "_ignored", "_probes", "_residual")
 

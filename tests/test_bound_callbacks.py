@@ -169,7 +169,7 @@ def test_tensorboard_layout_and_hparams(tmp_path):
     plugins = acc.PluginAssets("custom_scalars") if hasattr(acc, "PluginAssets") else None
     raw = open(path, "rb").read()
     assert b"bound vs gap/measured" in raw and b"trajectory vs flatness" in raw  # custom-scalars layout
-    assert b"bound_ci/wang_mao_eq3_lower" in raw  # the ± SE margin charts
+    assert b"ci/bound/wang_mao_eq3_lower" in raw  # the ± SE margin charts
     assert b"hparams" in raw and b"bound/wang_mao_eq3" in raw and b"sigma_grid" in raw  # HPARAMS session
     assert "bound/wang_mao_eq3" in acc.Tags()["scalars"]
     del plugins

@@ -61,7 +61,7 @@ no overhead budget, so the checks below do not depend on timing)."""
 FIT: dict[str, Any] = dict(max_epochs=2, limit_train_batches=3, limit_val_batches=1)
 
 MEASUREMENTS = ("grad/", "flat/", "sens/", "curv/", "gap/")
-BOUNDS = ("bound/", "bound_valid/", "bound_terms/", "bound_ci/", "gap_ci/", "setting/", "perf/")
+BOUNDS = ("bound/", "bound_valid/", "bound_terms/", "ci/bound/", "ci/gap/", "setting/", "perf/")
 GENBOUNDS = MEASUREMENTS + BOUNDS + ("gate/", "run/")
 EXPECTED = ("grad/dispersion", "grad/heldout_dist_sq", "sens/gradient_sensitivity_growing/sigma=0.1",
             "flat/term/sigma=0.1*sqrtT", "curv/hessian_trace", "curv/hessian_top_eig", "curv/contractivity_mean",

@@ -119,7 +119,10 @@ def test_hparams_tell_runs_apart(tmp_path):
         assert "data/label_noise" in params and "lr" in params and "batch_size" in params and "seed" in params
         seen.append(params["data/label_noise"])
         content = acc.SummaryMetadata("_hparams_/experiment").plugin_data.content
-        metrics = [m.name.tag for m in plugin_data_pb2.HParamsPluginData.FromString(content).experiment.metric_infos]
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content).experiment
+        metrics = [m.name.tag for m in experiment.metric_infos]
+        differs = [h.name for h in experiment.hparam_infos if h.differs]
+        assert "data/label_noise" in differs[:5]  # ticked by default in TensorBoard's HParams
         assert metrics[:3] == ["bound/wang_mao_eq3", "bound/wang_mao_eq2", "bound/neu"]  # ticked first
         assert "gap/measured" in metrics[:5]
         latest = [k for k in acc.Tags()["scalars"] if k.startswith("bound/") and not k.endswith("_se")]

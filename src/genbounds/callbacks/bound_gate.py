@@ -17,7 +17,7 @@ from genbounds.callbacks.checks import check_bool, check_choice, check_float
 OnViolation = Literal["warn", "stop", "raise"]
 Lenient = Literal["nan", "missing", "stale"]
 
-GENBOUNDS_PREFIXES = ("bound/", "bound_terms/", "bound_valid/", "bound_ci/", "gap/", "gap_ci/", "setting/", "grad/",
+GENBOUNDS_PREFIXES = ("bound/", "bound_terms/", "bound_valid/", "ci/", "gap/", "setting/", "grad/",
                       "curv/", "flat/", "sens/", "stability/", "clip/", "phase/", "perf/")
 
 
@@ -162,7 +162,7 @@ class BoundGate(Callback):
         if self._bound is not None:
             for name in self._bound.wanted + ("test_error_upper", "neu_abs"):
                 tags |= {f"bound/{name}", f"bound/{name}_se", f"bound_valid/{name}"}
-            tags |= {"bound/valid", "bound/heuristic", "bound_terms/*", "bound_ci/*", "gap_ci/*", "setting/*",
+            tags |= {"bound/valid", "bound/heuristic", "bound_terms/*", "ci/*", "setting/*",
                      "gap/measured", "gap/measured_se", "gap/error", "gap/error_se", "gap/train_loss",
                      "gap/heldout_loss", "gap/train_error", "gap/heldout_error", "gap/measured_change",
                      "perf/overhead"}

@@ -68,26 +68,31 @@ def margin_values(values: dict[str, float]) -> dict[str, float]:
         if key.startswith("bound/") and not key.endswith("_se") and f"{key}_se" in values:
             se = values[f"{key}_se"]
             name = key.split("/", 1)[1]
-            out[f"bound_ci/{name}_lower"] = value - se
-            out[f"bound_ci/{name}_upper"] = value + se
+            out[f"ci/bound/{name}_lower"] = value - se
+            out[f"ci/bound/{name}_upper"] = value + se
     for gap in ("measured", "error"):
         if f"gap/{gap}" in values and f"gap/{gap}_se" in values:
-            out[f"gap_ci/{gap}_lower"] = values[f"gap/{gap}"] - values[f"gap/{gap}_se"]
-            out[f"gap_ci/{gap}_upper"] = values[f"gap/{gap}"] + values[f"gap/{gap}_se"]
+            out[f"ci/gap/{gap}_lower"] = values[f"gap/{gap}"] - values[f"gap/{gap}_se"]
+            out[f"ci/gap/{gap}_upper"] = values[f"gap/{gap}"] + values[f"gap/{gap}_se"]
     return out
 
 
 def tensorboard_layout(wanted: tuple[str, ...], groups: list[str]) -> dict:
+    """One chart type per category: TensorBoard draws a category's Multiline charts first and its
+    Margin charts after them in reverse order, so mixing them would scramble the pairing."""
     bounds: dict[str, list] = {}
-    for name in wanted:
+    margins: dict[str, list] = {}
+    names = [n for n in wanted] + (["neu_abs"] if "neu" in wanted else [])
+    for name in names:
         gap = "gap/error" if name.endswith("_error") else "gap/measured"
-        title = ISOTROPIC_TITLES.get(name, name)
+        title = ISOTROPIC_TITLES.get(name, "Neu Thm 1, |flatness|" if name == "neu_abs" else name)
         bounds[f"{title}: bound vs {gap}"] = ["Multiline", [f"^bound/{name}$", f"^{gap}$"]]
-        bounds[f"{title} ± SE"] = ["Margin", [f"bound/{name}", f"bound_ci/{name}_lower", f"bound_ci/{name}_upper"]]
+        margins[f"{title} ± SE"] = ["Margin", [f"bound/{name}", f"ci/bound/{name}_lower", f"ci/bound/{name}_upper"]]
+    margins["measured gap ± SE (held-out − training loss)"] = ["Margin", ["gap/measured", "ci/gap/measured_lower",
+                                                                          "ci/gap/measured_upper"]]
+    margins["0-1 error gap ± SE"] = ["Margin", ["gap/error", "ci/gap/error_lower", "ci/gap/error_upper"]]
     gaps = {
-        "measured gap ± SE (held-out − training loss)": ["Margin", ["gap/measured", "gap_ci/measured_lower",
-                                                                    "gap_ci/measured_upper"]],
-        "0-1 error gap ± SE": ["Margin", ["gap/error", "gap_ci/error_lower", "gap_ci/error_upper"]],
+        "measured gap and 0-1 error gap": ["Multiline", ["^gap/measured$", "^gap/error$"]],
         "predicted vs measured change of the gap": ["Multiline", ["^gap/predicted_cumulative$",
                                                                   "^gap/measured_change$"]],
     }
@@ -97,7 +102,7 @@ def tensorboard_layout(wanted: tuple[str, ...], groups: list[str]) -> dict:
         "Neu Thm 1: trajectory vs flatness": ["Multiline", ["^bound_terms/trajectory_neu$", "^bound_terms/flatness_neu$"]],
         "Wang–Mao Eq. 3: multiplicative factors": ["Multiline", ["^bound_terms/trajectory_factor_wang_mao_eq3$",
                                                                  "^bound_terms/flatness_factor_wang_mao_eq3$"]],
-        "selected σ": ["Multiline", ["^bound_terms/sigma_"]],
+        "selected σ (grid points)": ["Multiline", ["^bound_terms/sigma_(wang_mao_eq2|neu)"]],
     }
     gradients = {
         "gradient dispersion Tr Σ_B": ["Multiline", ["^grad/dispersion$"]],
@@ -106,8 +111,8 @@ def tensorboard_layout(wanted: tuple[str, ...], groups: list[str]) -> dict:
     if len(groups) > 1:
         gradients["dispersion per layer"] = ["Multiline", ["^grad/dispersion/layer/"]]
         gradients["Hessian trace per layer"] = ["Multiline", ["^curv/hessian_trace/layer/"]]
-    return {"genbounds: bounds": bounds, "genbounds: gap": gaps, "genbounds: terms": terms,
-            "genbounds: gradients": gradients}
+    return {"genbounds: bounds": bounds, "genbounds: bounds ± SE": dict(reversed(list(margins.items()))),
+            "genbounds: gap": gaps, "genbounds: terms": terms, "genbounds: gradients": gradients}
 
 
 def _simple(value: Any) -> bool:
@@ -134,12 +139,12 @@ def run_settings(trainer: Trainer, pl_module: LightningModule, bound: Generaliza
         params["batch_size"] = data.pop("batch_size")
     if "seed" in data and "seed" not in params:
         params["seed"] = data.pop("seed")
-    params.update({f"data/{k}": v for k, v in data.items() if _simple(v)})
+    params.update({f"data/{k}": v for k, v in data.items() if _simple(v) and not k.startswith("_")})
     if dm is not None:
         params["data"] = type(dm).__name__
     params["model"] = type(pl_module).__name__
     for key, value in dict(getattr(pl_module, "hparams", {}) or {}).items():
-        if key == "lr" and "lr" in params:
+        if (key == "lr" and "lr" in params) or key.startswith("_"):
             continue
         if _simple(value):
             params[f"model/{key}"] = value
@@ -164,7 +169,7 @@ def run_settings(trainer: Trainer, pl_module: LightningModule, bound: Generaliza
 def _metric_order(bound: GeneralizationBound) -> list[str]:
     head = [f"bound/{bound.headline}"] if bound.headline in bound.wanted else []
     iso = [f"bound/{b}" for b in ("wang_mao_eq3", "wang_mao_eq2", "neu") if b in bound.wanted]
-    first = list(dict.fromkeys(head + iso))[:3] + ["gap/measured", "bound/test_error_upper", "gap/error"]
+    first = list(dict.fromkeys(head + iso))[:3] + ["gap/measured", "gap/error", "bound/test_error_upper"]
     rest = [f"bound/{b}" for b in bound.wanted] + ["bound/neu_abs"]
     ses = [f"bound/{b}_se" for b in bound.wanted] + ["gap/measured_se", "gap/error_se"]
     tail = ["bound/valid", "bound/heuristic", "gap/train_error", "gap/heldout_error", "gap/train_loss",
@@ -189,10 +194,13 @@ class RunSummary:
         metrics = {k: bound.latest[k] for k in _metric_order(bound) if k in bound.latest}
         if not metrics:
             return
+        varied = _varied_settings(params)
+        params = {**{k: params[k] for k in varied}, **{k: v for k, v in params.items() if k not in varied}}
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 writer = logger.experiment._get_file_writer()
-                for summary in hparams_summary(params, {k: 0.0 for k in metrics}):
+                exp, ssi, sei = hparams_summary(params, {k: 0.0 for k in metrics})
+                for summary in (_mark_differs(exp, varied), ssi, sei):
                     writer.add_summary(summary)
                 logger.experiment.add_text("genbounds/settings", _markdown_settings(params))
                 logger.experiment.flush()
@@ -209,6 +217,34 @@ class RunSummary:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_text("genbounds/results", markdown, int(trainer.global_step))
                 logger.experiment.flush()
+
+
+USUALLY_VARIED = ("data/label_noise", "lr", "batch_size", "seed", "trainer/max_epochs", "model/weight_decay",
+                  "model/momentum")
+
+
+def _varied_settings(params: dict[str, Any]) -> list[str]:
+    """The settings shown (ticked) first in TensorBoard's HParams: those given on the command line,
+    then the ones runs usually differ in. TensorBoard takes one run's experiment summary as is and
+    ticks the first five settings flagged as differing, so genbounds flags them itself."""
+    overrides = str(params.get("cli_overrides", "")).split()
+    from_cli = []
+    for item in overrides:
+        key = item.split("=", 1)[0].split(".")[-1]
+        from_cli += [k for k in params if k == key or k.endswith("/" + key)]
+    return list(dict.fromkeys(from_cli + [k for k in USUALLY_VARIED if k in params]))
+
+
+def _mark_differs(experiment: Any, names: list[str]) -> Any:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        if info.name in names:
+            info.differs = True
+    value.metadata.plugin_data.content = data.SerializeToString()
+    return experiment
 
 
 def _fmt(value: float | None, se: float | None = None) -> str:
