@@ -60,10 +60,11 @@ class Samples(Dataset):
         return self.x[j], self.y[j]
 
 
-def sample_loader(batches: list[tuple[Tensor, Tensor]], steps: int) -> DataLoader:
-    """``steps`` batches of the batches' size, collated from single samples (in order)."""
+def sample_loader(batches: list[tuple[Tensor, Tensor]], steps: int, pin_memory: bool = False) -> DataLoader:
+    """``steps`` batches of the batches' size, collated from single samples (in order); host
+    tensors, pinned when asked (for a CUDA run: Lightning copies each batch to the device)."""
     b = batches[0][0].shape[0]
-    return DataLoader(Samples(batches, steps * b), batch_size=b, shuffle=False)
+    return DataLoader(Samples(batches, steps * b), batch_size=b, shuffle=False, pin_memory=pin_memory)
 
 
 class _Block(nn.Module):

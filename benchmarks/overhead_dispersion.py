@@ -39,7 +39,7 @@ step, Lightning's own allocations and allocator caching.  The whole-process peak
 the ~0.8 GiB the libraries occupy.
 
 CUDA (``--device cuda``): the CUDA models (ResNet-18 with GroupNorm and with BatchNorm, the CNN,
-batch 128) run in this process, one ``Trainer.fit`` after another (fresh model each time); peak
+batch 128; host batches in pinned memory, copied to the device by Lightning) run in this process, one ``Trainer.fit`` after another (fresh model each time); peak
 memory is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
 ``memory_allocated()`` before ``fit``; the step timer synchronizes at both ends.  Without a CUDA
 device the script prints "not measured" and exits 0.
@@ -94,10 +94,6 @@ class Spec:
     device: str = "cpu"
 
 
-def _cuda() -> torch.device:
-    return torch.device("cuda")
-
-
 def _mlp() -> nn.Module:
     from genbounds.models import MLP
 
@@ -134,12 +130,21 @@ SPECS: dict[str, Spec] = {
     # CUDA rows (benchmarks/cuda_check.sh)
     "cuda-resnet18-gn": Spec("CUDA: torchvision ResNet-18 with GroupNorm(32) in place of BatchNorm, 32×32×3, batch 128",
                              lambda: resnet18_torchvision(norm="group"),
-                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
     "cuda-resnet18-bn": Spec("CUDA: torchvision ResNet-18 (train-mode BatchNorm), 32×32×3, batch 128",
                              resnet18_torchvision,
-                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+                             lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
     "cuda-cnn": Spec("CUDA: AlexNet-style CNN of Wang & Mao (width 1), 32×32×3, batch 128", _cnn,
-                     lambda: random_image_batches(8, 128, (3, 32, 32), 10, _cuda()), 200, 30, {}, "cuda"),
+                     lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
+}
+TARGETS: dict[tuple[str, str], tuple[str, float]] = {
+    # (model, quantity) → (description, limit on the median per-round ratio)
+    ("mlp", "time"): ("dispersion every step, time ≤ 1.10× plain", 1.10),
+    ("mlp", "memory"): ("dispersion every step, peak growth ≤ 1.2× plain", 1.2),
+    ("cnn", "time"): ("dispersion every step, time ≤ 1.25× plain", 1.25),
+    ("cnn", "memory"): ("dispersion every step, peak growth ≤ 1.2× plain", 1.2),
+    ("mlp5.6m", "memory"): ("functorch, peak ≤ 2× plain", 2.0),
+    ("cuda-resnet18-gn", "time"): ("dispersion every step, time ≤ 1.05× plain", 1.05),
 }
 CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "mlp5.6m")
 CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn")
@@ -216,11 +221,12 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=4 if with_val else 0,
                 log_every_n_steps=log_every, callbacks=[fit_timer, *callbacks, step_timer])
             if with_val:  # epochs of `epoch_steps` steps; the validation set: 4 more batches of the same shape
-                train_loader = sample_loader(batches, epoch_steps)
-                val_batches = spec.batches() if not cuda else [(x.roll(1, 0), y.roll(1, 0)) for x, y in batches]
-                loaders = {"train_dataloaders": train_loader, "val_dataloaders": sample_loader(val_batches, 4)}
+                train_loader = sample_loader(batches, epoch_steps, pin_memory=cuda)
+                val_batches = [(x.roll(1, 0), y.roll(1, 0)) for x, y in batches]
+                loaders = {"train_dataloaders": train_loader,
+                           "val_dataloaders": sample_loader(val_batches, 4, pin_memory=cuda)}
             else:
-                loaders = {"train_dataloaders": sample_loader(batches, warmup + steps + 8)}
+                loaders = {"train_dataloaders": sample_loader(batches, warmup + steps + 8, pin_memory=cuda)}
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -294,17 +300,22 @@ def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: b
 # ------------------------------------------------------------------------------------- parent
 
 
-def configs_of(model_name: str, raw: bool, suite: bool) -> list[tuple[str, str]]:
-    """(configuration, its baseline) pairs of one model, baseline first."""
-    pairs = [("plain", "plain"), ("dispersion", "plain")]
+def config_groups(model_name: str, raw: bool, suite: bool | set[str]) -> list[list[str]]:
+    """Groups of configurations run back to back; the first of each group is the others' baseline."""
+    groups = [["plain", "dispersion"]]
     if raw and model_name in RAW_MODELS:
-        pairs += [("raw-plain", "raw-plain"), ("raw-hooks", "raw-plain")]
-    if suite:
-        pairs += [("plain-val", "plain-val"), ("suite", "plain-val")]
-    return pairs
+        groups.append(["raw-plain", "raw-hooks"])
+    if suite is True or (isinstance(suite, set) and model_name in suite):
+        groups.append(["plain-val", "suite"])
+    return groups
 
 
-def measure(models: list[str], rounds: int, raw: bool, suite: bool, steps_scale: float, in_process: bool,
+def configs_of(model_name: str, raw: bool, suite: bool | set[str]) -> list[tuple[str, str]]:
+    """(configuration, its baseline) pairs of one model."""
+    return [(c, g[0]) for g in config_groups(model_name, raw, suite) for c in g]
+
+
+def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], steps_scale: float, in_process: bool,
             epoch_steps: int) -> tuple[dict, list[str]]:
     results: dict[tuple[str, str], list[dict]] = {}
     loads = [load_average()]
@@ -313,11 +324,9 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool, steps_scale:
         for m in models:
             spec = SPECS[m]
             steps = max(2, int(round(spec.steps * steps_scale)))
-            pairs = configs_of(m, raw, suite)
-            groups = [pairs[i:i + 2] for i in range(0, len(pairs), 2)]  # (baseline, variant) per group
-            for group in groups:
-                order = group if r % 2 == 0 else group[::-1]
-                for config, _ in order:
+            for group in config_groups(m, raw, suite):
+                order = group[r % len(group):] + group[:r % len(group)]  # rotates from round to round
+                for config in order:
                     if in_process:
                         res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps)
                     else:
@@ -331,7 +340,7 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool, steps_scale:
     return results, loads
 
 
-def tables(results: dict, models: list[str], raw: bool, suite: bool) -> str:
+def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) -> str:
     lines = ["| model | configuration | backend | median ms / step | time ratio to plain: median [min–max] | "
              "peak growth MiB (median) | peak-growth ratio: median [min–max] | whole-process peak ratio (median) |",
              "|---|---|---|---:|---:|---:|---:|---:|"]
@@ -365,6 +374,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--raw", action="store_true", help="also time the raw loop (MLP and CNN)")
     parser.add_argument("--suite", action="store_true", help="also time the default suite (plain-val vs suite)")
+    parser.add_argument("--suite-models", default=None, help="models the --suite rows run for (default: all)")
     parser.add_argument("--epoch-steps", type=int, default=50, help="steps per epoch of the suite runs")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every model's timed steps")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
@@ -398,7 +408,8 @@ def main() -> None:
     if args.device == "cuda":
         info["cpu"] += f"; GPU {torch.cuda.get_device_name(0)}"
     # CUDA: one process (device memory is measured by the allocator, not the resident set)
-    results, loads = measure(models, args.rounds, args.raw, args.suite, args.steps_scale,
+    suite_models = set(models if not args.suite_models else args.suite_models.split(",")) if args.suite else set()
+    results, loads = measure(models, args.rounds, args.raw, suite_models, args.steps_scale,
                              in_process=args.device == "cuda", epoch_steps=args.epoch_steps)
     legend = "\n".join(f"* **{m}**: {SPECS[m].title}; {results[(m, 'plain')][0]['params'] / 1e6:.2f} M parameters; "
                        f"{results[(m, 'plain')][0]['warmup']} warm-up + {results[(m, 'plain')][0]['steps']} timed steps"
@@ -413,12 +424,26 @@ def main() -> None:
                     extra = (f"; probes {statistics.median([x.get('probe_s', 0.0) for x in d]):.2f} s per run, "
                              f"{statistics.median([x.get('deferred', 0) for x in d]):.0f} deferred by the budget")
                 notes.append(f"* {m} ({config}): backend `{d[0].get('backend')}` — {d[0].get('description', '')}{extra}")
+    checks = []
+    for (m, quantity), (what, limit) in TARGETS.items():
+        if m not in models:
+            continue
+        key = "ms_per_step" if quantity == "time" else "peak_growth_mib"
+        med, lo, hi = ratio_stats([x[key] for x in results[(m, "dispersion")]], [x[key] for x in results[(m, "plain")]])
+        verdict = "met" if med <= limit else "**missed**"
+        extra = ""
+        if quantity == "memory":
+            w = statistics.median([a["maxrss_mib"] / b["maxrss_mib"] for a, b in
+                                   zip(results[(m, "dispersion")], results[(m, "plain")])])
+            extra = f" (whole-process peak ratio {w:.2f}×)" if SPECS[m].device == "cpu" else ""
+        checks.append(f"* {m}: {what} — measured {med:.3f}× [{lo:.3f}–{hi:.3f}]: {verdict}{extra}")
     text = "\n\n".join([
         f"### GradientDispersion every step vs plain training ({args.device.upper()}, {args.rounds} rounds)",
         describe_machine_md(info, loads),
         legend,
-        tables(results, models, args.raw, args.suite),
+        tables(results, models, args.raw, suite_models),
         "Backends chosen:\n" + "\n".join(notes),
+        "Targets (median of the per-round ratios):\n" + ("\n".join(checks) or "(none for these models)"),
     ])
     print(text)
     if args.out:

@@ -61,6 +61,44 @@ def make_timer():
     return FitTimer()
 
 
+def make_hook_timer():
+    """A callback that, at ``setup``, wraps every ``on_*`` hook of the trainer's other callbacks
+    with a wall-clock accumulator (``--breakdown``): seconds per callback class.  Probes that one
+    callback runs on another's behalf (the bound evaluation asks Flatness, HessianTrace, …) are
+    counted under the caller's hook."""
+    import functools
+
+    from lightning.pytorch import Callback
+
+    class HookTimer(Callback):
+        def __init__(self) -> None:
+            self.seconds: dict[str, float] = {}
+
+        def setup(self, trainer, pl_module, stage):  # noqa: ANN001
+            for cb in trainer.callbacks:
+                if cb is self or type(cb).__name__ in ("FitTimer", "SaveConfigCallback"):
+                    continue
+                owner = type(cb).__name__
+                for name in dir(type(cb)):
+                    if not name.startswith("on_") or name in ("on_save_checkpoint", "on_load_checkpoint"):
+                        continue
+                    fn = getattr(cb, name)
+                    if not callable(fn) or getattr(type(cb), name) is getattr(Callback, name, None):
+                        continue
+
+                    @functools.wraps(fn)
+                    def timed(*a, __fn=fn, __owner=owner, **k):
+                        t0 = time.perf_counter()
+                        try:
+                            return __fn(*a, **k)
+                        finally:
+                            self.seconds[__owner] = self.seconds.get(__owner, 0.0) + time.perf_counter() - t0
+
+                    setattr(cb, name, timed)
+
+    return HookTimer()
+
+
 def dense_config(config: str, out_path: str) -> None:
     """``config`` with ``overhead_budget`` removed from every ``GeneralizationBound``."""
     import yaml
@@ -78,7 +116,8 @@ def dense_config(config: str, out_path: str) -> None:
         yaml.safe_dump(cfg, fh, sort_keys=False)
 
 
-def child(variant: str, config: str, save_dir: str, version: str, max_epochs: int | None) -> dict:
+def child(variant: str, config: str, save_dir: str, version: str, max_epochs: int | None,
+          breakdown: bool = False) -> dict:
     import logging
     import warnings
 
@@ -101,17 +140,24 @@ def child(variant: str, config: str, save_dir: str, version: str, max_epochs: in
     if variant == "plain":
         args.append("--trainer.callbacks=null")
     timer = make_timer()
+    extra_callbacks = [timer]
+    hook_timer = None
+    if breakdown and variant != "plain":
+        hook_timer = make_hook_timer()
+        extra_callbacks.append(hook_timer)
     t0 = time.perf_counter()
     cli = GenboundsCLI(
         LightningModule, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args,
         save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,
-        trainer_defaults={"callbacks": [timer]},
+        trainer_defaults={"callbacks": extra_callbacks},
     )
     total = time.perf_counter() - t0
     trainer = cli.trainer
     out = {"variant": variant, "fit_s": timer.seconds, "cli_s": total, "global_step": int(trainer.global_step),
            "epochs": int(trainer.current_epoch), "log_dir": trainer.logger.log_dir if trainer.logger else None,
            "callbacks": [type(c).__name__ for c in trainer.callbacks], "load": load_average()}
+    if hook_timer is not None:
+        out["hook_seconds"] = dict(hook_timer.seconds)
     budget = trainer.__dict__.get("_genbounds_overhead")
     if budget is not None:
         out["probe_s"] = budget.probe_time
@@ -140,6 +186,8 @@ def main() -> None:
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "digits_mlp.yaml"))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dense", type=int, default=2, help="runs of the dense (no budget) schedule")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time every callback's hooks (small extra cost; reported per callback)")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs (default: the config's)")
     parser.add_argument("--keep", default=None, help="keep the runs' logs under this folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
@@ -148,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         variant, config, save_dir, version = args.child
-        print(json.dumps(child(variant, config, save_dir, version, args.max_epochs)))
+        print(json.dumps(child(variant, config, save_dir, version, args.max_epochs, args.breakdown)))
         return
 
     here = os.path.abspath(__file__)
@@ -157,6 +205,8 @@ def main() -> None:
     dense_yaml = os.path.join(work, "dense.yaml")
     dense_config(args.config, dense_yaml)
     extra = [f"--max-epochs={args.max_epochs}"] if args.max_epochs else []
+    if args.breakdown:
+        extra.append("--breakdown")
     info = machine_description()
     loads = [load_average()]
     runs: dict[str, list[dict]] = {"plain": [], "suite": [], "dense": []}
@@ -171,7 +221,8 @@ def main() -> None:
         return res
 
     for r in range(args.rounds):
-        for variant in (("plain", "suite") if r % 2 == 0 else ("suite", "plain")):
+        group = ["plain", "suite"]
+        for variant in group[r % len(group):] + group[:r % len(group)]:  # order rotates from round to round
             run(variant, r)
         if r < args.dense:  # dense runs interleaved with the first rounds, outside the timed pairs
             run("dense", r)
@@ -193,7 +244,7 @@ def main() -> None:
         if v == "plain":
             ratio = "1"
         elif v == "suite":
-            ratio = fmt_ratio(ratio_stats(fit["suite"], fit["plain"]))
+            ratio = fmt_ratio(ratio_stats(fit[v], fit["plain"]))
         else:
             dense_ratio = [d / statistics.median(fit["plain"]) for d in fit["dense"]]
             ratio = (f"{statistics.median(dense_ratio):.3f}× [{min(dense_ratio):.3f}–{max(dense_ratio):.3f}] "
@@ -213,16 +264,33 @@ def main() -> None:
                      f"| {v} | {statistics.median(fit[v]):.2f} | {min(fit[v]):.2f}–{max(fit[v]):.2f} | {ratio} | "
                      f"{statistics.median(probe):.2f} | {statistics.median(deferred):.0f} | – |")
     # probe time by owner
-    owners = sorted({o for v in ("suite", "dense") for x in runs[v] for o in x.get("probe_by_owner", {})})
+    shown = [v for v in ("suite", "dense") if runs[v]]
+    owners = sorted({o for v in shown for x in runs[v] for o in x.get("probe_by_owner", {})})
     if owners:
         lines += ["", "Probe time by callback (median seconds per run; `OverheadBudget.by_owner`):", "",
-                  "| callback | suite (budget 0.2) | dense |", "|---|---:|---:|"]
+                  "| callback | " + " | ".join(shown) + " |", "|---|" + "---:|" * len(shown)]
         for o in owners:
             cells = []
-            for v in ("suite", "dense"):
+            for v in shown:
                 vals = [x.get("probe_by_owner", {}).get(o, 0.0) for x in runs[v]]
                 cells.append(f"{statistics.median(vals):.2f}" if vals else "–")
-            lines.append(f"| {o} | {cells[0]} | {cells[1]} |")
+            lines.append(f"| {o} | " + " | ".join(cells) + " |")
+
+    hooked = [v for v in ("suite", "dense") if any("hook_seconds" in x for x in runs[v])]
+    if hooked:
+        names = sorted({o for v in hooked for x in runs[v] for o in x.get("hook_seconds", {})})
+        lines += ["", "Wall time inside each callback's hooks (median seconds per run, `--breakdown`; a bound "
+                  "evaluation's requests to the probes count under GeneralizationBound), and the rest of the "
+                  "difference to plain:", "", "| callback | " + " | ".join(hooked) + " |", "|---|" + "---:|" * len(hooked)]
+        for o in names:
+            lines.append(f"| {o} | " + " | ".join(
+                f"{statistics.median([x.get('hook_seconds', {}).get(o, 0.0) for x in runs[v]]):.2f}" for v in hooked) + " |")
+        rest = []
+        for v in hooked:
+            diffs = [x["fit_s"] - sum(x.get("hook_seconds", {}).values()) - statistics.median(fit["plain"]) for x in runs[v]]
+            rest.append(f"{statistics.median(diffs):.2f}")
+        lines.append("| fit time − hooks − median plain (hook-less costs: forward hooks, autograd hooks, "
+                     "Lightning dispatch) | " + " | ".join(rest) + " |")
 
     # ---------------------------------------------------------------- bounds
     if runs["dense"]:

@@ -118,15 +118,60 @@ def parameter_groups(module: nn.Module, layer_groups: dict[str, str] | None = No
     return groups
 
 
-def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """``[len(tensors)]`` squared Euclidean norms, accumulated in float64 (fused multi-tensor norm)."""
-    if not tensors:
-        return torch.zeros(0, dtype=torch.float64)
+_ROW = 1024  # elements per fp32 partial norm on the CPU path (relative error ≲ 1e-7 per row)
+
+
+def _foreach_sq_norms64(tensors: list[Tensor]) -> list[Tensor]:
     try:
-        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
+        norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
     except (TypeError, RuntimeError):  # older torch without the dtype argument
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
-    return torch.stack(list(norms)).square()
+    return [n.square() for n in norms]
+
+
+def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """``[len(tensors)]`` squared Euclidean norms, accumulated in float64.
+
+    On CUDA (and for non-fp32 tensors) one fused multi-tensor norm with float64 accumulation. On
+    the CPU that fused kernel first copies every fp32 tensor to float64 — 0.56 ms of a 7 ms step
+    of the MLP benchmark (docs/results/overhead.md) — so large fp32 tensors are split into rows of
+    1,024 elements whose norms are taken in fp32 and summed in float64: relative error ≲ 1e-7
+    (a single fp32 norm of a 400k-element tensor is off by up to 5e-6), a third of the time.
+    """
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    tensors = list(tensors)
+    if tensors[0].device.type != "cpu":
+        return torch.stack(_foreach_sq_norms64(tensors))
+    out: list[Tensor | None] = [None] * len(tensors)
+    small = [i for i, t in enumerate(tensors) if t.dtype != torch.float32 or t.numel() < 4 * _ROW]
+    if small:
+        for i, sq in zip(small, _foreach_sq_norms64([tensors[i] for i in small])):
+            out[i] = sq
+    for i, t in enumerate(tensors):
+        if out[i] is not None:
+            continue
+        flat = t.detach().reshape(-1)
+        k = flat.numel() // _ROW
+        sq = torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), dim=1).double().square().sum()
+        if flat.numel() > k * _ROW:
+            sq = sq + torch.linalg.vector_norm(flat[k * _ROW:]).double().square()
+        out[i] = sq
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def row_sq_norms(rows: Tensor) -> Tensor:
+    """``[c]`` float64 squared norms of the rows of a ``[c, P]`` tensor, without a float64 copy
+    or a ``rows²`` temporary: fp32 norms of 1,024-element pieces, squared and summed in float64
+    (relative error ≲ 1e-7; other dtypes are upcast)."""
+    c, width = rows.shape
+    if rows.dtype != torch.float32 or width < 4 * _ROW:
+        return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square()
+    k = width // _ROW
+    sq = torch.linalg.vector_norm(rows[:, : k * _ROW].reshape(c, k, _ROW), dim=2).double().square().sum(1)
+    if width > k * _ROW:
+        sq = sq + torch.linalg.vector_norm(rows[:, k * _ROW:], dim=1).double().square()
+    return sq
 
 
 def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -136,11 +181,7 @@ def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     ``clip_grad_norm_`` does) with float64 accumulation."""
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    try:
-        norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
-    except (TypeError, RuntimeError):  # older torch without the dtype argument
-        norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
-    return torch.stack(list(norms)).square().sum()
+    return per_tensor_sq_norms(tensors).sum()
 
 
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:

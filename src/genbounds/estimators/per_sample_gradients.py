@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors
-from genbounds.estimators.functional import LossFn, detached, functional_loss, trainable_parameters
+from genbounds.estimators.functional import LossFn, detached, functional_loss, row_sq_norms, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums
 
 Method = Literal["vmap", "jacobian", "hooks"]
@@ -95,7 +95,7 @@ def per_sample_gradient_moments(
     centered: list[Tensor] = []
     kept: list[Tensor] | None = None
     for flat, loss in chunks:
-        rows = torch.stack([(g * g).sum(1, dtype=torch.float64) for g in flat])  # [P, c]
+        rows = torch.stack([row_sq_norms(g) for g in flat])  # [P, c]
         per_param_sq = rows.sum(1) if per_param_sq is None else per_param_sq + rows.sum(1)
         sq_sum = sq_sum.to(rows.device) + rows.sum()
         sums = [g.sum(0) for g in flat]
@@ -104,13 +104,13 @@ def per_sample_gradient_moments(
         if single:
             kept = flat
         elif mean_gradient is not None:
-            centered.append(torch.stack([((g - m.reshape(1, -1)) ** 2).sum(1, dtype=torch.float64)
+            centered.append(torch.stack([row_sq_norms(g - m.reshape(1, -1))
                                          for g, m in zip(flat, mean_gradient)]).sum(0))
     assert grad_sum is not None and per_param_sq is not None
     terms = None
     if kept is not None:
         mean = [s / b for s in grad_sum]
-        terms = torch.stack([((g - m) ** 2).sum(1, dtype=torch.float64) for g, m in zip(kept, mean)]).sum(0)
+        terms = torch.stack([row_sq_norms(g - m) for g, m in zip(kept, mean)]).sum(0)
     elif centered:
         terms = torch.cat(centered)
     shaped_sum = [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]

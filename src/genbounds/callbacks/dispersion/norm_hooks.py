@@ -57,6 +57,10 @@ class SharedHooks:
             self.ghost.attach()
 
     def arm(self, owner: int) -> None:
+        if self.owners and self.ghost is not None and self.ghost.armed:
+            # armed since an earlier step (kept armed between consecutive measured steps): drop
+            # whatever a forward outside the training step recorded since the last read
+            self.ghost.clear()
         if not self.owners:
             if self.ghost is not None:
                 self.ghost.arm()
@@ -101,6 +105,16 @@ class SharedHooks:
         self.cache = (self.backward_count, result)
         return result
 
+    @property
+    def stays_armed(self) -> bool:
+        """Whether the hooks may stay armed from one measured step to the next. Ghost hooks are
+        suspended during every extra pass (:mod:`genbounds.estimators.recording`) and ignore
+        gradient-free forwards, so keeping them armed only saves re-registering the per-parameter
+        hooks and re-faulting the work buffers every step (measured: peak-memory growth of the
+        MLP benchmark 80 → 35 MiB, docs/results/overhead.md); BackPACK's hooks would run in
+        every backward, probes' included, so a module with BackPACK layers disarms each step."""
+        return self.backpack is None
+
     def disarm(self, owner: int) -> None:
         self.owners.discard(owner)
         if not self.owners:
@@ -134,7 +148,10 @@ class NormHooksBackend(DispersionBackend):
             parts.append(", BackPACK for " + ", ".join(sorted({type(m).__name__ for m in backpack.values()})))
         parts.append("; no extra pass)")
         if approximate_batchnorm:
-            parts.append(" — train-mode BatchNorm: the per-sample terms of the batch gradient's decomposition")
+            parts.append(" — train-mode BatchNorm: the per-sample terms of the batch gradient's decomposition, "
+                         "an approximation that measured 2.5-7x the dispersion over independent batches "
+                         "(docs/results/overhead.md; backend='microbatch' or accumulate_grad_batches>=2 "
+                         "for the train-mode chunk estimator)")
         self.description = "".join(parts)
         self.shared: SharedHooks | None = None
         self.deltas = GradientDeltas()
@@ -148,6 +165,8 @@ class NormHooksBackend(DispersionBackend):
     def start_window(self, measuring: bool) -> None:
         self.deltas.reset()
         self._accumulated = None
+        if not measuring and self.shared is not None:
+            self.shared.disarm(id(self))
 
     def before_forward(self, ctx: StepContext) -> None:
         assert self.shared is not None
@@ -164,10 +183,11 @@ class NormHooksBackend(DispersionBackend):
         try:
             read = self.shared.read(scale)
         except RuntimeError as err:
+            self.shared.disarm(id(self))
             self.failed = err
             rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; switching to an extra-pass backend.")
             return None
-        finally:
+        if read is None or not self.shared.stays_armed:
             self.shared.disarm(id(self))
         if read is None:
             self.failed = RuntimeError("no per-sample norms for a hooked layer")
