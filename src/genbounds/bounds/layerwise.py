@@ -93,16 +93,13 @@ def trajectory_wang_mao_blocks(eta: np.ndarray, vhat_blocks: np.ndarray, r: floa
     return math.sqrt(math.fsum(parts))
 
 
-@dataclass
-class Eq2LayerwiseResult:
+class _SelectedCandidate:
+    """The selected candidate of a result with ``candidates [C, K]``, ``bound [C]``,
+    ``standard_error [C]`` and a ``selection`` (index −1: none)."""
+
     candidates: np.ndarray
-    """``[C, K]`` noise levels ``σ_k`` per candidate."""
-    trajectory: np.ndarray
-    flatness: np.ndarray
-    """``|γ_Σ(W_T,S) − γ_Σ(W_T,S')|`` per candidate."""
     bound: np.ndarray
     standard_error: np.ndarray
-    """Per candidate: the flatness estimate's Monte Carlo SE (NaN when not given)."""
     selection: Selection
 
     @property
@@ -120,6 +117,20 @@ class Eq2LayerwiseResult:
     @property
     def sigmas(self) -> np.ndarray:
         return self.candidates[self.best] if self.best >= 0 else np.full(self.candidates.shape[1], np.nan)
+
+
+@dataclass
+class Eq2LayerwiseResult(_SelectedCandidate):
+    candidates: np.ndarray
+    """``[C, K]`` noise levels ``σ_k`` per candidate."""
+    trajectory: np.ndarray
+    flatness: np.ndarray
+    """``|γ_Σ(W_T,S) − γ_Σ(W_T,S')|`` per candidate."""
+    bound: np.ndarray
+    standard_error: np.ndarray
+    """Per candidate: the flatness estimate's Monte Carlo SE (NaN when not given)."""
+    selection: Selection
+
 
 
 def wang_mao_eq2_layerwise(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n: int, d_blocks: Sequence[int],
@@ -365,7 +376,7 @@ def gamma_sigma_inv_from_halves(dot_blocks: np.ndarray, sigmas: Sequence[float])
 
 
 @dataclass
-class Theorem7Result:
+class Theorem7Result(_SelectedCandidate):
     candidates: np.ndarray
     trajectory: np.ndarray
     """``sqrt(max(4R²/n Σ_t η_t² (Γ_{Σ_c} + V_{t,Σ_c}), 0))`` per candidate."""
@@ -381,28 +392,12 @@ class Theorem7Result:
     selection_abs: Selection
 
     @property
-    def best(self) -> int:
-        return self.selection.index
-
-    @property
     def best_abs(self) -> int:
         return self.selection_abs.index
 
     @property
-    def value(self) -> float:
-        return float(self.bound[self.best]) if self.best >= 0 else math.nan
-
-    @property
     def value_abs(self) -> float:
         return float(self.bound_abs[self.best_abs]) if self.best_abs >= 0 else math.nan
-
-    @property
-    def se(self) -> float:
-        return float(self.standard_error[self.best]) if self.best >= 0 else math.nan
-
-    @property
-    def sigmas(self) -> np.ndarray:
-        return self.candidates[self.best] if self.best >= 0 else np.full(self.candidates.shape[1], np.nan)
 
 
 def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_blocks: np.ndarray, r: float, n: int,

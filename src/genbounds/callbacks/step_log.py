@@ -120,8 +120,14 @@ class StepLog:
             device = buf.device  # the rows since the last flush stay together
         else:
             device = next((v.device for v in values.values() if isinstance(v, Tensor)), torch.device("cpu"))
-        row = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, Tensor)
-                           else torch.tensor(float(v), dtype=torch.float64, device=device) for v in values.values()])
+        vals = list(values.values())
+        first = vals[0]
+        if isinstance(first, Tensor) and all(isinstance(v, Tensor) and v.dim() == 0 and v.dtype == first.dtype
+                                             and v.device == device for v in vals):
+            row = torch.stack(vals).detach()  # the usual case: one kernel; copy_ below converts to float64
+        else:
+            row = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, Tensor)
+                               else torch.tensor(float(v), dtype=torch.float64, device=device) for v in vals])
         if buf is None or buf.device != device or buf.shape[1] < len(names) or used >= buf.shape[0]:
             rows = max(64, 2 * used)
             width = max(len(names), buf.shape[1] if buf is not None else 0)

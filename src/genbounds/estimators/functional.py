@@ -121,12 +121,12 @@ def parameter_groups(module: nn.Module, layer_groups: dict[str, str] | None = No
 _ROW = 1024  # elements per fp32 partial norm on the CPU path (relative error ≲ 1e-7 per row)
 
 
-def _foreach_sq_norms64(tensors: list[Tensor]) -> list[Tensor]:
+def _foreach_sq_norms64(tensors: list[Tensor]) -> Tensor:
     try:
         norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
     except (TypeError, RuntimeError):  # older torch without the dtype argument
         norms = [torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors]
-    return [n.square() for n in norms]
+    return torch.stack(list(norms)).square()
 
 
 def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
@@ -141,12 +141,14 @@ def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     if not tensors:
         return torch.zeros(0, dtype=torch.float64)
     tensors = list(tensors)
-    if tensors[0].device.type != "cpu":
-        return torch.stack(_foreach_sq_norms64(tensors))
+    # below 32 rows the float64 copy costs less than the extra kernels of the row split
+    if tensors[0].device.type != "cpu" or not any(
+            t.dtype == torch.float32 and t.numel() >= 32 * _ROW for t in tensors):
+        return _foreach_sq_norms64(tensors)
     out: list[Tensor | None] = [None] * len(tensors)
-    small = [i for i, t in enumerate(tensors) if t.dtype != torch.float32 or t.numel() < 4 * _ROW]
+    small = [i for i, t in enumerate(tensors) if t.dtype != torch.float32 or t.numel() < 32 * _ROW]
     if small:
-        for i, sq in zip(small, _foreach_sq_norms64([tensors[i] for i in small])):
+        for i, sq in zip(small, _foreach_sq_norms64([tensors[i] for i in small]).unbind()):
             out[i] = sq
     for i, t in enumerate(tensors):
         if out[i] is not None:
@@ -165,7 +167,7 @@ def row_sq_norms(rows: Tensor) -> Tensor:
     or a ``rows²`` temporary: fp32 norms of 1,024-element pieces, squared and summed in float64
     (relative error ≲ 1e-7; other dtypes are upcast)."""
     c, width = rows.shape
-    if rows.dtype != torch.float32 or width < 4 * _ROW:
+    if rows.dtype != torch.float32 or width < 32 * _ROW:
         return torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).square()
     k = width // _ROW
     sq = torch.linalg.vector_norm(rows[:, : k * _ROW].reshape(c, k, _ROW), dim=2).double().square().sum(1)
