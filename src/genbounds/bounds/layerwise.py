@@ -132,7 +132,6 @@ class Eq2LayerwiseResult(_SelectedCandidate):
     selection: Selection
 
 
-
 def wang_mao_eq2_layerwise(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n: int, d_blocks: Sequence[int],
                            candidates: np.ndarray, flatness_terms: Sequence[float],
                            flatness_term_se: Sequence[float] | None = None, z: float = 1.0,

@@ -77,8 +77,9 @@ class StepLog:
         self.log_nonfinite = log_nonfinite
         # records of the steps since the last flush: (step, names, row of _buffer); each record's
         # values are copied into one float64 device buffer kept for the run (grown by doubling),
-        # so that nothing allocated during a step outlives it (the step's 0-d tensors kept until
-        # a flush fragmented the host heap: +45 MiB peak on the MLP benchmark, overhead.md)
+        # so that nothing allocated during a step outlives it (the step's 0-d tensors were kept
+        # until a flush; with the norm hooks kept armed as well, the MLP benchmark's peak growth
+        # went from 80 to 35 MiB, docs/results/overhead.md — the two were measured together)
         self._pending: list[tuple[int, tuple[str, ...], int]] = []
         self._buffer: Tensor | None = None
         self._listeners: list[Listener] = []

@@ -151,14 +151,8 @@ def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
         for i, sq in zip(small, _foreach_sq_norms64([tensors[i] for i in small]).unbind()):
             out[i] = sq
     for i, t in enumerate(tensors):
-        if out[i] is not None:
-            continue
-        flat = t.detach().reshape(-1)
-        k = flat.numel() // _ROW
-        sq = torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), dim=1).double().square().sum()
-        if flat.numel() > k * _ROW:
-            sq = sq + torch.linalg.vector_norm(flat[k * _ROW:]).double().square()
-        out[i] = sq
+        if out[i] is None:
+            out[i] = row_sq_norms(t.detach().reshape(1, -1))[0]
     return torch.stack(out)  # type: ignore[arg-type]
 
 

@@ -110,8 +110,9 @@ class SharedHooks:
         """Whether the hooks may stay armed from one measured step to the next. Ghost hooks are
         suspended during every extra pass (:mod:`genbounds.estimators.recording`) and ignore
         gradient-free forwards, so keeping them armed only saves re-registering the per-parameter
-        hooks and re-faulting the work buffers every step (measured: peak-memory growth of the
-        MLP benchmark 80 → 35 MiB, docs/results/overhead.md); BackPACK's hooks would run in
+        hooks and re-faulting the work buffers every step (with the step log's run-long buffer,
+        measured together: peak-memory growth of the MLP benchmark 80 → 35 MiB,
+        docs/results/overhead.md); BackPACK's hooks would run in
         every backward, probes' included, so a module with BackPACK layers disarms each step."""
         return self.backpack is None
 
