@@ -114,3 +114,20 @@ def test_hooks_disarm_on_unmeasured_steps(tmp_path):
     _records(tmp_path, [GradientDispersion(backend="hooks", every_n_steps=3), Probe()])
     # measured at steps 0 and 3: armed after them; steps 1, 2, 4, 5 are not measured
     assert seen == [(0, True), (1, False), (2, False), (3, True), (4, False), (5, False)]
+
+
+@pytest.mark.cuda
+def test_cuda_norms_and_step_log_match_the_cpu():
+    dev = torch.device("cuda")
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(*s, generator=gen) for s in ((512, 784), (512,), (10, 512))]
+    want = _brute(tensors)
+    got = per_tensor_sq_norms([t.to(dev) for t in tensors])
+    assert got.device.type == "cuda" and torch.allclose(got.cpu(), want, rtol=1e-6, atol=0)
+    rows = torch.randn(4, 70_000, generator=gen)
+    assert torch.allclose(row_sq_norms(rows.to(dev)).cpu(), (rows.double() ** 2).sum(1), rtol=2e-7, atol=0)
+    log = StepLog("test")
+    for step in range(70):  # past the first buffer, on the device
+        log.record(step, {"a": torch.tensor(step, dtype=torch.float32, device=dev), "b": torch.tensor(0.5, device=dev)})
+    got = log.flush(_Trainer())
+    assert [(r.step, r.values) for r in got] == [(s, {"a": float(s), "b": 0.5}) for s in range(70)]
