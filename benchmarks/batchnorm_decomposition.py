@@ -49,7 +49,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from common import describe_machine_md, load_average, machine_description  # noqa: E402
+from common import describe_machine_md, emit_report, load_average, machine_description  # noqa: E402
 
 
 class Block(nn.Module):
@@ -289,12 +289,7 @@ def main() -> None:
     lines += ["", "(iv) Paired batches — a second independent batch at the same weights, train mode (one extra "
               "forward and backward per measured step): unbiased for the truth by construction; the same batches "
               "as the truth, in disjoint pairs (not independent of the truth column).", "", *paired_lines]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ quantities, allocator caching — and is only meaningful on CPU (Linux).
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -46,10 +45,12 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genbounds.estimators.ghost_norms import GhostNormHooks, plan
+from genbounds.estimators.ghost_norms import GhostNormHooks
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import status_kib  # noqa: E402
 
 CONFIGS = ("plain", "ghost", "backpack")
 
@@ -164,23 +165,12 @@ def _methods(run: Runner) -> dict[str, str]:
     return norms.methods if norms is not None else {}
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def measure_peak_growth(model_name: str, config: str, steps: int) -> float:
     """In this (fresh) process: MiB by which the resident set's high-water mark rises above the
     resident set just before the first step, over ``steps`` steps."""
     torch.set_num_threads(1)
     run = make_runner(model_name, config)
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     try:  # reset the kernel's high-water mark (Linux ≥ 4.0) so that import-time peaks don't hide ours
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
@@ -190,7 +180,7 @@ def measure_peak_growth(model_name: str, config: str, steps: int) -> float:
     for _ in range(steps):
         run.step()
     if reset and before is not None:
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         assert peak is not None
         return (peak - before) / 1024.0
     return float("nan")  # no way to isolate the steps' peak from the process's

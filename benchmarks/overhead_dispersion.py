@@ -65,6 +65,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from common import (  # noqa: E402
+    emit_report,
     FitTimer,
     PeakRSS,
     StepTimer,
@@ -392,12 +393,7 @@ def main() -> None:
         print(json.dumps(res))
         return
     if args.device == "cuda" and not torch.cuda.is_available():
-        text = "CUDA rows: not measured (torch.cuda.is_available() is False on this machine)."
-        print(text)
-        if args.out:
-            os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as fh:
-                fh.write(text + "\n")
+        emit_report("CUDA rows: not measured (torch.cuda.is_available() is False on this machine).", args.out)
         return
     default = CUDA_MODELS if args.device == "cuda" else CPU_MODELS
     models = [m.strip() for m in (args.models or ",".join(default)).split(",") if m.strip()]
@@ -445,16 +441,8 @@ def main() -> None:
         "Backends chosen:\n" + "\n".join(notes),
         "Targets (median of the per-round ratios):\n" + ("\n".join(checks) or "(none for these models)"),
     ])
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "loads": loads,
-                       "runs": {f"{m}|{c}": v for (m, c), v in results.items()}}, fh, indent=1)
+    emit_report(text, args.out, args.json, {"machine": info, "loads": loads,
+                                            "runs": {f"{m}|{c}": v for (m, c), v in results.items()}})
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    emit_report,
     describe_machine_md,
     fmt_ratio,
     load_average,
@@ -321,18 +322,11 @@ def main() -> None:
         no_se = sorted(t for t in suite_b[0] if t.startswith("bound/") and suite_b[0][t][1] is None)
         if no_se:
             lines += ["", "Without a standard error (not compared): " + ", ".join(f"`{t}`" for t in no_se) + "."]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump({"machine": info, "loads": loads, "runs": runs,
-                       "bounds": {v: [final_bounds(x["log_dir"]) for x in runs[v]] for v in ("suite", "dense")}},
-                      fh, indent=1)
+    payload = None
+    if args.json:  # reading the runs' event files back only when asked
+        payload = {"machine": info, "loads": loads, "runs": runs,
+                   "bounds": {v: [final_bounds(x["log_dir"]) for x in runs[v]] for v in ("suite", "dense")}}
+    emit_report("\n".join(lines), args.out, args.json, payload)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

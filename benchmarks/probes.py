@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import ResNet18NoBN  # noqa: E402
+from common import ResNet18NoBN, emit_report  # noqa: E402
 
 from genbounds.callbacks.hessian_trace import pyhessian_trace  # noqa: E402
 from genbounds.estimators.flatness import gaussian_flatness  # noqa: E402
@@ -156,12 +156,7 @@ def main() -> None:
                              args.repeats)
     else:
         lines.append("(CUDA not available on this machine: CUDA rows not measured.)")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out, "w") as fh:
-            fh.write(text + "\n")
+    emit_report("\n".join(lines), args.out)
 
 
 if __name__ == "__main__":
