@@ -169,8 +169,12 @@ def test_overhead_budget_spaces_the_probes_and_reports_the_ratio(tmp_path):
     budget = t.__dict__["_genbounds_overhead"]
     agg = aggregator(t)
     assert budget.fraction == 0.05 and budget.deferred > 0
-    # the next intermediate evaluation is priced at what a whole evaluation cost, not its last block
-    assert budget.last_cost["GeneralizationBound"] == pytest.approx(budget.reserve)
+    # the next evaluation is priced at what a whole evaluation cost (gap, probes, math), not its last
+    # block, and that much is kept free for the final one
+    assert agg._eval_cost is not None and agg._eval_cost == pytest.approx(budget.reserve)
+    assert agg._eval_cost > budget.last_cost["GeneralizationBound"]
+    # the per-step statistics are charged too
+    assert budget.by_owner.get("GradientDispersion", 0.0) > 0
     assert agg.latest["perf/overhead"] > 0
     probes = lambda s: sum(cb.num_probes_run for cb in s if hasattr(cb, "num_probes_run"))  # noqa: E731
     assert probes(suite) < probes(dense)

@@ -125,7 +125,8 @@ class Flatness(ProbeCallback):
             shapes += [per_param] * len(self.sigmas)
         rows = self.measures_error
         loss_fn = self.contract.losses_and_errors if rows else self._loss_fn
-        draws = self._draws_within_budget(pl_module, loss_fn, len(levels))
+        sets = 2 if self.heldout_available else 1
+        draws = self.draws_within_budget(self.num_draws, self.min_draws, 2.0 * sets * len(levels))
         est = gaussian_flatness(
             pl_module, loss_fn, self.train_probe, levels, draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
@@ -151,20 +152,12 @@ class Flatness(ProbeCallback):
         assert len(est.train) == k * (1 + len(self.shapes))
         return out
 
-    def _draws_within_budget(self, pl_module: LightningModule, loss_fn: Any, num_levels: int) -> int:
-        """``num_draws``, or fewer (≥ ``min_draws``) when the overhead budget has less time left
-        than the full probe would take: the cost of one draw is timed on one evaluation."""
-        if self.budget is None or self.budget.fraction is None:
-            return self.num_draws
-        import time
-
+    def forward_equivalents(self, num_shapes: int | None = None) -> float:
+        """Loss evaluations of a probe at ``min_draws`` (antithetic pairs, both probe sets, every
+        level): the least a budgeted probe costs."""
+        shapes = len(self.shapes) if num_shapes is None else num_shapes
         sets = 2 if self.heldout_available else 1
-        started = time.perf_counter()
-        with torch.no_grad():
-            loss_fn(pl_module, self.train_probe)
-        per_draw = (time.perf_counter() - started) * 2 * sets * num_levels
-        affordable = int(self.budget.remaining() // max(per_draw, 1e-9))
-        return max(self.min_draws, min(self.num_draws, affordable))
+        return 2.0 * sets * len(self.sigmas) * (1 + shapes) * self.min_draws
 
     def publish(self, step: int, values: dict[str, float]) -> None:
         est = self._last["estimate"]
@@ -187,7 +180,7 @@ class Flatness(ProbeCallback):
 
     def measure_shapes(self, trainer: Trainer, pl_module: LightningModule, shapes: Sequence[Sequence[float]],
                        group_of_param: dict[str, int], *, log: bool) -> None:
-        """Measure now (the bound's end-of-run request) with these block shapes besides the grid."""
+        """Measure now (the bound's request) with these block shapes besides the grid."""
         self.shapes = [list(map(float, s)) for s in shapes]
         self.group_of_param = dict(group_of_param)
         self.probe_now(trainer, pl_module, log=log, epoch_end=True)

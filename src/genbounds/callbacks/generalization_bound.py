@@ -162,6 +162,7 @@ class GeneralizationBound(ProbeCallback):
         self._evaluated_step: int | None = None
         self._trainer: Trainer | None = None
         self._budget_state: dict | None = None
+        self._eval_cost: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -220,6 +221,8 @@ class GeneralizationBound(ProbeCallback):
                 "GeneralizationBound could not determine the number of training samples n; pass num_train=...")
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
+        if self.budget is not None:
+            self.budget.reserve_estimate = self.first_cost
         self._gap.prepare(trainer, self.contract)
         self.heldout_available = self._gap.heldout_available
         if not self.contract.errors_available:
@@ -286,6 +289,27 @@ class GeneralizationBound(ProbeCallback):
         if self.print_summary:
             self._summary.print_table(trainer, self)
 
+    # ------------------------------------------------------------------ budget
+    def first_cost(self) -> float:
+        """An evaluation's cost before one was measured: the probes it asks for, priced by the
+        budget (the flatness probe at its fewest draws, with the layer-wise shapes)."""
+        if self.budget is None:
+            return 0.0
+        cost = 0.0
+        if self._flatness is not None and self._flatness.active:
+            shapes = 1 + int(self.series.config.get("neu_shape") is not None)
+            cost += self._flatness.forward_equivalents(num_shapes=shapes) * self._flatness.unit_cost()
+        if self._hessian is not None and self._hessian.active:
+            cost += self.budget.expected(self._hessian.owner)
+        if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
+            cost += self.budget.expected(self._sensitivity.owner)
+        return cost
+
+    def _affordable(self) -> bool:
+        if self.budget is None:
+            return True
+        return self.budget.allows(self.owner, self._eval_cost if self._eval_cost is not None else self.first_cost())
+
     # ------------------------------------------------------------------ evaluation
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -324,6 +348,21 @@ class GeneralizationBound(ProbeCallback):
         assert self.budget is not None
         self._evaluated_step = int(trainer.global_step)
         started = time.perf_counter()
+        # the final evaluation's probes share what is left of the budget (the reserve kept for it):
+        # each takes 1/k of it at its turn, k = the probes still to run, in the order they run
+        sensitivity = self._sensitivity if not self.series.sensitivity_steps else None
+        requested = [p for p in (self._hessian, sensitivity, self._flatness) if p is not None and p.active]
+        if not log:
+            for i, probe in enumerate(requested):
+                probe.final_share = 1.0 / (len(requested) - i)
+        try:
+            return self._evaluate(trainer, pl_module, log=log, started=started)
+        finally:
+            for probe in requested:
+                probe.final_share = None
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, started: float) -> dict[str, float]:
+        assert self.budget is not None and self._dispersion is not None
         with progress_status(trainer, "GeneralizationBound: computing the bounds…"):
             self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
             if self._hessian is not None and self._hessian.active:
@@ -348,10 +387,12 @@ class GeneralizationBound(ProbeCallback):
                 values.update(self._compute(inputs))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
-        self.budget.reserve = time.perf_counter() - started  # room kept for the final evaluation
-        # what the next intermediate evaluation will cost: the whole evaluation (gap, the flatness and
-        # Hessian probes it triggers, the bound math), not the last block timed under this owner
-        self.budget.last_cost[self.owner] = self.budget.reserve
+        if trainer.global_step > 0:
+            # what the next evaluation will cost — the whole of it (gap, the flatness and Hessian
+            # probes it asks for, the bound math), not the last block timed under this owner — and
+            # the room intermediate probes leave for the final one
+            self._eval_cost = time.perf_counter() - started
+            self.budget.reserve = self._eval_cost
         values.update(validity(values, self.wanted))
         values["bound/heuristic"] = float(not self.plain_sgd)
         values["perf/overhead"] = self.budget.overhead

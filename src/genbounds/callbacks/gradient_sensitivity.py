@@ -48,7 +48,9 @@ class GradientSensitivity(ProbeCallback):
     Args:
         sigmas: the grid of noise standard deviations.
         growing: also estimate at ``σ√(t−1)``.
-        num_draws: Gaussian draws per probe (≥ 2).
+        num_draws: Gaussian draws per probe (≥ 2); with an ``overhead_budget`` a probe uses fewer
+            (never below ``min_draws``) when the full count would not fit in what is left of it.
+        min_draws: the fewest draws a budgeted probe uses.
         draws_per_pass: draws evaluated in one vectorized pass, memory ∝ this × d (default 1 on CPU,
             8 on a GPU).
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest σ is below
@@ -74,6 +76,7 @@ class GradientSensitivity(ProbeCallback):
         sigmas: list[float] | None = None,
         growing: bool = True,
         num_draws: int = 16,
+        min_draws: int = 4,
         draws_per_pass: int | None = None,
         precision: Precision = "auto",
         every_n_steps: int | None = 50,
@@ -93,6 +96,7 @@ class GradientSensitivity(ProbeCallback):
         self.sigmas = check_sigmas(o, sigmas if sigmas is not None else [1e-3, 1e-2, 1e-1], allow_zero=True)
         self.growing = check_bool(o, "growing", growing)
         self.num_draws = check_int(o, "num_draws", num_draws, minimum=2)
+        self.min_draws = min(check_int(o, "min_draws", min_draws, minimum=2), self.num_draws)
         self.draws_per_pass = check_int(o, "draws_per_pass", draws_per_pass, optional=True)
         self.precision = check_choice(o, "precision", precision, PRECISIONS)
         self.channel: Channel[SensitivityRecord] = Channel()
@@ -119,6 +123,14 @@ class GradientSensitivity(ProbeCallback):
         self.shape = list(shape)
         self.group_of_param = dict(group_of_param)
 
+    def _levels(self) -> int:
+        return len(self.sigmas) * (1 + int(self.growing) + int(self.growing and self.shape is not None))
+
+    def forward_equivalents(self) -> float:
+        # one gradient (forward + backward) per draw and level on the held-out probe set, at the
+        # fewest draws a budgeted probe uses
+        return 3.0 * self._levels() * self.min_draws
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)  # t − 1 steps taken
@@ -140,7 +152,8 @@ class GradientSensitivity(ProbeCallback):
                 # Σ_t = diag((σ s_k)²): the Σ_t⁻¹ norm weighs block k by 1/(σ s_k)²
                 weights.append({n: 1.0 / (s * f) ** 2 for n, f in per_param.items()})
         est = gradient_sensitivity(
-            pl_module, self._loss_fn, self.heldout_probe, levels, self.num_draws,
+            pl_module, self._loss_fn, self.heldout_probe, levels,
+            self.draws_within_budget(self.num_draws, self.min_draws, 3.0 * len(levels)),
             self.generator(pl_module.device), draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
             dtype=probe_dtype(self.precision, min(s for s in levels if s > 0) if any(levels) else 1.0),
             reduce=self.reducer(trainer), shapes=shapes, norm_weights=weights,

@@ -143,7 +143,12 @@ class HeldoutGradient(ProbeCallback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:
-            self._due = self.schedule.due_at_step(trainer.global_step)
+            # a measurement the schedule asked for waits (step after step) until the overhead
+            # budget affords it: it needs this step's batch gradient, so it cannot run later
+            # (the first one is always taken: it cannot be made up at the end of the run, and it
+            # defines gap/predicted_cumulative)
+            self._pending = self._pending or self.schedule.due_at_step(trainer.global_step)
+            self._due = self._pending and (self.num_probes_run == 0 or self._affordable())
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # measured only at optimizer steps, where ḡ_B exists
@@ -168,10 +173,13 @@ class HeldoutGradient(ProbeCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self._lr = float(optimizer.param_groups[0]["lr"])
         if self._due:
-            self._due = False
+            self._due = self._pending = False
             self._probe(trainer, pl_module, log=True)
         elif self._s2_over_n is not None:
             self.predicted_cumulative += self._lr * self._s2_over_n
+
+    def forward_equivalents(self) -> float:
+        return 8.0  # per-sample gradients of two probe sets (a forward and a backward each, plus norms)
 
     def _moments(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> GradientMoments:
         """Moments of a probe set, summed over DDP ranks (the union of the ranks' shares)."""

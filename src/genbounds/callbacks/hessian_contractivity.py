@@ -78,6 +78,10 @@ class HessianContractivity(ProbeCallback):
         self.channel: Channel[CurvatureRecord] = Channel()
         self._step = 0
 
+    def forward_equivalents(self) -> float:
+        # two gradients (a forward and a backward each) per point, one HVP for the exact form
+        return 6.0 * self.num_points + (4.0 if self.exact else 0.0)
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)

@@ -45,11 +45,13 @@ class HessianTrace(ProbeCallback):
         abs_tol: …or when the SE is below this absolute floor (so a trace near 0 does not always run
             to ``max_probes``; 0 disables it).
         min_probes: never stop before this many Rademacher samples.
-        max_probes: never draw more.
+        max_probes: never draw more (with an ``overhead_budget``: nor more than what is left of it
+            affords, never fewer than ``min_probes``; the SE says how far the tolerance was reached).
         block_size: Rademacher vectors per HVP block (default 1 on CPU, 10 on a GPU, where they are
             vectorized).
         top_eigenvalue: also run power iteration.
-        eig_max_iter: power-iteration cap.
+        eig_max_iter: power-iteration cap (with an ``overhead_budget``, also capped by what is left,
+            never below 10; ``curv/hessian_top_eig_residual`` says how converged it is).
         eig_tol: relative change of the Rayleigh quotient to stop at.
         weighted_dispersion: also estimate ``Tr(H Σ_B)``.
         num_chunks: chunks of the training batch for ``Tr(H Σ_B)``.
@@ -139,6 +141,11 @@ class HessianTrace(ProbeCallback):
         self.group_names = list(groups)
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
+    def forward_equivalents(self) -> float:
+        # an HVP is about four forwards; Hutchinson stops at min_probes at the earliest, and power
+        # iteration is counted at 20 products (it is warm-started from the previous vector)
+        return 4.0 * self.min_probes + (80.0 if self.top_eigenvalue else 0.0)
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)
@@ -154,8 +161,10 @@ class HessianTrace(ProbeCallback):
             out["curv/hessian_trace"], out["curv/hessian_trace_se"] = mean, sd / math.sqrt(n)
             out["curv/hessian_trace_probes"] = float(n)
         else:
+            # under an overhead budget the tolerance may stop short of what is left: never past
+            # what the budget affords (an HVP ≈ 4 loss evaluations), never before min_probes
             est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
-                                   max_probes=self.max_probes,
+                                   max_probes=self.draws_within_budget(self.max_probes, self.min_probes, 4.0),
                                    block_size=self.per_pass(self.block_size, pl_module.device, gpu_default=10),
                                    groups=self._groups)
             out["curv/hessian_trace"], out["curv/hessian_trace_se"] = est.value, est.standard_error
@@ -171,7 +180,8 @@ class HessianTrace(ProbeCallback):
         if self.top_eigenvalue:
             # its start vectors come from a stream of their own: a (re)start never shifts the Hutchinson probes
             eig = top_eigenvalue(op, self.generator(pl_module.device, stream=1), init=self._eigvec,
-                                 max_iter=self.eig_max_iter, tol=self.eig_tol)
+                                 max_iter=self.draws_within_budget(self.eig_max_iter, min(10, self.eig_max_iter), 4.0),
+                                 tol=self.eig_tol)
             self._eigvec = eig.vector
             out["curv/hessian_top_eig"] = eig.value
             out["curv/hessian_top_eig_residual"] = eig.residual

@@ -1,38 +1,63 @@
-"""A time budget for the probes: ``overhead_budget=0.2`` keeps the wall time spent in probes and
-bound evaluations within 20 % of the time spent training.
+"""A time budget for the whole measurement suite: ``overhead_budget=0.2`` keeps the wall time
+spent measuring — probes, bound evaluations *and* the per-step statistics — within 20 % of the time
+spent training.
 
-One :class:`OverheadBudget` per ``Trainer`` is shared by every probe callback. Each measures its
-own cost; a probe that its schedule calls for is *deferred* while running it would push the
-suite's probe time above ``fraction × training time`` and runs at the first step start where it
-fits (the bounds' block-filling rule already handles irregular spacing). Probes of the final
-weights (train end, the last bound evaluation) always run. The achieved ratio is logged as
-``perf/overhead``.
+One :class:`OverheadBudget` per ``Trainer`` is shared by every genbounds callback.
 
-Training time is wall time since ``on_train_start`` minus the probes' own time (validation
-included — it is part of the user's run, not ours). On a GPU the clock is read at probe
-boundaries, where the probes synchronize anyway.
+* **Probes** (every :class:`~genbounds.callbacks.probe.ProbeCallback`, ``HeldoutGradient``
+  included) measure their own cost. A probe that its schedule calls for is *deferred* while running
+  it would push the measurement time above ``fraction × training time − reserve`` and runs at the
+  first step start where it fits (the bounds' block-filling rule handles irregular spacing). A
+  probe that has not run yet is priced from one timed loss evaluation of its probe set times the
+  number of loss evaluations it makes (:meth:`ProbeCallback.forward_equivalents`): its first run is
+  no longer free.
+* **The reserve** is what the final bound evaluation will cost (its last measured cost; before
+  the first one, the bound's estimate from the probes it will ask for): intermediate probes only
+  run when they leave that much of the budget. The final weights are always evaluated; a
+  Monte-Carlo probe there uses as many draws as what is left affords (never fewer than its
+  ``min_draws``), so it reports a larger standard error rather than overshooting.
+* **Per-step statistics** (``GradientDispersion``) time their own work — their Lightning hooks
+  and the norm hooks inside forward and backward — and are charged for it. They may use up to
+  :attr:`STEP_SHARE` of the budget; beyond it they skip steps (a skipped step is not measured, its
+  hooks are disarmed and cost nothing), and the bounds fill the gaps by the block rule.
+
+``perf/overhead`` is the achieved ratio of measurement time to training time. Training time is
+wall time since ``on_train_start`` minus the measurement time (validation included — it is part of
+the user's run, not ours). On a GPU the clock is read on the host: a probe synchronizes anyway,
+while the per-step statistics' device work runs asynchronously and only its launch time is
+counted (the CUDA benchmark gives the true ratio). What is not counted anywhere: Lightning's
+dispatch of our hooks and autograd's bookkeeping of the norm hooks — ``benchmarks/overhead_suite.py``
+measures the whole against plain training.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from lightning.pytorch import Trainer
 
 
 class OverheadBudget:
+    STEP_SHARE = 0.5
+    """Fraction of the budget the per-step statistics may use before they skip steps (the rest is
+    left to the probes and the final evaluation)."""
+
     def __init__(self, fraction: float | None) -> None:
         self.fraction = fraction
         self.start: float | None = None
         self.probe_time = 0.0
+        """Seconds spent measuring: probes, evaluations and per-step statistics."""
         self.by_owner: dict[str, float] = {}
         self.last_cost: dict[str, float] = {}
+        self.pricers: dict[str, Callable[[], float]] = {}
+        """Cost estimates of probes that have not run yet (registered by the callbacks)."""
         self.deferred = 0
-        self.reserve = 0.0
-        """Seconds kept free for the final evaluation (the cost of the last bound evaluation):
-        intermediate probes only run when they leave that much of the budget."""
+        self.skipped_steps = 0
+        """Steps the per-step statistics left unmeasured to stay within their share."""
+        self.reserve_estimate: Callable[[], float] | None = None
+        self._reserve: float | None = None
 
     @staticmethod
     def shared(trainer: Trainer, fraction: float | None) -> OverheadBudget:
@@ -60,21 +85,53 @@ class OverheadBudget:
         train = self.train_time
         return self.probe_time / train if train > 0 else 0.0
 
+    @property
+    def reserve(self) -> float:
+        """Seconds kept free for the final evaluation: its last measured cost, else the estimate."""
+        if self._reserve is None and self.reserve_estimate is not None and self.fraction is not None:
+            self._reserve = float(self.reserve_estimate())
+        return self._reserve or 0.0
+
+    @reserve.setter
+    def reserve(self, seconds: float) -> None:
+        self._reserve = float(seconds)
+
     def remaining(self) -> float:
         """Seconds the probes may still spend now (``inf`` without a budget; may be negative)."""
         if self.fraction is None:
             return float("inf")
         return self.fraction * self.train_time - self.probe_time
 
-    def allows(self, owner: str) -> bool:
-        """Would running ``owner``'s probe now (at its last measured cost) stay within budget?"""
+    def expected(self, owner: str) -> float:
+        """What ``owner``'s next probe should cost: its last cost, else its registered estimate."""
+        if owner in self.last_cost:
+            return self.last_cost[owner]
+        pricer = self.pricers.get(owner)
+        return float(pricer()) if pricer is not None else 0.0
+
+    def allows(self, owner: str, expected: float | None = None) -> bool:
+        """Would running ``owner``'s probe now stay within budget (and leave the reserve)?"""
         if self.fraction is None:
             return True
-        expected = self.last_cost.get(owner, 0.0)
-        ok = self.probe_time + expected + self.reserve <= self.fraction * self.train_time
+        cost = self.expected(owner) if expected is None else expected
+        ok = self.probe_time + cost + self.reserve <= self.fraction * self.train_time
         if not ok:
             self.deferred += 1
         return ok
+
+    def step_allows(self, owner: str) -> bool:
+        """May a per-step statistic measure this step (its time so far within its share)?"""
+        if self.fraction is None:
+            return True
+        ok = self.by_owner.get(owner, 0.0) <= self.STEP_SHARE * self.fraction * self.train_time
+        if not ok:
+            self.skipped_steps += 1
+        return ok
+
+    def charge(self, owner: str, seconds: float) -> None:
+        """Count measurement time spent outside :meth:`timed` (per-step work, pricing)."""
+        self.probe_time += seconds
+        self.by_owner[owner] = self.by_owner.get(owner, 0.0) + seconds
 
     @contextmanager
     def timed(self, owner: str) -> Iterator[None]:
@@ -83,8 +140,7 @@ class OverheadBudget:
             yield
         finally:
             spent = time.perf_counter() - started
-            self.probe_time += spent
-            self.by_owner[owner] = self.by_owner.get(owner, 0.0) + spent
+            self.charge(owner, spent)
             self.last_cost[owner] = spent
 
     def state_dict(self) -> dict:

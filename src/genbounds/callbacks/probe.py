@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -142,6 +143,11 @@ class ProbeCallback(Callback):
         self._probe_step = 0
         self._last_probe_step: int | None = None
         self._pending = False
+        self._module: LightningModule | None = None
+        self._unit_cost: float | None = None
+        self.final_share: float | None = None
+        """Set by the bound around its final evaluation's requests: the share of what is left of the
+        budget this probe's draws may spend (``None``: an intermediate probe, which leaves the reserve)."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -167,6 +173,8 @@ class ProbeCallback(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.budget is not None and self.contract is not None
         self.budget.begin()
+        self._module = pl_module
+        self.budget.pricers[self.owner] = self.first_cost
         wanted = (self.probe_batch_size * self.num_probe_batches) if self.probe_batch_size else None
         if self.needs_train_probe:
             self.train_probe = draw_training_subset(trainer, first_loader(trainer.train_dataloader),
@@ -248,6 +256,46 @@ class ProbeCallback(Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         mark_run_complete(trainer)
+
+    # ------------------------------------------------------------------ pricing
+    def forward_equivalents(self) -> float:
+        """Loss evaluations of a probe set (a forward) one probe costs, roughly (a backward counts
+        as two forwards): what prices a probe before its first run. ``0``: not priced."""
+        return 0.0
+
+    def unit_cost(self) -> float:
+        """Seconds of one gradient-free loss evaluation of this callback's probe set, timed once
+        (in isolation, charged to the budget)."""
+        if self._unit_cost is None:
+            batch = self.train_probe if self.train_probe is not None else self.heldout_probe
+            if batch is None or self._module is None or self._loss_fn is None or self.budget is None:
+                return 0.0
+            started = time.perf_counter()
+            with isolated_pass(self._module, mode=self.probe_mode, grad=False):
+                self._loss_fn(self._module, batch)
+            self._unit_cost = time.perf_counter() - started
+            self.budget.charge(self.owner, self._unit_cost)
+        return self._unit_cost
+
+    def first_cost(self) -> float:
+        """Estimated seconds of this callback's first probe (the budget uses it until one ran)."""
+        units = self.forward_equivalents()
+        return units * self.unit_cost() if units > 0 and self.active else 0.0
+
+    def draws_within_budget(self, wanted: int, minimum: int, units_per_draw: float) -> int:
+        """``wanted`` Monte-Carlo draws, or fewer (never below ``minimum``) when the overhead budget
+        has less time left — less the reserve for the final evaluation; in the final evaluation,
+        this probe's share of what is left — than they would take at ``units_per_draw`` loss
+        evaluations each. The standard error the probe
+        reports grows accordingly."""
+        if self.budget is None or self.budget.fraction is None:
+            return wanted
+        per_draw = self.unit_cost() * units_per_draw
+        if self.final_share is not None:
+            left = self.budget.remaining() * self.final_share
+        else:
+            left = self.budget.remaining() - self.budget.reserve
+        return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))
 
     # ------------------------------------------------------------------ machinery
     def _affordable(self) -> bool:
@@ -336,6 +384,7 @@ class ProbeCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.train_probe = None
         self.heldout_probe = None
+        self._module = None
 
 
 def probe_seed(seed: int, step: int, stream: int = 0) -> int:

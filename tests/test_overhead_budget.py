@@ -1,0 +1,85 @@
+"""The overhead budget's accounting, without training: per-step charges, the per-step share,
+first-run prices and the reserve for the final evaluation (clock set by hand)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from genbounds.callbacks.overhead import OverheadBudget
+
+
+def budget_after(train_seconds: float, fraction: float | None = 0.2) -> OverheadBudget:
+    budget = OverheadBudget(fraction)
+    budget.start = time.perf_counter() - train_seconds  # as if training had run this long
+    return budget
+
+
+def test_per_step_charges_count_as_measurement_time_and_are_capped_at_their_share():
+    budget = budget_after(10.0)
+    assert budget.step_allows("GradientDispersion")
+    budget.charge("GradientDispersion", 0.9)
+    assert budget.probe_time == pytest.approx(0.9) and budget.by_owner["GradientDispersion"] == pytest.approx(0.9)
+    # share: STEP_SHARE × 0.2 × ~9.1 s of training ≈ 0.91 s: still allowed, then not
+    assert budget.step_allows("GradientDispersion")
+    budget.charge("GradientDispersion", 0.2)
+    assert not budget.step_allows("GradientDispersion") and budget.skipped_steps == 1
+    assert budget.overhead == pytest.approx(1.1 / budget.train_time, rel=1e-3)
+
+
+def test_a_probe_that_never_ran_is_priced_by_its_estimate_not_free():
+    budget = budget_after(1.0)  # 0.2 s of room
+    budget.pricers["Flatness"] = lambda: 0.5
+    assert not budget.allows("Flatness") and budget.deferred == 1
+    budget.pricers["Flatness"] = lambda: 0.1
+    assert budget.allows("Flatness")
+    with budget.timed("Flatness"):
+        pass
+    assert budget.expected("Flatness") == budget.last_cost["Flatness"] < 0.1  # measured beats estimated
+
+
+def test_the_reserve_for_the_final_evaluation_is_kept_free():
+    budget = budget_after(1.0)
+    budget.reserve_estimate = lambda: 0.15
+    assert budget.reserve == pytest.approx(0.15)
+    assert not budget.allows("HeldoutGradient", expected=0.1)  # 0.1 + 0.15 > 0.2
+    assert budget.allows("HeldoutGradient", expected=0.04)
+    budget.reserve = 0.01  # a measured evaluation replaces the estimate
+    assert budget.allows("HeldoutGradient", expected=0.1)
+
+
+def test_without_a_fraction_everything_runs_and_is_still_counted():
+    budget = budget_after(1.0, fraction=None)
+    budget.pricers["Flatness"] = lambda: 100.0
+    assert budget.allows("Flatness") and budget.step_allows("GradientDispersion")
+    budget.charge("GradientDispersion", 0.3)
+    assert budget.overhead > 0 and budget.remaining() == float("inf")
+
+
+def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_path):
+    """End to end: with a budget far below what every-step dispersion costs, GradientDispersion
+    skips steps (charged, within its share), the skipped steps cost no measurement, and the final
+    evaluation still produces every bound from the steps that were measured (block filling)."""
+    import math
+
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import GeneralizationBound
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from helpers import bound_suite, trainer
+
+    pl.seed_everything(0, verbose=False)
+    suite = bound_suite(overhead_budget=1e-3)
+    records: list[int] = []
+    suite[0].add_listener(lambda recs: records.extend(r.step for r in recs))
+    t = trainer(tmp_path, suite, max_epochs=3, limit_train_batches=8, limit_val_batches=2)
+    t.fit(Classifier(MLP(64, 10, 32), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
+    budget = t.__dict__["_genbounds_overhead"]
+    dispersion, agg = suite[0], next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert budget.skipped_steps > 0 and 1 <= dispersion.measured_steps < 24
+    assert len(records) == dispersion.measured_steps and records[0] == 0  # the first step is measured
+    assert budget.by_owner["GradientDispersion"] > 0
+    for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu"):
+        assert math.isfinite(agg.latest[name]), name
