@@ -78,8 +78,10 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     t.fit(Classifier(MLP(64, 10, 32), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
     budget = t.__dict__["_genbounds_overhead"]
     dispersion, agg = suite[0], next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
-    assert budget.skipped_steps > 0 and 1 <= dispersion.measured_steps < 24
-    assert len(records) == dispersion.measured_steps and records[0] == 0  # the first step is measured
+    assert budget.skipped_steps > 0 and 2 <= dispersion.measured_steps < 24
+    assert len(records) == dispersion.measured_steps and records[:2] == [0, 1]  # the first two are measured
     assert budget.by_owner["GradientDispersion"] > 0
     for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu"):
-        assert math.isfinite(agg.latest[name]), name
+        assert math.isfinite(agg.latest[name]) and math.isfinite(agg.latest[name + "_se"]), name
+    # the filled steps' error is in the SE (0 when every step is measured)
+    assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0

@@ -28,7 +28,8 @@ from genbounds.bounds.layerwise import (
     wang_mao_eq3_layerwise,
 )
 from genbounds.bounds.neu import neu_theorem1, trajectory_comparison
-from genbounds.bounds.wang_mao import wang_mao_eq2, wang_mao_eq3
+from genbounds.bounds.series import fill_standard_error
+from genbounds.bounds.wang_mao import trajectory_fill_se, wang_mao_eq2, wang_mao_eq3
 
 ERROR_R = 0.5
 """The 0-1 loss takes values in [0, 1]: it is ½-sub-Gaussian, exactly."""
@@ -61,6 +62,10 @@ class BoundInputs:
     """The flatness record at ``T`` for the Wang–Mao block shape."""
     flat_neu_shaped: dict[str, Any] | None = None
     curvature: dict[str, Any] | None = None
+    vhat_steps: np.ndarray | None = None
+    """The steps ``V̂`` was measured at (``None``: every step); with ``vhat_measured``, the SE of
+    the steps filled in between (:func:`~genbounds.bounds.series.fill_standard_error`)."""
+    vhat_measured: np.ndarray | None = None
     vhat_blocks: np.ndarray | None = None
     """``[T, K]`` per-step per-group dispersion."""
     v_blocks: np.ndarray | None = None
@@ -118,12 +123,21 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     eta, vhat, n, d, r, T = inp.eta, inp.vhat, inp.n, inp.d, inp.r, inp.T
     sum_eta2_vhat = float(np.sum(eta**2 * np.maximum(vhat, 0.0)))
     out["bound_terms/sum_eta2_dispersion"] = sum_eta2_vhat
+    filled = inp.vhat_steps is not None and inp.vhat_measured is not None and len(inp.vhat_steps) < T
+    sum_se = fill_standard_error(inp.vhat_steps, inp.vhat_measured, eta**2) if filled else 0.0
+    out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
     flat = inp.flat
+
+    def traj_se(radius: float) -> list[float] | None:
+        if not filled:
+            return None
+        return [trajectory_fill_se(eta, vhat, radius, n, d, s, inp.vhat_steps, inp.vhat_measured)  # type: ignore[arg-type]
+                for s in inp.sigmas]
 
     if "wang_mao_eq3" in inp.wanted:
         rec = inp.curvature
         if rec is not None and rec.get("hessian_trace") is not None:
-            eq3 = wang_mao_eq3(r, T, rec["hessian_trace"], sum_eta2_vhat, n, rec.get("hessian_trace_se"))
+            eq3 = wang_mao_eq3(r, T, rec["hessian_trace"], sum_eta2_vhat, n, rec.get("hessian_trace_se"), sum_se)
             if eq3 is None:
                 inp.notes.append("trace: Tr H ≤ 0 (or not finite) at the evaluated weights: Wang–Mao Eq. 3 is "
                                  "undefined there and logged as NaN")
@@ -135,7 +149,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
 
     if flat is not None and ("wang_mao_eq2" in inp.wanted or "wang_mao_eq2_error" in inp.wanted):
         allowed = _allowed(flat, r, inp.max_loss_increase)
-        eq2 = wang_mao_eq2(eta, vhat, r, n, d, inp.sigmas, flat["term"], flat["term_se"], inp.z, allowed)
+        eq2 = wang_mao_eq2(eta, vhat, r, n, d, inp.sigmas, flat["term"], flat["term_se"], inp.z, allowed, traj_se(r))
         if "wang_mao_eq2" in inp.wanted:
             _put_selection(out, "wang_mao_eq2", eq2.value, eq2.standard_error, eq2.sigma, eq2.selection)
             if eq2.best >= 0:
@@ -144,7 +158,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
                 out["bound_terms/wang_mao_eq2_degenerate"] = _degenerate(flat, eq2.best, r)
         if "wang_mao_eq2_error" in inp.wanted and flat.get("error_term") is not None:
             err = wang_mao_eq2(eta, vhat, ERROR_R, n, d, inp.sigmas, flat["error_term"], flat["error_term_se"],
-                               inp.z, allowed)
+                               inp.z, allowed, traj_se(ERROR_R))
             _put_selection(out, "wang_mao_eq2_error", err.value, err.standard_error, err.sigma, err.selection)
             if err.best >= 0:
                 out["bound_terms/trajectory_wang_mao_error"] = err.trajectory[err.best]

@@ -9,6 +9,7 @@ does not measure step 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,3 +78,42 @@ def growing_level_series(steps: Sequence[int], values: np.ndarray, total_steps: 
                 i = positive[0]
             weights[i, t] = t / s[i]
     return weights.T @ vals, weights
+
+
+def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarray, weights: np.ndarray) -> float:
+    """SE of ``Σ_t w_t x̂_t`` (``x̂`` the block-filled series, :func:`expand_blocks`) as an estimate of
+    ``Σ_t w_t x_t``, the same sum had ``x`` been measured at every step (``docs/math.md`` §6.7).
+
+    Model: inside the block ``B_i`` of the measurement at ``s_i``, ``x_t = μ_i + ε_t`` with independent
+    ``ε_t`` of variance ``κ² μ_i²`` (a relative noise: a per-batch statistic's spread scales with its
+    level). The filling error of the block is ``(W_i − w_{s_i}) ε_{s_i} − Σ_{t∈B_i, t≠s_i} w_t ε_t``
+    (``W_i = Σ_{B_i} w_t``), so ``Var = Σ_i κ² μ_i² [(W_i − w_{s_i})² + Σ_{t∈B_i, t≠s_i} w_t²]``, with
+    ``μ_i`` estimated by ``x_{s_i}`` and ``κ²`` by half the mean squared relative difference of
+    consecutive measurements (which also counts any trend between them: conservative).
+
+    Returns 0 when every step was measured (nothing was filled), NaN when steps were filled but
+    fewer than two measurements (or no two with a non-zero mean) leave ``κ`` unknown.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    total = len(w)
+    if total == 0 or len(steps) == 0:
+        return 0.0
+    order = np.argsort(np.asarray(steps), kind="stable")
+    s = np.asarray(steps)[order]
+    x = np.asarray(values, dtype=np.float64)[order]
+    inside = (s >= 0) & (s < total)
+    block = np.clip(np.searchsorted(s, np.arange(total), side="right") - 1, 0, len(s) - 1)
+    w_block = np.bincount(block, weights=w, minlength=len(s))
+    w2_block = np.bincount(block, weights=w * w, minlength=len(s))
+    w_own = np.where(inside, w[np.clip(s, 0, total - 1)], 0.0)
+    # (W_i − w_{s_i})² + Σ_{t≠s_i} w_t² per block
+    coef = (w_block - w_own) ** 2 + (w2_block - w_own**2)
+    if not np.any(coef > 0):
+        return 0.0
+    mean = 0.5 * (x[1:] + x[:-1])
+    ok = np.abs(mean) > 0
+    if len(x) < 2 or not np.any(ok):
+        return math.nan
+    kappa2 = 0.5 * float(np.mean(((x[1:] - x[:-1])[ok] / mean[ok]) ** 2))
+    var = kappa2 * float(np.sum(coef * x * x))
+    return math.sqrt(var) if math.isfinite(var) else math.nan

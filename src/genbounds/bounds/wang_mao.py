@@ -87,14 +87,19 @@ def wang_mao_eq2(
     flatness_term_se: Sequence[float] | None = None,
     z: float = 1.0,
     allowed: Sequence[bool] | None = None,
+    trajectory_se: Sequence[float] | None = None,
 ) -> Eq2Result:
     """Eq. 2 at every grid σ and the selected one. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
     γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound). The selection minimizes
-    ``bound + z·SE`` over the finite (and ``allowed``) grid points (:mod:`genbounds.bounds.selection`)."""
+    ``bound + z·SE`` over the finite (and ``allowed``) grid points (:mod:`genbounds.bounds.selection`).
+    ``trajectory_se[i]``: SE of the trajectory term at ``σ_i`` (steps the dispersion was not measured
+    at, filled by the block rule; :func:`trajectory_fill_se`), added to the flatness SE in quadrature."""
     traj = [trajectory_wang_mao(eta, vhat, r, n, d, s) for s in sigmas]
     flat = [abs(float(f)) for f in flatness_term]
     bound = [a + b for a, b in zip(traj, flat)]
     ses = list(flatness_term_se) if flatness_term_se is not None else None
+    if ses is not None and trajectory_se is not None:
+        ses = [math.hypot(float(f), float(t)) for f, t in zip(ses, trajectory_se)]
     masked = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound)]
     sel = sigma_min_with_se(masked, ses, z if ses is not None else 0.0)
     best = sel.index
@@ -102,9 +107,29 @@ def wang_mao_eq2(
     return Eq2Result(list(map(float, sigmas)), traj, flat, bound, best, se, sel)
 
 
+def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
+                       steps: Sequence[int], measured: Sequence[float]) -> float:
+    """SE of :func:`trajectory_wang_mao` from the steps whose ``V̂_t`` was filled from a neighbouring
+    measurement (``steps``/``measured``: the measurements): the sum inside the square root,
+    linearized in ``V̂_t`` (weights ``(R²d/n)·a_t/(1 + a_t V̂_t)``, ``a_t = η_t²/(dσ²)``), by
+    :func:`~genbounds.bounds.series.fill_standard_error`, then ``SE(√x) = SE(x)/(2√x)``."""
+    from genbounds.bounds.series import fill_standard_error
+
+    eta = np.asarray(eta, dtype=np.float64)
+    a = eta**2 / (d * sigma**2)
+    weights = r * r * d / n * a / (1.0 + a * np.maximum(np.asarray(vhat, dtype=np.float64), 0.0))
+    se_inner = fill_standard_error(steps, measured, weights)
+    traj = trajectory_wang_mao(eta, vhat, r, n, d, sigma)
+    if se_inner == 0.0:
+        return 0.0
+    return se_inner / (2.0 * traj) if traj > 0 else math.nan
+
+
 def wang_mao_eq3(r: float, total_steps: int, trace_h: float, sum_eta2_vhat: float, n: int,
-                 trace_h_se: float | None = None) -> Eq3Result | None:
-    """The closed form; ``None`` when ``Tr H ≤ 0`` (undefined) or an input is not finite."""
+                 trace_h_se: float | None = None, sum_se: float = 0.0) -> Eq3Result | None:
+    """The closed form; ``None`` when ``Tr H ≤ 0`` (undefined) or an input is not finite. ``sum_se``:
+    SE of ``Σ η_t² V̂_t`` from filled steps (:func:`~genbounds.bounds.series.fill_standard_error`),
+    added to the relative SE of ``Tr H`` in quadrature (both enter with exponent ⅓)."""
     if not trace_h > 0 or not all(math.isfinite(x) for x in (r, trace_h, sum_eta2_vhat)):
         return None
     traj = (r * r * sum_eta2_vhat / n) ** (1.0 / 3.0)
@@ -113,7 +138,8 @@ def wang_mao_eq3(r: float, total_steps: int, trace_h: float, sum_eta2_vhat: floa
     a = math.sqrt(r * r * sum_eta2_vhat / n)
     b = total_steps * trace_h / 2.0
     sigma_star = (a / (2.0 * b)) ** (1.0 / 3.0) if b > 0 else math.inf
-    se = value / 3.0 * trace_h_se / trace_h if trace_h_se is not None else math.nan
+    rel_sum = sum_se / sum_eta2_vhat if sum_se and sum_eta2_vhat > 0 else (0.0 if not sum_se else math.nan)
+    se = value / 3.0 * math.hypot(trace_h_se / trace_h, rel_sum) if trace_h_se is not None else math.nan
     return Eq3Result(value, traj, flat, sigma_star, se)
 
 

@@ -102,7 +102,8 @@ class BoundSeries:
         eta = np.asarray(self.lrs[:T], dtype=np.float64)
         vhat = expand_blocks(self.dispersion_steps, self.dispersion_values, T)
         inp = BoundInputs(T=T, n=n, d=d, r=r, eta=eta, vhat=vhat, sigmas=list(sigmas), wanted=wanted, z=z,
-                          max_loss_increase=max_loss_increase)
+                          max_loss_increase=max_loss_increase,
+                          vhat_steps=np.asarray(self.dispersion_steps), vhat_measured=np.asarray(self.dispersion_values))
         flats = [rec for rec in self.flatness if rec["step"] == T and rec["term"] is not None]
         inp.flat = next((rec for rec in flats if rec.get("shape") is None), None)
         shaped = [rec for rec in flats if rec.get("shape") is not None]

@@ -272,9 +272,11 @@ class GradientDispersion(Callback):
             self._window = None
             self._step = logger_step(trainer)
             # under an overhead budget, a step is measured only while this callback's time stays
-            # within its share (OverheadBudget.STEP_SHARE); unmeasured steps disarm the hooks
+            # within its share (OverheadBudget.STEP_SHARE); unmeasured steps disarm the hooks. The
+            # first two are always measured: the error of filling the others (the bounds' SE,
+            # genbounds.bounds.series.fill_standard_error) needs the spread of at least one pair
             self._measuring = trainer.global_step % self.every_n_steps == 0 and (
-                self.budget is None or self.budget.step_allows(OWNER))
+                self.budget is None or self.measured_steps < 2 or self.budget.step_allows(OWNER))
             self._impl.start_window(self._measuring)
         if self._measuring:
             self._batch = batch
