@@ -163,6 +163,7 @@ class GradientDispersion(Callback):
         self._generator_state: Tensor | None = None
         self.budget: OverheadBudget | None = None
         self._spent = 0.0
+        self._total_steps: float | None = None
 
     @property
     def state_key(self) -> str:
@@ -209,6 +210,7 @@ class GradientDispersion(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.contract is not None and self.budget is not None
         self.budget.begin()
+        self._total_steps = None
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)
         if isinstance(size, int) and size * self._accumulate < 2:
@@ -276,7 +278,7 @@ class GradientDispersion(Callback):
             # first two are always measured: the error of filling the others (the bounds' SE,
             # genbounds.bounds.series.fill_standard_error) needs the spread of at least one pair
             self._measuring = trainer.global_step % self.every_n_steps == 0 and (
-                self.budget is None or self.measured_steps < 2 or self.budget.step_allows(OWNER))
+                self.budget is None or self.measured_steps < 2 or self.budget.step_allows(OWNER, self._progress(trainer)))
             self._impl.start_window(self._measuring)
         if self._measuring:
             self._batch = batch
@@ -341,6 +343,16 @@ class GradientDispersion(Callback):
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
         self._charge(time.perf_counter() - started)
+
+    def _progress(self, trainer: Trainer) -> float | None:
+        """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
+        if self._total_steps is None:
+            try:
+                total = float(trainer.estimated_stepping_batches)
+            except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
+                total = float("inf")
+            self._total_steps = total if 0.0 < total < float("inf") else 0.0
+        return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
 
     def _charge(self, extra: float = 0.0) -> None:
         """Charge this step's measurement time (hooks of this callback and of the norm hooks) to the

@@ -18,7 +18,9 @@ One :class:`OverheadBudget` per ``Trainer`` is shared by every genbounds callbac
   ``min_draws``), so it reports a larger standard error rather than overshooting.
 * **Per-step statistics** (``GradientDispersion``) time their own work — their Lightning hooks
   and the norm hooks inside forward and backward — and are charged for it. They may use up to
-  :attr:`STEP_SHARE` of the budget; beyond it they skip steps (a skipped step is not measured, its
+  :attr:`STEP_SHARE` of the budget, less what the final evaluation will need of the budget
+  projected to the end of training (from the steps done out of ``estimated_stepping_batches``);
+  beyond it they skip steps (a skipped step is not measured, its
   hooks are disarmed and cost nothing), and the bounds fill the gaps by the block rule.
 
 ``perf/overhead`` is the achieved ratio of measurement time to training time. Training time is
@@ -119,11 +121,22 @@ class OverheadBudget:
             self.deferred += 1
         return ok
 
-    def step_allows(self, owner: str) -> bool:
+    def step_share(self, progress: float | None) -> float:
+        """The per-step statistics' share of the budget: :attr:`STEP_SHARE`, less what the final
+        evaluation (the reserve) will need of the budget projected to the end of training
+        (``progress``: fraction of the run's steps done; ``None``: unknown horizon)."""
+        if progress is None or not 0.0 < progress <= 1.0 or self.fraction is None:
+            return self.STEP_SHARE
+        projected = self.fraction * self.train_time / progress
+        if projected <= 0.0:
+            return self.STEP_SHARE
+        return min(self.STEP_SHARE, max(0.0, 1.0 - self.reserve / projected))
+
+    def step_allows(self, owner: str, progress: float | None = None) -> bool:
         """May a per-step statistic measure this step (its time so far within its share)?"""
         if self.fraction is None:
             return True
-        ok = self.by_owner.get(owner, 0.0) <= self.STEP_SHARE * self.fraction * self.train_time
+        ok = self.by_owner.get(owner, 0.0) <= self.step_share(progress) * self.fraction * self.train_time
         if not ok:
             self.skipped_steps += 1
         return ok
