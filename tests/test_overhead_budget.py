@@ -16,16 +16,19 @@ def budget_after(train_seconds: float, fraction: float | None = 0.2) -> Overhead
     return budget
 
 
-def test_per_step_charges_count_as_measurement_time_and_are_capped_at_their_share():
+def test_per_step_charges_count_as_measurement_time_and_set_an_even_stride():
     budget = budget_after(10.0)
-    assert budget.step_allows("GradientDispersion")
-    budget.charge("GradientDispersion", 0.9)
-    assert budget.probe_time == pytest.approx(0.9) and budget.by_owner["GradientDispersion"] == pytest.approx(0.9)
-    # share: STEP_SHARE × 0.2 × ~9.1 s of training ≈ 0.91 s: still allowed, then not
-    assert budget.step_allows("GradientDispersion")
-    budget.charge("GradientDispersion", 0.2)
-    assert not budget.step_allows("GradientDispersion") and budget.skipped_steps == 1
-    assert budget.overhead == pytest.approx(1.1 / budget.train_time, rel=1e-3)
+    assert budget.step_stride("GradientDispersion", measured=0, steps=0) == 1
+    budget.charge("GradientDispersion", 0.5)
+    assert budget.probe_time == pytest.approx(0.5) and budget.by_owner["GradientDispersion"] == pytest.approx(0.5)
+    # 100 measurements of 5 ms over 1000 steps of ~9.5 ms: the share is 0.5 × 0.2 × 9.5 ms ≈ 0.95 ms a step,
+    # so every ceil(5 / 0.95) = 6th step
+    assert budget.step_stride("GradientDispersion", measured=100, steps=1000) == 6
+    # cheap enough: every step; unaffordable: never more than MAX_STRIDE apart
+    assert budget.step_stride("GradientDispersion", measured=100_000, steps=1000) == 1
+    assert budget.overhead == pytest.approx(budget.probe_time / budget.train_time, rel=1e-6)
+    budget.charge("GradientDispersion", 1e6)
+    assert budget.step_stride("GradientDispersion", measured=1, steps=1000) == OverheadBudget.MAX_STRIDE
 
 
 def test_a_probe_that_never_ran_is_priced_by_its_estimate_not_free():
@@ -52,7 +55,7 @@ def test_the_reserve_for_the_final_evaluation_is_kept_free():
 def test_without_a_fraction_everything_runs_and_is_still_counted():
     budget = budget_after(1.0, fraction=None)
     budget.pricers["Flatness"] = lambda: 100.0
-    assert budget.allows("Flatness") and budget.step_allows("GradientDispersion")
+    assert budget.allows("Flatness") and budget.step_stride("GradientDispersion", measured=1, steps=1) == 1
     budget.charge("GradientDispersion", 0.3)
     assert budget.overhead > 0 and budget.remaining() == float("inf")
 

@@ -164,6 +164,7 @@ class GradientDispersion(Callback):
         self.budget: OverheadBudget | None = None
         self._spent = 0.0
         self._total_steps: float | None = None
+        self._last_measured: int | None = None
 
     @property
     def state_key(self) -> str:
@@ -277,8 +278,7 @@ class GradientDispersion(Callback):
             # within its share (OverheadBudget.STEP_SHARE); unmeasured steps disarm the hooks. The
             # first two are always measured: the error of filling the others (the bounds' SE,
             # genbounds.bounds.series.fill_standard_error) needs the spread of at least one pair
-            self._measuring = trainer.global_step % self.every_n_steps == 0 and (
-                self.budget is None or self.measured_steps < 2 or self.budget.step_allows(OWNER, self._progress(trainer)))
+            self._measuring = trainer.global_step % self.every_n_steps == 0 and self._within_budget(trainer)
             self._impl.start_window(self._measuring)
         if self._measuring:
             self._batch = batch
@@ -336,6 +336,7 @@ class GradientDispersion(Callback):
                 values[f"grad/dispersion/layer/{name}"] = value
         self.step_log.record(self._step, values)
         self.measured_steps += 1
+        self._last_measured = int(trainer.global_step)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -343,6 +344,17 @@ class GradientDispersion(Callback):
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
         self._charge(time.perf_counter() - started)
+
+    def _within_budget(self, trainer: Trainer) -> bool:
+        if self.budget is None or self.budget.fraction is None or self.measured_steps < 2:
+            return True
+        step = int(trainer.global_step)
+        stride = self.every_n_steps * self.budget.step_stride(OWNER, self.measured_steps, step + 1,
+                                                              self._progress(trainer))
+        if self._last_measured is not None and step - self._last_measured < stride:
+            self.budget.skipped_steps += 1
+            return False
+        return True
 
     def _progress(self, trainer: Trainer) -> float | None:
         """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""

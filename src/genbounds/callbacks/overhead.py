@@ -20,8 +20,10 @@ One :class:`OverheadBudget` per ``Trainer`` is shared by every genbounds callbac
   and the norm hooks inside forward and backward — and are charged for it. They may use up to
   :attr:`STEP_SHARE` of the budget, less what the final evaluation will need of the budget
   projected to the end of training (from the steps done out of ``estimated_stepping_batches``);
-  beyond it they skip steps (a skipped step is not measured, its
-  hooks are disarmed and cost nothing), and the bounds fill the gaps by the block rule.
+  beyond it they measure every ``k``-th step, ``k`` their mean cost over their share of a step
+  (:meth:`OverheadBudget.step_stride`, at most :attr:`MAX_STRIDE`; a skipped step's hooks are
+  disarmed and cost nothing), and the bounds fill the gaps by the block rule, with its error in
+  their standard errors (``docs/math.md`` §6.7).
 
 ``perf/overhead`` is the achieved ratio of measurement time to training time. Training time is
 wall time since ``on_train_start`` minus the measurement time (validation included — it is part of
@@ -34,6 +36,7 @@ measures the whole against plain training.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,14 +135,26 @@ class OverheadBudget:
             return self.STEP_SHARE
         return min(self.STEP_SHARE, max(0.0, 1.0 - self.reserve / projected))
 
-    def step_allows(self, owner: str, progress: float | None = None) -> bool:
-        """May a per-step statistic measure this step (its time so far within its share)?"""
-        if self.fraction is None:
-            return True
-        ok = self.by_owner.get(owner, 0.0) <= self.step_share(progress) * self.fraction * self.train_time
-        if not ok:
-            self.skipped_steps += 1
-        return ok
+    MAX_STRIDE = 64
+    """The per-step statistics measure at least every this many steps, whatever the budget: the
+    block rule's filling error grows with the gaps, and a trend inside a long gap is a bias the
+    filling SE does not see."""
+
+    def step_stride(self, owner: str, measured: int, steps: int, progress: float | None = None) -> int:
+        """Every how many steps a per-step statistic may measure so that its time stays within its
+        share: its mean cost per measurement over the share of a training step's time, rounded up
+        (``measured`` measurements so far over ``steps`` steps). Even spacing keeps the filled gaps
+        short (skipping until the share allows again would leave one long gap after an expensive
+        step). 1 without a budget; at most :attr:`MAX_STRIDE`."""
+        if self.fraction is None or measured <= 0 or steps <= 0:
+            return 1
+        per_measurement = self.by_owner.get(owner, 0.0) / measured
+        allowed = self.step_share(progress) * self.fraction * self.train_time / steps
+        if per_measurement <= allowed:
+            return 1
+        if allowed <= 0.0:
+            return self.MAX_STRIDE
+        return min(self.MAX_STRIDE, math.ceil(per_measurement / allowed))
 
     def charge(self, owner: str, seconds: float) -> None:
         """Count measurement time spent outside :meth:`timed` (per-step work, pricing)."""
