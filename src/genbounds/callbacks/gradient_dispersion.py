@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -32,7 +31,7 @@ from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
 from genbounds.callbacks.dispersion.select import choose_backend
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.overhead import OverheadBudget
+from genbounds.callbacks.step_budget import StepBudget, clocked
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
@@ -41,21 +40,6 @@ from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
-
-
-def _clocked(hook: Callable) -> Callable:
-    """Add the wall time of a Lightning hook of ``GradientDispersion`` to the step's measurement time."""
-
-    @functools.wraps(hook)
-    def clocked(self: GradientDispersion, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            self._spent += time.perf_counter() - started
-
-    return clocked
-
 
 Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
@@ -161,10 +145,7 @@ class GradientDispersion(Callback):
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
         self._generator_state: Tensor | None = None
-        self.budget: OverheadBudget | None = None
-        self._spent = 0.0
-        self._total_steps: float | None = None
-        self._last_measured: int | None = None
+        self.step_budget = StepBudget(OWNER)
 
     @property
     def state_key(self) -> str:
@@ -206,12 +187,11 @@ class GradientDispersion(Callback):
         self.group_names = list(groups)
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
         self._accumulate = int(trainer.accumulate_grad_batches)
-        self.budget = OverheadBudget.shared(trainer, None)
+        self.step_budget.setup(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert self.contract is not None and self.budget is not None
-        self.budget.begin()
-        self._total_steps = None
+        assert self.contract is not None
+        self.step_budget.start()
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)
         if isinstance(size, int) and size * self._accumulate < 2:
@@ -268,28 +248,26 @@ class GradientDispersion(Callback):
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
                            {"grads": grads, "scaler": self._scaler is not None})
 
-    @_clocked
+    @clocked
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
             self._window = None
             self._step = logger_step(trainer)
-            # under an overhead budget, a step is measured only while this callback's time stays
-            # within its share (OverheadBudget.STEP_SHARE); unmeasured steps disarm the hooks. The
-            # first two are always measured: the error of filling the others (the bounds' SE,
-            # genbounds.bounds.series.fill_standard_error) needs the spread of at least one pair
-            self._measuring = trainer.global_step % self.every_n_steps == 0 and self._within_budget(trainer)
+            # on its schedule and, under an overhead budget, at the stride its share of the budget
+            # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
+            self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
             self._impl.start_window(self._measuring)
         if self._measuring:
             self._batch = batch
             self._impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
 
-    @_clocked
+    @clocked
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if self._measuring and self._impl is not None:
             self._impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
 
-    @_clocked
+    @clocked
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._measuring or self._batch is None or self._impl is None:
             return
@@ -309,7 +287,7 @@ class GradientDispersion(Callback):
             return
         self._window = moments if self._window is None else self._window.merged(moments)
 
-    @_clocked
+    @clocked
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self._impl is None:
             return
@@ -336,43 +314,15 @@ class GradientDispersion(Callback):
                 values[f"grad/dispersion/layer/{name}"] = value
         self.step_log.record(self._step, values)
         self.measured_steps += 1
-        self._last_measured = int(trainer.global_step)
+        self.step_budget.measured(trainer)
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         started = time.perf_counter()
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
-        self._charge(time.perf_counter() - started)
-
-    def _within_budget(self, trainer: Trainer) -> bool:
-        if self.budget is None or self.budget.fraction is None or self.measured_steps < 2:
-            return True
-        step = int(trainer.global_step)
-        stride = self.every_n_steps * self.budget.step_stride(OWNER, self.measured_steps, step + 1,
-                                                              self._progress(trainer))
-        if self._last_measured is not None and step - self._last_measured < stride:
-            self.budget.skipped_steps += 1
-            return False
-        return True
-
-    def _progress(self, trainer: Trainer) -> float | None:
-        """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
-        if self._total_steps is None:
-            try:
-                total = float(trainer.estimated_stepping_batches)
-            except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
-                total = float("inf")
-            self._total_steps = total if 0.0 < total < float("inf") else 0.0
-        return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
-
-    def _charge(self, extra: float = 0.0) -> None:
-        """Charge this step's measurement time (hooks of this callback and of the norm hooks) to the
-        trainer's overhead budget."""
-        spent = self._spent + extra + (self._impl.hook_seconds() if self._impl is not None else 0.0)
-        self._spent = 0.0
-        if self.budget is not None and spent > 0.0:
-            self.budget.charge(OWNER, spent)
+        hooks = self._impl.hook_seconds() if self._impl is not None else 0.0
+        self.step_budget.charge(time.perf_counter() - started + hooks)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.flush(trainer, pl_module, epoch_end=True)

@@ -1,0 +1,91 @@
+"""The overhead budget as a per-step statistic sees it: a clock for its own work, and the decision
+which steps to measure (see :mod:`genbounds.callbacks.overhead`).
+
+``GradientDispersion`` wraps its Lightning hooks with :func:`clocked`, adds the norm hooks' time
+at the end of each step (:meth:`StepBudget.charge`) and asks :meth:`StepBudget.measures` at every
+optimizer step. Without a budget fraction every step on the callback's own schedule is measured
+and the time is still charged (``perf/overhead`` reports it).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from lightning.pytorch import Trainer
+
+from genbounds.callbacks.overhead import OverheadBudget
+
+
+class StepBudget:
+    """One per-step statistic's account with the trainer's :class:`OverheadBudget`."""
+
+    ALWAYS_FIRST = 2
+    """The first steps are always measured: the error of filling the others (the bounds' SE,
+    :func:`genbounds.bounds.series.fill_standard_error`) needs the spread of at least one pair."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+        self.budget: OverheadBudget | None = None
+        self.spent = 0.0
+        """Seconds of this step's work not yet charged."""
+        self._total_steps: float | None = None
+        self._last_measured: int | None = None
+
+    def setup(self, trainer: Trainer) -> None:
+        self.budget = OverheadBudget.shared(trainer, None)
+
+    def start(self) -> None:
+        assert self.budget is not None
+        self.budget.begin()
+        self._total_steps = None
+        self._last_measured = None
+
+    def measures(self, trainer: Trainer, measured_steps: int, every_n_steps: int) -> bool:
+        """Whether the optimizer step starting now is measured: on the callback's schedule, and
+        under a budget at most every :meth:`OverheadBudget.step_stride` steps."""
+        step = int(trainer.global_step)
+        if step % every_n_steps != 0:
+            return False
+        if self.budget is None or self.budget.fraction is None or measured_steps < self.ALWAYS_FIRST:
+            return True
+        stride = every_n_steps * self.budget.step_stride(self.owner, measured_steps, step + 1, self._progress(trainer))
+        if self._last_measured is not None and step - self._last_measured < stride:
+            self.budget.skipped_steps += 1
+            return False
+        return True
+
+    def measured(self, trainer: Trainer) -> None:
+        self._last_measured = int(trainer.global_step)
+
+    def charge(self, extra: float = 0.0) -> None:
+        """Charge this step's work (the clocked hooks, plus ``extra``: the norm hooks' time)."""
+        spent, self.spent = self.spent + extra, 0.0
+        if self.budget is not None and spent > 0.0:
+            self.budget.charge(self.owner, spent)
+
+    def _progress(self, trainer: Trainer) -> float | None:
+        """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
+        if self._total_steps is None:
+            try:
+                total = float(trainer.estimated_stepping_batches)
+            except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
+                total = float("inf")
+            self._total_steps = total if 0.0 < total < float("inf") else 0.0
+        return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
+
+
+def clocked(hook: Callable) -> Callable:
+    """Add the wall time of a Lightning hook to its callback's ``step_budget.spent``."""
+
+    @functools.wraps(hook)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return hook(self, *args, **kwargs)
+        finally:
+            self.step_budget.spent += time.perf_counter() - started
+
+    return wrapper
