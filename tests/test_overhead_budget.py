@@ -92,11 +92,12 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
 
 def test_the_per_step_share_leaves_room_for_the_final_evaluation():
     """Projected to the end of training, the per-step statistics leave the final evaluation what it
-    needs: 1 s of training at 10 % progress → 2 s of budget at 0.2; a 1.5 s final evaluation leaves
-    them a quarter of it (below STEP_SHARE); an unknown horizon keeps STEP_SHARE."""
+    needs and share the rest with the probes: 1 s of training at 10 % progress → 2 s of budget at
+    0.2; a 1.5 s final evaluation leaves a quarter of it, half of which (STEP_SHARE) is theirs; an
+    unknown horizon keeps STEP_SHARE of the whole."""
     budget = budget_after(1.0)
     budget.reserve = 1.5
-    assert budget.step_share(0.1) == pytest.approx(0.25, rel=1e-3)
+    assert budget.step_share(0.1) == pytest.approx(0.125, rel=1e-3)
     assert budget.step_share(None) == OverheadBudget.STEP_SHARE
     budget.reserve = 3.0  # more than the whole projected budget: nothing left for per-step work
     assert budget.step_share(0.1) == 0.0

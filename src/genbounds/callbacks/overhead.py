@@ -17,9 +17,9 @@ One :class:`OverheadBudget` per ``Trainer`` is shared by every genbounds callbac
   Monte-Carlo probe there uses as many draws as what is left affords (never fewer than its
   ``min_draws``), so it reports a larger standard error rather than overshooting.
 * **Per-step statistics** (``GradientDispersion``) time their own work — their Lightning hooks
-  and the norm hooks inside forward and backward — and are charged for it. They may use up to
-  :attr:`STEP_SHARE` of the budget, less what the final evaluation will need of the budget
-  projected to the end of training (from the steps done out of ``estimated_stepping_batches``);
+  and the norm hooks inside forward and backward — and are charged for it. They may use
+  :attr:`STEP_SHARE` of what the final evaluation leaves of the budget projected to the end of
+  training (from the steps done out of ``estimated_stepping_batches``; the rest is the probes');
   beyond it they measure every ``k``-th step, ``k`` their mean cost over their share of a step
   (:meth:`OverheadBudget.step_stride`, at most :attr:`MAX_STRIDE`; a skipped step's hooks are
   disarmed and cost nothing), and the bounds fill the gaps by the block rule, with its error in
@@ -125,15 +125,16 @@ class OverheadBudget:
         return ok
 
     def step_share(self, progress: float | None) -> float:
-        """The per-step statistics' share of the budget: :attr:`STEP_SHARE`, less what the final
-        evaluation (the reserve) will need of the budget projected to the end of training
-        (``progress``: fraction of the run's steps done; ``None``: unknown horizon)."""
+        """The per-step statistics' share of the budget: :attr:`STEP_SHARE` of what the final
+        evaluation (the reserve) leaves of the budget projected to the end of training — the other
+        part is the intermediate probes' (``progress``: fraction of the run's steps done; ``None``:
+        unknown horizon, then :attr:`STEP_SHARE` of the whole budget)."""
         if progress is None or not 0.0 < progress <= 1.0 or self.fraction is None:
             return self.STEP_SHARE
         projected = self.fraction * self.train_time / progress
         if projected <= 0.0:
             return self.STEP_SHARE
-        return min(self.STEP_SHARE, max(0.0, 1.0 - self.reserve / projected))
+        return self.STEP_SHARE * max(0.0, 1.0 - self.reserve / projected)
 
     MAX_STRIDE = 64
     """The per-step statistics measure at least every this many steps, whatever the budget: the
