@@ -101,3 +101,24 @@ def test_the_per_step_share_leaves_room_for_the_final_evaluation():
     assert budget.step_share(None) == OverheadBudget.STEP_SHARE
     budget.reserve = 3.0  # more than the whole projected budget: nothing left for per-step work
     assert budget.step_share(0.1) == 0.0
+
+
+def test_the_budget_is_dropped_under_several_processes_with_one_warning():
+    """Each rank's clock would make its own decisions and the ranks would then wait for each other in
+    the collectives: with world_size > 1 the fraction is dropped, said once."""
+
+    class FakeTrainer:
+        world_size = 2
+
+    t = FakeTrainer()
+    with pytest.warns(UserWarning, match="overhead_budget is ignored"):
+        budget = OverheadBudget.shared(t, 0.2)
+    assert budget.fraction is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert OverheadBudget.shared(t, 0.2) is budget and budget.fraction is None
+    single = FakeTrainer()
+    single.world_size = 1
+    assert OverheadBudget.shared(single, 0.2).fraction == 0.2

@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 class OverheadBudget:
@@ -66,7 +67,17 @@ class OverheadBudget:
 
     @staticmethod
     def shared(trainer: Trainer, fraction: float | None) -> OverheadBudget:
-        """The trainer's budget; the first callback that states a fraction sets it."""
+        """The trainer's budget; the first callback that states a fraction sets it.
+
+        Under more than one process the fraction is dropped (said once): every decision reads the
+        rank's own clock, so ranks would decide differently and then wait for each other in the
+        collectives of the probes and of the dispersion — a hang, not a slowdown."""
+        if fraction is not None and getattr(trainer, "world_size", 1) > 1:
+            if not trainer.__dict__.get("_genbounds_overhead_ddp_warned"):
+                trainer.__dict__["_genbounds_overhead_ddp_warned"] = True
+                rank_zero_warn("genbounds: overhead_budget is ignored with more than one process (each rank's "
+                               "clock would make its own decisions); every probe runs on its schedule.")
+            fraction = None
         budget = trainer.__dict__.get("_genbounds_overhead")
         if budget is None:
             budget = OverheadBudget(fraction)
