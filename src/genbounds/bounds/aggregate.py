@@ -29,7 +29,7 @@ from genbounds.bounds.layerwise import (
 )
 from genbounds.bounds.neu import neu_theorem1, trajectory_comparison
 from genbounds.bounds.series import fill_standard_error
-from genbounds.bounds.wang_mao import trajectory_fill_se, wang_mao_eq2, wang_mao_eq3
+from genbounds.bounds.wang_mao import wang_mao_eq2, wang_mao_eq3
 
 ERROR_R = 0.5
 """The 0-1 loss takes values in [0, 1]: it is ½-sub-Gaussian, exactly."""
@@ -123,16 +123,12 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     eta, vhat, n, d, r, T = inp.eta, inp.vhat, inp.n, inp.d, inp.r, inp.T
     sum_eta2_vhat = float(np.sum(eta**2 * np.maximum(vhat, 0.0)))
     out["bound_terms/sum_eta2_dispersion"] = sum_eta2_vhat
-    filled = inp.vhat_steps is not None and inp.vhat_measured is not None and len(inp.vhat_steps) < T
-    sum_se = fill_standard_error(inp.vhat_steps, inp.vhat_measured, eta**2) if filled else 0.0
+    filled = None  # (steps, values) of V̂ when steps between its measurements were block-filled
+    if inp.vhat_steps is not None and inp.vhat_measured is not None and len(inp.vhat_steps) < T:
+        filled = (inp.vhat_steps, inp.vhat_measured)
+    sum_se = fill_standard_error(*filled, eta**2) if filled is not None else 0.0
     out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
     flat = inp.flat
-
-    def traj_se(radius: float) -> list[float] | None:
-        if not filled:
-            return None
-        return [trajectory_fill_se(eta, vhat, radius, n, d, s, inp.vhat_steps, inp.vhat_measured)  # type: ignore[arg-type]
-                for s in inp.sigmas]
 
     if "wang_mao_eq3" in inp.wanted:
         rec = inp.curvature
@@ -149,7 +145,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
 
     if flat is not None and ("wang_mao_eq2" in inp.wanted or "wang_mao_eq2_error" in inp.wanted):
         allowed = _allowed(flat, r, inp.max_loss_increase)
-        eq2 = wang_mao_eq2(eta, vhat, r, n, d, inp.sigmas, flat["term"], flat["term_se"], inp.z, allowed, traj_se(r))
+        eq2 = wang_mao_eq2(eta, vhat, r, n, d, inp.sigmas, flat["term"], flat["term_se"], inp.z, allowed, filled)
         if "wang_mao_eq2" in inp.wanted:
             _put_selection(out, "wang_mao_eq2", eq2.value, eq2.standard_error, eq2.sigma, eq2.selection)
             if eq2.best >= 0:
@@ -158,7 +154,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
                 out["bound_terms/wang_mao_eq2_degenerate"] = _degenerate(flat, eq2.best, r)
         if "wang_mao_eq2_error" in inp.wanted and flat.get("error_term") is not None:
             err = wang_mao_eq2(eta, vhat, ERROR_R, n, d, inp.sigmas, flat["error_term"], flat["error_term_se"],
-                               inp.z, allowed, traj_se(ERROR_R))
+                               inp.z, allowed, filled)
             _put_selection(out, "wang_mao_eq2_error", err.value, err.standard_error, err.sigma, err.selection)
             if err.best >= 0:
                 out["bound_terms/trajectory_wang_mao_error"] = err.trajectory[err.best]

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from genbounds.bounds.selection import Selection, sigma_min_with_se
+from genbounds.bounds.series import fill_standard_error
 
 
 @dataclass
@@ -87,19 +88,21 @@ def wang_mao_eq2(
     flatness_term_se: Sequence[float] | None = None,
     z: float = 1.0,
     allowed: Sequence[bool] | None = None,
-    trajectory_se: Sequence[float] | None = None,
+    filled: tuple[Sequence[int], Sequence[float]] | None = None,
 ) -> Eq2Result:
     """Eq. 2 at every grid σ and the selected one. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
     γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound). The selection minimizes
     ``bound + z·SE`` over the finite (and ``allowed``) grid points (:mod:`genbounds.bounds.selection`).
-    ``trajectory_se[i]``: SE of the trajectory term at ``σ_i`` (steps the dispersion was not measured
-    at, filled by the block rule; :func:`trajectory_fill_se`), added to the flatness SE in quadrature."""
+    ``filled``: ``(steps, values)`` of the dispersion measurements when ``vhat`` was block-filled
+    between them; the trajectory term's SE from the filling (:func:`trajectory_fill_se`) is then
+    added to the flatness SE in quadrature."""
     traj = [trajectory_wang_mao(eta, vhat, r, n, d, s) for s in sigmas]
     flat = [abs(float(f)) for f in flatness_term]
     bound = [a + b for a, b in zip(traj, flat)]
     ses = list(flatness_term_se) if flatness_term_se is not None else None
-    if ses is not None and trajectory_se is not None:
-        ses = [math.hypot(float(f), float(t)) for f, t in zip(ses, trajectory_se)]
+    if ses is not None and filled is not None:
+        ses = [math.hypot(float(f), trajectory_fill_se(eta, vhat, r, n, d, s, *filled, trajectory=t))
+               for f, s, t in zip(ses, sigmas, traj)]
     masked = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound)]
     sel = sigma_min_with_se(masked, ses, z if ses is not None else 0.0)
     best = sel.index
@@ -108,20 +111,19 @@ def wang_mao_eq2(
 
 
 def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
-                       steps: Sequence[int], measured: Sequence[float]) -> float:
+                       steps: Sequence[int], measured: Sequence[float], trajectory: float | None = None) -> float:
     """SE of :func:`trajectory_wang_mao` from the steps whose ``V̂_t`` was filled from a neighbouring
     measurement (``steps``/``measured``: the measurements): the sum inside the square root,
     linearized in ``V̂_t`` (weights ``(R²d/n)·a_t/(1 + a_t V̂_t)``, ``a_t = η_t²/(dσ²)``), by
-    :func:`~genbounds.bounds.series.fill_standard_error`, then ``SE(√x) = SE(x)/(2√x)``."""
-    from genbounds.bounds.series import fill_standard_error
-
+    :func:`~genbounds.bounds.series.fill_standard_error`, then ``SE(√x) = SE(x)/(2√x)``.
+    ``trajectory``: the term's value when the caller has it (else computed)."""
     eta = np.asarray(eta, dtype=np.float64)
     a = eta**2 / (d * sigma**2)
     weights = r * r * d / n * a / (1.0 + a * np.maximum(np.asarray(vhat, dtype=np.float64), 0.0))
     se_inner = fill_standard_error(steps, measured, weights)
-    traj = trajectory_wang_mao(eta, vhat, r, n, d, sigma)
     if se_inner == 0.0:
         return 0.0
+    traj = trajectory_wang_mao(eta, vhat, r, n, d, sigma) if trajectory is None else trajectory
     return se_inner / (2.0 * traj) if traj > 0 else math.nan
 
 
@@ -138,7 +140,10 @@ def wang_mao_eq3(r: float, total_steps: int, trace_h: float, sum_eta2_vhat: floa
     a = math.sqrt(r * r * sum_eta2_vhat / n)
     b = total_steps * trace_h / 2.0
     sigma_star = (a / (2.0 * b)) ** (1.0 / 3.0) if b > 0 else math.inf
-    rel_sum = sum_se / sum_eta2_vhat if sum_se and sum_eta2_vhat > 0 else (0.0 if not sum_se else math.nan)
+    if sum_se == 0.0:
+        rel_sum = 0.0  # every step measured
+    else:  # a NaN SE (filling with no spread to judge it by) stays NaN
+        rel_sum = sum_se / sum_eta2_vhat if sum_eta2_vhat > 0 else math.nan
     se = value / 3.0 * math.hypot(trace_h_se / trace_h, rel_sum) if trace_h_se is not None else math.nan
     return Eq3Result(value, traj, flat, sigma_star, se)
 

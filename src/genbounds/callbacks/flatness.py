@@ -125,8 +125,7 @@ class Flatness(ProbeCallback):
             shapes += [per_param] * len(self.sigmas)
         rows = self.measures_error
         loss_fn = self.contract.losses_and_errors if rows else self._loss_fn
-        sets = 2 if self.heldout_available else 1
-        draws = self.draws_within_budget(self.num_draws, self.min_draws, 2.0 * sets * len(levels))
+        draws = self.draws_within_budget(self.num_draws, self.min_draws, self._units_per_draw(len(levels)))
         est = gaussian_flatness(
             pl_module, loss_fn, self.train_probe, levels, draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
@@ -156,8 +155,11 @@ class Flatness(ProbeCallback):
         """Loss evaluations of a probe at ``min_draws`` (antithetic pairs, both probe sets, every
         level): the least a budgeted probe costs."""
         shapes = len(self.shapes) if num_shapes is None else num_shapes
-        sets = 2 if self.heldout_available else 1
-        return 2.0 * sets * len(self.sigmas) * (1 + shapes) * self.min_draws
+        return self._units_per_draw(len(self.sigmas) * (1 + shapes)) * self.min_draws
+
+    def _units_per_draw(self, num_levels: int) -> float:
+        """Loss evaluations of one draw: an antithetic pair on each probe set, at every level."""
+        return 2.0 * (2 if self.heldout_available else 1) * num_levels
 
     def publish(self, step: int, values: dict[str, float]) -> None:
         est = self._last["estimate"]

@@ -47,8 +47,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 class OverheadBudget:
     STEP_SHARE = 0.5
-    """Fraction of the budget the per-step statistics may use before they skip steps (the rest is
-    left to the probes and the final evaluation)."""
+    """Fraction of what the final evaluation leaves of the budget that the per-step statistics may
+    use before they skip steps (the rest is the intermediate probes'; see :meth:`step_share`)."""
 
     def __init__(self, fraction: float | None) -> None:
         self.fraction = fraction

@@ -24,7 +24,6 @@ is never clamped here (clamping happens only when a value is displayed).
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 
 import torch
