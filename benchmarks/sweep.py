@@ -794,8 +794,8 @@ well, so the bounds' ranking is not borrowed from R.
 is above 1 whenever the labels are noisy and the learning rate or batch gives a large Σ η² V̂ (R' = ½
 and n = 899 leave a trajectory term near 1 even at σ = 0.1); median ratio to the test error 3.0 over
 all runs, 12.4 over the 7 below the cap. The main job's config with a 20 % test split carved out
-(`--data.init_args.test_fraction=0.2`): `bound/test_error_upper` = 0.153 (training error 0.049 plus
-the 0-1 bound) against a test error of 0.053 ± 0.012 (2.9×).
+(`--data.init_args.test_fraction=0.2`): `bound/test_error_upper` = 0.153 ± 0.006 (training error 0.049
+plus Eq. 2's 0-1 bound 0.104 ± 0.006) against a test error of 0.053 ± 0.012 (2.9×).
 
 **Layer-wise vs isotropic.** Each layer-wise bound is ≤ its isotropic version in 24/24 runs (Neu:
 equal). The tightening is negligible on this two-layer MLP: median ratio 0.9994 (Eq. 2; best 0.958),
