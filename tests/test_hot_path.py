@@ -11,7 +11,9 @@ from torch import nn
 from genbounds.callbacks import GradientDispersion
 from genbounds.callbacks.step_log import StepLog
 from genbounds.data import DigitsDataModule
-from genbounds.estimators.functional import per_tensor_sq_norms, row_sq_norms, sq_norm
+from genbounds.estimators.functional import grouped_sq_norms, per_tensor_sq_norms, row_sq_norms, sq_norm
+from genbounds.estimators.ghost_norms import GhostNormHooks
+from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, dispersion_row
 from genbounds.models import MLP, Classifier
 from helpers import trainer
 
@@ -33,6 +35,70 @@ def test_cpu_squared_norms_match_float64_brute_force(shapes):
     # float64 and half inputs take the fused path (no precision is lost for them)
     doubles = [t.double() for t in tensors]
     assert torch.allclose(per_tensor_sq_norms(doubles), want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shapes", [[(512, 784), (512,), (512, 512), (10, 512), (10,)],
+                                    [(3, 40000), (1024,), (2048,), (0,), (1,), (1023,), (1025,)]])
+def test_grouped_squared_norms_match_float64_brute_force(shapes):
+    """The per-step ``‖ḡ_k‖²``/``‖ḡ‖²``: fp32 norms of ≤ 1,024-element pieces, summed per group in
+    float64 — every piece size, an empty tensor, a non-contiguous one, a tensor in no group."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(*s, generator=gen) * 10 ** torch.randint(-3, 3, (), generator=gen).item() for s in shapes]
+    tensors[0] = tensors[0].t() if tensors[0].dim() == 2 else tensors[0]  # non-contiguous
+    groups = [[0, 2], [1], list(range(3, len(tensors) - 1))]  # the last tensor belongs to no group
+    want = _brute(tensors)
+    got = grouped_sq_norms(tensors, groups)
+    assert got.dtype == torch.float64 and got.shape == (len(groups) + 1,)
+    expected = torch.stack([want[g].sum() for g in groups] + [want.sum()])
+    assert torch.allclose(got, expected, rtol=2e-7, atol=1e-300)
+    doubles = grouped_sq_norms([t.double() for t in tensors], groups)  # the fused float64 path
+    assert torch.allclose(doubles, expected, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("b", [2, 7, 128])
+def test_dispersion_row_equals_the_moments_formula(b):
+    """The one-vector form logged every step equals :func:`dispersion_from_moments` value by value."""
+    gen = torch.Generator().manual_seed(b)
+    group_sq = torch.rand(4, generator=gen, dtype=torch.float64) * 50 + 1
+    group_mean = torch.rand(4, generator=gen, dtype=torch.float64) * group_sq / b  # S_k ≥ b‖ḡ_k‖²
+    est = dispersion_from_moments(GradientMoments(group_sq.sum(), b, b, group_sq=group_sq), group_mean.sum(), group_mean)
+    row = dispersion_row(group_sq, group_mean, b, b)
+    want = torch.cat([torch.stack([est.norm_sq, est.trace_cov, est.dispersion]), est.group_dispersion])
+    assert torch.allclose(row, want, rtol=1e-12, atol=0)
+    assert row[3:].sum().item() == pytest.approx(row[2].item(), rel=1e-13)
+    with pytest.raises(ValueError):
+        dispersion_row(group_sq, group_mean, 1, 1)
+
+
+def test_ghost_read_sums_equal_the_per_sample_read():
+    """``read_sums`` (the per-step path) = ``read``'s per-module vectors summed over samples."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    hooks = GhostNormHooks.for_model(net)
+    got = []
+    for reader in ("sums", "read"):
+        hooks.arm()
+        nn.functional.cross_entropy(net(x), y).backward()
+        got.append(hooks.read_sums(scale=9) if reader == "sums" else hooks.read(scale=9))
+        net.zero_grad()
+    sums, norms = got
+    assert hooks.module_names == ("0", "2", "4")
+    assert torch.allclose(sums, torch.stack([norms.per_group[n].sum() for n in hooks.module_names]), rtol=1e-12)
+    assert sums.sum().item() == pytest.approx(norms.total.sum().item(), rel=1e-12)
+    hooks.arm()
+    assert hooks.read_sums(scale=9) is None  # nothing recorded since the last read
+
+
+def test_step_log_record_row_matches_record():
+    names = ("a", "b", "c")
+    by_dict, by_row = StepLog("dict"), StepLog("row")
+    for step in range(70):  # past the first buffer
+        row = torch.tensor([step, step / 3, -step], dtype=torch.float64)
+        by_dict.record(step, dict(zip(names, row.unbind())))
+        by_row.record_row(step, names, row)
+    a, b = by_dict.flush(_Trainer()), by_row.flush(_Trainer())
+    assert [(r.step, r.values) for r in a] == [(r.step, r.values) for r in b] and len(b) == 70
 
 
 @pytest.mark.parametrize("width", [5, 32768, 32769, 70_000])

@@ -25,7 +25,7 @@ from genbounds.callbacks.checks import (
     check_strategy,
 )
 from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
-from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext
+from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
 from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
 from genbounds.callbacks.dispersion.select import choose_backend
@@ -36,7 +36,12 @@ from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, per_tensor_sq_norms, trainable_parameters
-from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
+from genbounds.estimators.gradient_dispersion import (
+    GradientMoments,
+    dispersion_from_moments,
+    dispersion_row,
+    group_sums,
+)
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -133,6 +138,7 @@ class GradientDispersion(Callback):
         self.active_backend: str | None = None
         self.measured_steps = 0
         self.group_names: list[str] = []
+        self._row_names: tuple[str, ...] = ()
         self.contract: LossContract | None = None
         self._loss_fn: Any = None
         self._impl: DispersionBackend | None = None
@@ -187,6 +193,8 @@ class GradientDispersion(Callback):
         groups = parameter_groups(pl_module, self.layer_groups)
         names = list(trainable_parameters(pl_module))
         self.group_names = list(groups)
+        self._row_names = ("grad/norm_sq", "grad/trace_cov", "grad/dispersion",
+                           *(f"grad/dispersion/layer/{g}" for g in self.group_names))
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
         self._accumulate = int(trainer.accumulate_grad_batches)
         self.step_budget.setup(trainer)
@@ -244,11 +252,12 @@ class GradientDispersion(Callback):
         scale: Tensor | float = 1.0
         if self._scaler is not None and getattr(self._scaler, "_scale", None) is not None:
             scale = self._scaler._scale.reshape(())
-        if grads is None:
-            grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+        extras = LazyGrads(self._params, scaler=self._scaler is not None)
+        if grads is not None:
+            extras["grads"] = grads
         m = batch_size(self._batch) if self._batch is not None else 0
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
-                           {"grads": grads, "scaler": self._scaler is not None})
+                           extras)
 
     @clocked
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -306,6 +315,14 @@ class GradientDispersion(Callback):
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
+        if (group_mean_sq is not None and moments.group_sq is not None and moments.centered_sums is None
+                and isinstance(moments.num_samples, int) and isinstance(moments.num_units, int)):
+            # every value as one vector in two ops, one copy into the step log (the per-step path)
+            row = dispersion_row(moments.group_sq, group_mean_sq, moments.num_samples, moments.num_units)
+            self.step_log.record_row(self._step, self._row_names, row)
+            self.measured_steps += 1
+            self.step_budget.measured(trainer)
+            return
         estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
         values = {"grad/norm_sq": estimate.norm_sq, "grad/trace_cov": estimate.trace_cov,
                   "grad/dispersion": estimate.dispersion}

@@ -135,6 +135,18 @@ class StepLog:
         else:
             row = torch.stack([v.detach().reshape(()).to(device=device, dtype=torch.float64) if isinstance(v, Tensor)
                                else torch.tensor(float(v), dtype=torch.float64, device=device) for v in vals])
+        self._store(step, names, row, used)
+
+    def record_row(self, step: int, names: tuple[str, ...], row: Tensor) -> None:
+        """Buffer one record given as a 1-d tensor of ``len(names)`` values (one copy; the
+        per-step path of :class:`GradientDispersion`, which computes its values as one vector)."""
+        used = len(self._pending)
+        if self._buffer is not None and used and row.device != self._buffer.device:
+            row = row.to(self._buffer.device)
+        self._store(step, names, row, used)
+
+    def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int) -> None:
+        buf, device = self._buffer, row.device
         if buf is None or buf.device != device or buf.shape[1] < len(names) or used >= buf.shape[0]:
             rows = max(64, 2 * used)
             width = max(len(names), buf.shape[1] if buf is not None else 0)
@@ -142,7 +154,7 @@ class StepLog:
             if used:
                 grown[:used, :buf.shape[1]].copy_(buf[:used])
             self._buffer = buf = grown
-        buf[used, :len(names)].copy_(row)
+        buf[used, :len(names)].copy_(row.detach())
         self._pending.append((step, names, used))
 
     def __len__(self) -> int:

@@ -133,6 +133,7 @@ DECOMPOSITION = "decomposition"
 _vecdot = torch.linalg.vecdot
 
 
+
 @dataclass
 class PerSampleNorms:
     """Per-sample squared gradient norms of one backward, already multiplied by ``scale²``."""
@@ -993,6 +994,11 @@ class GhostNormHooks:
         return self._armed
 
     @property
+    def module_names(self) -> tuple[str, ...]:
+        """The hooked modules' names, in the order of :meth:`read_sums`."""
+        return tuple(site.name for site in self._sites)
+
+    @property
     def workspace_bytes(self) -> int:
         """Bytes held in reusable CPU work buffers (released by :meth:`disarm`)."""
         return self._scratch.nbytes
@@ -1216,7 +1222,25 @@ class GhostNormHooks:
         finally:
             self.clear()
 
-    def _read(self, scale: float | Tensor) -> PerSampleNorms | None:
+    def read_sums(self, scale: float | Tensor = 1.0) -> Tensor | None:
+        """``[len(modules)]`` float64 ``Σ_i ‖∇ℓ_i‖²`` restricted to each hooked module (in the
+        order of ``modules``; zero for a module that did not run), times ``scale²`` — what
+        :meth:`read` gives summed over the samples, with the same checks, in two ops instead of
+        the per-module vectors (the per-step path of ``GradientDispersion``). Resets the step."""
+        try:
+            if self._validated() is None:
+                return None
+            rows = self._rows
+            assert rows is not None
+            sums = rows.sum(1)
+            if isinstance(scale, Tensor):
+                return sums.mul_(scale.detach().to(device=sums.device, dtype=torch.float64).square())
+            return sums.mul_(float(scale) ** 2)
+        finally:
+            self.clear()
+
+    def _validated(self) -> list[_Site] | None:
+        """The modules recorded this step, once every check passed (``None``: nothing to read)."""
         if self._problems:
             raise RuntimeError("ghost norms unavailable: " + "; ".join(self._problems))
         for site in self._touched:
@@ -1237,6 +1261,12 @@ class GhostNormHooks:
         sizes = {s.b for s in recorded}
         if len(sizes) != 1:
             raise RuntimeError(f"ghost norms unavailable: modules saw different batch sizes {sorted(sizes)}")
+        return recorded
+
+    def _read(self, scale: float | Tensor) -> PerSampleNorms | None:
+        recorded = self._validated()
+        if recorded is None:
+            return None
         rows = self._rows
         assert rows is not None
         if isinstance(scale, Tensor):

@@ -133,6 +133,35 @@ def _group_index(groups: tuple[tuple[int, ...], ...], n: int, device: torch.devi
     return (None if identity else torch.tensor(src, dtype=torch.long, device=device)), dst
 
 
+def dispersion_row(group_sq: Tensor, group_mean_sq: Tensor, b: int, k: int) -> Tensor:
+    """``[3 + K]`` float64 ``(norm_sq, trace_cov, dispersion, per-group dispersion…)`` of one
+    batch from the per-group sums ``S_k = Σ_j m_j ‖h_{j,k}‖²`` and ``‖ḡ_k‖²`` — what
+    :func:`dispersion_from_moments` gives with the groups, as one vector in two matrix-vector
+    products (the per-step path: one op instead of ~15 small ones). Per group
+    ``Tr Σ_{B,k} = (S_k − b‖ḡ_k‖²) / ((k−1) b)``; ``dispersion`` is their sum, ``trace_cov``
+    ``b`` times it, ``norm_sq = Σ_k ‖ḡ_k‖²``.
+
+    Raises:
+        ValueError: with fewer than two units."""
+    if k < 2:
+        raise ValueError(f"the dispersion needs at least two samples or chunks, got {k}")
+    on_s, on_n = _row_maps(int(group_sq.shape[0]), int(b), int(k), group_sq.device)
+    return torch.addmv(on_n @ group_mean_sq.double(), on_s, group_sq.double())
+
+
+@functools.lru_cache(maxsize=32)
+def _row_maps(groups: int, b: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    c = 1.0 / ((k - 1) * b)
+    on_s = torch.zeros(3 + groups, groups, dtype=torch.float64)
+    on_n = torch.zeros(3 + groups, groups, dtype=torch.float64)
+    on_n[0] = 1.0                      # norm_sq = Σ_k ‖ḡ_k‖²
+    on_s[1], on_n[1] = b * c, -b * b * c  # trace_cov = b · dispersion
+    on_s[2], on_n[2] = c, -b * c       # dispersion = Σ_k (S_k − b‖ḡ_k‖²) c
+    eye = torch.eye(groups, dtype=torch.float64)
+    on_s[3:], on_n[3:] = c * eye, -b * c * eye
+    return on_s.to(device), on_n.to(device)
+
+
 def dispersion_from_moments(
     moments: GradientMoments, mean_grad_sq_norm: Tensor | None = None, group_mean_sq: Tensor | None = None
 ) -> DispersionEstimate:

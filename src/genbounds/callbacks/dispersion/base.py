@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
@@ -28,6 +29,26 @@ class StepContext:
     loss_scale: Tensor | float = 1.0
     """``S``: the AMP loss scale of this backward (1 without a gradient scaler)."""
     extras: dict[str, Any] = field(default_factory=dict)
+
+
+class LazyGrads(dict):
+    """A :class:`StepContext`'s ``extras`` whose ``"grads"`` — the batch gradient as ``.grad``
+    holds it, detached, zeros where ``.grad`` is ``None`` — are built when first read (the norm
+    hooks read them once per step, not at both of its hooks)."""
+
+    def __init__(self, params: list[Tensor], **items: Any) -> None:
+        super().__init__(**items)
+        self._params = params
+
+    def __missing__(self, key: str) -> Any:
+        if key != "grads":
+            raise KeyError(key)
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+        self["grads"] = grads
+        return grads
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key == "grads" or key in self else default
 
 
 @dataclass

@@ -26,7 +26,7 @@ from genbounds.callbacks.dispersion.accumulation import GradientDeltas
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
-from genbounds.estimators.functional import per_tensor_sq_norms
+from genbounds.estimators.functional import grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.ghost_norms import GhostNormHooks
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
 
@@ -76,32 +76,31 @@ class SharedHooks:
             if self.backpack is not None and self.backpack.attached:
                 self.backpack.enter_backward()
 
-    def read(self, scale: Tensor | float) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """``(per-sample ‖g_i‖² [m], per-module per-sample [m])`` of the last backward."""
+    def read(self, scale: Tensor | float) -> tuple[Tensor, tuple[str, ...]] | None:
+        """``(Σ_i ‖g_i‖² per hooked module [n] float64, the modules' names)`` of the last backward."""
         if self.cache is not None and self.cache[0] == self.backward_count:
             return self.cache[1]
         self.in_backward = False
-        per_module: dict[str, Tensor] = {}
-        total: Tensor | None = None
+        result: tuple[Tensor, tuple[str, ...]] | None = None
+        parts: list[Tensor] = []
+        names: tuple[str, ...] = ()
         if self.ghost is not None:
-            norms = self.ghost.read(scale)
-            if norms is None:
-                result = None
-                self.cache = (self.backward_count, result)
-                return result
-            per_module.update(norms.per_group)
-            total = norms.total
+            sums = self.ghost.read_sums(scale)
+            if sums is None:
+                self.cache = (self.backward_count, None)
+                return None
+            parts.append(sums)
+            names = self.ghost.module_names
         if self.backpack is not None:
             self.backpack.exit_backward()
             read = self.backpack.read_modules(scale)
             if read is None:
                 self.cache = (self.backward_count, None)
                 return None
-            for module, sq in read.items():
-                per_module[self.backpack_names[id(module)]] = sq
-                total = sq if total is None else total + sq.to(total.device)
-        assert total is not None
-        result = (total, per_module)
+            device = parts[0].device if parts else None
+            parts.append(torch.stack([sq.sum().to(device) if device is not None else sq.sum() for sq in read.values()]))
+            names = names + tuple(self.backpack_names[id(m)] for m in read)
+        result = (parts[0] if len(parts) == 1 else torch.cat(parts), names)
         self.cache = (self.backward_count, result)
         return result
 
@@ -197,23 +196,26 @@ class NormHooksBackend(DispersionBackend):
             rank_zero_warn("GradientDispersion(backend='hooks'): a hooked layer received no gradient in this step "
                            "(a layer unused in this step?); switching to an extra-pass backend.")
             return None
-        total, per_module = read
-        # Σ_i ‖g_{i,k}‖² per group k: one stack, one sum, one index_add (was three ops per module)
-        names = tuple(per_module)
-        sums = torch.stack([per_module[n].to(total.device) for n in names]).sum(1)
-        group_sq = torch.zeros(self.num_groups, dtype=torch.float64, device=total.device).index_add_(
-            0, self._module_index(names, total.device), sums.to(torch.float64))
+        sums, names = read
+        # Σ_i ‖g_{i,k}‖² per group k and their total: one matrix-vector product (cached matrix)
+        per_group = self._group_matrix(names, sums.device) @ sums
         if ctx.accumulate >= 2 and ctx.trainer.world_size == 1:
             # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for equal micro-batches
             part = [d * (m * ctx.accumulate / ctx.loss_scale) for d in self.deltas.delta(ctx.extras["grads"])]
             self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
-        return GradientMoments(total.sum(), m, m, group_sq=group_sq)
+        return GradientMoments(per_group[-1], m, m, group_sq=per_group[:-1])
 
-    def _module_index(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+    def _group_matrix(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        """``[K + 1, n]`` 0/1 float64: module → its group, and a last row of ones (the total)."""
         key = (names, device)
         if self._index_key != key:
-            self._index = torch.tensor([self.group_of_module[n] for n in names], dtype=torch.long, device=device)
+            matrix = torch.zeros(self.num_groups + 1, len(names), dtype=torch.float64)
+            for j, n in enumerate(names):
+                matrix[self.group_of_module[n], j] = 1.0
+            matrix[-1] = 1.0
+            self._index = matrix.to(device)
             self._index_key = key
+        assert self._index is not None
         return self._index
 
     def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
@@ -223,9 +225,10 @@ class NormHooksBackend(DispersionBackend):
             b = int(window.num_samples)
             per_param = per_tensor_sq_norms([a / b for a in self._accumulated])
             self._accumulated = None
-        else:
-            per_param = per_tensor_sq_norms(ctx.extras["grads"])
-        return WindowResult(window, per_param.sum(), group_sums(per_param, ctx.groups))
+            return WindowResult(window, per_param.sum(), group_sums(per_param, ctx.groups))
+        # ‖ḡ_k‖² per group and ‖ḡ‖² from .grad in about ten ops (estimators.functional)
+        norms = grouped_sq_norms(ctx.extras["grads"], ctx.groups)
+        return WindowResult(window, norms[-1], norms[:-1])
 
     def hook_seconds(self) -> float:
         ghost = self.shared.ghost if self.shared is not None else None
