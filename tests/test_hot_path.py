@@ -197,3 +197,19 @@ def test_cuda_norms_and_step_log_match_the_cpu():
         log.record(step, {"a": torch.tensor(step, dtype=torch.float32, device=dev), "b": torch.tensor(0.5, device=dev)})
     got = log.flush(_Trainer())
     assert [(r.step, r.values) for r in got] == [(s, {"a": float(s), "b": 0.5}) for s in range(70)]
+
+
+def test_state_keys_are_formatted_once_and_unchanged():
+    """Lightning formats ``state_key`` at every hook it dispatches: ours are formatted once, with the
+    same string ``_generate_state_key`` gives (checkpoints written before keep loading)."""
+    from genbounds.callbacks import Flatness, GradientSensitivity, HeldoutGradient, HessianTrace
+
+    cases = [(GradientDispersion(every_n_steps=3), {"every_n_steps": 3}),
+             (HeldoutGradient(every_n_steps=7), {"every_n_steps": 7}),
+             (GradientSensitivity(sigmas=[0.01, 0.1]), {"sigmas": [0.01, 0.1]}),
+             (Flatness(scaling="fixed"), {"scaling": "fixed"}),
+             (HessianTrace(), {"backend": "hutchinson"})]
+    for cb, args in cases:
+        first = cb.state_key
+        assert first == cb._generate_state_key(**args)
+        assert cb.state_key is first

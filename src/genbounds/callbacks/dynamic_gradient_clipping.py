@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 
 from genbounds.callbacks.checks import check_choice, check_float, check_int
 from genbounds.callbacks.intervention import GradientIntervention
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, epoch_end_step, logger_step
 from genbounds.estimators.functional import sq_norm, trainable_parameters
 
@@ -71,7 +72,7 @@ class DynamicGradientClipping(FlushesStepLog, GradientIntervention):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(alpha=self.alpha, auto_start=self.auto_start)
+        return state_key_once(self, alpha=self.alpha, auto_start=self.auto_start)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -14,6 +14,7 @@ from genbounds.callbacks.channel import Channel, FlatnessRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_sigmas
 from genbounds.callbacks.gradient_sensitivity import PRECISIONS, Precision, probe_dtype
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.flatness import gaussian_flatness
 
 
@@ -100,7 +101,7 @@ class Flatness(ProbeCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(scaling=self.scaling)
+        return state_key_once(self, scaling=self.scaling)
 
     def _tag(self, sigma: float) -> str:
         return sigma_tag(sigma) + ("*sqrtT" if self.scaling == "sqrt_steps" else "")

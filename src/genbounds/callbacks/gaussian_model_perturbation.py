@@ -16,6 +16,7 @@ from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.functional import LossFn, trainable_parameters
 from genbounds.estimators.perturbation import PerturbedLoss, standard_normal
 
@@ -71,7 +72,7 @@ class GaussianModelPerturbation(GradientIntervention):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(rho=self.rho, sigma=self.sigma, k=self.k)
+        return state_key_once(self, rho=self.rho, sigma=self.sigma, k=self.k)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

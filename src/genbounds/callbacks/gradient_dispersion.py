@@ -33,6 +33,7 @@ from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget, clocked
 from genbounds.callbacks.probe import training_trial_batch
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, per_tensor_sq_norms, trainable_parameters
@@ -157,7 +158,7 @@ class GradientDispersion(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps)
+        return state_key_once(self, every_n_steps=self.every_n_steps)
 
     # ------------------------------------------------------------------ records
     def _publish(self, records: list) -> None:

@@ -14,6 +14,7 @@ from torch import Tensor
 from genbounds.callbacks.channel import Channel, SensitivityRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_int, check_sigmas
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
 
@@ -115,7 +116,7 @@ class GradientSensitivity(ProbeCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(sigmas=self.sigmas)
+        return state_key_once(self, sigmas=self.sigmas)
 
     def set_shape(self, shape: list[float], group_of_param: dict[str, int]) -> None:
         """Also measure Γ at block-shaped growing levels ``σ√step·s_k`` in the ``Σ⁻¹`` norm (the

@@ -16,6 +16,7 @@ from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
 from genbounds.estimators.functional import dot, parameter_groups, per_tensor_sq_norms, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
@@ -102,7 +103,7 @@ class HeldoutGradient(ProbeCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.schedule.every_n_steps)
+        return state_key_once(self, every_n_steps=self.schedule.every_n_steps)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from genbounds.callbacks.channel import Channel, CurvatureRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.functional import LossFn, parameter_groups, per_sample_losses, trainable_parameters
 from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
 from genbounds.estimators.hessian_trace import hutchinson_trace
@@ -125,7 +126,7 @@ class HessianTrace(ProbeCallback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(backend=self.backend)
+        return state_key_once(self, backend=self.backend)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)

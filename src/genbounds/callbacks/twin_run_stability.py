@@ -22,6 +22,7 @@ from genbounds.callbacks.checks import (
     check_int,
 )
 from genbounds.callbacks.probe_data import first_loader, validation_loader
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
 
@@ -116,7 +117,7 @@ class TwinRunStability(FlushesStepLog, Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode, seed=self.seed, sample_index=self.sample_index)
+        return state_key_once(self, mode=self.mode, seed=self.seed, sample_index=self.sample_index)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -20,6 +20,7 @@ from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.probe_data import draw_probe_batch, first_loader
+from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, logger_step
 from genbounds.estimators.batching import batch_size, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, reduce_all, trainable_parameters
@@ -82,7 +83,7 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(lambda1=self.lambda1, lambda2=self.lambda2, reference=self.reference)
+        return state_key_once(self, lambda1=self.lambda1, lambda2=self.lambda2, reference=self.reference)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
