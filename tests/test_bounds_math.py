@@ -216,6 +216,48 @@ def test_fill_standard_error_is_zero_without_filling_nan_when_unknowable_and_cal
     assert 0.9 < ratio < 1.4, ratio
 
 
+def test_absolute_fill_standard_error_is_calibrated_on_a_signed_series():
+    """Neu's held-out ``V_t`` is signed and crosses zero, where a relative noise model breaks: the
+    absolute model, on a series oscillating around 0 with unit per-step noise measured every 10th
+    step, is within [0.9, 1.4]× the spread of the actual filling error (400 simulated runs), and
+    the relative model is not used for it."""
+    from genbounds.bounds.series import expand_blocks, fill_standard_error
+
+    T = 500
+    w = np.full(T, 0.02)
+    assert fill_standard_error(np.arange(T), np.zeros(T), w, noise="absolute") == 0.0
+    assert math.isnan(fill_standard_error([0], [1.0], w, noise="absolute"))
+    with pytest.raises(ValueError):
+        fill_standard_error([0, 1], [1.0, 2.0], w, noise="poisson")
+    rng = np.random.default_rng(3)
+    mu = 0.5 * np.sin(np.linspace(0, 3 * np.pi, T))
+    steps = np.arange(0, T, 10)
+    errors, ses = [], []
+    for _ in range(400):
+        x = mu + rng.standard_normal(T)
+        errors.append(float(np.sum(w * expand_blocks(steps, x[steps], T)) - np.sum(w * x)))
+        ses.append(fill_standard_error(steps, x[steps], w, noise="absolute"))
+    ratio = float(np.mean(ses)) / float(np.std(errors))
+    assert 0.9 < ratio < 1.4, ratio
+
+
+def test_neu_standard_error_counts_the_filled_heldout_steps():
+    """Theorem 1's SE adds the filling SE of ``Σ η_t² V_t`` (0 when every step was measured)."""
+    T = len(ETA)
+    gamma = np.full((T, len(SIGMAS)), 0.05)
+    v = np.full(T, 0.3)
+    flat = [0.01] * len(SIGMAS)
+    base = neu_theorem1(ETA, gamma, v, R, N, SIGMAS, flat, [0.01] * len(SIGMAS), [0.0] * len(SIGMAS))
+    more = neu_theorem1(ETA, gamma, v, R, N, SIGMAS, flat, [0.01] * len(SIGMAS), [0.0] * len(SIGMAS), v_sum_se=0.5)
+    assert all(b < m for b, m in zip(base.standard_errors, more.standard_errors))
+    nan = neu_theorem1(ETA, gamma, v, R, N, SIGMAS, flat, [0.01] * len(SIGMAS), None, v_sum_se=math.nan)
+    assert all(math.isnan(x) for x in nan.standard_errors)
+    assert math.isnan(nan.value)  # an unknown SE is never counted as 0: no σ is selected
+    # a negative Σ η²(Γ + V) (V_t is signed) sets the trajectory term to 0, not its error
+    neg = neu_theorem1(ETA, np.zeros((T, 1)), -np.ones(T), R, N, [1e-2], [0.0], [0.01], [0.0], v_sum_se=0.5)
+    assert neg.trajectory[0] == 0.0 and neg.standard_errors[0] > 0.01
+
+
 def test_trajectory_fill_se_matches_the_spread_of_the_thinned_eq2_trajectory():
     """Eq. 2's trajectory term from every 4th step's V̂ (the rest block-filled) against the same
     term from every step: the linearized SE is within [0.8, 1.5]× the error's spread."""

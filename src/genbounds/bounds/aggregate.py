@@ -53,6 +53,10 @@ class BoundInputs:
     wanted: tuple[str, ...]
     v: np.ndarray | None = None
     """Neu's ``V_t`` per step (held-out), ``None``: ``vhat`` stands in."""
+    v_steps: np.ndarray | None = None
+    """The steps ``V_t`` was measured at, with ``v_measured``: the SE of the steps filled in
+    between (absolute noise: ``V_t`` is signed)."""
+    v_measured: np.ndarray | None = None
     gamma: np.ndarray | None = None
     """``[T, S]`` Neu's ``Γ_{σ√(t−1)}`` per step and grid σ."""
     gamma_sum_se: np.ndarray | None = None
@@ -124,7 +128,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     sum_eta2_vhat = float(np.sum(eta**2 * np.maximum(vhat, 0.0)))
     out["bound_terms/sum_eta2_dispersion"] = sum_eta2_vhat
     filled = None  # (steps, values) of V̂ when steps between its measurements were block-filled
-    if inp.vhat_steps is not None and inp.vhat_measured is not None and len(inp.vhat_steps) < T:
+    if inp.vhat_steps is not None and inp.vhat_measured is not None:  # its SE is 0 when nothing was filled
         filled = (inp.vhat_steps, inp.vhat_measured)
     sum_se = fill_standard_error(*filled, eta**2) if filled is not None else 0.0
     out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
@@ -164,10 +168,17 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     neu_wanted = {"neu", "neu_error", "neu_layerwise"} & set(inp.wanted)
     if neu_wanted and inp.gamma is not None:
         v = inp.v if inp.v is not None else vhat
+        if inp.v is None:
+            v_sum_se = sum_se  # V̂ stands in: its filling SE
+        elif inp.v_steps is not None and inp.v_measured is not None:  # 0 when nothing was filled
+            v_sum_se = fill_standard_error(inp.v_steps, inp.v_measured, eta**2, noise="absolute")
+        else:
+            v_sum_se = 0.0
+        out["bound_terms/sum_eta2_v_se"] = v_sum_se
         if flat is not None:
             allowed = _allowed(flat, r, inp.max_loss_increase)
             neu = neu_theorem1(eta, inp.gamma, v, r, n, inp.sigmas, flat["term"], flat["term_se"],
-                               inp.gamma_sum_se, inp.z, allowed)
+                               inp.gamma_sum_se, inp.z, allowed, v_sum_se)
             if "neu" in inp.wanted:
                 _put_selection(out, "neu", neu.value, neu.standard_error, neu.sigma, neu.selection)
                 out["bound/neu_abs"] = neu.value_abs
@@ -179,7 +190,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
                     out["bound_terms/neu_degenerate"] = _degenerate(flat, neu.best, r)
             if "neu_error" in inp.wanted and flat.get("error_term") is not None:
                 err = neu_theorem1(eta, inp.gamma, v, ERROR_R, n, inp.sigmas, flat["error_term"],
-                                   flat["error_term_se"], inp.gamma_sum_se, inp.z, allowed)
+                                   flat["error_term_se"], inp.gamma_sum_se, inp.z, allowed, v_sum_se)
                 _put_selection(out, "neu_error", err.value, err.standard_error, err.sigma, err.selection)
                 if err.best >= 0:
                     out["bound_terms/neu_error_degenerate"] = _degenerate(flat, err.best, r)

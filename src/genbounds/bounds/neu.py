@@ -73,6 +73,7 @@ def neu_theorem1(
     gamma_sum_se: Sequence[float] | None = None,
     z: float = 1.0,
     allowed: Sequence[bool] | None = None,
+    v_sum_se: float = 0.0,
 ) -> NeuResult:
     """Theorem 1 per grid σ and its minima.
 
@@ -87,6 +88,9 @@ def neu_theorem1(
         gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` per σ (from the Γ probes' SEs).
         z: the selection minimizes ``bound + z·SE`` (:mod:`genbounds.bounds.selection`).
         allowed: grid points that may be selected (default: all).
+        v_sum_se: SE of ``Σ_t η_t² V_t`` from the steps whose ``V_t`` was filled from a neighbouring
+            measurement (:func:`~genbounds.bounds.series.fill_standard_error`; 0: every step
+            measured), combined in quadrature with ``gamma_sum_se``.
     """
     gamma = np.asarray(gamma, dtype=np.float64).reshape(len(eta), len(sigmas))
     traj, bound, bound_abs, traj_se = [], [], [], []
@@ -98,10 +102,16 @@ def neu_theorem1(
         f = float(flatness_term[i])
         bound.append(t + f)
         bound_abs.append(t + abs(f))
-        if gamma_sum_se is not None and t > 0:
-            traj_se.append(4.0 * r * r / n / (s * s) * float(gamma_sum_se[i]) / (2.0 * t))
-        else:
+        sum_se = math.hypot(float(gamma_sum_se[i]) if gamma_sum_se is not None else 0.0, v_sum_se)
+        # SE(√X) = SE(X)/(2√X), capped by √SE(X) (√(X + δ) − √X ≤ √δ): the linearization fails
+        # as X → 0, and X ≤ 0 (V_t is signed; t = 0) must not read as an exact term
+        inner_se = 4.0 * r * r / n / (s * s) * sum_se
+        if sum_se == 0.0:
             traj_se.append(0.0)
+        elif t > 0:
+            traj_se.append(min(inner_se / (2.0 * t), math.sqrt(inner_se)))
+        else:
+            traj_se.append(math.sqrt(inner_se) if math.isfinite(inner_se) else math.nan)
     flat_se = [float(x) for x in flatness_term_se] if flatness_term_se is not None else [math.nan] * len(bound)
     ses = [math.hypot(f, t) for f, t in zip(flat_se, traj_se)]
     use_se = flatness_term_se is not None

@@ -80,7 +80,8 @@ def growing_level_series(steps: Sequence[int], values: np.ndarray, total_steps: 
     return weights.T @ vals, weights
 
 
-def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarray, weights: np.ndarray) -> float:
+def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarray, weights: np.ndarray,
+                        noise: str = "relative") -> float:
     """SE of ``Σ_t w_t x̂_t`` (``x̂`` the block-filled series, :func:`expand_blocks`) as an estimate of
     ``Σ_t w_t x_t``, the same sum had ``x`` been measured at every step (``docs/math.md`` §6.7).
 
@@ -91,9 +92,16 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     ``μ_i`` estimated by ``x_{s_i}`` and ``κ²`` by half the mean squared relative difference of
     consecutive measurements (which also counts any trend between them: conservative).
 
+    ``noise="absolute"`` — for a signed series whose level may cross zero (Neu's held-out ``V_t``):
+    ``ε_t`` of one variance ``τ²`` everywhere, estimated by half the mean squared difference of
+    consecutive measurements (again counting any trend: conservative), and
+    ``Var = τ² Σ_i [(W_i − w_{s_i})² + Σ_{t∈B_i, t≠s_i} w_t²]``.
+
     Returns 0 when every step was measured (nothing was filled), NaN when steps were filled but
-    fewer than two measurements (or no two with a non-zero mean) leave ``κ`` unknown.
+    fewer than two measurements (or, relative, no two with a non-zero mean) leave ``κ`` unknown.
     """
+    if noise not in ("relative", "absolute"):
+        raise ValueError(f"noise must be 'relative' or 'absolute', got {noise!r}")
     w = np.asarray(weights, dtype=np.float64)
     total = len(w)
     if total == 0 or len(steps) == 0:
@@ -110,6 +118,12 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     coef = (w_block - w_own) ** 2 + (w2_block - w_own**2)
     if not np.any(coef > 0):
         return 0.0
+    if noise == "absolute":
+        if len(x) < 2:
+            return math.nan
+        tau2 = 0.5 * float(np.mean((x[1:] - x[:-1]) ** 2))
+        var = tau2 * float(np.sum(coef))
+        return math.sqrt(var) if math.isfinite(var) else math.nan
     mean = 0.5 * (x[1:] + x[:-1])
     ok = np.abs(mean) > 0
     if len(x) < 2 or not np.any(ok):

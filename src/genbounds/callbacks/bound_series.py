@@ -114,6 +114,7 @@ class BoundSeries:
         inp.curvature = self.curvature_at(T)
         if self.heldout_steps:
             inp.v = expand_blocks(self.heldout_steps, self.heldout_values, T)
+            inp.v_steps, inp.v_measured = np.asarray(self.heldout_steps), np.asarray(self.heldout_values)
         if self.sensitivity_steps:
             order = np.argsort(self.sensitivity_steps, kind="stable")
             gamma, weights = growing_level_series(self.sensitivity_steps, self.sensitivity_values, T, fill)

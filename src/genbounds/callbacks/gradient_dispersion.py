@@ -140,6 +140,7 @@ class GradientDispersion(Callback):
         self.measured_steps = 0
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
+        self._groups_partition = False
         self.contract: LossContract | None = None
         self._loss_fn: Any = None
         self._impl: DispersionBackend | None = None
@@ -197,6 +198,8 @@ class GradientDispersion(Callback):
         self._row_names = ("grad/norm_sq", "grad/trace_cov", "grad/dispersion",
                            *(f"grad/dispersion/layer/{g}" for g in self.group_names))
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
+        # the one-vector form below sums the groups for the totals: only when they partition
+        self._groups_partition = sorted(i for g in self._groups for i in g) == list(range(len(names)))
         self._accumulate = int(trainer.accumulate_grad_batches)
         self.step_budget.setup(trainer)
 
@@ -316,7 +319,8 @@ class GradientDispersion(Callback):
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
-        if (group_mean_sq is not None and moments.group_sq is not None and moments.centered_sums is None
+        if (self._groups_partition and group_mean_sq is not None and moments.group_sq is not None
+                and moments.centered_sums is None
                 and isinstance(moments.num_samples, int) and isinstance(moments.num_units, int)):
             # every value as one vector in two ops, one copy into the step log (the per-step path)
             row = dispersion_row(moments.group_sq, group_mean_sq, moments.num_samples, moments.num_units)

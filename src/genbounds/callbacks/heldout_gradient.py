@@ -146,10 +146,12 @@ class HeldoutGradient(ProbeCallback):
         if batch_idx % trainer.accumulate_grad_batches == 0:
             # a measurement the schedule asked for waits (step after step) until the overhead
             # budget affords it: it needs this step's batch gradient, so it cannot run later
-            # (the first one is always taken: it cannot be made up at the end of the run, and it
-            # defines gap/predicted_cumulative)
+            # (the first two are always taken: the first cannot be made up at the end of the run
+            # and defines gap/predicted_cumulative; with a second one the bounds can judge the
+            # error of filling the steps between measurements — docs/math.md §6.7 — where one
+            # measurement standing for the whole run would leave Neu's bound without an SE)
             self._pending = self._pending or self.schedule.due_at_step(trainer.global_step)
-            self._due = self._pending and (self.num_probes_run == 0 or self._affordable())
+            self._due = self._pending and (self.num_probes_run < 2 or self._affordable())
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # measured only at optimizer steps, where ḡ_B exists

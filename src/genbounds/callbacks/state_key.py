@@ -6,8 +6,9 @@ about six hooks per training step. A key built by ``Callback._generate_state_key
 constructor's arguments each time — 1-2.4 µs per call, about 5 µs of the 20 µs that Lightning's
 dispatch of one hook to the main job's nine callbacks costs (measured with
 ``lightning.pytorch.trainer.call._call_callback_hooks``). The key identifies the callback's
-state in a checkpoint and depends only on constructor arguments, so it is formatted at the first
-call and kept (arguments changed on the instance afterwards do not change it).
+state in a checkpoint and is built from constructor arguments only (``TwinRunStability`` keeps
+its ``sample_index`` argument for it, not the index drawn at train start), so it is formatted at
+the first call and kept (attributes changed on the instance afterwards do not change it).
 """
 
 from __future__ import annotations

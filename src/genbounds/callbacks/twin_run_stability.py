@@ -98,6 +98,9 @@ class TwinRunStability(FlushesStepLog, Callback):
         o = "TwinRunStability"
         self.mode = check_choice(o, "mode", mode, ("replace", "remove", "none"))
         self.sample_index = check_int(o, "sample_index", sample_index, minimum=0, optional=True)
+        # the state key names the constructor's argument: the drawn index (set at train start)
+        # would give a key a resumed run, constructed anew, could not find
+        self._key_sample_index = self.sample_index
         self.replacement_index = check_int(o, "replacement_index", replacement_index, minimum=0, optional=True)
         self.every_n_steps = check_int(o, "every_n_steps", every_n_steps)
         self.per_layer = check_bool(o, "per_layer", per_layer)
@@ -117,7 +120,7 @@ class TwinRunStability(FlushesStepLog, Callback):
 
     @property
     def state_key(self) -> str:
-        return state_key_once(self, mode=self.mode, seed=self.seed, sample_index=self.sample_index)
+        return state_key_once(self, mode=self.mode, seed=self.seed, sample_index=self._key_sample_index)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -159,33 +159,39 @@ def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 
 def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:
     """``[K + 1]`` float64: the squared norm of each group's tensors (``groups`` lists tensor
-    indices; every tensor in at most one group), then the squared norm of all ``tensors``.
+    indices; a tensor in no group counts only in the total), then the squared norm of all
+    ``tensors``.
 
     The per-step path of ``GradientDispersion`` (``‖ḡ_k‖²`` per layer and ``‖ḡ‖²``). On the CPU
-    with fp32 tensors: fp32 norms of pieces of at most 1,024 elements (one op per tensor, no
-    float64 copy; relative error ≲ 1e-7 as :func:`row_sq_norms`), then one float64 square and one
-    matrix-vector product with a cached piece→group matrix — about ten ops where
-    :func:`per_tensor_sq_norms` + :func:`~genbounds.estimators.gradient_dispersion.group_sums` took
-    25-30 (each op costs several µs inside a training step; docs/results/overhead.md)."""
+    with fp32 tensors: fp32 norms of pieces of at most 1,024 elements (one op per tensor, two
+    when its size is not a multiple of 1,024; no float64 copy; relative error ≲ 1e-7, as the
+    piece split of :func:`row_sq_norms`), one float64 square, one ``index_add`` of the pieces into
+    their tensors and one product with a cached ``[K + 1, n]`` tensor→group matrix — about ten ops
+    where :func:`per_tensor_sq_norms` + :func:`~genbounds.estimators.gradient_dispersion.group_sums`
+    took 25-30 (each op costs several µs inside a training step; docs/results/overhead.md)."""
     tensors = list(tensors)
+    n = len(tensors)
     if not tensors:
         return torch.zeros(len(groups) + 1, dtype=torch.float64)
     device = tensors[0].device
+    matrix = _group_matrix(n, _groups_key(groups), device)
     if device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
-        per = per_tensor_sq_norms(tensors)
-        return _segment_matrix(tuple(1 for _ in tensors), _groups_key(groups), device) @ per
+        return matrix @ per_tensor_sq_norms(tensors)
     pieces: list[Tensor] = []
+    counts: list[int] = []
     for t in tensors:
-        n = t.numel()
+        size = t.numel()
         flat = t.detach().reshape(-1)
-        k = n // _ROW
+        k = size // _ROW
         if k:
             pieces.append(torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), dim=1))
-        if n > k * _ROW or n == 0:
+        rest = size > k * _ROW or size == 0
+        if rest:
             pieces.append(torch.linalg.vector_norm(flat[k * _ROW:].view(1, -1), dim=1))
+        counts.append(k + int(rest))
     partial = torch.cat(pieces).double().square_()
-    counts = tuple(max(t.numel() // _ROW, 0) + (1 if t.numel() % _ROW or t.numel() == 0 else 0) for t in tensors)
-    return _segment_matrix(counts, _groups_key(groups), device) @ partial
+    per_tensor = torch.zeros(n, dtype=torch.float64).index_add_(0, _piece_owner(tuple(counts)), partial)
+    return matrix @ per_tensor
 
 
 def _groups_key(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
@@ -193,16 +199,17 @@ def _groups_key(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
 
 
 @functools.lru_cache(maxsize=64)
-def _segment_matrix(counts: tuple[int, ...], groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
-    """``[K + 1, Σ counts]`` 0/1 float64: row ``k`` selects the pieces of group ``k``'s tensors
-    (tensor ``i`` owns ``counts[i]`` consecutive pieces), the last row every piece."""
-    starts = [0]
-    for c in counts:
-        starts.append(starts[-1] + c)
-    matrix = torch.zeros(len(groups) + 1, starts[-1], dtype=torch.float64)
+def _piece_owner(counts: tuple[int, ...]) -> Tensor:
+    """The tensor index of every piece (tensor ``i`` owns ``counts[i]`` consecutive pieces)."""
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
+
+
+@functools.lru_cache(maxsize=64)
+def _group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """``[K + 1, n]`` 0/1 float64: row ``k`` selects group ``k``'s tensors, the last row all ``n``."""
+    matrix = torch.zeros(len(groups) + 1, n, dtype=torch.float64)
     for k, members in enumerate(groups):
-        for i in members:
-            matrix[k, starts[i]:starts[i + 1]] = 1.0
+        matrix[k, list(members)] = 1.0
     matrix[-1] = 1.0
     return matrix.to(device)
 

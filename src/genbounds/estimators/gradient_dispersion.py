@@ -139,14 +139,15 @@ def dispersion_row(group_sq: Tensor, group_mean_sq: Tensor, b: int, k: int) -> T
     :func:`dispersion_from_moments` gives with the groups, as one vector in two matrix-vector
     products (the per-step path: one op instead of ~15 small ones). Per group
     ``Tr Σ_{B,k} = (S_k − b‖ḡ_k‖²) / ((k−1) b)``; ``dispersion`` is their sum, ``trace_cov``
-    ``b`` times it, ``norm_sq = Σ_k ‖ḡ_k‖²``.
+    ``b`` times it, ``norm_sq = Σ_k ‖ḡ_k‖²`` — the totals of :func:`dispersion_from_moments` when
+    the groups partition the parameters (the caller checks).
 
     Raises:
         ValueError: with fewer than two units."""
     if k < 2:
         raise ValueError(f"the dispersion needs at least two samples or chunks, got {k}")
     on_s, on_n = _row_maps(int(group_sq.shape[0]), int(b), int(k), group_sq.device)
-    return torch.addmv(on_n @ group_mean_sq.double(), on_s, group_sq.double())
+    return torch.addmv(on_n @ group_mean_sq.to(group_sq.device, torch.float64), on_s, group_sq.double())
 
 
 @functools.lru_cache(maxsize=32)

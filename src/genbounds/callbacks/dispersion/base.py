@@ -48,7 +48,10 @@ class LazyGrads(dict):
         return grads
 
     def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key == "grads" or key in self else default
+        return self[key] if key in self else default
+
+    def __contains__(self, key: object) -> bool:
+        return key == "grads" or super().__contains__(key)
 
 
 @dataclass

@@ -97,9 +97,14 @@ class SharedHooks:
             if read is None:
                 self.cache = (self.backward_count, None)
                 return None
-            device = parts[0].device if parts else None
-            parts.append(torch.stack([sq.sum().to(device) if device is not None else sq.sum() for sq in read.values()]))
-            names = names + tuple(self.backpack_names[id(m)] for m in read)
+            if read:  # (empty when every BackPACK layer's parameters are frozen)
+                device = parts[0].device if parts else None
+                parts.append(torch.stack([sq.sum().to(device) if device is not None else sq.sum()
+                                          for sq in read.values()]))
+                names = names + tuple(self.backpack_names[id(m)] for m in read)
+        if not parts:
+            self.cache = (self.backward_count, None)
+            return None
         result = (parts[0] if len(parts) == 1 else torch.cat(parts), names)
         self.cache = (self.backward_count, result)
         return result
