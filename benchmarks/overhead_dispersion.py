@@ -258,18 +258,29 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
 
 def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: bool, hook_cls) -> dict:
     """Forward, mean cross-entropy, backward, SGD step; with ``hooks``, ghost-norm hooks attached
-    once, armed, read after every backward and reduced to the dispersion (as the callback does)."""
+    once, armed, and reduced to the logged vector after every backward as the callback does
+    (per-module sums by ``read_sums``, per-layer ``‖ḡ_k‖²`` by ``grouped_sq_norms``, the values
+    by ``dispersion_row``)."""
     import torch.nn.functional as F
 
-    from genbounds.estimators.functional import per_tensor_sq_norms
+    from genbounds.estimators.functional import grouped_sq_norms
+    from genbounds.estimators.gradient_dispersion import dispersion_row
 
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     h = None
     if hooks:
         h = hook_cls.for_model(model)
         h.attach()
+        # one group per module, as the callback's default grouping
+        owners = [n.rsplit(".", 1)[0] for n, _ in named]
+        layers = list(dict.fromkeys(owners))
+        groups = [[i for i, o in enumerate(owners) if o == layer] for layer in layers]
+        to_group = torch.zeros(len(layers), len(h.module_names), dtype=torch.float64, device=device)
+        for j, name in enumerate(h.module_names):
+            to_group[layers.index(name), j] = 1.0
     sink: list[Tensor | None] = [None]
 
     def step(i: int) -> None:
@@ -282,9 +293,9 @@ def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: b
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         if h is not None:
-            norms = h.read(scale=b)
-            mean_sq = per_tensor_sq_norms([p.grad for p in params]).sum()
-            sink[0] = (norms.total.sum() - b * mean_sq) / (b - 1) / b  # kept on the device, as the callback does
+            group_sq = to_group @ h.read_sums(scale=b)
+            mean_sq = grouped_sq_norms([p.grad for p in params], groups)
+            sink[0] = dispersion_row(group_sq, mean_sq[:-1], b, b)  # kept on the device, as the callback does
         opt.step()
 
     with PeakRSS() as peak:
