@@ -112,6 +112,12 @@ def test_neu_theorem1_matches_hand_computation():
     # a negative total under the square root gives a zero trajectory term, not a NaN
     neg = neu_theorem1(ETA, np.zeros((T, 1)), -np.ones(T), R, N, [1e-2], [0.0])
     assert neg.trajectory == [0.0]
+    assert math.isnan(neg.value)  # ... and a σ where it is clipped is never selected
+    # two σ: the small one's Σ η²(Γ + V) is negative (flatness term alone, −0.5) — the other is chosen
+    g = np.zeros((T, 2))
+    g[:, 1] = 5.0
+    two = neu_theorem1(ETA, g, -np.ones(T), R, N, [1e-3, 1e-1], [-0.5, 0.01], [0.01, 0.01], [0.0, 0.0])
+    assert two.trajectory[0] == 0.0 and two.best == 1 and two.value > 0
 
 
 def test_figure1_comparison_matches_hand_computation():

@@ -447,8 +447,11 @@ def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_block
     bound_abs = traj + np.abs(flat)
     se = np.hypot(flat_se, traj_se)
     sel_se = None if flatness_term_se is None else se
-    return Theorem7Result(cand, traj, flat, bound, bound_abs, se, sigma_min_with_se(bound, sel_se, z, groups),
-                          sigma_min_with_se(bound_abs, sel_se, z, groups))
+    # as Theorem 1 (bounds/neu.py): a candidate whose Σ η²(Γ + V) estimate is ≤ 0 is not selected
+    estimated = traj > 0
+    return Theorem7Result(cand, traj, flat, bound, bound_abs, se,
+                          sigma_min_with_se(np.where(estimated, bound, np.nan), sel_se, z, groups),
+                          sigma_min_with_se(np.where(estimated, bound_abs, np.nan), sel_se, z, groups))
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,9 @@
 with ``Γ_0 = 0``. The flatness term is signed and bounds the signed gap; the variant with its
 absolute value bounds ``|gen|``. ``V_t`` estimates (held-out ``‖ḡ_B − ĝ_ref‖² − s²_ref/m``) may be
 negative; they are kept signed in the sum, and a negative total under the square root is taken
-as 0 (reported as such, not hidden: the trajectory term is then 0).
+as 0 (reported as such, not hidden: the trajectory term is then 0) — but such a σ is not
+selected: there the value would be the flatness term alone (the clipped estimate is biased low;
+``docs/math.md`` §6.4). With no selectable σ the bound is NaN.
 
 Also the seed-001 Figure-1 comparison of the two trajectory terms at the same σ, common
 ``R²/n`` dropped: Neu ``sqrt(4 Σ_t η_t²(Γ + V)/σ²)`` vs Wang–Mao ``sqrt(d Σ_t log1p(η_t² V̂_t/(dσ²)))``.
@@ -93,10 +95,11 @@ def neu_theorem1(
             measured), combined in quadrature with ``gamma_sum_se``.
     """
     gamma = np.asarray(gamma, dtype=np.float64).reshape(len(eta), len(sigmas))
-    traj, bound, bound_abs, traj_se = [], [], [], []
+    traj, bound, bound_abs, traj_se, estimated = [], [], [], [], []
     for i, s in enumerate(sigmas):
         total = neu_trajectory_sum(eta, gamma[:, i], v)
         inner = 4.0 * r * r / n * total / (s * s)
+        estimated.append(inner > 0)  # False for a non-positive (or NaN) estimate of Σ η²(Γ + V)
         t = math.sqrt(max(inner, 0.0)) if math.isfinite(inner) else math.nan
         traj.append(t)
         f = float(flatness_term[i])
@@ -115,8 +118,11 @@ def neu_theorem1(
     flat_se = [float(x) for x in flatness_term_se] if flatness_term_se is not None else [math.nan] * len(bound)
     ses = [math.hypot(f, t) for f, t in zip(flat_se, traj_se)]
     use_se = flatness_term_se is not None
-    masked = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound)]
-    masked_abs = [b if allowed is None or allowed[i] else math.nan for i, b in enumerate(bound_abs)]
+    # a σ whose Σ η²(Γ + V) estimate is ≤ 0 is not selectable: the term is clipped to 0 there
+    # (biased low: Γ, V ≥ 0 in expectation), so its value would be the flatness term alone
+    ok = [estimated[i] and (allowed is None or allowed[i]) for i in range(len(bound))]
+    masked = [b if ok[i] else math.nan for i, b in enumerate(bound)]
+    masked_abs = [b if ok[i] else math.nan for i, b in enumerate(bound_abs)]
     sel = sigma_min_with_se(masked, ses if use_se else None, z if use_se else 0.0)
     sel_abs = sigma_min_with_se(masked_abs, ses if use_se else None, z if use_se else 0.0)
     best, best_abs = sel.index, sel_abs.index
