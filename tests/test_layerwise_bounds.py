@@ -304,6 +304,32 @@ def test_theorem7_isotropic_candidates_reproduce_neu_theorem1():
     assert v_sigma_inv(v_blocks, [0.1, 0.2]) == pytest.approx(v_blocks[:, 0] / 0.01 + v_blocks[:, 1] / 0.04)
 
 
+def test_theorem7_filling_se_matches_theorem1_on_isotropic_candidates():
+    """With held-out ``v_{t,k}`` measured every 4th step (the rest filled), Theorem 7's isotropic
+    candidates carry the same filling SE as Theorem 1 given the filled-sum SE of ``V_t`` itself."""
+    from genbounds.bounds.series import expand_blocks, fill_standard_error
+
+    rng = np.random.default_rng(8)
+    gamma, v, flat, flat_se, gamma_se = _neu_inputs(rng, len(SIGMAS))
+    split = rng.uniform(0, 1, T)
+    v_blocks_full = np.stack([v * split, v * (1 - split)], axis=1)
+    steps = np.arange(0, T, 4)
+    measured = v_blocks_full[steps]
+    v_blocks = expand_blocks(steps, measured, T)
+    v_filled = v_blocks.sum(1)
+    v_se = fill_standard_error(steps, measured.sum(1), ETA**2, noise="absolute")
+    assert v_se > 0
+    ref = neu_theorem1(ETA, gamma, v_filled, R, N, SIGMAS, flat, flat_se, gamma_se, v_sum_se=v_se)
+    s2 = np.array(SIGMAS) ** 2
+    fam = candidate_family(SIGMAS, [100, 900])
+    base = neu_theorem7_blockdiag(ETA, gamma / s2, v_blocks, R, N, fam.candidates, flat, flat_se, gamma_se / s2, z=0.0)
+    res = neu_theorem7_blockdiag(ETA, gamma / s2, v_blocks, R, N, fam.candidates, flat, flat_se, gamma_se / s2, z=0.0,
+                                 v_steps=steps, v_measured=measured)
+    assert list(res.standard_error[: len(SIGMAS)]) == pytest.approx(ref.standard_errors, rel=1e-9)
+    assert res.se == pytest.approx(ref.standard_error, rel=1e-9)
+    assert all(a >= b for a, b in zip(res.standard_error, base.standard_error))
+
+
 def test_theorem7_adding_candidates_never_increases_the_minimum():
     rng = np.random.default_rng(7)
     for _ in range(50):

@@ -57,6 +57,8 @@ class BoundInputs:
     """The steps ``V_t`` was measured at, with ``v_measured``: the SE of the steps filled in
     between (absolute noise: ``V_t`` is signed)."""
     v_measured: np.ndarray | None = None
+    v_measured_blocks: np.ndarray | None = None
+    """``[m, K]`` per-block held-out measurements at ``v_steps`` (the layer-wise Neu bound's filling SE)."""
     gamma: np.ndarray | None = None
     """``[T, S]`` Neu's ``Γ_{σ√(t−1)}`` per step and grid σ."""
     gamma_sum_se: np.ndarray | None = None
@@ -251,7 +253,8 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
             gse = list(iso_se) + ([] if cand_shape is None else list(
                 inp.gamma_shaped_sum_se if inp.gamma_shaped_sum_se is not None else [math.nan] * len(inp.sigmas)))
         res3 = neu_theorem7_blockdiag(eta, gam, inp.v_blocks, r, n, family.candidates, terms, ses, gse, inp.z,
-                                      family.groups)
+                                      family.groups, inp.v_steps if inp.v_measured_blocks is not None else None,
+                                      inp.v_measured_blocks)
         out["bound/neu_layerwise"] = res3.value
         out["bound/neu_layerwise_se"] = res3.se
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from genbounds.bounds.selection import Selection, sigma_min_with_se
+from genbounds.bounds.series import fill_standard_error
 from genbounds.bounds.wang_mao import Eq3Result, wang_mao_eq3
 
 __all__ = [
@@ -386,7 +387,8 @@ class Theorem7Result(_SelectedCandidate):
     bound_abs: np.ndarray
     """With ``|flatness|`` (bounds ``|gen|``)."""
     standard_error: np.ndarray
-    """Per candidate: flatness SE and the trajectory's SE (from ``gamma_sum_se``) combined."""
+    """Per candidate: flatness SE and the trajectory's SE (from ``gamma_sum_se`` and the filled
+    held-out steps) combined."""
     selection: Selection
     selection_abs: Selection
 
@@ -403,7 +405,8 @@ def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_block
                            candidates: np.ndarray, flatness_terms: Sequence[float],
                            flatness_term_se: Sequence[float] | None = None,
                            gamma_sum_se: Sequence[float] | None = None, z: float = 1.0,
-                           groups: Sequence[int] | None = None) -> Theorem7Result:
+                           groups: Sequence[int] | None = None, v_steps: Sequence[int] | None = None,
+                           v_measured: np.ndarray | None = None) -> Theorem7Result:
     """Neu et al. Theorem 7 with ``Σ_t = Σ_c = diag(σ_{c,k}² I_{d_k})`` per candidate ``c`` (§9.3).
 
     Args:
@@ -417,6 +420,9 @@ def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_block
         flatness_term_se: its SE per candidate.
         gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` (in the ``Σ_c⁻¹`` norm) per candidate.
         z: selection by ``bound + z·SE`` (signed and absolute variants selected separately).
+        v_steps, v_measured: the steps ``v_{t,k}`` was measured at and the measurements ``[m, K]``;
+            the SE of filling ``V_{t,Σ_c}`` between them (absolute noise, ``docs/math.md`` §6.7) is
+            added to ``gamma_sum_se`` in quadrature (``None``: every step measured).
 
     Isotropic candidates ``σ·1`` with ``gamma_sigma_inv = Γ_σ/σ²`` reproduce ``neu_theorem1``.
     """
@@ -441,8 +447,17 @@ def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_block
         if not math.isfinite(inner):
             continue
         traj[c] = math.sqrt(max(inner, 0.0))
-        if g_se is not None and traj[c] > 0:
-            traj_se[c] = 4.0 * r * r / n * float(g_se[c]) / (2.0 * traj[c])
+        sum_se = float(g_se[c]) if g_se is not None else 0.0
+        if v_steps is not None and v_measured is not None:
+            x = np.asarray(v_measured, dtype=np.float64).reshape(len(v_steps), k_blocks) @ (1.0 / cand[c] ** 2)
+            sum_se = math.hypot(sum_se, fill_standard_error(v_steps, x, eta**2, noise="absolute"))
+        inner_se = 4.0 * r * r / n * sum_se
+        if sum_se == 0.0:
+            traj_se[c] = 0.0
+        elif traj[c] > 0:  # as Theorem 1: SE(√X) = SE(X)/(2√X), capped by √SE(X)
+            traj_se[c] = min(inner_se / (2.0 * traj[c]), math.sqrt(inner_se))
+        else:
+            traj_se[c] = math.sqrt(inner_se) if math.isfinite(inner_se) else math.nan
     bound = traj + flat
     bound_abs = traj + np.abs(flat)
     se = np.hypot(flat_se, traj_se)

@@ -132,6 +132,7 @@ class BoundSeries:
             inp.d_blocks = list(self.config.get("group_sizes") or []) or None
             if self.heldout_groups and len(self.heldout_groups) == len(self.heldout_steps):
                 inp.v_blocks = expand_blocks(self.heldout_steps, self.heldout_groups, T)
+                inp.v_measured_blocks = np.asarray(self.heldout_groups, dtype=np.float64)
         return inp
 
     # ------------------------------------------------------------------ state
