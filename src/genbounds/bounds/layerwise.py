@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from genbounds.bounds.neu import sqrt_term_se
 from genbounds.bounds.selection import Selection, sigma_min_with_se
 from genbounds.bounds.series import fill_standard_error
 from genbounds.bounds.wang_mao import Eq3Result, wang_mao_eq3
@@ -451,13 +452,7 @@ def neu_theorem7_blockdiag(eta: np.ndarray, gamma_sigma_inv: np.ndarray, v_block
         if v_steps is not None and v_measured is not None:
             x = np.asarray(v_measured, dtype=np.float64).reshape(len(v_steps), k_blocks) @ (1.0 / cand[c] ** 2)
             sum_se = math.hypot(sum_se, fill_standard_error(v_steps, x, eta**2, noise="absolute"))
-        inner_se = 4.0 * r * r / n * sum_se
-        if sum_se == 0.0:
-            traj_se[c] = 0.0
-        elif traj[c] > 0:  # as Theorem 1: SE(√X) = SE(X)/(2√X), capped by √SE(X)
-            traj_se[c] = min(inner_se / (2.0 * traj[c]), math.sqrt(inner_se))
-        else:
-            traj_se[c] = math.sqrt(inner_se) if math.isfinite(inner_se) else math.nan
+        traj_se[c] = sqrt_term_se(float(traj[c]), 4.0 * r * r / n * sum_se)
     bound = traj + flat
     bound_abs = traj + np.abs(flat)
     se = np.hypot(flat_se, traj_se)

@@ -57,6 +57,17 @@ class NeuResult:
         return self.sigmas[self.best] if self.best >= 0 else math.nan
 
 
+def sqrt_term_se(term: float, inner_se: float) -> float:
+    """SE of a term ``√max(X, 0)`` (``term``) from the SE of ``X``: ``SE(X)/(2√X)``, capped by
+    ``√SE(X)`` (``√(X + δ) − √X ≤ √δ``) — the linearization fails as ``X → 0``, and a clipped
+    ``X ≤ 0`` (``V_t`` is signed; the term is 0) must not read as exact. 0 when ``SE(X)`` is 0."""
+    if inner_se == 0.0:
+        return 0.0
+    if term > 0:
+        return min(inner_se / (2.0 * term), math.sqrt(inner_se))
+    return math.sqrt(inner_se) if math.isfinite(inner_se) else math.nan
+
+
 def neu_trajectory_sum(eta: np.ndarray, gamma: np.ndarray, v: np.ndarray) -> float:
     """``Σ_t η_t² (Γ_t + V_t)`` for one σ (per-step arrays of length T)."""
     eta = np.asarray(eta, dtype=np.float64)
@@ -106,15 +117,7 @@ def neu_theorem1(
         bound.append(t + f)
         bound_abs.append(t + abs(f))
         sum_se = math.hypot(float(gamma_sum_se[i]) if gamma_sum_se is not None else 0.0, v_sum_se)
-        # SE(√X) = SE(X)/(2√X), capped by √SE(X) (√(X + δ) − √X ≤ √δ): the linearization fails
-        # as X → 0, and X ≤ 0 (V_t is signed; t = 0) must not read as an exact term
-        inner_se = 4.0 * r * r / n / (s * s) * sum_se
-        if sum_se == 0.0:
-            traj_se.append(0.0)
-        elif t > 0:
-            traj_se.append(min(inner_se / (2.0 * t), math.sqrt(inner_se)))
-        else:
-            traj_se.append(math.sqrt(inner_se) if math.isfinite(inner_se) else math.nan)
+        traj_se.append(sqrt_term_se(t, 4.0 * r * r / n / (s * s) * sum_se))
     flat_se = [float(x) for x in flatness_term_se] if flatness_term_se is not None else [math.nan] * len(bound)
     ses = [math.hypot(f, t) for f, t in zip(flat_se, traj_se)]
     use_se = flatness_term_se is not None

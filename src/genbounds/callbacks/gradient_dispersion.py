@@ -325,18 +325,16 @@ class GradientDispersion(Callback):
             # every value as one vector in two ops, one copy into the step log (the per-step path)
             row = dispersion_row(moments.group_sq, group_mean_sq, moments.num_samples, moments.num_units)
             self.step_log.record_row(self._step, self._row_names, row)
-            self.measured_steps += 1
-            self.step_budget.measured(trainer)
-            return
-        estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
-        values = {"grad/norm_sq": estimate.norm_sq, "grad/trace_cov": estimate.trace_cov,
-                  "grad/dispersion": estimate.dispersion}
-        if estimate.trace_cov_se is not None:
-            values["grad/trace_cov_se"] = estimate.trace_cov_se
-        if estimate.group_dispersion is not None:
-            for name, value in zip(self.group_names, estimate.group_dispersion.unbind()):
-                values[f"grad/dispersion/layer/{name}"] = value
-        self.step_log.record(self._step, values)
+        else:
+            estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
+            values = {"grad/norm_sq": estimate.norm_sq, "grad/trace_cov": estimate.trace_cov,
+                      "grad/dispersion": estimate.dispersion}
+            if estimate.trace_cov_se is not None:
+                values["grad/trace_cov_se"] = estimate.trace_cov_se
+            if estimate.group_dispersion is not None:
+                for name, value in zip(self.group_names, estimate.group_dispersion.unbind()):
+                    values[f"grad/dispersion/layer/{name}"] = value
+            self.step_log.record(self._step, values)
         self.measured_steps += 1
         self.step_budget.measured(trainer)
 

@@ -174,7 +174,7 @@ def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[li
     if not tensors:
         return torch.zeros(len(groups) + 1, dtype=torch.float64)
     device = tensors[0].device
-    matrix = _group_matrix(n, _groups_key(groups), device)
+    matrix = group_matrix(n, _groups_key(groups), device)
     if device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
         return matrix @ per_tensor_sq_norms(tensors)
     pieces: list[Tensor] = []
@@ -205,7 +205,7 @@ def _piece_owner(counts: tuple[int, ...]) -> Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+def group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
     """``[K + 1, n]`` 0/1 float64: row ``k`` selects group ``k``'s tensors, the last row all ``n``."""
     matrix = torch.zeros(len(groups) + 1, n, dtype=torch.float64)
     for k, members in enumerate(groups):

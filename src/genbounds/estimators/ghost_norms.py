@@ -133,7 +133,6 @@ DECOMPOSITION = "decomposition"
 _vecdot = torch.linalg.vecdot
 
 
-
 @dataclass
 class PerSampleNorms:
     """Per-sample squared gradient norms of one backward, already multiplied by ``scale²``."""
@@ -900,6 +899,13 @@ class _Call:
         self.pre = pre
 
 
+def _times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
+    """``t *= scale²`` in place (float64 ``t``; a tensor ``scale`` stays on the device)."""
+    if isinstance(scale, Tensor):
+        return t.mul_(scale.detach().to(device=t.device, dtype=torch.float64).square())
+    return t.mul_(float(scale) ** 2)
+
+
 _ARMED: "weakref.WeakSet[GhostNormHooks]" = weakref.WeakSet()
 
 
@@ -1232,10 +1238,7 @@ class GhostNormHooks:
                 return None
             rows = self._rows
             assert rows is not None
-            sums = rows.sum(1)
-            if isinstance(scale, Tensor):
-                return sums.mul_(scale.detach().to(device=sums.device, dtype=torch.float64).square())
-            return sums.mul_(float(scale) ** 2)
+            return _times_scale_sq_(rows.sum(1), scale)
         finally:
             self.clear()
 
@@ -1269,10 +1272,7 @@ class GhostNormHooks:
             return None
         rows = self._rows
         assert rows is not None
-        if isinstance(scale, Tensor):
-            rows.mul_(scale.detach().to(device=rows.device, dtype=torch.float64).square())
-        else:
-            rows.mul_(float(scale) ** 2)
+        _times_scale_sq_(rows, scale)
         total = rows.sum(0)  # rows of modules that did not run are zero
         per_group: dict[str, Tensor] = {}
         for g, members in self._group_rows.items():

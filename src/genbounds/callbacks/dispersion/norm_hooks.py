@@ -26,7 +26,7 @@ from genbounds.callbacks.dispersion.accumulation import GradientDeltas
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
-from genbounds.estimators.functional import grouped_sq_norms, per_tensor_sq_norms
+from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.ghost_norms import GhostNormHooks
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
 
@@ -81,7 +81,6 @@ class SharedHooks:
         if self.cache is not None and self.cache[0] == self.backward_count:
             return self.cache[1]
         self.in_backward = False
-        result: tuple[Tensor, tuple[str, ...]] | None = None
         parts: list[Tensor] = []
         names: tuple[str, ...] = ()
         if self.ghost is not None:
@@ -105,7 +104,7 @@ class SharedHooks:
         if not parts:
             self.cache = (self.backward_count, None)
             return None
-        result = (parts[0] if len(parts) == 1 else torch.cat(parts), names)
+        result: tuple[Tensor, tuple[str, ...]] = (parts[0] if len(parts) == 1 else torch.cat(parts), names)
         self.cache = (self.backward_count, result)
         return result
 
@@ -162,8 +161,8 @@ class NormHooksBackend(DispersionBackend):
         self.deltas = GradientDeltas()
         self._accumulated: list[Tensor] | None = None
         self.failed: Exception | None = None
-        self._index_key: tuple | None = None
-        self._index: Tensor | None = None
+        self._index_key: tuple[str, ...] | None = None
+        self._groups_of_names: tuple[tuple[int, ...], ...] = ()
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
@@ -212,16 +211,11 @@ class NormHooksBackend(DispersionBackend):
 
     def _group_matrix(self, names: tuple[str, ...], device: torch.device) -> Tensor:
         """``[K + 1, n]`` 0/1 float64: module → its group, and a last row of ones (the total)."""
-        key = (names, device)
-        if self._index_key != key:
-            matrix = torch.zeros(self.num_groups + 1, len(names), dtype=torch.float64)
-            for j, n in enumerate(names):
-                matrix[self.group_of_module[n], j] = 1.0
-            matrix[-1] = 1.0
-            self._index = matrix.to(device)
-            self._index_key = key
-        assert self._index is not None
-        return self._index
+        if self._index_key != names:
+            self._groups_of_names = tuple(tuple(j for j, name in enumerate(names) if self.group_of_module[name] == k)
+                                          for k in range(self.num_groups))
+            self._index_key = names
+        return group_matrix(len(names), self._groups_of_names, device)
 
     def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
         if window is None:
