@@ -79,8 +79,8 @@ def make_hook_timer():
             for cb in trainer.callbacks:
                 if cb is self or type(cb).__name__ in ("FitTimer", "SaveConfigCallback"):
                     continue
-                owner = type(cb).__name__
                 for name in dir(type(cb)):
+                    owner = type(cb).__name__ + ("." + name if os.environ.get("HOOK_DETAIL") else "")
                     if not name.startswith("on_") or name in ("on_save_checkpoint", "on_load_checkpoint"):
                         continue
                     fn = getattr(cb, name)

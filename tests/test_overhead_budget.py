@@ -122,3 +122,21 @@ def test_the_budget_is_dropped_under_several_processes_with_one_warning():
     single = FakeTrainer()
     single.world_size = 1
     assert OverheadBudget.shared(single, 0.2).fraction == 0.2
+
+
+def test_a_final_probe_leaves_the_later_probes_their_fewest_draws():
+    """In the final evaluation each probe takes its share of what is left *after* the fewest draws
+    of the probes still to run: the last one is no longer squeezed below its floor (which made it
+    overshoot: the main job logged perf/overhead 0.24 with a 0.2 budget before this rule)."""
+    from genbounds.callbacks.probe import ProbeCallback
+
+    probe = ProbeCallback()
+    probe.budget = budget_after(10.0)  # 2 s of room
+    probe._unit_cost = 0.01  # one loss evaluation: 10 ms
+    probe.final_share = 1.0 / 3.0  # the first of three probes
+    # 100 ms a draw: a third of 2 s affords 6 draws
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 6
+    probe.final_floor_after = 1.4  # the two later probes need 1.4 s at their fewest draws
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 2  # (2 − 1.4)/3 = 0.2 s
+    probe.final_floor_after = 5.0  # not even the floors fit: never below the minimum
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 2

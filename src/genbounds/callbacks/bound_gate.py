@@ -12,6 +12,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.checks import check_bool, check_choice, check_float
 
 OnViolation = Literal["warn", "stop", "raise"]
@@ -57,7 +58,7 @@ def format_violations(violations: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-class BoundGate(Callback):
+class BoundGate(MeasurementCallback):
     r"""Gate a run on logged metrics: ``max={"bound/wang_mao_eq3": 0.5}``, ``min={"val_acc": 0.9}``.
 
     Checked after every validation (``on_validation_end``), or at the end of every training epoch

@@ -9,6 +9,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.bounds.phases import find_valley
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import check_float, check_int
@@ -25,7 +26,7 @@ class PhaseRecord:
     valley_dispersion: float
 
 
-class DispersionPhaseDetector(Callback):
+class DispersionPhaseDetector(MeasurementCallback):
     r"""Find the epoch-wise double-descent valley of ``grad/dispersion`` (seed 001 §5, Fig. 3).
 
     Averages the ``GradientDispersion`` records of each epoch (logged as

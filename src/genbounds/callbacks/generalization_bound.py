@@ -297,13 +297,18 @@ class GeneralizationBound(ProbeCallback):
             return 0.0
         cost = 0.0
         if self._flatness is not None and self._flatness.active:
-            shapes = 1 + int(self.series.config.get("neu_shape") is not None)
-            cost += self._flatness.forward_equivalents(num_shapes=shapes) * self._flatness.unit_cost()
+            cost += self._flatness_floor()
         if self._hessian is not None and self._hessian.active:
             cost += self.budget.expected(self._hessian.owner)
         if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
             cost += self.budget.expected(self._sensitivity.owner)
         return cost
+
+    def _flatness_floor(self) -> float:
+        """The flatness probe at its fewest draws, with the layer-wise shapes it will be asked for."""
+        assert self._flatness is not None
+        shapes = 1 + int(self.series.config.get("neu_shape") is not None)
+        return self._flatness.forward_equivalents(num_shapes=shapes) * self._flatness.unit_cost()
 
     def _affordable(self) -> bool:
         if self.budget is None:
@@ -353,28 +358,32 @@ class GeneralizationBound(ProbeCallback):
         sensitivity = self._sensitivity if not self.series.sensitivity_steps else None
         requested = [p for p in (self._hessian, sensitivity, self._flatness) if p is not None and p.active]
         if not log:
+            floors = [self._flatness_floor() if probe is self._flatness else probe.first_cost() for probe in requested]
             for i, probe in enumerate(requested):
                 probe.final_share = 1.0 / (len(requested) - i)
+                probe.final_floor_after = sum(floors[i + 1:])
         try:
             return self._evaluate(trainer, pl_module, log=log, started=started)
         finally:
             for probe in requested:
                 probe.final_share = None
+                probe.final_floor_after = 0.0
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, started: float) -> dict[str, float]:
         assert self.budget is not None and self._dispersion is not None
         with progress_status(trainer, "GeneralizationBound: computing the bounds…"):
             self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
-            if self._hessian is not None and self._hessian.active:
-                self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
-            if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
-                # no Γ probe fitted in the budget yet: one now stands for the run (second-order fill)
-                self._sensitivity.probe_now(trainer, pl_module, log=log, epoch_end=True)
+            # the gap first: what the probes below share is then what is left after it
             values: dict[str, float] = {}
             if self.heldout_available:
                 values.update(self._measure_gap(trainer, pl_module))
             elif not isinstance(self.R, float):
                 self.r_used = math.nan
+            if self._hessian is not None and self._hessian.active:
+                self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
+            if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
+                # no Γ probe fitted in the budget yet: one now stands for the run (second-order fill)
+                self._sensitivity.probe_now(trainer, pl_module, log=log, epoch_end=True)
             inputs = self._inputs(trainer)
             if self._flatness is not None and self._flatness.active and inputs is not None:
                 shapes = [s for s in (wang_mao_shape(inputs), self.series.config.get("neu_shape")) if s is not None]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -13,6 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import (
     check_bool,
@@ -31,7 +31,7 @@ from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
 from genbounds.callbacks.dispersion.select import choose_backend
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.step_budget import StepBudget, clocked
+from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
@@ -51,7 +51,7 @@ Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
 
 
-class GradientDispersion(Callback):
+class GradientDispersion(MeasurementCallback):
     r"""Log the gradient statistics of every training batch (SPEC §1).
 
     Logged, each describing the batch ``B_t`` at the weights ``W_{t−1}`` the step's gradient is
@@ -263,7 +263,6 @@ class GradientDispersion(Callback):
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
                            extras)
 
-    @clocked
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self._impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
@@ -277,12 +276,10 @@ class GradientDispersion(Callback):
             self._batch = batch
             self._impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
 
-    @clocked
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if self._measuring and self._impl is not None:
             self._impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
 
-    @clocked
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._measuring or self._batch is None or self._impl is None:
             return
@@ -302,7 +299,6 @@ class GradientDispersion(Callback):
             return
         self._window = moments if self._window is None else self._window.merged(moments)
 
-    @clocked
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self._impl is None:
             return
@@ -340,11 +336,11 @@ class GradientDispersion(Callback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        started = time.perf_counter()
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
-        hooks = self._impl.hook_seconds() if self._impl is not None else 0.0
-        self.step_budget.charge(time.perf_counter() - started + hooks)
+        # the Lightning hooks are clocked whole (MeasurementCallback); the norm hooks run inside
+        # the user's forward and backward and keep their own clock
+        self.step_budget.charge(self._impl.hook_seconds() if self._impl is not None else 0.0)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.flush(trainer, pl_module, epoch_end=True)

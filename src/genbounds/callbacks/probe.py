@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.checks import (
     check_callable,
     check_choice,
@@ -90,7 +91,7 @@ class ProbeSchedule:
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
 
 
-class ProbeCallback(Callback):
+class ProbeCallback(MeasurementCallback):
     """Base class: schedule, probe batches, isolation, budget and logging. Subclasses set
     ``owner`` and implement :meth:`measure`, returning ``{tag: value}`` (values identical on every
     rank: pass :meth:`reducer` to the estimators)."""
@@ -148,6 +149,9 @@ class ProbeCallback(Callback):
         self.final_share: float | None = None
         """Set by the bound around its final evaluation's requests: the share of what is left of the
         budget this probe's draws may spend (``None``: an intermediate probe, which leaves the reserve)."""
+        self.final_floor_after = 0.0
+        """Set with :attr:`final_share`: what the final evaluation's later probes cost at their fewest
+        draws, kept out of this probe's share (so the last one is not squeezed below its floor)."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -233,6 +237,10 @@ class ProbeCallback(Callback):
             rank_zero_warn(f"{self.owner}: the {what} has {got} samples, fewer than the {wanted} asked for "
                            f"(probe_batch_size × num_probe_batches); using all {got}.")
 
+    @property
+    def owner_name(self) -> str:
+        return self.owner
+
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return
@@ -286,13 +294,13 @@ class ProbeCallback(Callback):
         """``wanted`` Monte-Carlo draws, or fewer (never below ``minimum``) when the overhead budget
         has less time left — less the reserve for the final evaluation; in the final evaluation,
         this probe's share of what is left — than they would take at ``units_per_draw`` loss
-        evaluations each. The standard error the probe
-        reports grows accordingly."""
+        evaluations each (in the final evaluation, less what the probes after it need at their
+        fewest draws). The standard error the probe reports grows accordingly."""
         if self.budget is None or self.budget.fraction is None:
             return wanted
         per_draw = self.unit_cost() * units_per_draw
         if self.final_share is not None:
-            left = self.budget.remaining() * self.final_share
+            left = (self.budget.remaining() - self.final_floor_after) * self.final_share
         else:
             left = self.budget.remaining() - self.budget.reserve
         return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))

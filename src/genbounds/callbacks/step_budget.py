@@ -1,18 +1,15 @@
 """The overhead budget as a per-step statistic sees it: a clock for its own work, and the decision
 which steps to measure (see :mod:`genbounds.callbacks.overhead`).
 
-``GradientDispersion`` wraps its Lightning hooks with :func:`clocked`, adds the norm hooks' time
-at the end of each step (:meth:`StepBudget.charge`) and asks :meth:`StepBudget.measures` at every
-optimizer step. Without a budget fraction every step on the callback's own schedule is measured
-and the time is still charged (``perf/overhead`` reports it).
+``GradientDispersion``'s Lightning hooks are charged whole by
+:class:`~genbounds.callbacks.hook_clock.MeasurementCallback`; it adds the norm hooks' time (spent
+inside the user's forward and backward) at the end of each step (:meth:`StepBudget.charge`) and
+asks :meth:`StepBudget.measures` at every optimizer step. Without a budget fraction every step on
+the callback's own schedule is measured and the time is still charged (``perf/overhead`` reports
+it).
 """
 
 from __future__ import annotations
-
-import functools
-import time
-from collections.abc import Callable
-from typing import Any
 
 from lightning.pytorch import Trainer
 
@@ -29,8 +26,6 @@ class StepBudget:
     def __init__(self, owner: str) -> None:
         self.owner = owner
         self.budget: OverheadBudget | None = None
-        self.spent = 0.0
-        """Seconds of this step's work not yet charged."""
         self._total_steps: float | None = None
         self._last_measured: int | None = None
 
@@ -60,11 +55,10 @@ class StepBudget:
     def measured(self, trainer: Trainer) -> None:
         self._last_measured = int(trainer.global_step)
 
-    def charge(self, extra: float = 0.0) -> None:
-        """Charge this step's work (the clocked hooks, plus ``extra``: the norm hooks' time)."""
-        spent, self.spent = self.spent + extra, 0.0
-        if self.budget is not None and spent > 0.0:
-            self.budget.charge(self.owner, spent)
+    def charge(self, seconds: float) -> None:
+        """Charge work done outside the Lightning hooks (the norm hooks inside forward and backward)."""
+        if self.budget is not None and seconds > 0.0:
+            self.budget.charge(self.owner, seconds)
 
     def _progress(self, trainer: Trainer) -> float | None:
         """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
@@ -76,16 +70,3 @@ class StepBudget:
             self._total_steps = total if 0.0 < total < float("inf") else 0.0
         return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
 
-
-def clocked(hook: Callable) -> Callable:
-    """Add the wall time of a Lightning hook to its callback's ``step_budget.spent``."""
-
-    @functools.wraps(hook)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        started = time.perf_counter()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            self.step_budget.spent += time.perf_counter() - started
-
-    return wrapper
