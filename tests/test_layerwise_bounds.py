@@ -10,6 +10,7 @@ from scipy.optimize import minimize
 
 from genbounds.bounds.layerwise import (
     candidate_family,
+    dispersion_sums_fill_se,
     eq3_inputs,
     gamma_sigma_inv_from_halves,
     init_rms_shape,
@@ -18,6 +19,7 @@ from genbounds.bounds.layerwise import (
     optimal_sigmas,
     relaxed_objective_layerwise,
     sigma_min_with_se,
+    trajectory_blocks_fill_se,
     trajectory_wang_mao_blocks,
     v_sigma_inv,
     wang_mao_eq2_layerwise,
@@ -25,7 +27,14 @@ from genbounds.bounds.layerwise import (
     wang_mao_eq3_layerwise,
 )
 from genbounds.bounds.neu import neu_theorem1
-from genbounds.bounds.wang_mao import eq2_relaxed, trajectory_wang_mao, wang_mao_eq2, wang_mao_eq3
+from genbounds.bounds.series import expand_blocks, fill_standard_error
+from genbounds.bounds.wang_mao import (
+    eq2_relaxed,
+    trajectory_fill_se,
+    trajectory_wang_mao,
+    wang_mao_eq2,
+    wang_mao_eq3,
+)
 
 T, N, R = 60, 800, 1.3
 ETA = 0.05 * 0.97 ** np.arange(T)
@@ -423,3 +432,95 @@ def test_shapes_and_families():
     assert rms[1] == pytest.approx(rms[0] * math.sqrt(0.25 / 2.5))
     with pytest.raises(ValueError):
         candidate_family([0.1], d_blocks, [1.0, 0.0])
+
+
+# ---- the Wang–Mao layer-wise bounds' filling SE (docs/math.md §6.7) ------------------------------
+
+
+def _filled_blocks(rng, k_blocks, every=5):
+    """A per-block dispersion with relative per-step noise, measured every ``every``-th step."""
+    level = rng.uniform(0.5, 2.0, k_blocks) * 1e-3
+    full = level[None, :] * (1.0 + 0.3 * rng.standard_normal((T, k_blocks)))
+    full = np.maximum(full, 1e-6)
+    steps = np.arange(0, T, every)
+    return full, steps, full[steps], expand_blocks(steps, full[steps], T)
+
+
+def test_one_block_filling_se_is_the_isotropic_rule():
+    rng = np.random.default_rng(11)
+    d = 5000
+    _, steps, measured, vb = _filled_blocks(rng, 1)
+    for s in SIGMAS:
+        ref = trajectory_fill_se(ETA, vb[:, 0], R, N, d, s, steps, measured[:, 0])
+        assert ref > 0
+        assert trajectory_blocks_fill_se(ETA, vb, R, N, [d], [s], steps, measured) == pytest.approx(ref, rel=1e-12)
+    # Eq. 2: the candidates' SE is the flatness SE and that filling SE in quadrature, as wang_mao_eq2's
+    vhat, flat, flat_se = _eq2_inputs(rng, 1)
+    iso = wang_mao_eq2(ETA, vb[:, 0], R, N, d, SIGMAS, flat, flat_se, z=0.0, filled=(steps, measured[:, 0]))
+    lw = wang_mao_eq2_layerwise(ETA, vb, R, N, [d], candidate_family(SIGMAS, [d]).candidates, flat, flat_se, z=0.0,
+                                filled=(steps, measured))
+    expected = [math.hypot(f, trajectory_fill_se(ETA, vb[:, 0], R, N, d, s, steps, measured[:, 0]))
+                for f, s in zip(flat_se, SIGMAS)]
+    assert lw.standard_error.tolist() == pytest.approx(expected, rel=1e-12)
+    assert all(e > f for e, f in zip(expected, flat_se))
+    assert lw.se == pytest.approx(iso.standard_error, rel=1e-12) and lw.best == iso.best
+    # Eq. 3: with one block, the layer-wise SE is the isotropic one (trace SE and filling SE in quadrature)
+    sums = np.sum(ETA[:, None] ** 2 * vb, axis=0)
+    sum_se = dispersion_sums_fill_se(ETA, steps, measured)
+    assert sum_se[0] == pytest.approx(fill_standard_error(steps, measured[:, 0], ETA**2), rel=1e-12) and sum_se[0] > 0
+    ref3 = wang_mao_eq3(R, T, 40.0, float(sums[0]), N, 3.0, float(sum_se[0]))
+    lw3 = wang_mao_eq3_layerwise(R, T, [40.0], sums, N, trace_h_se=[3.0], sum_se_blocks=sum_se)
+    assert lw3.value == pytest.approx(ref3.value, rel=1e-12)
+    assert lw3.standard_error == pytest.approx(ref3.standard_error, rel=1e-9)
+    assert lw3.isotropic.standard_error == pytest.approx(ref3.standard_error, rel=1e-12)
+
+
+def test_layerwise_filling_se_is_zero_when_every_step_is_measured_and_grows_with_the_gaps():
+    rng = np.random.default_rng(12)
+    d_blocks = [300, 1700]
+    full, _, _, _ = _filled_blocks(rng, 2)
+    every = np.arange(T)
+    cand = candidate_family(SIGMAS, d_blocks).candidates
+    _, flat, flat_se = _eq2_inputs(rng, len(cand))
+    flat, flat_se = flat[: len(cand)], flat_se[: len(cand)]
+    base = wang_mao_eq2_layerwise(ETA, full, R, N, d_blocks, cand, flat, flat_se, z=0.0)
+    same = wang_mao_eq2_layerwise(ETA, full, R, N, d_blocks, cand, flat, flat_se, z=0.0, filled=(every, full))
+    assert same.standard_error.tolist() == base.standard_error.tolist()
+    assert dispersion_sums_fill_se(ETA, every, full).tolist() == [0.0, 0.0]
+    ses = []
+    for gap in (2, 5, 15):
+        steps = np.arange(0, T, gap)
+        vb = expand_blocks(steps, full[steps], T)
+        res = wang_mao_eq2_layerwise(ETA, vb, R, N, d_blocks, cand, flat, flat_se, z=0.0, filled=(steps, full[steps]))
+        assert np.all(res.standard_error >= np.asarray(flat_se) - 1e-15)
+        ses.append(float(np.mean(res.standard_error - np.asarray(flat_se))))
+        sums = np.sum(ETA[:, None] ** 2 * vb, axis=0)
+        plain = wang_mao_eq3_layerwise(R, T, [30.0, 10.0], sums, N, trace_h_se=[1.0, 1.0])
+        with_fill = wang_mao_eq3_layerwise(R, T, [30.0, 10.0], sums, N, trace_h_se=[1.0, 1.0],
+                                           sum_se_blocks=dispersion_sums_fill_se(ETA, steps, full[steps]))
+        assert with_fill.value == plain.value and with_fill.standard_error > plain.standard_error
+    assert ses[0] < ses[1] < ses[2]
+    # one measurement cannot judge its filling error: NaN, never a silent 0
+    nan = wang_mao_eq3_layerwise(R, T, [30.0, 10.0], [1e-4, 1e-4], N, trace_h_se=[1.0, 1.0],
+                                 sum_se_blocks=dispersion_sums_fill_se(ETA, [0], full[:1]))
+    assert math.isnan(nan.standard_error)
+
+
+def test_layerwise_filling_se_covers_the_actual_filling_error():
+    """Simulated runs (two blocks, independent relative noise per step and block, measured every
+    6th step): the SE of the filled Eq. 2 trajectory, summed over blocks (perfect correlation), is
+    not smaller than the spread of the actual error against the every-step trajectory, and not
+    absurdly larger (≤ √K × the spread with independent blocks, plus sampling slack)."""
+    rng = np.random.default_rng(13)
+    d_blocks, sig = [400, 1600], [2e-3, 1e-3]
+    errors, ses = [], []
+    for _ in range(300):
+        full, steps, measured, vb = _filled_blocks(rng, 2, every=6)
+        truth = trajectory_wang_mao_blocks(ETA, full, R, N, d_blocks, sig)
+        filled = trajectory_wang_mao_blocks(ETA, vb, R, N, d_blocks, sig)
+        errors.append(filled - truth)
+        ses.append(trajectory_blocks_fill_se(ETA, vb, R, N, d_blocks, sig, steps, measured, trajectory=filled))
+    spread = float(np.sqrt(np.mean(np.square(errors))))
+    ratio = float(np.mean(ses)) / spread
+    print(f"layer-wise filling SE / actual error spread: {ratio:.3f}")
+    assert 0.9 <= ratio <= math.sqrt(2.0) * 1.3, ratio

@@ -22,6 +22,7 @@ import numpy as np
 
 from genbounds.bounds.layerwise import (
     candidate_family,
+    dispersion_sums_fill_se,
     neu_theorem7_blockdiag,
     optimal_shape,
     wang_mao_eq2_layerwise,
@@ -74,6 +75,9 @@ class BoundInputs:
     vhat_measured: np.ndarray | None = None
     vhat_blocks: np.ndarray | None = None
     """``[T, K]`` per-step per-group dispersion."""
+    vhat_measured_blocks: np.ndarray | None = None
+    """``[m, K]`` per-group dispersion measurements at ``vhat_steps`` (the layer-wise Wang–Mao
+    bounds' filling SE)."""
     v_blocks: np.ndarray | None = None
     gamma_shaped: np.ndarray | None = None
     """``[T, S]``: Γ in the Σ⁻¹ norm under the Neu block shape, per scale."""
@@ -218,13 +222,18 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
     if inp.vhat_blocks is None or inp.d_blocks is None or len(inp.d_blocks) < 2:
         return
     eta, r, n, T = inp.eta, inp.r, inp.n, inp.T
+    # the per-block dispersion's filling error (docs/math.md §6.7): steps between measurements
+    filled = None
+    if inp.vhat_steps is not None and inp.vhat_measured_blocks is not None:
+        filled = (inp.vhat_steps, inp.vhat_measured_blocks)
     if "wang_mao_eq3_layerwise" in inp.wanted:
         ab = eq3_shape_inputs(inp)
         rec = inp.curvature
         if ab is not None and rec is not None:
             sums = np.sum(eta[:, None] ** 2 * np.maximum(inp.vhat_blocks, 0.0), axis=0)
             samples = np.asarray(rec["group_samples"]) if rec.get("group_samples") else None
-            res = wang_mao_eq3_layerwise(r, T, rec["group_traces"], sums, n, trace_h_samples=samples)
+            res = wang_mao_eq3_layerwise(r, T, rec["group_traces"], sums, n, trace_h_samples=samples,
+                                         sum_se_blocks=None if filled is None else dispersion_sums_fill_se(eta, *filled))
             out["bound/wang_mao_eq3_layerwise"] = res.value if res.method == "layerwise" else math.nan
             out["bound/wang_mao_eq3_layerwise_se"] = res.standard_error if res.method == "layerwise" else math.nan
             if res.method != "layerwise" and res.reason:
@@ -236,7 +245,7 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
         terms = list(inp.flat["term"]) + (list(shape_rec["term"]) if shape_rec is not None else [])
         ses = list(inp.flat["term_se"]) + (list(shape_rec["term_se"]) if shape_rec is not None else [])
         res2 = wang_mao_eq2_layerwise(eta, inp.vhat_blocks, r, n, inp.d_blocks, family.candidates, terms, ses,
-                                      inp.z, family.groups)
+                                      inp.z, family.groups, filled)
         out["bound/wang_mao_eq2_layerwise"] = res2.value
         out["bound/wang_mao_eq2_layerwise_se"] = res2.se
         out["bound_terms/wang_mao_eq2_layerwise_shaped"] = float(res2.best >= len(inp.sigmas))

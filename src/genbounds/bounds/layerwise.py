@@ -43,12 +43,14 @@ __all__ = [
     "candidate_family",
     "eq3_inputs",
     "gamma_sigma_inv_from_halves",
+    "dispersion_sums_fill_se",
     "init_rms_shape",
     "neu_theorem7_blockdiag",
     "optimal_shape",
     "optimal_sigmas",
     "relaxed_objective_layerwise",
     "sigma_min_with_se",
+    "trajectory_blocks_fill_se",
     "trajectory_wang_mao_blocks",
     "v_sigma_inv",
     "wang_mao_eq2_layerwise",
@@ -95,6 +97,42 @@ def trajectory_wang_mao_blocks(eta: np.ndarray, vhat_blocks: np.ndarray, r: floa
     return math.sqrt(math.fsum(parts))
 
 
+def trajectory_blocks_fill_se(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n: int, d_blocks: Sequence[int],
+                              sigmas: Sequence[float], steps: Sequence[int], measured_blocks: np.ndarray,
+                              trajectory: float | None = None) -> float:
+    """SE of :func:`trajectory_wang_mao_blocks` from the steps whose ``V̂_{t,k}`` were filled from a
+    neighbouring measurement (``steps``; ``measured_blocks [m, K]``: the per-block measurements).
+
+    Block ``k``'s part of the sum under the root is linearized in ``V̂_{t,k}`` (weights
+    ``(R² d_k/n)·a_{t,k}/(1 + a_{t,k} V̂_{t,k})``, ``a_{t,k} = η_t²/(d_k σ_k²)``) and its filling SE
+    taken by :func:`~genbounds.bounds.series.fill_standard_error` (relative noise, as the isotropic
+    :func:`~genbounds.bounds.wang_mao.trajectory_fill_se`). The blocks are filled from the same
+    measurements at the same steps, so their errors are correlated: the SE of the sum is bounded by
+    the sum of the blocks' SEs (perfect correlation), then ``SE(√x) = SE(x)/(2√x)``. ``K = 1`` is the
+    isotropic rule exactly (``docs/math.md`` §6.7)."""
+    eta = np.asarray(eta, dtype=np.float64)
+    d = [int(dk) for dk in d_blocks]
+    v = np.maximum(np.asarray(vhat_blocks, dtype=np.float64).reshape(len(eta), len(d)), 0.0)
+    x = np.asarray(measured_blocks, dtype=np.float64).reshape(len(steps), len(d))
+    sig = np.asarray(sigmas, dtype=np.float64).ravel()
+    inner = 0.0
+    for k in range(len(d)):
+        a = eta**2 / (d[k] * sig[k] ** 2)
+        inner += fill_standard_error(steps, x[:, k], r * r * d[k] / n * a / (1.0 + a * v[:, k]))
+    if inner == 0.0:
+        return 0.0
+    traj = trajectory_wang_mao_blocks(eta, vhat_blocks, r, n, d, sig) if trajectory is None else trajectory
+    return inner / (2.0 * traj) if traj > 0 else math.nan
+
+
+def dispersion_sums_fill_se(eta: np.ndarray, steps: Sequence[int], measured_blocks: np.ndarray) -> np.ndarray:
+    """Per block, the filling SE of ``Σ_t η_t² V̂_{t,k}`` (relative noise; ``0`` when nothing was
+    filled; ``docs/math.md`` §6.7)."""
+    eta = np.asarray(eta, dtype=np.float64)
+    x = np.atleast_2d(np.asarray(measured_blocks, dtype=np.float64))
+    return np.array([fill_standard_error(steps, x[:, k], eta**2) for k in range(x.shape[1])])
+
+
 class _SelectedCandidate:
     """The selected candidate of a result with ``candidates [C, K]``, ``bound [C]``,
     ``standard_error [C]`` and a ``selection`` (index −1: none)."""
@@ -137,13 +175,17 @@ class Eq2LayerwiseResult(_SelectedCandidate):
 def wang_mao_eq2_layerwise(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n: int, d_blocks: Sequence[int],
                            candidates: np.ndarray, flatness_terms: Sequence[float],
                            flatness_term_se: Sequence[float] | None = None, z: float = 1.0,
-                           groups: Sequence[int] | None = None) -> Eq2LayerwiseResult:
+                           groups: Sequence[int] | None = None,
+                           filled: tuple[Sequence[int], np.ndarray] | None = None) -> Eq2LayerwiseResult:
     """Eq. 2 with block noise for every candidate ``σ ∈ R^K`` and the family minimum (§9.1, §9.4).
 
     ``bound_c = traj(σ_c) + |flatness_terms[c]|`` with ``flatness_terms[c] = γ_{Σ_c}(W_T,S) −
     γ_{Σ_c}(W_T,S')`` measured with block-shaped draws ``√T·σ_c ⊙ ε``. The selected candidate
     minimizes ``bound + z·SE`` (``sigma_min_with_se``); candidates with a non-finite or non-positive
-    ``σ_k`` or a non-finite flatness are ignored (``selection.ignored``).
+    ``σ_k`` or a non-finite flatness are ignored (``selection.ignored``). ``filled``: ``(steps,
+    measured_blocks)`` of the dispersion measurements when ``vhat_blocks`` was block-filled between
+    them; each candidate's trajectory SE from the filling (:func:`trajectory_blocks_fill_se`) is then
+    added to its flatness SE in quadrature.
     """
     cand = np.atleast_2d(np.asarray(candidates, dtype=np.float64))
     if cand.shape[1] != len(d_blocks):
@@ -157,6 +199,10 @@ def wang_mao_eq2_layerwise(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n
     bound = traj + flat
     se = (np.full(len(cand), np.nan) if flatness_term_se is None
           else np.asarray(flatness_term_se, dtype=np.float64).ravel())
+    if flatness_term_se is not None and filled is not None:
+        fill = np.array([trajectory_blocks_fill_se(eta, vhat_blocks, r, n, d_blocks, c, *filled, trajectory=t)
+                         if math.isfinite(t) else math.nan for c, t in zip(cand, traj)])
+        se = np.hypot(se, fill)
     sel = sigma_min_with_se(bound, None if flatness_term_se is None else se, z, groups)
     return Eq2LayerwiseResult(cand, traj, flat, bound, se, sel)
 
@@ -275,7 +321,7 @@ class Eq3LayerwiseResult:
 def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[float] | None,
                            sum_eta2_vhat_blocks: Sequence[float], n: int,
                            trace_h_samples: np.ndarray | None = None, trace_h_se: Sequence[float] | None = None,
-                           fallback: str = "isotropic") -> Eq3LayerwiseResult:
+                           fallback: str = "isotropic", sum_se_blocks: Sequence[float] | None = None) -> Eq3LayerwiseResult:
     """Block-noise Eq. 3 (§9.2): ``3(P/2)^{2/3} = 3/2 · (Σ_k sqrt(R² Σ_t η_t² V̂_{t,k}/n · T Tr H_k))^{2/3}``.
 
     Args:
@@ -289,6 +335,10 @@ def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[
             (``B_k < 0``: ``σ_k → ∞``) or has no minimizer (``B_k = 0``), so it is refused and the
             equal-σ closed form (defined while ``Σ_k Tr H_k > 0``) is returned, flagged
             ``method="isotropic_fallback"``; ``"refuse"`` — return NaN.
+        sum_se_blocks: per-block SEs of ``Σ_t η_t² V̂_{t,k}`` from filled steps
+            (:func:`dispersion_sums_fill_se`): ``Σ_k |∂value/∂Σ_k| SE_k`` (perfect correlation: the
+            blocks are filled at the same steps) is added to the curvature SE in quadrature; the
+            isotropic comparison gets ``Σ_k SE_k``. ``None`` (or all 0): every step measured.
     """
     if fallback not in ("isotropic", "refuse"):
         raise ValueError(f"fallback must be 'isotropic' or 'refuse', got {fallback!r}")
@@ -313,9 +363,13 @@ def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[
         iso_se = float(np.std(samples.sum(axis=1), ddof=1) / math.sqrt(samples.shape[0]))
     elif trace_h_se is not None:
         iso_se = float(np.sum(np.abs(np.asarray(trace_h_se, dtype=np.float64))))
+    fill_se = None if sum_se_blocks is None else np.asarray(sum_se_blocks, dtype=np.float64).ravel()
+    if fill_se is not None and fill_se.size != k_blocks:
+        raise ValueError(f"{fill_se.size} dispersion-sum SEs for {k_blocks} blocks")
     iso = None
     if np.all(np.isfinite(th)) and np.all(np.isfinite(sv)):
-        iso = wang_mao_eq3(r, total_steps, math.fsum(th.tolist()), math.fsum(sv.tolist()), n, iso_se)
+        iso = wang_mao_eq3(r, total_steps, math.fsum(th.tolist()), math.fsum(sv.tolist()), n, iso_se,
+                           0.0 if fill_se is None else float(np.sum(fill_se)))
 
     nan_k = np.full(k_blocks, np.nan)
     if not (np.all(np.isfinite(th)) and np.all(np.isfinite(sv))):
@@ -347,6 +401,11 @@ def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[
         se, kind = float(np.sum(grad * np.abs(np.asarray(trace_h_se, dtype=np.float64)))), "upper_bound"
     else:
         se, kind = math.nan, "none"
+    if fill_se is not None and np.any(fill_se != 0.0):
+        # ∂value/∂A_k = (P/2)^{-1/3} · sqrt(B_k/A_k)/2 and ∂A_k/∂Σ_k = R²/n (infinite at A_k = 0)
+        with np.errstate(divide="ignore"):
+            d_sum = (p / 2.0) ** (-1.0 / 3.0) * np.sqrt(b / a) / 2.0 * r * r / n
+        se = math.hypot(se, float(np.sum(np.where(fill_se != 0.0, d_sum * fill_se, 0.0))))
     return Eq3LayerwiseResult(value, "layerwise", sig, 2.0 * q, q, traj_f, flat_f, share, se, kind, iso, None,
                               grad)
 

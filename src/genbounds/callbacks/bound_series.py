@@ -129,6 +129,7 @@ class BoundSeries:
                 inp.neu_shape = None if neu_shape is None else np.asarray(neu_shape, dtype=np.float64)
         if grouped and self.dispersion_groups and len(self.dispersion_groups) == len(self.dispersion_steps):
             inp.vhat_blocks = expand_blocks(self.dispersion_steps, self.dispersion_groups, T)
+            inp.vhat_measured_blocks = np.asarray(self.dispersion_groups, dtype=np.float64)
             inp.d_blocks = list(self.config.get("group_sizes") or []) or None
             if self.heldout_groups and len(self.heldout_groups) == len(self.heldout_steps):
                 inp.v_blocks = expand_blocks(self.heldout_steps, self.heldout_groups, T)

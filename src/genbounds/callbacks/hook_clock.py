@@ -13,11 +13,15 @@ not). Measured on the main job before this module (``docs/results/overhead.md``)
 :class:`MeasurementCallback` closes that gap by construction: every ``on_*`` hook a subclass
 defines is wrapped once, at class creation, by a clock that charges the hook's wall time — less
 what the hook already charged itself (a probe's ``budget.timed``), so nothing counts twice — to
-the callback's budget owner, plus an estimate of Lightning's dispatch: one per clocked call and,
-at each training batch start, one for each per-step hook the class leaves to
-:class:`~lightning.pytorch.Callback`'s no-op. The dispatch cost is timed once per run by
-replaying Lightning's per-callback loop body against a no-op method
-(:meth:`OverheadBudget.dispatch_cost`). The budget's clock starts as the first measurement
+the callback's budget owner, plus Lightning's dispatch: one per clocked call and, at each
+training batch start, one for each per-step hook the class leaves to
+:class:`~lightning.pytorch.Callback`'s no-op. The dispatch cost is measured where it is paid:
+every measurement callback's ``on_train_batch_start`` is clocked, so when two of them are
+neighbours in ``trainer.callbacks`` the time from the end of the first one's clocked call to the
+start of the second one's is one dispatch — Lightning's loop body and the clock's own entry and
+exit, at the cache temperature of a training step (:meth:`OverheadBudget.dispatch_cost`: the
+median of the last window of such gaps; until one is full, a replay of Lightning's loop body
+against a no-op method, timed once — a warm loop, which read about 1.3 µs a dispatch here). The budget's clock starts as the first measurement
 callback's ``on_train_start`` begins; nothing before it is charged (``setup``, ``on_fit_start``,
 the sanity check: they are not training time either). Not counted: the dispatch of validation-batch and epoch-level hooks the
 class does not override (a few milliseconds a run), and what measurement does to the user's own
@@ -54,6 +58,8 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False) -> Callable:
         depth, budget.hook_depth = budget.hook_depth, budget.hook_depth + 1
         charged_before = budget.probe_time
         started = time.perf_counter()
+        if step_start and not depth:
+            budget.dispatch_started(self, trainer, started)
         try:
             return hook(self, trainer, *args, **kwargs)
         finally:
@@ -62,6 +68,8 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False) -> Callable:
             # a hook reached through super() from another clocked hook was dispatched by nobody
             dispatches = 0 if depth else 1 + (type(self)._unclocked_step_hooks if step_start else 0)
             budget.charge_hook(self, trainer, spent, dispatches)
+            if step_start and not depth:
+                budget.dispatch_ended(self, time.perf_counter())
 
     clocked.__genbounds_clocked__ = True  # type: ignore[attr-defined]
     return clocked

@@ -75,6 +75,11 @@ class OverheadBudget:
         self.hook_depth = 0
         """Clocked hooks running now (:mod:`genbounds.callbacks.hook_clock`; nested ones are not dispatched)."""
         self._dispatch_cost: float | None = None
+        self.dispatch_measured = False
+        """Whether :meth:`dispatch_cost` comes from gaps measured in training steps (else the replay)."""
+        self._positions: dict[int, int] = {}
+        self._last_step_hook: tuple[int, float] | None = None
+        self._gaps: list[float] = []
 
     @staticmethod
     def shared(trainer: Trainer, fraction: float | None) -> OverheadBudget:
@@ -193,15 +198,39 @@ class OverheadBudget:
 
     DISPATCH_CALLS = 64
     DISPATCH_REPEATS = 5
+    GAP_WINDOW = 64
+    """Dispatch gaps per update of the measured dispatch cost (their median)."""
+
+    def dispatch_started(self, callback: Any, trainer: Trainer, now: float) -> None:
+        """A measurement callback's clocked ``on_train_batch_start`` begins: when the callback just
+        before it in ``trainer.callbacks`` was also a measurement callback whose clocked call ended
+        last, the time since is one dispatch (Lightning's loop body and the clock's entry and exit)."""
+        index = self._positions.get(id(callback))
+        if index is None:
+            self._positions = {id(cb): i for i, cb in enumerate(getattr(trainer, "callbacks", ()) or ())}
+            index = self._positions.setdefault(id(callback), -2)
+        last = self._last_step_hook
+        if last is not None and index >= 1 and last[0] == index - 1:
+            self._gaps.append(now - last[1])
+            if len(self._gaps) >= self.GAP_WINDOW:
+                self._dispatch_cost = statistics.median(self._gaps)
+                self.dispatch_measured = True
+                self._gaps.clear()
+        self._last_step_hook = None
+
+    def dispatch_ended(self, callback: Any, now: float) -> None:
+        self._last_step_hook = (self._positions.get(id(callback), -2), now)
 
     def dispatch_cost(self, trainer: Trainer, callback: Any) -> float:
-        """Seconds Lightning spends dispatching one hook to one callback, timed once per run by
-        replaying the body of its ``_call_callback_hooks`` loop (``getattr``, ``callable``, the
-        callback's ``state_key`` in the profiler's action name, the profiler context, the call with
-        ``trainer.lightning_module``) against a no-op method: the median of
-        :attr:`DISPATCH_REPEATS` rounds of :attr:`DISPATCH_CALLS` calls. A user's own profiler is
-        not touched (its report would list the replay): the replay then uses a pass-through one, so
-        the estimate is the cost without profiling."""
+        """Seconds Lightning spends dispatching one hook to one callback: the median of the last
+        :attr:`GAP_WINDOW` gaps between neighbouring measurement callbacks' clocked
+        ``on_train_batch_start`` calls in training steps (:meth:`dispatch_started`); until that
+        many were seen, a replay of the body of Lightning's ``_call_callback_hooks`` loop
+        (``getattr``, ``callable``, the callback's ``state_key`` in the profiler's action name, the
+        profiler context, the call with ``trainer.lightning_module``) against a no-op method, timed
+        once: the median of :attr:`DISPATCH_REPEATS` rounds of :attr:`DISPATCH_CALLS` calls (a warm
+        loop: a lower bound). A user's own profiler is not touched by the replay (its report would
+        list it): a pass-through one stands in."""
         if self._dispatch_cost is None:
             profiler = trainer.profiler if isinstance(trainer.profiler, PassThroughProfiler) else PassThroughProfiler()
             rounds = []
