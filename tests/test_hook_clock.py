@@ -124,10 +124,92 @@ def test_every_measurement_callback_is_clocked_and_interventions_are_not():
     import genbounds.callbacks as C
 
     for name in ("GradientDispersion", "HeldoutGradient", "GradientSensitivity", "Flatness", "HessianTrace",
-                 "HessianContractivity", "GeneralizationBound", "BoundGate"):
+                 "HessianContractivity", "GeneralizationBound", "BoundGate", "DispersionPhaseDetector"):
         cls = getattr(C, name)
         assert issubclass(cls, MeasurementCallback), name
-        for hook in ("on_train_batch_start", "on_train_end"):
-            fn = getattr(cls, hook)
-            assert fn is getattr(Callback, hook) or getattr(fn, "__genbounds_clocked__", False), (name, hook)
+        hooks = [h for klass in cls.__mro__ if klass is not Callback and issubclass(klass, Callback)
+                 for h, fn in vars(klass).items() if h.startswith("on_") and callable(fn)
+                 and h not in ("on_exception", "on_save_checkpoint", "on_load_checkpoint")]
+        assert "on_train_batch_start" in hooks and "on_train_start" in hooks
+        for hook in hooks:
+            assert getattr(getattr(cls, hook), "__genbounds_clocked__", False), (name, hook)
     assert not issubclass(C.DynamicGradientClipping, MeasurementCallback)
+
+
+def test_time_charged_for_work_done_elsewhere_does_not_hide_the_hooks_own_time():
+    """GradientDispersion charges the norm hooks' time (spent inside the user's forward and
+    backward) from its on_train_batch_end: the clock must still charge that hook's own time."""
+
+    class EndOfStep(MeasurementCallback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            time.sleep(0.01)
+            trainer.__dict__["_genbounds_overhead"].charge("EndOfStep", 0.5, elsewhere=True)
+
+    trainer = _Trainer()
+    budget = _budget(trainer)
+    EndOfStep().on_train_batch_end(trainer, None, None, None, 0)
+    assert budget.by_owner["EndOfStep"] >= 0.5 + 0.01 + 1e-3
+
+
+def test_a_per_step_statistic_keeps_its_set_up_out_of_its_per_measurement_account():
+    from genbounds.callbacks import GradientDispersion
+
+    class Setup(MeasurementCallback):
+        @property
+        def run_owner_name(self):
+            return "Setup (run)"
+
+        def on_train_start(self, trainer, pl_module):
+            time.sleep(0.01)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pass
+
+    trainer = _Trainer()
+    budget = _budget(trainer)
+    Setup().on_train_start(trainer, None)
+    Setup().on_train_batch_end(trainer, None, None, None, 0)
+    assert budget.by_owner["Setup (run)"] >= 0.01 and budget.by_owner["Setup"] < 0.005
+    dispersion = GradientDispersion()
+    assert dispersion.owner_name == "GradientDispersion" and dispersion.run_owner_name != dispersion.owner_name
+
+    class MyDispersion(GradientDispersion):
+        pass
+
+    assert MyDispersion().owner_name == "GradientDispersion"  # the account its step stride reads
+
+
+class First(MeasurementCallback):
+    pass
+
+
+class Second(MeasurementCallback):
+    pass
+
+
+def test_the_dispatch_is_measured_between_neighbouring_callbacks_in_training_steps():
+    trainer = _Trainer()
+    first, second, foreign = First(), Second(), Callback()
+    trainer.callbacks = [first, second]
+    budget = OverheadBudget.shared(trainer, 0.5)  # type: ignore[arg-type]
+    budget.begin()
+    budget.GAP_WINDOW = 8
+    replay = budget.dispatch_cost(trainer, first)  # type: ignore[arg-type]
+    assert not budget.dispatch_measured
+    for _ in range(8):
+        first.on_train_batch_start(trainer, None, None, 0)
+        time.sleep(0.002)  # what Lightning spends between the two calls
+        second.on_train_batch_start(trainer, None, None, 0)
+    assert budget.dispatch_measured
+    assert 0.002 <= budget.dispatch_cost(trainer, first) < 0.05 and budget.dispatch_cost(trainer, first) > replay
+    # a foreign callback in between: that gap is two dispatches and a hook, not a sample
+    trainer2 = _Trainer()
+    a, b = First(), Second()
+    trainer2.callbacks = [a, foreign, b]
+    budget2 = OverheadBudget.shared(trainer2, 0.5)  # type: ignore[arg-type]
+    budget2.begin()
+    budget2.GAP_WINDOW = 2
+    for _ in range(4):
+        a.on_train_batch_start(trainer2, None, None, 0)
+        b.on_train_batch_start(trainer2, None, None, 0)
+    assert not budget2.dispatch_measured and budget2._gaps == []

@@ -136,7 +136,30 @@ def test_a_final_probe_leaves_the_later_probes_their_fewest_draws():
     probe.final_share = 1.0 / 3.0  # the first of three probes
     # 100 ms a draw: a third of 2 s affords 6 draws
     assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 6
-    probe.final_floor_after = 1.4  # the two later probes need 1.4 s at their fewest draws
+    probe.final_floor_after = 0.5  # the two later probes need 0.5 s at their fewest draws
+    # (2 − 0.5)/3 = 0.5 s: 5 draws (taking a third of everything, then subtracting, would give 1 → 2)
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 5
+    probe.final_floor_after = 1.4
     assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 2  # (2 − 1.4)/3 = 0.2 s
     probe.final_floor_after = 5.0  # not even the floors fit: never below the minimum
     assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 2
+
+
+def test_two_estimators_in_one_final_probe_share_its_part_not_twice_it():
+    """HessianTrace runs Hutchinson then power iteration in one probe: the first leaves the second
+    its fewest products, and the second takes what is left of the probe's share, not a share of
+    the pool again."""
+    from genbounds.callbacks.probe import ProbeCallback
+
+    probe = ProbeCallback()
+    probe.budget = budget_after(10.0)  # 2 s of room
+    probe._unit_cost = 0.01
+    probe.final_share = 0.5  # this probe's part: 1 s
+    remaining = probe.budget.remaining()
+    probe._final_until = remaining - probe.final_share * (remaining - probe.final_floor_after)  # as _probe sets it
+    # first estimator: 100 ms a draw, leaving 0.4 s for the second → 6 draws
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0, keep=0.4) == 6
+    probe.budget.charge("ProbeCallback", 0.6)  # it spent 0.6 s (of wall time too)
+    probe.budget.start -= 0.6
+    # the second: what is left of the 1 s part (0.4 s), not half of the 1.4 s pool (0.7 s)
+    assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 4

@@ -402,10 +402,14 @@ def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[
     else:
         se, kind = math.nan, "none"
     if fill_se is not None and np.any(fill_se != 0.0):
-        # ∂value/∂A_k = (P/2)^{-1/3} · sqrt(B_k/A_k)/2 and ∂A_k/∂Σ_k = R²/n (infinite at A_k = 0)
-        with np.errstate(divide="ignore"):
-            d_sum = (p / 2.0) ** (-1.0 / 3.0) * np.sqrt(b / a) / 2.0 * r * r / n
-        se = math.hypot(se, float(np.sum(np.where(fill_se != 0.0, d_sum * fill_se, 0.0))))
+        if p > 0.0:
+            # ∂value/∂A_k = (P/2)^{-1/3} · sqrt(B_k/A_k)/2 and ∂A_k/∂Σ_k = R²/n (infinite at A_k = 0)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                d_sum = (p / 2.0) ** (-1.0 / 3.0) * np.sqrt(b / a) / 2.0 * r * r / n
+                fill = float(np.sum(np.where(fill_se != 0.0, d_sum * fill_se, 0.0)))
+        else:
+            fill = math.nan  # every Σ_k = 0: the value has no slope to linearize by
+        se = math.hypot(se, fill)
     return Eq3LayerwiseResult(value, "layerwise", sig, 2.0 * q, q, traj_f, flat_f, share, se, kind, iso, None,
                               grad)
 

@@ -97,8 +97,10 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     consecutive measurements (again counting any trend: conservative), and
     ``Var = τ² Σ_i [(W_i − w_{s_i})² + Σ_{t∈B_i, t≠s_i} w_t²]``.
 
-    Returns 0 when every step was measured (nothing was filled), NaN when steps were filled but
-    fewer than two measurements (or, relative, no two with a non-zero mean) leave ``κ`` unknown.
+    Returns 0 when every step was measured (nothing was filled) and, relative, when every
+    measurement is 0 (the model's variance ``κ² μ²`` is then 0 whatever ``κ``); NaN when steps were
+    filled but fewer than two measurements (or, relative, no two with a non-zero mean) leave ``κ``
+    unknown.
     """
     if noise not in ("relative", "absolute"):
         raise ValueError(f"noise must be 'relative' or 'absolute', got {noise!r}")
@@ -124,6 +126,8 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
         tau2 = 0.5 * float(np.mean((x[1:] - x[:-1]) ** 2))
         var = tau2 * float(np.sum(coef))
         return math.sqrt(var) if math.isfinite(var) else math.nan
+    if np.all(x == 0.0):
+        return 0.0  # a level of 0 has no relative spread (e.g. a block of unused parameters)
     mean = 0.5 * (x[1:] + x[:-1])
     ok = np.abs(mean) > 0
     if len(x) < 2 or not np.any(ok):

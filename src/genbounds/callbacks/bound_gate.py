@@ -8,12 +8,12 @@ import math
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.checks import check_bool, check_choice, check_float
+from genbounds.callbacks.hook_clock import MeasurementCallback
 
 OnViolation = Literal["warn", "stop", "raise"]
 Lenient = Literal["nan", "missing", "stale"]

@@ -5,15 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.bounds.phases import find_valley
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import check_float, check_int
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.step_log import epoch_end_step
 
 

@@ -6,13 +6,12 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import (
     check_bool,
@@ -30,6 +29,7 @@ from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
 from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
 from genbounds.callbacks.dispersion.select import choose_backend
 from genbounds.callbacks.distributed import reduce_moments
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
@@ -160,6 +160,16 @@ class GradientDispersion(MeasurementCallback):
     @property
     def state_key(self) -> str:
         return state_key_once(self, every_n_steps=self.every_n_steps)
+
+    @property
+    def owner_name(self) -> str:
+        return OWNER  # a subclass keeps the account its step stride reads
+
+    @property
+    def run_owner_name(self) -> str:
+        # set-up (backend choice, the loss contract's trial) and epoch-end flushes are not a
+        # measurement's cost: kept out of the per-measurement cost the step stride divides
+        return OWNER + " (set-up, epoch ends)"
 
     # ------------------------------------------------------------------ records
     def _publish(self, records: list) -> None:

@@ -164,8 +164,11 @@ class HessianTrace(ProbeCallback):
         else:
             # under an overhead budget the tolerance may stop short of what is left: never past
             # what the budget affords (an HVP ≈ 4 loss evaluations), never before min_probes
+            # (leaving the power iteration its fewest products)
+            eig_floor = 4.0 * min(10, self.eig_max_iter) * self.unit_cost() if self.top_eigenvalue else 0.0
             est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
-                                   max_probes=self.draws_within_budget(self.max_probes, self.min_probes, 4.0),
+                                   max_probes=self.draws_within_budget(self.max_probes, self.min_probes, 4.0,
+                                                                       keep=eig_floor),
                                    block_size=self.per_pass(self.block_size, pl_module.device, gpu_default=10),
                                    groups=self._groups)
             out["curv/hessian_trace"], out["curv/hessian_trace_se"] = est.value, est.standard_error

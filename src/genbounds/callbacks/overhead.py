@@ -72,6 +72,8 @@ class OverheadBudget:
         """Steps the per-step statistics left unmeasured to stay within their share."""
         self.reserve_estimate: Callable[[], float] | None = None
         self._reserve: float | None = None
+        self.elsewhere_time = 0.0
+        """Part of :attr:`probe_time` charged for work done outside the hook that charged it."""
         self.hook_depth = 0
         """Clocked hooks running now (:mod:`genbounds.callbacks.hook_clock`; nested ones are not dispatched)."""
         self._dispatch_cost: float | None = None
@@ -184,17 +186,25 @@ class OverheadBudget:
             return self.MAX_STRIDE
         return min(self.MAX_STRIDE, math.ceil(per_measurement / allowed))
 
-    def charge(self, owner: str, seconds: float) -> None:
-        """Count measurement time spent outside :meth:`timed` (per-step work, pricing)."""
+    def charge(self, owner: str, seconds: float, elsewhere: bool = False) -> None:
+        """Count measurement time spent outside :meth:`timed` (per-step work, pricing).
+        ``elsewhere``: time spent outside the hook that charges it (the norm hooks' time inside the
+        user's forward and backward, charged at the end of the step): a clocked hook does not take
+        it for its own and still charges its own wall time whole."""
         self.probe_time += seconds
         self.by_owner[owner] = self.by_owner.get(owner, 0.0) + seconds
+        if elsewhere:
+            self.elsewhere_time += seconds
 
-    def charge_hook(self, callback: Any, trainer: Trainer, seconds: float, dispatches: int) -> None:
-        """Charge a clocked hook: its own ``seconds`` and ``dispatches`` × Lightning's dispatch cost."""
+    def charge_hook(self, callback: Any, trainer: Trainer, seconds: float, dispatches: int,
+                    per_step: bool = True) -> None:
+        """Charge a clocked hook: its own ``seconds`` and ``dispatches`` × Lightning's dispatch cost,
+        to the callback's ``owner_name`` for a per-step hook, else to its ``run_owner_name`` (a
+        per-step statistic keeps its set-up and epoch-end work out of its per-measurement cost)."""
         if dispatches:
             seconds += dispatches * self.dispatch_cost(trainer, callback)
         if seconds > 0.0:
-            self.charge(callback.owner_name, seconds)
+            self.charge(callback.owner_name if per_step else callback.run_owner_name, seconds)
 
     DISPATCH_CALLS = 64
     DISPATCH_REPEATS = 5

@@ -26,11 +26,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.checks import (
     check_callable,
     check_choice,
@@ -41,6 +40,7 @@ from genbounds.callbacks.checks import (
     check_strategy,
 )
 from genbounds.callbacks.distributed import mean_over_ranks
+from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.overhead import OverheadBudget
@@ -150,6 +150,7 @@ class ProbeCallback(MeasurementCallback):
         """Set by the bound around its final evaluation's requests: the share of what is left of the
         budget this probe's draws may spend (``None``: an intermediate probe, which leaves the reserve)."""
         self.final_floor_after = 0.0
+        self._final_until: float | None = None
         """Set with :attr:`final_share`: what the final evaluation's later probes cost at their fewest
         draws, kept out of this probe's share (so the last one is not squeezed below its floor)."""
 
@@ -290,19 +291,27 @@ class ProbeCallback(MeasurementCallback):
         units = self.forward_equivalents()
         return units * self.unit_cost() if units > 0 and self.active else 0.0
 
-    def draws_within_budget(self, wanted: int, minimum: int, units_per_draw: float) -> int:
+    def draws_within_budget(self, wanted: int, minimum: int, units_per_draw: float, keep: float = 0.0) -> int:
         """``wanted`` Monte-Carlo draws, or fewer (never below ``minimum``) when the overhead budget
         has less time left — less the reserve for the final evaluation; in the final evaluation,
         this probe's share of what is left — than they would take at ``units_per_draw`` loss
         evaluations each (in the final evaluation, less what the probes after it need at their
-        fewest draws). The standard error the probe reports grows accordingly."""
+        fewest draws). ``keep``: seconds this probe still needs afterwards (a second estimator at its
+        fewest draws), left out of what this one may spend. The standard error the probe reports
+        grows accordingly."""
         if self.budget is None or self.budget.fraction is None:
             return wanted
         per_draw = self.unit_cost() * units_per_draw
         if self.final_share is not None:
-            left = (self.budget.remaining() - self.final_floor_after) * self.final_share
+            # this probe's share of the pool (what is left less the later probes' floors), fixed
+            # when the probe starts, so that a second estimator in it takes what the first one left
+            until = self._final_until
+            if until is None:
+                remaining = self.budget.remaining()
+                until = remaining - self.final_share * (remaining - self.final_floor_after)
+            left = self.budget.remaining() - until - keep
         else:
-            left = self.budget.remaining() - self.budget.reserve
+            left = self.budget.remaining() - self.budget.reserve - keep
         return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))
 
     # ------------------------------------------------------------------ machinery
@@ -356,8 +365,15 @@ class ProbeCallback(MeasurementCallback):
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
         assert self.budget is not None
-        with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
-            values = self.measure(trainer, pl_module, batch)
+        self._final_until = None
+        if self.final_share is not None and self.budget.fraction is not None:
+            remaining = self.budget.remaining()
+            self._final_until = remaining - self.final_share * (remaining - self.final_floor_after)
+        try:
+            with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
+                values = self.measure(trainer, pl_module, batch)
+        finally:
+            self._final_until = None
         if not values:
             return
         values = self.finalize(trainer, values)

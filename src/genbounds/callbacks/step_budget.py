@@ -58,7 +58,7 @@ class StepBudget:
     def charge(self, seconds: float) -> None:
         """Charge work done outside the Lightning hooks (the norm hooks inside forward and backward)."""
         if self.budget is not None and seconds > 0.0:
-            self.budget.charge(self.owner, seconds)
+            self.budget.charge(self.owner, seconds, elsewhere=True)
 
     def _progress(self, trainer: Trainer) -> float | None:
         """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
