@@ -32,7 +32,7 @@ import numpy as np
 from genbounds.bounds.neu import sqrt_term_se
 from genbounds.bounds.selection import Selection, sigma_min_with_se
 from genbounds.bounds.series import fill_standard_error
-from genbounds.bounds.wang_mao import Eq3Result, wang_mao_eq3
+from genbounds.bounds.wang_mao import Eq3Result, log1p_sum_fill_se, wang_mao_eq3
 
 __all__ = [
     "Eq2LayerwiseResult",
@@ -41,9 +41,9 @@ __all__ = [
     "Selection",
     "Theorem7Result",
     "candidate_family",
+    "dispersion_sums_fill_se",
     "eq3_inputs",
     "gamma_sigma_inv_from_halves",
-    "dispersion_sums_fill_se",
     "init_rms_shape",
     "neu_theorem7_blockdiag",
     "optimal_shape",
@@ -103,22 +103,17 @@ def trajectory_blocks_fill_se(eta: np.ndarray, vhat_blocks: np.ndarray, r: float
     """SE of :func:`trajectory_wang_mao_blocks` from the steps whose ``V̂_{t,k}`` were filled from a
     neighbouring measurement (``steps``; ``measured_blocks [m, K]``: the per-block measurements).
 
-    Block ``k``'s part of the sum under the root is linearized in ``V̂_{t,k}`` (weights
-    ``(R² d_k/n)·a_{t,k}/(1 + a_{t,k} V̂_{t,k})``, ``a_{t,k} = η_t²/(d_k σ_k²)``) and its filling SE
-    taken by :func:`~genbounds.bounds.series.fill_standard_error` (relative noise, as the isotropic
-    :func:`~genbounds.bounds.wang_mao.trajectory_fill_se`). The blocks are filled from the same
+    Block ``k``'s part of the sum under the root gets the isotropic rule with ``d_k, σ_k``
+    (:func:`~genbounds.bounds.wang_mao.log1p_sum_fill_se`: linearized in ``V̂_{t,k}``, relative
+    noise). The blocks are filled from the same
     measurements at the same steps, so their errors are correlated: the SE of the sum is bounded by
     the sum of the blocks' SEs (perfect correlation), then ``SE(√x) = SE(x)/(2√x)``. ``K = 1`` is the
     isotropic rule exactly (``docs/math.md`` §6.7)."""
-    eta = np.asarray(eta, dtype=np.float64)
     d = [int(dk) for dk in d_blocks]
-    v = np.maximum(np.asarray(vhat_blocks, dtype=np.float64).reshape(len(eta), len(d)), 0.0)
+    v = np.asarray(vhat_blocks, dtype=np.float64).reshape(len(eta), len(d))
     x = np.asarray(measured_blocks, dtype=np.float64).reshape(len(steps), len(d))
     sig = np.asarray(sigmas, dtype=np.float64).ravel()
-    inner = 0.0
-    for k in range(len(d)):
-        a = eta**2 / (d[k] * sig[k] ** 2)
-        inner += fill_standard_error(steps, x[:, k], r * r * d[k] / n * a / (1.0 + a * v[:, k]))
+    inner = sum(log1p_sum_fill_se(eta, v[:, k], r, n, d[k], float(sig[k]), steps, x[:, k]) for k in range(len(d)))
     if inner == 0.0:
         return 0.0
     traj = trajectory_wang_mao_blocks(eta, vhat_blocks, r, n, d, sig) if trajectory is None else trajectory

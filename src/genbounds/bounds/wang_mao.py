@@ -110,17 +110,23 @@ def wang_mao_eq2(
     return Eq2Result(list(map(float, sigmas)), traj, flat, bound, best, se, sel)
 
 
-def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
-                       steps: Sequence[int], measured: Sequence[float], trajectory: float | None = None) -> float:
-    """SE of :func:`trajectory_wang_mao` from the steps whose ``V̂_t`` was filled from a neighbouring
-    measurement (``steps``/``measured``: the measurements): the sum inside the square root,
-    linearized in ``V̂_t`` (weights ``(R²d/n)·a_t/(1 + a_t V̂_t)``, ``a_t = η_t²/(dσ²)``), by
-    :func:`~genbounds.bounds.series.fill_standard_error`, then ``SE(√x) = SE(x)/(2√x)``.
-    ``trajectory``: the term's value when the caller has it (else computed)."""
+def log1p_sum_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
+                      steps: Sequence[int], measured: Sequence[float]) -> float:
+    """Filling SE of ``(R²d/n) Σ_t log1p(a_t V̂_t)``, ``a_t = η_t²/(dσ²)`` — the sum inside Eq. 2's
+    square root — linearized in ``V̂_t`` (weights ``(R²d/n)·a_t/(1 + a_t V̂_t)``) and taken by
+    :func:`~genbounds.bounds.series.fill_standard_error` (``steps``/``measured``: the measurements)."""
     eta = np.asarray(eta, dtype=np.float64)
     a = eta**2 / (d * sigma**2)
     weights = r * r * d / n * a / (1.0 + a * np.maximum(np.asarray(vhat, dtype=np.float64), 0.0))
-    se_inner = fill_standard_error(steps, measured, weights)
+    return fill_standard_error(steps, measured, weights)
+
+
+def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
+                       steps: Sequence[int], measured: Sequence[float], trajectory: float | None = None) -> float:
+    """SE of :func:`trajectory_wang_mao` from the steps whose ``V̂_t`` was filled from a neighbouring
+    measurement: :func:`log1p_sum_fill_se`, then ``SE(√x) = SE(x)/(2√x)``.
+    ``trajectory``: the term's value when the caller has it (else computed)."""
+    se_inner = log1p_sum_fill_se(eta, vhat, r, n, d, sigma, steps, measured)
     if se_inner == 0.0:
         return 0.0
     traj = trajectory_wang_mao(eta, vhat, r, n, d, sigma) if trajectory is None else trajectory

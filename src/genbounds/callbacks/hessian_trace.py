@@ -142,6 +142,11 @@ class HessianTrace(ProbeCallback):
         self.group_names = list(groups)
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
+    @property
+    def _eig_min_iter(self) -> int:
+        """The fewest power-iteration products a budgeted probe takes."""
+        return min(10, self.eig_max_iter)
+
     def forward_equivalents(self) -> float:
         # an HVP is about four forwards; Hutchinson stops at min_probes at the earliest, and power
         # iteration is counted at 20 products (it is warm-started from the previous vector)
@@ -165,7 +170,7 @@ class HessianTrace(ProbeCallback):
             # under an overhead budget the tolerance may stop short of what is left: never past
             # what the budget affords (an HVP ≈ 4 loss evaluations), never before min_probes
             # (leaving the power iteration its fewest products)
-            eig_floor = 4.0 * min(10, self.eig_max_iter) * self.unit_cost() if self.top_eigenvalue else 0.0
+            eig_floor = 4.0 * self._eig_min_iter * self.unit_cost() if self.top_eigenvalue else 0.0
             est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
                                    max_probes=self.draws_within_budget(self.max_probes, self.min_probes, 4.0,
                                                                        keep=eig_floor),
@@ -184,7 +189,7 @@ class HessianTrace(ProbeCallback):
         if self.top_eigenvalue:
             # its start vectors come from a stream of their own: a (re)start never shifts the Hutchinson probes
             eig = top_eigenvalue(op, self.generator(pl_module.device, stream=1), init=self._eigvec,
-                                 max_iter=self.draws_within_budget(self.eig_max_iter, min(10, self.eig_max_iter), 4.0),
+                                 max_iter=self.draws_within_budget(self.eig_max_iter, self._eig_min_iter, 4.0),
                                  tol=self.eig_tol)
             self._eigvec = eig.vector
             out["curv/hessian_top_eig"] = eig.value

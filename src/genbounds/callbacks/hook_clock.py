@@ -90,12 +90,7 @@ class MeasurementCallback(Callback):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name, fn in list(vars(cls).items()):
-            if (name.startswith("on_") and name not in _NOT_CLOCKED and callable(fn)
-                    and not getattr(fn, "__genbounds_clocked__", False)):
-                setattr(cls, name, _clock(fn, step_start=name == "on_train_batch_start", begins=name == "on_train_start",
-                                          per_step=name in STEP_HOOKS))
-        cls._unclocked_step_hooks = sum(1 for h in STEP_HOOKS if getattr(cls, h) is getattr(Callback, h))
+        _clock_hooks(cls)
 
     @property
     def owner_name(self) -> str:
@@ -117,9 +112,15 @@ class MeasurementCallback(Callback):
         """A no-op Lightning would call like any hook (:meth:`OverheadBudget.dispatch_cost`)."""
 
 
-MeasurementCallback.on_train_start = _clock(  # type: ignore[method-assign]
-    MeasurementCallback.__dict__["on_train_start"], step_start=False, begins=True, per_step=False)
-MeasurementCallback.on_train_batch_start = _clock(  # type: ignore[method-assign]
-    MeasurementCallback.__dict__["on_train_batch_start"], step_start=True)
-MeasurementCallback._unclocked_step_hooks = sum(
-    1 for h in STEP_HOOKS if getattr(MeasurementCallback, h) is getattr(Callback, h))
+def _clock_hooks(cls: type) -> None:
+    """Wrap every ``on_*`` hook ``cls`` itself defines, and count the per-step hooks it leaves to
+    Lightning's no-ops (their dispatch is charged at each training batch start)."""
+    for name, fn in list(vars(cls).items()):
+        if (name.startswith("on_") and name not in _NOT_CLOCKED and callable(fn)
+                and not getattr(fn, "__genbounds_clocked__", False)):
+            setattr(cls, name, _clock(fn, step_start=name == "on_train_batch_start", begins=name == "on_train_start",
+                                      per_step=name in STEP_HOOKS))
+    cls._unclocked_step_hooks = sum(1 for h in STEP_HOOKS if getattr(cls, h) is getattr(Callback, h))
+
+
+_clock_hooks(MeasurementCallback)

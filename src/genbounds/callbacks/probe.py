@@ -150,9 +150,10 @@ class ProbeCallback(MeasurementCallback):
         """Set by the bound around its final evaluation's requests: the share of what is left of the
         budget this probe's draws may spend (``None``: an intermediate probe, which leaves the reserve)."""
         self.final_floor_after = 0.0
-        self._final_until: float | None = None
         """Set with :attr:`final_share`: what the final evaluation's later probes cost at their fewest
         draws, kept out of this probe's share (so the last one is not squeezed below its floor)."""
+        self._final_until: float | None = None
+        """While a final probe runs: the budget's ``remaining()`` to leave when it ends."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -305,14 +306,18 @@ class ProbeCallback(MeasurementCallback):
         if self.final_share is not None:
             # this probe's share of the pool (what is left less the later probes' floors), fixed
             # when the probe starts, so that a second estimator in it takes what the first one left
-            until = self._final_until
-            if until is None:
-                remaining = self.budget.remaining()
-                until = remaining - self.final_share * (remaining - self.final_floor_after)
+            until = self._final_until if self._final_until is not None else self._final_pool_end()
             left = self.budget.remaining() - until - keep
         else:
             left = self.budget.remaining() - self.budget.reserve - keep
         return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))
+
+    def _final_pool_end(self) -> float:
+        """What ``budget.remaining()`` should read when this final probe ends: its
+        :attr:`final_share` of what is left less the later probes' floors, spent."""
+        assert self.budget is not None and self.final_share is not None
+        remaining = self.budget.remaining()
+        return remaining - self.final_share * (remaining - self.final_floor_after)
 
     # ------------------------------------------------------------------ machinery
     def _affordable(self) -> bool:
@@ -365,10 +370,8 @@ class ProbeCallback(MeasurementCallback):
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
         assert self.budget is not None
-        self._final_until = None
-        if self.final_share is not None and self.budget.fraction is not None:
-            remaining = self.budget.remaining()
-            self._final_until = remaining - self.final_share * (remaining - self.final_floor_after)
+        self._final_until = (self._final_pool_end()
+                             if self.final_share is not None and self.budget.fraction is not None else None)
         try:
             with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
                 values = self.measure(trainer, pl_module, batch)
