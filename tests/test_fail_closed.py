@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import glob
 import math
-import os
 import warnings
 
 import lightning.pytorch as pl

@@ -17,7 +17,6 @@ from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
 from helpers import (
     DropoutBatchNormNet,
-    LayerNormNet,
     TensorData,
     csv_metric,
     exact_linear_stats,

@@ -289,3 +289,15 @@ def validity(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, flo
         out[f"bound_valid/{name}"] = float(ok)
     out["bound/valid"] = float(all(v == 1.0 for v in out.values())) if out else math.nan
     return out
+
+
+def test_error_upper(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, float]:
+    """``bound/test_error_upper``: the training 0-1 error plus the tightest finite 0-1 error bound
+    (at most 1); NaN when a 0-1 error bound was wanted and none is finite (empty when none was)."""
+    finite = [e for e in (values.get(f"bound/{b}", math.nan) for b in ERROR) if math.isfinite(e) and e >= 0]
+    train_err = values.get("gap/train_error", math.nan)
+    if finite and math.isfinite(train_err):
+        return {"bound/test_error_upper": min(1.0, train_err + min(finite))}
+    if any(b in wanted for b in ERROR):
+        return {"bound/test_error_upper": math.nan}
+    return {}

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from genbounds.bounds import expand_blocks, growing_level_series
 from genbounds.bounds.aggregate import BoundInputs
@@ -176,3 +177,18 @@ class BoundSeries:
         self.flatness = list(state.get("flatness", []))
         self.curvature = state.get("curvature")
         self.config = dict(state.get("config", {}))
+
+    def check_resumable(self, sigmas: list[float], groups: list[str]) -> None:
+        """Raise when these series (from a checkpoint) were measured on another σ grid or other
+        parameter groups than the run resuming them has: the two cannot be mixed."""
+        saved = self.config.get("sigmas")
+        if saved is not None and sigmas and [float(s) for s in saved] != list(sigmas):
+            raise MisconfigurationException(
+                f"GeneralizationBound: this checkpoint's series were measured on the σ grid {saved}, but the "
+                f"Flatness/GradientSensitivity grid is now {list(sigmas)}. Γ and the flatness terms of the two grids "
+                "cannot be mixed: resume with the original grid, or start a new run.")
+        saved_groups = self.config.get("groups")
+        if saved_groups is not None and groups and list(saved_groups) != list(groups):
+            raise MisconfigurationException(
+                "GeneralizationBound: this checkpoint's per-layer series use the parameter groups "
+                f"{saved_groups}, not {list(groups)}: resume with the same model and layer_groups.")

@@ -47,6 +47,14 @@ class DispersionRecord:
     groups: list[float] | None = None
     """``Tr Σ_{B,k}`` per parameter group (layer), in the producer's ``group_names`` order."""
 
+    @classmethod
+    def from_values(cls, step: int, values: dict[str, float], group_names: list[str]) -> DispersionRecord:
+        """From the logged ``grad/…`` values of one step (``grad/dispersion/layer/<group>`` if logged)."""
+        layered = bool(group_names) and f"grad/dispersion/layer/{group_names[0]}" in values
+        return cls(step=step, norm_sq=values["grad/norm_sq"], trace_cov=values["grad/trace_cov"],
+                   dispersion=values["grad/dispersion"], trace_cov_se=values.get("grad/trace_cov_se"),
+                   groups=[values[f"grad/dispersion/layer/{g}"] for g in group_names] if layered else None)
+
 
 @dataclass
 class HeldoutRecord:

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
-import torch
 from torch import Tensor
 
 from genbounds.callbacks.channel import Channel, FlatnessRecord

@@ -7,7 +7,6 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
@@ -16,9 +15,17 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs, compute_bounds, validity, wang_mao_shape
+from genbounds.bounds.aggregate import (
+    ALL_BOUNDS,
+    ERROR,
+    BoundInputs,
+    compute_bounds,
+    test_error_upper,
+    validity,
+    wang_mao_shape,
+)
 from genbounds.bounds.layerwise import init_rms_shape
-from genbounds.bounds.loss_range import DEFAULT_ALPHA, observed_range_r, quantile_range_r
+from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, evaluation_floor, final_shares, flatness_floor
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
@@ -29,9 +36,9 @@ from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
 from genbounds.callbacks.hessian_trace import HessianTrace
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
-from genbounds.callbacks.run_summary import RunSummary, describe_optimizer, margin_values, progress_status
+from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
-from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
+from genbounds.estimators.functional import group_index, num_trainable, parameter_groups, trainable_parameters
 
 BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu", "wang_mao_eq2_error", "neu_error",
                     "wang_mao_eq2_layerwise", "wang_mao_eq3_layerwise", "neu_layerwise"]
@@ -144,8 +151,7 @@ class GeneralizationBound(ProbeCallback):
         self.optimizer: str | None = None
         self.plain_sgd = True
         self.gap_at_start: float | None = None
-        self.loss_lo, self.loss_hi = math.inf, -math.inf
-        self.r_used: float = math.nan
+        self.loss_range = LossRange(self.R)
         self.evaluations = 0
         self._dispersion: GradientDispersion | None = None
         self._flatness: Flatness | None = None
@@ -228,14 +234,9 @@ class GeneralizationBound(ProbeCallback):
         if not self.contract.errors_available:
             self.wanted = tuple(b for b in self.wanted if b not in ERROR)
         if trainer.optimizers:
-            self.optimizer, self.plain_sgd = describe_optimizer(trainer.optimizers[0])
-            if not self.plain_sgd:
-                self._warn_once("optimizer", f"GeneralizationBound: the optimizer is {self.optimizer}, not plain SGD; "
-                                "the bounds take η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1).")
-            for config in getattr(trainer, "lr_scheduler_configs", []):
-                if type(config.scheduler).__name__ == "ReduceLROnPlateau":
-                    self._warn_once("plateau", "GeneralizationBound: ReduceLROnPlateau makes the learning-rate "
-                                    "schedule data-dependent, which the bounds exclude.")
+            self.optimizer, self.plain_sgd, notes = optimizer_notes(trainer)
+            for kind, message in notes:
+                self._warn_once(kind, message)
         if not self.heldout_available:
             self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
@@ -257,9 +258,7 @@ class GeneralizationBound(ProbeCallback):
                   for members in self._groups.values()]
             shape = init_rms_shape(sq, d_blocks).tolist()
             self.series.config["neu_shape"] = shape
-        names = list(params)
-        group_of = {n: gi for gi, members in enumerate(self._groups.values()) for n in members}
-        self._sensitivity.set_shape(list(shape), {n: group_of[n] for n in names})
+        self._sensitivity.set_shape(list(shape), group_index(self._groups, list(params)))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -291,24 +290,8 @@ class GeneralizationBound(ProbeCallback):
 
     # ------------------------------------------------------------------ budget
     def first_cost(self) -> float:
-        """An evaluation's cost before one was measured: the probes it asks for, priced by the
-        budget (the flatness probe at its fewest draws, with the layer-wise shapes)."""
-        if self.budget is None:
-            return 0.0
-        cost = 0.0
-        if self._flatness is not None and self._flatness.active:
-            cost += self._flatness_floor()
-        if self._hessian is not None and self._hessian.active:
-            cost += self.budget.expected(self._hessian.owner)
-        if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
-            cost += self.budget.expected(self._sensitivity.owner)
-        return cost
-
-    def _flatness_floor(self) -> float:
-        """The flatness probe at its fewest draws, with the layer-wise shapes it will be asked for."""
-        assert self._flatness is not None
-        shapes = 1 + int(self.series.config.get("neu_shape") is not None)
-        return self._flatness.forward_equivalents(num_shapes=shapes) * self._flatness.unit_cost()
+        """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
+        return evaluation_floor(self.budget, self._flatness, self._hessian, self._sensitivity, self.series)
 
     def _affordable(self) -> bool:
         if self.budget is None:
@@ -325,26 +308,13 @@ class GeneralizationBound(ProbeCallback):
         assert self._gap is not None and self.budget is not None
         with self.budget.timed(self.owner):
             result = self._gap.measure(trainer, pl_module)
-        if result.losses.size:
-            finite = result.losses[np.isfinite(result.losses)]
-            if finite.size:
-                self.loss_lo = min(self.loss_lo, float(finite.min()))
-                self.loss_hi = max(self.loss_hi, float(finite.max()))
         if result.dropped:
             self._warn_once("gap-nonfinite", f"GeneralizationBound: {result.dropped} per-sample losses were NaN/inf "
                             "at an evaluation; they are left out of gap/measured (and R) and counted.")
         if result.heldout_short:
             self._warn_once("gap-short", f"GeneralizationBound: {result.heldout_short}")
-        self._r_from(result.losses)
+        self.loss_range.update(result.losses)
         return result.values
-
-    def _r_from(self, losses: np.ndarray) -> None:
-        if isinstance(self.R, float):
-            self.r_used = self.R
-        elif self.R == "observed_range":
-            self.r_used = observed_range_r(self.loss_lo, self.loss_hi)
-        else:
-            self.r_used = quantile_range_r(losses, DEFAULT_ALPHA)
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool) -> dict[str, float]:
         """Flush the producers, request the end-of-run measurements, compute and log the bounds."""
@@ -353,21 +323,13 @@ class GeneralizationBound(ProbeCallback):
         assert self.budget is not None
         self._evaluated_step = int(trainer.global_step)
         started = time.perf_counter()
-        # the final evaluation's probes share what is left of the budget (the reserve kept for it):
-        # each takes 1/k of it at its turn, k = the probes still to run, in the order they run
+        # the final evaluation (log=False) shares what is left of the budget among its probes
         sensitivity = self._sensitivity if not self.series.sensitivity_steps else None
         requested = [p for p in (self._hessian, sensitivity, self._flatness) if p is not None and p.active]
-        if not log:
-            floors = [self._flatness_floor() if probe is self._flatness else probe.first_cost() for probe in requested]
-            for i, probe in enumerate(requested):
-                probe.final_share = 1.0 / (len(requested) - i)
-                probe.final_floor_after = sum(floors[i + 1:])
-        try:
+        floors = [flatness_floor(p, self.series) if p is self._flatness else p.first_cost() for p in requested] \
+            if not log else []
+        with final_shares(requested, floors, enabled=not log):
             return self._evaluate(trainer, pl_module, log=log, started=started)
-        finally:
-            for probe in requested:
-                probe.final_share = None
-                probe.final_floor_after = 0.0
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, started: float) -> dict[str, float]:
         assert self.budget is not None and self._dispersion is not None
@@ -377,8 +339,8 @@ class GeneralizationBound(ProbeCallback):
             values: dict[str, float] = {}
             if self.heldout_available:
                 values.update(self._measure_gap(trainer, pl_module))
-            elif not isinstance(self.R, float):
-                self.r_used = math.nan
+            else:
+                self.loss_range.unknown()
             if self._hessian is not None and self._hessian.active:
                 self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
             if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
@@ -387,10 +349,8 @@ class GeneralizationBound(ProbeCallback):
             inputs = self._inputs(trainer)
             if self._flatness is not None and self._flatness.active and inputs is not None:
                 shapes = [s for s in (wang_mao_shape(inputs), self.series.config.get("neu_shape")) if s is not None]
-                names = list(trainable_parameters(pl_module))
-                group_of = {n: gi for gi, members in enumerate(self._groups.values()) for n in members}
                 self._flatness.measure_shapes(trainer, pl_module, [list(map(float, s)) for s in shapes],
-                                              {n: group_of[n] for n in names}, log=log)
+                                              group_index(self._groups, list(trainable_parameters(pl_module))), log=log)
                 inputs = self._inputs(trainer)
             with self.budget.timed(self.owner):
                 values.update(self._compute(inputs))
@@ -414,7 +374,7 @@ class GeneralizationBound(ProbeCallback):
         T = min(int(trainer.global_step), len(self.series.lrs))
         if self._n is None or self._d is None:
             return None
-        return self.series.inputs(T, self._n, self._d, self.r_used, self.sigmas, self.wanted, z=self.selection_z,
+        return self.series.inputs(T, self._n, self._d, self.loss_range.value, self.sigmas, self.wanted, z=self.selection_z,
                                   max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
                                   grouped=len(self._groups) >= 2)
 
@@ -429,27 +389,9 @@ class GeneralizationBound(ProbeCallback):
         return values
 
     def _report(self, values: dict[str, float]) -> None:
-        err = [values.get(f"bound/{b}", math.nan) for b in ("wang_mao_eq2_error", "neu_error")]
-        finite = [e for e in err if math.isfinite(e) and e >= 0]
-        train_err = values.get("gap/train_error", math.nan)
-        if finite and math.isfinite(train_err):
-            values["bound/test_error_upper"] = min(1.0, train_err + min(finite))
-        elif any(b in self.wanted for b in ERROR):
-            values["bound/test_error_upper"] = math.nan
-        for name in self.wanted:
-            if values.get(f"bound_valid/{name}") == 0.0:
-                v = values.get(f"bound/{name}", math.nan)
-                why = "could not be computed (NaN)" if not math.isfinite(v) else "is below the measured gap"
-                self._warn_once(f"invalid-{name}", f"GeneralizationBound: bound/{name} {why} at step "
-                                f"{self._evaluated_step}: a failed estimate, flagged bound_valid/{name} = 0.")
-            if values.get(f"bound_terms/{name}_sigma_at_edge") == 1.0:
-                self._warn_once(f"edge-{name}", f"GeneralizationBound: bound/{name} is minimized at the edge of the σ "
-                                "grid (bound_terms/…_sigma_at_edge); extend the grid.")
-            if values.get(f"bound_terms/{name}_degenerate") == 1.0:
-                self._warn_once(f"degenerate-{name}", f"GeneralizationBound: at the σ chosen for bound/{name} the "
-                                "perturbation raises the training loss by more than R: its flatness term compares "
-                                "destroyed models and the bound is then close to a held-out estimate of the gap "
-                                "itself. Restrict σ with max_loss_increase=….")
+        values.update(test_error_upper(values, self.wanted))
+        for kind, message in bound_notes(values, self.wanted, self._evaluated_step):
+            self._warn_once(kind, message)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
         values = {**values, **margin_values(values)}
@@ -465,7 +407,7 @@ class GeneralizationBound(ProbeCallback):
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
                      warned=sorted(self._warned), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
-                     loss_lo=self.loss_lo, loss_hi=self.loss_hi, evaluations=self.evaluations,
+                     **self.loss_range.state_dict(), evaluations=self.evaluations,
                      budget=self.budget.state_dict() if self.budget is not None else None)
         return state
 
@@ -473,24 +415,13 @@ class GeneralizationBound(ProbeCallback):
         super().load_state_dict(state_dict)
         series = BoundSeries()
         series.load_state_dict(state_dict.get("series", {}))
-        saved = series.config.get("sigmas")
-        if saved is not None and self._flatness is not None and [float(s) for s in saved] != self.sigmas:
-            raise MisconfigurationException(
-                f"GeneralizationBound: this checkpoint's series were measured on the σ grid {saved}, but the "
-                f"Flatness/GradientSensitivity grid is now {self.sigmas}. Γ and the flatness terms of the two grids "
-                "cannot be mixed: resume with the original grid, or start a new run.")
-        groups = series.config.get("groups")
-        if groups is not None and self._groups and list(groups) != list(self._groups):
-            raise MisconfigurationException(
-                "GeneralizationBound: this checkpoint's per-layer series use the parameter groups "
-                f"{groups}, not {list(self._groups)}: resume with the same model and layer_groups.")
+        series.check_resumable(self.sigmas, list(self._groups))
         self.series.load_state_dict(state_dict.get("series", {}))
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
         self._warned = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
         self.gap_at_start = state_dict.get("gap_at_start")
-        self.loss_lo = float(state_dict.get("loss_lo", math.inf))
-        self.loss_hi = float(state_dict.get("loss_hi", -math.inf))
+        self.loss_range.load_state_dict(state_dict)
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._budget_state = state_dict.get("budget")

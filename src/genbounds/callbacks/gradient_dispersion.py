@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -26,8 +25,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
-from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
-from genbounds.callbacks.dispersion.select import choose_backend
+from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
@@ -36,12 +34,12 @@ from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.functional import parameter_groups, per_tensor_sq_norms, trainable_parameters
+from genbounds.estimators.functional import parameter_groups, trainable_parameters
 from genbounds.estimators.gradient_dispersion import (
     GradientMoments,
     dispersion_from_moments,
     dispersion_row,
-    group_sums,
+    group_mean_sq_norms,
 )
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
@@ -173,15 +171,7 @@ class GradientDispersion(MeasurementCallback):
 
     # ------------------------------------------------------------------ records
     def _publish(self, records: list) -> None:
-        self.channel.publish([
-            DispersionRecord(
-                step=r.step, norm_sq=r.values["grad/norm_sq"], trace_cov=r.values["grad/trace_cov"],
-                dispersion=r.values["grad/dispersion"], trace_cov_se=r.values.get("grad/trace_cov_se"),
-                groups=[r.values[f"grad/dispersion/layer/{g}"] for g in self.group_names]
-                if f"grad/dispersion/layer/{self.group_names[0]}" in r.values else None,
-            )
-            for r in records
-        ])
+        self.channel.publish([DispersionRecord.from_values(r.step, r.values, self.group_names) for r in records])
 
     def add_listener(self, listener: Listener) -> None:
         """Receive the finite step records (host floats) at every flush."""
@@ -248,17 +238,11 @@ class GradientDispersion(MeasurementCallback):
     def _fallback(self, pl_module: LightningModule, trainer: Trainer) -> None:
         """After a backend failed on this model: the next exact option, else micro-batches."""
         assert self.contract is not None and self._impl is not None
-        failed = self._impl.name
-        if failed == "hooks" and self.contract.per_sample and not _has_train_batchnorm(pl_module):
-            method = self.contract.per_sample_method
-            nxt: DispersionBackend = PerSampleBackend(self._loss_fn, method, self.chunk_size,
-                                                      int(self.memory_budget_mb * 2**20),
-                                                      grad_is_mean=self.contract.reads_training_backward)
-        elif self._accumulate >= 2 and trainer.world_size == 1 and self.use_accumulation_steps:
-            nxt = AccumulationBackend(self._accumulate)
-        else:
-            nxt = MicrobatchBackend(self._loss_fn, self.num_chunks, self.seed)
-        self._use(nxt, pl_module)
+        self._use(fallback_backend(
+            self._impl.name, pl_module, self.contract, self._loss_fn, chunk_size=self.chunk_size,
+            memory_budget=int(self.memory_budget_mb * 2**20), accumulate=self._accumulate,
+            world_size=trainer.world_size, use_accumulation_steps=self.use_accumulation_steps,
+            num_chunks=self.num_chunks, seed=self.seed), pl_module)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -319,8 +303,7 @@ class GradientDispersion(MeasurementCallback):
             return
         moments, group_mean_sq = result.moments, result.group_mean_sq
         if moments.weighted_sum is not None and group_mean_sq is None:
-            b = moments.num_samples
-            group_mean_sq = group_sums(per_tensor_sq_norms([w / b for w in moments.weighted_sum]), self._groups)
+            group_mean_sq = group_mean_sq_norms(moments, self._groups)
         if trainer.world_size > 1:
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
@@ -333,14 +316,7 @@ class GradientDispersion(MeasurementCallback):
             self.step_log.record_row(self._step, self._row_names, row)
         else:
             estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
-            values = {"grad/norm_sq": estimate.norm_sq, "grad/trace_cov": estimate.trace_cov,
-                      "grad/dispersion": estimate.dispersion}
-            if estimate.trace_cov_se is not None:
-                values["grad/trace_cov_se"] = estimate.trace_cov_se
-            if estimate.group_dispersion is not None:
-                for name, value in zip(self.group_names, estimate.group_dispersion.unbind()):
-                    values[f"grad/dispersion/layer/{name}"] = value
-            self.step_log.record(self._step, values)
+            self.step_log.record(self._step, estimate.tagged(self.group_names))
         self.measured_steps += 1
         self.step_budget.measured(trainer)
 
@@ -391,10 +367,4 @@ class GradientDispersion(MeasurementCallback):
         self._restored_backend = {"hooks": "hooks", "functorch": "functorch", "microbatch": "microbatch",
                                   "accumulation": "microbatch"}.get(restored or "")
         self._generator_state = state_dict.get("generator_state")
-
-
-def _has_train_batchnorm(module: torch.nn.Module) -> bool:
-    from torch.nn.modules.batchnorm import _BatchNorm
-
-    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
 

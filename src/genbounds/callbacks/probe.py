@@ -20,8 +20,6 @@
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -44,54 +42,25 @@ from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.overhead import OverheadBudget
+from genbounds.callbacks.probe_budget import BudgetedProbe
 from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for callers)
     draw_probe_batch,
     draw_training_subset,
     first_loader,
+    screen_probe_set,
     training_set_size,
     training_trial_batch,
     validation_loader,
+    warn_if_short,
 )
+from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
-from genbounds.estimators.batching import batch_size, index_batch, tensor_leaves
 from genbounds.estimators.functional import LossFn, Reduce
 
 ProbeMode = Literal["eval", "train"]
 
 
-class ProbeSchedule:
-    """When a probe runs. ``step`` is the number of optimizer steps already taken."""
-
-    def __init__(
-        self,
-        every_n_steps: int | None = None,
-        every_n_epochs: int | None = None,
-        log_spaced: int | None = None,
-        at_train_end: bool = True,
-    ) -> None:
-        self.every_n_steps = every_n_steps
-        self.every_n_epochs = every_n_epochs
-        self.log_spaced = log_spaced
-        self.at_train_end = at_train_end
-
-    @property
-    def empty(self) -> bool:
-        return not (self.every_n_steps or self.every_n_epochs or self.log_spaced or self.at_train_end)
-
-    def due_at_step(self, step: int) -> bool:
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            return True
-        if self.log_spaced:
-            # k points per decade: step s is due when ⌊k·log10(s+1)⌋ advances past ⌊k·log10(s)⌋
-            k = self.log_spaced
-            return step == 0 or math.floor(k * math.log10(step + 1)) > math.floor(k * math.log10(step))
-        return False
-
-    def due_at_epoch_end(self, epoch: int) -> bool:
-        return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
-
-
-class ProbeCallback(MeasurementCallback):
+class ProbeCallback(BudgetedProbe, MeasurementCallback):
     """Base class: schedule, probe batches, isolation, budget and logging. Subclasses set
     ``owner`` and implement :meth:`measure`, returning ``{tag: value}`` (values identical on every
     rank: pass :meth:`reducer` to the estimators)."""
@@ -145,15 +114,7 @@ class ProbeCallback(MeasurementCallback):
         self._last_probe_step: int | None = None
         self._pending = False
         self._module: LightningModule | None = None
-        self._unit_cost: float | None = None
-        self.final_share: float | None = None
-        """Set by the bound around its final evaluation's requests: the share of what is left of the
-        budget this probe's draws may spend (``None``: an intermediate probe, which leaves the reserve)."""
-        self.final_floor_after = 0.0
-        """Set with :attr:`final_share`: what the final evaluation's later probes cost at their fewest
-        draws, kept out of this probe's share (so the last one is not squeezed below its floor)."""
-        self._final_until: float | None = None
-        """While a final probe runs: the budget's ``remaining()`` to leave when it ends."""
+        self._init_pricing()
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -191,10 +152,12 @@ class ProbeCallback(MeasurementCallback):
                 if loader is not None else None
         trial = self.train_probe if self.train_probe is not None else training_trial_batch(trainer, self.seed)
         self.contract.resolve(trainer, pl_module, trial)
-        self.train_probe = self._screened(trainer, pl_module, self.train_probe, "training probe set")
-        self.heldout_probe = self._screened(trainer, pl_module, self.heldout_probe, "held-out probe set")
+        self.train_probe = screen_probe_set(trainer, pl_module, self.train_probe, "training probe set", self.contract,
+                                            self.probe_mode)
+        self.heldout_probe = screen_probe_set(trainer, pl_module, self.heldout_probe, "held-out probe set", self.contract,
+                                              self.probe_mode)
         if self.needs_train_probe:
-            self._check_size(self.train_probe, wanted, "training probe set")
+            warn_if_short(self.owner, self.train_probe, wanted, "training probe set")
         if self.needs_heldout_probe:
             self.heldout_available = self.heldout_probe is not None
             if not self.heldout_available:
@@ -203,41 +166,7 @@ class ProbeCallback(MeasurementCallback):
                     message = f"{self.owner}: needs held-out data, but there is no validation dataloader; it is disabled."
                 rank_zero_warn(message)
             else:
-                self._check_size(self.heldout_probe, wanted, "held-out probe set")
-
-    def _screened(self, trainer: Trainer, pl_module: LightningModule, batch: Any, what: str) -> Any:
-        """The probe set without the samples that hold a NaN/inf input or whose loss at the start
-        weights is not finite: one such sample would turn every probe mean into NaN. Said once per
-        run and kind of set (the suite's callbacks draw the same sets)."""
-        if batch is None:
-            return None
-        n = batch_size(batch)
-        keep = torch.ones(n, dtype=torch.bool)
-        for t in tensor_leaves(batch):
-            if t.is_floating_point() and t.dim() > 0:
-                keep &= torch.isfinite(t.reshape(n, -1)).all(1).cpu()
-        if self.contract is not None and self.contract.per_sample and bool(keep.all()):
-            with isolated_pass(pl_module, mode=self.probe_mode, grad=False):
-                losses = self.contract(pl_module, batch).reshape(-1)
-            if losses.numel() == n:
-                keep &= torch.isfinite(losses).cpu()
-        dropped = int((~keep).sum())
-        if not dropped:
-            return batch
-        warned = trainer.__dict__.setdefault("_genbounds_screened", set())
-        if what not in warned:
-            warned.add(what)
-            rank_zero_warn(f"genbounds: {dropped} of {n} samples of the {what} hold NaN/inf values (or have a "
-                           "non-finite loss); they are left out of every probe of this run.")
-        return None if dropped == n else index_batch(batch, keep.nonzero().squeeze(1).to(tensor_leaves(batch)[0].device))
-
-    def _check_size(self, batch: Any, wanted: int | None, what: str) -> None:
-        if batch is None or wanted is None:
-            return
-        got = batch_size(batch)
-        if got < wanted:
-            rank_zero_warn(f"{self.owner}: the {what} has {got} samples, fewer than the {wanted} asked for "
-                           f"(probe_batch_size × num_probe_batches); using all {got}.")
+                warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set")
 
     @property
     def owner_name(self) -> str:
@@ -267,62 +196,7 @@ class ProbeCallback(MeasurementCallback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         mark_run_complete(trainer)
 
-    # ------------------------------------------------------------------ pricing
-    def forward_equivalents(self) -> float:
-        """Loss evaluations of a probe set (a forward) one probe costs, roughly (a backward counts
-        as two forwards): what prices a probe before its first run. ``0``: not priced."""
-        return 0.0
-
-    def unit_cost(self) -> float:
-        """Seconds of one gradient-free loss evaluation of this callback's probe set, timed once
-        (in isolation, charged to the budget)."""
-        if self._unit_cost is None:
-            batch = self.train_probe if self.train_probe is not None else self.heldout_probe
-            if batch is None or self._module is None or self._loss_fn is None or self.budget is None:
-                return 0.0
-            started = time.perf_counter()
-            with isolated_pass(self._module, mode=self.probe_mode, grad=False):
-                self._loss_fn(self._module, batch)
-            self._unit_cost = time.perf_counter() - started
-            self.budget.charge(self.owner, self._unit_cost)
-        return self._unit_cost
-
-    def first_cost(self) -> float:
-        """Estimated seconds of this callback's first probe (the budget uses it until one ran)."""
-        units = self.forward_equivalents()
-        return units * self.unit_cost() if units > 0 and self.active else 0.0
-
-    def draws_within_budget(self, wanted: int, minimum: int, units_per_draw: float, keep: float = 0.0) -> int:
-        """``wanted`` Monte-Carlo draws, or fewer (never below ``minimum``) when the overhead budget
-        has less time left — less the reserve for the final evaluation; in the final evaluation,
-        this probe's share of what is left — than they would take at ``units_per_draw`` loss
-        evaluations each (in the final evaluation, less what the probes after it need at their
-        fewest draws). ``keep``: seconds this probe still needs afterwards (a second estimator at its
-        fewest draws), left out of what this one may spend. The standard error the probe reports
-        grows accordingly."""
-        if self.budget is None or self.budget.fraction is None:
-            return wanted
-        per_draw = self.unit_cost() * units_per_draw
-        if self.final_share is not None:
-            # this probe's share of the pool (what is left less the later probes' floors), fixed
-            # when the probe starts, so that a second estimator in it takes what the first one left
-            until = self._final_until if self._final_until is not None else self._final_pool_end()
-            left = self.budget.remaining() - until - keep
-        else:
-            left = self.budget.remaining() - self.budget.reserve - keep
-        return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))
-
-    def _final_pool_end(self) -> float:
-        """What ``budget.remaining()`` should read when this final probe ends: its
-        :attr:`final_share` of what is left less the later probes' floors, spent."""
-        assert self.budget is not None and self.final_share is not None
-        remaining = self.budget.remaining()
-        return remaining - self.final_share * (remaining - self.final_floor_after)
-
     # ------------------------------------------------------------------ machinery
-    def _affordable(self) -> bool:
-        return self.budget is None or self.budget.allows(self.owner)
-
     @property
     def active(self) -> bool:
         return not (self.heldout_required and not self.heldout_available)
@@ -369,9 +243,7 @@ class ProbeCallback(MeasurementCallback):
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
-        assert self.budget is not None
-        self._final_until = (self._final_pool_end()
-                             if self.final_share is not None and self.budget.fraction is not None else None)
+        self._start_final_share()
         try:
             with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
                 values = self.measure(trainer, pl_module, batch)
@@ -412,16 +284,3 @@ class ProbeCallback(MeasurementCallback):
         self.train_probe = None
         self.heldout_probe = None
         self._module = None
-
-
-def probe_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A 63-bit seed from ``(seed, step, stream)`` (distinct inputs give well-separated seeds)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB + 0x5EED) % (2**64)
-    x ^= x >> 31
-    x = (x * 0xD6E8FEB86659FD93) % (2**64)
-    x ^= x >> 32
-    return x % (2**63 - 1)
-
-
-def sigma_tag(sigma: float) -> str:
-    return f"sigma={sigma:g}"

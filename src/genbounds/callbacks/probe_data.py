@@ -3,6 +3,7 @@
 * :func:`draw_training_subset` — a seeded uniform subset of the training set (not the loader's
   first batch, which is the first training batch ``B_1``), collated like the loader's batches;
 * :func:`draw_probe_batch` — the first full batches of a loader (the held-out set);
+* :func:`screen_probe_set` — the same, and samples whose loss is not finite at the start weights;
 * :func:`screen_nonfinite` — samples with a NaN/inf in any floating tensor are dropped (one bad
   pixel would otherwise turn every probe of the run into NaN), counted, and reported once.
 
@@ -189,3 +190,43 @@ def training_set_size(trainer: Trainer) -> int | None:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def screen_probe_set(trainer: Trainer, pl_module: Any, batch: Any, what: str, contract: Any, mode: str) -> Any:
+    """The probe set without the samples that hold a NaN/inf input or whose loss at the current
+    weights is not finite (``contract``: the suite's loss contract, evaluated in an isolated pass in
+    ``mode``): one such sample would turn every probe mean into NaN. Said once per run and kind of
+    set (the suite's callbacks draw the same sets); ``None`` when no sample is left."""
+    from genbounds.callbacks.isolation import isolated_pass
+
+    if batch is None:
+        return None
+    n = batch_size(batch)
+    keep = torch.ones(n, dtype=torch.bool)
+    for t in tensor_leaves(batch):
+        if t.is_floating_point() and t.dim() > 0:
+            keep &= torch.isfinite(t.reshape(n, -1)).all(1).cpu()
+    if contract is not None and contract.per_sample and bool(keep.all()):
+        with isolated_pass(pl_module, mode=mode, grad=False):
+            losses = contract(pl_module, batch).reshape(-1)
+        if losses.numel() == n:
+            keep &= torch.isfinite(losses).cpu()
+    dropped = int((~keep).sum())
+    if not dropped:
+        return batch
+    warned = trainer.__dict__.setdefault("_genbounds_screened", set())
+    if what not in warned:
+        warned.add(what)
+        rank_zero_warn(f"genbounds: {dropped} of {n} samples of the {what} hold NaN/inf values (or have a "
+                       "non-finite loss); they are left out of every probe of this run.")
+    return None if dropped == n else index_batch(batch, keep.nonzero().squeeze(1).to(tensor_leaves(batch)[0].device))
+
+
+def warn_if_short(owner: str, batch: Any, wanted: int | None, what: str) -> None:
+    """Warn when a probe set has fewer samples than ``probe_batch_size × num_probe_batches``."""
+    if batch is None or wanted is None:
+        return
+    got = batch_size(batch)
+    if got < wanted:
+        rank_zero_warn(f"{owner}: the {what} has {got} samples, fewer than the {wanted} asked for "
+                       f"(probe_batch_size × num_probe_batches); using all {got}.")

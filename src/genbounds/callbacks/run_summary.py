@@ -40,6 +40,23 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str, bool]:
     return (f"{name}({', '.join(extras)})" if extras else name), plain
 
 
+def optimizer_notes(trainer: Trainer) -> tuple[str | None, bool, list[tuple[str, str]]]:
+    """The first optimizer's description, whether it is plain SGD, and the warnings (kind, message)
+    the bounds' assumptions call for: a step that is not ``η_t·ḡ_B``, a data-dependent schedule."""
+    if not trainer.optimizers:
+        return None, True, []
+    name, plain = describe_optimizer(trainer.optimizers[0])
+    notes: list[tuple[str, str]] = []
+    if not plain:
+        notes.append(("optimizer", f"GeneralizationBound: the optimizer is {name}, not plain SGD; the bounds take "
+                      "η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1)."))
+    for config in getattr(trainer, "lr_scheduler_configs", []):
+        if type(config.scheduler).__name__ == "ReduceLROnPlateau":
+            notes.append(("plateau", "GeneralizationBound: ReduceLROnPlateau makes the learning-rate schedule "
+                          "data-dependent, which the bounds exclude."))
+    return name, plain, notes
+
+
 @contextmanager
 def progress_status(trainer: Trainer, text: str) -> Iterator[None]:
     """Show ``text`` in the progress bar while the block runs (TQDM bars; others: nothing)."""

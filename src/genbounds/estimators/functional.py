@@ -253,3 +253,9 @@ def reduce_all(tensors: list[Tensor], reduce: Reduce | None) -> list[Tensor]:
         out.append(flat[start : start + t.numel()].view_as(t))
         start += t.numel()
     return out
+
+
+def group_index(groups: dict[str, list[str]], names: list[str]) -> dict[str, int]:
+    """Each of ``names`` → the position of its group in ``groups`` (``parameter_groups``' output)."""
+    index = {n: gi for gi, members in enumerate(groups.values()) for n in members}
+    return {n: index[n] for n in names}

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from genbounds.estimators.functional import sq_norm
+from genbounds.estimators.functional import per_tensor_sq_norms, sq_norm
 
 
 @dataclass
@@ -107,6 +107,17 @@ class DispersionEstimate:
     num_units: int | Tensor
     group_dispersion: Tensor | None = None
     """``Tr Σ_{B,k}`` per parameter group (float64 ``[K]``); sums to ``dispersion`` exactly."""
+
+    def tagged(self, group_names: list[str]) -> dict[str, Tensor]:
+        """The logged values: ``grad/norm_sq``, ``grad/trace_cov``, ``grad/dispersion``,
+        ``grad/trace_cov_se`` (if any) and ``grad/dispersion/layer/<group>`` per group (if any)."""
+        values = {"grad/norm_sq": self.norm_sq, "grad/trace_cov": self.trace_cov, "grad/dispersion": self.dispersion}
+        if self.trace_cov_se is not None:
+            values["grad/trace_cov_se"] = self.trace_cov_se
+        if self.group_dispersion is not None:
+            for name, value in zip(group_names, self.group_dispersion.unbind()):
+                values[f"grad/dispersion/layer/{name}"] = value
+        return values
 
 
 def centered_sums(values: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -209,3 +220,10 @@ def dispersion_from_moments(
         num_units=k,
         group_dispersion=groups,
     )
+
+
+def group_mean_sq_norms(moments: GradientMoments, groups: list[list[int]]) -> Tensor:
+    """``‖ḡ_k‖²`` per parameter group from the moments' per-tensor weighted sums (``Σ_i g_i``)."""
+    assert moments.weighted_sum is not None
+    b = moments.num_samples
+    return group_sums(per_tensor_sq_norms([w / b for w in moments.weighted_sum]), groups)

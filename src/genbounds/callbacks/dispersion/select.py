@@ -176,3 +176,22 @@ def choose_backend(
         return backend, "not reading the training backward because " + "; ".join(blockers)
     return microbatch(), "not reading the training backward because " + "; ".join(blockers) + (
         "" if contract.per_sample else "; no per-sample losses for an exact extra pass")
+
+
+def has_train_batchnorm(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+
+
+def fallback_backend(failed: str, module: nn.Module, contract: LossContract, loss_fn: LossFn | None, *,
+                     chunk_size: int | None, memory_budget: int, accumulate: int, world_size: int,
+                     use_accumulation_steps: bool, num_chunks: int, seed: int) -> DispersionBackend:
+    """The backend after ``failed`` failed on this model: exact per-sample gradients where the hooks
+    failed and the losses are per-sample (no train-mode BatchNorm), else the accumulation windows
+    (one process, ``accumulate ≥ 2``), else micro-batches."""
+    if failed == "hooks" and contract.per_sample and not has_train_batchnorm(module):
+        return PerSampleBackend(loss_fn, contract.per_sample_method, chunk_size, memory_budget,
+                                grad_is_mean=contract.reads_training_backward)
+    if accumulate >= 2 and world_size == 1 and use_accumulation_steps:
+        return AccumulationBackend(accumulate)
+    return MicrobatchBackend(loss_fn, num_chunks, seed)

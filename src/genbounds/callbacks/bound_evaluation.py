@@ -1,0 +1,121 @@
+"""What one evaluation of :class:`~genbounds.callbacks.generalization_bound.GeneralizationBound`
+needs besides the bound formulas, kept out of the callback's hooks:
+
+* :class:`LossRange` — the loss's sub-Gaussian constant ``R`` from the per-sample losses the gap
+  evaluations see (a number, half the central 98 % range now, or half the range ever seen);
+* :func:`evaluation_floor` — what an evaluation costs at its probes' fewest draws, the budget's
+  price for it before one was timed (and the reserve intermediate probes leave for it);
+* :func:`final_shares` — the final evaluation's probes share what is left of the budget: each takes
+  ``1/k`` of it at its turn (``k`` the probes still to run), less the later probes' floors;
+* :func:`bound_notes` — the one-per-kind warnings a set of bound values calls for.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+
+from genbounds.bounds.loss_range import DEFAULT_ALPHA, observed_range_r, quantile_range_r
+
+
+class LossRange:
+    """``R`` as ``GeneralizationBound(R=…)`` asks for it: a float as given, ``"quantile"`` (half the
+    central 98 % range of the per-sample losses of the latest evaluation) or ``"observed_range"``
+    (half the range of every finite per-sample loss of every evaluation so far)."""
+
+    def __init__(self, R: float | str) -> None:
+        self.R = R
+        self.lo, self.hi = math.inf, -math.inf
+        self.value = math.nan
+
+    def update(self, losses: np.ndarray) -> float:
+        """Take one evaluation's per-sample losses (NaN/inf ignored for the range); the new ``R``."""
+        if losses.size:
+            finite = losses[np.isfinite(losses)]
+            if finite.size:
+                self.lo = min(self.lo, float(finite.min()))
+                self.hi = max(self.hi, float(finite.max()))
+        if isinstance(self.R, float):
+            self.value = self.R
+        elif self.R == "observed_range":
+            self.value = observed_range_r(self.lo, self.hi)
+        else:
+            self.value = quantile_range_r(losses, DEFAULT_ALPHA)
+        return self.value
+
+    def unknown(self) -> None:
+        """No held-out data to evaluate: a data-dependent ``R`` is unknown (NaN), a given one stays."""
+        if not isinstance(self.R, float):
+            self.value = math.nan
+
+    def state_dict(self) -> dict[str, float]:
+        return {"loss_lo": self.lo, "loss_hi": self.hi}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lo = float(state.get("loss_lo", math.inf))
+        self.hi = float(state.get("loss_hi", -math.inf))
+
+
+def evaluation_floor(budget: Any, flatness: Any, hessian: Any, sensitivity: Any, series: Any) -> float:
+    """Seconds of an evaluation before one was timed: the probes it asks for, priced by the budget —
+    the flatness probe at its fewest draws with the layer-wise shapes it will be asked for, the
+    Hessian's and (while no Γ probe fitted in the budget during training) Γ's expected cost."""
+    if budget is None:
+        return 0.0
+    cost = 0.0
+    if flatness is not None and flatness.active:
+        cost += flatness_floor(flatness, series)
+    if hessian is not None and hessian.active:
+        cost += budget.expected(hessian.owner)
+    if sensitivity is not None and sensitivity.active and not series.sensitivity_steps:
+        cost += budget.expected(sensitivity.owner)
+    return cost
+
+
+def flatness_floor(flatness: Any, series: Any) -> float:
+    """The flatness probe at its fewest draws, with the layer-wise shapes it will be asked for."""
+    shapes = 1 + int(series.config.get("neu_shape") is not None)
+    return flatness.forward_equivalents(num_shapes=shapes) * flatness.unit_cost()
+
+
+@contextmanager
+def final_shares(probes: Sequence[Any], floors: Sequence[float], enabled: bool = True) -> Iterator[None]:
+    """While the final evaluation runs, probe ``i`` of ``probes`` (in the order they run) may spend
+    ``1/(k − i)`` of what is left of the budget less ``floors[i+1:]`` (what the later ones cost at
+    their fewest draws); reset afterwards, so a later intermediate probe keeps the reserve again.
+    ``enabled=False``: an intermediate evaluation, nothing is set."""
+    if enabled:
+        for i, probe in enumerate(probes):
+            probe.final_share = 1.0 / (len(probes) - i)
+            probe.final_floor_after = sum(floors[i + 1:])
+    try:
+        yield
+    finally:
+        for probe in probes:
+            probe.final_share = None
+            probe.final_floor_after = 0.0
+
+
+def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | None) -> list[tuple[str, str]]:
+    """``(kind, message)`` for each problem these bound values show — an invalid bound, a σ choice
+    at the grid's edge, a σ that destroys the model — to be said once per kind."""
+    notes: list[tuple[str, str]] = []
+    for name in wanted:
+        if values.get(f"bound_valid/{name}") == 0.0:
+            v = values.get(f"bound/{name}", math.nan)
+            why = "could not be computed (NaN)" if not math.isfinite(v) else "is below the measured gap"
+            notes.append((f"invalid-{name}", f"GeneralizationBound: bound/{name} {why} at step {step}: a failed "
+                          f"estimate, flagged bound_valid/{name} = 0."))
+        if values.get(f"bound_terms/{name}_sigma_at_edge") == 1.0:
+            notes.append((f"edge-{name}", f"GeneralizationBound: bound/{name} is minimized at the edge of the σ "
+                          "grid (bound_terms/…_sigma_at_edge); extend the grid."))
+        if values.get(f"bound_terms/{name}_degenerate") == 1.0:
+            notes.append((f"degenerate-{name}", f"GeneralizationBound: at the σ chosen for bound/{name} the "
+                          "perturbation raises the training loss by more than R: its flatness term compares "
+                          "destroyed models and the bound is then close to a held-out estimate of the gap "
+                          "itself. Restrict σ with max_loss_increase=…."))
+    return notes

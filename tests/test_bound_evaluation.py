@@ -1,0 +1,112 @@
+"""The pieces of a bound evaluation that live outside the callback's hooks
+(``callbacks/bound_evaluation.py``, ``BoundSeries.check_resumable``, ``bounds.aggregate.test_error_upper``)
+and the dispersion step's record helpers, each against its direct definition."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from genbounds.bounds.aggregate import test_error_upper as error_upper
+from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, final_shares
+from genbounds.callbacks.bound_series import BoundSeries
+from genbounds.callbacks.channel import DispersionRecord
+from genbounds.estimators.functional import group_index
+from genbounds.estimators.gradient_dispersion import DispersionEstimate
+
+
+def test_loss_range_modes():
+    losses = np.array([0.0, 1.0, 2.0, np.nan, 10.0])
+    fixed = LossRange(3.0)
+    assert fixed.update(losses) == 3.0
+    quantile = LossRange("quantile")
+    finite = losses[np.isfinite(losses)]
+    lo, hi = np.quantile(finite, [0.01, 0.99])
+    assert quantile.update(losses) == pytest.approx((hi - lo) / 2)
+    observed = LossRange("observed_range")
+    observed.update(np.array([1.0, 2.0]))
+    assert observed.update(np.array([0.5, 1.5])) == pytest.approx((2.0 - 0.5) / 2)  # the range of all evaluations
+    state = observed.state_dict()
+    again = LossRange("observed_range")
+    again.load_state_dict(state)
+    assert (again.lo, again.hi) == (0.5, 2.0)
+    observed.unknown()
+    assert math.isnan(observed.value)  # no held-out data: a data-dependent R is unknown
+    fixed.unknown()
+    assert fixed.value == 3.0
+
+
+class _Probe:
+    final_share = None
+    final_floor_after = 0.0
+
+
+def test_final_shares_set_and_reset():
+    probes = [_Probe(), _Probe(), _Probe()]
+    with final_shares(probes, [1.0, 2.0, 4.0]):
+        assert [p.final_share for p in probes] == pytest.approx([1 / 3, 1 / 2, 1.0])
+        assert [p.final_floor_after for p in probes] == [6.0, 4.0, 0.0]
+    assert all(p.final_share is None and p.final_floor_after == 0.0 for p in probes)
+    with pytest.raises(RuntimeError):
+        with final_shares(probes, [1.0, 2.0, 4.0]):
+            raise RuntimeError("a probe failed")
+    assert all(p.final_share is None for p in probes)  # reset on failure too
+    with final_shares(probes, [], enabled=False):  # an intermediate evaluation
+        assert all(p.final_share is None for p in probes)
+
+
+def test_test_error_upper():
+    values = {"bound/wang_mao_eq2_error": 0.3, "bound/neu_error": 0.2, "gap/train_error": 0.05}
+    assert error_upper(values, ("wang_mao_eq2_error", "neu_error")) == {"bound/test_error_upper": pytest.approx(0.25)}
+    values["bound/neu_error"] = math.nan
+    assert error_upper(values, ("neu_error",))["bound/test_error_upper"] == pytest.approx(0.35)
+    assert error_upper({"bound/neu_error": 2.0, "gap/train_error": 0.5}, ("neu_error",)) == {"bound/test_error_upper": 1.0}
+    nan = error_upper({"bound/neu_error": math.nan, "gap/train_error": 0.1}, ("neu_error",))
+    assert math.isnan(nan["bound/test_error_upper"])  # wanted, none finite: NaN, never left out
+    assert error_upper({}, ("wang_mao_eq3",)) == {}
+
+
+def test_bound_notes_kinds():
+    values = {"bound_valid/neu": 0.0, "bound/neu": math.nan, "bound_terms/wang_mao_eq2_sigma_at_edge": 1.0,
+              "bound_terms/wang_mao_eq2_degenerate": 1.0, "bound_valid/wang_mao_eq3": 1.0}
+    kinds = [k for k, _ in bound_notes(values, ["neu", "wang_mao_eq2", "wang_mao_eq3"], 7)]
+    assert kinds == ["invalid-neu", "edge-wang_mao_eq2", "degenerate-wang_mao_eq2"]
+    assert "could not be computed" in bound_notes(values, ["neu"], 7)[0][1]
+    below = bound_notes({"bound_valid/neu": 0.0, "bound/neu": 0.1}, ["neu"], 3)
+    assert "below the measured gap" in below[0][1] and "step 3" in below[0][1]
+
+
+def test_check_resumable():
+    series = BoundSeries()
+    series.config.update(sigmas=[0.01, 0.1], groups=["a", "b"])
+    series.check_resumable([0.01, 0.1], ["a", "b"])
+    series.check_resumable([], [])  # no flatness, no groups: nothing to compare
+    with pytest.raises(MisconfigurationException, match="σ grid"):
+        series.check_resumable([0.01, 0.2], ["a", "b"])
+    with pytest.raises(MisconfigurationException, match="parameter groups"):
+        series.check_resumable([0.01, 0.1], ["a"])
+
+
+def test_group_index():
+    groups = {"l1": ["w1", "b1"], "l2": ["w2"]}
+    assert group_index(groups, ["w2", "w1", "b1"]) == {"w2": 1, "w1": 0, "b1": 0}
+
+
+def test_dispersion_record_round_trip():
+    t = lambda x: torch.tensor(x, dtype=torch.float64)  # noqa: E731
+    est = DispersionEstimate(norm_sq=t(1.0), trace_cov=t(8.0), dispersion=t(2.0), trace_cov_se=t(0.5),
+                             batch_size=4, num_units=4, group_dispersion=t([0.5, 1.5]))
+    values = est.tagged(["l1", "l2"])
+    assert set(values) == {"grad/norm_sq", "grad/trace_cov", "grad/dispersion", "grad/trace_cov_se",
+                           "grad/dispersion/layer/l1", "grad/dispersion/layer/l2"}
+    record = DispersionRecord.from_values(3, {k: float(v) for k, v in values.items()}, ["l1", "l2"])
+    assert record == DispersionRecord(step=3, norm_sq=1.0, trace_cov=8.0, dispersion=2.0, trace_cov_se=0.5,
+                                      groups=[0.5, 1.5])
+    bare = DispersionEstimate(norm_sq=t(1.0), trace_cov=t(8.0), dispersion=t(2.0), trace_cov_se=None,
+                              batch_size=4, num_units=4).tagged(["l1"])
+    assert set(bare) == {"grad/norm_sq", "grad/trace_cov", "grad/dispersion"}
+    assert DispersionRecord.from_values(0, {k: float(v) for k, v in bare.items()}, ["l1"]).groups is None
