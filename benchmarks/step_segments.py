@@ -51,6 +51,18 @@ def _markers(log: list) -> tuple:
             def mark(self, *args, _hook=hook, **kwargs):  # noqa: ANN001, ANN002, ANN003
                 log.append((_hook, position, time.perf_counter()))
             setattr(Marker, hook, mark)
+        if position == "first":
+            def fit_start(self, trainer, pl_module):  # noqa: ANN001
+                log.append(("fit_start", position, time.perf_counter()))
+            Marker.on_fit_start = fit_start
+        else:
+            def fit_end(self, trainer, pl_module):  # noqa: ANN001
+                from genbounds.callbacks.hook_clock import BUDGET_KEY
+
+                budget = trainer.__dict__.get(BUDGET_KEY)
+                log.append(("fit_end", position, time.perf_counter()))
+                log.append(("charged", position, budget.probe_time if budget is not None else 0.0))
+            Marker.on_fit_end = fit_end
         return Marker()
 
     return make("first"), make("last")
@@ -60,6 +72,9 @@ def split(log: list) -> dict[str, float]:
     """Median seconds per block and segment over the run's steps (steps with fewer samples than
     100 — a run shorter than that — are left out)."""
     spans: dict[str, list[float]] = {}
+    marks = {hook: t for hook, _, t in log if hook in ("fit_start", "fit_end", "charged")}
+    whole = {"fit": marks["fit_end"] - marks["fit_start"], "charged": marks["charged"]}
+    log = [entry for entry in log if entry[0] in HOOKS]
     for (hook, pos, t), (hook2, pos2, t2) in zip(log, log[1:]):
         if pos == "first" and pos2 == "last" and hook == hook2:
             key = "B:" + hook[3:]
@@ -68,7 +83,7 @@ def split(log: list) -> dict[str, float]:
         else:
             continue
         spans.setdefault(key, []).append(t2 - t)
-    return {k: statistics.median(v) for k, v in spans.items() if len(v) >= 100}
+    return {**{k: statistics.median(v) for k, v in spans.items() if len(v) >= 100}, **whole}
 
 
 def run(config: str, variant: str, log: list, max_epochs: int | None) -> dict[str, float]:
@@ -111,7 +126,7 @@ def _scratch() -> str:
 
 
 def table(rounds: list[tuple[dict, dict]]) -> str:
-    keys = [k for k in rounds[0][1] if all(k in p and k in s for p, s in rounds)]
+    keys = [k for k in rounds[0][1] if k[:2] in ("B:", "S:") and all(k in p and k in s for p, s in rounds)]
     keys.sort(key=lambda k: (k[0] != "B", k))
     lines = ["| part | plain (µs, median) | suite (µs, median) | suite − plain (µs): median [min–max] |",
              "|---|---:|---:|---:|"]
@@ -128,8 +143,15 @@ def table(rounds: list[tuple[dict, dict]]) -> str:
     for kind, what in (("B", "all blocks (the hooks, charged)"), ("S", "all segments (no hook sees them)")):
         d = [x * 1e6 for x in totals[kind]]
         lines.append(f"| **{what}** | | | **{statistics.median(d):+.1f}** [{min(d):+.1f}, {max(d):+.1f}] |")
-    plain_step = [sum(p.values()) * 1e6 for p, _ in rounds]
+    plain_step = [sum(p[k] for k in keys) * 1e6 for p, _ in rounds]
     lines.append(f"| plain step (sum of medians) | {statistics.median(plain_step):.1f} | | |")
+    ratio = [s["fit"] / p["fit"] for p, s in rounds]
+    residual = [(s["fit"] - s["charged"]) / p["fit"] for p, s in rounds]
+    lines += ["", "Whole fit (`on_fit_start` to `on_fit_end`), same rounds: suite / plain "
+              f"{statistics.median(ratio):.3f}× [{min(ratio):.3f}–{max(ratio):.3f}]; (suite − charged to the budget) / plain "
+              f"{statistics.median(residual):.3f}× [{min(residual):.3f}–{max(residual):.3f}]; plain fit "
+              f"{statistics.median(p['fit'] for p, _ in rounds):.2f} s, charged "
+              f"{statistics.median(s['charged'] for _, s in rounds):.2f} s (medians)."]
     return "\n".join(lines)
 
 
@@ -149,10 +171,10 @@ def main() -> None:
         order = ("plain", "suite") if r % 2 == 0 else ("suite", "plain")
         got = {v: run(args.config, v, log, args.max_epochs) for v in order}
         rounds.append((got["plain"], got["suite"]))
-        print(f"[round {r + 1}/{args.rounds}] segments suite − plain: "
-              f"{sum(got['suite'][k] - got['plain'][k] for k in got['plain'] if k[0] == 'S' and k in got['suite']) * 1e6:+.0f} µs/step, "
-              f"blocks {sum(got['suite'][k] - got['plain'][k] for k in got['plain'] if k[0] == 'B' and k in got['suite']) * 1e6:+.0f} µs/step",
-              file=sys.stderr, flush=True)
+        seg = sum(got["suite"][k] - got["plain"][k] for k in got["plain"] if k[:2] == "S:" and k in got["suite"])
+        blk = sum(got["suite"][k] - got["plain"][k] for k in got["plain"] if k[:2] == "B:" and k in got["suite"])
+        print(f"[round {r + 1}/{args.rounds}] fit {got['suite']['fit'] / got['plain']['fit']:.3f}×, segments "
+              f"suite − plain {seg * 1e6:+.0f} µs/step, blocks {blk * 1e6:+.0f} µs/step", file=sys.stderr, flush=True)
     text = (f"Step segments, `{os.path.relpath(args.config, ROOT)}`, {args.rounds} rounds in one process "
             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}):\n\n" + table(rounds) + "\n")
     print(text)
