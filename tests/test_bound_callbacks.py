@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import sys
 
@@ -180,3 +181,18 @@ def test_tensorboard_layout_and_hparams(tmp_path):
     assert b"hparams" in raw and b"bound/wang_mao_eq3" in raw and b"sigma_grid" in raw  # HPARAMS session
     assert "bound/wang_mao_eq3" in acc.Tags()["scalars"]
     del plugins
+
+
+def test_given_r_without_validation_still_gives_the_bounds_that_need_no_heldout(tmp_path):
+    # R given as a number: a run without a validation loader has it from the start (it was NaN
+    # until a gap evaluation, which never came, so Eq. 3 was NaN although nothing held-out enters it)
+    from genbounds.callbacks import HessianTrace
+
+    agg = GeneralizationBound(bounds=["wang_mao_eq3"], R=1.0)
+    small_fit(tmp_path, [GradientDispersion(backend="backpack"),
+                         HessianTrace(min_probes=8, max_probes=24, every_n_epochs=None, at_train_end=False), agg],
+              max_epochs=1, limit_val_batches=0)
+    assert agg.latest["setting/R"] == 1.0
+    assert math.isfinite(agg.latest["bound/wang_mao_eq3"]) and agg.latest["bound/wang_mao_eq3"] > 0
+    assert math.isfinite(agg.latest["bound/wang_mao_eq3_se"])
+    assert "gap/measured" not in agg.latest  # nothing held-out was measured

@@ -22,6 +22,8 @@ from genbounds.estimators.gradient_dispersion import DispersionEstimate
 def test_loss_range_modes():
     losses = np.array([0.0, 1.0, 2.0, np.nan, 10.0])
     fixed = LossRange(3.0)
+    assert fixed.value == 3.0  # given: known before any evaluation
+    assert math.isnan(LossRange("quantile").value)
     assert fixed.update(losses) == 3.0
     quantile = LossRange("quantile")
     finite = losses[np.isfinite(losses)]

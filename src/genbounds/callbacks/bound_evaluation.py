@@ -30,7 +30,8 @@ class LossRange:
     def __init__(self, R: float | str) -> None:
         self.R = R
         self.lo, self.hi = math.inf, -math.inf
-        self.value = math.nan
+        self.value = float(R) if isinstance(R, float) else math.nan
+        """``R`` now: a given one from the start (a run without held-out data still has it)."""
 
     def update(self, losses: np.ndarray) -> float:
         """Take one evaluation's per-sample losses (NaN/inf ignored for the range); the new ``R``."""

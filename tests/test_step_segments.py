@@ -1,0 +1,40 @@
+"""``benchmarks/step_segments.py`` splits a step at the callback hooks: blocks (every callback's
+hook) and segments (what runs between two hooks), from the two markers' timestamps."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("step_segments", os.path.join(ROOT, "benchmarks", "step_segments.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_split_blocks_and_segments():
+    seg = _module()
+    log = [("fit_start", "first", 0.0)]
+    t = 1.0
+    for _ in range(120):  # 120 steps: block i lasts (i+1) ms, the segment after it 10 ms
+        for i, hook in enumerate(seg.HOOKS):
+            log.append((hook, "first", t))
+            t += (i + 1) * 1e-3
+            log.append((hook, "last", t))
+            t += 10e-3
+    log += [("fit_end", "last", t), ("charged", "last", 0.25)]
+    parts = seg.split(log)
+    for i, hook in enumerate(seg.HOOKS):
+        assert parts["B:" + hook[3:]] == pytest.approx((i + 1) * 1e-3)
+    assert parts["S:train_batch_start->before_zero_grad"] == pytest.approx(10e-3)
+    assert parts["S:train_batch_end->train_batch_start"] == pytest.approx(10e-3)  # across steps
+    assert parts["fit"] == pytest.approx(t) and parts["charged"] == 0.25
+    table = seg.table([(parts, {**parts, "fit": 2 * t, "charged": t})])
+    assert "**all blocks (the hooks, charged)** | | | **+0.0**" in table
+    assert "suite / plain 2.000×" in table and "(suite − charged to the budget) / plain 1.000×" in table
