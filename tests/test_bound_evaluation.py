@@ -1,5 +1,5 @@
 """The pieces of a bound evaluation that live outside the callback's hooks
-(``callbacks/bound_evaluation.py``, ``BoundSeries.check_resumable``, ``bounds.aggregate.test_error_upper``)
+(``callbacks/bound_evaluation.py``, ``BoundSeries.check_resumable``, ``bounds.aggregate.upper_test_error``)
 and the dispersion step's record helpers, each against its direct definition."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from genbounds.bounds.aggregate import test_error_upper as error_upper
+from genbounds.bounds.aggregate import upper_test_error as error_upper
 from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, final_shares
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.channel import DispersionRecord
@@ -40,6 +40,7 @@ def test_loss_range_modes():
     assert math.isnan(observed.value)  # no held-out data: a data-dependent R is unknown
     fixed.unknown()
     assert fixed.value == 3.0
+    assert LossRange(2).value == 2.0 and LossRange(2).update(losses) == 2.0  # an int is a given R too
 
 
 class _Probe:
@@ -112,3 +113,14 @@ def test_dispersion_record_round_trip():
                               batch_size=4, num_units=4).tagged(["l1"])
     assert set(bare) == {"grad/norm_sq", "grad/trace_cov", "grad/dispersion"}
     assert DispersionRecord.from_values(0, {k: float(v) for k, v in bare.items()}, ["l1"]).groups is None
+
+
+def test_bound_r_set_after_construction_takes_effect():
+    from genbounds.callbacks import GeneralizationBound
+
+    bound = GeneralizationBound()
+    assert bound.R == "quantile" and math.isnan(bound.loss_range.value)
+    bound.R = 0.7
+    assert bound.loss_range.update(np.array([0.0, 5.0])) == 0.7
+    bound.R = "observed_range"
+    assert bound.loss_range.update(np.array([1.0, 2.0])) == pytest.approx(2.5)  # the range of every update

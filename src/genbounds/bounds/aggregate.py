@@ -291,7 +291,7 @@ def validity(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, flo
     return out
 
 
-def test_error_upper(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, float]:
+def upper_test_error(values: dict[str, float], wanted: tuple[str, ...]) -> dict[str, float]:
     """``bound/test_error_upper``: the training 0-1 error plus the tightest finite 0-1 error bound
     (at most 1); NaN when a 0-1 error bound was wanted and none is finite (empty when none was)."""
     finite = [e for e in (values.get(f"bound/{b}", math.nan) for b in ERROR) if math.isfinite(e) and e >= 0]

@@ -28,9 +28,9 @@ class LossRange:
     (half the range of every finite per-sample loss of every evaluation so far)."""
 
     def __init__(self, R: float | str) -> None:
-        self.R = R
+        self.R: float | str = R if isinstance(R, str) else float(R)
         self.lo, self.hi = math.inf, -math.inf
-        self.value = float(R) if isinstance(R, float) else math.nan
+        self.value = math.nan if isinstance(R, str) else float(R)
         """``R`` now: a given one from the start (a run without held-out data still has it)."""
 
     def update(self, losses: np.ndarray) -> float:
@@ -40,8 +40,8 @@ class LossRange:
             if finite.size:
                 self.lo = min(self.lo, float(finite.min()))
                 self.hi = max(self.hi, float(finite.max()))
-        if isinstance(self.R, float):
-            self.value = self.R
+        if not isinstance(self.R, str):
+            self.value = float(self.R)
         elif self.R == "observed_range":
             self.value = observed_range_r(self.lo, self.hi)
         else:
@@ -50,7 +50,7 @@ class LossRange:
 
     def unknown(self) -> None:
         """No held-out data to evaluate: a data-dependent ``R`` is unknown (NaN), a given one stays."""
-        if not isinstance(self.R, float):
+        if isinstance(self.R, str):
             self.value = math.nan
 
     def state_dict(self) -> dict[str, float]:

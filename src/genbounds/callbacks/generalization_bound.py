@@ -20,7 +20,7 @@ from genbounds.bounds.aggregate import (
     ERROR,
     BoundInputs,
     compute_bounds,
-    test_error_upper,
+    upper_test_error,
     validity,
     wang_mao_shape,
 )
@@ -127,10 +127,8 @@ class GeneralizationBound(ProbeCallback):
                          probe_mode=probe_mode, loss_fn=loss_fn, overhead_budget=overhead_budget)
         o = self.owner
         self.bounds = None if bounds is None else check_name_list(o, "bounds", bounds, ALL_BOUNDS)
-        if isinstance(R, str):
-            self.R: float | str = check_choice(o, "R", R, ("quantile", "observed_range"))
-        else:
-            self.R = check_float(o, "R", R, low=0.0, low_open=True)
+        self.loss_range = LossRange(check_choice(o, "R", R, ("quantile", "observed_range")) if isinstance(R, str)
+                                    else check_float(o, "R", R, low=0.0, low_open=True))
         self.num_train = check_int(o, "num_train", num_train, optional=True)
         self.gap_samples = check_int(o, "gap_samples", gap_samples, minimum=2, optional=True)
         self.gap_batch_size = check_int(o, "gap_batch_size", gap_batch_size, optional=True)
@@ -151,7 +149,6 @@ class GeneralizationBound(ProbeCallback):
         self.optimizer: str | None = None
         self.plain_sgd = True
         self.gap_at_start: float | None = None
-        self.loss_range = LossRange(self.R)
         self.evaluations = 0
         self._dispersion: GradientDispersion | None = None
         self._flatness: Flatness | None = None
@@ -173,6 +170,17 @@ class GeneralizationBound(ProbeCallback):
     @property
     def state_key(self) -> str:
         return "GeneralizationBound"  # one per Trainer; stable across argument changes
+
+    @property
+    def R(self) -> float | str:
+        """The loss's sub-Gaussian constant as asked for: a number, ``"quantile"`` or ``"observed_range"``."""
+        return self.loss_range.R
+
+    @R.setter
+    def R(self, value: float | str) -> None:
+        self.loss_range.R = value
+        if not isinstance(value, str):
+            self.loss_range.value = float(value)
 
     @property
     def sigmas(self) -> list[float]:
@@ -389,7 +397,7 @@ class GeneralizationBound(ProbeCallback):
         return values
 
     def _report(self, values: dict[str, float]) -> None:
-        values.update(test_error_upper(values, self.wanted))
+        values.update(upper_test_error(values, self.wanted))
         for kind, message in bound_notes(values, self.wanted, self._evaluated_step):
             self._warn_once(kind, message)
 

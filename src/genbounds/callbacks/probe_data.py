@@ -3,8 +3,8 @@
 * :func:`draw_training_subset` — a seeded uniform subset of the training set (not the loader's
   first batch, which is the first training batch ``B_1``), collated like the loader's batches;
 * :func:`draw_probe_batch` — the first full batches of a loader (the held-out set);
-* :func:`screen_probe_set` — the same, and samples whose loss is not finite at the start weights;
-* :func:`screen_nonfinite` — samples with a NaN/inf in any floating tensor are dropped (one bad
+* :func:`screen_nonfinite` and :func:`screen_probe_set` (which also drops samples whose loss at the
+  start weights is not finite) — samples with a NaN/inf in any floating tensor are dropped (one bad
   pixel would otherwise turn every probe of the run into NaN), counted, and reported once.
 
 Every access to a dataset runs under a forked RNG (CPU and the module's CUDA device): datasets
@@ -193,10 +193,11 @@ def training_set_size(trainer: Trainer) -> int | None:
 
 
 def screen_probe_set(trainer: Trainer, pl_module: Any, batch: Any, what: str, contract: Any, mode: str) -> Any:
-    """The probe set without the samples that hold a NaN/inf input or whose loss at the current
-    weights is not finite (``contract``: the suite's loss contract, evaluated in an isolated pass in
-    ``mode``): one such sample would turn every probe mean into NaN. Said once per run and kind of
-    set (the suite's callbacks draw the same sets); ``None`` when no sample is left."""
+    """The probe set without the samples that hold a NaN/inf input or whose loss at the start
+    weights (the sets are drawn at ``on_train_start``) is not finite (``contract``: the suite's loss
+    contract, evaluated in an isolated pass in ``mode``): one such sample would turn every probe
+    mean into NaN. Said once per run and kind of set (the suite's callbacks draw the same sets);
+    ``None`` when no sample is left."""
     from genbounds.callbacks.isolation import isolated_pass
 
     if batch is None:
