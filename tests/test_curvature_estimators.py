@@ -268,3 +268,35 @@ def test_weighted_dispersion_formula_on_a_quadratic():
     expected = float(sum(d @ a @ d for d in dev)) / (k * (k - 1))
     assert est.value == pytest.approx(expected, rel=1e-5)
     assert est.standard_error > 0
+
+
+def test_functional_loss_moves_every_name_of_a_tied_parameter():
+    # the probes' functional calls skip functional_call's per-call tie search: the names of a tied
+    # parameter are found once (tied_names) and all get the new value — as if the weights were written
+    from torch import nn
+
+    from genbounds.estimators.functional import functional_loss, tied_names, trainable_parameters
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+            self.out = nn.Linear(4, 10, bias=False)
+            self.out.weight = self.emb.weight
+
+        def forward(self, x):  # noqa: ANN001, ANN201
+            return self.out(self.emb(x))
+
+    torch.manual_seed(0)
+    model, x = Tied(), torch.randint(0, 10, (6,))
+    loss = lambda m, b: nn.functional.cross_entropy(m(b), b, reduction="none")  # noqa: E731
+    assert tied_names(model) == {"emb.weight": ["emb.weight", "out.weight"]}
+    shifted = {k: v.detach() + 0.1 for k, v in trainable_parameters(model).items()}
+    got = functional_loss(model, loss)(shifted, x)
+    with torch.no_grad():
+        saved = model.emb.weight.clone()
+        model.emb.weight.add_(0.1)  # both uses see it: the true perturbed loss
+        want = loss(model, x)
+        model.emb.weight.copy_(saved)
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, loss(model, x).detach())  # and it did move
