@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from genbounds.callbacks import BoundGate, BoundViolation, GeneralizationBound, GradientDispersion
 from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
-from helpers import RecordFinalStep, bound_suite, trainer
+from helpers import EndProcessGroup, RecordFinalStep, bound_suite, trainer
 
 BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "setting/R", "setting/n",
               "setting/d", "setting/T", "gap/measured", "gap/measured_se", "gap/error", "bound_terms/trajectory_wang_mao",
@@ -142,7 +142,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
         suite = [HessianTrace(min_probes=8, max_probes=8, rel_tol=0.0, abs_tol=0.0, every_n_epochs=None,
                               at_train_end=False) if isinstance(cb, HessianTrace) else cb for cb in bound_suite()]
-        t = trainer(directory, [*suite, gate, RecordFinalStep(str(directory))], devices=devices,
+        t = trainer(directory, [*suite, gate, RecordFinalStep(str(directory)), EndProcessGroup()], devices=devices,
                     max_epochs=2, limit_train_batches=4, limit_val_batches=2, **kwargs)
         t.fit(module, DigitsDataModule(batch_size=batch, seed=0))
         return t
@@ -159,7 +159,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 def test_bound_gate_stop_stops_every_ddp_rank(tmp_path):
     pl.seed_everything(0, verbose=False)
     gate = BoundGate(max={"bound/wang_mao_eq3": 1e-9}, on_violation="stop")
-    t = trainer(tmp_path, [*bound_suite(), gate, RecordFinalStep(str(tmp_path))], devices=2, strategy="ddp_spawn",
+    t = trainer(tmp_path, [*bound_suite(), gate, RecordFinalStep(str(tmp_path)), EndProcessGroup()], devices=2, strategy="ddp_spawn",
                 max_epochs=5, limit_train_batches=3, limit_val_batches=1)
     t.fit(Classifier(MLP(64, 10, 16), lr=0.05), DigitsDataModule(batch_size=16, shuffle=False))
     steps = {p: open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank*.txt")))}
