@@ -28,10 +28,20 @@ class LossRange:
     (half the range of every finite per-sample loss of every evaluation so far)."""
 
     def __init__(self, R: float | str) -> None:
-        self.R: float | str = R if isinstance(R, str) else float(R)
         self.lo, self.hi = math.inf, -math.inf
-        self.value = math.nan if isinstance(R, str) else float(R)
+        self.value = math.nan
         """``R`` now: a given one from the start (a run without held-out data still has it)."""
+        self.R = R
+
+    @property
+    def R(self) -> float | str:
+        return self._R
+
+    @R.setter
+    def R(self, R: float | str) -> None:
+        self._R: float | str = R if isinstance(R, str) else float(R)
+        if not isinstance(R, str):
+            self.value = float(R)
 
     def update(self, losses: np.ndarray) -> float:
         """Take one evaluation's per-sample losses (NaN/inf ignored for the range); the new ``R``."""
@@ -40,12 +50,10 @@ class LossRange:
             if finite.size:
                 self.lo = min(self.lo, float(finite.min()))
                 self.hi = max(self.hi, float(finite.max()))
-        if not isinstance(self.R, str):
-            self.value = float(self.R)
-        elif self.R == "observed_range":
+        if self.R == "observed_range":
             self.value = observed_range_r(self.lo, self.hi)
-        else:
-            self.value = quantile_range_r(losses, DEFAULT_ALPHA)
+        elif self.R == "quantile":
+            self.value = quantile_range_r(losses, DEFAULT_ALPHA)  # a given R stays as set
         return self.value
 
     def unknown(self) -> None:

@@ -179,8 +179,6 @@ class GeneralizationBound(ProbeCallback):
     @R.setter
     def R(self, value: float | str) -> None:
         self.loss_range.R = value
-        if not isinstance(value, str):
-            self.loss_range.value = float(value)
 
     @property
     def sigmas(self) -> list[float]:

@@ -3,9 +3,9 @@
 * :func:`draw_training_subset` — a seeded uniform subset of the training set (not the loader's
   first batch, which is the first training batch ``B_1``), collated like the loader's batches;
 * :func:`draw_probe_batch` — the first full batches of a loader (the held-out set);
-* :func:`screen_nonfinite` and :func:`screen_probe_set` (which also drops samples whose loss at the
-  start weights is not finite) — samples with a NaN/inf in any floating tensor are dropped (one bad
-  pixel would otherwise turn every probe of the run into NaN), counted, and reported once.
+* :func:`screen_probe_set` — samples with a NaN/inf in any floating tensor, or whose loss at the
+  start weights is not finite, are dropped (one bad pixel would otherwise turn every probe of the
+  run into NaN), counted, and reported once.
 
 Every access to a dataset runs under a forked RNG (CPU and the module's CUDA device): datasets
 that draw their augmentation from the global RNG in ``__getitem__`` — the usual way — and loaders
@@ -47,25 +47,6 @@ def first_loader(loaders: Any) -> Any:
     if isinstance(loaders, dict):
         return next(iter(loaders.values()), None)
     return loaders
-
-
-def screen_nonfinite(batch: Any, owner: str, what: str) -> tuple[Any, int]:
-    """Drop the samples holding a non-finite value in a floating tensor leaf; warn once."""
-    if batch is None:
-        return None, 0
-    n = batch_size(batch)
-    keep = torch.ones(n, dtype=torch.bool, device=tensor_leaves(batch)[0].device)
-    for t in tensor_leaves(batch):
-        if t.is_floating_point() and t.dim() > 0:
-            keep &= torch.isfinite(t.reshape(n, -1)).all(1).to(keep.device)
-    dropped = int((~keep).sum())
-    if dropped:
-        rank_zero_warn(f"{owner}: {dropped} of {n} samples of the {what} hold NaN/inf values; they are left out of "
-                       "every probe of this run.")
-        if dropped == n:
-            return None, dropped
-        batch = index_batch(batch, keep.nonzero().squeeze(1))
-    return batch, dropped
 
 
 @contextmanager

@@ -120,8 +120,8 @@ class SharedHooks:
         return self.backpack is None
 
     def disarm(self, owner: int) -> None:
-        if (owner not in self.owners and not self.owners and (self.ghost is None or not self.ghost.armed)
-                and (self.backpack is None or not self.backpack.attached)):
+        if not self.owners and (self.ghost is None or not self.ghost.armed) and (
+                self.backpack is None or not self.backpack.attached):
             return  # nothing armed (an unmeasured step after an unmeasured step): 1 µs instead of 10
         self.owners.discard(owner)
         if not self.owners:

@@ -86,8 +86,13 @@ def hook_coverage(module: nn.Module, mixed_precision: bool) -> HookCoverage:
                                                   " (BackPACK would sum squares of half-precision activations)")
         else:
             cov.uncovered[param_name] = reason
-    cov.batchnorm_train = any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+    cov.batchnorm_train = has_train_batchnorm(module)
     return cov
+
+
+def has_train_batchnorm(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
 
 
 def is_compiled(module: nn.Module) -> bool:
@@ -176,11 +181,6 @@ def choose_backend(
         return backend, "not reading the training backward because " + "; ".join(blockers)
     return microbatch(), "not reading the training backward because " + "; ".join(blockers) + (
         "" if contract.per_sample else "; no per-sample losses for an exact extra pass")
-
-
-def has_train_batchnorm(module: nn.Module) -> bool:
-    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
 
 
 def fallback_backend(failed: str, module: nn.Module, contract: LossContract, loss_fn: LossFn | None, *,
