@@ -80,14 +80,12 @@ def functional_loss(module: nn.Module, loss_fn: LossFn, rows: bool = False) -> C
     parameter and buffer is the module's own. ``rows=True`` accepts a ``[k, b]`` output (several
     per-sample quantities, e.g. the loss and the 0-1 error, from one forward)."""
     wrapper = _LossOfModule(module, loss_fn)
-    aliases: dict[str, list[str]] = {}
+    # every name of a tied parameter gets the new value: what functional_call's tie_weights=True
+    # finds by walking every module and tensor at each call (about 90 µs of a 0.3–0.6 ms evaluation
+    # of the main job's probes under cProfile); the module's structure is fixed while a probe runs
+    aliases = tied_names(module)
 
     def f(params: ParamDict, batch: Any) -> Tensor:
-        if not aliases:
-            aliases.update(tied_names(module))
-        # every name of a tied parameter gets the new value (what functional_call's tie_weights=True
-        # finds by walking every module and tensor at each call: 40–90 µs of a 300 µs evaluation
-        # of the main job's probes; the module's structure is fixed while a probe runs)
         renamed = {"inner." + alias: v for k, v in params.items() for alias in aliases.get(k, (k,))}
         losses = functional_call(wrapper, renamed, (batch,), strict=False, tie_weights=False)
         if rows and isinstance(losses, Tensor) and losses.dim() == 2:
