@@ -9,7 +9,13 @@ import time
 import pytest
 from lightning.pytorch import Callback
 
-from genbounds.callbacks.hook_clock import STEP_HOOKS, MeasurementCallback
+from genbounds.callbacks import hook_clock
+from genbounds.callbacks.hook_clock import (
+    BATCH_HOOKS,
+    SKIPPED_KEY,
+    STEP_HOOKS,
+    MeasurementCallback,
+)
 from genbounds.callbacks.overhead import OverheadBudget
 
 
@@ -80,15 +86,73 @@ def test_a_hook_reached_through_super_is_dispatched_once():
     assert budget.hook_depth == 0
 
 
-def test_each_step_charges_the_dispatch_of_the_hooks_a_class_leaves_to_lightning():
+def test_hooks_left_to_lightning_are_set_aside_at_the_first_batch_and_cost_no_dispatch():
     trainer = _Trainer()
     budget = _budget(trainer)
     # Sleeper overrides on_train_batch_end and inherits the clocked on_train_batch_start: the other
-    # four per-step hooks are Lightning's no-ops, still dispatched every step
+    # four per-step hooks (and the validation/test/predict batch hooks) are Lightning's no-ops
     assert Sleeper._unclocked_step_hooks == len(STEP_HOOKS) - 2
-    Sleeper().on_train_batch_start(trainer, None, None, 0)
-    # its own dispatch and those four: five dispatches of 1 ms, and a few µs of its own
+    cb = Sleeper()
+    cb.on_train_batch_start(trainer, None, None, 0)
+    skipped = cb.__dict__[SKIPPED_KEY]
+    assert set(skipped) == set(BATCH_HOOKS) - {"on_train_batch_start", "on_train_batch_end"}
+    assert all(getattr(cb, h) is None for h in skipped) and callable(cb.on_train_batch_end)
+    # Lightning passes over a None hook, so the batch start charges its own dispatch only
+    assert 1e-3 <= budget.by_owner["Sleeper"] < 1e-3 + 0.005
+    cb.on_fit_end(trainer, None)
+    assert SKIPPED_KEY not in cb.__dict__ and all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
+
+
+def test_without_lightnings_skip_the_inherited_hooks_stay_and_their_dispatch_is_charged(monkeypatch):
+    monkeypatch.setattr(hook_clock, "_SKIPS", False)
+    trainer = _Trainer()
+    budget = _budget(trainer)
+    cb = Sleeper()
+    cb.on_train_batch_start(trainer, None, None, 0)
+    assert cb.__dict__[SKIPPED_KEY] == () and callable(cb.on_before_zero_grad)
+    # its own dispatch and the four no-ops': five dispatches of 1 ms, and a few µs of its own
     assert (len(STEP_HOOKS) - 1) * 1e-3 <= budget.by_owner["Sleeper"] < (len(STEP_HOOKS) - 1) * 1e-3 + 0.005
+
+
+def test_lightning_passes_over_a_hook_set_to_none():
+    # the behaviour the skipping rests on, read from the installed Lightning's dispatch loop
+    assert hook_clock.lightning_skips_non_callable_hooks()
+
+
+class _Counting(MeasurementCallback):
+    def __init__(self) -> None:
+        self.after_backward = 0
+
+    def on_after_backward(self, trainer, pl_module):
+        self.after_backward += 1
+
+
+class _UserSubclass(_Counting):
+    """A user's subclass overriding a hook its base leaves to Lightning, calling ``super()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_ends = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        self.batch_ends += 1
+
+
+def test_a_real_fit_calls_every_overridden_hook_and_restores_the_rest(tmp_path):
+    import torch
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    counting, sub = _Counting(), _UserSubclass()
+    trainer = Trainer(max_steps=5, limit_val_batches=2, val_check_interval=2, callbacks=[counting, sub],
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    trainer.fit(BoringModel())
+    assert counting.after_backward == sub.after_backward == 5 and sub.batch_ends == 5
+    for cb in (counting, sub):
+        assert SKIPPED_KEY not in cb.__dict__ and all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
 
 
 def test_nothing_is_charged_before_the_clock_starts_and_on_train_start_starts_it():

@@ -25,10 +25,23 @@ training step (:meth:`OverheadBudget.dispatch_cost`: the median of the last wind
 about 4 µs on the main job here). Until a window is full, a replay of Lightning's loop body
 against a no-op method stands in, timed once (a warm loop: about 1.3 µs here, a lower bound).
 
+**Hooks left to Lightning's no-ops are not dispatched at all.** Lightning calls a callback's hook
+only when ``getattr(callback, hook)`` is callable; at its first training batch a measurement
+callback sets, on the instance, every per-batch hook its class leaves to
+:class:`~lightning.pytorch.Callback`'s no-op to ``None`` (:func:`skip_inherited_hooks`), and its
+``on_fit_end`` removes them again. Lightning's loop then spends a ``getattr`` on them instead of a
+profiler context, the ``state_key`` and a call. On the main job's suite (eight measurement
+callbacks) that is 33 of the 48 dispatches of a training step and all 16 of every validation
+batch's; under cProfile, Lightning's dispatch was the largest cost of the suite that no hook of
+ours timed (``docs/results/overhead.md``). A subclass that defines the hook keeps it (and
+``super()`` from it still finds Lightning's no-op: only the instance attribute is ``None``). It is
+not done when Lightning's dispatch loop would not skip a non-callable (checked once); the
+skipped hooks' dispatch is then charged at each batch start as before.
+
 The budget's clock starts as the first measurement callback's ``on_train_start`` begins; nothing
 before it is charged (``setup``, ``on_fit_start``, the sanity check: not training time either).
-Not counted: the dispatch of validation-batch and epoch-level hooks a class does not override (a
-few milliseconds a run), autograd's calls of the norm hooks, and what measurement does to the
+Not counted: the dispatch of the epoch-level hooks a class does not override (a few per epoch),
+autograd's calls of the norm hooks, and what measurement does to the
 speed of the user's own kernels — ``benchmarks/overhead_suite.py`` measures the whole against
 plain training.
 """
@@ -49,12 +62,61 @@ STEP_HOOKS = ("on_train_batch_start", "on_before_backward", "on_after_backward",
               "on_before_zero_grad", "on_train_batch_end")
 """The callback hooks Lightning calls at every training batch (automatic optimization)."""
 
+BATCH_HOOKS = STEP_HOOKS + ("on_validation_batch_start", "on_validation_batch_end", "on_test_batch_start",
+                            "on_test_batch_end", "on_predict_batch_start", "on_predict_batch_end")
+"""The hooks Lightning calls at every batch: those a class leaves to the no-op are skipped."""
+
+SKIPPED_KEY = "_genbounds_skipped_hooks"
+"""Where an instance keeps the names of the hooks it set to ``None`` (its ``__dict__``)."""
+
 _NOT_CLOCKED = frozenset({"on_exception", "on_save_checkpoint", "on_load_checkpoint"})
 
 
-def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: bool = True) -> Callable:
+def lightning_skips_non_callable_hooks() -> bool:
+    """Whether Lightning's ``_call_callback_hooks`` tests ``callable(fn)`` before calling a hook (it
+    does since 1.x): then a hook set to ``None`` is passed over. Read once from the loop's code."""
+    global _SKIPS
+    if _SKIPS is None:
+        try:
+            from lightning.pytorch.trainer import call
+
+            _SKIPS = "callable" in call._call_callback_hooks.__code__.co_names
+        except (ImportError, AttributeError):
+            _SKIPS = False
+    return _SKIPS
+
+
+_SKIPS: bool | None = None
+
+
+def skip_inherited_hooks(callback: Callback) -> tuple[str, ...]:
+    """Set every per-batch hook ``callback``'s class leaves to :class:`Callback`'s no-op to ``None``
+    on the instance, so that Lightning does not dispatch it (see the module docstring); returns
+    their names (empty when Lightning would not skip them)."""
+    if SKIPPED_KEY in callback.__dict__:
+        return callback.__dict__[SKIPPED_KEY]
+    names: tuple[str, ...] = ()
+    if lightning_skips_non_callable_hooks():
+        cls = type(callback)
+        names = tuple(h for h in BATCH_HOOKS if getattr(cls, h, None) is getattr(Callback, h))
+        for name in names:
+            callback.__dict__[name] = None
+    callback.__dict__[SKIPPED_KEY] = names
+    return names
+
+
+def restore_inherited_hooks(callback: Callback) -> None:
+    """Undo :func:`skip_inherited_hooks`: the instance's hooks are its class's again."""
+    for name in callback.__dict__.pop(SKIPPED_KEY, ()):
+        callback.__dict__.pop(name, None)
+
+
+def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: bool = True,
+           ends: bool = False) -> Callable:
     @functools.wraps(hook)
     def clocked(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+        if step_start and SKIPPED_KEY not in self.__dict__:
+            skip_inherited_hooks(self)
         budget = trainer.__dict__.get(BUDGET_KEY)
         if budget is not None and budget.start is None and begins:
             budget.begin()  # the run's clock starts with the first measurement callback's on_train_start
@@ -73,10 +135,22 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: boo
             spent = time.perf_counter() - started - (budget.probe_time - budget.elsewhere_time - charged_before)
             budget.hook_depth = depth
             # a hook reached through super() from another clocked hook was dispatched by nobody
-            dispatches = 0 if depth else 1 + (type(self)._unclocked_step_hooks if step_start else 0)
+            # (and, at a batch start, the per-step no-ops Lightning still dispatches, if any)
+            dispatches = 0 if depth else 1 + (
+                type(self)._unclocked_step_hooks if step_start and not self.__dict__.get(SKIPPED_KEY) else 0)
             budget.charge_hook(self, trainer, spent, dispatches, per_step)
             if step_start and not depth:
                 budget.dispatch_ended(self, time.perf_counter())
+
+    if ends:
+        timed = clocked
+
+        @functools.wraps(hook)
+        def clocked(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return timed(self, trainer, *args, **kwargs)
+            finally:
+                restore_inherited_hooks(self)
 
     clocked.__genbounds_clocked__ = True  # type: ignore[attr-defined]
     return clocked
@@ -106,7 +180,11 @@ class MeasurementCallback(Callback):
         """No work of its own: clocked so that any measurement callback starts the budget's clock."""
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        """No work of its own: clocked so that every step charges this callback's dispatch."""
+        """No work of its own: clocked so that every step charges this callback's dispatch (and,
+        at the first, the hooks its class leaves to Lightning's no-ops stop being dispatched)."""
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """No work of its own: clocked so that the hooks set aside at the first batch come back."""
 
     def _dispatch_probe(self, trainer: Any, pl_module: Any) -> None:
         """A no-op Lightning would call like any hook (:meth:`OverheadBudget.dispatch_cost`)."""
@@ -119,7 +197,7 @@ def _clock_hooks(cls: type) -> None:
         if (name.startswith("on_") and name not in _NOT_CLOCKED and callable(fn)
                 and not getattr(fn, "__genbounds_clocked__", False)):
             setattr(cls, name, _clock(fn, step_start=name == "on_train_batch_start", begins=name == "on_train_start",
-                                      per_step=name in STEP_HOOKS))
+                                      per_step=name in STEP_HOOKS, ends=name == "on_fit_end"))
     cls._unclocked_step_hooks = sum(1 for h in STEP_HOOKS if getattr(cls, h) is getattr(Callback, h))
 
 
