@@ -307,16 +307,31 @@ def describe_machine_md(info: dict[str, Any], loads: list[str]) -> str:
 
 class FitTimer(pl.Callback):
     """Wall time from ``on_fit_start`` to ``on_fit_end`` (the training a user waits for, without
-    interpreter start-up, imports or config parsing). Put it first in the callback list."""
+    interpreter start-up, imports or config parsing), and of the validation steps."""
 
     def __init__(self) -> None:
         self.t0: float | None = None
         self.seconds: float | None = None
+        self.val_step_s = 0.0
+        """Wall time of the user's ``validation_step`` calls (from this callback's
+        ``on_validation_batch_start`` to its ``on_validation_batch_end``; put last in the list):
+        the same work with and without measurement callbacks, the run's speed reference for
+        :func:`speed_adjusted`. 0 on CUDA (no sync per batch) and without validation."""
+        self._val_t: float | None = None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         self.t0 = time.perf_counter()
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if not trainer.sanity_checking and pl_module.device.type == "cpu":
+            self._val_t = time.perf_counter()
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if self._val_t is not None:
+            self.val_step_s += time.perf_counter() - self._val_t
+            self._val_t = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -390,3 +405,17 @@ def random_token_batches(n_batches: int, batch: int, length: int, vocab: int, cl
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def speed_adjusted(run: dict, plain: dict) -> float:
+    """``(fit / validation steps)`` of ``run`` over that of ``plain``: the time ratio with each
+    process's own speed taken out. This machine has slow states that last a whole process (every
+    part of a run, the user's validation steps included, 30–50 % slower: the per-segment timings
+    in docs/results/overhead.md), and a round whose two runs land in different states gives a
+    ratio off by that much either way; the validation steps are the same work in both runs (no
+    measurement callback has a per-batch validation hook), so their time measures the state.
+    NaN without validation time."""
+    a, b = run.get("val_step_s") or 0.0, plain.get("val_step_s") or 0.0
+    if a <= 0.0 or b <= 0.0:
+        return float("nan")
+    return (run["fit_s"] / a) / (plain["fit_s"] / b)

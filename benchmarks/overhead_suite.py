@@ -51,6 +51,7 @@ from common import (  # noqa: E402
     machine_description,
     ratio_stats,
     run_json_child,
+    speed_adjusted,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -154,7 +155,7 @@ def child(variant: str, config: str, save_dir: str, version: str, max_epochs: in
     )
     total = time.perf_counter() - t0
     trainer = cli.trainer
-    out = {"variant": variant, "fit_s": timer.seconds, "cli_s": total, "global_step": int(trainer.global_step),
+    out = {"variant": variant, "fit_s": timer.seconds, "val_step_s": timer.val_step_s, "cli_s": total, "global_step": int(trainer.global_step),
            "epochs": int(trainer.current_epoch), "log_dir": trainer.logger.log_dir if trainer.logger else None,
            "callbacks": [type(c).__name__ for c in trainer.callbacks], "load": load_average()}
     if hook_timer is not None:
@@ -264,6 +265,13 @@ def main() -> None:
                      f"{statistics.median(logged):.3f} |" if logged else
                      f"| {v} | {statistics.median(fit[v]):.2f} | {min(fit[v]):.2f}–{max(fit[v]):.2f} | {ratio} | "
                      f"{statistics.median(probe):.2f} | {statistics.median(deferred):.0f} | – |")
+    adjusted = [speed_adjusted(a, p) for a, p in zip(runs["suite"], runs["plain"])]
+    adjusted = [x for x in adjusted if math.isfinite(x)]
+    if adjusted:
+        lines += ["", f"Speed-adjusted suite/plain (each run's fit time over its own validation steps' time, "
+                  f"`common.speed_adjusted`: this machine's whole-process slow states taken out): median "
+                  f"**{statistics.median(adjusted):.3f}×** [{min(adjusted):.3f}–{max(adjusted):.3f}] over "
+                  f"{len(adjusted)} rounds."]
     # probe time by owner
     shown = [v for v in ("suite", "dense") if runs[v]]
     owners = sorted({o for v in shown for x in runs[v] for o in x.get("probe_by_owner", {})})

@@ -180,3 +180,30 @@ def test_overhead_budget_spaces_the_probes_and_reports_the_ratio(tmp_path):
     assert probes(suite) < probes(dense)
     # the final weights are always evaluated: every bound is there
     assert math.isfinite(agg.latest["bound/wang_mao_eq3"]) and agg.latest["setting/T"] == 15
+
+
+def test_gap_chunks_of_a_tensor_dataset_are_what_the_loaders_collate_makes():
+    """The gap evaluation indexes a plain ``TensorDataset`` once per tensor instead of collating
+    its items: the same batches as the per-sample path (a subclass, which may override
+    ``__getitem__``, takes that path)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.gap_evaluation import GapEvaluation
+
+    class Subclass(TensorDataset):
+        pass
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(23, 5, generator=g), torch.randint(0, 3, (23,), generator=g)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(batch_to_device=lambda b: b, root_device=torch.device("cpu")))
+    indices = [4, 0, 22, 7, 7, 13, 1, 9, 2, 18, 3]
+    gap = GapEvaluation("test", samples=None, chunk=4, mode="eval")
+    fast = list(gap._chunks_from_dataset(trainer, DataLoader(TensorDataset(x, y), batch_size=8), indices))
+    slow = list(gap._chunks_from_dataset(trainer, DataLoader(Subclass(x, y), batch_size=8), indices))
+    assert len(fast) == len(slow) == 3
+    for a, b in zip(fast, slow):
+        assert type(a) is type(b) and len(a) == len(b) == 2
+        for ta, tb in zip(a, b):
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb)
