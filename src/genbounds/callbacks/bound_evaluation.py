@@ -5,8 +5,9 @@ needs besides the bound formulas, kept out of the callback's hooks:
   evaluations see (a number, half the central 98 % range now, or half the range ever seen);
 * :func:`evaluation_floor` — what an evaluation costs at its probes' fewest draws, the budget's
   price for it before one was timed (and the reserve intermediate probes leave for it);
-* :func:`final_shares` — the final evaluation's probes share what is left of the budget: each takes
-  ``1/k`` of it at its turn (``k`` the probes still to run), less the later probes' floors;
+* :func:`final_floors`, :func:`final_shares` — the final evaluation's probes share what is left of
+  the budget: each takes ``1/k`` of it at its turn (``k`` the probes still to run), less the later
+  probes' floors;
 * :func:`bound_notes` — the one-per-kind warnings a set of bound values calls for.
 """
 
@@ -89,6 +90,11 @@ def flatness_floor(flatness: Any, series: Any) -> float:
     """The flatness probe at its fewest draws, with the layer-wise shapes it will be asked for."""
     shapes = 1 + int(series.config.get("neu_shape") is not None)
     return flatness.forward_equivalents(num_shapes=shapes) * flatness.unit_cost()
+
+
+def final_floors(probes: Sequence[Any], flatness: Any, series: Any) -> list[float]:
+    """What each of ``probes`` costs at its fewest draws (the flatness with its layer-wise shapes)."""
+    return [flatness_floor(p, series) if p is flatness else p.first_cost() for p in probes]
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""Which measurement callbacks feed ``GeneralizationBound``, and which bounds they allow."""
+"""Which measurement callbacks feed ``GeneralizationBound``, which bounds they allow, and what an
+evaluation asks of them."""
 
 from __future__ import annotations
 
@@ -6,16 +7,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from genbounds.bounds.aggregate import ALL_BOUNDS, LAYERWISE
+from genbounds.bounds.aggregate import ALL_BOUNDS, LAYERWISE, BoundInputs, wang_mao_shape
+from genbounds.bounds.layerwise import init_rms_shape
+from genbounds.callbacks.bound_evaluation import final_floors, final_shares
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.flatness import Flatness
 from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
 from genbounds.callbacks.hessian_trace import HessianTrace
+from genbounds.estimators.functional import group_index, trainable_parameters
 
 FLATNESS = 'Flatness(scaling="sqrt_steps")'
 
@@ -81,3 +85,42 @@ class Producers:
                  (self.hessian, series.on_curvature), (self.sensitivity, series.on_sensitivity),
                  (self.heldout, series.on_heldout)]
         return [(p, h) for p, h in pairs if p is not None]
+
+    def set_neu_shape(self, series: BoundSeries, groups: dict[str, list[str]], pl_module: LightningModule) -> None:
+        """Neu's block shape: the per-group RMS of the initial weights (data-independent, §9.4),
+        noted in the series (a resumed run keeps the one it started with) and given to Γ."""
+        if self.sensitivity is None:
+            return
+        shape = series.config.get("neu_shape")
+        params = trainable_parameters(pl_module)
+        if shape is None:
+            sq = [sum(float(params[n].detach().double().square().sum()) for n in members) for members in groups.values()]
+            d_blocks = [sum(params[n].numel() for n in members) for members in groups.values()]
+            shape = init_rms_shape(sq, d_blocks).tolist()
+            series.config["neu_shape"] = shape
+        self.sensitivity.set_shape(list(shape), group_index(groups, list(params)))
+
+    def evaluation_probes(self, series: BoundSeries) -> list[Any]:
+        """The probes an evaluation asks for, in the order they run: the Hessian, Γ while no Γ
+        probe fitted in the budget during training (one then stands for the run: second-order
+        fill), the flatness with the layer-wise shapes."""
+        sensitivity = self.sensitivity if not series.sensitivity_steps else None
+        return [p for p in (self.hessian, sensitivity, self.flatness) if p is not None and p.active]
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, series: BoundSeries,
+                groups: dict[str, list[str]], inputs: Callable[[], BoundInputs | None], *, log: bool) -> BoundInputs | None:
+        """Have the probes measure the current weights for an evaluation (see
+        :meth:`evaluation_probes`); a final one (``log=False``) shares what is left of the budget
+        among them (:func:`final_shares`). The bounds' inputs after it."""
+        probes = self.evaluation_probes(series)
+        with final_shares(probes, final_floors(probes, self.flatness, series) if not log else [], enabled=not log):
+            for probe in probes:
+                if probe is not self.flatness:
+                    probe.probe_now(trainer, pl_module, log=log, epoch_end=True)
+            current = inputs()
+            if self.flatness in probes and current is not None:
+                shapes = [s for s in (wang_mao_shape(current), series.config.get("neu_shape")) if s is not None]
+                self.flatness.measure_shapes(trainer, pl_module, [list(map(float, s)) for s in shapes],
+                                             group_index(groups, list(trainable_parameters(pl_module))), log=log)
+                current = inputs()
+        return current

@@ -39,6 +39,16 @@ class GapResult:
     dropped: int = 0
     heldout_short: str | None = None
 
+    def notes(self) -> list[tuple[str, str]]:
+        """``(kind, message)`` for what the user should hear once: dropped values, a short held-out set."""
+        out = []
+        if self.dropped:
+            out.append(("gap-nonfinite", f"{self.dropped} per-sample losses were NaN/inf at an evaluation; they are "
+                        "left out of gap/measured (and R) and counted."))
+        if self.heldout_short:
+            out.append(("gap-short", self.heldout_short))
+        return out
+
 
 class GapEvaluation:
     def __init__(self, owner: str, samples: int | None, chunk: int | None, mode: str) -> None:

@@ -22,23 +22,16 @@ from genbounds.bounds.aggregate import (
     compute_bounds,
     upper_test_error,
     validity,
-    wang_mao_shape,
 )
-from genbounds.bounds.layerwise import init_rms_shape
-from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, evaluation_floor, final_shares, flatness_floor
+from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, evaluation_floor
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
-from genbounds.callbacks.flatness import Flatness
 from genbounds.callbacks.gap_evaluation import GapEvaluation
-from genbounds.callbacks.gradient_dispersion import GradientDispersion
-from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
-from genbounds.callbacks.heldout_gradient import HeldoutGradient
-from genbounds.callbacks.hessian_trace import HessianTrace
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
-from genbounds.estimators.functional import group_index, num_trainable, parameter_groups, trainable_parameters
+from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
 
 BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu", "wang_mao_eq2_error", "neu_error",
                     "wang_mao_eq2_layerwise", "wang_mao_eq3_layerwise", "neu_layerwise"]
@@ -150,11 +143,6 @@ class GeneralizationBound(ProbeCallback):
         self.plain_sgd = True
         self.gap_at_start: float | None = None
         self.evaluations = 0
-        self._dispersion: GradientDispersion | None = None
-        self._flatness: Flatness | None = None
-        self._hessian: HessianTrace | None = None
-        self._sensitivity: GradientSensitivity | None = None
-        self._heldout: HeldoutGradient | None = None
         self._gap: GapEvaluation | None = None
         self.producers = Producers()
         self._summary = RunSummary()
@@ -182,7 +170,8 @@ class GeneralizationBound(ProbeCallback):
 
     @property
     def sigmas(self) -> list[float]:
-        return list(self._flatness.sigmas) if self._flatness is not None else []
+        flatness = self.producers.flatness
+        return list(flatness.sigmas) if flatness is not None else []
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -192,23 +181,16 @@ class GeneralizationBound(ProbeCallback):
         if sum(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one GeneralizationBound per Trainer: it aggregates the whole suite.")
         self.producers = Producers.find(trainer)
-        p = self.producers
-        self._dispersion, self._flatness, self._hessian = p.dispersion, p.flatness, p.hessian
-        self._sensitivity, self._heldout = p.sensitivity, p.heldout
         self._groups = parameter_groups(pl_module, self.layer_groups)
-        self.wanted = p.resolve(self.bounds, len(self._groups))
-        if self._heldout is None and "neu" in self.wanted:
+        self.wanted = self.producers.resolve(self.bounds, len(self._groups))
+        if self.producers.heldout is None and "neu" in self.wanted:
             self._warn_once("no-heldout", "GeneralizationBound: no HeldoutGradient callback, so Neu's V_t is "
                             "replaced by grad/dispersion (which misses the train/test mismatch).")
         for producer, handler in self._subscriptions():
             producer.channel.subscribe(handler)
         self._d = num_trainable(pl_module)
         self._trainer = trainer
-        params = trainable_parameters(pl_module)
-        self.series.config.setdefault("sigmas", self.sigmas)
-        self.series.config.setdefault("groups", list(self._groups))
-        self.series.config.setdefault("group_sizes", [sum(params[n].numel() for n in members)
-                                                      for members in self._groups.values()])
+        self.series.configure(self.sigmas, self._groups, {n: p.numel() for n, p in trainable_parameters(pl_module).items()})
         self._gap = GapEvaluation(self.owner, self.gap_samples, self.gap_batch_size, self.probe_mode)
 
     def _subscriptions(self) -> list[tuple[Any, Callable]]:
@@ -246,25 +228,12 @@ class GeneralizationBound(ProbeCallback):
         if not self.heldout_available:
             self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
-        self._set_neu_shape(pl_module)
+        if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
+            self.producers.set_neu_shape(self.series, self._groups, pl_module)
         if trainer.global_step == 0 and self.heldout_available:
             gap = self._measure_gap(trainer, pl_module)
             self.gap_at_start = gap.get("gap/measured")
             self._log(trainer, pl_module, {**gap, "gap/measured_change": 0.0}, log=True)
-
-    def _set_neu_shape(self, pl_module: LightningModule) -> None:
-        """Neu's block shape: the per-group RMS of the initial weights (data-independent, §9.4)."""
-        if "neu_layerwise" not in self.wanted or self._sensitivity is None or len(self._groups) < 2:
-            return
-        shape = self.series.config.get("neu_shape")
-        params = trainable_parameters(pl_module)
-        d_blocks = [sum(params[n].numel() for n in members) for members in self._groups.values()]
-        if shape is None:
-            sq = [sum(float(params[n].detach().double().square().sum()) for n in members)
-                  for members in self._groups.values()]
-            shape = init_rms_shape(sq, d_blocks).tolist()
-            self.series.config["neu_shape"] = shape
-        self._sensitivity.set_shape(list(shape), group_index(self._groups, list(params)))
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
@@ -297,7 +266,8 @@ class GeneralizationBound(ProbeCallback):
     # ------------------------------------------------------------------ budget
     def first_cost(self) -> float:
         """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
-        return evaluation_floor(self.budget, self._flatness, self._hessian, self._sensitivity, self.series)
+        p = self.producers
+        return evaluation_floor(self.budget, p.flatness, p.hessian, p.sensitivity, self.series)
 
     def _affordable(self) -> bool:
         if self.budget is None:
@@ -314,50 +284,29 @@ class GeneralizationBound(ProbeCallback):
         assert self._gap is not None and self.budget is not None
         with self.budget.timed(self.owner):
             result = self._gap.measure(trainer, pl_module)
-        if result.dropped:
-            self._warn_once("gap-nonfinite", f"GeneralizationBound: {result.dropped} per-sample losses were NaN/inf "
-                            "at an evaluation; they are left out of gap/measured (and R) and counted.")
-        if result.heldout_short:
-            self._warn_once("gap-short", f"GeneralizationBound: {result.heldout_short}")
+        for kind, message in result.notes():
+            self._warn_once(kind, "GeneralizationBound: " + message)
         self.loss_range.update(result.losses)
         return result.values
 
     def evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool) -> dict[str, float]:
         """Flush the producers, request the end-of-run measurements, compute and log the bounds."""
-        if trainer.sanity_checking or self._dispersion is None:
+        dispersion = self.producers.dispersion
+        if trainer.sanity_checking or dispersion is None:
             return {}
         assert self.budget is not None
         self._evaluated_step = int(trainer.global_step)
         started = time.perf_counter()
-        # the final evaluation (log=False) shares what is left of the budget among its probes
-        sensitivity = self._sensitivity if not self.series.sensitivity_steps else None
-        requested = [p for p in (self._hessian, sensitivity, self._flatness) if p is not None and p.active]
-        floors = [flatness_floor(p, self.series) if p is self._flatness else p.first_cost() for p in requested] \
-            if not log else []
-        with final_shares(requested, floors, enabled=not log):
-            return self._evaluate(trainer, pl_module, log=log, started=started)
-
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, started: float) -> dict[str, float]:
-        assert self.budget is not None and self._dispersion is not None
         with progress_status(trainer, "GeneralizationBound: computing the bounds…"):
-            self._dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
+            dispersion.flush(trainer, pl_module if log else None, epoch_end=True)
             # the gap first: what the probes below share is then what is left after it
             values: dict[str, float] = {}
             if self.heldout_available:
                 values.update(self._measure_gap(trainer, pl_module))
             else:
                 self.loss_range.unknown()
-            if self._hessian is not None and self._hessian.active:
-                self._hessian.probe_now(trainer, pl_module, log=log, epoch_end=True)
-            if self._sensitivity is not None and self._sensitivity.active and not self.series.sensitivity_steps:
-                # no Γ probe fitted in the budget yet: one now stands for the run (second-order fill)
-                self._sensitivity.probe_now(trainer, pl_module, log=log, epoch_end=True)
-            inputs = self._inputs(trainer)
-            if self._flatness is not None and self._flatness.active and inputs is not None:
-                shapes = [s for s in (wang_mao_shape(inputs), self.series.config.get("neu_shape")) if s is not None]
-                self._flatness.measure_shapes(trainer, pl_module, [list(map(float, s)) for s in shapes],
-                                              group_index(self._groups, list(trainable_parameters(pl_module))), log=log)
-                inputs = self._inputs(trainer)
+            inputs = self.producers.measure(trainer, pl_module, self.series, self._groups,
+                                            lambda: self._inputs(trainer), log=log)
             with self.budget.timed(self.owner):
                 values.update(self._compute(inputs))
         if "gap/measured" in values and self.gap_at_start is not None:
@@ -408,8 +357,8 @@ class GeneralizationBound(ProbeCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        if self._dispersion is not None and self._trainer is not None:
-            self._dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
+        if self.producers.dispersion is not None and self._trainer is not None:
+            self.producers.dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
                      warned=sorted(self._warned), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
