@@ -48,8 +48,13 @@ def _markers(log: list) -> tuple:
             pass
 
         for hook in HOOKS:
-            def mark(self, *args, _hook=hook, **kwargs):  # noqa: ANN001, ANN002, ANN003
+            def mark(self, trainer, *args, _hook=hook, **kwargs):  # noqa: ANN001, ANN002, ANN003
                 log.append((_hook, position, time.perf_counter()))
+                if _hook in ("on_train_batch_start", "on_train_batch_end"):
+                    from genbounds.callbacks.hook_clock import BUDGET_KEY
+
+                    budget = trainer.__dict__.get(BUDGET_KEY)
+                    log.append(("charged_now", position, budget.probe_time if budget is not None else 0.0))
             setattr(Marker, hook, mark)
         if position == "first":
             def fit_start(self, trainer, pl_module):  # noqa: ANN001
@@ -74,6 +79,21 @@ def split(log: list) -> dict[str, float]:
     spans: dict[str, list[float]] = {}
     marks = {hook: t for hook, _, t in log if hook in ("fit_start", "fit_end", "charged")}
     whole = {"fit": marks["fit_end"] - marks["fit_start"], "charged": marks["charged"]}
+    # the training steps end to end (first marker's batch start to the last one's batch end,
+    # summed) and the rest of the fit: validation, epoch ends, the run's start and end; and what
+    # the budget was charged inside the steps
+    begun = charged_from = None
+    whole["steps"] = whole["charged_steps"] = 0.0
+    for (hook, pos, t), (next_hook, _, value) in zip(log, log[1:]):
+        if next_hook != "charged_now":
+            continue
+        if hook == "on_train_batch_start" and pos == "first":
+            begun, charged_from = t, value
+        elif hook == "on_train_batch_end" and pos == "last" and begun is not None:
+            whole["steps"] += t - begun
+            whole["charged_steps"] += value - charged_from
+            begun = None
+    whole["outside"] = whole["fit"] - whole["steps"]
     log = [entry for entry in log if entry[0] in HOOKS]
     for (hook, pos, t), (hook2, pos2, t2) in zip(log, log[1:]):
         if pos == "first" and pos2 == "last" and hook == hook2:
@@ -145,6 +165,17 @@ def table(rounds: list[tuple[dict, dict]]) -> str:
         lines.append(f"| **{what}** | | | **{statistics.median(d):+.1f}** [{min(d):+.1f}, {max(d):+.1f}] |")
     plain_step = [sum(p[k] for k in keys) * 1e6 for p, _ in rounds]
     lines.append(f"| plain step (sum of medians) | {statistics.median(plain_step):.1f} | | |")
+    def ms(values: list[float]) -> str:
+        return f"{statistics.median(values):+.0f} [{min(values):+.0f}, {max(values):+.0f}]"
+
+    steps = [(s["steps"] - p["steps"]) * 1e3 for p, s in rounds]
+    outside = [(s["outside"] - p["outside"]) * 1e3 for p, s in rounds]
+    unseen_steps = [(s["steps"] - p["steps"] - s["charged_steps"]) * 1e3 for p, s in rounds]
+    unseen_outside = [(s["outside"] - p["outside"] - (s["charged"] - s["charged_steps"])) * 1e3 for p, s in rounds]
+    lines += ["", "Whole runs, suite − plain (ms, median [min–max]): all training steps end to end "
+              f"{ms(steps)}, of it not charged to the budget {ms(unseen_steps)}; everything else (validation, epoch "
+              f"ends, the run's start and end, the final evaluation) {ms(outside)}, of it not charged "
+              f"{ms(unseen_outside)}."]
     ratio = [s["fit"] / p["fit"] for p, s in rounds]
     residual = [(s["fit"] - s["charged"]) / p["fit"] for p, s in rounds]
     lines += ["", "Whole fit (`on_fit_start` to `on_fit_end`), same rounds: suite / plain "
