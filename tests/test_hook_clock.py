@@ -248,7 +248,8 @@ class First(MeasurementCallback):
 
 
 class Second(MeasurementCallback):
-    pass
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        pass  # work of its own at every batch start: it never sleeps
 
 
 def test_the_dispatch_is_measured_between_neighbouring_callbacks_in_training_steps():
@@ -277,3 +278,85 @@ def test_the_dispatch_is_measured_between_neighbouring_callbacks_in_training_ste
         a.on_train_batch_start(trainer2, None, None, 0)
         b.on_train_batch_start(trainer2, None, None, 0)
     assert not budget2.dispatch_measured and budget2._gaps == []
+
+
+class _Probe(MeasurementCallback):
+    """Asleep between the steps of a schedule (every third step), like a probe."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.steps.append(trainer.global_step)
+        hook_clock.sleep_until(self, trainer, (trainer.global_step // 3 + 1) * 3)
+
+
+def test_sleeping_batch_starts_are_woken_by_the_first_callback_at_their_step(tmp_path):
+    import torch
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Waker(MeasurementCallback):
+        def setup(self, trainer, pl_module, stage):
+            OverheadBudget.shared(trainer, None)  # as every genbounds callback does (no fraction)
+
+    waker, idle, probe = Waker(), Sleeper(), _Probe()
+    seen = []
+    waker_calls = []
+    waker.on_train_batch_end = lambda trainer, *a: waker_calls.append(callable(waker.on_train_batch_start))
+
+    class Spy(Callback):  # after them in the list: what Lightning dispatches each step
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, callable(probe.on_train_batch_start), callable(idle.on_train_batch_start)))
+
+    trainer = Trainer(max_steps=10, limit_val_batches=0, callbacks=[waker, idle, probe, Spy()], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    trainer.fit(BoringModel())
+    assert probe.steps == [0, 3, 6, 9]  # due every third step: called then, not in between
+    assert waker_calls == [True] * 10  # the first measurement callback never sleeps
+    # the base class's empty batch start sleeps from its first call on (the spy comes after it)
+    assert len(seen) == 10 and not any(idle_awake for _, _, idle_awake in seen)
+    budget = trainer.__dict__[hook_clock.BUDGET_KEY]
+    # at fit end every hook is back and the budget forgets the waker
+    assert budget.waker is None and not budget.sleepers
+    for cb in (waker, idle, probe):
+        assert callable(cb.on_train_batch_start) and hook_clock.SLEEP_KEY not in cb.__dict__
+
+
+def test_a_probe_asleep_between_its_steps_still_runs_every_scheduled_probe(tmp_path):
+    """Flatness every 4 steps and at every epoch end, after a GradientDispersion (the waker):
+    between its steps its batch start is not dispatched, and every step and epoch end of the
+    schedule is probed."""
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import Flatness, GradientDispersion
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+
+    pl.seed_everything(0, verbose=False)
+    flat = Flatness(sigmas=[0.01], num_draws=2, every_n_steps=4, every_n_epochs=1, at_train_end=False,
+                    probe_batch_size=16)
+    probed: list[int] = []
+    measure = flat.measure
+
+    def counting(trainer, pl_module, batch):
+        probed.append(trainer.global_step)
+        return measure(trainer, pl_module, batch)
+
+    flat.measure = counting
+    asleep: list[int] = []
+
+    class Spy(pl.Callback):  # between the waker and the probe: what Lightning will dispatch to it
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if flat.__dict__.get("on_train_batch_start", 0) is None:
+                asleep.append(trainer.global_step)
+
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, limit_val_batches=1,
+                         callbacks=[GradientDispersion(), Spy(), flat], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(MLP(64, 10, 8), lr=0.05), DigitsDataModule(batch_size=32))
+    # steps 0, 4, 8 and the two epoch ends (after steps 6 and 12)
+    assert probed == [0, 4, 6, 8, 12]
+    assert asleep == [1, 2, 3, 5, 6, 7, 9, 10, 11]  # dispatched only at steps 0, 4 and 8

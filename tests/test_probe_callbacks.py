@@ -246,3 +246,17 @@ def test_flatness_on_mlp_is_positive_and_grows_with_sigma(tmp_path):
     small, big = cb.step_log.latest["flat/train/sigma=0.01"], cb.step_log.latest["flat/train/sigma=0.1"]
     assert big > small and big > 3 * cb.step_log.latest["flat/train_se/sigma=0.1"]
     assert math.isfinite(cb.step_log.latest["flat/term/sigma=0.1"])
+
+
+@pytest.mark.parametrize("kwargs", [dict(every_n_steps=21), dict(log_spaced=3), dict(log_spaced=25),
+                                    dict(every_n_steps=7, log_spaced=2), dict(every_n_epochs=2)])
+def test_next_due_step_is_the_first_due_step_after(kwargs):
+    """What a probe sleeps until (callbacks/hook_clock.py): against a search over due_at_step."""
+    import math
+
+    from genbounds.callbacks.probe_schedule import ProbeSchedule
+
+    schedule = ProbeSchedule(**kwargs)
+    for step in range(3000):
+        expected = next((t for t in range(step + 1, 12000) if schedule.due_at_step(t)), math.inf)
+        assert schedule.next_due_step(step) == expected, (kwargs, step)

@@ -28,6 +28,7 @@ from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
 from genbounds.callbacks.gap_evaluation import GapEvaluation
+from genbounds.callbacks.hook_clock import sleep_until
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
@@ -239,7 +240,9 @@ class GeneralizationBound(ProbeCallback):
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        pass  # evaluated at validation epoch end and train end only
+        # evaluated at validation epoch end and train end only: Lightning need not call this again
+        if type(self).on_train_batch_start is GeneralizationBound.on_train_batch_start:
+            sleep_until(self, trainer, math.inf)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.enable_validation and self._affordable():  # no validation loop: every epoch end instead

@@ -38,6 +38,16 @@ ours timed (``docs/results/overhead.md``). A subclass that defines the hook keep
 not done when Lightning's dispatch loop would not skip a non-callable (checked once); the
 skipped hooks' dispatch is then charged at each batch start as before.
 
+**A batch start with nothing to do is not dispatched either.** A measurement callback whose
+``on_train_batch_start`` has nothing to do until a known step — a probe until its schedule's next
+step, the aggregator and the gate always — sets it to ``None`` on the instance until then
+(:func:`sleep_until`). The trainer's first measurement callback never sleeps: its batch start, which
+Lightning reaches before any later callback's in the same loop, restores the hooks of those whose
+step has come (:func:`wake_due`: one comparison while none has). A probe waiting for the budget
+keeps its batch start (it checks every step whether it fits now); an epoch end that makes a probe
+due wakes it; ``on_train_start`` and ``on_fit_end`` wake every callback. On the main job that is
+four (sometimes five) of the eight batch starts.
+
 The budget's clock starts as the first measurement callback's ``on_train_start`` begins; nothing
 before it is charged (``setup``, ``on_fit_start``, the sanity check: not training time either).
 Not counted: the dispatch of the epoch-level hooks a class does not override (a few per epoch),
@@ -49,6 +59,7 @@ plain training.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -98,7 +109,9 @@ def skip_inherited_hooks(callback: Callback) -> tuple[str, ...]:
     names: tuple[str, ...] = ()
     if lightning_skips_non_callable_hooks():
         cls = type(callback)
-        names = tuple(h for h in BATCH_HOOKS if getattr(cls, h, None) is getattr(Callback, h))
+        # (a hook set on the instance itself — a patched method — is the instance's own)
+        names = tuple(h for h in BATCH_HOOKS
+                      if getattr(cls, h, None) is getattr(Callback, h) and h not in callback.__dict__)
         for name in names:
             callback.__dict__[name] = None
     callback.__dict__[SKIPPED_KEY] = names
@@ -111,13 +124,60 @@ def restore_inherited_hooks(callback: Callback) -> None:
         callback.__dict__.pop(name, None)
 
 
+SLEEP_KEY = "_genbounds_asleep_until"
+"""The step until which an instance's ``on_train_batch_start`` is set aside (its ``__dict__``)."""
+
+
+def sleep_until(callback: Any, trainer: Any, step: float) -> None:
+    """Until global step ``step`` (``inf``: until woken), Lightning does not dispatch ``callback``'s
+    ``on_train_batch_start`` (see the module docstring). Nothing happens for the trainer's waker,
+    without a budget, or when Lightning's loop would not skip a non-callable hook."""
+    budget = trainer.__dict__.get(BUDGET_KEY)
+    if budget is None or budget.waker is None or budget.waker is callback \
+            or not lightning_skips_non_callable_hooks():
+        return
+    callback.__dict__["on_train_batch_start"] = None
+    callback.__dict__[SLEEP_KEY] = step
+    budget.sleepers[id(callback)] = (callback, step)
+    budget.next_wake = min(budget.next_wake, step)
+
+
+def wake(callback: Any, trainer: Any = None) -> None:
+    """Give ``callback`` its ``on_train_batch_start`` back (and drop it from the budget's sleepers)."""
+    if callback.__dict__.pop(SLEEP_KEY, None) is not None:
+        callback.__dict__.pop("on_train_batch_start", None)
+    budget = trainer.__dict__.get(BUDGET_KEY) if trainer is not None else None
+    if budget is not None:
+        budget.sleepers.pop(id(callback), None)
+
+
+def wake_due(budget: Any, step: int) -> None:
+    """The waker's part: wake every sleeper whose step has come."""
+    if step < budget.next_wake:
+        return
+    for key, (callback, at) in list(budget.sleepers.items()):
+        if at <= step:
+            callback.__dict__.pop(SLEEP_KEY, None)
+            callback.__dict__.pop("on_train_batch_start", None)
+            del budget.sleepers[key]
+    budget.next_wake = min((at for _, at in budget.sleepers.values()), default=math.inf)
+
+
 def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: bool = True,
            ends: bool = False) -> Callable:
     @functools.wraps(hook)
     def clocked(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
-        if step_start and SKIPPED_KEY not in self.__dict__:
-            skip_inherited_hooks(self)
         budget = trainer.__dict__.get(BUDGET_KEY)
+        if step_start:
+            if SKIPPED_KEY not in self.__dict__:
+                skip_inherited_hooks(self)
+            if budget is not None:
+                if budget.waker is None:
+                    budget.waker = self  # the first measurement callback Lightning reaches
+                elif budget.waker is self and budget.next_wake < math.inf:
+                    wake_due(budget, trainer.global_step)
+        elif begins:
+            wake(self, trainer)  # a run starts with every batch start in place
         if budget is not None and budget.start is None and begins:
             budget.begin()  # the run's clock starts with the first measurement callback's on_train_start
         if budget is None or budget.start is None:
@@ -151,6 +211,10 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: boo
                 return timed(self, trainer, *args, **kwargs)
             finally:
                 restore_inherited_hooks(self)
+                wake(self, trainer)
+                budget = trainer.__dict__.get(BUDGET_KEY)
+                if budget is not None and budget.waker is self:
+                    budget.waker = None
 
     clocked.__genbounds_clocked__ = True  # type: ignore[attr-defined]
     return clocked
@@ -180,8 +244,11 @@ class MeasurementCallback(Callback):
         """No work of its own: clocked so that any measurement callback starts the budget's clock."""
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        """No work of its own: clocked so that every step charges this callback's dispatch (and,
-        at the first, the hooks its class leaves to Lightning's no-ops stop being dispatched)."""
+        """No work of its own: clocked so that the first batch sets aside the hooks its class leaves
+        to Lightning's no-ops, and so that the trainer's first measurement callback wakes the
+        others; any other then sleeps for the rest of the run (unless a subclass has work here)."""
+        if type(self).on_train_batch_start is MeasurementCallback.on_train_batch_start:
+            sleep_until(self, trainer, math.inf)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """No work of its own: clocked so that the hooks set aside at the first batch come back."""

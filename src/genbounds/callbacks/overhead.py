@@ -79,6 +79,10 @@ class OverheadBudget:
         self._dispatch_cost: float | None = None
         self.dispatch_measured = False
         """Whether :meth:`dispatch_cost` comes from gaps measured in training steps (else the replay)."""
+        self.waker: Any = None
+        """The measurement callback that wakes the sleeping batch starts (:mod:`~genbounds.callbacks.hook_clock`)."""
+        self.sleepers: dict[int, tuple[Any, float]] = {}
+        self.next_wake = math.inf
         self._positions: dict[int, int] = {}
         self._last_step_hook: tuple[int, float] | None = None
         self._gaps: list[float] = []

@@ -29,16 +29,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from genbounds.callbacks.checks import (
+    check_bool,
     check_callable,
     check_choice,
     check_float,
     check_int,
-    check_bool,
     check_precision,
     check_strategy,
 )
 from genbounds.callbacks.distributed import mean_over_ranks
-from genbounds.callbacks.hook_clock import MeasurementCallback
+from genbounds.callbacks.hook_clock import MeasurementCallback, sleep_until, wake
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.overhead import OverheadBudget
@@ -175,11 +175,15 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches != 0:
             return
-        if self.schedule.due_at_step(trainer.global_step):
+        step = trainer.global_step
+        if self.schedule.due_at_step(step):
             self._pending = True
         if self._pending and self._affordable():
             self._pending = False
             self._probe(trainer, pl_module, batch=batch, log=True)
+        if not self._pending and type(self).on_train_batch_start is ProbeCallback.on_train_batch_start:
+            # nothing to do before the schedule's next step: Lightning need not call this until then
+            sleep_until(self, trainer, self.schedule.next_due_step(step))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.due_at_epoch_end(trainer.current_epoch):
@@ -187,6 +191,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 self._probe(trainer, pl_module, log=True, epoch_end=True)
             else:
                 self._pending = True  # at the next step start that fits
+                wake(self, trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.at_train_end and self._affordable():

@@ -34,6 +34,25 @@ class ProbeSchedule:
             return step == 0 or math.floor(k * math.log10(step + 1)) > math.floor(k * math.log10(step))
         return False
 
+    def next_due_step(self, step: int) -> float:
+        """The first step after ``step`` at which :meth:`due_at_step` holds (``inf``: none)."""
+        nxt = math.inf
+        if self.every_n_steps:
+            nxt = (step // self.every_n_steps + 1) * self.every_n_steps
+        if self.log_spaced:
+            # due steps are s = ⌈10^(m/k)⌉ − 1 for integers m: the first m past step, checked
+            # against due_at_step (rounding of 10^(m/k) can move it by one)
+            k = self.log_spaced
+            m = math.floor(k * math.log10(step + 1)) + 1
+            while True:
+                s = max(step + 1, math.ceil(10 ** (m / k)) - 1 - 1)
+                found = next((t for t in range(s, s + 3) if t > step and self.due_at_step(t)), None)
+                if found is not None:
+                    nxt = min(nxt, found)
+                    break
+                m += 1
+        return nxt
+
     def due_at_epoch_end(self, epoch: int) -> bool:
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0
 
