@@ -196,7 +196,9 @@ def test_gap_chunks_of_a_tensor_dataset_are_what_the_loaders_collate_makes():
         pass
 
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(23, 5, generator=g), torch.randint(0, 3, (23,), generator=g)
+    # images stored channels_last: the stacked batches are contiguous whatever the dataset's strides
+    x = torch.randn(23, 3, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 3, (23,), generator=g)
     trainer = SimpleNamespace(strategy=SimpleNamespace(batch_to_device=lambda b: b, root_device=torch.device("cpu")))
     indices = [4, 0, 22, 7, 7, 13, 1, 9, 2, 18, 3]
     gap = GapEvaluation("test", samples=None, chunk=4, mode="eval")
@@ -206,4 +208,4 @@ def test_gap_chunks_of_a_tensor_dataset_are_what_the_loaders_collate_makes():
     for a, b in zip(fast, slow):
         assert type(a) is type(b) and len(a) == len(b) == 2
         for ta, tb in zip(a, b):
-            assert ta.dtype == tb.dtype and torch.equal(ta, tb)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb) and ta.stride() == tb.stride()

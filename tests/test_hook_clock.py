@@ -360,3 +360,30 @@ def test_a_probe_asleep_between_its_steps_still_runs_every_scheduled_probe(tmp_p
     # steps 0, 4, 8 and the two epoch ends (after steps 6 and 12)
     assert probed == [0, 4, 6, 8, 12]
     assert asleep == [1, 2, 3, 5, 6, 7, 9, 10, 11]  # dispatched only at steps 0, 4 and 8
+
+
+def test_a_failed_run_gives_the_hooks_back(tmp_path):
+    import torch
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    class Failing(BoringModel):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 3:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    class Waker(MeasurementCallback):
+        def setup(self, trainer, pl_module, stage):
+            OverheadBudget.shared(trainer, None)
+
+    waker, idle = Waker(), Sleeper()
+    trainer = Trainer(max_steps=10, limit_val_batches=0, callbacks=[waker, idle], logger=False,
+                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=tmp_path)
+    torch.manual_seed(0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing())
+    for cb in (waker, idle):
+        assert all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
+        assert SKIPPED_KEY not in cb.__dict__ and hook_clock.SLEEP_KEY not in cb.__dict__

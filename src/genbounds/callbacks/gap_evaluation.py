@@ -100,7 +100,8 @@ class GapEvaluation:
             order = torch.as_tensor(indices)
             for start in range(0, len(indices), size):
                 rows = order[start:start + size]
-                yield trainer.strategy.batch_to_device([t[rows] for t in dataset.tensors])
+                # (contiguous, as torch.stack makes it: a channels_last dataset keeps its strides)
+                yield trainer.strategy.batch_to_device([t[rows].contiguous() for t in dataset.tensors])
             return
         for start in range(0, len(indices), size):
             with forked_rng(trainer):
