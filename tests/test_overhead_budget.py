@@ -163,3 +163,30 @@ def test_two_estimators_in_one_final_probe_share_its_part_not_twice_it():
     probe.budget.start -= 0.6
     # the second: what is left of the 1 s part (0.4 s), not half of the 1.4 s pool (0.7 s)
     assert probe.draws_within_budget(wanted=64, minimum=2, units_per_draw=10.0) == 4
+
+
+def test_affordable_from_is_the_first_time_allows_holds_and_a_smaller_reserve_wakes_the_waiting():
+    """A probe waiting for the budget sleeps until affordable_from (callbacks/hook_clock.py): before
+    it, allows is false; from it on (with nothing more charged), true."""
+    import math
+    import time
+
+    from genbounds.callbacks.overhead import OverheadBudget
+
+    budget = OverheadBudget(0.2)
+    budget.start = time.perf_counter() - 1.0
+    budget.probe_time = 0.1
+    budget.last_cost["P"] = 0.2
+    budget.reserve = 0.05
+    when = budget.affordable_from("P")
+    assert when == pytest.approx(budget.start + 0.1 + (0.1 + 0.2 + 0.05) / 0.2)
+    for shift, expected in ((-0.01, False), (+0.01, True)):
+        now = time.perf_counter()
+        budget.start -= (when + shift) - now  # as if the clock read when + shift now
+        assert budget.allows("P") is expected
+        when = budget.affordable_from("P")
+    assert OverheadBudget(None).affordable_from("P") == -math.inf
+    budget.timed_sleepers = {1: (object(), when)}
+    budget.next_wake_time = when
+    budget.reserve = 0.01  # smaller: the waiting probes are woken at the next step
+    assert budget.next_wake_time == -math.inf and budget.timed_sleepers[1][1] == -math.inf

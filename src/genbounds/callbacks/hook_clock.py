@@ -40,14 +40,15 @@ not done when Lightning's dispatch loop would not skip a non-callable (checked o
 skipped hooks' dispatch is then charged at each batch start as before.
 
 **A batch start with nothing to do is not dispatched either.** A measurement callback whose
-``on_train_batch_start`` has nothing to do until a known step — a probe until its schedule's next
-step, the aggregator and the gate always — sets it to ``None`` on the instance until then
-(:func:`sleep_until`). The trainer's first measurement callback never sleeps: its batch start, which
-Lightning reaches before any later callback's in the same loop, restores the hooks of those whose
-step has come (:func:`wake_due`: one comparison while none has). A probe waiting for the budget
-keeps its batch start (it checks every step whether it fits now); an epoch end that makes a probe
-due wakes it; ``on_train_start`` and ``on_fit_end`` wake every callback. On the main job that is
-four (sometimes five) of the eight batch starts.
+``on_train_batch_start`` has nothing to do until a known step or time sets it to ``None`` on the
+instance until then: a probe until its schedule's next step (:func:`sleep_until`), a probe waiting
+for the budget until its cost can fit (:func:`sleep_until_time`,
+:meth:`OverheadBudget.affordable_from`), the aggregator and the gate for the run. The trainer's
+first measurement callback never sleeps: its batch start, which Lightning reaches before any later
+callback's in the same loop, gives the others theirs back when their step or time has come
+(:func:`wake_due`: a comparison or two while none has). An epoch end that makes a probe due wakes
+it, a smaller reserve for the final evaluation wakes the waiting probes, and ``on_train_start``,
+``on_fit_end`` and ``on_exception`` wake every callback.
 
 The budget's clock starts as the first measurement callback's ``on_train_start`` begins; nothing
 before it is charged (``setup``, ``on_fit_start``, the sanity check: not training time either).
@@ -143,6 +144,19 @@ def sleep_until(callback: Any, trainer: Any, step: float) -> None:
     budget.next_wake = min(budget.next_wake, step)
 
 
+def sleep_until_time(callback: Any, trainer: Any, when: float) -> None:
+    """As :func:`sleep_until`, until ``time.perf_counter()`` reaches ``when`` (a probe waiting for
+    the overhead budget: :meth:`OverheadBudget.affordable_from`)."""
+    budget = trainer.__dict__.get(BUDGET_KEY)
+    if budget is None or budget.waker is None or budget.waker is callback \
+            or not lightning_skips_non_callable_hooks():
+        return
+    callback.__dict__["on_train_batch_start"] = None
+    callback.__dict__[SLEEP_KEY] = when
+    budget.timed_sleepers[id(callback)] = (callback, when)
+    budget.next_wake_time = min(budget.next_wake_time, when)
+
+
 def wake(callback: Any, trainer: Any = None) -> None:
     """Give ``callback`` its ``on_train_batch_start`` back (and drop it from the budget's sleepers)."""
     if callback.__dict__.pop(SLEEP_KEY, None) is not None:
@@ -150,18 +164,25 @@ def wake(callback: Any, trainer: Any = None) -> None:
     budget = trainer.__dict__.get(BUDGET_KEY) if trainer is not None else None
     if budget is not None:
         budget.sleepers.pop(id(callback), None)
+        budget.timed_sleepers.pop(id(callback), None)
 
 
-def wake_due(budget: Any, step: int) -> None:
-    """The waker's part: wake every sleeper whose step has come."""
-    if step < budget.next_wake:
-        return
-    for key, (callback, at) in list(budget.sleepers.items()):
-        if at <= step:
+def _wake_all(sleepers: dict[int, tuple[Any, float]], now: float) -> float:
+    """Wake those of ``sleepers`` whose time (or step) ``now`` has reached; the soonest left."""
+    for key, (callback, at) in list(sleepers.items()):
+        if at <= now:
             callback.__dict__.pop(SLEEP_KEY, None)
             callback.__dict__.pop("on_train_batch_start", None)
-            del budget.sleepers[key]
-    budget.next_wake = min((at for _, at in budget.sleepers.values()), default=math.inf)
+            del sleepers[key]
+    return min((at for _, at in sleepers.values()), default=math.inf)
+
+
+def wake_due(budget: Any, trainer: Any) -> None:
+    """The waker's part: wake every sleeper whose step or time has come."""
+    if budget.next_wake < math.inf and trainer.global_step >= budget.next_wake:
+        budget.next_wake = _wake_all(budget.sleepers, trainer.global_step)
+    if budget.next_wake_time < math.inf and time.perf_counter() >= budget.next_wake_time:
+        budget.next_wake_time = _wake_all(budget.timed_sleepers, time.perf_counter())
 
 
 def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: bool = True,
@@ -175,8 +196,8 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: boo
             if budget is not None:
                 if budget.waker is None:
                     budget.waker = self  # the first measurement callback Lightning reaches
-                elif budget.waker is self and budget.next_wake < math.inf:
-                    wake_due(budget, trainer.global_step)
+                elif budget.waker is self and (budget.next_wake < math.inf or budget.next_wake_time < math.inf):
+                    wake_due(budget, trainer)
         elif begins:
             wake(self, trainer)  # a run starts with every batch start in place
         if budget is not None and budget.start is None and begins:

@@ -82,7 +82,12 @@ class OverheadBudget:
         self.waker: Any = None
         """The measurement callback that wakes the sleeping batch starts (:mod:`~genbounds.callbacks.hook_clock`)."""
         self.sleepers: dict[int, tuple[Any, float]] = {}
+        """Callbacks whose batch start sleeps until a global step, and the soonest of those steps."""
         self.next_wake = math.inf
+        self.timed_sleepers: dict[int, tuple[Any, float]] = {}
+        """Callbacks whose batch start sleeps until a ``time.perf_counter()`` reading (a probe
+        waiting for the budget), and the soonest of those times."""
+        self.next_wake_time = math.inf
         self._positions: dict[int, int] = {}
         self._last_step_hook: tuple[int, float] | None = None
         self._gaps: list[float] = []
@@ -132,7 +137,20 @@ class OverheadBudget:
 
     @reserve.setter
     def reserve(self, seconds: float) -> None:
+        if self._reserve is not None and seconds < self._reserve and self.timed_sleepers:
+            # a smaller reserve may make a waiting probe affordable sooner: wake them all
+            self.timed_sleepers = {k: (cb, -math.inf) for k, (cb, _) in self.timed_sleepers.items()}
+            self.next_wake_time = -math.inf
         self._reserve = float(seconds)
+
+    def affordable_from(self, owner: str) -> float:
+        """The earliest ``time.perf_counter()`` at which :meth:`allows` can hold for ``owner``'s
+        probe: ``probe_time + cost + reserve ≤ fraction · (now − start − probe_time)`` solved for
+        ``now`` with what is charged so far (anything charged later only moves it back; a smaller
+        reserve wakes the waiting probes: see the setter). ``-inf`` without a running budget."""
+        if self.fraction is None or self.start is None or self.fraction <= 0.0:
+            return -math.inf
+        return self.start + self.probe_time + (self.probe_time + self.expected(owner) + self.reserve) / self.fraction
 
     def remaining(self) -> float:
         """Seconds the probes may still spend now (``inf`` without a budget; may be negative)."""

@@ -38,7 +38,7 @@ from genbounds.callbacks.checks import (
     check_strategy,
 )
 from genbounds.callbacks.distributed import mean_over_ranks
-from genbounds.callbacks.hook_clock import MeasurementCallback, sleep_until, wake
+from genbounds.callbacks.hook_clock import MeasurementCallback, sleep_until, sleep_until_time, wake
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.overhead import OverheadBudget
@@ -181,9 +181,13 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         if self._pending and self._affordable():
             self._pending = False
             self._probe(trainer, pl_module, batch=batch, log=True)
-        if not self._pending and type(self).on_train_batch_start is ProbeCallback.on_train_batch_start:
-            # nothing to do before the schedule's next step: Lightning need not call this until then
-            sleep_until(self, trainer, self.schedule.next_due_step(step))
+        if type(self).on_train_batch_start is ProbeCallback.on_train_batch_start:
+            # nothing to do before the schedule's next step, or (waiting for the budget) before
+            # the time its cost can fit: Lightning need not call this until then
+            if not self._pending:
+                sleep_until(self, trainer, self.schedule.next_due_step(step))
+            elif self.budget is not None and self.budget.fraction is not None:
+                sleep_until_time(self, trainer, self.budget.affordable_from(self.owner))
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.due_at_epoch_end(trainer.current_epoch):
