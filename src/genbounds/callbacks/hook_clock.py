@@ -134,27 +134,28 @@ def sleep_until(callback: Any, trainer: Any, step: float) -> None:
     """Until global step ``step`` (``inf``: until woken), Lightning does not dispatch ``callback``'s
     ``on_train_batch_start`` (see the module docstring). Nothing happens for the trainer's waker,
     without a budget, or when Lightning's loop would not skip a non-callable hook."""
-    budget = trainer.__dict__.get(BUDGET_KEY)
-    if budget is None or budget.waker is None or budget.waker is callback \
-            or not lightning_skips_non_callable_hooks():
-        return
-    callback.__dict__["on_train_batch_start"] = None
-    callback.__dict__[SLEEP_KEY] = step
-    budget.sleepers[id(callback)] = (callback, step)
-    budget.next_wake = min(budget.next_wake, step)
+    _set_aside(callback, trainer, step, timed=False)
 
 
 def sleep_until_time(callback: Any, trainer: Any, when: float) -> None:
     """As :func:`sleep_until`, until ``time.perf_counter()`` reaches ``when`` (a probe waiting for
     the overhead budget: :meth:`OverheadBudget.affordable_from`)."""
+    _set_aside(callback, trainer, when, timed=True)
+
+
+def _set_aside(callback: Any, trainer: Any, until: float, timed: bool) -> None:
     budget = trainer.__dict__.get(BUDGET_KEY)
     if budget is None or budget.waker is None or budget.waker is callback \
             or not lightning_skips_non_callable_hooks():
         return
     callback.__dict__["on_train_batch_start"] = None
-    callback.__dict__[SLEEP_KEY] = when
-    budget.timed_sleepers[id(callback)] = (callback, when)
-    budget.next_wake_time = min(budget.next_wake_time, when)
+    callback.__dict__[SLEEP_KEY] = until
+    if timed:
+        budget.timed_sleepers[id(callback)] = (callback, until)
+        budget.next_wake_time = min(budget.next_wake_time, until)
+    else:
+        budget.sleepers[id(callback)] = (callback, until)
+        budget.next_wake = min(budget.next_wake, until)
 
 
 def wake(callback: Any, trainer: Any = None) -> None:
@@ -225,18 +226,7 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: boo
                 budget.dispatch_ended(self, time.perf_counter())
 
     if ends:
-        timed = clocked
-
-        @functools.wraps(hook)
-        def clocked(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
-            try:
-                return timed(self, trainer, *args, **kwargs)
-            finally:
-                restore_inherited_hooks(self)
-                wake(self, trainer)
-                budget = trainer.__dict__.get(BUDGET_KEY)
-                if budget is not None and budget.waker is self:
-                    budget.waker = None
+        clocked = _restoring(clocked)
 
     clocked.__genbounds_clocked__ = True  # type: ignore[attr-defined]
     return clocked
@@ -283,7 +273,8 @@ class MeasurementCallback(Callback):
 
 
 def _restoring(hook: Callable) -> Callable:
-    """``on_exception``: the hooks set aside come back (a run that fails never reaches ``on_fit_end``)."""
+    """``on_fit_end`` and ``on_exception`` (a run that fails never reaches ``on_fit_end``): the
+    hooks set aside come back, and the budget forgets its waker."""
     @functools.wraps(hook)
     def restoring(self: Any, trainer: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -291,6 +282,9 @@ def _restoring(hook: Callable) -> Callable:
         finally:
             restore_inherited_hooks(self)
             wake(self, trainer)
+            budget = trainer.__dict__.get(BUDGET_KEY)
+            if budget is not None and budget.waker is self:
+                budget.waker = None
 
     restoring.__genbounds_clocked__ = True  # type: ignore[attr-defined]
     return restoring
