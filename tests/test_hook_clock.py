@@ -288,7 +288,7 @@ class _Probe(MeasurementCallback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.steps.append(trainer.global_step)
-        hook_clock.sleep_until(self, trainer, (trainer.global_step // 3 + 1) * 3)
+        hook_clock.sleep_until(self, trainer, (trainer.global_step // 3 + 1) * 3, hook_of=_Probe)
 
 
 def test_sleeping_batch_starts_are_woken_by_the_first_callback_at_their_step(tmp_path):
@@ -387,3 +387,26 @@ def test_a_failed_run_gives_the_hooks_back(tmp_path):
     for cb in (waker, idle):
         assert all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
         assert SKIPPED_KEY not in cb.__dict__ and hook_clock.SLEEP_KEY not in cb.__dict__
+
+
+def test_a_batch_start_of_a_subclass_or_of_the_instance_is_never_set_aside():
+    """sleep_until puts to sleep only the batch start of the class that asks (hook_of): a subclass's
+    override, or a hook set on the instance, may have work at every step."""
+    trainer = _Trainer()
+    budget = _budget(trainer)
+
+    class Override(_Probe):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    trainer.global_step = 0
+    waker, asleep, overridden, patched = First(), _Probe(), Override(), _Probe()
+    patched.on_train_batch_start = lambda *args: _Probe.on_train_batch_start(patched, *args)
+    waker.on_train_batch_start(trainer, None, None, 0)
+    assert budget.waker is waker
+    asleep.on_train_batch_start(trainer, None, None, 0)
+    overridden.on_train_batch_start(trainer, None, None, 0)
+    patched.on_train_batch_start(trainer, None, None, 0)
+    assert asleep.__dict__["on_train_batch_start"] is None and id(asleep) in budget.sleepers
+    assert callable(overridden.on_train_batch_start) and id(overridden) not in budget.sleepers
+    assert callable(patched.on_train_batch_start) and id(patched) not in budget.sleepers

@@ -70,20 +70,13 @@ class LossRange:
         self.hi = float(state.get("loss_hi", -math.inf))
 
 
-def evaluation_floor(budget: Any, flatness: Any, hessian: Any, sensitivity: Any, series: Any) -> float:
-    """Seconds of an evaluation before one was timed: the probes it asks for, priced by the budget —
-    the flatness probe at its fewest draws with the layer-wise shapes it will be asked for, the
-    Hessian's and (while no Γ probe fitted in the budget during training) Γ's expected cost."""
+def evaluation_floor(budget: Any, probes: Sequence[Any], flatness: Any, series: Any) -> float:
+    """Seconds of an evaluation before one was timed: the ``probes`` it asks for
+    (``Producers.evaluation_probes``), priced by the budget — the flatness probe at its fewest draws
+    with the layer-wise shapes it will be asked for, the others at their expected cost."""
     if budget is None:
         return 0.0
-    cost = 0.0
-    if flatness is not None and flatness.active:
-        cost += flatness_floor(flatness, series)
-    if hessian is not None and hessian.active:
-        cost += budget.expected(hessian.owner)
-    if sensitivity is not None and sensitivity.active and not series.sensitivity_steps:
-        cost += budget.expected(sensitivity.owner)
-    return cost
+    return sum(flatness_floor(p, series) if p is flatness else budget.expected(p.owner) for p in probes)
 
 
 def flatness_floor(flatness: Any, series: Any) -> float:

@@ -241,8 +241,7 @@ class GeneralizationBound(ProbeCallback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # evaluated at validation epoch end and train end only: Lightning need not call this again
-        if type(self).on_train_batch_start is GeneralizationBound.on_train_batch_start:
-            sleep_until(self, trainer, math.inf)
+        sleep_until(self, trainer, math.inf, hook_of=GeneralizationBound)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.enable_validation and self._affordable():  # no validation loop: every epoch end instead
@@ -270,7 +269,7 @@ class GeneralizationBound(ProbeCallback):
     def first_cost(self) -> float:
         """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers
-        return evaluation_floor(self.budget, p.flatness, p.hessian, p.sensitivity, self.series)
+        return evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
 
     def _affordable(self) -> bool:
         if self.budget is None:

@@ -130,23 +130,26 @@ SLEEP_KEY = "_genbounds_asleep_until"
 """The step until which an instance's ``on_train_batch_start`` is set aside (its ``__dict__``)."""
 
 
-def sleep_until(callback: Any, trainer: Any, step: float) -> None:
+def sleep_until(callback: Any, trainer: Any, step: float, hook_of: type) -> None:
     """Until global step ``step`` (``inf``: until woken), Lightning does not dispatch ``callback``'s
-    ``on_train_batch_start`` (see the module docstring). Nothing happens for the trainer's waker,
+    ``on_train_batch_start`` (see the module docstring), the one ``hook_of`` (the class calling
+    this) defines. Nothing happens when the callback's batch start is another one (a subclass's
+    override, or one set on the instance: it may have work at every step), for the trainer's waker,
     without a budget, or when Lightning's loop would not skip a non-callable hook."""
-    _set_aside(callback, trainer, step, timed=False)
+    _set_aside(callback, trainer, step, hook_of, timed=False)
 
 
-def sleep_until_time(callback: Any, trainer: Any, when: float) -> None:
+def sleep_until_time(callback: Any, trainer: Any, when: float, hook_of: type) -> None:
     """As :func:`sleep_until`, until ``time.perf_counter()`` reaches ``when`` (a probe waiting for
     the overhead budget: :meth:`OverheadBudget.affordable_from`)."""
-    _set_aside(callback, trainer, when, timed=True)
+    _set_aside(callback, trainer, when, hook_of, timed=True)
 
 
-def _set_aside(callback: Any, trainer: Any, until: float, timed: bool) -> None:
+def _set_aside(callback: Any, trainer: Any, until: float, hook_of: type, timed: bool) -> None:
     budget = trainer.__dict__.get(BUDGET_KEY)
-    if budget is None or budget.waker is None or budget.waker is callback \
-            or not lightning_skips_non_callable_hooks():
+    if (budget is None or budget.waker is None or budget.waker is callback
+            or type(callback).on_train_batch_start is not hook_of.on_train_batch_start
+            or "on_train_batch_start" in callback.__dict__ or not lightning_skips_non_callable_hooks()):
         return
     callback.__dict__["on_train_batch_start"] = None
     callback.__dict__[SLEEP_KEY] = until
@@ -158,10 +161,15 @@ def _set_aside(callback: Any, trainer: Any, until: float, timed: bool) -> None:
         budget.next_wake = min(budget.next_wake, until)
 
 
-def wake(callback: Any, trainer: Any = None) -> None:
-    """Give ``callback`` its ``on_train_batch_start`` back (and drop it from the budget's sleepers)."""
+def _give_back(callback: Any) -> None:
+    """The instance's ``on_train_batch_start`` is its class's again."""
     if callback.__dict__.pop(SLEEP_KEY, None) is not None:
         callback.__dict__.pop("on_train_batch_start", None)
+
+
+def wake(callback: Any, trainer: Any = None) -> None:
+    """Give ``callback`` its ``on_train_batch_start`` back (and drop it from the budget's sleepers)."""
+    _give_back(callback)
     budget = trainer.__dict__.get(BUDGET_KEY) if trainer is not None else None
     if budget is not None:
         budget.sleepers.pop(id(callback), None)
@@ -172,18 +180,21 @@ def _wake_all(sleepers: dict[int, tuple[Any, float]], now: float) -> float:
     """Wake those of ``sleepers`` whose time (or step) ``now`` has reached; the soonest left."""
     for key, (callback, at) in list(sleepers.items()):
         if at <= now:
-            callback.__dict__.pop(SLEEP_KEY, None)
-            callback.__dict__.pop("on_train_batch_start", None)
+            _give_back(callback)
             del sleepers[key]
     return min((at for _, at in sleepers.values()), default=math.inf)
 
 
 def wake_due(budget: Any, trainer: Any) -> None:
     """The waker's part: wake every sleeper whose step or time has come."""
-    if budget.next_wake < math.inf and trainer.global_step >= budget.next_wake:
-        budget.next_wake = _wake_all(budget.sleepers, trainer.global_step)
-    if budget.next_wake_time < math.inf and time.perf_counter() >= budget.next_wake_time:
-        budget.next_wake_time = _wake_all(budget.timed_sleepers, time.perf_counter())
+    if budget.next_wake < math.inf:
+        step = trainer.global_step
+        if step >= budget.next_wake:
+            budget.next_wake = _wake_all(budget.sleepers, step)
+    if budget.next_wake_time < math.inf:
+        now = time.perf_counter()
+        if now >= budget.next_wake_time:
+            budget.next_wake_time = _wake_all(budget.timed_sleepers, now)
 
 
 def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: bool = True,
@@ -259,8 +270,7 @@ class MeasurementCallback(Callback):
         """No work of its own: clocked so that the first batch sets aside the hooks its class leaves
         to Lightning's no-ops, and so that the trainer's first measurement callback wakes the
         others; any other then sleeps for the rest of the run (unless a subclass has work here)."""
-        if type(self).on_train_batch_start is MeasurementCallback.on_train_batch_start:
-            sleep_until(self, trainer, math.inf)
+        sleep_until(self, trainer, math.inf, hook_of=MeasurementCallback)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         """No work of its own: clocked so that the hooks set aside at the first batch come back."""

@@ -181,13 +181,12 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         if self._pending and self._affordable():
             self._pending = False
             self._probe(trainer, pl_module, batch=batch, log=True)
-        if type(self).on_train_batch_start is ProbeCallback.on_train_batch_start:
-            # nothing to do before the schedule's next step, or (waiting for the budget) before
-            # the time its cost can fit: Lightning need not call this until then
-            if not self._pending:
-                sleep_until(self, trainer, self.schedule.next_due_step(step))
-            elif self.budget is not None and self.budget.fraction is not None:
-                sleep_until_time(self, trainer, self.budget.affordable_from(self.owner))
+        # nothing to do before the schedule's next step, or (waiting for the budget) before the
+        # time its cost can fit: Lightning need not call this until then
+        if not self._pending:
+            sleep_until(self, trainer, self.schedule.next_due_step(step), hook_of=ProbeCallback)
+        elif self.budget is not None and self.budget.fraction is not None:
+            sleep_until_time(self, trainer, self.budget.affordable_from(self.owner), hook_of=ProbeCallback)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.due_at_epoch_end(trainer.current_epoch):
