@@ -609,7 +609,8 @@ def test_plan_refuses_unsupported_tied_and_functional():
             self.emb = nn.Embedding(10, 4)
             self.head = nn.Linear(4, 10, bias=False)
             self.head.weight = self.emb.weight  # tied
-            self.att = nn.MultiheadAttention(4, 2)
+            self.att = nn.MultiheadAttention(4, 2, add_bias_kv=True)
+            self.att_ok = nn.MultiheadAttention(4, 2)  # self-attention: its projections are matched in the graph
             self.act = nn.PReLU()
             self.tconv = nn.ConvTranspose1d(4, 4, 3)
             self.bag = nn.Embedding(5, 4, max_norm=1.0)
@@ -617,9 +618,9 @@ def test_plan_refuses_unsupported_tied_and_functional():
             self.raw = nn.Parameter(torch.zeros(3))
 
     covered, uncovered = plan(Model())
-    assert set(covered) == {"ok"}
+    assert set(covered) == {"ok", "att_ok", "att_ok.out_proj"}
     assert "tied" in uncovered["emb.weight"] and "tied" in uncovered["head.weight"]
-    assert "MultiheadAttention" in uncovered["att.in_proj_weight"]
+    assert "add_bias_kv" in uncovered["att.in_proj_weight"]
     assert "MultiheadAttention" in uncovered["att.out_proj.weight"]
     assert "PReLU" in uncovered["act.weight"]
     assert "transposed" in uncovered["tconv.weight"]

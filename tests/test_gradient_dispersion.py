@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import statistics
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,12 +166,14 @@ def test_hooks_are_removed_after_training(tmp_path):
 
 # ---------------------------------------------------------------- unsupported layers
 class AttentionNet(torch.nn.Module):
-    """nn.MultiheadAttention uses its projection weights inside a fused function: no hook reaches them."""
+    """nn.MultiheadAttention uses its projection weights inside a fused function; its projections are
+    matched in the autograd graph (estimators/ghost_attention.py) except with ``add_bias_kv``
+    (``refused=True``), which no hook reaches."""
 
-    def __init__(self) -> None:
+    def __init__(self, refused: bool = True) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(8, 16)
-        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=refused)
         self.head = torch.nn.Linear(16, 10)
 
     def forward(self, x):
@@ -196,6 +200,28 @@ def test_auto_falls_back_with_one_warning_and_correct_values(tmp_path):
     assert sum("not reading the training backward" in str(w.message) for w in caught) == 1
     assert cb.active_backend == "functorch"
     # reference: a plain per-sample loop
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+    g = torch.stack(grads)
+    s2 = float(((g - g.mean(0)) ** 2).sum() / (g.shape[0] - 1))
+    assert records[0].values["grad/trace_cov"] == pytest.approx(s2, rel=1e-5)
+
+
+def test_auto_reads_self_attention_in_the_training_backward(tmp_path):
+    """Self-attention is covered by the hooks: no warning, no extra pass, the per-sample loop's values."""
+    torch.manual_seed(0)
+    module = Classifier(AttentionNet(refused=False), lr=0.0)
+    data = DigitsDataModule(batch_size=32, shuffle=False)
+    cb = GradientDispersion(backend="auto")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*not reading the training backward.*")
+        records = run_collect(tmp_path, module, data, cb, max_steps=1)
+    assert cb.active_backend == "hooks"
     data.setup("fit")
     x, y = next(iter(data.train_dataloader()))
     params = [p for p in module.parameters() if p.requires_grad]

@@ -57,6 +57,15 @@ LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm (affine paramet
     backward from the stored input with the same functional the layer calls
     (``F.layer_norm``, ``F.group_norm``, …) and the layer's running statistics where it uses them.
 
+``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``, without ``add_bias_kv``)
+    The module multiplies by its weights inside one function, so no module hook sees the two
+    products; their nodes in the output's autograd graph do (:mod:`~genbounds.estimators.ghost_attention`):
+    the in-projection ``[T·B, E] → [T·B, 3E]`` and the out-projection ``[T·B, E] → [T·B, E]`` are
+    each a Linear on sequences with input rows saved on the node and the output gradient received
+    by a pre-hook on it.  The in-projection is the attention module's own site, ``out_proj`` a site
+    of its own (recorded by the attention's forward hook); attention mixes positions within a
+    sample only, so both are exact per-sample norms.
+
 Train-mode BatchNorm — a *decomposition*, not per-sample gradients
     Batch statistics couple the samples: sample ``j``'s loss depends on sample ``i``'s input, so
     "the gradient of sample i" is not defined for anything upstream of the BatchNorm.  What stays
@@ -101,8 +110,8 @@ float64 on the tensors' device.  Nothing synchronizes with the host.
 Limitations: the batch must be dimension 0 of every layer input, and the input the layer's first
 positional argument; regions compiled by ``torch.compile`` and sharded (tensor-parallel, FSDP)
 parameters are not supported; parameters used outside their module's ``forward``
-(``nn.MultiheadAttention``'s ``out_proj``, a weight tied to another module) are refused by
-:func:`plan`, or detected at :meth:`GhostNormHooks.read` when their module never received an
+(a weight tied to another module; cross-attention, whose in-projection uses slices of the packed
+weight, is reported at the first read) are refused by :func:`plan`, or detected at :meth:`GhostNormHooks.read` when their module never received an
 output gradient (a weight used both through its module and functionally elsewhere is *not*
 detected).
 """
@@ -122,6 +131,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.hooks import RemovableHandle
+
+from genbounds.estimators import ghost_attention
 
 GHOST = "ghost"
 MATERIALIZE = "materialize"
@@ -737,7 +748,19 @@ class _InstanceNormKind(_NormKind):
                                None, None, False, 0.0, module.eps)
 
 
+class _AttentionKind(_LinearKind):
+    """``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``): its in-projection is a
+    Linear on sequences whose input rows and output gradient are taken from the product's node in
+    the autograd graph (:mod:`genbounds.estimators.ghost_attention`); its ``out_proj`` is a site of
+    its own, recorded by the same forward hook."""
+
+    def method_for(self, module, input_shape, forced):
+        T = input_shape[1] if module.batch_first else input_shape[0]
+        return _ghost_or_materialize(forced, T, module.embed_dim, 3 * module.embed_dim)
+
+
 _LINEAR, _CONV, _EMBEDDING = _LinearKind(), _ConvKind(), _EmbeddingKind()
+_ATTENTION = _AttentionKind()
 _LAYERNORM, _RMSNORM, _GROUPNORM = _LayerNormKind(), _RMSNormKind(), _GroupNormKind()
 _BATCHNORM, _INSTANCENORM = _BatchNormKind(), _InstanceNormKind()
 
@@ -776,7 +799,8 @@ def _kind_of(module: nn.Module) -> tuple[_Kind | None, str | None]:
                                   "the whole batch (couples the samples)")
             return kind, None
     if isinstance(module, nn.MultiheadAttention):
-        return None, "MultiheadAttention uses its weights functionally (no ghost rule)"
+        reason = ghost_attention.unsupported_reason(module)
+        return (_ATTENTION, None) if reason is None else (None, reason)
     if isinstance(module, _ConvNd):
         return None, f"{type(module).__name__}: transposed convolutions are not implemented"
     return None, f"no ghost-norm rule for {type(module).__name__}"
@@ -794,8 +818,9 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         :class:`GhostNormHooks`); ``uncovered`` maps the qualified name of every trainable
         parameter outside those modules to the reason.  A parameter owned by several modules
         (tied weights) is uncovered — its per-sample gradient has cross terms between the
-        modules — and so is a Linear whose forward its parent bypasses
-        (``nn.MultiheadAttention.out_proj``).  Callers should refuse to mix covered and
+        modules.  A supported ``nn.MultiheadAttention`` is covered with its ``out_proj`` (whose
+        forward it bypasses: the attention's hook records it); a refused one leaves its
+        ``out_proj`` uncovered too.  Callers should refuse to mix covered and
         uncovered parameters.
     """
     owners: dict[int, list[str]] = {}
@@ -803,20 +828,24 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if p.requires_grad:
                 owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    functional_children: set[int] = set()
+    functional_children: dict[int, str] = {}  # a refused MultiheadAttention's children → its reason
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):
-            functional_children.update(id(m) for m in module.modules() if m is not module)
+            why = _kind_of(module)[1]
+            if why is not None:
+                functional_children.update((id(m), why) for m in module.modules() if m is not module)
     covered: dict[str, nn.Module] = {}
     uncovered: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
-            continue
+        if not own and not (isinstance(module, nn.MultiheadAttention) and _kind_of(module)[1] is None
+                            and any(p.requires_grad for p in module.out_proj.parameters())):
+            continue  # (a MultiheadAttention with a trainable out_proj records it: kept)
         prefix = f"{mod_name}." if mod_name else ""
         kind, reason = _kind_of(module)
         if reason is None and id(module) in functional_children:
-            reason = "inside MultiheadAttention, which uses the weights without calling this module"
+            reason = ("inside a MultiheadAttention that uses the weights without calling this module: "
+                      + functional_children[id(module)])
         if reason is None:
             for n, p in own:
                 others = [o for o in owners[id(p)] if o != prefix + n]
@@ -850,6 +879,12 @@ def predict_methods(
         def hook(mod, args, output, name=name, kind=kind, forced=forced):
             if name not in seen and args and isinstance(args[0], Tensor):
                 seen[name] = kind.method_for(mod, args[0].shape, forced)
+                out_name = next((n for n, m in modules.items() if kind is _ATTENTION and m is mod.out_proj), None)
+                if out_name is not None:  # recorded by this hook (its own forward never runs)
+                    shape = args[0].shape
+                    T = shape[1] if mod.batch_first else shape[0]
+                    out_forced = method.get(out_name) if isinstance(method, Mapping) else method
+                    seen[out_name] = _LINEAR.method_for(mod.out_proj, torch.Size((1, T, mod.embed_dim)), out_forced)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -869,12 +904,14 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index")
+                 "index", "partner", "driven")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
         self.name, self.module, self.group, self.kind, self.forced = name, module, group, kind, forced
         self.index = index
+        self.partner: _Site | None = None  # a MultiheadAttention's out_proj site, recorded by its hook
+        self.driven = False  # recorded by its parent's hook (a MultiheadAttention's out_proj)
         self.reset()
 
     def reset(self) -> None:
@@ -970,6 +1007,12 @@ class GhostNormHooks:
             if forced not in (None, GHOST, MATERIALIZE):
                 raise ValueError(f"method must be 'ghost', 'materialize' or None, got {forced!r}")
             self._sites.append(_Site(name, module, group_of.get(name, name), kind, forced, len(self._sites)))
+        by_module = {id(site.module): site for site in self._sites}
+        for site in self._sites:
+            if site.kind is _ATTENTION:
+                out = by_module.get(id(site.module.out_proj))
+                if out is not None:
+                    site.partner, out.driven = out, True
         self._group_rows: dict[str, list[int]] = {}
         for site in self._sites:
             self._group_rows.setdefault(site.group, []).append(site.index)
@@ -1014,7 +1057,8 @@ class GhostNormHooks:
         if self._handles:
             return
         for site in self._sites:
-            self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
+            if not site.driven:
+                self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
 
     def arm(self) -> None:
         """Record the following forwards (attaches first if needed).  A no-op when armed;
@@ -1024,7 +1068,7 @@ class GhostNormHooks:
         self.attach()
         self.clear()
         for site in self._sites:
-            for p in site.module.parameters(recurse=False):
+            for p in site.module.parameters(recurse=False):  # (out_proj has a site of its own)
                 if p.requires_grad:
                     self._param_handles.append(
                         p.register_post_accumulate_grad_hook(functools.partial(self._param_hook, site)))
@@ -1093,6 +1137,9 @@ class GhostNormHooks:
         return hook
 
     def _record(self, site: _Site, module: nn.Module, args: tuple, output: Any) -> None:
+        if site.kind is _ATTENTION:
+            self._record_attention(site, module, output)
+            return
         if not isinstance(output, Tensor) or not output.requires_grad:
             return  # no gradient will flow (no_grad, inference, everything frozen)
         params = module._parameters  # faster than Module.__getattr__
@@ -1110,13 +1157,25 @@ class GhostNormHooks:
         if problem is not None:
             self._problems.append(f"{site.name}: {problem}")
             return
+        if isinstance(site.kind, _BatchNormKind) and site.kind.batch_stats(module):
+            site.coupled = True
+            self._coupled_upto = self._ordinal + 1
+        keep = site.kind.needs_input(wt, bt)
+        call = self._new_call(site, x.detach() if keep else None, x.shape[0], x.device, wt, bt,
+                              site.kind.precompute(x, wt, site.forced))
+        if call is not None:
+            output.register_hook(functools.partial(self._grad_hook, call))
+
+    def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
+                  pre: Tensor | None) -> _Call | None:
+        """Book one forward call of ``site`` (``None`` when it cannot be recorded: reported)."""
         if site.calls and site.received == len(site.calls):
             self._problems.append(
                 f"{site.name}: forward recorded again after its backward; call read() or clear() "
                 "between steps")
-            return
+            return None
         if self._rows is None:
-            self._rows = torch.zeros((len(self._sites), x.shape[0]), dtype=torch.float64, device=x.device)
+            self._rows = torch.zeros((len(self._sites), b), dtype=torch.float64, device=device)
             self._row_views = self._rows.unbind(0)
         self._ordinal += 1
         if not site.calls:
@@ -1125,14 +1184,39 @@ class GhostNormHooks:
                 self._touched.append(site)
             site.first_ordinal = self._ordinal
             site.flags = (wt, bt)
-        if isinstance(site.kind, _BatchNormKind) and site.kind.batch_stats(module):
-            site.coupled = True
-            self._coupled_upto = self._ordinal
-        keep = site.kind.needs_input(wt, bt)
-        call = _Call(site, x.detach() if keep else None, x._version if keep else 0, self._epoch,
-                     site.kind.precompute(x, wt, site.forced))
+        call = _Call(site, x, x._version if x is not None else 0, self._epoch, pre)
         site.calls.append(call)
-        output.register_hook(functools.partial(self._grad_hook, call))
+        return call
+
+    def _record_attention(self, site: _Site, module: nn.Module, output: Any) -> None:
+        """A MultiheadAttention call: its in-projection (this site) and out-projection (the partner
+        site) are matched in the output's autograd graph; each gets a hook on its product's node
+        that receives the product's output gradient (ghost_attention)."""
+        out = output[0] if isinstance(output, tuple) else output
+        if not isinstance(out, Tensor) or not out.requires_grad:
+            return
+        if out.dim() != 3:
+            self._problems.append(f"{site.name}: unbatched input (the batch must be a dimension of a 3-D input)")
+            return
+        B, T = (out.shape[0], out.shape[1]) if module.batch_first else (out.shape[1], out.shape[0])
+        found, problem = ghost_attention.find_projections(module, out, T * B)
+        if problem is not None:
+            self._problems.append(f"{site.name}: {problem}")
+            return
+        for proj, target, (w, c) in zip(found, (site, site.partner), ghost_attention.parameters(module)):
+            if proj is None or target is None:
+                continue
+            wt, bt = w.requires_grad, c is not None and c.requires_grad
+            # rows are position-major: [T·B, d] → [B, T, d] (a view)
+            x = proj.rows.detach().view(T, B, -1).transpose(0, 1) if wt else None
+            call = self._new_call(target, x, B, out.device, wt, bt, None)
+            if call is not None:
+                proj.node.register_prehook(functools.partial(self._node_hook, call, T, B))
+
+    def _node_hook(self, call: _Call, T: int, B: int, grad_outputs: tuple) -> None:
+        grad = grad_outputs[0]
+        if grad is not None:
+            self._grad_hook(call, grad.view(T, B, -1).transpose(0, 1))
 
     def _grad_hook(self, call: _Call, grad: Tensor) -> None:
         started = time.perf_counter()
