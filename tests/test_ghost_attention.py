@@ -7,8 +7,12 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from genbounds.estimators.ghost_norms import GHOST, MATERIALIZE, GhostNormHooks, plan, predict_methods
+from genbounds.estimators.ghost_norms import GHOST, GOODFELLOW, MATERIALIZE, GhostNormHooks, plan, predict_methods
 from test_ghost_norms import DT, check, measure, per_sample_losses, reference
+
+
+# the vmap(grad) reference runs attention without a batching rule (slow, and torch says so)
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop")
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +43,6 @@ class SelfAttention(nn.Module):
 
 CASES = {
     "batch_first": {},
-    "sequence_first": {"batch_first": False},
     "need_weights": {"need_weights": True, "use_weights": True},
     "no_bias": {"bias": False},
     "shared_twice": {"calls": 2},
@@ -85,24 +88,89 @@ def test_transformer_encoder_layers_with_causal_mask():
 
 
 def test_dropout_in_attention_gives_the_sampled_functions_norms():
-    """With attention dropout the per-sample gradient is that of the dropped-out function; the hooks
-    see the training backward's own masks. Checked through the batch gradient: the per-sample
-    gradients' squared norms sum to at least ‖Σ_i g_i‖² / b (Cauchy–Schwarz) and the hook values
-    are deterministic given the RNG state."""
+    """With attention dropout the per-sample gradient is that of the dropped-out function, whose
+    masks the training backward has: the reference is ``autograd.grad(ℓ_i)`` on the same graph."""
     model = SelfAttention().to(DT)
     model.att.dropout = 0.5
-    x = torch.randn(4, 5, 8, dtype=DT)
-    t = torch.randn(4, 3, dtype=DT)
-    runs = []
-    for _ in range(2):
-        torch.manual_seed(1)
-        runs.append(measure(model, x, t).total)
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    torch.manual_seed(1)
-    model.zero_grad()
-    per_sample_losses(model(x), t).mean().backward()
-    batch_sq = sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()) * 4 ** 2
-    assert float(runs[0].sum()) * 4 >= batch_sq * (1 - 1e-9)
+    x, t = torch.randn(4, 5, 8, dtype=DT), torch.randn(4, 3, dtype=DT)
+    hooks = GhostNormHooks(plan(model)[0])
+    hooks.arm()
+    losses = per_sample_losses(model(x), t)
+    losses.mean().backward(retain_graph=True)
+    norms = hooks.read(scale=4)
+    hooks.disarm()
+    named = [(n, p) for n, p in model.named_parameters()]
+    for i in range(4):  # (the hooks' late calls on the retained graph are ignored: read() cleared them)
+        grads = torch.autograd.grad(losses[i], [p for _, p in named], retain_graph=True)
+        per_module: dict[str, float] = {}
+        for (n, _), g in zip(named, grads):
+            per_module[n.rsplit(".", 1)[0]] = per_module.get(n.rsplit(".", 1)[0], 0.0) + float((g ** 2).sum())
+        for name, value in per_module.items():
+            assert float(norms.per_group[name][i]) == pytest.approx(value, rel=1e-9), (i, name)
+
+
+def test_out_projection_also_called_directly():
+    """``out_proj`` is bypassed by the attention's forward but may be called by the user too: both
+    calls are the same weight's (concatenated along positions, as weight sharing)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            h = self.att(x, x, x, need_weights=False)[0]
+            return self.att.out_proj(torch.tanh(h)).mean(1)
+
+    check(Model(), torch.randn(3, 4, 8))
+
+
+def test_autocast_bf16_close_to_float32():
+    """Under autocast the weights reach the products through a cast (``ToCopyBackward0``)."""
+    model = SelfAttention()
+    x, t = torch.randn(4, 5, 8), torch.randn(4, 3)
+    ref = reference(model, x, t)
+    hooks = GhostNormHooks(plan(model)[0])
+    hooks.arm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = per_sample_losses(model(x).float(), t).mean()
+    loss.backward()
+    norms = hooks.read(scale=4)
+    for name, expected in ref.items():
+        torch.testing.assert_close(norms.per_group[name], expected.double(), rtol=5e-2, atol=0.0)
+
+
+@pytest.mark.parametrize("context", ["save_on_cpu", "checkpoint"])
+def test_saved_tensor_hooks_are_reported_and_leave_training_unchanged(context):
+    """Reading a saved input under saved-tensor hooks would run their unpack inside the forward
+    (recompute, copy): the call is reported instead, and the loss and gradients are the plain ones."""
+    from torch.utils.checkpoint import checkpoint
+
+    model = SelfAttention()
+    model.att.dropout = 0.3
+    x, t = torch.randn(3, 4, 8), torch.randn(3, 3)
+
+    def run(hooks):
+        model.zero_grad(set_to_none=True)
+        if hooks is not None:
+            hooks.arm()
+        torch.manual_seed(5)
+        if context == "checkpoint":
+            out = checkpoint(model, x, use_reentrant=False, preserve_rng_state=False)
+        else:
+            with torch.autograd.graph.save_on_cpu():
+                out = model(x)
+        loss = per_sample_losses(out, t).mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    plain = run(None)
+    hooks = GhostNormHooks(plan(model)[0])
+    hooked = run(hooks)
+    with pytest.raises(RuntimeError, match="saved-tensor hooks"):
+        hooks.read(3)
+    assert torch.equal(plain[0], hooked[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], hooked[1]))
 
 
 def test_frozen_in_projection_trainable_out_projection():
@@ -115,31 +183,52 @@ def test_frozen_in_projection_trainable_out_projection():
     assert "att" not in norms.methods and "att.out_proj" in norms.methods
 
 
-def test_predict_methods_covers_the_out_projection():
+@pytest.mark.parametrize("T,route", [(30, MATERIALIZE), (3, GHOST), (1, GOODFELLOW)])
+def test_predict_methods_covers_the_out_projection(T, route):
+    """T = 30: 2T² ≥ d_in·d_out → materialize for both projections; T = 1 is reported as Goodfellow."""
     model = SelfAttention(d=8)
     covered = plan(model)[0]
-    x = torch.randn(2, 30, 8)  # T = 30: 2T² ≥ d_in·d_out → materialize for both projections
+    x = torch.randn(2, T, 8)
     predicted = predict_methods(covered, lambda: model(x))
     assert predicted == measure(model, x, torch.randn(2, 3), modules=covered).methods
-    assert predicted["att"] == predicted["att.out_proj"] == MATERIALIZE
-    x = torch.randn(2, 3, 8)
-    assert predict_methods(covered, lambda: model(x))["att"] == GHOST
+    assert predicted["att"] == predicted["att.out_proj"] == route
 
 
 @pytest.mark.parametrize("kw,match", [
     ({"add_bias_kv": True}, "add_bias_kv"),
     ({"kdim": 4, "vdim": 4}, "kdim"),
+    ({"batch_first": False}, "batch_first=False"),
+    ({"frozen": "in_proj_weight"}, "trainable bias with a frozen weight"),
+    ({"frozen": "out_proj.weight"}, "trainable bias with a frozen weight"),
 ])
 def test_plan_refuses_what_the_graph_rule_does_not_cover(kw, match):
+    frozen = kw.pop("frozen", None)
+
     class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.att = nn.MultiheadAttention(8, 2, **kw)
+            self.att = nn.MultiheadAttention(8, 2, **{"batch_first": True, **kw})
 
-    covered, uncovered = plan(Model())
+    model = Model()
+    if frozen is not None:
+        model.att.get_parameter(frozen).requires_grad_(False)
+    covered, uncovered = plan(model)
     assert not covered
     assert any(match in why for why in uncovered.values()), uncovered
-    assert match in uncovered["att.out_proj.weight"]
+    assert match in uncovered["att.out_proj.bias"]
+
+
+def test_plan_refuses_decoder_cross_attention_and_sequence_first_encoders():
+    """A sequence-first encoder layer's Linear and LayerNorm see [T, B, E] (with T = B a wrong
+    batch dimension could not be detected); a decoder layer's second attention is cross-attention."""
+    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)  # batch_first=False
+    covered, uncovered = plan(encoder)
+    assert "batch_first=False" in uncovered["self_attn.in_proj_weight"]
+    decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    covered, uncovered = plan(decoder)
+    assert "self_attn" in covered and "self_attn.out_proj" in covered
+    assert "cross-attention" in uncovered["multihead_attn.in_proj_weight"]
+    assert "cross-attention" in uncovered["multihead_attn.out_proj.weight"]
 
 
 def test_cross_attention_is_reported_not_mismeasured():

@@ -610,7 +610,7 @@ def test_plan_refuses_unsupported_tied_and_functional():
             self.head = nn.Linear(4, 10, bias=False)
             self.head.weight = self.emb.weight  # tied
             self.att = nn.MultiheadAttention(4, 2, add_bias_kv=True)
-            self.att_ok = nn.MultiheadAttention(4, 2)  # self-attention: its projections are matched in the graph
+            self.att_ok = nn.MultiheadAttention(4, 2, batch_first=True)  # self-attention: its projections are matched in the graph
             self.act = nn.PReLU()
             self.tconv = nn.ConvTranspose1d(4, 4, 3)
             self.bag = nn.Embedding(5, 4, max_norm=1.0)

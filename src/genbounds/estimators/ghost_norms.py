@@ -59,7 +59,8 @@ LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm (affine paramet
 
 ``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``, without ``add_bias_kv``)
     The module multiplies by its weights inside one function, so no module hook sees the two
-    products; their nodes in the output's autograd graph do (:mod:`~genbounds.estimators.ghost_attention`):
+    products; their nodes in the output's autograd graph do
+    (:mod:`~genbounds.estimators.ghost_attention`):
     the in-projection ``[T·B, E] → [T·B, 3E]`` and the out-projection ``[T·B, E] → [T·B, E]`` are
     each a Linear on sequences with input rows saved on the node and the output gradient received
     by a pre-hook on it.  The in-projection is the attention module's own site, ``out_proj`` a site
@@ -386,9 +387,13 @@ class _LinearKind(_Kind):
         return out, method
 
     def method_for(self, module, input_shape, forced):
-        T = _prod(input_shape[1:-1])
-        m = _ghost_or_materialize(forced, T, module.in_features, module.out_features)
-        return GOODFELLOW if (m == GHOST and T == 1) else m
+        return _linear_route(forced, _prod(input_shape[1:-1]), module.in_features, module.out_features)
+
+
+def _linear_route(forced: str | None, T: int, d_in: int, d_out: int) -> str:
+    """The route a Linear on ``T`` positions takes (and reports)."""
+    m = _ghost_or_materialize(forced, T, d_in, d_out)
+    return GOODFELLOW if (m == GHOST and T == 1) else m
 
 
 def _padding_pairs(module: _ConvNd) -> list[tuple[int, int]]:
@@ -751,12 +756,13 @@ class _InstanceNormKind(_NormKind):
 class _AttentionKind(_LinearKind):
     """``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``): its in-projection is a
     Linear on sequences whose input rows and output gradient are taken from the product's node in
-    the autograd graph (:mod:`genbounds.estimators.ghost_attention`); its ``out_proj`` is a site of
-    its own, recorded by the same forward hook."""
+    the autograd graph (:mod:`genbounds.estimators.ghost_attention`; recorded by
+    ``GhostNormHooks._record_attention``, not by the Linear's ``check``/``precompute``); its
+    ``out_proj``, when hooked, is a site of its own that the same forward hook records."""
 
     def method_for(self, module, input_shape, forced):
-        T = input_shape[1] if module.batch_first else input_shape[0]
-        return _ghost_or_materialize(forced, T, module.embed_dim, 3 * module.embed_dim)
+        return _linear_route(forced, ghost_attention.batch_and_length(module, input_shape)[1], module.embed_dim,
+                             3 * module.embed_dim)
 
 
 _LINEAR, _CONV, _EMBEDDING = _LinearKind(), _ConvKind(), _EmbeddingKind()
@@ -828,21 +834,20 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
         for p_name, p in module.named_parameters(recurse=False, remove_duplicate=False):
             if p.requires_grad:
                 owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
-    functional_children: dict[int, str] = {}  # a refused MultiheadAttention's children → its reason
-    for module in model.modules():
-        if isinstance(module, nn.MultiheadAttention):
-            why = _kind_of(module)[1]
-            if why is not None:
-                functional_children.update((id(m), why) for m in module.modules() if m is not module)
+    refused = _refused_attention(model)  # MultiheadAttention → why; its children inherit the reason
+    functional_children = {id(m): why for att, why in refused.items() for m in att.modules() if m is not att}
     covered: dict[str, nn.Module] = {}
     uncovered: dict[str, str] = {}
     for mod_name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own and not (isinstance(module, nn.MultiheadAttention) and _kind_of(module)[1] is None
+        attention = isinstance(module, nn.MultiheadAttention)
+        if not own and not (attention and module not in refused
                             and any(p.requires_grad for p in module.out_proj.parameters())):
             continue  # (a MultiheadAttention with a trainable out_proj records it: kept)
         prefix = f"{mod_name}." if mod_name else ""
         kind, reason = _kind_of(module)
+        if attention and reason is None:
+            reason = refused.get(module)
         if reason is None and id(module) in functional_children:
             reason = ("inside a MultiheadAttention that uses the weights without calling this module: "
                       + functional_children[id(module)])
@@ -858,6 +863,22 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
             for n, _ in own:
                 uncovered[prefix + n] = reason
     return covered, uncovered
+
+
+def _refused_attention(model: nn.Module) -> dict[nn.Module, str]:
+    """Every ``nn.MultiheadAttention`` of ``model`` the graph rule does not cover, with the reason:
+    structural (:func:`~genbounds.estimators.ghost_attention.unsupported_reason`), a trainable bias
+    on a frozen weight, or the cross-attention of an ``nn.TransformerDecoderLayer``."""
+    cross = {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    refused: dict[nn.Module, str] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention):
+            why = _kind_of(module)[1] or ghost_attention.frozen_weight_reason(module)
+            if why is None and id(module) in cross:
+                why = "cross-attention (nn.TransformerDecoderLayer.multihead_attn: query and key differ)"
+            if why is not None:
+                refused[module] = why
+    return refused
 
 
 def predict_methods(
@@ -880,11 +901,10 @@ def predict_methods(
             if name not in seen and args and isinstance(args[0], Tensor):
                 seen[name] = kind.method_for(mod, args[0].shape, forced)
                 out_name = next((n for n, m in modules.items() if kind is _ATTENTION and m is mod.out_proj), None)
-                if out_name is not None:  # recorded by this hook (its own forward never runs)
-                    shape = args[0].shape
-                    T = shape[1] if mod.batch_first else shape[0]
+                if out_name is not None:  # recorded by this hook (the attention bypasses its forward)
                     out_forced = method.get(out_name) if isinstance(method, Mapping) else method
-                    seen[out_name] = _LINEAR.method_for(mod.out_proj, torch.Size((1, T, mod.embed_dim)), out_forced)
+                    T = ghost_attention.batch_and_length(mod, args[0].shape)[1]
+                    seen[out_name] = _linear_route(out_forced, T, mod.embed_dim, mod.embed_dim)
 
         handles.append(module.register_forward_hook(hook))
     try:
@@ -904,14 +924,13 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index", "partner", "driven")
+                 "index", "partner")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
         self.name, self.module, self.group, self.kind, self.forced = name, module, group, kind, forced
         self.index = index
         self.partner: _Site | None = None  # a MultiheadAttention's out_proj site, recorded by its hook
-        self.driven = False  # recorded by its parent's hook (a MultiheadAttention's out_proj)
         self.reset()
 
     def reset(self) -> None:
@@ -960,7 +979,9 @@ class GhostNormHooks:
 
     Hooks are registered once (:meth:`attach`) and cost one attribute check per forward while
     disarmed.  While armed (:meth:`arm`), each forward call of a hooked module stores its input
-    (detached, no copy) and puts a hook on its output; when the output's gradient arrives in the
+    (detached, no copy) and puts a hook on its output (for ``nn.MultiheadAttention``: finds its two
+    products' nodes in the output's graph, keeps their saved inputs and puts a pre-hook on each);
+    when the output's gradient arrives in the
     backward, the module's per-sample squared norms are computed there, the stored input is
     released, and the result is added to a per-group float64 buffer on the device.  Read the
     buffers after the backward with :meth:`read` (which also resets them for the next step)::
@@ -1011,8 +1032,7 @@ class GhostNormHooks:
         for site in self._sites:
             if site.kind is _ATTENTION:
                 out = by_module.get(id(site.module.out_proj))
-                if out is not None:
-                    site.partner, out.driven = out, True
+                site.partner = out  # (its own forward hook stays: a direct call of out_proj is a call too)
         self._group_rows: dict[str, list[int]] = {}
         for site in self._sites:
             self._group_rows.setdefault(site.group, []).append(site.index)
@@ -1057,8 +1077,7 @@ class GhostNormHooks:
         if self._handles:
             return
         for site in self._sites:
-            if not site.driven:
-                self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
+            self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
 
     def arm(self) -> None:
         """Record the following forwards (attaches first if needed).  A no-op when armed;
@@ -1068,7 +1087,7 @@ class GhostNormHooks:
         self.attach()
         self.clear()
         for site in self._sites:
-            for p in site.module.parameters(recurse=False):  # (out_proj has a site of its own)
+            for p in site.module.parameters(recurse=False):  # (out_proj, when hooked, is a site of its own)
                 if p.requires_grad:
                     self._param_handles.append(
                         p.register_post_accumulate_grad_hook(functools.partial(self._param_hook, site)))
@@ -1198,12 +1217,12 @@ class GhostNormHooks:
         if out.dim() != 3:
             self._problems.append(f"{site.name}: unbatched input (the batch must be a dimension of a 3-D input)")
             return
-        B, T = (out.shape[0], out.shape[1]) if module.batch_first else (out.shape[1], out.shape[0])
+        B, T = ghost_attention.batch_and_length(module, out.shape)
         found, problem = ghost_attention.find_projections(module, out, T * B)
         if problem is not None:
             self._problems.append(f"{site.name}: {problem}")
             return
-        for proj, target, (w, c) in zip(found, (site, site.partner), ghost_attention.parameters(module)):
+        for proj, target, (w, c) in zip(found, (site, site.partner), ghost_attention.projection_parameters(module)):
             if proj is None or target is None:
                 continue
             wt, bt = w.requires_grad, c is not None and c.requires_grad
