@@ -161,6 +161,21 @@ def test_convolutions(case, route, monkeypatch):
         assert norms.methods["0"] == method
 
 
+@pytest.mark.parametrize("route", ["ghost-unfold", "ghost-gram", "materialize"])
+@pytest.mark.parametrize("budget", [1, 3000])
+def test_convolutions_in_chunks_of_samples(route, budget, monkeypatch):
+    """A work-buffer budget below one sample's (chunks of 1) or a few samples' (uneven chunks):
+    the same exact values, on every route, with and without groups."""
+    monkeypatch.setattr(ghost_norms, "WORK_BUFFER_BYTES", {"cpu": budget, "default": budget})
+    if route.startswith("ghost-"):
+        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route == "ghost-gram")
+    method = MATERIALIZE if route == "materialize" else GHOST
+    for case in ("2d-stride-pad-dil-groups", "1d-same-even-kernel", "3d-same"):
+        make, shape = CONVS[case]
+        x = torch.randn(7, *shape[1:])  # 7 samples: chunks of 1, or uneven chunks
+        assert check(nn.Sequential(make()), x, method=method).methods["0"] == method
+
+
 @pytest.mark.parametrize("case", list(CONVS))
 def test_conv_patch_gram_equals_unfolded_gram(case):
     conv = CONVS[case][0]().to(DT)

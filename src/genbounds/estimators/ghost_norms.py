@@ -456,6 +456,14 @@ def _conv_gram_cheaper(module: _ConvNd, spatial: tuple[int, ...], T: int) -> boo
 
 _SLOTS = ("A", "B")
 
+WORK_BUFFER_BYTES = {"cpu": 4 * 2**20, "default": 256 * 2**20}
+"""Largest work buffer a convolution's per-sample norms use, per device type: the batch is
+processed in chunks of samples when a buffer would be larger.  On the CPU the buffers are kept
+between steps (:class:`_Scratch`), so this bounds what the hooks hold: on the AlexNet-style CNN
+of the benchmark (b = 64) 10.5 MiB instead of 32 MiB, at a few more kernel calls per layer
+(docs/results/overhead.md).  On CUDA the caching allocator recycles them; a large budget keeps
+the kernels few."""
+
 
 def _other_slot(*used: str) -> str:
     return next(s for s in _SLOTS if s not in used)
@@ -544,6 +552,36 @@ class _ConvKind(_Kind):
         return A, G
 
     def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
+        b = g.shape[0]
+        step = self._chunk(module, x, g, forced) if wt else b
+        if step >= b:
+            return self._single(module, x, g, wt, bt, forced, scratch)
+        parts, method = [], MATERIALIZE
+        for s in range(0, b, step):  # the samples are independent: their buffers need not coexist
+            sq, method = self._single(module, x[s:s + step], g[s:s + step], wt, bt, forced, scratch)
+            parts.append(sq)
+        return torch.cat(parts), method
+
+    @staticmethod
+    def _chunk(module, x: Tensor, g: Tensor, forced: str | None) -> int:
+        """Samples per chunk so that each work buffer of the route :meth:`_single` takes stays
+        within :data:`WORK_BUFFER_BYTES` of the device: the input's channel Gram and the patch
+        Gram (ghost without unfolding), the unfolded patches and the patch Gram (ghost), or the
+        unfolded patches and the per-sample gradients (materialize)."""
+        T = _prod(g.shape[2:])
+        K = module.in_channels // module.groups * _prod(module.kernel_size)
+        co = module.out_channels // module.groups
+        if _ghost_or_materialize(forced, T, K, co) == MATERIALIZE:
+            entries = max(K * T, co * K)
+        elif _conv_gram_cheaper(module, tuple(x.shape[2:]), T):
+            P = _prod(_ConvKind._padded_shape(module, x.shape))
+            entries = max(P * P, T * T)
+        else:
+            entries = max(K * T, T * T)
+        per_sample = module.groups * entries * max(4, g.element_size())
+        return max(1, WORK_BUFFER_BYTES.get(g.device.type, WORK_BUFFER_BYTES["default"]) // per_sample)
+
+    def _single(self, module, x, g, wt, bt, forced, scratch):
         if wt:
             T = _prod(g.shape[2:])
             K = module.in_channels // module.groups * _prod(module.kernel_size)
