@@ -112,7 +112,8 @@ Limitations: the batch must be dimension 0 of every layer input, and the input t
 positional argument; regions compiled by ``torch.compile`` and sharded (tensor-parallel, FSDP)
 parameters are not supported; parameters used outside their module's ``forward``
 (a weight tied to another module; cross-attention, whose in-projection uses slices of the packed
-weight, is reported at the first read) are refused by :func:`plan`, or detected at :meth:`GhostNormHooks.read` when their module never received an
+weight, is reported at the first read) are refused by :func:`plan`, or detected at
+:meth:`GhostNormHooks.read` when their module never received an
 output gradient (a weight used both through its module and functionally elsewhere is *not*
 detected).
 """
@@ -460,8 +461,8 @@ WORK_BUFFER_BYTES = {"cpu": 4 * 2**20, "default": 256 * 2**20}
 """Largest work buffer a convolution's per-sample norms use, per device type: the batch is
 processed in chunks of samples when a buffer would be larger.  On the CPU the buffers are kept
 between steps (:class:`_Scratch`), so this bounds what the hooks hold: on the AlexNet-style CNN
-of the benchmark (b = 64) 10.5 MiB instead of 32 MiB, at a few more kernel calls per layer
-(docs/results/overhead.md).  On CUDA the caching allocator recycles them; a large budget keeps
+of the benchmark (b = 64) 7.5 MiB instead of 32 MiB, and its hooks took 54 instead of 67 ms a
+step (smaller buffers stay in cache; docs/results/overhead.md).  On CUDA the caching allocator recycles them; a large budget keeps
 the kernels few."""
 
 
