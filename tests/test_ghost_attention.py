@@ -218,30 +218,64 @@ def test_plan_refuses_what_the_graph_rule_does_not_cover(kw, match):
     assert match in uncovered["att.out_proj.bias"]
 
 
-def test_plan_refuses_decoder_cross_attention_and_sequence_first_encoders():
+def test_plan_refuses_sequence_first_encoders_and_covers_decoders():
     """A sequence-first encoder layer's Linear and LayerNorm see [T, B, E] (with T = B a wrong
-    batch dimension could not be detected); a decoder layer's second attention is cross-attention."""
+    batch dimension could not be detected); a batch-first decoder layer is covered, its
+    cross-attention included."""
     encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)  # batch_first=False
     covered, uncovered = plan(encoder)
     assert "batch_first=False" in uncovered["self_attn.in_proj_weight"]
     decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, batch_first=True)
     covered, uncovered = plan(decoder)
-    assert "self_attn" in covered and "self_attn.out_proj" in covered
-    assert "cross-attention" in uncovered["multihead_attn.in_proj_weight"]
-    assert "cross-attention" in uncovered["multihead_attn.out_proj.weight"]
+    assert not uncovered
+    assert {"self_attn", "self_attn.out_proj", "multihead_attn", "multihead_attn.out_proj"} <= set(covered)
 
 
-def test_cross_attention_is_reported_not_mismeasured():
-    """Query ≠ key: the in-projection uses slices of the packed weight, which the rule does not
-    match; the read raises (the dispersion callback then switches to an extra-pass backend)."""
-    att = nn.MultiheadAttention(8, 2, batch_first=True)
-    hooks = GhostNormHooks(plan(att)[0])
-    hooks.arm()
-    q, kv = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
-    out, _ = att(q, kv, kv, need_weights=False)
-    out.sum().backward()
-    with pytest.raises(RuntimeError, match="in_proj not found"):
-        hooks.read(3)
+class CrossAttention(nn.Module):
+    """Queries from the first ``L`` positions, memory from a projection of all ``T`` (``S = T``):
+    key and value the same tensor (one product for their rows of the weight) or not (two)."""
+
+    def __init__(self, d: int = 8, *, same_kv: bool = True, need_weights: bool = False, L: int = 3) -> None:
+        super().__init__()
+        self.mem = nn.Linear(d, d)
+        self.att = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.head = nn.Linear(d, 3)
+        self.same_kv, self.need_weights, self.L = same_kv, need_weights, L
+
+    def forward(self, x: Tensor) -> Tensor:
+        memory = torch.tanh(self.mem(x))
+        value = memory if self.same_kv else torch.sin(x)
+        h, _ = self.att(x[:, : self.L], memory, value, need_weights=self.need_weights)
+        return self.head(torch.tanh(h)).mean(1)
+
+
+@pytest.mark.parametrize("method", [None, GHOST, MATERIALIZE])
+@pytest.mark.parametrize("same_kv", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_cross_attention_matches_per_sample_gradients(same_kv, need_weights, method):
+    norms = check(CrossAttention(same_kv=same_kv, need_weights=need_weights), torch.randn(4, 6, 8), method=method)
+    assert norms.exact and set(norms.methods) == {"mem", "att", "att.out_proj", "head"}
+
+
+def test_transformer_encoder_decoder():
+    """``nn.Transformer`` (batch-first): decoder self-attention with a causal mask, cross-attention
+    to the encoder's memory of another length, every parameter covered."""
+
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                                      dropout=0.0, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            tgt = x[:, :3]
+            mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=x.dtype)
+            return self.head(self.net(x, tgt, tgt_mask=mask, tgt_is_causal=True)).mean(1)
+
+    model = Seq2Seq()
+    assert not plan(model)[1]
+    check(model, torch.randn(3, 5, 8))
 
 
 def test_out_projection_alone_is_not_silently_measured():

@@ -169,15 +169,19 @@ class AttentionNet(torch.nn.Module):
     matched in the autograd graph (estimators/ghost_attention.py) except with ``add_bias_kv``
     (``refused=True``), which no hook reaches."""
 
-    def __init__(self, refused: bool = True) -> None:
+    def __init__(self, refused: bool = True, cross: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(8, 16)
         self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=refused)
         self.head = torch.nn.Linear(16, 10)
+        self.cross = cross
 
     def forward(self, x):
         h = self.embed(x.reshape(x.shape[0], 8, 8))
-        h, _ = self.attn(h, h, h, need_weights=False)
+        if self.cross:  # queries from half the positions; key and value different tensors
+            h, _ = self.attn(h[:, :4], h, torch.tanh(h), need_weights=False)
+        else:
+            h, _ = self.attn(h, h, h, need_weights=False)
         return self.head(h.mean(1))
 
 
@@ -211,10 +215,12 @@ def test_auto_falls_back_with_one_warning_and_correct_values(tmp_path):
     assert records[0].values["grad/trace_cov"] == pytest.approx(s2, rel=1e-5)
 
 
-def test_auto_reads_self_attention_in_the_training_backward(tmp_path):
-    """Self-attention is covered by the hooks: no warning, no extra pass, the per-sample loop's values."""
+@pytest.mark.parametrize("cross", [False, True])
+def test_auto_reads_attention_in_the_training_backward(tmp_path, cross):
+    """Self- and cross-attention are covered by the hooks: no warning, no extra pass, the
+    per-sample loop's values."""
     torch.manual_seed(0)
-    module = Classifier(AttentionNet(refused=False), lr=0.0)
+    module = Classifier(AttentionNet(refused=False, cross=cross), lr=0.0)
     data = DigitsDataModule(batch_size=32, shuffle=False)
     cb = GradientDispersion(backend="auto")
     with warnings.catch_warnings():

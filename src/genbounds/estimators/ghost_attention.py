@@ -12,15 +12,18 @@ module's output, and the graph exposes exactly what the Linear ghost norm needs:
   (``[T·B, d_out]``), after autograd has summed every path into it.
 
 Self-attention (query, key and value the same tensor, the packed ``in_proj_weight``) projects once,
-``[T·B, E] → [T·B, 3E]``, and the output projection maps ``[T·B, E] → [T·B, E]``; in both the rows
-are position-major (row ``t·B + i`` belongs to sample ``i``; the function works sequence-first and
-folds ``(T, B)`` into rows for either ``batch_first``).  Viewing the rows as ``[T, B, d]`` and
+``[T·B, E] → [T·B, 3E]``; cross-attention projects the query with the first ``E`` rows of the
+weight and the key and value with the other rows — one product with ``w[E:]`` when key is value,
+two with ``w[E:2E]`` and ``w[2E:]`` otherwise — over the query's ``L`` or the memory's ``S``
+positions.  The output projection maps ``[L·B, E] → [L·B, E]``.  In every product the rows are
+position-major (row ``t·B + i`` belongs to sample ``i``; the function works sequence-first and
+folds ``(T, B)`` into rows).  Viewing the rows as ``[T, B, d]`` and
 swapping the first two axes gives each sample's ``A_i ∈ R^{T×d_in}`` and ``G_i ∈ R^{T×d_out}``: the
 Linear-on-sequences case of :mod:`genbounds.estimators.ghost_norms` (ghost ``⟨A Aᵀ, G Gᵀ⟩`` or
 materialize, by ``2T² < d_in·d_out``).  A bias enters the product's output additively (inside the
 ``addmm``, or one ``add`` after the ``mm``), so its per-sample gradient is ``Σ_t G_{i,t}``.  The
-in-projection and the output projection are disjoint parameters: the module's per-sample squared
-norm is the sum of the two.  Attention itself mixes positions of one sample only, so every term is
+slices of the in-projection and the output projection are disjoint parameters: the module's
+per-sample squared norm is the sum over the products.  Attention itself mixes positions of one sample only, so every term is
 the per-sample gradient of ``ℓ_i`` (dropout masks included).
 
 What is matched, and reported otherwise (the caller then falls back to an extra-pass backend):
@@ -28,12 +31,12 @@ the node whose inputs include ``t(weight)`` with ``weight`` the parameter itself
 ``AccumulateGrad`` of exactly that tensor, possibly behind autocast's ``ToCopyBackward0``), of type
 ``MmBackward0``/``AddmmBackward0``, with saved input rows of shape ``[T·B, d_in]``; a bias reached
 from that node (its own input, or through views and one ``AddBackward0``) or no bias.
-Cross-attention (query ≠ key) projects slices of ``in_proj_weight``, reached through
-``SplitWithSizesBackward0``/``SplitBackward0``, and is not matched.  Refused before any step
+A slice of ``in_proj_weight`` is reached through one ``SplitWithSizesBackward0``/``SplitBackward0``
+whose output index says which rows (and which bias slice belongs to it); the in-projection is
+complete when the products' widths add up to ``3E``.  Refused before any step
 (:func:`unsupported_reason`): ``add_bias_kv``, separate q/k/v weights, ``batch_first=False`` (the
 layers around a sequence-first attention see ``[T, B, E]``, whose batch is not dimension 0 — with
-``T = B`` that could not even be detected), the cross-attention of ``nn.TransformerDecoderLayer``
-and a frozen weight with a trainable bias.  Under saved-tensor hooks (activation checkpointing,
+``T = B`` that could not even be detected) and a frozen weight with a trainable bias.  Under saved-tensor hooks (activation checkpointing,
 ``save_on_cpu``) reading a saved input would run the unpack hook inside the forward — recomputing
 or copying — so the call is reported instead.  The walk is breadth-first over the module's part of
 the graph and stops once both products are found (30–40 nodes, about 80 µs per call).
@@ -48,6 +51,10 @@ import torch
 from torch import Tensor, nn
 
 _MATMUL_NODES = {"MmBackward0": "_saved_self", "AddmmBackward0": "_saved_mat1"}
+_SPLITS = {"SplitBackward0", "SplitWithSizesBackward0", "UnsafeSplitBackward0", "UnsafeSplitWithSizesBackward0"}
+OUT = 3
+"""The slot of the output projection; the in-projection's products are slots 0 (the query's rows
+of the weight, or the whole packed weight), 1 and 2 (the key's and value's rows, or both in 1)."""
 _PASS_THROUGH = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"}
 _MAX_NODES = 512
 
@@ -97,107 +104,126 @@ def saved_tensor_hooks_active() -> bool:
 
 
 class Projection:
-    """One matched product: its node and its saved input rows ``[T·B, d_in]`` (position-major)."""
+    """One matched product: its slot, its node, its saved input rows ``[T·B, d_in]``
+    (position-major) and ``T``."""
 
-    __slots__ = ("node", "rows")
+    __slots__ = ("slot", "node", "rows", "T")
 
-    def __init__(self, node: Any, rows: Tensor) -> None:
-        self.node, self.rows = node, rows
+    def __init__(self, slot: int, node: Any, rows: Tensor, T: int) -> None:
+        self.slot, self.node, self.rows, self.T = slot, node, rows, T
 
 
-def _leaf(fn: Any) -> Tensor | None:
-    """The leaf tensor of an ``AccumulateGrad``, through autocast's casts (``ToCopyBackward0``)."""
-    while fn is not None and type(fn).__name__ == "ToCopyBackward0":
+def _skip_casts(fn: Any) -> Any:
+    while fn is not None and type(fn).__name__ == "ToCopyBackward0":  # autocast's casts
         nxt = fn.next_functions
         fn = nxt[0][0] if len(nxt) == 1 else None
-    return getattr(fn, "variable", None) if fn is not None else None
+    return fn
 
 
-def _weight_of(fn: Any) -> Tensor | None:
-    """The parameter behind ``t(parameter)`` (``TBackward0`` → [casts →] ``AccumulateGrad``)."""
-    if fn is None or type(fn).__name__ != "TBackward0":
-        return None
-    nxt = fn.next_functions
-    return _leaf(nxt[0][0]) if len(nxt) == 1 else None
+def _param_of(edge: tuple[Any, int]) -> tuple[Tensor | None, int]:
+    """The leaf tensor behind a graph edge, through casts and at most one split, and the split's
+    output index (0 without a split)."""
+    fn, nr = edge
+    fn, part = _skip_casts(fn), 0
+    if fn is not None and type(fn).__name__ in _SPLITS:
+        nxt = fn.next_functions
+        fn, part = (_skip_casts(nxt[0][0]) if len(nxt) == 1 else None), nr
+    return (getattr(fn, "variable", None) if fn is not None else None), part
 
 
-def _is_leaf_of(fn: Any, t: Tensor) -> bool:
-    return fn is not None and _leaf(fn) is t
+def _weight_of(fn: Any) -> tuple[Tensor | None, int]:
+    """The parameter (and slice) behind ``t(parameter)``: ``TBackward0`` → … → ``AccumulateGrad``."""
+    if fn is None or type(fn).__name__ != "TBackward0" or len(fn.next_functions) != 1:
+        return None, 0
+    return _param_of(fn.next_functions[0])
 
 
-def _bias_reaches(node: Any, parent: dict, bias: Tensor | None) -> bool:
-    """Whether ``bias`` is added to ``node``'s output: an input of ``node`` itself (``addmm``), or
-    of the first ``AddBackward0`` above it through views only."""
+def _bias_reaches(node: Any, parent: dict, bias: Tensor | None, part: int) -> bool:
+    """Whether slice ``part`` of ``bias`` is added to ``node``'s output: an input of ``node``
+    itself (``addmm``), or of the first ``AddBackward0`` above it through views only."""
     if bias is None or not bias.requires_grad:
         return True
-    if any(_is_leaf_of(f, bias) for f, _ in node.next_functions):
+    if any(_param_of(e) == (bias, part) for e in node.next_functions):
         return True
     up = parent.get(node)
     while up is not None and type(up).__name__ in _PASS_THROUGH:
         up = parent.get(up)
     return (up is not None and type(up).__name__ == "AddBackward0"
-            and any(_is_leaf_of(f, bias) for f, _ in up.next_functions))
+            and any(_param_of(e) == (bias, part) for e in up.next_functions))
 
 
-def find_projections(module: nn.MultiheadAttention, output: Tensor, rows: int
-                     ) -> tuple[list[Projection | None], str | None]:
-    """The in- and output projections' nodes in the graph of ``output`` (the module's attention
-    output), each ``None`` when neither its weight nor its bias requires grad.
+def find_projections(module: nn.MultiheadAttention, output: Tensor, batch: int, length: int
+                     ) -> tuple[list[Projection], str | None]:
+    """The products of the in- and output projections in the graph of ``output`` (the module's
+    attention output, ``batch`` samples of ``length`` query positions); a projection whose weight
+    and bias are both frozen is not looked for.
 
     Returns:
         ``(projections, problem)``; ``problem`` says what did not match (then nothing is usable).
     """
     if saved_tensor_hooks_active():
-        return [None, None], ("saved-tensor hooks are active (activation checkpointing, save_on_cpu): "
-                              "reading the projections' saved inputs would run them inside the forward")
-    wanted = projection_parameters(module)
-    widths = [3 * module.embed_dim, module.embed_dim]
-    found: list[Projection | None] = [None, None]
-    todo = [i for i, (w, c) in enumerate(wanted)
-            if w.requires_grad or (c is not None and c.requires_grad)]
-    if not todo:
-        return found, None
+        return [], ("saved-tensor hooks are active (activation checkpointing, save_on_cpu): "
+                    "reading the projections' saved inputs would run them inside the forward")
+    (w_in, c_in), (w_out, c_out) = projection_parameters(module)
+    want_in = w_in.requires_grad or (c_in is not None and c_in.requires_grad)
+    want_out = w_out.requires_grad or (c_out is not None and c_out.requires_grad)
+    E = module.embed_dim
+    found: list[Projection] = []
+    width_in, have_out = 0, False  # the in-projection is complete when its products span 3E rows
+
+    def pending() -> bool:
+        return (want_in and width_in < 3 * E) or (want_out and not have_out)
+
     parent: dict = {}
     start = output.grad_fn
     queue, seen = deque([start]), {start}
-    while queue and len(seen) <= _MAX_NODES and any(found[i] is None for i in todo):
+    while queue and len(seen) <= _MAX_NODES and pending():
         node = queue.popleft()
         for fn, _ in node.next_functions:
             if fn is None or fn in seen:
                 continue
-            w = _weight_of(fn)
-            if w is not None:
-                for i in todo:
-                    if found[i] is None and w is wanted[i][0]:
-                        match = _match(node, parent, wanted[i], widths[i], rows, ("in_proj", "out_proj")[i])
-                        if isinstance(match, str):
-                            return [None, None], match
-                        found[i] = match
+            w, part = _weight_of(fn)
+            if w is not None and ((w is w_in and want_in) or (w is w_out and want_out)):
+                slot = part if w is w_in else OUT
+                if any(p.slot == slot for p in found):
+                    return [], f"{_NAMES[slot]}: two products use the same rows of the weight"
+                match = _match(node, parent, slot, (c_in if w is w_in else c_out), part, batch, length, E)
+                if isinstance(match, str):
+                    return [], match
+                found.append(match)
+                if slot == OUT:
+                    have_out = True
+                else:
+                    width_in += int(node._saved_mat2_sym_sizes[1])  # t(w) is [E, rows of this slice]
             seen.add(fn)
             parent[fn] = node
             queue.append(fn)
-    missing = [("in_proj", "out_proj")[i] for i in todo if found[i] is None]
-    if missing:
-        return [None, None], (f"{' and '.join(missing)} not found in the attention's graph "
-                              "(cross-attention — query and key different tensors — or another "
-                              "torch version's layout)")
+    if pending():
+        missing = [n for n, gone in (("in_proj", want_in and width_in < 3 * E), ("out_proj", want_out and not have_out))
+                   if gone]
+        return [], (f"{' and '.join(missing)} not found (whole) in the attention's graph "
+                    "(another torch version's layout?)")
     return found, None
 
 
-def _match(node: Any, parent: dict, params: tuple[Tensor, Tensor | None], d_out: int, rows: int,
-           name: str) -> Projection | str:
+_NAMES = {0: "in_proj (query rows)", 1: "in_proj (key rows)", 2: "in_proj (value rows)", OUT: "out_proj"}
+
+
+def _match(node: Any, parent: dict, slot: int, bias: Tensor | None, part: int, batch: int, length: int,
+           E: int) -> Projection | str:
     """The product ``node`` as a :class:`Projection`, or why it does not fit."""
+    name = _NAMES[slot]
     attr = _MATMUL_NODES.get(type(node).__name__)
     if attr is None:
         return f"{name}: its weight feeds a {type(node).__name__}, not a matrix product"
     saved = getattr(node, attr)
-    weight, bias = params
-    if saved.dim() != 2 or saved.shape[0] != rows or saved.shape[1] != weight.shape[1] or weight.shape[0] != d_out:
-        return f"{name}: input rows {tuple(saved.shape)} where [{rows}, {weight.shape[1]}] was expected"
-    if not _bias_reaches(node, parent, bias):
+    rows_ok = saved.shape[0] == length * batch if slot in (0, OUT) else saved.shape[0] % batch == 0
+    if saved.dim() != 2 or saved.shape[1] != E or not rows_ok:
+        return f"{name}: input rows {tuple(saved.shape)} do not fold into [T·{batch}, {E}]"
+    if not _bias_reaches(node, parent, bias, part):
         return f"{name}: its bias is not added to the product's output"
-    return Projection(node, saved)
+    return Projection(slot, node, saved, saved.shape[0] // batch)
 
 
-__all__ = ["Projection", "batch_and_length", "find_projections", "frozen_weight_reason", "projection_parameters",
+__all__ = ["OUT", "Projection", "batch_and_length", "find_projections", "frozen_weight_reason", "projection_parameters",
            "unsupported_reason"]

@@ -57,15 +57,16 @@ LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm (affine paramet
     backward from the stored input with the same functional the layer calls
     (``F.layer_norm``, ``F.group_norm``, …) and the layer's running statistics where it uses them.
 
-``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``, without ``add_bias_kv``)
-    The module multiplies by its weights inside one function, so no module hook sees the two
+``nn.MultiheadAttention`` (batch-first, packed ``in_proj_weight``, without ``add_bias_kv``)
+    The module multiplies by its weights inside one function, so no module hook sees the
     products; their nodes in the output's autograd graph do
-    (:mod:`~genbounds.estimators.ghost_attention`):
-    the in-projection ``[T·B, E] → [T·B, 3E]`` and the out-projection ``[T·B, E] → [T·B, E]`` are
-    each a Linear on sequences with input rows saved on the node and the output gradient received
-    by a pre-hook on it.  The in-projection is the attention module's own site, ``out_proj`` a site
-    of its own (recorded by the attention's forward hook); attention mixes positions within a
-    sample only, so both are exact per-sample norms.
+    (:mod:`~genbounds.estimators.ghost_attention`): the in-projection ``[T·B, E] → [T·B, 3E]``
+    (under cross-attention two or three products with row blocks of the weight) and the
+    out-projection ``[T·B, E] → [T·B, E]`` are each a Linear on sequences with input rows saved on
+    the node and the output gradient received by a pre-hook on it.  The in-projection is the
+    attention module's own site (with two extra rows for cross-attention's key/value blocks,
+    which add), ``out_proj`` a site of its own (recorded by the attention's forward hook);
+    attention mixes positions within a sample only, so all are exact per-sample norms.
 
 Train-mode BatchNorm — a *decomposition*, not per-sample gradients
     Batch statistics couple the samples: sample ``j``'s loss depends on sample ``i``'s input, so
@@ -111,8 +112,7 @@ float64 on the tensors' device.  Nothing synchronizes with the host.
 Limitations: the batch must be dimension 0 of every layer input, and the input the layer's first
 positional argument; regions compiled by ``torch.compile`` and sharded (tensor-parallel, FSDP)
 parameters are not supported; parameters used outside their module's ``forward``
-(a weight tied to another module; cross-attention, whose in-projection uses slices of the packed
-weight, is reported at the first read) are refused by :func:`plan`, or detected at
+(a weight tied to another module) are refused by :func:`plan`, or detected at
 :meth:`GhostNormHooks.read` when their module never received an
 output gradient (a weight used both through its module and functionally elsewhere is *not*
 detected).
@@ -793,7 +793,7 @@ class _InstanceNormKind(_NormKind):
 
 
 class _AttentionKind(_LinearKind):
-    """``nn.MultiheadAttention`` (self-attention, packed ``in_proj_weight``): its in-projection is a
+    """``nn.MultiheadAttention`` (batch-first, packed ``in_proj_weight``): its in-projection is a
     Linear on sequences whose input rows and output gradient are taken from the product's node in
     the autograd graph (:mod:`genbounds.estimators.ghost_attention`; recorded by
     ``GhostNormHooks._record_attention``, not by the Linear's ``check``/``precompute``); its
@@ -906,15 +906,12 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
 
 def _refused_attention(model: nn.Module) -> dict[nn.Module, str]:
     """Every ``nn.MultiheadAttention`` of ``model`` the graph rule does not cover, with the reason:
-    structural (:func:`~genbounds.estimators.ghost_attention.unsupported_reason`), a trainable bias
-    on a frozen weight, or the cross-attention of an ``nn.TransformerDecoderLayer``."""
-    cross = {id(m.multihead_attn) for m in model.modules() if isinstance(m, nn.TransformerDecoderLayer)}
+    structural (:func:`~genbounds.estimators.ghost_attention.unsupported_reason`) or a trainable
+    bias on a frozen weight."""
     refused: dict[nn.Module, str] = {}
     for module in model.modules():
         if isinstance(module, nn.MultiheadAttention):
             why = _kind_of(module)[1] or ghost_attention.frozen_weight_reason(module)
-            if why is None and id(module) in cross:
-                why = "cross-attention (nn.TransformerDecoderLayer.multihead_attn: query and key differ)"
             if why is not None:
                 refused[module] = why
     return refused
@@ -963,13 +960,15 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index", "partner")
+                 "index", "partner", "slices", "sub")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
         self.name, self.module, self.group, self.kind, self.forced = name, module, group, kind, forced
         self.index = index
         self.partner: _Site | None = None  # a MultiheadAttention's out_proj site, recorded by its hook
+        self.slices: list[_Site] = []  # a MultiheadAttention's rows for cross-attention's key/value products
+        self.sub = False  # one of those rows: no hooks of its own, the attention's name and group
         self.reset()
 
     def reset(self) -> None:
@@ -1068,10 +1067,15 @@ class GhostNormHooks:
                 raise ValueError(f"method must be 'ghost', 'materialize' or None, got {forced!r}")
             self._sites.append(_Site(name, module, group_of.get(name, name), kind, forced, len(self._sites)))
         by_module = {id(site.module): site for site in self._sites}
-        for site in self._sites:
+        for site in list(self._sites):
             if site.kind is _ATTENTION:
                 out = by_module.get(id(site.module.out_proj))
                 site.partner = out  # (its own forward hook stays: a direct call of out_proj is a call too)
+                for _ in range(2):  # cross-attention: the key's and the value's rows of in_proj_weight
+                    sub = _Site(site.name, site.module, site.group, _ATTENTION, site.forced, len(self._sites))
+                    sub.sub = True
+                    site.slices.append(sub)
+                    self._sites.append(sub)
         self._group_rows: dict[str, list[int]] = {}
         for site in self._sites:
             self._group_rows.setdefault(site.group, []).append(site.index)
@@ -1103,7 +1107,9 @@ class GhostNormHooks:
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        """The hooked modules' names, in the order of :meth:`read_sums`."""
+        """The hooked modules' names, in the order of :meth:`read_sums` (a MultiheadAttention's name
+        three times: its in-projection's rows, then the key's and value's rows of cross-attention,
+        zero otherwise)."""
         return tuple(site.name for site in self._sites)
 
     @property
@@ -1116,7 +1122,8 @@ class GhostNormHooks:
         if self._handles:
             return
         for site in self._sites:
-            self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
+            if not site.sub:
+                self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
 
     def arm(self) -> None:
         """Record the following forwards (attaches first if needed).  A no-op when armed;
@@ -1126,6 +1133,8 @@ class GhostNormHooks:
         self.attach()
         self.clear()
         for site in self._sites:
+            if site.sub:
+                continue
             for p in site.module.parameters(recurse=False):  # (out_proj, when hooked, is a site of its own)
                 if p.requires_grad:
                     self._param_handles.append(
@@ -1256,16 +1265,21 @@ class GhostNormHooks:
         if out.dim() != 3:
             self._problems.append(f"{site.name}: unbatched input (the batch must be a dimension of a 3-D input)")
             return
-        B, T = ghost_attention.batch_and_length(module, out.shape)
-        found, problem = ghost_attention.find_projections(module, out, T * B)
+        B, L = ghost_attention.batch_and_length(module, out.shape)
+        found, problem = ghost_attention.find_projections(module, out, B, L)
         if problem is not None:
             self._problems.append(f"{site.name}: {problem}")
             return
-        for proj, target, (w, c) in zip(found, (site, site.partner), ghost_attention.projection_parameters(module)):
-            if proj is None or target is None:
+        (w_in, c_in), (w_out, c_out) = ghost_attention.projection_parameters(module)
+        for proj in found:
+            if proj.slot == ghost_attention.OUT:
+                target, w, c = site.partner, w_out, c_out
+            else:
+                target, w, c = (site if proj.slot == 0 else site.slices[proj.slot - 1]), w_in, c_in
+            if target is None:
                 continue
             wt, bt = w.requires_grad, c is not None and c.requires_grad
-            # rows are position-major: [T·B, d] → [B, T, d] (a view)
+            T = proj.T  # rows are position-major: [T·B, d] → [B, T, d] (a view)
             x = proj.rows.detach().view(T, B, -1).transpose(0, 1) if wt else None
             call = self._new_call(target, x, B, out.device, wt, bt, None)
             if call is not None:
@@ -1425,10 +1439,10 @@ class GhostNormHooks:
                     acc.add_(self._row_views[i])
             per_group[g] = acc
         recorded.sort(key=lambda s: s.first_ordinal)
-        methods = {s.name: s.method for s in recorded if s.method is not None}
+        methods = {s.name: s.method for s in recorded if s.method is not None and not s.sub}
         exactness = {
             s.name: DECOMPOSITION if (s.coupled or s.first_ordinal < self._coupled_upto) else EXACT
-            for s in recorded
+            for s in recorded if not s.sub
         }
         return PerSampleNorms(total=total, per_group=per_group, methods=methods, exactness=exactness)
 
