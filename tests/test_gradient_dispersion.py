@@ -185,6 +185,19 @@ class AttentionNet(torch.nn.Module):
         return self.head(h.mean(1))
 
 
+def first_batch_trace_cov(module, data) -> float:
+    """The reference ``s²`` of the first training batch: a plain per-sample loop."""
+    data.setup("fit")
+    x, y = next(iter(data.train_dataloader()))
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = []
+    for i in range(x.shape[0]):
+        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
+    g = torch.stack(grads)
+    return float(((g - g.mean(0)) ** 2).sum() / (g.shape[0] - 1))
+
+
 def test_hooks_refuse_attention_before_step_0(tmp_path):
     module = Classifier(AttentionNet())
     t = trainer(tmp_path, [GradientDispersion(backend="hooks")], max_steps=2)
@@ -202,17 +215,7 @@ def test_auto_falls_back_with_one_warning_and_correct_values(tmp_path):
         records = run_collect(tmp_path, module, data, cb, max_steps=1)
     assert sum("not reading the training backward" in str(w.message) for w in caught) == 1
     assert cb.active_backend == "functorch"
-    # reference: a plain per-sample loop
-    data.setup("fit")
-    x, y = next(iter(data.train_dataloader()))
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = []
-    for i in range(x.shape[0]):
-        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
-        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
-    g = torch.stack(grads)
-    s2 = float(((g - g.mean(0)) ** 2).sum() / (g.shape[0] - 1))
-    assert records[0].values["grad/trace_cov"] == pytest.approx(s2, rel=1e-5)
+    assert records[0].values["grad/trace_cov"] == pytest.approx(first_batch_trace_cov(module, data), rel=1e-5)
 
 
 @pytest.mark.parametrize("cross", [False, True])
@@ -227,16 +230,7 @@ def test_auto_reads_attention_in_the_training_backward(tmp_path, cross):
         warnings.filterwarnings("error", message=".*not reading the training backward.*")
         records = run_collect(tmp_path, module, data, cb, max_steps=1)
     assert cb.active_backend == "hooks"
-    data.setup("fit")
-    x, y = next(iter(data.train_dataloader()))
-    params = [p for p in module.parameters() if p.requires_grad]
-    grads = []
-    for i in range(x.shape[0]):
-        loss = F.cross_entropy(module(x[i : i + 1]), y[i : i + 1])
-        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).double())
-    g = torch.stack(grads)
-    s2 = float(((g - g.mean(0)) ** 2).sum() / (g.shape[0] - 1))
-    assert records[0].values["grad/trace_cov"] == pytest.approx(s2, rel=1e-5)
+    assert records[0].values["grad/trace_cov"] == pytest.approx(first_batch_trace_cov(module, data), rel=1e-5)
 
 
 def test_functorch_refuses_train_mode_batchnorm(tmp_path):
