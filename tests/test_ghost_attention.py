@@ -257,6 +257,67 @@ def test_cross_attention_matches_per_sample_gradients(same_kv, need_weights, met
     assert norms.exact and set(norms.methods) == {"mem", "att", "att.out_proj", "head"}
 
 
+@pytest.mark.parametrize("same_kv", [True, False])
+def test_cross_attention_under_autocast_bf16(same_kv):
+    """Autocast casts the weight before it is split: the split's output index is behind the cast."""
+    model = CrossAttention(same_kv=same_kv)
+    x, t = torch.randn(4, 6, 8), torch.randn(4, 3)
+    ref = reference(model, x, t)
+    hooks = GhostNormHooks(plan(model)[0])
+    hooks.arm()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = per_sample_losses(model(x).float(), t).mean()
+    loss.backward()
+    norms = hooks.read(scale=4)
+    for name, expected in ref.items():
+        torch.testing.assert_close(norms.per_group[name], expected.double(), rtol=5e-2, atol=0.0)
+
+
+def test_read_sums_fold_the_key_value_rows_into_their_attention():
+    model = CrossAttention(same_kv=False).to(DT)
+    x, t = torch.randn(3, 6, 8, dtype=DT), torch.randn(3, 3, dtype=DT)
+    hooks = GhostNormHooks(plan(model)[0])
+    norms = measure(model, x, t, hooks=hooks)
+    hooks.arm()
+    model.zero_grad()
+    per_sample_losses(model(x), t).mean().backward()
+    sums = hooks.read_sums(scale=3)
+    assert len(hooks.module_names) == len(set(hooks.module_names)) == sums.shape[0] == 4
+    for name, value in zip(hooks.module_names, sums):
+        torch.testing.assert_close(value, norms.per_group[name].sum(), rtol=1e-12, atol=0.0)
+
+
+@pytest.mark.parametrize("same_kv", [True, False])
+def test_cross_attention_shared_in_a_chain(same_kv):
+    """One cross-attention applied twice, the second on the first's output (a recurrent or
+    Perceiver-style decoder): each call's walk stays inside its own graph, and the calls of each
+    block of the weight are concatenated along the positions."""
+
+    class Chain(CrossAttention):
+        def forward(self, x: Tensor) -> Tensor:
+            memory = torch.tanh(self.mem(x))
+            value = memory if self.same_kv else torch.sin(x)
+            h = x[:, : self.L]
+            for _ in range(2):
+                h = torch.tanh(self.att(h, memory, value, need_weights=False)[0])
+            return self.head(h).mean(1)
+
+    check(Chain(same_kv=same_kv), torch.randn(4, 6, 8))
+
+
+def test_self_and_cross_attention_through_one_module_is_reported():
+    """One weight used whole and in row blocks in a step: the per-sample gradient has cross terms
+    between the blocks that neither product's norm holds."""
+    att = nn.MultiheadAttention(8, 2, batch_first=True)
+    hooks = GhostNormHooks(plan(att)[0])
+    hooks.arm()
+    x, m = torch.randn(3, 4, 8), torch.randn(3, 6, 8)
+    h = att(x, x, x, need_weights=False)[0]
+    att(h, m, m, need_weights=False)[0].sum().backward()
+    with pytest.raises(RuntimeError, match="self- and as cross-attention"):
+        hooks.read(3)
+
+
 def test_transformer_encoder_decoder():
     """``nn.Transformer`` (batch-first): decoder self-attention with a causal mask, cross-attention
     to the encoder's memory of another length, every parameter covered."""

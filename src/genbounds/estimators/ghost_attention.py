@@ -36,10 +36,13 @@ whose output index says which rows (and which bias slice belongs to it); the in-
 complete when the products' widths add up to ``3E``.  Refused before any step
 (:func:`unsupported_reason`): ``add_bias_kv``, separate q/k/v weights, ``batch_first=False`` (the
 layers around a sequence-first attention see ``[T, B, E]``, whose batch is not dimension 0 — with
-``T = B`` that could not even be detected) and a frozen weight with a trainable bias.  Under saved-tensor hooks (activation checkpointing,
+``T = B`` that could not even be detected) and a frozen weight with a trainable bias.  The
+products must form one of the three layouts (:data:`LAYOUTS`), and a module called in one step
+with two layouts (self- and cross-attention) is reported, since its blocks would have cross terms.  Under saved-tensor hooks (activation checkpointing,
 ``save_on_cpu``) reading a saved input would run the unpack hook inside the forward — recomputing
 or copying — so the call is reported instead.  The walk is breadth-first over the module's part of
-the graph and stops once both products are found (30–40 nodes, about 80 µs per call).
+the graph and stops once every product is found (30–50 nodes, 80–400 µs per call; it gives up
+after 512 nodes, reported).
 """
 
 from __future__ import annotations
@@ -105,29 +108,33 @@ def saved_tensor_hooks_active() -> bool:
 
 class Projection:
     """One matched product: its slot, its node, its saved input rows ``[T·B, d_in]``
-    (position-major) and ``T``."""
+    (position-major), ``T`` and how many rows of the weight it uses."""
 
-    __slots__ = ("slot", "node", "rows", "T")
+    __slots__ = ("slot", "node", "rows", "T", "width")
 
-    def __init__(self, slot: int, node: Any, rows: Tensor, T: int) -> None:
-        self.slot, self.node, self.rows, self.T = slot, node, rows, T
+    def __init__(self, slot: int, node: Any, rows: Tensor, T: int, width: int) -> None:
+        self.slot, self.node, self.rows, self.T, self.width = slot, node, rows, T, width
 
 
-def _skip_casts(fn: Any) -> Any:
-    while fn is not None and type(fn).__name__ == "ToCopyBackward0":  # autocast's casts
+def _skip_casts(edge: tuple[Any, int]) -> tuple[Any, int]:
+    """The edge past autocast's casts (``ToCopyBackward0``), keeping the output index of what
+    lies behind them."""
+    fn, nr = edge
+    while fn is not None and type(fn).__name__ == "ToCopyBackward0":
         nxt = fn.next_functions
-        fn = nxt[0][0] if len(nxt) == 1 else None
-    return fn
+        fn, nr = nxt[0] if len(nxt) == 1 else (None, 0)
+    return fn, nr
 
 
 def _param_of(edge: tuple[Any, int]) -> tuple[Tensor | None, int]:
     """The leaf tensor behind a graph edge, through casts and at most one split, and the split's
     output index (0 without a split)."""
-    fn, nr = edge
-    fn, part = _skip_casts(fn), 0
+    fn, nr = _skip_casts(edge)
+    part = 0
     if fn is not None and type(fn).__name__ in _SPLITS:
+        part = nr
         nxt = fn.next_functions
-        fn, part = (_skip_casts(nxt[0][0]) if len(nxt) == 1 else None), nr
+        fn, _ = _skip_casts(nxt[0]) if len(nxt) == 1 else (None, 0)
     return (getattr(fn, "variable", None) if fn is not None else None), part
 
 
@@ -179,9 +186,8 @@ def find_projections(module: nn.MultiheadAttention, output: Tensor, batch: int, 
     queue, seen = deque([start]), {start}
     while queue and len(seen) <= _MAX_NODES and pending():
         node = queue.popleft()
-        for fn, _ in node.next_functions:
-            if fn is None or fn in seen:
-                continue
+        edges = node.next_functions
+        for fn, _ in edges:  # is this node a product with t(weight)?
             w, part = _weight_of(fn)
             if w is not None and ((w is w_in and want_in) or (w is w_out and want_out)):
                 slot = part if w is w_in else OUT
@@ -194,10 +200,23 @@ def find_projections(module: nn.MultiheadAttention, output: Tensor, batch: int, 
                 if slot == OUT:
                     have_out = True
                 else:
-                    width_in += int(node._saved_mat2_sym_sizes[1])  # t(w) is [E, rows of this slice]
+                    width_in += match.width
+                break
+        else:
+            slot = None
+        if slot is not None and slot != OUT:
+            # below an in-projection lie the attention's inputs (and, for a module called twice in
+            # a chain, its earlier call): the walk stays inside this call
+            continue
+        for fn, _ in edges:
+            if fn is None or fn in seen:
+                continue
             seen.add(fn)
             parent[fn] = node
             queue.append(fn)
+    layout = tuple(sorted((p.slot, p.width // E) for p in found if p.slot != OUT))
+    if want_in and not pending() and (layout not in LAYOUTS or any(p.width % E for p in found)):
+        return [], f"in_proj: products over rows {layout} (in units of E) are not one of the known layouts"
     if pending():
         missing = [n for n, gone in (("in_proj", want_in and width_in < 3 * E), ("out_proj", want_out and not have_out))
                    if gone]
@@ -206,7 +225,11 @@ def find_projections(module: nn.MultiheadAttention, output: Tensor, batch: int, 
     return found, None
 
 
-_NAMES = {0: "in_proj (query rows)", 1: "in_proj (key rows)", 2: "in_proj (value rows)", OUT: "out_proj"}
+_NAMES = {0: "in_proj (query rows)", 1: "in_proj (key or key-and-value rows)", 2: "in_proj (value rows)",
+          OUT: "out_proj"}
+LAYOUTS = {((0, 3),), ((0, 1), (1, 2)), ((0, 1), (1, 1), (2, 1))}
+"""The in-projection's products as ``(slot, width in units of E)``: self-attention (the whole
+packed weight), cross-attention with key = value (``split([E, 2E])``), key ≠ value (``chunk(3)``)."""
 
 
 def _match(node: Any, parent: dict, slot: int, bias: Tensor | None, part: int, batch: int, length: int,
@@ -222,7 +245,8 @@ def _match(node: Any, parent: dict, slot: int, bias: Tensor | None, part: int, b
         return f"{name}: input rows {tuple(saved.shape)} do not fold into [T·{batch}, {E}]"
     if not _bias_reaches(node, parent, bias, part):
         return f"{name}: its bias is not added to the product's output"
-    return Projection(slot, node, saved, saved.shape[0] // batch)
+    width = int(node._saved_mat2_sym_sizes[1])  # t(w) is [E, rows of the weight this product uses]
+    return Projection(slot, node, saved, saved.shape[0] // batch, width)
 
 
 __all__ = ["OUT", "Projection", "batch_and_length", "find_projections", "frozen_weight_reason", "projection_parameters",

@@ -960,7 +960,7 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index", "partner", "slices", "sub")
+                 "index", "partner", "slices", "sub", "layout")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
@@ -983,6 +983,7 @@ class _Site:
         self.touched = False
         self.flags: tuple[bool, bool] = (False, False)
         self.b = -1
+        self.layout: tuple = ()  # a MultiheadAttention's products this step: ((slot, rows of the weight), …)
 
 
 class _Call:
@@ -1017,7 +1018,7 @@ class GhostNormHooks:
 
     Hooks are registered once (:meth:`attach`) and cost one attribute check per forward while
     disarmed.  While armed (:meth:`arm`), each forward call of a hooked module stores its input
-    (detached, no copy) and puts a hook on its output (for ``nn.MultiheadAttention``: finds its two
+    (detached, no copy) and puts a hook on its output (for ``nn.MultiheadAttention``: finds its
     products' nodes in the output's graph, keeps their saved inputs and puts a pre-hook on each);
     when the output's gradient arrives in the
     backward, the module's per-sample squared norms are computed there, the stored input is
@@ -1076,6 +1077,12 @@ class GhostNormHooks:
                     sub.sub = True
                     site.slices.append(sub)
                     self._sites.append(sub)
+        self._modules = sum(not site.sub for site in self._sites)  # the sub-rows come last
+        # read_sums folds each sub-row into its attention's row (None: no sub-rows)
+        self._fold: Tensor | None = None
+        if self._modules < len(self._sites):
+            owner = list(range(self._modules)) + [main.index for main in self._sites for _ in main.slices]
+            self._fold = torch.tensor(owner)
         self._group_rows: dict[str, list[int]] = {}
         for site in self._sites:
             self._group_rows.setdefault(site.group, []).append(site.index)
@@ -1107,10 +1114,8 @@ class GhostNormHooks:
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        """The hooked modules' names, in the order of :meth:`read_sums` (a MultiheadAttention's name
-        three times: its in-projection's rows, then the key's and value's rows of cross-attention,
-        zero otherwise)."""
-        return tuple(site.name for site in self._sites)
+        """The hooked modules' names, in the order of :meth:`read_sums`."""
+        return tuple(site.name for site in self._sites if not site.sub)
 
     @property
     def workspace_bytes(self) -> int:
@@ -1270,6 +1275,15 @@ class GhostNormHooks:
         if problem is not None:
             self._problems.append(f"{site.name}: {problem}")
             return
+        layout = tuple(sorted((p.slot, p.width) for p in found if p.slot != ghost_attention.OUT))
+        if layout and site.calls and layout != site.layout:
+            # a whole-weight product and row-block products of one weight have cross terms
+            self._problems.append(f"{site.name}: called as self- and as cross-attention (or with key = value and "
+                                  "key != value) in one step; per-sample norms of that weight sharing are not "
+                                  "implemented")
+            return
+        if layout:
+            site.layout = layout
         (w_in, c_in), (w_out, c_out) = ghost_attention.projection_parameters(module)
         for proj in found:
             if proj.slot == ghost_attention.OUT:
@@ -1394,7 +1408,12 @@ class GhostNormHooks:
                 return None
             rows = self._rows
             assert rows is not None
-            return _times_scale_sq_(rows.sum(1), scale)
+            sums = rows.sum(1)
+            if self._fold is not None:  # cross-attention's key/value rows belong to their attention
+                if self._fold.device != sums.device:
+                    self._fold = self._fold.to(sums.device)
+                sums = torch.zeros(self._modules, dtype=sums.dtype, device=sums.device).index_add_(0, self._fold, sums)
+            return _times_scale_sq_(sums, scale)
         finally:
             self.clear()
 
@@ -1439,6 +1458,7 @@ class GhostNormHooks:
                     acc.add_(self._row_views[i])
             per_group[g] = acc
         recorded.sort(key=lambda s: s.first_ordinal)
+        # (an attention's route is its query product's, as predict_methods predicts it)
         methods = {s.name: s.method for s in recorded if s.method is not None and not s.sub}
         exactness = {
             s.name: DECOMPOSITION if (s.coupled or s.first_ordinal < self._coupled_upto) else EXACT
