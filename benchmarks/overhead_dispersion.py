@@ -214,6 +214,8 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
             callbacks = suite_callbacks()
             disp = next((c for c in callbacks if isinstance(c, GradientDispersion)), None)
         with_val = config in ("suite", "plain-val")
+        if not cuda and config in ("plain", "dispersion"):
+            out["calib_ms"] = _calibrate(network, batches[0], max(3, min(30, warmup)))
         fit_timer, step_timer = FitTimer(), StepTimer(warmup)
         with tempfile.TemporaryDirectory() as logdir:
             trainer = pl.Trainer(
@@ -254,6 +256,35 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
     out["maxrss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["load"] = load_average()
     return out
+
+
+def _calibrate(network: nn.Module, batch: tuple, steps: int) -> float:
+    """Milliseconds per forward and backward of ``network`` on ``batch`` (median of ``steps``), run
+    before ``fit`` in every Lightning run of a CPU model, before any callback exists: the process's
+    own speed.  This machine has slow states that last a whole process (the suite's speed-adjusted
+    ratio, ``common.speed_adjusted``); dividing a run's step time by its own calibration takes them
+    out of the ratio.  The weights are not stepped, the buffers (BatchNorm statistics) and the RNG
+    are restored and the gradients dropped, so the training that follows is the same."""
+    import torch.nn.functional as F
+
+    x, y = batch
+    saved = {k: v.clone() for k, v in network.state_dict().items()}
+    times = []
+    with torch.random.fork_rng():
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            F.cross_entropy(network(x), y).backward()
+            times.append(time.perf_counter() - t0)
+            network.zero_grad(set_to_none=True)
+    network.load_state_dict(saved)
+    return 1e3 * statistics.median(times)
+
+
+def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:
+    """Per-round ``(step / calibration)`` of ``runs`` over that of ``base`` (rounds without a
+    calibration are left out)."""
+    return [(r["ms_per_step"] / r["calib_ms"]) / (b["ms_per_step"] / b["calib_ms"])
+            for r, b in zip(runs, base) if r.get("calib_ms") and b.get("calib_ms")]
 
 
 def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: bool, hook_cls) -> dict:
@@ -375,6 +406,14 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
             lines.append(f"| {m} | {label} | {backend} | {statistics.median(t):.2f} | {fmt_ratio(ratio_stats(t, tb))} | "
                          f"{statistics.median(g):.1f} | {fmt_ratio(ratio_stats(g, gb))} | "
                          f"{statistics.median([a / b for a, b in zip(w, wb)]):.3f}× |")
+    adjusted = []
+    for m in models:
+        rs = speed_adjusted_ratios(results.get((m, "dispersion"), []), results.get((m, "plain"), []))
+        if rs:
+            adjusted.append(f"* {m}: {statistics.median(rs):.3f}× [{min(rs):.3f}–{max(rs):.3f}] over {len(rs)} rounds")
+    if adjusted:
+        lines += ["", "Speed-adjusted dispersion/plain (each run's step time over its own forward-and-backward "
+                  "calibration before `fit`, `_calibrate`: the process's slow state taken out):", *adjusted]
     return "\n".join(lines)
 
 
