@@ -214,8 +214,6 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
             callbacks = suite_callbacks()
             disp = next((c for c in callbacks if isinstance(c, GradientDispersion)), None)
         with_val = config in ("suite", "plain-val")
-        if not cuda and config in ("plain", "dispersion"):
-            out["calib_ms"] = _calibrate(network, batches[0], max(3, min(30, warmup)))
         fit_timer, step_timer = FitTimer(), StepTimer(warmup)
         with tempfile.TemporaryDirectory() as logdir:
             trainer = pl.Trainer(
@@ -244,6 +242,8 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
                 out["peak_growth_mib"] = peak.growth_mib
                 out["base_mib"] = (peak.base_kib or 0) / 1024
         out["ms_per_step"] = 1e3 * step_timer.seconds_per_step
+        if not cuda and config in ("plain", "dispersion"):  # after fit: the memory baseline stays as it was
+            out["calib_ms"] = _calibrate(network, batches[0], max(3, min(30, warmup)))
         out["fit_s"] = fit_timer.seconds
         if disp is not None:
             out["backend"] = disp.active_backend
@@ -260,8 +260,9 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
 
 def _calibrate(network: nn.Module, batch: tuple, steps: int) -> float:
     """Milliseconds per forward and backward of ``network`` on ``batch`` (median of ``steps``), run
-    before ``fit`` in every Lightning run of a CPU model, before any callback exists: the process's
-    own speed.  This machine has slow states that last a whole process (the suite's speed-adjusted
+    after ``fit`` in every Lightning run of a CPU model (the callbacks have removed their hooks at
+    teardown; before ``fit`` it would pre-fault memory and lower the peak-growth baseline): the
+    process's own speed.  This machine has slow states that last a whole process (the suite's speed-adjusted
     ratio, ``common.speed_adjusted``); dividing a run's step time by its own calibration takes them
     out of the ratio.  The weights are not stepped, the buffers (BatchNorm statistics) and the RNG
     are restored and the gradients dropped, so the training that follows is the same."""
@@ -413,7 +414,7 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
             adjusted.append(f"* {m}: {statistics.median(rs):.3f}× [{min(rs):.3f}–{max(rs):.3f}] over {len(rs)} rounds")
     if adjusted:
         lines += ["", "Speed-adjusted dispersion/plain (each run's step time over its own forward-and-backward "
-                  "calibration before `fit`, `_calibrate`: the process's slow state taken out):", *adjusted]
+                  "calibration after `fit`, `_calibrate`: the process's slow state taken out):", *adjusted]
     return "\n".join(lines)
 
 
