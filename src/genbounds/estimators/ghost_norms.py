@@ -553,50 +553,44 @@ class _ConvKind(_Kind):
         return A, G
 
     def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
-        b = g.shape[0]
-        step = self._chunk(module, x, g, forced) if wt else b
-        if step >= b:
-            return self._single(module, x, g, wt, bt, forced, scratch)
-        parts, method = [], MATERIALIZE
-        for s in range(0, b, step):  # the samples are independent: their buffers need not coexist
-            sq, method = self._single(module, x[s:s + step], g[s:s + step], wt, bt, forced, scratch)
-            parts.append(sq)
-        return torch.cat(parts), method
-
-    @staticmethod
-    def _chunk(module, x: Tensor, g: Tensor, forced: str | None) -> int:
-        """Samples per chunk so that each work buffer of the route :meth:`_single` takes stays
-        within :data:`WORK_BUFFER_BYTES` of the device: the input's channel Gram and the patch
-        Gram (ghost without unfolding), the unfolded patches and the patch Gram (ghost), or the
-        unfolded patches and the per-sample gradients (materialize)."""
+        if not wt:
+            return super().single(module, x, g, wt, bt, forced, scratch)
         T = _prod(g.shape[2:])
         K = module.in_channels // module.groups * _prod(module.kernel_size)
         co = module.out_channels // module.groups
-        if _ghost_or_materialize(forced, T, K, co) == MATERIALIZE:
-            entries = max(K * T, co * K)
-        elif _conv_gram_cheaper(module, tuple(x.shape[2:]), T):
-            P = _prod(_ConvKind._padded_shape(module, x.shape))
-            entries = max(P * P, T * T)
+        route = _ghost_or_materialize(forced, T, K, co)
+        gram = route == GHOST and _conv_gram_cheaper(module, tuple(x.shape[2:]), T)
+        # samples per chunk so that each work buffer of the route stays within WORK_BUFFER_BYTES:
+        # the input's channel Gram and the patch Gram (ghost without unfolding), the unfolded
+        # patches and the patch Gram (ghost), or the unfolded patches and the per-sample gradients
+        if gram:
+            entries = max(_prod(self._padded_shape(module, x.shape)) ** 2, T * T)
         else:
-            entries = max(K * T, T * T)
+            entries = max(K * T, T * T if route == GHOST else co * K)
         per_sample = module.groups * entries * max(4, g.element_size())
-        return max(1, WORK_BUFFER_BYTES.get(g.device.type, WORK_BUFFER_BYTES["default"]) // per_sample)
+        b = g.shape[0]
+        step = max(1, WORK_BUFFER_BYTES.get(g.device.type, WORK_BUFFER_BYTES["default"]) // per_sample)
+        if step >= b:
+            return self._single(module, x, g, bt, forced, scratch, gram)
+        parts, method = [], route
+        for s in range(0, b, step):  # the samples are independent: their buffers need not coexist
+            sq, method = self._single(module, x[s:s + step], g[s:s + step], bt, forced, scratch, gram)
+            parts.append(sq)
+        return torch.cat(parts), method
 
-    def _single(self, module, x, g, wt, bt, forced, scratch):
-        if wt:
-            T = _prod(g.shape[2:])
-            K = module.in_channels // module.groups * _prod(module.kernel_size)
-            method = _ghost_or_materialize(forced, T, K, module.out_channels // module.groups)
-            if method == GHOST and _conv_gram_cheaper(module, tuple(x.shape[2:]), T):
-                cd = _compute_dtype(g.dtype, x.dtype)
-                G = self._grad(module, g, cd)
-                aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
-                gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
-                out = self._per_sample(module, _dot_(aa, gg))
-                if bt:
-                    out = out + self._bias_sq(module, G)
-                return out, GHOST
-        return super().single(module, x, g, wt, bt, forced, scratch)
+    def _single(self, module, x, g, bt, forced, scratch, gram: bool):
+        """Norms of a chunk of samples, on the route :meth:`single` chose (``gram``: the ghost
+        form from the input's channel Gram, without unfolding)."""
+        if gram:
+            cd = _compute_dtype(g.dtype, x.dtype)
+            G = self._grad(module, g, cd)
+            aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
+            gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
+            out = self._per_sample(module, _dot_(aa, gg))
+            if bt:
+                out = out + self._bias_sq(module, G)
+            return out, GHOST
+        return super().single(module, x, g, True, bt, forced, scratch)
 
     @staticmethod
     def _padded_shape(module, shape: torch.Size) -> tuple[int, ...]:
@@ -884,9 +878,7 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
                             and any(p.requires_grad for p in module.out_proj.parameters())):
             continue  # (a MultiheadAttention with a trainable out_proj records it: kept)
         prefix = f"{mod_name}." if mod_name else ""
-        kind, reason = _kind_of(module)
-        if attention and reason is None:
-            reason = refused.get(module)
+        reason = refused.get(module) if attention else _kind_of(module)[1]
         if reason is None and id(module) in functional_children:
             reason = ("inside a MultiheadAttention that uses the weights without calling this module: "
                       + functional_children[id(module)])
@@ -936,7 +928,8 @@ def predict_methods(
         def hook(mod, args, output, name=name, kind=kind, forced=forced):
             if name not in seen and args and isinstance(args[0], Tensor):
                 seen[name] = kind.method_for(mod, args[0].shape, forced)
-                out_name = next((n for n, m in modules.items() if kind is _ATTENTION and m is mod.out_proj), None)
+                out_name = None if kind is not _ATTENTION else next(
+                    (n for n, m in modules.items() if m is mod.out_proj), None)
                 if out_name is not None:  # recorded by this hook (the attention bypasses its forward)
                     out_forced = method.get(out_name) if isinstance(method, Mapping) else method
                     T = ghost_attention.batch_and_length(mod, args[0].shape)[1]
