@@ -200,6 +200,17 @@ _NAN_REPORT: dict[str, dict[str, str]] = {}
 
 
 @pytest.fixture(scope="module", autouse=True)
+def two_threads():
+    """At least two intra-op threads, as on CI's two cores: at one thread PyTorch's eval-mode
+    ``TransformerEncoderLayer`` fast path and its slow path agreed bit for bit, which hid a hook
+    left attached during validation (``OMP_NUM_THREADS=1`` runs passed; CI failed)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(2, before))
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", autouse=True)
 def nan_report():
     yield
     if _NAN_REPORT:
@@ -410,6 +421,54 @@ def test_hooks_backend_one_forward_per_step_and_exact(tmp_path):
         ref = per_sample_reference(run.module.net, {k[4:]: v for k, v in params.items()}, batch)
         for name, value in ref.items():
             assert rec.values[name] == pytest.approx(value, rel=1e-5, abs=1e-12), (rec.step, name)
+
+
+def _forward_hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+class HookSpy(pl.Callback):
+    """How many forward hooks the module carries inside the user's training forward (per step)
+    and wherever the user's own code may run a forward outside it."""
+
+    def __init__(self, count_forwards: bool = False) -> None:
+        self.count_forwards = count_forwards  # (its own pre-hook, on one spy only, is subtracted)
+        self.in_forward: list[int] = []
+        self.outside: list[tuple[str, int]] = []
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        if self.count_forwards:
+            pl_module.register_forward_pre_hook(lambda module, args: self.in_forward.append(_forward_hooks(module) - 1))
+
+    def _outside(self, where: str, pl_module) -> None:
+        self.outside.append((where, _forward_hooks(pl_module) - 1))
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self._outside("on_train_batch_end", pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._outside("on_before_optimizer_step", pl_module)
+
+    def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
+        self._outside("on_validation_batch_start", pl_module)
+
+
+def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
+    """A module carries our forward hooks only from a measured step's forward to its backward:
+    with any forward hook attached, an eval-mode ``TransformerEncoderLayer`` refuses its fast
+    path, and the user's ``val_loss`` changed in the last bits (CI, two threads)."""
+    first, last = HookSpy(count_forwards=True), HookSpy()
+    cb = GradientDispersion(backend="hooks", every_n_steps=2)
+    run = fit("transformer_tagger", tmp_path, suite=[first, cb, last], limit_val_batches=2)
+    assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
+    # the loss contract's trial forward (isolated), steps 0-2, validation (2 batches), steps 3-5,
+    # validation: hooks in the forwards of steps 0, 2, 4 only
+    n = max(first.in_forward)
+    assert n > 0 and first.in_forward == [0, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    for spy in (first, last):
+        assert {where for where, _ in spy.outside} == {
+            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start"}
+        assert all(n == 0 for _, n in spy.outside), spy.outside
 
 
 def test_hooks_one_forward_per_step_under_the_default_suite(tmp_path):

@@ -322,6 +322,8 @@ class GradientDispersion(MeasurementCallback):
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        if self._impl is not None:
+            self._impl.end_batch()
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
         # the Lightning hooks are clocked whole (MeasurementCallback); the norm hooks run inside

@@ -1009,8 +1009,9 @@ def suspended_ghost_hooks() -> Iterator[None]:
 class GhostNormHooks:
     """Exact per-sample squared gradient norms of ``modules``, from the training backward.
 
-    Hooks are registered once (:meth:`attach`) and cost one attribute check per forward while
-    disarmed.  While armed (:meth:`arm`), each forward call of a hooked module stores its input
+    Forward hooks are registered by :meth:`attach` (or :meth:`arm`) and removed by
+    :meth:`unhook`; registered but disarmed, they cost one attribute check per forward.  While
+    armed (:meth:`arm`), each forward call of a hooked module stores its input
     (detached, no copy) and puts a hook on its output (for ``nn.MultiheadAttention``: finds its
     products' nodes in the output's graph, keeps their saved inputs and puts a pre-hook on each);
     when the output's gradient arrives in the
@@ -1019,11 +1020,11 @@ class GhostNormHooks:
     buffers after the backward with :meth:`read` (which also resets them for the next step)::
 
         hooks = GhostNormHooks(covered)      # covered, uncovered = plan(model)
-        hooks.attach()                       # once
         hooks.arm()                          # measured steps: before the forward
         loss = per_sample_losses.mean() / A
         loss.backward()
         norms = hooks.read(scale=m * A)      # ‖∇ℓ_i‖², float64, [m]
+        hooks.unhook()                       # no forward hook until the next measured forward
 
     Args:
         modules: qualified name → module (supported kinds only: see :meth:`supported`).
@@ -1081,6 +1082,7 @@ class GhostNormHooks:
             self._group_rows.setdefault(site.group, []).append(site.index)
         self._armed = False
         self._handles: list[RemovableHandle] = []
+        self._hook_fns: list[tuple[nn.Module, Callable]] = []
         self._param_handles: list[RemovableHandle] = []
         self._epoch = 0
         self.seconds = 0.0
@@ -1116,19 +1118,30 @@ class GhostNormHooks:
         return self._scratch.nbytes
 
     def attach(self) -> None:
-        """Register the forward hooks (once; they stay for the whole run)."""
+        """Register the forward hooks (a no-op while they are registered)."""
         if self._handles:
             return
-        for site in self._sites:
-            if not site.sub:
-                self._handles.append(site.module.register_forward_hook(self._forward_hook(site)))
+        if not self._hook_fns:
+            self._hook_fns = [(site.module, self._forward_hook(site)) for site in self._sites if not site.sub]
+        for module, fn in self._hook_fns:
+            self._handles.append(module.register_forward_hook(fn))
+
+    def unhook(self) -> None:
+        """Remove the forward hooks only (armed state, gradient hooks, recorded calls and work
+        buffers stay). Between a measured step's backward and the next measured forward no module
+        carries a hook of ours: PyTorch's inference fast paths (``TransformerEncoderLayer`` in
+        eval mode under ``no_grad``) are refused while any forward hook is attached, and would
+        change the user's validation values in the last bits."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
 
     def arm(self) -> None:
-        """Record the following forwards (attaches first if needed).  A no-op when armed;
-        otherwise drops anything left from an unread step."""
+        """Record the following forwards (attaches the forward hooks if needed).  Otherwise a
+        no-op when armed; when not, drops anything left from an unread step."""
+        self.attach()
         if self._armed:
             return
-        self.attach()
         self.clear()
         for site in self._sites:
             if site.sub:
@@ -1174,9 +1187,7 @@ class GhostNormHooks:
     def detach(self) -> None:
         """Remove every hook and drop all state."""
         self.disarm()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.unhook()
         self.clear()
 
     def _reset_step(self) -> None:

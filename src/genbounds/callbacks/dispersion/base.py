@@ -97,6 +97,9 @@ class DispersionBackend:
             return None
         return WindowResult(window)
 
+    def end_batch(self) -> None:
+        """At the end of every training batch (``on_train_batch_end``)."""
+
     def hook_seconds(self) -> float:
         """Seconds spent in hooks inside forward/backward since the last call (reset)."""
         return 0.0

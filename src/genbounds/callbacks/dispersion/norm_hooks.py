@@ -7,8 +7,11 @@ normalization layers; BackPACK's ``BatchL2Grad`` for ``RNN``/``LSTM`` layers, wh
 reaches. No extra forward or backward.
 
 Hooks are shared by every ``GradientDispersion`` of a module (two callbacks with different
-schedules read the same norms) and registered once: unmeasured steps cost one attribute check
-per hooked layer's forward. Under train-mode BatchNorm the per-sample terms are those of the
+schedules read the same norms). A module carries our forward hooks only from a measured step's
+forward to its backward: unmeasured steps cost nothing, and the user's validation, test and
+no-grad forwards run exactly as without us (a forward hook anywhere in a
+``TransformerEncoderLayer`` turns off its eval-mode fast path, whose results differ from the
+slow path's in the last bits: the drop-in test caught it at two threads). Under train-mode BatchNorm the per-sample terms are those of the
 batch gradient's exact decomposition ``ḡ_B = mean_i g̃_i`` (batch statistics as computed on
 ``B``), not independent per-sample gradients — documented as an approximation.
 """
@@ -52,11 +55,14 @@ class SharedHooks:
             module.__dict__["_genbounds_norm_hooks"] = shared
         return shared
 
-    def attach(self) -> None:
+    def unhook(self) -> None:
+        """Remove the forward hooks (after the measured backward, and at the batch's end)."""
         if self.ghost is not None:
-            self.ghost.attach()
+            self.ghost.unhook()
 
     def arm(self, owner: int) -> None:
+        if self.ghost is not None:
+            self.ghost.attach()  # the forward hooks, for this forward only (a no-op when attached)
         if self.owners and self.ghost is not None and self.ghost.armed:
             # armed since an earlier step (kept armed between consecutive measured steps): drop
             # whatever a forward outside the training step recorded since the last read
@@ -169,7 +175,6 @@ class NormHooksBackend(DispersionBackend):
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
-        self.shared.attach()
 
     def start_window(self, measuring: bool) -> None:
         self.deltas.reset()
@@ -196,6 +201,7 @@ class NormHooksBackend(DispersionBackend):
             self.failed = err
             rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; switching to an extra-pass backend.")
             return None
+        self.shared.unhook()
         if read is None or not self.shared.stays_armed:
             self.shared.disarm(id(self))
         if read is None:
@@ -231,6 +237,10 @@ class NormHooksBackend(DispersionBackend):
         # ‖ḡ_k‖² per group and ‖ḡ‖² from .grad in about ten ops (estimators.functional)
         norms = grouped_sq_norms(ctx.extras["grads"], ctx.groups)
         return WindowResult(window, norms[-1], norms[:-1])
+
+    def end_batch(self) -> None:
+        if self.shared is not None:
+            self.shared.unhook()  # (a measured step whose training_step returned None: no backward)
 
     def hook_seconds(self) -> float:
         ghost = self.shared.ghost if self.shared is not None else None
