@@ -14,6 +14,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.demos.transformer import LightningTransformer
+from lightning.pytorch.demos.transformer import Transformer as DemoTransformer
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
@@ -271,6 +273,36 @@ class TokenTagger(TokenTransformer):
         self.log("val_loss", F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)))
 
 
+def next_tokens(n: int, length: int = 10, vocab: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Language-model pairs: a token sequence and the same sequence shifted by one."""
+    x = torch.randint(0, vocab, (n, length + 1), generator=_generator(seed))
+    return x[:, :-1].contiguous(), x[:, 1:].contiguous()
+
+
+class LightningDemoTransformer(LightningTransformer):
+    """(4c) Lightning's own demo, ``lightning.pytorch.demos.transformer.LightningTransformer``,
+    unchanged but for size: its ``nn.Transformer`` (encoder and decoder, causal target mask,
+    dropout 0.2, ``log_softmax`` + ``F.nll_loss`` over ``[b·T, V]``), made small; its
+    ``prepare_data`` downloads WikiText-2, so it is skipped here, and the two steps log their loss
+    (the demo logs nothing)."""
+
+    def __init__(self) -> None:
+        super().__init__(vocab_size=16)
+        self.model = DemoTransformer(vocab_size=16, ninp=16, nhead=2, nhid=32, nlayers=1)
+
+    def prepare_data(self) -> None:
+        pass
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        inputs, target = batch
+        self.log("val_loss", F.nll_loss(self(inputs, target), target.view(-1)))
+
+
 class RecurrentClassifier(pl.LightningModule):
     """(5)/(6) An ``nn.LSTM`` or ``nn.GRU`` over ``[b, T, F]`` sequences; with
     ``batch_first=False`` the module transposes to ``[T, b, F]`` as the docs' RNN examples do."""
@@ -439,6 +471,7 @@ CASES: dict[str, Case] = {
     "resnet_blocks": Case(ResNetClassifier, lambda **kw: loaders(images, **kw)),
     "transformer": Case(TokenTransformer, lambda **kw: loaders(tokens, **kw)),
     "transformer_tagger": Case(TokenTagger, lambda **kw: loaders(tagged_tokens, **kw)),
+    "transformer_lightning_demo": Case(LightningDemoTransformer, lambda **kw: loaders(next_tokens, **kw)),
     "lstm_batch_first": Case(lambda: RecurrentClassifier("lstm", batch_first=True),
                              lambda **kw: loaders(sequences, **kw)),
     "gru_time_major": Case(lambda: RecurrentClassifier("gru", batch_first=False),
