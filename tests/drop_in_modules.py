@@ -273,6 +273,22 @@ class TokenTagger(TokenTransformer):
         self.log("val_loss", F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)))
 
 
+class SequenceFirstTransformer(TokenTransformer):
+    """(4d) The layout of PyTorch's language-model tutorials: tokens turned to ``[T, b]`` before
+    the embedding, a sequence-first ``nn.TransformerEncoder`` (the default ``batch_first=False``)
+    under a causal mask, mean over positions, a linear head."""
+
+    def __init__(self, vocab: int = 12, d_model: int = 16, nhead: int = 2) -> None:
+        super().__init__(vocab, d_model, nhead)
+        layer = nn.TransformerEncoderLayer(d_model, nhead, dim_feedforward=32, dropout=0.1)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        src = self.embed(tokens.t())  # [T, b, d]
+        mask = nn.Transformer.generate_square_subsequent_mask(src.shape[0])
+        return self.head(self.encoder(src, mask=mask, is_causal=True).mean(0))
+
+
 def next_tokens(n: int, length: int = 10, vocab: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
     """Language-model pairs: a token sequence and the same sequence shifted by one."""
     x = torch.randint(0, vocab, (n, length + 1), generator=_generator(seed))
@@ -471,6 +487,7 @@ CASES: dict[str, Case] = {
     "resnet_blocks": Case(ResNetClassifier, lambda **kw: loaders(images, **kw)),
     "transformer": Case(TokenTransformer, lambda **kw: loaders(tokens, **kw)),
     "transformer_tagger": Case(TokenTagger, lambda **kw: loaders(tagged_tokens, **kw)),
+    "transformer_sequence_first": Case(SequenceFirstTransformer, lambda **kw: loaders(tokens, **kw)),
     "transformer_lightning_demo": Case(LightningDemoTransformer, lambda **kw: loaders(next_tokens, **kw)),
     "lstm_batch_first": Case(lambda: RecurrentClassifier("lstm", batch_first=True),
                              lambda **kw: loaders(sequences, **kw)),

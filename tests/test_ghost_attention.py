@@ -7,7 +7,15 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from genbounds.estimators.ghost_norms import GHOST, GOODFELLOW, MATERIALIZE, GhostNormHooks, plan, predict_methods
+from genbounds.estimators.ghost_norms import (
+    GHOST,
+    GOODFELLOW,
+    MATERIALIZE,
+    GhostNormHooks,
+    declared_batch_dims,
+    plan,
+    predict_methods,
+)
 from test_ghost_norms import DT, check, measure, per_sample_losses, reference
 
 
@@ -182,7 +190,6 @@ def test_predict_methods_covers_the_out_projection(T, route):
 @pytest.mark.parametrize("kw,match", [
     ({"add_bias_kv": True}, "add_bias_kv"),
     ({"kdim": 4, "vdim": 4}, "kdim"),
-    ({"batch_first": False}, "batch_first=False"),
     ({"frozen": "in_proj_weight"}, "trainable bias with a frozen weight"),
     ({"frozen": "out_proj.weight"}, "trainable bias with a frozen weight"),
 ])
@@ -203,17 +210,140 @@ def test_plan_refuses_what_the_graph_rule_does_not_cover(kw, match):
     assert match in uncovered["att.out_proj.bias"]
 
 
-def test_plan_refuses_sequence_first_encoders_and_covers_decoders():
-    """A sequence-first encoder layer's Linear and LayerNorm see [T, B, E] (with T = B a wrong
-    batch dimension could not be detected); a batch-first decoder layer is covered, its
-    cross-attention included."""
-    encoder = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)  # batch_first=False
-    covered, uncovered = plan(encoder)
-    assert "batch_first=False" in uncovered["self_attn.in_proj_weight"]
-    decoder = nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, batch_first=True)
-    covered, uncovered = plan(decoder)
-    assert not uncovered
-    assert {"self_attn", "self_attn.out_proj", "multihead_attn", "multihead_attn.out_proj"} <= set(covered)
+def test_plan_covers_encoders_and_decoders_either_layout():
+    """Encoder and decoder layers are covered, cross-attention included, batch-first or not; their
+    modules' batch dimension is declared (a sequence-first layer's Linear and LayerNorm see
+    ``[T, B, E]``), the layers' surroundings are not."""
+    for batch_first in (True, False):
+        model = nn.ModuleDict({
+            "encoder": nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=batch_first), 1,
+                                             norm=nn.LayerNorm(8), enable_nested_tensor=False),
+            "decoder": nn.TransformerDecoderLayer(8, 2, dim_feedforward=16, batch_first=batch_first),
+            "head": nn.Linear(8, 3)})
+        covered, uncovered = plan(model)
+        assert not uncovered
+        assert {"decoder.self_attn", "decoder.self_attn.out_proj", "decoder.multihead_attn",
+                "decoder.multihead_attn.out_proj", "encoder.norm"} <= set(covered)
+        dims = declared_batch_dims(model)
+        assert "head" not in dims
+        want = 0 if batch_first else 1
+        assert all(dims[name] == want for name in covered if name != "head"), dims
+        assert GhostNormHooks(covered, batch_dims=dims).sequence_first is (not batch_first)
+
+
+class SequenceFirstEncoder(nn.Module):
+    """PyTorch's word-language-model layout: tokens ``[b, T]`` turned to ``[T, b]`` before the
+    embedding, a sequence-first ``nn.TransformerEncoder`` (post- and pre-norm layers, final norm)
+    under a causal mask, a per-position head on ``[T, b, d]``; ``pool``: a head on the mean
+    over positions instead."""
+
+    def __init__(self, d: int = 8, pool: bool = False, embed: bool = True) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(13, d) if embed else nn.Linear(3, d)
+        post = nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0)
+        pre = nn.TransformerEncoderLayer(d, 2, dim_feedforward=16, dropout=0.0, norm_first=True)
+        self.layers = nn.ModuleList([post, pre])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 3)
+        self.pool = pool
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.embed(x.transpose(0, 1))  # [T, b, d]
+        mask = nn.Transformer.generate_square_subsequent_mask(h.shape[0], dtype=h.dtype)
+        for layer in self.layers:
+            h = layer(h, src_mask=mask, is_causal=True)
+        h = self.norm(h)
+        if self.pool:
+            return self.head(h.mean(0))
+        return self.head(h).transpose(0, 1)  # [b, T, 3]
+
+
+@pytest.mark.parametrize("method", [None, GHOST, MATERIALIZE])
+@pytest.mark.parametrize("pool", [False, True])
+def test_sequence_first_encoder_matches_per_sample_gradients(pool, method):
+    """Every layer of a sequence-first model sees the batch in dimension 1 — the declared ones
+    (inside the encoder layers) and the ones read off the shape (the embedding, the final norm,
+    the head): exact against vmap(grad)."""
+    model = SequenceFirstEncoder(pool=pool)
+    norms = check(model, torch.randint(0, 13, (3, 5)), method=method)
+    assert {"embed", "layers.0.self_attn", "layers.1.linear2", "norm", "head"} <= set(norms.per_group)
+    assert norms.exact
+
+
+@pytest.mark.parametrize("T", [2, 20])
+def test_predict_methods_sequence_first(T):
+    """The routes predicted from the shapes are the ones taken, the batch found as in the hooks
+    (T = 2: ghost for the 8×8 and 8×16 weights; T = 20: materialize)."""
+    model = SequenceFirstEncoder().to(DT)
+    covered = plan(model)[0]
+    x = torch.randint(0, 13, (3, T))
+    predicted = predict_methods(covered, lambda: model(x), batch_dims=declared_batch_dims(model), batch_size=3)
+    taken = measure(model, x, torch.randn(3, T, 3, dtype=DT), modules=covered).methods
+    assert predicted == taken
+    assert predicted["head"] == (GHOST if T == 2 else MATERIALIZE)
+
+
+def test_sequence_first_attention_alone_matches_per_sample_gradients():
+    check(SelfAttention(batch_first=False), torch.randn(4, 5, 8))
+    check(SelfAttention(batch_first=False, calls=2), torch.randn(4, 5, 8))
+
+
+def test_sequence_first_decoder_with_cross_attention():
+    """``nn.Transformer`` sequence-first: encoder, decoder self- and cross-attention, causal mask."""
+
+    class Seq2Seq(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.net = nn.Transformer(8, 2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=16,
+                                      dropout=0.0)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            src = self.inp(x).transpose(0, 1)  # [T, b, 8]
+            tgt = src[:3]
+            mask = nn.Transformer.generate_square_subsequent_mask(3, dtype=src.dtype)
+            return self.head(self.net(src, tgt, tgt_mask=mask, tgt_is_causal=True)).transpose(0, 1)
+
+    norms = check(Seq2Seq(), torch.randn(4, 6, 3))
+    assert {"net.decoder.layers.0.multihead_attn", "net.encoder.norm", "net.decoder.norm"} <= set(norms.per_group)
+
+
+def test_sequence_first_with_length_equal_to_batch():
+    """``T = B``: the layers inside the encoder have a declared layout and stay exact; a layer
+    outside (the embedding on ``[T, B]``) cannot tell its batch dimension from the shape: reported
+    at the read, never guessed."""
+    model = SequenceFirstEncoder(pool=True).to(DT)
+    x = torch.randint(0, 13, (4, 4))
+    hooks = GhostNormHooks.for_model(model)
+    hooks.arm(batch_size=4)
+    model(x).pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="dimensions 0 and 1 both have the batch size 4"):
+        hooks.read(scale=4)
+    hooks.detach()
+    # without the layers outside the encoder (features fed as [T, B, d] by the caller), exact
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 2, norm=nn.LayerNorm(8),
+                                    enable_nested_tensor=False)
+
+    class Inner(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.encoder(x.transpose(0, 1)).transpose(0, 1)
+
+    check(Inner(), torch.randn(4, 4, 8))
+
+
+def test_sequence_first_without_a_batch_size_is_reported():
+    model = SequenceFirstEncoder()
+    hooks = GhostNormHooks.for_model(model)
+    hooks.arm()  # no batch size: the embedding's layout cannot be told
+    model(torch.randint(0, 13, (3, 5))).pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match="no batch size"):
+        hooks.read(scale=3)
+    hooks.detach()
 
 
 class CrossAttention(nn.Module):

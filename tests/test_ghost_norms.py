@@ -27,6 +27,7 @@ from genbounds.estimators.ghost_norms import (
     PerSampleNorms,
     plan,
     predict_methods,
+    declared_batch_dims,
     suspended_ghost_hooks,
 )
 
@@ -64,9 +65,9 @@ def measure(model: nn.Module, x: Tensor, target: Tensor, *, method=None, modules
         if modules is None:
             modules, uncovered = plan(model)
             assert not uncovered, uncovered
-        hooks = GhostNormHooks(modules, method=method)
+        hooks = GhostNormHooks(modules, method=method, batch_dims=declared_batch_dims(model))
         hooks.attach()
-    hooks.arm()
+    hooks.arm(x.shape[0])  # (the batch size: used by sequence-first models only)
     model.zero_grad(set_to_none=True)
     out = model(x, *extra)
     per_sample_losses(out, target).mean().backward()

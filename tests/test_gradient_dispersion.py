@@ -169,20 +169,23 @@ class AttentionNet(torch.nn.Module):
     matched in the autograd graph (estimators/ghost_attention.py) except with ``add_bias_kv``
     (``refused=True``), which no hook reaches."""
 
-    def __init__(self, refused: bool = True, cross: bool = False) -> None:
+    def __init__(self, refused: bool = True, cross: bool = False, sequence_first: bool = False) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(8, 16)
-        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True, add_bias_kv=refused)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=not sequence_first, add_bias_kv=refused)
         self.head = torch.nn.Linear(16, 10)
         self.cross = cross
+        self.sequence_first = sequence_first
 
     def forward(self, x):
-        h = self.embed(x.reshape(x.shape[0], 8, 8))
+        rows = x.reshape(x.shape[0], 8, 8)
+        h = self.embed(rows.transpose(0, 1) if self.sequence_first else rows)  # (sequence-first: [8, b, 8])
+        t = 0 if self.sequence_first else 1
         if self.cross:  # queries from half the positions; key and value different tensors
-            h, _ = self.attn(h[:, :4], h, torch.tanh(h), need_weights=False)
+            h, _ = self.attn(h.narrow(t, 0, 4), h, torch.tanh(h), need_weights=False)
         else:
             h, _ = self.attn(h, h, h, need_weights=False)
-        return self.head(h.mean(1))
+        return self.head(h.mean(t))
 
 
 def first_batch_trace_cov(module, data) -> float:
@@ -218,12 +221,13 @@ def test_auto_falls_back_with_one_warning_and_correct_values(tmp_path):
     assert records[0].values["grad/trace_cov"] == pytest.approx(first_batch_trace_cov(module, data), rel=1e-5)
 
 
+@pytest.mark.parametrize("sequence_first", [False, True])
 @pytest.mark.parametrize("cross", [False, True])
-def test_auto_reads_attention_in_the_training_backward(tmp_path, cross):
+def test_auto_reads_attention_in_the_training_backward(tmp_path, cross, sequence_first):
     """Self- and cross-attention are covered by the hooks: no warning, no extra pass, the
     per-sample loop's values."""
     torch.manual_seed(0)
-    module = Classifier(AttentionNet(refused=False, cross=cross), lr=0.0)
+    module = Classifier(AttentionNet(refused=False, cross=cross, sequence_first=sequence_first), lr=0.0)
     data = DigitsDataModule(batch_size=32, shuffle=False)
     cb = GradientDispersion(backend="auto")
     with warnings.catch_warnings():
@@ -231,6 +235,28 @@ def test_auto_reads_attention_in_the_training_backward(tmp_path, cross):
         records = run_collect(tmp_path, module, data, cb, max_steps=1)
     assert cb.active_backend == "hooks"
     assert records[0].values["grad/trace_cov"] == pytest.approx(first_batch_trace_cov(module, data), rel=1e-5)
+
+
+def test_sequence_first_with_length_equal_to_batch_falls_back_exactly(tmp_path):
+    """A sequence-first model whose sequence length equals the batch size: a layer outside the
+    attention cannot tell its batch dimension. The first read reports it (one warning), that step
+    is skipped, and the next steps are measured by an exact extra pass."""
+    torch.manual_seed(0)
+    module = Classifier(AttentionNet(refused=False, sequence_first=True), lr=0.0)
+    data = DigitsDataModule(batch_size=8, shuffle=False)  # T = 8 positions
+    cb = GradientDispersion(backend="auto")
+    with pytest.warns(UserWarning, match="both have the batch size 8") as caught:
+        records = run_collect(tmp_path, module, data, cb, max_steps=2)
+    assert sum("both have the batch size" in str(w.message) for w in caught) == 1
+    assert cb.active_backend != "hooks"
+    assert [r.step for r in records] == [1]
+    data.setup("fit")
+    x, y = list(iter(data.train_dataloader()))[1]
+    params = [p for p in module.parameters() if p.requires_grad]
+    g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(8)])
+    expected = float(((g - g.mean(0)) ** 2).sum() / 7)
+    assert records[0].values["grad/trace_cov"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_functorch_refuses_train_mode_batchnorm(tmp_path):

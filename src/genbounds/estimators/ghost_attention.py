@@ -34,9 +34,11 @@ from that node (its own input, or through views and one ``AddBackward0``) or no 
 A slice of ``in_proj_weight`` is reached through one ``SplitWithSizesBackward0``/``SplitBackward0``
 whose output index says which rows (and which bias slice belongs to it); the in-projection is
 complete when the products' widths add up to ``3E``.  Refused before any step
-(:func:`unsupported_reason`): ``add_bias_kv``, separate q/k/v weights, ``batch_first=False`` (the
-layers around a sequence-first attention see ``[T, B, E]``, whose batch is not dimension 0 — with
-``T = B`` that could not even be detected) and a frozen weight with a trainable bias.  The
+(:func:`unsupported_reason`): ``add_bias_kv``, separate q/k/v weights and a frozen weight with a
+trainable bias.  Either ``batch_first``: the module works on ``[T, B, E]`` internally, so the
+products' rows are position-major in both (the layers around a sequence-first attention see
+``[T, B, E]`` too: ``GhostNormHooks`` reads their batch dimension from
+``ghost_norms.declared_batch_dims`` and the batch size).  The
 products must form one of the three layouts (:data:`LAYOUTS`), and a module called in one step
 with two layouts (self- and cross-attention) is reported, since its blocks would have cross terms.  Under saved-tensor hooks (activation checkpointing,
 ``save_on_cpu``) reading a saved input would run the unpack hook inside the forward — recomputing
@@ -71,9 +73,6 @@ def unsupported_reason(module: nn.MultiheadAttention) -> str | None:
         return "MultiheadAttention with kdim/vdim != embed_dim (separate q/k/v weights)"
     if module.bias_k is not None or module.bias_v is not None:
         return "MultiheadAttention(add_bias_kv=True)"
-    if not module.batch_first:
-        return ("MultiheadAttention(batch_first=False): the layers around a sequence-first attention "
-                "see [T, B, E], whose batch is not dimension 0")
     if type(module.out_proj).forward is not nn.Linear.forward:
         return "MultiheadAttention.out_proj overrides Linear.forward"
     return None

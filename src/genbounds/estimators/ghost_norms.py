@@ -329,6 +329,12 @@ class _Kind:
     def method_for(self, module: nn.Module, input_shape: torch.Size, forced: str | None) -> str:
         raise NotImplementedError
 
+    def sequence_dims(self, module: nn.Module) -> int | None:
+        """The fewest input dimensions at which the batch may be dimension 1 (a sequence-first
+        ``[T, B, …]`` input); ``None``: the batch is always dimension 0 (convolutions, channel
+        normalizations)."""
+        return None
+
 
 def _cat_pairs(factors: list[tuple], dim: int) -> tuple:
     first = [f[0] for f in factors]
@@ -389,6 +395,9 @@ class _LinearKind(_Kind):
 
     def method_for(self, module, input_shape, forced):
         return _linear_route(forced, _prod(input_shape[1:-1]), module.in_features, module.out_features)
+
+    def sequence_dims(self, module):
+        return 3
 
 
 def _linear_route(forced: str | None, T: int, d_in: int, d_out: int) -> str:
@@ -686,6 +695,9 @@ class _EmbeddingKind(_Kind):
         m = forced if forced is not None else (GHOST if 2 * T < module.embedding_dim else MATERIALIZE)
         return GOODFELLOW if (m == GHOST and T == 1) else m
 
+    def sequence_dims(self, module):
+        return 2
+
 
 class _NormKind(_Kind):
     """Affine normalization layers: per-sample ``(Σ δ⊙x̂, Σ δ)`` vectors, summed over calls."""
@@ -753,6 +765,9 @@ class _LayerNormKind(_NormKind):
         k = _prod(module.normalized_shape)
         return t.reshape(t.shape[0], -1, k), 1
 
+    def sequence_dims(self, module):
+        return len(module.normalized_shape) + 2
+
 
 class _RMSNormKind(_LayerNormKind):
     def normalized(self, module, x):
@@ -787,7 +802,7 @@ class _InstanceNormKind(_NormKind):
 
 
 class _AttentionKind(_LinearKind):
-    """``nn.MultiheadAttention`` (batch-first, packed ``in_proj_weight``): its in-projection is a
+    """``nn.MultiheadAttention`` (packed ``in_proj_weight``, either ``batch_first``): its in-projection is a
     Linear on sequences whose input rows and output gradient are taken from the product's node in
     the autograd graph (:mod:`genbounds.estimators.ghost_attention`; recorded by
     ``GhostNormHooks._record_attention``, not by the Linear's ``check``/``precompute``); its
@@ -796,6 +811,9 @@ class _AttentionKind(_LinearKind):
     def method_for(self, module, input_shape, forced):
         return _linear_route(forced, ghost_attention.batch_and_length(module, input_shape)[1], module.embed_dim,
                              3 * module.embed_dim)
+
+    def sequence_dims(self, module):
+        return None  # (its own layout: batch_first; ghost_attention.batch_and_length)
 
 
 _LINEAR, _CONV, _EMBEDDING = _LinearKind(), _ConvKind(), _EmbeddingKind()
@@ -896,6 +914,30 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     return covered, uncovered
 
 
+def declared_batch_dims(model: nn.Module) -> dict[str, int]:
+    """Module name → the input dimension that holds the batch, where PyTorch's transformer modules
+    declare it: every module inside a ``TransformerEncoderLayer``/``TransformerDecoderLayer`` and
+    the final ``norm`` of a ``TransformerEncoder``/``TransformerDecoder`` see ``[B, T, E]`` (0)
+    with ``batch_first=True`` and ``[T, B, E]`` (1) without; a ``MultiheadAttention`` says its own.
+    Modules elsewhere are not declared: their layout is read off each call's shape."""
+    out: dict[str, int] = {}
+
+    def declare(prefix: str, module: nn.Module, dim: int) -> None:
+        for name, _ in module.named_modules(prefix=prefix):
+            out.setdefault(name, dim)
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+            declare(name, module, 0 if module.self_attn.batch_first else 1)
+        elif isinstance(module, (nn.TransformerEncoder, nn.TransformerDecoder)) and module.norm is not None:
+            attention = getattr(module.layers[0], "self_attn", None) if len(module.layers) else None
+            if isinstance(attention, nn.MultiheadAttention):
+                declare(f"{name}.norm" if name else "norm", module.norm, 0 if attention.batch_first else 1)
+        elif isinstance(module, nn.MultiheadAttention):
+            out.setdefault(name, 0 if module.batch_first else 1)
+    return out
+
+
 def _refused_attention(model: nn.Module) -> dict[nn.Module, str]:
     """Every ``nn.MultiheadAttention`` of ``model`` the graph rule does not cover, with the reason:
     structural (:func:`~genbounds.estimators.ghost_attention.unsupported_reason`) or a trainable
@@ -913,11 +955,25 @@ def predict_methods(
     modules: Mapping[str, nn.Module],
     forward: Callable[[], Any],
     method: str | Mapping[str, str] | None = None,
+    batch_dims: Mapping[str, int] | None = None,
+    batch_size: int | None = None,
 ) -> dict[str, str]:
     """The route each module would take, from the input shapes seen while ``forward()`` runs
     (under ``torch.no_grad``; nothing is recorded).  A module called several times is predicted
-    from its first call."""
+    from its first call.  In a sequence-first model pass ``batch_dims``
+    (:func:`declared_batch_dims`) and the ``batch_size``, as to :class:`GhostNormHooks`."""
     seen: dict[str, str] = {}
+    batch_dims = dict(batch_dims or {})
+
+    def batch_first_shape(name: str, kind: _Kind, module: nn.Module, shape: torch.Size) -> torch.Size:
+        least = kind.sequence_dims(module)
+        if least is None or len(shape) < least:
+            return shape
+        dim = batch_dims.get(name)
+        if dim is None:
+            dim = int(batch_size is not None and shape[1] == batch_size and shape[0] != batch_size)
+        return torch.Size((shape[1], shape[0], *shape[2:])) if dim else shape
+
     handles = []
     for name, module in modules.items():
         kind, reason = _kind_of(module)
@@ -927,7 +983,7 @@ def predict_methods(
 
         def hook(mod, args, output, name=name, kind=kind, forced=forced):
             if name not in seen and args and isinstance(args[0], Tensor):
-                seen[name] = kind.method_for(mod, args[0].shape, forced)
+                seen[name] = kind.method_for(mod, batch_first_shape(name, kind, mod, args[0].shape), forced)
                 out_name = None if kind is not _ATTENTION else next(
                     (n for n, m in modules.items() if m is mod.out_proj), None)
                 if out_name is not None:  # recorded by this hook (the attention bypasses its forward)
@@ -953,7 +1009,7 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index", "partner", "slices", "sub", "layout")
+                 "index", "partner", "slices", "sub", "layout", "batch_dim")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
@@ -962,6 +1018,7 @@ class _Site:
         self.partner: _Site | None = None  # a MultiheadAttention's out_proj site, recorded by its hook
         self.slices: list[_Site] = []  # a MultiheadAttention's rows for cross-attention's key/value products
         self.sub = False  # one of those rows: no hooks of its own, the attention's name and group
+        self.batch_dim: int | None = None  # declared by a transformer container (declared_batch_dims)
         self.reset()
 
     def reset(self) -> None:
@@ -1045,8 +1102,10 @@ class GhostNormHooks:
         group_of: Mapping[str, str] | None = None,
         method: str | Mapping[str, str] | None = None,
         verify_every_step: bool = False,
+        batch_dims: Mapping[str, int] | None = None,
     ) -> None:
         group_of = dict(group_of or {})
+        batch_dims = dict(batch_dims or {})
         self.verify_every_step = verify_every_step
         self._sites: list[_Site] = []
         seen: dict[int, str] = {}
@@ -1061,6 +1120,12 @@ class GhostNormHooks:
             if forced not in (None, GHOST, MATERIALIZE):
                 raise ValueError(f"method must be 'ghost', 'materialize' or None, got {forced!r}")
             self._sites.append(_Site(name, module, group_of.get(name, name), kind, forced, len(self._sites)))
+            self._sites[-1].batch_dim = batch_dims.get(name)
+        # a sequence-first model: layers outside the transformer modules may see the batch in
+        # dimension 1 too; each call's layout is then read off its shape (arm(batch_size=…))
+        self.sequence_first = any(dim == 1 for dim in batch_dims.values()) or any(
+            isinstance(m, nn.MultiheadAttention) and not m.batch_first for m in modules.values())
+        self._batch: int | None = None
         by_module = {id(site.module): site for site in self._sites}
         for site in list(self._sites):
             if site.kind is _ATTENTION:
@@ -1136,10 +1201,14 @@ class GhostNormHooks:
             h.remove()
         self._handles.clear()
 
-    def arm(self) -> None:
+    def arm(self, batch_size: int | None = None) -> None:
         """Record the following forwards (attaches the forward hooks if needed).  Otherwise a
-        no-op when armed; when not, drops anything left from an unread step."""
+        no-op when armed; when not, drops anything left from an unread step.
+
+        ``batch_size`` (needed only by a sequence-first model, :attr:`sequence_first`): the
+        batch's size, by which each call's batch dimension (0 or 1) is found."""
         self.attach()
+        self._batch = batch_size
         if self._armed:
             return
         self.clear()
@@ -1236,11 +1305,35 @@ class GhostNormHooks:
         if isinstance(site.kind, _BatchNormKind) and site.kind.batch_stats(module):
             site.coupled = True
             self._coupled_upto = self._ordinal + 1
+        dim = self._batch_dim(site, module, x) if self.sequence_first else 0
+        if isinstance(dim, str):
+            self._problems.append(f"{site.name}: {dim}")
+            return
+        if dim:  # [T, B, …]: recorded as [B, T, …] (a view), its gradient likewise
+            x = x.transpose(0, 1)
         keep = site.kind.needs_input(wt, bt)
         call = self._new_call(site, x.detach() if keep else None, x.shape[0], x.device, wt, bt,
                               site.kind.precompute(x, wt, site.forced))
         if call is not None:
-            output.register_hook(functools.partial(self._grad_hook, call))
+            output.register_hook(functools.partial(self._grad_hook_t if dim else self._grad_hook, call))
+
+    def _batch_dim(self, site: _Site, module: nn.Module, x: Tensor) -> int | str:
+        """Which dimension of ``x`` holds the batch, in a sequence-first model (a problem when
+        that cannot be told)."""
+        least = site.kind.sequence_dims(module)
+        if least is None or x.dim() < least:
+            return 0
+        if site.batch_dim is not None:
+            return site.batch_dim
+        B = self._batch
+        if B is None:
+            return ("a sequence-first model and no batch size (arm(batch_size=…)): which dimension of "
+                    f"{tuple(x.shape)} holds the batch cannot be told")
+        first, second = x.shape[0] == B, x.shape[1] == B
+        if first and second:
+            return (f"input {tuple(x.shape)}: dimensions 0 and 1 both have the batch size {B} (sequence length "
+                    "= batch size) in a sequence-first model, so which holds the batch cannot be told")
+        return 1 if second else 0  # (neither: reported as mismatched batch sizes)
 
     def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
                   pre: Tensor | None) -> _Call | None:
@@ -1307,6 +1400,9 @@ class GhostNormHooks:
         grad = grad_outputs[0]
         if grad is not None:
             self._grad_hook(call, grad.view(T, B, -1).transpose(0, 1))
+
+    def _grad_hook_t(self, call: _Call, grad: Tensor) -> None:
+        self._grad_hook(call, grad.transpose(0, 1))
 
     def _grad_hook(self, call: _Call, grad: Tensor) -> None:
         started = time.perf_counter()
@@ -1485,7 +1581,7 @@ class GhostNormHooks:
             items = [f"{k} ({v})" for k, v in list(uncovered.items())[:6]]
             raise ValueError("ghost norms cannot cover: " + ", ".join(items)
                              + (f" and {len(uncovered) - 6} more" if len(uncovered) > 6 else ""))
-        return cls(covered, group_of=group_of, method=method)
+        return cls(covered, group_of=group_of, method=method, batch_dims=declared_batch_dims(model))
 
 
 __all__ = [
@@ -1497,6 +1593,7 @@ __all__ = [
     "GhostNormHooks",
     "MATERIALIZE",
     "PerSampleNorms",
+    "declared_batch_dims",
     "plan",
     "predict_methods",
     "suspended_ghost_hooks",

@@ -137,14 +137,14 @@ def hooks_cover(module: nn.Module) -> bool:
 
 def _hook_moments(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[str, Tensor],
                   groups: list[list[int]] | None) -> GradientMoments:
-    from genbounds.estimators.ghost_norms import GhostNormHooks, plan
+    from genbounds.estimators.ghost_norms import GhostNormHooks, declared_batch_dims, plan
 
     covered, uncovered = plan(module)
     if uncovered:
         raise ValueError(f"the norm hooks do not reach {sorted(uncovered)[:4]}")
     names = list(params)
-    hooks = GhostNormHooks(covered)
-    hooks.arm()
+    hooks = GhostNormHooks(covered, batch_dims=declared_batch_dims(module))
+    hooks.arm(batch_size(batch))
     try:
         losses = loss_fn(module, batch)
         b = batch_size(batch)

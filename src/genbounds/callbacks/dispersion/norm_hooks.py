@@ -30,7 +30,8 @@ from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, 
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
-from genbounds.estimators.ghost_norms import GhostNormHooks
+from genbounds.estimators.batching import batch_size
+from genbounds.estimators.ghost_norms import GhostNormHooks, declared_batch_dims
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
 
 
@@ -38,8 +39,8 @@ class SharedHooks:
     """One set of norm hooks per module, armed while any owner measures; each backward's norms
     are read once and served to every owner."""
 
-    def __init__(self, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
-        self.ghost = GhostNormHooks(ghost) if ghost else None
+    def __init__(self, root: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
+        self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root)) if ghost else None
         self.backpack = BackpackNormHooks(list(backpack.values())) if backpack else None
         self.backpack_names = {id(m): n for n, m in backpack.items()}
         self.owners: set[int] = set()
@@ -51,7 +52,7 @@ class SharedHooks:
     def for_module(module: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> SharedHooks:
         shared = module.__dict__.get("_genbounds_norm_hooks")
         if shared is None:
-            shared = SharedHooks(ghost, backpack)
+            shared = SharedHooks(module, ghost, backpack)
             module.__dict__["_genbounds_norm_hooks"] = shared
         return shared
 
@@ -60,9 +61,7 @@ class SharedHooks:
         if self.ghost is not None:
             self.ghost.unhook()
 
-    def arm(self, owner: int) -> None:
-        if self.ghost is not None:
-            self.ghost.attach()  # the forward hooks, for this forward only (a no-op when attached)
+    def arm(self, owner: int, batch: Any = None) -> None:
         if self.owners and self.ghost is not None and self.ghost.armed:
             # armed since an earlier step (kept armed between consecutive measured steps): drop
             # whatever a forward outside the training step recorded since the last read
@@ -74,6 +73,10 @@ class SharedHooks:
             if self.backpack is not None:
                 self.backpack.attach()
         self.owners.add(owner)
+        if self.ghost is not None:
+            # the forward hooks, for this forward only; a sequence-first model's layers find their
+            # batch dimension by the batch size
+            self.ghost.arm(batch_size(batch) if self.ghost.sequence_first and batch is not None else None)
 
     def before_backward(self) -> None:
         if not self.in_backward:
@@ -184,7 +187,7 @@ class NormHooksBackend(DispersionBackend):
 
     def before_forward(self, ctx: StepContext) -> None:
         assert self.shared is not None
-        self.shared.arm(id(self))
+        self.shared.arm(id(self), ctx.batch)
 
     def before_backward(self, ctx: StepContext) -> None:
         assert self.shared is not None
