@@ -382,18 +382,23 @@ def resnet18_torchvision(num_classes: int = 10, norm: str = "batch") -> nn.Modul
 
 class TinyTransformer(nn.Module):
     """Token classifier: Embedding → ``nn.TransformerEncoder`` (``layers`` × d_model ``d``,
-    ``heads`` heads, feed-forward ``4d``, batch first) → mean over positions → Linear."""
+    ``heads`` heads, feed-forward ``4d``, batch first) → mean over positions → Linear;
+    ``batch_first=False``: the layout of PyTorch's tutorials (tokens turned to ``[T, b]`` before
+    the embedding, a sequence-first encoder)."""
 
     def __init__(self, vocab: int = 1000, d: int = 64, heads: int = 4, layers: int = 2, num_classes: int = 10,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, batch_first: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, d)
-        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=dropout, batch_first=True)
+        layer = nn.TransformerEncoderLayer(d, heads, dim_feedforward=4 * d, dropout=dropout, batch_first=batch_first)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.head = nn.Linear(d, num_classes)
+        self.batch_first = batch_first
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self.head(self.encoder(self.embed(tokens)).mean(1))
+        if self.batch_first:
+            return self.head(self.encoder(self.embed(tokens)).mean(1))
+        return self.head(self.encoder(self.embed(tokens.t())).mean(0))
 
 
 def random_token_batches(n_batches: int, batch: int, length: int, vocab: int, classes: int,

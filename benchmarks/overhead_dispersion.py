@@ -124,6 +124,10 @@ SPECS: dict[str, Spec] = {
     "transformer": Spec("Transformer: Embedding(1000, 64) + nn.TransformerEncoder (2 layers, d=64, 4 heads, FF 256) "
                         "+ mean-pool + Linear, 32 tokens, batch 32", TinyTransformer,
                         lambda: random_token_batches(8, 32, 32, 1000, 10), 100, 10, {}),
+    "transformer-sf": Spec("Transformer as above but sequence-first (`batch_first=False`, tokens turned to [T, b] "
+                           "before the embedding, as in PyTorch's tutorials), 48 tokens, batch 32",
+                           lambda: TinyTransformer(batch_first=False),
+                           lambda: random_token_batches(8, 32, 48, 1000, 10), 100, 10, {}),
     "mlp5.6m": Spec("MLP 784-2000-2000-10 (5.59 M parameters), batch 128, `backend=\"functorch\"` "
                     "(default memory budget)", _mlp_big,
                     lambda: random_image_batches(4, 128, (784,), 10, torch.device("cpu")), 3, 1,
@@ -147,7 +151,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("mlp5.6m", "memory"): ("functorch, peak ≤ 2× plain", 2.0),
     ("cuda-resnet18-gn", "time"): ("dispersion every step, time ≤ 1.05× plain", 1.05),
 }
-CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "mlp5.6m")
+CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "transformer-sf", "mlp5.6m")
 CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn")
 SUITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_mlp.yaml")
 RAW_MODELS = ("mlp", "cnn")
