@@ -424,7 +424,9 @@ def test_hooks_backend_one_forward_per_step_and_exact(tmp_path):
 
 
 def _forward_hooks(module: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+    """Forward (pre-)hooks on ``module`` and its children, the spies' own left out."""
+    return sum(not getattr(h, "spy", False) for m in module.modules()
+               for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
 
 
 class HookSpy(pl.Callback):
@@ -432,16 +434,22 @@ class HookSpy(pl.Callback):
     and wherever the user's own code may run a forward outside it."""
 
     def __init__(self, count_forwards: bool = False) -> None:
-        self.count_forwards = count_forwards  # (its own pre-hook, on one spy only, is subtracted)
+        self.count_forwards = count_forwards
         self.in_forward: list[int] = []
         self.outside: list[tuple[str, int]] = []
+        self.modes: list[bool] = []  # a torch-function mode active there (the loss capture's)
 
     def setup(self, trainer, pl_module, stage) -> None:
         if self.count_forwards:
-            pl_module.register_forward_pre_hook(lambda module, args: self.in_forward.append(_forward_hooks(module) - 1))
+            def count(module, args) -> None:
+                self.in_forward.append(_forward_hooks(module))
+
+            count.spy = True  # type: ignore[attr-defined]
+            pl_module.register_forward_pre_hook(count)
 
     def _outside(self, where: str, pl_module) -> None:
-        self.outside.append((where, _forward_hooks(pl_module) - 1))
+        self.outside.append((where, _forward_hooks(pl_module)))
+        self.modes.append(torch._C._is_torch_function_mode_enabled())
 
     def on_train_batch_end(self, trainer, pl_module, *args) -> None:
         self._outside("on_train_batch_end", pl_module)
@@ -469,6 +477,22 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start"}
         assert all(n == 0 for _, n in spy.outside), spy.outside
+
+
+@pytest.mark.parametrize("case", ["transformer_tagger", "lstm_batch_first", "resnet_blocks"])
+def test_default_suite_leaves_nothing_attached_outside_training_steps(tmp_path, case):
+    """With the whole suite (ghost hooks, BackPACK's for the LSTM, train-mode BatchNorm, probes),
+    no forward hook and no torch-function mode is left where the user's own code runs between
+    training steps or in validation."""
+    first, last = HookSpy(), HookSpy()
+    run = fit(case, tmp_path, suite=[first, *default_suite(**{**SMALL, **CASES[case].suite}), last],
+              limit_val_batches=2)
+    assert run.trainer.global_step == 6
+    for spy in (first, last):
+        assert {where for where, _ in spy.outside} == {
+            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start"}
+        assert all(n == 0 for _, n in spy.outside), spy.outside
+        assert not any(spy.modes)
 
 
 def test_hooks_one_forward_per_step_under_the_default_suite(tmp_path):
