@@ -15,10 +15,12 @@ through attention, recurrent layers with ``batch_first`` either way, torchvision
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import math
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,8 @@ from drop_in_modules import (
     Case,
     RecurrentClassifier,
     ResNetClassifier,
+    CEClassifier,
+    TokenTagger,
     images,
     loaders,
     sequences,
@@ -50,6 +54,10 @@ from drop_in_modules import (
     vectors,
 )
 from helpers import default_suite, trainer
+
+
+def _vec_data(**kw: Any):
+    return loaders(vectors, **kw)
 
 SMALL: dict[str, Any] = dict(
     num_draws=4, probe_batch_size=8, num_points=4, overhead_budget=None,
@@ -424,9 +432,17 @@ def test_hooks_backend_one_forward_per_step_and_exact(tmp_path):
 
 
 def _forward_hooks(module: torch.nn.Module) -> int:
-    """Forward (pre-)hooks on ``module`` and its children, the spies' own left out."""
-    return sum(not getattr(h, "spy", False) for m in module.modules()
-               for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    """Forward (pre-)hooks on ``module`` and its children (the spies' own left out), and global
+    module forward hooks that dispatch to one of them (genbounds' ghost-norm hooks)."""
+    from torch.nn.modules import module as module_module
+
+    ids = {id(m) for m in module.modules()}
+    local = sum(not getattr(h, "spy", False) for m in module.modules()
+                for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
+    owners = [h.args[0]() for h in (*module_module._global_forward_hooks.values(),
+                                    *module_module._global_forward_pre_hooks.values())
+              if isinstance(h, functools.partial) and h.args and isinstance(h.args[0], weakref.ref)]
+    return local + sum(owner is not None and bool(ids & owner._dispatch.keys()) for owner in owners)
 
 
 class HookSpy(pl.Callback):
@@ -460,6 +476,9 @@ class HookSpy(pl.Callback):
     def on_validation_batch_start(self, trainer, pl_module, *args) -> None:
         self._outside("on_validation_batch_start", pl_module)
 
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._outside("on_train_epoch_end", pl_module)
+
 
 def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     """A module carries our forward hooks only from a measured step's forward to its backward:
@@ -475,8 +494,67 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     assert n > 0 and first.in_forward == [0, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
-            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start"}
+            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
         assert all(n == 0 for _, n in spy.outside), spy.outside
+
+
+class SkipsSteps(CEClassifier):
+    """``training_step`` returns ``None`` at batch 1 (no backward, no optimizer step); with
+    ``stop``, ``on_train_batch_start`` returns ``-1`` at batch 2 (the rest of the epoch skipped)."""
+
+    def __init__(self, stop: bool) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx == 1 else loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if self.stop and batch_idx == 2 else None
+
+
+@pytest.mark.parametrize("stop", [False, True])
+def test_no_hook_left_when_a_step_has_no_backward_or_the_epoch_stops(tmp_path, stop):
+    """A measured step whose ``training_step`` returns ``None`` leaves the forward hook until our
+    ``on_before_optimizer_step``; a skipped batch (``-1``) until the epoch's end: callbacks after
+    ours, and the epoch-end and validation hooks, see none."""
+    first, last = HookSpy(), HookSpy()
+    cb = GradientDispersion(backend="hooks")
+    fit(Case(lambda: SkipsSteps(stop), _vec_data), tmp_path, suite=[first, cb, last])
+    assert cb.active_backend == "hooks" and cb.measured_steps >= 2
+    assert any(where == "on_train_epoch_end" for where, _ in last.outside)
+    assert all(n == 0 for _, n in last.outside), last.outside
+    # (a callback before ours sees the hook in the Lightning hook where ours removes it)
+    assert all(n == 0 for where, n in first.outside if where == "on_validation_batch_start"), first.outside
+
+
+class EvalInsideStep(TokenTagger):
+    """A user's eval-mode, no-grad forward inside ``training_step`` (a logged "clean" loss), on a
+    padded batch: PyTorch runs it on the encoder layer's fused fast path — unless a forward hook is
+    attached to the layer or a child."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.eval()
+        with torch.no_grad():
+            logits = self(x)
+            self.log("clean_loss", F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1), ignore_index=-100))
+        self.train()
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_eval_forward_inside_the_training_step_is_unchanged(tmp_path):
+    """During a measured step's forward our only hook is a global one, which the fast path does
+    not look at: the user's eval-mode value is bit-identical (a module hook changed it in the last
+    bits at two threads)."""
+    case = Case(EvalInsideStep, CASES["transformer_tagger"].data)
+    plain = fit(case, tmp_path / "plain", suite=False)
+    cb = GradientDispersion(backend="hooks")
+    observed = fit(case, tmp_path / "suite", suite=[cb])
+    assert cb.active_backend == "hooks" and cb.measured_steps == observed.trainer.global_step
+    assert _series(plain.rows, "clean_loss") and _series(plain.rows, "clean_loss") == _series(observed.rows, "clean_loss")
+    assert_bit_identical(plain, observed)
 
 
 @pytest.mark.parametrize("case", ["transformer_tagger", "lstm_batch_first", "resnet_blocks"])
@@ -490,7 +568,7 @@ def test_default_suite_leaves_nothing_attached_outside_training_steps(tmp_path, 
     assert run.trainer.global_step == 6
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
-            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start"}
+            "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
         assert all(n == 0 for _, n in spy.outside), spy.outside
         assert not any(spy.modes)
 

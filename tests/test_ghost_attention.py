@@ -336,6 +336,41 @@ def test_sequence_first_with_length_equal_to_batch():
     check(Inner(), torch.randn(4, 4, 8))
 
 
+class SharedPositions(nn.Module):
+    """Features turned to ``[T, b, d]`` plus a learned positional embedding of ``arange(T)``,
+    shared by the whole batch (``[T, 1, d]`` or ``[T, d]`` broadcast), then a sequence-first
+    encoder."""
+
+    def __init__(self, column: bool) -> None:
+        super().__init__()
+        self.pos = nn.Embedding(16, 8)
+        self.column = column
+        self.encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0), 1,
+                                             enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.transpose(0, 1)
+        ids = torch.arange(h.shape[0])
+        p = self.pos(ids[:, None]) if self.column else self.pos(ids)[:, None]
+        return self.head(self.encoder(h + p).mean(0))
+
+
+@pytest.mark.parametrize("column", [True, False])
+def test_sequence_first_positions_shared_by_the_batch_are_reported_when_length_equals_batch(column):
+    """The positional embedding's input has no batch dimension; with T ≠ B its shape gives it away
+    (mismatched batch sizes), with T = B it would pass for a batch-first layer: any guessed layer in
+    a step whose sequence length equals the batch size is reported, never measured."""
+    for B, T in ((3, 5), (4, 4)):
+        model = SharedPositions(column).to(DT)
+        hooks = GhostNormHooks.for_model(model)
+        hooks.arm(batch_size=B)
+        model(torch.randn(B, T, 8, dtype=DT)).pow(2).sum().backward()
+        with pytest.raises(RuntimeError, match="a sequence length equals the batch size" if T == B else "must match"):
+            hooks.read(scale=B)
+        hooks.detach()
+
+
 def test_sequence_first_without_a_batch_size_is_reported():
     model = SequenceFirstEncoder()
     hooks = GhostNormHooks.for_model(model)

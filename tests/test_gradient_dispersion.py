@@ -161,6 +161,8 @@ def test_hooks_are_removed_after_training(tmp_path):
     for m in module.modules():
         assert not m._forward_hooks and not m._backward_hooks
         assert not hasattr(m, "input0") and not hasattr(m, "output")
+    shared = module.__dict__["_genbounds_norm_hooks"]  # its process-wide forward hook is removed too
+    assert shared.ghost is not None and not shared.ghost.attached
 
 
 # ---------------------------------------------------------------- unsupported layers
@@ -257,6 +259,41 @@ def test_sequence_first_with_length_equal_to_batch_falls_back_exactly(tmp_path):
         F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(8)])
     expected = float(((g - g.mean(0)) ** 2).sum() / 7)
     assert records[0].values["grad/trace_cov"] == pytest.approx(expected, rel=1e-5)
+
+
+class HookedHead(Classifier):
+    """A user's forward hook that returns a new output (``× 3``) on the last layer, registered in
+    ``__init__`` or in the module's own ``on_train_start`` (which Lightning calls after the
+    callbacks')."""
+
+    def __init__(self, when: str) -> None:
+        super().__init__(MLP(64, 10, 32), lr=0.0)
+        self.when = when
+        if when == "init":
+            self._hook_head()
+
+    def _hook_head(self) -> None:
+        last = [m for m in self.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.register_forward_hook(lambda module, args, out: out * 3)
+
+    def on_train_start(self) -> None:
+        if self.when == "on_train_start":
+            self._hook_head()
+
+
+@pytest.mark.parametrize("when", ["init", "on_train_start"])
+def test_a_user_hook_that_changes_the_output_does_not_change_the_norms(tmp_path, when):
+    """Our forward hook is global, so it runs before any module hook of the user's and reads the
+    product's own output: the values are the per-sample loop's (the user's hook included in the
+    model). A module hook registered after the user's saw ``3 · out`` and gave wrong, even
+    negative, values."""
+    torch.manual_seed(0)
+    module = HookedHead(when)
+    data = DigitsDataModule(batch_size=32, shuffle=False)
+    cb = GradientDispersion(backend="hooks")
+    records = run_collect(tmp_path, module, data, cb, max_steps=1)
+    assert cb.active_backend == "hooks"
+    assert records[0].values["grad/trace_cov"] == pytest.approx(first_batch_trace_cov(module, data), rel=1e-5)
 
 
 def test_functorch_refuses_train_mode_batchnorm(tmp_path):

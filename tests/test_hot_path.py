@@ -167,6 +167,8 @@ def test_hooks_stay_armed_between_measured_steps_and_a_stray_forward_changes_not
         assert a.values["grad/dispersion"] == pytest.approx(b.values["grad/dispersion"], rel=1e-12)
     for m in module.modules():  # detached at the end of fit
         assert not m._forward_hooks
+    shared = module.__dict__["_genbounds_norm_hooks"]  # its process-wide forward hook is removed too
+    assert shared.ghost is not None and not shared.ghost.attached
 
 
 def test_hooks_disarm_on_unmeasured_steps(tmp_path):

@@ -296,6 +296,7 @@ class GradientDispersion(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self._impl is None:
             return
+        self._impl.end_batch()  # (a step with no backward left the forward hook: callbacks after this one run free of it)
         window, self._window = self._window, None
         grads, self._manual_grads = self._manual_grads, None
         result = self._impl.end_window(self._context(trainer, pl_module, grads), window)
@@ -320,10 +321,13 @@ class GradientDispersion(MeasurementCallback):
         self.measured_steps += 1
         self.step_budget.measured(trainer)
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def _end_batch(self) -> None:
         if self._impl is not None:
             self._impl.end_batch()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self._end_batch()
         if is_log_step(trainer):
             self.flush(trainer, pl_module)
         # the Lightning hooks are clocked whole (MeasurementCallback); the norm hooks run inside
@@ -331,9 +335,14 @@ class GradientDispersion(MeasurementCallback):
         self.step_budget.charge(self._impl.hook_seconds() if self._impl is not None else 0.0)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_batch()  # (on_train_batch_start returning -1 skips on_train_batch_end)
         self.flush(trainer, pl_module, epoch_end=True)
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_batch()
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._end_batch()
         self.flush(trainer)
         self.step_log.report_skipped(trainer)
 

@@ -132,6 +132,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd
+from torch.nn.modules.module import register_module_forward_hook
 from torch.utils.hooks import RemovableHandle
 
 from genbounds.estimators import ghost_attention
@@ -1063,6 +1064,19 @@ def suspended_ghost_hooks() -> Iterator[None]:
         yield
 
 
+def _dispatch_forward(ref: "weakref.ref[GhostNormHooks]", module: nn.Module, args: tuple, output: Any) -> None:
+    """The global module forward hook: the call of a hooked module goes to its site."""
+    owner = ref()
+    if owner is not None:
+        fn = owner._dispatch.get(id(module))
+        if fn is not None:
+            fn(module, args, output)
+
+
+_GLOBAL_HOOKS: list[tuple["weakref.ref[GhostNormHooks]", RemovableHandle]] = []
+"""Every registered global hook with its owner (weakly)."""
+
+
 class GhostNormHooks:
     """Exact per-sample squared gradient norms of ``modules``, from the training backward.
 
@@ -1147,7 +1161,7 @@ class GhostNormHooks:
             self._group_rows.setdefault(site.group, []).append(site.index)
         self._armed = False
         self._handles: list[RemovableHandle] = []
-        self._hook_fns: list[tuple[nn.Module, Callable]] = []
+        self._dispatch: dict[int, Callable] = {}
         self._param_handles: list[RemovableHandle] = []
         self._epoch = 0
         self.seconds = 0.0
@@ -1183,22 +1197,39 @@ class GhostNormHooks:
         return self._scratch.nbytes
 
     def attach(self) -> None:
-        """Register the forward hooks (a no-op while they are registered)."""
+        """Register the forward hook (a no-op while it is registered).
+
+        One *global* module forward hook (``torch.nn.modules.module.register_module_forward_hook``)
+        that dispatches by module to the hooked sites, not a hook on each module: global hooks run
+        before a module's own, so a user's hook that returns a new output (registered before or
+        after ours) cannot put itself between the module's product and the gradient we read; and
+        PyTorch's eval-mode fast path of ``TransformerEncoderLayer``, which is refused while the
+        layer or a child carries a forward hook, stays available to the user's own ``no_grad``
+        forwards — a module hook changed the user's validation values in the last bits."""
         if self._handles:
             return
-        if not self._hook_fns:
-            self._hook_fns = [(site.module, self._forward_hook(site)) for site in self._sites if not site.sub]
-        for module, fn in self._hook_fns:
-            self._handles.append(module.register_forward_hook(fn))
+        if not self._dispatch:
+            self._dispatch = {id(site.module): self._forward_hook(site) for site in self._sites if not site.sub}
+        # the process-wide hook holds this object weakly; the hook of an object collected without
+        # unhook() is removed at the next attach() of any instance (never from a finalizer: the
+        # garbage collector may run while torch iterates over the global hooks)
+        for ref, handle in list(_GLOBAL_HOOKS):
+            if ref() is None:
+                handle.remove()
+                _GLOBAL_HOOKS.remove((ref, handle))
+        handle = register_module_forward_hook(functools.partial(_dispatch_forward, weakref.ref(self)))
+        self._handles.append(handle)
+        _GLOBAL_HOOKS.append((weakref.ref(self), handle))
 
     def unhook(self) -> None:
-        """Remove the forward hooks only (armed state, gradient hooks, recorded calls and work
-        buffers stay). Between a measured step's backward and the next measured forward no module
-        carries a hook of ours: PyTorch's inference fast paths (``TransformerEncoderLayer`` in
-        eval mode under ``no_grad``) are refused while any forward hook is attached, and would
-        change the user's validation values in the last bits."""
+        """Remove the forward hook only (armed state, gradient hooks, recorded calls and work
+        buffers stay): it exists from a measured step's forward to its backward, so every other
+        module call of the process takes PyTorch's hook-free fast path."""
+        if not self._handles:
+            return
         for h in self._handles:
             h.remove()
+        _GLOBAL_HOOKS[:] = [(ref, h) for ref, h in _GLOBAL_HOOKS if h not in self._handles]
         self._handles.clear()
 
     def arm(self, batch_size: int | None = None) -> None:
@@ -1267,6 +1298,9 @@ class GhostNormHooks:
         self._problems: list[str] = []
         self._ordinal = 0
         self._coupled_upto = 0
+        self._guessed: list[str] = []  # sequence-first: layers whose batch dimension was guessed
+        self._length_is_batch = False  # … and a sequence length equal to the batch size was seen
+        self._length_reported = False
 
     # -- hooks -------------------------------------------------------------------------------
 
@@ -1319,12 +1353,24 @@ class GhostNormHooks:
 
     def _batch_dim(self, site: _Site, module: nn.Module, x: Tensor) -> int | str:
         """Which dimension of ``x`` holds the batch, in a sequence-first model (a problem when
-        that cannot be told)."""
+        that cannot be told).
+
+        A layer outside PyTorch's transformer layers is *guessed*: by the dimension of size ``B``
+        among the first two.  When a sequence length in the step equals ``B`` (seen by a declared
+        layer or an attention) no guess is trusted: a layer on ``[T, 1, d]`` or ``[T, d]`` — a
+        positional embedding shared by the batch — would pass for a batch-first one.  The step
+        is then reported."""
         least = site.kind.sequence_dims(module)
-        if least is None or x.dim() < least:
+        if least is None:
             return 0
+        batched = x.dim() >= least
         if site.batch_dim is not None:
-            return site.batch_dim
+            if batched and self._batch is not None and x.shape[1 - site.batch_dim] == self._batch:
+                self._note_lengths(length_is_batch=True)
+            return site.batch_dim if batched else 0
+        self._note_lengths(guessed=site.name)
+        if not batched:
+            return 0
         B = self._batch
         if B is None:
             return ("a sequence-first model and no batch size (arm(batch_size=…)): which dimension of "
@@ -1334,6 +1380,17 @@ class GhostNormHooks:
             return (f"input {tuple(x.shape)}: dimensions 0 and 1 both have the batch size {B} (sequence length "
                     "= batch size) in a sequence-first model, so which holds the batch cannot be told")
         return 1 if second else 0  # (neither: reported as mismatched batch sizes)
+
+    def _note_lengths(self, guessed: str | None = None, length_is_batch: bool = False) -> None:
+        if guessed is not None and guessed not in self._guessed:
+            self._guessed.append(guessed)
+        self._length_is_batch = self._length_is_batch or length_is_batch
+        if self._guessed and self._length_is_batch and not self._length_reported:
+            self._length_reported = True
+            self._problems.append(
+                f"a sequence length equals the batch size ({self._batch}) in a sequence-first model: whether "
+                f"{', '.join(self._guessed)} (outside PyTorch's transformer layers) see the batch or positions shared "
+                "by the batch (e.g. a positional embedding) cannot be told")
 
     def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
                   pre: Tensor | None) -> _Call | None:
@@ -1372,6 +1429,8 @@ class GhostNormHooks:
         if problem is not None:
             self._problems.append(f"{site.name}: {problem}")
             return
+        if self.sequence_first and any(p.T == B for p in found if p.slot != ghost_attention.OUT):
+            self._note_lengths(length_is_batch=True)  # (query or memory length = batch size)
         layout = tuple(sorted((p.slot, p.width) for p in found if p.slot != ghost_attention.OUT))
         if layout and site.calls and layout != site.layout:
             # a whole-weight product and row-block products of one weight have cross terms

@@ -7,11 +7,13 @@ normalization layers; BackPACK's ``BatchL2Grad`` for ``RNN``/``LSTM`` layers, wh
 reaches. No extra forward or backward.
 
 Hooks are shared by every ``GradientDispersion`` of a module (two callbacks with different
-schedules read the same norms). A module carries our forward hooks only from a measured step's
-forward to its backward: unmeasured steps cost nothing, and the user's validation, test and
-no-grad forwards run exactly as without us (a forward hook anywhere in a
-``TransformerEncoderLayer`` turns off its eval-mode fast path, whose results differ from the
-slow path's in the last bits: the drop-in test caught it at two threads). Under train-mode BatchNorm the per-sample terms are those of the
+schedules read the same norms). The ghost norms' forward hook is one process-wide hook
+(``GhostNormHooks.attach``) that exists only from a measured step's forward to its backward:
+unmeasured steps cost nothing; it runs before any module hook of the user's (so a hook that
+returns a new output cannot come between a product and the gradient we read); and the user's
+validation, test and ``no_grad`` forwards run exactly as without us — a module hook anywhere in a
+``TransformerEncoderLayer`` turns off its eval-mode fast path, whose results differ from the slow
+path's in the last bits (the drop-in test caught it at two threads). Under train-mode BatchNorm the per-sample terms are those of the
 batch gradient's exact decomposition ``ḡ_B = mean_i g̃_i`` (batch statistics as computed on
 ``B``), not independent per-sample gradients — documented as an approximation.
 """
