@@ -46,9 +46,11 @@ from drop_in_modules import (
     RecurrentClassifier,
     ResNetClassifier,
     CEClassifier,
+    SharedPositionsLM,
     TokenTagger,
     images,
     loaders,
+    next_tokens,
     sequences,
     tokens,
     vectors,
@@ -488,10 +490,11 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     cb = GradientDispersion(backend="hooks", every_n_steps=2)
     run = fit("transformer_tagger", tmp_path, suite=[first, cb, last], limit_val_batches=2)
     assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
-    # the loss contract's trial forward (isolated), steps 0-2, validation (2 batches), steps 3-5,
-    # validation: hooks in the forwards of steps 0, 2, 4 only
+    # the loss contract's trial forward (isolated), the hooks' exactness check before step 0 (its
+    # own hooks), steps 0-2, validation (2 batches), steps 3-5, validation: hooks in the forwards
+    # of the check and of steps 0, 2, 4 only
     n = max(first.in_forward)
-    assert n > 0 and first.in_forward == [0, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    assert n > 0 and first.in_forward == [0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
@@ -527,6 +530,22 @@ def test_no_hook_left_when_a_step_has_no_backward_or_the_epoch_stops(tmp_path, s
     assert all(n == 0 for _, n in last.outside), last.outside
     # (a callback before ours sees the hook in the Lightning hook where ours removes it)
     assert all(n == 0 for where, n in first.outside if where == "on_validation_batch_start"), first.outside
+
+
+@pytest.mark.parametrize("length", [8, 10])
+def test_positions_shared_by_the_batch_go_to_an_extra_pass_before_step_0(tmp_path, length):
+    """GPT-style ``pos(arange(T))`` has no per-sample output gradient. With ``T = B = 8`` no shape
+    tells it from a batch-first layer; the check on the first batch finds it by value (``T = 10``:
+    by shape) — one warning, an exact extra pass for every step, training unchanged."""
+    case = Case(SharedPositionsLM, lambda **kw: loaders(next_tokens, length=length, **kw))
+    plain = fit(case, tmp_path / "plain", suite=False)
+    cb = GradientDispersion()
+    observed = fit(case, tmp_path / "suite", suite=[cb])
+    said = [w for w in observed.warnings if "GradientDispersion(backend='hooks')" in w]
+    assert len(said) == 1 and "pos" in said[0], said
+    assert ("differ from exact per-sample gradients" in said[0]) == (length == 8)
+    assert cb.active_backend != "hooks" and cb.measured_steps == observed.trainer.global_step
+    assert_bit_identical(plain, observed)
 
 
 class EvalInsideStep(TokenTagger):

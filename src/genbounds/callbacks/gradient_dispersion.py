@@ -25,6 +25,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
+from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
 from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import MeasurementCallback
@@ -212,7 +213,8 @@ class GradientDispersion(MeasurementCallback):
             raise MisconfigurationException(
                 f"GradientDispersion: batches of {size} sample(s) (accumulate_grad_batches={self._accumulate}) have "
                 "no spread to measure; use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
-        self.contract.resolve(trainer, pl_module, training_trial_batch(trainer, self.seed))
+        trial_batch = training_trial_batch(trainer, self.seed)
+        self.contract.resolve(trainer, pl_module, trial_batch)
         self._params = list(trainable_parameters(pl_module).values())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
@@ -224,6 +226,8 @@ class GradientDispersion(MeasurementCallback):
         if isinstance(backend, MicrobatchBackend):
             backend.generator_state = self._generator_state
         self._use(backend, pl_module)
+        if isinstance(backend, NormHooksBackend):
+            self._verify_hooks(trainer, pl_module, backend, trial_batch)
         if note:
             rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
         rank_zero_info(f"GradientDispersion: backend={backend.name!r} — {backend.description}.")
@@ -234,6 +238,23 @@ class GradientDispersion(MeasurementCallback):
         self._impl = backend
         self.active_backend = "accumulation" if isinstance(backend, AccumulationBackend) else backend.name
         backend.attach(pl_module)
+
+    def _verify_hooks(self, trainer: Trainer, pl_module: LightningModule, backend: NormHooksBackend,
+                      batch: Any) -> None:
+        """The hooks against an exact per-sample loop on a few samples, once: a layer whose output
+        the whole batch shares passes any shape check when its length equals the batch size."""
+        errors, problem = backend.verify(pl_module, self._loss_fn, batch)
+        if errors:
+            worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
+            found = f"the per-sample norms of {worst} differ from exact per-sample gradients — a layer whose " \
+                    "output the whole batch shares (a positional embedding of arange(T)?)"
+        elif problem is not None:
+            found = f"the hooks cannot measure it: {problem}"
+        else:
+            return
+        rank_zero_warn(f"GradientDispersion(backend='hooks'): on the first batch {found}; switching to an "
+                       "extra-pass backend.")
+        self._fallback(pl_module, trainer)
 
     def _fallback(self, pl_module: LightningModule, trainer: Trainer) -> None:
         """After a backend failed on this model: the next exact option, else micro-batches."""

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 
 from genbounds.callbacks.dispersion.accumulation import GradientDeltas
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
+from genbounds.callbacks.isolation import isolated_pass
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.batching import batch_size
+from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors
 from genbounds.estimators.ghost_norms import GhostNormHooks, declared_batch_dims
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
 
@@ -242,6 +244,21 @@ class NormHooksBackend(DispersionBackend):
         # ‖ḡ_k‖² per group and ‖ḡ‖² from .grad in about ten ops (estimators.functional)
         norms = grouped_sq_norms(ctx.extras["grads"], ctx.groups)
         return WindowResult(window, norms[-1], norms[:-1])
+
+    def verify(self, module: LightningModule, loss_fn: Any, batch: Any) -> tuple[dict[str, float], str | None]:
+        """Once, before step 0, on ``batch``: the hooked layers whose per-sample norms differ from
+        exact per-sample gradients, or what the hooks reported
+        (:mod:`genbounds.estimators.ghost_norm_check`). An error of the user's code leaves the
+        check undecided (``({}, None)``): the per-step checks still apply."""
+        if not self.ghost_modules:
+            return {}, None
+        try:
+            with isolated_pass(module, mode="keep"):
+                return hook_norm_errors(module, self.ghost_modules, loss_fn, batch), None
+        except HookProblem as err:
+            return {}, str(err)
+        except Exception:  # noqa: BLE001 - the user's step in a probe; never fail the run here
+            return {}, None
 
     def end_batch(self) -> None:
         if self.shared is not None:
