@@ -295,36 +295,21 @@ def next_tokens(n: int, length: int = 10, vocab: int = 16, seed: int = 0) -> tup
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-class SharedPositionsLM(pl.LightningModule):
+class SharedPositionsLM(TokenTagger):
     """(4e) GPT-style: token embedding plus a learned positional embedding of ``arange(T)``
-    broadcast over the batch, one causal encoder layer, next-token cross-entropy."""
+    broadcast over the batch, one causal encoder layer, a next-token head (the tagger's steps)."""
 
     def __init__(self, vocab: int = 16, d: int = 16) -> None:
         super().__init__()
-        self.tok = nn.Embedding(vocab, d)
+        self.embed = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(32, d)
-        self.block = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.1, batch_first=True)
+        self.encoder = nn.TransformerEncoderLayer(d, 2, 32, dropout=0.1, batch_first=True)
         self.head = nn.Linear(d, vocab)
 
     def forward(self, idx: Tensor) -> Tensor:
         T = idx.shape[1]
-        h = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))
-        return self.head(self.block(h, src_mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1)))
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=3e-3)
+        h = self.embed(idx) + self.pos(torch.arange(T, device=idx.device))
+        return self.head(self.encoder(h, src_mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True))
 
 
 class LightningDemoTransformer(LightningTransformer):
