@@ -548,6 +548,20 @@ def test_positions_shared_by_the_batch_go_to_an_extra_pass_before_step_0(tmp_pat
     assert_bit_identical(plain, observed)
 
 
+def test_the_exactness_check_runs_once_a_fit(tmp_path, monkeypatch):
+    """Two callbacks share the hooks, and the check (one forward, four backwards of the first
+    batch): it runs once."""
+    import genbounds.callbacks.dispersion.norm_hooks as norm_hooks
+
+    calls = []
+    check = norm_hooks.hook_norm_errors
+    monkeypatch.setattr(norm_hooks, "hook_norm_errors", lambda *a, **k: calls.append(1) or check(*a, **k))
+    every, second = GradientDispersion(backend="hooks"), GradientDispersion(backend="hooks", every_n_steps=2)
+    fit("ce_adam", tmp_path, suite=[every, second])
+    assert len(calls) == 1
+    assert every.active_backend == second.active_backend == "hooks"
+
+
 class EvalInsideStep(TokenTagger):
     """A user's eval-mode, no-grad forward inside ``training_step`` (a logged "clean" loss), on a
     padded batch: PyTorch runs it on the encoder layer's fused fast path — unless a forward hook is

@@ -243,7 +243,7 @@ class GradientDispersion(MeasurementCallback):
                       batch: Any) -> None:
         """The hooks against an exact per-sample loop on a few samples, once: a layer whose output
         the whole batch shares passes any shape check when its length equals the batch size."""
-        errors, problem = backend.verify(pl_module, self._loss_fn, batch)
+        errors, problem = backend.verify(pl_module, self._loss_fn, batch, fit=id(trainer))
         if errors:
             worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
             found = f"the per-sample norms of {worst} differ from exact per-sample gradients — a layer whose " \

@@ -58,8 +58,8 @@ def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: 
     own = {name: [p for p in m.parameters(recurse=False) if p.requires_grad] for name, m in modules.items()}
     flat = [p for ps in own.values() for p in ps]
     hooks = GhostNormHooks(modules, batch_dims=declared_batch_dims(module))
-    hooks.arm(b)
     try:
+        hooks.arm(b)
         losses = loss_fn(module, batch)
         torch.autograd.grad(losses.mean(), flat, retain_graph=True, allow_unused=True)
         try:

@@ -49,6 +49,9 @@ class SharedHooks:
         self.backpack_names = {id(m): n for n, m in backpack.items()}
         self.owners: set[int] = set()
         self.cache: tuple[int, Any] | None = None
+        self.verdict: tuple[int, tuple[dict[str, float], str | None]] | None = None
+        """The exactness check's result, with the ``id`` of the fit it was taken in (one check a
+        fit, however many callbacks share these hooks)."""
         self.backward_count = 0
         self.in_backward = False
 
@@ -245,20 +248,26 @@ class NormHooksBackend(DispersionBackend):
         norms = grouped_sq_norms(ctx.extras["grads"], ctx.groups)
         return WindowResult(window, norms[-1], norms[:-1])
 
-    def verify(self, module: LightningModule, loss_fn: Any, batch: Any) -> tuple[dict[str, float], str | None]:
-        """Once, before step 0, on ``batch``: the hooked layers whose per-sample norms differ from
-        exact per-sample gradients, or what the hooks reported
+    def verify(self, module: LightningModule, loss_fn: Any, batch: Any, fit: int) -> tuple[dict[str, float], str | None]:
+        """Once a fit (``fit``: its key), before step 0, on ``batch``: the hooked layers whose
+        per-sample norms differ from exact per-sample gradients, or what the hooks reported
         (:mod:`genbounds.estimators.ghost_norm_check`). An error of the user's code leaves the
         check undecided (``({}, None)``): the per-step checks still apply."""
+        assert self.shared is not None
         if not self.ghost_modules:
             return {}, None
+        if self.shared.verdict is not None and self.shared.verdict[0] == fit:
+            return self.shared.verdict[1]
         try:
             with isolated_pass(module, mode="keep"):
-                return hook_norm_errors(module, self.ghost_modules, loss_fn, batch), None
+                result: tuple[dict[str, float], str | None] = (
+                    hook_norm_errors(module, self.ghost_modules, loss_fn, batch), None)
         except HookProblem as err:
-            return {}, str(err)
+            result = ({}, str(err))
         except Exception:  # noqa: BLE001 - the user's step in a probe; never fail the run here
-            return {}, None
+            result = ({}, None)
+        self.shared.verdict = (fit, result)
+        return result
 
     def end_batch(self) -> None:
         if self.shared is not None:
