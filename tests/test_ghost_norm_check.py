@@ -1,6 +1,6 @@
-"""The hooks' one-time exactness check (``genbounds.estimators.ghost_norm_check``): a layer whose
-output the whole batch shares is caught by its values when no shape can tell, and exact models
-pass."""
+"""The hooks' one-time exactness check (``genbounds.estimators.ghost_norm_check``): on one sample a
+layer whose output the whole batch shares keeps its own leading size and is reported, whatever
+the batch size in training; exact models pass; a wrong value is caught."""
 
 from __future__ import annotations
 
@@ -46,16 +46,42 @@ def _seed():
     torch.manual_seed(0)
 
 
-def test_shared_positions_with_length_equal_to_batch_are_caught_by_value():
-    model = SharedPositions()
-    errors = hook_norm_errors(model, plan(model)[0], token_losses, batch_of(6, 6))
-    assert set(errors) == {"pos"} and errors["pos"] > 0.05, errors  # every other layer is exact
-
-
-def test_shared_positions_with_another_length_are_reported_by_shape():
+@pytest.mark.parametrize("b,T", [(6, 6), (6, 5)])
+def test_shared_positions_are_reported_whatever_the_batch_size(b, T):
+    """``T = B`` passes every shape check in training; on one sample the positions' leading size
+    (``T``) is not 1."""
     model = SharedPositions()
     with pytest.raises(HookProblem, match="pos"):
-        hook_norm_errors(model, plan(model)[0], token_losses, batch_of(6, 5))
+        hook_norm_errors(model, plan(model)[0], token_losses, batch_of(b, T))
+
+
+def test_a_wrong_value_is_caught():
+    """A user module hook that rescales an output leaves the values exact (our global hook runs
+    first); norms off by 1 % are caught."""
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[2].register_forward_hook(lambda m, a, out: out * 3)  # ours (global) runs first: exact
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+
+    def losses(module, batch):
+        return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
+
+    assert hook_norm_errors(model, plan(model)[0], losses, (x, y)) == {}
+    import genbounds.estimators.ghost_norm_check as check
+
+    real = check.GhostNormHooks
+
+    class Off(real):  # per-sample norms off by 1 %: the check must say so
+        def read(self, scale=1.0):
+            norms = super().read(scale)
+            norms.per_group["2"] = norms.per_group["2"] * 1.01
+            return norms
+
+    check.GhostNormHooks = Off
+    try:
+        errors = hook_norm_errors(model, plan(model)[0], losses, (x, y))
+    finally:
+        check.GhostNormHooks = real
+    assert set(errors) == {"2"} and errors["2"] == pytest.approx(0.01, rel=1e-3)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
