@@ -512,8 +512,8 @@ def test_hooks_attached_once_survive_many_steps():
         opt.step()
     from torch.nn.modules.module import _global_forward_hooks
 
-    (handle,) = hooks._handles  # one global forward hook, dispatching by module
-    assert handle.id in _global_forward_hooks
+    handle = hooks._handle  # one global forward hook, dispatching by module
+    assert handle is not None and handle.id in _global_forward_hooks
     hooks.detach()
     assert not model.conv1._forward_hooks and handle.id not in _global_forward_hooks
 

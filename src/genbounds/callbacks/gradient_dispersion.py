@@ -241,20 +241,13 @@ class GradientDispersion(MeasurementCallback):
 
     def _verify_hooks(self, trainer: Trainer, pl_module: LightningModule, backend: NormHooksBackend,
                       batch: Any) -> None:
-        """The hooks against an exact per-sample loop on a few samples, once: a layer whose output
-        the whole batch shares passes any shape check when its length equals the batch size."""
-        errors, problem = backend.verify(pl_module, self._loss_fn, batch, fit=id(trainer))
-        if errors:
-            worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
-            found = f"the per-sample norms of {worst} differ from exact per-sample gradients — a layer whose " \
-                    "output the whole batch shares (a positional embedding of arange(T)?)"
-        elif problem is not None:
-            found = f"the hooks cannot measure it: {problem}"
-        else:
-            return
-        rank_zero_warn(f"GradientDispersion(backend='hooks'): on the first batch {found}; switching to an "
-                       "extra-pass backend.")
-        self._fallback(pl_module, trainer)
+        """The hooks against exact gradients on one sample, once a fit: a layer whose output the
+        whole batch shares passes every shape check in training when its length equals the batch size."""
+        why = backend.verify(pl_module, self._loss_fn, batch, fit=id(trainer))
+        if why is not None:
+            rank_zero_warn(f"GradientDispersion(backend='hooks'): on one sample of the first batch {why}; "
+                           "switching to an extra-pass backend.")
+            self._fallback(pl_module, trainer)
 
     def _fallback(self, pl_module: LightningModule, trainer: Trainer) -> None:
         """After a backend failed on this model: the next exact option, else micro-batches."""

@@ -57,7 +57,7 @@ LayerNorm, RMSNorm, GroupNorm, InstanceNorm, eval-mode BatchNorm (affine paramet
     backward from the stored input with the same functional the layer calls
     (``F.layer_norm``, ``F.group_norm``, …) and the layer's running statistics where it uses them.
 
-``nn.MultiheadAttention`` (batch-first, packed ``in_proj_weight``, without ``add_bias_kv``)
+``nn.MultiheadAttention`` (packed ``in_proj_weight``, without ``add_bias_kv``, either ``batch_first``)
     The module multiplies by its weights inside one function, so no module hook sees the
     products; their nodes in the output's autograd graph do
     (:mod:`~genbounds.estimators.ghost_attention`): the in-projection ``[T·B, E] → [T·B, 3E]``
@@ -109,8 +109,9 @@ Numerics: activations and gradients are promoted to at least float32 (autocast's
 upcast; float64 stays float64), reduced to one value per sample, and accumulated per group in
 float64 on the tensors' device.  Nothing synchronizes with the host.
 
-Limitations: the batch must be dimension 0 of every layer input, and the input the layer's first
-positional argument; regions compiled by ``torch.compile`` and sharded (tensor-parallel, FSDP)
+Limitations: the batch must be dimension 0 of every layer input — in a model with a
+sequence-first transformer module, dimension 0 or 1 (:func:`declared_batch_dims`, :meth:`GhostNormHooks.arm`)
+— and the input the layer's first positional argument; regions compiled by ``torch.compile`` and sharded (tensor-parallel, FSDP)
 parameters are not supported; parameters used outside their module's ``forward``
 (a weight tied to another module) are refused by :func:`plan`, or detected at
 :meth:`GhostNormHooks.read` when their module never received an
@@ -1080,9 +1081,9 @@ _GLOBAL_HOOKS: list[tuple["weakref.ref[GhostNormHooks]", RemovableHandle]] = []
 class GhostNormHooks:
     """Exact per-sample squared gradient norms of ``modules``, from the training backward.
 
-    Forward hooks are registered by :meth:`attach` (or :meth:`arm`) and removed by
-    :meth:`unhook`; registered but disarmed, they cost one attribute check per forward.  While
-    armed (:meth:`arm`), each forward call of a hooked module stores its input
+    One global module forward hook is registered by :meth:`attach` (or :meth:`arm`) and removed
+    by :meth:`unhook`; registered but disarmed, it costs a lookup and an attribute check per
+    hooked module's forward.  While armed (:meth:`arm`), each forward call of a hooked module stores its input
     (detached, no copy) and puts a hook on its output (for ``nn.MultiheadAttention``: finds its
     products' nodes in the output's graph, keeps their saved inputs and puts a pre-hook on each);
     when the output's gradient arrives in the
@@ -1160,8 +1161,9 @@ class GhostNormHooks:
         for site in self._sites:
             self._group_rows.setdefault(site.group, []).append(site.index)
         self._armed = False
-        self._handles: list[RemovableHandle] = []
-        self._dispatch: dict[int, Callable] = {}
+        self._handle: RemovableHandle | None = None  # the global forward hook, while attached
+        self._dispatch: dict[int, Callable] = {  # id(module) → its site's recorder
+            id(site.module): self._forward_hook(site) for site in self._sites if not site.sub}
         self._param_handles: list[RemovableHandle] = []
         self._epoch = 0
         self.seconds = 0.0
@@ -1180,7 +1182,7 @@ class GhostNormHooks:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return self._handle is not None
 
     @property
     def armed(self) -> bool:
@@ -1206,10 +1208,8 @@ class GhostNormHooks:
         PyTorch's eval-mode fast path of ``TransformerEncoderLayer``, which is refused while the
         layer or a child carries a forward hook, stays available to the user's own ``no_grad``
         forwards — a module hook changed the user's validation values in the last bits."""
-        if self._handles:
+        if self._handle is not None:
             return
-        if not self._dispatch:
-            self._dispatch = {id(site.module): self._forward_hook(site) for site in self._sites if not site.sub}
         # the process-wide hook holds this object weakly; the hook of an object collected without
         # unhook() is removed at the next attach() of any instance (never from a finalizer: the
         # garbage collector may run while torch iterates over the global hooks)
@@ -1217,23 +1217,21 @@ class GhostNormHooks:
             if ref() is None:
                 handle.remove()
                 _GLOBAL_HOOKS.remove((ref, handle))
-        handle = register_module_forward_hook(functools.partial(_dispatch_forward, weakref.ref(self)))
-        self._handles.append(handle)
-        _GLOBAL_HOOKS.append((weakref.ref(self), handle))
+        self._handle = register_module_forward_hook(functools.partial(_dispatch_forward, weakref.ref(self)))
+        _GLOBAL_HOOKS.append((weakref.ref(self), self._handle))
 
     def unhook(self) -> None:
         """Remove the forward hook only (armed state, gradient hooks, recorded calls and work
         buffers stay): it exists from a measured step's forward to its backward, so every other
         module call of the process takes PyTorch's hook-free fast path."""
-        if not self._handles:
+        handle, self._handle = self._handle, None
+        if handle is None:
             return
-        for h in self._handles:
-            h.remove()
-        _GLOBAL_HOOKS[:] = [(ref, h) for ref, h in _GLOBAL_HOOKS if h not in self._handles]
-        self._handles.clear()
+        handle.remove()
+        _GLOBAL_HOOKS[:] = [(ref, h) for ref, h in _GLOBAL_HOOKS if h is not handle]
 
     def arm(self, batch_size: int | None = None) -> None:
-        """Record the following forwards (attaches the forward hooks if needed).  Otherwise a
+        """Record the following forwards (attaches the forward hook if needed).  Otherwise a
         no-op when armed; when not, drops anything left from an unread step.
 
         ``batch_size`` (needed only by a sequence-first model, :attr:`sequence_first`): the

@@ -144,10 +144,10 @@ def _hook_moments(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[s
         raise ValueError(f"the norm hooks do not reach {sorted(uncovered)[:4]}")
     names = list(params)
     hooks = GhostNormHooks(covered, batch_dims=declared_batch_dims(module))
-    hooks.arm(batch_size(batch))
+    b = batch_size(batch)
+    hooks.arm(b)
     try:
         losses = loss_fn(module, batch)
-        b = batch_size(batch)
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
             raise ValueError("per-sample norms need one loss per sample")
         grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)

@@ -13,9 +13,12 @@ unmeasured steps cost nothing; it runs before any module hook of the user's (so 
 returns a new output cannot come between a product and the gradient we read); and the user's
 validation, test and ``no_grad`` forwards run exactly as without us — a module hook anywhere in a
 ``TransformerEncoderLayer`` turns off its eval-mode fast path, whose results differ from the slow
-path's in the last bits (the drop-in test caught it at two threads). Under train-mode BatchNorm the per-sample terms are those of the
-batch gradient's exact decomposition ``ḡ_B = mean_i g̃_i`` (batch statistics as computed on
-``B``), not independent per-sample gradients — documented as an approximation.
+path's in the last bits (the drop-in test caught it at two threads). Once a fit, before step 0,
+the hooks are checked against exact gradients on one sample (:meth:`NormHooksBackend.verify`).
+
+Under train-mode BatchNorm the per-sample terms are those of the batch gradient's exact
+decomposition ``ḡ_B = mean_i g̃_i`` (batch statistics as computed on ``B``), not independent
+per-sample gradients — documented as an approximation.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ class SharedHooks:
         self.backpack_names = {id(m): n for n, m in backpack.items()}
         self.owners: set[int] = set()
         self.cache: tuple[int, Any] | None = None
-        self.verdict: tuple[int, tuple[dict[str, float], str | None]] | None = None
+        self.verdict: tuple[int, str | None] | None = None
         """The exactness check's result, with the ``id`` of the fit it was taken in (one check a
         fit, however many callbacks share these hooks)."""
         self.backward_count = 0
@@ -75,14 +78,13 @@ class SharedHooks:
             self.ghost.clear()
         if not self.owners:
             if self.ghost is not None:
-                self.ghost.arm()
                 recording.register(self.ghost)
             if self.backpack is not None:
                 self.backpack.attach()
         self.owners.add(owner)
         if self.ghost is not None:
-            # the forward hooks, for this forward only; a sequence-first model's layers find their
-            # batch dimension by the batch size
+            # arms once, and attaches the forward hook for this forward; a sequence-first model's
+            # layers find their batch dimension by the batch size
             self.ghost.arm(batch_size(batch) if self.ghost.sequence_first and batch is not None else None)
 
     def before_backward(self) -> None:
@@ -248,26 +250,30 @@ class NormHooksBackend(DispersionBackend):
         norms = grouped_sq_norms(ctx.extras["grads"], ctx.groups)
         return WindowResult(window, norms[-1], norms[:-1])
 
-    def verify(self, module: LightningModule, loss_fn: Any, batch: Any, fit: int) -> tuple[dict[str, float], str | None]:
-        """Once a fit (``fit``: its key), before step 0, on ``batch``: the hooked layers whose
-        per-sample norms differ from exact per-sample gradients, or what the hooks reported
-        (:mod:`genbounds.estimators.ghost_norm_check`). An error of the user's code leaves the
-        check undecided (``({}, None)``): the per-step checks still apply."""
+    def verify(self, module: LightningModule, loss_fn: Any, batch: Any, fit: int) -> str | None:
+        """Once a fit (``fit``: its key), before step 0: why the hooks cannot be trusted on this
+        model — a layer whose norm on one sample of ``batch`` differs from the exact one, or what
+        the hooks reported (:mod:`genbounds.estimators.ghost_norm_check`) — or ``None``. An error
+        of the user's code leaves the check undecided (``None``): the per-step checks still apply."""
         assert self.shared is not None
         if not self.ghost_modules:
-            return {}, None
+            return None
         if self.shared.verdict is not None and self.shared.verdict[0] == fit:
             return self.shared.verdict[1]
+        why: str | None = None
         try:
             with isolated_pass(module, mode="keep"):
-                result: tuple[dict[str, float], str | None] = (
-                    hook_norm_errors(module, self.ghost_modules, loss_fn, batch), None)
+                errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch)
+            if errors:
+                worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
+                why = (f"the norms of {worst} differ from the exact ones — a layer whose output the whole batch "
+                       "shares (a positional embedding of arange(T)?)")
         except HookProblem as err:
-            result = ({}, str(err))
+            why = f"the hooks cannot measure it: {err}"
         except Exception:  # noqa: BLE001 - the user's step in a probe; never fail the run here
-            result = ({}, None)
-        self.shared.verdict = (fit, result)
-        return result
+            why = None
+        self.shared.verdict = (fit, why)
+        return why
 
     def end_batch(self) -> None:
         if self.shared is not None:
