@@ -251,7 +251,7 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
         out["fit_s"] = fit_timer.seconds
         if disp is not None:
             out["backend"] = disp.active_backend
-            out["description"] = disp._impl.description if disp._impl is not None else ""
+            out["description"] = disp.impl.description if disp.impl is not None else ""
             out["measured_steps"] = disp.measured_steps
         budget = trainer.__dict__.get("_genbounds_overhead")
         if budget is not None:

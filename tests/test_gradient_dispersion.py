@@ -308,7 +308,7 @@ def test_auto_reads_batchnorm_models_from_the_training_backward(tmp_path):
     pass); under accumulation the micro-steps (exact for the procedure that trains)."""
     cb = GradientDispersion(backend="auto")
     trainer(tmp_path, [cb], max_steps=2).fit(Classifier(DropoutBatchNormNet()), DigitsDataModule())
-    assert cb.active_backend == "hooks" and "decomposition" in cb._impl.description
+    assert cb.active_backend == "hooks" and "decomposition" in cb.impl.description
     cb = GradientDispersion(backend="auto")
     trainer(tmp_path, [cb], max_steps=2, accumulate_grad_batches=2).fit(Classifier(DropoutBatchNormNet()),
                                                                         DigitsDataModule())
@@ -436,3 +436,23 @@ def test_uneven_accumulation_windows_are_exact(tmp_path, backend, n, windows):
         truth = exact_linear_stats(module, x[lo:hi], y[lo:hi])
         for name, value in truth.items():
             assert rec.values[name] == pytest.approx(value, rel=1e-5), (name, lo, hi)
+
+
+def test_a_failed_exactness_check_says_which_backend_measures(tmp_path, monkeypatch, caplog):
+    """When the one-sample check refuses the hooks before step 0, the start-up line names the
+    backend that measures (it named the refused one), and the values stay exact."""
+    import logging
+
+    from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
+
+    monkeypatch.setattr(NormHooksBackend, "verify", lambda *a, **k: "a test's reason")
+    x, y = unit_sphere_regression(32, 6)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    cb = GradientDispersion()
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match="a test's reason"):
+        records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=2)
+    said = [r.getMessage() for r in caplog.records if "GradientDispersion: backend=" in r.getMessage()]
+    assert said == ["GradientDispersion: backend='functorch' — " + cb.impl.description + "."], said
+    assert cb.active_backend == "functorch" and len(records) == 2
+    assert records[0].values["grad/dispersion"] == pytest.approx(truth["grad/dispersion"], rel=1e-5)

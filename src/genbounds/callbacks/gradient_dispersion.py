@@ -7,7 +7,6 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -22,11 +21,8 @@ from genbounds.callbacks.checks import (
     check_single_optimizer,
     check_strategy,
 )
-from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
-from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
-from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
-from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
+from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
@@ -36,12 +32,7 @@ from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, trainable_parameters
-from genbounds.estimators.gradient_dispersion import (
-    GradientMoments,
-    dispersion_from_moments,
-    dispersion_row,
-    group_mean_sq_norms,
-)
+from genbounds.estimators.gradient_dispersion import GradientMoments, batch_values, group_mean_sq_norms
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -119,7 +110,7 @@ class GradientDispersion(MeasurementCallback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        owner = "GradientDispersion"
+        owner = OWNER
         self.backend = check_choice(owner, "backend", backend, BACKENDS)
         self.every_n_steps = check_int(owner, "every_n_steps", every_n_steps)
         self.num_chunks = check_int(owner, "num_chunks", num_chunks, minimum=2)
@@ -135,15 +126,15 @@ class GradientDispersion(MeasurementCallback):
         self.channel: Channel[DispersionRecord] = Channel()
         self.step_log.add_listener(self._publish)
 
-        self.active_backend: str | None = None
+        self.slot = BackendSlot(BackendOptions(
+            self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
+            int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed))
         self.measured_steps = 0
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
         self._groups_partition = False
         self.contract: LossContract | None = None
         self._loss_fn: Any = None
-        self._impl: DispersionBackend | None = None
-        self._restored_backend: str | None = None
         self._params: list[Tensor] = []
         self._groups: list[list[int]] = []
         self._measuring = False
@@ -153,8 +144,17 @@ class GradientDispersion(MeasurementCallback):
         self._accumulate = 1
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
-        self._generator_state: Tensor | None = None
         self.step_budget = StepBudget(OWNER)
+
+    @property
+    def impl(self) -> DispersionBackend | None:
+        """The backend measuring now (:class:`~genbounds.callbacks.dispersion.slot.BackendSlot`)."""
+        return self.slot.impl
+
+    @property
+    def active_backend(self) -> str | None:
+        """Its name: ``"hooks"``, ``"functorch"``, ``"microbatch"`` or ``"accumulation"``."""
+        return self.slot.name
 
     @property
     def state_key(self) -> str:
@@ -218,45 +218,7 @@ class GradientDispersion(MeasurementCallback):
         self._params = list(trainable_parameters(pl_module).values())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
-        requested = self._restored_backend or self.backend
-        backend, note = choose_backend(
-            requested, trainer, pl_module, self.contract, parameter_groups(pl_module, self.layer_groups),
-            loss_fn=self._loss_fn, num_chunks=self.num_chunks, chunk_size=self.chunk_size, memory_budget=int(self.memory_budget_mb * 2**20),
-            use_accumulation_steps=self.use_accumulation_steps, seed=self.seed)
-        if isinstance(backend, MicrobatchBackend):
-            backend.generator_state = self._generator_state
-        self._use(backend, pl_module)
-        if isinstance(backend, NormHooksBackend):
-            self._verify_hooks(trainer, pl_module, backend, trial_batch)
-        if note:
-            rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
-        rank_zero_info(f"GradientDispersion: backend={backend.name!r} — {backend.description}.")
-
-    def _use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
-        if self._impl is not None:
-            self._impl.detach()
-        self._impl = backend
-        self.active_backend = "accumulation" if isinstance(backend, AccumulationBackend) else backend.name
-        backend.attach(pl_module)
-
-    def _verify_hooks(self, trainer: Trainer, pl_module: LightningModule, backend: NormHooksBackend,
-                      batch: Any) -> None:
-        """The hooks against exact gradients on one sample, once a fit: a layer whose output the
-        whole batch shares passes every shape check in training when its length equals the batch size."""
-        why = backend.verify(pl_module, self._loss_fn, batch, fit=id(trainer))
-        if why is not None:
-            rank_zero_warn(f"GradientDispersion(backend='hooks'): on one sample of the first batch {why}; "
-                           "switching to an extra-pass backend.")
-            self._fallback(pl_module, trainer)
-
-    def _fallback(self, pl_module: LightningModule, trainer: Trainer) -> None:
-        """After a backend failed on this model: the next exact option, else micro-batches."""
-        assert self.contract is not None and self._impl is not None
-        self._use(fallback_backend(
-            self._impl.name, pl_module, self.contract, self._loss_fn, chunk_size=self.chunk_size,
-            memory_budget=int(self.memory_budget_mb * 2**20), accumulate=self._accumulate,
-            world_size=trainer.world_size, use_accumulation_steps=self.use_accumulation_steps,
-            num_chunks=self.num_chunks, seed=self.seed), pl_module)
+        self.slot.start(trainer, pl_module, self.contract, self._loss_fn, trial_batch)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -272,24 +234,24 @@ class GradientDispersion(MeasurementCallback):
                            extras)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        assert self._impl is not None
+        assert self.impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
             self._window = None
             self._step = logger_step(trainer)
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
             self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
-            self._impl.start_window(self._measuring)
+            self.impl.start_window(self._measuring)
         if self._measuring:
             self._batch = batch
-            self._impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
+            self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if self._measuring and self._impl is not None:
-            self._impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
+        if self._measuring and self.impl is not None:
+            self.impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._measuring or self._batch is None or self._impl is None:
+        if not self._measuring or self._batch is None or self.impl is None:
             return
         ctx = self._context(trainer, pl_module)
         if not pl_module.automatic_optimization:
@@ -298,22 +260,23 @@ class GradientDispersion(MeasurementCallback):
             scale = ctx.loss_scale
             self._manual_grads = [g.clone() if isinstance(scale, float) and scale == 1.0 else g / scale
                                   for g in ctx.extras["grads"]]
-        moments = self._impl.after_backward(ctx)
+        moments = self.impl.after_backward(ctx)
         self._batch = None
         if moments is None:
-            if getattr(self._impl, "failed", None) is not None:
-                self._fallback(pl_module, trainer)
+            if getattr(self.impl, "failed", None) is not None:
+                assert self.contract is not None
+                self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
                 self._measuring = False  # this window is incomplete: skip it
             return
         self._window = moments if self._window is None else self._window.merged(moments)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if not self._measuring or self._impl is None:
+        if not self._measuring or self.impl is None:
             return
-        self._impl.end_batch()  # (a step with no backward left the forward hook: callbacks after this one run free of it)
+        self.impl.end_batch()  # (a step with no backward left the forward hook: callbacks after this one run free of it)
         window, self._window = self._window, None
         grads, self._manual_grads = self._manual_grads, None
-        result = self._impl.end_window(self._context(trainer, pl_module, grads), window)
+        result = self.impl.end_window(self._context(trainer, pl_module, grads), window)
         if result is None:
             return
         moments, group_mean_sq = result.moments, result.group_mean_sq
@@ -323,21 +286,17 @@ class GradientDispersion(MeasurementCallback):
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
-        if (self._groups_partition and group_mean_sq is not None and moments.group_sq is not None
-                and moments.centered_sums is None
-                and isinstance(moments.num_samples, int) and isinstance(moments.num_units, int)):
-            # every value as one vector in two ops, one copy into the step log (the per-step path)
-            row = dispersion_row(moments.group_sq, group_mean_sq, moments.num_samples, moments.num_units)
-            self.step_log.record_row(self._step, self._row_names, row)
+        values = batch_values(moments, result.mean_sq, group_mean_sq, self._groups_partition)
+        if isinstance(values, Tensor):  # the per-step path: one copy into the step log
+            self.step_log.record_row(self._step, self._row_names, values)
         else:
-            estimate = dispersion_from_moments(moments, result.mean_sq, group_mean_sq)
-            self.step_log.record(self._step, estimate.tagged(self.group_names))
+            self.step_log.record(self._step, values.tagged(self.group_names))
         self.measured_steps += 1
         self.step_budget.measured(trainer)
 
     def _end_batch(self) -> None:
-        if self._impl is not None:
-            self._impl.end_batch()
+        if self.impl is not None:
+            self.impl.end_batch()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -346,7 +305,7 @@ class GradientDispersion(MeasurementCallback):
             self.flush(trainer, pl_module)
         # the Lightning hooks are clocked whole (MeasurementCallback); the norm hooks run inside
         # the user's forward and backward and keep their own clock
-        self.step_budget.charge(self._impl.hook_seconds() if self._impl is not None else 0.0)
+        self.step_budget.charge(self.impl.hook_seconds() if self.impl is not None else 0.0)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_batch()  # (on_train_batch_start returning -1 skips on_train_batch_end)
@@ -370,8 +329,7 @@ class GradientDispersion(MeasurementCallback):
         self._cleanup()
 
     def _cleanup(self) -> None:
-        if self._impl is not None:
-            self._impl.detach()
+        self.slot.detach()
         self._window = None
         self._batch = None
         self._manual_grads = None
@@ -379,17 +337,9 @@ class GradientDispersion(MeasurementCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"measured_steps": self.measured_steps, "active_backend": self.active_backend,
-                                 **self.step_log.state_dict()}
-        if isinstance(self._impl, MicrobatchBackend):
-            state.update(self._impl.state())
-        return state
+        return {"measured_steps": self.measured_steps, **self.slot.state(), **self.step_log.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = int(state_dict.get("measured_steps", 0))
         self.step_log.load_state_dict(state_dict)
-        restored = state_dict.get("active_backend")
-        self._restored_backend = {"hooks": "hooks", "functorch": "functorch", "microbatch": "microbatch",
-                                  "accumulation": "microbatch"}.get(restored or "")
-        self._generator_state = state_dict.get("generator_state")
-
+        self.slot.load_state(state_dict)

@@ -227,3 +227,15 @@ def group_mean_sq_norms(moments: GradientMoments, groups: list[list[int]]) -> Te
     assert moments.weighted_sum is not None
     b = moments.num_samples
     return group_sums(per_tensor_sq_norms([w / b for w in moments.weighted_sum]), groups)
+
+
+def batch_values(moments: GradientMoments, mean_sq: Tensor | None, group_mean_sq: Tensor | None,
+                 groups_partition: bool) -> Tensor | DispersionEstimate:
+    """One batch's logged values: the ``[3 + K]`` row of :func:`dispersion_row` when it applies
+    (per-group sums, ``‖ḡ_k‖²`` per group, groups that partition the parameters, no centred terms,
+    sizes known on the host: the per-step path, two ops), else :func:`dispersion_from_moments`."""
+    if (groups_partition and group_mean_sq is not None and moments.group_sq is not None
+            and moments.centered_sums is None
+            and isinstance(moments.num_samples, int) and isinstance(moments.num_units, int)):
+        return dispersion_row(moments.group_sq, group_mean_sq, moments.num_samples, moments.num_units)
+    return dispersion_from_moments(moments, mean_sq, group_mean_sq)

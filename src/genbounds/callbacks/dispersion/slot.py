@@ -1,0 +1,108 @@
+"""The backend one :class:`~genbounds.callbacks.GradientDispersion` measures with, over a fit.
+
+Chosen before step 0 (:func:`.select.choose_backend`), the norm hooks checked once against exact
+gradients on one sample (:meth:`.norm_hooks.NormHooksBackend.verify`), replaced by the next exact
+option when it fails (:func:`.select.fallback_backend`), and detached at the end. The callback
+keeps the schedule and the values; this keeps which backend produces them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
+from genbounds.callbacks.dispersion.base import DispersionBackend
+from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
+from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
+from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
+from genbounds.callbacks.loss_contract import LossContract
+from genbounds.estimators.functional import parameter_groups
+
+RESUMED = {"hooks": "hooks", "functorch": "functorch", "microbatch": "microbatch", "accumulation": "microbatch"}
+"""The backend a resumed run asks for, by the one its checkpoint was measured with (the
+accumulation windows are micro-batch chunks: ``choose_backend`` gives them again when they apply)."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The backend settings of a ``GradientDispersion`` (see its docstring)."""
+
+    backend: str = "auto"
+    num_chunks: int = 4
+    use_accumulation_steps: bool = True
+    chunk_size: int | None = None
+    memory_budget: int = 0
+    """Bytes of per-sample gradients the functorch backend holds at once."""
+    layer_groups: dict[str, str] | None = None
+    seed: int = 0
+
+
+class BackendSlot:
+    """The active backend (:attr:`impl`), its name as logged (:attr:`name`), and what a resumed
+    run restores: the backend measured with and the micro-batch generator's state."""
+
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
+        self.impl: DispersionBackend | None = None
+        self.name: str | None = None
+        self.restored: str | None = None
+        self.generator_state: Tensor | None = None
+
+    def start(self, trainer: Trainer, pl_module: LightningModule, contract: LossContract, loss_fn: Any,
+              trial_batch: Any) -> None:
+        """Choose, attach and (hooks) check the backend before step 0; one line says which."""
+        o = self.options
+        backend, note = choose_backend(
+            self.restored or o.backend, trainer, pl_module, contract, parameter_groups(pl_module, o.layer_groups),
+            loss_fn=loss_fn, num_chunks=o.num_chunks, chunk_size=o.chunk_size, memory_budget=o.memory_budget,
+            use_accumulation_steps=o.use_accumulation_steps, seed=o.seed)
+        if isinstance(backend, MicrobatchBackend):
+            backend.generator_state = self.generator_state
+        self.use(backend, pl_module)
+        if isinstance(backend, NormHooksBackend):
+            # the hooks against exact gradients on one sample, once a fit: a layer whose output the
+            # whole batch shares passes every shape check in training when its length equals b
+            why = backend.verify(pl_module, loss_fn, trial_batch, fit=id(trainer))
+            if why is not None:
+                rank_zero_warn(f"GradientDispersion(backend='hooks'): on one sample of the first batch {why}; "
+                               "switching to an extra-pass backend.")
+                self.fallback(trainer, pl_module, contract, loss_fn)
+        if note:
+            rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
+        assert self.impl is not None  # (the backend that measures: after a failed check, not the one chosen)
+        rank_zero_info(f"GradientDispersion: backend={self.impl.name!r} — {self.impl.description}.")
+
+    def use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
+        if self.impl is not None:
+            self.impl.detach()
+        self.impl = backend
+        self.name = "accumulation" if isinstance(backend, AccumulationBackend) else backend.name
+        backend.attach(pl_module)
+
+    def fallback(self, trainer: Trainer, pl_module: LightningModule, contract: LossContract, loss_fn: Any) -> None:
+        """After the backend failed on this model: the next exact option, else micro-batches."""
+        assert self.impl is not None
+        o = self.options
+        self.use(fallback_backend(
+            self.impl.name, pl_module, contract, loss_fn, chunk_size=o.chunk_size, memory_budget=o.memory_budget,
+            accumulate=int(trainer.accumulate_grad_batches), world_size=trainer.world_size,
+            use_accumulation_steps=o.use_accumulation_steps, num_chunks=o.num_chunks, seed=o.seed), pl_module)
+
+    def detach(self) -> None:
+        if self.impl is not None:
+            self.impl.detach()
+
+    def state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"active_backend": self.name}
+        if isinstance(self.impl, MicrobatchBackend):
+            state.update(self.impl.state())
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.restored = RESUMED.get(state.get("active_backend") or "")
+        self.generator_state = state.get("generator_state")
