@@ -13,7 +13,12 @@ from genbounds.callbacks.step_log import StepLog
 from genbounds.data import DigitsDataModule
 from genbounds.estimators.functional import grouped_sq_norms, per_tensor_sq_norms, row_sq_norms, sq_norm
 from genbounds.estimators.ghost_norms import GhostNormHooks
-from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, dispersion_row
+from genbounds.estimators.gradient_dispersion import (
+    GradientMoments,
+    dispersion_from_moments,
+    dispersion_row,
+    hook_dispersion_row,
+)
 from genbounds.models import MLP, Classifier
 from helpers import trainer
 
@@ -68,6 +73,29 @@ def test_dispersion_row_equals_the_moments_formula(b):
     assert row[3:].sum().item() == pytest.approx(row[2].item(), rel=1e-13)
     with pytest.raises(ValueError):
         dispersion_row(group_sq, group_mean, 1, 1)
+
+
+@pytest.mark.parametrize("scale", [7.0, "tensor"])
+@pytest.mark.parametrize("shapes", [[(512, 784), (512,), (10, 512), (10,)], [(3, 5), (5,), (4, 3)]])
+def test_the_fused_hook_row_equals_the_grouped_path(shapes, scale):
+    """:func:`hook_dispersion_row` (the norm hooks' per-step path: module sums and the gradient's
+    pieces folded into two cached maps) = ``dispersion_row`` of the scaled group sums and
+    :func:`grouped_sq_norms` — split pieces (fp32 CPU), whole tensors (float64), a tensor scale
+    (AMP), modules listed out of group order."""
+    gen = torch.Generator().manual_seed(len(shapes))
+    b = 16
+    for dtype in (torch.float32, torch.float64):
+        grads = [torch.randn(*sh, generator=gen, dtype=dtype) / 40 for sh in shapes]
+        groups = [[0, 1], [2, 3]] if len(shapes) == 4 else [[2], [0, 1]]
+        module_groups = (1, 0, 1)  # three hooked modules: two in group 1, one in group 0
+        module_sums = torch.rand(3, generator=gen, dtype=torch.float64) + 2.0
+        s = torch.tensor(7.0) if scale == "tensor" else scale
+        got = hook_dispersion_row(module_sums, module_groups, s, grads, groups, b)
+        group_sq = torch.stack([module_sums[[1]].sum(), module_sums[[0, 2]].sum()]) * 49.0
+        want = dispersion_row(group_sq, grouped_sq_norms(grads, groups)[:-1], b, b)
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=0), (got, want)
+    with pytest.raises(ValueError):
+        hook_dispersion_row(module_sums, module_groups, 1.0, grads, groups, 1)
 
 
 def test_ghost_read_sums_equal_the_per_sample_read():

@@ -32,7 +32,7 @@ from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, trainable_parameters
-from genbounds.estimators.gradient_dispersion import GradientMoments, batch_values, group_mean_sq_norms
+from genbounds.estimators.gradient_dispersion import batch_values, group_mean_sq_norms
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -140,7 +140,7 @@ class GradientDispersion(MeasurementCallback):
         self._measuring = False
         self._step = 0
         self._batch: Any = None
-        self._window: GradientMoments | None = None
+        self._window: Any = None  # GradientMoments, or the backend's raw form (HookSums)
         self._accumulate = 1
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
@@ -279,7 +279,13 @@ class GradientDispersion(MeasurementCallback):
         result = self.impl.end_window(self._context(trainer, pl_module, grads), window)
         if result is None:
             return
+        if result.row is not None:  # computed by the backend in one pass (the norm hooks' per-step path)
+            self.step_log.record_row(self._step, self._row_names, result.row)
+            self.measured_steps += 1
+            self.step_budget.measured(trainer)
+            return
         moments, group_mean_sq = result.moments, result.group_mean_sq
+        assert moments is not None
         if moments.weighted_sum is not None and group_mean_sq is None:
             group_mean_sq = group_mean_sq_norms(moments, self._groups)
         if trainer.world_size > 1:

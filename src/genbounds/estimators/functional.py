@@ -172,26 +172,17 @@ def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.stack(out)  # type: ignore[arg-type]
 
 
-def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:
-    """``[K + 1]`` float64: the squared norm of each group's tensors (``groups`` lists tensor
-    indices; a tensor in no group counts only in the total), then the squared norm of all
-    ``tensors``.
+def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...]) -> tuple[Tensor, tuple[int, ...]]:
+    """``(float64 squared norms of consecutive pieces of the tensors, pieces per tensor)``: summed
+    per tensor they are each tensor's squared norm.
 
-    The per-step path of ``GradientDispersion`` (``‖ḡ_k‖²`` per layer and ``‖ḡ‖²``). On the CPU
-    with fp32 tensors: fp32 norms of pieces of at most 1,024 elements (one op per tensor, two
-    when its size is not a multiple of 1,024; no float64 copy; relative error ≲ 1e-7, as the
-    piece split of :func:`row_sq_norms`), one float64 square, one ``index_add`` of the pieces into
-    their tensors and one product with a cached ``[K + 1, n]`` tensor→group matrix — about ten ops
-    where :func:`per_tensor_sq_norms` + :func:`~genbounds.estimators.gradient_dispersion.group_sums`
-    took 25-30 (each op costs several µs inside a training step; docs/results/overhead.md)."""
+    On the CPU with fp32 tensors: fp32 norms of pieces of at most 1,024 elements (one op per
+    tensor, two when its size is not a multiple of 1,024; no float64 copy; relative error ≲ 1e-7,
+    as the piece split of :func:`row_sq_norms`), one concatenation, one float64 square. Otherwise
+    one piece per tensor (:func:`per_tensor_sq_norms`)."""
     tensors = list(tensors)
-    n = len(tensors)
-    if not tensors:
-        return torch.zeros(len(groups) + 1, dtype=torch.float64)
-    device = tensors[0].device
-    matrix = group_matrix(n, _groups_key(groups), device)
-    if device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
-        return matrix @ per_tensor_sq_norms(tensors)
+    if not tensors or tensors[0].device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
+        return per_tensor_sq_norms(tensors), (1,) * len(tensors)
     pieces: list[Tensor] = []
     counts: list[int] = []
     for t in tensors:
@@ -204,8 +195,28 @@ def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[li
         if rest:
             pieces.append(torch.linalg.vector_norm(flat[k * _ROW:].view(1, -1), dim=1))
         counts.append(k + int(rest))
-    partial = torch.cat(pieces).double().square_()
-    per_tensor = torch.zeros(n, dtype=torch.float64).index_add_(0, _piece_owner(tuple(counts)), partial)
+    return torch.cat(pieces).double().square_(), tuple(counts)
+
+
+def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:
+    """``[K + 1]`` float64: the squared norm of each group's tensors (``groups`` lists tensor
+    indices; a tensor in no group counts only in the total), then the squared norm of all
+    ``tensors``.
+
+    ``‖ḡ_k‖²`` per layer and ``‖ḡ‖²`` from ``.grad``: :func:`squared_pieces`, one ``index_add``
+    of the pieces into their tensors and one product with a cached ``[K + 1, n]`` tensor→group
+    matrix — about ten ops where :func:`per_tensor_sq_norms` +
+    :func:`~genbounds.estimators.gradient_dispersion.group_sums` took 25-30 (each op costs several
+    µs inside a training step; docs/results/overhead.md)."""
+    tensors = list(tensors)
+    n = len(tensors)
+    if not tensors:
+        return torch.zeros(len(groups) + 1, dtype=torch.float64)
+    matrix = group_matrix(n, _groups_key(groups), tensors[0].device)
+    partial, counts = squared_pieces(tensors)
+    if len(partial) == n:
+        return matrix @ partial
+    per_tensor = torch.zeros(n, dtype=torch.float64).index_add_(0, _piece_owner(counts), partial)
     return matrix @ per_tensor
 
 

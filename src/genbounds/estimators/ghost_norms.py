@@ -1046,10 +1046,12 @@ class _Call:
         self.pre = pre
 
 
-def _times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
+def times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
     """``t *= scale²`` in place (float64 ``t``; a tensor ``scale`` stays on the device)."""
     if isinstance(scale, Tensor):
         return t.mul_(scale.detach().to(device=t.device, dtype=torch.float64).square())
+    if scale == 1.0:
+        return t  # (an op saved on the per-step path, which applies the scale later)
     return t.mul_(float(scale) ** 2)
 
 
@@ -1570,7 +1572,7 @@ class GhostNormHooks:
                 if self._fold.device != sums.device:
                     self._fold = self._fold.to(sums.device)
                 sums = torch.zeros(self._modules, dtype=sums.dtype, device=sums.device).index_add_(0, self._fold, sums)
-            return _times_scale_sq_(sums, scale)
+            return times_scale_sq_(sums, scale)
         finally:
             self.clear()
 
@@ -1604,7 +1606,7 @@ class GhostNormHooks:
             return None
         rows = self._rows
         assert rows is not None
-        _times_scale_sq_(rows, scale)
+        times_scale_sq_(rows, scale)
         total = rows.sum(0)  # rows of modules that did not run are zero
         per_group: dict[str, Tensor] = {}
         for g, members in self._group_rows.items():

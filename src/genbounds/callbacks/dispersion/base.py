@@ -58,11 +58,14 @@ class LazyGrads(dict):
 class WindowResult:
     """The statistics of one optimizer step's batch."""
 
-    moments: GradientMoments
+    moments: GradientMoments | None
     mean_sq: Tensor | None = None
     """``‖ḡ‖²`` when read from ``.grad`` (``None``: from ``moments.weighted_sum``)."""
     group_mean_sq: Tensor | None = None
     """``‖ḡ_k‖²`` per group."""
+    row: Tensor | None = None
+    """The logged ``[3 + K]`` row (:func:`~genbounds.estimators.gradient_dispersion.dispersion_row`'s
+    order), when the backend computed it in one pass (then ``moments`` may be ``None``)."""
 
 
 class DispersionBackend:
@@ -88,7 +91,9 @@ class DispersionBackend:
         """At a measured micro-batch, just before its backward."""
 
     def after_backward(self, ctx: StepContext) -> GradientMoments | None:
-        """At a measured micro-batch, after its backward: this micro-batch's moments."""
+        """At a measured micro-batch, after its backward: this micro-batch's moments (or the
+        backend's own raw form of them, which only its :meth:`end_window` reads: the callback
+        merges micro-batches only under accumulation or manual optimization)."""
         return None
 
     def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:

@@ -23,6 +23,7 @@ per-sample gradients — documented as an approximation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,8 +39,20 @@ from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors
-from genbounds.estimators.ghost_norms import GhostNormHooks, declared_batch_dims
-from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums
+from genbounds.estimators.ghost_norms import GhostNormHooks, times_scale_sq_, declared_batch_dims
+from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums, hook_dispersion_row
+
+
+@dataclass
+class HookSums:
+    """One batch's per-sample squared norms as the hooks left them: ``Σ_i ‖g_{i,j}‖² / scale²``
+    per hooked module ``j`` (``names``), for :func:`~genbounds.estimators.gradient_dispersion.hook_dispersion_row`
+    at the optimizer step (one backward per window, one process)."""
+
+    sums: Tensor
+    names: tuple[str, ...]
+    scale: Tensor | float
+    batch: int
 
 
 class SharedHooks:
@@ -94,15 +107,16 @@ class SharedHooks:
             if self.backpack is not None and self.backpack.attached:
                 self.backpack.enter_backward()
 
-    def read(self, scale: Tensor | float) -> tuple[Tensor, tuple[str, ...]] | None:
-        """``(Σ_i ‖g_i‖² per hooked module [n] float64, the modules' names)`` of the last backward."""
+    def read(self) -> tuple[Tensor, tuple[str, ...]] | None:
+        """``(Σ_i ‖g_i‖² per hooked module [n] float64, the modules' names)`` of the last backward,
+        for a loss of scale 1 (times ``scale²`` for the batch's; shared: not to be modified)."""
         if self.cache is not None and self.cache[0] == self.backward_count:
             return self.cache[1]
         self.in_backward = False
         parts: list[Tensor] = []
         names: tuple[str, ...] = ()
         if self.ghost is not None:
-            sums = self.ghost.read_sums(scale)
+            sums = self.ghost.read_sums()
             if sums is None:
                 self.cache = (self.backward_count, None)
                 return None
@@ -110,7 +124,7 @@ class SharedHooks:
             names = self.ghost.module_names
         if self.backpack is not None:
             self.backpack.exit_backward()
-            read = self.backpack.read_modules(scale)
+            read = self.backpack.read_modules(1.0)
             if read is None:
                 self.cache = (self.backward_count, None)
                 return None
@@ -184,6 +198,8 @@ class NormHooksBackend(DispersionBackend):
         self.failed: Exception | None = None
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
+        self._partition_of: tuple[list[list[int]], bool] | None = None
+        self._module_groups_of: tuple[tuple[str, ...], tuple[int, ...]] | None = None
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
@@ -202,12 +218,16 @@ class NormHooksBackend(DispersionBackend):
         assert self.shared is not None
         self.shared.before_backward()
 
-    def after_backward(self, ctx: StepContext) -> GradientMoments | None:
+    def after_backward(self, ctx: StepContext) -> GradientMoments | HookSums | None:
         assert self.shared is not None
         m = ctx.micro_size
         scale: Tensor | float = m * ctx.accumulate / ctx.loss_scale
+        # one backward per window, one process, groups that partition the parameters: the sums
+        # stay raw until end_window folds them into the row (hook_dispersion_row)
+        raw = (ctx.accumulate == 1 and ctx.module.automatic_optimization and ctx.trainer.world_size == 1
+               and self._partitions(ctx))
         try:
-            read = self.shared.read(scale)
+            read = self.shared.read()  # (unscaled: callbacks sharing the hooks read the same values)
         except RuntimeError as err:
             self.shared.disarm(id(self))
             self.failed = err
@@ -222,13 +242,27 @@ class NormHooksBackend(DispersionBackend):
                            "(a layer unused in this step?); switching to an extra-pass backend.")
             return None
         sums, names = read
+        if raw:
+            return HookSums(sums, names, scale, m)
         # Σ_i ‖g_{i,k}‖² per group k and their total: one matrix-vector product (cached matrix)
-        per_group = self._group_matrix(names, sums.device) @ sums
+        per_group = times_scale_sq_(self._group_matrix(names, sums.device) @ sums, scale)
         if ctx.accumulate >= 2 and ctx.trainer.world_size == 1:
             # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for equal micro-batches
             part = [d * (m * ctx.accumulate / ctx.loss_scale) for d in self.deltas.delta(ctx.extras["grads"])]
             self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
         return GradientMoments(per_group[-1], m, m, group_sq=per_group[:-1])
+
+    def _partitions(self, ctx: StepContext) -> bool:
+        """Whether the callback's groups partition its parameters (checked once per groups object)."""
+        if self._partition_of is None or self._partition_of[0] is not ctx.groups:
+            covered = sorted(i for g in ctx.groups for i in g) == list(range(len(ctx.params)))
+            self._partition_of = (ctx.groups, covered)
+        return self._partition_of[1]
+
+    def _module_groups(self, names: tuple[str, ...]) -> tuple[int, ...]:
+        if self._module_groups_of is None or self._module_groups_of[0] != names:
+            self._module_groups_of = (names, tuple(self.group_of_module[n] for n in names))
+        return self._module_groups_of[1]
 
     def _group_matrix(self, names: tuple[str, ...], device: torch.device) -> Tensor:
         """``[K + 1, n]`` 0/1 float64: module → its group, and a last row of ones (the total)."""
@@ -238,9 +272,15 @@ class NormHooksBackend(DispersionBackend):
             self._index_key = names
         return group_matrix(len(names), self._groups_of_names, device)
 
-    def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
+    def end_window(self, ctx: StepContext, window: GradientMoments | HookSums | None) -> WindowResult | None:
         if window is None:
             return None
+        if isinstance(window, HookSums):
+            if window.batch < 2:
+                return None  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
+            row = hook_dispersion_row(window.sums, self._module_groups(window.names), window.scale,
+                                      ctx.extras["grads"], ctx.groups, window.batch)
+            return WindowResult(None, row=row)
         if self._accumulated is not None:
             b = int(window.num_samples)
             per_param = per_tensor_sq_norms([a / b for a in self._accumulated])
