@@ -412,6 +412,44 @@ def test_state_round_trips(tmp_path):
     assert restored.measured_steps == cb.measured_steps == 5
 
 
+def test_a_resumed_run_measures_with_the_saved_backend_and_chunk_stream(tmp_path):
+    """The checkpoint keeps the backend measured with (after ``auto`` fell back, the fallback) and
+    the micro-batch generator's state: a run resumed from it continues with the same backend and
+    the same random chunks as the uninterrupted run."""
+    x, y = unit_sphere_regression(32, 5, seed=4)
+    module = linear_regressor(5, lr=0.0)
+    whole = GradientDispersion(backend="microbatch", seed=2)
+    ref = run_collect(tmp_path / "whole", module, TensorData(x, y, 16), whole, max_steps=4)  # 2 batches an epoch
+    first = GradientDispersion(backend="microbatch", seed=2)
+    run_collect(tmp_path / "first", module, TensorData(x, y, 16), first, max_steps=2)
+    state = first.state_dict()
+    assert state["active_backend"] == "microbatch" and "generator_state" in state
+    resumed = GradientDispersion(backend="auto", seed=2)  # auto would pick the hooks on this model
+    resumed.load_state_dict(state)
+    got = run_collect(tmp_path / "second", module, TensorData(x, y, 16), resumed, max_steps=2)
+    assert resumed.active_backend == "microbatch"
+    want = [r.values["grad/dispersion"] for r in ref[2:]]
+    assert [r.values["grad/dispersion"] for r in got] == pytest.approx(want, rel=1e-12)
+    assert want != pytest.approx([r.values["grad/dispersion"] for r in ref[:2]], rel=1e-6)  # (the chunks differ)
+
+
+def test_automatic_optimization_under_fp16_amp_is_measured_on_the_hooks(tmp_path):
+    """fp16 AMP with a GradScaler, automatic optimization: the hooks' per-step path carries the
+    loss scale (a device tensor) from the backward to the optimizer step and divides it out; the
+    values match the closed form to fp16 autocast's tolerance. Overflowing steps (the scaler's
+    first scale) are skipped with a warning; every finite record is checked."""
+    x, y = unit_sphere_regression(32, 6, seed=6)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    cb = GradientDispersion(backend="hooks")
+    records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=4,
+                          plugins=[MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu"))])
+    assert cb.active_backend == "hooks" and records
+    for rec in records:
+        for name, value in truth.items():
+            assert rec.values[name] == pytest.approx(value, rel=2e-2), name
+
+
 @pytest.mark.parametrize("backend", ["hooks", "functorch", "microbatch"])
 def test_a_last_batch_of_one_sample_is_skipped_not_fatal(tmp_path, backend):
     x, y = unit_sphere_regression(17, 4)  # batches of 8, 8 and 1
@@ -456,3 +494,13 @@ def test_a_failed_exactness_check_says_which_backend_measures(tmp_path, monkeypa
     assert said == ["GradientDispersion: backend='functorch' — " + cb.impl.description + "."], said
     assert cb.active_backend == "functorch" and len(records) == 2
     assert records[0].values["grad/dispersion"] == pytest.approx(truth["grad/dispersion"], rel=1e-5)
+
+
+def test_settings_changed_after_construction_are_the_ones_used(tmp_path):
+    """The backend settings are read when the fit starts (as ``setup`` reads ``layer_groups``), not
+    frozen at construction: a config system that sets attributes afterwards gets what it set."""
+    x, y = unit_sphere_regression(32, 4)
+    cb = GradientDispersion()
+    cb.backend, cb.num_chunks = "microbatch", 2
+    run_collect(tmp_path, linear_regressor(4, lr=0.0), TensorData(x, y, 16), cb, max_steps=1)
+    assert cb.active_backend == "microbatch" and cb.impl.num_chunks == 2

@@ -104,6 +104,40 @@ def test_two_dispersion_callbacks_share_the_hooks_and_both_are_correct(tmp_path)
         assert got.values["grad/dispersion"] == pytest.approx(want.values["grad/dispersion"], rel=1e-9)
 
 
+def test_the_shared_read_is_not_modified_by_its_readers():
+    """Callbacks sharing the hooks get one cached read of a backward: the per-step path (raw sums)
+    and the general path (scaled group sums) both leave it as it was."""
+    from genbounds.callbacks.dispersion.base import StepContext
+    from genbounds.callbacks.dispersion.norm_hooks import HookSums, NormHooksBackend
+
+    torch.manual_seed(0)
+    module = Classifier(MLP(6, 3, 5), num_classes=3)
+    net = module.network
+    ghost = {n: m for n, m in net.named_modules() if isinstance(m, torch.nn.Linear)}
+    backends = [NormHooksBackend(ghost, {}, {n: i for i, n in enumerate(ghost)}, len(ghost), False) for _ in range(2)]
+    for backend in backends:
+        backend.attach(module)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    params = list(net.parameters())
+    groups = [[2 * i, 2 * i + 1] for i in range(len(ghost))]
+
+    class _Trainer:
+        world_size = 1
+
+    ctx = [StepContext(_Trainer(), module, params, groups, (x, y), 8, 1, 1.0, {}, partition) for partition in (True, False)]
+    for backend, c in zip(backends, ctx):
+        backend.before_forward(c)
+    torch.nn.functional.cross_entropy(module(x), y).backward()
+    shared = backends[0].shared
+    cached = shared.read()[0].clone()
+    raw, general = (backend.after_backward(c) for backend, c in zip(backends, ctx))
+    assert isinstance(raw, HookSums) and not isinstance(general, HookSums)
+    assert torch.equal(shared.read()[0], cached) and torch.equal(raw.sums, cached)
+    assert float(general.weighted_sq_norm_sum) == pytest.approx(float(cached.sum()) * 64, rel=1e-12)
+    for backend in backends:
+        backend.detach()
+
+
 def test_hessian_trace_without_schedule_or_aggregator_warns_at_setup(tmp_path):
     with pytest.warns(UserWarning, match="HessianTrace has no schedule .* will never run"):
         fit(tmp_path, [HessianTrace(every_n_epochs=None, at_train_end=False)], Classifier(MLP(64, 10, 8)),

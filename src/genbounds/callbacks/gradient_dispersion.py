@@ -126,9 +126,7 @@ class GradientDispersion(MeasurementCallback):
         self.channel: Channel[DispersionRecord] = Channel()
         self.step_log.add_listener(self._publish)
 
-        self.slot = BackendSlot(BackendOptions(
-            self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
-            int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed))
+        self.slot = BackendSlot()
         self.measured_steps = 0
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
@@ -186,7 +184,7 @@ class GradientDispersion(MeasurementCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        owner = "GradientDispersion"
+        owner = OWNER
         check_strategy(owner, trainer)
         check_precision(owner, trainer)
         check_single_optimizer(owner, pl_module)
@@ -218,6 +216,9 @@ class GradientDispersion(MeasurementCallback):
         self._params = list(trainable_parameters(pl_module).values())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+        self.slot.options = BackendOptions(  # (the settings as they are now, as setup's groups)
+            self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
+            int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(trainer, pl_module, self.contract, self._loss_fn, trial_batch)
 
     # ------------------------------------------------------------------ per batch
@@ -231,7 +232,7 @@ class GradientDispersion(MeasurementCallback):
             extras["grads"] = grads
         m = batch_size(self._batch) if self._batch is not None else 0
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
-                           extras)
+                           extras, self._groups_partition)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.impl is not None
@@ -260,15 +261,15 @@ class GradientDispersion(MeasurementCallback):
             scale = ctx.loss_scale
             self._manual_grads = [g.clone() if isinstance(scale, float) and scale == 1.0 else g / scale
                                   for g in ctx.extras["grads"]]
-        moments = self.impl.after_backward(ctx)
+        part = self.impl.after_backward(ctx)  # (GradientMoments, or the backend's raw form)
         self._batch = None
-        if moments is None:
+        if part is None:
             if getattr(self.impl, "failed", None) is not None:
                 assert self.contract is not None
                 self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
                 self._measuring = False  # this window is incomplete: skip it
             return
-        self._window = moments if self._window is None else self._window.merged(moments)
+        self._window = part if self._window is None else self._window.merged(part)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self.impl is None:

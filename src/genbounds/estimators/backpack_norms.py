@@ -205,8 +205,11 @@ class BackpackNormHooks:
                 per_sample = contrib if per_sample is None else per_sample + contrib
                 del p.batch_l2
             if per_sample is not None:
-                s2 = scale.detach().double().square() if isinstance(scale, Tensor) else float(scale) ** 2
-                out[module] = per_sample * s2
+                if isinstance(scale, Tensor):
+                    per_sample = per_sample * scale.detach().double().square()
+                elif scale != 1:
+                    per_sample = per_sample * float(scale) ** 2
+                out[module] = per_sample
         return out
 
     def read(self, scale: float | Tensor) -> tuple[Tensor, Tensor] | None:

@@ -1560,8 +1560,9 @@ class GhostNormHooks:
     def read_sums(self, scale: float | Tensor = 1.0) -> Tensor | None:
         """``[len(modules)]`` float64 ``Σ_i ‖∇ℓ_i‖²`` restricted to each hooked module (in the
         order of ``modules``; zero for a module that did not run), times ``scale²`` — what
-        :meth:`read` gives summed over the samples, with the same checks, in two ops instead of
-        the per-module vectors (the per-step path of ``GradientDispersion``). Resets the step."""
+        :meth:`read` gives summed over the samples, with the same checks, in one op (two with a
+        scale) instead of the per-module vectors. ``GradientDispersion``'s per-step path reads at
+        scale 1 and applies the batch's scale where it folds the sums into its row. Resets the step."""
         try:
             if self._validated() is None:
                 return None

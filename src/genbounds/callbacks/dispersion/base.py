@@ -29,6 +29,8 @@ class StepContext:
     loss_scale: Tensor | float = 1.0
     """``S``: the AMP loss scale of this backward (1 without a gradient scaler)."""
     extras: dict[str, Any] = field(default_factory=dict)
+    groups_partition: bool = False
+    """Whether ``groups`` partition ``params`` (every parameter in exactly one group)."""
 
 
 class LazyGrads(dict):
@@ -90,13 +92,13 @@ class DispersionBackend:
     def before_backward(self, ctx: StepContext) -> None:
         """At a measured micro-batch, just before its backward."""
 
-    def after_backward(self, ctx: StepContext) -> GradientMoments | None:
+    def after_backward(self, ctx: StepContext) -> Any:
         """At a measured micro-batch, after its backward: this micro-batch's moments (or the
         backend's own raw form of them, which only its :meth:`end_window` reads: the callback
         merges micro-batches only under accumulation or manual optimization)."""
         return None
 
-    def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
+    def end_window(self, ctx: StepContext, window: Any) -> WindowResult | None:
         """At ``on_before_optimizer_step`` of a measured step (``.grad`` is complete, unscaled)."""
         if window is None:
             return None

@@ -124,7 +124,7 @@ class SharedHooks:
             names = self.ghost.module_names
         if self.backpack is not None:
             self.backpack.exit_backward()
-            read = self.backpack.read_modules(1.0)
+            read = self.backpack.read_modules(1)
             if read is None:
                 self.cache = (self.backward_count, None)
                 return None
@@ -198,7 +198,6 @@ class NormHooksBackend(DispersionBackend):
         self.failed: Exception | None = None
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
-        self._partition_of: tuple[list[list[int]], bool] | None = None
         self._module_groups_of: tuple[tuple[str, ...], tuple[int, ...]] | None = None
 
     def attach(self, module: LightningModule) -> None:
@@ -225,7 +224,7 @@ class NormHooksBackend(DispersionBackend):
         # one backward per window, one process, groups that partition the parameters: the sums
         # stay raw until end_window folds them into the row (hook_dispersion_row)
         raw = (ctx.accumulate == 1 and ctx.module.automatic_optimization and ctx.trainer.world_size == 1
-               and self._partitions(ctx))
+               and ctx.groups_partition)
         try:
             read = self.shared.read()  # (unscaled: callbacks sharing the hooks read the same values)
         except RuntimeError as err:
@@ -251,13 +250,6 @@ class NormHooksBackend(DispersionBackend):
             part = [d * (m * ctx.accumulate / ctx.loss_scale) for d in self.deltas.delta(ctx.extras["grads"])]
             self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
         return GradientMoments(per_group[-1], m, m, group_sq=per_group[:-1])
-
-    def _partitions(self, ctx: StepContext) -> bool:
-        """Whether the callback's groups partition its parameters (checked once per groups object)."""
-        if self._partition_of is None or self._partition_of[0] is not ctx.groups:
-            covered = sorted(i for g in ctx.groups for i in g) == list(range(len(ctx.params)))
-            self._partition_of = (ctx.groups, covered)
-        return self._partition_of[1]
 
     def _module_groups(self, names: tuple[str, ...]) -> tuple[int, ...]:
         if self._module_groups_of is None or self._module_groups_of[0] != names:

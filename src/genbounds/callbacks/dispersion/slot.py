@@ -40,14 +40,17 @@ class BackendOptions:
     """Bytes of per-sample gradients the functorch backend holds at once."""
     layer_groups: dict[str, str] | None = None
     seed: int = 0
+    accumulate: int = 1
+    """``accumulate_grad_batches`` as the callback's windows take it (fixed at ``setup``)."""
 
 
 class BackendSlot:
     """The active backend (:attr:`impl`), its name as logged (:attr:`name`), and what a resumed
     run restores: the backend measured with and the micro-batch generator's state."""
 
-    def __init__(self, options: BackendOptions) -> None:
-        self.options = options
+    def __init__(self, options: BackendOptions | None = None) -> None:
+        self.options = options or BackendOptions()
+        """Set by the callback before :meth:`start` (its settings at the start of the fit)."""
         self.impl: DispersionBackend | None = None
         self.name: str | None = None
         self.restored: str | None = None
@@ -90,7 +93,7 @@ class BackendSlot:
         o = self.options
         self.use(fallback_backend(
             self.impl.name, pl_module, contract, loss_fn, chunk_size=o.chunk_size, memory_budget=o.memory_budget,
-            accumulate=int(trainer.accumulate_grad_batches), world_size=trainer.world_size,
+            accumulate=o.accumulate, world_size=trainer.world_size,
             use_accumulation_steps=o.use_accumulation_steps, num_chunks=o.num_chunks, seed=o.seed), pl_module)
 
     def detach(self) -> None:
