@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors
+from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors, sequence_layout_problem
 from genbounds.estimators.ghost_norms import plan
 
 
@@ -107,3 +107,35 @@ def test_train_mode_batchnorm_is_checked_on_running_statistics():
 
     x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
     assert hook_norm_errors(model, plan(model)[0], losses, (x, y)) == {}
+
+
+class SequenceFirstTagger(nn.Module):
+    """PyTorch's tutorial layout: tokens ``[T, b]``, embedding and head outside the (sequence-first)
+    encoder — layers whose batch dimension the hooks find by the batch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(11, 8)
+        self.block = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+        self.head = nn.Linear(8, 11)
+
+    def forward(self, idx: Tensor) -> Tensor:  # idx [b, T] → logits [b, T, V]
+        return self.head(self.block(self.tok(idx.t()))).transpose(0, 1)
+
+
+@pytest.mark.parametrize("b,T", [(6, 6), (6, 5)])
+def test_a_sequence_length_equal_to_the_batch_size_is_seen_before_step_0(b, T):
+    """On one sample a sequence-first layout is clear (the exactness check passes); one forward of
+    the whole batch shows ``T = B``, where a layer outside the encoder cannot tell positions from
+    samples. At ``T ≠ B``, and in a batch-first model, nothing is reported."""
+    model = SequenceFirstTagger()
+    covered = plan(model)[0]
+    batch = batch_of(b, T)
+    assert hook_norm_errors(model, covered, token_losses, batch) == {}
+    said = sequence_layout_problem(model, covered, token_losses, batch)
+    if T == b:
+        assert said is not None and "sequence length equals the batch size (6)" in said and "tok" in said, said
+    else:
+        assert said is None
+    batch_first = SharedPositions()
+    assert sequence_layout_problem(batch_first, plan(batch_first)[0], token_losses, batch_of(6, 6)) is None

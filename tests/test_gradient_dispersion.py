@@ -241,25 +241,27 @@ def test_auto_reads_attention_in_the_training_backward(tmp_path, cross, sequence
 
 def test_sequence_first_with_length_equal_to_batch_falls_back_exactly(tmp_path):
     """A sequence-first model whose sequence length equals the batch size: a layer outside the
-    attention cannot tell its batch dimension. The first read reports it (one warning), that step
-    is skipped, and the next steps are measured by an exact extra pass. (The check before step 0
-    runs on one sample, where the layout is clear.)"""
+    attention cannot tell its batch dimension. The check before step 0 sees it in one forward of
+    the first batch (on one sample the layout is clear): one warning, and every step, step 0
+    included, is measured by an exact extra pass."""
     torch.manual_seed(0)
     module = Classifier(AttentionNet(refused=False, sequence_first=True), lr=0.0)
     data = DigitsDataModule(batch_size=8, shuffle=False)  # T = 8 positions
     cb = GradientDispersion(backend="auto")
     with pytest.warns(UserWarning, match="both have the batch size 8") as caught:
         records = run_collect(tmp_path, module, data, cb, max_steps=2)
-    assert sum("both have the batch size" in str(w.message) for w in caught) == 1
+    said = [str(w.message) for w in caught if "both have the batch size" in str(w.message)]
+    assert len(said) == 1 and "before step 0, on the first batch" in said[0], said
     assert cb.active_backend != "hooks"
-    assert [r.step for r in records] == [1]
+    assert [r.step for r in records] == [0, 1]
     data.setup("fit")
-    x, y = list(iter(data.train_dataloader()))[1]
+    batches = list(iter(data.train_dataloader()))
     params = [p for p in module.parameters() if p.requires_grad]
-    g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
-        F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(8)])
-    expected = float(((g - g.mean(0)) ** 2).sum() / 7)
-    assert records[0].values["grad/trace_cov"] == pytest.approx(expected, rel=1e-5)
+    for rec, (x, y) in zip(records, batches):
+        g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+            F.cross_entropy(module(x[i:i + 1]), y[i:i + 1]), params)]).double() for i in range(8)])
+        expected = float(((g - g.mean(0)) ** 2).sum() / 7)
+        assert rec.values["grad/trace_cov"] == pytest.approx(expected, rel=1e-5)
 
 
 class HookedHead(Classifier):

@@ -13,6 +13,13 @@ sample's activations and one gradient of the parameters, before training allocat
 (a check on the whole batch with a per-sample loop raised ResNet-18's peak growth from 1.0× to
 1.35× of plain training).  Train-mode BatchNorm runs on its running statistics for the check (one
 sample has no batch statistics).
+
+A sequence-first model (``batch_first=False``) has the opposite blind spot: on one sample every
+layout is clear, but in training a layer outside PyTorch's transformer layers finds its batch
+dimension by the batch size, which a sequence length can equal.  The hooks report that from the
+shapes of a forward (no backward), so :func:`sequence_layout_problem` runs one forward of the
+whole first batch under them — before step 0, instead of at step 0's read (which then lost
+that step).
 """
 
 from __future__ import annotations
@@ -84,4 +91,23 @@ def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: 
     return errors
 
 
-__all__ = ["RTOL", "HookProblem", "hook_norm_errors"]
+def sequence_layout_problem(module: nn.Module, modules: dict[str, nn.Module], loss_fn: Any, batch: Any) -> str | None:
+    """What the hooks report from the shapes of one forward of ``batch`` in a sequence-first model
+    (a sequence length equal to the batch size, with layers whose batch dimension is guessed), or
+    ``None`` — also for a batch-first model, where nothing is guessed. Run it inside an isolated pass;
+    the forward's graph is dropped unused (its memory is a training forward's)."""
+    hooks = GhostNormHooks(modules, batch_dims=declared_batch_dims(module))
+    if not hooks.sequence_first:
+        return None
+    try:
+        hooks.arm(batch_size(batch))
+        with torch.enable_grad():
+            losses = loss_fn(module, batch)
+        del losses
+        problems = hooks.problems
+    finally:
+        hooks.detach()
+    return "; ".join(problems) or None
+
+
+__all__ = ["RTOL", "HookProblem", "hook_norm_errors", "sequence_layout_problem"]

@@ -1196,6 +1196,11 @@ class GhostNormHooks:
         return tuple(site.name for site in self._sites if not site.sub)
 
     @property
+    def problems(self) -> tuple[str, ...]:
+        """What the hooks reported since the last read (what :meth:`read` would raise with)."""
+        return tuple(self._problems)
+
+    @property
     def workspace_bytes(self) -> int:
         """Bytes held in reusable CPU work buffers (released by :meth:`disarm`)."""
         return self._scratch.nbytes

@@ -38,7 +38,7 @@ from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors
+from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors, sequence_layout_problem
 from genbounds.estimators.ghost_norms import GhostNormHooks, times_scale_sq_, declared_batch_dims
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums, hook_dispersion_row
 
@@ -298,10 +298,15 @@ class NormHooksBackend(DispersionBackend):
                 errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch)
             if errors:
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
-                why = (f"the norms of {worst} differ from the exact ones — a layer whose output the whole batch "
-                       "shares (a positional embedding of arange(T)?)")
+                why = (f"on one sample of the first batch the norms of {worst} differ from the exact ones — a layer "
+                       "whose output the whole batch shares (a positional embedding of arange(T)?)")
+            elif self.shared.ghost is not None and self.shared.ghost.sequence_first:
+                with isolated_pass(module, mode="keep"):
+                    layout = sequence_layout_problem(module, self.ghost_modules, loss_fn, batch)
+                if layout is not None:
+                    why = f"on the first batch the hooks cannot measure it: {layout}"
         except HookProblem as err:
-            why = f"the hooks cannot measure it: {err}"
+            why = f"on one sample of the first batch the hooks cannot measure it: {err}"
         except Exception:  # noqa: BLE001 - the user's step in a probe; never fail the run here
             why = None
         self.shared.verdict = (fit, why)

@@ -72,8 +72,8 @@ class BackendSlot:
             # whole batch shares passes every shape check in training when its length equals b
             why = backend.verify(pl_module, loss_fn, trial_batch, fit=id(trainer))
             if why is not None:
-                rank_zero_warn(f"GradientDispersion(backend='hooks'): on one sample of the first batch {why}; "
-                               "switching to an extra-pass backend.")
+                rank_zero_warn(f"GradientDispersion(backend='hooks'): before step 0, {why}; switching to an "
+                               "extra-pass backend.")
                 self.fallback(trainer, pl_module, contract, loss_fn)
         if note:
             rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
