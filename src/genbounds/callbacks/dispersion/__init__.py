@@ -7,5 +7,6 @@
 * ``microbatch`` (:mod:`.microbatch`) — random chunks by an extra pass (any model);
 * ``accumulation`` (:mod:`.accumulation`) — the gradient-accumulation micro-steps as chunks, free.
 
-:func:`.select.choose_backend` picks one for ``backend="auto"``.
+:func:`.select.choose_backend` picks one for ``backend="auto"``; :class:`.slot.BackendSlot` holds
+the one a callback measures with over a fit (chosen, checked, replaced when it fails, resumed).
 """
