@@ -87,7 +87,7 @@ def test_the_fused_hook_row_equals_the_grouped_path(shapes, scale):
     for dtype in (torch.float32, torch.float64):
         grads = [torch.randn(*sh, generator=gen, dtype=dtype) / 40 for sh in shapes]
         groups = [[0, 1], [2, 3]] if len(shapes) == 4 else [[2], [0, 1]]
-        module_groups = (1, 0, 1)  # three hooked modules: two in group 1, one in group 0
+        module_groups = ((1,), (0, 2))  # three hooked modules: two in group 1, one in group 0
         module_sums = torch.rand(3, generator=gen, dtype=torch.float64) + 2.0
         s = torch.tensor(7.0) if scale == "tensor" else scale
         got = hook_dispersion_row(module_sums, module_groups, s, grads, groups, b)

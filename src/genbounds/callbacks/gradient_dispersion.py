@@ -21,7 +21,7 @@ from genbounds.callbacks.checks import (
     check_single_optimizer,
     check_strategy,
 )
-from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
+from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext, WindowResult
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import MeasurementCallback
@@ -216,10 +216,10 @@ class GradientDispersion(MeasurementCallback):
         self._params = list(trainable_parameters(pl_module).values())
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
-        self.slot.options = BackendOptions(  # (the settings as they are now, as setup's groups)
+        options = BackendOptions(  # (the settings as they are now, as setup's groups)
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
-        self.slot.start(trainer, pl_module, self.contract, self._loss_fn, trial_batch)
+        self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -282,9 +282,13 @@ class GradientDispersion(MeasurementCallback):
             return
         if result.row is not None:  # computed by the backend in one pass (the norm hooks' per-step path)
             self.step_log.record_row(self._step, self._row_names, result.row)
-            self.measured_steps += 1
-            self.step_budget.measured(trainer)
+        elif not self._record(trainer, result):
             return
+        self.measured_steps += 1
+        self.step_budget.measured(trainer)
+
+    def _record(self, trainer: Trainer, result: WindowResult) -> bool:
+        """Log a window's values from its moments (reduced over ranks); ``False``: nothing to log."""
         moments, group_mean_sq = result.moments, result.group_mean_sq
         assert moments is not None
         if moments.weighted_sum is not None and group_mean_sq is None:
@@ -292,14 +296,13 @@ class GradientDispersion(MeasurementCallback):
         if trainer.world_size > 1:
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
-            return  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
+            return False  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
         values = batch_values(moments, result.mean_sq, group_mean_sq, self._groups_partition)
-        if isinstance(values, Tensor):  # the per-step path: one copy into the step log
+        if isinstance(values, Tensor):  # one copy into the step log
             self.step_log.record_row(self._step, self._row_names, values)
         else:
             self.step_log.record(self._step, values.tagged(self.group_names))
-        self.measured_steps += 1
-        self.step_budget.measured(trainer)
+        return True
 
     def _end_batch(self) -> None:
         if self.impl is not None:

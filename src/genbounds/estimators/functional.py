@@ -212,20 +212,21 @@ def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[li
     n = len(tensors)
     if not tensors:
         return torch.zeros(len(groups) + 1, dtype=torch.float64)
-    matrix = group_matrix(n, _groups_key(groups), tensors[0].device)
+    matrix = group_matrix(n, groups_key(groups), tensors[0].device)
     partial, counts = squared_pieces(tensors)
     if len(partial) == n:
         return matrix @ partial
-    per_tensor = torch.zeros(n, dtype=torch.float64).index_add_(0, _piece_owner(counts), partial)
+    per_tensor = torch.zeros(n, dtype=torch.float64).index_add_(0, piece_owner(counts), partial)
     return matrix @ per_tensor
 
 
-def _groups_key(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+def groups_key(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
+    """``groups`` as a hashable key (for the cached matrices below)."""
     return tuple(tuple(g) for g in groups)
 
 
 @functools.lru_cache(maxsize=64)
-def _piece_owner(counts: tuple[int, ...]) -> Tensor:
+def piece_owner(counts: tuple[int, ...]) -> Tensor:
     """The tensor index of every piece (tensor ``i`` owns ``counts[i]`` consecutive pieces)."""
     return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
 

@@ -29,7 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from genbounds.estimators.functional import per_tensor_sq_norms, sq_norm, squared_pieces
+from genbounds.estimators.functional import (
+    group_matrix,
+    groups_key,
+    per_tensor_sq_norms,
+    piece_owner,
+    sq_norm,
+    squared_pieces,
+)
 
 
 @dataclass
@@ -241,22 +248,22 @@ def batch_values(moments: GradientMoments, mean_sq: Tensor | None, group_mean_sq
     return dispersion_from_moments(moments, mean_sq, group_mean_sq)
 
 
-def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[int, ...], scale: Tensor | float,
+def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...], ...], scale: Tensor | float,
                         grads: list[Tensor], groups: list[list[int]], b: int) -> Tensor:
     """The ``[3 + K]`` row of :func:`dispersion_row` for one batch of ``b ≥ 2`` samples, from the
     norm hooks' raw output in one pass.
 
-    ``module_sums[j]`` is ``Σ_i ‖g_{i,j}‖² / scale²`` of hooked module ``j`` (in group
-    ``module_groups[j]``), ``grads`` the batch gradient (``groups`` its tensor indices per group,
-    partitioning them). The same values as ``dispersion_row(scale²·G_mod @ module_sums,
-    grouped_sq_norms(grads, groups)[:-1], b, b)``, with the group sums, the piece-to-tensor sums
-    and the row's linear maps folded into two cached matrices: after the gradient's piece norms,
-    two matrix-vector products where that path takes seven ops (each a few µs in a training step
-    on the CPU; docs/results/overhead.md)."""
+    ``module_sums[j]`` is ``Σ_i ‖g_{i,j}‖² / scale²`` of hooked module ``j`` (``module_groups``
+    lists the module indices of each group), ``grads`` the batch gradient (``groups`` its tensor
+    indices per group, partitioning them). The same values as ``dispersion_row(scale²·G_mod @
+    module_sums, grouped_sq_norms(grads, groups)[:-1], b, b)``, with the group sums, the
+    piece-to-tensor sums and the row's linear maps folded into two cached matrices: after the
+    gradient's piece norms, two matrix-vector products where that path takes seven ops (each a
+    few µs in a training step on the CPU; docs/results/overhead.md)."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
     pieces, counts = squared_pieces(grads)
-    on_modules, on_pieces = _hook_row_maps(module_groups, tuple(tuple(g) for g in groups), counts, int(b),
+    on_modules, on_pieces = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), counts, int(b),
                                            module_sums.device)
     base = on_pieces @ pieces.to(module_sums.device)
     if isinstance(scale, Tensor):
@@ -265,17 +272,11 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[int, ...], sca
 
 
 @functools.lru_cache(maxsize=32)
-def _hook_row_maps(module_groups: tuple[int, ...], groups: tuple[tuple[int, ...], ...], counts: tuple[int, ...],
-                   b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _hook_row_maps(n_modules: int, module_groups: tuple[tuple[int, ...], ...], groups: tuple[tuple[int, ...], ...],
+                   counts: tuple[int, ...], b: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``."""
-    K = len(groups)
-    on_s, on_n = _row_maps(K, b, b, torch.device("cpu"))
-    of_module = torch.zeros(K, len(module_groups), dtype=torch.float64)
-    for j, k in enumerate(module_groups):
-        of_module[k, j] = 1.0
-    of_tensor = torch.zeros(K, len(counts), dtype=torch.float64)
-    for k, members in enumerate(groups):
-        of_tensor[k, list(members)] = 1.0
-    owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts, dtype=torch.long))
-    of_piece = of_tensor[:, owner]  # [K, pieces]
+    cpu = torch.device("cpu")
+    on_s, on_n = _row_maps(len(groups), b, b, cpu)
+    of_module = group_matrix(n_modules, module_groups, cpu)[:-1]
+    of_piece = group_matrix(len(counts), groups, cpu)[:-1, piece_owner(counts)]  # [K, pieces]
     return (on_s @ of_module).to(device), (on_n @ of_piece).to(device)

@@ -198,7 +198,6 @@ class NormHooksBackend(DispersionBackend):
         self.failed: Exception | None = None
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
-        self._module_groups_of: tuple[tuple[str, ...], tuple[int, ...]] | None = None
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
@@ -247,22 +246,21 @@ class NormHooksBackend(DispersionBackend):
         per_group = times_scale_sq_(self._group_matrix(names, sums.device) @ sums, scale)
         if ctx.accumulate >= 2 and ctx.trainer.world_size == 1:
             # ḡ = Σ_j m_j h_j / b, which .grad = Σ_j h_j / A equals only for equal micro-batches
-            part = [d * (m * ctx.accumulate / ctx.loss_scale) for d in self.deltas.delta(ctx.extras["grads"])]
+            part = [d * scale for d in self.deltas.delta(ctx.extras["grads"])]
             self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
         return GradientMoments(per_group[-1], m, m, group_sq=per_group[:-1])
 
-    def _module_groups(self, names: tuple[str, ...]) -> tuple[int, ...]:
-        if self._module_groups_of is None or self._module_groups_of[0] != names:
-            self._module_groups_of = (names, tuple(self.group_of_module[n] for n in names))
-        return self._module_groups_of[1]
-
-    def _group_matrix(self, names: tuple[str, ...], device: torch.device) -> Tensor:
-        """``[K + 1, n]`` 0/1 float64: module → its group, and a last row of ones (the total)."""
+    def _module_groups(self, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """The indices in ``names`` of each group's hooked modules (cached for the last ``names``)."""
         if self._index_key != names:
             self._groups_of_names = tuple(tuple(j for j, name in enumerate(names) if self.group_of_module[name] == k)
                                           for k in range(self.num_groups))
             self._index_key = names
-        return group_matrix(len(names), self._groups_of_names, device)
+        return self._groups_of_names
+
+    def _group_matrix(self, names: tuple[str, ...], device: torch.device) -> Tensor:
+        """``[K + 1, n]`` 0/1 float64: module → its group, and a last row of ones (the total)."""
+        return group_matrix(len(names), self._module_groups(names), device)
 
     def end_window(self, ctx: StepContext, window: GradientMoments | HookSums | None) -> WindowResult | None:
         if window is None:
@@ -296,15 +294,14 @@ class NormHooksBackend(DispersionBackend):
         try:
             with isolated_pass(module, mode="keep"):
                 errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch)
+                # (a sequence-first model only: None at once for a batch-first one)
+                layout = None if errors else sequence_layout_problem(module, self.ghost_modules, loss_fn, batch)
             if errors:
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
                 why = (f"on one sample of the first batch the norms of {worst} differ from the exact ones — a layer "
                        "whose output the whole batch shares (a positional embedding of arange(T)?)")
-            elif self.shared.ghost is not None and self.shared.ghost.sequence_first:
-                with isolated_pass(module, mode="keep"):
-                    layout = sequence_layout_problem(module, self.ghost_modules, loss_fn, batch)
-                if layout is not None:
-                    why = f"on the first batch the hooks cannot measure it: {layout}"
+            elif layout is not None:
+                why = f"on the first batch the hooks cannot measure it: {layout}"
         except HookProblem as err:
             why = f"on one sample of the first batch the hooks cannot measure it: {err}"
         except Exception:  # noqa: BLE001 - the user's step in a probe; never fail the run here

@@ -22,6 +22,7 @@ from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
 from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.estimators.functional import parameter_groups
+from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 RESUMED = {"hooks": "hooks", "functorch": "functorch", "microbatch": "microbatch", "accumulation": "microbatch"}
 """The backend a resumed run asks for, by the one its checkpoint was measured with (the
@@ -36,7 +37,7 @@ class BackendOptions:
     num_chunks: int = 4
     use_accumulation_steps: bool = True
     chunk_size: int | None = None
-    memory_budget: int = 0
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     """Bytes of per-sample gradients the functorch backend holds at once."""
     layer_groups: dict[str, str] | None = None
     seed: int = 0
@@ -48,18 +49,19 @@ class BackendSlot:
     """The active backend (:attr:`impl`), its name as logged (:attr:`name`), and what a resumed
     run restores: the backend measured with and the micro-batch generator's state."""
 
-    def __init__(self, options: BackendOptions | None = None) -> None:
-        self.options = options or BackendOptions()
-        """Set by the callback before :meth:`start` (its settings at the start of the fit)."""
+    def __init__(self) -> None:
+        self.options = BackendOptions()
+        """The callback's settings as :meth:`start` received them."""
         self.impl: DispersionBackend | None = None
         self.name: str | None = None
         self.restored: str | None = None
         self.generator_state: Tensor | None = None
 
-    def start(self, trainer: Trainer, pl_module: LightningModule, contract: LossContract, loss_fn: Any,
-              trial_batch: Any) -> None:
-        """Choose, attach and (hooks) check the backend before step 0; one line says which."""
-        o = self.options
+    def start(self, options: BackendOptions, trainer: Trainer, pl_module: LightningModule, contract: LossContract,
+              loss_fn: Any, trial_batch: Any) -> None:
+        """Choose, attach and (hooks) check the backend before step 0 with the callback's settings as
+        they are when the fit starts; one line says which."""
+        self.options = o = options
         backend, note = choose_backend(
             self.restored or o.backend, trainer, pl_module, contract, parameter_groups(pl_module, o.layer_groups),
             loss_fn=loss_fn, num_chunks=o.num_chunks, chunk_size=o.chunk_size, memory_budget=o.memory_budget,
