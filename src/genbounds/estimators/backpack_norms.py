@@ -33,6 +33,7 @@ from backpack import hook_run_extensions, hook_store_io, memory_cleanup
 from backpack.extensions import BatchL2Grad
 
 from genbounds.estimators import recording
+from genbounds.estimators.ghost_norms import times_scale_sq_
 
 
 @dataclass
@@ -204,12 +205,8 @@ class BackpackNormHooks:
                 contrib = field_.double()
                 per_sample = contrib if per_sample is None else per_sample + contrib
                 del p.batch_l2
-            if per_sample is not None:
-                if isinstance(scale, Tensor):
-                    per_sample = per_sample * scale.detach().double().square()
-                elif scale != 1:
-                    per_sample = per_sample * float(scale) ** 2
-                out[module] = per_sample
+            if per_sample is not None:  # (its own float64 tensor: the field is deleted above)
+                out[module] = times_scale_sq_(per_sample, scale)
         return out
 
     def read(self, scale: float | Tensor) -> tuple[Tensor, Tensor] | None:
