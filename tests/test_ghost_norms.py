@@ -8,6 +8,7 @@ The reference is ``torch.func.vmap(torch.func.grad(ℓ_i))`` per sample, reduced
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -150,26 +151,36 @@ CONVS = {
 }
 
 
-@pytest.mark.parametrize("route", ["auto", "ghost-unfold", "ghost-gram", "materialize"])
+def _windowed_gram(monkeypatch) -> None:
+    """The patch Gram as on CUDA (one strided window sum), here on the CPU."""
+    monkeypatch.setattr(ghost_norms, "_conv_patch_gram",
+                        functools.partial(ghost_norms._conv_patch_gram, windowed=True))
+
+
+@pytest.mark.parametrize("route", ["auto", "ghost-unfold", "ghost-gram", "ghost-gram-windowed", "materialize"])
 @pytest.mark.parametrize("case", list(CONVS))
 def test_convolutions(case, route, monkeypatch):
     make, shape = CONVS[case]
     method = {"auto": None, "materialize": MATERIALIZE}.get(route, GHOST)
     if route.startswith("ghost-"):  # A Aᵀ from unfolded patches, or from the channel Gram
-        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route == "ghost-gram")
+        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
+    if route == "ghost-gram-windowed":
+        _windowed_gram(monkeypatch)
     norms = check(nn.Sequential(make()), torch.randn(*shape), method=method)
     if method is not None:
         assert norms.methods["0"] == method
 
 
-@pytest.mark.parametrize("route", ["ghost-unfold", "ghost-gram", "materialize"])
+@pytest.mark.parametrize("route", ["ghost-unfold", "ghost-gram", "ghost-gram-windowed", "materialize"])
 @pytest.mark.parametrize("budget", [1, 3000])
 def test_convolutions_in_chunks_of_samples(route, budget, monkeypatch):
     """A work-buffer budget below one sample's (chunks of 1) or a few samples' (uneven chunks):
     the same exact values, on every route, with and without groups."""
     monkeypatch.setattr(ghost_norms, "WORK_BUFFER_BYTES", {"cpu": budget, "default": budget})
     if route.startswith("ghost-"):
-        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route == "ghost-gram")
+        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
+    if route == "ghost-gram-windowed":
+        _windowed_gram(monkeypatch)
     method = MATERIALIZE if route == "materialize" else GHOST
     for case in ("2d-stride-pad-dil-groups", "1d-same-even-kernel", "3d-same"):
         make, shape = CONVS[case]
@@ -177,13 +188,19 @@ def test_convolutions_in_chunks_of_samples(route, budget, monkeypatch):
         assert check(nn.Sequential(make()), x, method=method).methods["0"] == method
 
 
+@pytest.mark.parametrize("windowed", [False, True])
 @pytest.mark.parametrize("case", list(CONVS))
-def test_conv_patch_gram_equals_unfolded_gram(case):
+def test_conv_patch_gram_equals_unfolded_gram(case, windowed):
+    """Both implementations (sliced adds on the CPU, one strided window sum elsewhere), through
+    the reused work buffers too (a second call, whose buffers hold the first call's values)."""
     conv = CONVS[case][0]().to(DT)
     x = torch.randn(*CONVS[case][1], dtype=DT)
     A = ghost_norms._conv_unfold(conv, x)
     A = A.reshape(x.shape[0] * conv.groups, -1, A.shape[-1])
-    torch.testing.assert_close(ghost_norms._conv_patch_gram(conv, x)[0], A.transpose(1, 2) @ A, rtol=1e-12, atol=1e-12)
+    scratch = ghost_norms._Scratch()
+    for _ in range(2):
+        got = ghost_norms._conv_patch_gram(conv, x, scratch, windowed=windowed)[0]
+        torch.testing.assert_close(got, A.transpose(1, 2) @ A, rtol=1e-12, atol=1e-12)
     assert A.shape[-1] == conv(x)[0, 0].numel()
     if x.dim() == 4 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         ref = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
@@ -456,6 +473,98 @@ def test_float32_model():
     for method in (GHOST, MATERIALIZE):
         norms = measure(model, x, t, method=method)
         assert_matches(norms, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("gpu_branches", [False, True])
+def test_float32_convolutions_and_normalizations(gpu_branches, monkeypatch):
+    """fp32 (the float64 tests write per-sample sums straight into the float64 row: same dtype),
+    on the CPU's branches — a sum in fp32, then a copy into the row — and on the GPU's, taken
+    here on the CPU: the patch Gram's window sum and every per-sample sum written into the row."""
+    if gpu_branches:
+        _windowed_gram(monkeypatch)
+        monkeypatch.setattr(ghost_norms, "_sum_into", lambda t, out: torch.sum(t, 1, out=out))
+    model = _randomize_norms(SmallCNN()).eval()
+    x = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        t = torch.randn(model(x).shape)
+    ref = reference(model, x, t)
+    for method in (None, GHOST, MATERIALIZE):
+        assert_matches(measure(model, x, t, method=method), ref, rtol=1e-4)
+    ln = _randomize_norms(nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 2)))
+    xs, ts = torch.randn(4, 5, 6), torch.randn(4, 5, 2)
+    assert_matches(measure(ln, xs, ts), reference(ln, xs, ts), rtol=1e-4)
+
+
+def test_scratch_views_follow_their_buffer():
+    """A cached view of a slot's buffer is never handed out after the slot's buffer was replaced."""
+    scratch = ghost_norms._Scratch()
+    like = torch.zeros(1)
+    small = scratch.get("A", (2, 3), like)
+    assert scratch.get("A", (2, 3), like) is small  # (cached: no slice or view op)
+    big = scratch.get("A", (4, 5), like)  # outgrows the buffer: a new one
+    again = scratch.get("A", (2, 3), like)
+    assert again is not small and again.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
+    again.fill_(1.0)
+    assert big.view(-1)[:6].eq(1.0).all()
+    assert scratch.get("B", (2, 3), like).untyped_storage().data_ptr() != big.untyped_storage().data_ptr()
+    assert scratch.get("A", (2, 3), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+
+
+KERNEL_BUDGET = {  # kernels beyond plain of a step with one hooked layer: the layer's, + 2 a step (the row, its read)
+    "conv3x3-ghost-gram": (lambda: nn.Conv2d(32, 32, 3, padding=1, bias=False), (4, 32, 4, 4), 7 + 2),
+    "conv3x3-materialize": (lambda: nn.Conv2d(8, 8, 3, padding=1), (4, 8, 6, 6), 10 + 2),  # (with a bias)
+    "conv1x1-stride2": (lambda: nn.Conv2d(8, 16, 1, stride=2, bias=False), (4, 8, 6, 6), 4 + 2),
+    "groupnorm": (lambda: nn.GroupNorm(2, 8), (4, 8, 6, 6), 6 + 2),
+    "linear": (lambda: nn.Linear(8, 8), (4, 8), 5 + 2),
+}
+VIEW_OPS = {"view", "_unsafe_view", "slice", "select", "detach", "alias", "transpose", "t", "permute", "expand",
+            "unsqueeze", "squeeze", "as_strided", "unbind", "split", "_reshape_alias", "reshape", "promote_types",
+            "result_type", "empty", "empty_like", "empty_strided", "lift_fresh", "unfold"}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_BUDGET))
+def test_kernels_per_hooked_layer_on_the_gpu_branches(case, monkeypatch):
+    """Every op is a launch on a GPU: the GPU branches (window-sum patch Gram, sums written into
+    the row, buffers allocated), counted on the CPU, stay within a few kernels per layer — and
+    the measured step's kernels beyond plain are counted exactly, so a regression fails here."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Kernels(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ not in VIEW_OPS:
+                Kernels.n += 1
+            return func(*args, **(kwargs or {}))
+
+    _windowed_gram(monkeypatch)
+    monkeypatch.setattr(ghost_norms, "_sum_into", lambda t, out: torch.sum(t, 1, out=out))
+    monkeypatch.setattr(ghost_norms._Scratch, "get",
+                        lambda self, slot, shape, like: torch.empty(shape, dtype=like.dtype, device=like.device))
+    grams: list[int] = []
+    windowed = ghost_norms._conv_patch_gram
+    monkeypatch.setattr(ghost_norms, "_conv_patch_gram", lambda *a, **k: grams.append(1) or windowed(*a, **k))
+    make, shape, budget = KERNEL_BUDGET[case]
+    model = nn.Sequential(make())
+    x = torch.randn(*shape)
+    hooks = GhostNormHooks(plan(model)[0])
+
+    def kernels(measured: bool) -> int:
+        model.zero_grad(set_to_none=True)
+        Kernels.n = 0
+        with Kernels():
+            if measured:
+                hooks.arm()
+            model(x).square().sum().backward()
+            if measured:
+                assert hooks.read_sums() is not None
+                hooks.unhook()
+        return Kernels.n
+
+    kernels(True)  # (the first read checks parameter hooks: once)
+    extra = kernels(True) - kernels(False)
+    assert 0 < extra <= budget, f"{case}: {extra} extra kernels"
+    assert bool(grams) == case.endswith("gram")  # (the route the case is named after)
 
 
 # --------------------------------------------------------------------------- lifecycle

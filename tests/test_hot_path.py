@@ -50,6 +50,7 @@ def test_grouped_squared_norms_match_float64_brute_force(shapes):
     gen = torch.Generator().manual_seed(2)
     tensors = [torch.randn(*s, generator=gen) * 10 ** torch.randint(-3, 3, (), generator=gen).item() for s in shapes]
     tensors[0] = tensors[0].t() if tensors[0].dim() == 2 else tensors[0]  # non-contiguous
+    tensors[2].requires_grad_()  # (detached where read; gradients usually are not)
     groups = [[0, 2], [1], list(range(3, len(tensors) - 1))]  # the last tensor belongs to no group
     want = _brute(tensors)
     got = grouped_sq_norms(tensors, groups)

@@ -177,7 +177,9 @@ class PerSampleNorms:
 # ----------------------------------------------------------------------------- helpers
 
 
+@functools.lru_cache(maxsize=None)
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    # (cached: ``torch.promote_types`` is dispatched as an op, several per hooked module and step)
     out = torch.float32
     for dt in dtypes:
         if dt.is_floating_point:
@@ -215,23 +217,33 @@ class _Scratch:
     :meth:`get` of the same slot; computations run one at a time (inside backward hooks).
     """
 
-    __slots__ = ("_store",)
+    __slots__ = ("_store", "_views")
 
     def __init__(self) -> None:
         self._store: dict[str, Tensor] = {}
+        self._views: dict[tuple, Tensor] = {}  # (slot, shape, dtype) → a view of the slot's buffer
 
     def get(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         if like.device.type != "cpu":
             return torch.empty(shape, dtype=like.dtype, device=like.device)
+        key = (slot, shape, like.dtype)
+        view = self._views.get(key)
+        if view is not None:  # (a slice and a view saved: two ops per buffer and call)
+            return view
         n = _prod(shape)
         buf = self._store.get(slot)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype:
             buf = torch.empty(n, dtype=like.dtype)
             self._store[slot] = buf
-        return buf[:n].view(shape)
+            self._views = {k: v for k, v in self._views.items() if k[0] != slot}  # views of the old buffer
+        if len(self._views) >= 64:  # shapes that change from step to step (sequence lengths)
+            self._views.clear()
+        view = self._views[key] = buf[:n].view(shape)
+        return view
 
     def clear(self) -> None:
         self._store.clear()
+        self._views.clear()
 
     @property
     def nbytes(self) -> int:
@@ -262,14 +274,26 @@ def _rowsq(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t, dim=-1).square_()
 
 
-def _sum_sq_(t: Tensor) -> Tensor:
-    """Per-sample sum of squares of a work buffer, squaring it in place (no temporary)."""
-    return t.view(t.shape[0], -1).square_().sum(1)
+def _sum_into(t: Tensor, out: Tensor | None) -> Tensor:
+    """``t.sum(1)``, written into ``out`` (the float64 row of :class:`GhostNormHooks`: one kernel
+    instead of a sum and a copy) where that costs nothing: off the CPU, or in ``t``'s dtype.  A
+    CPU reduction of fp32 into a float64 ``out`` leaves the vectorized path: 1.6 ms against
+    0.15 ms for the sum and the copy (64 × 50,625 values, measured)."""
+    if out is not None and (out.dtype == t.dtype or t.device.type != "cpu"):
+        return torch.sum(t, 1, out=out)
+    return t.sum(1)
 
 
-def _dot_(a: Tensor, b: Tensor) -> Tensor:
-    """Per-sample ``⟨a, b⟩_F`` of two work buffers, overwriting ``a`` (no temporary)."""
-    return a.view(a.shape[0], -1).mul_(b.view(b.shape[0], -1)).sum(1)
+def _sum_sq_(t: Tensor, out: Tensor | None = None) -> Tensor:
+    """Per-sample sum of squares of a work buffer, squaring it in place (no temporary); into
+    ``out`` when :func:`_sum_into` may."""
+    return _sum_into(t.view(t.shape[0], -1).square_(), out)
+
+
+def _dot_(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """Per-sample ``⟨a, b⟩_F`` of two work buffers, overwriting ``a`` (no temporary); into
+    ``out`` when :func:`_sum_into` may."""
+    return _sum_into(a.view(a.shape[0], -1).mul_(b.view(b.shape[0], -1)), out)
 
 
 def _ghost_or_materialize(forced: str | None, T: int, d_in: int, d_out: int) -> str:
@@ -278,16 +302,17 @@ def _ghost_or_materialize(forced: str | None, T: int, d_in: int, d_out: int) -> 
     return GHOST if 2 * T * T < d_in * d_out else MATERIALIZE
 
 
-def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch) -> Tensor:
-    """``‖G_iᵀ A_i‖²_F`` per batch row, ``A: [n, T, d_in]``, ``G: [n, T, d_out]``."""
+def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch, out: Tensor | None = None) -> Tensor:
+    """``‖G_iᵀ A_i‖²_F`` per batch row, ``A: [n, T, d_in]``, ``G: [n, T, d_out]`` (into ``out``
+    where :func:`_sum_into` may)."""
     n, T, d_in = A.shape
     if method == MATERIALIZE:
-        return _sum_sq_(torch.bmm(G.transpose(1, 2), A, out=scratch.get("A", (n, G.shape[2], d_in), G)))
+        return _sum_sq_(torch.bmm(G.transpose(1, 2), A, out=scratch.get("A", (n, G.shape[2], d_in), G)), out)
     if T == 1:
         return _vecdot(A[:, 0], A[:, 0]) * _vecdot(G[:, 0], G[:, 0])
     aa = torch.bmm(A, A.transpose(1, 2), out=scratch.get("A", (n, T, T), A))
     gg = torch.bmm(G, G.transpose(1, 2), out=scratch.get("B", (n, T, T), G))
-    return _dot_(aa, gg)
+    return _dot_(aa, gg, out)
 
 
 # ----------------------------------------------------------------------------- layer kinds
@@ -307,7 +332,8 @@ class _Kind:
         return wt
 
     def precompute(self, x: Tensor, wt: bool, forced: str | None) -> Tensor | None:
-        """Something to compute in the forward hook, while ``x`` is hot in cache (``None``)."""
+        """Something to compute in the forward hook, while ``x`` (the call's input, detached) is hot
+        in cache (``None``)."""
         return None
 
     def factor(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
@@ -351,8 +377,8 @@ class _LinearKind(_Kind):
         return None
 
     def precompute(self, x, wt, forced):
-        if wt and x.dim() == 2 and forced != MATERIALIZE:  # ‖a_i‖² for Goodfellow
-            return _rowsq(_as(x.detach(), _compute_dtype(x.dtype)))
+        if wt and x.dim() == 2 and forced != MATERIALIZE:  # ‖a_i‖² for Goodfellow (x detached)
+            return _rowsq(_as(x, _compute_dtype(x.dtype)))
         return None
 
     def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
@@ -368,7 +394,7 @@ class _LinearKind(_Kind):
             if bt:
                 return torch.addcmul(d2, d2, a2, out=out), GOODFELLOW
             return torch.mul(d2, a2, out=out), GOODFELLOW
-        return super().single(module, x, g, wt, bt, forced, scratch)
+        return self.norms(module, self.factor(module, x, g, wt, bt, scratch), wt, bt, forced, scratch, out)
 
     def factor(self, module, x, g, wt, bt, scratch=_FRESH):
         b = g.shape[0]
@@ -380,20 +406,22 @@ class _LinearKind(_Kind):
     def concat(self, factors):
         return _cat_pairs(factors, 1)
 
-    def norms(self, module, f, wt, bt, forced, scratch=_FRESH):
+    def norms(self, module, f, wt, bt, forced, scratch=_FRESH, out: Tensor | None = None):
         A, G = f
         T = G.shape[1]
-        out = None
+        if out is not None and len(out) != G.shape[0]:
+            out = None  # mismatched batch sizes: reported by the caller
+        w = None
         method = GOODFELLOW if T == 1 else MATERIALIZE
         if wt:
             method = _ghost_or_materialize(forced, T, A.shape[2], G.shape[2])
-            out = _seq_weight_sq(A, G, method, scratch)
+            w = _seq_weight_sq(A, G, method, scratch, None if bt else out)
             if method == GHOST and T == 1:
                 method = GOODFELLOW
         if bt:
             s = G.sum(1) if T > 1 else G[:, 0]
-            out = _vecdot(s, s) if out is None else out + _vecdot(s, s)
-        return out, method
+            w = _vecdot(s, s) if w is None else torch.add(w, _vecdot(s, s), out=out)
+        return w, method
 
     def method_for(self, module, input_shape, forced):
         return _linear_route(forced, _prod(input_shape[1:-1]), module.in_features, module.out_features)
@@ -481,8 +509,23 @@ def _other_slot(*used: str) -> str:
     return next(s for s in _SLOTS if s not in used)
 
 
-def _conv_patch_gram(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -> tuple[Tensor, str]:
+def _conv_patch_gram(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH,
+                     windowed: bool | None = None) -> tuple[Tensor, str]:
     """``A Aᵀ`` of the patches, ``[b·g, T, T]``, without unfolding (and the slot holding it).
+
+    Two implementations of one sum, exact alike (tested against each other and the unfolded
+    Gram): ``windowed`` (default off the CPU) takes four kernels whatever the kernel size, where
+    the ``sliced`` one (default on the CPU) takes ``2 + 2·Σ_j k_j`` — ten for a 3×3 kernel — and
+    several index ops per kernel, a launch each on a GPU.  On the CPU the windowed sum's strided
+    reduction is 2-7× slower than the sliced adds (measured: 2.3 ms against 0.34 ms a step for a
+    64-channel 3×3 layer on 8×8 inputs at b = 16; benchmarks/op_counts.py counts the ops)."""
+    if windowed is None:
+        windowed = x.device.type != "cpu"
+    return (_patch_gram_windowed if windowed else _patch_gram_sliced)(module, x, scratch)
+
+
+def _patch_gram_sliced(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -> tuple[Tensor, str]:
+    """:func:`_conv_patch_gram` on the CPU.
 
     Per axis, output position ``o`` reads padded input position ``o·s + k·d``.  With the channel
     Gram ``X(u, u') = Σ_c x[c, u] x[c, u']`` of the *unpadded* input (zero padding contributes
@@ -543,6 +586,49 @@ def _conv_patch_gram(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -> 
     return aa.view(n, T, T), slot
 
 
+def _patch_gram_windowed(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -> tuple[Tensor, str]:
+    """:func:`_conv_patch_gram` on other devices (CUDA): few kernels.
+
+    Per axis, output position ``o`` reads padded input position ``o·s + k·d``.  With the channel
+    Gram ``X(u, u') = Σ_c x[c, u] x[c, u']`` of the *unpadded* input, surrounded by zeros for
+    the padding (zero padding contributes nothing) — ``X̃`` —
+    ``(A Aᵀ)[o, o'] = Σ_k X̃(o·s + k·d, o'·s + k·d)`` over the kernel offsets ``k`` (a tuple over
+    the axes): one sum over a strided window view of ``X̃``, whose offset axis ``k_j`` steps
+    ``d_j`` positions along both copies of spatial axis ``j`` at once.  Four ops (the channel
+    Gram, zeroing and filling ``X̃`` — two fewer without padding — and the window sum), whatever
+    the kernel size; work ``O(P²·C_in/g + T²·Πk)`` for ``P`` input positions, instead of
+    ``O(T²·C_in/g·Πk)``.  Other padding modes pad the input first.
+    """
+    nd = x.dim() - 2
+    ks, st, dil = module.kernel_size, module.stride, module.dilation
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+    pads = [(0, 0)] * nd if module.padding_mode != "zeros" else _padding_pairs(module)  # else padded above
+    b, c = x.shape[:2]
+    n = b * module.groups
+    H = tuple(x.shape[2:])
+    Hp = tuple(h + lo + hi for h, (lo, hi) in zip(H, pads))
+    outs = tuple((Hp[j] - dil[j] * (ks[j] - 1) - 1) // st[j] + 1 for j in range(nd))
+    xf = x.reshape(n, c // module.groups, _prod(H))
+    padded = any(lo or hi for lo, hi in pads)
+    gx = torch.bmm(xf.transpose(1, 2), xf, out=scratch.get("B" if padded else "A", (n, _prod(H), _prod(H)), x))
+    grid = gx.view(n, *H, *H)
+    if padded:
+        grid = scratch.get("A", (n, *Hp, *Hp), x)
+        grid.zero_()
+        inner = tuple(slice(lo, lo + h) for h, (lo, _) in zip(H, pads))
+        grid[(slice(None),) + inner + inner].copy_(gx.view(n, *H, *H))
+    # windows [n, o_1..o_nd, o'_1..o'_nd, k_1..k_nd] of the contiguous [n, Hp…, Hp'…] Gram
+    sn, *sa = grid.stride()
+    sizes = (n, *outs, *outs, *ks)
+    strides = (sn, *(sa[j] * st[j] for j in range(nd)), *(sa[nd + j] * st[j] for j in range(nd)),
+               *(dil[j] * (sa[j] + sa[nd + j]) for j in range(nd)))
+    windows = grid.as_strided(sizes, strides, grid.storage_offset())
+    T = _prod(outs)
+    aa = torch.sum(windows, dim=tuple(range(1 + 2 * nd, 1 + 3 * nd)), out=scratch.get("B", (n, *outs, *outs), x))
+    return aa.view(n, T, T), "B"
+
+
 class _ConvKind(_Kind):
     def check(self, module, x):
         nd = len(module.kernel_size)
@@ -582,34 +668,41 @@ class _ConvKind(_Kind):
         b = g.shape[0]
         step = max(1, WORK_BUFFER_BYTES.get(g.device.type, WORK_BUFFER_BYTES["default"]) // per_sample)
         if step >= b:
-            return self._single(module, x, g, bt, forced, scratch, gram)
+            direct = out if out is not None and len(out) == b else None
+            return self._single(module, x, g, bt, forced, scratch, gram, direct)
         parts, method = [], route
         for s in range(0, b, step):  # the samples are independent: their buffers need not coexist
             sq, method = self._single(module, x[s:s + step], g[s:s + step], bt, forced, scratch, gram)
             parts.append(sq)
         return torch.cat(parts), method
 
-    def _single(self, module, x, g, bt, forced, scratch, gram: bool):
+    def _single(self, module, x, g, bt, forced, scratch, gram: bool, out: Tensor | None = None):
         """Norms of a chunk of samples, on the route :meth:`single` chose (``gram``: the ghost
-        form from the input's channel Gram, without unfolding)."""
-        if gram:
-            cd = _compute_dtype(g.dtype, x.dtype)
-            G = self._grad(module, g, cd)
-            aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
-            gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
-            out = self._per_sample(module, _dot_(aa, gg))
-            if bt:
-                out = out + self._bias_sq(module, G)
-            return out, GHOST
-        return super().single(module, x, g, True, bt, forced, scratch)
+        form from the input's channel Gram, without unfolding); into ``out`` when given."""
+        if not gram:
+            return self.norms(module, self.factor(module, x, g, True, bt, scratch), True, bt, forced, scratch, out)
+        cd = _compute_dtype(g.dtype, x.dtype)
+        G = self._grad(module, g, cd)
+        aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
+        gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
+        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, bt, out)), G, bt, out), GHOST
+
+    @staticmethod
+    def _direct(module, bt: bool, out: Tensor | None) -> Tensor | None:
+        """``out`` where the weight's per-sample sums are the result (one group, no bias)."""
+        return out if module.groups == 1 and not bt else None
+
+    def _weight_and_bias(self, module, w: Tensor, G: Tensor, bt: bool, out: Tensor | None) -> Tensor:
+        """The weight's per-sample sums ``w`` (per sample and group) plus the bias's, into ``out``."""
+        if module.groups > 1:
+            w = _sum_into(w.view(-1, module.groups), None if bt else out)
+        if bt:
+            return torch.add(w, self._bias_sq(module, G), out=out)
+        return w
 
     @staticmethod
     def _padded_shape(module, shape: torch.Size) -> tuple[int, ...]:
         return tuple(int(n) + lo + hi for n, (lo, hi) in zip(shape[2:], _padding_pairs(module)))
-
-    @staticmethod
-    def _per_sample(module, w: Tensor) -> Tensor:
-        return w.view(-1, module.groups).sum(1) if module.groups > 1 else w
 
     @staticmethod
     def _bias_sq(module, G: Tensor) -> Tensor:
@@ -619,24 +712,21 @@ class _ConvKind(_Kind):
     def concat(self, factors):
         return _cat_pairs(factors, 2)
 
-    def norms(self, module, f, wt, bt, forced, scratch=_FRESH):
+    def norms(self, module, f, wt, bt, forced, scratch=_FRESH, out: Tensor | None = None):
         A, G = f
         n, co, T = G.shape
-        out = None
-        method = MATERIALIZE
-        if wt:
-            K = A.shape[1]
-            method = _ghost_or_materialize(forced, T, K, co)
-            if method == MATERIALIZE:
-                w = _sum_sq_(torch.bmm(G, A.transpose(1, 2), out=scratch.get("A", (n, co, K), G)))
-            else:
-                aa = torch.bmm(A.transpose(1, 2), A, out=scratch.get("A", (n, T, T), A))
-                gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get("B", (n, T, T), G))
-                w = _dot_(aa, gg)
-            out = self._per_sample(module, w)
-        if bt:
-            out = self._bias_sq(module, G) if out is None else out + self._bias_sq(module, G)
-        return out, method
+        if not wt:
+            return self._bias_sq(module, G), MATERIALIZE
+        K = A.shape[1]
+        method = _ghost_or_materialize(forced, T, K, co)
+        direct = self._direct(module, bt, out)
+        if method == MATERIALIZE:
+            w = _sum_sq_(torch.bmm(G, A.transpose(1, 2), out=scratch.get("A", (n, co, K), G)), direct)
+        else:
+            aa = torch.bmm(A.transpose(1, 2), A, out=scratch.get("A", (n, T, T), A))
+            gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get("B", (n, T, T), G))
+            w = _dot_(aa, gg, direct)
+        return self._weight_and_bias(module, w, G, bt, out), method
 
     def method_for(self, module, input_shape, forced):
         padded = self._padded_shape(module, input_shape)
@@ -735,6 +825,21 @@ class _NormKind(_Kind):
         if bt:
             gb = gv.sum(dim)
         return gw, gb
+
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
+        if not (wt and bt):
+            return super().single(module, x, g, wt, bt, forced, scratch)
+        # weight and bias: both per-sample vectors in one [b, 2, C] buffer, one sum of squares
+        # into ``out`` (six kernels where factor + norms + the row's copy take ten)
+        cd = _compute_dtype(g.dtype, x.dtype)
+        gv, dim = self.channel_view(module, _as(g, cd))
+        xh, _ = self.channel_view(module, self.normalized(module, _as(x, cd)))
+        b = gv.shape[0]
+        both = torch.empty((b, 2, gv.shape[3 - dim]), dtype=cd, device=gv.device)
+        _vecdot(gv, xh, dim=dim, out=both[:, 0])
+        torch.sum(gv, dim, out=both[:, 1])
+        direct = out if out is not None and len(out) == b else None
+        return _sum_sq_(both, direct), (DECOMPOSITION_BN if self.batch_stats(module) else MATERIALIZE)
 
     def concat(self, factors):
         gw = gb = None
@@ -1350,8 +1455,8 @@ class GhostNormHooks:
             return
         if dim:  # [T, B, …]: recorded as [B, T, …] (a view), its gradient likewise
             x = x.transpose(0, 1)
-        keep = site.kind.needs_input(wt, bt)
-        call = self._new_call(site, x.detach() if keep else None, x.shape[0], x.device, wt, bt,
+        x = x.detach()  # (once: kept, and read by precompute)
+        call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
                               site.kind.precompute(x, wt, site.forced))
         if call is not None:
             output.register_hook(functools.partial(self._grad_hook_t if dim else self._grad_hook, call))

@@ -262,8 +262,8 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     few µs in a training step on the CPU; docs/results/overhead.md)."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
-    pieces, counts = squared_pieces(grads)
-    on_modules, on_pieces = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), counts, int(b),
+    pieces, layout = squared_pieces(grads)
+    on_modules, on_pieces = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), layout, int(b),
                                            module_sums.device)
     base = on_pieces @ pieces.to(module_sums.device)
     if isinstance(scale, Tensor):
@@ -273,10 +273,10 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
 
 @functools.lru_cache(maxsize=32)
 def _hook_row_maps(n_modules: int, module_groups: tuple[tuple[int, ...], ...], groups: tuple[tuple[int, ...], ...],
-                   counts: tuple[int, ...], b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+                   layout: tuple, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``."""
     cpu = torch.device("cpu")
     on_s, on_n = _row_maps(len(groups), b, b, cpu)
     of_module = group_matrix(n_modules, module_groups, cpu)[:-1]
-    of_piece = group_matrix(len(counts), groups, cpu)[:-1, piece_owner(counts)]  # [K, pieces]
+    of_piece = group_matrix(len(layout[0]), groups, cpu)[:-1, piece_owner(layout)]  # [K, pieces]
     return (on_s @ of_module).to(device), (on_n @ of_piece).to(device)

@@ -33,6 +33,10 @@ class StepContext:
     """Whether ``groups`` partition ``params`` (every parameter in exactly one group)."""
 
 
+def _detached(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t  # (a detach is an op: one per parameter and step)
+
+
 class LazyGrads(dict):
     """A :class:`StepContext`'s ``extras`` whose ``"grads"`` — the batch gradient as ``.grad``
     holds it, detached, zeros where ``.grad`` is ``None`` — are built when first read (the norm
@@ -45,7 +49,7 @@ class LazyGrads(dict):
     def __missing__(self, key: str) -> Any:
         if key != "grads":
             raise KeyError(key)
-        grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in self._params]
+        grads = [torch.zeros_like(p) if p.grad is None else _detached(p.grad) for p in self._params]
         self["grads"] = grads
         return grads
 
