@@ -12,6 +12,8 @@
 #    suite of configs/digits_mlp.yaml on the CNN (vs plain with the same validation); time and
 #    peak device memory as ratios to plain measured in the same run, rounds interleaved.
 # 2. pytest -m cuda: the CUDA test markers.
+# (0. benchmarks/op_counts.py --device cuda: the ATen ops and kernels of one measured step against
+#    plain, to set beside the CPU's count of the same branches, `--paths cuda`.)
 #
 # Without CUDA (torch.cuda.is_available() is False) it prints "not measured" and exits 0.
 # Exit status otherwise: 0 when both steps succeeded, 1 when either failed (a missed target is
@@ -36,6 +38,9 @@ mkdir -p "$RESULTS"
     python -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda, torch.cuda.get_device_name(0))'
     echo "uptime: $(uptime)"
 } | tee "$RESULTS/machine.txt"
+
+echo "== op_counts.py --device cuda (the kernels a measured step launches; the CPU's count of the GPU's branches: --paths cuda)"
+timeout 120 python benchmarks/op_counts.py --device cuda --models mlp,cnn,resnet18-gn,transformer 2>&1 | tee "$RESULTS/op_counts_cuda.txt"
 
 echo "== overhead_dispersion.py --device cuda --suite --suite-models cuda-cnn --rounds $ROUNDS"
 timeout 540 python benchmarks/overhead_dispersion.py --device cuda --suite --suite-models cuda-cnn --rounds "$ROUNDS" \

@@ -12,8 +12,10 @@ optimizer step, every callback hook in between), after a few warm-up steps, with
 ``GradientDispersion()`` every step against no callback.  ``kernels`` leaves out the ops that
 only make views or read metadata (no kernel on a GPU).  ``--paths cuda`` counts, still on the
 CPU, the branches our code takes on a GPU: the patch Gram's window sum, work buffers allocated
-rather than kept, per-sample sums written straight into the float64 row, one multi-tensor norm
-of the gradient (the device branches on the per-step path).  Models are those of
+rather than kept, one multi-tensor norm of the gradient (the device branches on the per-step
+path).  A ``TorchDispatchMode`` sees the ops our Python calls, not what an op does inside (an
+op that casts its input first launches that cast too): ``--device cuda`` on a GPU counts the
+real branches the same way; a profiler's kernel events would show the rest.  Models are those of
 ``overhead_dispersion.py`` at small batches: the counts do not depend on the batch size, except
 where a convolution's work buffers are split into chunks of samples (not at these sizes).
 """
@@ -88,7 +90,7 @@ class _Count(TorchDispatchMode):
 
 
 def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, step: int = 3,
-               by_line: bool = False) -> collections.Counter:
+               by_line: bool = False, device: str = "cpu") -> collections.Counter:
     """Ops of training step ``step`` (0-based) of a short fit."""
     import lightning.pytorch as pl
 
@@ -115,7 +117,8 @@ def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, st
     spy = Spy()  # first: its batch start and end enclose every other callback's
     callbacks: list = [spy] + ([GradientDispersion()] if measured else [])
     trainer = pl.Trainer(max_steps=step + 2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0)
+                         enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
+                         accelerator="gpu" if device == "cuda" else "cpu", devices=1)
     trainer.fit(module, sample_loader(batches, step + 4))
     assert spy.counts is not None
     return spy.counts
@@ -134,18 +137,14 @@ def cuda_paths() -> Iterator[None]:
         n = len(tensors)
         return functional._foreach_sq_norms64(tensors), ((0,) * n, tuple(range(n)))  # (per_tensor_sq_norms off the CPU)
 
-    def into(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-        return torch.sum(t, 1, out=out)
-
-    saved = (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces, ghost_norms._sum_into)
+    saved = (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces)
     ghost_norms._conv_patch_gram = functools.partial(saved[0], windowed=True)
     ghost_norms._Scratch.get = fresh
     gd.squared_pieces = per_tensor
-    ghost_norms._sum_into = into
     try:
         yield
     finally:
-        ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces, ghost_norms._sum_into = saved
+        ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces = saved
 
 
 def main() -> None:
@@ -156,6 +155,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--paths", choices=("cpu", "cuda"), default="cpu",
                         help="the branches our code takes on the CPU, or those it takes on a GPU")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="train on a GPU: its branches are taken for real (checks --paths cuda)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -165,9 +166,9 @@ def main() -> None:
     for name in args.models.split(","):
         build, make_batches = models[name]
         batches = make_batches()
-        plain = count_step(build, batches, measured=False, by_line=args.by == "line")
-        with cuda_paths() if args.paths == "cuda" else contextlib.nullcontext():
-            ours = count_step(build, batches, measured=True, by_line=args.by == "line")
+        plain = count_step(build, batches, measured=False, by_line=args.by == "line", device=args.device)
+        with cuda_paths() if args.paths == "cuda" and args.device == "cpu" else contextlib.nullcontext():
+            ours = count_step(build, batches, measured=True, by_line=args.by == "line", device=args.device)
         total = (sum(plain.values()), sum(ours.values()))
         kern = (sum(v for (op, _), v in plain.items() if op not in VIEW_OPS),
                 sum(v for (op, _), v in ours.items() if op not in VIEW_OPS))
@@ -176,7 +177,8 @@ def main() -> None:
         print(f"\n{name}: the largest extra counts")
         for v, (op, where) in extra:
             print(f"  {v:5d}  {op}{'  ' + where if where else ''}")
-    print(f"\nour code's {args.paths.upper()} paths")
+    paths = "CUDA (on a GPU)" if args.device == "cuda" else args.paths.upper()
+    print(f"\nour code's {paths} paths")
     print("\n| model | ops plain | ops measured | extra | kernels plain | kernels measured | extra kernels |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, a, b, ka, kb in rows:

@@ -54,7 +54,7 @@ def test_grouped_squared_norms_match_float64_brute_force(shapes):
     groups = [[0, 2], [1], list(range(3, len(tensors) - 1))]  # the last tensor belongs to no group
     want = _brute(tensors)
     got = grouped_sq_norms(tensors, groups)
-    assert got.dtype == torch.float64 and got.shape == (len(groups) + 1,)
+    assert got.dtype == torch.float64 and got.shape == (len(groups) + 1,) and not got.requires_grad
     expected = torch.stack([want[g].sum() for g in groups] + [want.sum()])
     assert torch.allclose(got, expected, rtol=2e-7, atol=1e-300)
     doubles = grouped_sq_norms([t.double() for t in tensors], groups)  # the fused float64 path
