@@ -1458,7 +1458,7 @@ class GhostNormHooks:
             x = x.transpose(0, 1)
         x = x.detach()  # (once: kept, and read by precompute)
         call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
-                              site.kind.precompute(x, wt, site.forced))
+                              site.kind.precompute(x, wt, site.forced), _compute_dtype(x.dtype, output.dtype))
         if call is not None:
             output.register_hook(functools.partial(self._grad_hook_t if dim else self._grad_hook, call))
 
@@ -1504,15 +1504,20 @@ class GhostNormHooks:
                 "by the batch (e.g. a positional embedding) cannot be told")
 
     def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
-                  pre: Tensor | None) -> _Call | None:
-        """Book one forward call of ``site`` (``None`` when it cannot be recorded: reported)."""
+                  pre: Tensor | None, dtype: torch.dtype) -> _Call | None:
+        """Book one forward call of ``site`` (``None`` when it cannot be recorded: reported).
+        ``dtype``: the call's compute dtype, the step's rows' dtype when it is the first call."""
         if site.calls and site.received == len(site.calls):
             self._problems.append(
                 f"{site.name}: forward recorded again after its backward; call read() or clear() "
                 "between steps")
             return None
         if self._rows is None:
-            self._rows = torch.zeros((len(self._sites), b), dtype=torch.float64, device=device)
+            # in the compute dtype (fp32 for an fp32 or autocast model), so that each module's last
+            # op writes its [b] values here itself — a reduction into a wider dtype would first
+            # cast its whole input; the rows are summed in float64 when read (the same values and
+            # order as float64 rows: an fp32 value converts exactly)
+            self._rows = torch.zeros((len(self._sites), b), dtype=dtype, device=device)
             self._row_views = self._rows.unbind(0)
         self._ordinal += 1
         if not site.calls:
@@ -1562,7 +1567,7 @@ class GhostNormHooks:
             wt, bt = w.requires_grad, c is not None and c.requires_grad
             T = proj.T  # rows are position-major: [T·B, d] → [B, T, d] (a view)
             x = proj.rows.detach().view(T, B, -1).transpose(0, 1) if wt else None
-            call = self._new_call(target, x, B, out.device, wt, bt, None)
+            call = self._new_call(target, x, B, out.device, wt, bt, None, _compute_dtype(out.dtype))
             if call is not None:
                 proj.node.register_prehook(functools.partial(self._node_hook, call, T, B))
 
@@ -1613,7 +1618,7 @@ class GhostNormHooks:
     def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool, pre: Tensor | None) -> None:
         wt, bt = site.flags
         if single:
-            row = self._row_views[site.index]
+            row = self._row_for(site, _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype))
             sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, pre, row)
             self._add(site, sq)
         else:
@@ -1636,12 +1641,20 @@ class GhostNormHooks:
         self._add(site, sq)
 
     def _add(self, site: _Site, sq: Tensor) -> None:
-        # one [b] vector per module and step; converted to float64 and summed per group in
-        # read() with a constant number of ops (a per-module conversion costs more than it saves)
+        # one [b] vector per module and step (usually written in place by the module's last op);
+        # summed per group in float64 by read() with a constant number of ops
         site.b = sq.shape[0]
-        row = self._row_views[site.index]
-        if sq is not row:
-            row.copy_(sq)
+        if sq is not self._row_views[site.index]:
+            self._row_for(site, sq.dtype).copy_(sq)
+
+    def _row_for(self, site: _Site, dtype: torch.dtype) -> Tensor:
+        """``site``'s row, the rows first widened when ``dtype`` is wider (a float64 layer in a
+        model whose first call was fp32: never narrowed, so no value is rounded)."""
+        assert self._rows is not None
+        if _compute_dtype(dtype, self._rows.dtype) != self._rows.dtype:
+            self._rows = self._rows.to(_compute_dtype(dtype, self._rows.dtype))
+            self._row_views = self._rows.unbind(0)
+        return self._row_views[site.index]
 
     # -- results -----------------------------------------------------------------------------
 
@@ -1677,9 +1690,7 @@ class GhostNormHooks:
         try:
             if self._validated() is None:
                 return None
-            rows = self._rows
-            assert rows is not None
-            sums = rows.sum(1)
+            sums = self._rows64().sum(1)
             if self._fold is not None:  # cross-attention's key/value rows belong to their attention
                 if self._fold.device != sums.device:
                     self._fold = self._fold.to(sums.device)
@@ -1712,21 +1723,27 @@ class GhostNormHooks:
             raise RuntimeError(f"ghost norms unavailable: modules saw different batch sizes {sorted(sizes)}")
         return recorded
 
+    def _rows64(self) -> Tensor:
+        """The step's rows in float64 (a copy when they are narrower: exact)."""
+        rows = self._rows
+        assert rows is not None
+        return rows if rows.dtype == torch.float64 else rows.double()
+
     def _read(self, scale: float | Tensor) -> PerSampleNorms | None:
         recorded = self._validated()
         if recorded is None:
             return None
-        rows = self._rows
-        assert rows is not None
+        rows = self._rows64()
+        views = rows.unbind(0) if rows is not self._rows else self._row_views
         times_scale_sq_(rows, scale)
         total = rows.sum(0)  # rows of modules that did not run are zero
         per_group: dict[str, Tensor] = {}
         for g, members in self._group_rows.items():
-            acc = self._row_views[members[0]]
+            acc = views[members[0]]
             if len(members) > 1:
-                acc = acc + self._row_views[members[1]]
+                acc = acc + views[members[1]]
                 for i in members[2:]:
-                    acc.add_(self._row_views[i])
+                    acc.add_(views[i])
             per_group[g] = acc
         recorded.sort(key=lambda s: s.first_ordinal)
         # (an attention's route is its query product's, as predict_methods predicts it)
