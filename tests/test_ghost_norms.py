@@ -859,6 +859,19 @@ def test_group_of_sums_modules():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("case", ["2d-stride-pad-dil-groups", "2d-same-dilated", "2d-circular", "3d-same"])
+def test_cuda_windowed_patch_gram(case):
+    """On CUDA the patch Gram takes the window sum by default: equal to the unfolded Gram."""
+    dev = torch.device("cuda")
+    conv = CONVS[case][0]().to(dev, DT)
+    x = torch.randn(*CONVS[case][1], dtype=DT, device=dev)
+    A = ghost_norms._conv_unfold(conv, x)
+    A = A.reshape(x.shape[0] * conv.groups, -1, A.shape[-1])
+    got = ghost_norms._conv_patch_gram(conv, x)[0]
+    torch.testing.assert_close(got, A.transpose(1, 2) @ A, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.cuda
 def test_cuda_exact_and_autocast():
     dev = torch.device("cuda")
     for model, x in ((_randomize_norms(SmallCNN()).eval(), torch.randn(5, 3, 16, 16)),

@@ -275,8 +275,8 @@ def _rowsq(t: Tensor) -> Tensor:
 
 
 def _sum_into(t: Tensor, out: Tensor | None) -> Tensor:
-    """``t.sum(1)``, written into ``out`` (the float64 row of :class:`GhostNormHooks`: one kernel
-    instead of a sum and a copy) when ``t`` has ``out``'s dtype.  An fp32 reduction into a float64
+    """``t.sum(1)``, written into ``out`` (a row of :class:`GhostNormHooks`: one kernel instead of
+    a sum and a copy) when ``t`` has ``out``'s dtype.  An fp32 reduction into a float64
     ``out`` first casts the whole of ``t`` to float64 (on every device; on the CPU it took 1.6 ms
     against 0.15 ms for the sum and the copy, 64 × 50,625 values): then the sum and a copy of
     ``b`` values."""
@@ -351,8 +351,9 @@ class _Kind:
     def single(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
                forced: str | None, scratch: _Scratch = _FRESH, pre: Tensor | None = None,
                out: Tensor | None = None) -> tuple[Tensor, str]:
-        """Norms of a module called once; ``pre`` is :meth:`precompute`'s result and ``out`` a
-        float64 row the result may be written to directly."""
+        """Norms of a module called once; ``pre`` is :meth:`precompute`'s result and ``out`` the
+        module's row (the step's compute dtype or wider), which the result may be written to
+        directly."""
         return self.norms(module, self.factor(module, x, g, wt, bt, scratch), wt, bt, forced, scratch)
 
     def method_for(self, module: nn.Module, input_shape: torch.Size, forced: str | None) -> str:
@@ -389,7 +390,7 @@ class _LinearKind(_Kind):
             if not wt:
                 return d2, GOODFELLOW
             a2 = pre if pre is not None else _rowsq(_as(x, cd))
-            # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op, written straight into the float64 row
+            # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op, written straight into the row
             if out is not None and out.shape != d2.shape:
                 out = None  # mismatched batch sizes: reported by the caller
             if bt:
@@ -1196,8 +1197,9 @@ class GhostNormHooks:
     products' nodes in the output's graph, keeps their saved inputs and puts a pre-hook on each);
     when the output's gradient arrives in the
     backward, the module's per-sample squared norms are computed there, the stored input is
-    released, and the result is added to a per-group float64 buffer on the device.  Read the
-    buffers after the backward with :meth:`read` (which also resets them for the next step)::
+    released, and the result lands in the module's row of a buffer on the device (in the step's
+    compute dtype, summed in float64 when read).  Read it after the backward with :meth:`read`
+    (which also resets it for the next step)::
 
         hooks = GhostNormHooks(covered)      # covered, uncovered = plan(model)
         hooks.arm()                          # measured steps: before the forward
@@ -1402,8 +1404,9 @@ class GhostNormHooks:
         self.clear()
 
     def _reset_step(self) -> None:
-        # one float64 row per hooked module, allocated at the step's first recorded forward;
-        # each module's per-sample values land in its row (unused modules keep zeros)
+        # one row per hooked module, allocated at the step's first recorded forward in its
+        # compute dtype (widened, never narrowed: _row_for); each module's per-sample values
+        # land in its row (unused modules keep zeros)
         self._rows: Tensor | None = None
         self._row_views: tuple[Tensor, ...] = ()
         self._problems: list[str] = []
