@@ -526,6 +526,20 @@ def _conv_patch_gram(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH,
     return (_patch_gram_windowed if windowed else _patch_gram_sliced)(module, x, scratch)
 
 
+def _gram_input(module: _ConvNd, x: Tensor) -> tuple[list[tuple[int, int]], int, tuple[int, ...], Tensor]:
+    """The input as the patch Gram reads it: ``(zero padding per axis, n = b·groups, spatial
+    shape, [n, C_in/g, P] view)``; other padding modes pad the input here (no padding is left)."""
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        pads = [(0, 0)] * (x.dim() - 2)
+    else:
+        pads = _padding_pairs(module)
+    b, c = x.shape[:2]
+    n = b * module.groups
+    H = tuple(x.shape[2:])
+    return pads, n, H, x.reshape(n, c // module.groups, _prod(H))
+
+
 def _patch_gram_sliced(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -> tuple[Tensor, str]:
     """:func:`_conv_patch_gram` on the CPU.
 
@@ -539,13 +553,7 @@ def _patch_gram_sliced(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH) -
     """
     nd = x.dim() - 2
     ks, st, dil = module.kernel_size, module.stride, module.dilation
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    pads = [(0, 0)] * nd if module.padding_mode != "zeros" else _padding_pairs(module)  # else padded above
-    b, c = x.shape[:2]
-    n = b * module.groups
-    H = tuple(x.shape[2:])
-    xf = x.reshape(n, c // module.groups, _prod(H))
+    pads, n, H, xf = _gram_input(module, x)
     slot = "A"
     gx = torch.bmm(xf.transpose(1, 2), xf, out=scratch.get(slot, (n, _prod(H), _prod(H)), x)).view(n, *H, *H)
     # interleave the axes, [n, H_1, H_1', H_2, H_2', …], so each axis' pair is adjacent
@@ -603,15 +611,9 @@ def _patch_gram_windowed(module: _ConvNd, x: Tensor, scratch: _Scratch = _FRESH)
     """
     nd = x.dim() - 2
     ks, st, dil = module.kernel_size, module.stride, module.dilation
-    if module.padding_mode != "zeros":
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
-    pads = [(0, 0)] * nd if module.padding_mode != "zeros" else _padding_pairs(module)  # else padded above
-    b, c = x.shape[:2]
-    n = b * module.groups
-    H = tuple(x.shape[2:])
+    pads, n, H, xf = _gram_input(module, x)
     Hp = tuple(h + lo + hi for h, (lo, hi) in zip(H, pads))
     outs = tuple((Hp[j] - dil[j] * (ks[j] - 1) - 1) // st[j] + 1 for j in range(nd))
-    xf = x.reshape(n, c // module.groups, _prod(H))
     padded = any(lo or hi for lo, hi in pads)
     gx = torch.bmm(xf.transpose(1, 2), xf, out=scratch.get("B" if padded else "A", (n, _prod(H), _prod(H)), x))
     grid = gx.view(n, *H, *H)
