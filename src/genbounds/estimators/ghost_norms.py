@@ -297,15 +297,23 @@ def _dot_(a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     return _sum_into(a.view(a.shape[0], -1).mul_(b.view(b.shape[0], -1)), out)
 
 
+def _with_bias_(aa: Tensor) -> Tensor:
+    """The bias folded into a ghost product, in place: ``⟨A Aᵀ + 1, G Gᵀ⟩_F = ‖Gᵀ A‖²_F +
+    ‖Σ_t G_t‖²`` (``Σ_{t,t'} (G Gᵀ)[t, t'] = ‖Σ_t G_t‖²``: the bias is a weight on a constant input
+    of 1 at every position) — one kernel where the bias's own norm took four."""
+    return aa.add_(1.0)
+
+
 def _ghost_or_materialize(forced: str | None, T: int, d_in: int, d_out: int) -> str:
     if forced is not None:
         return forced
     return GHOST if 2 * T * T < d_in * d_out else MATERIALIZE
 
 
-def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch, out: Tensor | None = None) -> Tensor:
+def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch, out: Tensor | None = None,
+                   with_bias: bool = False) -> Tensor:
     """``‖G_iᵀ A_i‖²_F`` per batch row, ``A: [n, T, d_in]``, ``G: [n, T, d_out]`` (into ``out``
-    where :func:`_sum_into` may)."""
+    where :func:`_sum_into` may); ``with_bias`` (ghost route only): plus ``‖Σ_t G_{i,t}‖²``."""
     n, T, d_in = A.shape
     if method == MATERIALIZE:
         return _sum_sq_(torch.bmm(G.transpose(1, 2), A, out=scratch.get("A", (n, G.shape[2], d_in), G)), out)
@@ -313,6 +321,8 @@ def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch, out: Te
         return _vecdot(A[:, 0], A[:, 0]) * _vecdot(G[:, 0], G[:, 0])
     aa = torch.bmm(A, A.transpose(1, 2), out=scratch.get("A", (n, T, T), A))
     gg = torch.bmm(G, G.transpose(1, 2), out=scratch.get("B", (n, T, T), G))
+    if with_bias:
+        _with_bias_(aa)
     return _dot_(aa, gg, out)
 
 
@@ -417,9 +427,12 @@ class _LinearKind(_Kind):
         method = GOODFELLOW if T == 1 else MATERIALIZE
         if wt:
             method = _ghost_or_materialize(forced, T, A.shape[2], G.shape[2])
-            w = _seq_weight_sq(A, G, method, scratch, None if bt else out)
+            folded = bt and method == GHOST and T > 1  # the bias inside the ghost product
+            w = _seq_weight_sq(A, G, method, scratch, None if bt and not folded else out, folded)
             if method == GHOST and T == 1:
                 method = GOODFELLOW
+            if folded:
+                return w, method
         if bt:
             s = G.sum(1) if T > 1 else G[:, 0]
             w = _vecdot(s, s) if w is None else torch.add(w, _vecdot(s, s), out=out)
@@ -689,7 +702,9 @@ class _ConvKind(_Kind):
         G = self._grad(module, g, cd)
         aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
         gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
-        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, bt, out)), G, bt, out), GHOST
+        if bt:
+            _with_bias_(aa)
+        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, False, out)), G, False, out), GHOST
 
     @staticmethod
     def _direct(module, bt: bool, out: Tensor | None) -> Tensor | None:
@@ -723,14 +738,15 @@ class _ConvKind(_Kind):
             return self._bias_sq(module, G), MATERIALIZE
         K = A.shape[1]
         method = _ghost_or_materialize(forced, T, K, co)
-        direct = self._direct(module, bt, out)
         if method == MATERIALIZE:
-            w = _sum_sq_(torch.bmm(G, A.transpose(1, 2), out=scratch.get("A", (n, co, K), G)), direct)
-        else:
-            aa = torch.bmm(A.transpose(1, 2), A, out=scratch.get("A", (n, T, T), A))
-            gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get("B", (n, T, T), G))
-            w = _dot_(aa, gg, direct)
-        return self._weight_and_bias(module, w, G, bt, out), method
+            w = _sum_sq_(torch.bmm(G, A.transpose(1, 2), out=scratch.get("A", (n, co, K), G)),
+                         self._direct(module, bt, out))
+            return self._weight_and_bias(module, w, G, bt, out), method
+        aa = torch.bmm(A.transpose(1, 2), A, out=scratch.get("A", (n, T, T), A))
+        gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get("B", (n, T, T), G))
+        if bt:
+            _with_bias_(aa)
+        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, False, out)), G, False, out), method
 
     def method_for(self, module, input_shape, forced):
         padded = self._padded_shape(module, input_shape)
