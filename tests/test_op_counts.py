@@ -1,0 +1,41 @@
+"""``benchmarks/op_counts.py`` counts the ATen ops of one measured training step against plain, and
+its run of our GPU branches on the CPU leaves the library as it found it."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("op_counts", os.path.join(ROOT, "benchmarks", "op_counts.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_counts_a_measured_step_and_restores_the_gpu_branches():
+    oc = _module()
+    from genbounds.estimators import ghost_norms
+    from genbounds.estimators import gradient_dispersion as gd
+
+    build, make_batches = oc._models()["mlp"]
+    batches = make_batches()
+    plain = oc.count_step(build, batches, measured=False)
+    assert plain == oc.count_step(build, batches, measured=False)  # a count, not a timing: repeatable
+    before = (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces)
+    with oc.cuda_paths():
+        assert ghost_norms._conv_patch_gram is not before[0] and gd.squared_pieces is not before[2]
+        gpu = oc.count_step(build, batches, measured=True)
+    assert (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces) == before
+    cpu = oc.count_step(build, batches, measured=True)
+    for ours in (cpu, gpu):
+        extra = ours - plain
+        assert extra[("addcmul", "")] == 3  # the three Linear layers' Goodfellow norms, one op each
+        assert extra[("_foreach_norm", "")] == 1  # the gradient's small tensors (CPU), all of it (GPU)
+    # the CPU takes the large tensors' norms in 1,024-element pieces, the GPU branch does not
+    assert (cpu - plain)[("linalg_vector_norm", "")] > (gpu - plain)[("linalg_vector_norm", "")]
+    by_line = oc.count_step(build, batches, measured=True, by_line=True)
+    assert any(where.startswith("ghost_norms.py:") for _, where in by_line)
