@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import glob
+import importlib.util
 import os
+import sys
+from types import ModuleType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -210,3 +213,21 @@ def default_suite(config: str = DEFAULT_SUITE_CONFIG, **small: Any) -> list[pl.C
         kwargs.update(per_class.get(name, {}))
         callbacks.append(cls(**kwargs))
     return callbacks
+
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def benchmark_module(name: str) -> ModuleType:
+    """``benchmarks/<name>.py`` imported as a module (its sibling ``common`` importable while it
+    loads; registered in ``sys.modules``, which its dataclasses look up)."""
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(BENCHMARKS)

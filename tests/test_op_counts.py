@@ -3,21 +3,11 @@ its run of our GPU branches on the CPU leaves the library as it found it."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("op_counts", os.path.join(ROOT, "benchmarks", "op_counts.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import benchmark_module
 
 
 def test_counts_a_measured_step_and_restores_the_gpu_branches():
-    oc = _module()
+    oc = benchmark_module("op_counts")
     from genbounds.estimators import ghost_norms
     from genbounds.estimators import gradient_dispersion as gd
 

@@ -4,28 +4,15 @@ speed-adjusted ratio divides each run by its own calibration."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_module
 
 
 def _module():
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the script imports its sibling `common`
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "overhead_dispersion", os.path.join(ROOT, "benchmarks", "overhead_dispersion.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # (its dataclasses look their module up)
-        spec.loader.exec_module(module)
-        return module
-    finally:
-        sys.path.remove(os.path.join(ROOT, "benchmarks"))
+    return benchmark_module("overhead_dispersion")
 
 
 def test_calibration_changes_nothing():

@@ -3,19 +3,13 @@ hook) and segments (what runs between two hooks), from the two markers' timestam
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import benchmark_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("step_segments", os.path.join(ROOT, "benchmarks", "step_segments.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("step_segments")
 
 
 def test_split_blocks_and_segments():
