@@ -401,8 +401,6 @@ class _LinearKind(_Kind):
                 return d2, GOODFELLOW
             a2 = pre if pre is not None else _rowsq(_as(x, cd))
             # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op, written straight into the row
-            if out is not None and out.shape != d2.shape:
-                out = None  # mismatched batch sizes: reported by the caller
             if bt:
                 return torch.addcmul(d2, d2, a2, out=out), GOODFELLOW
             return torch.mul(d2, a2, out=out), GOODFELLOW
@@ -421,8 +419,6 @@ class _LinearKind(_Kind):
     def norms(self, module, f, wt, bt, forced, scratch=_FRESH, out: Tensor | None = None):
         A, G = f
         T = G.shape[1]
-        if out is not None and len(out) != G.shape[0]:
-            out = None  # mismatched batch sizes: reported by the caller
         w = None
         method = GOODFELLOW if T == 1 else MATERIALIZE
         if wt:
@@ -685,8 +681,7 @@ class _ConvKind(_Kind):
         b = g.shape[0]
         step = max(1, WORK_BUFFER_BYTES.get(g.device.type, WORK_BUFFER_BYTES["default"]) // per_sample)
         if step >= b:
-            direct = out if out is not None and len(out) == b else None
-            return self._single(module, x, g, bt, forced, scratch, gram, direct)
+            return self._single(module, x, g, bt, forced, scratch, gram, out)
         parts, method = [], route
         for s in range(0, b, step):  # the samples are independent: their buffers need not coexist
             sq, method = self._single(module, x[s:s + step], g[s:s + step], bt, forced, scratch, gram)
@@ -701,10 +696,14 @@ class _ConvKind(_Kind):
         cd = _compute_dtype(g.dtype, x.dtype)
         G = self._grad(module, g, cd)
         aa, slot = _conv_patch_gram(module, _as(x, cd), scratch)
-        gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get(_other_slot(slot), tuple(aa.shape), G))
+        return self._ghost(module, aa, G, bt, scratch.get(_other_slot(slot), tuple(aa.shape), G), out), GHOST
+
+    def _ghost(self, module, aa: Tensor, G: Tensor, bt: bool, gg_buffer: Tensor, out: Tensor | None) -> Tensor:
+        """``⟨A Aᵀ, G Gᵀ⟩_F`` per sample (the bias folded in), into ``out``; ``aa`` is overwritten."""
+        gg = torch.bmm(G.transpose(1, 2), G, out=gg_buffer)
         if bt:
             _with_bias_(aa)
-        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, False, out)), G, False, out), GHOST
+        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, False, out)), G, False, out)
 
     @staticmethod
     def _direct(module, bt: bool, out: Tensor | None) -> Tensor | None:
@@ -743,10 +742,7 @@ class _ConvKind(_Kind):
                          self._direct(module, bt, out))
             return self._weight_and_bias(module, w, G, bt, out), method
         aa = torch.bmm(A.transpose(1, 2), A, out=scratch.get("A", (n, T, T), A))
-        gg = torch.bmm(G.transpose(1, 2), G, out=scratch.get("B", (n, T, T), G))
-        if bt:
-            _with_bias_(aa)
-        return self._weight_and_bias(module, _dot_(aa, gg, self._direct(module, False, out)), G, False, out), method
+        return self._ghost(module, aa, G, bt, scratch.get("B", (n, T, T), G), out), method
 
     def method_for(self, module, input_shape, forced):
         padded = self._padded_shape(module, input_shape)
@@ -858,8 +854,7 @@ class _NormKind(_Kind):
         both = torch.empty((b, 2, gv.shape[3 - dim]), dtype=cd, device=gv.device)
         _vecdot(gv, xh, dim=dim, out=both[:, 0])
         torch.sum(gv, dim, out=both[:, 1])
-        direct = out if out is not None and len(out) == b else None
-        return _sum_sq_(both, direct), (DECOMPOSITION_BN if self.batch_stats(module) else MATERIALIZE)
+        return _sum_sq_(both, out), self._route(module)
 
     def concat(self, factors):
         gw = gb = None
@@ -875,10 +870,13 @@ class _NormKind(_Kind):
             out = _vecdot(gw, gw)
         if gb is not None:
             out = _vecdot(gb, gb) if out is None else out + _vecdot(gb, gb)
-        return out, (DECOMPOSITION_BN if self.batch_stats(module) else MATERIALIZE)
+        return out, self._route(module)
+
+    def _route(self, module) -> str:
+        return DECOMPOSITION_BN if self.batch_stats(module) else MATERIALIZE
 
     def method_for(self, module, input_shape, forced):
-        return DECOMPOSITION_BN if self.batch_stats(module) else MATERIALIZE
+        return self._route(module)
 
 
 class _LayerNormKind(_NormKind):
@@ -1639,7 +1637,10 @@ class GhostNormHooks:
     def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool, pre: Tensor | None) -> None:
         wt, bt = site.flags
         if single:
-            row = self._row_for(site, _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype))
+            cd = _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype)
+            row: Tensor | None = self._row_for(site, cd)
+            if len(row) != grad.shape[0]:
+                row = None  # mismatched batch sizes: _add reports them
             sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, pre, row)
             self._add(site, sq)
         else:
@@ -1672,8 +1673,9 @@ class GhostNormHooks:
         """``site``'s row, the rows first widened when ``dtype`` is wider (a float64 layer in a
         model whose first call was fp32: never narrowed, so no value is rounded)."""
         assert self._rows is not None
-        if _compute_dtype(dtype, self._rows.dtype) != self._rows.dtype:
-            self._rows = self._rows.to(_compute_dtype(dtype, self._rows.dtype))
+        wider = _compute_dtype(dtype, self._rows.dtype)
+        if wider != self._rows.dtype:
+            self._rows = self._rows.to(wider)
             self._row_views = self._rows.unbind(0)
         return self._row_views[site.index]
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from genbounds.estimators.functional import (
+    Layout,
     group_matrix,
     groups_key,
     per_tensor_sq_norms,
@@ -273,7 +274,7 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
 
 @functools.lru_cache(maxsize=32)
 def _hook_row_maps(n_modules: int, module_groups: tuple[tuple[int, ...], ...], groups: tuple[tuple[int, ...], ...],
-                   layout: tuple, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+                   layout: Layout, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``."""
     cpu = torch.device("cpu")
     on_s, on_n = _row_maps(len(groups), b, b, cpu)
