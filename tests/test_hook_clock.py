@@ -410,3 +410,109 @@ def test_a_batch_start_of_a_subclass_or_of_the_instance_is_never_set_aside():
     assert asleep.__dict__["on_train_batch_start"] is None and id(asleep) in budget.sleepers
     assert callable(overridden.on_train_batch_start) and id(overridden) not in budget.sleepers
     assert callable(patched.on_train_batch_start) and id(patched) not in budget.sleepers
+
+
+class _StepWork(MeasurementCallback):
+    def on_before_backward(self, trainer, pl_module, loss):
+        pass
+
+    def on_after_backward(self, trainer, pl_module):
+        pass
+
+
+class _OwnAfterBackward(_StepWork):
+    def on_after_backward(self, trainer, pl_module):
+        pass
+
+
+def test_hooks_set_aside_are_only_the_asking_class_s_and_come_back(monkeypatch):
+    """HooksAside: a subclass's override or a hook set on the instance is never set aside; the
+    others are None on the instance until given back (a narrower set gives the rest back)."""
+    names = ("on_before_backward", "on_after_backward")
+    own, sub, patched = _StepWork(), _OwnAfterBackward(), _StepWork()
+    patched.on_after_backward = lambda trainer, pl_module: None
+    assert hook_clock.HooksAside(own, _StepWork, names).names == names
+    assert hook_clock.HooksAside(sub, _StepWork, names).names == ("on_before_backward",)
+    assert hook_clock.HooksAside(patched, _StepWork, names).names == ("on_before_backward",)
+    aside = own.__dict__[hook_clock.ASIDE_KEY]
+    aside.set_aside()
+    assert own.on_before_backward is None and own.on_after_backward is None
+    aside.set_aside(("on_after_backward",))
+    assert callable(own.on_before_backward) and own.on_after_backward is None
+    aside.give_back()
+    assert callable(own.on_before_backward) and callable(own.on_after_backward)
+    assert "on_before_backward" not in own.__dict__ and "on_after_backward" not in own.__dict__
+    # a new one (the next fit's) gives back what the old one set aside
+    aside.set_aside()
+    hook_clock.HooksAside(own, _StepWork, names)
+    assert callable(own.on_before_backward) and callable(own.on_after_backward)
+    # where Lightning's loop would call a None, nothing is set aside
+    monkeypatch.setattr(hook_clock, "_SKIPS", False)
+    assert hook_clock.HooksAside(_StepWork(), _StepWork, names).names == ()
+
+
+def test_unmeasured_steps_dispatch_no_dispersion_hooks_and_every_measured_step_is_logged(tmp_path):
+    """GradientDispersion every third step: its backward and optimizer-step hooks are dispatched
+    on the measured steps only, its batch end there and at a logging step with values to write
+    (so each measured step still reaches the logger at the next logging step); HeldoutGradient's
+    after-backward hook (manual optimization only) is never dispatched, and it still measures at
+    every scheduled step. At fit end every hook is back."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import Logger
+
+    from genbounds.callbacks import GradientDispersion, HeldoutGradient
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+
+    class Capture(Logger):
+        def __init__(self):
+            super().__init__()
+            self.steps: list[int] = []
+
+        name = "capture"
+        version = 0
+
+        def log_metrics(self, metrics, step=None):
+            if "grad/dispersion" in metrics:
+                self.steps.append(step)
+
+        def log_hyperparams(self, params, *args, **kwargs):
+            pass
+
+    pl.seed_everything(0, verbose=False)
+    gd = GradientDispersion(every_n_steps=3)
+    hg = HeldoutGradient(every_n_steps=5)
+    seen: dict[str, list[int]] = {h: [] for h in ("bb", "ab", "bos", "be", "hg_ab")}
+
+    class Spy(pl.Callback):  # after them: what Lightning dispatched to them at this step
+        def on_before_backward(self, trainer, pl_module, loss):
+            if callable(gd.on_before_backward):
+                seen["bb"].append(trainer.global_step)
+
+        def on_after_backward(self, trainer, pl_module):
+            for key, cb in (("ab", gd), ("hg_ab", hg)):
+                if callable(cb.on_after_backward):
+                    seen[key].append(trainer.global_step)
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if callable(gd.on_before_optimizer_step):
+                seen["bos"].append(trainer.global_step)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if callable(gd.on_train_batch_end):
+                seen["be"].append(trainer.global_step - 1)  # (the step just taken)
+
+    logger = Capture()
+    trainer = pl.Trainer(max_steps=12, limit_val_batches=1, callbacks=[gd, hg, Spy()], logger=logger,
+                         log_every_n_steps=2, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(Classifier(MLP(64, 10, 8), lr=0.05), DigitsDataModule(batch_size=32))
+    measured = [0, 3, 6, 9]
+    assert seen["bb"] == seen["ab"] == seen["bos"] == measured
+    # logging steps (logger step + 1 even): 1, 3, 5, 7, 9, 11; values pending at 1 and 7
+    assert seen["be"] == [0, 1, 3, 6, 7, 9]
+    assert logger.steps == measured
+    assert seen["hg_ab"] == [] and hg.num_probes_run == 3  # steps 0, 5, 10
+    for cb in (gd, hg):
+        assert all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
+        assert hook_clock.ASIDE_KEY in cb.__dict__ and not cb.__dict__[hook_clock.ASIDE_KEY].aside

@@ -24,7 +24,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext, WindowResult
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
 from genbounds.callbacks.distributed import reduce_moments
-from genbounds.callbacks.hook_clock import MeasurementCallback
+from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
@@ -36,6 +36,8 @@ from genbounds.estimators.gradient_dispersion import batch_values, group_mean_sq
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
+_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+"""Its hooks with work only on a measured step."""
 
 Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
@@ -143,6 +145,7 @@ class GradientDispersion(MeasurementCallback):
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
         self.step_budget = StepBudget(OWNER)
+        self._aside: HooksAside | None = None
 
     @property
     def impl(self) -> DispersionBackend | None:
@@ -220,6 +223,7 @@ class GradientDispersion(MeasurementCallback):
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
+        self._aside = HooksAside(self, GradientDispersion, _STEP_HOOKS + ("on_train_batch_end",))
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -243,6 +247,13 @@ class GradientDispersion(MeasurementCallback):
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
             self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
             self.impl.start_window(self._measuring)
+            # a step it does not measure: Lightning need not dispatch its hooks (the batch end only
+            # where it writes measured values to the loggers; hook_clock.HooksAside)
+            if self._aside is not None:
+                if self._measuring:
+                    self._aside.give_back()
+                else:
+                    self._aside.set_aside(_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
         if self._measuring:
             self._batch = batch
             self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
