@@ -516,3 +516,36 @@ def test_unmeasured_steps_dispatch_no_dispersion_hooks_and_every_measured_step_i
     for cb in (gd, hg):
         assert all(callable(getattr(cb, h)) for h in BATCH_HOOKS)
         assert hook_clock.ASIDE_KEY in cb.__dict__ and not cb.__dict__[hook_clock.ASIDE_KEY].aside
+
+
+def test_a_run_that_fails_on_a_skipped_step_gives_the_dispersion_its_hooks_back(tmp_path):
+    """The training step raises on a step GradientDispersion does not measure (its hooks set
+    aside then): on_exception gives every hook back."""
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import GradientDispersion
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+
+    class Failing(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 4:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    pl.seed_everything(0, verbose=False)
+    gd = GradientDispersion(every_n_steps=3)
+    aside_at_failure = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            aside_at_failure[:] = [h for h in ("on_before_backward", "on_after_backward") if gd.__dict__.get(h, 0) is None]
+
+    trainer = pl.Trainer(max_steps=12, limit_val_batches=0, callbacks=[gd, Spy()], logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(Failing(MLP(64, 10, 8), lr=0.05), DigitsDataModule(batch_size=32))
+    assert aside_at_failure == ["on_before_backward", "on_after_backward"]  # step 4: not measured
+    assert all(callable(getattr(gd, h)) for h in BATCH_HOOKS)
+    assert not gd.__dict__[hook_clock.ASIDE_KEY].aside
