@@ -67,7 +67,10 @@ def make_hook_timer():
     """A callback that, at ``setup``, wraps every ``on_*`` hook of the trainer's other callbacks
     with a wall-clock accumulator (``--breakdown``): seconds per callback class.  Probes that one
     callback runs on another's behalf (the bound evaluation asks Flatness, HessianTrace, …) are
-    counted under the caller's hook."""
+    counted under the caller's hook. The wrappers are set on the instances, which makes them the
+    instances' own hooks: the suite's idle per-step hooks are then neither set aside nor put to
+    sleep (``genbounds.callbacks.hook_clock``), so a breakdown run dispatches more than a run
+    without it — use it for the shares, not for the ratio."""
     import functools
 
     from lightning.pytorch import Callback
@@ -189,7 +192,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dense", type=int, default=2, help="runs of the dense (no budget) schedule")
     parser.add_argument("--breakdown", action="store_true",
-                        help="time every callback's hooks (small extra cost; reported per callback)")
+                        help="time every callback's hooks (reported per callback; turns off the set-aside of idle hooks, so not for the ratio)")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs (default: the config's)")
     parser.add_argument("--keep", default=None, help="keep the runs' logs under this folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")

@@ -444,7 +444,7 @@ def test_hooks_set_aside_are_only_the_asking_class_s_and_come_back(monkeypatch):
     assert "on_before_backward" not in own.__dict__ and "on_after_backward" not in own.__dict__
     # a new one (the next fit's) gives back what the old one set aside
     aside.set_aside()
-    hook_clock.HooksAside(own, _StepWork, names)
+    assert hook_clock.HooksAside(own, _StepWork, names).names == names  # (and can set them aside again)
     assert callable(own.on_before_backward) and callable(own.on_after_backward)
     # where Lightning's loop would call a None, nothing is set aside
     monkeypatch.setattr(hook_clock, "_SKIPS", False)

@@ -53,7 +53,10 @@ it, a smaller reserve for the final evaluation wakes the waiting probes, and ``o
 **Nor are the other per-step hooks on a step they have nothing to do in** (:class:`HooksAside`).
 ``GradientDispersion`` decides at its batch start whether the step is measured; on a step it is
 not, its backward and optimizer-step hooks are set aside for that step, and its batch end too
-unless that step is a logging step with measured values to write. ``HeldoutGradient``'s
+unless that step is a logging step with measured values to write (decided at the batch start:
+when ``trainer.should_stop`` turns true during such a step, its values are written at the epoch
+or run end instead, with the same logged step — only a later callback reading
+``trainer.callback_metrics`` in that step's batch end sees the previous value). ``HeldoutGradient``'s
 after-backward hook (work under manual optimization only) is set aside for the run under
 automatic optimization, and its batch start sleeps between its scheduled steps like a probe's. On
 the main job a step the dispersion skips was charged 126–221 µs (nine dispatches: the
@@ -159,12 +162,12 @@ class HooksAside:
     def __init__(self, callback: Any, hook_of: type, names: tuple[str, ...]) -> None:
         cls = type(callback)
         self._dict = callback.__dict__
+        previous = self._dict.get(ASIDE_KEY)
+        if previous is not None:  # (a fit that reached neither on_fit_end nor on_exception)
+            previous.give_back()
         self.names = tuple(n for n in names if getattr(cls, n) is getattr(hook_of, n) and n not in self._dict) \
             if lightning_skips_non_callable_hooks() else ()
         self.aside: tuple[str, ...] = ()
-        previous = self._dict.get(ASIDE_KEY)
-        if previous is not None:
-            previous.give_back()
         self._dict[ASIDE_KEY] = self
 
     def set_aside(self, names: tuple[str, ...] | None = None) -> None:
