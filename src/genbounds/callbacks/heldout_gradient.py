@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
 from genbounds.callbacks.distributed import reduce_moments
-from genbounds.callbacks.hook_clock import HooksAside, sleep_until, sleep_until_time
+from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
@@ -155,12 +155,8 @@ class HeldoutGradient(ProbeCallback):
             # measurement standing for the whole run would leave Neu's bound without an SE)
             self._pending = self._pending or self.schedule.due_at_step(trainer.global_step)
             self._due = self._pending and (self.num_probes_run < 2 or self._affordable())
-            # nothing to decide before the schedule's next step, or (waiting for the budget) before
-            # the time its cost can fit: Lightning need not call this until then
-            if not self._pending:
-                sleep_until(self, trainer, self.schedule.next_due_step(trainer.global_step), hook_of=HeldoutGradient)
-            elif not self._due and self.budget is not None and self.budget.fraction is not None:
-                sleep_until_time(self, trainer, self.budget.affordable_from(self.owner), hook_of=HeldoutGradient)
+            if not self._due:  # (a due one is measured at this step's optimizer step)
+                self._rest(trainer, trainer.global_step, hook_of=HeldoutGradient)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         pass  # measured only at optimizer steps, where ḡ_B exists

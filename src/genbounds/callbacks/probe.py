@@ -181,12 +181,16 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         if self._pending and self._affordable():
             self._pending = False
             self._probe(trainer, pl_module, batch=batch, log=True)
-        # nothing to do before the schedule's next step, or (waiting for the budget) before the
-        # time its cost can fit: Lightning need not call this until then
+        self._rest(trainer, step, hook_of=ProbeCallback)
+
+    def _rest(self, trainer: Trainer, step: int, hook_of: type) -> None:
+        """Nothing to do at a batch start before the schedule's next step (nothing pending) or, a
+        due probe waiting for the budget, before the time its cost can fit: Lightning need not
+        call ``hook_of``'s ``on_train_batch_start`` until then (:mod:`~genbounds.callbacks.hook_clock`)."""
         if not self._pending:
-            sleep_until(self, trainer, self.schedule.next_due_step(step), hook_of=ProbeCallback)
+            sleep_until(self, trainer, self.schedule.next_due_step(step), hook_of=hook_of)
         elif self.budget is not None and self.budget.fraction is not None:
-            sleep_until_time(self, trainer, self.budget.affordable_from(self.owner), hook_of=ProbeCallback)
+            sleep_until_time(self, trainer, self.budget.affordable_from(self.owner), hook_of=hook_of)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.schedule.due_at_epoch_end(trainer.current_epoch):
