@@ -36,8 +36,8 @@ from genbounds.estimators.gradient_dispersion import batch_values, group_mean_sq
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
-_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
-"""Its hooks with work only on a measured step."""
+_MEASURED_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
+"""Its per-step hooks with work only on a measured step (set aside on the others: hook_clock.HooksAside)."""
 
 Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
@@ -223,7 +223,7 @@ class GradientDispersion(MeasurementCallback):
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
-        self._aside = HooksAside(self, GradientDispersion, _STEP_HOOKS + ("on_train_batch_end",))
+        self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -253,7 +253,7 @@ class GradientDispersion(MeasurementCallback):
                 if self._measuring:
                     self._aside.give_back()
                 else:
-                    self._aside.set_aside(_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
+                    self._aside.set_aside(_MEASURED_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
         if self._measuring:
             self._batch = batch
             self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
