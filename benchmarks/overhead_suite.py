@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
     emit_report,
+    fmt_ci,
     describe_machine_md,
     fmt_ratio,
     load_average,
@@ -52,9 +53,12 @@ from common import (  # noqa: E402
     ratio_stats,
     run_json_child,
     speed_adjusted,
+    verdict,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUITE_LIMIT = 1.25
+"""Issue 9's target for the main job's suite with ``overhead_budget=0.2``: training time ≤ 1.25× plain."""
 
 
 def make_timer():
@@ -275,6 +279,11 @@ def main() -> None:
                   f"`common.speed_adjusted`: this machine's whole-process slow states taken out): median "
                   f"**{statistics.median(adjusted):.3f}×** [{min(adjusted):.3f}–{max(adjusted):.3f}] over "
                   f"{len(adjusted)} rounds."]
+    raw = [a / b for a, b in zip(fit["suite"], fit["plain"])]
+    if raw:
+        lines += ["", f"Target ≤ {SUITE_LIMIT:.2f}× (median per-round ratio), read with the median's distribution-free "
+                  f"95 % interval (`common.median_ci`; pool runs with benchmarks/pool_runs.py): raw {fmt_ci(raw)} — "
+                  f"{verdict(raw, SUITE_LIMIT)}; speed-adjusted {fmt_ci(adjusted)} — {verdict(adjusted, SUITE_LIMIT)}."]
     # probe time by owner
     shown = [v for v in ("suite", "dense") if runs[v]]
     owners = sorted({o for v in shown for x in runs[v] for o in x.get("probe_by_owner", {})})

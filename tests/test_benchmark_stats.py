@@ -1,0 +1,97 @@
+"""The benchmarks' reading of a target: the median's distribution-free interval
+(``common.median_ci``), the verdict it gives (``common.verdict``), and the pooling of runs
+(``benchmarks/pool_runs.py``)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+
+import pytest
+
+from helpers import benchmark_module
+
+
+def _binom_cdf(n: int, k: int) -> float:
+    """P(Bin(n, ½) ≤ k), exact."""
+    return sum(math.comb(n, j) for j in range(k + 1)) / 2 ** n
+
+
+@pytest.mark.parametrize("n", list(range(1, 41)))
+def test_median_ci_is_the_widest_pair_that_reaches_the_level(n):
+    common = benchmark_module("common")
+    values = [float(v) for v in random.Random(n).sample(range(1000), n)]
+    lo, hi, coverage = common.median_ci(values)
+    xs = sorted(values)
+    k = xs.index(lo) + 1
+    assert hi == xs[n - k]  # the k-th smallest and the k-th largest
+    assert coverage == pytest.approx(1 - 2 * _binom_cdf(n, k - 1), abs=1e-12)
+    assert lo <= statistics.median(values) <= hi
+    if coverage >= 0.95:  # the next pair inward would fall short of 95 %
+        assert 2 * (k + 1) > n + 1 or 1 - 2 * _binom_cdf(n, k) < 0.95
+    else:  # only below n = 6, and then the interval is [min, max]
+        assert n < 6 and (lo, hi) == (xs[0], xs[-1])
+
+
+def test_median_ci_covers_the_true_median_as_stated():
+    """Skewed draws (log-normal, true median 1): the interval's coverage matches 96.1 % at n = 9
+    (4,000 trials: SE 0.3 %)."""
+    common = benchmark_module("common")
+    rng = random.Random(0)
+    trials, hits = 4000, 0
+    for _ in range(trials):
+        lo, hi, coverage = common.median_ci([rng.lognormvariate(0.0, 1.0) for _ in range(9)])
+        hits += lo <= 1.0 <= hi
+    assert coverage == pytest.approx(0.9609375)
+    assert abs(hits / trials - 0.9609375) < 0.012
+
+
+def test_median_ci_ignores_nan_and_handles_empty():
+    common = benchmark_module("common")
+    assert common.median_ci([1.0, math.nan, 2.0, 3.0, 4.0, 5.0, 6.0])[:2] == (1.0, 6.0)
+    lo, hi, coverage = common.median_ci([math.nan])
+    assert math.isnan(lo) and math.isnan(hi) and coverage == 0.0
+    assert common.fmt_ci([]) == "n/a"
+
+
+def test_verdict_reads_the_interval_not_only_the_median():
+    common = benchmark_module("common")
+    tight = [1.00, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08]  # CI [1.01, 1.07]
+    assert common.verdict(tight, 1.10) == "met"
+    assert common.verdict(tight, 1.05).startswith("met by the median")
+    assert common.verdict(tight, 1.03).startswith("**missed by the median**")
+    assert common.verdict(tight, 1.00) == "**missed**"
+    assert common.verdict([math.nan], 1.1).startswith("**n/a**")
+    assert common.fmt_ci([1.0, 1.1, 1.2, 1.3, 1.4]) == "1.200× [1.000, 1.400, 93.8 %]"  # n = 5 says its coverage
+
+
+def test_pool_runs_pairs_rounds_and_pools_them(tmp_path):
+    pool = benchmark_module("pool_runs")
+
+    def suite_run(ratios, adjusted_by):
+        plain = [{"fit_s": 10.0, "val_step_s": 1.0} for _ in ratios]
+        suite = [{"fit_s": 10.0 * r, "val_step_s": adjusted_by} for r in ratios]
+        return {"runs": {"plain": plain, "suite": suite, "dense": []}}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(suite_run([1.1, 1.2, 1.3], 1.0)))
+    b.write_text(json.dumps(suite_run([1.15, 1.25, 1.35, 1.45], 1.25)))  # adjusted ÷ 1.25
+    raw, adjusted = pool.round_ratios(json.loads(b.read_text()), None)
+    assert raw == pytest.approx([1.15, 1.25, 1.35, 1.45])
+    assert adjusted == pytest.approx([0.92, 1.0, 1.08, 1.16])
+    table = pool.pooled_table([str(a), str(b)], None, 1.25)
+    pooled = next(line for line in table.splitlines() if line.startswith("| **pooled**"))
+    assert "| 7 |" in pooled and "1.250×" in pooled  # median of the seven raw ratios
+    assert "raw — met by the median" in table
+
+    disp = {"runs": {"mlp|plain": [{"ms_per_step": 10.0, "calib_ms": 5.0}] * 3,
+                     "mlp|dispersion": [{"ms_per_step": 10.5, "calib_ms": 5.0},
+                                        {"ms_per_step": 11.0, "calib_ms": 5.5},
+                                        {"ms_per_step": 10.2}]}}
+    raw, adjusted = pool.round_ratios(disp, "mlp")
+    assert raw == pytest.approx([1.05, 1.10, 1.02])
+    assert adjusted[:2] == pytest.approx([1.05, 1.0]) and math.isnan(adjusted[2])
+    with pytest.raises(SystemExit, match="no 'cnn|dispersion'"):
+        pool.round_ratios(disp, "cnn")
