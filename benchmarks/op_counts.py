@@ -82,7 +82,7 @@ class _Count(TorchDispatchMode):
         name = func.overloadpacket.__name__
         where = ""
         if self.by_line:
-            ours = [f"{os.path.basename(f.filename)}:{f.lineno}" for f in traceback.extract_stack()[:-1]
+            ours = [f"{f.filename.rsplit(os.sep + 'genbounds' + os.sep, 1)[-1]}:{f.lineno}" for f in traceback.extract_stack()[:-1]
                     if f"{os.sep}genbounds{os.sep}" in f.filename and f"{os.sep}models{os.sep}" not in f.filename]
             where = ours[-1] if ours else "-"
         self.counts[(name, where)] += 1
@@ -127,7 +127,8 @@ def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, st
 @contextlib.contextmanager
 def cuda_paths() -> Iterator[None]:
     """Our per-step path's GPU branches, taken on the CPU (values unchanged: tested alike)."""
-    from genbounds.estimators import functional, ghost_norms
+    from genbounds.estimators import functional
+    from genbounds.estimators.ghost_norms import conv as ghost_conv
     from genbounds.estimators import gradient_dispersion as gd
 
     def fresh(self: Any, slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
@@ -137,14 +138,14 @@ def cuda_paths() -> Iterator[None]:
         n = len(tensors)
         return functional._foreach_sq_norms64(tensors), ((0,) * n, tuple(range(n)))  # (per_tensor_sq_norms off the CPU)
 
-    saved = (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces)
-    ghost_norms._conv_patch_gram = functools.partial(saved[0], windowed=True)
-    ghost_norms._Scratch.get = fresh
+    saved = (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces)
+    ghost_conv._conv_patch_gram = functools.partial(saved[0], windowed=True)
+    ghost_conv._Scratch.get = fresh
     gd.squared_pieces = per_tensor
     try:
         yield
     finally:
-        ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces = saved
+        ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces = saved
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from genbounds.estimators import ghost_norms
+from genbounds.estimators.ghost_norms import conv as ghost_conv
 from genbounds.estimators.ghost_norms import (
     DECOMPOSITION,
     DECOMPOSITION_BN,
@@ -153,8 +153,8 @@ CONVS = {
 
 def _windowed_gram(monkeypatch) -> None:
     """The patch Gram as on CUDA (one strided window sum), here on the CPU."""
-    monkeypatch.setattr(ghost_norms, "_conv_patch_gram",
-                        functools.partial(ghost_norms._conv_patch_gram, windowed=True))
+    monkeypatch.setattr(ghost_conv, "_conv_patch_gram",
+                        functools.partial(ghost_conv._conv_patch_gram, windowed=True))
 
 
 @pytest.mark.parametrize("route", ["auto", "ghost-unfold", "ghost-gram", "ghost-gram-windowed", "materialize"])
@@ -163,7 +163,7 @@ def test_convolutions(case, route, monkeypatch):
     make, shape = CONVS[case]
     method = {"auto": None, "materialize": MATERIALIZE}.get(route, GHOST)
     if route.startswith("ghost-"):  # A Aᵀ from unfolded patches, or from the channel Gram
-        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
+        monkeypatch.setattr(ghost_conv, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
     if route == "ghost-gram-windowed":
         _windowed_gram(monkeypatch)
     norms = check(nn.Sequential(make()), torch.randn(*shape), method=method)
@@ -176,9 +176,9 @@ def test_convolutions(case, route, monkeypatch):
 def test_convolutions_in_chunks_of_samples(route, budget, monkeypatch):
     """A work-buffer budget below one sample's (chunks of 1) or a few samples' (uneven chunks):
     the same exact values, on every route, with and without groups."""
-    monkeypatch.setattr(ghost_norms, "WORK_BUFFER_BYTES", {"cpu": budget, "default": budget})
+    monkeypatch.setattr(ghost_conv, "WORK_BUFFER_BYTES", {"cpu": budget, "default": budget})
     if route.startswith("ghost-"):
-        monkeypatch.setattr(ghost_norms, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
+        monkeypatch.setattr(ghost_conv, "_conv_gram_cheaper", lambda *a: route.startswith("ghost-gram"))
     if route == "ghost-gram-windowed":
         _windowed_gram(monkeypatch)
     method = MATERIALIZE if route == "materialize" else GHOST
@@ -195,16 +195,16 @@ def test_conv_patch_gram_equals_unfolded_gram(case, windowed):
     the reused work buffers too (a second call, whose buffers hold the first call's values)."""
     conv = CONVS[case][0]().to(DT)
     x = torch.randn(*CONVS[case][1], dtype=DT)
-    A = ghost_norms._conv_unfold(conv, x)
+    A = ghost_conv._conv_unfold(conv, x)
     A = A.reshape(x.shape[0] * conv.groups, -1, A.shape[-1])
-    scratch = ghost_norms._Scratch()
+    scratch = ghost_conv._Scratch()
     for _ in range(2):
-        got = ghost_norms._conv_patch_gram(conv, x, scratch, windowed=windowed)[0]
+        got = ghost_conv._conv_patch_gram(conv, x, scratch, windowed=windowed)[0]
         torch.testing.assert_close(got, A.transpose(1, 2) @ A, rtol=1e-12, atol=1e-12)
     assert A.shape[-1] == conv(x)[0, 0].numel()
     if x.dim() == 4 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
         ref = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
-        torch.testing.assert_close(ghost_norms._conv_unfold(conv, x), ref, rtol=0, atol=0)
+        torch.testing.assert_close(ghost_conv._conv_unfold(conv, x), ref, rtol=0, atol=0)
 
 
 def test_conv_rule_picks_per_layer():
@@ -502,7 +502,7 @@ def test_float32_convolutions_and_normalizations(gpu_branches, monkeypatch):
 
 def test_scratch_views_follow_their_buffer():
     """A cached view of a slot's buffer is never handed out after the slot's buffer was replaced."""
-    scratch = ghost_norms._Scratch()
+    scratch = ghost_conv._Scratch()
     like = torch.zeros(1)
     small = scratch.get("A", (2, 3), like)
     assert scratch.get("A", (2, 3), like) is small  # (cached: no slice or view op)
@@ -545,11 +545,11 @@ def test_kernels_per_hooked_layer_on_the_gpu_branches(case, monkeypatch):
             return func(*args, **(kwargs or {}))
 
     _windowed_gram(monkeypatch)
-    monkeypatch.setattr(ghost_norms._Scratch, "get",
+    monkeypatch.setattr(ghost_conv._Scratch, "get",
                         lambda self, slot, shape, like: torch.empty(shape, dtype=like.dtype, device=like.device))
     grams: list[int] = []
-    windowed = ghost_norms._conv_patch_gram
-    monkeypatch.setattr(ghost_norms, "_conv_patch_gram", lambda *a, **k: grams.append(1) or windowed(*a, **k))
+    windowed = ghost_conv._conv_patch_gram
+    monkeypatch.setattr(ghost_conv, "_conv_patch_gram", lambda *a, **k: grams.append(1) or windowed(*a, **k))
     make, shape, budget = KERNEL_BUDGET[case]
     model = nn.Sequential(make())
     x = torch.randn(*shape)
@@ -867,9 +867,9 @@ def test_cuda_windowed_patch_gram(case):
     dev = torch.device("cuda")
     conv = CONVS[case][0]().to(dev, DT)
     x = torch.randn(*CONVS[case][1], dtype=DT, device=dev)
-    A = ghost_norms._conv_unfold(conv, x)
+    A = ghost_conv._conv_unfold(conv, x)
     A = A.reshape(x.shape[0] * conv.groups, -1, A.shape[-1])
-    got = ghost_norms._conv_patch_gram(conv, x)[0]
+    got = ghost_conv._conv_patch_gram(conv, x)[0]
     torch.testing.assert_close(got, A.transpose(1, 2) @ A, rtol=1e-12, atol=1e-12)
 
 

@@ -8,18 +8,18 @@ from helpers import benchmark_module
 
 def test_counts_a_measured_step_and_restores_the_gpu_branches():
     oc = benchmark_module("op_counts")
-    from genbounds.estimators import ghost_norms
+    from genbounds.estimators.ghost_norms import conv as ghost_conv
     from genbounds.estimators import gradient_dispersion as gd
 
     build, make_batches = oc._models()["mlp"]
     batches = make_batches()
     plain = oc.count_step(build, batches, measured=False)
     assert plain == oc.count_step(build, batches, measured=False)  # a count, not a timing: repeatable
-    before = (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces)
+    before = (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces)
     with oc.cuda_paths():
-        assert ghost_norms._conv_patch_gram is not before[0] and gd.squared_pieces is not before[2]
+        assert ghost_conv._conv_patch_gram is not before[0] and gd.squared_pieces is not before[2]
         gpu = oc.count_step(build, batches, measured=True)
-    assert (ghost_norms._conv_patch_gram, ghost_norms._Scratch.get, gd.squared_pieces) == before
+    assert (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces) == before
     cpu = oc.count_step(build, batches, measured=True)
     for ours in (cpu, gpu):
         extra = ours - plain
@@ -28,4 +28,4 @@ def test_counts_a_measured_step_and_restores_the_gpu_branches():
     # the CPU takes the large tensors' norms in 1,024-element pieces, the GPU branch does not
     assert (cpu - plain)[("linalg_vector_norm", "")] > (gpu - plain)[("linalg_vector_norm", "")]
     by_line = oc.count_step(build, batches, measured=True, by_line=True)
-    assert any(where.startswith("ghost_norms.py:") for _, where in by_line)
+    assert any(where.startswith("estimators/ghost_norms/linear.py:") for _, where in by_line)
