@@ -305,10 +305,11 @@ def verdict(values: list[float], limit: float, level: float = 0.95) -> str:
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return "**n/a** (no finite ratio)"
-    lo, hi, _ = median_ci(finite, level)
+    lo, hi, coverage = median_ci(finite, level)
+    short = "" if coverage >= level else f" (too few rounds for {100 * level:.0f} %: the interval covers {100 * coverage:.1f} %)"
     if statistics.median(finite) <= limit:
-        return "met" if hi <= limit else "met by the median (its interval reaches over the line)"
-    return "**missed**" if lo > limit else "**missed by the median** (its interval reaches under the line)"
+        return ("met" if hi <= limit else "met by the median (its interval reaches over the line)") + short
+    return ("**missed**" if lo > limit else "**missed by the median** (its interval reaches under the line)") + short
 
 
 def machine_description() -> dict[str, Any]:

@@ -65,6 +65,7 @@ def test_verdict_reads_the_interval_not_only_the_median():
     assert common.verdict(tight, 1.00) == "**missed**"
     assert common.verdict([math.nan], 1.1).startswith("**n/a**")
     assert common.fmt_ci([1.0, 1.1, 1.2, 1.3, 1.4]) == "1.200× [1.000, 1.400, 93.8 %]"  # n = 5 says its coverage
+    assert common.verdict([1.0, 1.1, 1.2, 1.3, 1.4], 1.5) == "met (too few rounds for 95 %: the interval covers 93.8 %)"
 
 
 def test_pool_runs_pairs_rounds_and_pools_them(tmp_path):
@@ -95,3 +96,17 @@ def test_pool_runs_pairs_rounds_and_pools_them(tmp_path):
     assert adjusted[:2] == pytest.approx([1.05, 1.0]) and math.isnan(adjusted[2])
     with pytest.raises(SystemExit, match="no 'cnn|dispersion'"):
         pool.round_ratios(disp, "cnn")
+
+
+def test_step_blocks_schedule_and_pair_ratios():
+    """``benchmarks/step_blocks.py``: the measured block alternates within pairs, and a pair's
+    ratio is measured over unmeasured, each block's first step (the switch) left out."""
+    sb = benchmark_module("step_blocks")
+    flags = [sb.block_measured(s, 2) for s in range(8)]
+    assert flags == [True, True, False, False, False, False, True, True]  # pair 0: first block; pair 1: second
+    times = {0: 9.0, 1: 2.0, 2: 9.0, 3: 1.0,  # pair 0: measured (2.0) / unmeasured (1.0)
+             4: 9.0, 5: 1.0, 6: 9.0, 7: 4.0}  # pair 1: unmeasured (1.0), then measured (4.0)
+    measured = {s: f for s, f in enumerate(flags)}
+    assert sb.pair_ratios(times, 2, measured) == pytest.approx([2.0, 4.0])
+    del times[7]  # a pair without one of its blocks is left out
+    assert sb.pair_ratios(times, 2, measured) == pytest.approx([2.0])
