@@ -463,6 +463,16 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def calibrated_ratio(run: dict, plain: dict) -> float:
+    """``(step / calibration)`` of ``run`` over that of ``plain`` (``overhead_dispersion.py``'s
+    runs: each step time over the forward-and-backward calibration timed in the same process
+    after ``fit``), the dispersion rows' speed-adjusted ratio. NaN without a calibration."""
+    a, b = run.get("calib_ms"), plain.get("calib_ms")
+    if not a or not b:
+        return float("nan")
+    return (run["ms_per_step"] / a) / (plain["ms_per_step"] / b)
+
+
 def speed_adjusted(run: dict, plain: dict) -> float:
     """``(fit / validation steps)`` of ``run`` over that of ``plain``: the time ratio with each
     process's own speed taken out. This machine has slow states that last a whole process (every

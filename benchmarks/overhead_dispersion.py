@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -65,6 +66,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from common import (  # noqa: E402
+    calibrated_ratio,
     emit_report,
     FitTimer,
     PeakRSS,
@@ -290,15 +292,16 @@ def _calibrate(network: nn.Module, batch: tuple, steps: int) -> float:
 def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:
     """Per-round ``(step / calibration)`` of ``runs`` over that of ``base`` (rounds without a
     calibration are left out)."""
-    return [(r["ms_per_step"] / r["calib_ms"]) / (b["ms_per_step"] / b["calib_ms"])
-            for r, b in zip(runs, base) if r.get("calib_ms") and b.get("calib_ms")]
+    ratios = (calibrated_ratio(r, b) for r, b in zip(runs, base))
+    return [x for x in ratios if math.isfinite(x)]
 
 
-def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: bool, hook_cls) -> dict:
-    """Forward, mean cross-entropy, backward, SGD step; with ``hooks``, ghost-norm hooks attached
-    once, armed, and reduced to the logged vector after every backward as the callback does
-    (per-module sums by ``read_sums``, per-layer ``‖ḡ_k‖²`` by ``grouped_sq_norms``, the values
-    by ``dispersion_row``)."""
+def raw_step(model: nn.Module, batches: list, hooks: bool, hook_cls) -> Callable[[int], None]:
+    """One training step of batch ``i``: forward, mean cross-entropy, backward, SGD step; with
+    ``hooks``, ghost-norm hooks attached once, armed, and reduced to the logged vector after every
+    backward as the callback does (per-module sums by ``read_sums``, per-layer ``‖ḡ_k‖²`` by
+    ``grouped_sq_norms``, the values by ``dispersion_row``). Used by :func:`_raw_loop` and by
+    ``benchmarks/step_blocks.py``."""
     import torch.nn.functional as F
 
     from genbounds.estimators.functional import grouped_sq_norms
@@ -336,6 +339,12 @@ def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: b
             sink[0] = dispersion_row(group_sq, mean_sq[:-1], b, b)  # kept on the device, as the callback does
         opt.step()
 
+    return step
+
+
+def _raw_loop(model: nn.Module, batches: list, steps: int, warmup: int, hooks: bool, hook_cls) -> dict:
+    """:func:`raw_step` ``warmup + steps`` times; the last ``steps`` timed."""
+    step = raw_step(model, batches, hooks, hook_cls)
     with PeakRSS() as peak:
         for i in range(warmup):
             step(i)
@@ -483,8 +492,8 @@ def main() -> None:
         if m not in models:
             continue
         key = "ms_per_step" if quantity == "time" else "peak_growth_mib"
-        med, lo, hi = ratio_stats([x[key] for x in results[(m, "dispersion")]], [x[key] for x in results[(m, "plain")]])
         ratios = [a[key] / b[key] for a, b in zip(results[(m, "dispersion")], results[(m, "plain")])]
+        med, lo, hi = statistics.median(ratios), min(ratios), max(ratios)
         read = f"{verdict(ratios, limit)}; median and its 95 % CI {fmt_ci(ratios)}"
         extra = ""
         if quantity == "memory":

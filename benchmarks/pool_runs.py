@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import fmt_ci, speed_adjusted, verdict  # noqa: E402
+from common import calibrated_ratio, fmt_ci, speed_adjusted, verdict  # noqa: E402
 
 LIMITS = {"suite": 1.25, "mlp": 1.10, "cnn": 1.25}
 """The targets of issue 9 (the median per-round time ratio to plain)."""
@@ -48,8 +47,7 @@ def round_ratios(payload: dict, model: str | None) -> tuple[list[float], list[fl
                              f"{sorted({k.split('|')[0] for k in runs})})")
         pairs = list(zip(runs[key], runs[base]))
         raw = [a["ms_per_step"] / b["ms_per_step"] for a, b in pairs]
-        adjusted = [(a["ms_per_step"] / a["calib_ms"]) / (b["ms_per_step"] / b["calib_ms"])
-                    if a.get("calib_ms") and b.get("calib_ms") else math.nan for a, b in pairs]
+        adjusted = [calibrated_ratio(a, b) for a, b in pairs]
     return raw, adjusted
 
 

@@ -25,7 +25,7 @@ backward, so an unmeasured step runs no hook of ours in the forward or the backw
 
 **Raw loop** (``--raw``, default on). The same alternation without Lightning: a plain copy of the
 model and a copy with :class:`~genbounds.estimators.ghost_norms.GhostNormHooks` attached, armed and
-read after every backward as the callback's per-step path does (``overhead_dispersion._raw_loop``).
+read after every backward as the callback's per-step path does (``overhead_dispersion.raw_step``).
 The two copies run blocks in turn, order alternating per pair: the hooks' own cost.
 
 Every ratio is reported as the median over pairs with its distribution-free 95 % interval
@@ -133,63 +133,28 @@ def lightning_blocks(model_name: str, block: int, pairs: int, warmup: int) -> di
     idle = statistics.median(charged) if charged else 0.0
     unmeasured = [t for s, t in times.items() if not flags[s] and s % block]
     measured_t = [t for s, t in times.items() if flags[s] and s % block]
-    adjusted = []
-    for r in ratios:  # r = M / U; with U − idle in the denominator: r · U / (U − idle)
-        u = statistics.median(unmeasured)
-        adjusted.append(r * u / (u - idle) if u > idle else float("nan"))
+    u = statistics.median(unmeasured)  # r = M / U; with U − idle in the denominator: r · U / (U − idle)
+    adjusted = [r * u / (u - idle) if u > idle else float("nan") for r in ratios]
     return {"ratios": ratios, "adjusted": adjusted, "idle_s": idle, "measured_ms": 1e3 * statistics.median(measured_t),
-            "unmeasured_ms": 1e3 * statistics.median(unmeasured), "measured_steps": disp.measured_steps,
+            "unmeasured_ms": 1e3 * u, "measured_steps": disp.measured_steps,
             "backend": disp.active_backend}
 
 
 def raw_blocks(model_name: str, block: int, pairs: int, warmup: int) -> dict:
     from genbounds.estimators.ghost_norms import GhostNormHooks
-    from genbounds.estimators.functional import grouped_sq_norms
-    from genbounds.estimators.gradient_dispersion import dispersion_row
-    from overhead_dispersion import SPECS
+    from overhead_dispersion import SPECS, raw_step
 
     spec = SPECS[model_name]
     torch.manual_seed(0)
     batches = spec.batches()
     base = spec.build()
-
-    def setup(hooked: bool):
-        model = copy.deepcopy(base)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        if not hooked:
-            return model, opt, named, None, None, None
-        h = GhostNormHooks.for_model(model)
-        h.attach()
-        owners = [n.rsplit(".", 1)[0] for n, _ in named]
-        layers = list(dict.fromkeys(owners))
-        groups = [[i for i, o in enumerate(owners) if o == layer] for layer in layers]
-        to_group = torch.zeros(len(layers), len(h.module_names), dtype=torch.float64)
-        for j, name in enumerate(h.module_names):
-            to_group[layers.index(name), j] = 1.0
-        return model, opt, named, h, groups, to_group
-
-    sides = {"plain": setup(False), "hooks": setup(True)}
-    sink: list = [None]
+    sides = {side: raw_step(copy.deepcopy(base), batches, side == "hooks", GhostNormHooks) for side in ("plain", "hooks")}
 
     def run_block(side: str, n: int, offset: int) -> list[float]:
-        model, opt, named, h, groups, to_group = sides[side]
-        params = [p for _, p in named]
-        out = []
+        step, out = sides[side], []
         for i in range(n):
             t = time.perf_counter()
-            x, y = batches[(offset + i) % len(batches)]
-            opt.zero_grad(set_to_none=True)
-            if h is not None:
-                h.arm()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            if h is not None:
-                b = x.shape[0]
-                group_sq = to_group @ h.read_sums(scale=b)
-                mean_sq = grouped_sq_norms([p.grad for p in params], groups)
-                sink[0] = dispersion_row(group_sq, mean_sq[:-1], b, b)
-            opt.step()
+            step(offset + i)
             out.append(time.perf_counter() - t)
         return out
 
