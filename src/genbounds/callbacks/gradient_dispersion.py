@@ -64,7 +64,8 @@ class GradientDispersion(MeasurementCallback):
       step 0). Under train-mode BatchNorm: the per-sample terms of the batch gradient's exact
       decomposition (an approximation, see the README). ``"backpack"`` is an alias.
     * ``"functorch"`` — exact per-sample gradients by one extra pass, at most ``memory_budget_mb``
-      MiB of per-sample gradients at a time (any layer but train-mode BatchNorm).
+      MiB of per-sample gradients at a time, or one sample's when that is more (any layer but
+      train-mode BatchNorm).
     * ``"microbatch"`` — SPEC §1's chunk estimator, ``num_chunks`` random chunks, one extra pass:
       any model; under ``accumulate_grad_batches ≥ 2`` (one process) the accumulation micro-steps
       are the chunks and nothing extra runs.
@@ -83,7 +84,11 @@ class GradientDispersion(MeasurementCallback):
             ``"microbatch"`` (and for ``"auto"`` under train-mode BatchNorm).
         chunk_size: samples per vectorized chunk of the functorch backend (default: from
             ``memory_budget_mb``).
-        memory_budget_mb: MiB of per-sample gradients the functorch backend holds at once.
+        memory_budget_mb: MiB of per-sample gradients (and as much again in temporaries) the
+            functorch backend holds at once; at least one sample is held. The default, 64 MiB,
+            takes one sample at a time for models of 4 M parameters or more: the pass then holds
+            about twice the model's gradient (a per-sample gradient and the running sum)
+            (:mod:`genbounds.estimators.per_sample_gradients`).
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the loss contract
             (``per_sample_loss`` method, else captured from ``training_step``).
         layer_groups: parameter-name prefix → group name for the per-layer split (default: one

@@ -26,8 +26,9 @@ class PerSampleBackend(DispersionBackend):
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         how = "torch.func vmap(grad)" if method == "vmap" else "one forward and a batched backward"
-        self.description = f"exact per-sample gradients by {how} (one extra pass, ≤ {memory_budget / 2**20:.0f} MiB " \
-                           "of per-sample gradients at once)"
+        held = f"chunks of {chunk_size} samples" if chunk_size is not None else \
+            f"≤ {memory_budget / 2**20:.0f} MiB of per-sample gradients at once, at least one sample's"
+        self.description = f"exact per-sample gradients by {how} (one extra pass, {held})"
         self.failed: Exception | None = None
         self._verified = False
 

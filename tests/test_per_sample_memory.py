@@ -1,0 +1,128 @@
+"""The functorch backend's memory: chunk sizes from the budget, no second copy of a chunk, two
+chunks never alive at once — and the same moments whatever the chunking (brute-force twins)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genbounds.estimators import per_sample_gradients as psg
+from genbounds.estimators.per_sample_gradients import (
+    DEFAULT_MEMORY_BUDGET,
+    budget_chunk_size,
+    centered_row_sq_norms,
+    per_sample_gradient_moments,
+)
+
+
+def _loss(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y, reduction="none")
+
+
+def _setup(b: int = 10):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(20, 96), nn.Tanh(), nn.Linear(96, 64), nn.Tanh(), nn.Linear(64, 5))
+    batch = (torch.randn(b, 20), torch.randint(0, 5, (b,)))
+    model.zero_grad()
+    _loss(model, batch).mean().backward()
+    mean = [p.grad.detach().reshape(-1).clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    return model, batch, mean
+
+
+def _brute(model, batch):
+    """Per-sample gradients one sample at a time by plain autograd: (Σ‖g_i‖², Σ g_i, ‖g_i − ḡ‖²)."""
+    rows = []
+    for i in range(batch[0].shape[0]):
+        loss = _loss(model, (batch[0][i:i + 1], batch[1][i:i + 1])).sum()
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([g.reshape(-1) for g in grads]).double())
+    g = torch.stack(rows)
+    mean = g.mean(0)
+    return (g * g).sum(), g.sum(0), ((g - mean) ** 2).sum(1)
+
+
+def test_budget_chunk_size():
+    # the default holds one sample at a time for large models, the whole batch for small ones
+    assert budget_chunk_size(5_590_000, 128) == 1
+    assert budget_chunk_size(160_000, 32) == 32
+    assert budget_chunk_size(1_000_000, 128) == DEFAULT_MEMORY_BUDGET // (2 * 4 * 1_000_000)
+    for d in (1, 1_000, 123_457, 4_000_000, 50_000_000):
+        for budget in (2**20, DEFAULT_MEMORY_BUDGET, 2**30):
+            c = budget_chunk_size(d, 10_000, budget)
+            assert c >= 1
+            assert c == 1 or c * 2 * 4 * d <= budget  # c gradients and as much again fit
+            assert c == 10_000 or (c + 1) * 2 * 4 * d > budget  # and no larger chunk would
+
+
+@pytest.mark.parametrize("n", [7, 2048, 5000, 6144])
+def test_centered_row_sq_norms_in_blocks_match_the_direct_sum(monkeypatch, n):
+    monkeypatch.setattr(psg, "CENTER_BLOCK", 2048)
+    torch.manual_seed(n)
+    rows, center = torch.randn(3, n), torch.randn(n)
+    want = ((rows.double() - center.double()) ** 2).sum(1)
+    torch.testing.assert_close(centered_row_sq_norms(rows, center), want, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_row_sum_is_added_in_place(c):
+    torch.manual_seed(c)
+    acc, rows = torch.randn(50), torch.randn(c, 50)
+    want = acc + rows.sum(0)
+    ptr = acc.data_ptr()
+    psg._add_row_sums_([acc], [rows])
+    assert acc.data_ptr() == ptr
+    torch.testing.assert_close(acc, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["vmap", "jacobian"])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_chunked_moments_equal_one_sample_at_a_time(monkeypatch, method, chunk):
+    """Every chunking (centred blocks narrower than a layer) gives the brute-force moments."""
+    monkeypatch.setattr(psg, "CENTER_BLOCK", 1024)  # the 96×64 layer spans several blocks
+    model, batch, mean = _setup()
+    sq, total, centred = _brute(model, batch)
+    groups = [[0, 1], [2, 3], [4, 5]]
+    mo = per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=chunk, groups=groups,
+                                     mean_gradient=mean)
+    torch.testing.assert_close(mo.weighted_sq_norm_sum.double(), sq, rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.cat([s.reshape(-1) for s in mo.weighted_sum]).double(), total,
+                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mo.group_sq.sum(), mo.weighted_sq_norm_sum.double(), rtol=1e-9, atol=0)
+    assert mo.centered_sums is not None
+    s1, s2, count = mo.centered_sums
+    assert count == batch[0].shape[0]
+    torch.testing.assert_close(s1, centred.sum(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(s2, (centred ** 2).sum(), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["vmap", "jacobian"])
+def test_two_chunks_are_never_alive_at_once(monkeypatch, method):
+    """When a chunk is computed, no tensor of the previous chunk is referenced any more (by the
+    consumer's loop or by the generator): the pass holds one chunk, not two."""
+    name = "_vmap_chunks" if method == "vmap" else "_jacobian_chunks"
+    original = getattr(psg, name)
+    checks: list[bool] = []
+
+    def spy(*args, **kwargs):
+        gen = original(*args, **kwargs)
+        refs: list[weakref.ref] = []
+        while True:
+            checks.append(all(r() is None for r in refs))  # before the next chunk is computed
+            try:
+                flat, loss = next(gen)
+            except StopIteration:
+                return
+            refs = [weakref.ref(t if t._base is None else t._base) for t in flat]
+            yield flat, loss
+            del flat, loss
+
+    monkeypatch.setattr(psg, name, spy)
+    model, batch, mean = _setup()
+    per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=2, mean_gradient=mean)
+    assert len(checks) == 6 and all(checks), checks
