@@ -110,3 +110,17 @@ def test_step_blocks_schedule_and_pair_ratios():
     assert sb.pair_ratios(times, 2, measured) == pytest.approx([2.0, 4.0])
     del times[7]  # a pair without one of its blocks is left out
     assert sb.pair_ratios(times, 2, measured) == pytest.approx([2.0])
+
+
+def test_hook_split_times_every_phase_of_a_measured_step(capsys, monkeypatch):
+    """``benchmarks/hook_split.py`` (a short run): a row per phase of the measured step, each with
+    a plain and a hooked time, the extras summed, and the ops timed alone."""
+    split = benchmark_module("hook_split")
+    monkeypatch.setattr("sys.argv", ["hook_split.py", "--steps", "20"])
+    split.main()
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "µs" not in line}
+    for phase in ("arm", "forward", "backward", "read sums", "‖ḡ_k‖²", "row"):
+        cells = [c.strip() for c in rows[phase].split("|")[2:5]]
+        assert all(c.lstrip("+-").isdigit() for c in cells), rows[phase]
+    assert "**sum of the medians**" in out and "timed alone" in out
