@@ -25,10 +25,11 @@ columns at a time, and a chunk is released before the next one is computed. With
 that is one sample at a time: the pass then holds about two gradients' worth (one per-sample
 gradient and the running sum) next to what plain training holds (parameters, gradient, optimizer
 state). Measured on the 5.6 M-parameter MLP at ``b = 128`` (``benchmarks/overhead_dispersion.py``,
-docs/results/overhead.md): peak-memory growth 2.16× plain training's, whole-process peak 1.04×,
-against 6.0× and 1.31× with the earlier default (256 MiB, ``c = 3``, a copy of each chunk for its
-sum and its centring, two chunks alive at a time); one sample at a time was also faster there (the
-step 30× plain instead of 69×: the chunk's per-sample outer products are memory-bound).
+docs/results/overhead.md, 12 rounds): peak-memory growth 2.07× plain training's, whole-process
+peak 1.03×, against 6.0× and 1.31× with the earlier default (256 MiB, ``c = 3``, a copy of each
+chunk for its sum and its centring, two chunks alive at a time); one sample at a time was also
+faster there (the step 31× plain instead of 69×: the chunk's per-sample outer products are
+memory-bound).
 The standard error needs ``‖g_i − ḡ‖²``: with one chunk it is computed directly; with several it
 needs ``ḡ`` beforehand (``mean_gradient``, e.g. the training step's ``.grad``), else it is omitted.
 """
