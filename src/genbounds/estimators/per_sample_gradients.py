@@ -167,8 +167,10 @@ def _add_row_sums_(acc: list[Tensor], chunk: list[Tensor]) -> None:
     for a, rows in zip(acc, chunk):
         if rows.shape[0] == 1:
             a.add_(rows[0])
-        else:
+        elif rows.dtype in (torch.float32, torch.float64):
             a.addmv_(rows.t(), rows.new_ones(rows.shape[0]))
+        else:  # (half precision: matrix-vector products are not implemented for every dtype and device)
+            a.add_(rows.sum(0))
 
 
 def hooks_cover(module: nn.Module) -> bool:
