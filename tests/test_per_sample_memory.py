@@ -127,3 +127,49 @@ def test_two_chunks_are_never_alive_at_once(monkeypatch, method):
     model, batch, mean = _setup()
     per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=2, mean_gradient=mean)
     assert len(checks) == 6 and all(checks), checks
+
+
+@pytest.mark.parametrize("extra", [1000, 2 * (1 << 18) + 33 * 1024 + 7 - (1 << 18)])
+def test_centered_row_sq_norms_at_the_default_block(extra):
+    """The real block width, the last block narrower and wider than 32 k columns, rows not
+    contiguous: the same as centring the whole rows at once."""
+    from genbounds.estimators.functional import row_sq_norms
+
+    n = psg.CENTER_BLOCK + extra
+    torch.manual_seed(extra)
+    rows = torch.randn(n, 2).t()  # [2, n], not contiguous
+    center = torch.randn(n)
+    torch.testing.assert_close(centered_row_sq_norms(rows, center), row_sq_norms(rows - center), rtol=1e-8, atol=0)
+
+
+def test_budget_sets_the_chunks_end_to_end(monkeypatch):
+    """Without ``chunk_size`` the chunks are what the budget allows (three samples here: 3,3,3,1),
+    and without ``mean_gradient`` several chunks give no centred terms (no SE) but the same sums."""
+    model, batch, _ = _setup()
+    d = sum(p.numel() for p in model.parameters())
+    original = psg._vmap_chunks
+    sizes: list[int] = []
+
+    def spy(*args, **kwargs):
+        for flat, loss in original(*args, **kwargs):
+            sizes.append(flat[0].shape[0])
+            yield flat, loss
+
+    monkeypatch.setattr(psg, "_vmap_chunks", spy)
+    mo = per_sample_gradient_moments(model, _loss, batch, memory_budget=2 * 4 * d * 3 + 5)
+    assert sizes == [3, 3, 3, 1]
+    assert mo.centered_sums is None
+    sq, total, _ = _brute(model, batch)
+    torch.testing.assert_close(mo.weighted_sq_norm_sum.double(), sq, rtol=1e-5, atol=0)
+
+
+def test_jacobian_chunks_with_an_unused_parameter():
+    """A parameter that gets no gradient is a zero per-sample gradient in every chunk."""
+    model, batch, _ = _setup()
+    model.add_module("unused", nn.Linear(3, 3))
+    loss = lambda m, b: _loss(m[:5], b)  # noqa: E731 - the unused layer is left out
+    mo = per_sample_gradient_moments(model, loss, batch, method="jacobian", chunk_size=4)
+    *_, w, bias = mo.weighted_sum
+    assert w.shape == (3, 3) and not w.any() and not bias.any()
+    whole = per_sample_gradient_moments(model, loss, batch, method="vmap")
+    torch.testing.assert_close(mo.weighted_sq_norm_sum, whole.weighted_sq_norm_sum, rtol=1e-5, atol=0)

@@ -86,7 +86,7 @@ class GradientDispersion(MeasurementCallback):
             ``memory_budget_mb``).
         memory_budget_mb: MiB of per-sample gradients (and as much again in temporaries) the
             functorch backend holds at once; at least one sample is held. The default, 64 MiB,
-            takes one sample at a time for models of 4 M parameters or more: the pass then holds
+            takes one sample at a time for models above about 4.2 M parameters: the pass then holds
             about twice the model's gradient (a per-sample gradient and the running sum)
             (:mod:`genbounds.estimators.per_sample_gradients`).
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the loss contract

@@ -21,12 +21,12 @@ the chunk's sum is added by a matrix-vector product, the centred terms are taken
 columns at a time, and a chunk is released before the next one is computed. Without an explicit
 ``chunk_size`` the batch is processed in chunks of ``c = max(1, budget // (2 · 4 · d))`` samples
 (``c`` gradients and as much again for the vectorized backward's temporaries), ``budget`` =
-``memory_budget`` bytes, default 64 MiB, whatever the batch size. From about 4 M parameters on
+``memory_budget`` bytes, default 64 MiB, whatever the batch size. Above about 4.2 M parameters
 that is one sample at a time: the pass then holds about two gradients' worth (one per-sample
 gradient and the running sum) next to what plain training holds (parameters, gradient, optimizer
 state). Measured on the 5.6 M-parameter MLP at ``b = 128`` (``benchmarks/overhead_dispersion.py``,
 docs/results/overhead.md, 12 rounds): peak-memory growth 2.07× plain training's, whole-process
-peak 1.03×, against 6.0× and 1.31× with the earlier default (256 MiB, ``c = 3``, a copy of each
+peak 1.03×, against 6.0× and 1.31× with the earlier default (256 MiB, ``c = 4``, a copy of each
 chunk for its sum and its centring, two chunks alive at a time); one sample at a time was also
 faster there (the step 31× plain instead of 69×: the chunk's per-sample outer products are
 memory-bound).
@@ -144,7 +144,8 @@ def per_sample_gradient_moments(
 CENTER_BLOCK = 1 << 18
 """Columns of per-sample gradients centred at once by :func:`centered_row_sq_norms` (a multiple of
 the 1,024-value pieces of :func:`~genbounds.estimators.functional.row_sq_norms`, so the pieces are
-the same as without blocks)."""
+the same as without blocks, except a last block under 32 k columns, which that function takes in
+one float64 norm)."""
 
 
 def centered_row_sq_norms(rows: Tensor, center: Tensor) -> Tensor:
