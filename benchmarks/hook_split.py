@@ -3,15 +3,16 @@
     OMP_NUM_THREADS=1 python benchmarks/hook_split.py              # about 1 min
     OMP_NUM_THREADS=1 python benchmarks/hook_split.py --steps 3000
 
-The MLP 784-512-512-10 at batch 128 of ``overhead_dispersion.py``, two copies (same seed): one
-plain, one with ``GhostNormHooks`` attached; their steps alternate in one process (so the
-machine's slow states hit both alike). Each step is timed in phases with ``time.perf_counter``:
-arming, the forward, the backward, reading the hooks' per-module sums (``read_sums``), the
-gradient's per-layer squared norms (``grouped_sq_norms``, the ``‖ḡ_k‖²`` of the per-step path) and
-the logged row (``dispersion_row``) — what ``GradientDispersion`` does on a measured step, less
-Lightning. Medians over the steps after the first tenth. Then the same small ops timed alone (hot
-caches, many repetitions): the inputs' row norms the forward hooks take and the gradient's piece
-norms — the difference is what the training step's cold caches add.
+The MLP 784-512-512-10 at batch 128 of ``overhead_dispersion.py``, two copies (same weights): one
+plain, one with ``GhostNormHooks`` attached, each stepped by ``overhead_dispersion.raw_step`` — what
+``GradientDispersion`` does on a measured step, less Lightning: arming, the forward, the backward,
+reading the hooks' per-module sums (``read_sums``), the gradient's per-layer squared norms
+(``grouped_sq_norms``, the ``‖ḡ_k‖²`` of the per-step path), the logged row (``dispersion_row``),
+the SGD step. Their steps alternate in one process (so the machine's slow states hit both alike),
+each phase timed by ``raw_step``'s marks. Medians over the steps after the first tenth. Then the
+same small ops timed alone (hot caches, many repetitions): the inputs' row norms the forward
+hooks take and the gradient's piece norms — the difference is what the training step's cold
+caches add.
 """
 
 from __future__ import annotations
@@ -25,15 +26,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch import nn  # noqa: E402
 
 from common import describe_machine_md, load_average, machine_description  # noqa: E402
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10))
 
 
 def _alone(fn, reps: int = 300) -> float:
@@ -55,57 +49,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
+    import copy
+
     from genbounds.estimators.functional import grouped_sq_norms, squared_pieces
     from genbounds.estimators.ghost_norms import GhostNormHooks
-    from genbounds.estimators.gradient_dispersion import dispersion_row
+    from overhead_dispersion import SPECS, raw_step
 
-    b = 128
-    torch.manual_seed(1)
-    x, y = torch.randn(b, 784), torch.randint(0, 10, (b,))
-    plain, hooked = _mlp(), _mlp()
-    hooks = GhostNormHooks.for_model(hooked)
-    hooks.attach()
-    params = list(hooked.parameters())
-    groups = [[0, 1], [2, 3], [4, 5]]
-    to_group = torch.eye(3, dtype=torch.float64)
-    phases = ("arm", "forward", "backward", "read sums", "‖ḡ_k‖²", "row")
-    got: dict[str, list[float]] = {k: [] for k in phases}
-    base: dict[str, list[float]] = {"forward": [], "backward": []}
+    spec = SPECS["mlp"]
+    torch.manual_seed(0)
+    base = spec.build()
+    batches = spec.batches()
+    hooked = copy.deepcopy(base)
+    marks: dict[str, list[tuple[str, float]]] = {"plain": [], "hooks": []}
+    steps = {"plain": raw_step(base, batches, False, GhostNormHooks, marks["plain"]),
+             "hooks": raw_step(hooked, batches, True, GhostNormHooks, marks["hooks"])}
+    phases = ("arm", "forward", "backward", "read sums", "‖ḡ_k‖²", "row", "optimizer step")
+    got: dict[str, dict[str, list[float]]] = {side: {k: [] for k in phases} for side in steps}
 
     loads = [load_average()]
     for i in range(2 * args.steps):
-        if i % 2 == 0:
-            plain.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(plain(x), y)
-            t1 = time.perf_counter()
-            loss.backward()
-            t2 = time.perf_counter()
-            base["forward"].append(t1 - t0)
-            base["backward"].append(t2 - t1)
-            continue
-        hooked.zero_grad(set_to_none=True)
-        t = [time.perf_counter()]
-        hooks.arm()
-        t.append(time.perf_counter())
-        loss = F.cross_entropy(hooked(x), y)
-        t.append(time.perf_counter())
-        loss.backward()
-        t.append(time.perf_counter())
-        sums = to_group @ hooks.read_sums(scale=b)
-        t.append(time.perf_counter())
-        mean_sq = grouped_sq_norms([p.grad for p in params], groups)
-        t.append(time.perf_counter())
-        dispersion_row(sums, mean_sq[:-1], b, b)
-        t.append(time.perf_counter())
-        for k, name in enumerate(phases):
-            got[name].append(t[k + 1] - t[k])
-
+        side = ("plain", "hooks")[i % 2]
+        marks[side].clear()
+        steps[side](i // 2)
+        for (_, t0), (phase, t1) in zip(marks[side], marks[side][1:]):
+            got[side][phase].append(t1 - t0)
     loads.append(load_average())
     skip = args.steps // 10
 
     def med(v: list[float]) -> float:
-        return statistics.median(v[skip:]) * 1e6
+        return statistics.median(v[skip:]) * 1e6 if v else 0.0
 
     print(f"### A measured step's phases on the MLP (raw loop, {args.steps} steps each, alternating)\n")
     print(describe_machine_md(machine_description(), loads) + "\n")
@@ -113,13 +85,16 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     total = 0.0
     for name in phases:
-        p = med(base[name]) if name in base else 0.0
-        h = med(got[name])
+        p, h = med(got["plain"][name]), med(got["hooks"][name])
         total += h - p
         print(f"| {name} | {p:.0f} | {h:.0f} | {h - p:+.0f} |")
-    print(f"| **sum of the medians** | {med(base['forward']) + med(base['backward']):.0f} | – | **{total:+.0f}** |")
+    plain_total = sum(med(got["plain"][name]) for name in phases)
+    print(f"| **sum of the medians** | {plain_total:.0f} | – | **{total:+.0f}** |")
 
+    params = list(hooked.parameters())
+    groups = [[0, 1], [2, 3], [4, 5]]
     grads = [p.grad for p in params]
+    b = batches[0][0].shape[0]
     inputs = [torch.randn(b, 784), torch.randn(b, 512), torch.randn(b, 512)]
     rows = sum(_alone(lambda t=t: torch.linalg.vector_norm(t, dim=-1).square_()) for t in inputs)
     print("\nThe same small ops timed alone (hot caches):\n")

@@ -296,12 +296,14 @@ def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:
     return [x for x in ratios if math.isfinite(x)]
 
 
-def raw_step(model: nn.Module, batches: list, hooks: bool, hook_cls) -> Callable[[int], None]:
+def raw_step(model: nn.Module, batches: list, hooks: bool, hook_cls,
+             marks: list[tuple[str, float]] | None = None) -> Callable[[int], None]:
     """One training step of batch ``i``: forward, mean cross-entropy, backward, SGD step; with
     ``hooks``, ghost-norm hooks attached once, armed, and reduced to the logged vector after every
     backward as the callback does (per-module sums by ``read_sums``, per-layer ``‖ḡ_k‖²`` by
-    ``grouped_sq_norms``, the values by ``dispersion_row``). Used by :func:`_raw_loop` and by
-    ``benchmarks/step_blocks.py``."""
+    ``grouped_sq_norms``, the values by ``dispersion_row``). With ``marks``, each phase's end is
+    appended as ``(phase, perf_counter())``, after a ``("start", …)``. Used by :func:`_raw_loop`,
+    ``benchmarks/step_blocks.py`` and ``benchmarks/hook_split.py``."""
     import torch.nn.functional as F
 
     from genbounds.estimators.functional import grouped_sq_norms
@@ -324,20 +326,30 @@ def raw_step(model: nn.Module, batches: list, hooks: bool, hook_cls) -> Callable
             to_group[layers.index(name), j] = 1.0
     sink: list[Tensor | None] = [None]
 
+    mark = (lambda phase: None) if marks is None else (lambda phase: marks.append((phase, time.perf_counter())))
+
     def step(i: int) -> None:
         x, y = batches[i % len(batches)]
         x, y = x.to(device), y.to(device)
         b = x.shape[0]
         opt.zero_grad(set_to_none=True)
+        mark("start")
         if h is not None:
             h.arm()
+            mark("arm")
         loss = F.cross_entropy(model(x), y)
+        mark("forward")
         loss.backward()
+        mark("backward")
         if h is not None:
             group_sq = to_group @ h.read_sums(scale=b)
+            mark("read sums")
             mean_sq = grouped_sq_norms([p.grad for p in params], groups)
+            mark("‖ḡ_k‖²")
             sink[0] = dispersion_row(group_sq, mean_sq[:-1], b, b)  # kept on the device, as the callback does
+            mark("row")
         opt.step()
+        mark("optimizer step")
 
     return step
 

@@ -120,7 +120,7 @@ def test_hook_split_times_every_phase_of_a_measured_step(capsys, monkeypatch):
     split.main()
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "µs" not in line}
-    for phase in ("arm", "forward", "backward", "read sums", "‖ḡ_k‖²", "row"):
+    for phase in ("arm", "forward", "backward", "read sums", "‖ḡ_k‖²", "row", "optimizer step"):
         cells = [c.strip() for c in rows[phase].split("|")[2:5]]
         assert all(c.lstrip("+-").isdigit() for c in cells), rows[phase]
     assert "**sum of the medians**" in out and "timed alone" in out
