@@ -173,3 +173,8 @@ def test_jacobian_chunks_with_an_unused_parameter():
     assert w.shape == (3, 3) and not w.any() and not bias.any()
     whole = per_sample_gradient_moments(model, loss, batch, method="vmap")
     torch.testing.assert_close(mo.weighted_sq_norm_sum, whole.weighted_sq_norm_sum, rtol=1e-5, atol=0)
+
+
+def test_centering_at_a_vector_of_another_length_is_an_error():
+    with pytest.raises(ValueError, match="centring"):
+        centered_row_sq_norms(torch.randn(2, 2 * psg.CENTER_BLOCK), torch.randn(2 * psg.CENTER_BLOCK + 5))
