@@ -398,7 +398,7 @@ class GhostNormHooks:
         else:
             # a pre-hook on the output's node: what its backward receives for this output (after
             # any hook of the user's on the tensor: the gradient the weight's gradient is made of);
-            # a third of Tensor.register_hook's Python cost
+            # about half of Tensor.register_hook's Python cost (3.4 against 6.5 µs a call, measured)
             node.register_prehook(functools.partial(self._output_hook, call, output.output_nr, dim))
 
     def _batch_dim(self, site: _Site, module: nn.Module, x: Tensor) -> int | str:
