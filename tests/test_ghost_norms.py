@@ -898,3 +898,79 @@ def test_cuda_exact_and_autocast():
     (out.float() ** 2).mean().backward()
     norms = hooks.read(8)
     assert norms.total.dtype == torch.float64 and torch.isfinite(norms.total).all()
+
+
+# --------------------------------------------------------------------------- hook order and reuse
+
+
+class ScaledGradNet(nn.Module):
+    """A user's tensor hook on a layer's output rescales its gradient per output unit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 6)
+        self.fc2 = nn.Linear(6, 3)
+        self.register_buffer("gain", torch.linspace(0.5, 3.0, 6))
+
+    def forward(self, x):
+        h = self.fc1(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * self.gain)
+        return self.fc2(torch.tanh(h))
+
+
+def test_norms_see_the_gradient_after_a_users_tensor_hook():
+    # the weight's gradient is made of the hooked gradient: the norms must be of that one
+    model = ScaledGradNet().to(DT)
+    x, t = torch.randn(7, 5, dtype=DT), torch.randn(7, 3, dtype=DT)
+    ref: dict[str, Tensor] = {"fc1": torch.zeros(7, dtype=DT), "fc2": torch.zeros(7, dtype=DT)}
+    for i in range(7):  # brute force: one backward per sample, through the user's hook
+        model.zero_grad(set_to_none=True)
+        per_sample_losses(model(x[i:i + 1]), t[i:i + 1]).sum().backward()
+        for name in ref:
+            ref[name][i] = sum((p.grad ** 2).sum() for p in getattr(model, name).parameters())
+    norms = measure(model, x, t)
+    assert_matches(norms, ref)
+    model.gain.fill_(1.0)  # without the user's rescaling the norms differ: the hook matters
+    assert not torch.allclose(ref["fc1"], reference(model, x, t)["fc1"], rtol=0.1)
+
+
+def test_rows_reused_across_steps_never_alias_a_returned_read():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)).to(DT)
+    hooks = GhostNormHooks(plan(model)[0])
+    hooks.attach()
+    kept = []
+    for b in (4, 4, 6, 4, 4):  # same shape: the last step's rows are reused; a new b: new rows
+        x, t = torch.randn(b, 4, dtype=DT), torch.randn(b, 2, dtype=DT)
+        with hooks.suspended():  # (the functorch reference is a probe pass)
+            ref = reference(model, x, t)
+        norms = measure(model, x, t, hooks=hooks)
+        assert_matches(norms, ref)
+        kept.append((norms, {k: v.clone() for k, v in norms.per_group.items()}, norms.total.clone()))
+        hooks.arm()
+        model(x).sum().backward()
+        sums = hooks.read_sums()  # a new tensor each step, never the reused rows
+        assert sums is not None and sums.shape == (2,)  # per module: Σ_i over the batch
+        kept.append((sums, sums.clone()))
+    for item in kept:  # nothing handed out earlier was overwritten by a later step
+        if len(item) == 3:
+            norms, groups, total = item
+            assert all(torch.equal(norms.per_group[k], v) for k, v in groups.items())
+            assert torch.equal(norms.total, total)
+        else:
+            assert torch.equal(item[0], item[1])
+    hooks.detach()
+
+
+def test_an_output_without_autograd_node_fails_closed():
+    # unreachable through plan() (it refuses a Linear whose forward is not Linear's); an instance
+    # attribute reaches it: the hook must record a problem, not measure nothing
+    model = nn.Linear(3, 3)
+    hooks = GhostNormHooks({"fc": model})
+    model.forward = lambda x: model.weight  # returns a leaf: no node to hook
+    hooks.attach()
+    hooks.arm()
+    model(torch.randn(4, 3)).sum().backward()
+    with pytest.raises(RuntimeError, match="no autograd node"):
+        hooks.read(4)
+    hooks.detach()

@@ -393,13 +393,13 @@ class GhostNormHooks:
         if call is None:
             return
         node = output.grad_fn
-        if node is None:  # (an output that is a leaf: a module returning its own parameter)
-            output.register_hook(functools.partial(self._grad_hook_t if dim else self._grad_hook, call))
-        else:
-            # a pre-hook on the output's node: what its backward receives for this output (after
-            # any hook of the user's on the tensor: the gradient the weight's gradient is made of);
-            # about half of Tensor.register_hook's Python cost (3.4 against 6.5 µs a call, measured)
-            node.register_prehook(functools.partial(self._output_hook, call, output.output_nr, dim))
+        if node is None:  # a leaf: not computed from its weights in this call (fails closed)
+            self._problems.append(f"{site.name}: its output has no autograd node")
+            return
+        # a pre-hook on the output's node: what its backward receives for this output (after any
+        # hook of the user's on the tensor: the gradient the weight's gradient is made of); about
+        # half of Tensor.register_hook's Python cost (3.4 against 6.5 µs a call, measured)
+        node.register_prehook(functools.partial(self._output_hook, call, output.output_nr, dim))
 
     def _batch_dim(self, site: _Site, module: nn.Module, x: Tensor) -> int | str:
         """Which dimension of ``x`` holds the batch, in a sequence-first model (a problem when
@@ -520,9 +520,6 @@ class GhostNormHooks:
         grad = grad_outputs[0]
         if grad is not None:
             self._grad_hook(call, grad.view(T, B, -1).transpose(0, 1))
-
-    def _grad_hook_t(self, call: _Call, grad: Tensor) -> None:
-        self._grad_hook(call, grad.transpose(0, 1))
 
     def _output_hook(self, call: _Call, nr: int, dim: int, grad_outputs: tuple) -> None:
         grad = grad_outputs[nr]
