@@ -100,7 +100,11 @@ Scaling
     :meth:`GhostNormHooks.read` multiplies squared norms by ``scale²`` with ``scale = m·A/S``.
 
 Cost: the forward hook of an unarmed hooked module is one attribute check; an armed one stores
-a reference to the input (no copy) and registers one tensor hook.  The work in the backward is
+a reference to the input (no copy) and registers one pre-hook on the output's autograd node.
+That pre-hook receives the output's gradient after any hook the user registered on the output
+tensor (PyTorch runs a tensor's hooks before its node's pre-hooks), so the norms are those of
+the gradient the layer's ``.grad`` is built from; a ``Tensor.register_hook`` of ours, registered
+first, would see the gradient before the user's rescaling.  The work in the backward is
 the route chosen per layer (above); on CPU its large temporaries live in work buffers
 that are kept between steps while armed (fresh ``mmap``'d memory costs a page fault per 4 KiB),
 and are released by :meth:`GhostNormHooks.disarm`.
