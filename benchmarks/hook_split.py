@@ -12,7 +12,8 @@ the SGD step. Their steps alternate in one process (so the machine's slow states
 each phase timed by ``raw_step``'s marks. Medians over the steps after the first tenth. Then the
 same small ops timed alone (hot caches, many repetitions): the inputs' row norms the forward
 hooks take and the gradient's piece norms — the difference is what the training step's cold
-caches add.
+caches add. Last, the forward alone three ways, in turn with the order rotating: plain, under a
+no-op global forward hook (PyTorch's hook dispatch alone), and with the hooks armed.
 """
 
 from __future__ import annotations
@@ -101,6 +102,46 @@ def main() -> None:
     print(f"* the three inputs' row norms (the forward hooks' arithmetic): {rows:.0f} µs")
     print(f"* the gradient's piece norms (`squared_pieces`, inside `‖ḡ_k‖²`): {_alone(lambda: squared_pieces(grads)):.0f} µs")
     print(f"* `grouped_sq_norms` whole: {_alone(lambda: grouped_sq_norms(grads, groups)):.0f} µs")
+    forward_alone(base, batches, args.steps)
+
+
+def forward_alone(model: torch.nn.Module, batches: list, steps: int) -> None:
+    """The forward alone, three ways in turn: plain, under a no-op global forward hook (PyTorch's
+    hook dispatch for every module of the step), and with the ghost-norm hooks armed (what our
+    recording adds; the calls are cleared without a backward)."""
+    import copy
+
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from genbounds.estimators.ghost_norms import GhostNormHooks
+
+    hooked = copy.deepcopy(model)
+    hooks = GhostNormHooks.for_model(hooked)
+    kinds = ("plain", "no-op global forward hook", "ghost-norm hooks armed")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(3 * steps):
+        kind = kinds[(i + i // 3) % 3]  # the order rotates from triple to triple
+        x = batches[(i // 3) % len(batches)][0]
+        handle = register_module_forward_hook(lambda m, a, o: None) if kind == kinds[1] else None
+        net = hooked if kind == kinds[2] else model
+        if kind == kinds[2]:
+            hooks.attach()
+            hooks.arm()
+        t0 = time.perf_counter()
+        out = net(x)
+        times[kind].append(time.perf_counter() - t0)
+        if handle is not None:
+            handle.remove()
+        if kind == kinds[2]:
+            hooks.clear()
+            hooks.unhook()
+        del out
+    skip = steps // 10
+    print(f"\nThe forward alone ({steps} of each, in turn, the order rotating; medians):\n")
+    plain = statistics.median(times[kinds[0]][skip:]) * 1e6
+    for kind in kinds:
+        t = statistics.median(times[kind][skip:]) * 1e6
+        print(f"* forward, {kind}: {t:.0f} µs ({t - plain:+.0f})")
 
 
 if __name__ == "__main__":

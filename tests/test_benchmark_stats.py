@@ -124,3 +124,5 @@ def test_hook_split_times_every_phase_of_a_measured_step(capsys, monkeypatch):
         cells = [c.strip() for c in rows[phase].split("|")[2:5]]
         assert all(c.lstrip("+-").isdigit() for c in cells), rows[phase]
     assert "**sum of the medians**" in out and "timed alone" in out
+    for kind in ("plain", "no-op global forward hook", "ghost-norm hooks armed"):
+        assert f"* forward, {kind}: " in out
