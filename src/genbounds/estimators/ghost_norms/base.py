@@ -216,11 +216,6 @@ class _Kind:
     def needs_input(self, wt: bool, bt: bool) -> bool:
         return wt
 
-    def precompute(self, x: Tensor, wt: bool, forced: str | None) -> Tensor | None:
-        """Something to compute in the forward hook, while ``x`` (the call's input, detached) is hot
-        in cache (``None``)."""
-        return None
-
     def factor(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
                scratch: _Scratch = _FRESH) -> tuple:
         raise NotImplementedError
@@ -233,9 +228,9 @@ class _Kind:
         raise NotImplementedError
 
     def single(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
-               forced: str | None, scratch: _Scratch = _FRESH, pre: Tensor | None = None,
+               forced: str | None, scratch: _Scratch = _FRESH,
                out: Tensor | None = None) -> tuple[Tensor, str]:
-        """Norms of a module called once; ``pre`` is :meth:`precompute`'s result and ``out`` the
+        """Norms of a module called once; ``out`` is the
         module's row (the step's compute dtype or wider), which the result may be written to
         directly."""
         return self.norms(module, self.factor(module, x, g, wt, bt, scratch), wt, bt, forced, scratch)

@@ -245,7 +245,7 @@ class _ConvKind(_Kind):
             A = A.view(G.shape[0], -1, A.shape[-1])  # [b·g, K, T]
         return A, G
 
-    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, out=None):
         if not wt:
             return super().single(module, x, g, wt, bt, forced, scratch)
         T = _prod(g.shape[2:])

@@ -67,11 +67,10 @@ class _Site:
 
 
 class _Call:
-    __slots__ = ("site", "x", "version", "epoch", "got", "pre")
+    __slots__ = ("site", "x", "version", "epoch", "got")
 
-    def __init__(self, site: _Site, x: Tensor | None, version: int, epoch: int, pre: Tensor | None) -> None:
+    def __init__(self, site: _Site, x: Tensor | None, version: int, epoch: int) -> None:
         self.site, self.x, self.version, self.epoch, self.got = site, x, version, epoch, False
-        self.pre = pre
 
 
 def times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
@@ -387,9 +386,12 @@ class GhostNormHooks:
             return
         if dim:  # [T, B, …]: recorded as [B, T, …] (a view), its gradient likewise
             x = x.transpose(0, 1)
-        x = x.detach()  # (once: kept, and read by precompute)
+        # the input is kept (detached, no copy) and read in the backward only: its row norms taken
+        # here instead, while it is hot in cache, measured 45-60 µs a step slower on the MLP
+        # (docs/results/overhead.md, "This round")
+        x = x.detach()
         call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
-                              site.kind.precompute(x, wt, site.forced), _compute_dtype(x.dtype, output.dtype))
+                              _compute_dtype(x.dtype, output.dtype))
         if call is None:
             return
         node = output.grad_fn
@@ -443,7 +445,7 @@ class GhostNormHooks:
                 "by the batch (e.g. a positional embedding) cannot be told")
 
     def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
-                  pre: Tensor | None, dtype: torch.dtype) -> _Call | None:
+                  dtype: torch.dtype) -> _Call | None:
         """Book one forward call of ``site`` (``None`` when it cannot be recorded: reported).
         ``dtype``: the call's compute dtype, the step's rows' dtype when it is the first call."""
         if site.calls and site.received == len(site.calls):
@@ -471,7 +473,7 @@ class GhostNormHooks:
                 self._touched.append(site)
             site.first_ordinal = self._ordinal
             site.flags = (wt, bt)
-        call = _Call(site, x, x._version if x is not None else 0, self._epoch, pre)
+        call = _Call(site, x, x._version if x is not None else 0, self._epoch)
         site.calls.append(call)
         return call
 
@@ -512,7 +514,7 @@ class GhostNormHooks:
             wt, bt = w.requires_grad, c is not None and c.requires_grad
             T = proj.T  # rows are position-major: [T·B, d] → [B, T, d] (a view)
             x = proj.rows.detach().view(T, B, -1).transpose(0, 1) if wt else None
-            call = self._new_call(target, x, B, out.device, wt, bt, None, _compute_dtype(out.dtype))
+            call = self._new_call(target, x, B, out.device, wt, bt, _compute_dtype(out.dtype))
             if call is not None:
                 proj.node.register_prehook(functools.partial(self._node_hook, call, T, B))
 
@@ -546,30 +548,30 @@ class GhostNormHooks:
             return
         call.got = True
         site.received += 1
-        x, pre = call.x, call.pre
-        call.x = call.pre = None
+        x = call.x
+        call.x = None
         single = len(site.calls) == 1
-        if x is not None and x._version != call.version and not (single and pre is not None):
+        if x is not None and x._version != call.version:
             self._problems.append(f"{site.name}: its input was modified in place after the forward")
             return
         try:
             dev = grad.device.type
             if torch.is_autocast_enabled(dev):  # backward called inside autocast: compute as told
                 with torch.autocast(dev, enabled=False):
-                    self._compute(site, x, grad, single, pre)
+                    self._compute(site, x, grad, single)
             else:
-                self._compute(site, x, grad, single, pre)
+                self._compute(site, x, grad, single)
         except RuntimeError as err:  # shape mismatch between shared calls, …
             self._problems.append(f"{site.name}: {err}")
 
-    def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool, pre: Tensor | None) -> None:
+    def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool) -> None:
         wt, bt = site.flags
         if single:
             cd = _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype)
             row: Tensor | None = self._row_for(site, cd)
             if len(row) != grad.shape[0]:
                 row = None  # mismatched batch sizes: _add reports them
-            sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, pre, row)
+            sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, row)
             self._add(site, sq)
         else:
             site.factors.append(site.kind.factor(site.module, x, grad, wt, bt))

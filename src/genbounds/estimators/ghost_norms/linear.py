@@ -31,18 +31,13 @@ class _LinearKind(_Kind):
             return "unbatched input (the batch must be dimension 0)"
         return None
 
-    def precompute(self, x, wt, forced):
-        if wt and x.dim() == 2 and forced != MATERIALIZE:  # ‖a_i‖² for Goodfellow (x detached)
-            return _rowsq(_as(x, _compute_dtype(x.dtype)))
-        return None
-
-    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, out=None):
         if g.dim() == 2 and forced != MATERIALIZE:  # [b, d]: Goodfellow
             cd = _compute_dtype(g.dtype, x.dtype if x is not None else g.dtype)
             d2 = _rowsq(_as(g, cd))
             if not wt:
                 return d2, GOODFELLOW
-            a2 = pre if pre is not None else _rowsq(_as(x, cd))
+            a2 = _rowsq(_as(x, cd))
             # ‖δ‖²‖a‖² (+ ‖δ‖² for the bias) in one op, written straight into the row
             if bt:
                 return torch.addcmul(d2, d2, a2, out=out), GOODFELLOW
@@ -94,7 +89,7 @@ class _AttentionKind(_LinearKind):
     """``nn.MultiheadAttention`` (packed ``in_proj_weight``, either ``batch_first``): its in-projection is a
     Linear on sequences whose input rows and output gradient are taken from the product's node in
     the autograd graph (:mod:`genbounds.estimators.ghost_attention`; recorded by
-    ``GhostNormHooks._record_attention``, not by the Linear's ``check``/``precompute``); its
+    ``GhostNormHooks._record_attention``, not by the Linear's ``check``); its
     ``out_proj``, when hooked, is a site of its own that the same forward hook records."""
 
     def method_for(self, module, input_shape, forced):

@@ -55,7 +55,7 @@ class _NormKind(_Kind):
             gb = gv.sum(dim)
         return gw, gb
 
-    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, pre=None, out=None):
+    def single(self, module, x, g, wt, bt, forced, scratch=_FRESH, out=None):
         if not (wt and bt):
             return super().single(module, x, g, wt, bt, forced, scratch)
         # weight and bias: both per-sample vectors in one [b, 2, C] buffer, one sum of squares
