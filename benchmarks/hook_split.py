@@ -10,8 +10,8 @@ reading the hooks' per-module sums (``read_sums``), the gradient's per-layer squ
 (``grouped_sq_norms``, the ``‖ḡ_k‖²`` of the per-step path), the logged row (``dispersion_row``),
 the SGD step. Their steps alternate in one process (so the machine's slow states hit both alike),
 each phase timed by ``raw_step``'s marks. Medians over the steps after the first tenth. Then the
-same small ops timed alone (hot caches, many repetitions): the inputs' row norms the forward
-hooks take and the gradient's piece norms — the difference is what the training step's cold
+same small ops timed alone (hot caches, many repetitions): the inputs' row norms ``‖a_i‖²`` (taken
+in the backward hooks) and the gradient's piece norms — the difference is what the training step's cold
 caches add. Last, the forward alone three ways, in turn with the order rotating: plain, under a
 no-op global forward hook (PyTorch's hook dispatch alone), and with the hooks armed.
 """
@@ -99,7 +99,7 @@ def main() -> None:
     inputs = [torch.randn(b, 784), torch.randn(b, 512), torch.randn(b, 512)]
     rows = sum(_alone(lambda t=t: torch.linalg.vector_norm(t, dim=-1).square_()) for t in inputs)
     print("\nThe same small ops timed alone (hot caches):\n")
-    print(f"* the three inputs' row norms (the forward hooks' arithmetic): {rows:.0f} µs")
+    print(f"* the three inputs' row norms (‖a_i‖², taken in the backward hooks): {rows:.0f} µs")
     print(f"* the gradient's piece norms (`squared_pieces`, inside `‖ḡ_k‖²`): {_alone(lambda: squared_pieces(grads)):.0f} µs")
     print(f"* `grouped_sq_norms` whole: {_alone(lambda: grouped_sq_norms(grads, groups)):.0f} µs")
     forward_alone(base, batches, args.steps)
