@@ -230,9 +230,8 @@ class _Kind:
     def single(self, module: nn.Module, x: Tensor | None, g: Tensor, wt: bool, bt: bool,
                forced: str | None, scratch: _Scratch = _FRESH,
                out: Tensor | None = None) -> tuple[Tensor, str]:
-        """Norms of a module called once; ``out`` is the
-        module's row (the step's compute dtype or wider), which the result may be written to
-        directly."""
+        """Norms of a module called once; ``out`` is the module's row (the step's compute dtype or
+        wider), which the result may be written to directly."""
         return self.norms(module, self.factor(module, x, g, wt, bt, scratch), wt, bt, forced, scratch)
 
     def method_for(self, module: nn.Module, input_shape: torch.Size, forced: str | None) -> str:

@@ -387,8 +387,8 @@ class GhostNormHooks:
         if dim:  # [T, B, …]: recorded as [B, T, …] (a view), its gradient likewise
             x = x.transpose(0, 1)
         # the input is kept (detached, no copy) and read in the backward only: its row norms taken
-        # here instead, while it is hot in cache, measured 45-60 µs a step slower on the MLP
-        # (docs/results/overhead.md, "This round")
+        # here instead, while it is hot in cache, measured about 70 µs a step slower on the MLP
+        # (0.6-1.4 points of a raw step in five in-process A/B runs; docs/results/overhead.md)
         x = x.detach()
         call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
                               _compute_dtype(x.dtype, output.dtype))
