@@ -124,3 +124,89 @@ def test_bound_r_set_after_construction_takes_effect():
     assert bound.loss_range.update(np.array([0.0, 5.0])) == 0.7
     bound.R = "observed_range"
     assert bound.loss_range.update(np.array([1.0, 2.0])) == pytest.approx(2.5)  # the range of every update
+
+
+def test_bound_values_without_inputs_are_nan_for_every_wanted_bound():
+    from genbounds.callbacks.bound_evaluation import bound_values
+
+    values, notes = bound_values(None, ("wang_mao_eq3", "neu"))
+    assert list(values) == ["bound/wang_mao_eq3", "bound/neu", "bound/wang_mao_eq3_se", "bound/neu_se"]
+    assert all(math.isnan(v) for v in values.values()) and notes == []
+
+
+def test_finish_values_flags_a_bound_below_the_gap_and_says_so():
+    from genbounds.callbacks.bound_evaluation import finish_values
+
+    values = {"bound/wang_mao_eq3": 0.1, "bound/neu": math.nan, "gap/measured": 0.2,
+              "bound/wang_mao_eq2_error": 0.3, "gap/train_error": 0.05}
+    notes = finish_values(values, ("wang_mao_eq3", "neu", "wang_mao_eq2_error"), 7, plain_sgd=False, overhead=0.125)
+    assert values["bound_valid/wang_mao_eq3"] == 0.0 and values["bound_valid/neu"] == 0.0
+    assert values["bound_valid/wang_mao_eq2_error"] == 1.0 and values["bound/valid"] == 0.0
+    assert values["bound/heuristic"] == 1.0 and values["perf/overhead"] == 0.125
+    assert values["bound/test_error_upper"] == pytest.approx(0.35)
+    kinds = [kind for kind, _ in notes]
+    assert kinds == ["invalid-wang_mao_eq3", "invalid-neu"]
+    assert "below the measured gap at step 7" in notes[0][1] and "could not be computed (NaN)" in notes[1][1]
+
+
+def test_warn_once_says_each_kind_once():
+    from genbounds.callbacks.bound_evaluation import WarnOnce
+
+    warn = WarnOnce()
+    with pytest.warns(UserWarning) as caught:
+        warn.all([("a", "first a"), ("b", "first b"), ("a", "second a")])
+        warn("b", "second b")
+    assert [str(w.message) for w in caught] == ["first a", "first b"]
+    assert warn.said == {"a", "b"}
+
+
+def test_a_missing_heldout_producer_is_noted_only_when_neu_is_wanted():
+    from genbounds.callbacks.bound_producers import Producers
+
+    producers = Producers()
+    assert [kind for kind, _ in producers.notes(("neu", "wang_mao_eq3"))] == ["no-heldout"]
+    assert producers.notes(("wang_mao_eq3",)) == []
+    producers.heldout = object()  # type: ignore[assignment]
+    assert producers.notes(("neu",)) == []
+
+
+def test_the_number_of_training_samples_is_given_found_or_an_error_before_step_0():
+    from types import SimpleNamespace
+
+    from genbounds.callbacks.probe_data import num_train_samples
+
+    sized = SimpleNamespace(datamodule=None, train_dataloader=torch.utils.data.DataLoader(list(range(12))))
+    assert num_train_samples("HeldoutGradient", None, sized) == 12
+    assert num_train_samples("HeldoutGradient", 30, sized) == 30
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(range(12))
+
+    unsized = SimpleNamespace(datamodule=None, train_dataloader=torch.utils.data.DataLoader(Stream()))
+    with pytest.raises(MisconfigurationException, match=r"pass GeneralizationBound\(num_train=\.\.\.\)"):
+        num_train_samples("GeneralizationBound", None, unsized)
+    assert num_train_samples("GeneralizationBound", 12, unsized) == 12
+
+
+def test_a_window_result_gives_its_row_or_values_from_its_moments_against_the_definition():
+    from types import SimpleNamespace
+
+    from genbounds.callbacks.dispersion.base import WindowResult
+    from genbounds.estimators.gradient_dispersion import GradientMoments
+
+    one_process = SimpleNamespace(world_size=1)
+    row = torch.arange(5.0, dtype=torch.float64)
+    assert WindowResult(None, row=row).values(one_process, [[0], [1]], True) is row
+    g = torch.randn(6, 3, dtype=torch.float64)  # six per-sample gradients of one parameter
+    moments = GradientMoments((g ** 2).sum(), 6, 6, weighted_sum=[g.sum(0)])
+    values = WindowResult(moments).values(one_process, [[0]], True)
+    mean = g.mean(0)
+    s2 = ((g - mean) ** 2).sum() / 5
+    tagged = values.tagged(["w"]) if not isinstance(values, torch.Tensor) else dict(
+        zip(("grad/norm_sq", "grad/trace_cov", "grad/dispersion"), values))
+    assert float(tagged["grad/norm_sq"]) == pytest.approx(float(mean @ mean), rel=1e-12)
+    assert float(tagged["grad/trace_cov"]) == pytest.approx(float(s2), rel=1e-12)
+    assert float(tagged["grad/dispersion"]) == pytest.approx(float(s2) / 6, rel=1e-12)
+    single = GradientMoments((g[:1] ** 2).sum(), 1, 1, weighted_sum=[g[0]])
+    assert WindowResult(single).values(one_process, [[0]], True) is None  # no spread in one sample

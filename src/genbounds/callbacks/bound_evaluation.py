@@ -8,18 +8,23 @@ needs besides the bound formulas, kept out of the callback's hooks:
 * :func:`final_floors`, :func:`final_shares` — the final evaluation's probes share what is left of
   the budget: each takes ``1/k`` of it at its turn (``k`` the probes still to run), less the later
   probes' floors;
-* :func:`bound_notes` — the one-per-kind warnings a set of bound values calls for.
+* :func:`bound_values`, :func:`finish_values` — one evaluation's bound values from the series'
+  inputs, then, with the gap in, the validity flags and the test-error bound;
+* :func:`bound_notes` and :class:`WarnOnce` — the warnings a set of bound values calls for, each
+  kind said once per run.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from genbounds.bounds.aggregate import BoundInputs, compute_bounds, upper_test_error, validity
 from genbounds.bounds.loss_range import DEFAULT_ALPHA, observed_range_r, quantile_range_r
 
 
@@ -127,3 +132,40 @@ def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | Non
                           "destroyed models and the bound is then close to a held-out estimate of the gap "
                           "itself. Restrict σ with max_loss_increase=…."))
     return notes
+
+
+def bound_values(inputs: BoundInputs | None, wanted: Sequence[str]) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """The ``wanted`` bounds and their SEs from the series' ``inputs`` (each NaN when there are
+    none: never left out), with ``(kind, message)`` for each note the inputs carry."""
+    if inputs is None:
+        return {f"bound/{name}{tail}": math.nan for tail in ("", "_se") for name in wanted}, []
+    kinds = [note.split(":", 1) for note in inputs.notes]
+    return compute_bounds(inputs), [(kind[0], "GeneralizationBound: " + kind[-1].strip()) for kind in kinds]
+
+
+def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | None, *, plain_sgd: bool,
+                  overhead: float) -> list[tuple[str, str]]:
+    """Complete an evaluation's ``values`` once the gap is in them: ``bound_valid/…``,
+    ``bound/heuristic`` (the optimizer is not plain SGD), ``perf/overhead`` and
+    ``bound/test_error_upper``; the notes they call for (:func:`bound_notes`)."""
+    values.update(validity(values, wanted))
+    values["bound/heuristic"] = float(not plain_sgd)
+    values["perf/overhead"] = overhead
+    values.update(upper_test_error(values, wanted))
+    return bound_notes(values, wanted, step)
+
+
+class WarnOnce:
+    """``rank_zero_warn`` each kind of note once per run; the kinds said are resumable state."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def __call__(self, kind: str, message: str) -> None:
+        if kind not in self.said:
+            self.said.add(kind)
+            rank_zero_warn(message)
+
+    def all(self, notes: Iterable[tuple[str, str]]) -> None:
+        for kind, message in notes:
+            self(kind, message)

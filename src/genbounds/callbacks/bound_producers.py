@@ -80,11 +80,23 @@ class Producers:
                     f"the same σ grid; got {self.sensitivity.sigmas} and {self.flatness.sigmas}.")
         return wanted
 
+    def notes(self, wanted: tuple[str, ...]) -> list[tuple[str, str]]:
+        """``(kind, message)`` for each stand-in the ``wanted`` bounds take for a missing producer."""
+        if self.heldout is None and "neu" in wanted:
+            return [("no-heldout", "GeneralizationBound: no HeldoutGradient callback, so Neu's V_t is replaced by "
+                     "grad/dispersion (which misses the train/test mismatch).")]
+        return []
+
     def subscriptions(self, series: BoundSeries) -> list[tuple[Any, Callable]]:
         pairs = [(self.dispersion, series.on_dispersion), (self.flatness, series.on_flatness),
                  (self.hessian, series.on_curvature), (self.sensitivity, series.on_sensitivity),
                  (self.heldout, series.on_heldout)]
         return [(p, h) for p, h in pairs if p is not None]
+
+    def connect(self, series: BoundSeries, on: bool = True) -> None:
+        """Subscribe ``series`` to every producer's channel (``on=False``: unsubscribe)."""
+        for producer, handler in self.subscriptions(series):
+            (producer.channel.subscribe if on else producer.channel.unsubscribe)(handler)
 
     def set_neu_shape(self, series: BoundSeries, groups: dict[str, list[str]], pl_module: LightningModule) -> None:
         """Neu's block shape: the per-group RMS of the initial weights (data-independent, §9.4),

@@ -11,25 +11,17 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
-from genbounds.bounds.aggregate import (
-    ALL_BOUNDS,
-    ERROR,
-    BoundInputs,
-    compute_bounds,
-    upper_test_error,
-    validity,
-)
-from genbounds.callbacks.bound_evaluation import LossRange, bound_notes, evaluation_floor
+from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs
+from genbounds.callbacks.bound_evaluation import LossRange, WarnOnce, bound_values, evaluation_floor, finish_values
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
 from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.hook_clock import sleep_until
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
 from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
@@ -150,7 +142,7 @@ class GeneralizationBound(ProbeCallback):
         self._n: int | None = None
         self._d: int | None = None
         self._groups: dict[str, list[str]] = {}
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce()
         self._evaluated_step: int | None = None
         self._trainer: Trainer | None = None
         self._budget_state: dict | None = None
@@ -184,23 +176,16 @@ class GeneralizationBound(ProbeCallback):
         self.producers = Producers.find(trainer)
         self._groups = parameter_groups(pl_module, self.layer_groups)
         self.wanted = self.producers.resolve(self.bounds, len(self._groups))
-        if self.producers.heldout is None and "neu" in self.wanted:
-            self._warn_once("no-heldout", "GeneralizationBound: no HeldoutGradient callback, so Neu's V_t is "
-                            "replaced by grad/dispersion (which misses the train/test mismatch).")
-        for producer, handler in self._subscriptions():
-            producer.channel.subscribe(handler)
+        self._warn_once.all(self.producers.notes(self.wanted))
+        self.producers.connect(self.series)
         self._d = num_trainable(pl_module)
         self._trainer = trainer
         self.series.configure(self.sigmas, self._groups, {n: p.numel() for n, p in trainable_parameters(pl_module).items()})
         self._gap = GapEvaluation(self.owner, self.gap_samples, self.gap_batch_size, self.probe_mode)
 
-    def _subscriptions(self) -> list[tuple[Any, Callable]]:
-        return self.producers.subscriptions(self.series)
-
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().teardown(trainer, pl_module, stage)
-        for producer, handler in self._subscriptions():
-            producer.channel.unsubscribe(handler)
+        self.producers.connect(self.series, on=False)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -210,10 +195,7 @@ class GeneralizationBound(ProbeCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         assert self.contract is not None and self._gap is not None
-        self._n = self.num_train or training_set_size(trainer)
-        if self._n is None:
-            raise MisconfigurationException(
-                "GeneralizationBound could not determine the number of training samples n; pass num_train=...")
+        self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
         if self.budget is not None:
@@ -224,8 +206,7 @@ class GeneralizationBound(ProbeCallback):
             self.wanted = tuple(b for b in self.wanted if b not in ERROR)
         if trainer.optimizers:
             self.optimizer, self.plain_sgd, notes = optimizer_notes(trainer)
-            for kind, message in notes:
-                self._warn_once(kind, message)
+            self._warn_once.all(notes)
         if not self.heldout_available:
             self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
@@ -277,17 +258,11 @@ class GeneralizationBound(ProbeCallback):
         return self.budget.allows(self.owner, self._eval_cost if self._eval_cost is not None else self.first_cost())
 
     # ------------------------------------------------------------------ evaluation
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            rank_zero_warn(message)
-
     def _measure_gap(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         assert self._gap is not None and self.budget is not None
         with self.budget.timed(self.owner):
             result = self._gap.measure(trainer, pl_module)
-        for kind, message in result.notes():
-            self._warn_once(kind, "GeneralizationBound: " + message)
+        self._warn_once.all((kind, "GeneralizationBound: " + message) for kind, message in result.notes())
         self.loss_range.update(result.losses)
         return result.values
 
@@ -310,7 +285,9 @@ class GeneralizationBound(ProbeCallback):
             inputs = self.producers.measure(trainer, pl_module, self.series, self._groups,
                                             lambda: self._inputs(trainer), log=log)
             with self.budget.timed(self.owner):
-                values.update(self._compute(inputs))
+                bounds, notes = bound_values(inputs, self.wanted)
+                values.update(bounds)
+            self._warn_once.all(notes)
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
         if trainer.global_step > 0:
@@ -319,10 +296,8 @@ class GeneralizationBound(ProbeCallback):
             # the room intermediate probes leave for the final one
             self._eval_cost = time.perf_counter() - started
             self.budget.reserve = self._eval_cost
-        values.update(validity(values, self.wanted))
-        values["bound/heuristic"] = float(not self.plain_sgd)
-        values["perf/overhead"] = self.budget.overhead
-        self._report(values)
+        self._warn_once.all(finish_values(values, self.wanted, self._evaluated_step, plain_sgd=self.plain_sgd,
+                                          overhead=self.budget.overhead))
         self.evaluations += 1
         self._log(trainer, pl_module, values, log=log)
         return values
@@ -334,21 +309,6 @@ class GeneralizationBound(ProbeCallback):
         return self.series.inputs(T, self._n, self._d, self.loss_range.value, self.sigmas, self.wanted, z=self.selection_z,
                                   max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
                                   grouped=len(self._groups) >= 2)
-
-    def _compute(self, inputs: BoundInputs | None) -> dict[str, float]:
-        if inputs is None:
-            return {f"bound/{name}": math.nan for name in self.wanted} | {
-                f"bound/{name}_se": math.nan for name in self.wanted}
-        values = compute_bounds(inputs)
-        for note in inputs.notes:
-            key = note.split(":", 1)[0]
-            self._warn_once(key, "GeneralizationBound: " + note.split(":", 1)[-1].strip())
-        return values
-
-    def _report(self, values: dict[str, float]) -> None:
-        values.update(upper_test_error(values, self.wanted))
-        for kind, message in bound_notes(values, self.wanted, self._evaluated_step):
-            self._warn_once(kind, message)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
         values = {**values, **margin_values(values)}
@@ -363,7 +323,7 @@ class GeneralizationBound(ProbeCallback):
             self.producers.dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
-                     warned=sorted(self._warned), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
+                     warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
                      **self.loss_range.state_dict(), evaluations=self.evaluations,
                      budget=self.budget.state_dict() if self.budget is not None else None)
         return state
@@ -376,7 +336,7 @@ class GeneralizationBound(ProbeCallback):
         self.series.load_state_dict(state_dict.get("series", {}))
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
-        self._warned = set(state_dict.get("warned", []))
+        self._warn_once.said = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
         self.gap_at_start = state_dict.get("gap_at_start")
         self.loss_range.load_state_dict(state_dict)

@@ -21,9 +21,8 @@ from genbounds.callbacks.checks import (
     check_single_optimizer,
     check_strategy,
 )
-from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext, WindowResult
+from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
-from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
@@ -32,7 +31,6 @@ from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, trainable_parameters
-from genbounds.estimators.gradient_dispersion import batch_values, group_mean_sq_norms
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -296,29 +294,15 @@ class GradientDispersion(MeasurementCallback):
         result = self.impl.end_window(self._context(trainer, pl_module, grads), window)
         if result is None:
             return
-        if result.row is not None:  # computed by the backend in one pass (the norm hooks' per-step path)
-            self.step_log.record_row(self._step, self._row_names, result.row)
-        elif not self._record(trainer, result):
+        values = result.values(trainer, self._groups, self._groups_partition)
+        if values is None:
             return
-        self.measured_steps += 1
-        self.step_budget.measured(trainer)
-
-    def _record(self, trainer: Trainer, result: WindowResult) -> bool:
-        """Log a window's values from its moments (reduced over ranks); ``False``: nothing to log."""
-        moments, group_mean_sq = result.moments, result.group_mean_sq
-        assert moments is not None
-        if moments.weighted_sum is not None and group_mean_sq is None:
-            group_mean_sq = group_mean_sq_norms(moments, self._groups)
-        if trainer.world_size > 1:
-            moments = reduce_moments(trainer, moments)
-        elif isinstance(moments.num_units, int) and moments.num_units < 2:
-            return False  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
-        values = batch_values(moments, result.mean_sq, group_mean_sq, self._groups_partition)
         if isinstance(values, Tensor):  # one copy into the step log
             self.step_log.record_row(self._step, self._row_names, values)
         else:
             self.step_log.record(self._step, values.tagged(self.group_names))
-        return True
+        self.measured_steps += 1
+        self.step_budget.measured(trainer)
 
     def _end_batch(self) -> None:
         if self.impl is not None:

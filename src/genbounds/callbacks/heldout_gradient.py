@@ -16,7 +16,7 @@ from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
 from genbounds.callbacks.distributed import reduce_moments
 from genbounds.callbacks.hook_clock import HooksAside
-from genbounds.callbacks.probe import ProbeCallback, ProbeMode, training_set_size
+from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
 from genbounds.estimators.functional import dot, parameter_groups, per_tensor_sq_norms, trainable_parameters
@@ -138,12 +138,7 @@ class HeldoutGradient(ProbeCallback):
             _warn_lr_groups(trainer.optimizers[0])
         if pl_module.automatic_optimization:  # on_after_backward has work under manual optimization only
             HooksAside(self, HeldoutGradient, ("on_after_backward",)).set_aside()
-        self._n = self.num_train or training_set_size(trainer)
-        if self._n is None:
-            raise MisconfigurationException(
-                "HeldoutGradient could not determine the number of training samples n from the "
-                "dataloader; pass HeldoutGradient(num_train=...)."
-            )
+        self._n = num_train_samples("HeldoutGradient", self.num_train, trainer)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if batch_idx % trainer.accumulate_grad_batches == 0:

@@ -47,6 +47,7 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
     draw_probe_batch,
     draw_training_subset,
     first_loader,
+    num_train_samples,
     screen_probe_set,
     training_set_size,
     training_trial_batch,

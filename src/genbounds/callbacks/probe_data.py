@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from genbounds.estimators.batching import batch_size, concat_batches, index_batch, tensor_leaves
@@ -158,6 +159,16 @@ def validation_loader(trainer: Trainer) -> Any:
         except Exception:  # noqa: BLE001 - no validation data is a legitimate configuration
             return None
     return first_loader(trainer.val_dataloaders)
+
+
+def num_train_samples(owner: str, num_train: int | None, trainer: Trainer) -> int:
+    """``n`` as given (``num_train``), else :func:`training_set_size`; an error before step 0 when
+    neither says it."""
+    n = num_train or training_set_size(trainer)
+    if n is None:
+        raise MisconfigurationException(f"{owner} could not determine the number of training samples n from the "
+                                        f"dataloader; pass {owner}(num_train=...).")
+    return n
 
 
 def training_set_size(trainer: Trainer) -> int | None:

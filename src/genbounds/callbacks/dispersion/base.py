@@ -9,7 +9,13 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
-from genbounds.estimators.gradient_dispersion import GradientMoments
+from genbounds.callbacks.distributed import reduce_moments
+from genbounds.estimators.gradient_dispersion import (
+    DispersionEstimate,
+    GradientMoments,
+    batch_values,
+    group_mean_sq_norms,
+)
 
 
 @dataclass
@@ -72,6 +78,23 @@ class WindowResult:
     row: Tensor | None = None
     """The logged ``[3 + K]`` row (:func:`~genbounds.estimators.gradient_dispersion.dispersion_row`'s
     order), when the backend computed it in one pass (then ``moments`` may be ``None``)."""
+
+    def values(self, trainer: Trainer, groups: list[list[int]], groups_partition: bool
+               ) -> Tensor | DispersionEstimate | None:
+        """The values to log: :attr:`row` when the backend computed it, else from the moments
+        (reduced over ranks); ``None`` for a one-sample batch on one process (no spread to measure,
+        e.g. a last batch of size 1)."""
+        if self.row is not None:
+            return self.row
+        moments, group_mean_sq = self.moments, self.group_mean_sq
+        assert moments is not None
+        if moments.weighted_sum is not None and group_mean_sq is None:
+            group_mean_sq = group_mean_sq_norms(moments, groups)
+        if trainer.world_size > 1:
+            moments = reduce_moments(trainer, moments)
+        elif isinstance(moments.num_units, int) and moments.num_units < 2:
+            return None
+        return batch_values(moments, self.mean_sq, group_mean_sq, groups_partition)
 
 
 class DispersionBackend:
