@@ -49,6 +49,29 @@ def test_exact_backends_match_closed_form(tmp_path, backend):
             assert rec.values[name] == pytest.approx(value, rel=1e-5), name
 
 
+@pytest.mark.parametrize("chunk_size", [None, 5])
+def test_functorch_takes_the_mean_gradient_from_the_training_step_and_matches_closed_form(tmp_path, monkeypatch,
+                                                                                           chunk_size):
+    """One backward per step (automatic optimization, no accumulation): the per-sample pass keeps
+    no running sum (``gradient_sum=False``; ‖ḡ‖² from the step's ``.grad``), one chunk or seven."""
+    from genbounds.callbacks.dispersion import per_sample
+
+    seen: list[bool] = []
+    original = per_sample.per_sample_gradient_moments
+    monkeypatch.setattr(per_sample, "per_sample_gradient_moments",
+                        lambda *a, **k: seen.append(k["gradient_sum"]) or original(*a, **k))
+    x, y = unit_sphere_regression(32, 6, seed=5)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    cb = GradientDispersion(backend="functorch", chunk_size=chunk_size)
+    records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=2)
+    assert seen == [False, False] and len(records) == 2
+    for rec in records:
+        for name, value in truth.items():
+            assert rec.values[name] == pytest.approx(value, rel=1e-5), name
+        assert 0 < rec.values["grad/trace_cov_se"] < rec.values["grad/trace_cov"]
+
+
 def test_microbatch_averages_to_closed_form_within_3_se(tmp_path):
     x, y = unit_sphere_regression(32, 6, seed=1)
     module = linear_regressor(6, lr=0.0)

@@ -178,3 +178,39 @@ def test_jacobian_chunks_with_an_unused_parameter():
 def test_centering_at_a_vector_of_another_length_is_an_error():
     with pytest.raises(ValueError, match="centring"):
         centered_row_sq_norms(torch.randn(2, 2 * psg.CENTER_BLOCK), torch.randn(2 * psg.CENTER_BLOCK + 5))
+
+
+@pytest.mark.parametrize("method", ["vmap", "jacobian"])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_without_the_running_sum_the_moments_are_the_same(method, chunk):
+    """``gradient_sum=False`` (ḡ is the caller's): the same Σ‖g_i‖², group sums and centred terms
+    as the brute force, and no Σ_i g_i is kept (one gradient's memory less)."""
+    model, batch, mean = _setup()
+    sq, _, centred = _brute(model, batch)
+    mo = per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=chunk, groups=[[0, 1], [2, 3, 4, 5]],
+                                     mean_gradient=mean, gradient_sum=False)
+    assert mo.weighted_sum is None
+    torch.testing.assert_close(mo.weighted_sq_norm_sum.double(), sq, rtol=1e-5, atol=0)
+    torch.testing.assert_close(mo.group_sq.sum(), mo.weighted_sq_norm_sum.double(), rtol=1e-9, atol=0)
+    s1, s2, count = mo.centered_sums
+    assert count == batch[0].shape[0]
+    torch.testing.assert_close(s1, centred.sum(), rtol=1e-4, atol=0)
+    torch.testing.assert_close(s2, (centred ** 2).sum(), rtol=1e-4, atol=0)
+
+
+def test_without_the_running_sum_no_add_over_the_gradient_runs(monkeypatch):
+    calls: list[int] = []
+    original = psg._add_row_sums_
+    monkeypatch.setattr(psg, "_add_row_sums_", lambda acc, chunk: calls.append(1) or original(acc, chunk))
+    model, batch, mean = _setup()
+    per_sample_gradient_moments(model, _loss, batch, chunk_size=2, mean_gradient=mean)
+    assert len(calls) == 4  # five chunks: the first starts the sum, four are added
+    calls.clear()
+    per_sample_gradient_moments(model, _loss, batch, chunk_size=2, mean_gradient=mean, gradient_sum=False)
+    assert calls == []
+
+
+def test_without_the_running_sum_the_mean_gradient_is_required():
+    model, batch, _ = _setup()
+    with pytest.raises(ValueError, match="needs mean_gradient"):
+        per_sample_gradient_moments(model, _loss, batch, gradient_sum=False)

@@ -32,6 +32,13 @@ faster there (the step 31× plain instead of 69×: the chunk's per-sample outer 
 memory-bound).
 The standard error needs ``‖g_i − ḡ‖²``: with one chunk it is computed directly; with several it
 needs ``ḡ`` beforehand (``mean_gradient``, e.g. the training step's ``.grad``), else it is omitted.
+
+**Without the running sum.** When the caller has ``ḡ`` already (``mean_gradient``) it may pass
+``gradient_sum=False``: ``Σ_i g_i`` is then not accumulated (``weighted_sum`` is ``None``; ``‖ḡ‖²``
+is the caller's to take from ``mean_gradient``). That drops one gradient's worth from the pass's
+memory and an add over the whole gradient per chunk — per sample, when chunks are single samples.
+On the 5.6 M-parameter MLP at ``b = 128`` (``backend="functorch"``, which reads ``ḡ`` from the
+training step's ``.grad``; docs/results/overhead.md): see the README's table for the numbers.
 """
 
 from __future__ import annotations
@@ -69,6 +76,7 @@ def per_sample_gradient_moments(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     groups: list[list[int]] | None = None,
     mean_gradient: list[Tensor] | None = None,
+    gradient_sum: bool = True,
     randomness: str = "different",
 ) -> GradientMoments:
     """Sufficient statistics of the per-sample gradients ``g_i`` of ``batch`` (units = samples).
@@ -82,12 +90,16 @@ def per_sample_gradient_moments(
         memory_budget: bytes (see the module docstring).
         groups: parameter indices per group (layer) for ``group_sq``.
         mean_gradient: ``ḡ`` per parameter, for the standard error when chunked.
+        gradient_sum: accumulate ``Σ_i g_i`` (``weighted_sum``); ``False`` needs ``mean_gradient``,
+            which then also centres a single chunk's terms (see the module docstring).
         randomness: ``vmap`` randomness for dropout-like layers (``"vmap"`` method).
 
     Returns:
-        :class:`GradientMoments` with ``Σ_i ‖g_i‖²``, ``Σ_i g_i``, per-group ``Σ_i ‖g_{i,k}‖²``,
-        the centred terms when available, and the per-sample losses.
+        :class:`GradientMoments` with ``Σ_i ‖g_i‖²``, ``Σ_i g_i`` (unless ``gradient_sum=False``),
+        per-group ``Σ_i ‖g_{i,k}‖²``, the centred terms when available, and the per-sample losses.
     """
+    if not gradient_sum and mean_gradient is None:
+        raise ValueError("gradient_sum=False needs mean_gradient (ḡ is then the caller's)")
     params = trainable_parameters(module)
     names = list(params)
     b = batch_size(batch)
@@ -109,9 +121,9 @@ def per_sample_gradient_moments(
         rows = torch.stack([row_sq_norms(g) for g in flat])  # [P, c]
         per_param_sq = rows.sum(1) if per_param_sq is None else per_param_sq + rows.sum(1)
         sq_sum = sq_sum.to(rows.device) + rows.sum()
-        if grad_sum is None:
+        if gradient_sum and grad_sum is None:
             grad_sum = [g.sum(0) for g in flat]
-        else:
+        elif gradient_sum:
             _add_row_sums_(grad_sum, flat)
         losses.append(loss.detach().reshape(-1))
         if single:
@@ -119,14 +131,15 @@ def per_sample_gradient_moments(
         elif mean_gradient is not None:
             centered.append(torch.stack([centered_row_sq_norms(g, m) for g, m in zip(flat, mean_gradient)]).sum(0))
         del flat  # (before the next chunk is computed: two chunks never coexist)
-    assert grad_sum is not None and per_param_sq is not None
+    assert per_param_sq is not None and (grad_sum is not None or not gradient_sum)
     terms = None
     if kept is not None:
-        mean = [s / b for s in grad_sum]
-        terms = torch.stack([centered_row_sq_norms(g, m) for g, m in zip(kept, mean)]).sum(0)
+        mean = [s / b for s in grad_sum] if grad_sum is not None else mean_gradient
+        assert mean is not None
+        terms = torch.stack([centered_row_sq_norms(g, m.reshape(-1)) for g, m in zip(kept, mean)]).sum(0)
     elif centered:
         terms = torch.cat(centered)
-    shaped_sum = [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]
+    shaped_sum = None if grad_sum is None else [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]
     group_sq = None
     if groups is not None:
         group_sq = torch.stack([per_param_sq[idx].sum() if idx else per_param_sq.new_zeros(()) for idx in groups])

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
 
-from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext
+from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
 from genbounds.callbacks.isolation import isolated_pass
+from genbounds.estimators.functional import LossFn, grouped_sq_norms
 from genbounds.estimators.gradient_dispersion import GradientMoments
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET, Method, per_sample_gradient_moments
-from genbounds.estimators.functional import LossFn
 
 
 class PerSampleBackend(DispersionBackend):
@@ -31,18 +32,28 @@ class PerSampleBackend(DispersionBackend):
         self.description = f"exact per-sample gradients by {how} (one extra pass, {held})"
         self.failed: Exception | None = None
         self._verified = False
+        self._mean_sq: Tensor | None = None
+        """``[K + 1]``: ``‖ḡ_k‖²`` per group and ``‖ḡ‖²`` of the ``.grad`` a measured step's pass was
+        centred at, when it kept no running sum of its own."""
 
     def after_backward(self, ctx: StepContext) -> GradientMoments | None:
         mean = None
         if self.grad_is_mean and ctx.accumulate == 1 and ctx.trainer.world_size == 1 \
                 and isinstance(ctx.loss_scale, float) and ctx.loss_scale == 1.0:
-            mean = [g if g is not None else None for g in ctx.extras.get("grads", [])] or None
+            mean = list(ctx.extras.get("grads", [])) or None
+            if mean is not None and any(g is None for g in mean):
+                mean = None
+        self._mean_sq = None
+        # one backward per window (automatic optimization, no accumulation): then that ḡ is the
+        # window's, and the pass keeps no running sum of its own
+        own_sum = mean is None or not ctx.module.automatic_optimization
         try:
             with isolated_pass(ctx.module, mode="keep"):
                 moments = per_sample_gradient_moments(
                     ctx.module, self.loss_fn, ctx.batch, method=self.method, chunk_size=self.chunk_size,
                     memory_budget=self.memory_budget, groups=ctx.groups,
-                    mean_gradient=None if mean is None else [m.reshape(-1) for m in mean])
+                    mean_gradient=None if mean is None else [m.reshape(-1) for m in mean],
+                    gradient_sum=own_sum)
         except Exception as err:  # noqa: BLE001 - never crash mid-training on a model torch.func cannot handle
             if self._verified:
                 raise
@@ -52,4 +63,15 @@ class PerSampleBackend(DispersionBackend):
                 f"({type(err).__name__}: {err}); switching to backend='microbatch'.")
             return None
         self._verified = True
+        if not own_sum:  # ‖ḡ‖² and ‖ḡ_k‖² of the ḡ the terms were centred at (one gradient's memory
+            # less than a running sum, and no add over the whole gradient per sample)
+            self._mean_sq = grouped_sq_norms(mean, ctx.groups)
         return moments
+
+    def end_window(self, ctx: StepContext, window: GradientMoments | None) -> WindowResult | None:
+        if window is None:
+            return None
+        norms, self._mean_sq = self._mean_sq, None
+        if window.weighted_sum is not None or norms is None:
+            return WindowResult(window)
+        return WindowResult(window, mean_sq=norms[-1], group_mean_sq=norms[:-1])
