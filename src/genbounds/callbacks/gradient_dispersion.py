@@ -85,8 +85,10 @@ class GradientDispersion(MeasurementCallback):
         memory_budget_mb: MiB of per-sample gradients (and as much again in temporaries) the
             functorch backend holds at once; at least one sample is held. The default, 64 MiB,
             takes one sample at a time for models above about 4.2 M parameters: the pass then holds
-            about twice the model's gradient (a per-sample gradient and the running sum)
-            (:mod:`genbounds.estimators.per_sample_gradients`).
+            one per-sample gradient, as much as the step's own ``.grad``, from which it reads ``ḡ``
+            (where ``.grad`` is not the batch mean — gradient accumulation, manual optimization,
+            several processes, a loss scale, a training loss with other terms — it keeps a running
+            sum instead: twice that) (:mod:`genbounds.estimators.per_sample_gradients`).
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses``; default: the loss contract
             (``per_sample_loss`` method, else captured from ``training_step``).
         layer_groups: parameter-name prefix → group name for the per-layer split (default: one

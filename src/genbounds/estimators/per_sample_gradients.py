@@ -16,29 +16,27 @@ Two methods give the same ``g_i = ∇ℓ(w, z_i)``:
   parameter the hooks cover (``ghost_norms.plan``); no standard error.
 
 **Memory.** ``c`` per-sample gradients of ``d`` parameters take ``4·c·d`` bytes (fp32). Besides
-them the pass holds the running sum ``Σ_i g_i`` (``4·d``) and temporaries of one layer at a time:
-the chunk's sum is added by a matrix-vector product, the centred terms are taken ``CENTER_BLOCK``
-columns at a time, and a chunk is released before the next one is computed. Without an explicit
-``chunk_size`` the batch is processed in chunks of ``c = max(1, budget // (2 · 4 · d))`` samples
-(``c`` gradients and as much again for the vectorized backward's temporaries), ``budget`` =
-``memory_budget`` bytes, default 64 MiB, whatever the batch size. Above about 4.2 M parameters
-that is one sample at a time: the pass then holds about two gradients' worth (one per-sample
-gradient and the running sum) next to what plain training holds (parameters, gradient, optimizer
-state). Measured on the 5.6 M-parameter MLP at ``b = 128`` (``benchmarks/overhead_dispersion.py``,
-docs/results/overhead.md, 12 rounds): peak-memory growth 2.07× plain training's, whole-process
-peak 1.03×, against 6.0× and 1.31× with the earlier default (256 MiB, ``c = 4``, a copy of each
-chunk for its sum and its centring, two chunks alive at a time); one sample at a time was also
-faster there (the step 31× plain instead of 69×: the chunk's per-sample outer products are
-memory-bound).
+them the pass holds the running sum ``Σ_i g_i`` (``4·d``) — unless the caller has ``ḡ`` already
+(below) — and temporaries of one layer at a time: the chunk's sum is added by a matrix-vector
+product, the centred terms are taken ``CENTER_BLOCK`` columns at a time, and a chunk is released
+before the next one is computed. Without an explicit ``chunk_size`` the batch is processed in
+chunks of ``c = max(1, budget // (2 · 4 · d))`` samples (``c`` gradients and as much again for the
+vectorized backward's temporaries), ``budget`` = ``memory_budget`` bytes, default 64 MiB, whatever
+the batch size. Above about 4.2 M parameters that is one sample at a time.
 The standard error needs ``‖g_i − ḡ‖²``: with one chunk it is computed directly; with several it
 needs ``ḡ`` beforehand (``mean_gradient``, e.g. the training step's ``.grad``), else it is omitted.
 
-**Without the running sum.** When the caller has ``ḡ`` already (``mean_gradient``) it may pass
+**Without the running sum.** A caller that has ``ḡ`` (``mean_gradient``) may pass
 ``gradient_sum=False``: ``Σ_i g_i`` is then not accumulated (``weighted_sum`` is ``None``; ``‖ḡ‖²``
-is the caller's to take from ``mean_gradient``). That drops one gradient's worth from the pass's
-memory and an add over the whole gradient per chunk — per sample, when chunks are single samples.
-On the 5.6 M-parameter MLP at ``b = 128`` (``backend="functorch"``, which reads ``ḡ`` from the
-training step's ``.grad``; docs/results/overhead.md): see the README's table for the numbers.
+is the caller's to take from ``mean_gradient``). The functorch backend of ``GradientDispersion``
+does so whenever the training step's ``.grad`` is the batch mean (automatic optimization, no
+accumulation, one process). One sample at a time, the pass then holds one per-sample gradient —
+what a plain backward allocates for ``.grad`` — instead of two, and skips an add over the whole
+gradient per sample. Measured on the 5.6 M-parameter MLP at ``b = 128``
+(``benchmarks/per_sample_pass_memory.py``, fresh processes, glibc's mmap threshold fixed so that
+the resident set follows the tensors alive): the pass's peak 44.8 → 23.3 MiB (2.10 → 1.09
+per-sample gradients; a plain backward 22.0 MiB). Under glibc's default the same peaks scatter by
+tens of MiB either way (freed heap pages kept up to twice the largest freed block).
 """
 
 from __future__ import annotations
