@@ -42,7 +42,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from common import describe_machine_md, load_average, machine_description, reset_peak_rss, status_kib, trim_heap  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine_md,
+    load_average,
+    machine_description,
+    reset_peak_rss,
+    status_kib,
+    trim_heap,
+)
 
 KINDS = ("plain backward", "pass, running sum", "pass, no running sum")
 ALLOCATORS = {

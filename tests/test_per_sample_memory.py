@@ -187,8 +187,8 @@ def test_without_the_running_sum_the_moments_are_the_same(method, chunk):
     as the brute force, and no Σ_i g_i is kept (one gradient's memory less)."""
     model, batch, mean = _setup()
     sq, _, centred = _brute(model, batch)
-    mo = per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=chunk, groups=[[0, 1], [2, 3, 4, 5]],
-                                     mean_gradient=mean, gradient_sum=False)
+    mo = per_sample_gradient_moments(model, _loss, batch, method=method, chunk_size=chunk,
+                                     groups=[[0, 1], [2, 3, 4, 5]], mean_gradient=mean, gradient_sum=False)
     assert mo.weighted_sum is None
     torch.testing.assert_close(mo.weighted_sq_norm_sum.double(), sq, rtol=1e-5, atol=0)
     torch.testing.assert_close(mo.group_sq.sum(), mo.weighted_sq_norm_sum.double(), rtol=1e-9, atol=0)

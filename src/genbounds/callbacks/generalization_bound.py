@@ -323,7 +323,8 @@ class GeneralizationBound(ProbeCallback):
             self.producers.dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
-                     warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step, gap_at_start=self.gap_at_start,
+                     warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step,
+                     gap_at_start=self.gap_at_start,
                      **self.loss_range.state_dict(), evaluations=self.evaluations,
                      budget=self.budget.state_dict() if self.budget is not None else None)
         return state
