@@ -72,6 +72,25 @@ def test_functorch_takes_the_mean_gradient_from_the_training_step_and_matches_cl
         assert 0 < rec.values["grad/trace_cov_se"] < rec.values["grad/trace_cov"]
 
 
+def test_functorch_with_a_parameter_the_loss_never_reaches_stays_exact(tmp_path):
+    """A trainable parameter the loss does not use has no ``.grad`` after the step's backward: its
+    part of ``ḡ`` is read as zeros, as its per-sample gradients are, and the pass stays on
+    functorch, exact."""
+    x, y = unit_sphere_regression(32, 6, seed=6)
+    module = linear_regressor(6, lr=0.0)
+    truth = exact_linear_stats(module, x, y)
+    module.network.unused = torch.nn.Parameter(torch.zeros(3))
+    cb = GradientDispersion(backend="functorch", chunk_size=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = run_collect(tmp_path, module, TensorData(x, y, 32), cb, max_steps=2)
+    assert not [w for w in caught if "switching to backend" in str(w.message)]
+    assert cb.active_backend == "functorch" and len(records) == 2
+    for rec in records:
+        for name, value in truth.items():
+            assert rec.values[name] == pytest.approx(value, rel=1e-5), name
+
+
 def test_microbatch_averages_to_closed_form_within_3_se(tmp_path):
     x, y = unit_sphere_regression(32, 6, seed=1)
     module = linear_regressor(6, lr=0.0)

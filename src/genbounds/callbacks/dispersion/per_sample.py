@@ -40,9 +40,7 @@ class PerSampleBackend(DispersionBackend):
         mean = None
         if self.grad_is_mean and ctx.accumulate == 1 and ctx.trainer.world_size == 1 \
                 and isinstance(ctx.loss_scale, float) and ctx.loss_scale == 1.0:
-            mean = list(ctx.extras.get("grads", [])) or None
-            if mean is not None and any(g is None for g in mean):
-                mean = None
+            mean = list(ctx.extras.get("grads", [])) or None  # (zeros where .grad is None)
         self._mean_sq = None
         # one backward per window (automatic optimization, no accumulation): then that ḡ is the
         # window's, and the pass keeps no running sum of its own
