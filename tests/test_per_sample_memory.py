@@ -214,3 +214,20 @@ def test_without_the_running_sum_the_mean_gradient_is_required():
     model, batch, _ = _setup()
     with pytest.raises(ValueError, match="needs mean_gradient"):
         per_sample_gradient_moments(model, _loss, batch, gradient_sum=False)
+
+
+@pytest.mark.parametrize("c", [1, 3])
+@pytest.mark.parametrize("n", [700, 2048, 5000])
+def test_centring_into_a_scratch_buffer_is_bit_identical(monkeypatch, c, n):
+    """``centered_row_sq_norms(…, scratch)`` writes its blocks into the one buffer (no temporary
+    per block: the pass's 1 MiB blocks were what grew the heap under glibc's default) and gives
+    exactly what it gives without one."""
+    monkeypatch.setattr(psg, "CENTER_BLOCK", 1024)
+    torch.manual_seed(n + c)
+    rows, center = torch.randn(c, n), torch.randn(n)
+    scratch = torch.full((c + 1, 1024), float("nan"))
+    got = centered_row_sq_norms(rows, center, scratch)
+    assert torch.equal(got, centered_row_sq_norms(rows, center))
+    torch.testing.assert_close(got, ((rows.double() - center.double()) ** 2).sum(1), rtol=1e-6, atol=0)
+    last = n - (n - 1) // 1024 * 1024  # the last block's width, written last
+    assert torch.equal(scratch[:c, :last], rows[:, n - last:] - center[n - last:])
