@@ -24,8 +24,9 @@ Each configuration is run twice: with glibc's mmap threshold fixed at 128 KiB in
 (``MALLOC_MMAP_THRESHOLD_``, which also turns off its dynamic adjustment: every block of 128 KiB
 or more is mapped on allocation and unmapped on free, so the peak tracks the tensors alive), and
 with glibc's default, whose threshold follows the largest block freed so far (up to 32 MiB) and
-keeps freed heap pages up to twice that: what a user's process sees, and why single measurements
-of it scatter by tens of MiB.
+keeps freed heap pages up to twice that: what a user's process sees. (Before the pass centred
+into one scratch buffer, its many 1 MiB temporaries made the default's peaks scatter by tens of
+MiB: docs/results/overhead.md.)
 """
 
 from __future__ import annotations
