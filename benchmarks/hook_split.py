@@ -103,6 +103,7 @@ def main() -> None:
     print(f"* the gradient's piece norms (`squared_pieces`, inside `‖ḡ_k‖²`): {_alone(lambda: squared_pieces(grads)):.0f} µs")
     print(f"* `grouped_sq_norms` whole: {_alone(lambda: grouped_sq_norms(grads, groups)):.0f} µs")
     forward_alone(base, batches, args.steps)
+    hooks_own_time(base, batches, args.steps)
 
 
 def forward_alone(model: torch.nn.Module, batches: list, steps: int) -> None:
@@ -142,6 +143,41 @@ def forward_alone(model: torch.nn.Module, batches: list, steps: int) -> None:
     for kind in kinds:
         t = statistics.median(times[kind][skip:]) * 1e6
         print(f"* forward, {kind}: {t:.0f} µs ({t - plain:+.0f})")
+
+
+def hooks_own_time(model: torch.nn.Module, batches: list, steps: int) -> None:
+    """The hooks' own Python, timed inside them (``GhostNormHooks.seconds``, the clock the
+    overhead budget charges), in the forward and in the backward of training steps: what the
+    phase table's extra is beyond it is PyTorch's dispatch of the hooks and the step's caches."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from genbounds.estimators.ghost_norms import GhostNormHooks
+
+    hooked = copy.deepcopy(model)
+    hooks = GhostNormHooks.for_model(hooked)
+    hooks.attach()
+    opt = torch.optim.SGD(hooked.parameters(), lr=0.01)
+    forward: list[float] = []
+    backward: list[float] = []
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        opt.zero_grad(set_to_none=True)
+        hooks.arm()
+        s0 = hooks.seconds
+        loss = F.cross_entropy(hooked(x), y)
+        s1 = hooks.seconds
+        loss.backward()
+        forward.append(s1 - s0)
+        backward.append(hooks.seconds - s1)
+        hooks.read_sums()
+        opt.step()
+    hooks.unhook()
+    skip = steps // 10
+    fwd, bwd = (statistics.median(v[skip:]) * 1e6 for v in (forward, backward))
+    print(f"\nThe hooks' own time, timed inside them ({steps} steps; medians): forward {fwd:.0f} µs, "
+          f"backward {bwd:.0f} µs")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import statistics
 
 import pytest
@@ -126,6 +127,8 @@ def test_hook_split_times_every_phase_of_a_measured_step(capsys, monkeypatch):
     assert "**sum of the medians**" in out and "timed alone" in out
     for kind in ("plain", "no-op global forward hook", "ghost-norm hooks armed"):
         assert f"* forward, {kind}: " in out
+    own = re.search(r"timed inside them \(20 steps; medians\): forward (\d+) µs, backward (\d+) µs", out)
+    assert own is not None and int(own.group(2)) > 0, out
 
 
 def test_per_sample_pass_memory_shows_the_running_sum_as_one_gradient(capsys, monkeypatch):
