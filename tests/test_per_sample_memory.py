@@ -231,3 +231,14 @@ def test_centring_into_a_scratch_buffer_is_bit_identical(monkeypatch, c, n):
     torch.testing.assert_close(got, ((rows.double() - center.double()) ** 2).sum(1), rtol=1e-6, atol=0)
     last = n - (n - 1) // 1024 * 1024  # the last block's width, written last
     assert torch.equal(scratch[:c, :last], rows[:, n - last:] - center[n - last:])
+
+
+def test_a_scratch_buffer_of_another_dtype_or_too_small_is_not_written():
+    """A model whose parameters differ in dtype (or a chunk wider than the buffer) centres those
+    rows in a temporary of their own dtype, as without the buffer: never cast into it."""
+    torch.manual_seed(1)
+    rows, center = torch.randn(2, 700, dtype=torch.float64), torch.randn(700, dtype=torch.float64)
+    for scratch in (torch.full((2, 1024), float("nan")), torch.full((1, 1024), float("nan"), dtype=torch.float64)):
+        got = centered_row_sq_norms(rows, center, scratch)
+        assert torch.equal(got, centered_row_sq_norms(rows, center))
+        assert torch.isnan(scratch).all()

@@ -130,9 +130,8 @@ def per_sample_gradient_moments(
         if single:
             kept = flat
         elif mean_gradient is not None:
-            if scratch is None or scratch.shape[0] < flat[0].shape[0] or scratch.dtype != flat[0].dtype:
-                widest = max(g.shape[1] for g in flat)
-                scratch = flat[0].new_empty(flat[0].shape[0], min(widest, CENTER_BLOCK))
+            if scratch is None:  # (the first chunk has the most rows)
+                scratch = _centring_scratch(flat)
             centered.append(torch.stack([centered_row_sq_norms(g, m, scratch)
                                          for g, m in zip(flat, mean_gradient)]).sum(0))
         del flat  # (before the next chunk is computed: two chunks never coexist)
@@ -141,7 +140,8 @@ def per_sample_gradient_moments(
     if kept is not None:
         mean = [s / b for s in grad_sum] if grad_sum is not None else mean_gradient
         assert mean is not None
-        terms = torch.stack([centered_row_sq_norms(g, m.reshape(-1)) for g, m in zip(kept, mean)]).sum(0)
+        scratch = _centring_scratch(kept)
+        terms = torch.stack([centered_row_sq_norms(g, m.reshape(-1), scratch) for g, m in zip(kept, mean)]).sum(0)
     elif centered:
         terms = torch.cat(centered)
     shaped_sum = None if grad_sum is None else [s.reshape(params[n].shape) for s, n in zip(grad_sum, names)]
@@ -169,22 +169,32 @@ one float64 norm)."""
 def centered_row_sq_norms(rows: Tensor, center: Tensor, scratch: Tensor | None = None) -> Tensor:
     """``[c]`` float64 ``‖rows_i − center‖²`` of a ``[c, n]`` tensor and an ``n``-vector, centred
     ``CENTER_BLOCK`` columns at a time: the temporary is ``c × CENTER_BLOCK`` values, not a copy of
-    ``rows`` (on the 5.6 M-parameter MLP a 16 MB copy of its 2000×2000 layer per sample). With
-    ``scratch`` (``[≥ c, ≥ min(n, CENTER_BLOCK)]``, ``rows``' dtype and device) the blocks are
-    written into it instead of a new temporary each."""
+    ``rows`` (on the 5.6 M-parameter MLP a 16 MB copy of its 2000×2000 layer per sample). The
+    blocks are written into ``scratch`` instead of a new temporary each where it fits them: the
+    same dtype and device as ``rows`` and at least ``[c, min(n, CENTER_BLOCK)]`` (a parameter of
+    another dtype is centred as without it, never cast into it)."""
     center = center.reshape(1, -1)
     c, n = rows.shape
     if center.shape[1] != n:
         raise ValueError(f"centring {n} columns at a {center.shape[1]}-vector")
+    fits = (scratch is not None and scratch.dtype == rows.dtype and scratch.device == rows.device
+            and scratch.shape[0] >= c and scratch.shape[1] >= min(n, CENTER_BLOCK))
     total: Tensor | int = 0
     for s in range(0, max(n, 1), CENTER_BLOCK):
         w = min(CENTER_BLOCK, n - s)
-        if scratch is not None and w > 0:
+        if fits and w > 0:
             block = torch.sub(rows[:, s:s + w], center[:, s:s + w], out=scratch[:c, :w])
         else:
             block = rows[:, s:s + CENTER_BLOCK] - center[:, s:s + CENTER_BLOCK]
         total = total + row_sq_norms(block)
     return total  # type: ignore[return-value]
+
+
+def _centring_scratch(chunk: list[Tensor]) -> Tensor:
+    """The one buffer a pass centres its blocks in: the chunk's rows by its widest block, in the
+    first parameter's dtype (:func:`centered_row_sq_norms` takes others' blocks as temporaries)."""
+    widest = max(g.shape[1] for g in chunk)
+    return chunk[0].new_empty(chunk[0].shape[0], min(widest, CENTER_BLOCK))
 
 
 def _add_row_sums_(acc: list[Tensor], chunk: list[Tensor]) -> None:
