@@ -63,6 +63,10 @@ def _loss(module: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.
     return F.cross_entropy(module(batch[0]), batch[1], reduction="none")
 
 
+def _mlp(width: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+
+
 def _growth_mib(fn) -> tuple[float, float]:
     """``(MiB of resident-set growth while fn runs, its seconds)``."""
     trim_heap()
@@ -83,7 +87,7 @@ def child(kind: str, width: int, b: int, budget_mib: float) -> tuple[float, floa
     from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(784, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
+    model = _mlp(width)
     batch = (torch.randn(b, 784), torch.randint(0, 10, (b,)))
 
     def plain() -> None:
@@ -116,7 +120,7 @@ def main() -> None:
 
     import subprocess
 
-    d = 784 * args.width + args.width + args.width * args.width + args.width + args.width * 10 + 10
+    d = sum(p.numel() for p in _mlp(args.width).parameters())
     loads = [load_average()]
     results: dict[str, dict[str, list[float]]] = {}
     times: dict[str, dict[str, list[float]]] = {}

@@ -139,8 +139,8 @@ def bound_values(inputs: BoundInputs | None, wanted: Sequence[str]) -> tuple[dic
     none: never left out), with ``(kind, message)`` for each note the inputs carry."""
     if inputs is None:
         return {f"bound/{name}{tail}": math.nan for tail in ("", "_se") for name in wanted}, []
-    kinds = [note.split(":", 1) for note in inputs.notes]
-    return compute_bounds(inputs), [(kind[0], "GeneralizationBound: " + kind[-1].strip()) for kind in kinds]
+    parts = [note.split(":", 1) for note in inputs.notes]  # "kind: message"
+    return compute_bounds(inputs), [(part[0], "GeneralizationBound: " + part[-1].strip()) for part in parts]
 
 
 def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | None, *, plain_sgd: bool,
