@@ -152,3 +152,31 @@ def test_per_sample_pass_memory_shows_the_running_sum_as_one_gradient(capsys, mo
     assert fixed["pass, running sum"] - fixed["pass, no running sum"] >= 0.8, out
     assert fixed["pass, no running sum"] < 2.0, out
     assert "The pass's time" in out
+
+
+def test_kernel_floor_times_every_route_and_the_callbacks_hooks(capsys, monkeypatch):
+    """``benchmarks/kernel_floor.py`` (a short run): every route to the row norms and to ``‖ḡ‖²``
+    with a time and an error — the hooks' own routes exact to float64's 3e-7, the fp32 multi-tensor
+    norm visibly less so —, the three placements of ``‖ḡ_k‖²`` in a step, and Lightning's profile
+    with the callback's own hooks counted as extra."""
+    floor = benchmark_module("kernel_floor")
+    monkeypatch.setattr("sys.argv", ["kernel_floor.py", "--steps", "12", "--reps", "3"])
+    floor.main()
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.splitlines() if line.startswith("| ") and "---" not in line}
+    ours_rows = rows[next(k for k in rows if k.startswith("`_rowsq`"))]
+    assert len(ours_rows) == 3
+    for cell in ours_rows:
+        m = re.fullmatch(r"([\d.]+) µs \(([\d.e+-]+)\)", cell)
+        assert m is not None and float(m.group(2)) <= 3e-7, cell
+    pieces = rows[next(k for k in rows if k.startswith("`squared_pieces`"))]
+    fp32 = rows["`_foreach_norm`, fp32"]
+    assert float(pieces[2]) <= 3e-7 < float(fp32[2]), (pieces, fp32)
+    for where in ("plain", "after the backward (ours)", "in post-accumulate-grad hooks"):
+        assert re.fullmatch(r"\d+", rows[where][0]), rows[where]
+    reads = [k for k in rows if k.startswith("the per-sample norms") or k.startswith("`‖ḡ_k‖²`")]
+    assert len(reads) == 2 and all(re.fullmatch(r"\d+", c) for k in reads for c in rows[k]), reads
+    hooks = [k for k in rows if "GradientDispersion" in k and "on_before_optimizer_step" in k]
+    assert len(hooks) == 1 and rows[hooks[0]][0] == "–" and rows[hooks[0]][2].startswith("+"), hooks
+    assert "run_training_batch" in rows
