@@ -3,6 +3,7 @@ alternatives, and where Lightning spends the rest.
 
     OMP_NUM_THREADS=1 python benchmarks/kernel_floor.py              # about 2 min
     OMP_NUM_THREADS=1 python benchmarks/kernel_floor.py --steps 200  # shorter
+    OMP_NUM_THREADS=1 python benchmarks/kernel_floor.py --compile    # also the read compiled (torch.compile)
 
 ``GradientDispersion()`` every step on the MLP 784-512-512-10 at batch 128 (the model of
 ``overhead_dispersion.py``) adds two kinds of work to a step: the per-sample norms of each layer
@@ -79,10 +80,26 @@ def row_norm_routes() -> dict:
     }
 
 
-def grad_norm_routes() -> dict:
-    """Routes to ``‖ḡ‖²`` over a list of fp32 tensors (ours first)."""
+def _float64_sq_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.double().square().sum() for t in tensors]).sum()
+
+
+_COMPILED: list = []
+"""``torch.compile`` of :func:`_float64_sq_sum`, once (``--compile``)."""
+
+
+def compiled_sq_sum():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_float64_sq_sum, dynamic=False))
+    return _COMPILED[0]
+
+
+def grad_norm_routes(compiled: bool = False) -> dict:
+    """Routes to ``‖ḡ‖²`` over a list of fp32 tensors (ours first; with ``compiled``, also the
+    float64 squared sums compiled by ``torch.compile`` into one call)."""
     from genbounds.estimators.functional import squared_pieces
 
+    extra = {"`torch.compile` of the float64 squared sums (one call)": compiled_sq_sum()} if compiled else {}
     return {
         "`squared_pieces` (ours: fp32 norms of 1,024-value pieces, squared and summed in float64)":
             lambda ts: squared_pieces(ts)[0].sum(),
@@ -90,10 +107,10 @@ def grad_norm_routes() -> dict:
         "`_foreach_norm`, float64": lambda ts: torch.stack(torch._foreach_norm(ts, dtype=torch.float64)).square().sum(),
         "`dot` per tensor": lambda ts: sum(torch.dot(t.reshape(-1), t.reshape(-1)).double() for t in ts),
         "`square().sum(dtype=float64)` per tensor": lambda ts: sum(t.square().sum(dtype=torch.float64) for t in ts),
-    }
+    } | extra
 
 
-def kernels_alone(reps: int) -> str:
+def kernels_alone(reps: int, compiled: bool = False) -> str:
     from genbounds.estimators.ghost_norms.linear import _LinearKind
 
     torch.manual_seed(0)
@@ -125,14 +142,14 @@ def kernels_alone(reps: int) -> str:
     nbytes = sum(t.numel() * t.element_size() for t in grads)
     lines += ["", f"`‖ḡ‖²` over the MLP's gradient ({sum(t.numel() for t in grads):,} fp32 values, "
               f"{nbytes / 2**20:.2f} MiB):\n", "| route | µs | read rate | relative error |", "|---|---:|---:|---:|"]
-    for name, fn in grad_norm_routes().items():
+    for name, fn in grad_norm_routes(compiled).items():
         us = alone_us(lambda: fn(grads), max(1, reps // 4))
         err = abs(float(fn(grads)) - exact) / exact
         lines.append(f"| {name} | {us:.0f} | {nbytes / us / 1e3:.1f} GB/s | {err:.1e} |")
     return "\n".join(lines)
 
 
-def inside_a_step(steps: int) -> str:
+def inside_a_step(steps: int, compiled: bool = False) -> str:
     """Three copies of the MLP stepped in turn: plain, ``‖ḡ_k‖²`` after the backward (ours), and
     the same norms in post-accumulate-grad hooks (the gradient just written)."""
     import torch.nn.functional as F
@@ -205,7 +222,9 @@ def inside_a_step(steps: int) -> str:
         for layer, a, out in kept:
             kind.single(layer, a, out.grad, True, True, None, out=row)
 
-    reads: dict[str, list[float]] = {k: [] for k in ("norms", "norms again", "grad", "grad again", "weights")}
+    reads: dict[str, list[float]] = {k: [] for k in ("norms", "norms again", "grad", "grad again", "weights",
+                                                     "grad, compiled")}
+    sq_sum = compiled_sq_sum() if compiled else None
     for it in range(steps):
         x, y = batches[it % len(batches)]
         opt.zero_grad(set_to_none=True)
@@ -213,21 +232,26 @@ def inside_a_step(steps: int) -> str:
         F.cross_entropy(model(x), y).backward()
         grads = [p.grad for p in model.parameters()]
         weights = [p.detach() for p in model.parameters()]
-        for key, fn in (("norms", norms), ("norms again", norms),
-                        ("grad", lambda: grouped_sq_norms(grads, groups)),
+        # (with --compile, every other step's first read of the gradient is the compiled one)
+        first_read = ("grad, compiled", lambda: sq_sum(grads)) if compiled and it % 2 else (
+            "grad", lambda: grouped_sq_norms(grads, groups))
+        for key, fn in (("norms", norms), ("norms again", norms), first_read,
                         ("grad again", lambda: grouped_sq_norms(grads, groups)),
                         ("weights", lambda: grouped_sq_norms(weights, groups))):
             t0 = time.perf_counter()
             fn()
             reads[key].append(time.perf_counter() - t0)
         opt.step()
-    us = {k: statistics.median(v[skip:]) * 1e6 for k, v in reads.items()}
+    us = {k: statistics.median(v[skip // 2:]) * 1e6 for k, v in reads.items() if v}
     lines += ["", f"Right after the backward ({steps} steps), each read twice in a row (µs):\n",
               "| read | first | again at once |", "|---|---:|---:|",
               f"| the per-sample norms of the three layers (`_LinearKind.single` on the kept inputs and output "
               f"gradients) | {us['norms']:.0f} | {us['norms again']:.0f} |",
               f"| `‖ḡ_k‖²` (`grouped_sq_norms` of `.grad`) | {us['grad']:.0f} | {us['grad again']:.0f} |",
               f"| the same of the weights | {us['weights']:.0f} | – |"]
+    if compiled:
+        lines.append(f"| `‖ḡ‖²` compiled (`torch.compile` of the float64 squared sums), every other step | "
+                     f"{us['grad, compiled']:.0f} | – |")
     return "\n".join(lines)
 
 
@@ -300,10 +324,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="steps of each side in parts 2 and 3")
     parser.add_argument("--reps", type=int, default=400, help="calls per timed block in part 1")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the gradient's read compiled by torch.compile (a C++ compiler; ~20 s more)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     loads = [load_average()]
-    parts = [kernels_alone(args.reps), inside_a_step(args.steps), lightning_profile(args.steps)]
+    parts = [kernels_alone(args.reps, args.compile), inside_a_step(args.steps, args.compile),
+             lightning_profile(args.steps)]
     loads.append(load_average())
     text = "\n\n".join(["## The MLP's measured step against its kernels (`benchmarks/kernel_floor.py`)",
                         describe_machine_md(machine_description(), loads), *parts])
