@@ -285,13 +285,18 @@ def lightning_profile(steps: int) -> str:
             disp.step_budget.measures = measures
 
     profiler = SimpleProfiler()
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = pl.Trainer(max_steps=steps, default_root_dir=logdir, logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0, callbacks=[Blocks(), disp], profiler=profiler)
-        trainer.fit(module, train_dataloaders=sample_loader(batches, steps + 9))
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)  # (the profiler's report and Lightning's notes; restored below)
+    try:
+        with tempfile.TemporaryDirectory() as logdir, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer = pl.Trainer(max_steps=steps, default_root_dir=logdir, logger=False, enable_checkpointing=False,
+                                 enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                 limit_val_batches=0, callbacks=[Blocks(), disp], profiler=profiler)
+            trainer.fit(module, train_dataloaders=sample_loader(batches, steps + 9))
+    finally:
+        lightning_log.setLevel(level)
     skip = 2 * block  # the first pair: warm-up
     rows = []
     for action, durations in profiler.recorded_durations.items():

@@ -159,9 +159,15 @@ def test_kernel_floor_times_every_route_and_the_callbacks_hooks(capsys, monkeypa
     with a time and an error — the hooks' own routes exact to float64's 3e-7, the fp32 multi-tensor
     norm visibly less so —, the three placements of ``‖ḡ_k‖²`` in a step, and Lightning's profile
     with the callback's own hooks counted as extra."""
+    import logging
+
     floor = benchmark_module("kernel_floor")
     monkeypatch.setattr("sys.argv", ["kernel_floor.py", "--steps", "12", "--reps", "3"])
+    level = logging.getLogger("lightning.pytorch").level
     floor.main()
+    # (it quiets Lightning's logger for its fit only: a level left behind hid the INFO lines
+    # later tests of this process read)
+    assert logging.getLogger("lightning.pytorch").level == level
     out = capsys.readouterr().out
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in out.splitlines() if line.startswith("| ") and "---" not in line}

@@ -196,3 +196,42 @@ def test_given_r_without_validation_still_gives_the_bounds_that_need_no_heldout(
     assert math.isfinite(agg.latest["bound/wang_mao_eq3"]) and agg.latest["bound/wang_mao_eq3"] > 0
     assert math.isfinite(agg.latest["bound/wang_mao_eq3_se"])
     assert "gap/measured" not in agg.latest  # nothing held-out was measured
+
+
+@pytest.mark.parametrize("watcher", ["early", "checkpoint"])
+def test_a_monitor_of_a_bound_under_a_budget_is_refused_before_step_0(tmp_path, watcher):
+    """With an overhead budget the bounds are evaluated only when affordable: Lightning's monitors
+    would find no value at the first validations (EarlyStopping stopped the README's own snippet
+    with "not available") and the last evaluation's value again afterwards. Refused at fit start,
+    naming the monitor and the way out; a monitor of the user's own metric is untouched."""
+    monitor = {"early": EarlyStopping(monitor="bound/wang_mao_eq3", mode="min"),
+               "checkpoint": ModelCheckpoint(monitor="gap/measured", mode="min")}[watcher]
+    steps: list[int] = []
+
+    class CountSteps(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            steps.append(trainer.global_step)
+
+    with pytest.raises(MisconfigurationException, match=r"overhead_budget=0\.2.*Remove overhead_budget") as err:
+        small_fit(tmp_path, [*bound_suite(overhead_budget=0.2), monitor, CountSteps()], enable_checkpointing=True)
+    assert f"{type(monitor).__name__}(monitor={monitor.monitor!r})" in str(err.value)
+    assert steps == []  # refused before step 0
+    t, _ = small_fit(tmp_path, [*bound_suite(overhead_budget=0.2), CountSteps(),
+                                EarlyStopping(monitor="val_loss", mode="min", patience=100)], max_epochs=1)
+    assert t.global_step == 5 and steps
+
+
+def test_the_results_table_names_a_probe_that_never_ran(tmp_path, capsys):
+    """A configured probe that never measured (its schedule never came, or the budget never
+    afforded it) is named at the end — the main job's HessianContractivity(every_n_epochs=10)
+    under its budget left no tag and no word. The producers the bounds asked for at the end
+    (Flatness and HessianTrace with no schedule of their own) did run and are not named."""
+    from genbounds.callbacks import HessianContractivity
+
+    small_fit(tmp_path, [*bound_suite(), HessianContractivity(num_points=2, every_n_epochs=10, at_train_end=False)])
+    out = capsys.readouterr().out
+    assert "genbounds — final values at step 10" in out
+    lines = [line for line in out.splitlines() if line.startswith("not measured in this run:")]
+    assert lines == ["not measured in this run: HessianContractivity (its schedule never let it run)"], out
+    small_fit(tmp_path, bound_suite())
+    assert "not measured in this run" not in capsys.readouterr().out

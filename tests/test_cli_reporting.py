@@ -35,6 +35,16 @@ def test_lightning_cli_help_still_works(capsys):
     assert "--trainer" in capsys.readouterr().out
 
 
+def test_the_console_script_reaches_lightning_cli_without_its_args_warning():
+    """``genbounds fit …`` from a shell: LightningCLI reads the command line itself. Passing it
+    ``sys.argv[1:]`` as ``args`` as well made it warn on every run that args and command-line
+    arguments were both given."""
+    proc = subprocess.run([sys.executable, "-m", "genbounds", "fit", "--help"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "--trainer" in proc.stdout
+    assert "args parameter is intended" not in proc.stderr + proc.stdout, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", ["report", "compare", "gate", "rank"])
 def test_each_reporting_help_names_files_and_exit_codes(command, capsys):
     assert run_cli(command, "--help") == 0

@@ -342,3 +342,14 @@ def test_report_on_a_parent_folder_reports_every_run(tmp_path, capsys):
     # the report folders are not runs: gating the parent still finds exactly two
     assert run_cli("gate", str(tmp_path / "exp"), "--max", "gap/measured=1") == 0
     assert "2 passed, 0 failed" in capsys.readouterr().out
+
+
+def test_report_lists_settings_not_lightnings_own_keys(tmp_path, capsys):
+    """``summary.md``'s hyper-parameter line shows the run's settings; a key of Lightning's own
+    (``_instantiator``, written by LightningCLI) is not one and is left out."""
+    run = write_tb_run(str(tmp_path / "run"), {"bound/neu": [(0, 1.0), (5, 2.0)]},
+                       hparams={"lr": 0.05, "_instantiator": "lightning.pytorch.cli.instantiate_module"})
+    out = tmp_path / "report"
+    assert run_cli("report", run, "--out", str(out)) == 0
+    line = next(x for x in (out / "summary.md").read_text().splitlines() if x.startswith("Hyper-parameters:"))
+    assert "`lr=0.05`" in line and "_instantiator" not in line, line

@@ -81,8 +81,6 @@ class GenboundsCLI(LightningCLI):
 
 def train_cli(args: list[str] | None) -> None:
     """LightningCLI with any LightningModule / LightningDataModule given by ``class_path``."""
-    import sys
-
     import genbounds.callbacks  # noqa: F401  (short class names resolve once imported)
     import genbounds.data  # noqa: F401
     import genbounds.models  # noqa: F401
@@ -92,7 +90,7 @@ def train_cli(args: list[str] | None) -> None:
         LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # (None from the console script: LightningCLI reads sys.argv itself, without warning)
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
     )

@@ -19,6 +19,7 @@ from genbounds.callbacks.bound_evaluation import LossRange, WarnOnce, bound_valu
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
+from genbounds.callbacks.checks import check_monitors_see_every_value
 from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.hook_clock import sleep_until
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
@@ -189,6 +190,9 @@ class GeneralizationBound(ProbeCallback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.budget is not None and self.budget.fraction is not None:  # (set by any callback's setup)
+            prefixes = ("bound/", "bound_terms/", "gap/", "ci/")  # what an evaluation logs
+            check_monitors_see_every_value(self.owner, trainer, prefixes, self.budget.fraction)
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 

@@ -318,6 +318,11 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
     lines.append("─" * (width + vwidth + 40))
     if not bound.plain_sgd:
         lines.append(f"optimizer {bound.optimizer}: not plain SGD — the bounds are heuristics here (bound/heuristic = 1)")
+    idle = [type(cb).__name__ for cb in trainer.callbacks if cb is not bound and getattr(cb, "num_probes_run", 1) == 0]
+    if idle:  # (said, not left to the reader to notice a missing tag)
+        budget = bound.budget.fraction if bound.budget is not None else None
+        why = f"its schedule, or the overhead budget of {budget:g}," if budget else "its schedule"
+        lines.append(f"not measured in this run: {', '.join(idle)} ({why} never let it run)")
     if gate:
         lines.append(f"gate: {gate}")
     if log_dir:

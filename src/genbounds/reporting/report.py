@@ -67,7 +67,8 @@ def report(run: Run, out_dir: str) -> tuple[list[str], str]:
     """Figures plus ``summary.md`` in ``out_dir``; returns (paths, markdown)."""
     os.makedirs(out_dir, exist_ok=True)
     pngs = report_figures(run, out_dir)
-    hparams = ", ".join(f"`{k}={v}`" for k, v in sorted(run.hparams.items())) or "none logged"
+    # (keys of Lightning's own, such as `_instantiator`, are not settings)
+    hparams = ", ".join(f"`{k}={v}`" for k, v in sorted(run.hparams.items()) if not k.startswith("_")) or "none logged"
     md = (f"# genbounds report\n\nRun: `{run.path}` ({run.source})\n\nStatus: {status_line(run)}\n\n"
           f"Hyper-parameters: {hparams}\n\n")
     md += "".join(f"Note: {n}\n\n" for n in run.notes)
