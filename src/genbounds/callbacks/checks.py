@@ -217,8 +217,8 @@ def check_monitors_see_every_value(owner: str, trainer: Trainer, prefixes: tuple
     next one, so patience would run out — and checkpoints be ranked — on stale values."""
     watchers = [(type(cb).__name__, cb.monitor) for cb in trainer.callbacks
                 if isinstance(getattr(cb, "monitor", None), str)]
-    watchers += [("the learning-rate scheduler", cfg.monitor) for cfg in trainer.lr_scheduler_configs
-                 if isinstance(cfg.monitor, str)]
+    watchers += [(type(cfg.scheduler).__name__, cfg.monitor) for cfg in trainer.lr_scheduler_configs
+                 if isinstance(cfg.monitor, str)]  # (a scheduler's "monitor" in configure_optimizers)
     for who, monitor in watchers:
         if monitor.startswith(prefixes):
             raise MisconfigurationException(
