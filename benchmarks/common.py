@@ -251,6 +251,21 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def alone_us(fn: Callable[[], Any], reps: int = 300, warmup: int = 20) -> float:
+    """Median µs of one call of ``fn`` over 7 blocks of ``reps`` calls, after ``warmup`` calls
+    (an op timed alone, hot caches: what ``hook_split.py`` and ``kernel_floor.py`` set a step's
+    phases beside)."""
+    for _ in range(warmup):
+        fn()
+    blocks = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        blocks.append((time.perf_counter() - t0) / reps * 1e6)
+    return statistics.median(blocks)
+
+
 def ratio_stats(values: list[float], base: list[float]) -> tuple[float, float, float]:
     """(median, min, max) of the per-round ratios ``values[r] / base[r]``."""
     ratios = [v / b for v, b in zip(values, base)]

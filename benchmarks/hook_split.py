@@ -28,20 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import describe_machine_md, load_average, machine_description  # noqa: E402
-
-
-def _alone(fn, reps: int = 300) -> float:
-    """Median µs of ``fn`` over 7 blocks of ``reps`` calls (after a warm-up)."""
-    for _ in range(20):
-        fn()
-    times = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(times)
+from common import alone_us, describe_machine_md, load_average, machine_description  # noqa: E402
 
 
 def main() -> None:
@@ -97,11 +84,12 @@ def main() -> None:
     grads = [p.grad for p in params]
     b = batches[0][0].shape[0]
     inputs = [torch.randn(b, 784), torch.randn(b, 512), torch.randn(b, 512)]
-    rows = sum(_alone(lambda t=t: torch.linalg.vector_norm(t, dim=-1).square_()) for t in inputs)
+    rows = sum(alone_us(lambda t=t: torch.linalg.vector_norm(t, dim=-1).square_()) for t in inputs)
     print("\nThe same small ops timed alone (hot caches):\n")
     print(f"* the three inputs' row norms (‖a_i‖², taken in the backward hooks): {rows:.0f} µs")
-    print(f"* the gradient's piece norms (`squared_pieces`, inside `‖ḡ_k‖²`): {_alone(lambda: squared_pieces(grads)):.0f} µs")
-    print(f"* `grouped_sq_norms` whole: {_alone(lambda: grouped_sq_norms(grads, groups)):.0f} µs")
+    pieces = alone_us(lambda: squared_pieces(grads))
+    print(f"* the gradient's piece norms (`squared_pieces`, inside `‖ḡ_k‖²`): {pieces:.0f} µs")
+    print(f"* `grouped_sq_norms` whole: {alone_us(lambda: grouped_sq_norms(grads, groups)):.0f} µs")
     forward_alone(base, batches, args.steps)
     hooks_own_time(base, batches, args.steps)
 

@@ -45,23 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import describe_machine_md, load_average, machine_description, sample_loader  # noqa: E402
+from common import alone_us, describe_machine_md, load_average, machine_description, sample_loader  # noqa: E402
 
 LAYERS = ((784, 512), (512, 512), (512, 10))
 """The MLP's Linear layers ``(d_in, d_out)``."""
-
-
-def alone_us(fn, reps: int) -> float:
-    """Median µs of one call of ``fn`` over 7 blocks of ``reps`` calls (after a warm-up)."""
-    for _ in range(max(5, reps // 20)):
-        fn()
-    blocks = []
-    for _ in range(7):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        blocks.append((time.perf_counter() - t0) / reps * 1e6)
-    return statistics.median(blocks)
 
 
 def max_rel_error(got: torch.Tensor, exact: torch.Tensor) -> float:
