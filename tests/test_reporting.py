@@ -353,3 +353,18 @@ def test_report_lists_settings_not_lightnings_own_keys(tmp_path, capsys):
     assert run_cli("report", run, "--out", str(out)) == 0
     line = next(x for x in (out / "summary.md").read_text().splitlines() if x.startswith("Hyper-parameters:"))
     assert "`lr=0.05`" in line and "_instantiator" not in line, line
+
+
+
+def test_report_settings_drop_a_bare_key_its_namespaced_twin_repeats():
+    """The data module's ``label_noise`` beside genbounds' ``data/label_noise``: listed once. A
+    bare key whose namespaced twin differs stays (both are shown: the reader sees the conflict),
+    and so does a setting of genbounds' own whatever its value."""
+    from genbounds.reporting.report import settings
+
+    got = settings({"momentum": 0.0, "model/momentum": 0.0, "shuffle": True, "data/shuffle": 1, "drop_last": "False",
+                    "data/drop_last": 0, "val_fraction": 0.3, "data/val_fraction": 0.2, "_instantiator": "x",
+                    "seed": 0, "data/seed": 0, "optimizer": "SGD"})
+    # (seed is genbounds' own: the global seed, kept beside the data module's even when equal)
+    assert got == {"model/momentum": 0.0, "data/shuffle": 1, "data/drop_last": 0, "val_fraction": 0.3,
+                   "data/val_fraction": 0.2, "seed": 0, "data/seed": 0, "optimizer": "SGD"}

@@ -136,6 +136,12 @@ def _simple(value: Any) -> bool:
     return isinstance(value, (int, float, str, bool)) and not (isinstance(value, float) and math.isnan(value))
 
 
+TOP_LEVEL_SETTINGS = ("run_name", "optimizer", "lr", "seed", "batch_size", "data", "model", "R_method", "sigma_grid",
+                      "bounds", "n", "d", "cli_overrides")
+"""The un-namespaced keys :func:`run_settings` writes (``seed`` is the global seed, not the data
+module's): ``genbounds report`` never drops them as repeats of a namespaced key."""
+
+
 def run_settings(trainer: Trainer, pl_module: LightningModule, bound: GeneralizationBound) -> dict[str, Any]:
     """Every setting that tells runs apart: trainer, data module, model, genbounds, CLI overrides."""
     params: dict[str, Any] = {}

@@ -63,12 +63,38 @@ def status_line(run: Run) -> str:
             f"last logged step {run.end_step}; reported because of --allow-incomplete")
 
 
+def settings(hparams: dict) -> dict:
+    """The run's settings as ``report`` lists them: without Lightning's own keys (``_instantiator``),
+    and without a bare key (``label_noise``, saved by the data module) that a namespaced one of
+    genbounds' HParams (``data/label_noise``) repeats with the same value (``True`` and ``1`` alike).
+    genbounds' own un-namespaced settings (``seed``: the global seed) always stay."""
+    from genbounds.callbacks.run_summary import TOP_LEVEL_SETTINGS
+
+    shown = {k: v for k, v in hparams.items() if not str(k).startswith("_")}
+    namespaced: dict[str, list] = {}
+    for key, value in shown.items():
+        if "/" in key:
+            namespaced.setdefault(key.rsplit("/", 1)[1], []).append(value)
+    return {k: v for k, v in shown.items() if "/" in k or k in TOP_LEVEL_SETTINGS
+            or not any(_same(v, other) for other in namespaced.get(k, ()))}
+
+
+def _same(a, b) -> bool:
+    def norm(v):
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return float(v.lower() == "true")
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return str(v)
+    return norm(a) == norm(b)
+
+
 def report(run: Run, out_dir: str) -> tuple[list[str], str]:
     """Figures plus ``summary.md`` in ``out_dir``; returns (paths, markdown)."""
     os.makedirs(out_dir, exist_ok=True)
     pngs = report_figures(run, out_dir)
-    # (keys of Lightning's own, such as `_instantiator`, are not settings)
-    hparams = ", ".join(f"`{k}={v}`" for k, v in sorted(run.hparams.items()) if not k.startswith("_")) or "none logged"
+    hparams = ", ".join(f"`{k}={v}`" for k, v in sorted(settings(run.hparams).items())) or "none logged"
     md = (f"# genbounds report\n\nRun: `{run.path}` ({run.source})\n\nStatus: {status_line(run)}\n\n"
           f"Hyper-parameters: {hparams}\n\n")
     md += "".join(f"Note: {n}\n\n" for n in run.notes)
