@@ -208,13 +208,21 @@ def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:
         )
 
 
-def check_monitors_see_every_value(owner: str, trainer: Trainer, prefixes: tuple[str, ...], budget: float) -> None:
+BOUND_METRICS = ("bound/", "bound_terms/", "gap/", "ci/")
+"""The prefixes of what a ``GeneralizationBound`` evaluation logs."""
+
+
+def check_monitors_see_every_value(owner: str, trainer: Trainer, budget: Any,
+                                   prefixes: tuple[str, ...] = BOUND_METRICS) -> None:
     """Refuse, before step 0, a callback or scheduler of the Trainer that monitors one of
-    ``owner``'s metrics (names starting with ``prefixes``) while an overhead budget spaces its
-    evaluations by their cost. Lightning's monitors read ``trainer.callback_metrics`` at every
-    validation: before the first evaluation the metric is missing (``EarlyStopping`` and
+    ``owner``'s metrics (names starting with ``prefixes``) while an overhead budget (``budget``,
+    an ``OverheadBudget`` whose ``fraction`` is set) spaces its evaluations by their cost.
+    Lightning's monitors read ``trainer.callback_metrics`` at every validation: before the first
+    evaluation the metric is missing (``EarlyStopping`` and
     ``ModelCheckpoint`` stop the run), and afterwards it holds the last evaluation's value until the
     next one, so patience would run out — and checkpoints be ranked — on stale values."""
+    if budget is None or budget.fraction is None:
+        return  # (evaluated at every validation)
     watchers = [(type(cb).__name__, cb.monitor) for cb in trainer.callbacks
                 if isinstance(getattr(cb, "monitor", None), str)]
     watchers += [(type(cfg.scheduler).__name__, cfg.monitor) for cfg in trainer.lr_scheduler_configs
@@ -223,7 +231,7 @@ def check_monitors_see_every_value(owner: str, trainer: Trainer, prefixes: tuple
         if monitor.startswith(prefixes):
             raise MisconfigurationException(
                 f"{who}(monitor={monitor!r}) reads {owner}'s metric at every validation, but overhead_budget="
-                f"{budget:g} evaluates it only when the budget affords it: the first validations have no value "
-                "(Lightning stops there) and later ones would hand it the last evaluation's value again. Remove "
+                f"{budget.fraction:g} evaluates it only when the budget affords it: the first validations have no "
+                "value (Lightning stops there) and later ones would hand it the last evaluation's value again. Remove "
                 f"overhead_budget (then {owner} evaluates at every validation), or gate on the final value "
                 "instead (BoundGate, `genbounds gate`).")

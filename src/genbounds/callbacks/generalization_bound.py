@@ -190,9 +190,7 @@ class GeneralizationBound(ProbeCallback):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.budget is not None and self.budget.fraction is not None:  # (set by any callback's setup)
-            prefixes = ("bound/", "bound_terms/", "gap/", "ci/")  # what an evaluation logs
-            check_monitors_see_every_value(self.owner, trainer, prefixes, self.budget.fraction)
+        check_monitors_see_every_value(self.owner, trainer, self.budget)  # (its fraction: set by any callback's setup)
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
