@@ -152,7 +152,6 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
     models = {side: copy.deepcopy(base) for side in sides}
     opts = {side: torch.optim.SGD(m.parameters(), lr=0.01) for side, m in models.items()}
     groups = [[0, 1], [2, 3], [4, 5]]
-    got: dict[str, torch.Tensor] = {}
     hooked = list(models[sides[2]].parameters())
     slots: list[torch.Tensor | None] = [None] * len(hooked)
 
@@ -173,9 +172,9 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
             t0 = time.perf_counter()
             F.cross_entropy(model(x), y).backward()
             if side == sides[1]:
-                got[side] = grouped_sq_norms([p.grad for p in model.parameters()], groups)
-            elif side == sides[2]:
-                got[side] = torch.stack([slots[2 * k] + slots[2 * k + 1] for k in range(3)])
+                grouped_sq_norms([p.grad for p in model.parameters()], groups)
+            elif side == sides[2]:  # (the per-layer sums the hooks' norms are for)
+                torch.stack([slots[2 * k] + slots[2 * k + 1] for k in range(3)])
             opt.step()
             times[side].append(time.perf_counter() - t0)
     skip = steps // 10
@@ -245,7 +244,7 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
 def lightning_profile(steps: int) -> str:
     """``SimpleProfiler``'s median per action in one fit of ``GradientDispersion()`` whose
     schedule measures alternate blocks of ten steps (fewer in a short run;
-    ``step_blocks.block_measured``), split into measured and unmeasured steps: both sides in one
+    ``step_blocks.block_schedule``), split into measured and unmeasured steps: both sides in one
     process, so its slow states hit both."""
     import lightning.pytorch as pl
     from lightning.pytorch.profilers import SimpleProfiler
@@ -253,7 +252,7 @@ def lightning_profile(steps: int) -> str:
     from genbounds.callbacks import GradientDispersion
     from genbounds.models import Classifier
     from overhead_dispersion import SPECS
-    from step_blocks import block_measured
+    from step_blocks import block_schedule
 
     spec = SPECS["mlp"]
     block = max(2, min(10, steps // 12))  # (10 in a full run; a short test run keeps a few pairs)
@@ -261,15 +260,7 @@ def lightning_profile(steps: int) -> str:
     batches = spec.batches()
     module = Classifier(spec.build(), num_classes=10, lr=0.01)
     disp = GradientDispersion(log_every_step=False)
-    flags: list[bool] = []
-
-    class Blocks(pl.Callback):
-        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-            def measures(trainer, measured_steps, every_n_steps) -> bool:  # noqa: ANN001
-                flags.append(block_measured(int(trainer.global_step), block))
-                return flags[-1]
-
-            disp.step_budget.measures = measures
+    decided: dict[int, bool] = {}
 
     profiler = SimpleProfiler()
     lightning_log = logging.getLogger("lightning.pytorch")
@@ -280,10 +271,12 @@ def lightning_profile(steps: int) -> str:
             warnings.simplefilter("ignore")
             trainer = pl.Trainer(max_steps=steps, default_root_dir=logdir, logger=False, enable_checkpointing=False,
                                  enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                                 limit_val_batches=0, callbacks=[Blocks(), disp], profiler=profiler)
+                                 limit_val_batches=0, callbacks=[block_schedule(disp, block, 0, decided), disp],
+                                 profiler=profiler)
             trainer.fit(module, train_dataloaders=sample_loader(batches, steps + 9))
     finally:
         lightning_log.setLevel(level)
+    flags = [decided[step] for step in sorted(decided)]  # (step 0 on: one decision a step)
     skip = 2 * block  # the first pair: warm-up
     rows = []
     for action, durations in profiler.recorded_durations.items():

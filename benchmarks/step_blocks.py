@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 import warnings
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +57,25 @@ def block_measured(step: int, block: int) -> bool:
     block measured in even pairs, the second in odd ones."""
     pair, second = divmod(step // block, 2)
     return bool(second) == bool(pair % 2)
+
+
+def block_schedule(disp: Any, block: int, warmup: int, measured: dict[int, bool]) -> Any:
+    """A callback that gives ``disp`` (a ``GradientDispersion``) the block schedule once its step
+    budget exists: every step before ``warmup``, then :func:`block_measured` from there;
+    ``measured`` records each step's decision. Used here and by ``kernel_floor.py``."""
+    import lightning.pytorch as pl
+
+    class Blocks(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            def measures(trainer, measured_steps, every_n_steps) -> bool:  # noqa: ANN001
+                step = int(trainer.global_step)
+                out = step < warmup or block_measured(step - warmup, block)
+                measured[step] = out
+                return out
+
+            disp.step_budget.measures = measures
+
+    return Blocks()
 
 
 def pair_ratios(times: dict[int, float], block: int, measured: dict[int, bool]) -> list[float]:
@@ -106,22 +126,11 @@ def lightning_blocks(model_name: str, block: int, pairs: int, warmup: int) -> di
     measured: dict[int, bool] = {}
     timer = Timer()
 
-    class Blocks(pl.Callback):
-        """Installs the block schedule once the dispersion's step budget exists."""
-
-        def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-            def measures(trainer, measured_steps, every_n_steps) -> bool:  # noqa: ANN001
-                step = int(trainer.global_step)
-                out = step < warmup or block_measured(step - warmup, block)
-                measured[step] = out
-                return out
-
-            disp.step_budget.measures = measures
-
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(max_steps=steps + 1, logger=TensorBoardLogger(logdir, name="b"), enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0, log_every_n_steps=50, callbacks=[timer, Blocks(), disp])
+                             limit_val_batches=0, log_every_n_steps=50,
+                             callbacks=[timer, block_schedule(disp, block, warmup, measured), disp])
         trainer.fit(module, train_dataloaders=sample_loader(batches, steps + 9))
     times = {s - warmup: timer.starts[s + 1] - timer.starts[s] for s in range(warmup, steps) if s + 1 in timer.starts}
     flags = {s - warmup: measured.get(s, False) for s in range(warmup, steps)}

@@ -55,13 +55,19 @@ def test_sigma_grids_must_agree(tmp_path):
 
 
 def test_bounds_are_logged_and_monitorable(tmp_path):
+    from genbounds.callbacks.run_summary import TOP_LEVEL_SETTINGS, run_settings
+
     early = EarlyStopping(monitor="bound/wang_mao_eq3", mode="min", patience=100, check_finite=True)
-    t, _ = small_fit(tmp_path, [*bound_suite(), early])
+    t, module = small_fit(tmp_path, [*bound_suite(), early])
     for tag in BOUND_TAGS:
         assert tag in t.callback_metrics, tag  # pl_module.log: EarlyStopping/ModelCheckpoint can use them
     agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
     assert agg.latest["setting/T"] == 10 and agg.latest["setting/n"] == 1258
     assert agg.latest["bound/wang_mao_eq3"] > 0 and agg.optimizer == "SGD"
+    # every un-namespaced setting the run writes is one `genbounds report` keeps (the list is not
+    # derived from run_settings: this keeps the two from drifting apart)
+    bare = {k for k in run_settings(t, module, agg) if "/" not in k}
+    assert "seed" in bare and bare <= set(TOP_LEVEL_SETTINGS), bare - set(TOP_LEVEL_SETTINGS)
 
 
 def test_non_sgd_optimizer_warns_once_and_is_recorded(tmp_path):

@@ -355,7 +355,6 @@ def test_report_lists_settings_not_lightnings_own_keys(tmp_path, capsys):
     assert "`lr=0.05`" in line and "_instantiator" not in line, line
 
 
-
 def test_report_settings_drop_a_bare_key_its_namespaced_twin_repeats():
     """The data module's ``label_noise`` beside genbounds' ``data/label_noise``: listed once. A
     bare key whose namespaced twin differs stays (both are shown: the reader sees the conflict),

@@ -218,9 +218,9 @@ def check_monitors_see_every_value(owner: str, trainer: Trainer, budget: Any,
     ``owner``'s metrics (names starting with ``prefixes``) while an overhead budget (``budget``,
     an ``OverheadBudget`` whose ``fraction`` is set) spaces its evaluations by their cost.
     Lightning's monitors read ``trainer.callback_metrics`` at every validation: before the first
-    evaluation the metric is missing (``EarlyStopping`` and
-    ``ModelCheckpoint`` stop the run), and afterwards it holds the last evaluation's value until the
-    next one, so patience would run out — and checkpoints be ranked — on stale values."""
+    evaluation the metric is missing (``EarlyStopping`` and ``ModelCheckpoint`` stop the run), and
+    afterwards it holds the last evaluation's value until the next one, so patience would run out
+    — and checkpoints be ranked — on stale values."""
     if budget is None or budget.fraction is None:
         return  # (evaluated at every validation)
     watchers = [(type(cb).__name__, cb.monitor) for cb in trainer.callbacks
