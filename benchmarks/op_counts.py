@@ -134,7 +134,7 @@ def cuda_paths() -> Iterator[None]:
     def fresh(self: Any, slot: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
 
-    def per_tensor(tensors: list) -> tuple:
+    def per_tensor(tensors: list, reuse: bool = False) -> tuple:
         n = len(tensors)
         return functional._foreach_sq_norms64(tensors), ((0,) * n, tuple(range(n)))  # (per_tensor_sq_norms off the CPU)
 

@@ -532,6 +532,44 @@ def test_no_hook_left_when_a_step_has_no_backward_or_the_epoch_stops(tmp_path, s
     assert all(n == 0 for where, n in first.outside if where == "on_validation_batch_start"), first.outside
 
 
+class ReadsAfterBackward(GradientDispersion):
+    """Its own ``on_after_backward`` (a subclass's override is never set aside): the norms are
+    read right after the backward, as before the optimizer-step read."""
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        super().on_after_backward(trainer, pl_module)
+
+
+class AsideSpy(pl.Callback):
+    """Whether the dispersion's ``on_after_backward`` is set aside at each optimizer step."""
+
+    def __init__(self, cb: GradientDispersion) -> None:
+        self.cb, self.aside = cb, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.aside.append(self.cb.__dict__.get("on_after_backward", "class") is None)
+
+
+def test_norms_read_at_the_optimizer_step_equal_those_read_after_the_backward(tmp_path):
+    """On a step of one backward (automatic optimization, no accumulation, one process) the hooks'
+    norms are read at the optimizer step and Lightning does not dispatch the dispersion's
+    ``on_after_backward``: the records are those of a read right after the backward, bit for bit,
+    and a step whose ``training_step`` returns ``None`` (no backward) has none — not the last
+    step's norms again."""
+    got = {}
+    for name, cls in (("late", GradientDispersion), ("after", ReadsAfterBackward)):
+        cb = cls(backend="hooks")
+        spy = AsideSpy(cb)
+        records: list = []
+        cb.add_listener(records.extend)
+        fit(Case(lambda: SkipsSteps(False), _vec_data), tmp_path / name, suite=[spy, cb])
+        assert cb.active_backend == "hooks"
+        got[name] = ([(r.step, r.values) for r in records], spy.aside)
+    (late, late_aside), (after, after_aside) = got["late"], got["after"]
+    assert late == after and len(late) >= 2
+    assert late_aside and all(late_aside) and not any(after_aside)
+
+
 @pytest.mark.parametrize("length", [8, 10])
 def test_positions_shared_by_the_batch_go_to_an_extra_pass_before_step_0(tmp_path, length):
     """GPT-style ``pos(arange(T))`` has no per-sample output gradient. With ``T = B = 8`` no shape

@@ -389,6 +389,36 @@ def test_weight_sharing_every_kind(method):
     check(model, torch.randint(0, 7, (4, 5)), method=method)
 
 
+def test_a_backward_that_creates_a_graph_gives_the_same_norms():
+    """``backward(create_graph=True)`` (a gradient penalty): the hooks compute with gradient
+    recording off (they failed with an ``out=`` error before), single calls and shared ones alike,
+    and leave nothing that requires gradient in their rows."""
+
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
+
+    for model, width in ((nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT), 5), (Shared().to(DT), 4)):
+        x = torch.randn(6, width, dtype=DT)
+        target = torch.randn(6, 3, dtype=DT)
+        ref = reference(model, x, target)
+        modules, _ = plan(model)
+        hooks = GhostNormHooks(modules)
+        hooks.arm()
+        model.zero_grad(set_to_none=True)
+        per_sample_losses(model(x), target).mean().backward(create_graph=True)
+        norms = hooks.read(scale=x.shape[0])
+        assert norms is not None and not norms.total.requires_grad
+        assert_matches(norms, ref)
+        hooks.detach()
+        model.zero_grad(set_to_none=True)  # (create_graph leaves .grad in the graph)
+
+
 def test_weight_sharing_with_an_unused_call():
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -633,6 +663,41 @@ def test_disarmed_records_nothing_and_suspended():
         ref = reference(model, x, t)
     norms = measure(model, x, t, hooks=hooks)
     assert_matches(norms, ref)
+
+
+def test_the_forward_hook_goes_in_the_backward_once_every_call_has_its_gradient():
+    """``unhook_after_backward``: the global forward hook is removed inside the backward when the
+    last recorded call's output gradient arrives — not while a recorded call still waits (an
+    output that reaches the loss only through a later call, or not at all) — and the norms are
+    those of the hooks that stay attached; the next ``arm`` attaches it again."""
+
+    class Model(nn.Module):
+        def __init__(self, unused: bool) -> None:
+            super().__init__()
+            self.lin, self.head, self.unused = nn.Linear(4, 4), nn.Linear(4, 3), unused
+
+        def forward(self, x):
+            if self.unused:
+                self.head(x[:, :4])  # recorded, never gets a gradient
+            return self.head(torch.tanh(self.lin(x)))
+
+    for unused in (False, True):
+        model = Model(unused).to(DT)
+        x, t = torch.randn(5, 4, dtype=DT), torch.randn(5, 3, dtype=DT)
+        ref = reference(model, x, t)
+        hooks = GhostNormHooks(plan(model)[0], unhook_after_backward=True)
+        seen: list[bool] = []
+        model.lin.weight.register_hook(lambda g: seen.append(hooks.attached))  # the last gradient made
+        for _ in range(2):
+            hooks.arm()
+            assert hooks.attached
+            model.zero_grad(set_to_none=True)
+            per_sample_losses(model(x), t).mean().backward()
+            assert hooks.attached == unused  # (a call still waits: kept until read or unhook)
+            assert_matches(hooks.read(scale=5), ref)
+            hooks.unhook()
+        assert seen == [unused, unused]
+        hooks.detach()
 
 
 def test_hooks_attached_once_survive_many_steps():

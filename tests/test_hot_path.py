@@ -11,7 +11,13 @@ from torch import nn
 from genbounds.callbacks import GradientDispersion
 from genbounds.callbacks.step_log import StepLog
 from genbounds.data import DigitsDataModule
-from genbounds.estimators.functional import grouped_sq_norms, per_tensor_sq_norms, row_sq_norms, sq_norm
+from genbounds.estimators.functional import (
+    grouped_sq_norms,
+    per_tensor_sq_norms,
+    row_sq_norms,
+    sq_norm,
+    squared_pieces,
+)
 from genbounds.estimators.ghost_norms import GhostNormHooks
 from genbounds.estimators.gradient_dispersion import (
     GradientMoments,
@@ -59,6 +65,23 @@ def test_grouped_squared_norms_match_float64_brute_force(shapes):
     assert torch.allclose(got, expected, rtol=2e-7, atol=1e-300)
     doubles = grouped_sq_norms([t.double() for t in tensors], groups)  # the fused float64 path
     assert torch.allclose(doubles, expected, rtol=1e-12, atol=1e-300)
+
+
+@pytest.mark.parametrize("shapes", [[(512, 784), (512,), (10, 512), (10,)], [(3, 40000), (1024,), (1023,), (5,)]])
+def test_squared_pieces_into_work_buffers_equal_the_fresh_ones(shapes):
+    """``squared_pieces(reuse=True)`` (the per-step path: norms written into kept buffers, squared
+    exactly into float64 by one ``addcmul``) gives the fresh path's values bit for bit, in the same
+    buffer from step to step, and a new layout its own."""
+    gen = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(*s, generator=gen) for s in shapes]
+    tensors[0] = tensors[0].t()  # non-contiguous: its remainder joins the small tensors
+    want, layout = squared_pieces(tensors)
+    got, got_layout = squared_pieces(tensors, reuse=True)
+    assert got_layout == layout and got.dtype == torch.float64 and torch.equal(got, want)
+    again, _ = squared_pieces([t * 2 for t in tensors], reuse=True)
+    assert again.data_ptr() == got.data_ptr() and torch.equal(again, want * 4)
+    other, _ = squared_pieces(tensors[1:], reuse=True)
+    assert other.data_ptr() != again.data_ptr() and torch.equal(other, squared_pieces(tensors[1:])[0])
 
 
 @pytest.mark.parametrize("b", [2, 7, 128])

@@ -127,6 +127,8 @@ def test_the_shared_read_is_not_modified_by_its_readers():
     ctx = [StepContext(_Trainer(), module, params, groups, (x, y), 8, 1, 1.0, {}, partition) for partition in (True, False)]
     for backend, c in zip(backends, ctx):
         backend.before_forward(c)
+    for backend, c in zip(backends, ctx):  # (as the callback does: a backward is announced)
+        backend.before_backward(c)
     torch.nn.functional.cross_entropy(module(x), y).backward()
     shared = backends[0].shared
     cached = shared.read()[0].clone()

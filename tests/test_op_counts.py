@@ -23,8 +23,11 @@ def test_counts_a_measured_step_and_restores_the_gpu_branches():
     cpu = oc.count_step(build, batches, measured=True)
     for ours in (cpu, gpu):
         extra = ours - plain
-        assert extra[("addcmul", "")] == 3  # the three Linear layers' Goodfellow norms, one op each
+        # the three Linear layers' Goodfellow norms, one op each (and on the CPU the gradient's
+        # pieces squared in float64, one more)
+        assert extra[("addcmul", "")] == (4 if ours is cpu else 3)
         assert extra[("_foreach_norm", "")] == 1  # the gradient's small tensors (CPU), all of it (GPU)
+        assert extra[("detach", "")] == 0  # a kept input is not detached in the forward
     # the CPU takes the large tensors' norms in 1,024-element pieces, the GPU branch does not
     assert (cpu - plain)[("linalg_vector_norm", "")] > (gpu - plain)[("linalg_vector_norm", "")]
     by_line = oc.count_step(build, batches, measured=True, by_line=True)

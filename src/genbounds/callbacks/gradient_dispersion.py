@@ -36,6 +36,8 @@ from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 OWNER = "GradientDispersion"
 _MEASURED_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 """Its per-step hooks with work only on a measured step (set aside on the others: hook_clock.HooksAside)."""
+_READ_LATE = ("on_after_backward",)
+"""Set aside on a measured step whose backward's norms are read at the optimizer step instead."""
 
 Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
@@ -149,6 +151,7 @@ class GradientDispersion(MeasurementCallback):
         self._accumulate = 1
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
+        self._late_ok = self._late = False  # (norms read at the optimizer step: _READ_LATE)
         self.step_budget = StepBudget(OWNER)
         self._aside: HooksAside | None = None
 
@@ -229,6 +232,11 @@ class GradientDispersion(MeasurementCallback):
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
         self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
+        # one backward a step whose gradient is the batch mean, read by the norms' raw path: the
+        # backward's norms can wait for the optimizer step (one Lightning hook fewer a step; not
+        # where the after-backward hook cannot be set aside: a subclass's own, an older Lightning)
+        self._late_ok = (self._accumulate == 1 and pl_module.automatic_optimization and trainer.world_size == 1
+                         and self._groups_partition and set(_READ_LATE) <= set(self._aside.names))
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -252,13 +260,13 @@ class GradientDispersion(MeasurementCallback):
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
             self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
             self.impl.start_window(self._measuring)
+            self._late = self._measuring and self._late_ok and self.impl.reads_late
             # a step it does not measure: Lightning need not dispatch its hooks (the batch end only
-            # where it writes measured values to the loggers; hook_clock.HooksAside)
-            if self._aside is not None:
-                if self._measuring:
-                    self._aside.give_back()
-                else:
-                    self._aside.set_aside(_MEASURED_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
+            # where it writes measured values to the loggers; hook_clock.HooksAside); one it reads
+            # at the optimizer step: not its after-backward hook
+            if self._aside is not None:  # (None: every one that can be)
+                self._aside.set_aside((_READ_LATE if self._late else ()) if self._measuring else
+                                      _MEASURED_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
         if self._measuring:
             self._batch = batch
             self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
@@ -270,7 +278,11 @@ class GradientDispersion(MeasurementCallback):
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._measuring or self._batch is None or self.impl is None:
             return
-        ctx = self._context(trainer, pl_module)
+        self._take_backward(trainer, pl_module, self._context(trainer, pl_module))
+
+    def _take_backward(self, trainer: Trainer, pl_module: LightningModule, ctx: StepContext) -> None:
+        """The backend's part of the backward just taken (after it, or at the optimizer step)."""
+        assert self.impl is not None
         if not pl_module.automatic_optimization:
             # the batch gradient as the backward left it: under manual optimization the user's
             # step may clip .grad (self.clip_gradients) before on_before_optimizer_step reads it
@@ -290,10 +302,15 @@ class GradientDispersion(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self.impl is None:
             return
+        ctx = self._context(trainer, pl_module) if self._late and self._batch is not None else None
+        if ctx is not None:  # (its on_after_backward was set aside: _READ_LATE)
+            self._take_backward(trainer, pl_module, ctx)
+            if not self._measuring:
+                return
         self.impl.end_batch()  # (a step with no backward left the forward hook: callbacks after this one run free of it)
         window, self._window = self._window, None
         grads, self._manual_grads = self._manual_grads, None
-        result = self.impl.end_window(self._context(trainer, pl_module, grads), window)
+        result = self.impl.end_window(ctx if ctx is not None else self._context(trainer, pl_module, grads), window)
         if result is None:
             return
         values = result.values(trainer, self._groups, self._groups_partition)

@@ -177,20 +177,25 @@ Layout = tuple[tuple[int, ...], tuple[int, ...]]
 tensor ``i`` in tensor order, then one piece of each tensor listed in ``rest``."""
 
 
-def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...]) -> tuple[Tensor, Layout]:
+def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = False) -> tuple[Tensor, Layout]:
     """``(float64 squared norms of pieces of the tensors, their layout)``: summed per tensor
     (:func:`piece_owner`) they are each tensor's squared norm.
 
     On the CPU with fp32 tensors: fp32 norms of pieces of 1,024 elements (no float64 copy;
     relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`) — one view and one norm
     per tensor of a multiple of 1,024 elements; the tensors (and remainders) under 1,024
-    elements in one multi-tensor norm — then one concatenation and one float64 square: about
-    ``2·(large tensors) + 5`` ops (each a few µs inside a training step; it was five per tensor).
-    Otherwise one piece per tensor (:func:`per_tensor_sq_norms`)."""
+    elements in one multi-tensor norm — then one float64 square: about ``2·(large tensors) + 4``
+    ops (each a few µs inside a training step; it was five per tensor). Otherwise one piece per
+    tensor (:func:`per_tensor_sq_norms`).
+
+    ``reuse``: the norms are written into work buffers kept for the layout and the result is
+    one of them, valid until the next call with ``reuse`` — two ops fewer (the concatenation, and
+    the cast and square in one ``addcmul`` onto float64 zeros: exact squares), for callers that
+    consume it at once (the per-step path)."""
     tensors = list(tensors)
     if not tensors or tensors[0].device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
         return per_tensor_sq_norms(tensors), ((0,) * len(tensors), tuple(range(len(tensors))))
-    pieces: list[Tensor] = []
+    views: list[Tensor] = []
     full: list[int] = []
     small: list[Tensor] = []
     small_owner: list[int] = []
@@ -206,14 +211,49 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...]) -> tuple[Tensor, 
             continue
         flat = t.view(k, _ROW) if size == k * _ROW and t.is_contiguous() else t.reshape(-1)
         if flat.dim() == 2:
-            pieces.append(torch.linalg.vector_norm(flat, dim=1))
+            views.append(flat)
         else:
-            pieces.append(torch.linalg.vector_norm(flat[: k * _ROW].view(k, _ROW), dim=1))
+            views.append(flat[: k * _ROW].view(k, _ROW))
             small.append(flat[k * _ROW:])
             small_owner.append(i)
+    layout = (tuple(full), tuple(small_owner))
+    if not reuse:
+        pieces = [torch.linalg.vector_norm(v, dim=1) for v in views]
+        if small:
+            pieces.append(torch.stack(torch._foreach_norm(small)))
+        return torch.cat(pieces).double().square_(), layout
+    norms, slots, rest, zeros, squares = _piece_buffers(layout)
+    for v, slot in zip(views, slots):
+        torch.linalg.vector_norm(v, dim=1, out=slot)
     if small:
-        pieces.append(torch.stack(torch._foreach_norm(small)))
-    return torch.cat(pieces).double().square_(), (tuple(full), tuple(small_owner))
+        torch.stack(torch._foreach_norm(small), out=rest)
+    # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
+    return torch.addcmul(zeros, norms, norms, out=squares), layout
+
+
+_PIECE_BUFFERS: dict[Layout, tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]] = {}
+
+
+def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+    """``(fp32 norms [pieces], a view of it per tensor split into pieces, the view of the rest,
+    float64 zeros, float64 squares)`` for :func:`squared_pieces` with ``reuse`` (CPU; a few
+    layouts)."""
+    got = _PIECE_BUFFERS.get(layout)
+    if got is None:
+        full, rest = layout
+        n = sum(full) + len(rest)
+        norms = torch.empty(n, dtype=torch.float32)
+        slots, start = [], 0
+        for k in full:
+            if k:
+                slots.append(norms[start:start + k])
+                start += k
+        got = (norms, tuple(slots), norms[start:], torch.zeros(n, dtype=torch.float64),
+               torch.empty(n, dtype=torch.float64))
+        if len(_PIECE_BUFFERS) >= 8:
+            _PIECE_BUFFERS.clear()
+        _PIECE_BUFFERS[layout] = got
+    return got
 
 
 def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:

@@ -263,7 +263,7 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     few µs in a training step on the CPU; docs/results/overhead.md)."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
-    pieces, layout = squared_pieces(grads)
+    pieces, layout = squared_pieces(grads, reuse=True)  # (consumed below)
     on_modules, on_pieces = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), layout, int(b),
                                            module_sums.device)
     base = on_pieces @ pieces.to(module_sums.device)

@@ -105,6 +105,10 @@ class DispersionBackend:
     reads_training_backward = False
     """Whether the backend uses the training step's own backward (then the training loss must be
     the mean of the per-sample losses: the loss contract's trial checks it)."""
+    reads_late = False
+    """Whether :meth:`after_backward` may instead run at the optimizer step, just before
+    :meth:`end_window`, on a step of one backward (it reads nothing that changes in between, and
+    returns ``None`` without failing when no backward ran since :meth:`before_forward`)."""
     description = ""
 
     def attach(self, module: LightningModule) -> None:

@@ -60,7 +60,8 @@ class SharedHooks:
     are read once and served to every owner."""
 
     def __init__(self, root: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
-        self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root)) if ghost else None
+        self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root),
+                                    unhook_after_backward=True) if ghost else None
         self.backpack = BackpackNormHooks(list(backpack.values())) if backpack else None
         self.backpack_names = {id(m): n for n, m in backpack.items()}
         self.owners: set[int] = set()
@@ -198,6 +199,7 @@ class NormHooksBackend(DispersionBackend):
         self.failed: Exception | None = None
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
+        self._backwards_at_forward = -1
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
@@ -208,9 +210,16 @@ class NormHooksBackend(DispersionBackend):
         if not measuring and self.shared is not None:
             self.shared.disarm(id(self))
 
+    @property
+    def reads_late(self) -> bool:
+        """Whether a backward's norms may be read at the optimizer step rather than right after
+        it: ghost hooks only (BackPACK's leave the backward at the read)."""
+        return self.shared is not None and self.shared.backpack is None
+
     def before_forward(self, ctx: StepContext) -> None:
         assert self.shared is not None
         self.shared.arm(id(self), ctx.batch)
+        self._backwards_at_forward = self.shared.backward_count
 
     def before_backward(self, ctx: StepContext) -> None:
         assert self.shared is not None
@@ -224,6 +233,8 @@ class NormHooksBackend(DispersionBackend):
         # stay raw until end_window folds them into the row (hook_dispersion_row)
         raw = (ctx.accumulate == 1 and ctx.module.automatic_optimization and ctx.trainer.world_size == 1
                and ctx.groups_partition)
+        if self.shared.backward_count == self._backwards_at_forward:
+            return None  # no backward since the forward (read at the optimizer step: a step without one)
         try:
             read = self.shared.read()  # (unscaled: callbacks sharing the hooks read the same values)
         except RuntimeError as err:

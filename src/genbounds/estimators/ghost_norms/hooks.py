@@ -138,6 +138,10 @@ class GhostNormHooks:
             sign of a weight used outside its module's ``forward``.  The check costs one
             autograd hook call per parameter and backward; the usage it detects is structural,
             so by default it runs on the first measured backward after each :meth:`arm` only.
+        unhook_after_backward: :meth:`unhook` inside the backward, as soon as every recorded call
+            has its output gradient (``GradientDispersion``'s hooks: the forward hook then lives
+            only from a measured step's forward to its backward, however late the norms are read;
+            the next :meth:`arm` attaches it again).
     """
 
     def __init__(
@@ -148,7 +152,9 @@ class GhostNormHooks:
         method: str | Mapping[str, str] | None = None,
         verify_every_step: bool = False,
         batch_dims: Mapping[str, int] | None = None,
+        unhook_after_backward: bool = False,
     ) -> None:
+        self.unhook_after_backward = unhook_after_backward
         group_of = dict(group_of or {})
         batch_dims = dict(batch_dims or {})
         self.verify_every_step = verify_every_step
@@ -338,6 +344,7 @@ class GhostNormHooks:
         self._row_views: tuple[Tensor, ...] = ()
         self._problems: list[str] = []
         self._ordinal = 0
+        self._waiting = 0  # recorded calls whose output gradient has not arrived yet
         self._coupled_upto = 0
         self._guessed: list[str] = []  # sequence-first: layers whose batch dimension was guessed
         self._length_is_batch = False  # … and a sequence length equal to the batch size was seen
@@ -386,10 +393,11 @@ class GhostNormHooks:
             return
         if dim:  # [T, B, …]: recorded as [B, T, …] (a view), its gradient likewise
             x = x.transpose(0, 1)
-        # the input is kept (detached, no copy) and read in the backward only: its row norms taken
-        # here instead, while it is hot in cache, measured about 70 µs a step slower on the MLP
-        # (0.6-1.4 points of a raw step in five in-process A/B runs; docs/results/overhead.md)
-        x = x.detach()
+        # the input is kept (no copy) and read in the backward only: its row norms taken here
+        # instead, while it is hot in cache, measured about 70 µs a step slower on the MLP (0.6-1.4
+        # points of a raw step in five in-process A/B runs; docs/results/overhead.md). Not
+        # detached here (an op, ~20 µs of the MLP's measured forward): the backward hook reads it
+        # with gradient recording off, and releases it
         call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
                               _compute_dtype(x.dtype, output.dtype))
         if call is None:
@@ -475,6 +483,7 @@ class GhostNormHooks:
             site.flags = (wt, bt)
         call = _Call(site, x, x._version if x is not None else 0, self._epoch)
         site.calls.append(call)
+        self._waiting += 1
         return call
 
     def _record_attention(self, site: _Site, module: nn.Module, output: Any) -> None:
@@ -548,6 +557,11 @@ class GhostNormHooks:
             return
         call.got = True
         site.received += 1
+        self._waiting -= 1
+        if not self._waiting and self.unhook_after_backward and self._handle is not None:
+            # every recorded call has its gradient: the step's forward hook goes now, in the
+            # backward (callbacks and hooks that run before the norms are read see none)
+            self.unhook()
         x = call.x
         call.x = None
         single = len(site.calls) == 1
@@ -556,7 +570,10 @@ class GhostNormHooks:
             return
         try:
             dev = grad.device.type
-            if torch.is_autocast_enabled(dev):  # backward called inside autocast: compute as told
+            if torch.is_grad_enabled():  # backward(create_graph=True): nothing of ours is recorded
+                with torch.no_grad(), torch.autocast(dev, enabled=False):
+                    self._compute(site, x, grad, single)
+            elif torch.is_autocast_enabled(dev):  # backward called inside autocast: compute as told
                 with torch.autocast(dev, enabled=False):
                     self._compute(site, x, grad, single)
             else:
@@ -574,6 +591,12 @@ class GhostNormHooks:
             sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, row)
             self._add(site, sq)
         else:
+            # kept past this hook (summed by _finish, maybe outside the backward): detached, as a
+            # view made here of a tensor that requires gradient requires it too
+            if x is not None and x.requires_grad:
+                x = x.detach()
+            if grad.requires_grad:
+                grad = grad.detach()
             site.factors.append(site.kind.factor(site.module, x, grad, wt, bt))
             if site.received == len(site.calls):
                 self._finish(site)
