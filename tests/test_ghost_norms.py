@@ -665,38 +665,47 @@ def test_disarmed_records_nothing_and_suspended():
     assert_matches(norms, ref)
 
 
-def test_the_forward_hook_goes_in_the_backward_once_every_call_has_its_gradient():
-    """``unhook_after_backward``: the global forward hook is removed inside the backward when the
-    last recorded call's output gradient arrives — not while a recorded call still waits (an
-    output that reaches the loss only through a later call, or not at all) — and the norms are
-    those of the hooks that stay attached; the next ``arm`` attaches it again."""
+def test_the_forward_hook_goes_at_the_end_of_the_backward():
+    """``unhook_after_backward``: the global forward hook is removed when the backward that reached
+    the recorded calls ends — a call whose output never gets a gradient does not hold it — not
+    before: a segment checkpointed with ``use_reentrant=True`` runs its forward again inside the
+    backward, and that forward must be recorded (the norms are exact). The next ``arm`` attaches
+    it again."""
+    from torch.utils.checkpoint import checkpoint
 
     class Model(nn.Module):
-        def __init__(self, unused: bool) -> None:
+        def __init__(self, unused: bool, reentrant: bool) -> None:
             super().__init__()
-            self.lin, self.head, self.unused = nn.Linear(4, 4), nn.Linear(4, 3), unused
+            self.lin, self.mid, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+            self.unused, self.reentrant = unused, reentrant
+
+        def segment(self, x):
+            return torch.tanh(self.mid(torch.tanh(self.lin(x))))
 
         def forward(self, x):
             if self.unused:
-                self.head(x[:, :4])  # recorded, never gets a gradient
-            return self.head(torch.tanh(self.lin(x)))
+                self.head(x)  # recorded, never gets a gradient
+            h = checkpoint(self.segment, x, use_reentrant=True) if self.reentrant else self.segment(x)
+            return self.head(h)
 
-    for unused in (False, True):
-        model = Model(unused).to(DT)
+    for unused, reentrant in ((False, False), (True, False), (False, True)):
+        model = Model(unused, reentrant).to(DT)
         x, t = torch.randn(5, 4, dtype=DT), torch.randn(5, 3, dtype=DT)
+        model.reentrant = False  # (functorch's reference: without the checkpoint, the same function)
         ref = reference(model, x, t)
+        model.reentrant = reentrant
         hooks = GhostNormHooks(plan(model)[0], unhook_after_backward=True)
         seen: list[bool] = []
-        model.lin.weight.register_hook(lambda g: seen.append(hooks.attached))  # the last gradient made
+        model.lin.weight.register_hook(lambda g: seen.append(hooks.attached))  # inside the backward
         for _ in range(2):
             hooks.arm()
             assert hooks.attached
             model.zero_grad(set_to_none=True)
-            per_sample_losses(model(x), t).mean().backward()
-            assert hooks.attached == unused  # (a call still waits: kept until read or unhook)
+            xi = x.clone().requires_grad_(reentrant)  # (a reentrant checkpoint needs an input that does)
+            per_sample_losses(model(xi), t).mean().backward()
+            assert not hooks.attached
             assert_matches(hooks.read(scale=5), ref)
-            hooks.unhook()
-        assert seen == [unused, unused]
+        assert seen == [True, True]
         hooks.detach()
 
 

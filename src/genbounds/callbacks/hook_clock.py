@@ -56,7 +56,8 @@ not, its backward and optimizer-step hooks are set aside for that step, and its 
 unless that step is a logging step with measured values to write (decided at the batch start:
 when ``trainer.should_stop`` turns true during such a step, its values are written at the epoch
 or run end instead, with the same logged step — only a later callback reading
-``trainer.callback_metrics`` in that step's batch end sees the previous value). ``HeldoutGradient``'s
+``trainer.callback_metrics`` in that step's batch end sees the previous value); on a measured step
+of one backward whose norms it reads at the optimizer step, its after-backward hook. ``HeldoutGradient``'s
 after-backward hook (work under manual optimization only) is set aside for the run under
 automatic optimization, and its batch start sleeps between its scheduled steps like a probe's. On
 the main job a step the dispersion skips was charged 126–221 µs (nine dispatches: the

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import Variable
 from torch.nn.modules.module import register_module_forward_hook
 from torch.utils.hooks import RemovableHandle
 
@@ -138,10 +139,11 @@ class GhostNormHooks:
             sign of a weight used outside its module's ``forward``.  The check costs one
             autograd hook call per parameter and backward; the usage it detects is structural,
             so by default it runs on the first measured backward after each :meth:`arm` only.
-        unhook_after_backward: :meth:`unhook` inside the backward, as soon as every recorded call
-            has its output gradient (``GradientDispersion``'s hooks: the forward hook then lives
-            only from a measured step's forward to its backward, however late the norms are read;
-            the next :meth:`arm` attaches it again).
+        unhook_after_backward: :meth:`unhook` at the end of a backward that reached a recorded
+            call (an autograd engine callback, queued by the first such call's gradient):
+            ``GradientDispersion``'s hooks, whose forward hook then lives only from a measured
+            step's forward to its backward, however late the norms are read; the next :meth:`arm`
+            attaches it again.
     """
 
     def __init__(
@@ -155,6 +157,7 @@ class GhostNormHooks:
         unhook_after_backward: bool = False,
     ) -> None:
         self.unhook_after_backward = unhook_after_backward
+        self._unhook_queued = False  # (an unhook queued to run at the end of the current backward)
         group_of = dict(group_of or {})
         batch_dims = dict(batch_dims or {})
         self.verify_every_step = verify_every_step
@@ -265,6 +268,10 @@ class GhostNormHooks:
         self._handle = register_module_forward_hook(functools.partial(_dispatch_forward, weakref.ref(self)))
         _GLOBAL_HOOKS.append((weakref.ref(self), self._handle))
 
+    def _backward_ended(self) -> None:
+        self._unhook_queued = False
+        self.unhook()
+
     def unhook(self) -> None:
         """Remove the forward hook only (armed state, gradient hooks, recorded calls and work
         buffers stay): it exists from a measured step's forward to its backward, so every other
@@ -344,7 +351,6 @@ class GhostNormHooks:
         self._row_views: tuple[Tensor, ...] = ()
         self._problems: list[str] = []
         self._ordinal = 0
-        self._waiting = 0  # recorded calls whose output gradient has not arrived yet
         self._coupled_upto = 0
         self._guessed: list[str] = []  # sequence-first: layers whose batch dimension was guessed
         self._length_is_batch = False  # … and a sequence length equal to the batch size was seen
@@ -483,7 +489,6 @@ class GhostNormHooks:
             site.flags = (wt, bt)
         call = _Call(site, x, x._version if x is not None else 0, self._epoch)
         site.calls.append(call)
-        self._waiting += 1
         return call
 
     def _record_attention(self, site: _Site, module: nn.Module, output: Any) -> None:
@@ -557,11 +562,12 @@ class GhostNormHooks:
             return
         call.got = True
         site.received += 1
-        self._waiting -= 1
-        if not self._waiting and self.unhook_after_backward and self._handle is not None:
-            # every recorded call has its gradient: the step's forward hook goes now, in the
-            # backward (callbacks and hooks that run before the norms are read see none)
-            self.unhook()
+        if self.unhook_after_backward and not self._unhook_queued and self._handle is not None:
+            # the step's forward hook goes when this backward ends (callbacks and hooks that run
+            # before the norms are read see none); not before: a segment checkpointed with
+            # use_reentrant=True runs its forward again inside the backward, to be recorded
+            Variable._execution_engine.queue_callback(self._backward_ended)
+            self._unhook_queued = True
         x = call.x
         call.x = None
         single = len(site.calls) == 1
