@@ -394,18 +394,10 @@ def test_a_backward_that_creates_a_graph_gives_the_same_norms():
     recording off (they failed with an ``out=`` error before), single calls and shared ones alike,
     and leave nothing that requires gradient in their rows."""
 
-    class Shared(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = nn.Linear(4, 4)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(torch.tanh(self.lin(torch.tanh(self.lin(x)))))
-
-    for model, width in ((nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT), 5), (Shared().to(DT), 4)):
+    for model, width, out in ((nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT), 5, 3),
+                              (SharedLinear().to(DT), 6, 2)):
         x = torch.randn(6, width, dtype=DT)
-        target = torch.randn(6, 3, dtype=DT)
+        target = torch.randn(6, out, dtype=DT)
         ref = reference(model, x, target)
         modules, _ = plan(model)
         hooks = GhostNormHooks(modules)

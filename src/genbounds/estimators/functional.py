@@ -184,9 +184,9 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     On the CPU with fp32 tensors: fp32 norms of pieces of 1,024 elements (no float64 copy;
     relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`) — one view and one norm
     per tensor of a multiple of 1,024 elements; the tensors (and remainders) under 1,024
-    elements in one multi-tensor norm — then one float64 square: about ``2·(large tensors) + 4``
-    ops (each a few µs inside a training step; it was five per tensor). Otherwise one piece per
-    tensor (:func:`per_tensor_sq_norms`).
+    elements in one multi-tensor norm — then one concatenation and one float64 square: about
+    ``2·(large tensors) + 5`` ops (each a few µs inside a training step; it was five per tensor).
+    Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
 
     ``reuse``: the norms are written into work buffers kept for the layout and the result is
     one of them, valid until the next call with ``reuse`` — two ops fewer (the concatenation, and
