@@ -19,7 +19,9 @@ factors they cost ``b²·(d_in + d_out)`` per layer, 19 M multiply-adds here: mo
    shown with its error, not taken.
 2. **Inside a step** (a hand-written loop, the sides alternating): ``‖ḡ_k‖²`` taken after the
    backward, as the callback does, against the same norms taken in each parameter's
-   post-accumulate-grad hook, while the backward has just written the gradient; then the reads
+   post-accumulate-grad hook, while the backward has just written the gradient, taken after the
+   optimizer step, which has just read it, and against one fp32 multi-tensor norm of the gradient
+   (the fastest route, not taken: it is off by ~3e-6, and SPEC sums squares in float64); then the reads
    alone, right after the backward and at once again: the per-sample norms' inputs and output
    gradients, and the gradient. What a first read pays beyond the second is the memory system's:
    after the backward's matrix kernels the data is not where the kernel alone finds it.
@@ -137,8 +139,9 @@ def kernels_alone(reps: int, compiled: bool = False) -> str:
 
 
 def inside_a_step(steps: int, compiled: bool = False) -> str:
-    """Three copies of the MLP stepped in turn: plain, ``‖ḡ_k‖²`` after the backward (ours), and
-    the same norms in post-accumulate-grad hooks (the gradient just written)."""
+    """Five copies of the MLP stepped in turn: plain, ``‖ḡ_k‖²`` after the backward (ours), the
+    same norms in post-accumulate-grad hooks (the gradient just written) and after the optimizer
+    step (the gradient just read), and one fp32 multi-tensor norm per tensor after the backward."""
     import torch.nn.functional as F
 
     from genbounds.estimators.functional import grouped_sq_norms, squared_pieces
@@ -148,7 +151,8 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
     torch.manual_seed(0)
     base = spec.build()
     batches = spec.batches()
-    sides = ("plain", "after the backward (ours)", "in post-accumulate-grad hooks")
+    sides = ("plain", "after the backward (ours)", "in post-accumulate-grad hooks", "after the optimizer step",
+             "one fp32 multi-tensor norm after the backward (not taken)")
     models = {side: copy.deepcopy(base) for side in sides}
     opts = {side: torch.optim.SGD(m.parameters(), lr=0.01) for side, m in models.items()}
     groups = [[0, 1], [2, 3], [4, 5]]
@@ -164,7 +168,7 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
         p.register_post_accumulate_grad_hook(grad_hook(i))
     times: dict[str, list[float]] = {side: [] for side in sides}
     for it in range(steps):
-        order = sides[it % 3:] + sides[: it % 3]
+        order = sides[it % len(sides):] + sides[: it % len(sides)]
         for side in order:
             model, opt = models[side], opts[side]
             x, y = batches[it % len(batches)]
@@ -175,7 +179,11 @@ def inside_a_step(steps: int, compiled: bool = False) -> str:
                 grouped_sq_norms([p.grad for p in model.parameters()], groups)
             elif side == sides[2]:  # (the per-layer sums the hooks' norms are for)
                 torch.stack([slots[2 * k] + slots[2 * k + 1] for k in range(3)])
+            elif side == sides[4]:
+                torch.stack(torch._foreach_norm([p.grad for p in model.parameters()])).double().square_()
             opt.step()
+            if side == sides[3]:
+                grouped_sq_norms([p.grad for p in model.parameters()], groups)
             times[side].append(time.perf_counter() - t0)
     skip = steps // 10
     plain = statistics.median(times[sides[0]][skip:]) * 1e6
