@@ -18,8 +18,14 @@ from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs
 from genbounds.callbacks.bound_evaluation import LossRange, WarnOnce, bound_values, evaluation_floor, finish_values
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
-from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, check_name_list
-from genbounds.callbacks.checks import check_monitors_see_every_value
+from genbounds.callbacks.checks import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_monitors_see_every_value,
+    check_name_list,
+)
 from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.hook_clock import sleep_until
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples

@@ -231,29 +231,20 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     return torch.addcmul(zeros, norms, norms, out=squares), layout
 
 
-_PIECE_BUFFERS: dict[Layout, tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]] = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
     """``(fp32 norms [pieces], a view of it per tensor split into pieces, the view of the rest,
-    float64 zeros, float64 squares)`` for :func:`squared_pieces` with ``reuse`` (CPU; a few
-    layouts)."""
-    got = _PIECE_BUFFERS.get(layout)
-    if got is None:
-        full, rest = layout
-        n = sum(full) + len(rest)
-        norms = torch.empty(n, dtype=torch.float32)
-        slots, start = [], 0
-        for k in full:
-            if k:
-                slots.append(norms[start:start + k])
-                start += k
-        got = (norms, tuple(slots), norms[start:], torch.zeros(n, dtype=torch.float64),
-               torch.empty(n, dtype=torch.float64))
-        if len(_PIECE_BUFFERS) >= 8:
-            _PIECE_BUFFERS.clear()
-        _PIECE_BUFFERS[layout] = got
-    return got
+    float64 zeros, float64 squares)`` for :func:`squared_pieces` with ``reuse`` (CPU; kept for the
+    last few layouts, as the cached matrices below)."""
+    full, rest = layout
+    n = sum(full) + len(rest)
+    norms = torch.empty(n, dtype=torch.float32)
+    slots, start = [], 0
+    for k in full:
+        if k:
+            slots.append(norms[start:start + k])
+            start += k
+    return norms, tuple(slots), norms[start:], torch.zeros(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
 
 
 def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:
