@@ -203,10 +203,12 @@ def run_json_child(argv: list[str], timeout: float | None = None) -> dict[str, A
     return json.loads(lines[-1])
 
 
-def emit_report(text: str, out: str | None = None, json_path: str | None = None, payload: Any = None) -> None:
-    """Print a benchmark's Markdown; also write it to ``out`` and ``payload`` as JSON to
-    ``json_path`` when given (their folders are created)."""
-    print(text)
+def emit_report(text: str, out: str | None = None, json_path: str | None = None, payload: Any = None,
+                quiet: bool = False) -> None:
+    """Print a benchmark's Markdown (unless ``quiet``: an interim report); also write it to ``out``
+    and ``payload`` as JSON to ``json_path`` when given (their folders are created)."""
+    if not quiet:
+        print(text)
     for path, write in ((out, lambda fh: fh.write(text + "\n")),
                         (json_path, lambda fh: json.dump(payload, fh, indent=1))):
         if path:

@@ -387,8 +387,15 @@ def configs_of(model_name: str, raw: bool, suite: bool | set[str]) -> list[tuple
 
 
 def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], steps_scale: float, in_process: bool,
-            epoch_steps: int) -> tuple[dict, list[str]]:
+            epoch_steps: int, on_round: Callable[[dict, list, dict, int], None] | None = None
+            ) -> tuple[dict, list[str], dict]:
+    """Every round runs every (model, configuration); ``on_round(results, loads, failed, rounds_done)``
+    after each (the CUDA script writes its tables then, so a run stopped by its time limit keeps the
+    rounds it finished).  In one process (CUDA) a run that raises is reported in ``failed`` and its
+    configuration dropped (the earlier rounds' runs too, so the rounds stay paired); in fresh
+    processes it stops the benchmark, as before."""
     results: dict[tuple[str, str], list[dict]] = {}
+    failed: dict[tuple[str, str], str] = {}
     loads = [load_average()]
     here = os.path.abspath(__file__)
     for r in range(rounds):
@@ -398,8 +405,20 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
             for group in config_groups(m, raw, suite):
                 order = group[r % len(group):] + group[:r % len(group)]  # rotates from round to round
                 for config in order:
+                    if (m, config) in failed:
+                        continue
                     if in_process:
-                        res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps)
+                        try:
+                            res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps)
+                        except Exception as err:  # noqa: BLE001 — reported in the tables, the others go on
+                            import traceback
+
+                            traceback.print_exc()
+                            failed[(m, config)] = f"round {r + 1}: {type(err).__name__}: {str(err)[:300]}"
+                            results.pop((m, config), None)
+                            if torch.cuda.is_available():
+                                torch.cuda.empty_cache()
+                            continue
                     else:
                         res = run_json_child([here, "--child", m, config, "--steps", str(steps), "--warmup",
                                               str(spec.warmup), "--epoch-steps", str(epoch_steps)])
@@ -408,7 +427,9 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
                           f"peak +{res['peak_growth_mib']:7.1f} MiB  backend={res.get('backend')}  "
                           f"load {load_average()}", file=sys.stderr, flush=True)
         loads.append(load_average())
-    return results, loads
+        if on_round is not None:
+            on_round(results, loads, failed, r + 1)
+    return results, loads, failed
 
 
 def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) -> str:
@@ -417,6 +438,8 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
              "|---|---|---|---:|---:|---:|---:|---:|"]
     for m in models:
         for config, base in configs_of(m, raw, suite):
+            if (m, config) not in results or (m, base) not in results:  # a failed run (`measure`)
+                continue
             runs, base_runs = results[(m, config)], results[(m, base)]
             t = [x["ms_per_step"] for x in runs]
             tb = [x["ms_per_step"] for x in base_runs]
@@ -484,11 +507,25 @@ def main() -> None:
         info["cpu"] += f"; GPU {torch.cuda.get_device_name(0)}"
     # CUDA: one process (device memory is measured by the allocator, not the resident set)
     suite_models = set(models if not args.suite_models else args.suite_models.split(",")) if args.suite else set()
-    results, loads = measure(models, args.rounds, args.raw, suite_models, args.steps_scale,
-                             in_process=args.device == "cuda", epoch_steps=args.epoch_steps)
+
+    def write(results: dict, loads: list, failed: dict, rounds_done: int) -> None:  # after every round
+        emit_report(report(args, models, suite_models, info, results, loads, failed, rounds_done), args.out,
+                    args.json, {"machine": info, "loads": loads, "rounds": rounds_done,
+                                "failed": {f"{m}|{c}": v for (m, c), v in failed.items()},
+                                "runs": {f"{m}|{c}": v for (m, c), v in results.items()}},
+                    quiet=rounds_done < args.rounds)
+
+    measure(models, args.rounds, args.raw, suite_models, args.steps_scale, in_process=args.device == "cuda",
+            epoch_steps=args.epoch_steps, on_round=write)
+
+
+def report(args: argparse.Namespace, models: list[str], suite_models: set[str], info: dict, results: dict,
+           loads: list, failed: dict, rounds_done: int) -> str:
+    """The Markdown of the rounds done so far."""
+    have = [m for m in models if (m, "plain") in results]
     legend = "\n".join(f"* **{m}**: {SPECS[m].title}; {results[(m, 'plain')][0]['params'] / 1e6:.2f} M parameters; "
                        f"{results[(m, 'plain')][0]['warmup']} warm-up + {results[(m, 'plain')][0]['steps']} timed steps"
-                       for m in models)
+                       for m in have)
     notes = []
     for m in models:
         for config in ("dispersion", "suite"):
@@ -501,7 +538,7 @@ def main() -> None:
                 notes.append(f"* {m} ({config}): backend `{d[0].get('backend')}` — {d[0].get('description', '')}{extra}")
     checks = []
     for (m, quantity), (what, limit) in TARGETS.items():
-        if m not in models:
+        if m not in models or (m, "dispersion") not in results or (m, "plain") not in results:
             continue
         key = "ms_per_step" if quantity == "time" else "peak_growth_mib"
         ratios = [a[key] / b[key] for a, b in zip(results[(m, "dispersion")], results[(m, "plain")])]
@@ -513,17 +550,20 @@ def main() -> None:
                                    zip(results[(m, "dispersion")], results[(m, "plain")])])
             extra = f" (whole-process peak ratio {w:.2f}×)" if SPECS[m].device == "cpu" else ""
         checks.append(f"* {m}: {what} — measured {med:.3f}× [{lo:.3f}–{hi:.3f}]: {read}{extra}")
-    text = "\n\n".join([
-        f"### GradientDispersion every step vs plain training ({args.device.upper()}, {args.rounds} rounds)",
+    parts = [
+        f"### GradientDispersion every step vs plain training ({args.device.upper()}, {rounds_done} rounds"
+        + (f" of {args.rounds} asked" if rounds_done < args.rounds else "") + ")",
         describe_machine_md(info, loads),
         legend,
-        tables(results, models, args.raw, suite_models),
+        tables(results, have, args.raw, suite_models),
         "Backends chosen:\n" + "\n".join(notes),
         "Targets (median of the per-round ratios; `met` only where the median's distribution-free 95 % interval "
         "is under the line, `common.verdict`; pool several runs' --json with benchmarks/pool_runs.py):\n" + ("\n".join(checks) or "(none for these models)"),
-    ])
-    emit_report(text, args.out, args.json, {"machine": info, "loads": loads,
-                                            "runs": {f"{m}|{c}": v for (m, c), v in results.items()}})
+    ]
+    if failed:
+        parts.append("Runs that raised (configuration left out of every round):\n"
+                     + "\n".join(f"* {m} / {c}: {why}" for (m, c), why in failed.items()))
+    return "\n\n".join(parts)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,136 @@
+"""Where a CUDA training step's time goes, with and without ``GradientDispersion()`` every step:
+the GPU's kernel time against the wall time (is the step launch-bound?).
+
+    python benchmarks/cuda_step_profile.py                   # the CUDA models of overhead_dispersion.py
+    python benchmarks/cuda_step_profile.py --models cuda-cnn --rounds 5
+
+Each run is one real ``Trainer.fit`` (as ``overhead_dispersion.py``'s CUDA rows: batch 128, host
+batches pinned, Lightning's device copy, no logger output, no validation).  After ``--warmup``
+steps it times ``--steps`` steps without a profiler (the wall time per step, synchronized at both
+ends), then ``--steps`` more under ``torch.profiler`` (CPU and CUDA activities) and reads:
+
+* **device ms / step**: the summed duration of the kernels, copies and memsets the GPU ran;
+* **device events / step**: how many there were (a launch each);
+* **busy**: device ms over the unprofiled wall ms — near 1 the GPU is the limit and our extra
+  kernels cost their run time; far below 1 the host is (Python, dispatcher, launches), and what
+  counts is how many ops and hooks a step adds, not their FLOPs.
+
+Configurations alternate within each round; the tables give per-round medians and the ratio of
+each quantity to plain in the same round.  Without CUDA it prints "not measured" and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from common import emit_report, sample_loader  # noqa: E402
+
+
+def profile_run(model: str, measured: bool, warmup: int, steps: int) -> dict[str, float]:
+    """One fit of ``model`` (a CUDA model of ``overhead_dispersion.SPECS``)."""
+    import lightning.pytorch as pl
+    from torch.profiler import ProfilerActivity, profile
+
+    from genbounds.callbacks import GradientDispersion
+    from genbounds.models import Classifier
+    from overhead_dispersion import SPECS
+
+    spec = SPECS[model]
+    out: dict[str, float] = {}
+
+    class Window(pl.Callback):
+        """Steps ``warmup … warmup+steps−1`` timed, the next ``steps`` profiled."""
+
+        def __init__(self) -> None:
+            self.prof: Any = None
+            self.t0 = 0.0
+
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            s = trainer.global_step
+            if s in (warmup, warmup + steps):
+                torch.cuda.synchronize()
+                if s == warmup + steps:
+                    out["wall_ms"] = 1e3 * (time.perf_counter() - self.t0) / steps
+                    self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+                    self.prof.__enter__()
+                self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            if self.prof is not None and trainer.global_step == warmup + 2 * steps:
+                torch.cuda.synchronize()
+                out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - self.t0) / steps
+                self.prof.__exit__(None, None, None)
+                device = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
+                out["device_events"] = len(device) / steps
+                self.prof = None
+
+    torch.manual_seed(0)
+    batches = spec.batches()
+    module = Classifier(spec.build(), num_classes=10, lr=0.01)
+    window = Window()  # first: its batch start and end enclose every other callback's
+    callbacks: list = [window] + ([GradientDispersion()] if measured else [])
+    trainer = pl.Trainer(max_steps=warmup + 2 * steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         num_sanity_val_steps=0, limit_val_batches=0, accelerator="gpu", devices=1)
+    trainer.fit(module, sample_loader(batches, warmup + 2 * steps + 4, pin_memory=True))
+    out["busy"] = out["device_ms"] / out["wall_ms"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="cuda-resnet18-gn,cuda-resnet18-bn,cuda-cnn")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--out", default=None, help="also write the Markdown to this file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        emit_report("CUDA step profile: not measured (torch.cuda.is_available() is False on this machine).", args.out)
+        return
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    models = [m for m in args.models.split(",") if m]
+    runs: dict[tuple[str, bool], list[dict[str, float]]] = {}
+    for r in range(args.rounds):
+        for m in models:
+            for measured in ((False, True) if r % 2 == 0 else (True, False)):
+                res = profile_run(m, measured, args.warmup, args.steps)
+                runs.setdefault((m, measured), []).append(res)
+                print(f"[round {r + 1}/{args.rounds}] {m} measured={measured}: "
+                      + ", ".join(f"{k} {v:.3f}" for k, v in res.items()), file=sys.stderr, flush=True)
+    keys = ("wall_ms", "device_ms", "device_events", "busy", "profiled_wall_ms")
+    lines = [f"### Where a CUDA step's time goes ({torch.cuda.get_device_name(0)}, {args.rounds} rounds, "
+             f"{args.steps} timed + {args.steps} profiled steps after {args.warmup})", "",
+             "| model | configuration | wall ms / step | device ms / step | device events / step | busy | "
+             "wall under the profiler |", "|---|---|---:|---:|---:|---:|---:|"]
+    for m in models:
+        for measured in (False, True):
+            med = {k: statistics.median(x[k] for x in runs[(m, measured)]) for k in keys}
+            cells = [f"{med['wall_ms']:.2f}", f"{med['device_ms']:.2f}", f"{med['device_events']:.0f}",
+                     f"{med['busy']:.2f}", f"{med['profiled_wall_ms']:.2f}"]
+            if measured:
+                for i, k in enumerate(("wall_ms", "device_ms", "device_events")):
+                    pairs = zip(runs[(m, True)], runs[(m, False)])
+                    ratio = statistics.median([a[k] / b[k] if b[k] else float("nan") for a, b in pairs])
+                    cells[i] += f" ({ratio:.3f}×)"
+            lines.append(f"| {m} | {'GradientDispersion() every step' if measured else 'plain'} | "
+                         + " | ".join(cells) + " |")
+    lines += ["", "Ratios (in brackets): median over rounds of measured / plain in the same round."]
+    emit_report("\n".join(lines), args.out)
+
+
+if __name__ == "__main__":
+    main()
