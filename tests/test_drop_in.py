@@ -911,10 +911,22 @@ def test_cuda_default_suite_is_drop_in(tmp_path, case):
 @pytest.mark.parametrize("case", CUDA_CASES)
 def test_cuda_dispersion_equals_the_cpu(tmp_path, case):
     """The first step's logged dispersion on CUDA equals the CPU's (same weights, same batch;
-    float32 reductions in another order: 1e-4 relative)."""
+    float32 reductions in another order: 1e-4 relative).  Dropout is turned off: the CPU and CUDA
+    generators draw different masks (the transformer's dispersion differed by 0.7 % with it on)."""
+
+    def without_dropout() -> pl.LightningModule:
+        module = CASES[case].module()
+        for m in module.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+            elif isinstance(m, torch.nn.MultiheadAttention):
+                m.dropout = 0.0
+        return module
+
+    same = Case(without_dropout, CASES[case].data, CASES[case].trainer, CASES[case].suite)
     values = {}
     for accelerator in ("cpu", "gpu"):
-        run = fit(case, tmp_path / accelerator, suite=[GradientDispersion()], accelerator=accelerator, devices=1,
+        run = fit(same, tmp_path / accelerator, suite=[GradientDispersion()], accelerator=accelerator, devices=1,
                   max_epochs=1, limit_train_batches=1, limit_val_batches=0)
         values[accelerator] = genbounds_values(run)["grad/dispersion"]
     assert len(values["gpu"]) == len(values["cpu"]) == 1
