@@ -97,12 +97,15 @@ def profile_run(model: str, config: str, warmup: int, steps: int) -> dict[str, A
                 torch.cuda.synchronize()
                 out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - self.t0) / steps
                 self.prof.__exit__(None, None, None)
-                device = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                # kernels, copies and memsets; not the GPU-side spans of record_function ranges
+                # (``Optimizer.step#SGD.step`` spans the whole closure: counted, it doubled the sum)
+                device = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                          and not getattr(e, "is_user_annotation", False)]
                 out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
                 out["device_events"] = len(device) / steps
                 out["ops"] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3 / steps, e.count / steps)
                               for e in self.prof.key_averages(group_by_input_shape=True)
-                              if e.self_device_time_total > 0}
+                              if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)}
                 self.prof = None
 
     torch.manual_seed(0)

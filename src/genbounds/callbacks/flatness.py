@@ -40,7 +40,8 @@ class Flatness(ProbeCallback):
             (never below ``min_draws``) when the full count would not fit in what is left of it.
         min_draws: the fewest draws a budgeted probe uses.
         draws_per_pass: draws evaluated in one vectorized pass (default 1 on CPU, where looping is
-            faster, 8 on a GPU).
+            faster; on a GPU up to 8, as many as fit the probes' memory budget,
+            :func:`~genbounds.callbacks.probe.vectorization_width`).
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest perturbation
             std is below 1e−3, where the loss increments ``½σ² Tr H`` approach float32's resolution).
         error: also measure the 0-1 error's flatness (``"auto"``: for classifiers).
@@ -129,7 +130,7 @@ class Flatness(ProbeCallback):
         est = gaussian_flatness(
             pl_module, loss_fn, self.train_probe, levels, draws,
             self.generator(pl_module.device), heldout_batch=self.heldout_probe if self.heldout_available else None,
-            draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
+            draws_per_pass=self.per_pass(self.draws_per_pass, pl_module),
             dtype=probe_dtype(self.precision, min(levels) * min([1.0] + [min(s) for s in self.shapes])),
             reduce=self.reducer(trainer), shapes=shapes, rows=rows,
         )

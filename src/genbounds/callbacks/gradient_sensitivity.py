@@ -52,8 +52,9 @@ class GradientSensitivity(ProbeCallback):
         num_draws: Gaussian draws per probe (≥ 2); with an ``overhead_budget`` a probe uses fewer
             (never below ``min_draws``) when the full count would not fit in what is left of it.
         min_draws: the fewest draws a budgeted probe uses.
-        draws_per_pass: draws evaluated in one vectorized pass, memory ∝ this × d (default 1 on CPU,
-            8 on a GPU).
+        draws_per_pass: draws evaluated in one vectorized pass, memory ∝ this × d (default 1 on CPU;
+            on a GPU up to 8, as many as fit the probes' memory budget,
+            :func:`~genbounds.callbacks.probe.vectorization_width`).
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when the smallest σ is below
             1e−3, where gradient differences approach float32's resolution).
         every_n_steps: probe every this many optimizer steps.
@@ -155,7 +156,7 @@ class GradientSensitivity(ProbeCallback):
         est = gradient_sensitivity(
             pl_module, self._loss_fn, self.heldout_probe, levels,
             self.draws_within_budget(self.num_draws, self.min_draws, 3.0 * len(levels)),
-            self.generator(pl_module.device), draws_per_pass=self.per_pass(self.draws_per_pass, pl_module.device),
+            self.generator(pl_module.device), draws_per_pass=self.per_pass(self.draws_per_pass, pl_module),
             dtype=probe_dtype(self.precision, min(s for s in levels if s > 0) if any(levels) else 1.0),
             reduce=self.reducer(trainer), shapes=shapes, norm_weights=weights,
         )

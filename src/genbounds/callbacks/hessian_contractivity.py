@@ -30,7 +30,8 @@ class HessianContractivity(ProbeCallback):
         radius: ``r``.
         eta: ``η`` of the finite difference.
         num_points: ``K``.
-        points_per_pass: points evaluated in one vectorized pass (default 1 on CPU, 8 on a GPU).
+        points_per_pass: points evaluated in one vectorized pass (default 1 on CPU; on a GPU up to 8,
+            as many as fit the probes' memory budget, :func:`~genbounds.callbacks.probe.vectorization_width`).
         exact: also log the exact HVP form.
         precision: ``"float32"``, ``"float64"``, or ``"auto"`` (float64 when ``eta`` is below 1e−3,
             where the finite difference of gradients approaches float32's resolution).
@@ -87,7 +88,7 @@ class HessianContractivity(ProbeCallback):
         self._step = int(trainer.global_step)
         est = contractivity(pl_module, self._loss_fn, self.train_probe, self.generator(pl_module.device),
                             radius=self.radius, eta=self.eta, num_points=self.num_points,
-                            points_per_pass=self.per_pass(self.points_per_pass, pl_module.device),
+                            points_per_pass=self.per_pass(self.points_per_pass, pl_module),
                             dtype=probe_dtype(self.precision, self.eta),
                             reduce=self.reducer(trainer))
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,

@@ -48,8 +48,9 @@ class HessianTrace(ProbeCallback):
         min_probes: never stop before this many Rademacher samples.
         max_probes: never draw more (with an ``overhead_budget``: nor more than what is left of it
             affords, never fewer than ``min_probes``; the SE says how far the tolerance was reached).
-        block_size: Rademacher vectors per HVP block (default 1 on CPU, 10 on a GPU, where they are
-            vectorized).
+        block_size: Rademacher vectors per HVP block (default 1 on CPU; on a GPU, where they are
+            vectorized, up to 10, as many as fit the probes' memory budget,
+            :func:`~genbounds.callbacks.probe.vectorization_width`).
         top_eigenvalue: also run power iteration.
         eig_max_iter: power-iteration cap (with an ``overhead_budget``, also capped by what is left,
             never below 10; ``curv/hessian_top_eig_residual`` says how converged it is).
@@ -174,7 +175,7 @@ class HessianTrace(ProbeCallback):
             est = hutchinson_trace(op, gen, rel_tol=self.rel_tol, abs_tol=self.abs_tol, min_probes=self.min_probes,
                                    max_probes=self.draws_within_budget(self.max_probes, self.min_probes, 4.0,
                                                                        keep=eig_floor),
-                                   block_size=self.per_pass(self.block_size, pl_module.device, gpu_default=10),
+                                   block_size=self.per_pass(self.block_size, pl_module, gpu_default=10),
                                    groups=self._groups)
             out["curv/hessian_trace"], out["curv/hessian_trace_se"] = est.value, est.standard_error
             out["curv/hessian_trace_probes"] = float(est.num_probes)

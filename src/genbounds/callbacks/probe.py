@@ -57,8 +57,26 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
 from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
 from genbounds.estimators.functional import LossFn, Reduce
+from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 ProbeMode = Literal["eval", "train"]
+
+
+PROBE_MEMORY_BUDGET = DEFAULT_MEMORY_BUDGET
+"""Bytes of parameter-sized tensors a vectorized probe pass may hold at once by default on an
+accelerator (the functorch backend's per-sample budget, 64 MiB)."""
+
+
+def vectorization_width(num_params: int, widest: int, budget: int = PROBE_MEMORY_BUDGET, copies: int = 4) -> int:
+    """Items (draws, Hutchinson vectors, points) per vectorized probe pass on an accelerator: at
+    most ``widest``, and only as many as fit ``copies`` float64 parameter-sized tensors each (the
+    perturbed weights, a gradient or Hessian-vector product, its direction, a temporary) in
+    ``budget`` bytes; at least one.  Measured on an H200 (docs/results/overhead.md, "This round"):
+    the default suite on the 28.7 M-parameter CNN at the fixed widths 8–10 grew the device's peak
+    by 6.3 GiB in the final evaluation (15.8× plain training's peak growth); on the CPU with the
+    same widths 6.6 GiB, with width 1 1.5 GiB.  The activations of a vectorized pass grow with the
+    width too, but are not counted here."""
+    return max(1, min(widest, int(budget // (copies * 8 * max(1, num_params)))))
 
 
 class ProbeCallback(BudgetedProbe, MeasurementCallback):
@@ -237,15 +255,19 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
             self._generator_key = key
         return self._generator
 
-    def per_pass(self, requested: int | None, device: torch.device, gpu_default: int = 8) -> int:
+    def per_pass(self, requested: int | None, module: torch.nn.Module, gpu_default: int = 8) -> int:
         """Vectorization width: as requested, else 1 on CPU (looping is faster there, see
-        ``benchmarks/probes.py``) and ``gpu_default`` on an accelerator — 1 when the losses come
-        from the user's own ``training_step`` (not vectorizable)."""
+        ``benchmarks/probes.py``) and on an accelerator :func:`vectorization_width` (at most
+        ``gpu_default``, within :data:`PROBE_MEMORY_BUDGET`) — 1 when the losses come from the
+        user's own ``training_step`` (not vectorizable)."""
         if requested is not None:
             return requested
         if self.contract is not None and self.contract.tier in ("captured", "returned"):
             return 1
-        return 1 if device.type == "cpu" else gpu_default
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if device.type == "cpu":
+            return 1
+        return vectorization_width(sum(p.numel() for p in module.parameters() if p.requires_grad), gpu_default)
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, batch: Any = None,
                epoch_end: bool = False) -> None:
