@@ -12,7 +12,8 @@
 #    device, no host sync in a measured step, the default suite bit-identical and finite on CUDA,
 #    the CUDA dispersion equal to the CPU's).
 # 2. benchmarks/cuda_step_profile.py: the GPU's kernel time against the wall time of a step, with
-#    and without GradientDispersion (is the step launch-bound?).
+#    and without GradientDispersion (is the step bound by the host?), and the ops whose device time
+#    grew most; benchmarks/suite_memory.py: the default suite's peak device memory by callback and hook.
 # 3. benchmarks/overhead_dispersion.py --device cuda --suite: ResNet-18 at batch 128 with GroupNorm
 #    (target: dispersion every step <= 1.05x plain) and with train-mode BatchNorm, and the
 #    AlexNet-style CNN at batch 128, GradientDispersion() every step vs plain, plus the default
@@ -58,8 +59,13 @@ timeout 150 "$PY" -m pytest -m cuda -q -p no:cacheprovider -rs 2>&1 | tee "$RESU
 tests=${PIPESTATUS[0]}
 
 echo "== cuda_step_profile.py ($((SECONDS - START)) s so far)"
-timeout 90 "$PY" benchmarks/cuda_step_profile.py --rounds 3 --out "$RESULTS/cuda_step_profile.md"
+timeout 120 "$PY" benchmarks/cuda_step_profile.py --models cuda-resnet18-gn,cuda-cnn --rounds 2 --warmup 10 \
+    --steps 10 --ops 25 --out "$RESULTS/cuda_step_profile.md"
 profile=$?
+
+echo "== suite_memory.py ($((SECONDS - START)) s so far)"
+timeout 60 "$PY" benchmarks/suite_memory.py --steps 60 --epoch-steps 30 --out "$RESULTS/suite_memory.md"
+memory=$?
 
 left=$((TOTAL - (SECONDS - START) - 5))
 echo "== overhead_dispersion.py --device cuda --suite --suite-models cuda-cnn --rounds $ROUNDS (${left} s left)"
@@ -73,5 +79,6 @@ fi
 
 echo "uptime after: $(uptime)" | tee -a "$RESULTS/machine.txt"
 echo "== summary ($((SECONDS - START)) s): op_counts exit $counts, pytest -m cuda exit $tests," \
-     "cuda_step_profile exit $profile, overhead_dispersion exit $bench; results in $RESULTS/"
-[ $counts -eq 0 ] && [ $tests -eq 0 ] && [ $profile -eq 0 ] && { [ $bench -eq 0 ] || [ $bench -eq 124 ]; }
+     "cuda_step_profile exit $profile, suite_memory exit $memory, overhead_dispersion exit $bench;" \
+     "results in $RESULTS/"
+[ $counts -eq 0 ] && [ $tests -eq 0 ] && [ $profile -eq 0 ] && [ $memory -eq 0 ] && { [ $bench -eq 0 ] || [ $bench -eq 124 ]; }

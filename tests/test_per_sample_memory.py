@@ -247,7 +247,7 @@ def test_a_scratch_buffer_of_another_dtype_or_too_small_is_not_written():
 def test_probe_vectorization_width_fits_the_memory_budget():
     """On an accelerator a probe vectorizes only as many items (draws, Hutchinson vectors, points)
     as fit four float64 parameter-sized tensors each in the budget: the fixed widths 8–10 grew the
-    H200's peak by 6.3 GiB in the CNN suite's final evaluation.  On the CPU one at a time; a
+    H200's peak by 6,342 MiB in the CNN suite's final evaluation.  On the CPU one at a time; a
     requested width is kept.  (Meta tensors stand in for an accelerator's parameters.)"""
     from genbounds.callbacks import Flatness, HessianTrace
     from genbounds.callbacks.probe import PROBE_MEMORY_BUDGET, vectorization_width

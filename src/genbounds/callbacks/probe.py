@@ -73,9 +73,9 @@ def vectorization_width(num_params: int, widest: int, budget: int = PROBE_MEMORY
     perturbed weights, a gradient or Hessian-vector product, its direction, a temporary) in
     ``budget`` bytes; at least one.  Measured on an H200 (docs/results/overhead.md, "This round"):
     the default suite on the 28.7 M-parameter CNN at the fixed widths 8–10 grew the device's peak
-    by 6.3 GiB in the final evaluation (15.8× plain training's peak growth); on the CPU with the
-    same widths 6.6 GiB, with width 1 1.5 GiB.  The activations of a vectorized pass grow with the
-    width too, but are not counted here."""
+    by 6,342 MiB in the final evaluation (the whole run's peak growth was 15.8× plain training's);
+    on the CPU with the same widths 6,543 MiB, with these 1,445 MiB.  The activations of a
+    vectorized pass grow with the width too, but are not counted here."""
     return max(1, min(widest, int(budget // (copies * 8 * max(1, num_params)))))
 
 
