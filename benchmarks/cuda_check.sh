@@ -16,8 +16,10 @@
 #    grew most; benchmarks/suite_memory.py: the default suite's peak device memory by callback and hook.
 # 3. benchmarks/overhead_dispersion.py --device cuda --suite: ResNet-18 at batch 128 with GroupNorm
 #    (target: dispersion every step <= 1.05x plain) and with train-mode BatchNorm, and the
-#    AlexNet-style CNN at batch 128, GradientDispersion() every step vs plain, plus the default
-#    suite of configs/digits_mlp.yaml on the CNN (vs plain with the same validation); time and
+#    AlexNet-style CNN at batch 128, GradientDispersion() every step vs plain, then ResNet-18 with
+#    GroupNorm measured every 4th step and at 224x224 (batch 32: a step the GPU rather than the host
+#    bounds), plus the default suite of configs/digits_mlp.yaml on the CNN (vs plain with the same
+#    validation); time and
 #    peak device memory as ratios to plain measured in the same run, rounds interleaved.  It gets
 #    the time left of TOTAL and writes its tables after every round, so a run stopped there keeps
 #    the rounds it finished.

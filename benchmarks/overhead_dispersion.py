@@ -39,7 +39,9 @@ step, Lightning's own allocations and allocator caching.  The whole-process peak
 the ~0.8 GiB the libraries occupy.
 
 CUDA (``--device cuda``): the CUDA models (ResNet-18 with GroupNorm and with BatchNorm, the CNN,
-batch 128; host batches in pinned memory, copied to the device by Lightning) run in this process, one ``Trainer.fit`` after another (fresh model each time); peak
+batch 128; then ResNet-18 with GroupNorm measured every 4th step, and at 224×224 with batch 32;
+host batches in pinned memory, copied to the device by Lightning) run in this process, one
+``Trainer.fit`` after another (fresh model each time); peak
 memory is ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus
 ``memory_allocated()`` before ``fit``; the step timer synchronizes at both ends.  Without a CUDA
 device the script prints "not measured" and exits 0.
@@ -145,6 +147,16 @@ SPECS: dict[str, Spec] = {
                              lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
     "cuda-cnn": Spec("CUDA: AlexNet-style CNN of Wang & Mao (width 1), 32×32×3, batch 128", _cnn,
                      lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
+    # the two readings the H200 run left open (docs/results/overhead.md, "This round"): a host-bound
+    # step measured every 4th step (estimate: 1 + 1.1/4), and a step the GPU bounds (224×224)
+    "cuda-resnet18-gn-every4": Spec("CUDA: ResNet-18 with GroupNorm as above, `every_n_steps=4`",
+                                    lambda: resnet18_torchvision(norm="group"),
+                                    lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")),
+                                    200, 30, {"every_n_steps": 4}, "cuda"),
+    "cuda-resnet18-gn-224": Spec("CUDA: ResNet-18 with GroupNorm, 224×224×3, batch 32",
+                                 lambda: resnet18_torchvision(norm="group"),
+                                 lambda: random_image_batches(4, 32, (3, 224, 224), 10, torch.device("cpu")),
+                                 60, 10, {}, "cuda"),
 }
 TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     # (model, quantity) → (description, limit on the median per-round ratio)
@@ -156,7 +168,7 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("cuda-resnet18-gn", "time"): ("dispersion every step, time ≤ 1.05× plain", 1.05),
 }
 CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "transformer-sf", "mlp5.6m")
-CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn")
+CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn", "cuda-resnet18-gn-every4", "cuda-resnet18-gn-224")
 SUITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_mlp.yaml")
 RAW_MODELS = ("mlp", "cnn")
 
@@ -450,7 +462,8 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
             wb = [x["base_mib"] + x["peak_growth_mib"] if SPECS[m].device == "cuda" else x["maxrss_mib"]
                   for x in base_runs]
             label = {"plain": "plain (Lightning)", "dispersion": "GradientDispersion(" + ", ".join(
-                f"{k}={v!r}" for k, v in SPECS[m].dispersion.items()) + ") every step",
+                f"{k}={v!r}" for k, v in SPECS[m].dispersion.items()) + ")"
+                + ("" if "every_n_steps" in SPECS[m].dispersion else " every step"),
                 "raw-plain": "plain (raw loop)", "raw-hooks": "ghost hooks + dispersion (raw loop)",
                 "plain-val": "plain, with validation each epoch", "suite": "default suite of digits_mlp.yaml"}[config]
             backend = runs[0].get("backend") or "–"
