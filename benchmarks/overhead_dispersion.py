@@ -122,6 +122,10 @@ def _cnn() -> nn.Module:
 SPECS: dict[str, Spec] = {
     "mlp": Spec("MLP 784-512-512-10, batch 128", _mlp, lambda: random_image_batches(8, 128, (784,), 10, torch.device("cpu")),
                 300, 30, {}),
+    "mlp-every4": Spec("MLP 784-512-512-10, batch 128, `every_n_steps=4` (the cost model of a strided dispersion: "
+                       "1 + (every-step ratio − 1)/4 if unmeasured steps are free)", _mlp,
+                       lambda: random_image_batches(8, 128, (784,), 10, torch.device("cpu")), 300, 30,
+                       {"every_n_steps": 4}),
     "cnn": Spec("AlexNet-style CNN of Wang & Mao (`genbounds.models.AlexNetSmall`, width 1: conv 64-192-384-256-256, "
                 "FC 4096-4096-10), 32×32×3, batch 64", _cnn,
                 lambda: random_image_batches(4, 64, (3, 32, 32), 10, torch.device("cpu")), 12, 3, {}),
