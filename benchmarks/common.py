@@ -211,10 +211,11 @@ def emit_report(text: str, out: str | None = None, json_path: str | None = None,
         print(text)
     for path, write in ((out, lambda fh: fh.write(text + "\n")),
                         (json_path, lambda fh: json.dump(payload, fh, indent=1))):
-        if path:
+        if path:  # written whole, then renamed: a run killed mid-write leaves the previous file
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-            with open(path, "w") as fh:
+            with open(path + ".part", "w") as fh:
                 write(fh)
+            os.replace(path + ".part", path)
 
 
 def status_kib(field: str) -> int | None:

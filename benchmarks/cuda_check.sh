@@ -70,6 +70,7 @@ timeout 60 "$PY" benchmarks/suite_memory.py --steps 60 --epoch-steps 30 --out "$
 memory=$?
 
 left=$((TOTAL - (SECONDS - START) - 5))
+[ "$left" -lt 60 ] && left=60  # at least a round's worth (timeout 0 would mean no limit)
 echo "== overhead_dispersion.py --device cuda --suite --suite-models cuda-cnn --rounds $ROUNDS (${left} s left)"
 timeout "$left" "$PY" benchmarks/overhead_dispersion.py --device cuda --suite --suite-models cuda-cnn \
     --rounds "$ROUNDS" --out "$RESULTS/cuda_dispersion.md" --json "$RESULTS/cuda_dispersion.json"

@@ -11,9 +11,9 @@ ends), then ``--steps`` more under ``torch.profiler`` (CPU and CUDA activities) 
 
 * **device ms / step**: the summed duration of the kernels, copies and memsets the GPU ran;
 * **device events / step**: how many there were (a launch each);
-* **busy**: device ms over the unprofiled wall ms — near 1 the GPU is the limit and our extra
-  kernels cost their run time; far below 1 the host is (Python, dispatcher, launches), and what
-  counts is how many ops and hooks a step adds, not their FLOPs.
+* **busy**: device ms over the wall ms under the profiler — near 1 the GPU is the limit and our
+  extra kernels cost their run time; far below 1 the host is (Python, dispatcher, launches), and
+  what counts is how many ops and hooks a step adds, not their FLOPs.
 
 Configurations alternate within each round; the tables give per-round medians and the ratio of
 each quantity to plain in the same round.  ``--variants`` adds configurations that change one
@@ -74,45 +74,50 @@ def profile_run(model: str, config: str, warmup: int, steps: int) -> dict[str, A
     measured = config != "plain"
     out: dict[str, Any] = {}
 
-    class Window(pl.Callback):
-        """Steps ``warmup … warmup+steps−1`` timed, the next ``steps`` profiled."""
+    state: dict[str, Any] = {"prof": None, "t0": 0.0}
 
-        def __init__(self) -> None:
-            self.prof: Any = None
-            self.t0 = 0.0
+    class Start(pl.Callback):
+        """First in the callbacks: steps ``warmup … warmup+steps−1`` timed, the next ``steps`` profiled."""
 
         def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
             s = trainer.global_step
             if s in (warmup, warmup + steps):
                 torch.cuda.synchronize()
                 if s == warmup + steps:
-                    out["wall_ms"] = 1e3 * (time.perf_counter() - self.t0) / steps
-                    self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                                        record_shapes=True)
-                    self.prof.__enter__()
-                self.t0 = time.perf_counter()
+                    out["wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
+                    state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                                            record_shapes=True)
+                    state["prof"].__enter__()
+                state["t0"] = time.perf_counter()
+
+    class End(pl.Callback):
+        """Last in the callbacks: the profile ends after every callback's batch end."""
 
         def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            if self.prof is not None and trainer.global_step == warmup + 2 * steps:
-                torch.cuda.synchronize()
-                out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - self.t0) / steps
-                self.prof.__exit__(None, None, None)
-                # kernels, copies and memsets; not the GPU-side spans of record_function ranges
-                # (``Optimizer.step#SGD.step`` spans the whole closure: counted, it doubled the sum)
-                device = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                          and not getattr(e, "is_user_annotation", False)]
-                out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
-                out["device_events"] = len(device) / steps
-                out["ops"] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3 / steps, e.count / steps)
-                              for e in self.prof.key_averages(group_by_input_shape=True)
-                              if e.self_device_time_total > 0 and not getattr(e, "is_user_annotation", False)}
-                self.prof = None
+            prof = state["prof"]
+            if prof is None or trainer.global_step != warmup + 2 * steps:
+                return
+            torch.cuda.synchronize()
+            out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
+            prof.__exit__(None, None, None)
+            # kernels, copies and memsets; not the GPU-side spans of record_function ranges
+            # (``Optimizer.step#SGD.step`` spans the whole closure: counted, it doubled the sum)
+            device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                      and not getattr(e, "is_user_annotation", False)]
+            out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
+            out["device_events"] = len(device) / steps
+            # per CPU op (with its input shapes) the device time of the kernels it launched; the
+            # kernels' own rows and the ranges' spans are left out (each would count a kernel twice)
+            out["ops"] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3 / steps, e.count / steps)
+                          for e in prof.key_averages(group_by_input_shape=True)
+                          if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CPU
+                          and not getattr(e, "is_user_annotation", False)}
+            state["prof"] = None
 
     torch.manual_seed(0)
     batches = spec.batches()
     module = Classifier(spec.build(), num_classes=10, lr=0.01)
-    window = Window()  # first: its batch start and end enclose every other callback's
-    callbacks: list = [window] + ([GradientDispersion()] if measured else [])
+    callbacks: list = [Start(), *([GradientDispersion()] if measured else []), End()]
     trainer = pl.Trainer(max_steps=warmup + 2 * steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          num_sanity_val_steps=0, limit_val_batches=0, accelerator="gpu", devices=1)

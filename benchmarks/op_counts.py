@@ -98,6 +98,8 @@ def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, st
     from genbounds.models import Classifier
 
     class Spy(pl.Callback):
+        """First in the callbacks: the count starts before every callback's batch start."""
+
         def __init__(self) -> None:
             self.mode: _Count | None = None
             self.counts: collections.Counter | None = None
@@ -107,15 +109,18 @@ def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, st
                 self.mode = _Count(by_line)
                 self.mode.__enter__()
 
+    class SpyEnd(pl.Callback):
+        """Last in the callbacks: the count ends after every callback's batch end."""
+
         def on_train_batch_end(self, *args: Any) -> None:
-            if self.mode is not None:
-                self.mode.__exit__(None, None, None)
-                self.counts, self.mode = self.mode.counts, None
+            if spy.mode is not None:
+                spy.mode.__exit__(None, None, None)
+                spy.counts, spy.mode = spy.mode.counts, None
 
     torch.manual_seed(0)
     module = Classifier(build(), num_classes=10, lr=0.01)
-    spy = Spy()  # first: its batch start and end enclose every other callback's
-    callbacks: list = [spy] + ([GradientDispersion()] if measured else [])
+    spy = Spy()
+    callbacks: list = [spy, *([GradientDispersion()] if measured else []), SpyEnd()]
     trainer = pl.Trainer(max_steps=step + 2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
                          accelerator="gpu" if device == "cuda" else "cpu", devices=1)

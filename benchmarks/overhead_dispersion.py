@@ -253,6 +253,10 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
             else:
                 loaders = {"train_dataloaders": sample_loader(batches, warmup + steps + 8, pin_memory=cuda)}
             if cuda:
+                import gc
+
+                gc.collect()  # the runs before share this process: what they left in reference cycles goes first
+                torch.cuda.empty_cache()
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 base = torch.cuda.memory_allocated()
@@ -408,8 +412,8 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
     """Every round runs every (model, configuration); ``on_round(results, loads, failed, rounds_done)``
     after each (the CUDA script writes its tables then, so a run stopped by its time limit keeps the
     rounds it finished).  In one process (CUDA) a run that raises is reported in ``failed`` and its
-    configuration dropped (the earlier rounds' runs too, so the rounds stay paired); in fresh
-    processes it stops the benchmark, as before."""
+    configuration dropped (the earlier rounds' runs too, so the rounds stay paired; a baseline's
+    whole group with it); in fresh processes it stops the benchmark, as before."""
     results: dict[tuple[str, str], list[dict]] = {}
     failed: dict[tuple[str, str], str] = {}
     loads = [load_average()]
@@ -432,6 +436,10 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
                             traceback.print_exc()
                             failed[(m, config)] = f"round {r + 1}: {type(err).__name__}: {str(err)[:300]}"
                             results.pop((m, config), None)
+                            if config == group[0]:  # a baseline: its group's ratios cannot be taken
+                                for other in group[1:]:
+                                    failed.setdefault((m, other), f"round {r + 1}: its baseline {config} raised")
+                                    results.pop((m, other), None)
                             if torch.cuda.is_available():
                                 torch.cuda.empty_cache()
                             continue

@@ -15,6 +15,7 @@ through attention, recurrent layers with ``batch_first`` either way, torchvision
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import glob
 import math
@@ -876,13 +877,18 @@ def test_cuda_every_step_dispersion_adds_no_host_sync(tmp_path, case):
         torch.ones(1, device="cuda").item()
         torch.cuda.set_sync_debug_mode("default")
     assert any("synchroniz" in str(w.message) for w in caught)
+    class Syncs(pl.Callback):  # the control: one host sync per batch, inside the window
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            next(pl_module.parameters()).sum().item()
+
     gd = GradientDispersion()
     records: list = []
     gd.add_listener(records.extend)
-    for name, extra in (("plain", []), ("dispersion", [gd])):
+    for name, extra in (("plain", []), ("control", [Syncs()]), ("dispersion", [gd])):
         sync = SyncCount(first=2, last=11)
         run = fit(case, tmp_path / name, suite=[sync.opener, *extra, sync.closer], **kwargs)
         counts[name] = (sync.count, sync.where)
+    assert counts["control"][0] >= counts["plain"][0] + 9, counts  # the window sees syncs in Lightning's loop
     assert gd.measured_steps == run.trainer.global_step == 12
     assert gd.active_backend == "hooks", gd.active_backend
     assert [r.step for r in records] == list(range(12))
@@ -923,7 +929,7 @@ def test_cuda_dispersion_equals_the_cpu(tmp_path, case):
                 m.dropout = 0.0
         return module
 
-    same = Case(without_dropout, CASES[case].data, CASES[case].trainer, CASES[case].suite)
+    same = dataclasses.replace(CASES[case], module=without_dropout)
     values = {}
     for accelerator in ("cpu", "gpu"):
         run = fit(same, tmp_path / accelerator, suite=[GradientDispersion()], accelerator=accelerator, devices=1,

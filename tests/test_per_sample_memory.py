@@ -265,3 +265,21 @@ def test_probe_vectorization_width_fits_the_memory_budget():
     assert flat.per_pass(None, small) == 8
     assert flat.per_pass(None, nn.Linear(10, 10)) == 1  # the CPU
     assert flat.per_pass(3, big) == 3
+    # the GMP intervention vectorizes its k perturbations alike
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import GaussianModelPerturbation
+
+    class Regression(pl.LightningModule):
+        def __init__(self, d: int) -> None:
+            super().__init__()
+            self.net = nn.Linear(d, d)
+
+        def per_sample_loss(self, batch):
+            x, y = batch
+            return ((self.net(x) - y) ** 2).mean(1)
+
+    gmp = GaussianModelPerturbation(k=10)
+    assert gmp._width(Regression(4000).to("meta")) == 1
+    assert gmp._width(Regression(10).to("meta")) == 10
+    assert gmp._width(Regression(10)) == 1  # the CPU

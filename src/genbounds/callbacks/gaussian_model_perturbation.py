@@ -16,6 +16,7 @@ from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
+from genbounds.callbacks.probe import vectorization_width
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.functional import LossFn, trainable_parameters
 from genbounds.estimators.perturbation import PerturbedLoss, standard_normal
@@ -41,7 +42,8 @@ class GaussianModelPerturbation(GradientIntervention):
         rho: ``ρ`` (paper: 0.5).
         sigma: ``σ`` (paper: 0.03).
         k: number of perturbations per step (paper: 3 or 10).
-        draws_per_pass: perturbations vectorized per pass (default 1 on CPU, ``k`` on a GPU).
+        draws_per_pass: perturbations vectorized per pass (default 1 on CPU; on a GPU up to ``k``, as
+            many as fit the probes' memory budget, :func:`~genbounds.callbacks.probe.vectorization_width`).
         loss_fn: the loss contract (default: the module's ``per_sample_loss``).
         seed: seed of the callback's own generator for ``Δ``.
     """
@@ -96,13 +98,20 @@ class GaussianModelPerturbation(GradientIntervention):
                 self._generator.set_state(self._generator_state)
         return self._generator
 
+    def _width(self, pl_module: LightningModule) -> int:
+        """1 on the CPU and for losses from the user's own ``training_step``; on an accelerator
+        ``k``, within the probes' memory budget (:func:`~genbounds.callbacks.probe.vectorization_width`)."""
+        if pl_module.device.type == "cpu" or LossContract.shared(pl_module).tier in ("captured", "returned"):
+            return 1
+        return vectorization_width(sum(p.numel() for p in trainable_parameters(pl_module).values()), self.k)
+
     def perturbed_gradient(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, Tensor]:
         """``mean_j ∇ℓ(w + Δ_j)`` on ``batch`` (averaged over DDP ranks)."""
         assert self._loss_fn is not None
         with isolated_pass(pl_module, mode="keep"):
             fn = PerturbedLoss(pl_module, self._loss_fn, reduce=mean_over_ranks(trainer))
             eps = standard_normal(fn.base, self.k, self._rng(pl_module.device))
-            width = max(1, self.draws_per_pass or (1 if pl_module.device.type == "cpu" or LossContract.shared(pl_module).tier in ("captured", "returned") else self.k))
+            width = self.draws_per_pass or self._width(pl_module)
             total: dict[str, Tensor] | None = None
             for start in range(0, self.k, width):
                 part = {name: e[start : start + width] for name, e in eps.items()}
