@@ -69,6 +69,7 @@ def _wrap(cls: type, name: str, table: dict[tuple[str, str], list[float]], cuda:
 def _force_widths(mode: str) -> None:
     """The probes' vectorization widths as ``--widths`` says, whatever the device."""
     from genbounds.callbacks import probe
+    from genbounds.estimators.functional import num_trainable
 
     if mode == "device":
         return
@@ -81,7 +82,7 @@ def _force_widths(mode: str) -> None:
             return gpu_default
         if mode == "one":
             return 1
-        return probe.vectorization_width(sum(p.numel() for p in module.parameters() if p.requires_grad), gpu_default)
+        return probe.vectorization_width(num_trainable(module), gpu_default)
 
     probe.ProbeCallback.per_pass = per_pass
 

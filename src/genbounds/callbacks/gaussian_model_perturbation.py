@@ -16,7 +16,7 @@ from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.probe import vectorization_width
+from genbounds.callbacks.probe import default_width
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.functional import LossFn, trainable_parameters
 from genbounds.estimators.perturbation import PerturbedLoss, standard_normal
@@ -99,11 +99,8 @@ class GaussianModelPerturbation(GradientIntervention):
         return self._generator
 
     def _width(self, pl_module: LightningModule) -> int:
-        """1 on the CPU and for losses from the user's own ``training_step``; on an accelerator
-        ``k``, within the probes' memory budget (:func:`~genbounds.callbacks.probe.vectorization_width`)."""
-        if pl_module.device.type == "cpu" or LossContract.shared(pl_module).tier in ("captured", "returned"):
-            return 1
-        return vectorization_width(sum(p.numel() for p in trainable_parameters(pl_module).values()), self.k)
+        """The probes' rule (:func:`~genbounds.callbacks.probe.default_width`), at most ``k``."""
+        return default_width(pl_module, self.k, LossContract.shared(pl_module).tier)
 
     def perturbed_gradient(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, Tensor]:
         """``mean_j ∇ℓ(w + Δ_j)`` on ``batch`` (averaged over DDP ranks)."""

@@ -56,7 +56,7 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
 )
 from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
-from genbounds.estimators.functional import LossFn, Reduce
+from genbounds.estimators.functional import LossFn, Reduce, num_trainable
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 ProbeMode = Literal["eval", "train"]
@@ -77,6 +77,17 @@ def vectorization_width(num_params: int, widest: int, budget: int = PROBE_MEMORY
     on the CPU with the same widths 6,543 MiB, with these 1,445 MiB.  The activations of a
     vectorized pass grow with the width too, but are not counted here."""
     return max(1, min(widest, int(budget // (copies * 8 * max(1, num_params)))))
+
+
+def default_width(module: torch.nn.Module, widest: int, tier: str | None) -> int:
+    """The vectorization width when none is requested: 1 on the CPU (looping is faster there, see
+    ``benchmarks/probes.py``) and for losses from the user's own ``training_step`` (loss contract
+    ``tier`` ``"captured"`` or ``"returned"``: not vectorizable); on an accelerator
+    :func:`vectorization_width` of the module's trainable parameters, at most ``widest``."""
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    if device.type == "cpu" or tier in ("captured", "returned"):
+        return 1
+    return vectorization_width(num_trainable(module), widest)
 
 
 class ProbeCallback(BudgetedProbe, MeasurementCallback):
@@ -256,18 +267,10 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         return self._generator
 
     def per_pass(self, requested: int | None, module: torch.nn.Module, gpu_default: int = 8) -> int:
-        """Vectorization width: as requested, else 1 on CPU (looping is faster there, see
-        ``benchmarks/probes.py``) and on an accelerator :func:`vectorization_width` (at most
-        ``gpu_default``, within :data:`PROBE_MEMORY_BUDGET`) — 1 when the losses come from the
-        user's own ``training_step`` (not vectorizable)."""
+        """Vectorization width: as requested, else :func:`default_width` (at most ``gpu_default``)."""
         if requested is not None:
             return requested
-        if self.contract is not None and self.contract.tier in ("captured", "returned"):
-            return 1
-        device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        if device.type == "cpu":
-            return 1
-        return vectorization_width(sum(p.numel() for p in module.parameters() if p.requires_grad), gpu_default)
+        return default_width(module, gpu_default, self.contract.tier if self.contract is not None else None)
 
     def _probe(self, trainer: Trainer, pl_module: LightningModule, *, log: bool, batch: Any = None,
                epoch_end: bool = False) -> None:
