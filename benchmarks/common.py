@@ -374,6 +374,24 @@ def describe_machine_md(info: dict[str, Any], loads: list[str]) -> str:
             + "; ".join(loads) + ".")
 
 
+def around_batches(callbacks: list, on_start: Callable[[pl.Trainer], None],
+                   on_end: Callable[[pl.Trainer], None]) -> list:
+    """``callbacks`` between two of ours: ``on_start(trainer)`` runs before every other callback's
+    ``on_train_batch_start``, ``on_end(trainer)`` after every other's ``on_train_batch_end``
+    (Lightning calls the callbacks' hooks in list order), so a window opened and closed there holds
+    a whole training batch."""
+
+    class First(pl.Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            on_start(trainer)
+
+    class Last(pl.Callback):
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            on_end(trainer)
+
+    return [First(), *callbacks, Last()]
+
+
 class FitTimer(pl.Callback):
     """Wall time from ``on_fit_start`` to ``on_fit_end`` (the training a user waits for, without
     interpreter start-up, imports or config parsing), and of the validation steps."""

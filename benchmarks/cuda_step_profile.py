@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import emit_report, sample_loader  # noqa: E402
+from common import around_batches, emit_report, sample_loader  # noqa: E402
 
 
 CONFIGS = ("plain", "dispersion", "sliced", "unfold")
@@ -76,48 +76,42 @@ def profile_run(model: str, config: str, warmup: int, steps: int) -> dict[str, A
 
     state: dict[str, Any] = {"prof": None, "t0": 0.0}
 
-    class Start(pl.Callback):
-        """First in the callbacks: steps ``warmup … warmup+steps−1`` timed, the next ``steps`` profiled."""
-
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            s = trainer.global_step
-            if s in (warmup, warmup + steps):
-                torch.cuda.synchronize()
-                if s == warmup + steps:
-                    out["wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
-                    state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
-                                            record_shapes=True)
-                    state["prof"].__enter__()
-                state["t0"] = time.perf_counter()
-
-    class End(pl.Callback):
-        """Last in the callbacks: the profile ends after every callback's batch end."""
-
-        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-            prof = state["prof"]
-            if prof is None or trainer.global_step != warmup + 2 * steps:
-                return
+    def start(trainer: pl.Trainer) -> None:
+        """Steps ``warmup … warmup+steps−1`` timed, the next ``steps`` profiled."""
+        s = trainer.global_step
+        if s in (warmup, warmup + steps):
             torch.cuda.synchronize()
-            out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
-            prof.__exit__(None, None, None)
-            # kernels, copies and memsets; not the GPU-side spans of record_function ranges
-            # (``Optimizer.step#SGD.step`` spans the whole closure: counted, it doubled the sum)
-            device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                      and not getattr(e, "is_user_annotation", False)]
-            out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
-            out["device_events"] = len(device) / steps
-            # per CPU op (with its input shapes) the device time of the kernels it launched; the
-            # kernels' own rows and the ranges' spans are left out (each would count a kernel twice)
-            out["ops"] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3 / steps, e.count / steps)
-                          for e in prof.key_averages(group_by_input_shape=True)
-                          if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CPU
-                          and not getattr(e, "is_user_annotation", False)}
-            state["prof"] = None
+            if s == warmup + steps:
+                out["wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
+                state["prof"] = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True)
+                state["prof"].__enter__()
+            state["t0"] = time.perf_counter()
+
+    def end(trainer: pl.Trainer) -> None:
+        prof = state["prof"]
+        if prof is None or trainer.global_step != warmup + 2 * steps:
+            return
+        torch.cuda.synchronize()
+        out["profiled_wall_ms"] = 1e3 * (time.perf_counter() - state["t0"]) / steps
+        prof.__exit__(None, None, None)
+        # kernels, copies and memsets; not the GPU-side spans of record_function ranges
+        # (``Optimizer.step#SGD.step`` spans the whole closure: counted, it doubled the sum)
+        device = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and not getattr(e, "is_user_annotation", False)]
+        out["device_ms"] = sum(e.time_range.elapsed_us() for e in device) / 1e3 / steps
+        out["device_events"] = len(device) / steps
+        # per CPU op (with its input shapes) the device time of the kernels it launched; the
+        # kernels' own rows and the ranges' spans are left out (each would count a kernel twice)
+        out["ops"] = {f"{e.key} {e.input_shapes}": (e.self_device_time_total / 1e3 / steps, e.count / steps)
+                      for e in prof.key_averages(group_by_input_shape=True)
+                      if e.self_device_time_total > 0 and e.device_type == torch.autograd.DeviceType.CPU
+                      and not getattr(e, "is_user_annotation", False)}
+        state["prof"] = None
 
     torch.manual_seed(0)
     batches = spec.batches()
     module = Classifier(spec.build(), num_classes=10, lr=0.01)
-    callbacks: list = [Start(), *([GradientDispersion()] if measured else []), End()]
+    callbacks = around_batches([GradientDispersion()] if measured else [], start, end)
     trainer = pl.Trainer(max_steps=warmup + 2 * steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          num_sanity_val_steps=0, limit_val_batches=0, accelerator="gpu", devices=1)

@@ -41,6 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import (  # noqa: E402
     TinyTransformer,
+    around_batches,
     random_image_batches,
     random_token_batches,
     resnet18_torchvision,
@@ -97,36 +98,27 @@ def count_step(build: Callable[[], nn.Module], batches: list, measured: bool, st
     from genbounds.callbacks import GradientDispersion
     from genbounds.models import Classifier
 
-    class Spy(pl.Callback):
-        """First in the callbacks: the count starts before every callback's batch start."""
+    counting: dict[str, Any] = {"mode": None, "counts": None}
 
-        def __init__(self) -> None:
-            self.mode: _Count | None = None
-            self.counts: collections.Counter | None = None
+    def start(trainer: pl.Trainer) -> None:
+        if trainer.global_step == step:
+            counting["mode"] = _Count(by_line)
+            counting["mode"].__enter__()
 
-        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
-            if trainer.global_step == step:
-                self.mode = _Count(by_line)
-                self.mode.__enter__()
-
-    class SpyEnd(pl.Callback):
-        """Last in the callbacks: the count ends after every callback's batch end."""
-
-        def on_train_batch_end(self, *args: Any) -> None:
-            if spy.mode is not None:
-                spy.mode.__exit__(None, None, None)
-                spy.counts, spy.mode = spy.mode.counts, None
+    def end(trainer: pl.Trainer) -> None:
+        if counting["mode"] is not None:
+            counting["mode"].__exit__(None, None, None)
+            counting["counts"], counting["mode"] = counting["mode"].counts, None
 
     torch.manual_seed(0)
     module = Classifier(build(), num_classes=10, lr=0.01)
-    spy = Spy()
-    callbacks: list = [spy, *([GradientDispersion()] if measured else []), SpyEnd()]
+    callbacks = around_batches([GradientDispersion()] if measured else [], start, end)
     trainer = pl.Trainer(max_steps=step + 2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, num_sanity_val_steps=0, limit_val_batches=0,
                          accelerator="gpu" if device == "cuda" else "cpu", devices=1)
     trainer.fit(module, sample_loader(batches, step + 4))
-    assert spy.counts is not None
-    return spy.counts
+    assert counting["counts"] is not None
+    return counting["counts"]
 
 
 @contextlib.contextmanager
