@@ -84,6 +84,51 @@ def test_squared_pieces_into_work_buffers_equal_the_fresh_ones(shapes):
     assert other.data_ptr() != again.data_ptr() and torch.equal(other, squared_pieces(tensors[1:])[0])
 
 
+def test_the_kept_piece_plan_gives_the_general_paths_values():
+    """The per-step path keeps a plan for one list of shapes (``functional._PiecePlan``): a later
+    step with those shapes runs it — same buffer, the general path's values bit for bit — and a
+    step it does not fit (another shape, a non-contiguous tensor, a float64 tensor, a tensor that
+    requires gradient) gets the right values too."""
+    from genbounds.estimators import functional
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(512, 784), (512,), (64, 1024), (10, 64), (10,)]
+    tensors = [torch.randn(*s, generator=gen) for s in shapes]
+    want, layout = squared_pieces(tensors)
+    first, first_layout = squared_pieces(tensors, reuse=True)
+    plan = functional._PIECE_PLAN[0]
+    assert plan is not None and plan.fits(tensors) and first_layout == layout and torch.equal(first, want)
+    halves = [t / 2 for t in tensors]
+    again, again_layout = squared_pieces(halves, reuse=True)
+    assert functional._PIECE_PLAN[0] is plan and again_layout is plan.layout
+    assert again.data_ptr() == first.data_ptr() and torch.equal(again, squared_pieces(halves)[0])
+    for other, fits in (([t.t() if t.dim() == 2 else t for t in tensors], False),  # not contiguous
+                        ([tensors[0].double(), *tensors[1:]], False),  # another dtype
+                        ([tensors[0][:-1], *tensors[1:]], False),  # another shape
+                        ([tensors[0].clone().requires_grad_(), *tensors[1:]], True)):  # detached in the plan
+        assert plan.fits(other) == fits
+        got, got_layout = squared_pieces(other, reuse=True)
+        fresh, fresh_layout = squared_pieces(other)
+        assert got_layout == fresh_layout and torch.equal(got, fresh)
+
+
+def test_the_fused_hook_row_follows_a_new_batch_size_and_groups():
+    """:func:`hook_dispersion_row` keeps the last step's maps for the same objects: a new batch
+    size, or groups of another content, get maps of their own."""
+    gen = torch.Generator().manual_seed(6)
+    grads = [torch.randn(64, 1024, generator=gen) / 40, torch.randn(64, generator=gen) / 40,
+             torch.randn(10, 64, generator=gen) / 40, torch.randn(10, generator=gen) / 40]
+    module_sums = torch.rand(2, generator=gen, dtype=torch.float64) + 2.0
+    module_groups = ((0,), (1,))
+    groups = [[0, 1], [2, 3]]
+    for b, grouping in ((16, groups), (16, groups), (5, groups), (5, [[0, 1, 2, 3], []])):
+        mg = module_groups if grouping is groups else ((0, 1), ())
+        got = hook_dispersion_row(module_sums, mg, 3.0, grads, grouping, b)
+        group_sq = torch.stack([module_sums[list(m)].sum() for m in mg]) * 9.0
+        want = dispersion_row(group_sq, grouped_sq_norms(grads, grouping)[:-1], b, b)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), (b, got, want)
+
+
 @pytest.mark.parametrize("b", [2, 7, 128])
 def test_dispersion_row_equals_the_moments_formula(b):
     """The one-vector form logged every step equals :func:`dispersion_from_moments` value by value."""

@@ -28,10 +28,23 @@ def map_tensors(batch: Any, fn: Callable[[Tensor], Any]) -> Any:
 
 
 def tensor_leaves(batch: Any) -> list[Tensor]:
-    """All tensor leaves of ``batch`` in a fixed order."""
+    """All tensor leaves of ``batch`` in a fixed order (that of :func:`map_tensors`)."""
     leaves: list[Tensor] = []
-    map_tensors(batch, leaves.append)
+    _collect(batch, leaves)
     return leaves
+
+
+def _collect(batch: Any, leaves: list[Tensor]) -> None:
+    # map_tensors' traversal without rebuilding the containers (batch_size runs on every
+    # measured step)
+    if isinstance(batch, Tensor):
+        leaves.append(batch)
+    elif isinstance(batch, Mapping):
+        for v in batch.values():
+            _collect(v, leaves)
+    elif isinstance(batch, (list, tuple)):
+        for v in batch:
+            _collect(v, leaves)
 
 
 def batch_size(batch: Any) -> int:

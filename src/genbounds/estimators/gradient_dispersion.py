@@ -260,16 +260,29 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     module_sums, grouped_sq_norms(grads, groups)[:-1], b, b)``, with the group sums, the
     piece-to-tensor sums and the row's linear maps folded into two cached matrices: after the
     gradient's piece norms, two matrix-vector products where that path takes seven ops (each a
-    few µs in a training step on the CPU; docs/results/overhead.md)."""
+    few µs in a training step on the CPU; docs/results/overhead.md). The maps of the last call are
+    kept for the same ``module_groups``, ``groups`` and layout objects (compared by identity: a
+    caller passes the same lists every step and never changes them in place)."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
     pieces, layout = squared_pieces(grads, reuse=True)  # (consumed below)
-    on_modules, on_pieces = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), layout, int(b),
-                                           module_sums.device)
-    base = on_pieces @ pieces.to(module_sums.device)
+    last = _LAST_ROW_MAPS[0]
+    if (last is not None and last[0] is module_groups and last[1] is groups and last[2] is layout and last[3] == b
+            and last[4] == module_sums.device):
+        on_modules, on_pieces = last[5]  # (the same objects as the last step's: no cache key to hash)
+    else:
+        maps = _hook_row_maps(len(module_sums), module_groups, groups_key(groups), layout, int(b), module_sums.device)
+        _LAST_ROW_MAPS[0] = (module_groups, groups, layout, b, module_sums.device, maps)
+        on_modules, on_pieces = maps
+    base = on_pieces @ (pieces if pieces.device == module_sums.device else pieces.to(module_sums.device))
     if isinstance(scale, Tensor):
         return torch.addmv(base, on_modules, module_sums * scale.to(module_sums).square())
     return torch.addmv(base, on_modules, module_sums, alpha=float(scale) ** 2)
+
+
+_LAST_ROW_MAPS: list[tuple | None] = [None]
+"""The last step's maps of :func:`hook_dispersion_row`, with the objects they were made for
+(``groups`` a list: compared by identity, as the callback passes the same list every step)."""
 
 
 @functools.lru_cache(maxsize=32)
