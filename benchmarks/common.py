@@ -432,17 +432,32 @@ class PeakRSS:
     the heap is trimmed, ``VmRSS`` noted and ``VmHWM`` reset on entry; on exit
     ``growth_mib = (VmHWM − VmRSS(entry)) / 1024``. Every host allocation touched inside counts
     (activations, gradients, saved tensors, work buffers, allocator caching, lazily imported
-    modules); Linux only (``nan`` elsewhere)."""
+    modules); Linux only (``nan`` elsewhere).
+
+    ``file_growth_mib``: the file-backed part of the resident set on exit less on entry
+    (``RssFile``) — mostly the code pages of library kernels run for the first time inside the
+    block. They count in ``VmHWM`` but are shared between processes and reclaimable; on the MLP
+    benchmark they were 3.3 of the 6.2 MiB a measured fit adds (``/proc/self/smaps``:
+    ``libtorch_cpu.so``)."""
 
     def __enter__(self) -> "PeakRSS":
         trim_heap()
         self.base_kib = status_kib("VmRSS")
+        self.base_file_kib = status_kib("RssFile")
         self.reset = reset_peak_rss()
         self.peak_kib: int | None = None
+        self.file_kib: int | None = None
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.peak_kib = status_kib("VmHWM")
+        self.file_kib = status_kib("RssFile")
+
+    @property
+    def file_growth_mib(self) -> float:
+        if self.base_file_kib is None or self.file_kib is None:
+            return float("nan")
+        return (self.file_kib - self.base_file_kib) / 1024.0
 
     @property
     def growth_mib(self) -> float:

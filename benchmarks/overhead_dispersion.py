@@ -268,6 +268,7 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
                 with PeakRSS() as peak:
                     trainer.fit(module, **loaders)
                 out["peak_growth_mib"] = peak.growth_mib
+                out["file_growth_mib"] = peak.file_growth_mib
                 out["base_mib"] = (peak.base_kib or 0) / 1024
         out["ms_per_step"] = 1e3 * step_timer.seconds_per_step
         if not cuda and config in ("plain", "dispersion"):  # after fit: the memory baseline stays as it was
@@ -491,6 +492,18 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
     if adjusted:
         lines += ["", "Speed-adjusted dispersion/plain (each run's step time over its own forward-and-backward "
                   "calibration after `fit`, `_calibrate`: the process's slow state taken out):", *adjusted]
+    files = []
+    for m in models:
+        for config, base in configs_of(m, raw, suite):
+            fg = [x.get("file_growth_mib", float("nan")) for x in results.get((m, config), [])]
+            fb = [x.get("file_growth_mib", float("nan")) for x in results.get((m, base), [])]
+            if config in ("dispersion", "suite") and fg and fb and not any(math.isnan(v) for v in fg + fb):
+                files.append(f"* {m}, {config}: {statistics.median(fg):.1f} MiB against {statistics.median(fb):.1f} "
+                             f"for {base} (medians)")
+    if files:
+        lines += ["", "Of the peak growth, the file-backed resident set added during `fit` (`RssFile` after less "
+                  "before: mostly code pages of library kernels run for the first time; shared between processes "
+                  "and reclaimable, `common.PeakRSS`):", *files]
     return "\n".join(lines)
 
 

@@ -187,3 +187,35 @@ def test_kernel_floor_times_every_route_and_the_callbacks_hooks(capsys, monkeypa
     hooks = [k for k in rows if "GradientDispersion" in k and "on_before_optimizer_step" in k]
     assert len(hooks) == 1 and rows[hooks[0]][0] == "–" and rows[hooks[0]][2].startswith("+"), hooks
     assert "run_training_batch" in rows
+
+
+def test_peak_rss_reads_the_file_backed_growth_and_the_tables_report_it():
+    """``common.PeakRSS`` reads ``RssFile`` on entry and exit (a file mapped and read inside the
+    block counts; an anonymous allocation does not), and ``overhead_dispersion.tables`` reports the
+    medians for the measured configuration beside its baseline's."""
+    import mmap
+    import os
+    import tempfile
+
+    common = benchmark_module("common")
+    if common.status_kib("RssFile") is None:
+        pytest.skip("no /proc/self/status RssFile here")
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(os.urandom(8 * 2**20))
+        fh.flush()
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with common.PeakRSS() as peak:
+                total = sum(mapped[i] for i in range(0, len(mapped), 4096))  # touch every page
+            assert total >= 0
+        with common.PeakRSS() as anon:
+            block = bytearray(16 * 2**20)
+            block[::4096] = b"\x01" * len(block[::4096])
+    assert peak.file_growth_mib == pytest.approx(8.0, abs=1.0)
+    assert abs(anon.file_growth_mib) < 1.0 and anon.growth_mib > 10.0
+
+    od = benchmark_module("overhead_dispersion")
+    run = {"ms_per_step": 1.0, "peak_growth_mib": 30.0, "maxrss_mib": 900.0, "base_mib": 0.0}
+    results = {("mlp", "plain"): [dict(run, file_growth_mib=1.0)] * 3,
+               ("mlp", "dispersion"): [dict(run, ms_per_step=1.1, peak_growth_mib=36.0, file_growth_mib=4.5)] * 3}
+    text = od.tables(results, ["mlp"], raw=False, suite=False)
+    assert "* mlp, dispersion: 4.5 MiB against 1.0 for plain (medians)" in text
