@@ -283,3 +283,27 @@ def test_probe_vectorization_width_fits_the_memory_budget():
     assert gmp._width(Regression(4000).to("meta")) == 1
     assert gmp._width(Regression(10).to("meta")) == 10
     assert gmp._width(Regression(10)) == 1  # the CPU
+
+
+def test_chunked_float64_inner_products_and_the_probe_set_terms(monkeypatch):
+    """``dot64`` over chunks equals the float64 inner product of the whole tensors (chunk size
+    forced small: several chunks and a remainder), and ``against_mean`` gives, tensor by tensor,
+    ``‖g − s/m‖²``, ``‖s/m‖²`` and ``Σ⟨g, s⟩/m`` of the brute-force float64 computation."""
+    from genbounds.estimators import functional
+
+    gen = torch.Generator().manual_seed(11)
+    a, b = torch.randn(37, 29, generator=gen), torch.randn(37, 29, generator=gen)
+    whole = float((a.double() * b.double()).sum())
+    monkeypatch.setattr(functional, "_DOT_CHUNK", 100)  # 1,073 elements: 10 full chunks and a remainder
+    got = functional.dot64(a, b)
+    assert got.dtype == torch.float64 and got.dim() == 0 and float(got) == pytest.approx(whole, rel=1e-14)
+    grads = [torch.randn(300, generator=gen), torch.randn(7, 5, generator=gen), torch.randn(3, generator=gen)]
+    sums = [torch.randn_like(g) * 40 for g in grads]
+    m = 17
+    diff, mean_sq, cross = functional.against_mean(grads, sums, m)
+    r = [s.double() / m for s in sums]
+    assert torch.allclose(diff, torch.stack([((g.double() - q) ** 2).sum() for g, q in zip(grads, r)]), rtol=1e-6)
+    assert torch.allclose(mean_sq, torch.stack([(q ** 2).sum() for q in r]), rtol=1e-6)
+    want = sum(float((g.double() * s.double()).sum()) for g, s in zip(grads, sums)) / m
+    assert float(cross) == pytest.approx(want, rel=1e-13)
+    assert float(functional.dot(grads, sums)) == pytest.approx(want * m, rel=1e-13)

@@ -167,6 +167,56 @@ def test_heldout_gradient_matches_hand_computation(tmp_path):
     assert records[0].step_realized == 0.0  # η = 0
 
 
+def test_heldout_step_realized_matches_hand_computation(tmp_path):
+    """lr > 0, one full batch: the training probe is the whole training set, so ĝ_tr = ḡ_B and the
+    first record's ``gap/step_realized = η ḡ_B·(ḡ_B − ĝ_ref)`` at the initial weights (the two
+    inner products taken one probe set at a time, each in float64)."""
+    d, lr = 4, 0.1
+    x, y = unit_sphere_regression(40, d, seed=3)
+    xv, yv = unit_sphere_regression(30, d, seed=4)
+    module = linear_regressor(d, lr=lr)
+    w = module.network.linear.weight.detach().double().squeeze(0).clone()
+    cb = HeldoutGradient(every_n_steps=1, backend="functorch")
+    records = []
+    cb.channel.subscribe(records.extend)
+    trainer(tmp_path, [cb], max_steps=2).fit(module, TensorData(x, y, 40, x_val=xv, y_val=yv))
+
+    def grads(xx, yy):
+        return (xx.double() @ w - yy.double().squeeze(1))[:, None] * xx.double()
+
+    g_b, g_ref = grads(x, y).mean(0), grads(xv, yv).mean(0)
+    expected = lr * float(g_b @ (g_b - g_ref))
+    assert abs(expected) > 1e-4
+    assert records[0].step_realized == pytest.approx(expected, rel=1e-5)
+
+
+def test_heldout_probe_step_holds_one_probe_sets_gradient_sum_at_a_time(tmp_path, monkeypatch):
+    """The held-out set's gradient sum is released before the training probe's pass (the probe
+    step's peak memory: one parameter set's sum, not both sums with their means and differences)."""
+    import gc
+    import weakref
+
+    import genbounds.callbacks.heldout_gradient as hg
+
+    alive_at_second: list[bool] = []
+    refs: list[weakref.ref] = []
+    moments = hg.HeldoutGradient._moments
+
+    def watched(self, trainer, pl_module, batch):
+        if len(refs) % 2 == 1:
+            gc.collect()
+            alive_at_second.append(refs[-1]() is not None)
+        out = moments(self, trainer, pl_module, batch)
+        refs.append(weakref.ref(out.weighted_sum[0]))
+        return out
+
+    monkeypatch.setattr(hg.HeldoutGradient, "_moments", watched)
+    x, y = unit_sphere_regression(40, 4, seed=3)
+    cb = HeldoutGradient(every_n_steps=1)
+    trainer(tmp_path, [cb], max_steps=2).fit(linear_regressor(4, lr=0.1), TensorData(x, y, 20, x_val=x, y_val=y))
+    assert alive_at_second == [False, False]
+
+
 def test_predicted_cumulative_sums_every_step_with_its_own_lr(tmp_path):
     x, y = unit_sphere_regression(64, 4, seed=5)
     module = linear_regressor(4, lr=0.1)

@@ -367,9 +367,46 @@ def sq_norm(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return per_tensor_sq_norms(tensors).sum()
 
 
+_DOT_CHUNK = 1 << 20  # elements per float64 copy in dot64 (8 MiB)
+
+
+def dot64(a: Tensor, b: Tensor) -> Tensor:
+    """``⟨a, b⟩`` of two tensors of one shape, a 0-d float64 tensor: the products and their sum in
+    float64 (exact products of fp32 values), over chunks of 2²⁰ elements, so that the float64
+    copies stay at 8 MiB each where copies of whole tensors took 16 bytes a parameter (384 MiB for
+    the 16 M-parameter layer of the AlexNet-style CNN)."""
+    x, y = a.detach().reshape(-1), b.detach().reshape(-1)
+    n = x.numel()
+    if n <= _DOT_CHUNK:
+        return torch.dot(x.double(), y.double())
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for start in range(0, n, _DOT_CHUNK):
+        total += torch.dot(x[start:start + _DOT_CHUNK].double(), y[start:start + _DOT_CHUNK].double())
+    return total
+
+
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
-    """Inner product of two lists of tensors, accumulated in float64."""
-    return torch.stack([(x.double() * y.double()).sum() for x, y in zip(a, b)]).sum()
+    """Inner product of two lists of tensors, accumulated in float64 (:func:`dot64` per pair)."""
+    return torch.stack([dot64(x, y) for x, y in zip(a, b)]).sum()
+
+
+def against_mean(grads: list[Tensor], total: list[Tensor], count: int) -> tuple[Tensor, Tensor, Tensor]:
+    """A gradient against a probe set's mean gradient ``r = total / count``, one tensor at a time
+    (the temporaries of one tensor alive at once, not of the whole list): per tensor
+    ``‖g_i − r_i‖²`` and ``‖r_i‖²`` (``[n]`` float64, :func:`per_tensor_sq_norms` of the fp32
+    difference and mean), and ``Σ_i ⟨g_i, total_i⟩ / count`` (0-d float64, :func:`dot64`, the
+    division after the float64 sum)."""
+    diff, mean_sq, cross = [], [], []
+    for g, s in zip(grads, total):
+        g = g.detach()
+        r = s.detach() / count
+        diff.append(per_tensor_sq_norms([g - r])[0])
+        mean_sq.append(per_tensor_sq_norms([r])[0])
+        cross.append(dot64(g, s))
+    if not diff:
+        zero = torch.zeros(0, dtype=torch.float64)
+        return zero, zero, torch.zeros((), dtype=torch.float64)
+    return torch.stack(diff), torch.stack(mean_sq), torch.stack(cross).sum() / count
 
 
 def reduce_all(tensors: list[Tensor], reduce: Reduce | None) -> list[Tensor]:
