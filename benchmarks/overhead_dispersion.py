@@ -151,7 +151,7 @@ SPECS: dict[str, Spec] = {
                              lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
     "cuda-cnn": Spec("CUDA: AlexNet-style CNN of Wang & Mao (width 1), 32×32×3, batch 128", _cnn,
                      lambda: random_image_batches(8, 128, (3, 32, 32), 10, torch.device("cpu")), 200, 30, {}, "cuda"),
-    # the two readings the H200 run left open (docs/results/overhead.md, "This round"): a host-bound
+    # the two readings the H200 run left open (docs/results/cuda_h200/README.md): a host-bound
     # step measured every 4th step (estimate: 1 + 1.1/4), and a step the GPU bounds (224×224)
     "cuda-resnet18-gn-every4": Spec("CUDA: ResNet-18 with GroupNorm as above, `every_n_steps=4`",
                                     lambda: resnet18_torchvision(norm="group"),
@@ -501,9 +501,9 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
                 files.append(f"* {m}, {config}: {statistics.median(fg):.1f} MiB against {statistics.median(fb):.1f} "
                              f"for {base} (medians)")
     if files:
-        lines += ["", "Of the peak growth, the file-backed resident set added during `fit` (`RssFile` after less "
-                  "before: mostly code pages of library kernels run for the first time; shared between processes "
-                  "and reclaimable, `common.PeakRSS`):", *files]
+        lines += ["", "Beside the peak growth, the file-backed resident set `fit` added by its end (`RssFile` after "
+                  "less before, not at the peak: mostly code pages of library kernels run for the first time; "
+                  "shared between processes and reclaimable, `common.PeakRSS`):", *files]
     return "\n".join(lines)
 
 

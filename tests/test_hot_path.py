@@ -121,8 +121,9 @@ def test_the_fused_hook_row_follows_a_new_batch_size_and_groups():
     module_sums = torch.rand(2, generator=gen, dtype=torch.float64) + 2.0
     module_groups = ((0,), (1,))
     groups = [[0, 1], [2, 3]]
-    for b, grouping in ((16, groups), (16, groups), (5, groups), (5, [[0, 1, 2, 3], []])):
-        mg = module_groups if grouping is groups else ((0, 1), ())
+    regrouped = [[0, 1, 2], [3]]  # another list of another content, the modules' groups unchanged
+    for b, grouping in ((16, groups), (16, groups), (5, groups), (5, regrouped), (5, [[0, 1, 2, 3], []])):
+        mg = ((0, 1), ()) if len(grouping[1]) == 0 else module_groups
         got = hook_dispersion_row(module_sums, mg, 3.0, grads, grouping, b)
         group_sq = torch.stack([module_sums[list(m)].sum() for m in mg]) * 9.0
         want = dispersion_row(group_sq, grouped_sq_norms(grads, grouping)[:-1], b, b)

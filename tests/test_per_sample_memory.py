@@ -302,8 +302,19 @@ def test_chunked_float64_inner_products_and_the_probe_set_terms(monkeypatch):
     m = 17
     diff, mean_sq, cross = functional.against_mean(grads, sums, m)
     r = [s.double() / m for s in sums]
-    assert torch.allclose(diff, torch.stack([((g.double() - q) ** 2).sum() for g, q in zip(grads, r)]), rtol=1e-6)
-    assert torch.allclose(mean_sq, torch.stack([(q ** 2).sum() for q in r]), rtol=1e-6)
+    assert torch.allclose(diff, torch.stack([((g.double() - q) ** 2).sum() for g, q in zip(grads, r)]), rtol=1e-12)
+    assert torch.allclose(mean_sq, torch.stack([(q ** 2).sum() for q in r]), rtol=1e-12)
     want = sum(float((g.double() * s.double()).sum()) for g, s in zip(grads, sums)) / m
     assert float(cross) == pytest.approx(want, rel=1e-13)
     assert float(functional.dot(grads, sums)) == pytest.approx(want * m, rel=1e-13)
+    # float64 inputs are read, never written (their .double() is the tensor itself)
+    g64, s64 = [g.double() for g in grads], [s.double() for s in sums]
+    kept = [t.clone() for t in g64 + s64]
+    again = functional.against_mean(g64, s64, m)
+    assert all(torch.equal(a, b) for a, b in zip(g64 + s64, kept))
+    assert torch.allclose(again[0], diff, rtol=1e-12) and float(again[2]) == pytest.approx(float(cross), rel=1e-13)
+    # a batch gradient equal to the mean up to 1e-7: the difference taken in float64, not after an fp32 mean
+    near = [(s / m).double() + 1e-7 * torch.randn(s.shape, generator=gen, dtype=torch.float64) for s in sums]
+    close = functional.against_mean(near, s64, m)[0]
+    exact = torch.stack([((a - b.double() / m) ** 2).sum() for a, b in zip(near, s64)])
+    assert torch.allclose(close, exact, rtol=1e-9)

@@ -199,15 +199,15 @@ def test_heldout_probe_step_holds_one_probe_sets_gradient_sum_at_a_time(tmp_path
     import genbounds.callbacks.heldout_gradient as hg
 
     alive_at_second: list[bool] = []
-    refs: list[weakref.ref] = []
+    refs: list[list[weakref.ref]] = []
     moments = hg.HeldoutGradient._moments
 
     def watched(self, trainer, pl_module, batch):
         if len(refs) % 2 == 1:
             gc.collect()
-            alive_at_second.append(refs[-1]() is not None)
+            alive_at_second.append(any(r() is not None for r in refs[-1]))
         out = moments(self, trainer, pl_module, batch)
-        refs.append(weakref.ref(out.weighted_sum[0]))
+        refs.append([weakref.ref(t) for t in out.weighted_sum])
         return out
 
     monkeypatch.setattr(hg.HeldoutGradient, "_moments", watched)

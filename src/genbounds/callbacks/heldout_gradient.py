@@ -202,11 +202,11 @@ class HeldoutGradient(ProbeCallback):
         g_batch, self._manual_grad = self._manual_grad, None
         if g_batch is None:
             g_batch = [torch.zeros_like(p) if p.grad is None else p.grad.detach() for p in params]
-        # one probe set at a time: what the held-out set's gradient sum gives is taken (one
-        # parameter tensor's temporaries at a time) and the sum released before the training
-        # probe's pass — the probe step held both sums, both means and their differences at once
-        # (964 MiB of peak growth on the 28.7 M-parameter CNN, 4 parameter sets' worth and more;
-        # docs/results/overhead.md)
+        # one probe set at a time: what the held-out set's gradient sum gives is taken (a chunk
+        # of one parameter tensor's float64 temporaries at a time) and the sum released before the
+        # training probe's pass — the probe step held both sums, both means, their differences and
+        # float64 copies at once (1,000 MiB of peak growth on the 28.7 M-parameter CNN, about nine
+        # parameter sets' worth; benchmarks/heldout_memory.py)
         ref = self._moments(trainer, pl_module, self.heldout_probe)
         assert ref.weighted_sum is not None
         m = int(ref.num_samples)

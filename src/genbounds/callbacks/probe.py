@@ -71,7 +71,7 @@ def vectorization_width(num_params: int, widest: int, budget: int = PROBE_MEMORY
     """Items (draws, Hutchinson vectors, points) per vectorized probe pass on an accelerator: at
     most ``widest``, and only as many as fit ``copies`` float64 parameter-sized tensors each (the
     perturbed weights, a gradient or Hessian-vector product, its direction, a temporary) in
-    ``budget`` bytes; at least one.  Measured on an H200 (docs/results/overhead.md, "This round"):
+    ``budget`` bytes; at least one.  Measured on an H200 (docs/results/cuda_h200/suite_memory.md):
     the default suite on the 28.7 M-parameter CNN at the fixed widths 8–10 grew the device's peak
     by 6,342 MiB in the final evaluation (the whole run's peak growth was 15.8× plain training's);
     on the CPU with the same widths 6,543 MiB, with these 1,445 MiB.  The activations of a

@@ -221,8 +221,7 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
             small.append(flat[k * _ROW:])
             small_owner.append(i)
     layout = (tuple(full), tuple(small_owner))
-    if reuse and len(small_owner) == len(set(small_owner)) and all(
-            t.is_contiguous() and (t.numel() % _ROW == 0 or t.numel() < _ROW) for t in tensors):
+    if reuse and all(t.is_contiguous() and (t.numel() % _ROW == 0 or t.numel() < _ROW) for t in tensors):
         # the per-step path's common case (every tensor whole pieces or one small piece): kept as
         # a plan, which later steps with the same shapes run without rebuilding any of this
         _PIECE_PLAN[0] = _PiecePlan(tensors, layout)
@@ -391,18 +390,29 @@ def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ..
 
 
 def against_mean(grads: list[Tensor], total: list[Tensor], count: int) -> tuple[Tensor, Tensor, Tensor]:
-    """A gradient against a probe set's mean gradient ``r = total / count``, one tensor at a time
-    (the temporaries of one tensor alive at once, not of the whole list): per tensor
-    ``‖g_i − r_i‖²`` and ``‖r_i‖²`` (``[n]`` float64, :func:`per_tensor_sq_norms` of the fp32
-    difference and mean), and ``Σ_i ⟨g_i, total_i⟩ / count`` (0-d float64, :func:`dot64`, the
-    division after the float64 sum)."""
+    """A gradient against a probe set's mean gradient ``r = total / count``, one tensor and one
+    chunk of 2²⁰ elements at a time (float64 copies of a chunk alive at once, not of the list):
+    per tensor ``‖g_i − r_i‖²`` and ``‖r_i‖²`` (``[n]`` float64), and ``Σ_i ⟨g_i, total_i⟩ / count``
+    (0-d float64). Everything in float64: the mean, the difference (of nearly equal vectors when
+    the batch gradient is close to the probe set's), the squares and the sums."""
     diff, mean_sq, cross = [], [], []
     for g, s in zip(grads, total):
-        g = g.detach()
-        r = s.detach() / count
-        diff.append(per_tensor_sq_norms([g - r])[0])
-        mean_sq.append(per_tensor_sq_norms([r])[0])
-        cross.append(dot64(g, s))
+        x, y = g.detach().reshape(-1), s.detach().reshape(-1)
+        d2 = torch.zeros((), dtype=torch.float64, device=x.device)
+        r2 = torch.zeros((), dtype=torch.float64, device=x.device)
+        c = torch.zeros((), dtype=torch.float64, device=x.device)
+        for start in range(0, x.numel(), _DOT_CHUNK):
+            # copies (a float64 input's .double() is itself; the chunks are overwritten below)
+            xc = x[start:start + _DOT_CHUNK].to(torch.float64, copy=True)
+            yc = y[start:start + _DOT_CHUNK].to(torch.float64, copy=True)
+            c += torch.dot(xc, yc)
+            rc = yc.div_(count)
+            r2 += torch.dot(rc, rc)
+            dc = xc.sub_(rc)
+            d2 += torch.dot(dc, dc)
+        diff.append(d2)
+        mean_sq.append(r2)
+        cross.append(c)
     if not diff:
         zero = torch.zeros(0, dtype=torch.float64)
         return zero, zero, torch.zeros((), dtype=torch.float64)
