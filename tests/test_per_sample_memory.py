@@ -318,3 +318,18 @@ def test_chunked_float64_inner_products_and_the_probe_set_terms(monkeypatch):
     close = functional.against_mean(near, s64, m)[0]
     exact = torch.stack([((a - b.double() / m) ** 2).sum() for a, b in zip(near, s64)])
     assert torch.allclose(close, exact, rtol=1e-9)
+
+
+def test_row_inner_products_in_float64_with_bounded_copies(monkeypatch):
+    """``row_dot64`` (the probes' per-draw inner products): a small stack gives the whole-stack
+    float64 expression bit for bit; a stack over the chunk goes row by row through ``dot64``
+    (several chunks forced) and equals the float64 brute force."""
+    from genbounds.estimators import functional
+
+    gen = torch.Generator().manual_seed(12)
+    a, b = torch.randn(3, 11, 7, generator=gen), torch.randn(3, 11, 7, generator=gen)
+    want = (a.double() * b.double()).reshape(3, -1).sum(1)
+    assert torch.equal(functional.row_dot64(a, b), want)
+    monkeypatch.setattr(functional, "_DOT_CHUNK", 50)  # 231 values: row by row, 2 chunks a row
+    got = functional.row_dot64(a, b)
+    assert got.dtype == torch.float64 and got.shape == (3,) and torch.allclose(got, want, rtol=1e-14, atol=0)

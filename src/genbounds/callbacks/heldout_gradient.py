@@ -206,7 +206,7 @@ class HeldoutGradient(ProbeCallback):
         # of one parameter tensor's float64 temporaries at a time) and the sum released before the
         # training probe's pass — the probe step held both sums, both means, their differences and
         # float64 copies at once (1,000 MiB of peak growth on the 28.7 M-parameter CNN, about nine
-        # parameter sets' worth; benchmarks/heldout_memory.py)
+        # parameter sets' worth; benchmarks/probe_memory.py)
         ref = self._moments(trainer, pl_module, self.heldout_probe)
         assert ref.weighted_sum is not None
         m = int(ref.num_samples)

@@ -82,8 +82,13 @@ def gradient_sensitivity(
             diffs = []
             for h, g in zip(halves, g0):
                 gp = fn.gradients_at(points, h)
-                diffs.append({k: g[k].unsqueeze(0) - gp[k] for k in fn.names})
+                # g − gp into gp's own storage (ours: fresh gradients), as −gp + g: the same bits
+                # as g − gp and no third parameter set alive per half
+                diffs.append({k: gp[k].neg_().add_(g[k].unsqueeze(0)) for k in fn.names})
+                del gp
+            del points
             rows[i].append(flat_dot(diffs[0], diffs[1], wts[i]))
+            del diffs
     samples = torch.stack([torch.cat(r) for r in rows])  # [S, K]
     mean = samples.mean(1)
     se = samples.std(1, unbiased=True) / math.sqrt(num_draws)

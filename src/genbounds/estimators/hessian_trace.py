@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from genbounds.estimators.functional import row_dot64
 from genbounds.estimators.hessian_vector_product import LossHessian, rademacher_like
 
 
@@ -68,8 +69,7 @@ def hutchinson_trace(
         n = min(block_size, max_probes - drawn)
         vs = rademacher_like(hessian.params, n, generator)
         hvs = hessian.hvp_batched(vs)
-        per_param = torch.stack([(x.double() * y.double()).reshape(x.shape[0], -1).sum(1)
-                                 for x, y in zip(vs, hvs)], dim=1)  # [n, P]
+        per_param = torch.stack([row_dot64(x, y) for x, y in zip(vs, hvs)], dim=1)  # [n, P]
         samples.append(per_param.sum(1))
         if groups is not None:
             per_group.append(torch.stack([per_param[:, idx].sum(1) if idx else per_param.new_zeros(n)

@@ -31,6 +31,7 @@ from genbounds.estimators.functional import (
     functional_loss,
     per_sample_losses,
     reduce_all,
+    row_dot64,
     trainable_parameters,
 )
 
@@ -178,4 +179,4 @@ def gaussian_like(params: list[Tensor], n: int, generator: torch.Generator) -> V
 
 def batched_dot(a: Vector, b: Vector) -> Tensor:
     """Row-wise inner products of two stacked vector lists → ``[n]`` in float64."""
-    return torch.stack([(x.double() * y.double()).reshape(x.shape[0], -1).sum(1) for x, y in zip(a, b)]).sum(0)
+    return torch.stack([row_dot64(x, y) for x, y in zip(a, b)]).sum(0)

@@ -25,6 +25,7 @@ from genbounds.estimators.functional import (
     detached,
     functional_loss,
     reduce_all,
+    row_dot64,
     trainable_parameters,
 )
 
@@ -145,8 +146,7 @@ def chunks(total: int, size: int) -> Iterator[tuple[int, int]]:
 def flat_dot(a: Stacked, b: Stacked, weights: dict[str, float] | None = None) -> Tensor:
     """Row-wise ``⟨aⱼ, bⱼ⟩`` over all parameters → ``[m]`` in float64 (``Σ_p w_p ⟨a_p, b_p⟩`` with
     per-parameter ``weights``: an inner product in a block-diagonal norm)."""
-    rows = [(a[k].double() * b[k].double()).reshape(a[k].shape[0], -1).sum(1) * (1.0 if weights is None else
-                                                                                 weights.get(k, 1.0)) for k in a]
+    rows = [row_dot64(a[k], b[k]) * (1.0 if weights is None else weights.get(k, 1.0)) for k in a]
     return torch.stack(rows).sum(0)
 
 
