@@ -232,6 +232,34 @@ def test_half_split_removes_the_fixed_batch_bias():
     assert sum(naive) / len(naive) > 1.5 * truth  # the bias the half split avoids
 
 
+def test_sensitivity_with_parameters_whose_gradients_autograd_shares(monkeypatch):
+    """A loss that reads the sum of two parameters: autograd hands both the same gradient tensor.
+    The in-place differences (``_minus_into``) leave such a shared tensor alone, and the estimate
+    equals the out-of-place one bit for bit, draw by draw (it did not when both were written)."""
+    import genbounds.estimators.gradient_sensitivity as gs
+
+    class Summed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(1)))
+            self.b = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(2)))
+            self.c = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(3)))
+
+        def forward(self, x: Tensor) -> Tensor:
+            return x @ (self.a + self.b) + (x * x) @ self.c
+
+    def loss(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return 0.5 * (module(x) - y) ** 2
+
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(4))
+    y = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    got = gradient_sensitivity(Summed(), loss, (x, y), [0.3], 6, gen(0), draws_per_pass=1)
+    monkeypatch.setattr(gs, "_minus_into", lambda g, gp, names: {k: g[k].unsqueeze(0) - gp[k] for k in names})
+    want = gradient_sensitivity(Summed(), loss, (x, y), [0.3], 6, gen(0), draws_per_pass=1)
+    assert torch.equal(got.samples, want.samples) and got.value[0] != 0.0
+
+
 # ---------------------------------------------------------------- contractivity
 def test_contractivity_of_a_quadratic_matches_closed_form():
     model, z = make_quadratic(8, seed=4)

@@ -81,11 +81,7 @@ def gradient_sensitivity(
             points = fn.shifted(eps, s, shape=shp[i])
             diffs = []
             for h, g in zip(halves, g0):
-                gp = fn.gradients_at(points, h)
-                # g − gp into gp's own storage (ours: fresh gradients), as −gp + g: the same bits
-                # as g − gp and no third parameter set alive per half
-                diffs.append({k: gp[k].neg_().add_(g[k].unsqueeze(0)) for k in fn.names})
-                del gp
+                diffs.append(_minus_into(g, fn.gradients_at(points, h), fn.names))
             del points
             rows[i].append(flat_dot(diffs[0], diffs[1], wts[i]))
             del diffs
@@ -93,3 +89,14 @@ def gradient_sensitivity(
     mean = samples.mean(1)
     se = samples.std(1, unbiased=True) / math.sqrt(num_draws)
     return SensitivityEstimate(sig, mean.cpu().tolist(), se.cpu().tolist(), num_draws, samples)
+
+
+def _minus_into(g: dict[str, Tensor], gp: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
+    """``g − gp`` per parameter, written into ``gp``'s own storage (fresh gradients: no third
+    parameter set alive per half) as ``−gp + g``, the same bits as ``g − gp``. A gradient whose
+    storage another parameter's gradient shares — autograd hands two parameters the same tensor
+    when the loss reads their sum — is subtracted out of place, and is never written."""
+    ptrs = [gp[k].untyped_storage().data_ptr() for k in names]
+    shared = {p for p in ptrs if ptrs.count(p) > 1}
+    return {k: (g[k].unsqueeze(0) - gp[k]) if p in shared else gp[k].neg_().add_(g[k].unsqueeze(0))
+            for k, p in zip(names, ptrs)}
