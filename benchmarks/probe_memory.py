@@ -45,32 +45,22 @@ def _probe(name: str) -> Any:
 
 
 def child(config: str, steps: int) -> dict[str, Any]:
-    import functools
-
     import lightning.pytorch as pl
     import torch
 
     from common import PeakRSS, sample_loader
     from genbounds.models import Classifier
     from overhead_dispersion import SPECS
+    from suite_memory import record_peaks
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    probe_peaks: list[float] = []
+    table: dict[tuple[str, str], list[float]] = {}
     callbacks = []
     if config != "plain":
         cls = _probe(config)
-        measure = cls.measure
-
-        @functools.wraps(measure)
-        def watched(self: Any, *args: Any, **kwargs: Any) -> Any:
-            with PeakRSS() as peak:
-                out = measure(self, *args, **kwargs)
-            probe_peaks.append(peak.growth_mib)
-            return out
-
-        cls.measure = watched
+        record_peaks(cls, "measure", table, cuda=False)
         callbacks = [cls(every_n_steps=1)]
     spec = SPECS["cuda-cnn"]
     pl.seed_everything(0, verbose=False)
@@ -82,8 +72,8 @@ def child(config: str, steps: int) -> dict[str, Any]:
                          callbacks=callbacks)
     with PeakRSS() as whole:
         trainer.fit(module, train_dataloaders=sample_loader(batches, steps), val_dataloaders=sample_loader(val, 4))
-    return {"fit_mib": whole.growth_mib, "probe_mib": max(probe_peaks) if probe_peaks else None,
-            "probes": len(probe_peaks)}
+    peak, calls = table.get((callbacks[0].__class__.__name__, "measure"), (None, 0)) if callbacks else (None, 0)
+    return {"fit_mib": whole.growth_mib, "probe_mib": peak, "probes": calls}
 
 
 def main() -> None:

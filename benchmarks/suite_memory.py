@@ -34,11 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import emit_report, reset_peak_rss, sample_loader, status_kib, trim_heap  # noqa: E402
+from common import PeakRSS, emit_report, sample_loader  # noqa: E402
 
 
-def _wrap(cls: type, name: str, table: dict[tuple[str, str], list[float]], cuda: bool) -> None:
-    """Wrap ``cls.name`` (on the class: a hook a callback sets aside on its instance stays aside)."""
+def record_peaks(cls: type, name: str, table: dict[tuple[str, str], list[float]], cuda: bool) -> None:
+    """Wrap ``cls.name`` (on the class: a hook a callback sets aside on its instance stays aside) so
+    that each call's peak growth is recorded in ``table[(class name, name)] = [largest MiB, calls]``:
+    on CUDA the allocator's peak above what was allocated before the call, on the CPU
+    ``common.PeakRSS``. Also used by ``probe_memory.py``."""
     hook = getattr(cls, name)
 
     @functools.wraps(hook)
@@ -47,23 +50,25 @@ def _wrap(cls: type, name: str, table: dict[tuple[str, str], list[float]], cuda:
             torch.cuda.synchronize()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        else:
-            trim_heap()
-            before = status_kib("VmRSS") or 0
-            reset_peak_rss()
-        try:
-            return hook(self, *args, **kwargs)
-        finally:
-            if cuda:
+            try:
+                return hook(self, *args, **kwargs)
+            finally:
                 torch.cuda.synchronize()
-                growth = (torch.cuda.max_memory_allocated() - before) / 2**20
-            else:
-                growth = ((status_kib("VmHWM") or 0) - before) / 1024
-            row = table.setdefault((type(self).__name__, name), [0.0, 0])
-            row[0] = max(row[0], growth)
-            row[1] += 1
+                _record(table, (type(self).__name__, name), (torch.cuda.max_memory_allocated() - before) / 2**20)
+        peak = PeakRSS()
+        try:
+            with peak:
+                return hook(self, *args, **kwargs)
+        finally:
+            _record(table, (type(self).__name__, name), peak.growth_mib)
 
     setattr(cls, name, measured)
+
+
+def _record(table: dict[tuple[str, str], list[float]], key: tuple[str, str], growth: float) -> None:
+    row = table.setdefault(key, [0.0, 0])
+    row[0] = max(row[0], growth)
+    row[1] += 1
 
 
 def _force_widths(mode: str) -> None:
@@ -120,7 +125,7 @@ def main() -> None:
     for cls in {type(cb) for cb in callbacks}:
         for name in dir(pl.Callback):
             if name.startswith("on_") and getattr(cls, name) is not getattr(pl.Callback, name):
-                _wrap(cls, name, table, cuda)
+                record_peaks(cls, name, table, cuda)
     val = [(x.roll(1, 0), y.roll(1, 0)) for x, y in batches]
     with tempfile.TemporaryDirectory() as logdir:
         trainer = pl.Trainer(accelerator="gpu" if cuda else "cpu", devices=1, max_steps=args.steps,
