@@ -14,7 +14,7 @@ from genbounds.estimators.flatness import gaussian_flatness
 from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
 from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
 from genbounds.estimators.hessian_trace import hutchinson_trace
-from genbounds.estimators.hessian_vector_product import LossHessian
+from genbounds.estimators.hessian_vector_product import LossHessian, rademacher_like
 from genbounds.estimators.perturbation import standard_normal
 from genbounds.estimators.weighted_dispersion import hessian_weighted_dispersion
 from helpers import unit_sphere_regression
@@ -109,6 +109,20 @@ def test_hvp_matches_the_full_hessian(method, vectorize):
     assert_same(model, snap)
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_rademacher_draws_are_those_of_int64_bits(dtype):
+    """The signs drawn in the parameter's dtype equal the int64-bits draw they replaced, value for
+    value, and leave the generator where it left it (the same probes as before the change)."""
+    params = [torch.zeros(3, 1025, dtype=dtype), torch.zeros(7, dtype=dtype)]
+    g_new, g_ref = gen(5), gen(5)
+    got = rademacher_like(params, 4, g_new)
+    for p, v in zip(params, got):
+        ref = (torch.randint(0, 2, (4, *p.shape), generator=g_ref) * 2 - 1).to(dtype)
+        assert v.dtype == dtype and torch.equal(v, ref)
+    assert set(torch.cat([v.flatten().float() for v in got]).unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(g_new.get_state(), g_ref.get_state())
+
 # ---------------------------------------------------------------- Hutchinson trace
 def test_hutchinson_linear_regression_unit_inputs_trace_is_one():
     x, y = unit_sphere_regression(128, 20)
@@ -195,6 +209,56 @@ def test_flatness_term_se_uses_paired_draws():
     est = gaussian_flatness(model, ce_loss, (x[:32], y[:32]), [0.1], 200, gen(0), heldout_batch=(x[32:], y[32:]))
     unpaired = math.hypot(est.train_se[0], est.heldout_se[0])
     assert est.term_se[0] < unpaired  # positive correlation of the two sets' increments
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float64])
+def test_shifted_points_in_place_equal_the_expression_bit_for_bit(dtype):
+    """``PerturbedLoss.shifted`` builds ``w + s·ε`` in the points' own storage (and, with ``out``,
+    in a set of points of an earlier call): the bits of ``base + s·ε``, for a float and a tensor
+    scale, block shapes, and a base wider than the directions (kept as the expression)."""
+    from genbounds.estimators.perturbation import PerturbedLoss
+
+    torch.manual_seed(0)
+    model = tiny_mlp(1)
+    fn = PerturbedLoss(model, ce_loss, dtype)
+    eps = standard_normal(fn.base, 3, gen(2))
+    shape = {fn.names[0]: 0.25}
+    reused = None
+    for scale in (0.37, -0.37, torch.tensor(1e-3, dtype=torch.float64)):
+        for blocks in (None, shape):
+            want = {k: fn.base[k].unsqueeze(0) + (scale if blocks is None else scale * blocks.get(k, 1.0)) * eps[k]
+                    for k in fn.names}
+            fresh = fn.shifted(eps, scale, shape=blocks)
+            reused = fn.shifted(eps, scale, shape=blocks, out=reused)
+            for k in fn.names:
+                assert torch.equal(fresh[k], want[k]) and torch.equal(reused[k], want[k]), (scale, blocks, k)
+    narrow = {k: v.float() for k, v in eps.items()}
+    wide = PerturbedLoss(model, ce_loss, torch.float64)
+    got = wide.shifted(narrow, 0.5)
+    assert all(got[k].dtype == torch.float64 and torch.equal(got[k], wide.base[k] + 0.5 * narrow[k])
+               for k in wide.names)
+
+
+def test_flatness_evaluates_every_point_in_one_set_of_storage(monkeypatch):
+    """w + σε and w − σε, for every σ and both data sets, are built in one set of points (the
+    probe holds the draws and one perturbed copy of the weights, not two): every loss evaluation
+    of a pass sees the same storage."""
+    from genbounds.estimators.perturbation import PerturbedLoss
+
+    seen: list[tuple[int, ...]] = []
+    original = PerturbedLoss.losses_at
+
+    def recording(self, points, batch):
+        seen.append(tuple(v.data_ptr() for v in points.values()))
+        return original(self, points, batch)
+
+    monkeypatch.setattr(PerturbedLoss, "losses_at", recording)
+    torch.manual_seed(0)
+    model = tiny_mlp(1)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    gaussian_flatness(model, ce_loss, (x[:32], y[:32]), [0.1, 0.2], 2, gen(0), heldout_batch=(x[32:], y[32:]),
+                      draws_per_pass=2)
+    assert len(seen) == 2 * 2 * 2 and len(set(seen)) == 1
 
 
 # ---------------------------------------------------------------- gradient sensitivity

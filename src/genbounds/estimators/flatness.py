@@ -83,12 +83,15 @@ def gaussian_flatness(
     for _, count in chunks(num_draws, max(1, draws_per_pass)):
         eps = standard_normal(fn.base, count, generator)
         per_set: dict[str, list[Tensor]] = {name: [] for name in sets}
+        point: dict[str, Tensor] | None = None  # one set of points, w + σε then w − σε in place
         for s, shape in zip(sig, shp):
-            plus, minus = fn.shifted(eps, s, shape=shape), fn.shifted(eps, -s, shape=shape)
+            point = fn.shifted(eps, s, shape=shape, out=point)
+            lp = {name: fn.losses_at(point, batch).double() for name, batch in sets.items()}
+            point = fn.shifted(eps, -s, shape=shape, out=point)
             for name, batch in sets.items():
-                lp = fn.losses_at(plus, batch).double()
-                lm = fn.losses_at(minus, batch).double()
-                per_set[name].append(0.5 * (lp + lm) - base_loss[name])  # [count] or [count, 2]
+                lm = fn.losses_at(point, batch).double()
+                per_set[name].append(0.5 * (lp[name] + lm) - base_loss[name])  # [count] or [count, 2]
+        del point
         for name in sets:
             inc[name].append(torch.stack(per_set[name]))  # [S, count(, 2)]
     both = {name: torch.cat(parts, dim=1) for name, parts in inc.items()}

@@ -113,13 +113,21 @@ class PerturbedLoss:
         return self._reduced(g)
 
     def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None,
-                shape: dict[str, float] | None = None) -> Stacked:
+                shape: dict[str, float] | None = None, out: Stacked | None = None) -> Stacked:
         """Stacked points ``base + scale · directionⱼ`` (``scale · shape[name]`` per parameter for
-        block-shaped noise)."""
+        block-shaped noise). ``out``: points of the same shapes to overwrite (a caller that
+        evaluates one set of points after another holds one set, not two); the same values."""
         base = self.base if base is None else base
-        if shape is None:
-            return {k: base[k].unsqueeze(0) + scale * directions[k] for k in self.names}
-        return {k: base[k].unsqueeze(0) + (scale * shape.get(k, 1.0)) * directions[k] for k in self.names}
+        points = {} if out is None else out
+        for k in self.names:
+            s = scale if shape is None else scale * shape.get(k, 1.0)
+            if out is None and torch.promote_types(base[k].dtype, directions[k].dtype) != directions[k].dtype:
+                points[k] = base[k].unsqueeze(0) + s * directions[k]
+                continue
+            # s · direction, then + base, in the points' own storage: the bits of the expression
+            # above without its temporary (one set of parameters less at the peak)
+            points[k] = torch.mul(directions[k], s, out=out[k] if out is not None else None).add_(base[k].unsqueeze(0))
+        return points
 
 
 def _cast(t: Tensor, dtype: torch.dtype | None) -> Tensor:
