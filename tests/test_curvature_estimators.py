@@ -105,6 +105,14 @@ def test_hvp_matches_the_full_hessian(method, vectorize):
         assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6)
     single = torch.cat([t.reshape(-1) for t in op.hvp([t[0] for t in vs])])
     assert torch.allclose(single, full @ torch.cat([t[0].reshape(-1) for t in vs]), rtol=1e-5, atol=1e-6)
+    # a block of one vector (the CPU's default block) and the looped block: each product as hvp gives it
+    one = op.hvp_batched([t[:1] for t in vs])
+    assert all(o.shape == (1, *s) for o, s in zip(one, shapes))
+    assert torch.allclose(torch.cat([t[0].reshape(-1) for t in one]), single, rtol=1e-6, atol=1e-7)
+    if not vectorize:
+        for j in range(3):
+            each = op.hvp([t[j] for t in vs])
+            assert all(torch.equal(h[j], e) for h, e in zip(hv, each))
     assert all(p.grad is None for p in model.parameters())  # nothing written into .grad
     assert_same(model, snap)
 

@@ -70,6 +70,7 @@ def hutchinson_trace(
         vs = rademacher_like(hessian.params, n, generator)
         hvs = hessian.hvp_batched(vs)
         per_param = torch.stack([row_dot64(x, y) for x, y in zip(vs, hvs)], dim=1)  # [n, P]
+        del vs, hvs  # (released before the next block's draw and products)
         samples.append(per_param.sum(1))
         if groups is not None:
             per_group.append(torch.stack([per_param[:, idx].sum(1) if idx else per_param.new_zeros(n)

@@ -128,8 +128,19 @@ class LossHessian:
         n = vs[0].shape[0] if vs else 0
         if self.vectorize or n == 1 and self.method == "forward":
             return self._hvp_stacked(vs)
-        rows = [self.hvp([t[j] for t in vs]) for j in range(n)]
-        return [torch.stack([r[i] for r in rows]) for i in range(len(vs))]
+        if n == 1:  # (a view of the one product: no stacked copy beside it)
+            return [h.unsqueeze(0) for h in self.hvp([t[0] for t in vs])]
+        # each product written into the stack as it comes: the block's products and one more at
+        # the peak, not the products and their stacked copy
+        out: Vector = []
+        for j in range(n):
+            row = self.hvp([t[j] for t in vs])
+            if not out:
+                out = [h.new_empty((n, *h.shape)) for h in row]
+            for o, h in zip(out, row):
+                o[j].copy_(h)
+            del row
+        return out
 
     def _hvp_stacked(self, vs: Vector) -> Vector:
         if self.method == "reverse":
