@@ -186,8 +186,17 @@ def test_power_iteration_finds_top_eigenvalue_and_warm_start_helps():
     op = LossHessian(model, quad_loss, z)
     cold = top_eigenvalue(op, gen(0), tol=1e-8, max_iter=2000)
     assert cold.value == pytest.approx(3.0, rel=1e-4) and cold.converged
-    warm = top_eigenvalue(op, gen(1), init=cold.vector, tol=1e-8, max_iter=2000)
+    init = [3.0 * t for t in cold.vector]  # (not of norm 1: normalizing it in place would show)
+    kept = [t.clone() for t in init]
+    warm = top_eigenvalue(op, gen(1), init=init, tol=1e-8, max_iter=2000)
     assert warm.iterations < cold.iterations and warm.residual < 1e-2
+    # the iteration normalizes its own products in place, never the caller's warm start
+    assert all(torch.equal(a, b) for a, b in zip(init, kept))
+    # the residual ‖Hv − λv‖ of the returned pair, recomputed
+    hv = op.hvp(warm.vector)
+    assert warm.residual == pytest.approx(
+        math.sqrt(sum(float(((h - warm.value * x) ** 2).double().sum()) for h, x in zip(hv, warm.vector))),
+        rel=1e-6, abs=1e-9)
 
 
 # ---------------------------------------------------------------- flatness

@@ -55,21 +55,24 @@ def top_eigenvalue(
             # Hv = 0 (a zero Hessian) has no direction to follow: v is an eigenvector of 0
             converged = converged or norm == 0.0
             break
-        v = _normalized(hv)
+        # the next direction in the product's own storage: the last direction goes before the
+        # next product, which runs beside one vector, not three
+        v = _normalized(hv, in_place=True)
         hv = hessian.hvp(v)
     else:
         it, converged = max_iter, False
         value = float(dot(v, hv))
-    residual = float(sq_norm([h - value * x for h, x in zip(hv, v)]).sqrt())
+    # (one tensor's residual at a time: the same sums as the whole list's)
+    residual = float(torch.stack([sq_norm([h - value * x]) for h, x in zip(hv, v)]).sum().sqrt())
     vector = [x.detach() for x in v]
     if not all(bool(torch.isfinite(x).all()) for x in vector):
         vector = None  # never carry a non-finite warm start into the next probe
     return EigenEstimate(value, residual, it, converged, vector)
 
 
-def _normalized(v: list[Tensor]) -> list[Tensor]:
+def _normalized(v: list[Tensor], in_place: bool = False) -> list[Tensor]:
     norm = sq_norm(v).sqrt().to(v[0].dtype)
-    return [x / norm for x in v]
+    return [x.div_(norm) for x in v] if in_place else [x / norm for x in v]
 
 
 __all__ = ["EigenEstimate", "top_eigenvalue"]
