@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 python benchmarks/probe_memory.py                      # HeldoutGradient, about 1 min
     OMP_NUM_THREADS=1 python benchmarks/probe_memory.py --rounds 1 --probes sensitivity   # about 3 min
 
-(``trace`` — HessianTrace's Hutchinson probes on this 28.7 M-parameter CNN — ran past 10 minutes
-on the 2-core CI-sized machine, where it was not measured.)
+(``trace`` with its defaults — HessianTrace's Hutchinson probes on this 28.7 M-parameter CNN — ran
+past 10 minutes on the 2-core CI-sized machine; ``--trace-probes 3`` caps its Hutchinson probes and
+power iterations at 3 each, about 2 minutes a fit there.)
 
 The AlexNet-style CNN of ``overhead_dispersion.py`` (``cuda-cnn``: 28.7 M parameters, 110 MiB a
 parameter set, 32×32×3, batch 128), run on the CPU. Each round runs, in fresh processes and in
@@ -44,7 +45,7 @@ def _probe(name: str) -> Any:
             "trace": callbacks.HessianTrace, "flatness": callbacks.Flatness}[name]
 
 
-def child(config: str, steps: int) -> dict[str, Any]:
+def child(config: str, steps: int, trace_probes: int | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
@@ -61,7 +62,9 @@ def child(config: str, steps: int) -> dict[str, Any]:
     if config != "plain":
         cls = _probe(config)
         record_peaks(cls, "measure", table, cuda=False)
-        callbacks = [cls(every_n_steps=1)]
+        capped = ({"min_probes": trace_probes, "max_probes": trace_probes, "eig_max_iter": trace_probes}
+                  if config == "trace" and trace_probes else {})
+        callbacks = [cls(every_n_steps=1, **capped)]
     spec = SPECS["cuda-cnn"]
     pl.seed_everything(0, verbose=False)
     batches = spec.batches()[:4]
@@ -81,11 +84,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--probes", default="heldout", help=f"comma-separated, from {', '.join(PROBES)}")
+    parser.add_argument("--trace-probes", type=int, default=None,
+                        help="HessianTrace's Hutchinson probes and power iterations (default: its own)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps)))
+        print(json.dumps(child(args.child, args.steps, args.trace_probes)))
         return
     info, loads = machine_description(), [load_average()]
     probes = [p for p in args.probes.split(",") if p]
@@ -93,8 +98,9 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     for r in range(args.rounds):
         for config in (configs if r % 2 == 0 else configs[::-1]):
+            extra = ["--trace-probes", str(args.trace_probes)] if args.trace_probes else []
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", config, "--steps",
-                                  str(args.steps)], capture_output=True, text=True, check=True)
+                                  str(args.steps), *extra], capture_output=True, text=True, check=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])
             runs[config].append(res)
             print(f"[round {r + 1}/{args.rounds}] {config:11s} fit +{res['fit_mib']:7.1f} MiB"
@@ -115,7 +121,9 @@ def main() -> None:
         fit = [x["fit_mib"] for x in runs[p]]
         probe = [x["probe_mib"] for x in runs[p] if x["probe_mib"] is not None]
         ratio = statistics.median([f / b for f, b in zip(fit, plain)])
-        lines.append(f"| `{_probe(p).__name__}(every_n_steps=1)` | {span(fit)} | {ratio:.2f}× | "
+        capped = (f", min_probes={args.trace_probes}, max_probes={args.trace_probes}, "
+                  f"eig_max_iter={args.trace_probes}") if p == "trace" and args.trace_probes else ""
+        lines.append(f"| `{_probe(p).__name__}(every_n_steps=1{capped})` | {span(fit)} | {ratio:.2f}× | "
                      f"{span(probe) if probe else '–'} |")
     emit_report("\n".join(lines), args.out)
 

@@ -310,3 +310,27 @@ def test_next_due_step_is_the_first_due_step_after(kwargs):
     for step in range(3000):
         expected = next((t for t in range(step + 1, 12000) if schedule.due_at_step(t)), math.inf)
         assert schedule.next_due_step(step) == expected, (kwargs, step)
+
+
+def test_hessian_trace_hands_its_warm_start_to_the_power_iteration(tmp_path, monkeypatch):
+    """The last probe's eigenvector starts the next power iteration and is not kept beside it
+    (one parameter set less at the probe's peak): while the iteration runs the callback holds no
+    reference of its own, and afterwards it keeps the new vector."""
+    import genbounds.callbacks.hessian_trace as ht
+
+    cb = HessianTrace(max_probes=4, min_probes=4, top_eigenvalue=True, eig_max_iter=3, every_n_steps=2)
+    calls = []
+    original = ht.top_eigenvalue
+
+    def watching(op, generator, *, init=None, **kwargs):
+        calls.append((init is not None, cb._eigvec is None))
+        result = original(op, generator, init=init, **kwargs)
+        assert result.vector is not None
+        return result
+
+    monkeypatch.setattr(ht, "top_eigenvalue", watching)
+    _run(tmp_path, [cb])
+    assert len(calls) >= 3
+    assert calls[0] == (False, True)  # the first probe starts cold
+    assert all(call == (True, True) for call in calls[1:])  # then warm, handed over
+    assert cb._eigvec is not None

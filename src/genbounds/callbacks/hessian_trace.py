@@ -189,7 +189,9 @@ class HessianTrace(ProbeCallback):
                     out[f"curv/hessian_trace_se/layer/{name}"] = se
         if self.top_eigenvalue:
             # its start vectors come from a stream of their own: a (re)start never shifts the Hutchinson probes
-            eig = top_eigenvalue(op, self.generator(pl_module.device, stream=1), init=self._eigvec,
+            # the warm start is handed over, not kept beside the iteration's vectors (one parameter
+            # set less at its peak; an iteration that raises leaves the next probe a cold start)
+            eig = top_eigenvalue(op, self.generator(pl_module.device, stream=1), init=self._take_eigvec(),
                                  max_iter=self.draws_within_budget(self.eig_max_iter, self._eig_min_iter, 4.0),
                                  tol=self.eig_tol)
             self._eigvec = eig.vector
@@ -201,6 +203,10 @@ class HessianTrace(ProbeCallback):
             out["curv/weighted_dispersion"], out["curv/weighted_dispersion_se"] = wd.value, wd.standard_error
         op.release()
         return out
+
+    def _take_eigvec(self) -> list[Tensor] | None:
+        vector, self._eigvec = self._eigvec, None
+        return vector
 
     def publish(self, step: int, values: dict[str, float]) -> None:
         groups = [values[f"curv/hessian_trace/layer/{g}"] for g in self.group_names] \

@@ -44,6 +44,7 @@ def top_eigenvalue(
     usable = init is not None and all(bool(torch.isfinite(x).all()) for x in init) and float(sq_norm(init)) > 0
     v = init if usable else [t[0] for t in gaussian_like(hessian.params, 1, generator)]
     v = _normalized(v)  # type: ignore[arg-type]
+    init = None  # (a caller that passes its only reference frees the warm start here, before any product)
     value = math.nan
     hv = hessian.hvp(v)
     for it in range(1, max_iter + 1):
