@@ -228,7 +228,7 @@ def test_flatness_term_se_uses_paired_draws():
     assert est.term_se[0] < unpaired  # positive correlation of the two sets' increments
 
 
-@pytest.mark.parametrize("dtype", [None, torch.float64])
+@pytest.mark.parametrize("dtype", [None, torch.float64, torch.bfloat16, torch.float16])
 def test_shifted_points_in_place_equal_the_expression_bit_for_bit(dtype):
     """``PerturbedLoss.shifted`` builds ``w + s·ε`` in the points' own storage (and, with ``out``,
     in a set of points of an earlier call): the bits of ``base + s·ε``, for a float and a tensor
@@ -241,7 +241,7 @@ def test_shifted_points_in_place_equal_the_expression_bit_for_bit(dtype):
     eps = standard_normal(fn.base, 3, gen(2))
     shape = {fn.names[0]: 0.25}
     reused = None
-    for scale in (0.37, -0.37, torch.tensor(1e-3, dtype=torch.float64)):
+    for scale in (0.37, -0.37, torch.tensor(1e-3, dtype=torch.float64), torch.tensor(0.2)):
         for blocks in (None, shape):
             want = {k: fn.base[k].unsqueeze(0) + (scale if blocks is None else scale * blocks.get(k, 1.0)) * eps[k]
                     for k in fn.names}
@@ -249,11 +249,12 @@ def test_shifted_points_in_place_equal_the_expression_bit_for_bit(dtype):
             reused = fn.shifted(eps, scale, shape=blocks, out=reused)
             for k in fn.names:
                 assert torch.equal(fresh[k], want[k]) and torch.equal(reused[k], want[k]), (scale, blocks, k)
-    narrow = {k: v.float() for k, v in eps.items()}
+    narrow = {k: v.to(torch.bfloat16) for k, v in eps.items()}
     wide = PerturbedLoss(model, ce_loss, torch.float64)
-    got = wide.shifted(narrow, 0.5)
-    assert all(got[k].dtype == torch.float64 and torch.equal(got[k], wide.base[k] + 0.5 * narrow[k])
-               for k in wide.names)
+    for given in (None, {k: torch.empty_like(v) for k, v in narrow.items()}):  # (out= of the narrow dtype)
+        got = wide.shifted(narrow, 0.5, out=given)
+        assert all(got[k].dtype == torch.float64 and torch.equal(got[k], wide.base[k] + 0.5 * narrow[k])
+                   for k in wide.names)
 
 
 def test_flatness_evaluates_every_point_in_one_set_of_storage(monkeypatch):
@@ -338,6 +339,76 @@ def test_sensitivity_with_parameters_whose_gradients_autograd_shares(monkeypatch
     got = gradient_sensitivity(Summed(), loss, (x, y), [0.3], 6, gen(0), draws_per_pass=1)
     monkeypatch.setattr(gs, "_minus_into", lambda g, gp, names: {k: g[k].unsqueeze(0) - gp[k] for k in names})
     want = gradient_sensitivity(Summed(), loss, (x, y), [0.3], 6, gen(0), draws_per_pass=1)
+    assert torch.equal(got.samples, want.samples) and got.value[0] != 0.0
+
+
+class _SharedAndExpanded(nn.Module):
+    """A loss that reads ``a + b`` (autograd hands both one gradient tensor) and ``c.sum()`` (its
+    gradient an expanded view, stride 0): results no in-place op may write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(1)))
+        self.b = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(2)))
+        self.c = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(3)))
+        self.d = nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(6)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x @ (self.a + self.b) + (x * x) @ self.d + self.c.sum() ** 2
+
+
+def _shared_loss(module: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:
+    x, y = batch
+    return 0.5 * (module(x) - y) ** 2
+
+
+def _shared_batch() -> tuple[Tensor, Tensor]:
+    return (torch.randn(16, 5, generator=torch.Generator().manual_seed(4)),
+            torch.randn(16, generator=torch.Generator().manual_seed(5)))
+
+
+def test_writable_in_place_leaves_shared_and_expanded_results_alone():
+    from genbounds.estimators.functional import writable_in_place
+
+    model = _SharedAndExpanded()
+    loss = _shared_loss(model, _shared_batch()).mean()
+    ga, gb, gc, gd = torch.autograd.grad(loss, [model.a, model.b, model.c, model.d])
+    assert ga.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr() and 0 in gc.stride()
+    assert writable_in_place([ga, gb, gc, gd]) == [False, False, False, True]
+    assert writable_in_place([torch.zeros(1, 4).expand(1, 4), torch.zeros(4, 1).expand(4, 1)]) == [True, True]
+
+
+@pytest.mark.parametrize("method", ["reverse", "forward"])
+def test_power_iteration_with_shared_and_expanded_products(monkeypatch, method):
+    """The in-place normalization divides each storage once and writes no expanded view: the
+    eigenvalue, residual and vector equal the out-of-place iteration's bit for bit (a shared
+    product divided twice gave 8.38 for 12.45 and called it converged; an expanded one raised)."""
+    import genbounds.estimators.hessian_eigenvalue as he
+
+    op = LossHessian(_SharedAndExpanded(), _shared_loss, _shared_batch(), method=method)
+    got = top_eigenvalue(op, gen(0), tol=1e-10, max_iter=500)
+    original = he._normalized
+    monkeypatch.setattr(he, "_normalized", lambda v, in_place=False: original(v))
+    want = top_eigenvalue(op, gen(0), tol=1e-10, max_iter=500)
+    assert got.value == want.value and got.residual == want.residual and got.iterations == want.iterations
+    assert all(torch.equal(a, b) for a, b in zip(got.vector, want.vector))
+    assert got.converged and got.residual < 1e-4 * abs(got.value)
+
+
+def test_sensitivity_with_an_expanded_gradient():
+    """A gradient autograd returns as an expanded view is subtracted out of place (writing it in
+    place raised): the estimate equals the out-of-place one draw by draw."""
+    import genbounds.estimators.gradient_sensitivity as gs
+
+    got = gradient_sensitivity(_SharedAndExpanded(), _shared_loss, _shared_batch(), [0.3], 4, gen(0),
+                               draws_per_pass=1)
+    original = gs._minus_into
+    try:
+        gs._minus_into = lambda g, gp, names: {k: g[k].unsqueeze(0) - gp[k] for k in names}
+        want = gradient_sensitivity(_SharedAndExpanded(), _shared_loss, _shared_batch(), [0.3], 4, gen(0),
+                                    draws_per_pass=1)
+    finally:
+        gs._minus_into = original
     assert torch.equal(got.samples, want.samples) and got.value[0] != 0.0
 
 

@@ -83,7 +83,9 @@ def gaussian_flatness(
     for _, count in chunks(num_draws, max(1, draws_per_pass)):
         eps = standard_normal(fn.base, count, generator)
         per_set: dict[str, list[Tensor]] = {name: [] for name in sets}
-        point: dict[str, Tensor] | None = None  # one set of points, w + σε then w − σε in place
+        # one set of points, w + σε then w − σε in place (every data set at w + σε first: a probe
+        # in train mode with dropout draws its masks in that order)
+        point: dict[str, Tensor] | None = None
         for s, shape in zip(sig, shp):
             point = fn.shifted(eps, s, shape=shape, out=point)
             lp = {name: fn.losses_at(point, batch).double() for name, batch in sets.items()}

@@ -396,6 +396,16 @@ def row_dot64(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack([dot64(x[j], y[j]) for j in range(m)])
 
 
+def writable_in_place(tensors: list[Tensor] | tuple[Tensor, ...]) -> list[bool]:
+    """Per tensor of a fresh result list (gradients, Hessian-vector products), whether an in-place
+    op may write it: no other entry shares its storage — autograd hands two parameters one
+    gradient tensor when the loss reads their sum — and no element is reached twice (an expanded
+    view, stride 0: the gradient of a parameter the loss reads through ``.sum()``)."""
+    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
+    return [ptrs.count(p) == 1 and all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape))
+            for t, p in zip(tensors, ptrs)]
+
+
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     """Inner product of two lists of tensors, accumulated in float64 (:func:`dot64` per pair)."""
     return torch.stack([dot64(x, y) for x, y in zip(a, b)]).sum()

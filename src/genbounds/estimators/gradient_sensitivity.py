@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from genbounds.estimators.batching import batch_size, index_batch
-from genbounds.estimators.functional import LossFn, Reduce
+from genbounds.estimators.functional import LossFn, Reduce, writable_in_place
 from genbounds.estimators.perturbation import PerturbedLoss, chunks, flat_dot, standard_normal
 
 
@@ -93,10 +93,9 @@ def gradient_sensitivity(
 
 def _minus_into(g: dict[str, Tensor], gp: dict[str, Tensor], names: list[str]) -> dict[str, Tensor]:
     """``g − gp`` per parameter, written into ``gp``'s own storage (fresh gradients: no third
-    parameter set alive per half) as ``−gp + g``, the same bits as ``g − gp``. A gradient whose
-    storage another parameter's gradient shares — autograd hands two parameters the same tensor
-    when the loss reads their sum — is subtracted out of place, and is never written."""
-    ptrs = [gp[k].untyped_storage().data_ptr() for k in names]
-    shared = {p for p in ptrs if ptrs.count(p) > 1}
-    return {k: (g[k].unsqueeze(0) - gp[k]) if p in shared else gp[k].neg_().add_(g[k].unsqueeze(0))
-            for k, p in zip(names, ptrs)}
+    parameter set alive per half) as ``−gp + g``, the same bits as ``g − gp``. A gradient that
+    may not be written (``functional.writable_in_place``: a storage another parameter's gradient
+    shares, an expanded view) is subtracted out of place, and is never written."""
+    writable = writable_in_place([gp[k] for k in names])
+    return {k: gp[k].neg_().add_(g[k].unsqueeze(0)) if ok else (g[k].unsqueeze(0) - gp[k])
+            for k, ok in zip(names, writable)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from genbounds.estimators.functional import dot, sq_norm
+from genbounds.estimators.functional import dot, sq_norm, writable_in_place
 from genbounds.estimators.hessian_vector_product import LossHessian, gaussian_like
 
 
@@ -44,7 +44,9 @@ def top_eigenvalue(
     usable = init is not None and all(bool(torch.isfinite(x).all()) for x in init) and float(sq_norm(init)) > 0
     v = init if usable else [t[0] for t in gaussian_like(hessian.params, 1, generator)]
     v = _normalized(v)  # type: ignore[arg-type]
-    init = None  # (a caller that passes its only reference frees the warm start here, before any product)
+    # (a caller that passes its only reference frees the warm start here, before any product, where
+    # the interpreter does not hold the call's arguments in the caller's frame: CPython 3.11 on)
+    init = None
     value = math.nan
     hv = hessian.hvp(v)
     for it in range(1, max_iter + 1):
@@ -72,8 +74,12 @@ def top_eigenvalue(
 
 
 def _normalized(v: list[Tensor], in_place: bool = False) -> list[Tensor]:
+    """``v / ‖v‖``; with ``in_place``, in ``v``'s own storage where it may be written (a product
+    autograd hands two parameters, or an expanded one, is divided out of place: the same bits)."""
     norm = sq_norm(v).sqrt().to(v[0].dtype)
-    return [x.div_(norm) for x in v] if in_place else [x / norm for x in v]
+    if not in_place:
+        return [x / norm for x in v]
+    return [x.div_(norm) if ok else x / norm for x, ok in zip(v, writable_in_place(v))]
 
 
 __all__ = ["EigenEstimate", "top_eigenvalue"]

@@ -174,9 +174,11 @@ class LossHessian:
 def rademacher_like(params: list[Tensor], n: int, generator: torch.Generator) -> Vector:
     """``n`` Rademacher (±1) vectors stacked along a leading dimension, from ``generator``.
 
-    The bits are drawn in the parameter's dtype and mapped to ±1 in place: the same values and
-    generator state as drawing int64 bits and converting them, without the two int64 temporaries
-    (16 bytes an element: 0.34 GiB beside a 4096×4096 fp32 weight's 64 MiB vector)."""
+    The bits are drawn in the parameter's dtype and mapped to ±1 in place, without the two int64
+    temporaries of drawing int64 bits and converting them (16 bytes an element: 0.34 GiB beside a
+    4096×4096 fp32 weight's 64 MiB vector). On the CPU the values and the generator's state are
+    those of the int64 draw (tested); on CUDA too, by PyTorch's kernels, except for draws past
+    2³¹ bytes as int64, which CUDA splits at other points (other signs, as random)."""
     out = []
     for p in params:
         signs = torch.randint(0, 2, (n, *p.shape), generator=generator, device=generator.device, dtype=p.dtype)

@@ -121,12 +121,17 @@ class PerturbedLoss:
         points = {} if out is None else out
         for k in self.names:
             s = scale if shape is None else scale * shape.get(k, 1.0)
-            if out is None and torch.promote_types(base[k].dtype, directions[k].dtype) != directions[k].dtype:
-                points[k] = base[k].unsqueeze(0) + s * directions[k]
+            d = directions[k]
+            if torch.promote_types(base[k].dtype, d.dtype) != d.dtype:
+                points[k] = base[k].unsqueeze(0) + s * d
                 continue
             # s · direction, then + base, in the points' own storage: the bits of the expression
-            # above without its temporary (one set of parameters less at the peak)
-            points[k] = torch.mul(directions[k], s, out=out[k] if out is not None else None).add_(base[k].unsqueeze(0))
+            # above without its temporary (one set of parameters less at the peak). The operands
+            # in the expression's order: a tensor scale first, as ``s * d`` calls it (a number
+            # is its second operand), which half-precision directions round differently
+            target = out[k] if out is not None else None
+            product = torch.mul(s, d, out=target) if isinstance(s, Tensor) else torch.mul(d, s, out=target)
+            points[k] = product.add_(base[k].unsqueeze(0))
         return points
 
 
