@@ -376,16 +376,25 @@ def test_writable_in_place_leaves_shared_and_expanded_results_alone():
     assert ga.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr() and 0 in gc.stride()
     assert writable_in_place([ga, gb, gc, gd]) == [False, False, False, True]
     assert writable_in_place([torch.zeros(1, 4).expand(1, 4), torch.zeros(4, 1).expand(4, 1)]) == [True, True]
+    # disjoint views of one buffer (reduce_all's output under DDP) are each writable; overlapping
+    # ones (by one element, or one inside another) are not, and neither is what they overlap
+    buf = torch.zeros(30)
+    assert writable_in_place([buf[:5], buf[5:12].view(7, 1), buf[12:20]]) == [True, True, True]
+    assert writable_in_place([buf[:6], buf[5:9], buf[9:12]]) == [False, False, True]
+    assert writable_in_place([buf[20:30], buf[:10], buf[22:24], buf[25:27]]) == [False, True, False, False]
 
 
-@pytest.mark.parametrize("method", ["reverse", "forward"])
-def test_power_iteration_with_shared_and_expanded_products(monkeypatch, method):
+@pytest.mark.parametrize("method,reduce", [("reverse", None), ("forward", None), ("reverse", "views")])
+def test_power_iteration_with_shared_and_expanded_products(monkeypatch, method, reduce):
     """The in-place normalization divides each storage once and writes no expanded view: the
     eigenvalue, residual and vector equal the out-of-place iteration's bit for bit (a shared
-    product divided twice gave 8.38 for 12.45 and called it converged; an expanded one raised)."""
+    product divided twice gave 8.38 for 12.45 and called it converged; an expanded one raised).
+    ``views``: products returned as views of one buffer, as ``reduce_all`` returns them under DDP
+    (an identity reduction here)."""
     import genbounds.estimators.hessian_eigenvalue as he
 
-    op = LossHessian(_SharedAndExpanded(), _shared_loss, _shared_batch(), method=method)
+    op = LossHessian(_SharedAndExpanded(), _shared_loss, _shared_batch(), method=method,
+                     reduce=(lambda flat: flat) if reduce == "views" else None)
     got = top_eigenvalue(op, gen(0), tol=1e-10, max_iter=500)
     original = he._normalized
     monkeypatch.setattr(he, "_normalized", lambda v, in_place=False: original(v))

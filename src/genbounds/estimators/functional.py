@@ -398,12 +398,25 @@ def row_dot64(a: Tensor, b: Tensor) -> Tensor:
 
 def writable_in_place(tensors: list[Tensor] | tuple[Tensor, ...]) -> list[bool]:
     """Per tensor of a fresh result list (gradients, Hessian-vector products), whether an in-place
-    op may write it: no other entry shares its storage — autograd hands two parameters one
-    gradient tensor when the loss reads their sum — and no element is reached twice (an expanded
-    view, stride 0: the gradient of a parameter the loss reads through ``.sum()``)."""
-    ptrs = [t.untyped_storage().data_ptr() for t in tensors]
-    return [ptrs.count(p) == 1 and all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape))
-            for t, p in zip(tensors, ptrs)]
+    op may write it: no other entry reaches its memory — autograd hands two parameters one
+    gradient tensor when the loss reads their sum; disjoint views of one buffer (``reduce_all``'s
+    output under DDP) are each writable — and no element is reached twice (an expanded view,
+    stride 0: the gradient of a parameter the loss reads through ``.sum()``)."""
+    spans = []  # (storage, first byte, byte past the last) of each tensor's elements
+    for i, t in enumerate(tensors):
+        size = t.element_size()
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else -1
+        first = t.storage_offset()
+        spans.append((t.untyped_storage().data_ptr(), first * size, (first + last + 1) * size, i))
+    ok = [all(st != 0 or n == 1 for st, n in zip(t.stride(), t.shape)) for t in tensors]
+    spans.sort()
+    reach: tuple[int, int, int] | None = None  # (storage, furthest end so far, its tensor)
+    for ptr, start, end, i in spans:
+        if reach is not None and reach[0] == ptr and start < reach[1]:
+            ok[i] = ok[reach[2]] = False  # overlaps an entry that starts earlier (or at the same byte)
+        if reach is None or reach[0] != ptr or end > reach[1]:
+            reach = (ptr, end, i)
+    return ok
 
 
 def dot(a: list[Tensor] | tuple[Tensor, ...], b: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
