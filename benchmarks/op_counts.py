@@ -135,14 +135,20 @@ def cuda_paths() -> Iterator[None]:
         n = len(tensors)
         return functional._foreach_sq_norms64(tensors), ((0,) * n, tuple(range(n)))  # (per_tensor_sq_norms off the CPU)
 
-    saved = (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces)
+    def no_ring(self: Any, b: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.lent = None  # (the row ring lends the CPU only: each step read at once)
+
+    from genbounds.callbacks.dispersion import row_ring
+
+    saved = (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces, row_ring.RowRing.lend)
     ghost_conv._conv_patch_gram = functools.partial(saved[0], windowed=True)
     ghost_conv._Scratch.get = fresh
     gd.squared_pieces = per_tensor
+    row_ring.RowRing.lend = no_ring
     try:
         yield
     finally:
-        ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces = saved
+        ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces, row_ring.RowRing.lend = saved
 
 
 def main() -> None:

@@ -231,3 +231,21 @@ def benchmark_module(name: str) -> ModuleType:
         return module
     finally:
         sys.path.remove(BENCHMARKS)
+
+
+def linear_mix(d_in: int, hidden: int, d_mid: int, d_out: int, with_norm_layer: bool) -> nn.Sequential:
+    """Three Linear layers — the second without a bias, the third's weight frozen (bias only) —
+    and a LayerNorm with a non-trivial affine after them when asked: the cases the ghost hooks'
+    Linear rows made at the read must cover (each kind of bias column, and the mask of a model
+    whose other hooked layers write their own rows)."""
+    layers: list[nn.Module] = [nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, d_mid, bias=False), nn.Tanh(),
+                               nn.Linear(d_mid, d_out)]
+    if with_norm_layer:
+        norm = nn.LayerNorm(d_out)
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+        layers.append(norm)
+    model = nn.Sequential(*layers)
+    model[4].weight.requires_grad_(False)
+    return model

@@ -1040,3 +1040,35 @@ def test_an_output_without_autograd_node_fails_closed():
     with pytest.raises(RuntimeError, match="no autograd node"):
         hooks.read(4)
     hooks.detach()
+
+
+@pytest.mark.parametrize("with_norm_layer", [False, True])
+def test_linear_rows_made_at_the_read_equal_the_per_layer_route(with_norm_layer, monkeypatch):
+    """A 2-D Linear's rows are made at the read from its two row norms (goodfellow_rows: every
+    such layer at once; with another kind hooked too, only their rows): the same values as the
+    per-layer route that squares and combines them in the backward, to fp32 rounding, for a layer
+    with a bias, one without and one whose weight is frozen (bias only); and exact against
+    per-sample gradients in float64."""
+    from genbounds.estimators.ghost_norms import hooks as ghost_hooks
+    from genbounds.estimators.ghost_norms import linear as ghost_linear
+
+    from helpers import linear_mix
+
+    def build() -> nn.Module:
+        torch.manual_seed(3)
+        return linear_mix(9, 12, 7, 5, with_norm_layer)
+
+    made = []
+    real_rows = ghost_hooks.goodfellow_rows
+    monkeypatch.setattr(ghost_hooks, "goodfellow_rows", lambda *a, **k: made.append(k.get("out")) or real_rows(*a, **k))
+    x, t = torch.randn(8, 9), torch.randn(8, 5)
+    deferred = measure(build(), x, t)
+    assert len(made) == 1 and (made[0] is None) == with_norm_layer  # one call; into the rows when all are Linear
+    monkeypatch.setattr(ghost_linear._LinearKind, "defers_rows", False)
+    per_layer = measure(build(), x, t)
+    assert len(made) == 1
+    for name, want in per_layer.per_group.items():
+        torch.testing.assert_close(deferred.per_group[name], want, rtol=2e-6, atol=0)
+    monkeypatch.setattr(ghost_linear._LinearKind, "defers_rows", True)
+    check(build(), torch.randn(8, 9))  # float64: against vmap(grad)
+    assert len(made) == 2

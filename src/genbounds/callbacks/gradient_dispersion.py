@@ -36,8 +36,12 @@ from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 OWNER = "GradientDispersion"
 _MEASURED_STEP_HOOKS = ("on_before_backward", "on_after_backward", "on_before_optimizer_step")
 """Its per-step hooks with work only on a measured step (set aside on the others: hook_clock.HooksAside)."""
-_READ_LATE = ("on_after_backward",)
-"""Set aside on a measured step whose backward's norms are read at the optimizer step instead."""
+_READ_LATE = ("on_before_backward", "on_after_backward")
+"""Set aside on a measured step whose backward's norms are read at the optimizer step instead
+(ghost hooks alone: they count the backward themselves, ``SharedHooks.backward_count``)."""
+_READ_LATE_QUIET = _READ_LATE + ("on_train_batch_end",)
+"""… and on such a step that writes nothing to the loggers: its hook time is charged at the
+optimizer step, where the forward hook also goes (``NormHooksBackend.end_batch``)."""
 
 Backend = Literal["auto", "hooks", "backpack", "functorch", "microbatch"]
 BACKENDS = ("auto", "hooks", "backpack", "functorch", "microbatch")
@@ -236,7 +240,9 @@ class GradientDispersion(MeasurementCallback):
         # backward's norms can wait for the optimizer step (one Lightning hook fewer a step; not
         # where the after-backward hook cannot be set aside: a subclass's own, an older Lightning)
         self._late_ok = (self._accumulate == 1 and pl_module.automatic_optimization and trainer.world_size == 1
-                         and self._groups_partition and set(_READ_LATE) <= set(self._aside.names))
+                         and self._groups_partition and "on_after_backward" in self._aside.names)
+        if self._late_ok and self.impl is not None:
+            self.impl.use_row_ring(self.step_log, self._row_names)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -249,7 +255,7 @@ class GradientDispersion(MeasurementCallback):
             extras["grads"] = grads
         m = batch_size(self._batch) if self._batch is not None else 0
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
-                           extras, self._groups_partition)
+                           extras, self._groups_partition, self._step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         assert self.impl is not None
@@ -265,8 +271,10 @@ class GradientDispersion(MeasurementCallback):
             # where it writes measured values to the loggers; hook_clock.HooksAside); one it reads
             # at the optimizer step: not its after-backward hook
             if self._aside is not None:  # (None: every one that can be)
-                self._aside.set_aside((_READ_LATE if self._late else ()) if self._measuring else
-                                      _MEASURED_STEP_HOOKS if len(self.step_log) and is_log_step(trainer) else None)
+                log_step = is_log_step(trainer)
+                self._aside.set_aside(((_READ_LATE if log_step else _READ_LATE_QUIET) if self._late else ())
+                                      if self._measuring else
+                                      _MEASURED_STEP_HOOKS if len(self.step_log) and log_step else None)
         if self._measuring:
             self._batch = batch
             self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
@@ -302,6 +310,8 @@ class GradientDispersion(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self.impl is None:
             return
+        if self._late:  # (its batch end may be set aside: _READ_LATE_QUIET)
+            self.step_budget.charge(self.impl.hook_seconds())
         ctx = self._context(trainer, pl_module) if self._late and self._batch is not None else None
         if ctx is not None:  # (its on_after_backward was set aside: _READ_LATE)
             self._take_backward(trainer, pl_module, ctx)
@@ -312,6 +322,10 @@ class GradientDispersion(MeasurementCallback):
         grads, self._manual_grads = self._manual_grads, None
         result = self.impl.end_window(ctx if ctx is not None else self._context(trainer, pl_module, grads), window)
         if result is None:
+            return
+        if result.kept:  # (recorded by the backend's row ring: dispersion/row_ring.py)
+            self.measured_steps += 1
+            self.step_budget.measured(trainer)
             return
         values = result.values(trainer, self._groups, self._groups_partition)
         if values is None:

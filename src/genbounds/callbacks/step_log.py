@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -70,6 +71,15 @@ def is_log_step(trainer: Trainer) -> bool:
     return bool(every) and ((logger_step(trainer) + 1) % every == 0 or trainer.should_stop)
 
 
+class PendingRows(Protocol):
+    """Records kept unmade on the device (the dispersion's row ring, ``dispersion/row_ring.py``)."""
+
+    def pending_count(self) -> int: ...
+
+    def drain(self) -> None:
+        """Make the pending records and hand them to the log (:meth:`StepLog.record_rows`)."""
+
+
 class StepLog:
     """Device-side buffer of per-step scalar records (see the module docstring)."""
 
@@ -90,6 +100,7 @@ class StepLog:
         self._buffer: Tensor | None = None
         self._rows: tuple[Tensor, ...] = ()  # the buffer's rows as views, made once per buffer
         self._listeners: list[Listener] = []
+        self._sources: list[PendingRows] = []
         self.skipped_steps: list[int] = []
         self.skipped_count = 0
         self._warned = False
@@ -118,10 +129,27 @@ class StepLog:
         if listener not in self._listeners:
             self._listeners.append(listener)
 
+    def add_source(self, source: PendingRows) -> None:
+        """Records that ``source`` keeps unmade (:class:`PendingRows`): counted as pending, and
+        made into this log's records before any later record and before each flush."""
+        if source not in self._sources:
+            self._sources.append(source)
+
+    def remove_source(self, source: PendingRows) -> None:
+        if source in self._sources:
+            self._sources.remove(source)
+
+    def _take_sources(self) -> None:
+        for source in self._sources:
+            if source.pending_count():
+                source.drain()
+
     def record(self, step: int, values: dict[str, Tensor | float]) -> None:
         """Buffer one record (0-d tensors on the module's device, or numbers); no host sync."""
         if not values:
             return
+        if self._sources:
+            self._take_sources()
         names = tuple(values)
         buf, used = self._buffer, len(self._pending)
         if buf is not None and used:
@@ -141,15 +169,31 @@ class StepLog:
     def record_row(self, step: int, names: tuple[str, ...], row: Tensor) -> None:
         """Buffer one record given as a 1-d tensor of ``len(names)`` values (one copy; the
         per-step path of :class:`GradientDispersion`, which computes its values as one vector)."""
+        if self._sources:
+            self._take_sources()
         used = len(self._pending)
         if self._buffer is not None and used and row.device != self._buffer.device:
             row = row.to(self._buffer.device)
         self._store(step, names, row, used)
 
-    def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int) -> None:
+    def record_rows(self, steps: list[int], names: tuple[str, ...], rows: Tensor) -> None:
+        """Buffer ``len(steps)`` records given as the rows of ``rows`` (``[k, len(names)]``; one
+        copy for all: a :class:`PendingRows` source's)."""
+        used = len(self._pending)
+        if self._buffer is not None and used and rows.device != self._buffer.device:
+            rows = rows.to(self._buffer.device)
+        self._store(steps[0], names, rows[0], used, more=len(steps))
+        k = len(steps)
+        if k > 1:
+            buf = self._buffer
+            assert buf is not None
+            buf[used + 1:used + k, :len(names)].copy_(rows[1:].detach())
+            self._pending.extend((step, names, used + j) for j, step in enumerate(steps[1:], 1))
+
+    def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int, more: int = 1) -> None:
         buf, device = self._buffer, row.device
-        if buf is None or buf.device != device or buf.shape[1] < len(names) or used >= buf.shape[0]:
-            rows = max(64, 2 * used)
+        if buf is None or buf.device != device or buf.shape[1] < len(names) or used + more > buf.shape[0]:
+            rows = max(64, 2 * (used + more))
             width = max(len(names), buf.shape[1] if buf is not None else 0)
             grown = torch.full((rows, width), math.nan, dtype=torch.float64, device=device)
             if used:
@@ -163,7 +207,7 @@ class StepLog:
         self._pending.append((step, names, used))
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + sum(source.pending_count() for source in self._sources)
 
     def clear(self) -> None:
         self._pending.clear()
@@ -179,6 +223,8 @@ class StepLog:
         the epoch-level hooks, which Lightning lets log only ``on_epoch``); from others
         (``on_train_end``) only the loggers are written.
         """
+        if self._sources:
+            self._take_sources()
         if not self._pending:
             return []
         pending, self._pending = self._pending, []

@@ -174,7 +174,8 @@ def per_tensor_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
 
 Layout = tuple[tuple[int, ...], tuple[int, ...]]
 """Where :func:`squared_pieces` put each tensor's pieces: ``(full, rest)``, ``full[i]`` pieces of
-tensor ``i`` in tensor order, then one piece of each tensor listed in ``rest``."""
+tensor ``i`` in tensor order, then one piece per entry of ``rest`` (a tensor index, repeated for
+a tensor of several pieces)."""
 
 
 def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = False) -> tuple[Tensor, Layout]:
@@ -182,11 +183,12 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     (:func:`piece_owner`) they are each tensor's squared norm.
 
     On the CPU with fp32 tensors: fp32 norms of pieces of 1,024 elements (no float64 copy;
-    relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`) — one view and one norm
-    per tensor of a multiple of 1,024 elements; the tensors (and remainders) under 1,024
-    elements in one multi-tensor norm — then one concatenation and one float64 square: about
-    ``2·(large tensors) + 5`` ops (each a few µs inside a training step; it was five per tensor).
-    Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
+    relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`). A tensor of at least
+    ``32 × 1,024`` elements is one view and one norm (its remainder, if any, gathered as below);
+    every smaller tensor is copied, zero-padded to whole pieces, into one buffer (one multi-tensor
+    copy) whose pieces' norms are one op — 4.4 against 10.3 µs (hot) for the MLP's last layer and
+    three biases, which took a norm of their own and a multi-tensor norm with a stack. Then one
+    float64 square. Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
 
     ``reuse``: the norms are written into work buffers kept for the layout and the result is
     one of them, valid until the next call with ``reuse`` — two ops fewer (the concatenation, and
@@ -201,62 +203,108 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
         return per_tensor_sq_norms(tensors), ((0,) * len(tensors), tuple(range(len(tensors))))
     views: list[Tensor] = []
     full: list[int] = []
-    small: list[Tensor] = []
-    small_owner: list[int] = []
+    gathered: list[Tensor] = []  # (flat) copied into the padded buffer, in the order of ``rest``
+    rest: list[int] = []
     for i, t in enumerate(tensors):
         if t.requires_grad:
             t = t.detach()
         size = t.numel()
+        if size < _GATHER:
+            full.append(0)
+            if size:
+                gathered.append(t.reshape(-1))
+                rest.extend([i] * -(-size // _ROW))
+            continue
         k = size // _ROW
         full.append(k)
-        if not k:
-            small.append(t)
-            small_owner.append(i)
-            continue
         flat = t.view(k, _ROW) if size == k * _ROW and t.is_contiguous() else t.reshape(-1)
         if flat.dim() == 2:
             views.append(flat)
         else:
             views.append(flat[: k * _ROW].view(k, _ROW))
-            small.append(flat[k * _ROW:])
-            small_owner.append(i)
-    layout = (tuple(full), tuple(small_owner))
-    if reuse and all(t.is_contiguous() and (t.numel() % _ROW == 0 or t.numel() < _ROW) for t in tensors):
-        # the per-step path's common case (every tensor whole pieces or one small piece): kept as
-        # a plan, which later steps with the same shapes run without rebuilding any of this
+            if size > k * _ROW:
+                gathered.append(flat[k * _ROW:])
+                rest.append(i)
+    layout = (tuple(full), tuple(rest))
+    if reuse and all(t.is_contiguous() and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors):
+        # the per-step path's common case (every large tensor whole pieces): kept as a plan, which
+        # later steps with the same shapes run without rebuilding any of this
         _PIECE_PLAN[0] = _PiecePlan(tensors, layout)
         return _PIECE_PLAN[0].run(tensors)
     if not reuse:
         pieces = [torch.linalg.vector_norm(v, dim=1) for v in views]
-        if small:
-            pieces.append(torch.stack(torch._foreach_norm(small)))
+        if gathered:
+            pieces.append(torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1))
         return torch.cat(pieces).double().square_(), layout
-    norms, slots, rest, zeros, squares = _piece_buffers(layout)
+    norms, slots, rest_norms, zeros, squares = _piece_buffers(layout)
     for v, slot in zip(views, slots):
         torch.linalg.vector_norm(v, dim=1, out=slot)
-    if small:
-        torch.stack(torch._foreach_norm(small), out=rest)
+    if gathered:
+        torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1, out=rest_norms)
     # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
     return torch.addcmul(zeros, norms, norms, out=squares), layout
 
 
+_GATHER = 32 * _ROW
+"""Tensors of fewer elements are gathered into one zero-padded buffer of whole pieces
+(:func:`squared_pieces`)."""
+
+
+def _gather_slots(sizes: list[int], pieces: int, shapes: list[torch.Size] | None = None
+                  ) -> tuple[Tensor, list[Tensor]]:
+    """A zeroed ``[pieces, 1024]`` fp32 buffer and a view of it per tensor of ``sizes`` elements,
+    each starting at a piece (shaped as ``shapes`` when given, else flat): the padding stays zero."""
+    buffer = torch.zeros(pieces, _ROW, dtype=torch.float32)
+    flat = buffer.view(-1)
+    slots, start = [], 0
+    for j, size in enumerate(sizes):
+        slot = flat[start:start + size]
+        slots.append(slot.view(shapes[j]) if shapes is not None else slot)
+        start += -(-size // _ROW) * _ROW
+    return buffer, slots
+
+
+def _nograd(t: Tensor) -> Tensor:
+    return t.detach() if t.requires_grad else t  # (a detach is an op: only where needed)
+
+
+def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
+    if hasattr(torch, "_foreach_copy_"):
+        torch._foreach_copy_(dst, src)  # (one op)
+    else:  # pragma: no cover - torch < 2.1
+        for d, s_ in zip(dst, src):
+            d.copy_(s_)
+
+
+def _gather(flats: list[Tensor], pieces: int) -> Tensor:
+    """The flat tensors copied, zero-padded to whole pieces, into a new ``[pieces, 1024]`` buffer."""
+    buffer, slots = _gather_slots([t.numel() for t in flats], pieces)
+    _copy_all(slots, flats)
+    return buffer
+
+
 class _PiecePlan:
     """:func:`squared_pieces` with ``reuse`` for one list of shapes (fp32, CPU, contiguous; each
-    tensor a whole number of pieces or a single small piece): which tensors are split into
-    how many pieces, their slots in the kept buffers. Checking that a step's tensors fit and
-    running it takes a few µs of Python, where rebuilding the views, the layout and the buffers'
-    cache key took about 30 (measured in the MLP benchmark's step); the ops and the values are
-    those of the general path."""
+    large tensor a whole number of pieces): which tensors are split into how many pieces, their
+    slots in the kept buffers, the kept zero-padded buffer the small ones are copied into.
+    Checking that a step's tensors fit and running it takes a few µs of Python, where rebuilding
+    the views, the layout and the buffers' cache key took about 30 (measured in the MLP
+    benchmark's step); the ops and the values are those of the general path."""
 
-    __slots__ = ("shapes", "layout", "split", "small", "rest", "norms", "zeros", "squares")
+    __slots__ = ("shapes", "layout", "split", "gathered", "gather_buffer", "gather_slots", "rest", "norms",
+                 "zeros", "squares")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
         self.layout = layout
         norms, slots, self.rest, self.zeros, self.squares = _piece_buffers(layout)
         self.norms = norms
-        full, self.small = layout
+        full, rest = layout
         self.split = tuple((i, k, slot) for (i, k), slot in zip(((i, k) for i, k in enumerate(full) if k), slots))
+        self.gathered = tuple(dict.fromkeys(rest))  # (each small tensor once, in order)
+        self.gather_buffer, gather_slots = _gather_slots([tensors[i].numel() for i in self.gathered], len(rest),
+                                                         [tensors[i].shape for i in self.gathered])
+        self.gather_slots = gather_slots
 
     def fits(self, tensors: list[Tensor]) -> bool:
         if len(tensors) != len(self.shapes):
@@ -267,18 +315,50 @@ class _PiecePlan:
         return True
 
     def run(self, tensors: list[Tensor]) -> tuple[Tensor, Layout]:
-        for i, k, slot in self.split:
-            t = tensors[i]
-            torch.linalg.vector_norm((t.detach() if t.requires_grad else t).view(k, _ROW), dim=1, out=slot)
-        if self.small:
-            small = [tensors[i] for i in self.small]
-            torch.stack(torch._foreach_norm([t.detach() if t.requires_grad else t for t in small]), out=self.rest)
+        self.norms_into(tensors, tuple(slot for _, _, slot in self.split), self.rest)
         # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
         return torch.addcmul(self.zeros, self.norms, self.norms, out=self.squares), self.layout
+
+    def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor) -> None:
+        """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
+        this plan's own buffers, or a row of a caller's (:meth:`views_of`) that keeps several
+        steps' norms and squares them at once."""
+        for (i, k, _), slot in zip(self.split, slots):
+            torch.linalg.vector_norm(_nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
+        if self.gathered:
+            # (detached: a copy of a tensor that requires gradient would record into the buffer)
+            _copy_all(self.gather_slots, [_nograd(tensors[i]) for i in self.gathered])
+            torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
+
+    @property
+    def pieces(self) -> int:
+        return int(self.norms.shape[0])
+
+    def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+        """``row`` (fp32 ``[pieces]``) split as this plan's own norms: for :meth:`norms_into`."""
+        slots, start = [], 0
+        for _, k, _ in self.split:
+            slots.append(row[start:start + k])
+            start += k
+        return tuple(slots), row[start:]
 
 
 _PIECE_PLAN: list[_PiecePlan | None] = [None]
 """The last plan of :func:`squared_pieces` with ``reuse`` (its buffers: one layout's)."""
+
+
+def piece_plan(tensors: list[Tensor]) -> _PiecePlan | None:
+    """The kept plan of :func:`squared_pieces` with ``reuse`` for these tensors' shapes (made if
+    they allow one: fp32 on the CPU, contiguous, each large tensor whole pieces), else ``None``."""
+    plan = _PIECE_PLAN[0]
+    if plan is not None and plan.fits(tensors):
+        return plan
+    if not tensors or not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                              and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors):
+        return None
+    squared_pieces(tensors, reuse=True)  # (makes the plan)
+    plan = _PIECE_PLAN[0]
+    return plan if plan is not None and plan.fits(tensors) else None
 
 
 @functools.lru_cache(maxsize=8)

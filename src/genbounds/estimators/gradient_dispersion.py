@@ -280,6 +280,22 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     return torch.addmv(base, on_modules, module_sums, alpha=float(scale) ** 2)
 
 
+def hook_dispersion_rows(module_sums: Tensor, module_groups: tuple[tuple[int, ...], ...], scale: float,
+                         piece_norms: Tensor, layout: Layout, groups: list[list[int]], b: int) -> Tensor:
+    """:func:`hook_dispersion_row` for ``k`` steps at once (``[k, 3 + K]``): ``module_sums``
+    ``[k, modules]`` float64 as there, ``piece_norms`` ``[k, pieces]`` the fp32 norms of the
+    gradient's pieces (``layout`` of :func:`~genbounds.estimators.functional.squared_pieces`),
+    squared here in float64; every step of the same batch size ``b ≥ 2`` and loss ``scale``.
+    Four ops for the ``k`` steps where each step took five of its own; the same values up to the
+    order of the float64 sums (a matrix product instead of matrix-vector products)."""
+    if b < 2:
+        raise ValueError(f"the dispersion needs at least two samples, got {b}")
+    on_modules, on_pieces = _hook_row_maps(module_sums.shape[1], module_groups, groups_key(groups), layout, int(b),
+                                           module_sums.device)
+    squares = piece_norms.double().square_()  # (fp32 norms squared exactly in float64)
+    return torch.addmm(squares @ on_pieces.t(), module_sums, on_modules.t(), alpha=float(scale) ** 2)
+
+
 _LAST_ROW_MAPS: list[tuple | None] = [None]
 """The last step's maps of :func:`hook_dispersion_row`, with the objects they were made for
 (``groups`` a list: compared by identity, as the callback passes the same list every step)."""

@@ -37,6 +37,8 @@ class StepContext:
     extras: dict[str, Any] = field(default_factory=dict)
     groups_partition: bool = False
     """Whether ``groups`` partition ``params`` (every parameter in exactly one group)."""
+    step: int = -1
+    """The logger step the callback records this step's values at."""
 
 
 def _detached(t: Tensor) -> Tensor:
@@ -78,6 +80,8 @@ class WindowResult:
     row: Tensor | None = None
     """The logged ``[3 + K]`` row (:func:`~genbounds.estimators.gradient_dispersion.dispersion_row`'s
     order), when the backend computed it in one pass (then ``moments`` may be ``None``)."""
+    kept: bool = False
+    """The row waits in a row ring, which hands it to the step log (nothing to record now)."""
 
     def values(self, trainer: Trainer, groups: list[list[int]], groups_partition: bool
                ) -> Tensor | DispersionEstimate | None:
@@ -116,6 +120,11 @@ class DispersionBackend:
 
     def start_window(self, measuring: bool) -> None:
         """At the first micro-batch of every optimizer step."""
+
+    def use_row_ring(self, step_log: Any, names: tuple[str, ...]) -> None:
+        """Once, when every measured step is read at the optimizer step on the raw path: the
+        backend may keep those steps' raw values and hand their rows to ``step_log`` under
+        ``names`` later (``dispersion/row_ring.py``); by default each step's row is returned."""
 
     def before_forward(self, ctx: StepContext) -> None:
         """At a measured micro-batch, before its forward."""

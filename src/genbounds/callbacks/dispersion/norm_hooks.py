@@ -24,7 +24,7 @@ per-sample gradients — documented as an approximation.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import LightningModule
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from genbounds.callbacks.dispersion.accumulation import GradientDeltas
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
+from genbounds.callbacks.dispersion.row_ring import RowRing
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
@@ -42,17 +43,23 @@ from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors,
 from genbounds.estimators.ghost_norms import GhostNormHooks, times_scale_sq_, declared_batch_dims
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums, hook_dispersion_row
 
+if TYPE_CHECKING:
+    from genbounds.callbacks.step_log import StepLog
+
 
 @dataclass
 class HookSums:
     """One batch's per-sample squared norms as the hooks left them: ``Σ_i ‖g_{i,j}‖² / scale²``
     per hooked module ``j`` (``names``), for :func:`~genbounds.estimators.gradient_dispersion.hook_dispersion_row`
-    at the optimizer step (one backward per window, one process)."""
+    at the optimizer step (one backward per window, one process) — or, ``sums`` ``None``, still in
+    the buffers a :class:`~genbounds.callbacks.dispersion.row_ring.RowRing` lent the hooks, with the
+    Linear rows that wait to be made (``deferred``)."""
 
-    sums: Tensor
+    sums: Tensor | None
     names: tuple[str, ...]
     scale: Tensor | float
     batch: int
+    deferred: tuple = ()
 
 
 class SharedHooks:
@@ -69,7 +76,7 @@ class SharedHooks:
         self.verdict: tuple[int, str | None] | None = None
         """The exactness check's result, with the ``id`` of the fit it was taken in (one check a
         fit, however many callbacks share these hooks)."""
-        self.backward_count = 0
+        self._backpack_backwards = 0
         self.in_backward = False
 
     @staticmethod
@@ -86,6 +93,9 @@ class SharedHooks:
             self.ghost.unhook()
 
     def arm(self, owner: int, batch: Any = None) -> None:
+        # a new step: the last read is not this step's (a backward that reaches no recorded call
+        # leaves the ghost hooks' count where it was, and must not find the last step's values)
+        self.cache = None
         if self.owners and self.ghost is not None and self.ghost.armed:
             # armed since an earlier step (kept armed between consecutive measured steps): drop
             # whatever a forward outside the training step recorded since the last read
@@ -101,22 +111,35 @@ class SharedHooks:
             # layers find their batch dimension by the batch size
             self.ghost.arm(batch_size(batch) if self.ghost.sequence_first and batch is not None else None)
 
+    @property
+    def backward_count(self) -> int:
+        """Backwards seen: counted by the ghost hooks themselves (a backward that reached a
+        recorded call) and, with BackPACK layers, by :meth:`before_backward`."""
+        return self._backpack_backwards + (self.ghost.backwards if self.ghost is not None else 0)
+
     def before_backward(self) -> None:
-        if not self.in_backward:
+        if self.backpack is not None and not self.in_backward:
             self.in_backward = True
-            self.backward_count += 1
-            if self.backpack is not None and self.backpack.attached:
+            self._backpack_backwards += 1
+            if self.backpack.attached:
                 self.backpack.enter_backward()
 
-    def read(self) -> tuple[Tensor, tuple[str, ...]] | None:
-        """``(Σ_i ‖g_i‖² per hooked module [n] float64, the modules' names)`` of the last backward,
-        for a loss of scale 1 (times ``scale²`` for the batch's; shared: not to be modified)."""
+    def read(self) -> tuple[Tensor | None, tuple[str, ...], tuple] | None:
+        """``(Σ_i ‖g_i‖² per hooked module [n] float64, the modules' names, ())`` of the last
+        backward, for a loss of scale 1 (times ``scale²`` for the batch's; shared: not to be
+        modified); ``(None, names, deferred)`` when the ghost hooks wrote into a row ring's lent
+        buffers (``GhostNormHooks.read_parts``: its owner makes the sums)."""
         if self.cache is not None and self.cache[0] == self.backward_count:
             return self.cache[1]
         self.in_backward = False
         parts: list[Tensor] = []
         names: tuple[str, ...] = ()
         if self.ghost is not None:
+            if self.ghost.step_buffers is not None and self.backpack is None:
+                got = self.ghost.read_parts()
+                result = None if got is None else (got[0], self.ghost.module_names, got[1])
+                self.cache = (self.backward_count, result)
+                return result
             sums = self.ghost.read_sums()
             if sums is None:
                 self.cache = (self.backward_count, None)
@@ -137,7 +160,7 @@ class SharedHooks:
         if not parts:
             self.cache = (self.backward_count, None)
             return None
-        result: tuple[Tensor, tuple[str, ...]] = (parts[0] if len(parts) == 1 else torch.cat(parts), names)
+        result = (parts[0] if len(parts) == 1 else torch.cat(parts), names, ())
         self.cache = (self.backward_count, result)
         return result
 
@@ -200,6 +223,8 @@ class NormHooksBackend(DispersionBackend):
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
         self._backwards_at_forward = -1
+        self.ring: RowRing | None = None
+        self._ring_for: tuple | None = None  # (step log, names) of use_row_ring
 
     def attach(self, module: LightningModule) -> None:
         self.shared = SharedHooks.for_module(module, self.ghost_modules, self.backpack_modules)
@@ -216,10 +241,22 @@ class NormHooksBackend(DispersionBackend):
         it: ghost hooks only (BackPACK's leave the backward at the read)."""
         return self.shared is not None and self.shared.backpack is None
 
+    def use_row_ring(self, step_log: StepLog, names: tuple[str, ...]) -> None:
+        """Keep the raw values of steps read at the optimizer step (one backward a step, one
+        process, groups that partition the parameters) in a :class:`RowRing` whose rows go to
+        ``step_log`` under ``names`` (made when the ring is first needed: ghost hooks alone)."""
+        self._ring_for = (step_log, names)
+
     def before_forward(self, ctx: StepContext) -> None:
         assert self.shared is not None
         self.shared.arm(id(self), ctx.batch)
         self._backwards_at_forward = self.shared.backward_count
+        ghost = self.shared.ghost
+        if ghost is not None:
+            if self._ring_for is not None and self.ring is None and self.shared.backpack is None:
+                self.ring = RowRing(ghost, *self._ring_for)
+            # one owner only (callbacks sharing the hooks read them at once)
+            ghost.step_buffers = self.ring.lend if self.ring is not None and len(self.shared.owners) == 1 else None
 
     def before_backward(self, ctx: StepContext) -> None:
         assert self.shared is not None
@@ -233,8 +270,11 @@ class NormHooksBackend(DispersionBackend):
         # stay raw until end_window folds them into the row (hook_dispersion_row)
         raw = (ctx.accumulate == 1 and ctx.module.automatic_optimization and ctx.trainer.world_size == 1
                and ctx.groups_partition)
-        if self.shared.backward_count == self._backwards_at_forward:
-            return None  # no backward since the forward (read at the optimizer step: a step without one)
+        if self.shared.backward_count == self._backwards_at_forward and all(p.grad is None for p in ctx.params):
+            # no backward since the forward (read at the optimizer step: a step without one). The
+            # ghost hooks count a backward that reached a recorded call; one that reached none but
+            # left gradients (weights used outside their modules' calls) is read below, and fails
+            return None
         try:
             read = self.shared.read()  # (unscaled: callbacks sharing the hooks read the same values)
         except RuntimeError as err:
@@ -250,9 +290,10 @@ class NormHooksBackend(DispersionBackend):
             rank_zero_warn("GradientDispersion(backend='hooks'): a hooked layer received no gradient in this step "
                            "(a layer unused in this step?); switching to an extra-pass backend.")
             return None
-        sums, names = read
+        sums, names, deferred = read
         if raw:
-            return HookSums(sums, names, scale, m)
+            return HookSums(sums, names, scale, m, deferred)
+        assert sums is not None  # (buffers are lent on the raw path only: use_row_ring)
         # Σ_i ‖g_{i,k}‖² per group k and their total: one matrix-vector product (cached matrix)
         per_group = times_scale_sq_(self._group_matrix(names, sums.device) @ sums, scale)
         if ctx.accumulate >= 2 and ctx.trainer.world_size == 1:
@@ -277,9 +318,17 @@ class NormHooksBackend(DispersionBackend):
         if window is None:
             return None
         if isinstance(window, HookSums):
+            sums = window.sums
+            if sums is None:  # in the ring's lent buffers: kept there, or its sums made now
+                assert self.ring is not None
+                if window.batch >= 2 and self.ring.keep(ctx.step, window.deferred, window.scale, window.batch,
+                                                        ctx.extras["grads"], self._module_groups(window.names),
+                                                        ctx.groups):
+                    return WindowResult(None, kept=True)
+                sums = self.ring.sums_now(window.deferred)
             if window.batch < 2:
                 return None  # a one-sample batch has no spread to measure (e.g. a last batch of size 1)
-            row = hook_dispersion_row(window.sums, self._module_groups(window.names), window.scale,
+            row = hook_dispersion_row(sums, self._module_groups(window.names), window.scale,
                                       ctx.extras["grads"], ctx.groups, window.batch)
             return WindowResult(None, row=row)
         if self._accumulated is not None:
@@ -332,5 +381,8 @@ class NormHooksBackend(DispersionBackend):
         return spent
 
     def detach(self) -> None:
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
         if self.shared is not None:
             self.shared.detach()

@@ -26,6 +26,8 @@ from genbounds.estimators.ghost_norms.base import (
 
 
 class _LinearKind(_Kind):
+    defers_rows = True
+
     def check(self, module, x):
         if not isinstance(x, Tensor) or x.dim() < 2:
             return "unbatched input (the batch must be dimension 0)"
@@ -79,6 +81,25 @@ class _LinearKind(_Kind):
         return 3
 
 
+def goodfellow_row_norms(x: Tensor | None, g: Tensor, g_out: Tensor, a_out: Tensor) -> None:
+    """A 2-D call's row norms ``‖δ_i‖`` (of the output gradient ``g``) and ``‖a_i‖`` (of the input
+    ``x``; zeros for a frozen weight, ``x`` ``None``) written into ``g_out`` and ``a_out``: the
+    Goodfellow factors, squared and combined for all layers at once by :func:`goodfellow_rows`
+    (two ops a layer in the backward where squaring and combining there took five)."""
+    torch.linalg.vector_norm(g, dim=1, out=g_out)
+    if x is not None:
+        torch.linalg.vector_norm(x, dim=1, out=a_out)
+    else:
+        a_out.zero_()
+
+
+def goodfellow_rows(g_norms: Tensor, a_norms: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """``‖∇_W ℓ_i‖² + ‖∇_c ℓ_i‖² = ‖δ_i‖² (‖a_i‖² + 1)`` per layer row from the row norms of
+    :func:`goodfellow_row_norms` (``[layers, b]`` each); ``bias`` (``[layers, 1]``) is 1 where the
+    layer's bias is trainable, else 0. Three ops for every layer together."""
+    return torch.addcmul(bias, a_norms, a_norms, out=out).mul_(g_norms).mul_(g_norms)
+
+
 def _linear_route(forced: str | None, T: int, d_in: int, d_out: int) -> str:
     """The route a Linear on ``T`` positions takes (and reports)."""
     m = _ghost_or_materialize(forced, T, d_in, d_out)
@@ -91,6 +112,8 @@ class _AttentionKind(_LinearKind):
     the autograd graph (:mod:`genbounds.estimators.ghost_attention`; recorded by
     ``GhostNormHooks._record_attention``, not by the Linear's ``check``); its
     ``out_proj``, when hooked, is a site of its own that the same forward hook records."""
+
+    defers_rows = False
 
     def method_for(self, module, input_shape, forced):
         return _linear_route(forced, ghost_attention.batch_and_length(module, input_shape)[1], module.embed_dim,
