@@ -12,10 +12,11 @@ ones (another batch size, loss scale, set of layers whose rows wait, gradient la
 Why: on the MLP benchmark a measured step spent more in the dispatch of its eight small read-out
 ops (the Linear rows squared and combined, their sums, the pieces squared, two matrix-vector
 products, the copy into the log) than in their arithmetic, each op paying ~10 µs in the cold
-caches of a training step; an in-process test that left them out of the step took it from
-1.111x to 1.100-1.104x plain, and GradientDispersion's measured step from 1.110-1.122x to
-1.094-1.098x (benchmarks/step_blocks.py; docs/results/overhead.md, the row ring). The values are the
-per-step path's up to the order of float64 sums (a matrix product instead of matrix-vector ones).
+caches of a training step. Measured in one process (blocks of measured steps with and without
+the ring, alternating) the ring took the step from 1.111x to 1.100-1.104x plain; with the other
+changes of its round, ``benchmarks/step_blocks.py`` went from 1.119x to 1.098-1.102x
+(docs/results/overhead.md, the row ring). The values are the per-step path's up to the order of
+float64 sums (a matrix product instead of matrix-vector ones).
 
 Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 parameters a step)
 of at most ``max_steps`` steps (16: a drain's fixed cost, ~150 µs on the MLP, spread over 16
