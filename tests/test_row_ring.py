@@ -260,3 +260,28 @@ def test_gradients_that_require_grad_leave_the_piece_plan_usable():
     for tensors in (graph, plain, graph):
         got, _ = squared_pieces(tensors, reuse=True)
         assert not got.requires_grad and torch.equal(got, want)
+
+
+def test_a_ring_closed_while_its_drain_fails_warns_and_stops_lending(monkeypatch):
+    """``close`` runs in ``on_exception`` too: a drain that fails there (out of memory, say) drops
+    the kept steps with one warning naming how many, instead of raising over the run's own error;
+    the hooks get their own buffers back and the step log loses its source."""
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    hooks = GhostNormHooks.for_model(net)
+    log = StepLog("t")
+    ring = row_ring.RowRing(hooks, log, ("a", "b", "c", "d", "e"))
+    hooks.step_buffers = ring.lend
+    grads = [torch.randn(30), torch.randn(5), torch.randn(15), torch.randn(3)]
+    groups = [[0, 1], [2, 3]]  # (the same object each step, as the callback's: else a new key)
+    for step in range(2):
+        assert ring.lend(8, torch.float32, torch.device("cpu")) is not None
+        assert ring.keep(step, (), 8.0, 8, grads, ((0,), (1,)), groups)
+    assert ring.pending_count() == 2
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(row_ring, "hook_dispersion_rows", boom)
+    with pytest.warns(UserWarning, match="rows of 2 measured step"):
+        ring.close()
+    assert hooks.step_buffers is None and len(log) == 0 and ring.pending_count() == 0

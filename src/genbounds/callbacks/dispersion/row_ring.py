@@ -32,6 +32,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from genbounds.estimators.functional import piece_plan
@@ -163,8 +164,17 @@ class RowRing:
         self.step_log.record_rows(steps, self.names, rows)
 
     def close(self) -> None:
-        """Make what is pending, stop lending and leave the step log."""
-        self.drain()
-        if self.ghost.step_buffers == self.lend:
-            self.ghost.step_buffers = None
-        self.step_log.remove_source(self)
+        """Make what is pending, stop lending and leave the step log. Called while a run fails
+        too (``on_exception``): a drain that fails then drops the kept steps with a warning
+        instead of raising over the run's own error."""
+        lost = len(self._steps)
+        try:
+            self.drain()
+        except Exception as err:  # noqa: BLE001 - cleanup; the records are reported as lost
+            self._steps = []
+            rank_zero_warn(f"GradientDispersion: the rows of {lost} measured step(s) kept by the hooks' row ring "
+                           f"could not be made ({type(err).__name__}: {err}); they are not logged.")
+        finally:
+            if self.ghost.step_buffers == self.lend:
+                self.ghost.step_buffers = None
+            self.step_log.remove_source(self)
