@@ -182,26 +182,27 @@ class StepLog:
         used = len(self._pending)
         if self._buffer is not None and used and rows.device != self._buffer.device:
             rows = rows.to(self._buffer.device)
-        self._store(steps[0], names, rows[0], used, more=len(steps))
-        k = len(steps)
-        if k > 1:
-            buf = self._buffer
-            assert buf is not None
-            buf[used + 1:used + k, :len(names)].copy_(rows[1:].detach())
-            self._pending.extend((step, names, used + j) for j, step in enumerate(steps[1:], 1))
+        buf = self._room(used, len(steps), len(names), rows.device)
+        buf[used:used + len(steps), :len(names)].copy_(rows.detach())
+        self._pending.extend((step, names, used + j) for j, step in enumerate(steps))
 
-    def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int, more: int = 1) -> None:
-        buf, device = self._buffer, row.device
-        if buf is None or buf.device != device or buf.shape[1] < len(names) or used + more > buf.shape[0]:
-            rows = max(64, 2 * (used + more))
-            width = max(len(names), buf.shape[1] if buf is not None else 0)
-            grown = torch.full((rows, width), math.nan, dtype=torch.float64, device=device)
+    def _room(self, used: int, more: int, width: int, device: torch.device) -> Tensor:
+        """The buffer, grown (by doubling, the ``used`` rows kept) when it cannot take ``more``
+        records of ``width`` values on ``device``."""
+        buf = self._buffer
+        if buf is None or buf.device != device or buf.shape[1] < width or used + more > buf.shape[0]:
+            width = max(width, buf.shape[1] if buf is not None else 0)
+            grown = torch.full((max(64, 2 * (used + more)), width), math.nan, dtype=torch.float64, device=device)
             if used:
                 grown[:used, :buf.shape[1]].copy_(buf[:used])
             self._buffer = buf = grown
             # its rows as views, made in one op: a record then costs one copy (a row taken by
             # indexing, and a detach, were two more ops a measured step: ~10 µs each in a step)
             self._rows = grown.unbind(0)
+        return buf
+
+    def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int) -> None:
+        buf = self._room(used, 1, len(names), row.device)
         dest = self._rows[used] if buf.shape[1] == len(names) else buf[used, :len(names)]
         dest.copy_(row.detach() if row.requires_grad else row)
         self._pending.append((step, names, used))

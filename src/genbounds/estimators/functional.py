@@ -226,7 +226,7 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
                 gathered.append(flat[k * _ROW:])
                 rest.append(i)
     layout = (tuple(full), tuple(rest))
-    if reuse and all(t.is_contiguous() and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors):
+    if reuse and _plannable(tensors):
         # the per-step path's common case (every large tensor whole pieces): kept as a plan, which
         # later steps with the same shapes run without rebuilding any of this
         _PIECE_PLAN[0] = _PiecePlan(tensors, layout)
@@ -248,6 +248,13 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
 _GATHER = 32 * _ROW
 """Tensors of fewer elements are gathered into one zero-padded buffer of whole pieces
 (:func:`squared_pieces`)."""
+
+
+def _plannable(tensors: list[Tensor]) -> bool:
+    """Whether a :class:`_PiecePlan` can serve these tensors: fp32 on the CPU, contiguous, each
+    large one a whole number of pieces."""
+    return bool(tensors) and all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
+                                 and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors)
 
 
 def _gather_slots(sizes: list[int], pieces: int, shapes: list[torch.Size] | None = None
@@ -291,8 +298,8 @@ class _PiecePlan:
     the views, the layout and the buffers' cache key took about 30 (measured in the MLP
     benchmark's step); the ops and the values are those of the general path."""
 
-    __slots__ = ("shapes", "layout", "split", "gathered", "gather_buffer", "gather_slots", "rest", "norms",
-                 "zeros", "squares")
+    __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_slots", "rest",
+                 "norms", "zeros", "squares")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
@@ -300,7 +307,8 @@ class _PiecePlan:
         norms, slots, self.rest, self.zeros, self.squares = _piece_buffers(layout)
         self.norms = norms
         full, rest = layout
-        self.split = tuple((i, k, slot) for (i, k), slot in zip(((i, k) for i, k in enumerate(full) if k), slots))
+        self.split = tuple((i, k) for i, k in enumerate(full) if k)  # (tensor, pieces), their slots in order
+        self.slots = tuple(slots)
         self.gathered = tuple(dict.fromkeys(rest))  # (each small tensor once, in order)
         self.gather_buffer, gather_slots = _gather_slots([tensors[i].numel() for i in self.gathered], len(rest),
                                                          [tensors[i].shape for i in self.gathered])
@@ -315,7 +323,7 @@ class _PiecePlan:
         return True
 
     def run(self, tensors: list[Tensor]) -> tuple[Tensor, Layout]:
-        self.norms_into(tensors, tuple(slot for _, _, slot in self.split), self.rest)
+        self.norms_into(tensors, self.slots, self.rest)
         # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
         return torch.addcmul(self.zeros, self.norms, self.norms, out=self.squares), self.layout
 
@@ -323,7 +331,7 @@ class _PiecePlan:
         """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
         this plan's own buffers, or a row of a caller's (:meth:`views_of`) that keeps several
         steps' norms and squares them at once."""
-        for (i, k, _), slot in zip(self.split, slots):
+        for (i, k), slot in zip(self.split, slots):
             torch.linalg.vector_norm(_nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
         if self.gathered:
             # (detached: a copy of a tensor that requires gradient would record into the buffer)
@@ -337,7 +345,7 @@ class _PiecePlan:
     def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
         """``row`` (fp32 ``[pieces]``) split as this plan's own norms: for :meth:`norms_into`."""
         slots, start = [], 0
-        for _, k, _ in self.split:
+        for _, k in self.split:
             slots.append(row[start:start + k])
             start += k
         return tuple(slots), row[start:]
@@ -353,8 +361,7 @@ def piece_plan(tensors: list[Tensor]) -> _PiecePlan | None:
     plan = _PIECE_PLAN[0]
     if plan is not None and plan.fits(tensors):
         return plan
-    if not tensors or not all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
-                              and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors):
+    if not _plannable(tensors):
         return None
     squared_pieces(tensors, reuse=True)  # (makes the plan)
     plan = _PIECE_PLAN[0]
