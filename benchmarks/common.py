@@ -191,10 +191,12 @@ def single_thread_env() -> dict[str, str]:
     return env
 
 
-def run_json_child(argv: list[str], timeout: float | None = None) -> dict[str, Any]:
-    """Run ``python argv…`` in a fresh interpreter; its last stdout line is a JSON object."""
-    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=single_thread_env(),
-                          timeout=timeout)
+def run_json_child(argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None
+                   ) -> dict[str, Any]:
+    """Run ``python argv…`` in a fresh interpreter (``env``: variables set on top of
+    :func:`single_thread_env`); its last stdout line is a JSON object."""
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          env={**single_thread_env(), **(env or {})}, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {' '.join(argv)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]

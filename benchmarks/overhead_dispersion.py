@@ -38,6 +38,13 @@ step, Lightning's own allocations and allocator caching.  The whole-process peak
 (``ru_maxrss``, interpreter and libraries included) is reported too; its ratio is diluted by
 the ~0.8 GiB the libraries occupy.
 
+``--in-process`` (CPU): every fit in this process instead, as on CUDA (fresh model and callbacks
+each time; the order still alternates), for time only: the machine's slow and fast states then hit
+both sides alike. ``--mmap-threshold BYTES`` (fresh processes): every child runs with glibc's
+``MALLOC_MMAP_THRESHOLD_`` fixed, which stops the threshold from moving up with the block sizes a
+run frees; what the peak growth then measures is close to the memory live at the peak, without the
+heap's placement of a step's blocks (docs/results/mlp_memory_cpu.md).
+
 CUDA (``--device cuda``): the CUDA models (ResNet-18 with GroupNorm and with BatchNorm, the CNN,
 batch 128; then ResNet-18 with GroupNorm measured every 4th step, and at 224×224 with batch 32;
 host batches in pinned memory, copied to the device by Lightning) run in this process, one
@@ -408,8 +415,8 @@ def configs_of(model_name: str, raw: bool, suite: bool | set[str]) -> list[tuple
 
 
 def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], steps_scale: float, in_process: bool,
-            epoch_steps: int, on_round: Callable[[dict, list, dict, int], None] | None = None
-            ) -> tuple[dict, list[str], dict]:
+            epoch_steps: int, on_round: Callable[[dict, list, dict, int], None] | None = None,
+            child_env: dict[str, str] | None = None) -> tuple[dict, list[str], dict]:
     """Every round runs every (model, configuration); ``on_round(results, loads, failed, rounds_done)``
     after each (the CUDA script writes its tables then, so a run stopped by its time limit keeps the
     rounds it finished).  In one process (CUDA) a run that raises is reported in ``failed`` and its
@@ -446,7 +453,7 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
                             continue
                     else:
                         res = run_json_child([here, "--child", m, config, "--steps", str(steps), "--warmup",
-                                              str(spec.warmup), "--epoch-steps", str(epoch_steps)])
+                                              str(spec.warmup), "--epoch-steps", str(epoch_steps)], env=child_env)
                     results.setdefault((m, config), []).append(res)
                     print(f"[round {r + 1}/{rounds}] {m:16s} {config:10s} {res['ms_per_step']:9.2f} ms/step  "
                           f"peak +{res['peak_growth_mib']:7.1f} MiB  backend={res.get('backend')}  "
@@ -518,6 +525,12 @@ def main() -> None:
     parser.add_argument("--suite-models", default=None, help="models the --suite rows run for (default: all)")
     parser.add_argument("--epoch-steps", type=int, default=50, help="steps per epoch of the suite runs")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every model's timed steps")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU: every fit in this process (fits alternating, as on CUDA): time only, the "
+                             "machine's slow states shared by both sides; peak memory is then not reported")
+    parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="CPU, fresh processes: run every child with MALLOC_MMAP_THRESHOLD_=BYTES (glibc's "
+                             "moving mmap threshold fixed: peak growth without the allocator's placement)")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
     parser.add_argument("--json", default=None, help="also write every run's measurements to this JSON file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
@@ -532,6 +545,8 @@ def main() -> None:
                     log_every=args.log_every, epoch_steps=args.epoch_steps)
         print(json.dumps(res))
         return
+    if args.in_process and args.mmap_threshold:
+        parser.error("--mmap-threshold applies to fresh processes only (not with --in-process)")
     if args.device == "cuda" and not torch.cuda.is_available():
         emit_report("CUDA rows: not measured (torch.cuda.is_available() is False on this machine).", args.out)
         return
@@ -553,8 +568,10 @@ def main() -> None:
                                 "runs": {f"{m}|{c}": v for (m, c), v in results.items()}},
                     quiet=rounds_done < args.rounds)
 
-    measure(models, args.rounds, args.raw, suite_models, args.steps_scale, in_process=args.device == "cuda",
-            epoch_steps=args.epoch_steps, on_round=write)
+    child_env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
+    measure(models, args.rounds, args.raw, suite_models, args.steps_scale,
+            in_process=args.device == "cuda" or args.in_process, epoch_steps=args.epoch_steps, on_round=write,
+            child_env=child_env)
 
 
 def report(args: argparse.Namespace, models: list[str], suite_models: set[str], info: dict, results: dict,
@@ -574,9 +591,12 @@ def report(args: argparse.Namespace, models: list[str], suite_models: set[str], 
                     extra = (f"; probes {statistics.median([x.get('probe_s', 0.0) for x in d]):.2f} s per run, "
                              f"{statistics.median([x.get('deferred', 0) for x in d]):.0f} deferred by the budget")
                 notes.append(f"* {m} ({config}): backend `{d[0].get('backend')}` — {d[0].get('description', '')}{extra}")
+    one_process_cpu = args.device == "cpu" and args.in_process
     checks = []
     for (m, quantity), (what, limit) in TARGETS.items():
         if m not in models or (m, "dispersion") not in results or (m, "plain") not in results:
+            continue
+        if quantity == "memory" and one_process_cpu:
             continue
         key = "ms_per_step" if quantity == "time" else "peak_growth_mib"
         ratios = [a[key] / b[key] for a, b in zip(results[(m, "dispersion")], results[(m, "plain")])]
@@ -590,8 +610,18 @@ def report(args: argparse.Namespace, models: list[str], suite_models: set[str], 
         checks.append(f"* {m}: {what} — measured {med:.3f}× [{lo:.3f}–{hi:.3f}]: {read}{extra}")
     parts = [
         f"### GradientDispersion every step vs plain training ({args.device.upper()}, {rounds_done} rounds"
-        + (f" of {args.rounds} asked" if rounds_done < args.rounds else "") + ")",
+        + (f" of {args.rounds} asked" if rounds_done < args.rounds else "")
+        + (", every fit in one process" if one_process_cpu else "")
+        + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "") + ")",
         describe_machine_md(info, loads),
+        *(["One process (`--in-process`): the fits alternate in this process, so a slow state of the machine "
+           "hits both sides alike. Time only: the heap carries from fit to fit, so the peak-memory columns "
+           "are not the fits' own and no memory target is read (fresh processes measure it)."]
+          if one_process_cpu else []),
+        *([f"Every child ran with `MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}`: glibc's mmap threshold fixed "
+           "(by default it moves up with the sizes freed, and where a step's blocks land then changes the "
+           "heap's high-water mark); the peak growth is then about the memory live at the peak."]
+          if args.mmap_threshold else []),
         legend,
         tables(results, have, args.raw, suite_models),
         "Backends chosen:\n" + "\n".join(notes),

@@ -1049,8 +1049,8 @@ def test_linear_rows_made_at_the_read_equal_the_per_layer_route(with_norm_layer,
     per-layer route that squares and combines them in the backward, to fp32 rounding, for a layer
     with a bias, one without and one whose weight is frozen (bias only); and exact against
     per-sample gradients in float64."""
-    from genbounds.estimators.ghost_norms import hooks as ghost_hooks
     from genbounds.estimators.ghost_norms import linear as ghost_linear
+    from genbounds.estimators.ghost_norms import step_rows
 
     from helpers import linear_mix
 
@@ -1059,8 +1059,8 @@ def test_linear_rows_made_at_the_read_equal_the_per_layer_route(with_norm_layer,
         return linear_mix(9, 12, 7, 5, with_norm_layer)
 
     made = []
-    real_rows = ghost_hooks.goodfellow_rows
-    monkeypatch.setattr(ghost_hooks, "goodfellow_rows", lambda *a, **k: made.append(k.get("out")) or real_rows(*a, **k))
+    real_rows = step_rows.goodfellow_rows
+    monkeypatch.setattr(step_rows, "goodfellow_rows", lambda *a, **k: made.append(k.get("out")) or real_rows(*a, **k))
     x, t = torch.randn(8, 9), torch.randn(8, 5)
     deferred = measure(build(), x, t)
     assert len(made) == 1 and (made[0] is None) == with_norm_layer  # one call; into the rows when all are Linear

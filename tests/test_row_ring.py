@@ -16,7 +16,7 @@ from genbounds.callbacks.step_log import StepLog
 from genbounds.data import DigitsDataModule
 from genbounds.estimators.functional import piece_plan, squared_pieces
 from genbounds.estimators.ghost_norms import GhostNormHooks
-from genbounds.estimators.ghost_norms.hooks import step_buffer_views
+from genbounds.estimators.ghost_norms.step_rows import step_buffer_views
 from genbounds.estimators.gradient_dispersion import hook_dispersion_row, hook_dispersion_rows
 from genbounds.models import MLP, Classifier
 from helpers import linear_mix, trainer

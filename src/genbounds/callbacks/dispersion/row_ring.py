@@ -36,7 +36,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from genbounds.estimators.functional import piece_plan
-from genbounds.estimators.ghost_norms.hooks import GhostNormHooks, StepBuffers, step_buffer_views
+from genbounds.estimators.ghost_norms.hooks import GhostNormHooks
+from genbounds.estimators.ghost_norms.step_rows import StepBuffers, step_buffer_views
 from genbounds.estimators.gradient_dispersion import hook_dispersion_rows
 
 if TYPE_CHECKING:

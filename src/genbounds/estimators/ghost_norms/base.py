@@ -210,7 +210,7 @@ def _seq_weight_sq(A: Tensor, G: Tensor, method: str, scratch: _Scratch, out: Te
 
 class _Kind:
     defers_rows = False
-    """Whether a single 2-D call's rows may be made by ``GhostNormHooks._finish_linear`` (Linear)."""
+    """Whether a single 2-D call's rows may be made by ``StepRows.finish_linear`` (Linear; step_rows.py)."""
 
     def check(self, module: nn.Module, x: Any) -> str | None:
         """Why this call cannot be handled (``None``: it can)."""

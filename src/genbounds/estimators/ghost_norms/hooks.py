@@ -1,6 +1,7 @@
 """The hooks themselves: :class:`GhostNormHooks` (one global forward hook; per hooked module a
 site that stores its calls' inputs and computes the per-sample norms when the output gradient
-arrives in the backward), :func:`suspended_ghost_hooks` for probe passes."""
+arrives in the backward), :func:`suspended_ghost_hooks` for probe passes. Where each step's values
+land (rows, Linear pair norms, lent buffers) is ``step_rows.StepRows``."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ from genbounds.estimators.ghost_norms.base import (
     _Kind,
     _Scratch,
 )
-from genbounds.estimators.ghost_norms.linear import goodfellow_row_norms, goodfellow_rows
 from genbounds.estimators.ghost_norms.normalization import _BatchNormKind
 from genbounds.estimators.ghost_norms.planning import _ATTENTION, _kind_of, declared_batch_dims, plan
+from genbounds.estimators.ghost_norms.step_rows import Lender, StepRows
 
 # ----------------------------------------------------------------------------- hooks
 
@@ -104,26 +105,6 @@ def _dispatch_forward(ref: "weakref.ref[GhostNormHooks]", module: nn.Module, arg
         fn = owner._dispatch.get(id(module))
         if fn is not None:
             fn(module, args, output)
-
-
-StepBuffers = tuple[Tensor | None, tuple[Tensor, ...], Tensor, tuple[Tensor, ...], tuple[tuple[Tensor, Tensor], ...]]
-"""A step's ``(rows [sites, b], their views, pair norms [2, sites, b], its two halves, each site's
-two views)`` (:meth:`GhostNormHooks._take_buffers`)."""
-
-
-def step_buffers_for(sites: int, b: int, dtype: torch.dtype, device: torch.device, rows: bool = True
-                     ) -> StepBuffers:
-    """New :data:`StepBuffers` (``rows=False``: the pair norms only)."""
-    r = torch.empty((sites, b), dtype=dtype, device=device) if rows else None
-    return step_buffer_views(r, torch.empty((2, sites, b), dtype=dtype, device=device))
-
-
-def step_buffer_views(r: Tensor | None, pairs: Tensor) -> StepBuffers:
-    """:data:`StepBuffers` of given rows ``[sites, b]`` and pair norms ``[2, sites, b]`` (a slot of
-    a lender's buffers), with every view made once."""
-    halves = pairs.unbind(0)
-    views = tuple(zip(halves[0].unbind(0), halves[1].unbind(0)))
-    return r, (r.unbind(0) if r is not None else ()), pairs, halves, views
 
 
 _GLOBAL_HOOKS: list[tuple["weakref.ref[GhostNormHooks]", RemovableHandle]] = []
@@ -235,22 +216,8 @@ class GhostNormHooks:
         charges it to the overhead budget)."""
         self._scratch = _Scratch()
         self._touched: list[_Site] = []
-        # the last step's rows, zeroed and reused by the next step of the same shape, dtype and
-        # device (an allocation and an unbind saved per step: ~50 µs of the MLP benchmark's step)
-        self._spare: tuple[Tensor, tuple[Tensor, ...]] | None = None
-        self._rows: Tensor | None = None
-        # a 2-D Linear call's two row norms ‖δ_i‖, ‖a_i‖ ([2, sites, b], the rows' dtype), squared
-        # and combined into the rows once per step for every such module at once (_finish_linear)
-        self._pairs: Tensor | None = None
-        self._pair_halves: tuple[Tensor, ...] = ()
-        self._pair_views: tuple[tuple[Tensor, Tensor], ...] = ()
-        self._own_pairs: StepBuffers | None = None
-        self._finishers: dict[tuple, tuple[Tensor, Tensor | None]] = {}
-        self._lent = False  # (this step's rows and pairs are step_buffers')
-        self.step_buffers: Callable[[int, torch.dtype, torch.device], StepBuffers | None] | None = None
-        """Where a step's rows and pair norms are written instead of this object's own buffers
-        (``(b, dtype, device) → StepBuffers`` or ``None`` for its own): a consumer that keeps several
-        steps' raw values and makes their sums at once (:meth:`read_parts`, :meth:`sums_of`)."""
+        # the step's rows (one per site) and 2-D Linear pair norms, and the buffers they live in
+        self._step = StepRows(len(self._sites))
         self._reset_step()
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -282,6 +249,17 @@ class GhostNormHooks:
     def problems(self) -> tuple[str, ...]:
         """What the hooks reported since the last read (what :meth:`read` would raise with)."""
         return tuple(self._problems)
+
+    @property
+    def step_buffers(self) -> Lender | None:
+        """Where a step's rows and pair norms are written instead of this object's own buffers
+        (``(b, dtype, device) → StepBuffers`` or ``None`` for its own): a consumer that keeps several
+        steps' raw values and makes their sums at once (:meth:`read_parts`, :meth:`sums_of`)."""
+        return self._step.lender
+
+    @step_buffers.setter
+    def step_buffers(self, lender: Lender | None) -> None:
+        self._step.lender = lender
 
     @property
     def workspace_bytes(self) -> int:
@@ -351,9 +329,7 @@ class GhostNormHooks:
         self._armed = False
         self._remove_param_hooks()
         self._scratch.clear()
-        self._spare = None
-        self._pairs, self._pair_halves, self._pair_views = None, (), ()
-        self._own_pairs = None
+        self._step.release()
         _ARMED.discard(self)
 
     def _remove_param_hooks(self) -> None:
@@ -386,16 +362,8 @@ class GhostNormHooks:
         self.clear()
 
     def _reset_step(self) -> None:
-        # one row per hooked module, taken at the step's first recorded forward in its compute
-        # dtype (widened, never narrowed: _row_for; _take_buffers); each module's per-sample
-        # values land in its row, and a row no call wrote is zeroed when read (_validated)
-        if self._rows is not None and not self._lent:
-            self._spare = (self._rows, self._row_views)
-        self._rows = None
-        self._lent = False
-        self._row_views: tuple[Tensor, ...] = ()
-        self._written: set[int] = set()  # rows written this step (the others are zeroed when read)
-        self._deferred: list[tuple[int, bool]] = []  # (site index, bias trainable) of _defer_linear's calls
+        # one row per hooked module, taken at the step's first recorded forward (StepRows)
+        self._step.reset()
         self._counted = False  # (this step's first gradient counted in self.backwards)
         self._problems: list[str] = []
         self._ordinal = 0
@@ -515,8 +483,8 @@ class GhostNormHooks:
                 f"{site.name}: forward recorded again after its backward; call read() or clear() "
                 "between steps")
             return None
-        if self._rows is None:
-            self._take_buffers(b, dtype, device)
+        if self._step.rows is None:
+            self._step.take(b, dtype, device)
         self._ordinal += 1
         if not site.calls:
             if not site.touched:
@@ -527,32 +495,6 @@ class GhostNormHooks:
         call = _Call(site, x, x._version if x is not None else 0, self._epoch)
         site.calls.append(call)
         return call
-
-    def _take_buffers(self, b: int, dtype: torch.dtype, device: torch.device) -> None:
-        """The step's rows and pair norms, at its first recorded call: :attr:`step_buffers`' when
-        it lends them, else the last step's (reused) or new ones. In the compute dtype (fp32 for
-        an fp32 or autocast model), so that each module's last op writes its ``[b]`` values there
-        itself — a reduction into a wider dtype would first cast its whole input; the rows are
-        summed in float64 when read (the same values and order as float64 rows: an fp32 value
-        converts exactly). Not zeroed: a row no call wrote is zeroed when read (:meth:`_validated`),
-        an op saved on every step where each hooked module runs."""
-        lent = self.step_buffers(b, dtype, device) if self.step_buffers is not None else None
-        if lent is not None:
-            self._rows, self._row_views, self._pairs, self._pair_halves, self._pair_views = lent
-            self._lent = True
-            return
-        spare = self._spare
-        if spare is not None and spare[0].shape[1] == b and spare[0].dtype == dtype and spare[0].device == device:
-            self._rows, self._row_views = spare
-        else:
-            self._rows = torch.zeros((len(self._sites), b), dtype=dtype, device=device)
-            self._row_views = self._rows.unbind(0)
-        self._spare = None
-        own = self._own_pairs
-        if own is None or own[2].shape[2] != b or own[2].dtype != dtype or own[2].device != device:
-            own = step_buffers_for(len(self._sites), b, dtype, device, rows=False)
-            self._own_pairs = own
-        _, _, self._pairs, self._pair_halves, self._pair_views = own
 
     def _record_attention(self, site: _Site, module: nn.Module, output: Any) -> None:
         """A MultiheadAttention call: its in-projection (this site) and out-projection (the partner
@@ -659,7 +601,7 @@ class GhostNormHooks:
             return
         if single:
             cd = _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype)
-            row: Tensor | None = self._row_for(site, cd)
+            row: Tensor | None = self._step.row_for(site.index, cd)
             if len(row) != grad.shape[0]:
                 row = None  # mismatched batch sizes: _add reports them
             sq, site.method = site.kind.single(site.module, x, grad, wt, bt, site.forced, self._scratch, row)
@@ -679,50 +621,14 @@ class GhostNormHooks:
         """A 2-D ``Linear`` call (Goodfellow): only its two row norms ``‖δ_i‖`` and ``‖a_i‖``,
         written into the step's pair buffer (two ops in the backward, where squaring and combining
         them took five; the rows of every such module are made at the read in three:
-        :meth:`_finish_linear`). ``False`` — the general route — for anything else: another
-        dtype than the rows' (autocast, a wider layer), a batch size other than the rows', a
-        forced route."""
-        pairs = self._pairs
-        if (grad.dim() != 2 or site.forced == MATERIALIZE or pairs is None or grad.dtype != pairs.dtype
-                or grad.shape[0] != pairs.shape[2] or (x is not None and x.dtype != pairs.dtype)):
+        :meth:`StepRows.finish_linear`). ``False`` — the general route — for anything else:
+        another dtype than the rows' (autocast, a wider layer), a batch size other than the
+        rows', a forced route."""
+        if site.forced == MATERIALIZE or not self._step.write_pair(site.index, x if wt else None, grad, bt):
             return False
-        goodfellow_row_norms(x if wt else None, grad, *self._pair_views[site.index])
         site.method = GOODFELLOW
         site.b = grad.shape[0]
-        self._deferred.append((site.index, bt))
-        self._written.add(site.index)
         return True
-
-    def _finish_linear(self) -> None:
-        """The deferred Linear rows: ``‖δ_i‖² (‖a_i‖² + [bias trainable])`` for every module of
-        :meth:`_defer_linear` at once, written into their rows (the rows of the others untouched)."""
-        deferred, self._deferred = self._deferred, []
-        rows, pairs = self._rows, self._pairs
-        assert rows is not None and pairs is not None
-        bias, mask = self._finisher(tuple(deferred), pairs)
-        g, a = self._pair_halves
-        if mask is None:  # every hooked module a 2-D Linear: three ops (their rows never widened)
-            goodfellow_rows(g, a, bias, out=rows)
-            return
-        torch.where(mask, goodfellow_rows(g, a, bias).to(rows.dtype), rows, out=rows)
-
-    def _finisher(self, deferred: tuple[tuple[int, bool], ...], pairs: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(bias [sites, 1], mask [sites, 1] or None when every site is deferred)`` for
-        :func:`~genbounds.estimators.ghost_norms.linear.goodfellow_rows` (cached per deferred set)."""
-        key = (deferred, pairs.device, pairs.dtype)
-        made = self._finishers.get(key)
-        if made is None:
-            n = len(self._sites)
-            bias = torch.zeros(n, 1, dtype=pairs.dtype)
-            mask = torch.zeros(n, 1, dtype=torch.bool)
-            for index, bt in deferred:
-                bias[index, 0] = float(bt)
-                mask[index, 0] = True
-            made = (bias.to(pairs.device), None if bool(mask.all()) else mask.to(pairs.device))
-            if len(self._finishers) > 16:
-                self._finishers.clear()
-            self._finishers[key] = made
-        return made
 
     def _param_hook(self, site: _Site, p: Tensor) -> None:
         if self._armed:
@@ -742,20 +648,7 @@ class GhostNormHooks:
         # one [b] vector per module and step (usually written in place by the module's last op);
         # summed per group in float64 by read() with a constant number of ops
         site.b = sq.shape[0]
-        self._written.add(site.index)
-        if sq is not self._row_views[site.index]:
-            self._row_for(site, sq.dtype).copy_(sq)
-
-    def _row_for(self, site: _Site, dtype: torch.dtype) -> Tensor:
-        """``site``'s row, the rows first widened when ``dtype`` is wider (a float64 layer in a
-        model whose first call was fp32: never narrowed, so no value is rounded)."""
-        assert self._rows is not None
-        wider = _compute_dtype(dtype, self._rows.dtype)
-        if wider != self._rows.dtype:
-            self._rows = self._rows.to(wider)
-            self._row_views = self._rows.unbind(0)
-            self._lent = False  # (a copy of the lent rows: the step is read at once, read_parts)
-        return self._row_views[site.index]
+        self._step.store(site.index, sq)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -791,8 +684,8 @@ class GhostNormHooks:
         try:
             if self._validated() is None:
                 return None
-            assert self._rows is not None
-            sums = self._rows.sum(1, dtype=torch.float64)  # (exact widening, then the sum: one op)
+            assert self._step.rows is not None
+            sums = self._step.rows.sum(1, dtype=torch.float64)  # (exact widening, then the sum: one op)
             if self._fold is not None:  # cross-attention's key/value rows belong to their attention
                 if self._fold.device != sums.device:
                     self._fold = self._fold.to(sums.device)
@@ -806,18 +699,19 @@ class GhostNormHooks:
         :attr:`step_buffers`' — nothing computed: ``(None, deferred)``, whose sums the lender makes
         later with :meth:`sums_of` (for many steps at once). The same checks; ``None`` when nothing
         was recorded. Resets the step."""
-        if not (self._lent and self._fold is None):
+        step = self._step
+        if not (step.lent and self._fold is None):
             sums = self.read_sums()
             return None if sums is None else (sums, ())
         try:
-            deferred, self._deferred = tuple(self._deferred), []  # (not made here: sums_of)
+            deferred, step.deferred = tuple(step.deferred), []  # (not made here: sums_of)
             if self._validated() is None:
                 return None
-            if not self._lent:  # (widened by a wider layer's values: a copy, read now)
-                self._deferred = list(deferred)
-                self._finish_linear()
-                assert self._rows is not None
-                return self._rows.sum(1, dtype=torch.float64), ()
+            if not step.lent:  # (widened by a wider layer's values: a copy, read now)
+                step.deferred = list(deferred)
+                step.finish_linear()
+                assert step.rows is not None
+                return step.rows.sum(1, dtype=torch.float64), ()
             return None, deferred
         finally:
             self.clear()
@@ -826,13 +720,7 @@ class GhostNormHooks:
         """``[k, modules]`` float64 ``Σ_i ‖∇ℓ_i‖²`` per hooked module of ``k`` steps read by
         :meth:`read_parts` with the same ``deferred`` (their lent rows ``[k, sites, b]`` and pair
         norms ``[k, 2, sites, b]``): each step's :meth:`read_sums` at scale 1, in a few ops for all."""
-        if not deferred:
-            return rows.sum(2, dtype=torch.float64)
-        bias, mask = self._finisher(deferred, pairs)
-        made = goodfellow_rows(pairs[:, 0], pairs[:, 1], bias)
-        if mask is not None:
-            made = torch.where(mask, made.to(rows.dtype), rows)
-        return made.sum(2, dtype=torch.float64)
+        return self._step.sums_of(rows, pairs, deferred)
 
     def _validated(self) -> list[_Site] | None:
         """The modules recorded this step, once every check passed (``None``: nothing to read)."""
@@ -847,8 +735,8 @@ class GhostNormHooks:
         recorded = [s for s in self._touched if s.calls]
         if not recorded or any(s.received == 0 for s in recorded):
             return None
-        if self._deferred:
-            self._finish_linear()
+        if self._step.deferred:
+            self._step.finish_linear()
         if self._param_handles and not self.verify_every_step:
             self._remove_param_hooks()  # the structure was verified on this backward
         for site in recorded:
@@ -858,30 +746,16 @@ class GhostNormHooks:
         sizes = {s.b for s in recorded}
         if len(sizes) != 1:
             raise RuntimeError(f"ghost norms unavailable: modules saw different batch sizes {sorted(sizes)}")
-        if len(self._written) < len(self._row_views):  # (rows are not zeroed when taken: _take_buffers)
-            for j, row in enumerate(self._row_views):
-                if j not in self._written:
-                    row.zero_()
+        self._step.zero_unwritten()
         return recorded
-
-    def _rows64(self) -> Tensor:
-        """The step's rows in float64 (a copy when they are narrower: exact)."""
-        rows = self._rows
-        assert rows is not None
-        if rows.dtype != torch.float64:
-            return rows.double()
-        return rows.clone() if self._lent else rows  # (lent rows are the lender's: not handed out)
 
     def _read(self, scale: float | Tensor) -> PerSampleNorms | None:
         recorded = self._validated()
         if recorded is None:
             return None
-        rows = self._rows64()
-        if rows is self._rows:  # handed out below (per_group's views): not reused by the next step
-            views = self._row_views
-            self._rows, self._row_views = None, ()
-        else:
-            views = rows.unbind(0)
+        rows = self._step.rows64()
+        # handed out below (per_group's views): the step's own rows are not reused by the next step
+        views = self._step.hand_out() if rows is self._step.rows else rows.unbind(0)
         times_scale_sq_(rows, scale)
         total = rows.sum(0)  # rows of modules that did not run are zero
         per_group: dict[str, Tensor] = {}
