@@ -68,6 +68,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -203,8 +204,11 @@ def suite_callbacks(config: str = SUITE_CONFIG) -> list:
     return out
 
 
-def child(model_name: str, config: str, steps: int, warmup: int, log_every: int = 50, epoch_steps: int = 50) -> dict:
-    """One run (a fresh process on CPU); returns the measurements."""
+def child(model_name: str, config: str, steps: int, warmup: int, log_every: int = 50, epoch_steps: int = 50,
+          probe: Any = None) -> dict:
+    """One run (a fresh process on CPU); returns the measurements. ``probe``: a callback placed
+    first in the trainer's list, whose ``summary()`` (read right after ``fit``, before anything
+    else runs) is returned as ``"probe"`` (``benchmarks/memory_breakdown.py``)."""
     import logging
 
     import lightning.pytorch as pl
@@ -251,7 +255,8 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
                 accelerator="gpu" if cuda else "cpu", devices=1, max_steps=warmup + steps,
                 logger=TensorBoardLogger(logdir, name="b"), enable_checkpointing=False, enable_progress_bar=False,
                 enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=4 if with_val else 0,
-                log_every_n_steps=log_every, callbacks=[fit_timer, *callbacks, step_timer])
+                log_every_n_steps=log_every,
+                callbacks=[*([probe] if probe is not None else []), fit_timer, *callbacks, step_timer])
             if with_val:  # epochs of `epoch_steps` steps; the validation set: 4 more batches of the same shape
                 train_loader = sample_loader(batches, epoch_steps, pin_memory=cuda)
                 val_batches = [(x.roll(1, 0), y.roll(1, 0)) for x, y in batches]
@@ -274,6 +279,8 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
             else:
                 with PeakRSS() as peak:
                     trainer.fit(module, **loaders)
+                if probe is not None:
+                    out["probe"] = probe.summary()
                 out["peak_growth_mib"] = peak.growth_mib
                 out["file_growth_mib"] = peak.file_growth_mib
                 out["base_mib"] = (peak.base_kib or 0) / 1024

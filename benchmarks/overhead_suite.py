@@ -6,7 +6,8 @@ changes in its final bounds.
     python benchmarks/overhead_suite.py --config configs/digits_mlp.yaml --max-epochs 10   # shorter
 
 Three variants of one config (default ``configs/digits_mlp.yaml``), each trained in a fresh
-process through ``genbounds.lightning_cli.GenboundsCLI`` (the ``genbounds fit`` entry point),
+process (``--in-process``: all in this one, one after another) through
+``genbounds.lightning_cli.GenboundsCLI`` (the ``genbounds fit`` entry point),
 with ``--trainer.enable_progress_bar=false`` (a progress bar written to a pipe would add the same
 cost to both sides and flatter the ratio) and the TensorBoard logger pointed at a scratch folder:
 
@@ -198,6 +199,9 @@ def main() -> None:
     parser.add_argument("--breakdown", action="store_true",
                         help="time every callback's hooks (reported per callback; turns off the set-aside of idle hooks, so not for the ratio)")
     parser.add_argument("--max-epochs", type=int, default=None, help="override trainer.max_epochs (default: the config's)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="every run in this process, one after another (the machine's slow states then "
+                             "hit plain and suite alike); by default each run is a fresh process")
     parser.add_argument("--keep", default=None, help="keep the runs' logs under this folder (default: a temporary one)")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
     parser.add_argument("--json", default=None, help="also write every run's measurements to this JSON file")
@@ -222,7 +226,10 @@ def main() -> None:
 
     def run(variant: str, index: int) -> dict:
         cfg = dense_yaml if variant == "dense" else args.config
-        res = run_json_child([here, "--child", variant, cfg, work, f"{variant}_{index}", *extra])
+        if args.in_process:
+            res = child(variant, cfg, work, f"{variant}_{index}", args.max_epochs, args.breakdown)
+        else:
+            res = run_json_child([here, "--child", variant, cfg, work, f"{variant}_{index}", *extra])
         runs[variant].append(res)
         print(f"[{variant} {index}] fit {res['fit_s']:.1f} s (CLI total {res['cli_s']:.1f} s), steps "
               f"{res['global_step']}, probes {res.get('probe_s', 0):.1f} s, deferred {res.get('deferred', '–')}, "
@@ -242,7 +249,8 @@ def main() -> None:
     # ---------------------------------------------------------------- tables
     fit = {v: [x["fit_s"] for x in runs[v]] for v in runs}
     lines = [f"### Main job `{os.path.relpath(args.config, ROOT)}`: whole default suite vs no callbacks "
-             f"({args.rounds} rounds)", "", describe_machine_md(info, loads), "",
+             f"({args.rounds} rounds{', every run in one process' if args.in_process else ''})", "",
+             describe_machine_md(info, loads), "",
              "| variant | median training time (s) | min–max (s) | ratio to plain: median [min–max] | "
              "probe time (s, median) | deferred probes (median) | `perf/overhead` logged (median) |",
              "|---|---:|---:|---:|---:|---:|---:|"]

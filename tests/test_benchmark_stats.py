@@ -219,3 +219,48 @@ def test_peak_rss_reads_the_file_backed_growth_and_the_tables_report_it():
                ("mlp", "dispersion"): [dict(run, ms_per_step=1.1, peak_growth_mib=36.0, file_growth_mib=4.5)] * 3}
     text = od.tables(results, ["mlp"], raw=False, suite=False)
     assert "* mlp, dispersion: 4.5 MiB against 1.0 for plain (medians)" in text
+
+
+def test_memory_breakdown_probe_reads_anonymous_growth_and_mappings():
+    """``memory_breakdown.MemoryProbe``: an anonymous block touched between its start and a hook
+    shows in its anonymous peak (not in ``libtorch_cpu.so``'s pages); ``_by_mapping`` names the
+    mappings it sums."""
+    common = benchmark_module("common")
+    if common.status_kib("RssAnon") is None:
+        pytest.skip("no /proc/self/status RssAnon here")
+    mb = benchmark_module("memory_breakdown")
+
+    class Trainer:
+        global_step = 7
+
+    probe = mb.MemoryProbe()
+    probe.on_fit_start(Trainer(), None)
+    block = bytearray(24 * 2**20)
+    block[::4096] = b"\x01" * len(block[::4096])
+    probe.on_after_backward(Trainer(), None)
+    summary = probe.summary()
+    assert summary["anon_peak_mib"] > 20.0 and summary["anon_peak_at"] == "after backward, step 7"
+    assert abs(summary["maps_mib"]["libtorch_cpu.so"]) < 4.0
+    assert set(summary["maps_mib"]) == set(mb.MAPPINGS)
+    maps = mb._by_mapping()
+    assert maps.get("libtorch_cpu.so", 0) > 0 and "[anon]" in maps
+    del block
+
+
+def test_in_process_cpu_report_reads_time_targets_only():
+    """``overhead_dispersion --in-process`` on the CPU: the time target is read, the memory
+    target is not (the heap carries from fit to fit), and the title says so."""
+    import argparse
+
+    od = benchmark_module("overhead_dispersion")
+    run = {"ms_per_step": 1.0, "peak_growth_mib": 30.0, "maxrss_mib": 900.0, "base_mib": 0.0, "params": 1e6,
+           "warmup": 3, "steps": 10, "file_growth_mib": 1.0, "calib_ms": 1.0}
+    results = {("mlp", "plain"): [run] * 5,
+               ("mlp", "dispersion"): [dict(run, ms_per_step=1.05, peak_growth_mib=45.0, calib_ms=1.0)] * 5}
+    args = argparse.Namespace(device="cpu", in_process=True, mmap_threshold=0, rounds=5, raw=False)
+    text = od.report(args, ["mlp"], set(), od.machine_description(), results, ["0 0 0"], {}, 5)
+    assert "every fit in one process" in text
+    assert "time ≤ 1.10× plain" in text and "peak growth ≤ 1.2× plain" not in text
+    args.in_process = False
+    assert "peak growth ≤ 1.2× plain — measured 1.500×" in od.report(
+        args, ["mlp"], set(), od.machine_description(), results, ["0 0 0"], {}, 5)
