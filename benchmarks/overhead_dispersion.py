@@ -38,6 +38,12 @@ step, Lightning's own allocations and allocator caching.  The whole-process peak
 (``ru_maxrss``, interpreter and libraries included) is reported too; its ratio is diluted by
 the ~0.8 GiB the libraries occupy.
 
+``--calibrate-before`` (CPU): each process also times the calibration before ``fit`` (see
+``_calibrate``), and the tables add the ratio adjusted by that — each process's speed before the
+callback ran — and each configuration's speed after ``fit`` over before it (a plain process runs
+its model faster after its fit, a dispersion process did not: the after-``fit`` adjustment then
+flatters the dispersion). It pre-faults memory before the peak-growth baseline: for time runs.
+
 ``--in-process`` (CPU): every fit in this process instead, as on CUDA (fresh model and callbacks
 each time; the order still alternates), for time only: the machine's slow and fast states then hit
 both sides alike. ``--mmap-threshold BYTES`` (fresh processes): every child runs with glibc's
@@ -205,10 +211,13 @@ def suite_callbacks(config: str = SUITE_CONFIG) -> list:
 
 
 def child(model_name: str, config: str, steps: int, warmup: int, log_every: int = 50, epoch_steps: int = 50,
-          probe: Any = None) -> dict:
+          probe: Any = None, calibrate_before: bool = False) -> dict:
     """One run (a fresh process on CPU); returns the measurements. ``probe``: a callback placed
     first in the trainer's list, whose ``summary()`` (read right after ``fit``, before anything
-    else runs) is returned as ``"probe"`` (``benchmarks/memory_breakdown.py``)."""
+    else runs) is returned as ``"probe"`` (``benchmarks/memory_breakdown.py``).
+    ``calibrate_before``: also time the calibration before ``fit`` (``calib_before_ms``; CPU,
+    plain and dispersion runs), which pre-faults memory before the peak-growth baseline — for
+    time runs."""
     import logging
 
     import lightning.pytorch as pl
@@ -234,6 +243,8 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
     network = spec.build()
     out: dict = {"model": model_name, "config": config, "params": count_parameters(network), "steps": steps,
                  "warmup": warmup}
+    if calibrate_before and not cuda and config in ("plain", "dispersion"):
+        out["calib_before_ms"] = _calibrate(network, batches[0], max(3, min(30, warmup)))
 
     if config.startswith("raw-"):
         out.update(_raw_loop(network.to(spec.device), batches, steps, warmup, hooks=config == "raw-hooks",
@@ -322,6 +333,14 @@ def _calibrate(network: nn.Module, batch: tuple, steps: int) -> float:
             network.zero_grad(set_to_none=True)
     network.load_state_dict(saved)
     return 1e3 * statistics.median(times)
+
+
+def before_adjusted_ratio(run: dict, plain: dict) -> float:
+    """``(step / calibration before fit)`` of ``run`` over that of ``plain`` (NaN without one)."""
+    a, b = run.get("calib_before_ms"), plain.get("calib_before_ms")
+    if not a or not b:
+        return float("nan")
+    return (run["ms_per_step"] / a) / (plain["ms_per_step"] / b)
 
 
 def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:
@@ -423,7 +442,7 @@ def configs_of(model_name: str, raw: bool, suite: bool | set[str]) -> list[tuple
 
 def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], steps_scale: float, in_process: bool,
             epoch_steps: int, on_round: Callable[[dict, list, dict, int], None] | None = None,
-            child_env: dict[str, str] | None = None) -> tuple[dict, list[str], dict]:
+            child_env: dict[str, str] | None = None, calibrate_before: bool = False) -> tuple[dict, list[str], dict]:
     """Every round runs every (model, configuration); ``on_round(results, loads, failed, rounds_done)``
     after each (the CUDA script writes its tables then, so a run stopped by its time limit keeps the
     rounds it finished).  In one process (CUDA) a run that raises is reported in ``failed`` and its
@@ -444,7 +463,8 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
                         continue
                     if in_process:
                         try:
-                            res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps)
+                            res = child(m, config, steps, spec.warmup, epoch_steps=epoch_steps,
+                                        calibrate_before=calibrate_before)
                         except Exception as err:  # noqa: BLE001 — reported in the tables, the others go on
                             import traceback
 
@@ -460,7 +480,8 @@ def measure(models: list[str], rounds: int, raw: bool, suite: bool | set[str], s
                             continue
                     else:
                         res = run_json_child([here, "--child", m, config, "--steps", str(steps), "--warmup",
-                                              str(spec.warmup), "--epoch-steps", str(epoch_steps)], env=child_env)
+                                              str(spec.warmup), "--epoch-steps", str(epoch_steps),
+                                              *(["--calibrate-before"] if calibrate_before else [])], env=child_env)
                     results.setdefault((m, config), []).append(res)
                     print(f"[round {r + 1}/{rounds}] {m:16s} {config:10s} {res['ms_per_step']:9.2f} ms/step  "
                           f"peak +{res['peak_growth_mib']:7.1f} MiB  backend={res.get('backend')}  "
@@ -506,6 +527,20 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
     if adjusted:
         lines += ["", "Speed-adjusted dispersion/plain (each run's step time over its own forward-and-backward "
                   "calibration after `fit`, `_calibrate`: the process's slow state taken out):", *adjusted]
+    before = []
+    for m in models:
+        d, p = results.get((m, "dispersion"), []), results.get((m, "plain"), [])
+        pairs = [(a, b) for a, b in zip(d, p) if a.get("calib_before_ms") and b.get("calib_before_ms")]
+        if pairs:
+            rs = [before_adjusted_ratio(a, b) for a, b in pairs]
+            drift = {name: [x["calib_ms"] / x["calib_before_ms"] for x in runs if x.get("calib_before_ms")]
+                     for name, runs in (("plain", p), ("dispersion", d))}
+            before.append(f"* {m}: {fmt_ci(rs)} over {len(rs)} rounds; the process's own forward and backward "
+                          f"after `fit` over before it: plain {fmt_ci(drift['plain'])}, "
+                          f"dispersion {fmt_ci(drift['dispersion'])}")
+    if before:
+        lines += ["", "Adjusted by the calibration *before* `fit` instead (`--calibrate-before`: each process's speed "
+                  "before the callback ran, so an after-effect of the fit on the process is not divided out):", *before]
     files = []
     for m in models:
         for config, base in configs_of(m, raw, suite):
@@ -538,6 +573,9 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                         help="CPU, fresh processes: run every child with MALLOC_MMAP_THRESHOLD_=BYTES (glibc's "
                              "moving mmap threshold fixed: peak growth without the allocator's placement)")
+    parser.add_argument("--calibrate-before", action="store_true",
+                        help="CPU: also calibrate each process before fit and report the ratio adjusted by that "
+                             "(pre-faults memory before the peak-growth baseline: for time runs)")
     parser.add_argument("--out", default=None, help="also write the Markdown to this file")
     parser.add_argument("--json", default=None, help="also write every run's measurements to this JSON file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
@@ -549,7 +587,7 @@ def main() -> None:
         m, config = args.child
         spec = SPECS[m]
         res = child(m, config, args.steps or spec.steps, spec.warmup if args.warmup is None else args.warmup,
-                    log_every=args.log_every, epoch_steps=args.epoch_steps)
+                    log_every=args.log_every, epoch_steps=args.epoch_steps, calibrate_before=args.calibrate_before)
         print(json.dumps(res))
         return
     if args.in_process and args.mmap_threshold:
@@ -578,7 +616,7 @@ def main() -> None:
     child_env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
     measure(models, args.rounds, args.raw, suite_models, args.steps_scale,
             in_process=args.device == "cuda" or args.in_process, epoch_steps=args.epoch_steps, on_round=write,
-            child_env=child_env)
+            child_env=child_env, calibrate_before=args.calibrate_before)
 
 
 def report(args: argparse.Namespace, models: list[str], suite_models: set[str], info: dict, results: dict,

@@ -63,6 +63,17 @@ def pooled_table(files: list[str], model: str | None, limit: float) -> str:
         all_adj += adjusted
         lines.append(f"| {os.path.basename(path)} | {len(raw)} | {fmt_ci(raw)} | {fmt_ci(adjusted)} |")
     lines.append(f"| **pooled** | {len(all_raw)} | **{fmt_ci(all_raw)}** | **{fmt_ci(all_adj)}** |")
+    before = []  # overhead_dispersion.py --calibrate-before: adjusted by each process's speed before fit
+    if model is not None:
+        for path in files:
+            with open(path) as fh:
+                runs = json.load(fh)["runs"]
+            for a, b in zip(runs.get(f"{model}|dispersion", []), runs.get(f"{model}|plain", [])):
+                if a.get("calib_before_ms") and b.get("calib_before_ms"):
+                    before.append((a["ms_per_step"] / a["calib_before_ms"]) / (b["ms_per_step"] / b["calib_before_ms"]))
+    if before:
+        lines += ["", f"Adjusted by the calibration before `fit` (the runs with `--calibrate-before`, {len(before)} "
+                  f"rounds): {fmt_ci(before)}."]
     lines += ["", f"Target median ≤ {limit:.2f}×: raw — {verdict(all_raw, limit)}; "
               f"speed-adjusted — {verdict(all_adj, limit)}."]
     return "\n".join(lines)

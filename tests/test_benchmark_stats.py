@@ -264,3 +264,21 @@ def test_in_process_cpu_report_reads_time_targets_only():
     args.in_process = False
     assert "peak growth ≤ 1.2× plain — measured 1.500×" in od.report(
         args, ["mlp"], set(), od.machine_description(), results, ["0 0 0"], {}, 5)
+
+
+def test_tables_adjust_by_the_calibration_before_fit_when_there_is_one():
+    """``overhead_dispersion --calibrate-before``: the ratio over each process's speed before ``fit``
+    ((1.2 / 2) / (1.0 / 1) = 0.6 here, where the calibration after ``fit`` gives 1.2) and each
+    configuration's after/before drift are reported; without the field, no such line."""
+    od = benchmark_module("overhead_dispersion")
+    run = {"ms_per_step": 1.0, "peak_growth_mib": 30.0, "maxrss_mib": 900.0, "base_mib": 0.0,
+           "file_growth_mib": 1.0, "calib_ms": 1.0, "calib_before_ms": 1.0}
+    results = {("mlp", "plain"): [run] * 3,
+               ("mlp", "dispersion"): [dict(run, ms_per_step=1.2, calib_before_ms=2.0)] * 3}
+    text = od.tables(results, ["mlp"], raw=False, suite=False)
+    assert "* mlp: 0.600×" in text.split("calibration *before*")[1]
+    assert "plain 1.000×" in text and "dispersion 0.500×" in text
+    assert od.before_adjusted_ratio(results[("mlp", "dispersion")][0], run) == pytest.approx(0.6)
+    assert "calibration *before*" not in od.tables(
+        {k: [{kk: vv for kk, vv in x.items() if kk != "calib_before_ms"} for x in v] for k, v in results.items()},
+        ["mlp"], raw=False, suite=False)
