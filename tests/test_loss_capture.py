@@ -1008,3 +1008,27 @@ def test_record_is_a_dataclass() -> None:
     assert "mse_loss" in repr(rec)
     cap.clear()
     assert cap.records == [] and cap.errors == []
+
+
+def test_capture_outside_transforms_leaves_functorch_state_alone(monkeypatch) -> None:
+    """Outside any ``torch.func`` transform the mode never asks functorch for its level:
+    ``maybe_current_level()`` creates functorch's thread-local state, which every later backward
+    of the thread then copies (small allocations a step in the user's training). Under ``vmap``
+    the level is still read (the transform created the state already) and the mode still refuses."""
+    calls = []
+    real = torch._C._functorch.maybe_current_level
+    monkeypatch.setattr(torch._C._functorch, "maybe_current_level", lambda: calls.append(1) or real())
+    net = _mlp()
+    x = torch.randn(B, 6, generator=_gen(1), dtype=DT)
+    y = torch.tensor([0, 4, 2, 2])
+    with LossCapture(B) as cap:
+        F.cross_entropy(net(x), y).backward()
+    assert len(cap.records) == 1 and calls == []
+
+    def f(xi: Tensor, yi: Tensor) -> Tensor:
+        return F.cross_entropy(net(xi.unsqueeze(0)), yi.unsqueeze(0))
+
+    with LossCapture(B):
+        with pytest.raises(RuntimeError, match="torch.func transform"):
+            vmap(f)(x, y)
+    assert calls  # (read inside the transform)
