@@ -282,3 +282,15 @@ def test_tables_adjust_by_the_calibration_before_fit_when_there_is_one():
     assert "calibration *before*" not in od.tables(
         {k: [{kk: vv for kk, vv in x.items() if kk != "calib_before_ms"} for x in v] for k, v in results.items()},
         ["mlp"], raw=False, suite=False)
+
+
+def test_malloc_callers_aggregates_a_dump_by_its_named_frames(tmp_path):
+    """``malloc_callers._callers`` sums the hits of the shim's stacks by their first named frames
+    (unnamed frames skipped), so two stacks that differ only in addresses count together."""
+    mc = benchmark_module("malloc_callers")
+    dump = tmp_path / "d.txt"
+    dump.write_text("== 30\n  libc.so(malloc+0x1) [0x1]\n  libtorch.so(_ZfooImpl+0x2) [0x2]\n  python() [0x3]\n"
+                    "== 12\n  libc.so(malloc+0x5) [0x9]\n  libtorch.so(_ZfooImpl+0x7) [0x8]\n"
+                    "== 5\n  libc.so(malloc+0x1) [0x1]\n  libtorch.so(_Zbar+0x2) [0x2]\n")
+    out = mc._callers(str(dump))
+    assert out == {"malloc <- _ZfooImpl": 42, "malloc <- _Zbar": 5}
