@@ -233,10 +233,15 @@ def test_memory_breakdown_probe_reads_anonymous_growth_and_mappings():
     class Trainer:
         global_step = 7
 
+    import mmap
+
     probe = mb.MemoryProbe()
     probe.on_fit_start(Trainer(), None)
-    block = bytearray(24 * 2**20)
-    block[::4096] = b"\x01" * len(block[::4096])
+    # an anonymous mapping of its own (a bytearray may come from heap pages already resident,
+    # once an earlier test has moved glibc's mmap threshold up)
+    block = mmap.mmap(-1, 24 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
     probe.on_after_backward(Trainer(), None)
     summary = probe.summary()
     assert summary["anon_peak_mib"] > 20.0 and summary["anon_peak_at"] == "after backward, step 7"
@@ -244,7 +249,7 @@ def test_memory_breakdown_probe_reads_anonymous_growth_and_mappings():
     assert set(summary["maps_mib"]) == set(mb.MAPPINGS)
     maps = mb._by_mapping()
     assert maps.get("libtorch_cpu.so", 0) > 0 and "[anon]" in maps
-    del block
+    block.close()
 
 
 def test_in_process_cpu_report_reads_time_targets_only():
