@@ -516,11 +516,12 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
-def calibrated_ratio(run: dict, plain: dict) -> float:
+def calibrated_ratio(run: dict, plain: dict, key: str = "calib_ms") -> float:
     """``(step / calibration)`` of ``run`` over that of ``plain`` (``overhead_dispersion.py``'s
     runs: each step time over the forward-and-backward calibration timed in the same process
-    after ``fit``), the dispersion rows' speed-adjusted ratio. NaN without a calibration."""
-    a, b = run.get("calib_ms"), plain.get("calib_ms")
+    after ``fit``), the dispersion rows' speed-adjusted ratio; ``key="calib_before_ms"``: over the
+    calibration before ``fit`` (``--calibrate-before``). NaN without a calibration."""
+    a, b = run.get(key), plain.get(key)
     if not a or not b:
         return float("nan")
     return (run["ms_per_step"] / a) / (plain["ms_per_step"] / b)

@@ -337,10 +337,7 @@ def _calibrate(network: nn.Module, batch: tuple, steps: int) -> float:
 
 def before_adjusted_ratio(run: dict, plain: dict) -> float:
     """``(step / calibration before fit)`` of ``run`` over that of ``plain`` (NaN without one)."""
-    a, b = run.get("calib_before_ms"), plain.get("calib_before_ms")
-    if not a or not b:
-        return float("nan")
-    return (run["ms_per_step"] / a) / (plain["ms_per_step"] / b)
+    return calibrated_ratio(run, plain, key="calib_before_ms")
 
 
 def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -68,9 +69,9 @@ def pooled_table(files: list[str], model: str | None, limit: float) -> str:
         for path in files:
             with open(path) as fh:
                 runs = json.load(fh)["runs"]
-            for a, b in zip(runs.get(f"{model}|dispersion", []), runs.get(f"{model}|plain", [])):
-                if a.get("calib_before_ms") and b.get("calib_before_ms"):
-                    before.append((a["ms_per_step"] / a["calib_before_ms"]) / (b["ms_per_step"] / b["calib_before_ms"]))
+            ratios = (calibrated_ratio(a, b, key="calib_before_ms")
+                      for a, b in zip(runs.get(f"{model}|dispersion", []), runs.get(f"{model}|plain", [])))
+            before += [x for x in ratios if math.isfinite(x)]
     if before:
         lines += ["", f"Adjusted by the calibration before `fit` (the runs with `--calibrate-before`, {len(before)} "
                   f"rounds): {fmt_ci(before)}."]

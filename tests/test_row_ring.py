@@ -78,12 +78,12 @@ def test_a_step_that_fails_after_kept_ones_logs_them_and_falls_back(tmp_path, mo
     real = GhostNormHooks._validated
     calls = {"n": 0}
 
-    def failing(self):
+    def failing(self, *args, **kwargs):
         if self.step_buffers is not None:  # the training steps' hooks (not the exactness check's)
             calls["n"] += 1
             if calls["n"] == 8:
                 self._problems.append("planted")
-        return real(self)
+        return real(self, *args, **kwargs)
 
     monkeypatch.setattr(GhostNormHooks, "_validated", failing)
     with pytest.warns(UserWarning, match="planted"):

@@ -33,6 +33,8 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from genbounds.estimators.functional import nograd
+
 
 @dataclass
 class StepRecord:
@@ -183,7 +185,7 @@ class StepLog:
         if self._buffer is not None and used and rows.device != self._buffer.device:
             rows = rows.to(self._buffer.device)
         buf = self._room(used, len(steps), len(names), rows.device)
-        buf[used:used + len(steps), :len(names)].copy_(rows.detach())
+        buf[used:used + len(steps), :len(names)].copy_(nograd(rows))
         self._pending.extend((step, names, used + j) for j, step in enumerate(steps))
 
     def _room(self, used: int, more: int, width: int, device: torch.device) -> Tensor:
@@ -204,7 +206,7 @@ class StepLog:
     def _store(self, step: int, names: tuple[str, ...], row: Tensor, used: int) -> None:
         buf = self._room(used, 1, len(names), row.device)
         dest = self._rows[used] if buf.shape[1] == len(names) else buf[used, :len(names)]
-        dest.copy_(row.detach() if row.requires_grad else row)
+        dest.copy_(nograd(row))
         self._pending.append((step, names, used))
 
     def __len__(self) -> int:

@@ -206,8 +206,7 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     gathered: list[Tensor] = []  # (flat) copied into the padded buffer, in the order of ``rest``
     rest: list[int] = []
     for i, t in enumerate(tensors):
-        if t.requires_grad:
-            t = t.detach()
+        t = nograd(t)
         size = t.numel()
         if size < _GATHER:
             full.append(0)
@@ -271,22 +270,16 @@ def _gather_slots(sizes: list[int], pieces: int, shapes: list[torch.Size] | None
     return buffer, slots
 
 
-def _nograd(t: Tensor) -> Tensor:
-    return t.detach() if t.requires_grad else t  # (a detach is an op: only where needed)
-
-
-def _copy_all(dst: list[Tensor], src: list[Tensor]) -> None:
-    if hasattr(torch, "_foreach_copy_"):
-        torch._foreach_copy_(dst, src)  # (one op)
-    else:  # pragma: no cover - torch < 2.1
-        for d, s_ in zip(dst, src):
-            d.copy_(s_)
+def nograd(t: Tensor) -> Tensor:
+    """``t`` detached where it requires gradient, else ``t`` itself (a detach is an op: in a
+    training step's hot path only where needed)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _gather(flats: list[Tensor], pieces: int) -> Tensor:
     """The flat tensors copied, zero-padded to whole pieces, into a new ``[pieces, 1024]`` buffer."""
     buffer, slots = _gather_slots([t.numel() for t in flats], pieces)
-    _copy_all(slots, flats)
+    torch._foreach_copy_(slots, flats)  # (one op)
     return buffer
 
 
@@ -332,10 +325,10 @@ class _PiecePlan:
         this plan's own buffers, or a row of a caller's (:meth:`views_of`) that keeps several
         steps' norms and squares them at once."""
         for (i, k), slot in zip(self.split, slots):
-            torch.linalg.vector_norm(_nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
+            torch.linalg.vector_norm(nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
         if self.gathered:
             # (detached: a copy of a tensor that requires gradient would record into the buffer)
-            _copy_all(self.gather_slots, [_nograd(tensors[i]) for i in self.gathered])
+            torch._foreach_copy_(self.gather_slots, [nograd(tensors[i]) for i in self.gathered])
             torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
 
     @property

@@ -10,6 +10,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor
 
 from genbounds.callbacks.distributed import reduce_moments
+from genbounds.estimators.functional import nograd
 from genbounds.estimators.gradient_dispersion import (
     DispersionEstimate,
     GradientMoments,
@@ -41,10 +42,6 @@ class StepContext:
     """The logger step the callback records this step's values at."""
 
 
-def _detached(t: Tensor) -> Tensor:
-    return t.detach() if t.requires_grad else t  # (a detach is an op: one per parameter and step)
-
-
 class LazyGrads(dict):
     """A :class:`StepContext`'s ``extras`` whose ``"grads"`` — the batch gradient as ``.grad``
     holds it, detached, zeros where ``.grad`` is ``None`` — are built when first read (the norm
@@ -57,7 +54,7 @@ class LazyGrads(dict):
     def __missing__(self, key: str) -> Any:
         if key != "grads":
             raise KeyError(key)
-        grads = [torch.zeros_like(p) if p.grad is None else _detached(p.grad) for p in self._params]
+        grads = [torch.zeros_like(p) if p.grad is None else nograd(p.grad) for p in self._params]
         self["grads"] = grads
         return grads
 

@@ -119,7 +119,7 @@ class RowRing:
             self._first = slot
         if not self._steps:
             self._first, self._key, self._groups = slot, key, groups
-        if self._norms is None or self._norms.shape[1] != plan.pieces or self._norms_layout != plan.layout:
+        if self._norms is None or self._norms_layout != plan.layout:  # (the layout fixes the pieces)
             # (pending steps, if any, were made above: another layout is another key) the piece
             # norms count against the budget too: as many steps as fit beside the lent buffers
             self.capacity = max(1, min(self.capacity, (self.budget_bytes - self._lent_bytes) // (4 * plan.pieces)))

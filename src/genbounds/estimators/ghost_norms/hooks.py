@@ -704,15 +704,13 @@ class GhostNormHooks:
             sums = self.read_sums()
             return None if sums is None else (sums, ())
         try:
-            deferred, step.deferred = tuple(step.deferred), []  # (not made here: sums_of)
-            if self._validated() is None:
+            if self._validated(finish_linear=False) is None:  # (the Linear rows: sums_of)
                 return None
             if not step.lent:  # (widened by a wider layer's values: a copy, read now)
-                step.deferred = list(deferred)
                 step.finish_linear()
                 assert step.rows is not None
                 return step.rows.sum(1, dtype=torch.float64), ()
-            return None, deferred
+            return None, tuple(step.deferred)
         finally:
             self.clear()
 
@@ -722,8 +720,9 @@ class GhostNormHooks:
         norms ``[k, 2, sites, b]``): each step's :meth:`read_sums` at scale 1, in a few ops for all."""
         return self._step.sums_of(rows, pairs, deferred)
 
-    def _validated(self) -> list[_Site] | None:
-        """The modules recorded this step, once every check passed (``None``: nothing to read)."""
+    def _validated(self, finish_linear: bool = True) -> list[_Site] | None:
+        """The modules recorded this step, once every check passed (``None``: nothing to read);
+        the deferred Linear rows made unless ``finish_linear`` is false (:meth:`read_parts`)."""
         if self._problems:
             raise RuntimeError("ghost norms unavailable: " + "; ".join(self._problems))
         for site in self._touched:
@@ -735,7 +734,7 @@ class GhostNormHooks:
         recorded = [s for s in self._touched if s.calls]
         if not recorded or any(s.received == 0 for s in recorded):
             return None
-        if self._step.deferred:
+        if finish_linear and self._step.deferred:
             self._step.finish_linear()
         if self._param_handles and not self.verify_every_step:
             self._remove_param_hooks()  # the structure was verified on this backward
