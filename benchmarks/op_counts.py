@@ -139,16 +139,20 @@ def cuda_paths() -> Iterator[None]:
         self.lent = None  # (the row ring lends the CPU only: each step read at once)
 
     from genbounds.callbacks.dispersion import row_ring
+    from genbounds.estimators.ghost_norms import linear
 
     saved = (ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces, row_ring.RowRing.lend)
+    loaded_only = set(linear.LOADED_KERNELS_ONLY)
     ghost_conv._conv_patch_gram = functools.partial(saved[0], windowed=True)
     ghost_conv._Scratch.get = fresh
     gd.squared_pieces = per_tensor
     row_ring.RowRing.lend = no_ring
+    linear.LOADED_KERNELS_ONLY.clear()
     try:
         yield
     finally:
         ghost_conv._conv_patch_gram, ghost_conv._Scratch.get, gd.squared_pieces, row_ring.RowRing.lend = saved
+        linear.LOADED_KERNELS_ONLY.update(loaded_only)
 
 
 def main() -> None:

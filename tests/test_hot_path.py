@@ -282,6 +282,76 @@ def test_hooks_disarm_on_unmeasured_steps(tmp_path):
     assert seen == [(0, True), (1, False), (2, False), (3, True), (4, False), (5, False)]
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_row_maps_built_from_lists_equal_their_matrix_products(seed):
+    """The drain's constant maps, built as Python lists (no kernel of their own), equal the
+    products they stand for, made with tensor ops: ``on_s @ [module in group]`` and
+    ``on_n @ [tensor in group][:, piece owner]`` — groups of several tensors, empty groups, tensors
+    split into pieces and gathered ones."""
+    import random
+
+    from genbounds.estimators import gradient_dispersion as gd
+
+    rng = random.Random(seed)
+    n = rng.randint(2, 9)
+    full = tuple(rng.choice([0, 0, 1, 3, 40]) for _ in range(n))
+    rest = tuple(sorted(i for i in range(n) if not full[i] or rng.random() < 0.3))
+    layout = (full, rest)
+    K = rng.randint(1, n)
+    owner = [rng.randrange(K) for _ in range(n)]  # (a partition: every tensor in one group)
+    groups = tuple(tuple(i for i in range(n) if owner[i] == k) for k in range(K))
+    n_modules = rng.randint(1, 6)
+    module_groups = tuple(tuple(j for j in range(n_modules) if j % K == k) for k in range(K))
+    b = rng.randint(2, 300)
+    on_modules, on_pieces = gd._hook_row_maps.__wrapped__(n_modules, module_groups, groups, layout, b,
+                                                           torch.device("cpu"))
+    on_s, on_n = gd._row_maps.__wrapped__(K, b, b, torch.device("cpu"))
+    of_module = torch.zeros(K, n_modules, dtype=torch.float64)
+    of_tensor = torch.zeros(K, n, dtype=torch.float64)
+    for k in range(K):
+        of_module[k, list(module_groups[k])] = 1.0
+        of_tensor[k, list(groups[k])] = 1.0
+    owners = torch.cat([torch.repeat_interleave(torch.arange(n), torch.tensor(full)), torch.tensor(rest)])
+    assert torch.equal(on_modules, on_s @ of_module)
+    assert torch.equal(on_pieces, (on_n @ of_tensor)[:, owners])
+    c = 1.0 / ((b - 1) * b)  # the closed form of the rows (norm_sq, trace_cov, dispersion, per group)
+    assert torch.equal(on_s[:3], torch.tensor([[0.0] * K, [b * c] * K, [c] * K], dtype=torch.float64))
+    assert torch.equal(on_n[3:], -b * c * torch.eye(K, dtype=torch.float64))
+
+
+def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_path):
+    """Each kernel a process runs for the first time maps its library code into memory (0.3-0.9 MiB
+    each, benchmarks/memory_breakdown.py --code-pages). On the CPU the dispersion's fit — the
+    checks before step 0, the measured steps, the rows made at the drain and the constant maps —
+    dispatches none of those it used to and that training never runs; the values are tested above."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen: set[str] = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    class Watch(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            self.mode = Ops()
+            self.mode.__enter__()
+
+        def on_fit_end(self, trainer, pl_module):
+            self.mode.__exit__(None, None, None)
+
+    from genbounds.estimators import gradient_dispersion as gd
+    from genbounds.estimators import functional
+
+    for cached in (gd._row_maps, gd._hook_row_maps, functional.group_matrix, functional.piece_owner):
+        cached.cache_clear()  # (made again inside the fit)
+    _, disp, out = _records(tmp_path, [Watch(), GradientDispersion(backend="hooks")])
+    assert disp.active_backend == "hooks" and len(out) == 6
+    assert {"linalg_vector_norm", "cat"} <= seen  # (the mode saw the measured steps)
+    assert not seen & {"index_put_", "_foreach_copy_", "addcmul", "eye", "repeat_interleave", "index_add_"}, seen
+
+
 @pytest.mark.cuda
 def test_cuda_norms_and_step_log_match_the_cpu():
     dev = torch.device("cuda")

@@ -185,15 +185,15 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     On the CPU with fp32 tensors: fp32 norms of pieces of 1,024 elements (no float64 copy;
     relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`). A tensor of at least
     ``32 × 1,024`` elements is one view and one norm (its remainder, if any, gathered as below);
-    every smaller tensor is copied, zero-padded to whole pieces, into one buffer (one multi-tensor
-    copy) whose pieces' norms are one op — 4.4 against 10.3 µs (hot) for the MLP's last layer and
+    every smaller tensor is copied, zero-padded to whole pieces, into one buffer (one
+    concatenation) whose pieces' norms are one op — 4.4 against 10.3 µs (hot) for the MLP's last layer and
     three biases, which took a norm of their own and a multi-tensor norm with a stack. Then one
     float64 square. Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
 
     ``reuse``: the norms are written into work buffers kept for the layout and the result is
-    one of them, valid until the next call with ``reuse`` — two ops fewer (the concatenation, and
-    the cast and square in one ``addcmul`` onto float64 zeros: exact squares), for callers that
-    consume it at once (the per-step path)."""
+    one of them, valid until the next call with ``reuse`` — one op fewer (the concatenation of
+    the norms; the cast and the square are in place, exact), for callers that consume it at once
+    (the per-step path)."""
     tensors = list(tensors)
     if reuse:
         plan = _PIECE_PLAN[0]
@@ -235,13 +235,13 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
         if gathered:
             pieces.append(torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1))
         return torch.cat(pieces).double().square_(), layout
-    norms, slots, rest_norms, zeros, squares = _piece_buffers(layout)
+    norms, slots, rest_norms, squares = _piece_buffers(layout)
     for v, slot in zip(views, slots):
         torch.linalg.vector_norm(v, dim=1, out=slot)
     if gathered:
         torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1, out=rest_norms)
-    # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
-    return torch.addcmul(zeros, norms, norms, out=squares), layout
+    # each fp32 norm squared exactly in float64
+    return squares.copy_(norms).square_(), layout
 
 
 _GATHER = 32 * _ROW
@@ -256,18 +256,28 @@ def _plannable(tensors: list[Tensor]) -> bool:
                                  and (t.numel() % _ROW == 0 or t.numel() < _GATHER) for t in tensors)
 
 
-def _gather_slots(sizes: list[int], pieces: int, shapes: list[torch.Size] | None = None
-                  ) -> tuple[Tensor, list[Tensor]]:
-    """A zeroed ``[pieces, 1024]`` fp32 buffer and a view of it per tensor of ``sizes`` elements,
-    each starting at a piece (shaped as ``shapes`` when given, else flat): the padding stays zero."""
-    buffer = torch.zeros(pieces, _ROW, dtype=torch.float32)
-    flat = buffer.view(-1)
-    slots, start = [], 0
-    for j, size in enumerate(sizes):
-        slot = flat[start:start + size]
-        slots.append(slot.view(shapes[j]) if shapes is not None else slot)
-        start += -(-size // _ROW) * _ROW
-    return buffer, slots
+def _gather_parts(sizes: list[int], pieces: int) -> tuple[Tensor, list[Tensor | None]]:
+    """A ``[pieces, 1024]`` fp32 buffer and, after each of the tensors of ``sizes`` elements, the
+    zeros that pad it to whole pieces (``None``: none needed): ``torch.cat`` of the tensors and
+    their pads, written into the buffer, starts each tensor at a piece and keeps the padding zero."""
+    pads: list[Tensor | None] = []
+    for size in sizes:
+        pad = -size % _ROW
+        pads.append(torch.zeros(pad, dtype=torch.float32) if pad else None)
+    return torch.empty(pieces, _ROW, dtype=torch.float32), pads
+
+
+def _gather_into(buffer: Tensor, pads: list[Tensor | None], flats: list[Tensor]) -> Tensor:
+    """``flats`` copied, each zero-padded to whole pieces, into ``buffer`` (flat) by one ``torch.cat``
+    (the data loader's collation runs its kernel already: a multi-tensor copy into slots of a
+    zeroed buffer mapped another 0.4 MiB of library code; docs/results/overhead.md)."""
+    parts: list[Tensor] = []
+    for t, pad in zip(flats, pads):
+        parts.append(t if t.dim() == 1 else t.reshape(-1))  # (a view is an op: none for a bias)
+        if pad is not None:
+            parts.append(pad)
+    torch.cat(parts, out=buffer)
+    return buffer
 
 
 def nograd(t: Tensor) -> Tensor:
@@ -278,8 +288,8 @@ def nograd(t: Tensor) -> Tensor:
 
 def _gather(flats: list[Tensor], pieces: int) -> Tensor:
     """The flat tensors copied, zero-padded to whole pieces, into a new ``[pieces, 1024]`` buffer."""
-    buffer, slots = _gather_slots([t.numel() for t in flats], pieces)
-    torch._foreach_copy_(slots, flats)  # (one op)
+    buffer, pads = _gather_parts([t.numel() for t in flats], pieces)
+    _gather_into(buffer.view(-1), pads, flats)
     return buffer
 
 
@@ -291,21 +301,20 @@ class _PiecePlan:
     the views, the layout and the buffers' cache key took about 30 (measured in the MLP
     benchmark's step); the ops and the values are those of the general path."""
 
-    __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_slots", "rest",
-                 "norms", "zeros", "squares")
+    __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_pads", "gather_flat",
+                 "rest", "norms", "squares")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
         self.layout = layout
-        norms, slots, self.rest, self.zeros, self.squares = _piece_buffers(layout)
+        norms, slots, self.rest, self.squares = _piece_buffers(layout)
         self.norms = norms
         full, rest = layout
         self.split = tuple((i, k) for i, k in enumerate(full) if k)  # (tensor, pieces), their slots in order
         self.slots = tuple(slots)
         self.gathered = tuple(dict.fromkeys(rest))  # (each small tensor once, in order)
-        self.gather_buffer, gather_slots = _gather_slots([tensors[i].numel() for i in self.gathered], len(rest),
-                                                         [tensors[i].shape for i in self.gathered])
-        self.gather_slots = gather_slots
+        self.gather_buffer, self.gather_pads = _gather_parts([tensors[i].numel() for i in self.gathered], len(rest))
+        self.gather_flat = self.gather_buffer.view(-1)
 
     def fits(self, tensors: list[Tensor]) -> bool:
         if len(tensors) != len(self.shapes):
@@ -317,8 +326,8 @@ class _PiecePlan:
 
     def run(self, tensors: list[Tensor]) -> tuple[Tensor, Layout]:
         self.norms_into(tensors, self.slots, self.rest)
-        # 0 + n·n computed in float64 (the common dtype): each fp32 norm squared exactly
-        return torch.addcmul(self.zeros, self.norms, self.norms, out=self.squares), self.layout
+        # each fp32 norm squared exactly in float64 (as the drain does: no kernel of its own)
+        return self.squares.copy_(self.norms).square_(), self.layout
 
     def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor) -> None:
         """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
@@ -328,7 +337,7 @@ class _PiecePlan:
             torch.linalg.vector_norm(nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
         if self.gathered:
             # (detached: a copy of a tensor that requires gradient would record into the buffer)
-            torch._foreach_copy_(self.gather_slots, [nograd(tensors[i]) for i in self.gathered])
+            _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
             torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
 
     @property
@@ -362,9 +371,9 @@ def piece_plan(tensors: list[Tensor]) -> _PiecePlan | None:
 
 
 @functools.lru_cache(maxsize=8)
-def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor, Tensor]:
+def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, Tensor]:
     """``(fp32 norms [pieces], a view of it per tensor split into pieces, the view of the rest,
-    float64 zeros, float64 squares)`` for :func:`squared_pieces` with ``reuse`` (CPU; kept for the
+    float64 squares)`` for :func:`squared_pieces` with ``reuse`` (CPU; kept for the
     last few layouts, as the cached matrices below)."""
     full, rest = layout
     n = sum(full) + len(rest)
@@ -374,7 +383,7 @@ def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, 
         if k:
             slots.append(norms[start:start + k])
             start += k
-    return norms, tuple(slots), norms[start:], torch.zeros(n, dtype=torch.float64), torch.empty(n, dtype=torch.float64)
+    return norms, tuple(slots), norms[start:], torch.empty(n, dtype=torch.float64)
 
 
 def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:
@@ -404,22 +413,44 @@ def groups_key(groups: list[list[int]]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(g) for g in groups)
 
 
+# The small constant matrices below are built as Python lists and made tensors in one call: built
+# with tensor ops (index_put_, eye, repeat_interleave, a float64 mm) their first calls mapped about
+# 1.5 MiB of library code that training never runs, for matrices of a few thousand entries made
+# once a fit (benchmarks/memory_breakdown.py --code-pages; docs/results/overhead.md).
+
+
+def piece_owners(layout: Layout) -> list[int]:
+    """The tensor index of every piece of a :func:`squared_pieces` layout (a list)."""
+    full, rest = layout
+    return [i for i, k in enumerate(full) for _ in range(k)] + list(rest)
+
+
 @functools.lru_cache(maxsize=64)
 def piece_owner(layout: Layout) -> Tensor:
     """The tensor index of every piece of a :func:`squared_pieces` layout."""
-    full, rest = layout
-    lead = torch.repeat_interleave(torch.arange(len(full)), torch.tensor(full, dtype=torch.long))
-    return torch.cat([lead, torch.tensor(rest, dtype=torch.long)])
+    return torch.tensor(piece_owners(layout), dtype=torch.long)
+
+
+def group_rows(n: int, groups: tuple[tuple[int, ...], ...]) -> list[list[float]]:
+    """:func:`group_matrix` as lists."""
+    rows = [[0.0] * n for _ in range(len(groups) + 1)]
+    for k, members in enumerate(groups):
+        for j in members:
+            rows[k][j] = 1.0
+    rows[-1] = [1.0] * n
+    return rows
 
 
 @functools.lru_cache(maxsize=64)
 def group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
     """``[K + 1, n]`` 0/1 float64: row ``k`` selects group ``k``'s tensors, the last row all ``n``."""
-    matrix = torch.zeros(len(groups) + 1, n, dtype=torch.float64)
-    for k, members in enumerate(groups):
-        matrix[k, list(members)] = 1.0
-    matrix[-1] = 1.0
-    return matrix.to(device)
+    return torch.tensor(group_rows(n, groups), dtype=torch.float64, device=device)
+
+
+def list_matmul(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
+    """``a @ b`` for small matrices given as lists (float64 arithmetic, Python's floats)."""
+    columns = list(zip(*b))
+    return [[sum(x * y for x, y in zip(row, col)) for col in columns] for row in a]
 
 
 def row_sq_norms(rows: Tensor) -> Tensor:

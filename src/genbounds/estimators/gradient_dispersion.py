@@ -31,10 +31,11 @@ from torch import Tensor
 
 from genbounds.estimators.functional import (
     Layout,
-    group_matrix,
+    group_rows,
     groups_key,
+    list_matmul,
     per_tensor_sq_norms,
-    piece_owner,
+    piece_owners,
     sq_norm,
     squared_pieces,
 )
@@ -169,17 +170,24 @@ def dispersion_row(group_sq: Tensor, group_mean_sq: Tensor, b: int, k: int) -> T
     return torch.addmv(on_n @ group_mean_sq.to(group_sq.device, torch.float64), on_s, group_sq.double())
 
 
+def _row_map_lists(groups: int, b: int, k: int) -> tuple[list[list[float]], list[list[float]]]:
+    c = 1.0 / ((k - 1) * b)
+    on_s = [[0.0] * groups for _ in range(3 + groups)]
+    on_n = [[0.0] * groups for _ in range(3 + groups)]
+    on_n[0] = [1.0] * groups                                    # norm_sq = Σ_k ‖ḡ_k‖²
+    on_s[1], on_n[1] = [b * c] * groups, [-b * b * c] * groups  # trace_cov = b · dispersion
+    on_s[2], on_n[2] = [c] * groups, [-b * c] * groups          # dispersion = Σ_k (S_k − b‖ḡ_k‖²) c
+    for j in range(groups):
+        on_s[3 + j][j], on_n[3 + j][j] = c, -b * c
+    return on_s, on_n
+
+
 @functools.lru_cache(maxsize=32)
 def _row_maps(groups: int, b: int, k: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    c = 1.0 / ((k - 1) * b)
-    on_s = torch.zeros(3 + groups, groups, dtype=torch.float64)
-    on_n = torch.zeros(3 + groups, groups, dtype=torch.float64)
-    on_n[0] = 1.0                      # norm_sq = Σ_k ‖ḡ_k‖²
-    on_s[1], on_n[1] = b * c, -b * b * c  # trace_cov = b · dispersion
-    on_s[2], on_n[2] = c, -b * c       # dispersion = Σ_k (S_k − b‖ḡ_k‖²) c
-    eye = torch.eye(groups, dtype=torch.float64)
-    on_s[3:], on_n[3:] = c * eye, -b * c * eye
-    return on_s.to(device), on_n.to(device)
+    # (made from lists: functional.group_matrix says why)
+    on_s, on_n = _row_map_lists(groups, b, k)
+    return (torch.tensor(on_s, dtype=torch.float64, device=device),
+            torch.tensor(on_n, dtype=torch.float64, device=device))
 
 
 def dispersion_from_moments(
@@ -304,9 +312,11 @@ _LAST_ROW_MAPS: list[tuple | None] = [None]
 @functools.lru_cache(maxsize=32)
 def _hook_row_maps(n_modules: int, module_groups: tuple[tuple[int, ...], ...], groups: tuple[tuple[int, ...], ...],
                    layout: Layout, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``."""
-    cpu = torch.device("cpu")
-    on_s, on_n = _row_maps(len(groups), b, b, cpu)
-    of_module = group_matrix(n_modules, module_groups, cpu)[:-1]
-    of_piece = group_matrix(len(layout[0]), groups, cpu)[:-1, piece_owner(layout)]  # [K, pieces]
-    return (on_s @ of_module).to(device), (on_n @ of_piece).to(device)
+    """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``
+    (made from lists: functional.group_matrix says why)."""
+    on_s, on_n = _row_map_lists(len(groups), b, b)
+    of_module = group_rows(n_modules, module_groups)[:-1]
+    on_tensor = list_matmul(on_n, group_rows(len(layout[0]), groups)[:-1])  # [3 + K, tensors]
+    owners = piece_owners(layout)  # (a piece's column is its tensor's)
+    return (torch.tensor(list_matmul(on_s, of_module), dtype=torch.float64, device=device),
+            torch.tensor([[row[i] for i in owners] for row in on_tensor], dtype=torch.float64, device=device))

@@ -93,10 +93,19 @@ def goodfellow_row_norms(x: Tensor | None, g: Tensor, g_out: Tensor, a_out: Tens
         a_out.zero_()
 
 
+LOADED_KERNELS_ONLY = {"cpu"}
+"""Devices where :func:`goodfellow_rows` runs only kernels a training step has loaded (its
+first call of another maps library code into the process: memory, not time)."""
+
+
 def goodfellow_rows(g_norms: Tensor, a_norms: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
     """``‖∇_W ℓ_i‖² + ‖∇_c ℓ_i‖² = ‖δ_i‖² (‖a_i‖² + 1)`` per layer row from the row norms of
     :func:`goodfellow_row_norms` (``[layers, b]`` each); ``bias`` (``[layers, 1]``) is 1 where the
-    layer's bias is trainable, else 0. Three ops for every layer together."""
+    layer's bias is trainable, else 0. Three ops for every layer together; four on the CPU, whose
+    products and sums run kernels that training has loaded (an ``addcmul`` mapped another 0.3 MiB
+    of library code there: docs/results/overhead.md)."""
+    if g_norms.device.type in LOADED_KERNELS_ONLY:
+        return torch.mul(a_norms, a_norms, out=out).add_(bias).mul_(g_norms).mul_(g_norms)
     return torch.addcmul(bias, a_norms, a_norms, out=out).mul_(g_norms).mul_(g_norms)
 
 
