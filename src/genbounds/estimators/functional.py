@@ -186,9 +186,10 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`). A tensor of at least
     ``32 × 1,024`` elements is one view and one norm (its remainder, if any, gathered as below);
     every smaller tensor is copied, zero-padded to whole pieces, into one buffer (one
-    concatenation) whose pieces' norms are one op — 4.4 against 10.3 µs (hot) for the MLP's last layer and
-    three biases, which took a norm of their own and a multi-tensor norm with a stack. Then one
-    float64 square. Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
+    concatenation) whose pieces' norms are one op — 5.3 µs (hot) for the MLP's last layer and
+    three biases, against 10.3 for a norm of their own and a multi-tensor norm with a stack (and
+    4.1 for a multi-tensor copy into a zeroed buffer, whose kernel training never runs: 0.4 MiB
+    more code in the process). Then one float64 square. Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
 
     ``reuse``: the norms are written into work buffers kept for the layout and the result is
     one of them, valid until the next call with ``reuse`` — one op fewer (the concatenation of

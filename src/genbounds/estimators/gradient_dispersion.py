@@ -171,6 +171,7 @@ def dispersion_row(group_sq: Tensor, group_mean_sq: Tensor, b: int, k: int) -> T
 
 
 def _row_map_lists(groups: int, b: int, k: int) -> tuple[list[list[float]], list[list[float]]]:
+    """:func:`_row_maps` as lists: ``(on_s, on_n)``, ``[3 + groups, groups]`` each."""
     c = 1.0 / ((k - 1) * b)
     on_s = [[0.0] * groups for _ in range(3 + groups)]
     on_n = [[0.0] * groups for _ in range(3 + groups)]
