@@ -34,6 +34,7 @@ from genbounds.estimators.functional import (
     row_dot64,
     trainable_parameters,
 )
+from genbounds.estimators.transform_thread import off_training_thread
 
 HVPMethod = Literal["auto", "reverse", "forward"]
 
@@ -91,7 +92,7 @@ class LossHessian:
             return reduce_all([g.detach() for g in self._graph()], self.reduce)
         base = detached(self.named)
         f = functional_loss(self.module, self.loss_fn)
-        g = func_grad(lambda p: f(p, self.batch).mean())(base)
+        g = off_training_thread(func_grad(lambda p: f(p, self.batch).mean()), base)  # (transform_thread.py)
         return reduce_all([g[n] for n in self.named], self.reduce)
 
     def loss(self) -> Tensor:
@@ -153,6 +154,10 @@ class LossHessian:
                 is_grads_batched=True, allow_unused=True
             )
             return reduce_all([torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)], self.reduce)
+        # (functorch transforms: off the training thread, transform_thread.py)
+        return off_training_thread(self._hvp_transformed, vs)
+
+    def _hvp_transformed(self, vs: Vector) -> Vector:
         base = detached(self.named)
         names = list(self.named)
         f = functional_loss(self.module, self.loss_fn)

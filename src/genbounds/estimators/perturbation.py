@@ -28,6 +28,7 @@ from genbounds.estimators.functional import (
     row_dot64,
     trainable_parameters,
 )
+from genbounds.estimators.transform_thread import off_training_thread
 
 Stacked = dict[str, Tensor]
 """Parameter dict whose tensors carry a leading dimension ``m`` (one row per point)."""
@@ -87,7 +88,8 @@ class PerturbedLoss:
         return dict(zip(leaves, grads))
 
     def _transformed_gradient(self, params: ParamDict, batch: Any) -> ParamDict:
-        return func_grad(lambda p: self._mean(p, batch))(params)
+        # (a transform: off the training thread, transform_thread.py; inline inside gradients_at's vmap)
+        return off_training_thread(func_grad(lambda p: self._mean(p, batch)), params)
 
     def gradient(self, params: ParamDict, batch: Any) -> ParamDict:
         return self._reduced(self._local_gradient(params, batch))
@@ -99,7 +101,7 @@ class PerturbedLoss:
             if m == 1:
                 out = self._mean({k: v[0] for k, v in points.items()}, batch).unsqueeze(0)
             else:
-                out = vmap(lambda p: self._mean(p, batch), randomness="same")(points)
+                out = off_training_thread(vmap(lambda p: self._mean(p, batch), randomness="same"), points)
         return reduce_all([out], self.reduce)[0]
 
     def gradients_at(self, points: Stacked, batch: Any) -> Stacked:
@@ -109,7 +111,7 @@ class PerturbedLoss:
             g = self._local_gradient({k: v[0] for k, v in points.items()}, batch)
             g = {k: v.unsqueeze(0) for k, v in g.items()}
         else:
-            g = vmap(lambda p: self._transformed_gradient(p, batch), randomness="same")(points)
+            g = off_training_thread(vmap(lambda p: self._transformed_gradient(p, batch), randomness="same"), points)
         return self._reduced(g)
 
     def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None,

@@ -1,0 +1,104 @@
+"""``torch.func`` transforms run off the training thread.
+
+A functorch transform (``torch.func``'s ``vmap``, ``grad``, ``jvp``) creates functorch's
+thread-local state in the thread that runs it. That state lives as long as the thread, and every
+later backward in that thread copies it (the autograd engine's ``getCopyOfFuncTorchTLS``). So a
+probe that vectorized once in the training thread would leave work in every later training step
+of the user's: on the MLP 784-512-512-10 at batch 128 a raw training step makes 382 small
+allocations after one ``vmap`` in its thread against 312 before, and 312 after a vectorized probe
+pass through this module (``benchmarks/functorch_state.py``). What that costs in time is below
+the drift of a raw loop here; in Lightning, the same state left by the loss contract's trial
+(until it stopped asking for the transform level outside a transform,
+``loss_capture._transform_level``) had cost the dispersion benchmark about two points of its
+ratio to plain training (docs/results/overhead.md).
+
+:func:`off_training_thread` runs a function in one worker thread kept for the process. The caller
+waits for it (no parallelism, no other core used), so only the thread's identity changes. The
+worker runs with the caller's thread-local settings that change results: grad mode, inference
+mode, autocast (CPU and CUDA) and, on CUDA, the current device and stream (the worker's work is
+queued on the caller's stream, so the order of kernels is the caller's). Its errors are raised
+in the caller; a call from the worker itself runs inline. Not carried over: modes entered with
+``TorchDispatchMode``/``TorchFunctionMode`` (``torch.set_default_device`` among them) and
+``saved_tensors_hooks`` of the caller — none of which the estimators rely on.
+
+Every estimator call of a transform goes through here: the stacked perturbation passes
+(``perturbation.py``), the forward-mode Hessian-vector products (``hessian_vector_product.py``)
+and the per-sample gradients by ``vmap`` (``per_sample_gradients.py``). A batched backward
+(``autograd.grad(is_grads_batched=True)``) runs PyTorch's legacy vmap, whose state is not
+functorch's and ends with the call: it stays where it is called. The opt-in
+``VariabilityRegularizer`` (an intervention, inside the training step's own graph) is not moved.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from typing import Any, Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+
+_LOCK = threading.Lock()
+_EXECUTOR: list[ThreadPoolExecutor | None] = [None]
+_WORKER: list[int | None] = [None]
+"""The worker thread's ident, once it ran."""
+
+
+def _executor() -> ThreadPoolExecutor:
+    with _LOCK:
+        if _EXECUTOR[0] is None:
+            _EXECUTOR[0] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genbounds-transforms")
+        return _EXECUTOR[0]
+
+
+def in_worker() -> bool:
+    """Whether the calling thread is the transforms' worker."""
+    return _WORKER[0] is not None and threading.get_ident() == _WORKER[0]
+
+
+def _caller_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
+                             "autocast": []}
+    for device in _AUTOCAST_DEVICES:
+        if torch.is_autocast_enabled(device):
+            state["autocast"].append((device, torch.get_autocast_dtype(device)))
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = (torch.cuda.current_device(), torch.cuda.current_stream())
+    return state
+
+
+def _run(state: dict[str, Any], fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
+    _WORKER[0] = threading.get_ident()
+    with ExitStack() as stack:
+        if "cuda" in state:
+            device, stream = state["cuda"]
+            stack.enter_context(torch.cuda.device(device))
+            stack.enter_context(torch.cuda.stream(stream))
+        stack.enter_context(torch.inference_mode(state["inference"]))
+        stack.enter_context(torch.set_grad_enabled(state["grad"]))
+        for device, dtype in state["autocast"]:
+            stack.enter_context(torch.autocast(device, dtype=dtype))
+        return fn(*args, **kwargs)
+
+
+def off_training_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` in the transforms' worker thread (module docstring); the caller
+    waits for it. Inline when called from the worker."""
+    if in_worker():
+        return fn(*args, **kwargs)
+    future = _executor().submit(_run, _caller_state(), fn, args, kwargs)
+    try:
+        return future.result()
+    except BaseException:
+        # (an interrupt of the caller's wait: the worker finishes its call before the caller's
+        # clean-up, e.g. an isolated pass restoring the weights, runs beside it)
+        if not future.done():
+            try:
+                future.result()
+            except BaseException:  # noqa: BLE001 - the caller's own exception is raised below
+                pass
+        raise
