@@ -30,14 +30,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import emit_report, single_thread_env  # noqa: E402
+from malloc_callers import build_counter  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = ("nothing", "vmap in the thread", "a vectorized probe")
 
 
@@ -102,14 +101,10 @@ def main() -> None:
     if args.child:
         _child(args.child[0], args.child[1], int(args.child[2]))
         return
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None or not sys.platform.startswith("linux"):
-        emit_report("functorch state: not measured (needs gcc and glibc on Linux).", args.out)
+    built = build_counter("genbounds_functorch_state_", "functorch state", args.out)
+    if built is None:
         return
-    work = tempfile.mkdtemp(prefix="genbounds_functorch_state_")
-    lib = os.path.join(work, "libcallers.so")
-    subprocess.run([gcc, "-O1", "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "malloc_callers.c"), "-ldl"],
-                   check=True)
+    work, lib = built
     lines = ["### A transform's after-effect on later training steps (MLP 784-512-512-10, b = 128, raw loop; "
              "a fresh process each)", "",
              "| done between the two measurements | small allocations a step: before → after | "

@@ -57,6 +57,21 @@ def _child(model: str, config: str, lib: str, out: str) -> None:
     print(json.dumps({"total": ctypes.c_ulong.in_dll(shim, "total").value}))
 
 
+def build_counter(prefix: str, report: str, out: str | None) -> tuple[str, str] | None:
+    """The counter (``malloc_callers.c``) compiled into a new temporary folder: ``(folder, path
+    of the library)``; ``None`` without gcc, or off Linux, after reporting ``report``: not
+    measured (to ``out``, as :func:`common.emit_report`)."""
+    gcc = shutil.which("gcc") or shutil.which("cc")
+    if gcc is None or not sys.platform.startswith("linux"):
+        emit_report(f"{report}: not measured (needs gcc and glibc on Linux).", out)
+        return None
+    work = tempfile.mkdtemp(prefix=prefix)
+    lib = os.path.join(work, "libcallers.so")
+    subprocess.run([gcc, "-O1", "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "malloc_callers.c"), "-ldl"],
+                   check=True)
+    return work, lib
+
+
 def _callers(path: str) -> collections.Counter:
     """Allocations per caller signature (the first six named frames) in a dump of the shim."""
     out: collections.Counter = collections.Counter()
@@ -89,14 +104,10 @@ def main() -> None:
     if args.child:
         _child(*args.child)
         return
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None or not sys.platform.startswith("linux"):
-        emit_report("malloc callers: not measured (needs gcc and glibc on Linux).", args.out)
+    built = build_counter("genbounds_malloc_", "malloc callers", args.out)
+    if built is None:
         return
-    work = tempfile.mkdtemp(prefix="genbounds_malloc_")
-    lib = os.path.join(work, "libcallers.so")
-    subprocess.run([gcc, "-O1", "-shared", "-fPIC", "-o", lib, os.path.join(HERE, "malloc_callers.c"), "-ldl"],
-                   check=True)
+    work, lib = built
     per_step, callers = {}, {}
     for config in ("plain", "dispersion"):
         dump = os.path.join(work, f"{config}.txt")
