@@ -52,7 +52,6 @@ from torch.func import grad_and_value, vmap
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors
 from genbounds.estimators.functional import LossFn, detached, functional_loss, row_sq_norms, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, centered_sums
-from genbounds.estimators.transform_thread import off_training_thread
 
 Method = Literal["vmap", "jacobian", "hooks"]
 
@@ -262,8 +261,8 @@ def _vmap_chunks(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[st
     per_sample = vmap(grad_and_value(loss_of_one), in_dims=(None, 0), randomness=randomness)
     b = batch_size(batch)
     for start in range(0, b, step):
-        # (a transform: off the training thread, transform_thread.py)
-        grads, loss = off_training_thread(per_sample, base, index_batch(batch, slice(start, start + step)))
+        # (in the calling thread, unlike the probes' transforms: transform_thread.py says why)
+        grads, loss = per_sample(base, index_batch(batch, slice(start, start + step)))
         # (popped: the generator keeps no reference to a chunk while the next one is computed)
         yield [g.reshape(g.shape[0], -1) for g in (grads.pop(n) for n in names)], loss
 
