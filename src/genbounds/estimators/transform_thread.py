@@ -67,12 +67,23 @@ def in_worker() -> bool:
     return _WORKER[0] is not None and threading.get_ident() == _WORKER[0]
 
 
+def _autocast(device: str) -> tuple[bool, torch.dtype]:
+    """Whether autocast is on for ``device`` in this thread, and its dtype."""
+    try:
+        return torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    except (TypeError, AttributeError):  # pragma: no cover - torch < 2.4
+        if device == "cpu":
+            return torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
 def _caller_state() -> dict[str, Any]:
     state: dict[str, Any] = {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
                              "autocast": []}
     for device in _AUTOCAST_DEVICES:
-        if torch.is_autocast_enabled(device):
-            state["autocast"].append((device, torch.get_autocast_dtype(device)))
+        enabled, dtype = _autocast(device)
+        if enabled:
+            state["autocast"].append((device, dtype))
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = (torch.cuda.current_device(), torch.cuda.current_stream())
     return state
