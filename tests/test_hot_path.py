@@ -282,7 +282,7 @@ def test_hooks_disarm_on_unmeasured_steps(tmp_path):
     assert seen == [(0, True), (1, False), (2, False), (3, True), (4, False), (5, False)]
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, "large"])
 def test_the_row_maps_built_from_lists_equal_their_matrix_products(seed):
     """The drain's constant maps, built as Python lists (no kernel of their own), equal the
     products they stand for, made with tensor ops: ``on_s @ [module in group]`` and
@@ -294,7 +294,8 @@ def test_the_row_maps_built_from_lists_equal_their_matrix_products(seed):
 
     rng = random.Random(seed)
     n = rng.randint(2, 9)
-    full = tuple(rng.choice([0, 0, 1, 3, 40]) for _ in range(n))
+    # (large: more entries than the list limit, the pieces' map made by one indexing op)
+    full = tuple(rng.choice([0, 0, 1, 3, 40] if seed != "large" else [0, 20000]) for _ in range(n))
     rest = tuple(sorted(i for i in range(n) if not full[i] or rng.random() < 0.3))
     layout = (full, rest)
     K = rng.randint(1, n)
@@ -341,11 +342,14 @@ def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_p
         def on_fit_end(self, trainer, pl_module):
             self.mode.__exit__(None, None, None)
 
-    from genbounds.estimators import gradient_dispersion as gd
     from genbounds.estimators import functional
+    from genbounds.estimators import gradient_dispersion as gd
 
-    for cached in (gd._row_maps, gd._hook_row_maps, functional.group_matrix, functional.piece_owner):
-        cached.cache_clear()  # (made again inside the fit)
+    for cached in (gd._row_maps, gd._hook_row_maps, functional.group_matrix, functional.piece_owner,
+                   functional._piece_buffers):
+        cached.cache_clear()  # (made again inside the fit, with the kept plan and maps)
+    functional._PIECE_PLAN[0] = None
+    gd._LAST_ROW_MAPS[0] = None
     _, disp, out = _records(tmp_path, [Watch(), GradientDispersion(backend="hooks")])
     assert disp.active_backend == "hooks" and len(out) == 6
     assert {"linalg_vector_norm", "cat"} <= seen  # (the mode saw the measured steps)

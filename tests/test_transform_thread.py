@@ -19,18 +19,18 @@ from genbounds.callbacks import (
     HessianTrace,
 )
 from genbounds.data import DigitsDataModule
-from genbounds.estimators.transform_thread import in_worker, off_training_thread
+from genbounds.estimators.transform_thread import _autocast, in_worker, off_training_thread
 from genbounds.models import MLP, Classifier
 
 
 def _settings() -> tuple:
     return (threading.get_ident(), torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
-            torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"), in_worker())
+            *_autocast("cpu"), in_worker(), torch.get_num_threads())
 
 
 def test_the_worker_carries_the_callers_settings_and_raises_its_errors():
     main = threading.get_ident()
-    ident, grad, inference, autocast, _, worker = off_training_thread(_settings)
+    ident, grad, inference, autocast, _, worker, _ = off_training_thread(_settings)
     assert ident != main and worker and (grad, inference, autocast) == (True, False, False)
     with torch.no_grad():
         assert off_training_thread(_settings)[1:3] == (False, False)
@@ -38,6 +38,13 @@ def test_the_worker_carries_the_callers_settings_and_raises_its_errors():
         assert off_training_thread(_settings)[2] is True
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert off_training_thread(_settings)[3:5] == (True, torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads + 1)  # (per thread under OpenMP: carried to the worker)
+        assert off_training_thread(_settings)[6] == threads + 1
+    finally:
+        torch.set_num_threads(threads)
+    assert off_training_thread(_settings)[6] == threads
     assert not in_worker() and torch.is_grad_enabled()  # (the caller's own settings untouched)
     # a call from the worker runs inline; the worker's error reaches the caller
     assert off_training_thread(lambda: off_training_thread(threading.get_ident)) == ident
@@ -51,6 +58,31 @@ def test_the_worker_carries_the_callers_settings_and_raises_its_errors():
     x = torch.randn(5, 3)
     f = torch.func.vmap(lambda r: (r.sin() * r).sum())
     assert torch.equal(off_training_thread(f, x), f(x))
+
+
+def test_each_calling_thread_has_its_worker_and_a_forked_child_makes_its_own():
+    import os
+
+    mine = off_training_thread(threading.get_ident)
+    other: list[int] = []
+    caller = threading.Thread(target=lambda: other.append(off_training_thread(threading.get_ident)))
+    caller.start()
+    caller.join(30)
+    assert other and other[0] != mine  # (a training in another thread keeps its own worker)
+    if not hasattr(os, "fork"):
+        return
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's worker thread does not exist here
+        done: list[float] = []
+        t = threading.Thread(target=lambda: done.append(off_training_thread(
+            lambda: float(torch.func.vmap(lambda x: x * 2)(torch.ones(2, 2)).sum()))), daemon=True)
+        t.start()
+        t.join(20)
+        os.write(write, b"ok" if done == [8.0] else b"hung")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read, 8) == b"ok"
 
 
 def _spy_transforms(monkeypatch) -> list[int]:

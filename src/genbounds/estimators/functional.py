@@ -448,11 +448,6 @@ def group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.devi
     return torch.tensor(group_rows(n, groups), dtype=torch.float64, device=device)
 
 
-def list_matmul(a: list[list[float]], b: list[list[float]]) -> list[list[float]]:
-    """``a @ b`` for small matrices given as lists (float64 arithmetic, Python's floats)."""
-    columns = list(zip(*b))
-    return [[sum(x * y for x, y in zip(row, col)) for col in columns] for row in a]
-
 
 def row_sq_norms(rows: Tensor) -> Tensor:
     """``[c]`` float64 squared norms of the rows of a ``[c, P]`` tensor, without a float64 copy

@@ -31,10 +31,9 @@ from torch import Tensor
 
 from genbounds.estimators.functional import (
     Layout,
-    group_rows,
     groups_key,
-    list_matmul,
     per_tensor_sq_norms,
+    piece_owner,
     piece_owners,
     sq_norm,
     squared_pieces,
@@ -310,14 +309,33 @@ _LAST_ROW_MAPS: list[tuple | None] = [None]
 (``groups`` a list: compared by identity, as the callback passes the same list every step)."""
 
 
+def _columns_by_group(on: list[list[float]], groups: tuple[tuple[int, ...], ...], n: int) -> list[list[float]]:
+    """``on @ [member j in group k]`` (``[rows, n]``): column ``j`` the sum of ``on``'s columns of
+    the groups that hold ``j`` (one product a member, not a dense product of mostly zeros)."""
+    out = [[0.0] * n for _ in on]
+    for k, members in enumerate(groups):
+        for j in members:
+            for row, src in zip(out, on):
+                row[j] += src[k]
+    return out
+
+
+_LIST_LIMIT = 1 << 16
+"""Entries up to which :func:`_hook_row_maps` builds the pieces' map as a list (beyond, one
+indexing op: its code pages are nothing beside such a model, and a list would cost seconds)."""
+
+
 @functools.lru_cache(maxsize=32)
 def _hook_row_maps(n_modules: int, module_groups: tuple[tuple[int, ...], ...], groups: tuple[tuple[int, ...], ...],
                    layout: Layout, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``(on_s · [module j in group k], on_n · [tensor i in group k] · [piece p of tensor i])``
     (made from lists: functional.group_matrix says why)."""
     on_s, on_n = _row_map_lists(len(groups), b, b)
-    of_module = group_rows(n_modules, module_groups)[:-1]
-    on_tensor = list_matmul(on_n, group_rows(len(layout[0]), groups)[:-1])  # [3 + K, tensors]
-    owners = piece_owners(layout)  # (a piece's column is its tensor's)
-    return (torch.tensor(list_matmul(on_s, of_module), dtype=torch.float64, device=device),
-            torch.tensor([[row[i] for i in owners] for row in on_tensor], dtype=torch.float64, device=device))
+    on_modules = torch.tensor(_columns_by_group(on_s, module_groups, n_modules), dtype=torch.float64)
+    on_tensor = _columns_by_group(on_n, groups, len(layout[0]))  # [3 + K, tensors]
+    if len(on_tensor) * (sum(layout[0]) + len(layout[1])) <= _LIST_LIMIT:
+        owners = piece_owners(layout)  # (a piece's column is its tensor's)
+        on_pieces = torch.tensor([[row[i] for i in owners] for row in on_tensor], dtype=torch.float64)
+    else:
+        on_pieces = torch.tensor(on_tensor, dtype=torch.float64)[:, piece_owner(layout)]
+    return on_modules.to(device), on_pieces.to(device)

@@ -12,14 +12,19 @@ the drift of a raw loop here; in Lightning, the same state left by the loss cont
 ``loss_capture._transform_level``) had cost the dispersion benchmark about two points of its
 ratio to plain training (docs/results/overhead.md).
 
-:func:`off_training_thread` runs a function in one worker thread kept for the process. The caller
-waits for it (no parallelism, no other core used), so only the thread's identity changes. The
-worker runs with the caller's thread-local settings that change results: grad mode, inference
-mode, autocast (CPU and CUDA) and, on CUDA, the current device and stream (the worker's work is
-queued on the caller's stream, so the order of kernels is the caller's). Its errors are raised
-in the caller; a call from the worker itself runs inline. Not carried over: modes entered with
-``TorchDispatchMode``/``TorchFunctionMode`` (``torch.set_default_device`` among them) and
-``saved_tensors_hooks`` of the caller — none of which the estimators rely on.
+:func:`off_training_thread` runs a function in a worker thread: one per calling thread, kept
+for its life (trainings in threads of one process keep their probes apart; a forked child makes
+its own). The caller waits for it (no parallelism, no other core used), so only the thread's
+identity changes; a hop costs about 0.1-0.2 ms, once per vectorized pass. The worker runs with
+the caller's thread-local settings that change results or speed: grad mode, inference mode,
+autocast (CPU and CUDA), the intra-op thread count, the context variables and, on CUDA, the
+current device and stream (the worker's work is queued on the caller's stream, so the order of
+kernels is the caller's). Its errors are raised in the caller; a call from a worker runs inline,
+and so does one made while the interpreter shuts its executors down. An interrupt (Ctrl-C) of
+the caller takes effect when the worker's call returns. Not carried over: modes entered with
+``TorchDispatchMode``/``TorchFunctionMode`` (``torch.set_default_device`` and ``with
+torch.device(...)`` among them), forward-mode AD levels and ``saved_tensors_hooks`` of the
+caller — none of which the estimators rely on.
 
 The probes' transforms go through here: the stacked perturbation passes (``perturbation.py``)
 and the forward-mode Hessian-vector products (``hessian_vector_product.py``). A batched backward
@@ -38,6 +43,8 @@ device's memory.
 
 from __future__ import annotations
 
+import contextvars
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -49,22 +56,35 @@ T = TypeVar("T")
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 
-_LOCK = threading.Lock()
-_EXECUTOR: list[ThreadPoolExecutor | None] = [None]
-_WORKER: list[int | None] = [None]
-"""The worker thread's ident, once it ran."""
+_LOCAL = threading.local()
+"""Per calling thread: its worker (an executor of one thread) and the generation it was made in."""
+_GENERATION = [0]
+"""Bumped in a forked child, whose copies of the parent's executors have no thread behind them."""
+_WORKERS: set[int] = set()
+"""The idents of the workers' threads."""
+
+
+def _after_fork() -> None:
+    _GENERATION[0] += 1
+    _WORKERS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _executor() -> ThreadPoolExecutor:
-    with _LOCK:
-        if _EXECUTOR[0] is None:
-            _EXECUTOR[0] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genbounds-transforms")
-        return _EXECUTOR[0]
+    made = getattr(_LOCAL, "executor", None)
+    if made is None or made[0] != _GENERATION[0]:
+        # one worker per calling thread: trainings in threads of one process keep their own
+        made = (_GENERATION[0], ThreadPoolExecutor(max_workers=1, thread_name_prefix="genbounds-transforms"))
+        _LOCAL.executor = made
+    return made[1]
 
 
 def in_worker() -> bool:
-    """Whether the calling thread is the transforms' worker."""
-    return _WORKER[0] is not None and threading.get_ident() == _WORKER[0]
+    """Whether the calling thread is a transforms' worker."""
+    return threading.get_ident() in _WORKERS
 
 
 def _autocast(device: str) -> tuple[bool, torch.dtype]:
@@ -79,7 +99,7 @@ def _autocast(device: str) -> tuple[bool, torch.dtype]:
 
 def _caller_state() -> dict[str, Any]:
     state: dict[str, Any] = {"grad": torch.is_grad_enabled(), "inference": torch.is_inference_mode_enabled(),
-                             "autocast": []}
+                             "autocast": [], "threads": torch.get_num_threads()}
     for device in _AUTOCAST_DEVICES:
         enabled, dtype = _autocast(device)
         if enabled:
@@ -90,7 +110,9 @@ def _caller_state() -> dict[str, Any]:
 
 
 def _run(state: dict[str, Any], fn: Callable[..., T], args: tuple, kwargs: dict) -> T:
-    _WORKER[0] = threading.get_ident()
+    _WORKERS.add(threading.get_ident())
+    if torch.get_num_threads() != state["threads"]:  # (per thread under OpenMP)
+        torch.set_num_threads(state["threads"])
     with ExitStack() as stack:
         if "cuda" in state:
             device, stream = state["cuda"]
@@ -108,7 +130,10 @@ def off_training_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     waits for it. Inline when called from the worker."""
     if in_worker():
         return fn(*args, **kwargs)
-    future = _executor().submit(_run, _caller_state(), fn, args, kwargs)
+    try:
+        future = _executor().submit(contextvars.copy_context().run, _run, _caller_state(), fn, args, kwargs)
+    except RuntimeError:  # (the interpreter is shutting its executors down: in the caller, then)
+        return fn(*args, **kwargs)
     try:
         return future.result()
     except BaseException:

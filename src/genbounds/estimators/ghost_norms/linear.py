@@ -103,7 +103,8 @@ def goodfellow_rows(g_norms: Tensor, a_norms: Tensor, bias: Tensor, out: Tensor 
     :func:`goodfellow_row_norms` (``[layers, b]`` each); ``bias`` (``[layers, 1]``) is 1 where the
     layer's bias is trainable, else 0. Three ops for every layer together; four on the CPU, whose
     products and sums run kernels that training has loaded (an ``addcmul`` mapped another 0.3 MiB
-    of library code there: docs/results/overhead.md)."""
+    of library code there: docs/results/overhead.md), rounding the sum once more (a row may
+    differ from the fused one in its last bit)."""
     if g_norms.device.type in LOADED_KERNELS_ONLY:
         return torch.mul(a_norms, a_norms, out=out).add_(bias).mul_(g_norms).mul_(g_norms)
     return torch.addcmul(bias, a_norms, a_norms, out=out).mul_(g_norms).mul_(g_norms)
