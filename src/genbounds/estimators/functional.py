@@ -189,7 +189,8 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     concatenation) whose pieces' norms are one op — 5.3 µs (hot) for the MLP's last layer and
     three biases, against 10.3 for a norm of their own and a multi-tensor norm with a stack (and
     4.1 for a multi-tensor copy into a zeroed buffer, whose kernel training never runs: 0.4 MiB
-    more code in the process). Then one float64 square. Otherwise one piece per tensor (:func:`per_tensor_sq_norms`).
+    more code in the process). Then one float64 square. Otherwise one piece per tensor
+    (:func:`per_tensor_sq_norms`).
 
     ``reuse``: the norms are written into work buffers kept for the layout and the result is
     one of them, valid until the next call with ``reuse`` — one op fewer (the concatenation of
@@ -268,7 +269,7 @@ def _gather_parts(sizes: list[int], pieces: int) -> tuple[Tensor, list[Tensor | 
     return torch.empty(pieces, _ROW, dtype=torch.float32), pads
 
 
-def _gather_into(buffer: Tensor, pads: list[Tensor | None], flats: list[Tensor]) -> Tensor:
+def _gather_into(buffer: Tensor, pads: list[Tensor | None], flats: list[Tensor]) -> None:
     """``flats`` copied, each zero-padded to whole pieces, into ``buffer`` (flat) by one ``torch.cat``
     (the data loader's collation runs its kernel already: a multi-tensor copy into slots of a
     zeroed buffer mapped another 0.4 MiB of library code; docs/results/overhead.md)."""
@@ -278,7 +279,6 @@ def _gather_into(buffer: Tensor, pads: list[Tensor | None], flats: list[Tensor])
         if pad is not None:
             parts.append(pad)
     torch.cat(parts, out=buffer)
-    return buffer
 
 
 def nograd(t: Tensor) -> Tensor:
@@ -432,21 +432,14 @@ def piece_owner(layout: Layout) -> Tensor:
     return torch.tensor(piece_owners(layout), dtype=torch.long)
 
 
-def group_rows(n: int, groups: tuple[tuple[int, ...], ...]) -> list[list[float]]:
-    """:func:`group_matrix` as lists."""
-    rows = [[0.0] * n for _ in range(len(groups) + 1)]
-    for k, members in enumerate(groups):
-        for j in members:
-            rows[k][j] = 1.0
-    rows[-1] = [1.0] * n
-    return rows
-
-
 @functools.lru_cache(maxsize=64)
 def group_matrix(n: int, groups: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
     """``[K + 1, n]`` 0/1 float64: row ``k`` selects group ``k``'s tensors, the last row all ``n``."""
-    return torch.tensor(group_rows(n, groups), dtype=torch.float64, device=device)
-
+    rows = [[0.0] * n for _ in groups] + [[1.0] * n]
+    for row, members in zip(rows, groups):
+        for j in members:
+            row[j] = 1.0
+    return torch.tensor(rows, dtype=torch.float64, device=device)
 
 
 def row_sq_norms(rows: Tensor) -> Tensor:
