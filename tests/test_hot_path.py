@@ -124,10 +124,11 @@ def test_the_fused_hook_row_follows_a_new_batch_size_and_groups():
     regrouped = [[0, 1, 2], [3]]  # another list of another content, the modules' groups unchanged
     for b, grouping in ((16, groups), (16, groups), (5, groups), (5, regrouped), (5, [[0, 1, 2, 3], []])):
         mg = ((0, 1), ()) if len(grouping[1]) == 0 else module_groups
-        got = hook_dispersion_row(module_sums, mg, 3.0, grads, grouping, b)
         group_sq = torch.stack([module_sums[list(m)].sum() for m in mg]) * 9.0
         want = dispersion_row(group_sq, grouped_sq_norms(grads, grouping)[:-1], b, b)
-        assert torch.allclose(got, want, rtol=1e-12, atol=0), (b, got, want)
+        for scale in (3.0, torch.tensor(3.0)):  # (on the host; the kept maps)
+            got = hook_dispersion_row(module_sums, mg, scale, grads, grouping, b)
+            assert torch.allclose(got, want, rtol=1e-12, atol=0), (b, got, want)
 
 
 @pytest.mark.parametrize("b", [2, 7, 128])
@@ -320,18 +321,21 @@ def test_the_row_maps_built_from_lists_equal_their_matrix_products(seed):
     assert torch.equal(on_n[3:], -b * c * torch.eye(K, dtype=torch.float64))
 
 
-def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_path):
-    """Each kernel a process runs for the first time maps its library code into memory (0.3-0.9 MiB
+def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_path, monkeypatch):
+    """Each kernel a process runs for the first time maps its library code into memory (0.2-0.9 MiB
     each, benchmarks/memory_breakdown.py --code-pages). On the CPU the dispersion's fit — the
-    checks before step 0, the measured steps, the rows made at the drain and the constant maps —
-    dispatches none of those it used to and that training never runs; the values are tested above."""
+    checks before step 0, the measured steps, the rows made at the drain and at an epoch's short
+    last batch (read at once), the constant maps — dispatches none of those it used to and that
+    training never runs: among them any float64 matrix product (MKL's code); the values are
+    tested above and in test_row_ring.py / test_piece_blocks.py."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
 
     class Ops(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            seen.add(func.overloadpacket.__name__)
+            dtypes = {str(a.dtype) for a in args if isinstance(a, torch.Tensor)}
+            seen.add((func.overloadpacket.__name__, "float64" if "torch.float64" in dtypes else ""))
             return func(*args, **(kwargs or {}))
 
     class Watch(pl.Callback):
@@ -342,6 +346,7 @@ def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_p
         def on_fit_end(self, trainer, pl_module):
             self.mode.__exit__(None, None, None)
 
+    from genbounds.callbacks.dispersion import norm_hooks
     from genbounds.estimators import functional
     from genbounds.estimators import gradient_dispersion as gd
 
@@ -350,10 +355,28 @@ def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_p
         cached.cache_clear()  # (made again inside the fit, with the kept plan and maps)
     functional._PIECE_PLAN[0] = None
     gd._LAST_ROW_MAPS[0] = None
-    _, disp, out = _records(tmp_path, [Watch(), GradientDispersion(backend="hooks")])
-    assert disp.active_backend == "hooks" and len(out) == 6
-    assert {"linalg_vector_norm", "cat"} <= seen  # (the mode saw the measured steps)
-    assert not seen & {"index_put_", "_foreach_copy_", "addcmul", "eye", "repeat_interleave", "index_add_"}, seen
+    pl.seed_everything(0, verbose=False)
+    disp = GradientDispersion(backend="hooks")
+    out: list = []
+    disp.add_listener(out.extend)
+    # batches of 500: the digits' training split ends each epoch on a shorter one (read at once)
+    data = DigitsDataModule(batch_size=500)
+    per_step = []
+    real = gd.hook_dispersion_row
+
+    def counted(*args, **kwargs):
+        per_step.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(norm_hooks, "hook_dispersion_row", counted)
+    trainer(tmp_path, [Watch(), disp], max_steps=6, log_every_n_steps=50).fit(Classifier(MLP(64, 10, 32), lr=0.0), data)
+    assert disp.active_backend == "hooks" and len(out) == 6 and per_step  # (the short batch: read at once)
+    names = {name for name, _ in seen}
+    assert {"linalg_vector_norm", "cat"} <= names  # (the mode saw the measured steps)
+    assert not names & {"index_put_", "_foreach_copy_", "addcmul", "eye", "repeat_interleave", "index_add_",
+                        "_foreach_norm"}, seen
+    in_float64 = {name for name, dtype in seen if dtype == "float64"}
+    assert not in_float64 & {"mm", "addmm", "mv", "addmv", "bmm", "mean", "pow"}, in_float64
 
 
 @pytest.mark.cuda

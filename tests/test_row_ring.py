@@ -18,6 +18,7 @@ from genbounds.estimators.functional import piece_plan, squared_pieces
 from genbounds.estimators.ghost_norms import GhostNormHooks
 from genbounds.estimators.ghost_norms.step_rows import step_buffer_views
 from genbounds.estimators.gradient_dispersion import hook_dispersion_row, hook_dispersion_rows
+from genbounds.estimators.piece_blocks import PieceBlocks
 from genbounds.models import MLP, Classifier
 from helpers import linear_mix, trainer
 
@@ -134,15 +135,25 @@ def test_batched_rows_equal_each_steps_row():
         steps.append((grads, sums))
     plan = piece_plan(steps[0][0])
     assert plan is not None
-    norms = torch.empty(5, plan.pieces)
+    blocks = PieceBlocks(plan.layout)
+    assert blocks.block > 1  # (the blocked sum is exercised, not only the piece-by-piece one)
+    norms = torch.zeros(5, blocks.width)
     for (grads, _), row in zip(steps, norms.unbind(0)):
-        plan.norms_into(grads, *plan.views_of(row))
-    got = hook_dispersion_rows(torch.stack([s for _, s in steps]), module_groups, scale, norms, plan.layout, groups, b)
+        plan.norms_into(grads, *blocks.views_of(row))
+    group_sq = blocks.group_sums(norms, groups)
+    module_sums = torch.stack([s for _, s in steps])
+    got = hook_dispersion_rows(module_sums, module_groups, scale, group_sq, b)
     want = torch.stack([hook_dispersion_row(s, module_groups, scale, g, groups, b) for g, s in steps])
+    assert got.dtype == torch.float64 and got.shape == want.shape
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    assert torch.equal(norms[-1].double().square(), squared_pieces(steps[-1][0])[0])
+    # the per-step row's tensor path (a tensor scale: the matrix-vector products) agrees too
+    on_maps = torch.stack([hook_dispersion_row(s, module_groups, torch.tensor(scale), g, groups, b) for g, s in steps])
+    assert torch.allclose(got, on_maps, rtol=1e-12, atol=0)
+    # the kept row holds each piece's norm once, the gaps zero
+    row = norms[-1]
+    assert torch.equal(row[row != 0].sort().values, squared_pieces(steps[-1][0])[0].sqrt().float().sort().values)
     with pytest.raises(ValueError):
-        hook_dispersion_rows(torch.stack([s for _, s in steps]), module_groups, scale, norms, plan.layout, groups, 1)
+        hook_dispersion_rows(module_sums, module_groups, scale, group_sq, 1)
 
 
 @pytest.mark.parametrize("mixed", [False, True])

@@ -352,7 +352,8 @@ def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str]
         notes.append(f"{what} are not a 1-d tensor of per-sample losses")
         return False
     observed = float(returned.detach().double())
-    reference = float(per_sample.detach().double().mean())
+    values = per_sample.detach().tolist()  # (summed on the host: a float64 mean is a kernel training never runs)
+    reference = math.fsum(values) / len(values) if values else math.nan
     ok = math.isfinite(observed) and math.isclose(observed, reference, rel_tol=1e-4, abs_tol=1e-7)
     if not ok:
         notes.append(f"training_step's loss ({observed:.6g}) is not the mean of {what} ({reference:.6g})")

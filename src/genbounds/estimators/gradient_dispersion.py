@@ -268,12 +268,24 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     module_sums, grouped_sq_norms(grads, groups)[:-1], b, b)``, with the group sums, the
     piece-to-tensor sums and the row's linear maps folded into two cached matrices: after the
     gradient's piece norms, two matrix-vector products where that path takes seven ops (each a
-    few µs in a training step on the CPU; docs/results/overhead.md). The maps of the last call are
-    kept for the same ``module_groups``, ``groups`` and layout objects (compared by identity: a
-    caller passes the same lists every step and never changes them in place)."""
+    few µs in a training step; docs/results/overhead.md). The maps of the last call are kept for
+    the same ``module_groups``, ``groups`` and layout objects (compared by identity: a caller
+    passes the same lists every step and never changes them in place). On the CPU with a number
+    for ``scale`` the pieces are summed per group and the row made on the host instead, in float64
+    (:func:`hook_dispersion_rows`)."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
     pieces, layout = squared_pieces(grads, reuse=True)  # (consumed below)
+    if module_sums.device.type == "cpu" and pieces.device.type == "cpu" and not isinstance(scale, Tensor):
+        # on the host, as the row ring's drains (hook_dispersion_rows): a float64 matrix-vector
+        # product would map MKL code that training never runs (a step the ring cannot keep: an
+        # epoch's short last batch)
+        owners = _piece_groups(layout, groups_key(groups))
+        group_sq = [0.0] * len(groups)
+        for g, value in zip(owners, pieces.tolist()):
+            if g >= 0:
+                group_sq[g] += value
+        return hook_dispersion_rows(module_sums.unsqueeze(0), module_groups, scale, [group_sq], b)[0]
     last = _LAST_ROW_MAPS[0]
     if (last is not None and last[0] is module_groups and last[1] is groups and last[2] is layout and last[3] == b
             and last[4] == module_sums.device):
@@ -288,20 +300,38 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
     return torch.addmv(base, on_modules, module_sums, alpha=float(scale) ** 2)
 
 
+@functools.lru_cache(maxsize=32)
+def _piece_groups(layout: Layout, groups: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The group of every piece of ``layout`` (``-1``: its tensor is in no group)."""
+    of_tensor = {i: g for g, members in enumerate(groups) for i in members}
+    return [of_tensor.get(i, -1) for i in piece_owners(layout)]
+
+
 def hook_dispersion_rows(module_sums: Tensor, module_groups: tuple[tuple[int, ...], ...], scale: float,
-                         piece_norms: Tensor, layout: Layout, groups: list[list[int]], b: int) -> Tensor:
-    """:func:`hook_dispersion_row` for ``k`` steps at once (``[k, 3 + K]``): ``module_sums``
-    ``[k, modules]`` float64 as there, ``piece_norms`` ``[k, pieces]`` the fp32 norms of the
-    gradient's pieces (``layout`` of :func:`~genbounds.estimators.functional.squared_pieces`),
-    squared here in float64; every step of the same batch size ``b ≥ 2`` and loss ``scale``.
-    Four ops for the ``k`` steps where each step took five of its own; the same values up to the
-    order of the float64 sums (a matrix product instead of matrix-vector products)."""
+                         group_sq: list[list[float]], b: int) -> Tensor:
+    """:func:`hook_dispersion_row` for ``k`` steps at once (``[k, 3 + K]`` float64):
+    ``module_sums`` ``[k, modules]`` float64 as there, ``group_sq`` each step's ``‖ḡ_k‖²`` per
+    group (:meth:`~genbounds.estimators.piece_blocks.PieceBlocks.group_sums`); every step of the
+    same batch size ``b ≥ 2`` and loss ``scale``. The row's linear maps are applied on the host in
+    float64 (``k × (3 + K)`` values; a float64 matrix product would map MKL's code for it, which
+    training never runs: :mod:`~genbounds.estimators.piece_blocks`), with the values of the
+    per-step path up to the order of float64 sums."""
     if b < 2:
         raise ValueError(f"the dispersion needs at least two samples, got {b}")
-    on_modules, on_pieces = _hook_row_maps(module_sums.shape[1], module_groups, groups_key(groups), layout, int(b),
-                                           module_sums.device)
-    squares = piece_norms.double().square_()  # (fp32 norms squared exactly in float64)
-    return torch.addmm(squares @ on_pieces.t(), module_sums, on_modules.t(), alpha=float(scale) ** 2)
+    c = 1.0 / ((b - 1) * b)
+    on_s, on_n = c * float(scale) ** 2, b * c
+    # the dispersion of group k: c·(scale²·S_k − b·‖ḡ_k‖²), S_k its modules' Σ_i ‖g_i‖² / scale²
+    ones = [m[0] for m in module_groups] if all(len(m) == 1 for m in module_groups) else None
+    rows = []
+    for sums, norms in zip(module_sums.tolist(), group_sq):
+        if ones is not None:  # (one module a group: the per-layer default)
+            per_group = [on_s * sums[j] - on_n * n for j, n in zip(ones, norms)]
+        else:
+            per_group = [on_s * sum([sums[j] for j in members], 0.0) - on_n * n
+                         for members, n in zip(module_groups, norms)]
+        dispersion = sum(per_group, 0.0)
+        rows.append([sum(norms, 0.0), b * dispersion, dispersion, *per_group])
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 _LAST_ROW_MAPS: list[tuple | None] = [None]

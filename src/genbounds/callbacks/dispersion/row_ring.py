@@ -3,9 +3,11 @@
 A step that ``GradientDispersion`` measures with the norm hooks alone (one backward a step, one
 process, on the CPU) writes only raw values: the ghost hooks' rows and row norms, into buffers
 this ring lends them (``GhostNormHooks.step_buffers``), and the fp32 norms of the gradient's
-pieces (``functional._PiecePlan.norms_into``). The logged rows of every pending step are made at
-once — ``GhostNormHooks.sums_of`` then ``hook_dispersion_rows``, about eight ops for all of
-them — when the step log is about to flush or take another record (the ring is one of its
+pieces (``functional._PiecePlan.norms_into``, into a row laid out by
+``estimators.piece_blocks.PieceBlocks``). The logged rows of every pending step are made at once
+— ``GhostNormHooks.sums_of``, ``PieceBlocks.group_sums`` and ``hook_dispersion_rows``, about eight
+ops for all of them and the rest on the host in float64 (no float64 matrix product: its first
+call maps 0.5–0.7 MiB of MKL's code, which training never runs) — when the step log is about to flush or take another record (the ring is one of its
 sources, ``StepLog.add_source``), when the ring is full, or when a step cannot join the pending
 ones (another batch size, loss scale, set of layers whose rows wait, gradient layout).
 
@@ -18,8 +20,8 @@ changes of its round, ``benchmarks/step_blocks.py`` went from 1.119x to 1.098-1.
 (docs/results/overhead.md, the row ring). The values are the per-step path's up to the order of
 float64 sums (a matrix product instead of matrix-vector ones).
 
-Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 parameters a step)
-of at most ``max_steps`` steps (16: a drain's fixed cost, ~150 µs on the MLP, spread over 16
+Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 parameters a step,
+and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (16: a drain's fixed cost, ~150 µs on the MLP, spread over 16
 steps is ~10 µs a step) and within ``budget_bytes`` (default 1 MiB; at least one step, so a model
 of more than 256 M parameters keeps one step's piece norms beyond it); a step of the MLP keeps
 7 KiB. Each step's checks run at its own read, so a failing step fails at once (the kept
@@ -39,6 +41,7 @@ from genbounds.estimators.functional import piece_plan
 from genbounds.estimators.ghost_norms.hooks import GhostNormHooks
 from genbounds.estimators.ghost_norms.step_rows import StepBuffers, step_buffer_views
 from genbounds.estimators.gradient_dispersion import hook_dispersion_rows
+from genbounds.estimators.piece_blocks import PieceBlocks
 
 if TYPE_CHECKING:
     from genbounds.callbacks.step_log import StepLog
@@ -56,7 +59,8 @@ class RowRing:
         self._shape: tuple | None = None  # (b, dtype, device) of the lent buffers
         self._rows: Tensor | None = None  # [capacity, sites, b]
         self._pairs: Tensor | None = None  # [capacity, 2, sites, b]
-        self._norms: Tensor | None = None  # [capacity, pieces] fp32
+        self._norms: Tensor | None = None  # [capacity, blocks.width] fp32, laid out by PieceBlocks
+        self._blocks: PieceBlocks | None = None
         self._lent_views: list[StepBuffers] = []
         self._piece_views: list[tuple[tuple[Tensor, ...], Tensor]] = []
         self._norms_layout: tuple | None = None
@@ -122,9 +126,11 @@ class RowRing:
         if self._norms is None or self._norms_layout != plan.layout:  # (the layout fixes the pieces)
             # (pending steps, if any, were made above: another layout is another key) the piece
             # norms count against the budget too: as many steps as fit beside the lent buffers
-            self.capacity = max(1, min(self.capacity, (self.budget_bytes - self._lent_bytes) // (4 * plan.pieces)))
-            self._norms = torch.empty((self.capacity, plan.pieces), dtype=torch.float32)
-            self._piece_views = [plan.views_of(row) for row in self._norms.unbind(0)]
+            self._blocks = blocks = PieceBlocks(plan.layout)
+            width = max(1, blocks.width)
+            self.capacity = max(1, min(self.capacity, (self.budget_bytes - self._lent_bytes) // (4 * width)))
+            self._norms = torch.zeros((self.capacity, blocks.width), dtype=torch.float32)  # (the gaps stay zero)
+            self._piece_views = [blocks.views_of(row) for row in self._norms.unbind(0)]
             self._norms_layout = plan.layout
         if slot >= self.capacity:  # (a ring just narrowed for the piece norms: nothing pending)
             self.drain()
@@ -158,10 +164,11 @@ class RowRing:
         a, z = self._first, self._first + len(steps)
         self._first = 0
         assert self._key is not None and self._rows is not None and self._pairs is not None
-        assert self._norms is not None and self._groups is not None
-        deferred, scale, b, module_groups, layout = self._key
+        assert self._norms is not None and self._groups is not None and self._blocks is not None
+        deferred, scale, b, module_groups, _ = self._key
         sums = self.ghost.sums_of(self._rows[a:z], self._pairs[a:z], deferred)
-        rows = hook_dispersion_rows(sums, module_groups, scale, self._norms[a:z], layout, self._groups, b)
+        group_sq = self._blocks.group_sums(self._norms[a:z], self._groups)
+        rows = hook_dispersion_rows(sums, module_groups, scale, group_sq, b)
         self.step_log.record_rows(steps, self.names, rows)
 
     def close(self) -> None:

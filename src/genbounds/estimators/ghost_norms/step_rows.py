@@ -164,12 +164,14 @@ class StepRows:
         key = (deferred, pairs.device, pairs.dtype)
         made = self._finishers.get(key)
         if made is None:
-            bias = torch.zeros(self.sites, 1, dtype=pairs.dtype)
-            mask = torch.zeros(self.sites, 1, dtype=torch.bool)
+            # (from lists: an element set is a copy kernel, a mask's all() another; neither runs in training)
+            bias_list, mask_list = [[0.0] for _ in range(self.sites)], [[False] for _ in range(self.sites)]
             for index, bt in deferred:
-                bias[index, 0] = float(bt)
-                mask[index, 0] = True
-            made = (bias.to(pairs.device), None if bool(mask.all()) else mask.to(pairs.device))
+                bias_list[index][0] = float(bt)
+                mask_list[index][0] = True
+            bias = torch.tensor(bias_list, dtype=pairs.dtype, device=pairs.device)
+            every = all(m[0] for m in mask_list)
+            made = (bias, None if every else torch.tensor(mask_list, dtype=torch.bool, device=pairs.device))
             if len(self._finishers) > 16:
                 self._finishers.clear()
             self._finishers[key] = made

@@ -1,0 +1,74 @@
+"""``PieceBlocks``: the row ring's layout of several steps' piece norms and their sums per group,
+against the pieces summed one by one and against each group's squared norm in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from genbounds.estimators.functional import piece_owners, piece_plan, squared_pieces
+from genbounds.estimators.piece_blocks import PieceBlocks
+
+SHAPES = {
+    # split tensors of 392, 256 and 5 pieces (blocks of 40), small ones of one and of three pieces
+    "mlp": [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,), (3000,)],
+    # two split tensors only: blocks of one piece
+    "few": [(8, 1024), (300,), (4, 1024)],
+    # no split tensor at all
+    "small": [(300,), (20, 30), (7,)],
+}
+GROUPS = {
+    "mlp": [[0, 1], [2, 3, 6], [4, 5]],
+    "few": [[2], [0, 1]],  # (groups out of tensor order)
+    "small": [[0, 2], [1]],
+}
+
+
+def _steps(shapes, k, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(*s, generator=gen) * (1 + j) for s in shapes] for j in range(k)]
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_group_sums_equal_the_pieces_summed_one_by_one(case):
+    shapes, groups = SHAPES[case], GROUPS[case]
+    steps = _steps(shapes, 4)
+    plan = piece_plan(steps[0])
+    assert plan is not None
+    blocks = PieceBlocks(plan.layout)
+    norms = torch.zeros(4, blocks.width)
+    for grads, row in zip(steps, norms.unbind(0)):
+        plan.norms_into(grads, *blocks.views_of(row))
+    got = blocks.group_sums(norms, groups)
+    owners = piece_owners(plan.layout)
+    for grads, row in zip(steps, got):
+        pieces, layout = squared_pieces(grads)
+        assert layout == plan.layout
+        want = [sum(float(pieces[p]) for p, t in enumerate(owners) if t in g) for g in groups]
+        assert row == pytest.approx(want, rel=1e-12)
+        exact = [sum(float(grads[t].double().square().sum()) for t in g) for g in groups]
+        assert row == pytest.approx(exact, rel=1e-6)
+    if case == "mlp":
+        assert blocks.block == 40 and blocks.width % 40 == 0
+    if case == "few":
+        assert blocks.block == 1
+
+
+def test_a_tensor_in_no_group_counts_nowhere_and_the_gaps_stay_zero():
+    shapes = SHAPES["mlp"]
+    steps = _steps(shapes, 2, seed=1)
+    plan = piece_plan(steps[0])
+    assert plan is not None
+    blocks = PieceBlocks(plan.layout)
+    norms = torch.zeros(2, blocks.width)
+    for grads, row in zip(steps, norms.unbind(0)):
+        plan.norms_into(grads, *blocks.views_of(row))
+    written = torch.zeros(blocks.width, dtype=torch.bool)
+    slots, rest = blocks.views_of(written)
+    for s in (*slots, rest):
+        s.fill_(True)
+    assert not norms[:, ~written].any()  # (the zeros between the blocks)
+    partial = blocks.group_sums(norms, [[0, 1], [4, 5]])  # tensors 2, 3 and 6 in no group
+    full = blocks.group_sums(norms, GROUPS["mlp"])
+    for p, f in zip(partial, full):
+        assert p == pytest.approx([f[0], f[2]], rel=1e-12)
