@@ -48,7 +48,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lightning.pytorch as pl  # noqa: E402
 
-from common import describe_machine_md, emit_report, load_average, machine_description, run_json_child  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine_md,
+    emit_report,
+    fmt_ci,
+    load_average,
+    machine_description,
+    run_json_child,
+    verdict,
+)
 
 STATUS = ("VmRSS", "RssAnon", "RssFile")
 MAPPINGS = ("libtorch_cpu.so", "[heap]", "[anon]")
@@ -192,6 +200,10 @@ CODE_PAGE_OPS = {
     "index_put_(float64)": "torch.zeros(9, dtype=torch.float64).index_put_((torch.tensor([1]),), "
                            "torch.tensor([1.0], dtype=torch.float64))",
     "where(bool, float32)": "torch.where(torch.ones(9, dtype=torch.bool), torch.randn(9), torch.randn(9))",
+    "mv(float64)": "torch.mv(torch.randn(3, 9, dtype=torch.float64), torch.randn(9, dtype=torch.float64))",
+    "_foreach_norm(float32 → float64)": "torch._foreach_norm([torch.randn(9)], 2, dtype=torch.float64)",
+    "mean(float64)": "torch.randn(9, dtype=torch.float64).mean()",
+    "square_(float64)": "torch.randn(9, dtype=torch.float64).square_()",
 }
 
 
@@ -278,7 +290,8 @@ def main() -> None:
         lines.append(f"| {label} | {a:.1f} | {b:.1f} | {b - a:+.1f} |")
     ratios = [d["peak_growth_mib"] / p["peak_growth_mib"] for d, p in zip(runs["dispersion"], runs["plain"])]
     lines.append(f"\nPeak-growth ratio per round: {', '.join(f'{x:.3f}×' for x in ratios)} "
-                 f"(median {statistics.median(ratios):.3f}×).")
+                 f"(median {statistics.median(ratios):.3f}×; with its 95 % CI {fmt_ci(ratios)}, ≤ 1.2×: "
+                 f"{verdict(ratios, 1.2)}).")
     if args.ops:
         plain = run_json_child([here, "--ops-child", args.model, "plain", "--steps", str(args.steps)], env=env)
         disp = run_json_child([here, "--ops-child", args.model, "dispersion", "--steps", str(args.steps)], env=env)
