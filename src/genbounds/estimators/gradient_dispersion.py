@@ -280,11 +280,9 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
         # on the host, as the row ring's drains (hook_dispersion_rows): a float64 matrix-vector
         # product would map MKL code that training never runs (a step the ring cannot keep: an
         # epoch's short last batch)
-        owners = _piece_groups(layout, groups_key(groups))
-        group_sq = [0.0] * len(groups)
-        for g, value in zip(owners, pieces.tolist()):
-            if g >= 0:
-                group_sq[g] += value
+        values = pieces.tolist()
+        group_sq = [sum((sum(values[a:z], 0.0) for a, z in spans), 0.0)
+                    for spans in _group_piece_spans(layout, groups_key(groups))]
         return hook_dispersion_rows(module_sums.unsqueeze(0), module_groups, scale, [group_sq], b)[0]
     last = _LAST_ROW_MAPS[0]
     if (last is not None and last[0] is module_groups and last[1] is groups and last[2] is layout and last[3] == b
@@ -301,10 +299,21 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
 
 
 @functools.lru_cache(maxsize=32)
-def _piece_groups(layout: Layout, groups: tuple[tuple[int, ...], ...]) -> list[int]:
-    """The group of every piece of ``layout`` (``-1``: its tensor is in no group)."""
+def _group_piece_spans(layout: Layout, groups: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, int]]]:
+    """Per group, the runs ``(start, end)`` of ``layout``'s pieces that belong to it (a tensor in
+    no group: in none), for sums over slices of a list."""
     of_tensor = {i: g for g, members in enumerate(groups) for i in members}
-    return [of_tensor.get(i, -1) for i in piece_owners(layout)]
+    spans: list[list[list[int]]] = [[] for _ in groups]
+    for p, owner in enumerate(piece_owners(layout)):
+        g = of_tensor.get(owner)
+        if g is None:
+            continue
+        runs = spans[g]
+        if runs and runs[-1][1] == p:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return [[(a, z) for a, z in runs] for runs in spans]
 
 
 def hook_dispersion_rows(module_sums: Tensor, module_groups: tuple[tuple[int, ...], ...], scale: float,

@@ -7,9 +7,10 @@ pieces (``functional._PiecePlan.norms_into``, into a row laid out by
 ``estimators.piece_blocks.PieceBlocks``). The logged rows of every pending step are made at once
 — ``GhostNormHooks.sums_of``, ``PieceBlocks.group_sums`` and ``hook_dispersion_rows``, about eight
 ops for all of them and the rest on the host in float64 (no float64 matrix product: its first
-call maps 0.5–0.7 MiB of MKL's code, which training never runs) — when the step log is about to flush or take another record (the ring is one of its
-sources, ``StepLog.add_source``), when the ring is full, or when a step cannot join the pending
-ones (another batch size, loss scale, set of layers whose rows wait, gradient layout).
+call maps 0.5–0.7 MiB of MKL's code, which training never runs) — when the step log is about to
+flush or take another record (the ring is one of its sources, ``StepLog.add_source``), when the
+ring is full, or when a step cannot join the pending ones (another batch size, loss scale, set of
+layers whose rows wait, gradient layout).
 
 Why: on the MLP benchmark a measured step spent more in the dispatch of its eight small read-out
 ops (the Linear rows squared and combined, their sums, the pieces squared, two matrix-vector
@@ -18,13 +19,13 @@ caches of a training step. Measured in one process (blocks of measured steps wit
 the ring, alternating) the ring took the step from 1.111x to 1.100-1.104x plain; with the other
 changes of its round, ``benchmarks/step_blocks.py`` went from 1.119x to 1.098-1.102x
 (docs/results/overhead.md, the row ring). The values are the per-step path's up to the order of
-float64 sums (a matrix product instead of matrix-vector ones).
+float64 sums.
 
 Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 parameters a step,
-and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (16: a drain's fixed cost, ~150 µs on the MLP, spread over 16
-steps is ~10 µs a step) and within ``budget_bytes`` (default 1 MiB; at least one step, so a model
-of more than 256 M parameters keeps one step's piece norms beyond it); a step of the MLP keeps
-7 KiB. Each step's checks run at its own read, so a failing step fails at once (the kept
+and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (16: a
+drain's fixed cost, ~150 µs on the MLP, spread over 16 steps is ~10 µs a step) and within
+``budget_bytes`` (default 1 MiB; at least one step, so a model of more than 256 M parameters
+keeps one step's piece norms beyond it); a step of the MLP keeps 7 KiB. Each step's checks run at its own read, so a failing step fails at once (the kept
 steps before it are logged); only the arithmetic that turns the raw values into rows waits. The
 CPU only: elsewhere each step is read at once, as before.
 """
