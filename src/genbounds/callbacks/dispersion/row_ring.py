@@ -25,9 +25,10 @@ Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 param
 and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (16: a
 drain's fixed cost, ~150 µs on the MLP, spread over 16 steps is ~10 µs a step) and within
 ``budget_bytes`` (default 1 MiB; at least one step, so a model of more than 256 M parameters
-keeps one step's piece norms beyond it); a step of the MLP keeps 7 KiB. Each step's checks run at its own read, so a failing step fails at once (the kept
-steps before it are logged); only the arithmetic that turns the raw values into rows waits. The
-CPU only: elsewhere each step is read at once, as before.
+keeps one step's piece norms beyond it); a step of the MLP keeps 7 KiB. Each step's checks run
+at its own read, so a failing step fails at once (the kept steps before it are logged); only the
+arithmetic that turns the raw values into rows waits. The CPU only: elsewhere each step is read
+at once, as before.
 """
 
 from __future__ import annotations
