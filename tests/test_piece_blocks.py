@@ -24,21 +24,23 @@ GROUPS = {
 }
 
 
-def _steps(shapes, k, seed=0):
+def _kept(shapes, k, seed=0):
+    """``k`` steps' gradients of ``shapes``, their plan, blocks and the rows a ring would keep."""
     gen = torch.Generator().manual_seed(seed)
-    return [[torch.randn(*s, generator=gen) * (1 + j) for s in shapes] for j in range(k)]
+    steps = [[torch.randn(*s, generator=gen) * (1 + j) for s in shapes] for j in range(k)]
+    plan = piece_plan(steps[0])
+    assert plan is not None
+    blocks = PieceBlocks(plan.layout)
+    norms = torch.zeros(k, blocks.width)
+    for grads, row in zip(steps, norms.unbind(0)):
+        plan.norms_into(grads, *blocks.views_of(row))
+    return steps, plan, blocks, norms
 
 
 @pytest.mark.parametrize("case", sorted(SHAPES))
 def test_group_sums_equal_the_pieces_summed_one_by_one(case):
-    shapes, groups = SHAPES[case], GROUPS[case]
-    steps = _steps(shapes, 4)
-    plan = piece_plan(steps[0])
-    assert plan is not None
-    blocks = PieceBlocks(plan.layout)
-    norms = torch.zeros(4, blocks.width)
-    for grads, row in zip(steps, norms.unbind(0)):
-        plan.norms_into(grads, *blocks.views_of(row))
+    groups = GROUPS[case]
+    steps, plan, blocks, norms = _kept(SHAPES[case], 4)
     got = blocks.group_sums(norms, groups)
     owners = piece_owners(plan.layout)
     for grads, row in zip(steps, got):
@@ -55,14 +57,7 @@ def test_group_sums_equal_the_pieces_summed_one_by_one(case):
 
 
 def test_a_tensor_in_no_group_counts_nowhere_and_the_gaps_stay_zero():
-    shapes = SHAPES["mlp"]
-    steps = _steps(shapes, 2, seed=1)
-    plan = piece_plan(steps[0])
-    assert plan is not None
-    blocks = PieceBlocks(plan.layout)
-    norms = torch.zeros(2, blocks.width)
-    for grads, row in zip(steps, norms.unbind(0)):
-        plan.norms_into(grads, *blocks.views_of(row))
+    _, _, blocks, norms = _kept(SHAPES["mlp"], 2, seed=1)
     written = torch.zeros(blocks.width, dtype=torch.bool)
     slots, rest = blocks.views_of(written)
     for s in (*slots, rest):
