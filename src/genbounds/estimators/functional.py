@@ -332,7 +332,7 @@ class _PiecePlan:
 
     def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor) -> None:
         """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
-        this plan's own buffers, or a row of a caller's (:meth:`views_of`) that keeps several
+        this plan's own buffers, or a row of a caller's (``PieceBlocks.views_of``) that keeps several
         steps' norms and squares them at once."""
         for (i, k), slot in zip(self.split, slots):
             torch.linalg.vector_norm(nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
@@ -340,18 +340,6 @@ class _PiecePlan:
             # (detached: a copy of a tensor that requires gradient would record into the buffer)
             _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
             torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
-
-    @property
-    def pieces(self) -> int:
-        return int(self.norms.shape[0])
-
-    def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-        """``row`` (fp32 ``[pieces]``) split as this plan's own norms: for :meth:`norms_into`."""
-        slots, start = [], 0
-        for _, k in self.split:
-            slots.append(row[start:start + k])
-            start += k
-        return tuple(slots), row[start:]
 
 
 _PIECE_PLAN: list[_PiecePlan | None] = [None]

@@ -38,6 +38,7 @@ from genbounds.estimators.functional import (
     sq_norm,
     squared_pieces,
 )
+from genbounds.estimators.piece_blocks import owner_spans, span_sums
 
 
 @dataclass
@@ -280,9 +281,7 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
         # on the host, as the row ring's drains (hook_dispersion_rows): a float64 matrix-vector
         # product would map MKL code that training never runs (a step the ring cannot keep: an
         # epoch's short last batch)
-        values = pieces.tolist()
-        group_sq = [sum((sum(values[a:z], 0.0) for a, z in spans), 0.0)
-                    for spans in _group_piece_spans(layout, groups_key(groups))]
+        group_sq = span_sums(pieces.tolist(), _group_piece_spans(layout, groups_key(groups)))
         return hook_dispersion_rows(module_sums.unsqueeze(0), module_groups, scale, [group_sq], b)[0]
     last = _LAST_ROW_MAPS[0]
     if (last is not None and last[0] is module_groups and last[1] is groups and last[2] is layout and last[3] == b
@@ -300,20 +299,8 @@ def hook_dispersion_row(module_sums: Tensor, module_groups: tuple[tuple[int, ...
 
 @functools.lru_cache(maxsize=32)
 def _group_piece_spans(layout: Layout, groups: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, int]]]:
-    """Per group, the runs ``(start, end)`` of ``layout``'s pieces that belong to it (a tensor in
-    no group: in none), for sums over slices of a list."""
-    of_tensor = {i: g for g, members in enumerate(groups) for i in members}
-    spans: list[list[list[int]]] = [[] for _ in groups]
-    for p, owner in enumerate(piece_owners(layout)):
-        g = of_tensor.get(owner)
-        if g is None:
-            continue
-        runs = spans[g]
-        if runs and runs[-1][1] == p:
-            runs[-1][1] = p + 1
-        else:
-            runs.append([p, p + 1])
-    return [[(a, z) for a, z in runs] for runs in spans]
+    """Per group, the runs of ``layout``'s pieces that belong to it (:func:`owner_spans`)."""
+    return owner_spans(piece_owners(layout), groups)
 
 
 def hook_dispersion_rows(module_sums: Tensor, module_groups: tuple[tuple[int, ...], ...], scale: float,
@@ -330,14 +317,10 @@ def hook_dispersion_rows(module_sums: Tensor, module_groups: tuple[tuple[int, ..
     c = 1.0 / ((b - 1) * b)
     on_s, on_n = c * float(scale) ** 2, b * c
     # the dispersion of group k: c·(scale²·S_k − b·‖ḡ_k‖²), S_k its modules' Σ_i ‖g_i‖² / scale²
-    ones = [m[0] for m in module_groups] if all(len(m) == 1 for m in module_groups) else None
     rows = []
     for sums, norms in zip(module_sums.tolist(), group_sq):
-        if ones is not None:  # (one module a group: the per-layer default)
-            per_group = [on_s * sums[j] - on_n * n for j, n in zip(ones, norms)]
-        else:
-            per_group = [on_s * sum([sums[j] for j in members], 0.0) - on_n * n
-                         for members, n in zip(module_groups, norms)]
+        per_group = [on_s * sum([sums[j] for j in members], 0.0) - on_n * n
+                     for members, n in zip(module_groups, norms)]
         dispersion = sum(per_group, 0.0)
         rows.append([sum(norms, 0.0), b * dispersion, dispersion, *per_group])
     return torch.tensor(rows, dtype=torch.float64)

@@ -20,7 +20,7 @@ import functools
 
 from torch import Tensor
 
-from genbounds.estimators.functional import Layout
+from genbounds.estimators.functional import Layout, groups_key
 
 TARGET_BLOCKS = 16
 """About this many blocks for the split tensors' pieces, plus one a tensor (``c`` at most
@@ -28,6 +28,35 @@ TARGET_BLOCKS = 16
 MAX_BLOCK = 128
 """The most pieces in a block: a tensor's last block leaves at most ``c − 1`` pieces of a row zero
 (4 bytes each)."""
+
+
+def owner_spans(owners: list[int | None], groups: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, int]]]:
+    """Per group, the runs ``(start, end)`` of positions whose owner (a tensor index; ``None``:
+    none) is one of its members, adjacent ones merged: a group's sum is then a few sums over
+    slices of a list (:func:`span_sums`)."""
+    of_tensor = {i: g for g, members in enumerate(groups) for i in members}
+    spans: list[list[tuple[int, int]]] = [[] for _ in groups]
+    for p, owner in enumerate(owners):
+        g = of_tensor.get(owner) if owner is not None else None
+        if g is None:
+            continue
+        runs = spans[g]
+        if runs and runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], p + 1)
+        else:
+            runs.append((p, p + 1))
+    return spans
+
+
+def span_sums(values: list[float], spans: list[list[tuple[int, int]]]) -> list[float]:
+    """Each group's sum of ``values`` over its runs (:func:`owner_spans`), in float64."""
+    out = []
+    for runs in spans:
+        total = 0.0
+        for a, z in runs:
+            total += sum(values[a:z])
+        out.append(total)
+    return out
 
 
 class PieceBlocks:
@@ -43,14 +72,16 @@ class PieceBlocks:
         self.rest = len(rest)
         start = -(-self.rest // c) * c
         offsets: list[int] = []
-        tensor_blocks: list[tuple[int, int, int]] = []  # (tensor, first block, end block)
+        owners: list[int | None] = [None] * (start // c)  # (the small pieces' blocks: summed piece by piece)
         for i, k in enumerate(full):
             if k:
                 offsets.append(start)
-                tensor_blocks.append((i, start // c, -(-(start + k) // c)))
-                start += -(-k // c) * c
+                blocks = -(-k // c)
+                owners += [i] * blocks
+                start += blocks * c
         self.offsets = tuple(offsets)
-        self.tensor_blocks = tuple(tensor_blocks)
+        self.block_owners = tuple(owners)
+        """The tensor of each block of a row (``None``: the small tensors' region)."""
         self.width = start
 
     def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -63,38 +94,18 @@ class PieceBlocks:
         """``Σ`` of each group's pieces' squared norms (float64), a list per row of ``norms``
         (``[k, width]`` fp32 rows laid out by :meth:`views_of`); a tensor in no group counts nowhere."""
         k = norms.shape[0]
-        ranges, rest_groups = self._group_ranges(tuple(tuple(g) for g in groups))
+        spans = self._spans(groups_key(groups))
         squares = norms.double().square_()  # (each fp32 norm squared exactly)
         c = self.block
         blocks = squares.view(k, -1, c).sum(2).tolist() if c > 1 and self.width else squares.tolist()
         small = squares[:, :self.rest].tolist() if self.rest else [[]] * k
-        out = []
-        for row, pieces in zip(blocks, small):
-            sums = [sum(row[a:b], 0.0) if single else sum((sum(row[a:b]) for a, b in spans), 0.0)
-                    for spans, (a, b), single in ranges]
-            for g, value in zip(rest_groups, pieces):
-                if g is not None:
-                    sums[g] += value
-            out.append(sums)
-        return out
+        return [span_sums(row + pieces, spans) for row, pieces in zip(blocks, small)]
 
     @functools.lru_cache(maxsize=8)  # noqa: B019 - a few group lists per layout, for the ring's life
-    def _group_ranges(self, groups: tuple[tuple[int, ...], ...]) -> tuple[list, list[int | None]]:
-        """Per group ``(its split tensors' block ranges, adjacent ones merged; the first range or
-        an empty one; whether it is the only one)``; per small piece, its group (``None``: none)."""
-        owner = {i: g for g, members in enumerate(groups) for i in members}
-        ranges: list[list[tuple[int, int]]] = [[] for _ in groups]
-        for i, a, b in self.tensor_blocks:
-            g = owner.get(i)
-            if g is None:
-                continue
-            spans = ranges[g]
-            if spans and spans[-1][1] == a:
-                spans[-1] = (spans[-1][0], b)
-            else:
-                spans.append((a, b))
-        return ([(spans, spans[0] if spans else (0, 0), len(spans) <= 1) for spans in ranges],
-                [owner.get(i) for i in self.layout[1]])
+    def _spans(self, groups: tuple[tuple[int, ...], ...]) -> list[list[tuple[int, int]]]:
+        """:func:`owner_spans` of a row's blocks followed by its small pieces (as ``group_sums``
+        lists them)."""
+        return owner_spans([*self.block_owners, *self.layout[1]], groups)
 
 
-__all__ = ["PieceBlocks"]
+__all__ = ["PieceBlocks", "owner_spans", "span_sums"]

@@ -65,7 +65,6 @@ class RowRing:
         self._blocks: PieceBlocks | None = None
         self._lent_views: list[StepBuffers] = []
         self._piece_views: list[tuple[tuple[Tensor, ...], Tensor]] = []
-        self._norms_layout: tuple | None = None
         self._first = 0  # the pending steps' slots: _first, _first + 1, …
         self._steps: list[int] = []
         self._key: tuple | None = None  # (deferred, scale, b, module_groups, layout) of the pending steps
@@ -125,7 +124,8 @@ class RowRing:
             self._first = slot
         if not self._steps:
             self._first, self._key, self._groups = slot, key, groups
-        if self._norms is None or self._norms_layout != plan.layout:  # (the layout fixes the pieces)
+        if self._norms is None or self._blocks is None or self._blocks.layout != plan.layout:
+            # (a new batch shape dropped the norms (_allocate); the layout fixes the pieces)
             # (pending steps, if any, were made above: another layout is another key) the piece
             # norms count against the budget too: as many steps as fit beside the lent buffers
             self._blocks = blocks = PieceBlocks(plan.layout)
@@ -133,7 +133,6 @@ class RowRing:
             self.capacity = max(1, min(self.capacity, (self.budget_bytes - self._lent_bytes) // (4 * width)))
             self._norms = torch.zeros((self.capacity, blocks.width), dtype=torch.float32)  # (the gaps stay zero)
             self._piece_views = [blocks.views_of(row) for row in self._norms.unbind(0)]
-            self._norms_layout = plan.layout
         if slot >= self.capacity:  # (a ring just narrowed for the piece norms: nothing pending)
             self.drain()
             self._first = 0
