@@ -16,27 +16,21 @@ drifted, not the code).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit_report, fmt_ci, load_average  # noqa: E402
+from common import emit_report, fmt_ci, load_average, run_json_child  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _child(tree: str, model: str, config: str, steps: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(tree, "src"))
-    out = subprocess.run([sys.executable, os.path.join(tree, "benchmarks", "overhead_dispersion.py"), "--child", model,
-                          config, "--steps", str(steps), "--warmup", "30", "--epoch-steps", "50"],
-                         capture_output=True, text=True, env=env, cwd=tree, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode != 0 or not lines:
-        raise RuntimeError(f"child {tree} {config} failed:\n{out.stderr[-3000:]}")
-    return json.loads(lines[-1])
+    """One fit of ``tree``'s code: its own ``overhead_dispersion.py`` child, its ``src`` first on the path."""
+    return run_json_child([os.path.join(tree, "benchmarks", "overhead_dispersion.py"), "--child", model, config,
+                           "--steps", str(steps), "--warmup", "30", "--epoch-steps", "50"],
+                          env={"PYTHONPATH": os.path.join(tree, "src")})
 
 
 def main() -> None:
