@@ -372,7 +372,7 @@ def test_a_measured_fit_runs_none_of_the_kernels_that_mapped_the_most_code(tmp_p
     trainer(tmp_path, [Watch(), disp], max_steps=6, log_every_n_steps=50).fit(Classifier(MLP(64, 10, 32), lr=0.0), data)
     assert disp.active_backend == "hooks" and len(out) == 6 and per_step  # (the short batch: read at once)
     names = {name for name, _ in seen}
-    assert {"linalg_vector_norm", "cat"} <= names  # (the mode saw the measured steps)
+    assert "linalg_vector_norm" in names  # (the mode saw the measured steps)
     assert not names & {"index_put_", "_foreach_copy_", "addcmul", "eye", "repeat_interleave", "index_add_",
                         "_foreach_norm"}, seen
     in_float64 = {name for name, dtype in seen if dtype == "float64"}

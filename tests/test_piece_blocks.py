@@ -44,8 +44,8 @@ def test_group_sums_equal_the_pieces_summed_one_by_one(case):
     got = blocks.group_sums(norms, groups)
     owners = piece_owners(plan.layout)
     for grads, row in zip(steps, got):
-        pieces, layout = squared_pieces(grads)
-        assert layout == plan.layout
+        assert squared_pieces(grads)[1] == plan.layout  # (the general path's layout)
+        pieces = plan.run(grads)[0].clone()  # (the pieces the ring keeps: the plan's own ops)
         want = [sum(float(pieces[p]) for p, t in enumerate(owners) if t in g) for g in groups]
         assert row == pytest.approx(want, rel=1e-12)
         exact = [sum(float(grads[t].double().square().sum()) for t in g) for g in groups]
@@ -59,7 +59,7 @@ def test_group_sums_equal_the_pieces_summed_one_by_one(case):
 def test_a_tensor_in_no_group_counts_nowhere_and_the_gaps_stay_zero():
     _, _, blocks, norms = _kept(SHAPES["mlp"], 2, seed=1)
     written = torch.zeros(blocks.width, dtype=torch.bool)
-    slots, rest = blocks.views_of(written)
+    slots, rest, _ = blocks.views_of(written)
     for s in (*slots, rest):
         s.fill_(True)
     assert not norms[:, ~written].any()  # (the zeros between the blocks)
@@ -67,3 +67,28 @@ def test_a_tensor_in_no_group_counts_nowhere_and_the_gaps_stay_zero():
     full = blocks.group_sums(norms, GROUPS["mlp"])
     for p, f in zip(partial, full):
         assert p == pytest.approx([f[0], f[2]], rel=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(SHAPES))
+def test_small_tensors_normed_where_they_lie_equal_the_gathered_pieces(case):
+    """The plan's small tensors: each one's pieces normed where it lies (at most eight norms) or
+    gathered into one zero-padded buffer first (the general path): the same pieces, equal up to
+    the order of an fp32 sum within a piece."""
+    grads = [torch.randn(*s, generator=torch.Generator().manual_seed(3)) for s in SHAPES[case]]
+    plan = piece_plan(grads)
+    assert plan is not None and plan.apart is not None  # (every case here takes at most eight norms)
+    apart = plan.run(grads)[0].clone()
+    gathered, layout = squared_pieces(grads)
+    assert layout == plan.layout
+    assert apart.tolist() == pytest.approx(gathered.tolist(), rel=1e-6)
+
+
+def test_many_small_tensors_are_gathered():
+    """Nine norms or more for the small tensors: one gather and one norm instead."""
+    shapes = [(2048,)] + [(5,)] * 8 + [(1500,)]  # 1 + 8 + 2 = 11 norms apart
+    grads = [torch.randn(*s) for s in shapes]
+    plan = piece_plan(grads)
+    assert plan is not None and plan.apart is None
+    assert plan.run(grads)[0].tolist() == pytest.approx(squared_pieces(grads)[0].tolist(), rel=1e-12)
+    fewer = piece_plan(grads[:8])  # 1 + 7 norms
+    assert fewer is not None and fewer.apart is not None

@@ -232,16 +232,22 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
         # later steps with the same shapes run without rebuilding any of this
         _PIECE_PLAN[0] = _PiecePlan(tensors, layout)
         return _PIECE_PLAN[0].run(tensors)
-    if not reuse:
-        pieces = [torch.linalg.vector_norm(v, dim=1) for v in views]
-        if gathered:
-            pieces.append(torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1))
-        return torch.cat(pieces).double().square_(), layout
-    norms, slots, rest_norms, squares = _piece_buffers(layout)
+    if reuse:
+        norms, slots, rest_norms, squares = _piece_buffers(layout)
+    else:  # (new buffers: the result is the caller's)
+        norms = torch.empty(sum(full) + len(rest), dtype=torch.float32)
+        slots, rest_norms = _piece_views(norms, layout)
+        squares = torch.empty(len(norms), dtype=torch.float64)
     for v, slot in zip(views, slots):
         torch.linalg.vector_norm(v, dim=1, out=slot)
     if gathered:
-        torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1, out=rest_norms)
+        # the small tensors' pieces: where they lie when that takes at most _APART_OPS norms (as
+        # _PiecePlan, whose pieces these equal bit for bit), else gathered first
+        apart = _apart_ops([t.numel() for t in gathered])
+        if apart is not None:
+            _apart_into(gathered, apart, rest_norms.split([-(-t.numel() // _ROW) for t in gathered]))
+        else:
+            torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1, out=rest_norms)
     # each fp32 norm squared exactly in float64
     return squares.copy_(norms).square_(), layout
 
@@ -297,13 +303,22 @@ def _gather(flats: list[Tensor], pieces: int) -> Tensor:
 class _PiecePlan:
     """:func:`squared_pieces` with ``reuse`` for one list of shapes (fp32, CPU, contiguous; each
     large tensor a whole number of pieces): which tensors are split into how many pieces, their
-    slots in the kept buffers, the kept zero-padded buffer the small ones are copied into.
-    Checking that a step's tensors fit and running it takes a few µs of Python, where rebuilding
-    the views, the layout and the buffers' cache key took about 30 (measured in the MLP
-    benchmark's step); the ops and the values are those of the general path."""
+    slots in the kept buffers, how the small ones' pieces are taken. Checking that a step's
+    tensors fit and running it takes a few µs of Python, where rebuilding the views, the layout
+    and the buffers' cache key took about 30 (measured in the MLP benchmark's step); the layout
+    and the pieces are those of the general path.
+
+    The small tensors' pieces: where they take at most :data:`_APART_OPS` norms of their own
+    (:attr:`apart`), each tensor's pieces are normed where it lies — no copy; otherwise they are
+    gathered into the kept zero-padded buffer (one ``torch.cat``) and normed at once, as the
+    general path does. Hot, the gather is the cheaper (5.3 against 10.3 µs on the MLP's last layer
+    and three biases); inside a training step, where the backward has just evicted the ``cat``
+    kernel's code, four norms of their own cost 57 µs less than the gather (the MLP's
+    step: +159 against +216 µs over plain training, median of 2,250 interleaved steps each,
+    docs/results/overhead.md)."""
 
     __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_pads", "gather_flat",
-                 "rest", "norms", "squares")
+                 "rest", "norms", "squares", "apart", "apart_counts")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
@@ -314,7 +329,13 @@ class _PiecePlan:
         self.split = tuple((i, k) for i, k in enumerate(full) if k)  # (tensor, pieces), their slots in order
         self.slots = tuple(slots)
         self.gathered = tuple(dict.fromkeys(rest))  # (each small tensor once, in order)
-        self.gather_buffer, self.gather_pads = _gather_parts([tensors[i].numel() for i in self.gathered], len(rest))
+        sizes = [tensors[i].numel() for i in self.gathered]
+        self.apart = _apart_ops(sizes)
+        self.apart_counts = [-(-size // _ROW) for size in sizes]  # (each one's pieces in rest, in order)
+        if self.apart is None:
+            self.gather_buffer, self.gather_pads = _gather_parts(sizes, len(rest))
+        else:
+            self.gather_buffer, self.gather_pads = torch.empty(0, _ROW), []
         self.gather_flat = self.gather_buffer.view(-1)
 
     def fits(self, tensors: list[Tensor]) -> bool:
@@ -330,16 +351,67 @@ class _PiecePlan:
         # each fp32 norm squared exactly in float64 (as the drain does: no kernel of its own)
         return self.squares.copy_(self.norms).square_(), self.layout
 
-    def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor) -> None:
+    def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor,
+                   parts: tuple[Tensor, ...] | None = None) -> None:
         """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
         this plan's own buffers, or a row of a caller's (``PieceBlocks.views_of``) that keeps several
-        steps' norms and squares them at once."""
+        steps' norms and squares them at once; ``parts``: ``rest`` split per small tensor
+        (:func:`rest_parts`; made here when not given)."""
         for (i, k), slot in zip(self.split, slots):
             torch.linalg.vector_norm(nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
-        if self.gathered:
-            # (detached: a copy of a tensor that requires gradient would record into the buffer)
-            _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
-            torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
+        if not self.gathered:
+            return
+        if self.apart is not None:  # (each small tensor's pieces where it lies: class docstring)
+            _apart_into([nograd(tensors[i]) for i in self.gathered], self.apart,
+                        parts if parts is not None else rest.split(self.apart_counts))
+            return
+        # (detached: a copy of a tensor that requires gradient would record into the buffer)
+        _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
+        torch.linalg.vector_norm(self.gather_buffer, dim=1, out=rest)
+
+
+def rest_parts(rest: Tensor, layout: Layout) -> tuple[Tensor, ...]:
+    """``rest`` (the pieces of the small tensors, :data:`Layout`) split per small tensor."""
+    counts: list[int] = []
+    last = None
+    for i in layout[1]:
+        if i == last:
+            counts[-1] += 1
+        else:
+            counts.append(1)
+            last = i
+    return tuple(rest.split(counts)) if counts else ()
+
+
+_APART_OPS = 8
+"""At most this many norms for the small tensors' pieces, each where it lies; more are gathered
+into one buffer first (:class:`_PiecePlan`): in a training step one norm of its own costs a few
+µs, the gather's copy (its first kernel after the backward) tens."""
+
+
+def _apart_ops(sizes: list[int]) -> tuple[tuple[int, int], ...] | None:
+    """``(whole pieces, elements left over)`` of each small tensor (of ``sizes`` elements), when
+    taking their pieces' norms where they lie needs at most :data:`_APART_OPS` ops (one for a
+    tensor of whole pieces or of one short piece, two for whole pieces and a short one); else
+    ``None``: they are gathered."""
+    apart = tuple((size // _ROW, size % _ROW) for size in sizes)
+    ops = sum(1 if (k == 0 or r == 0) else 2 for k, r in apart)
+    return apart if ops <= _APART_OPS else None
+
+
+def _apart_into(small: list[Tensor], apart: tuple[tuple[int, int], ...], outs: tuple[Tensor, ...]) -> None:
+    """Each small tensor's pieces' fp32 norms (``apart``: :func:`_apart_ops`) written into its
+    ``outs`` (contiguous, non-empty tensors), taken where it lies: the pieces a gather into a
+    zero-padded buffer would make, without the copy."""
+    for t, (k, r), out in zip(small, apart, outs):
+        if not r:  # whole pieces
+            torch.linalg.vector_norm(t.view(k, _ROW), dim=1, out=out)
+        elif not k:  # one piece, shorter than a row
+            torch.linalg.vector_norm(t if t.dim() == 1 else t.view(-1), dim=0, keepdim=True, out=out)
+        else:  # whole pieces and a shorter last one
+            flat = t.view(-1)
+            torch.linalg.vector_norm(flat[:k * _ROW].view(k, _ROW), dim=1, out=out[:k])
+            torch.linalg.vector_norm(flat[k * _ROW:], dim=0, keepdim=True, out=out[k:])
 
 
 _PIECE_PLAN: list[_PiecePlan | None] = [None]
@@ -367,12 +439,18 @@ def _piece_buffers(layout: Layout) -> tuple[Tensor, tuple[Tensor, ...], Tensor, 
     full, rest = layout
     n = sum(full) + len(rest)
     norms = torch.empty(n, dtype=torch.float32)
+    slots, rest_view = _piece_views(norms, layout)
+    return norms, slots, rest_view, torch.empty(n, dtype=torch.float64)
+
+
+def _piece_views(norms: Tensor, layout: Layout) -> tuple[tuple[Tensor, ...], Tensor]:
+    """``norms``' view of each split tensor's pieces, and of the rest (:data:`Layout`)."""
     slots, start = [], 0
-    for k in full:
+    for k in layout[0]:
         if k:
             slots.append(norms[start:start + k])
             start += k
-    return norms, tuple(slots), norms[start:], torch.empty(n, dtype=torch.float64)
+    return tuple(slots), norms[start:]
 
 
 def grouped_sq_norms(tensors: list[Tensor] | tuple[Tensor, ...], groups: list[list[int]]) -> Tensor:

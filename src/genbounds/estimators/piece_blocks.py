@@ -20,7 +20,7 @@ import functools
 
 from torch import Tensor
 
-from genbounds.estimators.functional import Layout, groups_key
+from genbounds.estimators.functional import Layout, groups_key, rest_parts
 
 TARGET_BLOCKS = 16
 """About this many blocks for the split tensors' pieces, plus one a tensor (``c`` at most
@@ -84,11 +84,13 @@ class PieceBlocks:
         """The tensor of each block of a row (``None``: the small tensors' region)."""
         self.width = start
 
-    def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
+    def views_of(self, row: Tensor) -> tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]]:
         """A kept row (fp32 ``[width]``, zeroed once) as ``_PiecePlan.norms_into`` writes it: a
-        view per split tensor and the small tensors' pieces."""
+        view per split tensor, the small tensors' pieces, and those split per small tensor (made
+        once here, not by a split a step)."""
         full = [k for k in self.layout[0] if k]
-        return tuple(row[o:o + k] for o, k in zip(self.offsets, full)), row[:self.rest]
+        rest = row[:self.rest]
+        return tuple(row[o:o + k] for o, k in zip(self.offsets, full)), rest, rest_parts(rest, self.layout)
 
     def group_sums(self, norms: Tensor, groups: list[list[int]]) -> list[list[float]]:
         """``Σ`` of each group's pieces' squared norms (float64), a list per row of ``norms``

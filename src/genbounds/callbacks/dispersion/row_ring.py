@@ -64,7 +64,7 @@ class RowRing:
         self._norms: Tensor | None = None  # [capacity, blocks.width] fp32, laid out by PieceBlocks
         self._blocks: PieceBlocks | None = None
         self._lent_views: list[StepBuffers] = []
-        self._piece_views: list[tuple[tuple[Tensor, ...], Tensor]] = []
+        self._piece_views: list[tuple[tuple[Tensor, ...], Tensor, tuple[Tensor, ...]]] = []
         self._first = 0  # the pending steps' slots: _first, _first + 1, …
         self._steps: list[int] = []
         self._key: tuple | None = None  # (deferred, scale, b, module_groups, layout) of the pending steps
