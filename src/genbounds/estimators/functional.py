@@ -183,29 +183,48 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
     (:func:`piece_owner`) they are each tensor's squared norm.
 
     On the CPU with fp32 tensors: fp32 norms of pieces of 1,024 elements (no float64 copy;
-    relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`). A tensor of at least
-    ``32 × 1,024`` elements is one view and one norm (its remainder, if any, gathered as below);
-    every smaller tensor is copied, zero-padded to whole pieces, into one buffer (one
-    concatenation) whose pieces' norms are one op — 5.3 µs (hot) for the MLP's last layer and
-    three biases, against 10.3 for a norm of their own and a multi-tensor norm with a stack (and
-    4.1 for a multi-tensor copy into a zeroed buffer, whose kernel training never runs: 0.4 MiB
-    more code in the process). Then one float64 square. Otherwise one piece per tensor
-    (:func:`per_tensor_sq_norms`).
+    relative error ≲ 1e-7, as the piece split of :func:`row_sq_norms`), then one float64 square.
+    A tensor of at least ``32 × 1,024`` elements is one view and one norm (its remainder, if
+    any, a small tensor of its own). The smaller tensors' pieces are normed where they lie when
+    that takes at most :data:`_APART_OPS` norms, else copied, zero-padded to whole pieces, into
+    one buffer (one concatenation) whose pieces' norms are one op (:class:`_PiecePlan` says why).
+    Otherwise one piece per tensor (:func:`per_tensor_sq_norms`). The pieces and their values do
+    not depend on ``reuse`` or on the path taken.
 
-    ``reuse``: the norms are written into work buffers kept for the layout and the result is
-    one of them, valid until the next call with ``reuse`` — one op fewer (the concatenation of
-    the norms; the cast and the square are in place, exact), for callers that consume it at once
-    (the per-step path)."""
+    ``reuse``: the result is a work buffer kept for the layout, valid until the next call with
+    ``reuse`` — one op fewer, for callers that consume it at once (the per-step path)."""
     tensors = list(tensors)
-    if reuse:
-        plan = _PIECE_PLAN[0]
-        if plan is not None and plan.fits(tensors):
-            return plan.run(tensors)
+    plan = piece_plan(tensors)
+    if plan is not None:  # (the common case: shapes seen before, every large tensor whole pieces)
+        squares, layout = plan.run(tensors)
+        return (squares if reuse else squares.clone()), layout
     if not tensors or tensors[0].device.type != "cpu" or any(t.dtype != torch.float32 for t in tensors):
         return per_tensor_sq_norms(tensors), ((0,) * len(tensors), tuple(range(len(tensors))))
+    views, small, layout = _split_pieces(tensors)
+    if reuse:
+        norms, slots, rest_norms, squares = _piece_buffers(layout)
+    else:  # (new buffers: the result is the caller's)
+        norms = torch.empty(sum(layout[0]) + len(layout[1]), dtype=torch.float32)
+        slots, rest_norms = _piece_views(norms, layout)
+        squares = torch.empty(len(norms), dtype=torch.float64)
+    for v, slot in zip(views, slots):
+        torch.linalg.vector_norm(v, dim=1, out=slot)
+    if small:
+        apart = _apart_ops([t.numel() for t in small])
+        if apart is not None:
+            _apart_into(small, apart, rest_parts(rest_norms, layout))
+        else:
+            torch.linalg.vector_norm(_gather(small, len(layout[1])), dim=1, out=rest_norms)
+    # each fp32 norm squared exactly in float64
+    return squares.copy_(norms).square_(), layout
+
+
+def _split_pieces(tensors: list[Tensor]) -> tuple[list[Tensor], list[Tensor], Layout]:
+    """``(each large tensor's whole pieces as a [k, 1024] view, the small tensors and large
+    tensors' remainders flat, in the order of the layout's rest, the layout)`` (fp32 on the CPU)."""
     views: list[Tensor] = []
     full: list[int] = []
-    gathered: list[Tensor] = []  # (flat) copied into the padded buffer, in the order of ``rest``
+    small: list[Tensor] = []
     rest: list[int] = []
     for i, t in enumerate(tensors):
         t = nograd(t)
@@ -213,7 +232,7 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
         if size < _GATHER:
             full.append(0)
             if size:
-                gathered.append(t.reshape(-1))
+                small.append(t.reshape(-1))
                 rest.extend([i] * -(-size // _ROW))
             continue
         k = size // _ROW
@@ -224,32 +243,9 @@ def squared_pieces(tensors: list[Tensor] | tuple[Tensor, ...], reuse: bool = Fal
         else:
             views.append(flat[: k * _ROW].view(k, _ROW))
             if size > k * _ROW:
-                gathered.append(flat[k * _ROW:])
+                small.append(flat[k * _ROW:])
                 rest.append(i)
-    layout = (tuple(full), tuple(rest))
-    if reuse and _plannable(tensors):
-        # the per-step path's common case (every large tensor whole pieces): kept as a plan, which
-        # later steps with the same shapes run without rebuilding any of this
-        _PIECE_PLAN[0] = _PiecePlan(tensors, layout)
-        return _PIECE_PLAN[0].run(tensors)
-    if reuse:
-        norms, slots, rest_norms, squares = _piece_buffers(layout)
-    else:  # (new buffers: the result is the caller's)
-        norms = torch.empty(sum(full) + len(rest), dtype=torch.float32)
-        slots, rest_norms = _piece_views(norms, layout)
-        squares = torch.empty(len(norms), dtype=torch.float64)
-    for v, slot in zip(views, slots):
-        torch.linalg.vector_norm(v, dim=1, out=slot)
-    if gathered:
-        # the small tensors' pieces: where they lie when that takes at most _APART_OPS norms (as
-        # _PiecePlan, whose pieces these equal bit for bit), else gathered first
-        apart = _apart_ops([t.numel() for t in gathered])
-        if apart is not None:
-            _apart_into(gathered, apart, rest_norms.split([-(-t.numel() // _ROW) for t in gathered]))
-        else:
-            torch.linalg.vector_norm(_gather(gathered, len(rest)), dim=1, out=rest_norms)
-    # each fp32 norm squared exactly in float64
-    return squares.copy_(norms).square_(), layout
+    return views, small, (tuple(full), tuple(rest))
 
 
 _GATHER = 32 * _ROW
@@ -318,7 +314,7 @@ class _PiecePlan:
     docs/results/overhead.md)."""
 
     __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_pads", "gather_flat",
-                 "rest", "norms", "squares", "apart", "apart_counts")
+                 "rest", "norms", "squares", "apart", "apart_counts", "rest_split")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
@@ -332,6 +328,7 @@ class _PiecePlan:
         sizes = [tensors[i].numel() for i in self.gathered]
         self.apart = _apart_ops(sizes)
         self.apart_counts = [-(-size // _ROW) for size in sizes]  # (each one's pieces in rest, in order)
+        self.rest_split = rest_parts(self.rest, layout)
         if self.apart is None:
             self.gather_buffer, self.gather_pads = _gather_parts(sizes, len(rest))
         else:
@@ -347,7 +344,7 @@ class _PiecePlan:
         return True
 
     def run(self, tensors: list[Tensor]) -> tuple[Tensor, Layout]:
-        self.norms_into(tensors, self.slots, self.rest)
+        self.norms_into(tensors, self.slots, self.rest, self.rest_split)
         # each fp32 norm squared exactly in float64 (as the drain does: no kernel of its own)
         return self.squares.copy_(self.norms).square_(), self.layout
 
@@ -419,16 +416,15 @@ _PIECE_PLAN: list[_PiecePlan | None] = [None]
 
 
 def piece_plan(tensors: list[Tensor]) -> _PiecePlan | None:
-    """The kept plan of :func:`squared_pieces` with ``reuse`` for these tensors' shapes (made if
-    they allow one: fp32 on the CPU, contiguous, each large tensor whole pieces), else ``None``."""
+    """The kept plan of :func:`squared_pieces` for these tensors' shapes (made if they allow one:
+    fp32 on the CPU, contiguous, each large tensor whole pieces), else ``None``."""
     plan = _PIECE_PLAN[0]
     if plan is not None and plan.fits(tensors):
         return plan
     if not _plannable(tensors):
         return None
-    squared_pieces(tensors, reuse=True)  # (makes the plan)
-    plan = _PIECE_PLAN[0]
-    return plan if plan is not None and plan.fits(tensors) else None
+    _PIECE_PLAN[0] = plan = _PiecePlan(tensors, _split_pieces(tensors)[2])
+    return plan
 
 
 @functools.lru_cache(maxsize=8)
