@@ -300,7 +300,8 @@ def median_ci(values: list[float], level: float = 0.95) -> tuple[float, float, f
     cdf = 0.5 ** n  # P(Bin(n, ½) ≤ k − 1) for k = 1, built up term by term
     k, coverage = 1, 1.0 - 2.0 * cdf
     while 2 * (k + 1) <= n + 1:  # the pair stays ordered (k-th smallest ≤ k-th largest)
-        cdf += math.comb(n, k) * 0.5 ** n
+        # (in logarithms: C(n, k)·2⁻ⁿ overflows a float beyond n ≈ 1,000)
+        cdf += math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) - n * math.log(2.0))
         if 1.0 - 2.0 * cdf < level:
             break
         k, coverage = k + 1, 1.0 - 2.0 * cdf

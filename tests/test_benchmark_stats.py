@@ -11,6 +11,7 @@ import re
 import statistics
 
 import pytest
+import torch
 
 from helpers import benchmark_module
 
@@ -299,3 +300,45 @@ def test_malloc_callers_aggregates_a_dump_by_its_named_frames(tmp_path):
                     "== 5\n  libc.so(malloc+0x1) [0x1]\n  libtorch.so(_Zbar+0x2) [0x2]\n")
     out = mc._callers(str(dump))
     assert out == {"malloc <- _ZfooImpl": 42, "malloc <- _Zbar": 5}
+
+
+def test_piece_norms_in_situ_times_every_variant(capsys, monkeypatch):
+    """``benchmarks/piece_norms_in_situ.py`` (a short run): a row per variant, each with its step
+    time and its extra over plain training as a median with an interval."""
+    bench = benchmark_module("piece_norms_in_situ")
+    monkeypatch.setattr("sys.argv", ["piece_norms_in_situ.py", "--steps", "12"])
+    bench.main()
+    out = capsys.readouterr().out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for variant in ("gather", "apart", "in the backward", "after the optimizer step"):
+        assert re.search(r"\| \d+ \| [+-]\d+ \[[+-]\d+, [+-]\d+\] \|$", rows[variant]), rows[variant]
+    assert "plain training" in rows
+
+
+def test_step_ablation_schedule_and_switches():
+    """``benchmarks/step_ablation.py``: the block kinds rotate per triple (each kind once a triple),
+    and each ablation changes its part of the per-step path and restores it."""
+    ab = benchmark_module("step_ablation")
+    kinds = [ab.kind_of(s, 2, 2) for s in range(2 + 18)]
+    assert kinds[:2] == ["measured", "measured"]  # (the warm-up)
+    triples = [kinds[2 + 6 * t: 8 + 6 * t: 2] for t in range(3)]
+    assert triples == [["unmeasured", "measured", "changed"], ["measured", "changed", "unmeasured"],
+                       ["changed", "unmeasured", "measured"]]
+    from genbounds.estimators import functional
+    from genbounds.estimators.ghost_norms import step_rows
+
+    for name, owner, attr in (("no-piece-norms", functional._PiecePlan, "norms_into"),
+                              ("no-row-norms", step_rows, "goodfellow_row_norms")):
+        real = getattr(owner, attr)
+        switch = ab.ablation_switch(name)
+        switch(True)
+        assert getattr(owner, attr) is not real
+        switch(False)
+        assert getattr(owner, attr) is real
+    plan = functional.piece_plan([torch.zeros(64, 1024), torch.zeros(10), torch.zeros(3, 1024)])
+    assert plan is not None and plan.apart is not None
+    switch = ab.ablation_switch("gather")
+    switch(True)
+    assert plan.apart is None and plan.gather_buffer.shape == (4, 1024)
+    switch(False)
+    assert plan.apart is not None

@@ -309,12 +309,13 @@ class _PiecePlan:
     gathered into the kept zero-padded buffer (one ``torch.cat``) and normed at once, as the
     general path does. Hot, the gather is the cheaper (5.3 against 10.3 µs on the MLP's last layer
     and three biases); inside a training step, where the backward has just evicted the ``cat``
-    kernel's code, four norms of their own cost 57 µs less than the gather (the MLP's
-    step: +159 against +216 µs over plain training, median of 2,250 interleaved steps each,
-    docs/results/overhead.md)."""
+    kernel's code and data, the four norms of their own cost about 25 µs less than the gather
+    (the MLP's step +171 [161, 177] against +196 [184, 208] µs over plain training, medians of
+    1,800 per-round differences with their 95 % intervals, ``benchmarks/piece_norms_in_situ.py``;
+    docs/results/overhead.md, "This round")."""
 
     __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_pads", "gather_flat",
-                 "rest", "norms", "squares", "apart", "apart_counts", "rest_split")
+                 "rest", "norms", "squares", "apart", "rest_split")
 
     def __init__(self, tensors: list[Tensor], layout: Layout) -> None:
         self.shapes = tuple(t.shape for t in tensors)
@@ -327,8 +328,7 @@ class _PiecePlan:
         self.gathered = tuple(dict.fromkeys(rest))  # (each small tensor once, in order)
         sizes = [tensors[i].numel() for i in self.gathered]
         self.apart = _apart_ops(sizes)
-        self.apart_counts = [-(-size // _ROW) for size in sizes]  # (each one's pieces in rest, in order)
-        self.rest_split = rest_parts(self.rest, layout)
+        self.rest_split = rest_parts(self.rest, layout)  # (each small tensor's pieces in rest, in order)
         if self.apart is None:
             self.gather_buffer, self.gather_pads = _gather_parts(sizes, len(rest))
         else:
@@ -360,7 +360,7 @@ class _PiecePlan:
             return
         if self.apart is not None:  # (each small tensor's pieces where it lies: class docstring)
             _apart_into([nograd(tensors[i]) for i in self.gathered], self.apart,
-                        parts if parts is not None else rest.split(self.apart_counts))
+                        parts if parts is not None else rest_parts(rest, self.layout))
             return
         # (detached: a copy of a tensor that requires gradient would record into the buffer)
         _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
