@@ -126,9 +126,10 @@ def main() -> None:
 
     info, loads = machine_description(), [load_average()]
     with tempfile.TemporaryDirectory() as logdir:
-        trainer = pl.Trainer(max_steps=steps + 1, logger=TensorBoardLogger(logdir, name="b"), enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                             limit_val_batches=0, log_every_n_steps=50, callbacks=[Blocks(), disp])
+        trainer = pl.Trainer(max_steps=steps + 1, logger=TensorBoardLogger(logdir, name="b"),
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=50,
+                             callbacks=[Blocks(), disp])
         trainer.fit(module, train_dataloaders=sample_loader(batches, steps + 9))
     switch(False)
     loads.append(load_average())
