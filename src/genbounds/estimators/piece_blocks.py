@@ -10,7 +10,7 @@ and training itself never runs one. Here each split tensor's pieces start on a b
 pieces (the ring's zeros in between), so one float64 sum over contiguous blocks of ``c`` — the
 same reduction the drain already runs for the hooks' rows — leaves per-block sums that each
 belong to one tensor. The few blocks of each group, and the small tensors' pieces (which share
-one gathered region), are summed on the host in float64: ``k × (blocks + small pieces)`` values,
+one region of the row, first), are summed on the host in float64: ``k × (blocks + small pieces)`` values,
 ``c`` chosen so that the blocks number about 16 plus one per tensor.
 """
 
