@@ -54,6 +54,7 @@ def main() -> None:
     from genbounds.estimators import functional
     from genbounds.estimators.piece_blocks import PieceBlocks
     from overhead_dispersion import SPECS
+    from step_ablation import ablation_switch
 
     spec = SPECS["mlp"]
     torch.manual_seed(0)
@@ -63,9 +64,7 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     plan = functional.piece_plan([torch.zeros_like(p) for p in params])
     assert plan is not None and plan.apart is not None, "the MLP's small tensors take at most eight norms"
-    sizes = [params[i].numel() for i in plan.gathered]
-    routes = {"apart": (plan.apart, plan.gather_buffer, plan.gather_pads),
-              "gather": (None, *functional._gather_parts(sizes, len(plan.layout[1])))}
+    gather = ablation_switch("gather")  # (the small tensors gathered first, or normed where they lie)
     blocks = PieceBlocks(plan.layout)
     row = torch.zeros(blocks.width)
     views = blocks.views_of(row)
@@ -80,14 +79,10 @@ def main() -> None:
     for i in big:
         params[i].register_post_accumulate_grad_hook(lambda p, i=i: grad_ready(i, p))
 
-    def route(name: str) -> None:
-        plan.apart, plan.gather_buffer, plan.gather_pads = routes[name]
-        plan.gather_flat = plan.gather_buffer.view(-1)
-
     def step(i: int, variant: str) -> float:
         x, y = batches[i % len(batches)]
         opt.zero_grad(set_to_none=True)
-        route("gather" if variant == "gather" else "apart")
+        gather(variant == "gather")
         in_backward[0] = variant == "in the backward"
         started = time.perf_counter()
         F.cross_entropy(model(x), y).backward()
@@ -107,6 +102,7 @@ def main() -> None:
         k = r % len(VARIANTS)
         for variant in VARIANTS[k:] + VARIANTS[:k]:
             times[variant].append(step(r, variant))
+    gather(False)  # (the kept plan as it was: the process's later steps use it)
     loads.append(load_average())
     skip = args.steps // 10
     plain = times["plain"][skip:]

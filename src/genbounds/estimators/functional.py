@@ -349,18 +349,17 @@ class _PiecePlan:
         return self.squares.copy_(self.norms).square_(), self.layout
 
     def norms_into(self, tensors: list[Tensor], slots: tuple[Tensor, ...], rest: Tensor,
-                   parts: tuple[Tensor, ...] | None = None) -> None:
+                   parts: tuple[Tensor, ...]) -> None:
         """The pieces' fp32 norms written into ``slots`` (one per split tensor) and ``rest`` —
         this plan's own buffers, or a row of a caller's (``PieceBlocks.views_of``) that keeps several
         steps' norms and squares them at once; ``parts``: ``rest`` split per small tensor
-        (:func:`rest_parts`; made here when not given)."""
+        (:func:`rest_parts`, made once with the views)."""
         for (i, k), slot in zip(self.split, slots):
             torch.linalg.vector_norm(nograd(tensors[i]).view(k, _ROW), dim=1, out=slot)
         if not self.gathered:
             return
         if self.apart is not None:  # (each small tensor's pieces where it lies: class docstring)
-            _apart_into([nograd(tensors[i]) for i in self.gathered], self.apart,
-                        parts if parts is not None else rest_parts(rest, self.layout))
+            _apart_into([nograd(tensors[i]) for i in self.gathered], self.apart, parts)
             return
         # (detached: a copy of a tensor that requires gradient would record into the buffer)
         _gather_into(self.gather_flat, self.gather_pads, [nograd(tensors[i]) for i in self.gathered])
