@@ -105,15 +105,27 @@ class ResNet18NoBN(nn.Module):
         return self.net(x)
 
 
+def minor_faults() -> int:
+    """The process's minor page faults so far (``getrusage``; 0 where there is none)."""
+    try:
+        import resource
+    except ImportError:  # (not POSIX)
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class StepTimer(pl.Callback):
     """Wall time per optimizer step between step ``warmup`` and the last step (one device
-    synchronization at each end, none in between)."""
+    synchronization at each end, none in between), and the process's minor page faults per step
+    over the same steps (:attr:`faults_per_step`: pages the heap handed back to the kernel and
+    took again, e.g. glibc trimming the top of its heap and growing it again every step)."""
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.t0: float | None = None
         self.t1: float | None = None
         self.steps = 0
+        self.faults0 = self.faults1 = 0
 
     def _sync(self, pl_module: pl.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -122,18 +134,25 @@ class StepTimer(pl.Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.warmup and self.t0 is None:
             self._sync(pl_module)
+            self.faults0 = minor_faults()
             self.t0 = time.perf_counter()
             self.start_step = trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync(pl_module)
         self.t1 = time.perf_counter()
+        self.faults1 = minor_faults()
         self.steps = trainer.global_step - self.start_step
 
     @property
     def seconds_per_step(self) -> float:
         assert self.t0 is not None and self.t1 is not None and self.steps > 0
         return (self.t1 - self.t0) / self.steps
+
+    @property
+    def faults_per_step(self) -> float:
+        assert self.t0 is not None and self.t1 is not None and self.steps > 0
+        return (self.faults1 - self.faults0) / self.steps
 
 
 def time_per_step(make_module: Callable[[], pl.LightningModule], train_loader: DataLoader, callbacks: list,

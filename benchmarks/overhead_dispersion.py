@@ -44,6 +44,17 @@ callback ran — and each configuration's speed after ``fit`` over before it (a 
 its model faster after its fit, a dispersion process did not: the after-``fit`` adjustment then
 flatters the dispersion). It pre-faults memory before the peak-growth baseline: for time runs.
 
+``--steady-heap`` (CPU, fresh processes): every child runs with glibc's trim and mmap thresholds
+fixed (``STEADY_HEAP_ENV``), for time runs. By default glibc moves both thresholds up with the
+largest block freed, and trims its heap's top whenever more than the trim threshold lies free
+there; some processes then fall into a state where the top is trimmed and grown again every step
+(``brk`` down and up by ~4 MiB on the MLP), and every re-grown page faults in again: up to ~200
+minor page faults and ~1 ms a step on the MLP, plain or measured, chosen at random by where the
+process's blocks landed. The tables give each configuration's faults per timed step. On the MLP
+(36 rounds, docs/results/overhead.md) a steady heap took the faults away (measured processes 1.3
+faults a step against 16–28 by default, plain 0.2 against 1–3) but not the spread of the
+per-round ratios, nor the ratio: 1.124× against 1.120× by default.
+
 ``--in-process`` (CPU): every fit in this process instead, as on CUDA (fresh model and callbacks
 each time; the order still alternates), for time only: the machine's slow and fast states then hit
 both sides alike. ``--mmap-threshold BYTES`` (fresh processes): every child runs with glibc's
@@ -185,6 +196,12 @@ TARGETS: dict[tuple[str, str], tuple[str, float]] = {
     ("mlp5.6m", "memory"): ("functorch, peak ≤ 2× plain", 2.0),
     ("cuda-resnet18-gn", "time"): ("dispersion every step, time ≤ 1.05× plain", 1.05),
 }
+STEADY_HEAP_ENV = {"MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+"""``--steady-heap``: glibc keeps up to 1 GiB free at its heap's top instead of trimming it, and
+serves blocks up to 32 MiB (its largest mmap threshold) from the heap. Either variable alone fixes
+both thresholds (glibc then stops moving them): the trim threshold at 128 KiB by default, which
+would make every process trim every step."""
+
 CPU_MODELS = ("mlp", "cnn", "resnet18", "transformer", "transformer-sf", "mlp5.6m")
 CUDA_MODELS = ("cuda-resnet18-gn", "cuda-resnet18-bn", "cuda-cnn", "cuda-resnet18-gn-every4", "cuda-resnet18-gn-224")
 SUITE_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_mlp.yaml")
@@ -296,6 +313,7 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
                 out["file_growth_mib"] = peak.file_growth_mib
                 out["base_mib"] = (peak.base_kib or 0) / 1024
         out["ms_per_step"] = 1e3 * step_timer.seconds_per_step
+        out["faults_per_step"] = step_timer.faults_per_step
         if not cuda and config in ("plain", "dispersion"):  # after fit: the memory baseline stays as it was
             out["calib_ms"] = _calibrate(network, batches[0], max(3, min(30, warmup)))
         out["fit_s"] = fit_timer.seconds
@@ -538,6 +556,16 @@ def tables(results: dict, models: list[str], raw: bool, suite: bool | set[str]) 
     if before:
         lines += ["", "Adjusted by the calibration *before* `fit` instead (`--calibrate-before`: each process's speed "
                   "before the callback ran, so an after-effect of the fit on the process is not divided out):", *before]
+    faults = []
+    for m in models:
+        for config, _ in [("plain", None), *configs_of(m, raw, suite)]:
+            fs = [x["faults_per_step"] for x in results.get((m, config), []) if "faults_per_step" in x]
+            if fs and not any(line.startswith(f"* {m}, {config}:") for line in faults):
+                faults.append(f"* {m}, {config}: {statistics.median(fs):.1f} [{min(fs):.1f}–{max(fs):.1f}]")
+    if faults:
+        lines += ["", "Minor page faults per timed step, median [min–max] over the runs (the process's pages "
+                  "faulted in between the timer's ends; tens to hundreds a step are the heap trimmed and grown "
+                  "again every step, a state some processes fall into; `--steady-heap` prevents it):", *faults]
     files = []
     for m in models:
         for config, base in configs_of(m, raw, suite):
@@ -570,6 +598,10 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
                         help="CPU, fresh processes: run every child with MALLOC_MMAP_THRESHOLD_=BYTES (glibc's "
                              "moving mmap threshold fixed: peak growth without the allocator's placement)")
+    parser.add_argument("--steady-heap", action="store_true",
+                        help="CPU, fresh processes: run every child with glibc's trim and mmap thresholds fixed "
+                             f"({', '.join(f'{k}={v}' for k, v in STEADY_HEAP_ENV.items())}): no process trims its "
+                             "heap's top and grows it again every step (time runs; see the docstring)")
     parser.add_argument("--calibrate-before", action="store_true",
                         help="CPU: also calibrate each process before fit and report the ratio adjusted by that "
                              "(pre-faults memory before the peak-growth baseline: for time runs)")
@@ -587,8 +619,10 @@ def main() -> None:
                     log_every=args.log_every, epoch_steps=args.epoch_steps, calibrate_before=args.calibrate_before)
         print(json.dumps(res))
         return
-    if args.in_process and args.mmap_threshold:
-        parser.error("--mmap-threshold applies to fresh processes only (not with --in-process)")
+    if args.in_process and (args.mmap_threshold or args.steady_heap):
+        parser.error("--mmap-threshold and --steady-heap apply to fresh processes only (not with --in-process)")
+    if args.mmap_threshold and args.steady_heap:
+        parser.error("--steady-heap fixes the mmap threshold itself: not with --mmap-threshold")
     if args.device == "cuda" and not torch.cuda.is_available():
         emit_report("CUDA rows: not measured (torch.cuda.is_available() is False on this machine).", args.out)
         return
@@ -610,7 +644,8 @@ def main() -> None:
                                 "runs": {f"{m}|{c}": v for (m, c), v in results.items()}},
                     quiet=rounds_done < args.rounds)
 
-    child_env = {"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else None
+    child_env = ({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else
+                 dict(STEADY_HEAP_ENV) if args.steady_heap else None)
     measure(models, args.rounds, args.raw, suite_models, args.steps_scale,
             in_process=args.device == "cuda" or args.in_process, epoch_steps=args.epoch_steps, on_round=write,
             child_env=child_env, calibrate_before=args.calibrate_before)
@@ -654,7 +689,8 @@ def report(args: argparse.Namespace, models: list[str], suite_models: set[str], 
         f"### GradientDispersion every step vs plain training ({args.device.upper()}, {rounds_done} rounds"
         + (f" of {args.rounds} asked" if rounds_done < args.rounds else "")
         + (", every fit in one process" if one_process_cpu else "")
-        + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "") + ")",
+        + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "")
+        + (", steady heap" if args.steady_heap else "") + ")",
         describe_machine_md(info, loads),
         *(["One process (`--in-process`): the fits alternate in this process, so a slow state of the machine "
            "hits both sides alike. Time only: the heap carries from fit to fit, so the peak-memory columns "
@@ -664,6 +700,12 @@ def report(args: argparse.Namespace, models: list[str], suite_models: set[str], 
            "(by default it moves up with the sizes freed, and where a step's blocks land then changes the "
            "heap's high-water mark); the peak growth is then about the memory live at the peak."]
           if args.mmap_threshold else []),
+        *(["Every child ran with a steady heap (`--steady-heap`: "
+           + ", ".join(f"`{k}={v}`" for k, v in STEADY_HEAP_ENV.items())
+           + "): glibc neither trims the top of its heap nor moves its thresholds, so no process hands pages "
+           "back and faults them in again every step, which by default strikes processes at random, with "
+           "and without the callback (the page-fault lines below)."]
+          if args.steady_heap else []),
         legend,
         tables(results, have, args.raw, suite_models),
         "Backends chosen:\n" + "\n".join(notes),

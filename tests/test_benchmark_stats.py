@@ -263,7 +263,7 @@ def test_in_process_cpu_report_reads_time_targets_only():
            "warmup": 3, "steps": 10, "file_growth_mib": 1.0, "calib_ms": 1.0}
     results = {("mlp", "plain"): [run] * 5,
                ("mlp", "dispersion"): [dict(run, ms_per_step=1.05, peak_growth_mib=45.0, calib_ms=1.0)] * 5}
-    args = argparse.Namespace(device="cpu", in_process=True, mmap_threshold=0, rounds=5, raw=False)
+    args = argparse.Namespace(device="cpu", in_process=True, mmap_threshold=0, steady_heap=False, rounds=5, raw=False)
     text = od.report(args, ["mlp"], set(), od.machine_description(), results, ["0 0 0"], {}, 5)
     assert "every fit in one process" in text
     assert "time ≤ 1.10× plain" in text and "peak growth ≤ 1.2× plain" not in text
@@ -342,3 +342,77 @@ def test_step_ablation_schedule_and_switches():
     assert plan.apart is None and plan.gather_buffer.shape == (4, 1024)
     switch(False)
     assert plan.apart is not None
+
+
+_HEAP_CHURN = """
+import ctypes, resource
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+MiB = 1 << 20
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def touch_and_free(n):
+    blocks = [libc.malloc(4 * MiB) for _ in range(n)]
+    for b in blocks:
+        ctypes.memset(b, 1, 4 * MiB)
+    for b in reversed(blocks):
+        libc.free(b)
+touch_and_free(1)  # mmapped (above the 128 KiB start), freed: the thresholds move to 4 and 8 MiB
+touch_and_free(3)  # from the heap's top: 12 MiB free there afterwards
+before = faults()
+for _ in range(10):
+    touch_and_free(3)
+print((faults() - before) / 10)
+"""
+
+
+def _faults_per_round(env: dict[str, str] | None) -> float:
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _HEAP_CHURN], env={**base, **(env or {})}, capture_output=True,
+                         text=True, timeout=60, check=True)
+    return float(out.stdout.strip())
+
+
+def test_steady_heap_stops_the_trim_and_regrow_every_step():
+    """``overhead_dispersion --steady-heap``: glibc's default trims a heap top with more than twice
+    the largest freed mmapped block free, so a loop that frees 12 MiB there after a 4 MiB block was
+    unmapped faults thousands of pages in again every round (about 2,000 here: glibc keeps a pad
+    and part of the top); under ``STEADY_HEAP_ENV`` it faults none.
+    ``common.minor_faults`` counts them (the control: the default does fault)."""
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    od = benchmark_module("overhead_dispersion")
+    churn = _faults_per_round(None)
+    steady = _faults_per_round(od.STEADY_HEAP_ENV)
+    assert churn > 1000, churn  # at least 4 MiB of the 12 trimmed and faulted in again each round
+    assert steady < 50, steady
+
+    common = benchmark_module("common")
+    import mmap
+
+    before = common.minor_faults()
+    block = mmap.mmap(-1, 8 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    assert common.minor_faults() - before >= 2048 * 0.9  # (transparent huge pages would fault fewer)
+    block.close()
+
+
+def test_tables_report_each_configurations_page_faults():
+    """The tables list the minor page faults per timed step of every configuration (median
+    [min–max]); runs without the field (older JSON) list none."""
+    od = benchmark_module("overhead_dispersion")
+    run = {"ms_per_step": 1.0, "peak_growth_mib": 30.0, "maxrss_mib": 900.0, "base_mib": 0.0}
+    results = {("mlp", "plain"): [dict(run, faults_per_step=f) for f in (0.2, 150.0, 0.4)],
+               ("mlp", "dispersion"): [dict(run, ms_per_step=1.1, faults_per_step=f) for f in (5.0, 3.0, 80.0)]}
+    text = od.tables(results, ["mlp"], raw=False, suite=False)
+    assert "* mlp, plain: 0.4 [0.2–150.0]" in text and "* mlp, dispersion: 5.0 [3.0–80.0]" in text
+    bare = {k: [{kk: vv for kk, vv in x.items() if kk != "faults_per_step"} for x in v] for k, v in results.items()}
+    assert "page faults" not in od.tables(bare, ["mlp"], raw=False, suite=False)
