@@ -118,7 +118,7 @@ def main() -> None:
         diffs = [1e6 * (a - b) for a, b in zip(mine, plain)]
         lo, hi, _ = median_ci(diffs)
         lines.append(f"| {variant} | {1e6 * statistics.median(mine):.0f} | "
-                     f"+{statistics.median(diffs):.0f} [{lo:+.0f}, {hi:+.0f}] |")
+                     f"{statistics.median(diffs):+.0f} [{lo:+.0f}, {hi:+.0f}] |")
     print("\n".join(lines))
 
 

@@ -416,3 +416,35 @@ def test_tables_report_each_configurations_page_faults():
     assert "* mlp, plain: 0.4 [0.2–150.0]" in text and "* mlp, dispersion: 5.0 [3.0–80.0]" in text
     bare = {k: [{kk: vv for kk, vv in x.items() if kk != "faults_per_step"} for x in v] for k, v in results.items()}
     assert "page faults" not in od.tables(bare, ["mlp"], raw=False, suite=False)
+
+
+def test_capture_routes_times_every_route_and_the_walk_finds_the_hooks_products(capsys, monkeypatch):
+    """``benchmarks/capture_routes.py`` (a short run): the graph walk finds the MLP's three
+    products and their row norms equal the global hook's (checked before timing: the run would
+    raise); a row per route, with and without the norms."""
+    bench = benchmark_module("capture_routes")
+    monkeypatch.setattr("sys.argv", ["capture_routes.py", "--rounds", "2", "--block", "3"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert "equal (`torch.equal`)" in out
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    for route in bench.ROUTES:
+        for label in (f"{route}, with the row norms", f"{route}, route only"):
+            assert re.search(r"\| \d+ \| [+-]\d+ \[[+-]\d+, [+-]\d+\] \|$", rows[label]), rows[label]
+
+
+def test_capture_routes_walk_misses_no_product_and_ignores_other_weights():
+    """The walk of ``capture_routes.Capture`` puts one pre-hook per hooked Linear call, none on
+    an unhooked Linear's product, and two on a Linear called twice (both calls are products of
+    its weight); its row norms are each call's own."""
+    bench = benchmark_module("capture_routes")
+    torch.manual_seed(0)
+    a, b, other = torch.nn.Linear(6, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 3)
+    cap = bench.Capture([a, b], batch=4)
+    x = torch.randn(4, 6)
+    h1 = torch.relu(a(x))
+    loss = other(b(torch.relu(b(h1)))).square().sum()
+    cap.walk(loss)
+    loss.backward()
+    assert cap.found == 3  # a once, b twice, other never
+    assert torch.allclose(cap.pairs[1, 0], x.norm(dim=1))
