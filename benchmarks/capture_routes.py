@@ -166,7 +166,8 @@ def main() -> None:
     lines = [f"### A Linear's input and output gradient, three routes, inside the MLP's training step ({args.rounds} "
              f"rounds of {args.block}-step blocks, the order rotating)", "", describe_machine_md(info, loads), "",
              "The routes' row norms of one step compared before timing: equal (`torch.equal`).", "",
-             "| route | step (µs, median of blocks) | extra over plain (µs): median of per-round differences [95 % CI] |",
+             "| route | step (µs, median of blocks) | extra over plain (µs): median of per-round differences "
+             "[95 % CI] |",
              "|---|---:|---:|"]
     for variant in VARIANTS:
         mine = blocks[variant]
