@@ -241,3 +241,23 @@ def test_the_results_table_names_a_probe_that_never_ran(tmp_path, capsys):
     assert lines == ["not measured in this run: HessianContractivity (its schedule never let it run)"], out
     small_fit(tmp_path, bound_suite())
     assert "not measured in this run" not in capsys.readouterr().out
+
+
+def test_the_results_table_in_tensorboard_keeps_every_cell(tmp_path):
+    """The Markdown results table (TensorBoard's Text tab) renders every row with its three cells:
+    the ``|flatness|`` of ``bound/neu_abs``'s note is escaped (it cut the row short before), as
+    TensorBoard's own renderer shows it."""
+    import numpy as np
+    from tensorboard.plugins.text import text_plugin
+
+    from genbounds.callbacks.run_summary import results_table
+
+    t, _ = small_fit(tmp_path, bound_suite())
+    bound = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert "bound/neu_abs" in bound.latest
+    _, markdown = results_table(t, bound)
+    html = text_plugin.text_array_to_html(np.array(markdown.encode()), True)
+    assert "<td>Neu Thm 1 with |flatness| (bounds |gap|)</td>" in html
+    rows = [line for line in markdown.splitlines() if line.startswith("| `")]
+    assert rows and html.count("<tr>") == len(rows) + 1  # (the header row)
+    assert html.count("<td>") == 3 * len(rows)

@@ -63,3 +63,24 @@ def test_every_config_parses(config, capsys):
         main(["fit", "--config", config, "--print_config"])
     assert exit_info.value.code in (0, None)
     assert "class_path" in capsys.readouterr().out
+
+
+def test_command_line_overrides_name_the_run(tmp_path, monkeypatch):
+    """``genbounds fit … --data.init_args.label_noise=0.4`` from the command line (the console
+    script calls ``main()`` without arguments, so the overrides come from ``sys.argv``): the log
+    folder is named after the overrides and HParams records them (written by the suite's run
+    summary)."""
+    from genbounds.cli import main
+    from genbounds.reporting.events import load_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [
+        "genbounds", "fit", "--config", os.path.join(ROOT, "configs", "digits_mlp.yaml"),
+        "--trainer.max_steps=3", "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}", "--data.init_args.label_noise=0.4"])
+    main()
+    names = os.listdir(tmp_path / "digits_mlp")
+    assert names == ["max_steps=3,limit_val_batches=1,label_noise=0.4"], names
+    run = load_run(str(tmp_path / "digits_mlp" / names[0]))
+    assert "label_noise=0.4" in str(run.hparams.get("cli_overrides")), run.hparams
+    assert run.hparams.get("run_name") == f"digits_mlp/{names[0]}"

@@ -371,3 +371,35 @@ def test_train_mode_probes_work_with_batchnorm(tmp_path, probe):
 def test_probe_without_schedule_or_aggregator_warns_at_setup(tmp_path):
     with pytest.warns(UserWarning, match="will never run"):
         fit(tmp_path, [Flatness(every_n_epochs=None, at_train_end=False)], max_epochs=1, limit_train_batches=1)
+
+
+class _HandWrittenLoss(Classifier):
+    """A loss written by hand (no torch loss function to capture) and no ``per_sample_loss``."""
+
+    per_sample_loss = None  # type: ignore[assignment]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = -(torch.log_softmax(self(x), 1).gather(1, y[:, None])).mean()
+        self.log("train_loss", loss)
+        return loss
+
+
+def test_a_hand_written_loss_gives_nan_bounds_named_before_step_0_not_a_crash(tmp_path):
+    """Only a batch-mean loss: the data-dependent ``R`` cannot be read, so every bound is NaN and
+    flagged — the fit ends normally (it raised in the layer-wise Eq. 3 before), and the loss
+    contract's one warning, before step 0, names ``R`` and what to add; a given ``R`` gives bounds."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path / "q", main_suite(), module=_HandWrittenLoss(MLP(64, 10, 32), lr=0.05))
+    contract = [str(w.message) for w in caught if str(w.message).startswith("genbounds: no torch loss")]
+    assert len(contract) == 1 and "GeneralizationBound: R='quantile'" in contract[0], contract
+    values = aggregator(t).latest
+    assert math.isnan(values["setting/R"])
+    for tag in ("bound/wang_mao_eq3", "bound/wang_mao_eq3_layerwise", "bound/wang_mao_eq2", "bound/neu"):
+        assert math.isnan(values[tag]), tag
+    assert values["bound/valid"] == 0.0
+    t = fit(tmp_path / "r", main_suite()[:-1] + [GeneralizationBound(R=2.0)],
+            module=_HandWrittenLoss(MLP(64, 10, 32), lr=0.05))
+    values = aggregator(t).latest
+    assert values["setting/R"] == 2.0 and math.isfinite(values["bound/wang_mao_eq3"])

@@ -167,6 +167,15 @@ def test_eq3_layerwise_refuses_nonpositive_block_trace():
     assert zero.value == pytest.approx(wang_mao_eq3(R, T, 5.0, 1e-3, N).value, rel=1e-12)
 
 
+def test_eq3_layerwise_is_undefined_not_raising_for_a_nan_loss_range():
+    """No per-sample losses, a data-dependent ``R``: NaN in, NaN out (with its reason), as every
+    other bound does — not the ``ValueError`` of ``optimal_sigmas``."""
+    res = wang_mao_eq3_layerwise(math.nan, T, [5.0, 2.0], [1e-3, 2e-3], N, trace_h_se=[0.5, 0.5])
+    assert res.method == "undefined" and math.isnan(res.value) and res.reason == "non-finite input"
+    assert res.isotropic is None and np.all(np.isnan(res.sigma_star))
+    assert wang_mao_eq3(math.nan, T, 7.0, 3e-3, N) is None  # (the isotropic form: undefined likewise)
+
+
 def test_eq3_layerwise_gradient_and_standard_errors():
     trace_h, s_vhat, _ = quadratic_inputs()
     res = wang_mao_eq3_layerwise(R, T, trace_h, s_vhat, N, trace_h_se=[1.0, 0.5])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
@@ -54,7 +55,10 @@ def run_name(overrides: list[str]) -> str:
 
 class GenboundsCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._raw_args = list(kwargs.get("args") or [])
+        # the arguments LightningCLI parses: its ``args``, or the command line when none are given
+        # (the console script passes None)
+        given = kwargs.get("args")
+        self._raw_args = list(sys.argv[1:] if given is None else given)
         super().__init__(*args, **kwargs)
 
     def before_instantiate_classes(self) -> None:

@@ -362,12 +362,13 @@ def wang_mao_eq3_layerwise(r: float, total_steps: int, trace_h_blocks: Sequence[
     if fill_se is not None and fill_se.size != k_blocks:
         raise ValueError(f"{fill_se.size} dispersion-sum SEs for {k_blocks} blocks")
     iso = None
-    if np.all(np.isfinite(th)) and np.all(np.isfinite(sv)):
+    finite = math.isfinite(r) and bool(np.all(np.isfinite(th)) and np.all(np.isfinite(sv)))
+    if finite:
         iso = wang_mao_eq3(r, total_steps, math.fsum(th.tolist()), math.fsum(sv.tolist()), n, iso_se,
                            0.0 if fill_se is None else float(np.sum(fill_se)))
 
     nan_k = np.full(k_blocks, np.nan)
-    if not (np.all(np.isfinite(th)) and np.all(np.isfinite(sv))):
+    if not finite:  # (a NaN R: no per-sample losses to take the loss range from)
         return Eq3LayerwiseResult(math.nan, "undefined", nan_k, math.nan, math.nan, traj_f, flat_f, nan_k,
                                   math.nan, "none", None, "non-finite input")
     if not np.all(th > 0):

@@ -122,6 +122,9 @@ class GeneralizationBound(ProbeCallback):
         self.bounds = None if bounds is None else check_name_list(o, "bounds", bounds, ALL_BOUNDS)
         self.loss_range = LossRange(check_choice(o, "R", R, ("quantile", "observed_range")) if isinstance(R, str)
                                     else check_float(o, "R", R, low=0.0, low_open=True))
+        if isinstance(R, str):  # (named by the loss contract's one warning when only a batch-mean loss exists)
+            self.per_sample_need = (f"R={R!r}, the loss range every bound is scaled by, read from per-sample "
+                                    "losses (without them every bound is NaN; or give R as a number)")
         self.num_train = check_int(o, "num_train", num_train, optional=True)
         self.gap_samples = check_int(o, "gap_samples", gap_samples, minimum=2, optional=True)
         self.gap_batch_size = check_int(o, "gap_batch_size", gap_batch_size, optional=True)

@@ -147,7 +147,9 @@ def run_settings(trainer: Trainer, pl_module: LightningModule, bound: Generaliza
     params: dict[str, Any] = {}
     logger = trainer.logger
     if logger is not None:
-        params["run_name"] = f"{logger.name}/{logger.version}" if logger.version is not None else str(logger.name)
+        version = logger.version  # (an integer version is Lightning's folder version_N: named as the folder)
+        folder = f"version_{version}" if isinstance(version, int) else version
+        params["run_name"] = f"{logger.name}/{folder}" if version is not None else str(logger.name)
     params["optimizer"] = bound.optimizer or ""
     if trainer.optimizers:
         group = trainer.optimizers[0].param_groups[0]
@@ -336,10 +338,15 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
         lines.append(f"next: tensorboard --logdir {os.path.dirname(log_dir.rstrip(os.sep)) or log_dir}    "
                      f"genbounds report {log_dir}")
     md = [f"**{heading}**", "", "| metric | value | note |", "|---|---:|---|"]
-    md += [f"| `{t}` | {val} | {note} |" for t, val, note in rows]
+    md += [f"| `{t}` | {_cell(val)} | {_cell(note)} |" for t, val, note in rows]
     md += ["", *(f"* {line}" for line in lines[len(rows) + 3:])]
     return "\n".join(lines), "\n".join(md)
 
 
+def _cell(text: Any) -> str:
+    """A Markdown table cell's text: a ``|`` inside it (``|flatness|``) escaped, or it ends the cell."""
+    return str(text).replace("|", "\\|")
+
+
 def _markdown_settings(params: dict[str, Any]) -> str:
-    return "\n".join(["| setting | value |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in params.items()])
+    return "\n".join(["| setting | value |", "|---|---|"] + [f"| `{k}` | {_cell(v)} |" for k, v in params.items()])
