@@ -403,3 +403,24 @@ def test_a_hand_written_loss_gives_nan_bounds_named_before_step_0_not_a_crash(tm
             module=_HandWrittenLoss(MLP(64, 10, 32), lr=0.05))
     values = aggregator(t).latest
     assert values["setting/R"] == 2.0 and math.isfinite(values["bound/wang_mao_eq3"])
+
+
+@pytest.mark.parametrize("make", [lambda: TwinRunStability(mode="replace"), GaussianModelPerturbation,
+                                  lambda: VariabilityRegularizer(lambda1=0.01), DynamicGradientClipping],
+                         ids=["twin", "gmp", "regularizer", "clipping"])
+def test_a_run_with_interventions_only_is_complete_for_the_cli(tmp_path, make, capsys):
+    """Interventions and the twin run write ``run/complete`` at the end of ``fit`` like every
+    measurement callback: ``genbounds gate`` read such a run as killed (exit 2). Killed, it still is."""
+    logger = TensorBoardLogger(str(tmp_path), name="done", default_hp_metric=False)
+    fit(tmp_path, [make()], logger=logger)
+    assert run_cli("gate", logger.log_dir, "--max", "val_loss=100") == 0, capsys.readouterr().err
+
+    class Crash(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                raise RuntimeError("killed")
+
+    logger = TensorBoardLogger(str(tmp_path), name="killed", default_hp_metric=False)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path, [make(), Crash()], logger=logger)
+    assert run_cli("gate", logger.log_dir, "--max", "val_loss=100") == 2

@@ -18,6 +18,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch.optim import Optimizer
 
 from genbounds.callbacks.checks import check_automatic_optimization, check_precision, check_strategy
+from genbounds.callbacks.step_log import mark_run_complete
 
 
 class GradientIntervention(Callback):
@@ -70,6 +71,9 @@ class GradientIntervention(Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._uninstall()
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mark_run_complete(trainer)  # (a run with interventions only is complete too: genbounds gate|report)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._uninstall()

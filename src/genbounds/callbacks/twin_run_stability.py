@@ -23,7 +23,7 @@ from genbounds.callbacks.checks import (
 )
 from genbounds.callbacks.probe_data import first_loader, validation_loader
 from genbounds.callbacks.state_key import state_key_once
-from genbounds.callbacks.step_log import FlushesStepLog, StepLog, weights_step
+from genbounds.callbacks.step_log import FlushesStepLog, StepLog, mark_run_complete, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
 
 Mode = Literal["replace", "remove", "none"]
@@ -308,4 +308,7 @@ class TwinRunStability(FlushesStepLog, Callback):
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._twin_batch = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        mark_run_complete(trainer)
 
