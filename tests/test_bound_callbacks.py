@@ -90,7 +90,7 @@ def test_bound_gate_actions(tmp_path, mode):
             t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=3)
         assert sum("BoundGate" in str(w.message) for w in caught) == 1  # warned once
         assert t.current_epoch == 3 and len(gate.violations) == 4  # 3 validations + the final values
-        assert gate.verdict().startswith("FAIL")
+        assert gate.verdict().startswith("FAIL") and " > max 1e-09)" in gate.verdict()  # (the limit said)
     else:
         t, _ = small_fit(tmp_path, [*bound_suite(), gate], max_epochs=4)
         assert t.global_step == 5 and gate.stopped_step == 5  # stopped after the first validation
@@ -261,3 +261,11 @@ def test_the_results_table_in_tensorboard_keeps_every_cell(tmp_path):
     rows = [line for line in markdown.splitlines() if line.startswith("| `")]
     assert rows and html.count("<tr>") == len(rows) + 1  # (the header row)
     assert html.count("<td>") == 3 * len(rows)
+
+
+@pytest.mark.parametrize("kind", ["max", "min"])
+def test_bound_gate_thresholds_given_as_a_number_are_refused_with_the_form_to_use(kind):
+    """``BoundGate(max=5.0)`` (a number where a mapping goes): a clear error at construction, with
+    the form to write (an ``AttributeError`` on ``.items`` before)."""
+    with pytest.raises(MisconfigurationException, match=r"mapping \{metric: limit\}, e\.g\. " + kind):
+        BoundGate(**{kind: 5.0})

@@ -424,3 +424,14 @@ def test_a_run_with_interventions_only_is_complete_for_the_cli(tmp_path, make, c
     with pytest.raises(RuntimeError, match="killed"):
         fit(tmp_path, [make(), Crash()], logger=logger)
     assert run_cli("gate", logger.log_dir, "--max", "val_loss=100") == 2
+
+
+def test_an_overhead_budget_over_one_warns_that_it_is_a_fraction():
+    """``overhead_budget=20`` (20 % meant) is legal but almost surely a slip: one warning says what
+    it means and names 0.2; a fraction does not warn."""
+    with pytest.warns(UserWarning, match=r"overhead_budget=20\): the budget is a fraction .* Was 0\.2 meant\?"):
+        GeneralizationBound(overhead_budget=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GeneralizationBound(overhead_budget=0.2)
+        Flatness(sigmas=[0.01], overhead_budget=1.0)

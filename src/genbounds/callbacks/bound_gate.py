@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -96,6 +97,11 @@ class BoundGate(MeasurementCallback):
     ) -> None:
         super().__init__()
         owner = "BoundGate"
+        for name, given in (("max", max), ("min", min)):
+            if given is not None and not isinstance(given, Mapping):
+                raise MisconfigurationException(
+                    f"BoundGate({name}={given!r}): thresholds are a mapping {{metric: limit}}, e.g. "
+                    f"{name}={{'bound/wang_mao_eq3': {given!r}}}")
         self.max = {str(k): check_float(owner, f"max[{k!r}]", v, allow_inf=True) for k, v in (max or {}).items()}
         self.min = {str(k): check_float(owner, f"min[{k!r}]", v, allow_inf=True) for k, v in (min or {}).items()}
         if not self.max and not self.min:
@@ -253,8 +259,9 @@ class BoundGate(MeasurementCallback):
             return "not checked"
         if self.final["passed"]:
             return f"PASS ({len(self.max) + len(self.min)} threshold(s) on the final values)"
-        items = ", ".join(f"{v['metric']} {v['reason']}" + (f" ({v['value']:.4g})" if v["reason"] == "threshold" else "")
-                          for v in self.final["violations"])
+        items = ", ".join(f"{v['metric']} {v['reason']}" + (
+            f" ({v['value']:.4g} {'>' if v['kind'] == 'max' else '<'} {v['kind']} {v['limit']:g})"
+            if v["reason"] == "threshold" else "") for v in self.final["violations"])
         return f"FAIL — {items}"
 
     def state_dict(self) -> dict[str, Any]:

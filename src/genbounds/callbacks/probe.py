@@ -130,6 +130,10 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.seed = check_int(o, "seed", seed, minimum=None)
         self.overhead_budget = check_float(o, "overhead_budget", overhead_budget, low=0.0, low_open=True,
                                            optional=True)
+        if self.overhead_budget is not None and self.overhead_budget > 1.0:  # (a percentage given?)
+            b = self.overhead_budget
+            rank_zero_warn(f"{o}(overhead_budget={b:g}): the budget is a fraction of the training time (0.2 = 20 %), "
+                           f"so {b:g} lets the probes take {b:g}× as long as training itself. Was {b / 100:g} meant?")
         self.step_log = StepLog(self.owner)
         self.train_probe: Any = None
         self.heldout_probe: Any = None
