@@ -367,3 +367,13 @@ def test_report_settings_drop_a_bare_key_its_namespaced_twin_repeats():
     # (seed is genbounds' own: the global seed, kept beside the data module's even when equal)
     assert got == {"model/momentum": 0.0, "data/shuffle": 1, "data/drop_last": 0, "val_fraction": 0.3,
                    "data/val_fraction": 0.2, "seed": 0, "data/seed": 0, "optimizer": "SGD"}
+
+
+def test_fmt_writes_counts_and_sizes_as_integers():
+    """``setting/d`` 38410 reads as 38410 in report and compare, not 3.841e+04; other values keep
+    four significant digits."""
+    from genbounds.reporting.events import fmt
+
+    assert fmt(38410.0) == "38410" and fmt(1.0) == "1" and fmt(0.0) == "0" and fmt(-3.0) == "-3"
+    assert fmt(2.3141) == "2.314" and fmt(1e20) == "1e+20" and fmt(float("inf")) == "inf"
+    assert fmt(float("nan")) == "nan" and fmt(None) == "—"

@@ -27,6 +27,7 @@ Training — Lightning's LightningCLI (e.g. genbounds fit --config configs/digit
   fit        train a model with the genbounds callbacks, logging gradient statistics and bounds
   validate   run the validation loop of a model/config once
   test       run the test loop of a model/config once
+  predict    run the prediction loop of a model/config once
 
 Reporting — read runs back from disk (TensorBoard event files or CSVLogger metrics.csv):
   report     figures and summary.md (final values ± SE) of each run

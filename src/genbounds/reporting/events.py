@@ -322,4 +322,6 @@ def fmt(value: float | None) -> str:
         return "—"
     if math.isnan(value):
         return "nan"
+    if float(value).is_integer() and abs(value) < 1e15:  # (a count or a size: setting/d 38410, not 3.841e+04)
+        return str(int(value))
     return f"{value:.4g}"
