@@ -937,3 +937,64 @@ def test_cuda_dispersion_equals_the_cpu(tmp_path, case):
         values[accelerator] = genbounds_values(run)["grad/dispersion"]
     assert len(values["gpu"]) == len(values["cpu"]) == 1
     assert values["gpu"][0] == pytest.approx(values["cpu"][0], rel=1e-4)
+
+
+class _Unreduced(pl.LightningModule):
+    """Its loss from an unreduced torch loss, reduced by hand: ``.mean()`` (flat or over tokens),
+    ``.sum()``, or weighted by a per-sample weight from the batch. No ``per_sample_loss``."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4 * 3))
+
+    def losses(self, batch: Any) -> Tensor:
+        x, y, _ = batch
+        out = self.net(x)
+        if self.how == "tokens":  # [b, 3] token losses
+            return F.cross_entropy(out.view(-1, 4, 3), y.view(-1, 1).expand(-1, 3) % 4, reduction="none")
+        return F.cross_entropy(out[:, :4], y % 4, reduction="none")
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        e = self.losses(batch)
+        if self.how == "weighted":
+            return (e * batch[2]).mean()
+        return e.sum() if self.how == "sum" else e.mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("how", ["mean", "tokens", "sum", "weighted"])
+def test_an_unreduced_loss_reduced_by_hand_is_captured(tmp_path, how):
+    """``F.cross_entropy(…, reduction="none").mean()`` (and ``.sum()``, and token losses
+    averaged) in ``training_step``: the contract's per-sample losses are each sample's term of the
+    training loss — on another batch too, of another size — and the norm hooks read the training
+    backward (before, the trial raised an ``IndexError`` naming its records). Weighted element by
+    element with weights from the batch, it cannot rebuild them for another batch: it says so
+    and falls back to the batch-mean loss (the micro-batch backend)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 8, (20,), generator=g),
+                         torch.rand(20, generator=g) + 0.5)
+    pl.seed_everything(0, verbose=False)
+    module = _Unreduced(how)
+    cb = GradientDispersion()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=3).fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    if how == "weighted":
+        assert contract.tier == "returned" and cb.active_backend == "microbatch"
+        assert sum("weights the unreduced cross_entropy element by element" in str(w.message) for w in caught) == 1
+        return
+    assert contract.tier == "captured" and contract.reads_training_backward and cb.active_backend == "hooks"
+    batch = data[15:20]  # (five samples: not the trial's size)
+    with torch.no_grad():
+        got = contract(module, batch)
+        e = module.losses(batch)
+    want = e.mean(1) if how == "tokens" else 5 * e if how == "sum" else e  # (mean_i ℓ_i = the training loss)
+    assert got.shape == (5,) and torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)

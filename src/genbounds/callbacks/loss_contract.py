@@ -84,7 +84,9 @@ class LossContract:
         self.per_sample = False
         self.reads_training_backward = False
         self.errors_available = False
-        self.coefficients: list[float] | None = None
+        self.coefficients: list[CoefficientSpec] | None = None
+        """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
+        the trial and applied to every later batch's records."""
         self.notes: list[str] = []
         self.warned = False
         """Whether the trial's notes were already given to the user as a warning (callbacks then
@@ -197,13 +199,24 @@ class LossContract:
                           loss_coefficients: Callable, combined_per_sample: Callable) -> None:
         if records and returned is not None and returned.requires_grad:
             coefficients, remainder = loss_coefficients(returned, records)
-            used = [i for i, c in enumerate(coefficients.tolist()) if c != 0.0]
+            parts = torch.split(coefficients, [r.value.numel() for r in records])
+            used = [k for k, c in enumerate(parts) if bool((c != 0).any())]
+            specs = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
+            weighted = [records[k].name for k in used if specs[k] is None]
+            if used and weighted:
+                self.notes.append(
+                    f"training_step weights the unreduced {', '.join(sorted(set(weighted)))} element by element "
+                    "(per-sample weights from the batch?): genbounds cannot rebuild such per-sample losses for "
+                    "another batch, so only the returned batch-mean loss is used (add `per_sample_loss(self, "
+                    "batch)` returning the weighted per-sample losses)")
+                self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
+                return
             if used:
                 self.tier = "captured"
                 self.per_sample = True
-                self.coefficients = [float(c) for c in coefficients.tolist()]
+                self.coefficients = specs
                 per_sample = combined_per_sample(records, coefficients, b)
-                names = ", ".join(sorted({records[i].name for i in used}))
+                names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
                 scale = max(float(returned.detach().double().abs()), 1e-12)
@@ -264,8 +277,8 @@ class LossContract:
         with muted_training_step(module) as manual, LossCapture(batch_size=b) as cap:
             out = call_training_step(module, batch)
         records = [r for r in cap.records if r.mappable]
-        if self.tier == "captured" and self.coefficients is not None and len(records) == len(self.coefficients):
-            coefficients = torch.tensor(self.coefficients, dtype=torch.float64)
+        coefficients = _coefficients_for(records, self.coefficients) if self.tier == "captured" else None
+        if coefficients is not None:
             return combined_per_sample(records, coefficients, b), records
         returned = _returned_loss(out, manual)
         if returned is None:
@@ -359,3 +372,45 @@ def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str]
         notes.append(f"training_step's loss ({observed:.6g}) is not the mean of {what} ({reference:.6g})")
     return ok
 
+
+CoefficientSpec = float | tuple[str, float]
+"""A captured record's coefficient in the training loss: a number for a reduced loss (``'mean'``,
+``'sum'``, …: ``∂loss/∂value``), ``("mean", m)`` for an unreduced one averaged into the loss
+(every element weighted ``m / numel``, e.g. ``F.cross_entropy(…, reduction="none").mean()``:
+``m = 1``), ``("sum", 1.0)`` for one summed (every element weighted 1)."""
+
+
+def _coefficient_spec(record: Any, c: Tensor) -> CoefficientSpec | None:
+    """The spec of one record from its coefficients on the trial batch; ``None`` for an unreduced
+    loss whose elements are weighted unequally (weights that belong to that batch)."""
+    if record.combine != "none":
+        return float(c.reshape(-1)[0])
+    n = c.numel()
+    if n == 0:
+        return ("mean", 0.0)
+    first = float(c.reshape(-1)[0])
+    if not bool(torch.all(torch.abs(c - first) <= 1e-12 * max(abs(first), 1e-300))):
+        return None
+    if n > 1 and abs(first - 1.0) <= 1e-12:
+        return ("sum", 1.0)
+    return ("mean", first * n)
+
+
+def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Tensor | None:
+    """The coefficient vector of ``records`` (another batch's, maybe of another size) from the
+    trial's specs; ``None`` when the records do not match them (another structure)."""
+    if specs is None or len(records) != len(specs):
+        return None
+    parts = []
+    for r, spec in zip(records, specs):
+        n = r.value.numel()
+        if isinstance(spec, tuple):
+            if r.combine != "none":
+                return None
+            kind, m = spec
+            parts.append(torch.full((n,), 1.0 if kind == "sum" else m / max(n, 1), dtype=torch.float64))
+        else:
+            if r.combine == "none":
+                return None
+            parts.append(torch.full((n,), float(spec), dtype=torch.float64))
+    return torch.cat(parts) if parts else None
