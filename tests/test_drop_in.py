@@ -33,6 +33,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor
 from torch.func import functional_call
 
+import genbounds.callbacks as callbacks
 from genbounds.callbacks import (
     Flatness,
     GeneralizationBound,
@@ -998,3 +999,48 @@ def test_an_unreduced_loss_reduced_by_hand_is_captured(tmp_path, how):
         e = module.losses(batch)
     want = e.mean(1) if how == "tokens" else 5 * e if how == "sum" else e  # (mean_i ℓ_i = the training loss)
     assert got.shape == (5,) and torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
+
+
+class _TwoOptimizers(pl.LightningModule):
+    """Lightning's GAN pattern, in miniature: manual optimization, a generator and a discriminator
+    stepped by their own optimizers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = torch.nn.Linear(4, 6)
+        self.discriminator = torch.nn.Linear(6, 1)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        (x,) = batch
+        g_opt, d_opt = self.optimizers()
+        fake = self.generator(torch.randn(x.shape[0], 4))
+        d_loss = F.softplus(-self.discriminator(x)).mean() + F.softplus(self.discriminator(fake.detach())).mean()
+        d_opt.zero_grad()
+        self.manual_backward(d_loss)
+        d_opt.step()
+        g_loss = F.softplus(-self.discriminator(fake)).mean()
+        g_opt.zero_grad()
+        self.manual_backward(g_loss)
+        g_opt.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.SGD(self.generator.parameters(), lr=0.1),
+                torch.optim.SGD(self.discriminator.parameters(), lr=0.1))
+
+
+@pytest.mark.parametrize("make", [GradientDispersion, lambda: callbacks.HeldoutGradient(every_n_steps=2)],
+                         ids=["dispersion", "heldout"])
+def test_two_optimizers_are_refused_before_step_0(tmp_path, make):
+    """Two optimizers under manual optimization are refused before step 0, naming the callback:
+    the check ran at ``setup``, where Lightning has made no optimizer yet, so it never fired (the
+    dispersion measured the generator's step alone, silently; the held-out gradient raised an
+    ``IndexError`` at the first optimizer step)."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = DataLoader(TensorDataset(torch.randn(16, 6)), batch_size=8)  # (no validation_step: not a probe set)
+    t = trainer(tmp_path, [make()], max_steps=2)
+    with pytest.raises(MisconfigurationException, match=r"manual optimization with 2 optimizers is not supported"):
+        t.fit(_TwoOptimizers(), data, data)
+    assert t.global_step == 0

@@ -219,6 +219,7 @@ class GradientDispersion(MeasurementCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.contract is not None
+        check_single_optimizer(OWNER, pl_module)  # (at setup Lightning has made no optimizer yet)
         self.step_budget.start()
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)

@@ -124,6 +124,7 @@ class HeldoutGradient(ProbeCallback):
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        check_single_optimizer(self.owner, pl_module)  # (at setup Lightning has made no optimizer yet)
         super().on_train_start(trainer, pl_module)
         assert self.contract is not None
         if self._per_sample and not self.contract.per_sample:
