@@ -21,7 +21,9 @@
 ``self.log``/``self.log_dict`` do nothing, torchmetrics ``Metric`` s neither update nor compute
 (their states are snapshotted and restored as well), and under manual optimization
 ``manual_backward``, the optimizers' ``step``/``zero_grad``, the schedulers and
-``toggle_optimizer`` are no-ops — so what the user logs, accumulates and steps is untouched.
+``toggle_optimizer`` are no-ops, and the attributes ``training_step`` keeps (a list of step
+outputs, a counter) are restored (:mod:`~genbounds.callbacks.user_state`) — so what the user
+logs, accumulates and steps is untouched.
 
 Parameters are never written by the estimators (they use ``torch.func.functional_call`` or
 ``torch.autograd.grad``); :func:`assert_unchanged` exists for tests and debugging.
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from genbounds.callbacks.user_state import kept_user_state
 from genbounds.estimators.recording import all_suspended
 
 ProbeMode = Literal["keep", "eval", "train"]
@@ -235,6 +238,13 @@ def muted_training_step(module: nn.Module) -> Iterator[MutedStep]:
     """Let a probe call ``module.training_step`` without side effects (see the module docstring).
     Patches instance attributes only, and removes them afterwards. Yields a :class:`MutedStep`
     that records the losses given to ``manual_backward``."""
+    with kept_user_state(module):  # (the user's own attributes: callbacks/user_state.py)
+        with _muted(module) as muted:
+            yield muted
+
+
+@contextmanager
+def _muted(module: nn.Module) -> Iterator[MutedStep]:
     patched: list[tuple[Any, str, bool, Any]] = []
     muted = MutedStep()
 

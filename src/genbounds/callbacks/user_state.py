@@ -1,0 +1,142 @@
+"""The plain Python state a user's ``training_step`` keeps on its modules, snapshotted before a
+probe calls it and restored after (:func:`kept_user_state`, used by
+:func:`~genbounds.callbacks.isolation.muted_training_step`).
+
+Lightning's documentation keeps a step's outputs on the module —
+``self.training_step_outputs.append(loss)`` and their mean logged in ``on_train_epoch_end`` —
+and users count samples (``self.samples_seen += len(x)``). A probe that calls ``training_step``
+(the loss contract's trial, the extra passes, the held-out and flatness probes) ran that code too:
+a fit with the default suite ended its first epoch with 320 outputs kept instead of 6, and logged
+another epoch mean. What is restored, on every module of the LightningModule except torchmetrics
+metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step` restores):
+
+* every attribute the user's classes set (not those ``nn.Module`` / ``LightningModule`` set
+  themselves, nor genbounds' own ``_genbounds_*``): rebound to its old value when rebound
+  (``self.count += 1``), removed when the call added it;
+* lists, dicts, sets, deques and bytearrays changed in place, nested ones too (four levels): the
+  same objects, their old contents (``append``, ``extend``, ``pop``, ``d[k] = v``);
+* tensor attributes that are neither parameters nor buffers, changed in place, of up to
+  :data:`MAX_TENSOR_ELEMENTS` elements (counters, small running values): copied before,
+  copied back when their version moved. A larger one changed in place is reported (one warning
+  per attribute): copying it on every probe would cost what the probe costs.
+
+Not restored: the internal state of other objects the module refers to (a custom tracker's
+``update``, a file written). Buffers, parameters, modes and the RNG are the isolation's.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+MAX_TENSOR_ELEMENTS = 1 << 16
+"""Largest tensor attribute copied before a probe (elements)."""
+
+_DEPTH = 4
+_BASE_KEYS: dict[type, frozenset[str]] = {}
+_reported: set[str] = set()
+
+
+def _base_keys(module: nn.Module) -> frozenset[str]:
+    """Attribute names the framework's own constructors set (``nn.Module``'s, or
+    ``LightningModule``'s for a LightningModule): not the user's state."""
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a dependency
+        LightningModule = None  # type: ignore[assignment,misc]
+    base: type = LightningModule if LightningModule is not None and isinstance(module, LightningModule) else nn.Module
+    keys = _BASE_KEYS.get(base)
+    if keys is None:
+        keys = frozenset(base().__dict__) | {"training"}
+        _BASE_KEYS[base] = keys
+    return keys
+
+
+class _Saved:
+    """One value and what restores it: the old contents of a container (recursively), or a copy
+    of a small tensor with its version."""
+
+    __slots__ = ("value", "items", "version", "copy")
+
+    def __init__(self, value: Any, depth: int) -> None:
+        self.value = value
+        self.items: Any = None
+        self.version = -1
+        self.copy: Tensor | None = None
+        if depth <= 0:
+            return
+        if isinstance(value, (list, deque)):
+            self.items = [_Saved(v, depth - 1) for v in value]
+        elif isinstance(value, dict):
+            self.items = [(k, _Saved(v, depth - 1)) for k, v in value.items()]
+        elif isinstance(value, (set, bytearray)):
+            self.items = value.copy()
+        elif isinstance(value, tuple):  # (immutable itself; its containers are not)
+            self.items = [_Saved(v, depth - 1) for v in value]
+        elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and depth == _DEPTH:
+            # (an attribute itself: a tensor inside a container keeps its identity only)
+            self.version = value._version
+            if value.numel() <= MAX_TENSOR_ELEMENTS:
+                self.copy = value.detach().clone()
+
+    def restore(self, name: str) -> None:
+        v = self.value
+        if self.items is not None:
+            if isinstance(v, (list, deque)):
+                v.clear()
+                v.extend(s.value for s in self.items)
+            elif isinstance(v, dict):
+                v.clear()
+                v.update((k, s.value) for k, s in self.items)
+            elif isinstance(v, set):
+                v.clear()
+                v.update(self.items)
+            elif isinstance(v, bytearray):
+                v[:] = self.items
+            if isinstance(v, (list, deque, tuple)):
+                for s in self.items:
+                    s.restore(name)
+            elif isinstance(v, dict):
+                for _, s in self.items:
+                    s.restore(name)
+        elif self.version >= 0 and v._version != self.version:
+            if self.copy is not None:
+                with torch.no_grad():
+                    v.copy_(self.copy)
+            elif name not in _reported:
+                _reported.add(name)
+                from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+                rank_zero_warn(
+                    f"genbounds: training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
+                    "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
+                    f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
+
+
+@contextmanager
+def kept_user_state(module: nn.Module) -> Iterator[None]:
+    """Restore, after the block, the user's plain state on ``module`` and its submodules (the
+    module docstring)."""
+    from genbounds.callbacks.isolation import _is_metric
+
+    owners = [(m, _base_keys(m), prefix) for prefix, m in module.named_modules() if not _is_metric(m)]
+    saved = []
+    for m, base, prefix in owners:
+        for key, value in m.__dict__.items():
+            if key not in base and not key.startswith("_genbounds"):
+                saved.append((m, key, _Saved(value, _DEPTH), f"{prefix}.{key}" if prefix else key))
+    before = [(m, set(m.__dict__)) for m, _, _ in owners]
+    try:
+        yield
+    finally:
+        for (m, keys), (_, base, _) in zip(before, owners):
+            for key in [k for k in m.__dict__ if k not in keys and k not in base and not k.startswith("_genbounds")]:
+                del m.__dict__[key]
+        for m, key, s, name in saved:
+            m.__dict__[key] = s.value
+            s.restore(name)

@@ -1,0 +1,136 @@
+"""The user's own attributes across a probe's call of ``training_step``
+(``callbacks/user_state.py``): restored as they were, down to the objects' identities; a large
+tensor changed in place is reported, once; the framework's and genbounds' attributes are not
+touched. And in a fit: Lightning's documented pattern of keeping step outputs on the module logs
+the same epoch mean with and without the suite."""
+
+from __future__ import annotations
+
+import warnings
+from collections import deque
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genbounds.callbacks import GradientDispersion
+from genbounds.callbacks.isolation import muted_training_step
+from genbounds.callbacks.user_state import MAX_TENSOR_ELEMENTS, kept_user_state
+from helpers import bound_suite, trainer
+
+
+class Keeper(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Linear(3, 2)
+        self.net.calls = 0  # (a submodule's attribute)
+        self.outputs: list = []
+        self.by_split = {"train": [], "seen": 0}
+        self.seen = 0
+        self.tags = {"a"}
+        self.recent = deque([1, 2], maxlen=4)
+        self.small = torch.zeros(3)
+        self.large = torch.zeros(MAX_TENSOR_ELEMENTS + 1)
+        self._mine = []  # (a private attribute of the user's class is the user's too)
+
+    def change_everything(self) -> None:
+        self.net.calls += 1
+        self.outputs.append(torch.ones(()))
+        self.by_split["train"].append(1.0)
+        self.by_split["seen"] += 8
+        self.by_split["new"] = 1
+        self.seen += 8
+        self.tags.add("b")
+        self.recent.append(3)
+        self.small += 1
+        self.added = "later"
+        self._mine.append(1)
+        self._genbounds_note = "kept"  # genbounds' own attribute: kept
+
+
+def test_every_kind_of_user_state_is_restored_with_its_identity():
+    m = Keeper()
+    before = {k: m.__dict__[k] for k in ("outputs", "by_split", "tags", "recent", "small", "_mine")}
+    inner = m.by_split["train"]
+    with kept_user_state(m):
+        m.change_everything()
+        m.outputs = ["rebound"]
+    assert m.outputs == [] and m.outputs is before["outputs"]
+    assert m.by_split == {"train": [], "seen": 0} and m.by_split["train"] is inner
+    assert m.seen == 0 and m.net.calls == 0 and m.tags == {"a"} and list(m.recent) == [1, 2]
+    assert torch.equal(m.small, torch.zeros(3)) and m.small is before["small"]
+    assert not hasattr(m, "added") and m._mine == [] and m._genbounds_note == "kept"
+    assert all(m.__dict__[k] is v for k, v in before.items())
+
+
+def test_a_large_tensor_changed_in_place_is_reported_once_and_not_copied():
+    m = Keeper()
+    for _ in range(2):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with kept_user_state(m):
+                m.large += 1
+        said = [w for w in caught if "tensor attribute large" in str(w.message)]
+        assert len(said) == (1 if _ == 0 else 0)
+    assert float(m.large[0]) == 2.0  # (not restored: said so)
+
+
+def test_muted_training_step_restores_them_and_leaves_the_framework_alone():
+    m = Keeper()
+    m.training_step = lambda batch, i: m.change_everything()  # type: ignore[method-assign]
+    with muted_training_step(m):
+        m.training_step(None, 0)
+    assert m.outputs == [] and m.seen == 0 and not hasattr(m, "added")
+    assert "log" not in m.__dict__  # (the muting patches are gone too)
+
+
+class StepOutputs(pl.LightningModule):
+    """Lightning's documented pattern: the step's outputs kept on the module, their mean logged at
+    the epoch's end; and a sample counter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.training_step_outputs: list = []
+        self.samples_seen = 0
+        self.epoch_means: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.training_step_outputs.append(loss.detach())
+        self.samples_seen += x.shape[0]
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def on_train_epoch_end(self) -> None:
+        self.epoch_means.append(float(torch.stack(self.training_step_outputs).mean()))
+        self.log("training_epoch_mean", self.epoch_means[-1])
+        self.training_step_outputs.clear()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+@pytest.mark.parametrize("with_suite", [False, True])
+def test_step_outputs_kept_on_the_module_are_the_users_own(tmp_path, with_suite):
+    from genbounds.data import DigitsDataModule
+
+    runs = []
+    for callbacks in ([], bound_suite() if with_suite else [GradientDispersion()]):
+        pl.seed_everything(0, verbose=False)
+        module = StepOutputs()
+        t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=5, limit_val_batches=2)
+        t.fit(module, DigitsDataModule(batch_size=64, seed=0))
+        runs.append((module.samples_seen, module.epoch_means, float(t.callback_metrics["training_epoch_mean"])))
+    assert runs[0][0] == 2 * 5 * 64
+    assert runs[1] == runs[0]
