@@ -6,6 +6,7 @@ import math
 import statistics
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -548,3 +549,72 @@ def test_settings_changed_after_construction_are_the_ones_used(tmp_path):
     cb.backend, cb.num_chunks = "microbatch", 2
     run_collect(tmp_path, linear_regressor(4, lr=0.0), TensorData(x, y, 16), cb, max_steps=1)
     assert cb.active_backend == "microbatch" and cb.impl.num_chunks == 2
+
+
+class _RawOutputDropout(pl.LightningModule):
+    """Dropout before an output weight used by ``F.linear`` (not a Linear: ``auto`` takes the extra
+    per-sample pass, ``functorch``)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(6, 16)
+        self.drop = torch.nn.Dropout(p)
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(3, 16))
+
+    def forward(self, x):
+        return F.linear(self.drop(torch.tanh(self.hidden(x))), self.weight)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+class _RngAtRead(pl.Callback):
+    """The global RNG state where ``GradientDispersion`` (after this callback) reads the step."""
+
+    def __init__(self) -> None:
+        self.states: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.states.append(torch.get_rng_state())
+
+
+def test_a_stochastic_step_is_centred_on_the_extra_passs_own_mean(tmp_path):
+    """``training_step`` draws dropout masks, which the extra pass draws anew: its per-sample terms
+    are centred on their own mean — the sample variance of that draw, recomputed here from the
+    pass's own masks (replayed from the RNG state it forked) — not on the training step's ``.grad``
+    (the value was then a mix of two draws, negative at some steps). The loss contract's trial saw
+    the step draw random numbers, and the backend says so."""
+    from genbounds.callbacks.loss_contract import LossContract
+
+    pl.seed_everything(0, verbose=False)
+    x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
+    module = _RawOutputDropout(0.8)
+    rng, cb = _RngAtRead(), GradientDispersion()
+    records = []
+    cb.add_listener(records.extend)
+    trainer(tmp_path, [rng, cb], max_steps=12).fit(module, TensorData(x, y, 4))
+    assert cb.active_backend == "functorch" and "draws random numbers" in cb.impl.description
+    assert LossContract.shared(module).stochastic and not cb.impl.grad_is_mean
+    params = [p for p in module.parameters()]
+    for record, state in zip(records, rng.states):
+        with torch.random.fork_rng():
+            torch.set_rng_state(state)
+            losses = F.cross_entropy(module(x), y, reduction="none")
+            g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+                losses[i], params, retain_graph=True)]) for i in range(4)]).double()
+        own = float(((g - g.mean(0)) ** 2).sum() / 3)
+        assert record.values["grad/trace_cov"] == pytest.approx(own, rel=1e-5)
+    assert len(records) == 12
+
+
+def test_a_deterministic_step_is_still_centred_on_the_training_gradient(tmp_path):
+    """Without dropout the trial sees no random numbers drawn, and the pass keeps no running sum
+    of its own (the training step's ``.grad`` is its mean)."""
+    cb = GradientDispersion()
+    trainer(tmp_path, [cb], max_steps=2).fit(_RawOutputDropout(0.0).train(), TensorData(
+        torch.randn(4, 6), torch.tensor([0, 1, 2, 0]), 4))
+    assert cb.active_backend == "functorch" and cb.impl.grad_is_mean

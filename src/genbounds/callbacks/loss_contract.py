@@ -84,6 +84,9 @@ class LossContract:
         self.per_sample = False
         self.reads_training_backward = False
         self.errors_available = False
+        self.stochastic = False
+        """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
+        pass then runs with other random numbers than the training step it describes."""
         self.coefficients: list[CoefficientSpec] | None = None
         """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
         the trial and applied to every later batch's records."""
@@ -166,6 +169,9 @@ class LossContract:
                 manual = stack.enter_context(muted_training_step(module))
                 cap = stack.enter_context(LossCapture(batch_size=b))
                 out = call_training_step(module, batch)
+                # (inside the fork: whether training_step drew random numbers, e.g. dropout masks)
+                self.stochastic = not torch.equal(torch.get_rng_state(), rng) or (
+                    cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng))
                 returned = _returned_loss(out, manual)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]

@@ -17,19 +17,23 @@ class PerSampleBackend(DispersionBackend):
     name = "functorch"
 
     def __init__(self, loss_fn: LossFn, method: Method, chunk_size: int | None,
-                 memory_budget: int = DEFAULT_MEMORY_BUDGET, grad_is_mean: bool = True) -> None:
+                 memory_budget: int = DEFAULT_MEMORY_BUDGET, grad_is_mean: bool = True,
+                 stochastic: bool = False) -> None:
         self.loss_fn = loss_fn
-        self.grad_is_mean = grad_is_mean
+        self.grad_is_mean = grad_is_mean and not stochastic
         """Whether the training step's ``.grad`` is the mean of these per-sample gradients (not
-        when the training loss holds a term they lack, e.g. a weight penalty): only then is it
-        used to centre the chunks' terms for the standard error."""
+        when the training loss holds a term they lack, e.g. a weight penalty, nor when the step
+        draws random numbers — dropout —, which the pass draws anew): only then are the terms
+        centred at it instead of at the pass's own mean (a running sum: one gradient's memory)."""
         self.method = method
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
         how = "torch.func vmap(grad)" if method == "vmap" else "one forward and a batched backward"
         held = f"chunks of {chunk_size} samples" if chunk_size is not None else \
             f"≤ {memory_budget / 2**20:.0f} MiB of per-sample gradients at once, at least one sample's"
-        self.description = f"exact per-sample gradients by {how} (one extra pass, {held})"
+        self.description = f"exact per-sample gradients by {how} (one extra pass, {held})" + (
+            " — training_step draws random numbers (dropout?): the pass draws its own, so it measures the "
+            "dispersion of the same batch under another draw" if stochastic else "")
         self.failed: Exception | None = None
         self._verified = False
         self._mean_sq: Tensor | None = None

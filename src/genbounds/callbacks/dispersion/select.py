@@ -163,7 +163,7 @@ def choose_backend(
                 + ". Add `per_sample_loss(self, batch)` to your module or pass `loss_fn=...`, or use "
                 "backend='microbatch'.")
         return PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
-                                   grad_is_mean=contract.reads_training_backward), None
+                                   grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic), None
     if requested == "microbatch":
         return microbatch(), None
     # auto
@@ -173,7 +173,7 @@ def choose_backend(
         return hooks(), None
     if functorch_ok:
         backend = PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
-                                   grad_is_mean=contract.reads_training_backward)
+                                   grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
         if contract.warned and len(blockers) == 1 and not contract.reads_training_backward:
             # the loss contract's own warning already explained why; the result is still exact
             backend.description += " — the training loss is not the mean of the per-sample losses"
@@ -191,7 +191,7 @@ def fallback_backend(failed: str, module: nn.Module, contract: LossContract, los
     (one process, ``accumulate ≥ 2``), else micro-batches."""
     if failed == "hooks" and contract.per_sample and not has_train_batchnorm(module):
         return PerSampleBackend(loss_fn, contract.per_sample_method, chunk_size, memory_budget,
-                                grad_is_mean=contract.reads_training_backward)
+                                grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
     if accumulate >= 2 and world_size == 1 and use_accumulation_steps:
         return AccumulationBackend(accumulate)
     return MicrobatchBackend(loss_fn, num_chunks, seed)
