@@ -618,3 +618,69 @@ def test_a_deterministic_step_is_still_centred_on_the_training_gradient(tmp_path
     trainer(tmp_path, [cb], max_steps=2).fit(_RawOutputDropout(0.0).train(), TensorData(
         torch.randn(4, 6), torch.tensor([0, 1, 2, 0]), 4))
     assert cb.active_backend == "functorch" and cb.impl.grad_is_mean
+
+
+class _Contrastive(pl.LightningModule):
+    """SimCLR's NT-Xent in miniature, without augmentation noise: two fixed views of each sample,
+    each view's row of the similarity matrix contrasted with every other view in the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+
+    def rows(self, x):
+        b = len(x)
+        z = F.normalize(self.enc(torch.cat([x, 0.8 * x.flip(1)])), dim=1)
+        # [view, sample, 2b] viewed as 2b rows: the rows map to samples time-major (row r → r mod b)
+        sim = (z.view(2, b, -1) @ z.t() / 0.5).masked_fill(torch.eye(2 * b, dtype=torch.bool).view(2, b, -1), -9e15)
+        return sim.view(2 * b, 2 * b), torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)])
+
+    def training_step(self, batch, batch_idx):
+        sim, labels = self.rows(batch[0])
+        return F.cross_entropy(sim, labels)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_a_contrastive_loss_is_measured_through_the_whole_batch_not_by_rows(tmp_path):
+    """In-batch negatives couple the per-sample losses: the trial finds ``ℓ_0`` depends on another
+    sample's input, the norm hooks (whose rows are not per-sample gradients: a negative variance
+    was logged) are not used, and the dispersion is that of ``∇ℓ_i`` through the whole batch,
+    ``ℓ_i`` the mean of sample ``i``'s two rows (its two views) — recomputed here by autograd,
+    sample by sample."""
+    from genbounds.callbacks.loss_contract import LossContract
+
+    pl.seed_everything(0, verbose=False)
+    x = torch.randn(6, 5)
+    module = _Contrastive()
+    cb = GradientDispersion()
+    records = []
+    cb.add_listener(records.extend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=2).fit(module, TensorData(x, torch.zeros(6), 6))
+    contract = LossContract.shared(module)
+    assert contract.coupled and not contract.reads_training_backward and cb.active_backend == "functorch"
+    assert sum("depend on the other samples of the batch" in str(w.message) for w in caught) == 1
+    sim, labels = module.rows(x)
+    rows = F.cross_entropy(sim, labels, reduction="none")
+    losses = (rows[:6] + rows[6:]) / 2
+    params = list(module.parameters())
+    g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(losses[i], params, retain_graph=True)])
+                     for i in range(6)]).double()
+    assert torch.allclose(g.mean(0), torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        F.cross_entropy(sim, labels), params)]).double(), atol=1e-6)  # (a decomposition of the batch gradient)
+    want = float(((g - g.mean(0)) ** 2).sum() / 5)
+    assert records and all(r.values["grad/trace_cov"] == pytest.approx(want, rel=1e-5) for r in records)
+
+
+def test_independent_samples_are_not_reported_coupled(tmp_path):
+    """The check's control: a plain classifier's per-sample losses are independent (its hooks read
+    the training backward as before)."""
+    from genbounds.callbacks.loss_contract import LossContract
+
+    module = Classifier(MLP(64, 10, 8))
+    cb = GradientDispersion()
+    trainer(tmp_path, [cb], max_steps=1).fit(module, DigitsDataModule())
+    assert not LossContract.shared(module).coupled and cb.active_backend == "hooks"

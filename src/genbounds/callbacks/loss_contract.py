@@ -45,9 +45,11 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
 from genbounds.estimators.batching import batch_size
+from genbounds.estimators.coupling import couples, with_input_gradient
 from genbounds.estimators.functional import LossFn
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
@@ -85,6 +87,9 @@ class LossContract:
         self.reads_training_backward = False
         self.errors_available = False
         self.stochastic = False
+        self.coupled = False
+        """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
+        self._trial_losses: Tensor | None = None
         """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
         pass then runs with other random numbers than the training step it describes."""
         self.coefficients: list[CoefficientSpec] | None = None
@@ -146,7 +151,8 @@ class LossContract:
         samples for a plain per-sample function, ``"jacobian"`` (one forward of the whole batch)
         when a loss depends on its batch (captured from ``training_step``, or a sum rescaled by
         the batch size)."""
-        if self.tier in ("per_sample_loss", "loss_fn") and not isinstance(self._default, _SumScaled):
+        if self.tier in ("per_sample_loss", "loss_fn") and not isinstance(self._default, _SumScaled) \
+                and not self.coupled:  # (a coupled loss on one sample alone is another loss)
             return "vmap"
         return "jacobian"
 
@@ -161,6 +167,9 @@ class LossContract:
         b = batch_size(batch)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         devices = [device.index or 0] if device.type == "cuda" else []
+        # (whether the per-sample losses depend on each other: their gradient to the input, below)
+        batch, input_leaf = with_input_gradient(batch, b)
+        self._trial_losses = None
         with torch.random.fork_rng(devices=devices, device_type=device.type):
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -186,6 +195,10 @@ class LossContract:
                         torch.cuda.set_rng_state(cuda_rng, device)
                     assert self._default is not None
                     user_per_sample = self._default(module, batch)
+                    self._trial_losses = user_per_sample
+                train_bn = any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+                self.coupled = not train_bn and couples(self._trial_losses, input_leaf)
+                self._trial_losses = None
         if self.tier in ("per_sample_loss", "loss_fn"):
             self.per_sample = True
             self.reads_training_backward = _agrees(returned, user_per_sample, [], "the per-sample losses")
@@ -200,6 +213,14 @@ class LossContract:
             elif not self.reads_training_backward:
                 _agrees(returned, user_per_sample, self.notes, "the per-sample losses")
         self.errors_available = callable(getattr(module, "per_sample_error", None)) or self._error_record is not None
+        if self.coupled and self.per_sample:
+            self.reads_training_backward = False
+            self.notes.append(
+                "the per-sample losses depend on the other samples of the batch (the first sample's loss changes "
+                "with another sample's input: in-batch negatives, a contrastive or ranking loss?): the training "
+                "backward's rows are not per-sample gradients, so the dispersion is taken from the gradients of "
+                "the per-sample losses through the whole batch (a decomposition: their mean is the batch "
+                "gradient)")
 
     def _settle_automatic(self, module: nn.Module, returned: Tensor | None, records: list, b: int,
                           loss_coefficients: Callable, combined_per_sample: Callable) -> None:
@@ -222,6 +243,7 @@ class LossContract:
                 self.per_sample = True
                 self.coefficients = specs
                 per_sample = combined_per_sample(records, coefficients, b)
+                self._trial_losses = per_sample
                 names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())

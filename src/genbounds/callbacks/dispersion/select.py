@@ -176,7 +176,9 @@ def choose_backend(
                                    grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
         if contract.warned and len(blockers) == 1 and not contract.reads_training_backward:
             # the loss contract's own warning already explained why; the result is still exact
-            backend.description += " — the training loss is not the mean of the per-sample losses"
+            backend.description += (" — the per-sample losses depend on each other: the gradients of each "
+                                     "through the whole batch" if contract.coupled else
+                                     " — the training loss is not the mean of the per-sample losses")
             return backend, None
         return backend, "not reading the training backward because " + "; ".join(blockers)
     return microbatch(), "not reading the training backward because " + "; ".join(blockers) + (
