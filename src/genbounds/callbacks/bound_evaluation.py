@@ -121,6 +121,9 @@ def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | Non
         if values.get(f"bound_valid/{name}") == 0.0:
             v = values.get(f"bound/{name}", math.nan)
             why = "could not be computed (NaN)" if not math.isfinite(v) else "is below the measured gap"
+            if not math.isfinite(v) and not math.isfinite(values.get("setting/R", 0.0)):
+                why += " — R is NaN (no per-sample losses to read the loss range from, or no held-out data; " \
+                       "GeneralizationBound(R=…) takes a number)"
             notes.append((f"invalid-{name}", f"GeneralizationBound: bound/{name} {why} at step {step}: a failed "
                           f"estimate, flagged bound_valid/{name} = 0."))
         if values.get(f"bound_terms/{name}_sigma_at_edge") == 1.0:
