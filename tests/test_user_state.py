@@ -134,3 +134,23 @@ def test_step_outputs_kept_on_the_module_are_the_users_own(tmp_path, with_suite)
         runs.append((module.samples_seen, module.epoch_means, float(t.callback_metrics["training_epoch_mean"])))
     assert runs[0][0] == 2 * 5 * 64
     assert runs[1] == runs[0]
+
+
+def test_a_large_container_keeps_its_length_only():
+    """A list or dict of more items than ``MAX_CONTAINER_ITEMS`` (a vocabulary, an in-memory
+    dataset) is not copied per probe: a list grown by the call is cut back; a dict whose size
+    changed is reported once."""
+    from genbounds.callbacks.user_state import MAX_CONTAINER_ITEMS
+
+    m = Keeper()
+    m.big = list(range(MAX_CONTAINER_ITEMS + 1))
+    m.vocab = {i: i for i in range(MAX_CONTAINER_ITEMS + 1)}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with kept_user_state(m):
+            m.big.append(-1)
+            m.big.extend([-2, -3])
+            m.vocab[-1] = 0
+    assert m.big == list(range(MAX_CONTAINER_ITEMS + 1))
+    assert len(m.vocab) == MAX_CONTAINER_ITEMS + 2  # (not restored: said)
+    assert sum("size of vocab" in str(w.message) for w in caught) == 1

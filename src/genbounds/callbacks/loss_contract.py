@@ -87,11 +87,11 @@ class LossContract:
         self.reads_training_backward = False
         self.errors_available = False
         self.stochastic = False
+        """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
+        pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._trial_losses: Tensor | None = None
-        """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
-        pass then runs with other random numbers than the training step it describes."""
         self.coefficients: list[CoefficientSpec] | None = None
         """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
         the trial and applied to every later batch's records."""
@@ -233,9 +233,9 @@ class LossContract:
             if used and weighted:
                 self.notes.append(
                     f"training_step weights the unreduced {', '.join(sorted(set(weighted)))} element by element "
-                    "(per-sample weights from the batch?): genbounds cannot rebuild such per-sample losses for "
-                    "another batch, so only the returned batch-mean loss is used (add `per_sample_loss(self, "
-                    "batch)` returning the weighted per-sample losses)")
+                    "(per-sample weights or a padding mask from the batch?): genbounds cannot rebuild such "
+                    "per-sample losses for another batch, so only the returned batch-mean loss is used (add "
+                    "`per_sample_loss(self, batch)` returning the weighted per-sample losses)")
                 self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
                 return
             if used:

@@ -14,7 +14,8 @@ metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step`
   themselves, nor genbounds' own ``_genbounds_*``): rebound to its old value when rebound
   (``self.count += 1``), removed when the call added it;
 * lists, dicts, sets, deques and bytearrays changed in place, nested ones too (four levels): the
-  same objects, their old contents (``append``, ``extend``, ``pop``, ``d[k] = v``);
+  same objects, their old contents (``append``, ``extend``, ``pop``, ``d[k] = v``); one of over
+  :data:`MAX_CONTAINER_ITEMS` items keeps its length only (a list cut back to it);
 * tensor attributes that are neither parameters nor buffers, changed in place, of up to
   :data:`MAX_TENSOR_ELEMENTS` elements (counters, small running values): copied before,
   copied back when their version moved. A larger one changed in place is reported (one warning
@@ -36,6 +37,12 @@ from torch import Tensor, nn
 
 MAX_TENSOR_ELEMENTS = 1 << 16
 """Largest tensor attribute copied before a probe (elements)."""
+
+MAX_CONTAINER_ITEMS = 4096
+"""Largest container whose items are kept before a probe; a larger one keeps its length only
+(a list grown by the call is cut back to it — ``append`` and ``extend``, the usual changes; any
+other change of a large container is reported), so a vocabulary or an in-memory dataset held
+on the module costs nothing per probe."""
 
 _DEPTH = 4
 _BASE_KEYS: dict[type, frozenset[str]] = {}
@@ -61,16 +68,19 @@ class _Saved:
     """One value and what restores it: the old contents of a container (recursively), or a copy
     of a small tensor with its version."""
 
-    __slots__ = ("value", "items", "version", "copy")
+    __slots__ = ("value", "items", "version", "copy", "length")
 
     def __init__(self, value: Any, depth: int) -> None:
         self.value = value
         self.items: Any = None
         self.version = -1
         self.copy: Tensor | None = None
+        self.length = -1
         if depth <= 0:
             return
-        if isinstance(value, (list, deque)):
+        if isinstance(value, (list, deque, dict, set, bytearray)) and len(value) > MAX_CONTAINER_ITEMS:
+            self.length = len(value)
+        elif isinstance(value, (list, deque)):
             self.items = [_Saved(v, depth - 1) for v in value]
         elif isinstance(value, dict):
             self.items = [(k, _Saved(v, depth - 1)) for k, v in value.items()]
@@ -86,6 +96,14 @@ class _Saved:
 
     def restore(self, name: str) -> None:
         v = self.value
+        if self.length >= 0:
+            if isinstance(v, list) and len(v) > self.length:
+                del v[self.length:]
+            elif len(v) != self.length:
+                _report(name, f"training_step changed the size of {name} ({self.length} → {len(v)} items) during a "
+                        f"genbounds probe; a container of over {MAX_CONTAINER_ITEMS} items keeps its length only "
+                        "and is not restored")
+            return
         if self.items is not None:
             if isinstance(v, (list, deque)):
                 v.clear()
@@ -108,14 +126,20 @@ class _Saved:
             if self.copy is not None:
                 with torch.no_grad():
                     v.copy_(self.copy)
-            elif name not in _reported:
-                _reported.add(name)
-                from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+            else:
+                _report(name, f"training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
+                        "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
+                        f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
 
-                rank_zero_warn(
-                    f"genbounds: training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
-                    "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
-                    f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
+
+def _report(name: str, message: str) -> None:
+    """Warn once per attribute name."""
+    if name in _reported:
+        return
+    _reported.add(name)
+    from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+    rank_zero_warn("genbounds: " + message)
 
 
 @contextmanager
