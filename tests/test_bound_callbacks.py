@@ -269,3 +269,10 @@ def test_bound_gate_thresholds_given_as_a_number_are_refused_with_the_form_to_us
     the form to write (an ``AttributeError`` on ``.items`` before)."""
     with pytest.raises(MisconfigurationException, match=r"mapping \{metric: limit\}, e\.g\. " + kind):
         BoundGate(**{kind: 5.0})
+
+
+def test_the_gate_verdict_shows_enough_digits_to_tell_a_value_from_its_limit():
+    from genbounds.callbacks.bound_gate import _apart
+
+    assert _apart(0.50000001, 0.5) == "0.50000001" and _apart(6.407, 5.0) == "6.407"
+    assert _apart(0.123456, 0.123457) == "0.123456"  # (0.1235 would read as over the limit)

@@ -492,11 +492,11 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     cb = GradientDispersion(backend="hooks", every_n_steps=2)
     run = fit("transformer_tagger", tmp_path, suite=[first, cb, last], limit_val_batches=2)
     assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
-    # the loss contract's trial forward (isolated), the hooks' exactness check before step 0 (its
-    # own hooks), steps 0-2, validation (2 batches), steps 3-5, validation: hooks in the forwards
-    # of the check and of steps 0, 2, 4 only
+    # the loss contract's trial forward and its coupling check (isolated), the hooks' exactness
+    # check before step 0 (its own hooks), steps 0-2, validation (2 batches), steps 3-5,
+    # validation: hooks in the forwards of the check and of steps 0, 2, 4 only
     n = max(first.in_forward)
-    assert n > 0 and first.in_forward == [0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    assert n > 0 and first.in_forward == [0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
@@ -1044,3 +1044,51 @@ def test_two_optimizers_are_refused_before_step_0(tmp_path, make):
     with pytest.raises(MisconfigurationException, match=r"manual optimization with 2 optimizers is not supported"):
         t.fit(_TwoOptimizers(), data, data)
     assert t.global_step == 0
+
+
+class _HandReduced(_Unreduced):
+    """More hand reductions of an unreduced loss: a fixed divisor, a scaled mean, a padding mask."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        e = self.losses(batch)
+        if self.how == "fixed":
+            return e.sum() / 16  # (not the batch's size)
+        if self.how == "scaled":
+            return 0.5 * e.mean()
+        # padding-like, and only from the first step on: the trial (before it) sees no mask at all
+        mask = (batch[2] > 0.6).float() if getattr(self, "mask_on", False) else torch.ones_like(e)
+        return (e * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def on_train_start(self) -> None:  # (after the callbacks' on_train_start, where the trial runs)
+        self.mask_on = self.how == "masked"
+
+
+@pytest.mark.parametrize("how", ["fixed", "scaled", "masked"])
+def test_hand_reductions_are_told_apart_or_fail_closed(tmp_path, how):
+    """A fixed divisor (``.sum() / 16``) is told from a mean by the trial's second, half-size call
+    (it read as a mean of the wrong scale on other sizes); a scaled mean keeps its scale; a mask the
+    trial batch did not exercise gives NaN per-sample losses on a batch where it bites (their mean
+    is checked against the returned loss), never wrong ones."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.full((20,), 0.9)
+    w[12:] = torch.tensor([0.9, 0.1, 0.9, 0.1, 0.9, 0.9, 0.1, 0.9])
+    data = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 8, (20,), generator=g), w)
+    pl.seed_everything(0, verbose=False)
+    module = _HandReduced(how)
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    assert contract.tier == "captured"
+    batch = data[12:20] if how == "masked" else data[12:17]  # (five samples: not the trial's size)
+    with torch.no_grad():
+        got = contract(module, batch)
+        e = module.losses(batch)
+    if how == "masked":
+        assert torch.isnan(got).all()
+        return
+    want = 5 * e / 16 if how == "fixed" else 0.5 * e
+    assert torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
+    assert math.isclose(float(got.mean()), float(module.training_step(batch, 0)), rel_tol=1e-5)

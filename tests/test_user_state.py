@@ -154,3 +154,58 @@ def test_a_large_container_keeps_its_length_only():
     assert m.big == list(range(MAX_CONTAINER_ITEMS + 1))
     assert len(m.vocab) == MAX_CONTAINER_ITEMS + 2  # (not restored: said)
     assert sum("size of vocab" in str(w.message) for w in caught) == 1
+
+
+def test_an_inference_tensor_attribute_is_kept_by_identity():
+    """A tensor made under ``inference_mode`` (a precomputed log-prior) has no version counter:
+    it is kept by identity, and the call does not raise."""
+    m = Keeper()
+    with torch.inference_mode():
+        m.log_prior = torch.log(torch.tensor([0.25, 0.75]))
+    prior = m.log_prior
+    with kept_user_state(m):
+        m.log_prior = prior + 1
+    assert m.log_prior is prior
+
+
+def test_isolated_pass_forks_python_and_numpy_random_streams():
+    """A probe's ``training_step`` drawing from ``random`` or ``np.random`` (mixup's λ) leaves both
+    streams where they were: the run draws the same numbers with and without the library."""
+    import random
+
+    import numpy as np
+
+    from genbounds.callbacks.isolation import isolated_pass
+
+    random.seed(1)
+    np.random.seed(1)
+    want = (random.random(), float(np.random.beta(0.4, 0.4)))
+    random.seed(1)
+    np.random.seed(1)
+    with isolated_pass(nn.Linear(2, 2)):
+        random.random()
+        np.random.beta(0.4, 0.4, size=5)
+    assert (random.random(), float(np.random.beta(0.4, 0.4))) == want
+
+
+def test_many_containers_stay_within_one_calls_item_budget(monkeypatch):
+    """2,000 lists of 2,000 floats on a module (a tokenized dataset) cost length checks past the
+    call's item budget, not a copy of four million items per probe (6.4 s a call before); appends
+    are still cut back."""
+    from genbounds.callbacks import user_state
+
+    made = [0]
+    real = user_state._Saved.__init__
+
+    def counting(self, *args, **kwargs):
+        made[0] += 1
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(user_state._Saved, "__init__", counting)
+    m = Keeper()
+    m.rows = [[0.0] * 2000 for _ in range(2000)]
+    with kept_user_state(m):
+        m.rows[-1].append(1.0)
+        m.outputs.append(1)
+    assert made[0] <= user_state.MAX_ITEMS_PER_CALL + 100
+    assert len(m.rows[-1]) == 2000 and m.outputs == []

@@ -260,7 +260,7 @@ class BoundGate(MeasurementCallback):
         if self.final["passed"]:
             return f"PASS ({len(self.max) + len(self.min)} threshold(s) on the final values)"
         items = ", ".join(f"{v['metric']} {v['reason']}" + (
-            f" ({v['value']:.4g} {'>' if v['kind'] == 'max' else '<'} {v['kind']} {v['limit']:g})"
+            f" ({_apart(v['value'], v['limit'])} {'>' if v['kind'] == 'max' else '<'} {v['kind']} {v['limit']:g})"
             if v["reason"] == "threshold" else "") for v in self.final["violations"])
         return f"FAIL — {items}"
 
@@ -273,6 +273,16 @@ class BoundGate(MeasurementCallback):
         self.checks = int(state_dict.get("checks", 0))
         self.stopped_step = state_dict.get("stopped_step")
         self._warned = bool(state_dict.get("warned", False))
+
+
+def _apart(value: float, limit: float) -> str:
+    """``value`` with as many digits as it takes to read different from ``limit`` (0.5000001, not 0.5)."""
+    shown = float(f"{limit:g}")
+    for digits in (4, 7, 10, 17):
+        text = f"{value:.{digits}g}"
+        if (float(text) > shown) == (value > limit) and (float(text) < shown) == (value < limit):
+            return text
+    return repr(value)
 
 
 def _matches(name: str, known: set[str]) -> bool:

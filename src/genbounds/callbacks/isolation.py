@@ -2,8 +2,9 @@
 
 :func:`isolated_pass` wraps a probe so that, afterwards, the model is exactly as before:
 
-* the global RNG streams (CPU and the module's CUDA device) are forked — dropout masks or any
-  sampling inside the probe do not shift the training run's random numbers;
+* the global RNG streams (CPU and the module's CUDA device, Python's ``random`` and NumPy's) are
+  forked — dropout masks or any sampling inside the probe do not shift the training run's random
+  numbers;
 * every buffer (BatchNorm running statistics, ``num_batches_tracked``, user buffers) is restored
   bit-exactly from a snapshot, and train-mode BatchNorm layers run on batch statistics *without*
   updating their running statistics during the probe (an in-place update would also be refused
@@ -94,6 +95,27 @@ def _batchnorm_without_running_updates(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def _forked_host_rngs() -> Iterator[None]:
+    """Python's ``random`` and NumPy's global generator as they were after the block (a
+    ``training_step`` drawing mixup's λ from ``np.random.beta`` shifted the run's stream)."""
+    import random
+
+    state = random.getstate()
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        np, np_state = None, None
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if np is not None:
+            np.random.set_state(np_state)
+
+
+@contextmanager
 def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True) -> Iterator[None]:
     """Run the body as a side-effect-free probe of ``module`` (see the module docstring).
 
@@ -108,6 +130,7 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
     snapshot = [(b, b.detach().clone()) for b in module.buffers()]
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type))
+        stack.enter_context(_forked_host_rngs())
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         if device.type in ("cuda", "cpu"):
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))

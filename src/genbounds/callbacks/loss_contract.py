@@ -49,7 +49,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.coupling import couples, with_input_gradient
+from genbounds.estimators.coupling import losses_couple
 from genbounds.estimators.functional import LossFn
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
@@ -91,7 +91,9 @@ class LossContract:
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
-        self._trial_losses: Tensor | None = None
+        self._mean_checked = False
+        """Whether the captured per-sample losses' mean was the returned loss on the trial batch: then
+        every later batch's is checked too (NaN losses where it is not)."""
         self.coefficients: list[CoefficientSpec] | None = None
         """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
         the trial and applied to every later batch's records."""
@@ -167,9 +169,6 @@ class LossContract:
         b = batch_size(batch)
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         devices = [device.index or 0] if device.type == "cuda" else []
-        # (whether the per-sample losses depend on each other: their gradient to the input, below)
-        batch, input_leaf = with_input_gradient(batch, b)
-        self._trial_losses = None
         with torch.random.fork_rng(devices=devices, device_type=device.type):
             rng = torch.get_rng_state()
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -186,6 +185,9 @@ class LossContract:
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
                 if self.tier == "automatic":
                     self._settle_automatic(module, returned, records, b, loss_coefficients, combined_per_sample)
+                    if self.tier == "captured" and any(isinstance(c, tuple) for c in self.coefficients or ()):
+                        torch.set_rng_state(rng)
+                        self._settle_sizes(module, batch, b, [r.value.numel() for r in records], loss_coefficients)
                 self._error_record = classification[0] if classification else None
                 user_per_sample = None
                 if self.tier in ("per_sample_loss", "loss_fn"):
@@ -195,10 +197,6 @@ class LossContract:
                         torch.cuda.set_rng_state(cuda_rng, device)
                     assert self._default is not None
                     user_per_sample = self._default(module, batch)
-                    self._trial_losses = user_per_sample
-                train_bn = any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
-                self.coupled = not train_bn and couples(self._trial_losses, input_leaf)
-                self._trial_losses = None
         if self.tier in ("per_sample_loss", "loss_fn"):
             self.per_sample = True
             self.reads_training_backward = _agrees(returned, user_per_sample, [], "the per-sample losses")
@@ -213,14 +211,68 @@ class LossContract:
             elif not self.reads_training_backward:
                 _agrees(returned, user_per_sample, self.notes, "the per-sample losses")
         self.errors_available = callable(getattr(module, "per_sample_error", None)) or self._error_record is not None
+        if self.per_sample and not any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
+            # (train-mode BatchNorm couples the samples too; it has estimators of its own)
+            try:
+                with torch.random.fork_rng(devices=devices, device_type=device.type), \
+                        isolated_pass(module, mode="keep", grad=True):
+                    self.coupled = losses_couple(lambda: self(module, batch), b)
+            except Exception:  # noqa: BLE001 - a check the user's step cannot take says nothing
+                self.coupled = False
         if self.coupled and self.per_sample:
             self.reads_training_backward = False
             self.notes.append(
-                "the per-sample losses depend on the other samples of the batch (the first sample's loss changes "
-                "with another sample's input: in-batch negatives, a contrastive or ranking loss?): the training "
-                "backward's rows are not per-sample gradients, so the dispersion is taken from the gradients of "
-                "the per-sample losses through the whole batch (a decomposition: their mean is the batch "
+                "the per-sample losses depend on the other samples of the batch (two samples' losses read common "
+                "entries of the first layer's output: in-batch negatives, a contrastive or ranking loss?): the "
+                "training backward's rows are not per-sample gradients, so the dispersion is taken from the "
+                "gradients of the per-sample losses through the whole batch (a decomposition: their mean is the batch "
                 "gradient)")
+
+    def _settle_sizes(self, module: nn.Module, batch: Any, b: int, full_sizes: list[int],
+                      loss_coefficients: Callable) -> None:
+        """Tell an unreduced loss averaged into the training loss (``.mean()``: weights ``m/numel``)
+        from one weighted the same at any size (``.sum()``, ``.sum() / 128``) by the first half of
+        the trial batch, once; neither (a mask or weights uniform on the trial batch only): the
+        batch-mean loss is used, with a note."""
+        from genbounds.estimators.batching import index_batch
+        from genbounds.estimators.loss_capture import LossCapture
+
+        assert self.coefficients is not None
+        half = b // 2
+        if half < 1:
+            return
+        with muted_training_step(module) as manual, LossCapture(batch_size=half) as cap:
+            out = call_training_step(module, index_batch(batch, slice(0, half)))
+        returned = _returned_loss(out, manual)
+        records = [r for r in cap.records if r.mappable]
+        if returned is None or not returned.requires_grad or len(records) != len(self.coefficients):
+            return
+        coefficients, _ = loss_coefficients(returned, records)
+        parts = torch.split(coefficients, [r.value.numel() for r in records])
+        specs: list = []
+        for spec, r, c, n_full in zip(self.coefficients, records, parts, full_sizes):
+            if not isinstance(spec, tuple):
+                specs.append(spec)
+                continue
+            got = _coefficient_spec(r, c)
+            m_full, m_half = spec[1], (got[1] if got is not None else math.nan)
+            c_full, c_half = m_full / max(n_full, 1), m_half / max(c.numel(), 1)
+            if math.isclose(m_half, m_full, rel_tol=1e-6, abs_tol=1e-12):
+                specs.append(("mean", m_full))  # (m / numel at both sizes)
+            elif math.isclose(c_half, c_full, rel_tol=1e-6, abs_tol=1e-15):
+                specs.append(("fixed", c_full))  # (the same weight at both sizes)
+            else:
+                specs.append(None)
+        if any(s is None for s in specs):
+            self.notes.append(
+                "training_step weights an unreduced loss in a way the trial batch cannot tell (a mask or weights "
+                "that were uniform there?): genbounds cannot rebuild its per-sample losses for another batch, so "
+                "only the returned batch-mean loss is used (add `per_sample_loss(self, batch)`)")
+            self.notes[:] = [n for n in self.notes if not n.startswith("per-sample losses captured from")]
+            self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
+            self.coefficients, self._mean_checked = None, False
+            return
+        self.coefficients = specs
 
     def _settle_automatic(self, module: nn.Module, returned: Tensor | None, records: list, b: int,
                           loss_coefficients: Callable, combined_per_sample: Callable) -> None:
@@ -243,13 +295,13 @@ class LossContract:
                 self.per_sample = True
                 self.coefficients = specs
                 per_sample = combined_per_sample(records, coefficients, b)
-                self._trial_losses = per_sample
                 names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
                 scale = max(float(returned.detach().double().abs()), 1e-12)
                 if exact and rest <= 1e-5 * scale:
                     self.reads_training_backward = True
+                    self._mean_checked = True
                     self.notes.append(f"per-sample losses captured from {names} in training_step")
                 else:
                     self.reads_training_backward = False
@@ -307,7 +359,15 @@ class LossContract:
         records = [r for r in cap.records if r.mappable]
         coefficients = _coefficients_for(records, self.coefficients) if self.tier == "captured" else None
         if coefficients is not None:
-            return combined_per_sample(records, coefficients, b), records
+            losses = combined_per_sample(records, coefficients, b)
+            returned = _returned_loss(out, manual) if self._mean_checked else None
+            if isinstance(returned, Tensor) and returned.numel() == 1:
+                # fail closed, on the device: a batch whose per-sample mean is not the loss training_step
+                # returned (a padding mask the trial batch did not have) gives NaN losses, not wrong ones
+                ok = torch.isclose(losses.mean().to(torch.float64), returned.detach().to(torch.float64).reshape(()),
+                                   rtol=1e-4, atol=1e-6)
+                losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
+            return losses, records
         returned = _returned_loss(out, manual)
         if returned is None:
             raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
@@ -405,7 +465,8 @@ CoefficientSpec = float | tuple[str, float]
 """A captured record's coefficient in the training loss: a number for a reduced loss (``'mean'``,
 ``'sum'``, …: ``∂loss/∂value``), ``("mean", m)`` for an unreduced one averaged into the loss
 (every element weighted ``m / numel``, e.g. ``F.cross_entropy(…, reduction="none").mean()``:
-``m = 1``), ``("sum", 1.0)`` for one summed (every element weighted 1)."""
+``m = 1``), ``("fixed", c)`` for one weighted the same whatever the batch's size (``.sum()``:
+``c = 1``; ``.sum() / 128``)."""
 
 
 def _coefficient_spec(record: Any, c: Tensor) -> CoefficientSpec | None:
@@ -419,9 +480,7 @@ def _coefficient_spec(record: Any, c: Tensor) -> CoefficientSpec | None:
     first = float(c.reshape(-1)[0])
     if not bool(torch.all(torch.abs(c - first) <= 1e-12 * max(abs(first), 1e-300))):
         return None
-    if n > 1 and abs(first - 1.0) <= 1e-12:
-        return ("sum", 1.0)
-    return ("mean", first * n)
+    return ("mean", first * n)  # (or "fixed": told apart on a second batch size, LossContract._settle_sizes)
 
 
 def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Tensor | None:
@@ -436,7 +495,7 @@ def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Ten
             if r.combine != "none":
                 return None
             kind, m = spec
-            parts.append(torch.full((n,), 1.0 if kind == "sum" else m / max(n, 1), dtype=torch.float64))
+            parts.append(torch.full((n,), m if kind == "fixed" else m / max(n, 1), dtype=torch.float64))
         else:
             if r.combine == "none":
                 return None

@@ -15,7 +15,8 @@ metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step`
   (``self.count += 1``), removed when the call added it;
 * lists, dicts, sets, deques and bytearrays changed in place, nested ones too (four levels): the
   same objects, their old contents (``append``, ``extend``, ``pop``, ``d[k] = v``); one of over
-  :data:`MAX_CONTAINER_ITEMS` items keeps its length only (a list cut back to it);
+  :data:`MAX_CONTAINER_ITEMS` items, or past :data:`MAX_ITEMS_PER_CALL` items in all, keeps its
+  length only (a list cut back to it);
 * tensor attributes that are neither parameters nor buffers, changed in place, of up to
   :data:`MAX_TENSOR_ELEMENTS` elements (counters, small running values): copied before,
   copied back when their version moved. A larger one changed in place is reported (one warning
@@ -37,6 +38,9 @@ from torch import Tensor, nn
 
 MAX_TENSOR_ELEMENTS = 1 << 16
 """Largest tensor attribute copied before a probe (elements)."""
+
+MAX_ITEMS_PER_CALL = 65536
+"""Items kept across all containers of one call; past it, containers keep their length only."""
 
 MAX_CONTAINER_ITEMS = 4096
 """Largest container whose items are kept before a probe; a larger one keeps its length only
@@ -70,7 +74,7 @@ class _Saved:
 
     __slots__ = ("value", "items", "version", "copy", "length")
 
-    def __init__(self, value: Any, depth: int) -> None:
+    def __init__(self, value: Any, depth: int, budget: list[int]) -> None:
         self.value = value
         self.items: Any = None
         self.version = -1
@@ -78,29 +82,34 @@ class _Saved:
         self.length = -1
         if depth <= 0:
             return
-        if isinstance(value, (list, deque, dict, set, bytearray)) and len(value) > MAX_CONTAINER_ITEMS:
-            self.length = len(value)
-        elif isinstance(value, (list, deque)):
-            self.items = [_Saved(v, depth - 1) for v in value]
+        if isinstance(value, (list, deque, dict, set, bytearray, tuple)):
+            if len(value) > min(MAX_CONTAINER_ITEMS, budget[0]):
+                if not isinstance(value, tuple):
+                    self.length = len(value)
+                return
+            budget[0] -= len(value)
+        if isinstance(value, (list, deque)):
+            self.items = [_Saved(v, depth - 1, budget) for v in value]
         elif isinstance(value, dict):
-            self.items = [(k, _Saved(v, depth - 1)) for k, v in value.items()]
+            self.items = [(k, _Saved(v, depth - 1, budget)) for k, v in value.items()]
         elif isinstance(value, (set, bytearray)):
             self.items = value.copy()
         elif isinstance(value, tuple):  # (immutable itself; its containers are not)
-            self.items = [_Saved(v, depth - 1) for v in value]
-        elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and depth == _DEPTH:
+            self.items = [_Saved(v, depth - 1, budget) for v in value]
+        elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and depth == _DEPTH \
+                and not value.is_inference():  # (an inference tensor has no version: it cannot change in place)
             # (an attribute itself: a tensor inside a container keeps its identity only)
             self.version = value._version
             if value.numel() <= MAX_TENSOR_ELEMENTS:
                 self.copy = value.detach().clone()
 
-    def restore(self, name: str) -> None:
+    def restore(self, name: str, key: str) -> None:
         v = self.value
         if self.length >= 0:
             if isinstance(v, list) and len(v) > self.length:
                 del v[self.length:]
             elif len(v) != self.length:
-                _report(name, f"training_step changed the size of {name} ({self.length} → {len(v)} items) during a "
+                _report(key, f"training_step changed the size of {name} ({self.length} → {len(v)} items) during a "
                         f"genbounds probe; a container of over {MAX_CONTAINER_ITEMS} items keeps its length only "
                         "and is not restored")
             return
@@ -118,25 +127,25 @@ class _Saved:
                 v[:] = self.items
             if isinstance(v, (list, deque, tuple)):
                 for s in self.items:
-                    s.restore(name)
+                    s.restore(name, key)
             elif isinstance(v, dict):
                 for _, s in self.items:
-                    s.restore(name)
+                    s.restore(name, key)
         elif self.version >= 0 and v._version != self.version:
             if self.copy is not None:
                 with torch.no_grad():
                     v.copy_(self.copy)
             else:
-                _report(name, f"training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
+                _report(key, f"training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
                         "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
                         f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
 
 
-def _report(name: str, message: str) -> None:
-    """Warn once per attribute name."""
-    if name in _reported:
+def _report(key: str, message: str) -> None:
+    """Warn once per attribute of a model (``key``: the model's id and the attribute's name)."""
+    if key in _reported:
         return
-    _reported.add(name)
+    _reported.add(key)
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
     rank_zero_warn("genbounds: " + message)
@@ -150,10 +159,11 @@ def kept_user_state(module: nn.Module) -> Iterator[None]:
 
     owners = [(m, _base_keys(m), prefix) for prefix, m in module.named_modules() if not _is_metric(m)]
     saved = []
+    budget = [MAX_ITEMS_PER_CALL]
     for m, base, prefix in owners:
         for key, value in m.__dict__.items():
             if key not in base and not key.startswith("_genbounds"):
-                saved.append((m, key, _Saved(value, _DEPTH), f"{prefix}.{key}" if prefix else key))
+                saved.append((m, key, _Saved(value, _DEPTH, budget), f"{prefix}.{key}" if prefix else key))
     before = [(m, set(m.__dict__)) for m, _, _ in owners]
     try:
         yield
@@ -163,4 +173,4 @@ def kept_user_state(module: nn.Module) -> Iterator[None]:
                 del m.__dict__[key]
         for m, key, s, name in saved:
             m.__dict__[key] = s.value
-            s.restore(name)
+            s.restore(name, f"{id(module)}:{name}")
