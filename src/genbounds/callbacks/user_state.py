@@ -23,7 +23,8 @@ metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step`
   per attribute): copying it on every probe would cost what the probe costs.
 
 Not restored: the internal state of other objects the module refers to (a custom tracker's
-``update``, a file written). Buffers, parameters, modes and the RNG are the isolation's.
+``update``, a private ``torch.Generator``, a file written), and tensors inside containers changed
+in place. Buffers, parameters, modes and the RNG are the isolation's.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ MAX_ITEMS_PER_CALL = 65536
 
 MAX_CONTAINER_ITEMS = 4096
 """Largest container whose items are kept before a probe; a larger one keeps its length only
-(a list grown by the call is cut back to it — ``append`` and ``extend``, the usual changes; any
-other change of a large container is reported), so a vocabulary or an in-memory dataset held
+(a list grown by the call is cut back to it — ``append`` and ``extend``, the usual changes; a
+change of another large container's size is reported; a change that keeps the size is not seen), so a vocabulary or an in-memory dataset held
 on the module costs nothing per probe."""
 
 _DEPTH = 4
