@@ -46,8 +46,8 @@ MAX_ITEMS_PER_CALL = 65536
 MAX_CONTAINER_ITEMS = 4096
 """Largest container whose items are kept before a probe; a larger one keeps its length only
 (a list grown by the call is cut back to it — ``append`` and ``extend``, the usual changes; a
-change of another large container's size is reported; a change that keeps the size is not seen), so a vocabulary or an in-memory dataset held
-on the module costs nothing per probe."""
+change of another large container's size is reported; a change that keeps the size is not
+seen), so a vocabulary or an in-memory dataset held on the module costs little per probe."""
 
 _DEPTH = 4
 _BASE_KEYS: dict[type, frozenset[str]] = {}
