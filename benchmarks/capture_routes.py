@@ -102,13 +102,9 @@ def main() -> None:
 
     import torch.nn.functional as F
 
-    from overhead_dispersion import SPECS
+    from overhead_dispersion import raw_mlp
 
-    spec = SPECS["mlp"]
-    torch.manual_seed(0)
-    batches = spec.batches()
-    model = spec.build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches, model, opt = raw_mlp()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     cap = Capture(linears, batches[0][0].shape[0])
 

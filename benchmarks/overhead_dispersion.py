@@ -365,6 +365,16 @@ def speed_adjusted_ratios(runs: list[dict], base: list[dict]) -> list[float]:
     return [x for x in ratios if math.isfinite(x)]
 
 
+def raw_mlp() -> tuple[list, nn.Module, torch.optim.Optimizer]:
+    """The MLP of ``SPECS["mlp"]`` for a hand-written loop: its batches, the model (seed 0) and a
+    plain SGD optimizer (``piece_norms_in_situ.py``, ``capture_routes.py``)."""
+    spec = SPECS["mlp"]
+    torch.manual_seed(0)
+    batches = spec.batches()
+    model = spec.build()
+    return batches, model, torch.optim.SGD(model.parameters(), lr=0.01)
+
+
 def raw_step(model: nn.Module, batches: list, hooks: bool, hook_cls,
              marks: list[tuple[str, float]] | None = None) -> Callable[[int], None]:
     """One training step of batch ``i``: forward, mean cross-entropy, backward, SGD step; with

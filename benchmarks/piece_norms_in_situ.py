@@ -53,14 +53,10 @@ def main() -> None:
 
     from genbounds.estimators import functional
     from genbounds.estimators.piece_blocks import PieceBlocks
-    from overhead_dispersion import SPECS
+    from overhead_dispersion import raw_mlp
     from step_ablation import ablation_switch
 
-    spec = SPECS["mlp"]
-    torch.manual_seed(0)
-    batches = spec.batches()
-    model = spec.build()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    batches, model, opt = raw_mlp()
     params = [p for p in model.parameters() if p.requires_grad]
     plan = functional.piece_plan([torch.zeros_like(p) for p in params])
     assert plan is not None and plan.apart is not None, "the MLP's small tensors take at most eight norms"
