@@ -1,6 +1,7 @@
-"""``estimators/coupling.py``: whether per-sample losses read each other's entries of the first
-layer's output — true for in-batch negatives, false for independent samples in any layout, and
-for what a step does to its inputs before the model (mixup)."""
+"""``estimators/coupling.py``: whether per-sample losses read each other's entries of a
+parameterized layer's batched output — true for in-batch negatives (one tower or two), false for
+independent samples in any layout, for a table shared by the batch (even of the batch's length),
+and for what a step does to its inputs before the model (mixup)."""
 
 from __future__ import annotations
 
@@ -12,48 +13,83 @@ from genbounds.estimators.coupling import losses_couple
 
 torch.manual_seed(0)
 MLP = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+X, Y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+
+
+def ce(batch):
+    x, y = batch
+    return F.cross_entropy(MLP(x), y, reduction="none")
 
 
 def test_independent_samples_do_not_couple():
-    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    assert not losses_couple(lambda: F.cross_entropy(MLP(x), y, reduction="none"), 6)
+    assert not losses_couple(ce, (X, Y), 6)
 
 
 def test_mixup_before_the_model_does_not_couple():
     """Each mixed row is one row of the model: the hooks' rows are per-sample gradients."""
-    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
-    mixed = 0.7 * x + 0.3 * x.flip(0)
-    assert not losses_couple(lambda: F.cross_entropy(MLP(mixed), y, reduction="none"), 6)
+    def mixed(batch):
+        x, y = batch
+        return F.cross_entropy(MLP(0.7 * x + 0.3 * x.flip(0)), y, reduction="none")
+
+    assert not losses_couple(mixed, (X, Y), 6)
 
 
 def test_a_sequence_first_transformer_does_not_couple():
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)  # [T, B, d]
     proj = nn.Linear(4, 8)
-    x, y = torch.randn(7, 6, 4), torch.randint(0, 8, (6,))
-    assert not losses_couple(lambda: F.cross_entropy(layer(proj(x)).mean(0), y, reduction="none"), 6)
+
+    def tagger(batch):
+        x, y = batch  # x: [B, T, 4], fed as [T, B, 4]
+        return F.cross_entropy(layer(proj(x.transpose(0, 1))).mean(0), y, reduction="none")
+
+    assert not losses_couple(tagger, (torch.randn(6, 7, 4), torch.randint(0, 8, (6,))), 6)
 
 
 def test_in_batch_negatives_couple_on_two_views_and_on_tokens():
-    x = torch.randn(6, 5)
-
-    def nt_xent():
+    def nt_xent(batch):
+        (x,) = batch
+        b = len(x)
         z = F.normalize(MLP(torch.cat([x, x.flip(1)])), dim=1)
-        sim = (z @ z.t()).masked_fill(torch.eye(12, dtype=torch.bool), -1e9)
-        rows = F.cross_entropy(sim, torch.cat([torch.arange(6, 12), torch.arange(0, 6)]), reduction="none")
-        return (rows[:6] + rows[6:]) / 2
+        sim = (z @ z.t()).masked_fill(torch.eye(2 * b, dtype=torch.bool), -1e9)
+        rows = F.cross_entropy(sim, torch.cat([torch.arange(b, 2 * b), torch.arange(0, b)]), reduction="none")
+        return (rows[:b] + rows[b:]) / 2
 
-    assert losses_couple(nt_xent, 6)
-    emb, tokens = nn.Embedding(20, 4), torch.randint(0, 20, (6,))
+    assert losses_couple(nt_xent, (X,), 6)
+    emb = nn.Embedding(20, 4)
 
-    def in_batch():
+    def in_batch(batch):
+        (tokens,) = batch
         e = emb(tokens)
-        return F.cross_entropy(e @ e.t(), torch.arange(6), reduction="none")
+        return F.cross_entropy(e @ e.t(), torch.arange(len(tokens)), reduction="none")
 
-    assert losses_couple(in_batch, 6)
+    assert losses_couple(in_batch, (torch.randint(0, 20, (6,)),), 6)
+
+
+def test_two_towers_couple_in_the_second_one():
+    """Dense retrieval: queries and passages through two towers, each query contrasted with every
+    passage — the first tower's rows are per-sample, the passage tower's are read by every loss."""
+    q_tower, p_tower = nn.Linear(5, 4), nn.Linear(5, 4)
+
+    def retrieval(batch):
+        q, p = batch
+        return F.cross_entropy(q_tower(q) @ p_tower(p).t(), torch.arange(len(q)), reduction="none")
+
+    assert losses_couple(retrieval, (torch.randn(6, 5), torch.randn(6, 5)), 6)
+
+
+def test_a_table_shared_by_the_batch_is_left_out_even_of_the_batchs_length():
+    """A positional table of ``arange(T)`` added to every sample is read by every loss; with
+    ``T = b`` its shape alone does not tell it from a batched layer, running on one sample does."""
+    pos, head = nn.Embedding(6, 4), nn.Linear(4, 3)
+
+    def model(batch):
+        x, y = batch  # [B, T = 6, 4]
+        return F.cross_entropy(head((x + pos(torch.arange(6))).mean(1)), y, reduction="none")
+
+    assert not losses_couple(model, (torch.randn(6, 6, 4), Y), 6)
 
 
 def test_cannot_tell_means_false():
-    x, y = torch.randn(1, 5), torch.randint(0, 3, (1,))
-    assert not losses_couple(lambda: F.cross_entropy(MLP(x), y, reduction="none"), 1)
+    assert not losses_couple(ce, (X[:1], Y[:1]), 1)
     with torch.no_grad():
-        assert not losses_couple(lambda: F.cross_entropy(MLP(torch.randn(4, 5)), y.repeat(4), reduction="none"), 4)
+        assert not losses_couple(ce, (X, Y), 6)

@@ -492,11 +492,11 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     cb = GradientDispersion(backend="hooks", every_n_steps=2)
     run = fit("transformer_tagger", tmp_path, suite=[first, cb, last], limit_val_batches=2)
     assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
-    # the loss contract's trial forward and its coupling check (isolated), the hooks' exactness
-    # check before step 0 (its own hooks), steps 0-2, validation (2 batches), steps 3-5,
-    # validation: hooks in the forwards of the check and of steps 0, 2, 4 only
+    # the loss contract's trial forward and its coupling check's two (the batch, one sample;
+    # isolated), the hooks' exactness check before step 0 (its own hooks), steps 0-2, validation
+    # (2 batches), steps 3-5, validation: hooks in the forwards of the check and of steps 0, 2, 4 only
     n = max(first.in_forward)
-    assert n > 0 and first.in_forward == [0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    assert n > 0 and first.in_forward == [0, 0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
@@ -1083,9 +1083,13 @@ def test_hand_reductions_are_told_apart_or_fail_closed(tmp_path, how):
     contract = LossContract.shared(module)
     assert contract.tier == "captured"
     batch = data[12:20] if how == "masked" else data[12:17]  # (five samples: not the trial's size)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         got = contract(module, batch)
+        contract(module, batch)
         e = module.losses(batch)
+    said = [w for w in caught if "do not average to the loss training_step returned" in str(w.message)]
+    assert len(said) == (1 if how == "masked" else 0)  # (once, in an evaluation's call)
     if how == "masked":
         assert torch.isnan(got).all()
         return

@@ -207,5 +207,16 @@ def test_many_containers_stay_within_one_calls_item_budget(monkeypatch):
     with kept_user_state(m):
         m.rows[-1].append(1.0)
         m.outputs.append(1)
-    assert made[0] <= user_state.MAX_ITEMS_PER_CALL + 100
+    assert made[0] <= user_state.MAX_ITEMS_PER_CALL + user_state.MAX_CONTAINER_ITEMS + 100
     assert len(m.rows[-1]) == 2000 and m.outputs == []
+
+
+def test_a_large_nested_lookup_does_not_starve_a_small_cache():
+    """A 4,000 × 16 nested lookup uses the call's item budget; a small cache beside it is still
+    restored (it was not, silently, when the budget counted attributes' own containers too)."""
+    m = Keeper()
+    m.lookup = {i: list(range(16)) for i in range(4000)}
+    m.cache = {}
+    with kept_user_state(m):
+        m.cache["step"] = 1
+    assert m.cache == {}

@@ -91,6 +91,7 @@ class LossContract:
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
+        self._mismatch_said = False
         self._mean_checked = False
         """Whether the captured per-sample losses' mean was the returned loss on the trial batch: then
         every later batch's is checked too (NaN losses where it is not)."""
@@ -216,7 +217,7 @@ class LossContract:
             try:
                 with torch.random.fork_rng(devices=devices, device_type=device.type), \
                         isolated_pass(module, mode="keep", grad=True):
-                    self.coupled = losses_couple(lambda: self(module, batch), b)
+                    self.coupled = losses_couple(lambda part: self(module, part), batch, b)
             except Exception:  # noqa: BLE001 - a check the user's step cannot take says nothing
                 self.coupled = False
         if self.coupled and self.per_sample:
@@ -364,9 +365,19 @@ class LossContract:
             if isinstance(returned, Tensor) and returned.numel() == 1:
                 # fail closed, on the device: a batch whose per-sample mean is not the loss training_step
                 # returned (a padding mask the trial batch did not have) gives NaN losses, not wrong ones
-                ok = torch.isclose(losses.mean().to(torch.float64), returned.detach().to(torch.float64).reshape(()),
-                                   rtol=1e-4, atol=1e-6)
+                mean = losses.detach().mean().to(torch.float64)
+                ok = torch.isclose(mean, returned.detach().to(torch.float64).reshape(()), rtol=1e-4, atol=1e-6)
                 losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
+                if not self._mismatch_said and not torch.is_grad_enabled() and not bool(ok):
+                    # (a host read in an evaluation's call only, not in a backend's per-step pass,
+                    # and only until said: the cause, before the NaN values' own warnings)
+                    self._mismatch_said = True
+                    rank_zero_warn(
+                        "genbounds: the captured per-sample losses of a batch do not average to the loss "
+                        f"training_step returned ({float(mean):.6g} vs "
+                        f"{float(returned):.6g}): training_step weights them in a way the trial batch did not show "
+                        "(a padding mask it did not need, mixup's random λ?). Those batches' per-sample losses are "
+                        "NaN (never wrong); add `per_sample_loss(self, batch)` to your LightningModule to give them.")
             return losses, records
         returned = _returned_loss(out, manual)
         if returned is None:

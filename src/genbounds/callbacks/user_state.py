@@ -41,7 +41,9 @@ MAX_TENSOR_ELEMENTS = 1 << 16
 """Largest tensor attribute copied before a probe (elements)."""
 
 MAX_ITEMS_PER_CALL = 65536
-"""Items kept across all containers of one call; past it, containers keep their length only."""
+"""Items kept across the containers nested in attributes, in one call; past it, nested containers
+keep their length only (an attribute's own container of up to :data:`MAX_CONTAINER_ITEMS` items is
+always kept: a large nested lookup cannot starve a small cache)."""
 
 MAX_CONTAINER_ITEMS = 4096
 """Largest container whose items are kept before a probe; a larger one keeps its length only
@@ -84,11 +86,14 @@ class _Saved:
         if depth <= 0:
             return
         if isinstance(value, (list, deque, dict, set, bytearray, tuple)):
-            if len(value) > min(MAX_CONTAINER_ITEMS, budget[0]):
+            # (an attribute's own container always fits: only what nests in it draws on the budget)
+            limit = MAX_CONTAINER_ITEMS if depth == _DEPTH else min(MAX_CONTAINER_ITEMS, budget[0])
+            if len(value) > limit:
                 if not isinstance(value, tuple):
                     self.length = len(value)
                 return
-            budget[0] -= len(value)
+            if depth < _DEPTH:
+                budget[0] -= len(value)
         if isinstance(value, (list, deque)):
             self.items = [_Saved(v, depth - 1, budget) for v in value]
         elif isinstance(value, dict):

@@ -8,17 +8,22 @@ too; the training backward's rows are then not per-sample gradients (the norm ho
 squares was below ``b‖ḡ‖²``: a negative variance logged), and a pass over single samples
 evaluates another loss.
 
-The check differentiates ``ℓ_0`` and ``ℓ_1`` with respect to the output of the first layer (a
-module with trainable parameters of its own) and compares where each gradient is non-zero:
+The check differentiates ``ℓ_0`` and ``ℓ_1`` with respect to the batched outputs of every layer (a
+module with trainable parameters of its own; the first :data:`MAX_LAYERS`) and compares where
+each gradient is non-zero:
 independent samples read disjoint entries of every layer's output (``[b, …]`` rows, the ``[T, b,
 …]`` columns of a sequence-first model, the ``2b`` rows of two views of each sample), so the two
 supports do not overlap; a loss with in-batch negatives reads other samples' entries, and they
 do. At a layer's output, not at the batch's input: what the training step does to its inputs
 before the model (mixup, standardizing the batch) leaves each row of the model per-sample and the
-hooks exact; token ids have no gradient, an embedding's output has. One forward and two backward
-passes, once. Non-finite entries (``0·inf``) do not count. Train-mode BatchNorm couples samples
-too; it has estimators of its own and is not tested here. Not seen: coupling before that first
-layer (inside a parameter-free module that mixes the batch).
+hooks exact; token ids have no gradient, an embedding's output has. Every layer, not the first
+only: a retrieval loss whose queries and passages go through two towers couples the samples in
+the passage tower alone. A layer output whose shape does not change when the model runs on one
+sample is shared by the batch (a positional table of ``arange(T)``, even with ``T = b``) and left
+out. Two forwards (the batch, one sample) and two backward passes, once. Non-finite entries
+(``0·inf``) do not count. Train-mode BatchNorm couples samples too; it has estimators of its own
+and is not tested here. Not seen: coupling before the first layer (inside a parameter-free module
+that mixes the batch).
 """
 
 from __future__ import annotations
@@ -30,33 +35,49 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook
 
+MAX_LAYERS = 256
+"""Layer outputs the check keeps (the first ones called)."""
 
-def losses_couple(per_sample_losses: Callable[[], Tensor], b: int) -> bool:
-    """Whether ``per_sample_losses()`` (a ``[b]`` tensor, computed with gradient) has its first two
-    entries read common entries of the first parameterized layer's output; ``False`` when that
-    cannot be told (one sample, no such layer, no graph)."""
+
+def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
+    """Whether ``loss_of(batch)`` (``[b]`` per-sample losses, computed with gradient) has its first
+    two entries read common entries of some parameterized layer's batched output; ``False`` when
+    that cannot be told (one sample, no such layer, no graph). Batched: the output's shape changes
+    when the same model runs on one sample of the batch (a table shared by the batch, whose shape
+    does not, is left out even when its length equals the batch size)."""
     if b < 2:
         return False
-    seen: list[Tensor] = []
+    from genbounds.estimators.batching import index_batch
 
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        if seen or not isinstance(output, Tensor) or not output.requires_grad or not output.is_floating_point():
-            return
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            seen.append(output)
+    def record(into: list, keep: bool) -> Callable:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if len(into) >= MAX_LAYERS or not isinstance(output, Tensor) or not output.is_floating_point() \
+                    or output.dim() == 0 or not any(p.requires_grad for p in module.parameters(recurse=False)):
+                return
+            into.append((id(module), tuple(output.shape), output if keep else None))
+        return hook
 
-    handle = register_module_forward_hook(hook)
+    seen: list = []
+    handle = register_module_forward_hook(record(seen, keep=True))
     try:
-        losses = per_sample_losses()
+        losses = loss_of(batch)
     finally:
         handle.remove()
-    if not seen or not isinstance(losses, Tensor) or not losses.requires_grad or losses.numel() != b:
+    one: list = []
+    handle = register_module_forward_hook(record(one, keep=False))
+    try:
+        with torch.no_grad():
+            loss_of(index_batch(batch, slice(0, 1)))
+    finally:
+        handle.remove()
+    if [m for m, _, _ in seen] != [m for m, _, _ in one]:
+        return False  # (another sequence of calls on one sample: cannot be told)
+    outputs = [out for (_, shape, out), (_, shape1, _) in zip(seen, one) if shape != shape1 and out.requires_grad]
+    if not outputs or not isinstance(losses, Tensor) or not losses.requires_grad or losses.numel() != b:
         return False
     flat = losses.reshape(-1)
     supports = []
     for i in (0, 1):
-        (grad,) = torch.autograd.grad(flat[i], seen[0], allow_unused=True, retain_graph=i == 0)
-        if grad is None:
-            return False
-        supports.append((grad != 0) & grad.isfinite())
-    return bool((supports[0] & supports[1]).any())
+        grads = torch.autograd.grad(flat[i], outputs, allow_unused=True, retain_graph=i == 0)
+        supports.append([None if g is None else (g != 0) & g.isfinite() for g in grads])
+    return any(a is not None and c is not None and bool((a & c).any()) for a, c in zip(*supports))
