@@ -202,7 +202,6 @@ class GradientDispersion(MeasurementCallback):
         owner = OWNER
         check_strategy(owner, trainer)
         check_precision(owner, trainer)
-        check_single_optimizer(owner, pl_module)
         self.contract = LossContract.shared(pl_module)
         self._loss_fn = self.contract.register(owner, self.loss_fn, per_sample=self.backend == "functorch",
                                                what="exact per-sample gradients (backend='functorch')")
@@ -219,7 +218,7 @@ class GradientDispersion(MeasurementCallback):
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.contract is not None
-        check_single_optimizer(OWNER, pl_module)  # (at setup Lightning has made no optimizer yet)
+        check_single_optimizer(OWNER, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         self.step_budget.start()
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)

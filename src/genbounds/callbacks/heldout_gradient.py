@@ -110,7 +110,6 @@ class HeldoutGradient(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        check_single_optimizer(self.owner, pl_module)
         bn_train = has_batchnorm(pl_module) and self.probe_mode == "train"
         if self.backend == "functorch" and bn_train:
             raise MisconfigurationException(
@@ -124,7 +123,7 @@ class HeldoutGradient(ProbeCallback):
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        check_single_optimizer(self.owner, pl_module)  # (at setup Lightning has made no optimizer yet)
+        check_single_optimizer(self.owner, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         super().on_train_start(trainer, pl_module)
         assert self.contract is not None
         if self._per_sample and not self.contract.per_sample:

@@ -45,11 +45,10 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.coupling import losses_couple
+from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
 from genbounds.estimators.functional import LossFn
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
@@ -185,10 +184,8 @@ class LossContract:
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
                 if self.tier == "automatic":
-                    self._settle_automatic(module, returned, records, b, loss_coefficients, combined_per_sample)
-                    if self.tier == "captured" and any(isinstance(c, tuple) for c in self.coefficients or ()):
-                        torch.set_rng_state(rng)
-                        self._settle_sizes(module, batch, b, [r.value.numel() for r in records], loss_coefficients)
+                    self._settle_automatic(module, batch, returned, records, rng, loss_coefficients,
+                                           combined_per_sample)
                 self._error_record = classification[0] if classification else None
                 user_per_sample = None
                 if self.tier in ("per_sample_loss", "loss_fn"):
@@ -212,7 +209,7 @@ class LossContract:
             elif not self.reads_training_backward:
                 _agrees(returned, user_per_sample, self.notes, "the per-sample losses")
         self.errors_available = callable(getattr(module, "per_sample_error", None)) or self._error_record is not None
-        if self.per_sample and not any(isinstance(m, _BatchNorm) and m.training for m in module.modules()):
+        if self.per_sample and not has_train_batchnorm(module):
             # (train-mode BatchNorm couples the samples too; it has estimators of its own)
             try:
                 with torch.random.fork_rng(devices=devices, device_type=device.type), \
@@ -229,73 +226,74 @@ class LossContract:
                 "gradients of the per-sample losses through the whole batch (a decomposition: their mean is the batch "
                 "gradient)")
 
-    def _settle_sizes(self, module: nn.Module, batch: Any, b: int, full_sizes: list[int],
-                      loss_coefficients: Callable) -> None:
-        """Tell an unreduced loss averaged into the training loss (``.mean()``: weights ``m/numel``)
-        from one weighted the same at any size (``.sum()``, ``.sum() / 128``) by the first half of
-        the trial batch, once; neither (a mask or weights uniform on the trial batch only): the
-        batch-mean loss is used, with a note."""
+    def _sizes_told(self, module: nn.Module, batch: Any, specs: list, full_sizes: list[int], rng: Tensor,
+                    loss_coefficients: Callable) -> list | None:
+        """``specs`` with each unreduced loss averaged into the training loss (``.mean()``: weights
+        ``m/numel``) told from one weighted the same at any size (``.sum()``, ``.sum() / 128``), by
+        the first half of the trial batch (its RNG replayed), once; ``None`` when some is neither (a
+        mask or weights uniform on the trial batch only)."""
         from genbounds.estimators.batching import index_batch
-        from genbounds.estimators.loss_capture import LossCapture
 
-        assert self.coefficients is not None
-        half = b // 2
+        half = batch_size(batch) // 2
         if half < 1:
-            return
-        with muted_training_step(module) as manual, LossCapture(batch_size=half) as cap:
-            out = call_training_step(module, index_batch(batch, slice(0, half)))
+            return specs
+        torch.set_rng_state(rng)
+        out, manual, records = _captured_step(module, index_batch(batch, slice(0, half)), half)
         returned = _returned_loss(out, manual)
-        records = [r for r in cap.records if r.mappable]
-        if returned is None or not returned.requires_grad or len(records) != len(self.coefficients):
-            return
+        if returned is None or not returned.requires_grad or len(records) != len(specs):
+            return specs
         coefficients, _ = loss_coefficients(returned, records)
-        parts = torch.split(coefficients, [r.value.numel() for r in records])
-        specs: list = []
-        for spec, r, c, n_full in zip(self.coefficients, records, parts, full_sizes):
+        told: list = []
+        for spec, r, c, n_full in zip(specs, records, _per_record(coefficients, records), full_sizes):
             if not isinstance(spec, tuple):
-                specs.append(spec)
+                told.append(spec)
                 continue
             got = _coefficient_spec(r, c)
             m_full, m_half = spec[1], (got[1] if got is not None else math.nan)
             c_full, c_half = m_full / max(n_full, 1), m_half / max(c.numel(), 1)
             if math.isclose(m_half, m_full, rel_tol=1e-6, abs_tol=1e-12):
-                specs.append(("mean", m_full))  # (m / numel at both sizes)
+                told.append(("mean", m_full))  # (m / numel at both sizes)
             elif math.isclose(c_half, c_full, rel_tol=1e-6, abs_tol=1e-15):
-                specs.append(("fixed", c_full))  # (the same weight at both sizes)
+                told.append(("fixed", c_full))  # (the same weight at both sizes)
             else:
-                specs.append(None)
-        if any(s is None for s in specs):
-            self.notes.append(
-                "training_step weights an unreduced loss in a way the trial batch cannot tell (a mask or weights "
-                "that were uniform there?): genbounds cannot rebuild its per-sample losses for another batch, so "
-                "only the returned batch-mean loss is used (add `per_sample_loss(self, batch)`)")
-            self.notes[:] = [n for n in self.notes if not n.startswith("per-sample losses captured from")]
-            self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
-            self.coefficients, self._mean_checked = None, False
-            return
-        self.coefficients = specs
+                return None
+        return told
 
-    def _settle_automatic(self, module: nn.Module, returned: Tensor | None, records: list, b: int,
+    def _batch_mean_only(self, note: str) -> None:
+        """The ``returned`` tier: only the batch-mean loss ``training_step`` returns, and why."""
+        self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
+        self.notes.append(note)
+
+    def _settle_automatic(self, module: nn.Module, batch: Any, returned: Tensor | None, records: list, rng: Tensor,
                           loss_coefficients: Callable, combined_per_sample: Callable) -> None:
         if records and returned is not None and returned.requires_grad:
             coefficients, remainder = loss_coefficients(returned, records)
-            parts = torch.split(coefficients, [r.value.numel() for r in records])
+            parts = _per_record(coefficients, records)
             used = [k for k, c in enumerate(parts) if bool((c != 0).any())]
-            specs = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
+            specs: list | None = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
             weighted = [records[k].name for k in used if specs[k] is None]
             if used and weighted:
-                self.notes.append(
+                self._batch_mean_only(
                     f"training_step weights the unreduced {', '.join(sorted(set(weighted)))} element by element "
                     "(per-sample weights or a padding mask from the batch?): genbounds cannot rebuild such "
                     "per-sample losses for another batch, so only the returned batch-mean loss is used (add "
                     "`per_sample_loss(self, batch)` returning the weighted per-sample losses)")
-                self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
                 return
+            if used and any(isinstance(c, tuple) for c in specs):
+                specs = self._sizes_told(module, batch, specs, [r.value.numel() for r in records], rng,
+                                         loss_coefficients)
+                if specs is None:
+                    self._batch_mean_only(
+                        "training_step weights an unreduced loss in a way the trial batch cannot tell (a mask or "
+                        "weights that were uniform there?): genbounds cannot rebuild its per-sample losses for "
+                        "another batch, so only the returned batch-mean loss is used (add `per_sample_loss(self, "
+                        "batch)`)")
+                    return
             if used:
                 self.tier = "captured"
                 self.per_sample = True
                 self.coefficients = specs
-                per_sample = combined_per_sample(records, coefficients, b)
+                per_sample = combined_per_sample(records, coefficients, batch_size(batch))
                 names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
@@ -312,11 +310,8 @@ class LossContract:
                         "backends that read the training backward are not used")
                 return
         if returned is not None:
-            self.tier = "returned"
-            self.per_sample = False
-            self.reads_training_backward = False
-            self.notes.append("no torch loss function was captured in training_step (a hand-written loss?): only "
-                              "its returned batch-mean loss is available")
+            self._batch_mean_only("no torch loss function was captured in training_step (a hand-written loss?): "
+                                  "only its returned batch-mean loss is available")
             return
         self.tier = "none"
 
@@ -352,12 +347,10 @@ class LossContract:
         return self._training_step_losses(module, batch)[0]
 
     def _training_step_losses(self, module: nn.Module, batch: Any) -> tuple[Tensor, list]:
-        from genbounds.estimators.loss_capture import LossCapture, combined_per_sample
+        from genbounds.estimators.loss_capture import combined_per_sample
 
         b = batch_size(batch)
-        with muted_training_step(module) as manual, LossCapture(batch_size=b) as cap:
-            out = call_training_step(module, batch)
-        records = [r for r in cap.records if r.mappable]
+        out, manual, records = _captured_step(module, batch, b)
         coefficients = _coefficients_for(records, self.coefficients) if self.tier == "captured" else None
         if coefficients is not None:
             losses = combined_per_sample(records, coefficients, b)
@@ -491,7 +484,7 @@ def _coefficient_spec(record: Any, c: Tensor) -> CoefficientSpec | None:
     first = float(c.reshape(-1)[0])
     if not bool(torch.all(torch.abs(c - first) <= 1e-12 * max(abs(first), 1e-300))):
         return None
-    return ("mean", first * n)  # (or "fixed": told apart on a second batch size, LossContract._settle_sizes)
+    return ("mean", first * n)  # (or "fixed": told apart on a second batch size, LossContract._sizes_told)
 
 
 def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Tensor | None:
@@ -512,3 +505,19 @@ def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Ten
                 return None
             parts.append(torch.full((n,), float(spec), dtype=torch.float64))
     return torch.cat(parts) if parts else None
+
+
+def _captured_step(module: nn.Module, batch: Any, b: int) -> tuple[Any, MutedStep, list]:
+    """``training_step`` on ``batch``, muted, with its torch loss calls captured: its output, the
+    muted step (the losses given to ``manual_backward``) and the records that map to samples."""
+    from genbounds.estimators.loss_capture import LossCapture
+
+    with muted_training_step(module) as manual, LossCapture(batch_size=b) as cap:
+        out = call_training_step(module, batch)
+    return out, manual, [r for r in cap.records if r.mappable]
+
+
+def _per_record(coefficients: Tensor, records: list) -> tuple[Tensor, ...]:
+    """``loss_coefficients``' vector split by record (a reduced record has one, an unreduced one
+    one per element)."""
+    return torch.split(coefficients, [r.value.numel() for r in records])

@@ -167,16 +167,20 @@ def kept_user_state(module: nn.Module) -> Iterator[None]:
     saved = []
     budget = [MAX_ITEMS_PER_CALL]
     for m, base, prefix in owners:
-        for key, value in m.__dict__.items():
-            if key not in base and not key.startswith("_genbounds"):
-                saved.append((m, key, _Saved(value, _DEPTH, budget), f"{prefix}.{key}" if prefix else key))
-    before = [(m, set(m.__dict__)) for m, _, _ in owners]
+        for key in _user_keys(m, base):
+            saved.append((m, key, _Saved(m.__dict__[key], _DEPTH, budget), f"{prefix}.{key}" if prefix else key))
+    kept = {(id(m), key) for m, key, _, _ in saved}
     try:
         yield
     finally:
-        for (m, keys), (_, base, _) in zip(before, owners):
-            for key in [k for k in m.__dict__ if k not in keys and k not in base and not k.startswith("_genbounds")]:
+        for m, base, _ in owners:  # (an attribute the call added goes)
+            for key in [k for k in _user_keys(m, base) if (id(m), k) not in kept]:
                 del m.__dict__[key]
         for m, key, s, name in saved:
             m.__dict__[key] = s.value
             s.restore(name, f"{id(module)}:{name}")
+
+
+def _user_keys(module: nn.Module, base: frozenset[str]) -> list[str]:
+    """The attributes on ``module`` its user's classes set: not the framework's, not genbounds'."""
+    return [k for k in module.__dict__ if k not in base and not k.startswith("_genbounds")]

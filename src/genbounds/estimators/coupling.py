@@ -33,10 +33,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.module import register_module_forward_hook
 
 MAX_LAYERS = 256
 """Layer outputs the check keeps (the first ones called)."""
+
+
+def has_train_batchnorm(module: nn.Module) -> bool:
+    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
+    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
 
 
 def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from genbounds.callbacks.checks import MIXED_PRECISIONS
 from genbounds.callbacks.dispersion.accumulation import AccumulationBackend
@@ -16,6 +15,7 @@ from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
 from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
 from genbounds.callbacks.dispersion.per_sample import PerSampleBackend
 from genbounds.callbacks.loss_contract import LossContract
+from genbounds.estimators.coupling import has_train_batchnorm
 from genbounds.estimators.functional import LossFn
 from genbounds.estimators.ghost_norms import plan as ghost_plan
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
@@ -90,11 +90,6 @@ def hook_coverage(module: nn.Module, mixed_precision: bool) -> HookCoverage:
     return cov
 
 
-def has_train_batchnorm(module: nn.Module) -> bool:
-    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
-
-
 def is_compiled(module: nn.Module) -> bool:
     ctx = getattr(module, "_compiler_ctx", None)
     return isinstance(ctx, dict) and ctx.get("compiler") is not None or type(module).__name__ == "OptimizedModule"
@@ -162,8 +157,7 @@ def choose_backend(
                 "GradientDispersion(backend='functorch') needs per-sample losses: " + "; ".join(contract.notes)
                 + ". Add `per_sample_loss(self, batch)` to your module or pass `loss_fn=...`, or use "
                 "backend='microbatch'.")
-        return PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
-                                   grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic), None
+        return per_sample_backend(contract_fn, contract, method, chunk_size, memory_budget), None
     if requested == "microbatch":
         return microbatch(), None
     # auto
@@ -172,8 +166,7 @@ def choose_backend(
     if not blockers:
         return hooks(), None
     if functorch_ok:
-        backend = PerSampleBackend(contract_fn, method, chunk_size, memory_budget,
-                                   grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
+        backend = per_sample_backend(contract_fn, contract, method, chunk_size, memory_budget)
         if contract.warned and len(blockers) == 1 and not contract.reads_training_backward:
             # the loss contract's own warning already explained why; the result is still exact
             backend.description += (" — the per-sample losses depend on each other: the gradients of each "
@@ -185,6 +178,14 @@ def choose_backend(
         "" if contract.per_sample else "; no per-sample losses for an exact extra pass")
 
 
+def per_sample_backend(loss_fn: LossFn, contract: LossContract, method: str, chunk_size: int | None,
+                       memory_budget: int) -> PerSampleBackend:
+    """The extra-pass backend over ``contract``'s losses: centred at the training step's ``.grad``
+    only where that is their mean (no extra term, no random numbers drawn anew)."""
+    return PerSampleBackend(loss_fn, method, chunk_size, memory_budget,  # type: ignore[arg-type]
+                            grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
+
+
 def fallback_backend(failed: str, module: nn.Module, contract: LossContract, loss_fn: LossFn | None, *,
                      chunk_size: int | None, memory_budget: int, accumulate: int, world_size: int,
                      use_accumulation_steps: bool, num_chunks: int, seed: int) -> DispersionBackend:
@@ -192,8 +193,7 @@ def fallback_backend(failed: str, module: nn.Module, contract: LossContract, los
     failed and the losses are per-sample (no train-mode BatchNorm), else the accumulation windows
     (one process, ``accumulate ≥ 2``), else micro-batches."""
     if failed == "hooks" and contract.per_sample and not has_train_batchnorm(module):
-        return PerSampleBackend(loss_fn, contract.per_sample_method, chunk_size, memory_budget,
-                                grad_is_mean=contract.reads_training_backward, stochastic=contract.stochastic)
+        return per_sample_backend(loss_fn, contract, contract.per_sample_method, chunk_size, memory_budget)
     if accumulate >= 2 and world_size == 1 and use_accumulation_steps:
         return AccumulationBackend(accumulate)
     return MicrobatchBackend(loss_fn, num_chunks, seed)
