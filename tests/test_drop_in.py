@@ -492,11 +492,12 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     cb = GradientDispersion(backend="hooks", every_n_steps=2)
     run = fit("transformer_tagger", tmp_path, suite=[first, cb, last], limit_val_batches=2)
     assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
-    # the loss contract's trial forward and its coupling check's two (the batch, one sample;
-    # isolated), the hooks' exactness check before step 0 (its own hooks), steps 0-2, validation
-    # (2 batches), steps 3-5, validation: hooks in the forwards of the check and of steps 0, 2, 4 only
+    # the loss contract's trial forward, its second draw (the layer's dropout: does the loss's
+    # weighting change with it?) and its coupling check's two (the batch, one sample; isolated),
+    # the hooks' exactness check before step 0 (its own hooks), steps 0-2, validation (2 batches),
+    # steps 3-5, validation: hooks in the forwards of the check and of steps 0, 2, 4 only
     n = max(first.in_forward)
-    assert n > 0 and first.in_forward == [0, 0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    assert n > 0 and first.in_forward == [0, 0, 0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}
@@ -972,8 +973,8 @@ def test_an_unreduced_loss_reduced_by_hand_is_captured(tmp_path, how):
     averaged) in ``training_step``: the contract's per-sample losses are each sample's term of the
     training loss — on another batch too, of another size — and the norm hooks read the training
     backward (before, the trial raised an ``IndexError`` naming its records). Weighted element by
-    element with weights from the batch, it cannot rebuild them for another batch: it says so
-    and falls back to the batch-mean loss (the micro-batch backend)."""
+    element with weights from the batch, each batch's weights are read from its own returned loss
+    (before, it fell back to the batch-mean loss and the micro-batch backend)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from genbounds.callbacks.loss_contract import LossContract
@@ -988,16 +989,17 @@ def test_an_unreduced_loss_reduced_by_hand_is_captured(tmp_path, how):
         warnings.simplefilter("always")
         trainer(tmp_path, [cb], max_steps=3).fit(module, DataLoader(data, batch_size=8))
     contract = LossContract.shared(module)
-    if how == "weighted":
-        assert contract.tier == "returned" and cb.active_backend == "microbatch"
-        assert sum("weights the unreduced cross_entropy element by element" in str(w.message) for w in caught) == 1
-        return
     assert contract.tier == "captured" and contract.reads_training_backward and cb.active_backend == "hooks"
+    assert contract.per_batch == (how == "weighted")
+    assert not [w for w in caught if "genbounds" in str(w.message)]
     batch = data[15:20]  # (five samples: not the trial's size)
     with torch.no_grad():
         got = contract(module, batch)
         e = module.losses(batch)
     want = e.mean(1) if how == "tokens" else 5 * e if how == "sum" else e  # (mean_i ℓ_i = the training loss)
+    if how == "weighted":
+        want = e * batch[2]
+        assert not got.requires_grad
     assert got.shape == (5,) and torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
 
 
@@ -1096,3 +1098,97 @@ def test_hand_reductions_are_told_apart_or_fail_closed(tmp_path, how):
     want = 5 * e / 16 if how == "fixed" else 0.5 * e
     assert torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
     assert math.isclose(float(got.mean()), float(module.training_step(batch, 0)), rel_tol=1e-5)
+
+
+_DRAWN: list = []
+"""What ``_Mixup``'s steps drew (a module-level list: the probes restore the module's own state)."""
+
+
+class _Mixup(pl.LightningModule):
+    """Mixup as its paper's code writes it, inside ``training_step``: λ from ``np.random.beta``
+    (or torch's generator), a permutation of the batch, and ``λ·CE(y) + (1 − λ)·CE(y[perm])``."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        import numpy as np
+
+        x, y = batch
+        lam = float(np.random.beta(0.4, 0.4)) if self.source == "numpy" else float(torch.rand(()))
+        perm = torch.randperm(x.shape[0])
+        _DRAWN.append((lam, perm))
+        out = self.net(lam * x + (1 - lam) * x[perm])
+        loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("source", ["numpy", "torch"])
+def test_mixup_losses_are_weighted_by_each_batchs_own_draw(tmp_path, source):
+    """Mixup's random λ weights the two captured cross-entropies differently on every batch:
+    the trial draws once more and sees it, and each batch's per-sample losses are then
+    ``λ·ℓ(y_i) + (1 − λ)·ℓ(y_perm(i))`` with that call's own λ — the λ and permutation it drew,
+    replayed here by hand — including under ``no_grad`` (before, the trial's λ was applied to every
+    batch and their mean checked against the returned loss: NaN on nearly every batch). Training
+    is unchanged (the trial's extra draw is forked away)."""
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 4, (20,), generator=g))
+    weights = []
+    for cbs in ([], [GradientDispersion()]):
+        pl.seed_everything(0, verbose=False)
+        np.random.seed(0)
+        module = _Mixup(source)
+        trainer(tmp_path, cbs, max_steps=3).fit(module, DataLoader(data, batch_size=8))
+        weights.append([p.detach().clone() for p in module.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    contract = LossContract.shared(module)
+    assert contract.tier == "captured" and contract.per_batch and contract.reads_training_backward
+    batch = data[12:17]
+    for _ in range(3):
+        _DRAWN.clear()
+        with torch.no_grad():
+            got = contract(module, batch)
+        (lam, perm), = _DRAWN
+        with torch.no_grad():
+            x, y = batch
+            out = module.net(lam * x + (1 - lam) * x[perm])
+            want = lam * F.cross_entropy(out, y, reduction="none") + (1 - lam) * F.cross_entropy(
+                out, y[perm], reduction="none")
+        assert not got.requires_grad and torch.isfinite(got).all()
+        assert torch.allclose(got.float(), want, rtol=1e-5, atol=1e-7)
+    with torch.inference_mode():  # (Lightning's evaluation loops: a batch of inference tensors)
+        got = contract(module, (batch[0].clone(), batch[1].clone()))
+    assert torch.isfinite(got).all() and got.shape == (5,)
+
+
+class _Dropout(CEClassifier):
+    """Dropout alone: random, but the captured loss's weight does not change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                       torch.nn.Linear(16, 4))
+
+
+def test_dropout_keeps_the_trials_weights(tmp_path):
+    """A step that draws only dropout masks is stochastic, and its captured loss's weight is the
+    trial's on every batch: no per-batch reading (no graph recorded by evaluations)."""
+    from genbounds.callbacks.loss_contract import LossContract
+
+    pl.seed_everything(0, verbose=False)
+    module = _Dropout()
+    data = loaders(vectors)
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, data.train)
+    contract = LossContract.shared(module)
+    assert contract.stochastic and contract.tier == "captured" and not contract.per_batch

@@ -1032,3 +1032,34 @@ def test_capture_outside_transforms_leaves_functorch_state_alone(monkeypatch) ->
         with pytest.raises(RuntimeError, match="torch.func transform"):
             vmap(f)(x, y)
     assert calls  # (read inside the transform)
+
+
+def test_leaves_give_coefficients_where_the_weights_need_no_gradient():
+    """``leaves=True``: at a point whose parameters need no gradient (a probe's perturbed weights),
+    each captured loss value reaches the step as a leaf with the very same bits, so the returned
+    loss's weights (mixup's λ) are still read by ``loss_coefficients``; without it the values have
+    no graph and the coefficients are all zero."""
+    torch.manual_seed(0)
+    net = nn.Linear(5, 3)
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    params = {k: v.detach() for k, v in net.named_parameters()}
+
+    def step():
+        out = functional_call(net, params, (x,))
+        return 0.3 * F.cross_entropy(out, y) + 0.7 * F.cross_entropy(out, y.flip(0))
+
+    with torch.no_grad():
+        plain = step()
+    for leaves in (True, False):
+        with torch.enable_grad(), LossCapture(batch_size=6, leaves=leaves) as cap:
+            loss = step()
+        assert torch.equal(loss.detach(), plain)
+        if not leaves:
+            assert not loss.requires_grad and all(r.detached for r in cap.records)
+            continue
+        c, rest = loss_coefficients(loss, cap.records)
+        assert torch.allclose(c, torch.tensor([0.3, 0.7])) and abs(float(rest)) < 1e-6
+        per_sample = combined_per_sample(cap.records, c, 6)
+        want = 0.3 * F.cross_entropy(net(x), y, reduction="none") + 0.7 * F.cross_entropy(net(x), y.flip(0),
+                                                                                         reduction="none")
+        assert torch.allclose(per_sample, want.detach(), atol=1e-6) and not per_sample.requires_grad

@@ -97,6 +97,13 @@ class LossContract:
         self.coefficients: list[CoefficientSpec] | None = None
         """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
         the trial and applied to every later batch's records."""
+        self.per_batch = False
+        """Whether the captured records' weights in the training loss change from batch to batch
+        (per-sample weights or a mask from the batch, mixup's random λ): each batch's are then read
+        from its own returned loss (:meth:`_per_batch_losses`) instead of the trial's specs."""
+        self._exact = False
+        """Whether the trial's captured per-sample losses explained its whole returned loss (no
+        regularizer beside them): a per-batch read is then checked the same way."""
         self.notes: list[str] = []
         self.warned = False
         """Whether the trial's notes were already given to the user as a warning (callbacks then
@@ -174,12 +181,15 @@ class LossContract:
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             with ExitStack() as stack:
                 stack.enter_context(isolated_pass(module, mode="keep", grad=True))
+                host = _host_rng_states()  # (inside the pass's fork of them)
                 manual = stack.enter_context(muted_training_step(module))
                 cap = stack.enter_context(LossCapture(batch_size=b))
                 out = call_training_step(module, batch)
-                # (inside the fork: whether training_step drew random numbers, e.g. dropout masks)
+                # (inside the fork: whether training_step drew random numbers, e.g. dropout masks,
+                # or mixup's λ from Python's or NumPy's generator)
                 self.stochastic = not torch.equal(torch.get_rng_state(), rng) or (
-                    cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng))
+                    cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
+                ) or _host_rng_states() != host
                 returned = _returned_loss(out, manual)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
@@ -259,6 +269,18 @@ class LossContract:
                 return None
         return told
 
+    def _redraw_differs(self, module: nn.Module, batch: Any, specs: list, loss_coefficients: Callable) -> bool:
+        """Whether ``training_step``, run once more on the trial batch with the random streams
+        going on (another draw), weights its captured losses otherwise than ``specs`` (mixup's
+        λ; a dropout mask alone leaves the weights as they were). Once, for a step that drew."""
+        out, manual, records = _captured_step(module, batch, batch_size(batch))
+        returned = _returned_loss(out, manual)
+        if returned is None or not returned.requires_grad or len(records) != len(specs):
+            return True
+        coefficients, _ = loss_coefficients(returned, records)
+        again = [_coefficient_spec(r, c) for r, c in zip(records, _per_record(coefficients, records))]
+        return not all(_same_spec(a, b) for a, b in zip(specs, again))
+
     def _batch_mean_only(self, note: str) -> None:
         """The ``returned`` tier: only the batch-mean loss ``training_step`` returns, and why."""
         self.tier, self.per_sample, self.reads_training_backward = "returned", False, False
@@ -271,36 +293,36 @@ class LossContract:
             parts = _per_record(coefficients, records)
             used = [k for k, c in enumerate(parts) if bool((c != 0).any())]
             specs: list | None = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
-            weighted = [records[k].name for k in used if specs[k] is None]
-            if used and weighted:
-                self._batch_mean_only(
-                    f"training_step weights the unreduced {', '.join(sorted(set(weighted)))} element by element "
-                    "(per-sample weights or a padding mask from the batch?): genbounds cannot rebuild such "
-                    "per-sample losses for another batch, so only the returned batch-mean loss is used (add "
-                    "`per_sample_loss(self, batch)` returning the weighted per-sample losses)")
-                return
-            if used and any(isinstance(c, tuple) for c in specs):
-                specs = self._sizes_told(module, batch, specs, [r.value.numel() for r in records], rng,
-                                         loss_coefficients)
-                if specs is None:
-                    self._batch_mean_only(
-                        "training_step weights an unreduced loss in a way the trial batch cannot tell (a mask or "
-                        "weights that were uniform there?): genbounds cannot rebuild its per-sample losses for "
-                        "another batch, so only the returned batch-mean loss is used (add `per_sample_loss(self, "
-                        "batch)`)")
-                    return
+            # weights that no spec describes for another batch — element by element (per-sample
+            # weights, a mask), drawn at random (mixup's λ), or not told apart by size — are read
+            # from each batch's own loss instead (_per_batch_losses)
+            varying = any(specs[k] is None for k in used)
+            if used and not varying and self.stochastic:
+                varying = self._redraw_differs(module, batch, specs, loss_coefficients)
+            if used and not varying and any(isinstance(c, tuple) for c in specs):
+                told = self._sizes_told(module, batch, specs, [r.value.numel() for r in records], rng,
+                                        loss_coefficients)
+                varying, specs = told is None, told if told is not None else specs
             if used:
                 self.tier = "captured"
                 self.per_sample = True
-                self.coefficients = specs
+                self.per_batch = varying
+                self.coefficients = None if varying else specs
                 per_sample = combined_per_sample(records, coefficients, batch_size(batch))
                 names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
                 scale = max(float(returned.detach().double().abs()), 1e-12)
-                if exact and rest <= 1e-5 * scale:
+                self._exact = exact and rest <= 1e-5 * scale
+                if varying:
+                    rank_zero_info(
+                        f"genbounds: training_step weights the captured {names} differently from batch to batch "
+                        "(per-sample weights or a mask from the batch, mixup's random λ?): each batch's weights are "
+                        "read from its own returned loss (a backward through the loss's arithmetic; an evaluation "
+                        "records the forward's graph for it).")
+                if self._exact:
                     self.reads_training_backward = True
-                    self._mean_checked = True
+                    self._mean_checked = not varying
                     self.notes.append(f"per-sample losses captured from {names} in training_step")
                 else:
                     self.reads_training_backward = False
@@ -350,6 +372,8 @@ class LossContract:
         from genbounds.estimators.loss_capture import combined_per_sample
 
         b = batch_size(batch)
+        if self.per_batch:
+            return self._per_batch_losses(module, batch, b)
         out, manual, records = _captured_step(module, batch, b)
         coefficients = _coefficients_for(records, self.coefficients) if self.tier == "captured" else None
         if coefficients is not None:
@@ -376,6 +400,38 @@ class LossContract:
         if returned is None:
             raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
         return returned.reshape(1), records
+
+    def _per_batch_losses(self, module: nn.Module, batch: Any, b: int) -> tuple[Tensor, list]:
+        """The captured per-sample losses of ``batch`` with the weights its own returned loss gives
+        them (``c_k = ∂loss/∂value_k``, :func:`~genbounds.estimators.loss_capture.loss_coefficients`:
+        a backward through the loss's arithmetic, not the model). An evaluation under ``no_grad``
+        or inference mode records the forward's graph for it; the losses come back detached there.
+        Where the trial's losses explained its whole loss, a batch whose do not (a term it did not
+        have) gives NaN losses, checked on the device."""
+        from genbounds.estimators.loss_capture import _transform_level, combined_per_sample, loss_coefficients
+
+        if _transform_level() is not None:
+            raise RuntimeError("genbounds: the captured losses' weights change from batch to batch and cannot be "
+                               "read inside a torch.func transform; add `per_sample_loss(self, batch)` to the "
+                               "LightningModule")
+        grad = torch.is_grad_enabled()
+        with torch.inference_mode(False), torch.enable_grad():
+            batch = _outside_inference(batch)
+            out, manual, records = _captured_step(module, batch, b, leaves=True)
+            returned = _returned_loss(out, manual)
+            if returned is None:
+                raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
+            if not records or not returned.requires_grad:
+                losses = torch.full((b,), math.nan, dtype=torch.promote_types(returned.dtype, torch.float32),
+                                    device=returned.device)
+            else:
+                coefficients, remainder = loss_coefficients(returned, records)
+                losses = combined_per_sample(records, coefficients, b)
+                if self._exact:
+                    rest = remainder.detach().to(torch.float64).abs()
+                    ok = rest <= 1e-5 * returned.detach().to(torch.float64).abs() + 1e-7
+                    losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
+        return (losses if grad else losses.detach()), records
 
     def losses_and_errors(self, module: nn.Module, batch: Any) -> Tensor:
         """``[2, b]``: the per-sample losses and 0-1 errors of ``batch`` (one forward when both
@@ -507,12 +563,41 @@ def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Ten
     return torch.cat(parts) if parts else None
 
 
-def _captured_step(module: nn.Module, batch: Any, b: int) -> tuple[Any, MutedStep, list]:
+def _same_spec(a: CoefficientSpec | None, b: CoefficientSpec | None) -> bool:
+    """Two specs of one record equal (to rounding)."""
+    if a is None or b is None or isinstance(a, tuple) != isinstance(b, tuple):
+        return False
+    if isinstance(a, tuple):
+        assert isinstance(b, tuple)
+        return a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-12)
+    assert not isinstance(b, tuple)
+    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def _host_rng_states() -> tuple:
+    """Python's and NumPy's global generator states, comparable with ``==``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return random.getstate(), (kind, keys.tobytes(), pos, has_gauss, cached)
+
+
+def _outside_inference(batch: Any) -> Any:
+    """``batch`` with its inference-mode tensors cloned (autograd cannot record them)."""
+    from torch.utils._pytree import tree_map
+
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, batch)
+
+
+def _captured_step(module: nn.Module, batch: Any, b: int, leaves: bool = False) -> tuple[Any, MutedStep, list]:
     """``training_step`` on ``batch``, muted, with its torch loss calls captured: its output, the
-    muted step (the losses given to ``manual_backward``) and the records that map to samples."""
+    muted step (the losses given to ``manual_backward``) and the records that map to samples
+    (``leaves``: see ``LossCapture``)."""
     from genbounds.estimators.loss_capture import LossCapture
 
-    with muted_training_step(module) as manual, LossCapture(batch_size=b) as cap:
+    with muted_training_step(module) as manual, LossCapture(batch_size=b, leaves=leaves) as cap:
         out = call_training_step(module, batch)
     return out, manual, [r for r in cap.records if r.mappable]
 

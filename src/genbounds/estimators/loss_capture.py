@@ -426,9 +426,14 @@ class LossCapture(TorchFunctionMode):
         on_transform: what to do with a loss called under a ``torch.func`` transform entered
             after the mode (e.g. the mode around ``vmap``): ``'raise'`` a ``RuntimeError``, or
             ``'skip'`` recording it.
+        leaves: with gradient recording on, give the step a loss value that has no autograd
+            graph (parameters that do not require gradient: a perturbed point, a probe's
+            detached weights) as a leaf that requires one — the same numbers — so that
+            :func:`loss_coefficients` can still read how the returned loss weights it.
     """
 
-    def __init__(self, batch_size: int, *, strict: bool = False, on_transform: str = "raise") -> None:
+    def __init__(self, batch_size: int, *, strict: bool = False, on_transform: str = "raise",
+                 leaves: bool = False) -> None:
         super().__init__()
         if int(batch_size) < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -437,6 +442,7 @@ class LossCapture(TorchFunctionMode):
         self.batch_size = int(batch_size)
         self.strict = strict
         self.on_transform = on_transform
+        self.leaves = leaves
         self.records: list[CapturedLoss] = []
         self.errors: list[str] = []
         self._level: int | None = None
@@ -470,6 +476,9 @@ class LossCapture(TorchFunctionMode):
                 )
             return func(*args, **kwargs)
         value = func(*args, **kwargs)  # exactly the user's call
+        if self.leaves and isinstance(value, Tensor) and not value.requires_grad and value.is_floating_point() \
+                and torch.is_grad_enabled():
+            value = value.detach().requires_grad_(True)
         try:
             record = self._record(spec, func, args, kwargs, value)
         except _Unsupported as err:
@@ -542,7 +551,7 @@ class LossCapture(TorchFunctionMode):
             tuple(t._base.shape) if t._base is not None else None for t in tensors[:3]
         )
         layout, assumed, groups = _layout(tuple(elements.shape), self.batch_size, base_shapes)
-        has_graph = value.grad_fn is not None
+        has_graph = value.requires_grad  # (a leaf too: ``leaves``)
         return CapturedLoss(
             name=spec.name,
             value=value,
