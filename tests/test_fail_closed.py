@@ -167,6 +167,22 @@ def test_resume_is_exact_with_the_main_suite(tmp_path, kill_at):
     assert hessian._eigvec is not None  # the power-iteration warm start travelled with the checkpoint
 
 
+def test_resume_from_a_checkpoint_without_the_suite_says_why_the_bounds_are_nan(tmp_path):
+    """A checkpoint saved by a run without the callbacks holds none of the steps before it: the
+    bounds (sums from step 0) are NaN and flagged, and one warning says why before any is computed
+    (before, only "a failed estimate", and the resumed steps' learning rates stood for steps 0…)."""
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    fit(tmp_path / "first", [ckpt], max_epochs=1, enable_checkpointing=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path / "second", main_suite(), max_epochs=2, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    said = [str(w.message) for w in caught if "but the checkpoint holds the learning rates" in str(w.message)]
+    assert len(said) == 1 and "resumes at step 5" in said[0] and "of 0 steps only" in said[0]
+    latest = aggregator(t).latest
+    assert math.isnan(latest["bound/wang_mao_eq3"]) and latest["bound_valid/wang_mao_eq3"] == 0.0
+    assert math.isfinite(latest["gap/measured"])  # (what needs no history is still measured)
+
+
 def test_resume_with_another_sigma_grid_is_refused(tmp_path):
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path / "first", [*main_suite(), ckpt], max_epochs=1, enable_checkpointing=True)

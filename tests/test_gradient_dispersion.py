@@ -496,11 +496,20 @@ def test_automatic_optimization_under_fp16_amp_is_measured_on_the_hooks(tmp_path
 
 
 @pytest.mark.parametrize("backend", ["hooks", "functorch", "microbatch"])
-def test_a_last_batch_of_one_sample_is_skipped_not_fatal(tmp_path, backend):
+def test_a_last_batch_of_one_sample_is_skipped_not_fatal(tmp_path, caplog, backend):
+    """A last batch of one sample has no spread: its step is left unmeasured, and one info line
+    (not one per epoch, not a warning) says so and how to avoid it."""
+    import logging
+
     x, y = unit_sphere_regression(17, 4)  # batches of 8, 8 and 1
     cb = GradientDispersion(backend=backend)
-    records = run_collect(tmp_path, linear_regressor(4, lr=0.1), TensorData(x, y, 8), cb, max_epochs=2)
+    with caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        records = run_collect(tmp_path, linear_regressor(4, lr=0.1), TensorData(x, y, 8), cb, max_epochs=2)
     assert [r.step for r in records] == [0, 1, 3, 4]
+    said = [r.getMessage() for r in caplog.records if "batch holds one sample" in r.getMessage()]
+    assert len(said) == 1 and "step 2's batch" in said[0] and "drop_last=True" in said[0], said
+    assert not [w for w in caught if "one sample" in str(w.message)]
 
 
 @pytest.mark.parametrize("backend", ["hooks", "functorch"])

@@ -145,6 +145,9 @@ class GeneralizationBound(ProbeCallback):
         self.optimizer: str | None = None
         self.plain_sgd = True
         self.gap_at_start: float | None = None
+        self._unmeasured_steps: int | None = None
+        """Steps before this fit's start that the series does not hold (a fit resumed from a
+        checkpoint without its state): the bounds, sums from step 0, are then NaN."""
         self.evaluations = 0
         self._gap: GapEvaluation | None = None
         self.producers = Producers()
@@ -223,6 +226,16 @@ class GeneralizationBound(ProbeCallback):
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
         if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
             self.producers.set_neu_shape(self.series, self._groups, pl_module)
+        held = len(self.series.lrs)
+        if trainer.global_step > held:
+            self._unmeasured_steps = int(trainer.global_step) - held
+            self._warn_once(
+                "unmeasured-history",
+                f"GeneralizationBound: the fit resumes at step {trainer.global_step}, but the checkpoint holds the "
+                f"learning rates and measurements of {held} steps only (saved by a run without GeneralizationBound "
+                "in its Trainer?): the bounds sum over every step from 0, so this run's are NaN (flagged "
+                "bound_valid/… = 0). Resume from a checkpoint saved with the genbounds callbacks, or train from "
+                "step 0.")
         if trainer.global_step == 0 and self.heldout_available:
             gap = self._measure_gap(trainer, pl_module)
             self.gap_at_start = gap.get("gap/measured")
@@ -315,8 +328,8 @@ class GeneralizationBound(ProbeCallback):
 
     def _inputs(self, trainer: Trainer) -> BoundInputs | None:
         T = min(int(trainer.global_step), len(self.series.lrs))
-        if self._n is None or self._d is None:
-            return None
+        if self._n is None or self._d is None or self._unmeasured_steps:
+            return None  # (a history that misses steps: NaN bounds)
         return self.series.inputs(T, self._n, self._d, self.loss_range.value, self.sigmas, self.wanted, z=self.selection_z,
                                   max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
                                   grouped=len(self._groups) >= 2)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -141,6 +142,7 @@ class GradientDispersion(MeasurementCallback):
 
         self.slot = BackendSlot()
         self.measured_steps = 0
+        self._one_sample_said = False
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
         self._groups_partition = False
@@ -304,6 +306,8 @@ class GradientDispersion(MeasurementCallback):
                 assert self.contract is not None
                 self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
                 self._measuring = False  # this window is incomplete: skip it
+            elif ctx.accumulate == 1:
+                self._one_sample(ctx.micro_size)
             return
         self._window = part if self._window is None else self._window.merged(part)
 
@@ -322,6 +326,7 @@ class GradientDispersion(MeasurementCallback):
         grads, self._manual_grads = self._manual_grads, None
         result = self.impl.end_window(ctx if ctx is not None else self._context(trainer, pl_module, grads), window)
         if result is None:
+            self._one_sample(window)
             return
         if result.kept:  # (recorded by the backend's row ring: dispersion/row_ring.py)
             self.measured_steps += 1
@@ -329,6 +334,7 @@ class GradientDispersion(MeasurementCallback):
             return
         values = result.values(trainer, self._groups, self._groups_partition)
         if values is None:
+            self._one_sample(window)
             return
         if isinstance(values, Tensor):  # one copy into the step log
             self.step_log.record_row(self._step, self._row_names, values)
@@ -336,6 +342,16 @@ class GradientDispersion(MeasurementCallback):
             self.step_log.record(self._step, values.tagged(self.group_names))
         self.measured_steps += 1
         self.step_budget.measured(trainer)
+
+    def _one_sample(self, window: Any) -> None:
+        """Said once: a measured step whose batch held one sample (no spread) is not measured
+        (``window``: the step's window, or its batch size)."""
+        units = window if isinstance(window, int) else getattr(window, "batch", getattr(window, "num_units", None))
+        if isinstance(units, int) and units < 2 and not self._one_sample_said:
+            self._one_sample_said = True
+            rank_zero_info(f"GradientDispersion: step {self._step}'s batch holds one sample (a last batch of size 1? "
+                           "DataLoader(drop_last=True) avoids it): it has no spread to measure, so the step is left "
+                           "unmeasured (in the bounds, the measured step before it stands for it).")
 
     def _end_batch(self) -> None:
         if self.impl is not None:
