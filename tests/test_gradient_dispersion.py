@@ -693,3 +693,35 @@ def test_independent_samples_are_not_reported_coupled(tmp_path):
     cb = GradientDispersion()
     trainer(tmp_path, [cb], max_steps=1).fit(module, DigitsDataModule())
     assert not LossContract.shared(module).coupled and cb.active_backend == "hooks"
+
+
+class _TiedHead(pl.LightningModule):
+    """A token model whose output projection reuses the embedding's weight by ``F.linear`` (the
+    usual weight tying, written without a shared module attribute)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(12, 8)
+        self.mix = torch.nn.Linear(8, 8)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = torch.tanh(self.mix(self.emb(x).mean(1)))
+        return F.cross_entropy(F.linear(h, self.emb.weight), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_weight_tied_by_f_linear_is_named_as_a_cause(tmp_path):
+    """The hooks' one-sample check refuses a model whose embedding weight is also the output
+    projection's (used outside the layer's call): the warning names that cause first (it blamed a
+    positional embedding alone), and an extra-pass backend measures."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 12, (16, 5), generator=g), torch.randint(0, 12, (16,), generator=g))
+    cb = GradientDispersion(backend="hooks")
+    with pytest.warns(UserWarning, match=r"an output projection tied by F\.linear\?"):
+        trainer(tmp_path, [cb], max_steps=2).fit(_TiedHead(), DataLoader(data, batch_size=8))
+    assert cb.active_backend != "hooks" and cb.measured_steps == 2

@@ -358,8 +358,10 @@ class NormHooksBackend(DispersionBackend):
                 layout = None if errors else sequence_layout_problem(module, self.ghost_modules, loss_fn, batch)
             if errors:
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
-                why = (f"on one sample of the first batch the norms of {worst} differ from the exact ones — a layer "
-                       "whose output the whole batch shares (a positional embedding of arange(T)?)")
+                # (a weight tied by module attribute is refused by the plan before: ghost_norms.plan)
+                why = (f"on one sample of the first batch the norms of {worst} differ from the exact ones — a "
+                       "weight also used outside its layer's call (an output projection tied by F.linear?) or a "
+                       "layer whose output the whole batch shares (a positional embedding of arange(T)?)")
             elif layout is not None:
                 why = f"on the first batch the hooks cannot measure it: {layout}"
         except HookProblem as err:
@@ -386,3 +388,4 @@ class NormHooksBackend(DispersionBackend):
             self.ring = None
         if self.shared is not None:
             self.shared.detach()
+
