@@ -210,6 +210,17 @@ def single_thread_env() -> dict[str, str]:
     return env
 
 
+def quiet_child() -> None:
+    """Inside a benchmark's child run: one intra-op thread, no warnings, Lightning's errors only
+    (its start-up notes would interleave with the JSON the parent reads)."""
+    import logging
+    import warnings
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
 def run_json_child(argv: list[str], timeout: float | None = None, env: dict[str, str] | None = None
                    ) -> dict[str, Any]:
     """Run ``python argv…`` in a fresh interpreter (``env``: variables set on top of

@@ -26,11 +26,9 @@ import argparse
 import collections
 import contextlib
 import functools
-import logging
 import os
 import sys
 import traceback
-import warnings
 from typing import Any, Callable, Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -40,6 +38,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from common import (  # noqa: E402
+    quiet_child,
     TinyTransformer,
     around_batches,
     random_image_batches,
@@ -166,9 +165,7 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="train on a GPU: its branches are taken for real (checks --paths cuda)")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
     models = _models()
     rows = []
     for name in args.models.split(","):

@@ -82,7 +82,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +92,7 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from common import (  # noqa: E402
+    quiet_child,
     calibrated_ratio,
     emit_report,
     FitTimer,
@@ -235,7 +235,6 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
     ``calibrate_before``: also time the calibration before ``fit`` (``calib_before_ms``; CPU,
     plain and dispersion runs), which pre-faults memory before the peak-growth baseline — for
     time runs."""
-    import logging
 
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -250,9 +249,7 @@ def child(model_name: str, config: str, steps: int, warmup: int, log_every: int 
         import torch.func  # noqa: F401
     except ImportError:
         pass
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
     spec = SPECS[model_name]
     cuda = spec.device == "cuda"
     pl.seed_everything(0, verbose=False)

@@ -45,6 +45,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import (  # noqa: E402
+    quiet_child,
     emit_report,
     fmt_ci,
     describe_machine_md,
@@ -128,14 +129,9 @@ def dense_config(config: str, out_path: str) -> None:
 
 def child(variant: str, config: str, save_dir: str, version: str, max_epochs: int | None,
           breakdown: bool = False) -> dict:
-    import logging
-    import warnings
 
-    import torch
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
     from lightning.pytorch import LightningDataModule, LightningModule
 
     import genbounds.callbacks  # noqa: F401

@@ -19,12 +19,10 @@ median step time. The logged values of the two paths must agree (relative 1e-9; 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,13 +37,11 @@ def main() -> None:
 
     import lightning.pytorch as pl
 
-    from common import random_image_batches, sample_loader
+    from common import quiet_child, random_image_batches, sample_loader
     from genbounds.callbacks import GradientDispersion
     from genbounds.models import MLP, Classifier
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
 
     class GeneralPath(GradientDispersion):
         def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

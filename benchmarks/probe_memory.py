@@ -22,17 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import subprocess
 import sys
-import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import describe_machine_md, emit_report, load_average, machine_description  # noqa: E402
+from common import describe_machine_md, emit_report, load_average, machine_description, quiet_child  # noqa: E402
 
 
 PROBES = ("heldout", "sensitivity", "trace", "flatness")
@@ -47,16 +45,13 @@ def _probe(name: str) -> Any:
 
 def child(config: str, steps: int, trace_probes: int | None = None) -> dict[str, Any]:
     import lightning.pytorch as pl
-    import torch
 
     from common import PeakRSS, sample_loader
     from genbounds.models import Classifier
     from overhead_dispersion import SPECS
     from suite_memory import record_peaks
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
     table: dict[tuple[str, str], list[float]] = {}
     callbacks = []
     if config != "plain":

@@ -26,19 +26,16 @@ triples with its distribution-free 95 % interval (``common.median_ci``).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
 
-from common import describe_machine_md, fmt_ci, load_average, machine_description, sample_loader  # noqa: E402
+from common import describe_machine_md, fmt_ci, load_average, machine_description, sample_loader, quiet_child  # noqa: E402
 
 KINDS = ("unmeasured", "measured", "changed")
 
@@ -94,9 +91,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=30)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
 
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger

@@ -36,20 +36,18 @@ from __future__ import annotations
 
 import argparse
 import copy
-import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import describe_machine_md, emit_report, fmt_ci, load_average, machine_description, sample_loader  # noqa: E402
+from common import describe_machine_md, emit_report, fmt_ci, load_average, machine_description, sample_loader, quiet_child  # noqa: E402
 
 
 def block_measured(step: int, block: int) -> bool:
@@ -191,9 +189,7 @@ def main() -> None:
     block = args.block or (20 if mlp else 3)
     pairs = args.pairs or (30 if mlp else 8)
     warmup = args.warmup if args.warmup is not None else (30 if mlp else 2)
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    quiet_child()
     info, loads = machine_description(), [load_average()]
     result = {"lightning": lightning_blocks(args.model, block, pairs, warmup)}
     loads.append(load_average())
