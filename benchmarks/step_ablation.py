@@ -35,7 +35,14 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
-from common import describe_machine_md, fmt_ci, load_average, machine_description, sample_loader, quiet_child  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine_md,
+    fmt_ci,
+    load_average,
+    machine_description,
+    quiet_child,
+    sample_loader,
+)
 
 KINDS = ("unmeasured", "measured", "changed")
 

@@ -47,7 +47,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from common import describe_machine_md, emit_report, fmt_ci, load_average, machine_description, sample_loader, quiet_child  # noqa: E402
+from common import (  # noqa: E402
+    describe_machine_md,
+    emit_report,
+    fmt_ci,
+    load_average,
+    machine_description,
+    quiet_child,
+    sample_loader,
+)
 
 
 def block_measured(step: int, block: int) -> bool:
