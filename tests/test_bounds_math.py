@@ -282,3 +282,16 @@ def test_trajectory_fill_se_matches_the_spread_of_the_thinned_eq2_trajectory():
         ses.append(trajectory_fill_se(eta, filled, r, n, d, sigma, steps, v[steps]))
     ratio = float(np.mean(ses)) / float(np.std(errors))
     assert 0.8 < ratio < 1.5, ratio
+
+
+def test_a_non_positive_trace_estimate_is_named_with_its_value():
+    """Eq. 3 is undefined for Tr H ≤ 0: NaN, and the note gives the estimate with its SE (a
+    Hutchinson estimate within its SE of 0 reads as a failed estimate without it) and the remedy."""
+    from genbounds.bounds.aggregate import BoundInputs
+
+    inp = BoundInputs(T=4, n=100, d=10, r=1.0, eta=np.full(4, 0.1), vhat=np.ones(4), sigmas=[0.1],
+                      wanted=("wang_mao_eq3",), curvature={"hessian_trace": -6.6, "hessian_trace_se": 4.9})
+    out = compute_bounds(inp)
+    assert math.isnan(out.get("bound/wang_mao_eq3", math.nan))
+    (note,) = [n for n in inp.notes if n.startswith("trace:")]
+    assert "-6.6 ± 4.9" in note and "max_probes" in note

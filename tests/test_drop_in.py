@@ -1066,11 +1066,14 @@ class _HandReduced(_Unreduced):
 
 
 @pytest.mark.parametrize("how", ["fixed", "scaled", "masked"])
-def test_hand_reductions_are_told_apart_or_fail_closed(tmp_path, how):
+def test_hand_reductions_are_told_apart_or_read_per_batch(tmp_path, how, caplog):
     """A fixed divisor (``.sum() / 16``) is told from a mean by the trial's second, half-size call
     (it read as a mean of the wrong scale on other sizes); a scaled mean keeps its scale; a mask the
-    trial batch did not exercise gives NaN per-sample losses on a batch where it bites (their mean
-    is checked against the returned loss), never wrong ones."""
+    trial batch did not exercise is seen on the first batch where it bites (their mean is checked
+    against the returned loss): from then on each batch's weights are read from its own loss,
+    that batch's included, said once as an info line (before: NaN losses on every such batch)."""
+    import logging
+
     from torch.utils.data import DataLoader, TensorDataset
 
     from genbounds.callbacks.loss_contract import LossContract
@@ -1085,15 +1088,19 @@ def test_hand_reductions_are_told_apart_or_fail_closed(tmp_path, how):
     contract = LossContract.shared(module)
     assert contract.tier == "captured"
     batch = data[12:20] if how == "masked" else data[12:17]  # (five samples: not the trial's size)
-    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
         warnings.simplefilter("always")
         got = contract(module, batch)
-        contract(module, batch)
+        again = contract(module, batch)
         e = module.losses(batch)
-    said = [w for w in caught if "do not average to the loss training_step returned" in str(w.message)]
-    assert len(said) == (1 if how == "masked" else 0)  # (once, in an evaluation's call)
+    assert not [w for w in caught if "genbounds" in str(w.message)]
+    said = [r.getMessage() for r in caplog.records if "from now on each batch's weights" in r.getMessage()]
+    assert len(said) == (1 if how == "masked" else 0) and contract.per_batch == (how == "masked")
+    assert torch.equal(got, again)
     if how == "masked":
-        assert torch.isnan(got).all()
+        mask = (batch[2] > 0.6).float()
+        want = 8 * e * mask / mask.sum()
+        assert torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
         return
     want = 5 * e / 16 if how == "fixed" else 0.5 * e
     assert torch.allclose(got.float(), want, rtol=1e-6, atol=1e-7)
@@ -1192,3 +1199,224 @@ def test_dropout_keeps_the_trials_weights(tmp_path):
     trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, data.train)
     contract = LossContract.shared(module)
     assert contract.stochastic and contract.tier == "captured" and not contract.per_batch
+
+
+class _Reweighted(pl.LightningModule):
+    """Losses weighted in ways the per-batch read must refuse or survive: a mixup loss changed in
+    place (``loss *= λ; loss += …``), element-wise weights applied in place (``l.mul_(w)``), and a
+    focal-style weight computed from the model's own output (whose gradient fixed weights would
+    miss)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        out = self.net(x)
+        if self.how == "mixup_in_place":
+            lam = float(torch.rand(()))
+            perm = torch.randperm(x.shape[0])
+            _DRAWN.append((lam, perm))
+            out = self.net(lam * x + (1 - lam) * x[perm])
+            loss = F.cross_entropy(out, y)
+            loss *= lam
+            loss += (1 - lam) * F.cross_entropy(out, y[perm])
+            return loss
+        e = F.cross_entropy(out, y, reduction="none")
+        if self.how == "weights_in_place":
+            w = 0.5 + (y.float() / 4)
+            return e.mul_(w).sum() / w.sum()
+        p = torch.softmax(out, 1).gather(1, y[:, None]).squeeze(1)  # focal, γ = 2
+        return ((1 - p) ** 2 * e).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("how", ["mixup_in_place", "weights_in_place", "focal"])
+def test_per_batch_weights_refused_or_read_without_crashing(tmp_path, how):
+    """A loss value the step changes in place reaches it as an ordinary tensor even where the
+    per-batch read made it a leaf (``loss *= λ`` had raised "a leaf Variable that requires grad is
+    being used in an in-place operation"), and its per-sample losses are mixup's; element-wise
+    weights applied in place, and weights that depend on the model, fall back to the returned
+    batch-mean loss before step 0, with the reason (the first had stopped the trial, the second
+    would have given gradients without the weights' own)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 4, (20,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = _Reweighted(how)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    if how != "mixup_in_place":
+        reason = "cannot be split by sample" if how == "weights_in_place" else "depend on the model"
+        assert contract.tier == "returned" and not contract.per_batch
+        assert sum(reason in str(w.message) for w in caught) == 1
+        return
+    assert contract.per_batch and contract.tier == "captured"
+    _DRAWN.clear()
+    batch = data[12:17]
+    with torch.no_grad():
+        got = contract(module, batch)  # (the parameters need no gradient there: the values are leaves)
+        (lam, perm), = _DRAWN
+        x, y = batch
+        out = module.net(lam * x + (1 - lam) * x[perm])
+        want = lam * F.cross_entropy(out, y, reduction="none") + (1 - lam) * F.cross_entropy(out, y[perm],
+                                                                                          reduction="none")
+    assert torch.allclose(got.float(), want, rtol=1e-5, atol=1e-7)
+
+
+def test_mixup_in_a_vectorized_probe_fails_closed_and_takes_no_errors(tmp_path):
+    """A probe vectorized by ``torch.func`` (``draws_per_pass=4``) cannot read a batch's weights:
+    its values are NaN, said once, and the fit goes on (it raised and stopped training). Mixup's
+    prediction scored against two targets gives no per-sample 0-1 error."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks import Flatness
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(24, 6, generator=g), torch.randint(0, 4, (24,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = _Mixup("torch")
+    flat = Flatness(sigmas=(0.01,), num_draws=4, draws_per_pass=4, probe_batch_size=8, every_n_steps=2,
+                    overhead_budget=None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [flat], max_steps=4).fit(module, DataLoader(data, batch_size=8))
+    said = [w for w in caught if "inside a torch.func transform" in str(w.message)]
+    assert len(said) == 1
+    contract = LossContract.shared(module)
+    assert contract.per_batch and not contract.errors_available
+
+
+_MIX_ON = [False]
+"""Whether ``_MixupSometimes`` mixes (module-level: the probes restore the module's own state)."""
+
+
+class _MixupSometimes(_Mixup):
+    """Mixup on some calls only (here: once switched on, after the fit; in practice a coin flip):
+    the trial batch captures one loss, a later batch two."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        if not _MIX_ON[0]:
+            return F.cross_entropy(self.net(x), y)
+        return super().training_step(batch, batch_idx)
+
+
+def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, caplog):
+    """A batch that captures other losses than the trial batch (mixup applied with a probability)
+    gets its weights from its own loss, and so does every later one, said once as an info line
+    (before: a one-element batch-mean where per-sample losses were due, which stopped the gap's
+    evaluation); a batch scoring one prediction against two targets has no 0-1 error (NaN)."""
+    import logging
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = _MixupSometimes("numpy")
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    assert contract.tier == "captured" and not contract.per_batch and contract.errors_available
+    _DRAWN.clear()
+    _MIX_ON[0] = True
+    batch = data[3:8]
+    with torch.no_grad(), caplog.at_level(logging.INFO):
+        try:
+            got = contract.losses_and_errors(module, batch)
+        finally:
+            _MIX_ON[0] = False
+        lam, perm = _DRAWN[-1]  # (the call read per batch: the step run again after the one that saw it)
+        x, y = batch
+        out = module.net(lam * x + (1 - lam) * x[perm])
+        want = lam * F.cross_entropy(out, y, reduction="none") + (1 - lam) * F.cross_entropy(out, y[perm],
+                                                                                          reduction="none")
+        plain = contract.losses_and_errors(module, data[8:16])
+    assert got.shape == (2, 5) and torch.allclose(got[0].float(), want, rtol=1e-5, atol=1e-7)
+    assert torch.isnan(got[1]).all() and contract.per_batch
+    assert torch.isfinite(plain).all()  # (a batch of one record, read per batch too)
+    said = [r.getMessage() for r in caplog.records if "captures other losses than the trial batch" in r.getMessage()]
+    assert len(said) == 1
+
+
+class _MixupThenRegularized(_Mixup):
+    """Mixup, with a weight penalty added on some calls only (once switched on)."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        loss = super().training_step(batch, batch_idx)
+        return loss + 0.1 * self.net[0].weight.pow(2).sum() if _MIX_ON[0] else loss
+
+
+def test_a_term_beyond_the_captured_losses_on_a_later_batch_gives_nan(tmp_path):
+    """Read per batch, a batch whose loss holds a term the trial batch's did not (its remainder
+    is checked on the device) gets NaN per-sample losses, never the data term passed off as the
+    loss; said once."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = _MixupThenRegularized("torch")
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    assert contract.per_batch and contract.reads_training_backward
+    _MIX_ON[0] = True
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = [contract(module, data[3:8]) for _ in range(2)]
+    finally:
+        _MIX_ON[0] = False
+    assert all(torch.isnan(t).all() for t in got)
+    assert sum("holds a term beyond its captured losses" in str(w.message) for w in caught) == 1
+    with torch.no_grad():
+        assert torch.isfinite(contract(module, data[3:8])).all()
+
+
+def test_a_random_step_draws_the_same_on_one_batch_within_a_step(tmp_path):
+    """Calls on one batch at one training step draw the same λ and permutation (a probe at several
+    weights compares them with common random numbers: mixup had made a flatness term negative),
+    another batch or another step draws anew, and the run's own streams are untouched."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    pl.seed_everything(0, verbose=False)
+    module = _Mixup("numpy")
+    t = trainer(tmp_path, [GradientDispersion()], max_steps=2)
+    t.fit(module, DataLoader(data, batch_size=8))
+    contract = LossContract.shared(module)
+    a, b = data[0:8], data[8:16]
+    streams = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    _DRAWN.clear()
+    with torch.no_grad():
+        first, again, other = contract(module, a), contract(module, a), contract(module, b)
+        attached, module._trainer = module._trainer, SimpleNamespace(global_step=t.global_step + 1)
+        try:
+            later = contract(module, a)  # (at the next step)
+        finally:
+            module._trainer = attached
+    assert torch.equal(first, again) and _DRAWN[0][0] == _DRAWN[1][0]
+    assert not torch.equal(first, other) and not torch.equal(first, later) and _DRAWN[3][0] != _DRAWN[0][0]
+    assert torch.equal(streams[0], torch.get_rng_state()) and streams[1] == random.getstate()
+    assert np.array_equal(streams[2], np.random.get_state()[1])

@@ -258,6 +258,27 @@ def test_one_bad_heldout_sample_affects_only_itself(tmp_path, kind):
         assert a[key] == pytest.approx(b[key], rel=1e-6), key
 
 
+def test_a_heldout_probe_set_left_out_whole_is_not_called_missing(tmp_path):
+    """Every held-out probe sample non-finite: the held-out quantities are disabled with that
+    reason, not "there is no validation dataloader" (there is one)."""
+    from genbounds.callbacks import HeldoutGradient
+
+    class AllBad(DigitsDataModule):
+        def build(self) -> None:
+            super().build()
+            x, y = self.val_set.tensors
+            self.val_set = TensorDataset(torch.full_like(x, float("nan")), y)
+
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [HeldoutGradient(every_n_steps=2)], module=Classifier(MLP(64, 10, 32), lr=0.05),
+            data=AllBad(batch_size=64, seed=0), max_steps=2, limit_val_batches=1)
+    said = [str(w.message) for w in caught if "HeldoutGradient:" in str(w.message)]
+    assert any("every sample of the held-out probe set was left out" in m for m in said), said
+    assert not any("no validation dataloader" in m for m in said), said
+
+
 def test_a_zero_hessian_probe_does_not_poison_the_warm_start():
     from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
     from genbounds.estimators.hessian_vector_product import LossHessian

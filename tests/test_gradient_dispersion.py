@@ -560,18 +560,28 @@ def test_settings_changed_after_construction_are_the_ones_used(tmp_path):
     assert cb.active_backend == "microbatch" and cb.impl.num_chunks == 2
 
 
+_MASKS: list[torch.Tensor] = []
+"""The dropout masks ``_RawOutputDropout`` drew, in order (module-level: outside the module's own
+state, which the probes restore)."""
+
+
 class _RawOutputDropout(pl.LightningModule):
-    """Dropout before an output weight used by ``F.linear`` (not a Linear: ``auto`` takes the extra
-    per-sample pass, ``functorch``)."""
+    """Dropout (drawn by hand, its masks kept in ``_MASKS``) before an output weight used by
+    ``F.linear`` (not a Linear: ``auto`` takes the extra per-sample pass, ``functorch``)."""
 
     def __init__(self, p: float) -> None:
         super().__init__()
         self.hidden = torch.nn.Linear(6, 16)
-        self.drop = torch.nn.Dropout(p)
+        self.p = p
         self.weight = torch.nn.Parameter(0.3 * torch.randn(3, 16))
+        self.replay: torch.Tensor | None = None
 
     def forward(self, x):
-        return F.linear(self.drop(torch.tanh(self.hidden(x))), self.weight)
+        h = torch.tanh(self.hidden(x))
+        mask = self.replay if self.replay is not None else torch.ones_like(h) if self.p == 0 else \
+            (torch.rand_like(h) > self.p).to(h.dtype)
+        _MASKS.append(mask)
+        return F.linear(h * mask / (1 - self.p), self.weight)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -582,13 +592,14 @@ class _RawOutputDropout(pl.LightningModule):
 
 
 class _RngAtRead(pl.Callback):
-    """The global RNG state where ``GradientDispersion`` (after this callback) reads the step."""
+    """How many masks were drawn at the optimizer step, after ``GradientDispersion``'s extra pass
+    (at the backward's end): the last one is the pass's."""
 
     def __init__(self) -> None:
-        self.states: list[torch.Tensor] = []
+        self.drawn: list[int] = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.states.append(torch.get_rng_state())
+        self.drawn.append(len(_MASKS))
 
 
 def test_a_stochastic_step_is_centred_on_the_extra_passs_own_mean(tmp_path):
@@ -599,6 +610,7 @@ def test_a_stochastic_step_is_centred_on_the_extra_passs_own_mean(tmp_path):
     the step draw random numbers, and the backend says so."""
     from genbounds.callbacks.loss_contract import LossContract
 
+    _MASKS.clear()
     pl.seed_everything(0, verbose=False)
     x, y = torch.randn(4, 6), torch.tensor([0, 1, 2, 0])
     module = _RawOutputDropout(0.8)
@@ -609,12 +621,13 @@ def test_a_stochastic_step_is_centred_on_the_extra_passs_own_mean(tmp_path):
     assert cb.active_backend == "functorch" and "draws random numbers" in cb.impl.description
     assert LossContract.shared(module).stochastic and not cb.impl.grad_is_mean
     params = [p for p in module.parameters()]
-    for record, state in zip(records, rng.states):
-        with torch.random.fork_rng():
-            torch.set_rng_state(state)
-            losses = F.cross_entropy(module(x), y, reduction="none")
-            g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
-                losses[i], params, retain_graph=True)]) for i in range(4)]).double()
+    drawn_at = list(rng.drawn)  # (the replays below draw no masks but are appended too)
+    for record, drawn in zip(records, drawn_at):
+        module.replay = _MASKS[drawn - 1]  # (the extra pass's masks)
+        losses = F.cross_entropy(module(x), y, reduction="none")
+        module.replay = None
+        g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+            losses[i], params, retain_graph=True)]) for i in range(4)]).double()
         own = float(((g - g.mean(0)) ** 2).sum() / 3)
         assert record.values["grad/trace_cov"] == pytest.approx(own, rel=1e-5)
     assert len(records) == 12

@@ -145,8 +145,11 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
         if rec is not None and rec.get("hessian_trace") is not None:
             eq3 = wang_mao_eq3(r, T, rec["hessian_trace"], sum_eta2_vhat, n, rec.get("hessian_trace_se"), sum_se)
             if eq3 is None:
-                inp.notes.append("trace: Tr H ≤ 0 (or not finite) at the evaluated weights: Wang–Mao Eq. 3 is "
-                                 "undefined there and logged as NaN")
+                tr, tr_se = rec["hessian_trace"], rec.get("hessian_trace_se")
+                est = f"{tr:.3g}" + (f" ± {tr_se:.2g}" if tr_se is not None and math.isfinite(tr_se) else "")
+                inp.notes.append(f"trace: the Hessian trace estimate at the evaluated weights is {est} (≤ 0 or not "
+                                 "finite): Wang–Mao Eq. 3 is undefined there and logged as NaN (within its SE of 0: "
+                                 "more Hutchinson probes, HessianTrace(max_probes=…), or a longer run)")
             else:
                 out.update({"bound/wang_mao_eq3": eq3.value, "bound/wang_mao_eq3_se": eq3.standard_error,
                             "bound_terms/trajectory_factor_wang_mao_eq3": eq3.trajectory_factor,

@@ -35,8 +35,8 @@ bounds and the measured gap are both stated for that ``ℓ``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ class LossContract:
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
-        self._mismatch_said = False
+        self._nan_said: set[str] = set()
         self._mean_checked = False
         """Whether the captured per-sample losses' mean was the returned loss on the trial batch: then
         every later batch's is checked too (NaN losses where it is not)."""
@@ -197,6 +197,12 @@ class LossContract:
                     self._settle_automatic(module, batch, returned, records, rng, loss_coefficients,
                                            combined_per_sample)
                 self._error_record = classification[0] if classification else None
+                if self.per_batch and len(classification) > 1:
+                    # (mixup: one prediction scored against two targets, by weights that change)
+                    self._error_record = None
+                    rank_zero_info("genbounds: training_step scores its predictions against more than one target by "
+                                   "weights that change from batch to batch (mixup?): no per-sample 0-1 error is "
+                                   "taken from it, so the bounds on the 0-1 error are left out.")
                 user_per_sample = None
                 if self.tier in ("per_sample_loss", "loss_fn"):
                     # the same dropout masks as training_step's forward: replay the RNG state
@@ -303,13 +309,24 @@ class LossContract:
                 told = self._sizes_told(module, batch, specs, [r.value.numel() for r in records], rng,
                                         loss_coefficients)
                 varying, specs = told is None, told if told is not None else specs
+            names = ", ".join(sorted({records[k].name for k in used}))
+            if used and varying and loss_coefficients(returned, records, create_graph=True)[0].requires_grad:
+                self._batch_mean_only(
+                    f"training_step weights the captured {names} by values that depend on the model (a focal-style "
+                    "weight?): per-sample losses with those weights held fixed would have other gradients, so only "
+                    "the returned batch-mean loss is used (add `per_sample_loss(self, batch)`)")
+                return
+            try:
+                per_sample = combined_per_sample(records, coefficients, batch_size(batch)) if used else None
+            except ValueError as err:  # (per-element losses changed in place: `l.mul_(w)`)
+                self._batch_mean_only(f"the captured {names} cannot be split by sample ({err}): only the returned "
+                                      "batch-mean loss is used (add `per_sample_loss(self, batch)`)")
+                return
             if used:
                 self.tier = "captured"
                 self.per_sample = True
                 self.per_batch = varying
                 self.coefficients = None if varying else specs
-                per_sample = combined_per_sample(records, coefficients, batch_size(batch))
-                names = ", ".join(sorted({records[k].name for k in used}))
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
                 scale = max(float(returned.detach().double().abs()), 1e-12)
@@ -318,8 +335,7 @@ class LossContract:
                     rank_zero_info(
                         f"genbounds: training_step weights the captured {names} differently from batch to batch "
                         "(per-sample weights or a mask from the batch, mixup's random λ?): each batch's weights are "
-                        "read from its own returned loss (a backward through the loss's arithmetic; an evaluation "
-                        "records the forward's graph for it).")
+                        "read from its own returned loss (a backward through the loss's arithmetic only).")
                 if self._exact:
                     self.reads_training_backward = True
                     self._mean_checked = not varying
@@ -369,69 +385,119 @@ class LossContract:
         return self._training_step_losses(module, batch)[0]
 
     def _training_step_losses(self, module: nn.Module, batch: Any) -> tuple[Tensor, list]:
-        from genbounds.estimators.loss_capture import combined_per_sample
+        from genbounds.estimators.loss_capture import _transform_level
+
+        if not self.stochastic or _transform_level() is not None:
+            return self._losses_of(module, batch)
+        with _replayed_draws(module, batch):
+            return self._losses_of(module, batch)
+
+    def _losses_of(self, module: nn.Module, batch: Any) -> tuple[Tensor, list]:
+        from genbounds.estimators.loss_capture import _transform_level, combined_per_sample
 
         b = batch_size(batch)
         if self.per_batch:
             return self._per_batch_losses(module, batch, b)
-        out, manual, records = _captured_step(module, batch, b)
-        coefficients = _coefficients_for(records, self.coefficients) if self.tier == "captured" else None
-        if coefficients is not None:
-            losses = combined_per_sample(records, coefficients, b)
-            returned = _returned_loss(out, manual) if self._mean_checked else None
-            if isinstance(returned, Tensor) and returned.numel() == 1:
-                # fail closed, on the device: a batch whose per-sample mean is not the loss training_step
-                # returned (a padding mask the trial batch did not have) gives NaN losses, not wrong ones
-                mean = losses.detach().mean().to(torch.float64)
-                ok = torch.isclose(mean, returned.detach().to(torch.float64).reshape(()), rtol=1e-4, atol=1e-6)
-                losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
-                if not self._mismatch_said and not torch.is_grad_enabled() and not bool(ok):
-                    # (a host read in an evaluation's call only, not in a backend's per-step pass,
-                    # and only until said: the cause, before the NaN values' own warnings)
-                    self._mismatch_said = True
-                    rank_zero_warn(
-                        "genbounds: the captured per-sample losses of a batch do not average to the loss "
-                        f"training_step returned ({float(mean):.6g} vs "
-                        f"{float(returned):.6g}): training_step weights them in a way the trial batch did not show "
-                        "(a padding mask it did not need, mixup's random λ?). Those batches' per-sample losses are "
-                        "NaN (never wrong); add `per_sample_loss(self, batch)` to your LightningModule to give them.")
-            return losses, records
-        returned = _returned_loss(out, manual)
-        if returned is None:
-            raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
-        return returned.reshape(1), records
+        with torch.inference_mode(False):  # (an evaluation loop's batch: its own tensors, not inference ones)
+            out, manual, records = _captured_step(module, _outside_inference(batch), b)
+        if self.tier != "captured":
+            returned = _returned_loss(out, manual)
+            if returned is None:
+                raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
+            return returned.reshape(1), records
+        readable = _transform_level() is None  # (where the batch's own weights can be read)
+        coefficients = _coefficients_for(records, self.coefficients)
+        if coefficients is None:
+            # other records than the trial's (a loss called on some batches only: mixup applied
+            # with a probability): this batch's weights, and every later one's, from its own loss
+            if readable:
+                return self._read_per_batch_from_now(module, batch, b, "captures other losses than the trial batch")
+            device = records[0].value.device if records else None
+            return torch.full((b,), math.nan, device=device), records
+        losses = combined_per_sample(records, coefficients, b)
+        returned = _returned_loss(out, manual) if self._mean_checked else None
+        if isinstance(returned, Tensor) and returned.numel() == 1:
+            # fail closed, on the device: a batch whose per-sample mean is not the loss training_step
+            # returned (a padding mask the trial batch did not have) gives NaN losses, not wrong ones
+            mean = losses.detach().mean().to(torch.float64)
+            ok = torch.isclose(mean, returned.detach().to(torch.float64).reshape(()), rtol=1e-4, atol=1e-6)
+            losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
+            if readable and not torch.is_grad_enabled() and not bool(ok):
+                # (a host read in an evaluation's call only, not in a backend's per-step pass: the
+                # weights are then read from each batch's own loss, this one's included)
+                return self._read_per_batch_from_now(
+                    module, batch, b, f"weights its captured losses otherwise than the trial batch (their mean "
+                    f"{float(mean):.6g} against the returned {float(returned):.6g})")
+        return losses, records
+
+    def _read_per_batch_from_now(self, module: nn.Module, batch: Any, b: int, what: str) -> tuple[Tensor, list]:
+        """Switch to reading each batch's weights from its own loss (once, said as an info line),
+        and do so for ``batch``."""
+        self.per_batch = True
+        self._mean_checked = False
+        rank_zero_info(f"genbounds: a batch {what} (a padding mask or a loss the trial batch did not need, mixup "
+                       "applied with a probability?): from now on each batch's weights are read from its own "
+                       "returned loss.")
+        return self._per_batch_losses(module, batch, b)
 
     def _per_batch_losses(self, module: nn.Module, batch: Any, b: int) -> tuple[Tensor, list]:
         """The captured per-sample losses of ``batch`` with the weights its own returned loss gives
         them (``c_k = ∂loss/∂value_k``, :func:`~genbounds.estimators.loss_capture.loss_coefficients`:
-        a backward through the loss's arithmetic, not the model). An evaluation under ``no_grad``
-        or inference mode records the forward's graph for it; the losses come back detached there.
-        Where the trial's losses explained its whole loss, a batch whose do not (a term it did not
-        have) gives NaN losses, checked on the device."""
+        a backward through the loss's arithmetic, not the model). Under ``no_grad`` or inference
+        mode (an evaluation) the parameters are set not to require gradient for the call, so only
+        that arithmetic is recorded, and the losses come back detached. NaN losses (never wrong
+        ones): inside a ``torch.func`` transform (no backward can be taken there), where the
+        per-element losses were changed in place, where the weights depend on the model (a
+        focal-style weight: its gradient would be lost; checked where gradients are asked for),
+        and — where the trial's losses explained its whole loss — where a batch's do not (a term
+        the trial batch did not have), checked on the device."""
         from genbounds.estimators.loss_capture import _transform_level, combined_per_sample, loss_coefficients
 
-        if _transform_level() is not None:
-            raise RuntimeError("genbounds: the captured losses' weights change from batch to batch and cannot be "
-                               "read inside a torch.func transform; add `per_sample_loss(self, batch)` to the "
-                               "LightningModule")
         grad = torch.is_grad_enabled()
-        with torch.inference_mode(False), torch.enable_grad():
+        if _transform_level() is not None:
+            self._say_nan("in-transform", "the captured losses' weights change from batch to batch and cannot be read "
+                          "inside a torch.func transform (a probe's draws_per_pass > 1, hvp_method='forward')")
+            return torch.full((b,), math.nan), []
+        with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
+            if not grad:
+                stack.enter_context(_parameters_without_grad(module))
             batch = _outside_inference(batch)
             out, manual, records = _captured_step(module, batch, b, leaves=True)
             returned = _returned_loss(out, manual)
             if returned is None:
                 raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
+            nan = torch.full((b,), math.nan, dtype=torch.promote_types(returned.dtype, torch.float32),
+                             device=returned.device)
             if not records or not returned.requires_grad:
-                losses = torch.full((b,), math.nan, dtype=torch.promote_types(returned.dtype, torch.float32),
-                                    device=returned.device)
-            else:
-                coefficients, remainder = loss_coefficients(returned, records)
+                return nan, records
+            coefficients, remainder = loss_coefficients(returned, records, create_graph=grad)
+            if coefficients.requires_grad:
+                self._say_nan("model-weights", "training_step weights its captured losses by values that depend on "
+                              "the model (a focal-style weight?): their gradients would miss that dependence")
+                return nan, records
+            remainder = remainder.detach()
+            try:
                 losses = combined_per_sample(records, coefficients, b)
-                if self._exact:
-                    rest = remainder.detach().to(torch.float64).abs()
-                    ok = rest <= 1e-5 * returned.detach().to(torch.float64).abs() + 1e-7
-                    losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
+            except ValueError as err:  # (per-element losses changed in place)
+                self._say_nan("in-place", str(err))
+                return nan, records
+            if self._exact:
+                rest = remainder.detach().to(torch.float64).abs()
+                ok = rest <= 1e-5 * returned.detach().to(torch.float64).abs() + 1e-7
+                losses = torch.where(ok, losses, nan.to(losses.dtype))
+                if not grad and "remainder" not in self._nan_said and not bool(ok):
+                    # (a host read in an evaluation's call only, and only until said)
+                    self._say_nan("remainder", f"a batch's loss holds a term beyond its captured losses (of "
+                                  f"{float(returned):.6g}, {float(remainder):.6g} unexplained), which the trial "
+                                  "batch's did not")
         return (losses if grad else losses.detach()), records
+
+    def _say_nan(self, kind: str, why: str) -> None:
+        """Once per kind: why some batches' per-sample losses are NaN."""
+        if kind not in self._nan_said:
+            self._nan_said.add(kind)
+            rank_zero_warn(f"genbounds: {why}: those per-sample losses are NaN (never wrong); add "
+                           "`per_sample_loss(self, batch)` to your LightningModule to give them.")
 
     def losses_and_errors(self, module: nn.Module, batch: Any) -> Tensor:
         """``[2, b]``: the per-sample losses and 0-1 errors of ``batch`` (one forward when both
@@ -440,6 +506,10 @@ class LossContract:
             from genbounds.estimators.classification_error import per_sample_error
 
             losses, records = self._training_step_losses(module, batch)
+            classification = [r for r in records if r.name in CLASSIFICATION_LOSSES]
+            if self._error_record >= len(records) or (self.per_batch and len(classification) > 1):
+                # (a batch whose records are not the trial's: mixup applied with a probability)
+                return torch.stack([losses, torch.full_like(losses, math.nan)])
             errors = per_sample_error(records[self._error_record], batch_size(batch))
             return torch.stack([losses, errors.to(losses.dtype)])
         both = getattr(module, "per_sample_loss_and_error", None)
@@ -584,11 +654,58 @@ def _host_rng_states() -> tuple:
     return random.getstate(), (kind, keys.tobytes(), pos, has_gauss, cached)
 
 
+@contextmanager
+def _replayed_draws(module: nn.Module, batch: Any) -> Iterator[None]:
+    """The step's random draws (dropout masks under ``probe_mode="train"``, mixup's λ and
+    permutation) the same for every call on one batch at one training step — a probe that
+    evaluates a batch at several weights (flatness, sensitivity, Hessian-vector products) compares
+    them with common random numbers, whose differences are unbiased and far less noisy — and new
+    at every step and for every other batch (keyed by the batch's first tensor and the step).
+    The global streams are forked around it: training draws what it would without it."""
+    import random
+    import zlib
+
+    import numpy as np
+
+    from genbounds.callbacks.isolation import _forked_host_rngs, _rng_devices
+    from genbounds.estimators.batching import map_tensors
+
+    tensors: list[Tensor] = []
+    map_tensors(batch, lambda t: tensors.append(t) or t)
+    trainer = getattr(module, "_trainer", None)
+    key = (int(getattr(trainer, "global_step", 0) or 0),
+           *((tensors[0].data_ptr(), tuple(tensors[0].shape)) if tensors else ()))
+    seed = zlib.crc32(repr(key).encode())
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
+        torch.random.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        yield
+
+
+@contextmanager
+def _parameters_without_grad(module: nn.Module) -> Iterator[None]:
+    """The module's parameters set not to require gradient for the block (then restored): a call
+    under recorded gradients records only what follows its loss values (made leaves)."""
+    flipped = [p for p in module.parameters() if p.requires_grad]
+    for p in flipped:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in flipped:
+            p.requires_grad_(True)
+
+
 def _outside_inference(batch: Any) -> Any:
     """``batch`` with its inference-mode tensors cloned (autograd cannot record them)."""
-    from torch.utils._pytree import tree_map
+    from genbounds.estimators.batching import map_tensors
 
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) and t.is_inference() else t, batch)
+    return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
 
 
 def _captured_step(module: nn.Module, batch: Any, b: int, leaves: bool = False) -> tuple[Any, MutedStep, list]:

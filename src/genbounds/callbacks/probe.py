@@ -188,6 +188,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.contract.resolve(trainer, pl_module, trial)
         self.train_probe = screen_probe_set(trainer, pl_module, self.train_probe, "training probe set", self.contract,
                                             self.probe_mode)
+        drawn = self.heldout_probe is not None
         self.heldout_probe = screen_probe_set(trainer, pl_module, self.heldout_probe, "held-out probe set", self.contract,
                                               self.probe_mode)
         if self.needs_train_probe:
@@ -198,6 +199,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 message = f"{self.owner}: no validation dataloader, so the held-out quantities are disabled."
                 if self.heldout_required:
                     message = f"{self.owner}: needs held-out data, but there is no validation dataloader; it is disabled."
+                if drawn:  # (there is one: screen_probe_set left out every sample it gave)
+                    message = (f"{self.owner}: every sample of the held-out probe set was left out (NaN/inf values or "
+                               "losses), so the held-out quantities are disabled.")
                 rank_zero_warn(message)
             else:
                 warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set")

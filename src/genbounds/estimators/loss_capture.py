@@ -146,6 +146,9 @@ class CapturedLoss:
     _elements_version: int = field(default=0, repr=False)
     _edge: GradientEdge | None = field(default=None, repr=False)
     _groups: int = field(default=1, repr=False)
+    _leaf: bool = field(default=False, repr=False)
+    """Whether the value reached the step as a leaf made by ``LossCapture(leaves=True)`` (it had
+    no graph of its own: a loss computed for logging on detached tensors, too)."""
     arguments: dict[str, Any] = field(default_factory=dict, repr=False)
     """The call's arguments by name as the user passed them (``input``, ``target``,
     ``ignore_index``, …), e.g. to score the predictions behind a classification loss."""
@@ -476,9 +479,10 @@ class LossCapture(TorchFunctionMode):
                 )
             return func(*args, **kwargs)
         value = func(*args, **kwargs)  # exactly the user's call
-        if self.leaves and isinstance(value, Tensor) and not value.requires_grad and value.is_floating_point() \
-                and torch.is_grad_enabled():
-            value = value.detach().requires_grad_(True)
+        leaf = self.leaves and isinstance(value, Tensor) and not value.requires_grad and value.is_floating_point() \
+            and torch.is_grad_enabled()
+        if leaf:  # (a clone of the leaf: the step may change it in place, as it may its own loss)
+            value = value.detach().requires_grad_(True).clone()
         try:
             record = self._record(spec, func, args, kwargs, value)
         except _Unsupported as err:
@@ -491,6 +495,7 @@ class LossCapture(TorchFunctionMode):
             warnings.warn(f"LossCapture could not record a call of {spec.name}: {err}", stacklevel=3)
             return value
         if record is not None:
+            record._leaf = leaf
             self.records.append(record)
         return value
 
@@ -551,7 +556,7 @@ class LossCapture(TorchFunctionMode):
             tuple(t._base.shape) if t._base is not None else None for t in tensors[:3]
         )
         layout, assumed, groups = _layout(tuple(elements.shape), self.batch_size, base_shapes)
-        has_graph = value.requires_grad  # (a leaf too: ``leaves``)
+        has_graph = value.grad_fn is not None
         return CapturedLoss(
             name=spec.name,
             value=value,
@@ -593,7 +598,8 @@ class LossCapture(TorchFunctionMode):
 # ---------------------------------------------------------------------------------------------
 
 
-def loss_coefficients(loss: Tensor, records: Sequence[CapturedLoss]) -> tuple[Tensor, Tensor]:
+def loss_coefficients(loss: Tensor, records: Sequence[CapturedLoss], create_graph: bool = False
+                      ) -> tuple[Tensor, Tensor]:
     """``(c, r)``: how the training ``loss`` depends on the captured loss values.
 
     ``c_k = ∂loss/∂value_k`` by one ``torch.autograd.grad`` to the values' graph edges
@@ -614,6 +620,11 @@ def loss_coefficients(loss: Tensor, records: Sequence[CapturedLoss]) -> tuple[Te
     A value modified in place after the call (``loss = F.mse_loss(…); loss += reg``) is handled:
     the derivative is taken at the call's output edge, and ``value_k`` is reconstructed from the
     per-element losses (``CapturedLoss.reduced``).
+
+    ``create_graph=True``: ``c`` keeps its own graph where it depends on tensors that require
+    gradient (``c.requires_grad``: weights that depend on the model, e.g. a focal-style
+    ``(1 − p)^γ``, whose gradient per-sample losses with a constant ``c`` would miss); the caller
+    detaches it.
     """
     if not loss.requires_grad:
         raise ValueError("loss_coefficients needs a loss with an autograd graph")
@@ -622,7 +633,7 @@ def loss_coefficients(loss: Tensor, records: Sequence[CapturedLoss]) -> tuple[Te
     grads: dict[int, Tensor | None] = {}
     if live:
         got = torch.autograd.grad(
-            loss, [records[k]._edge for k in live], retain_graph=True, allow_unused=True
+            loss, [records[k]._edge for k in live], retain_graph=True, allow_unused=True, create_graph=create_graph
         )
         grads = dict(zip(live, got))
     coefficients: list[Tensor] = []
@@ -632,7 +643,7 @@ def loss_coefficients(loss: Tensor, records: Sequence[CapturedLoss]) -> tuple[Te
         if g is None:
             coefficients.append(torch.zeros(r.value.numel(), dtype=dtype, device=loss.device))
             continue
-        g = g.detach().to(dtype)
+        g = g.to(dtype) if create_graph else g.detach().to(dtype)
         coefficients.append(g.reshape(-1))
         value = r.value if r.value._version == r._value_version else r.reduced()
         explained = explained + (g * value.to(dtype)).sum()
@@ -679,7 +690,7 @@ def combined_per_sample(
             term = r.per_sample(b) * (c[0] * b)
         else:
             term = r.per_sample(b) * c[0]
-        if r._edge is None:  # no graph: 0 (not 0·NaN) unless its coefficient says it is used
+        if r._edge is None or r._leaf:  # no graph of its own: 0 (not 0·NaN) unless its coefficient says it is used
             term = torch.where((c != 0).any(), term, torch.zeros_like(term))
         total = term if total is None else total + term
     if total is None:
