@@ -220,3 +220,44 @@ def test_a_large_nested_lookup_does_not_starve_a_small_cache():
     with kept_user_state(m):
         m.cache["step"] = 1
     assert m.cache == {}
+
+
+class PrivateNoise(pl.LightningModule):
+    """Input noise drawn from generators the module keeps (``self.gen``, NumPy's and Python's):
+    a probe that calls the step advanced them, and the run's later noise shifted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import random
+
+        import numpy as np
+
+        self.net = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.gen = torch.Generator().manual_seed(7)
+        self.np_gen = np.random.default_rng(7)
+        self.legacy = np.random.RandomState(7)
+        self.py_gen = random.Random(7)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        x = x.flatten(1) + 0.1 * torch.randn(x.shape[0], 64, generator=self.gen)
+        scale = float(self.np_gen.uniform(0.9, 1.1) * self.legacy.uniform(0.9, 1.1) * self.py_gen.uniform(0.9, 1.1))
+        return F.cross_entropy(self.net(scale * x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def test_generators_the_module_keeps_are_restored_after_a_probe(tmp_path):
+    """Same seed, same weights with and without the suite when the step draws from the module's
+    own generators (they are restored like its other state)."""
+    from genbounds.data import DigitsDataModule
+
+    weights = []
+    for callbacks in ([], bound_suite()):
+        pl.seed_everything(0, verbose=False)
+        module = PrivateNoise()
+        trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=6, limit_val_batches=2).fit(
+            module, DigitsDataModule(batch_size=64, seed=0))
+        weights.append([p.detach().clone() for p in module.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))

@@ -22,9 +22,13 @@ metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step`
   copied back when their version moved. A larger one changed in place is reported (one warning
   per attribute): copying it on every probe would cost what the probe costs.
 
+* random generators the module keeps (``torch.Generator``, NumPy's ``Generator`` and
+  ``RandomState``, ``random.Random``; noise or augmentation drawn from ``self.gen``): their
+  states, so a probe's draws do not shift the run's.
+
 Not restored: the internal state of other objects the module refers to (a custom tracker's
-``update``, a private ``torch.Generator``, a file written), and tensors inside containers changed
-in place. Buffers, parameters, modes and the RNG are the isolation's.
+``update``, a file written), and tensors inside containers changed in place. Buffers,
+parameters, modes and the global random streams are the isolation's.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class _Saved:
     """One value and what restores it: the old contents of a container (recursively), or a copy
     of a small tensor with its version."""
 
-    __slots__ = ("value", "items", "version", "copy", "length")
+    __slots__ = ("value", "items", "version", "copy", "length", "rng")
 
     def __init__(self, value: Any, depth: int, budget: list[int]) -> None:
         self.value = value
@@ -83,6 +87,7 @@ class _Saved:
         self.version = -1
         self.copy: Tensor | None = None
         self.length = -1
+        self.rng = _rng_state(value)
         if depth <= 0:
             return
         if isinstance(value, (list, deque, dict, set, bytearray, tuple)):
@@ -111,6 +116,9 @@ class _Saved:
 
     def restore(self, name: str, key: str) -> None:
         v = self.value
+        if self.rng is not None:
+            _set_rng_state(v, self.rng)
+            return
         if self.length >= 0:
             if isinstance(v, list) and len(v) > self.length:
                 del v[self.length:]
@@ -145,6 +153,39 @@ class _Saved:
                 _report(key, f"training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
                         "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
                         f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
+
+
+def _rng_state(value: Any) -> Any:
+    """The state of a random generator the module keeps (``torch.Generator``, NumPy's
+    ``Generator`` and ``RandomState``, Python's ``random.Random``), else ``None``."""
+    import random
+
+    if isinstance(value, torch.Generator):
+        return value.get_state()
+    if isinstance(value, random.Random):
+        return value.getstate()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy comes with torch
+        return None
+    if isinstance(value, np.random.Generator):
+        return value.bit_generator.state
+    if isinstance(value, np.random.RandomState):
+        return value.get_state()
+    return None
+
+
+def _set_rng_state(value: Any, state: Any) -> None:
+    import random
+
+    if isinstance(value, torch.Generator):
+        value.set_state(state)
+    elif isinstance(value, random.Random):
+        value.setstate(state)
+    elif hasattr(value, "bit_generator"):
+        value.bit_generator.state = state
+    else:
+        value.set_state(state)
 
 
 def _report(key: str, message: str) -> None:
