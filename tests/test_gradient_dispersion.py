@@ -738,3 +738,63 @@ def test_a_weight_tied_by_f_linear_is_named_as_a_cause(tmp_path):
     with pytest.warns(UserWarning, match=r"an output projection tied by F\.linear\?"):
         trainer(tmp_path, [cb], max_steps=2).fit(_TiedHead(), DataLoader(data, batch_size=8))
     assert cb.active_backend != "hooks" and cb.measured_steps == 2
+
+
+class _TwoBackwards(pl.LightningModule):
+    """Manual optimization with two losses, each given to its own ``manual_backward`` (on one
+    batch; from ``second_from`` on, the second one only)."""
+
+    def __init__(self, second_from: int = 0) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.second_from = second_from
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        opt.zero_grad()
+        out = self.net(x)
+        two = self.trainer.global_step >= self.second_from and not self.trainer.sanity_checking
+        self.manual_backward(F.cross_entropy(out, y), retain_graph=two)
+        if two:
+            self.manual_backward(0.5 * F.mse_loss(out, torch.zeros_like(out)))
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _two_backwards_truth(module, x, y):
+    out = module.net(x)
+    losses = F.cross_entropy(out, y, reduction="none") + 0.5 * F.mse_loss(out, torch.zeros_like(out),
+                                                                           reduction="none").mean(1)
+    g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+        losses[i], list(module.parameters()), retain_graph=True)]) for i in range(len(x))]).double()
+    return float(((g - g.mean(0)) ** 2).sum() / (len(x) - 1))
+
+
+@pytest.mark.parametrize("second_from", [0, 2])
+def test_two_manual_backwards_on_one_batch_are_measured_as_one_gradient(tmp_path, second_from):
+    """Two ``manual_backward`` calls on one batch: the step's gradient is their sum, whose
+    per-sample norms the backward's rows of each call cannot give (‖a‖² + ‖b‖² ≠ ‖a + b‖²; the
+    hooks had read the first call's rows alone against the whole ``.grad``, 5.69 for 6.13,
+    silently). Seen by the trial: an extra pass from step 0. Seen only later: that step is not
+    measured, one warning, and the extra pass measures the next ones. Every value measured equals
+    autograd's sample by sample."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+    module = _TwoBackwards(second_from)
+    cb = GradientDispersion()
+    records = []
+    cb.add_listener(records.extend)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb], max_steps=4).fit(module, TensorData(x, y, 8))
+    said = [str(w.message) for w in caught if "manual_backward more than once" in str(w.message)]
+    assert cb.active_backend == "functorch" and len(said) == (1 if second_from else 0)
+    assert [r.step for r in records] == ([0, 1, 3] if second_from else [0, 1, 2, 3])
+    truth = _two_backwards_truth(module, x, y)
+    for r in records[-1:] if second_from else records:
+        assert r.values["grad/trace_cov"] == pytest.approx(truth, rel=1e-5)

@@ -225,6 +225,13 @@ class LossContract:
             elif not self.reads_training_backward:
                 _agrees(returned, user_per_sample, self.notes, "the per-sample losses")
         self.errors_available = callable(getattr(module, "per_sample_error", None)) or self._error_record is not None
+        if self.reads_training_backward and len(manual.manual_losses) > 1:
+            # (each backward's rows are read apart: ‖a‖² + ‖b‖² where the step's gradient is ‖a + b‖²)
+            self.reads_training_backward = False
+            self.notes.append(
+                f"training_step calls manual_backward {len(manual.manual_losses)} times on one batch: the per-sample "
+                "rows of separate backward passes cannot be added up per sample, so the dispersion is taken by an "
+                "extra pass on the per-sample losses (their sum)")
         if self.per_sample and not has_train_batchnorm(module):
             # (train-mode BatchNorm couples the samples too; it has estimators of its own)
             try:
