@@ -1306,8 +1306,11 @@ class _MixupSometimes(_Mixup):
     the trial batch captures one loss, a later batch two."""
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        import numpy as np
+
         x, y = batch
-        if not _MIX_ON[0]:
+        coin = np.random.rand()  # (a coin that lands "mix" once switched on)
+        if not (_MIX_ON[0] and coin < 2.0):
             return F.cross_entropy(self.net(x), y)
         return super().training_step(batch, batch_idx)
 
@@ -1316,7 +1319,9 @@ def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, capl
     """A batch that captures other losses than the trial batch (mixup applied with a probability)
     gets its weights from its own loss, and so does every later one, said once as an info line
     (before: a one-element batch-mean where per-sample losses were due, which stopped the gap's
-    evaluation); a batch scoring one prediction against two targets has no 0-1 error (NaN)."""
+    evaluation), the step run again with the same draws; a batch scoring one prediction against two
+    targets turns the 0-1 errors off for every later batch (NaN, said once: the batches that
+    happened not to mix would otherwise stand for all)."""
     import logging
 
     from torch.utils.data import DataLoader, TensorDataset
@@ -1333,7 +1338,8 @@ def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, capl
     _DRAWN.clear()
     _MIX_ON[0] = True
     batch = data[3:8]
-    with torch.no_grad(), caplog.at_level(logging.INFO):
+    with torch.no_grad(), caplog.at_level(logging.INFO), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         try:
             got = contract.losses_and_errors(module, batch)
         finally:
@@ -1346,7 +1352,9 @@ def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, capl
         plain = contract.losses_and_errors(module, data[8:16])
     assert got.shape == (2, 5) and torch.allclose(got[0].float(), want, rtol=1e-5, atol=1e-7)
     assert torch.isnan(got[1]).all() and contract.per_batch
-    assert torch.isfinite(plain).all()  # (a batch of one record, read per batch too)
+    assert _DRAWN[-2][0] == lam and torch.equal(_DRAWN[-2][1], perm)  # (the switch's second run: the same draws)
+    assert torch.isfinite(plain[0]).all() and torch.isnan(plain[1]).all()  # (read per batch; no errors now)
+    assert sum("no per-sample 0-1 error is taken from now on" in str(w.message) for w in caught) == 1
     said = [r.getMessage() for r in caplog.records if "captures other losses than the trial batch" in r.getMessage()]
     assert len(said) == 1
 

@@ -35,6 +35,8 @@ bounds and the measured gap are both stated for that ``ℓ``.
 from __future__ import annotations
 
 import math
+import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -91,6 +93,12 @@ class LossContract:
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._nan_said: set[str] = set()
+        self._draw_step = -1
+        self._draw_count = 0
+        self._draw_batches: dict[int, tuple[Callable[[], Any], int]] = {}
+        self._errors_off = False
+        """Whether a batch scored one prediction against several targets by weights read per batch
+        (mixup seen after the trial): no 0-1 error from then on, for any batch."""
         self._mean_checked = False
         """Whether the captured per-sample losses' mean was the returned loss on the trial batch: then
         every later batch's is checked too (NaN losses where it is not)."""
@@ -396,10 +404,32 @@ class LossContract:
 
         if not self.stochastic or _transform_level() is not None:
             return self._losses_of(module, batch)
-        with _replayed_draws(module, batch):
-            return self._losses_of(module, batch)
+        with _replayed_draws(module, self._draw_seed(module, batch)) as reseed:
+            return self._losses_of(module, batch, reseed)
 
-    def _losses_of(self, module: nn.Module, batch: Any) -> tuple[Tensor, list]:
+    def _draw_seed(self, module: nn.Module, batch: Any) -> int:
+        """The seed of a random step's draws on ``batch`` (:func:`_replayed_draws`): one per
+        distinct batch object and training step, numbered in the order the batches are first seen
+        at the step (the same in every run of one seed; a batch freed and another made at its
+        address is another batch)."""
+        from genbounds.estimators.batching import map_tensors
+
+        trainer = getattr(module, "_trainer", None)
+        step = int(getattr(trainer, "global_step", 0) or 0)
+        if step != self._draw_step:
+            self._draw_step, self._draw_batches, self._draw_count = step, {}, 0
+        tensors: list[Tensor] = []
+        map_tensors(batch, lambda t: tensors.append(t) or t)
+        first = tensors[0] if tensors else None
+        entry = self._draw_batches.get(id(first))
+        if entry is None or entry[0]() is not first:  # (a new batch, maybe at a freed one's address)
+            self._draw_count += 1
+            entry = (weakref.ref(first) if first is not None else (lambda: None), self._draw_count)
+            self._draw_batches[id(first)] = entry
+        return zlib.crc32(repr((step, entry[1])).encode())
+
+    def _losses_of(self, module: nn.Module, batch: Any, reseed: Callable[[], None] | None = None
+                   ) -> tuple[Tensor, list]:
         from genbounds.estimators.loss_capture import _transform_level, combined_per_sample
 
         b = batch_size(batch)
@@ -418,7 +448,8 @@ class LossContract:
             # other records than the trial's (a loss called on some batches only: mixup applied
             # with a probability): this batch's weights, and every later one's, from its own loss
             if readable:
-                return self._read_per_batch_from_now(module, batch, b, "captures other losses than the trial batch")
+                return self._read_per_batch_from_now(module, batch, b, "captures other losses than the trial batch",
+                                                     reseed)
             device = records[0].value.device if records else None
             return torch.full((b,), math.nan, device=device), records
         losses = combined_per_sample(records, coefficients, b)
@@ -434,12 +465,15 @@ class LossContract:
                 # weights are then read from each batch's own loss, this one's included)
                 return self._read_per_batch_from_now(
                     module, batch, b, f"weights its captured losses otherwise than the trial batch (their mean "
-                    f"{float(mean):.6g} against the returned {float(returned):.6g})")
+                    f"{float(mean):.6g} against the returned {float(returned):.6g})", reseed)
         return losses, records
 
-    def _read_per_batch_from_now(self, module: nn.Module, batch: Any, b: int, what: str) -> tuple[Tensor, list]:
+    def _read_per_batch_from_now(self, module: nn.Module, batch: Any, b: int, what: str,
+                                 reseed: Callable[[], None] | None) -> tuple[Tensor, list]:
         """Switch to reading each batch's weights from its own loss (once, said as an info line),
-        and do so for ``batch``."""
+        and do so for ``batch`` (its step run again with the same draws: ``reseed``)."""
+        if reseed is not None:
+            reseed()
         self.per_batch = True
         self._mean_checked = False
         rank_zero_info(f"genbounds: a batch {what} (a padding mask or a loss the trial batch did not need, mixup "
@@ -513,9 +547,7 @@ class LossContract:
             from genbounds.estimators.classification_error import per_sample_error
 
             losses, records = self._training_step_losses(module, batch)
-            classification = [r for r in records if r.name in CLASSIFICATION_LOSSES]
-            if self._error_record >= len(records) or (self.per_batch and len(classification) > 1):
-                # (a batch whose records are not the trial's: mixup applied with a probability)
+            if self._no_errors_in(records):
                 return torch.stack([losses, torch.full_like(losses, math.nan)])
             errors = per_sample_error(records[self._error_record], batch_size(batch))
             return torch.stack([losses, errors.to(losses.dtype)])
@@ -538,10 +570,24 @@ class LossContract:
         from genbounds.estimators.classification_error import per_sample_error
 
         b = batch_size(batch)
-        _, records = self._training_step_losses(module, batch)
-        if self._error_record >= len(records):
-            return None
+        losses, records = self._training_step_losses(module, batch)
+        if self._no_errors_in(records):
+            return torch.full_like(losses, math.nan)
         return per_sample_error(records[self._error_record], b)
+
+    def _no_errors_in(self, records: list) -> bool:
+        """Whether a batch's records give no 0-1 error: its records are not the trial's, or it
+        scores one prediction against several targets by weights read per batch (mixup seen after
+        the trial). The second turns the errors off for the rest of the run, every batch's: errors
+        of the batches that happened not to mix would stand for all (said once)."""
+        assert self._error_record is not None
+        several = self.per_batch and sum(r.name in CLASSIFICATION_LOSSES for r in records) > 1
+        if several and not self._errors_off:
+            self._errors_off = True
+            rank_zero_warn("genbounds: a batch's training_step scores its predictions against more than one "
+                           "target by weights that change from batch to batch (mixup, applied to some batches?): no "
+                           "per-sample 0-1 error is taken from now on, and the 0-1 error bounds are NaN.")
+        return self._errors_off or self._error_record >= len(records)
 
 
 class _UserLoss:
@@ -662,36 +708,33 @@ def _host_rng_states() -> tuple:
 
 
 @contextmanager
-def _replayed_draws(module: nn.Module, batch: Any) -> Iterator[None]:
+def _replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]]:
     """The step's random draws (dropout masks under ``probe_mode="train"``, mixup's λ and
-    permutation) the same for every call on one batch at one training step — a probe that
-    evaluates a batch at several weights (flatness, sensitivity, Hessian-vector products) compares
-    them with common random numbers, whose differences are unbiased and far less noisy — and new
-    at every step and for every other batch (keyed by the batch's first tensor and the step).
-    The global streams are forked around it: training draws what it would without it."""
+    permutation) from ``seed``: the same for every call on one batch at one training step — a probe
+    that evaluates a batch at several weights (flatness, sensitivity, Hessian-vector products)
+    compares them with common random numbers, whose differences are unbiased and far less noisy —
+    and new at every step and for every other batch (:meth:`LossContract._draw_seed`). The global
+    streams are forked around it: training draws what it would without it. Yields a function that
+    seeds them again (a call that runs the step twice draws the same both times)."""
     import random
-    import zlib
 
     import numpy as np
 
     from genbounds.callbacks.isolation import _forked_host_rngs, _rng_devices
-    from genbounds.estimators.batching import map_tensors
 
-    tensors: list[Tensor] = []
-    map_tensors(batch, lambda t: tensors.append(t) or t)
-    trainer = getattr(module, "_trainer", None)
-    key = (int(getattr(trainer, "global_step", 0) or 0),
-           *((tensors[0].data_ptr(), tuple(tensors[0].shape)) if tensors else ()))
-    seed = zlib.crc32(repr(key).encode())
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
+
+    def reseed() -> None:
         torch.random.default_generator.manual_seed(seed)
         if device.type == "cuda":
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
-        yield
+
+    with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
+        reseed()
+        yield reseed
 
 
 @contextmanager
