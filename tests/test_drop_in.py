@@ -1426,5 +1426,11 @@ def test_a_random_step_draws_the_same_on_one_batch_within_a_step(tmp_path):
             module._trainer = attached
     assert torch.equal(first, again) and _DRAWN[0][0] == _DRAWN[1][0]
     assert not torch.equal(first, other) and not torch.equal(first, later) and _DRAWN[3][0] != _DRAWN[0][0]
+    lams = []
+    for _ in range(8):  # (copies freed after each call: new batches at reused addresses)
+        with torch.no_grad():
+            contract(module, tuple(t.clone() for t in a))
+        lams.append(_DRAWN[-1][0])
+    assert len(set(lams)) == 8  # (the table's numbering once collided: one λ for four batches)
     assert torch.equal(streams[0], torch.get_rng_state()) and streams[1] == random.getstate()
     assert np.array_equal(streams[2], np.random.get_state()[1])
