@@ -1211,6 +1211,7 @@ class _Reweighted(pl.LightningModule):
         super().__init__()
         self.how = how
         self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+        self.s = torch.nn.Parameter(torch.tensor(0.3))
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
@@ -1224,6 +1225,8 @@ class _Reweighted(pl.LightningModule):
             loss *= lam
             loss += (1 - lam) * F.cross_entropy(out, y[perm])
             return loss
+        if self.how == "learned_weight":  # (a learned task weight, as in uncertainty weighting)
+            return torch.exp(-self.s) * F.cross_entropy(out, y) + self.s
         e = F.cross_entropy(out, y, reduction="none")
         if self.how == "weights_in_place":
             w = 0.5 + (y.float() / 4)
@@ -1235,14 +1238,15 @@ class _Reweighted(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-@pytest.mark.parametrize("how", ["mixup_in_place", "weights_in_place", "focal"])
+@pytest.mark.parametrize("how", ["mixup_in_place", "weights_in_place", "focal", "learned_weight"])
 def test_per_batch_weights_refused_or_read_without_crashing(tmp_path, how):
     """A loss value the step changes in place reaches it as an ordinary tensor even where the
     per-batch read made it a leaf (``loss *= λ`` had raised "a leaf Variable that requires grad is
     being used in an in-place operation"), and its per-sample losses are mixup's; element-wise
     weights applied in place, and weights that depend on the model, fall back to the returned
     batch-mean loss before step 0, with the reason (the first had stopped the trial, the second
-    would have given gradients without the weights' own)."""
+    would have given gradients without the weights' own) — a learned weight the same for every
+    sample too (it was held at its trial value, its gradient lost)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from genbounds.callbacks.loss_contract import LossContract
@@ -1251,6 +1255,8 @@ def test_per_batch_weights_refused_or_read_without_crashing(tmp_path, how):
     data = TensorDataset(torch.randn(20, 6, generator=g), torch.randint(0, 4, (20,), generator=g))
     pl.seed_everything(0, verbose=False)
     module = _Reweighted(how)
+    if how != "learned_weight":
+        module.s.requires_grad_(False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
@@ -1434,3 +1440,61 @@ def test_a_random_step_draws_the_same_on_one_batch_within_a_step(tmp_path):
     assert len(set(lams)) == 8  # (the table's numbering once collided: one λ for four batches)
     assert torch.equal(streams[0], torch.get_rng_state()) and streams[1] == random.getstate()
     assert np.array_equal(streams[2], np.random.get_state()[1])
+
+
+class _PenalizedAndWeighted(pl.LightningModule):
+    """Per-sample weights from the batch and a gradient-norm penalty: the step differentiates with
+    respect to its own weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 4)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        data = ((1 + x[:, 0].abs()) * F.cross_entropy(self.lin(x), y, reduction="none")).mean()
+        (g,) = torch.autograd.grad(data, self.lin.weight, create_graph=True)
+        return data + 0.01 * g.pow(2).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _TwoHeads(pl.LightningModule):
+    """A two-task model with per-sample weights: two classification losses, two predictions."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(6, 4), torch.nn.Linear(6, 2)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch
+        w = 1 + x[:, 0].abs()
+        return ((F.cross_entropy(self.a(x), y, reduction="none") + F.cross_entropy(self.b(x), y % 2,
+                                                                                   reduction="none")) * w).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_per_batch_reads_of_steps_that_differentiate_or_have_two_heads(tmp_path):
+    """A step that differentiates with respect to its own weights (a gradient penalty) is read
+    per batch under ``no_grad`` with its forward recorded (setting the weights not to require
+    gradient had raised); a two-headed model's losses score two predictions, so its 0-1 errors
+    stay (they had been turned off as mixup's)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
+    for make in (_PenalizedAndWeighted, _TwoHeads):
+        pl.seed_everything(0, verbose=False)
+        module = make()
+        trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+        contract = LossContract.shared(module)
+        assert contract.per_batch
+        with torch.no_grad():
+            got = contract.losses_and_errors(module, data[0:8])
+        assert torch.isfinite(got[0]).all() and all(p.requires_grad for p in module.parameters())
+        assert contract.errors_available and torch.isfinite(got[1]).all()

@@ -775,18 +775,19 @@ def _two_backwards_truth(module, x, y):
     return float(((g - g.mean(0)) ** 2).sum() / (len(x) - 1))
 
 
-@pytest.mark.parametrize("second_from", [0, 2])
-def test_two_manual_backwards_on_one_batch_are_measured_as_one_gradient(tmp_path, second_from):
+@pytest.mark.parametrize("second_from,backend", [(0, "auto"), (2, "auto"), (2, "functorch")])
+def test_two_manual_backwards_on_one_batch_are_measured_as_one_gradient(tmp_path, second_from, backend):
     """Two ``manual_backward`` calls on one batch: the step's gradient is their sum, whose
     per-sample norms the backward's rows of each call cannot give (‖a‖² + ‖b‖² ≠ ‖a + b‖²; the
     hooks had read the first call's rows alone against the whole ``.grad``, 5.69 for 6.13,
     silently). Seen by the trial: an extra pass from step 0. Seen only later: that step is not
-    measured, one warning, and the extra pass measures the next ones. Every value measured equals
-    autograd's sample by sample."""
+    measured, one warning, and the extra pass measures the next ones (centred on its own mean: an
+    extra pass centred on ``.grad`` had dropped every later step, silently). Every value measured
+    equals autograd's sample by sample."""
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
     module = _TwoBackwards(second_from)
-    cb = GradientDispersion()
+    cb = GradientDispersion(backend=backend)
     records = []
     cb.add_listener(records.extend)
     with warnings.catch_warnings(record=True) as caught:

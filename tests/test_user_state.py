@@ -261,3 +261,27 @@ def test_generators_the_module_keeps_are_restored_after_a_probe(tmp_path):
             module, DigitsDataModule(batch_size=64, seed=0))
         weights.append([p.detach().clone() for p in module.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*weights))
+
+
+def test_generators_the_module_keeps_make_its_step_random_and_seeded_per_batch(tmp_path):
+    """Noise from the module's own generators makes the step random for the loss contract: two
+    different batches (and two chunks of one) draw different noise at one step, one batch the
+    same at every call of the step (restored after each call, the generators had given every
+    call the same draws); a ``random.SystemRandom`` on the module (no state) is left alone."""
+    import random
+
+    from genbounds.callbacks.loss_contract import LossContract
+    from genbounds.data import DigitsDataModule
+
+    pl.seed_everything(0, verbose=False)
+    module = PrivateNoise()
+    module.system = random.SystemRandom()
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DigitsDataModule(batch_size=64, seed=0))
+    contract = LossContract.shared(module)
+    assert contract.stochastic
+    x = torch.randn(8, 1, 8, 8)
+    y = torch.randint(0, 10, (8,))
+    a, b = (x, y), (x.clone(), y.clone())
+    with torch.no_grad():
+        first, again, other = contract(module, a), contract(module, a), contract(module, b)
+    assert torch.equal(first, again) and not torch.equal(first, other)

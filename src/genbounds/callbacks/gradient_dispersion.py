@@ -299,16 +299,21 @@ class GradientDispersion(MeasurementCallback):
         gives way to an extra pass (said once). An extra pass with its own mean read the whole
         per-sample losses already."""
         assert self.impl is not None and self.contract is not None
-        if not (self.impl.reads_training_backward or getattr(self.impl, "grad_is_mean", False)):
+        reads = self.impl.reads_training_backward
+        if not (reads or getattr(self.impl, "grad_is_mean", False)):
             return
         self._window, self._measuring = None, False
         self.contract.reads_training_backward = False  # (the next backend centres on its own mean)
-        if self.impl.reads_training_backward:
-            rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): training_step called manual_backward "
-                           "more than once on one batch: the per-sample rows of separate backward passes cannot be "
-                           "added up per sample; this step is not measured, and an extra-pass backend measures the "
-                           "next ones.")
+        rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): training_step called manual_backward more "
+                       "than once on one batch: " + ("the per-sample rows of separate backward passes cannot be added "
+                                                     "up per sample" if reads else "the gradient read after the first "
+                                                     "is not the step's") + "; this step is not measured, and "
+                       + ("an extra-pass backend" if reads else "the extra pass, centred on its own mean,")
+                       + " measures the next ones.")
+        if reads:
             self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
+        else:
+            self.impl.grad_is_mean = False  # type: ignore[attr-defined]
 
     def _take_backward(self, trainer: Trainer, pl_module: LightningModule, ctx: StepContext) -> None:
         """The backend's part of the backward just taken (after it, or at the optimizer step)."""

@@ -49,6 +49,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
+from genbounds.callbacks.user_state import (
+    generator_states,
+    module_generators,
+    restore_generators,
+    same_states,
+    seed_generators,
+)
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
 from genbounds.estimators.functional import LossFn
@@ -94,6 +101,9 @@ class LossContract:
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._nan_said: set[str] = set()
         self._draw_step = -1
+        self._step_needs_parameters = False
+        """Whether ``training_step`` differentiates with respect to its own weights (a gradient
+        penalty): a per-batch read then records the forward under ``no_grad`` too."""
         self._draw_count = 0
         self._draw_batches: dict[int, tuple[Callable[[], Any], int]] = {}
         self._errors_off = False
@@ -190,6 +200,8 @@ class LossContract:
             with ExitStack() as stack:
                 stack.enter_context(isolated_pass(module, mode="keep", grad=True))
                 host = _host_rng_states()  # (inside the pass's fork of them)
+                gens = module_generators(module)  # (restored by muted_training_step)
+                kept = generator_states(gens)
                 manual = stack.enter_context(muted_training_step(module))
                 cap = stack.enter_context(LossCapture(batch_size=b))
                 out = call_training_step(module, batch)
@@ -197,7 +209,7 @@ class LossContract:
                 # or mixup's λ from Python's or NumPy's generator)
                 self.stochastic = not torch.equal(torch.get_rng_state(), rng) or (
                     cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
-                ) or _host_rng_states() != host
+                ) or _host_rng_states() != host or not same_states(kept, generator_states(gens))
                 returned = _returned_loss(out, manual)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
@@ -205,7 +217,7 @@ class LossContract:
                     self._settle_automatic(module, batch, returned, records, rng, loss_coefficients,
                                            combined_per_sample)
                 self._error_record = classification[0] if classification else None
-                if self.per_batch and len(classification) > 1:
+                if self.per_batch and _scores_one_prediction_twice(records):
                     # (mixup: one prediction scored against two targets, by weights that change)
                     self._error_record = None
                     rank_zero_info("genbounds: training_step scores its predictions against more than one target by "
@@ -325,11 +337,12 @@ class LossContract:
                                         loss_coefficients)
                 varying, specs = told is None, told if told is not None else specs
             names = ", ".join(sorted({records[k].name for k in used}))
-            if used and varying and loss_coefficients(returned, records, create_graph=True)[0].requires_grad:
+            if used and loss_coefficients(returned, records, create_graph=True)[0].requires_grad:
                 self._batch_mean_only(
                     f"training_step weights the captured {names} by values that depend on the model (a focal-style "
-                    "weight?): per-sample losses with those weights held fixed would have other gradients, so only "
-                    "the returned batch-mean loss is used (add `per_sample_loss(self, batch)`)")
+                    "weight, a learned task weight?): per-sample losses with those weights held fixed would have "
+                    "other gradients, so only the returned batch-mean loss is used (add "
+                    "`per_sample_loss(self, batch)`)")
                 return
             try:
                 per_sample = combined_per_sample(records, coefficients, batch_size(batch)) if used else None
@@ -434,7 +447,7 @@ class LossContract:
 
         b = batch_size(batch)
         if self.per_batch:
-            return self._per_batch_losses(module, batch, b)
+            return self._per_batch_losses(module, batch, b, reseed)
         with torch.inference_mode(False):  # (an evaluation loop's batch: its own tensors, not inference ones)
             out, manual, records = _captured_step(module, _outside_inference(batch), b)
         if self.tier != "captured":
@@ -479,9 +492,10 @@ class LossContract:
         rank_zero_info(f"genbounds: a batch {what} (a padding mask or a loss the trial batch did not need, mixup "
                        "applied with a probability?): from now on each batch's weights are read from its own "
                        "returned loss.")
-        return self._per_batch_losses(module, batch, b)
+        return self._per_batch_losses(module, batch, b, reseed)
 
-    def _per_batch_losses(self, module: nn.Module, batch: Any, b: int) -> tuple[Tensor, list]:
+    def _per_batch_losses(self, module: nn.Module, batch: Any, b: int, reseed: Callable[[], None] | None = None
+                          ) -> tuple[Tensor, list]:
         """The captured per-sample losses of ``batch`` with the weights its own returned loss gives
         them (``c_k = ∂loss/∂value_k``, :func:`~genbounds.estimators.loss_capture.loss_coefficients`:
         a backward through the loss's arithmetic, not the model). Under ``no_grad`` or inference
@@ -499,11 +513,19 @@ class LossContract:
             self._say_nan("in-transform", "the captured losses' weights change from batch to batch and cannot be read "
                           "inside a torch.func transform (a probe's draws_per_pass > 1, hvp_method='forward')")
             return torch.full((b,), math.nan), []
-        with torch.inference_mode(False), torch.enable_grad(), ExitStack() as stack:
-            if not grad:
-                stack.enter_context(_parameters_without_grad(module))
+        with torch.inference_mode(False), torch.enable_grad():
             batch = _outside_inference(batch)
-            out, manual, records = _captured_step(module, batch, b, leaves=True)
+            out = None
+            if not grad and not self._step_needs_parameters:
+                try:
+                    with _parameters_without_grad(module):
+                        out, manual, records = _captured_step(module, batch, b, leaves=True)
+                except RuntimeError:  # (a step that differentiates with respect to its own weights)
+                    self._step_needs_parameters = True
+                    if reseed is not None:
+                        reseed()
+            if out is None:
+                out, manual, records = _captured_step(module, batch, b, leaves=True)
             returned = _returned_loss(out, manual)
             if returned is None:
                 raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
@@ -581,7 +603,7 @@ class LossContract:
         the trial). The second turns the errors off for the rest of the run, every batch's: errors
         of the batches that happened not to mix would stand for all (said once)."""
         assert self._error_record is not None
-        several = self.per_batch and sum(r.name in CLASSIFICATION_LOSSES for r in records) > 1
+        several = self.per_batch and _scores_one_prediction_twice(records)
         if several and not self._errors_off:
             self._errors_off = True
             rank_zero_warn("genbounds: a batch's training_step scores its predictions against more than one "
@@ -686,6 +708,14 @@ def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Ten
     return torch.cat(parts) if parts else None
 
 
+def _scores_one_prediction_twice(records: list) -> bool:
+    """Whether two captured classification losses score the very same prediction tensor (mixup's
+    ``CE(out, y)`` and ``CE(out, y[perm])``; a two-headed model's losses score two)."""
+    inputs = [r.arguments.get("input") for r in records if r.name in CLASSIFICATION_LOSSES]
+    inputs = [t for t in inputs if isinstance(t, Tensor)]
+    return any(inputs[i] is inputs[j] for i in range(len(inputs)) for j in range(i + 1, len(inputs)))
+
+
 def _same_spec(a: CoefficientSpec | None, b: CoefficientSpec | None) -> bool:
     """Two specs of one record equal (to rounding)."""
     if a is None or b is None or isinstance(a, tuple) != isinstance(b, tuple):
@@ -714,8 +744,9 @@ def _replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]
     that evaluates a batch at several weights (flatness, sensitivity, Hessian-vector products)
     compares them with common random numbers, whose differences are unbiased and far less noisy —
     and new at every step and for every other batch (:meth:`LossContract._draw_seed`). The global
-    streams are forked around it: training draws what it would without it. Yields a function that
-    seeds them again (a call that runs the step twice draws the same both times)."""
+    streams, and the random generators kept on the module, are forked around it: training draws
+    what it would without it. Yields a function that seeds them again (a call that runs the step
+    twice draws the same both times)."""
     import random
 
     import numpy as np
@@ -723,6 +754,8 @@ def _replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]
     from genbounds.callbacks.isolation import _forked_host_rngs, _rng_devices
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    gens = module_generators(module)  # (a step's noise from self.gen: chunks of one batch must differ too)
+    kept = generator_states(gens)
 
     def reseed() -> None:
         torch.random.default_generator.manual_seed(seed)
@@ -731,10 +764,14 @@ def _replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]
                 torch.cuda.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed)
+        seed_generators(gens, seed)
 
-    with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
-        reseed()
-        yield reseed
+    try:
+        with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
+            reseed()
+            yield reseed
+    finally:
+        restore_generators(gens, kept)
 
 
 @contextmanager

@@ -87,7 +87,7 @@ class _Saved:
         self.version = -1
         self.copy: Tensor | None = None
         self.length = -1
-        self.rng = _rng_state(value)
+        self.rng = _rng_state(value) if depth == _DEPTH else None  # (an attribute itself: not in containers)
         if depth <= 0:
             return
         if isinstance(value, (list, deque, dict, set, bytearray, tuple)):
@@ -155,37 +155,96 @@ class _Saved:
                         f"{MAX_TENSOR_ELEMENTS} elements are copied). Register it as a buffer to have it restored.")
 
 
+_RNG_TYPES: tuple[type, ...] | None = None
+
+
+def _rng_types() -> tuple[type, ...]:
+    """The random-generator types a module may keep (resolved once)."""
+    global _RNG_TYPES
+    if _RNG_TYPES is None:
+        import random
+
+        import numpy as np
+
+        _RNG_TYPES = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+    return _RNG_TYPES
+
+
 def _rng_state(value: Any) -> Any:
     """The state of a random generator the module keeps (``torch.Generator``, NumPy's
-    ``Generator`` and ``RandomState``, Python's ``random.Random``), else ``None``."""
-    import random
-
-    if isinstance(value, torch.Generator):
-        return value.get_state()
-    if isinstance(value, random.Random):
-        return value.getstate()
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy comes with torch
+    ``Generator`` and ``RandomState``, Python's ``random.Random``), else ``None`` (also for a
+    generator without a state: ``random.SystemRandom``)."""
+    if not isinstance(value, _rng_types()):
         return None
-    if isinstance(value, np.random.Generator):
-        return value.bit_generator.state
-    if isinstance(value, np.random.RandomState):
-        return value.get_state()
-    return None
+    try:
+        if isinstance(value, torch.Generator):
+            return value.get_state()
+        if hasattr(value, "bit_generator"):
+            return value.bit_generator.state
+        return value.get_state() if hasattr(value, "get_state") else value.getstate()
+    except NotImplementedError:  # (random.SystemRandom: the system's entropy, no state)
+        return None
 
 
 def _set_rng_state(value: Any, state: Any) -> None:
-    import random
-
     if isinstance(value, torch.Generator):
         value.set_state(state)
-    elif isinstance(value, random.Random):
-        value.setstate(state)
     elif hasattr(value, "bit_generator"):
         value.bit_generator.state = state
-    else:
+    elif hasattr(value, "set_state"):
         value.set_state(state)
+    else:
+        value.setstate(state)
+
+
+def module_generators(module: nn.Module) -> list[Any]:
+    """The random generators (with a state) kept as attributes on ``module`` and its
+    submodules — not inside containers."""
+    found = []
+    for m in module.modules():
+        for v in m.__dict__.values():
+            if isinstance(v, _rng_types()) and _rng_state(v) is not None:
+                found.append(v)
+    return found
+
+
+def generator_states(generators: list[Any]) -> list[Any]:
+    return [_rng_state(g) for g in generators]
+
+
+def restore_generators(generators: list[Any], states: list[Any]) -> None:
+    for g, state in zip(generators, states):
+        _set_rng_state(g, state)
+
+
+def seed_generators(generators: list[Any], seed: int) -> None:
+    """Each of ``generators`` seeded from ``seed`` and its place in the list."""
+    for i, g in enumerate(generators):
+        k = (seed + 7919 * (i + 1)) % (2**32)
+        if isinstance(g, torch.Generator):
+            g.manual_seed(k)
+        elif hasattr(g, "bit_generator"):
+            g.bit_generator.state = type(g.bit_generator)(k).state
+        else:
+            g.seed(k)
+
+
+def same_states(a: list[Any], b: list[Any]) -> bool:
+    """Whether two lists of generator states are equal."""
+    import numpy as np
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, Tensor):
+            return isinstance(y, Tensor) and torch.equal(x, y)
+        if isinstance(x, np.ndarray):
+            return isinstance(y, np.ndarray) and np.array_equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, (tuple, list)):
+            return isinstance(y, (tuple, list)) and len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
 
 
 def _report(key: str, message: str) -> None:
