@@ -1303,6 +1303,19 @@ def test_mixup_in_a_vectorized_probe_fails_closed_and_takes_no_errors(tmp_path):
     assert contract.per_batch and not contract.errors_available
 
 
+def _fit_small(tmp_path, module: pl.LightningModule, n: int = 16) -> tuple[Any, Any]:
+    """Two steps of ``module`` under ``GradientDispersion`` on ``n`` random 6-feature samples of
+    4 classes (batches of 8): the data set and the module's loss contract."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from genbounds.callbacks.loss_contract import LossContract
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
+    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
+    return data, LossContract.shared(module)
+
+
 _MIX_ON = [False]
 """Whether ``_MixupSometimes`` mixes (module-level: the probes restore the module's own state)."""
 
@@ -1330,16 +1343,9 @@ def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, capl
     happened not to mix would otherwise stand for all)."""
     import logging
 
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from genbounds.callbacks.loss_contract import LossContract
-
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
     pl.seed_everything(0, verbose=False)
     module = _MixupSometimes("numpy")
-    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
-    contract = LossContract.shared(module)
+    data, contract = _fit_small(tmp_path, module)
     assert contract.tier == "captured" and not contract.per_batch and contract.errors_available
     _DRAWN.clear()
     _MIX_ON[0] = True
@@ -1377,16 +1383,9 @@ def test_a_term_beyond_the_captured_losses_on_a_later_batch_gives_nan(tmp_path):
     """Read per batch, a batch whose loss holds a term the trial batch's did not (its remainder
     is checked on the device) gets NaN per-sample losses, never the data term passed off as the
     loss; said once."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from genbounds.callbacks.loss_contract import LossContract
-
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
     pl.seed_everything(0, verbose=False)
     module = _MixupThenRegularized("torch")
-    trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
-    contract = LossContract.shared(module)
+    data, contract = _fit_small(tmp_path, module)
     assert contract.per_batch and contract.reads_training_backward
     _MIX_ON[0] = True
     try:
@@ -1482,17 +1481,10 @@ def test_per_batch_reads_of_steps_that_differentiate_or_have_two_heads(tmp_path)
     per batch under ``no_grad`` with its forward recorded (setting the weights not to require
     gradient had raised); a two-headed model's losses score two predictions, so its 0-1 errors
     stay (they had been turned off as mixup's)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from genbounds.callbacks.loss_contract import LossContract
-
-    g = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g))
     for make in (_PenalizedAndWeighted, _TwoHeads):
         pl.seed_everything(0, verbose=False)
         module = make()
-        trainer(tmp_path, [GradientDispersion()], max_steps=2).fit(module, DataLoader(data, batch_size=8))
-        contract = LossContract.shared(module)
+        data, contract = _fit_small(tmp_path, module)
         assert contract.per_batch
         with torch.no_grad():
             got = contract.losses_and_errors(module, data[0:8])
