@@ -35,8 +35,6 @@ bounds and the measured gap are both stated for that ``ℓ``.
 from __future__ import annotations
 
 import math
-import weakref
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -49,13 +47,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
-from genbounds.callbacks.user_state import (
-    generator_states,
-    module_generators,
-    restore_generators,
-    same_states,
-    seed_generators,
-)
+from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_draws
+from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
 from genbounds.estimators.functional import LossFn
@@ -100,12 +93,10 @@ class LossContract:
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._nan_said: set[str] = set()
-        self._draw_step = -1
+        self._draw_seeds = DrawSeeds()
         self._step_needs_parameters = False
         """Whether ``training_step`` differentiates with respect to its own weights (a gradient
         penalty): a per-batch read then records the forward under ``no_grad`` too."""
-        self._draw_count = 0
-        self._draw_batches: dict[int, tuple[Callable[[], Any], int]] = {}
         self._errors_off = False
         """Whether a batch scored one prediction against several targets by weights read per batch
         (mixup seen after the trial): no 0-1 error from then on, for any batch."""
@@ -199,7 +190,7 @@ class LossContract:
             cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
             with ExitStack() as stack:
                 stack.enter_context(isolated_pass(module, mode="keep", grad=True))
-                host = _host_rng_states()  # (inside the pass's fork of them)
+                host = host_rng_states()  # (inside the pass's fork of them)
                 gens = module_generators(module)  # (restored by muted_training_step)
                 kept = generator_states(gens)
                 manual = stack.enter_context(muted_training_step(module))
@@ -209,7 +200,7 @@ class LossContract:
                 # or mixup's λ from Python's or NumPy's generator)
                 self.stochastic = not torch.equal(torch.get_rng_state(), rng) or (
                     cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
-                ) or _host_rng_states() != host or not same_states(kept, generator_states(gens))
+                ) or host_rng_states() != host or not same_states(kept, generator_states(gens))
                 returned = _returned_loss(out, manual)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
@@ -417,29 +408,8 @@ class LossContract:
 
         if not self.stochastic or _transform_level() is not None:
             return self._losses_of(module, batch)
-        with _replayed_draws(module, self._draw_seed(module, batch)) as reseed:
+        with replayed_draws(module, self._draw_seeds.seed(module, batch)) as reseed:
             return self._losses_of(module, batch, reseed)
-
-    def _draw_seed(self, module: nn.Module, batch: Any) -> int:
-        """The seed of a random step's draws on ``batch`` (:func:`_replayed_draws`): one per
-        distinct batch object and training step, numbered in the order the batches are first seen
-        at the step (the same in every run of one seed; a batch freed and another made at its
-        address is another batch)."""
-        from genbounds.estimators.batching import map_tensors
-
-        trainer = getattr(module, "_trainer", None)
-        step = int(getattr(trainer, "global_step", 0) or 0)
-        if step != self._draw_step:
-            self._draw_step, self._draw_batches, self._draw_count = step, {}, 0
-        tensors: list[Tensor] = []
-        map_tensors(batch, lambda t: tensors.append(t) or t)
-        first = tensors[0] if tensors else None
-        entry = self._draw_batches.get(id(first))
-        if entry is None or entry[0]() is not first:  # (a new batch, maybe at a freed one's address)
-            self._draw_count += 1
-            entry = (weakref.ref(first) if first is not None else (lambda: None), self._draw_count)
-            self._draw_batches[id(first)] = entry
-        return zlib.crc32(repr((step, entry[1])).encode())
 
     def _losses_of(self, module: nn.Module, batch: Any, reseed: Callable[[], None] | None = None
                    ) -> tuple[Tensor, list]:
@@ -725,53 +695,6 @@ def _same_spec(a: CoefficientSpec | None, b: CoefficientSpec | None) -> bool:
         return a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-12)
     assert not isinstance(b, tuple)
     return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
-
-
-def _host_rng_states() -> tuple:
-    """Python's and NumPy's global generator states, comparable with ``==``."""
-    import random
-
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return random.getstate(), (kind, keys.tobytes(), pos, has_gauss, cached)
-
-
-@contextmanager
-def _replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]]:
-    """The step's random draws (dropout masks under ``probe_mode="train"``, mixup's λ and
-    permutation) from ``seed``: the same for every call on one batch at one training step — a probe
-    that evaluates a batch at several weights (flatness, sensitivity, Hessian-vector products)
-    compares them with common random numbers, whose differences are unbiased and far less noisy —
-    and new at every step and for every other batch (:meth:`LossContract._draw_seed`). The global
-    streams, and the random generators kept on the module, are forked around it: training draws
-    what it would without it. Yields a function that seeds them again (a call that runs the step
-    twice draws the same both times)."""
-    import random
-
-    import numpy as np
-
-    from genbounds.callbacks.isolation import _forked_host_rngs, _rng_devices
-
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    gens = module_generators(module)  # (a step's noise from self.gen: chunks of one batch must differ too)
-    kept = generator_states(gens)
-
-    def reseed() -> None:
-        torch.random.default_generator.manual_seed(seed)
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed)
-        seed_generators(gens, seed)
-
-    try:
-        with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
-            reseed()
-            yield reseed
-    finally:
-        restore_generators(gens, kept)
 
 
 @contextmanager
