@@ -14,7 +14,9 @@ message names every callback and what it needs). Tiers, in order of priority:
    functions and recomputes them with ``reduction="none"`` on the same tensors:
 
    * ``captured`` — per-sample losses ``ℓ_i`` whose mean is the training loss (the coefficients of
-     the captured terms in the returned loss come from one tiny backward, once);
+     the captured terms in the returned loss come from one tiny backward, once; where they change
+     from batch to batch — per-sample weights from the batch, mixup's random λ — from each batch's
+     own returned loss, ``per_batch``);
    * ``returned`` — nothing captured (a hand-written loss): the batch-mean loss that
      ``training_step`` returns; estimators that need only a mean (micro-batch dispersion, Hessian
      trace/eigenvalue, flatness, contractivity, half-split Γ, the measured gap) still run, the
@@ -482,7 +484,7 @@ class LossContract:
         if _transform_level() is not None:
             self._say_nan("in-transform", "the captured losses' weights change from batch to batch and cannot be read "
                           "inside a torch.func transform (a probe's draws_per_pass > 1, hvp_method='forward')")
-            return torch.full((b,), math.nan), []
+            return torch.full((b,), math.nan, device=next((p.device for p in module.parameters()), None)), []
         with torch.inference_mode(False), torch.enable_grad():
             batch = _outside_inference(batch)
             out = None
@@ -515,7 +517,7 @@ class LossContract:
                 self._say_nan("in-place", str(err))
                 return nan, records
             if self._exact:
-                rest = remainder.detach().to(torch.float64).abs()
+                rest = remainder.to(torch.float64).abs()
                 ok = rest <= 1e-5 * returned.detach().to(torch.float64).abs() + 1e-7
                 losses = torch.where(ok, losses, nan.to(losses.dtype))
                 if not grad and "remainder" not in self._nan_said and not bool(ok):
