@@ -1367,6 +1367,7 @@ def test_mixup_on_some_batches_only_switches_to_per_batch_weights(tmp_path, capl
     assert _DRAWN[-2][0] == lam and torch.equal(_DRAWN[-2][1], perm)  # (the switch's second run: the same draws)
     assert torch.isfinite(plain[0]).all() and torch.isnan(plain[1]).all()  # (read per batch; no errors now)
     assert sum("no per-sample 0-1 error is taken from now on" in str(w.message) for w in caught) == 1
+    assert not contract.errors_available  # (probes that ask at each probe — Flatness — ask no more)
     said = [r.getMessage() for r in caplog.records if "captures other losses than the trial batch" in r.getMessage()]
     assert len(said) == 1
 
@@ -1439,6 +1440,10 @@ def test_a_random_step_draws_the_same_on_one_batch_within_a_step(tmp_path):
     assert len(set(lams)) == 8  # (the table's numbering once collided: one λ for four batches)
     assert torch.equal(streams[0], torch.get_rng_state()) and streams[1] == random.getstate()
     assert np.array_equal(streams[2], np.random.get_state()[1])
+    torch.manual_seed(123)  # (another run's seed: other draws on the same batch at the same step)
+    with torch.no_grad():
+        contract(module, a)
+    assert _DRAWN[-1][0] != _DRAWN[0][0]
 
 
 class _PenalizedAndWeighted(pl.LightningModule):
@@ -1490,3 +1495,36 @@ def test_per_batch_reads_of_steps_that_differentiate_or_have_two_heads(tmp_path)
             got = contract.losses_and_errors(module, data[0:8])
         assert torch.isfinite(got[0]).all() and all(p.requires_grad for p in module.parameters())
         assert contract.errors_available and torch.isfinite(got[1]).all()
+
+
+class _MixupManual(_Mixup):
+    """Mixup under manual optimization: the step returns nothing."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx))
+        opt.step()
+
+
+def test_a_manual_optimization_step_read_per_batch_runs_once_per_call(tmp_path):
+    """Under manual optimization ``training_step`` returns nothing; a per-batch read ran it a
+    second time on every call (its ``None`` taken for "not run yet"), with another draw."""
+    pl.seed_everything(0, verbose=False)
+    module = _MixupManual()
+    data, contract = _fit_small(tmp_path, module)
+    assert contract.per_batch
+    _DRAWN.clear()
+    with torch.no_grad():
+        got = contract(module, data[0:8])
+    (lam, perm), = _DRAWN
+    with torch.no_grad():
+        x, y = data[0:8]
+        out = module.net(lam * x + (1 - lam) * x[perm])
+        want = lam * F.cross_entropy(out, y, reduction="none") + (1 - lam) * F.cross_entropy(out, y[perm],
+                                                                                          reduction="none")
+    assert torch.allclose(got.float(), want, rtol=1e-5, atol=1e-7)

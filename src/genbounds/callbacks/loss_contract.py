@@ -487,16 +487,17 @@ class LossContract:
             return torch.full((b,), math.nan, device=next((p.device for p in module.parameters()), None)), []
         with torch.inference_mode(False), torch.enable_grad():
             batch = _outside_inference(batch)
-            out = None
+            ran = False  # (a manual-optimization step returns None)
             if not grad and not self._step_needs_parameters:
                 try:
                     with _parameters_without_grad(module):
                         out, manual, records = _captured_step(module, batch, b, leaves=True)
+                    ran = True
                 except RuntimeError:  # (a step that differentiates with respect to its own weights)
                     self._step_needs_parameters = True
                     if reseed is not None:
                         reseed()
-            if out is None:
+            if not ran:
                 out, manual, records = _captured_step(module, batch, b, leaves=True)
             returned = _returned_loss(out, manual)
             if returned is None:
@@ -578,6 +579,7 @@ class LossContract:
         several = self.per_batch and _scores_one_prediction_twice(records)
         if several and not self._errors_off:
             self._errors_off = True
+            self.errors_available = False  # (probes that ask for errors at each probe ask no more)
             rank_zero_warn("genbounds: a batch's training_step scores its predictions against more than one "
                            "target by weights that change from batch to batch (mixup, applied to some batches?): no "
                            "per-sample 0-1 error is taken from now on, and the 0-1 error bounds are NaN.")

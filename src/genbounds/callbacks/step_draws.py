@@ -37,9 +37,10 @@ def host_rng_states() -> tuple:
 
 class DrawSeeds:
     """The seed of a random step's draws on a batch: one per distinct batch object and training
-    step, numbered in the order the batches are first seen at the step — the same in every run of
-    one seed (a batch's address would not be), and a batch freed and another made at its address
-    is another batch."""
+    step, numbered in the order the batches are first seen at the step, and the run's seed
+    (``torch.initial_seed()``, what ``seed_everything`` set) — the same in every run of one seed (a
+    batch's address would not be) and other under another seed; a batch freed and another made
+    at its address is another batch."""
 
     def __init__(self) -> None:
         self._step = -1
@@ -61,7 +62,7 @@ class DrawSeeds:
             self._count += 1
             entry = (weakref.ref(first) if first is not None else (lambda: None), self._count)
             self._batches[id(first)] = entry
-        return zlib.crc32(repr((step, entry[1])).encode())
+        return zlib.crc32(repr((torch.initial_seed(), step, entry[1])).encode())
 
 
 @contextmanager
