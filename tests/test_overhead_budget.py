@@ -26,7 +26,8 @@ def test_per_step_charges_count_as_measurement_time_and_set_an_even_stride():
     assert budget.step_stride("GradientDispersion", measured=100, steps=1000) == 6
     # cheap enough: every step; unaffordable: never more than MAX_STRIDE apart
     assert budget.step_stride("GradientDispersion", measured=100_000, steps=1000) == 1
-    assert budget.overhead == pytest.approx(budget.probe_time / budget.train_time, rel=1e-6)
+    # (each side reads the clock: 1e-4 of the 10 s is 1 ms between the two reads on a loaded machine)
+    assert budget.overhead == pytest.approx(budget.probe_time / budget.train_time, rel=1e-4)
     budget.charge("GradientDispersion", 1e6)
     assert budget.step_stride("GradientDispersion", measured=1, steps=1000) == OverheadBudget.MAX_STRIDE
 
