@@ -285,3 +285,28 @@ def test_generators_the_module_keeps_make_its_step_random_and_seeded_per_batch(t
     with torch.no_grad():
         first, again, other = contract(module, a), contract(module, a), contract(module, b)
     assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_a_tensor_changed_in_place_inside_a_container_is_reported_once():
+    """A running statistic kept in a dict and updated in place (``self.stats["ema"].mul_(0.9)``)
+    is not copied before every probe call (tensors inside containers keep their identity), so a
+    probe's change to it is reported — once — instead of passing silently."""
+
+    class Stats(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stats = {"ema": torch.zeros(()), "count": torch.zeros(())}
+
+    m = Stats()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with kept_user_state(m):
+                m.stats["ema"].mul_(0.9).add_(0.1)
+    said = [str(w.message) for w in caught if "changed a tensor inside stats in place" in str(w.message)]
+    assert len(said) == 1 and float(m.stats["ema"]) > 0  # (reported, not restored)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with kept_user_state(m):
+            m.stats["count"] = m.stats["count"] + 1  # (rebound, not in place: restored, nothing to say)
+    assert float(m.stats["count"]) == 0 and not caught

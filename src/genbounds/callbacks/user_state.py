@@ -27,7 +27,8 @@ metrics (whose states :func:`~genbounds.callbacks.isolation.muted_training_step`
   states, so a probe's draws do not shift the run's.
 
 Not restored: the internal state of other objects the module refers to (a custom tracker's
-``update``, a file written), and tensors inside containers changed in place. Buffers,
+``update``, a file written), and tensors inside containers changed in place (reported, one warning
+per attribute: copying each on every call would cost what a probe costs). Buffers,
 parameters, modes and the global random streams are the isolation's.
 """
 
@@ -79,10 +80,11 @@ class _Saved:
     """One value and what restores it: the old contents of a container (recursively), or a copy
     of a small tensor with its version."""
 
-    __slots__ = ("value", "items", "version", "copy", "length", "rng")
+    __slots__ = ("value", "items", "version", "copy", "length", "rng", "nested")
 
     def __init__(self, value: Any, depth: int, budget: list[int]) -> None:
         self.value = value
+        self.nested = depth < _DEPTH
         self.items: Any = None
         self.version = -1
         self.copy: Tensor | None = None
@@ -107,11 +109,12 @@ class _Saved:
             self.items = value.copy()
         elif isinstance(value, tuple):  # (immutable itself; its containers are not)
             self.items = [_Saved(v, depth - 1, budget) for v in value]
-        elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter) and depth == _DEPTH \
+        elif isinstance(value, Tensor) and not isinstance(value, nn.Parameter) \
                 and not value.is_inference():  # (an inference tensor has no version: it cannot change in place)
-            # (an attribute itself: a tensor inside a container keeps its identity only)
             self.version = value._version
-            if value.numel() <= MAX_TENSOR_ELEMENTS:
+            # (an attribute itself is copied; a tensor inside a container — a list of step outputs —
+            # keeps its identity, and a change in place is reported: copying each would cost every call)
+            if depth == _DEPTH and value.numel() <= MAX_TENSOR_ELEMENTS:
                 self.copy = value.detach().clone()
 
     def restore(self, name: str, key: str) -> None:
@@ -149,6 +152,10 @@ class _Saved:
             if self.copy is not None:
                 with torch.no_grad():
                     v.copy_(self.copy)
+            elif self.nested:
+                _report(key, f"training_step changed a tensor inside {name} in place during a genbounds probe; it "
+                        "is not restored (tensors inside containers keep their identity only). Keep it as a tensor "
+                        "attribute or a buffer to have it restored.")
             else:
                 _report(key, f"training_step changed the tensor attribute {name} ({v.numel()} elements, not a "
                         "buffer) in place during a genbounds probe; it is not restored (only tensors of up to "
