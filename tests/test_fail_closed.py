@@ -113,14 +113,9 @@ def test_a_nan_threshold_is_refused():
 
 
 def test_a_killed_run_is_incomplete_for_the_cli(tmp_path, capsys):
-    class Crash(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 6:
-                raise RuntimeError("killed")
-
     logger = TensorBoardLogger(str(tmp_path), name="killed", default_hp_metric=False)
     with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path, [*bound_suite(), Crash()], logger=logger)
+        fit(tmp_path, [*bound_suite(), Kill(6)], logger=logger)
     for command in (["gate", logger.log_dir, "--max", "val_loss=100"], ["report", logger.log_dir],
                     ["compare", logger.log_dir, logger.log_dir]):
         assert run_cli(*command) == 2, command
@@ -454,14 +449,9 @@ def test_a_run_with_interventions_only_is_complete_for_the_cli(tmp_path, make, c
     fit(tmp_path, [make()], logger=logger)
     assert run_cli("gate", logger.log_dir, "--max", "val_loss=100") == 0, capsys.readouterr().err
 
-    class Crash(Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 3:
-                raise RuntimeError("killed")
-
     logger = TensorBoardLogger(str(tmp_path), name="killed", default_hp_metric=False)
     with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path, [make(), Crash()], logger=logger)
+        fit(tmp_path, [make(), Kill(3)], logger=logger)
     assert run_cli("gate", logger.log_dir, "--max", "val_loss=100") == 2
 
 

@@ -315,7 +315,10 @@ class LossContract:
     def _settle_automatic(self, module: nn.Module, batch: Any, returned: Tensor | None, records: list, rng: Tensor,
                           loss_coefficients: Callable, combined_per_sample: Callable) -> None:
         if records and returned is not None and returned.requires_grad:
-            coefficients, remainder = loss_coefficients(returned, records)
+            # (with their own graph where they depend on the model: a focal or learned weight, refused below)
+            coefficients, remainder = loss_coefficients(returned, records, create_graph=True)
+            model_weights = coefficients.requires_grad
+            coefficients, remainder = coefficients.detach(), remainder.detach()
             parts = _per_record(coefficients, records)
             used = [k for k, c in enumerate(parts) if bool((c != 0).any())]
             specs: list | None = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
@@ -330,7 +333,7 @@ class LossContract:
                                         loss_coefficients)
                 varying, specs = told is None, told if told is not None else specs
             names = ", ".join(sorted({records[k].name for k in used}))
-            if used and loss_coefficients(returned, records, create_graph=True)[0].requires_grad:
+            if used and model_weights:
                 self._batch_mean_only(
                     f"training_step weights the captured {names} by values that depend on the model (a focal-style "
                     "weight, a learned task weight?): per-sample losses with those weights held fixed would have "

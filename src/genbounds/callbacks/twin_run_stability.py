@@ -311,4 +311,3 @@ class TwinRunStability(FlushesStepLog, Callback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         mark_run_complete(trainer)
-

@@ -388,4 +388,3 @@ class NormHooksBackend(DispersionBackend):
             self.ring = None
         if self.shared is not None:
             self.shared.detach()
-
