@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -288,32 +288,11 @@ class GradientDispersion(MeasurementCallback):
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._measuring or self._batch is None or self.impl is None:
             if self._measuring and self._window is not None and not pl_module.automatic_optimization:
-                self._second_backward(trainer, pl_module)
+                assert self.contract is not None  # (a second manual_backward: the window holds part of the step's)
+                if self.slot.second_backward(trainer, pl_module, self.contract, self._loss_fn):
+                    self._window, self._measuring = None, False
             return
         self._take_backward(trainer, pl_module, self._context(trainer, pl_module))
-
-    def _second_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """A second ``manual_backward`` on one batch (the loss contract's trial saw one). A window
-        read from the training backward, or centred on ``.grad``, after the first holds part of
-        the step's gradient only: it is dropped, and a backend reading the training backward
-        gives way to an extra pass (said once). An extra pass with its own mean read the whole
-        per-sample losses already."""
-        assert self.impl is not None and self.contract is not None
-        reads = self.impl.reads_training_backward
-        if not (reads or getattr(self.impl, "grad_is_mean", False)):
-            return
-        self._window, self._measuring = None, False
-        self.contract.reads_training_backward = False  # (the next backend centres on its own mean)
-        rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): training_step called manual_backward more "
-                       "than once on one batch: " + ("the per-sample rows of separate backward passes cannot be added "
-                                                     "up per sample" if reads else "the gradient read after the first "
-                                                     "is not the step's") + "; this step is not measured, and "
-                       + ("an extra-pass backend" if reads else "the extra pass, centred on its own mean,")
-                       + " measures the next ones.")
-        if reads:
-            self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
-        else:
-            self.impl.grad_is_mean = False  # type: ignore[attr-defined]
 
     def _take_backward(self, trainer: Trainer, pl_module: LightningModule, ctx: StepContext) -> None:
         """The backend's part of the backward just taken (after it, or at the optimizer step)."""

@@ -37,8 +37,8 @@ bounds and the measured gap are both stated for that ``ℓ``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,7 +48,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from genbounds.callbacks.isolation import MutedStep, call_training_step, isolated_pass, muted_training_step
+from genbounds.callbacks.captured_weights import (CLASSIFICATION_LOSSES, CoefficientSpec, PerBatchRead, captured_step,
+                                                  coefficient_spec, coefficients_for, outside_inference, per_record,
+                                                  returned_loss, same_spec, scores_one_prediction_twice)
+from genbounds.callbacks.isolation import call_training_step, isolated_pass, muted_training_step
 from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_draws
 from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
@@ -56,9 +59,6 @@ from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
 from genbounds.estimators.functional import LossFn
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
-
-CLASSIFICATION_LOSSES = ("cross_entropy", "nll_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits")
-
 
 @dataclass
 class Need:
@@ -94,11 +94,9 @@ class LossContract:
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
-        self._nan_said: set[str] = set()
         self._draw_seeds = DrawSeeds()
-        self._step_needs_parameters = False
-        """Whether ``training_step`` differentiates with respect to its own weights (a gradient
-        penalty): a per-batch read then records the forward under ``no_grad`` too."""
+        self._read = PerBatchRead()
+        """Each batch's weights read from its own loss, where ``per_batch`` (``captured_weights.py``)."""
         self._errors_off = False
         """Whether a batch scored one prediction against several targets by weights read per batch
         (mixup seen after the trial): no 0-1 error from then on, for any batch."""
@@ -106,15 +104,12 @@ class LossContract:
         """Whether the captured per-sample losses' mean was the returned loss on the trial batch: then
         every later batch's is checked too (NaN losses where it is not)."""
         self.coefficients: list[CoefficientSpec] | None = None
-        """How each captured record enters the training loss (:func:`_coefficient_spec`), settled by
+        """How each captured record enters the training loss (:func:`coefficient_spec`), settled by
         the trial and applied to every later batch's records."""
         self.per_batch = False
         """Whether the captured records' weights in the training loss change from batch to batch
         (per-sample weights or a mask from the batch, mixup's random λ): each batch's are then read
-        from its own returned loss (:meth:`_per_batch_losses`) instead of the trial's specs."""
-        self._exact = False
-        """Whether the trial's captured per-sample losses explained its whole returned loss (no
-        regularizer beside them): a per-batch read is then checked the same way."""
+        from its own returned loss (``captured_weights.PerBatchRead``) instead of the trial's specs."""
         self.notes: list[str] = []
         self.warned = False
         """Whether the trial's notes were already given to the user as a warning (callbacks then
@@ -203,14 +198,14 @@ class LossContract:
                 self.stochastic = not torch.equal(torch.get_rng_state(), rng) or (
                     cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
                 ) or host_rng_states() != host or not same_states(kept, generator_states(gens))
-                returned = _returned_loss(out, manual)
+                returned = returned_loss(out, manual)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
                 if self.tier == "automatic":
                     self._settle_automatic(module, batch, returned, records, rng, loss_coefficients,
                                            combined_per_sample)
                 self._error_record = classification[0] if classification else None
-                if self.per_batch and _scores_one_prediction_twice(records):
+                if self.per_batch and scores_one_prediction_twice(records):
                     # (mixup: one prediction scored against two targets, by weights that change)
                     self._error_record = None
                     rank_zero_info("genbounds: training_step scores its predictions against more than one target by "
@@ -274,17 +269,17 @@ class LossContract:
         if half < 1:
             return specs
         torch.set_rng_state(rng)
-        out, manual, records = _captured_step(module, index_batch(batch, slice(0, half)), half)
-        returned = _returned_loss(out, manual)
+        out, manual, records = captured_step(module, index_batch(batch, slice(0, half)), half)
+        returned = returned_loss(out, manual)
         if returned is None or not returned.requires_grad or len(records) != len(specs):
             return specs
         coefficients, _ = loss_coefficients(returned, records)
         told: list = []
-        for spec, r, c, n_full in zip(specs, records, _per_record(coefficients, records), full_sizes):
+        for spec, r, c, n_full in zip(specs, records, per_record(coefficients, records), full_sizes):
             if not isinstance(spec, tuple):
                 told.append(spec)
                 continue
-            got = _coefficient_spec(r, c)
+            got = coefficient_spec(r, c)
             m_full, m_half = spec[1], (got[1] if got is not None else math.nan)
             c_full, c_half = m_full / max(n_full, 1), m_half / max(c.numel(), 1)
             if math.isclose(m_half, m_full, rel_tol=1e-6, abs_tol=1e-12):
@@ -299,13 +294,13 @@ class LossContract:
         """Whether ``training_step``, run once more on the trial batch with the random streams
         going on (another draw), weights its captured losses otherwise than ``specs`` (mixup's
         λ; a dropout mask alone leaves the weights as they were). Once, for a step that drew."""
-        out, manual, records = _captured_step(module, batch, batch_size(batch))
-        returned = _returned_loss(out, manual)
+        out, manual, records = captured_step(module, batch, batch_size(batch))
+        returned = returned_loss(out, manual)
         if returned is None or not returned.requires_grad or len(records) != len(specs):
             return True
         coefficients, _ = loss_coefficients(returned, records)
-        again = [_coefficient_spec(r, c) for r, c in zip(records, _per_record(coefficients, records))]
-        return not all(_same_spec(a, b) for a, b in zip(specs, again))
+        again = [coefficient_spec(r, c) for r, c in zip(records, per_record(coefficients, records))]
+        return not all(same_spec(a, b) for a, b in zip(specs, again))
 
     def _batch_mean_only(self, note: str) -> None:
         """The ``returned`` tier: only the batch-mean loss ``training_step`` returns, and why."""
@@ -319,12 +314,12 @@ class LossContract:
             coefficients, remainder = loss_coefficients(returned, records, create_graph=True)
             model_weights = coefficients.requires_grad
             coefficients, remainder = coefficients.detach(), remainder.detach()
-            parts = _per_record(coefficients, records)
+            parts = per_record(coefficients, records)
             used = [k for k, c in enumerate(parts) if bool((c != 0).any())]
-            specs: list | None = [_coefficient_spec(r, c) for r, c in zip(records, parts)]
+            specs: list | None = [coefficient_spec(r, c) for r, c in zip(records, parts)]
             # weights that no spec describes for another batch — element by element (per-sample
             # weights, a mask), drawn at random (mixup's λ), or not told apart by size — are read
-            # from each batch's own loss instead (_per_batch_losses)
+            # from each batch's own loss instead (PerBatchRead)
             varying = any(specs[k] is None for k in used)
             if used and not varying and self.stochastic:
                 varying = self._redraw_differs(module, batch, specs, loss_coefficients)
@@ -354,13 +349,13 @@ class LossContract:
                 exact = _agrees(returned - remainder, per_sample, self.notes, f"the captured {names}")
                 rest = float(remainder.detach().double().abs())
                 scale = max(float(returned.detach().double().abs()), 1e-12)
-                self._exact = exact and rest <= 1e-5 * scale
+                self._read.exact = exact and rest <= 1e-5 * scale
                 if varying:
                     rank_zero_info(
                         f"genbounds: training_step weights the captured {names} differently from batch to batch "
                         "(per-sample weights or a mask from the batch, mixup's random λ?): each batch's weights are "
                         "read from its own returned loss (a backward through the loss's arithmetic only).")
-                if self._exact:
+                if self._read.exact:
                     self.reads_training_backward = True
                     self._mean_checked = not varying
                     self.notes.append(f"per-sample losses captured from {names} in training_step")
@@ -422,16 +417,16 @@ class LossContract:
 
         b = batch_size(batch)
         if self.per_batch:
-            return self._per_batch_losses(module, batch, b, reseed)
+            return self._read.losses(module, batch, b, reseed)
         with torch.inference_mode(False):  # (an evaluation loop's batch: its own tensors, not inference ones)
-            out, manual, records = _captured_step(module, _outside_inference(batch), b)
+            out, manual, records = captured_step(module, outside_inference(batch), b)
         if self.tier != "captured":
-            returned = _returned_loss(out, manual)
+            returned = returned_loss(out, manual)
             if returned is None:
                 raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
             return returned.reshape(1), records
         readable = _transform_level() is None  # (where the batch's own weights can be read)
-        coefficients = _coefficients_for(records, self.coefficients)
+        coefficients = coefficients_for(records, self.coefficients)
         if coefficients is None:
             # other records than the trial's (a loss called on some batches only: mixup applied
             # with a probability): this batch's weights, and every later one's, from its own loss
@@ -441,7 +436,7 @@ class LossContract:
             device = records[0].value.device if records else None
             return torch.full((b,), math.nan, device=device), records
         losses = combined_per_sample(records, coefficients, b)
-        returned = _returned_loss(out, manual) if self._mean_checked else None
+        returned = returned_loss(out, manual) if self._mean_checked else None
         if isinstance(returned, Tensor) and returned.numel() == 1:
             # fail closed, on the device: a batch whose per-sample mean is not the loss training_step
             # returned (a padding mask the trial batch did not have) gives NaN losses, not wrong ones
@@ -467,76 +462,7 @@ class LossContract:
         rank_zero_info(f"genbounds: a batch {what} (a padding mask or a loss the trial batch did not need, mixup "
                        "applied with a probability?): from now on each batch's weights are read from its own "
                        "returned loss.")
-        return self._per_batch_losses(module, batch, b, reseed)
-
-    def _per_batch_losses(self, module: nn.Module, batch: Any, b: int, reseed: Callable[[], None] | None = None
-                          ) -> tuple[Tensor, list]:
-        """The captured per-sample losses of ``batch`` with the weights its own returned loss gives
-        them (``c_k = ∂loss/∂value_k``, :func:`~genbounds.estimators.loss_capture.loss_coefficients`:
-        a backward through the loss's arithmetic, not the model). Under ``no_grad`` or inference
-        mode (an evaluation) the parameters are set not to require gradient for the call, so only
-        that arithmetic is recorded, and the losses come back detached. NaN losses (never wrong
-        ones): inside a ``torch.func`` transform (no backward can be taken there), where the
-        per-element losses were changed in place, where the weights depend on the model (a
-        focal-style weight: its gradient would be lost; checked where gradients are asked for),
-        and — where the trial's losses explained its whole loss — where a batch's do not (a term
-        the trial batch did not have), checked on the device."""
-        from genbounds.estimators.loss_capture import _transform_level, combined_per_sample, loss_coefficients
-
-        grad = torch.is_grad_enabled()
-        if _transform_level() is not None:
-            self._say_nan("in-transform", "the captured losses' weights change from batch to batch and cannot be read "
-                          "inside a torch.func transform (a probe's draws_per_pass > 1, hvp_method='forward')")
-            return torch.full((b,), math.nan, device=next((p.device for p in module.parameters()), None)), []
-        with torch.inference_mode(False), torch.enable_grad():
-            batch = _outside_inference(batch)
-            ran = False  # (a manual-optimization step returns None)
-            if not grad and not self._step_needs_parameters:
-                try:
-                    with _parameters_without_grad(module):
-                        out, manual, records = _captured_step(module, batch, b, leaves=True)
-                    ran = True
-                except RuntimeError:  # (a step that differentiates with respect to its own weights)
-                    self._step_needs_parameters = True
-                    if reseed is not None:
-                        reseed()
-            if not ran:
-                out, manual, records = _captured_step(module, batch, b, leaves=True)
-            returned = _returned_loss(out, manual)
-            if returned is None:
-                raise RuntimeError("genbounds: training_step returned no loss on a probe batch")
-            nan = torch.full((b,), math.nan, dtype=torch.promote_types(returned.dtype, torch.float32),
-                             device=returned.device)
-            if not records or not returned.requires_grad:
-                return nan, records
-            coefficients, remainder = loss_coefficients(returned, records, create_graph=grad)
-            if coefficients.requires_grad:
-                self._say_nan("model-weights", "training_step weights its captured losses by values that depend on "
-                              "the model (a focal-style weight?): their gradients would miss that dependence")
-                return nan, records
-            remainder = remainder.detach()
-            try:
-                losses = combined_per_sample(records, coefficients, b)
-            except ValueError as err:  # (per-element losses changed in place)
-                self._say_nan("in-place", str(err))
-                return nan, records
-            if self._exact:
-                rest = remainder.to(torch.float64).abs()
-                ok = rest <= 1e-5 * returned.detach().to(torch.float64).abs() + 1e-7
-                losses = torch.where(ok, losses, nan.to(losses.dtype))
-                if not grad and "remainder" not in self._nan_said and not bool(ok):
-                    # (a host read in an evaluation's call only, and only until said)
-                    self._say_nan("remainder", f"a batch's loss holds a term beyond its captured losses (of "
-                                  f"{float(returned):.6g}, {float(remainder):.6g} unexplained), which the trial "
-                                  "batch's did not")
-        return (losses if grad else losses.detach()), records
-
-    def _say_nan(self, kind: str, why: str) -> None:
-        """Once per kind: why some batches' per-sample losses are NaN."""
-        if kind not in self._nan_said:
-            self._nan_said.add(kind)
-            rank_zero_warn(f"genbounds: {why}: those per-sample losses are NaN (never wrong); add "
-                           "`per_sample_loss(self, batch)` to your LightningModule to give them.")
+        return self._read.losses(module, batch, b, reseed)
 
     def losses_and_errors(self, module: nn.Module, batch: Any) -> Tensor:
         """``[2, b]``: the per-sample losses and 0-1 errors of ``batch`` (one forward when both
@@ -579,7 +505,7 @@ class LossContract:
         the trial). The second turns the errors off for the rest of the run, every batch's: errors
         of the batches that happened not to mix would stand for all (said once)."""
         assert self._error_record is not None
-        several = self.per_batch and _scores_one_prediction_twice(records)
+        several = self.per_batch and scores_one_prediction_twice(records)
         if several and not self._errors_off:
             self._errors_off = True
             self.errors_available = False  # (probes that ask for errors at each probe ask no more)
@@ -614,19 +540,6 @@ def _module_per_sample_loss(module: nn.Module, batch: Any) -> Tensor:
     return module.per_sample_loss(batch)  # type: ignore[operator]
 
 
-def _returned_loss(out: Any, muted: MutedStep) -> Tensor | None:
-    if isinstance(out, Tensor) and out.numel() == 1:
-        return out.reshape(())
-    if isinstance(out, dict) and isinstance(out.get("loss"), Tensor):
-        return out["loss"].reshape(())
-    if muted.manual_losses:
-        total = muted.manual_losses[0]
-        for extra in muted.manual_losses[1:]:
-            total = total + extra
-        return total.reshape(())
-    return None
-
-
 def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str], what: str) -> bool:
     """Is ``returned`` the mean of ``per_sample``? (one host sync)"""
     if returned is None or per_sample is None:
@@ -641,102 +554,3 @@ def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str]
     if not ok:
         notes.append(f"training_step's loss ({observed:.6g}) is not the mean of {what} ({reference:.6g})")
     return ok
-
-
-CoefficientSpec = float | tuple[str, float]
-"""A captured record's coefficient in the training loss: a number for a reduced loss (``'mean'``,
-``'sum'``, …: ``∂loss/∂value``), ``("mean", m)`` for an unreduced one averaged into the loss
-(every element weighted ``m / numel``, e.g. ``F.cross_entropy(…, reduction="none").mean()``:
-``m = 1``), ``("fixed", c)`` for one weighted the same whatever the batch's size (``.sum()``:
-``c = 1``; ``.sum() / 128``)."""
-
-
-def _coefficient_spec(record: Any, c: Tensor) -> CoefficientSpec | None:
-    """The spec of one record from its coefficients on the trial batch; ``None`` for an unreduced
-    loss whose elements are weighted unequally (weights that belong to that batch)."""
-    if record.combine != "none":
-        return float(c.reshape(-1)[0])
-    n = c.numel()
-    if n == 0:
-        return ("mean", 0.0)
-    first = float(c.reshape(-1)[0])
-    if not bool(torch.all(torch.abs(c - first) <= 1e-12 * max(abs(first), 1e-300))):
-        return None
-    return ("mean", first * n)  # (or "fixed": told apart on a second batch size, LossContract._sizes_told)
-
-
-def _coefficients_for(records: list, specs: list[CoefficientSpec] | None) -> Tensor | None:
-    """The coefficient vector of ``records`` (another batch's, maybe of another size) from the
-    trial's specs; ``None`` when the records do not match them (another structure)."""
-    if specs is None or len(records) != len(specs):
-        return None
-    parts = []
-    for r, spec in zip(records, specs):
-        n = r.value.numel()
-        if isinstance(spec, tuple):
-            if r.combine != "none":
-                return None
-            kind, m = spec
-            parts.append(torch.full((n,), m if kind == "fixed" else m / max(n, 1), dtype=torch.float64))
-        else:
-            if r.combine == "none":
-                return None
-            parts.append(torch.full((n,), float(spec), dtype=torch.float64))
-    return torch.cat(parts) if parts else None
-
-
-def _scores_one_prediction_twice(records: list) -> bool:
-    """Whether two captured classification losses score the very same prediction tensor (mixup's
-    ``CE(out, y)`` and ``CE(out, y[perm])``; a two-headed model's losses score two)."""
-    inputs = [r.arguments.get("input") for r in records if r.name in CLASSIFICATION_LOSSES]
-    inputs = [t for t in inputs if isinstance(t, Tensor)]
-    return any(inputs[i] is inputs[j] for i in range(len(inputs)) for j in range(i + 1, len(inputs)))
-
-
-def _same_spec(a: CoefficientSpec | None, b: CoefficientSpec | None) -> bool:
-    """Two specs of one record equal (to rounding)."""
-    if a is None or b is None or isinstance(a, tuple) != isinstance(b, tuple):
-        return False
-    if isinstance(a, tuple):
-        assert isinstance(b, tuple)
-        return a[0] == b[0] and math.isclose(a[1], b[1], rel_tol=1e-6, abs_tol=1e-12)
-    assert not isinstance(b, tuple)
-    return math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-12)
-
-
-@contextmanager
-def _parameters_without_grad(module: nn.Module) -> Iterator[None]:
-    """The module's parameters set not to require gradient for the block (then restored): a call
-    under recorded gradients records only what follows its loss values (made leaves)."""
-    flipped = [p for p in module.parameters() if p.requires_grad]
-    for p in flipped:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in flipped:
-            p.requires_grad_(True)
-
-
-def _outside_inference(batch: Any) -> Any:
-    """``batch`` with its inference-mode tensors cloned (autograd cannot record them)."""
-    from genbounds.estimators.batching import map_tensors
-
-    return map_tensors(batch, lambda t: t.clone() if t.is_inference() else t)
-
-
-def _captured_step(module: nn.Module, batch: Any, b: int, leaves: bool = False) -> tuple[Any, MutedStep, list]:
-    """``training_step`` on ``batch``, muted, with its torch loss calls captured: its output, the
-    muted step (the losses given to ``manual_backward``) and the records that map to samples
-    (``leaves``: see ``LossCapture``)."""
-    from genbounds.estimators.loss_capture import LossCapture
-
-    with muted_training_step(module) as manual, LossCapture(batch_size=b, leaves=leaves) as cap:
-        out = call_training_step(module, batch)
-    return out, manual, [r for r in cap.records if r.mappable]
-
-
-def _per_record(coefficients: Tensor, records: list) -> tuple[Tensor, ...]:
-    """``loss_coefficients``' vector split by record (a reduced record has one, an unreduced one
-    one per element)."""
-    return torch.split(coefficients, [r.value.numel() for r in records])

@@ -98,6 +98,31 @@ class BackendSlot:
             accumulate=o.accumulate, world_size=trainer.world_size,
             use_accumulation_steps=o.use_accumulation_steps, num_chunks=o.num_chunks, seed=o.seed), pl_module)
 
+    def second_backward(self, trainer: Trainer, pl_module: LightningModule, contract: LossContract,
+                        loss_fn: Any) -> bool:
+        """A second ``manual_backward`` on one batch (the loss contract's trial saw one): whether
+        the step's window must be dropped. A window read from the training backward, or centred
+        on ``.grad``, after the first holds part of the step's gradient only; a backend reading
+        the training backward then gives way to an extra pass (said once). An extra pass with its
+        own mean read the whole per-sample losses already."""
+        impl = self.impl
+        assert impl is not None
+        reads = impl.reads_training_backward
+        if not (reads or getattr(impl, "grad_is_mean", False)):
+            return False
+        contract.reads_training_backward = False  # (the next backend centres on its own mean)
+        rank_zero_warn(f"GradientDispersion(backend={impl.name!r}): training_step called manual_backward more "
+                       "than once on one batch: " + ("the per-sample rows of separate backward passes cannot be added "
+                                                     "up per sample" if reads else "the gradient read after the first "
+                                                     "is not the step's") + "; this step is not measured, and "
+                       + ("an extra-pass backend" if reads else "the extra pass, centred on its own mean,")
+                       + " measures the next ones.")
+        if reads:
+            self.fallback(trainer, pl_module, contract, loss_fn)
+        else:
+            impl.grad_is_mean = False  # type: ignore[attr-defined]
+        return True
+
     def detach(self) -> None:
         if self.impl is not None:
             self.impl.detach()
