@@ -18,7 +18,7 @@ interval (``common.median_ci``) over the rounds after the first tenth. The varia
 pieces' fp32 norms into one row laid out as the row ring's (``PieceBlocks``):
 
 * ``gather`` — the small tensors (three biases and the last layer's weight) copied into a
-  zero-padded buffer by one ``torch.cat`` and normed at once (the route before this round);
+  zero-padded buffer by one ``torch.cat`` and normed at once (the route before round 24);
 * ``apart`` — each small tensor's pieces normed where it lies (``functional._PiecePlan``: at most
   eight norms);
 * ``in the backward`` — the large tensors' pieces normed by a hook as each ``.grad`` is

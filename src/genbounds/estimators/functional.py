@@ -312,7 +312,7 @@ class _PiecePlan:
     kernel's code and data, the four norms of their own cost about 25 µs less than the gather
     (the MLP's step +171 [161, 177] against +196 [184, 208] µs over plain training, medians of
     1,800 per-round differences with their 95 % intervals, ``benchmarks/piece_norms_in_situ.py``;
-    docs/results/overhead.md, "This round")."""
+    docs/results/overhead.md, "Round 24")."""
 
     __slots__ = ("shapes", "layout", "split", "slots", "gathered", "gather_buffer", "gather_pads", "gather_flat",
                  "rest", "norms", "squares", "apart", "rest_split")
