@@ -145,8 +145,22 @@ def test_finish_values_flags_a_bound_below_the_gap_and_says_so():
     assert values["bound/heuristic"] == 1.0 and values["perf/overhead"] == 0.125
     assert values["bound/test_error_upper"] == pytest.approx(0.35)
     kinds = [kind for kind, _ in notes]
-    assert kinds == ["invalid-wang_mao_eq3", "invalid-neu"]
-    assert "below the measured gap at step 7" in notes[0][1] and "could not be computed (NaN)" in notes[1][1]
+    assert kinds == ["invalid-neu", "invalid-wang_mao_eq3"]
+    assert "could not be computed (NaN)" in notes[0][1] and "below the measured gap at step 7" in notes[1][1]
+
+
+def test_bounds_that_could_not_be_computed_are_said_in_one_warning_with_the_reason_given():
+    from genbounds.callbacks.bound_evaluation import finish_values
+
+    wanted = ("wang_mao_eq2", "wang_mao_eq3", "neu")
+    values = {f"bound/{name}": math.nan for name in wanted} | {"gap/measured": 0.2, "setting/R": 1.0}
+    notes = finish_values(values, wanted, 9, plain_sgd=True, overhead=0.1, reason="the parameters changed")
+    assert [kind for kind, _ in notes] == ["invalid-wang_mao_eq2+wang_mao_eq3+neu"]
+    assert "bound/wang_mao_eq2, bound/wang_mao_eq3, bound/neu could not be computed (NaN) at step 9: the " \
+           "parameters changed" in notes[0][1]
+    # without a reason: "a failed estimate"
+    values = {f"bound/{name}": math.nan for name in wanted} | {"gap/measured": 0.2, "setting/R": 1.0}
+    assert "a failed estimate" in finish_values(values, wanted, 9, plain_sgd=True, overhead=0.1)[0][1]
 
 
 def test_warn_once_says_each_kind_once():

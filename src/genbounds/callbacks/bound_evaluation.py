@@ -113,19 +113,26 @@ def final_shares(probes: Sequence[Any], floors: Sequence[float], enabled: bool =
             probe.final_floor_after = 0.0
 
 
-def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | None) -> list[tuple[str, str]]:
-    """``(kind, message)`` for each problem these bound values show — an invalid bound, a σ choice
-    at the grid's edge, a σ that destroys the model — to be said once per kind."""
+def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | None,
+                reason: str | None = None) -> list[tuple[str, str]]:
+    """``(kind, message)`` for each problem these bound values show — bounds that could not be
+    computed (one note for all of them, with ``reason`` when the caller knows it), a bound below
+    the gap, a σ choice at the grid's edge, a σ that destroys the model — to be said once per kind."""
     notes: list[tuple[str, str]] = []
+    failed = [name for name in wanted if values.get(f"bound_valid/{name}") == 0.0
+              and not math.isfinite(values.get(f"bound/{name}", math.nan))]
+    if failed:
+        why = reason or "a failed estimate"
+        if reason is None and not math.isfinite(values.get("setting/R", 0.0)):
+            why = ("R is NaN (no per-sample losses to read the loss range from, or no held-out data; "
+                   "GeneralizationBound(R=…) takes a number)")
+        named = ", ".join(f"bound/{name}" for name in failed)
+        notes.append((f"invalid-{'+'.join(failed)}", f"GeneralizationBound: {named} could not be computed (NaN) at "
+                      f"step {step}: {why}; flagged bound_valid/… = 0."))
     for name in wanted:
-        if values.get(f"bound_valid/{name}") == 0.0:
-            v = values.get(f"bound/{name}", math.nan)
-            why = "could not be computed (NaN)" if not math.isfinite(v) else "is below the measured gap"
-            if not math.isfinite(v) and not math.isfinite(values.get("setting/R", 0.0)):
-                why += " — R is NaN (no per-sample losses to read the loss range from, or no held-out data; " \
-                       "GeneralizationBound(R=…) takes a number)"
-            notes.append((f"invalid-{name}", f"GeneralizationBound: bound/{name} {why} at step {step}: a failed "
-                          f"estimate, flagged bound_valid/{name} = 0."))
+        if values.get(f"bound_valid/{name}") == 0.0 and name not in failed:
+            notes.append((f"invalid-{name}", f"GeneralizationBound: bound/{name} is below the measured gap at step "
+                          f"{step}: a failed estimate, flagged bound_valid/{name} = 0."))
         if values.get(f"bound_terms/{name}_sigma_at_edge") == 1.0:
             notes.append((f"edge-{name}", f"GeneralizationBound: bound/{name} is minimized at the edge of the σ "
                           "grid (bound_terms/…_sigma_at_edge); extend the grid."))
@@ -147,7 +154,7 @@ def bound_values(inputs: BoundInputs | None, wanted: Sequence[str]) -> tuple[dic
 
 
 def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | None, *, plain_sgd: bool,
-                  overhead: float) -> list[tuple[str, str]]:
+                  overhead: float, reason: str | None = None) -> list[tuple[str, str]]:
     """Complete an evaluation's ``values`` once the gap is in them: ``bound_valid/…``,
     ``bound/heuristic`` (the optimizer is not plain SGD), ``perf/overhead`` and
     ``bound/test_error_upper``; the notes they call for (:func:`bound_notes`)."""
@@ -155,7 +162,7 @@ def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | N
     values["bound/heuristic"] = float(not plain_sgd)
     values["perf/overhead"] = overhead
     values.update(upper_test_error(values, wanted))
-    return bound_notes(values, wanted, step)
+    return bound_notes(values, wanted, step, reason)
 
 
 class WarnOnce:

@@ -54,14 +54,14 @@ class BoundSeries:
         for r in records:
             self.dispersion_steps.append(r.step)
             self.dispersion_values.append(r.dispersion)
-            if r.groups is not None:
+            if r.groups is not None and _same_width(r.groups, self.dispersion_groups):
                 self.dispersion_groups.append(list(r.groups))
 
     def on_heldout(self, records: list[HeldoutRecord]) -> None:
         for r in records:
             self.heldout_steps.append(r.step)
             self.heldout_values.append(r.heldout_dist_sq)
-            if r.groups is not None:
+            if r.groups is not None and _same_width(r.groups, self.heldout_groups):
                 self.heldout_groups.append(list(r.groups))
 
     def on_sensitivity(self, records: list[SensitivityRecord]) -> None:
@@ -199,3 +199,9 @@ class BoundSeries:
             raise MisconfigurationException(
                 "GeneralizationBound: this checkpoint's per-layer series use the parameter groups "
                 f"{saved_groups}, not {list(groups)}: resume with the same model and layer_groups.")
+
+
+def _same_width(groups: list[float], rows: list[list[float]]) -> bool:
+    """A record's per-group values as wide as the rows kept: after the trained parameters changed
+    (other layers: trainable_set.py) the per-layer series stop, the bounds being NaN from then."""
+    return not rows or len(groups) == len(rows[0])

@@ -58,6 +58,7 @@ class Flatness(ProbeCallback):
     """
 
     owner = "Flatness"
+    takes_gradients = False  # (loss values only)
     needs_train_probe = True
     needs_heldout_probe = True
 

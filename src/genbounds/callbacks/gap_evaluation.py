@@ -23,9 +23,9 @@ from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.probe_data import (
     PROBE_STREAM,
-    first_loader,
     forked_rng,
     own_iterator,
+    training_loader,
     validation_loader,
 )
 from genbounds.estimators.batching import batch_size
@@ -66,7 +66,7 @@ class GapEvaluation:
 
     def prepare(self, trainer: Trainer, contract: LossContract) -> None:
         self.contract = contract
-        self._train_loader = first_loader(trainer.train_dataloader)
+        self._train_loader = training_loader(trainer)
         self._val_loader = validation_loader(trainer)
         self.heldout_available = self._val_loader is not None
         self._train_indices = self._indices(trainer, self._train_loader, seeded=True)

@@ -11,13 +11,14 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs
 from genbounds.callbacks.bound_evaluation import LossRange, WarnOnce, bound_values, evaluation_floor, finish_values
 from genbounds.callbacks.bound_producers import Producers
 from genbounds.callbacks.bound_series import BoundSeries
+from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.callbacks.checks import (
     check_bool,
     check_choice,
@@ -90,6 +91,7 @@ class GeneralizationBound(ProbeCallback):
     """
 
     owner = "GeneralizationBound"
+    takes_gradients = False  # (the gap: loss values only; the probes it asks for say their own)
     needs_train_probe = False
     needs_heldout_probe = False
 
@@ -140,6 +142,9 @@ class GeneralizationBound(ProbeCallback):
         self.step_log = StepLog(o, prog_bar=(f"bound/{self.headline}", "gap/measured") if check_bool(
             o, "prog_bar", prog_bar) else (), log_nonfinite=True)
         self.series = BoundSeries()
+        self.changed_at: int | None = None
+        self._evaluated_weights: Tensor | None = None
+        """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
         self.optimizer: str | None = None
@@ -191,9 +196,7 @@ class GeneralizationBound(ProbeCallback):
         self.wanted = self.producers.resolve(self.bounds, len(self._groups))
         self._warn_once.all(self.producers.notes(self.wanted))
         self.producers.connect(self.series)
-        self._d = num_trainable(pl_module)
         self._trainer = trainer
-        self.series.configure(self.sigmas, self._groups, {n: p.numel() for n, p in trainable_parameters(pl_module).items()})
         self._gap = GapEvaluation(self.owner, self.gap_samples, self.gap_batch_size, self.probe_mode)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -206,9 +209,18 @@ class GeneralizationBound(ProbeCallback):
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
+    def take_parameters(self, pl_module: LightningModule) -> None:
+        if self._set_version == 0:  # (after a change the bounds are NaN: the groups stay the run's first)
+            self._groups = parameter_groups(pl_module, self.layer_groups)
+            self._d = num_trainable(pl_module)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
+        super().on_train_start(trainer, pl_module)  # (the trained parameters: take_parameters)
         assert self.contract is not None and self._gap is not None
+        # a resumed run's series were measured on its first run's groups (kept by configure)
+        self.series.check_resumable(self.sigmas, list(self._groups))
+        sizes = {n: p.numel() for n, p in trainable_parameters(pl_module).items()}
+        self.series.configure(self.sigmas, self._groups, sizes)
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
@@ -265,6 +277,13 @@ class GeneralizationBound(ProbeCallback):
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_fit_end(trainer, pl_module)
+        if self._evaluated_weights is not None and not torch.equal(self._evaluated_weights, _fingerprint(pl_module)):
+            self._warn_once(
+                "weights-replaced",
+                f"GeneralizationBound: the weights fit() returns are not those of its final evaluation (step "
+                f"{self._evaluated_step}): a callback replaced them at the end of training (StochasticWeightAveraging, "
+                "an EMA, a best-checkpoint reload?). The final bounds and gap/measured describe the weights SGD "
+                "reached at that step, for which the bounds are stated, not the weights returned.")
         if self.write_hparams:
             self._summary.write_hparams(trainer, pl_module, self)
         if self.print_summary:
@@ -306,8 +325,9 @@ class GeneralizationBound(ProbeCallback):
                 values.update(self._measure_gap(trainer, pl_module))
             else:
                 self.loss_range.unknown()
-            inputs = self.producers.measure(trainer, pl_module, self.series, self._groups,
-                                            lambda: self._inputs(trainer), log=log)
+            # (the trained parameters changed: NaN bounds, and no probe is asked for them)
+            inputs = None if self._trained_changed(trainer, pl_module) else self.producers.measure(
+                trainer, pl_module, self.series, self._groups, lambda: self._inputs(trainer), log=log)
             with self.budget.timed(self.owner):
                 bounds, notes = bound_values(inputs, self.wanted)
                 values.update(bounds)
@@ -321,15 +341,33 @@ class GeneralizationBound(ProbeCallback):
             self._eval_cost = time.perf_counter() - started
             self.budget.reserve = self._eval_cost
         self._warn_once.all(finish_values(values, self.wanted, self._evaluated_step, plain_sgd=self.plain_sgd,
-                                          overhead=self.budget.overhead))
+                                          overhead=self.budget.overhead, reason=self._nan_reason()))
         self.evaluations += 1
+        self._evaluated_weights = _fingerprint(pl_module)  # (compared at the fit's end)
         self._log(trainer, pl_module, values, log=log)
         return values
 
+    def _trained_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Whether the trained parameters changed since step 0 (``trainable_set.py``, which says so
+        once): the bounds are stated for one parameter set trained from step 0."""
+        trained = TrainableSet.shared(pl_module)
+        if trained.check(pl_module, int(trainer.global_step)) and self.changed_at is None:
+            self.changed_at = trained.changes[0].step
+        return self.changed_at is not None
+
+    def _nan_reason(self) -> str | None:
+        """Why every bound is NaN, where that is known before the estimates (said once, before)."""
+        if self.changed_at is not None:
+            return (f"the trained parameters changed at step {self.changed_at}, and the bounds are stated for one "
+                    "parameter set trained from step 0")
+        if self._unmeasured_steps:
+            return "the checkpoint this fit resumed from holds no measurements of its first steps"
+        return None
+
     def _inputs(self, trainer: Trainer) -> BoundInputs | None:
         T = min(int(trainer.global_step), len(self.series.lrs))
-        if self._n is None or self._d is None or self._unmeasured_steps:
-            return None  # (a history that misses steps: NaN bounds)
+        if self._n is None or self._d is None or self._unmeasured_steps or self.changed_at is not None:
+            return None  # (a history that misses steps, or another parameter set: NaN bounds)
         return self.series.inputs(T, self._n, self._d, self.loss_range.value, self.sigmas, self.wanted, z=self.selection_z,
                                   max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
                                   grouped=len(self._groups) >= 2)
@@ -348,22 +386,28 @@ class GeneralizationBound(ProbeCallback):
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
                      warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step,
-                     gap_at_start=self.gap_at_start,
+                     gap_at_start=self.gap_at_start, changed_at=self.changed_at,
                      **self.loss_range.state_dict(), evaluations=self.evaluations,
                      budget=self.budget.state_dict() if self.budget is not None else None)
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        series = BoundSeries()
-        series.load_state_dict(state_dict.get("series", {}))
-        series.check_resumable(self.sigmas, list(self._groups))
-        self.series.load_state_dict(state_dict.get("series", {}))
+        self.series.load_state_dict(state_dict.get("series", {}))  # (checked at on_train_start)
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
         self._warn_once.said = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
         self.gap_at_start = state_dict.get("gap_at_start")
+        self.changed_at = state_dict.get("changed_at")
         self.loss_range.load_state_dict(state_dict)
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._budget_state = state_dict.get("budget")
+
+
+def _fingerprint(module: nn.Module) -> Tensor:
+    """Each parameter's float64 sum and sum of squares (on the host): weights replaced or averaged
+    after an evaluation change them; the probes restore the weights they perturb exactly."""
+    with torch.no_grad():
+        parts = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()]
+    return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)

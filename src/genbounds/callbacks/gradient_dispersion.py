@@ -30,6 +30,7 @@ from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
+from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import parameter_groups, trainable_parameters
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
@@ -158,6 +159,9 @@ class GradientDispersion(MeasurementCallback):
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
         self._late_ok = self._late = False  # (norms read at the optimizer step: _READ_LATE)
+        self._trainable = TrainableSet()
+        self._set_version = 0
+        self._checked_epoch = -1
         self.step_budget = StepBudget(OWNER)
         self._aside: HooksAside | None = None
 
@@ -207,16 +211,22 @@ class GradientDispersion(MeasurementCallback):
         self.contract = LossContract.shared(pl_module)
         self._loss_fn = self.contract.register(owner, self.loss_fn, per_sample=self.backend == "functorch",
                                                what="exact per-sample gradients (backend='functorch')")
+        self._accumulate = int(trainer.accumulate_grad_batches)
+        self.step_budget.setup(trainer)
+
+    def _take_parameters(self, pl_module: LightningModule) -> None:
+        """The trained parameters, their groups and the logged row's names (at ``on_train_start``,
+        after Lightning's ``BaseFinetuning`` froze a backbone, and again when they change)."""
         groups = parameter_groups(pl_module, self.layer_groups)
-        names = list(trainable_parameters(pl_module))
+        named = trainable_parameters(pl_module)
+        names = list(named)
+        self._params = list(named.values())
         self.group_names = list(groups)
         self._row_names = ("grad/norm_sq", "grad/trace_cov", "grad/dispersion",
                            *(f"grad/dispersion/layer/{g}" for g in self.group_names))
         self._groups = [[names.index(n) for n in members] for members in groups.values()]
         # the one-vector form below sums the groups for the totals: only when they partition
         self._groups_partition = sorted(i for g in self._groups for i in g) == list(range(len(names)))
-        self._accumulate = int(trainer.accumulate_grad_batches)
-        self.step_budget.setup(trainer)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.contract is not None
@@ -230,7 +240,11 @@ class GradientDispersion(MeasurementCallback):
                 "no spread to measure; use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
         trial_batch = training_trial_batch(trainer, self.seed)
         self.contract.resolve(trainer, pl_module, trial_batch)
-        self._params = list(trainable_parameters(pl_module).values())
+        self._trainable = TrainableSet.shared(pl_module)
+        self._trainable.take(pl_module)
+        self._set_version = self._trainable.version
+        self._checked_epoch = trainer.current_epoch
+        self._take_parameters(pl_module)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
         options = BackendOptions(  # (the settings as they are now, as setup's groups)
@@ -238,6 +252,10 @@ class GradientDispersion(MeasurementCallback):
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
         self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
+        self._late_from_start(trainer, pl_module)
+
+    def _late_from_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self._aside is not None
         # one backward a step whose gradient is the batch mean, read by the norms' raw path: the
         # backward's norms can wait for the optimizer step (one Lightning hook fewer a step; not
         # where the after-backward hook cannot be set aside: a subclass's own, an older Lightning)
@@ -245,6 +263,18 @@ class GradientDispersion(MeasurementCallback):
                          and self._groups_partition and "on_after_backward" in self._aside.names)
         if self._late_ok and self.impl is not None:
             self.impl.use_row_ring(self.step_log, self._row_names)
+
+    def _replan(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """The trained parameters changed (said once by ``TrainableSet``): the steps measured so far
+        are written out under the old layers, and the backend is chosen and attached again for the
+        new set (hooks on the layers now trained), checked on this batch."""
+        assert self.contract is not None
+        self._set_version = self._trainable.version
+        self.flush(trainer, pl_module)
+        self.slot.detach()
+        self._take_parameters(pl_module)
+        self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch)
+        self._late_from_start(trainer, pl_module)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -260,6 +290,10 @@ class GradientDispersion(MeasurementCallback):
                            extras, self._groups_partition, self._step)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._checked_epoch != trainer.current_epoch:  # (an epoch's first batch start it sees)
+            self._checked_epoch = trainer.current_epoch
+            if self._trainable.check(pl_module, logger_step(trainer)) != self._set_version:
+                self._replan(trainer, pl_module, batch)  # (layers unfrozen or frozen)
         assert self.impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
             self._window = None
@@ -393,6 +427,7 @@ class GradientDispersion(MeasurementCallback):
 
     def _cleanup(self) -> None:
         self.slot.detach()
+        self._trainable.reset()
         self._window = None
         self._batch = None
         self._manual_grads = None

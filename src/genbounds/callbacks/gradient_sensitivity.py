@@ -125,6 +125,12 @@ class GradientSensitivity(ProbeCallback):
         self.shape = list(shape)
         self.group_of_param = dict(group_of_param)
 
+    def take_parameters(self, pl_module: LightningModule) -> None:
+        if self._set_version and self.shape is not None:
+            # the shape's blocks are the parameters the fit started with: for the layer-wise bound,
+            # which is NaN after such a change (trainable_set.py)
+            self.shape = None
+
     def _levels(self) -> int:
         return len(self.sigmas) * (1 + int(self.growing) + int(self.growing and self.shape is not None))
 

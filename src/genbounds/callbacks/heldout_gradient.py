@@ -19,7 +19,7 @@ from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
-from genbounds.estimators.functional import against_mean, dot, parameter_groups, trainable_parameters
+from genbounds.estimators.functional import against_mean, dot, group_positions, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
 from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
 from genbounds.estimators.per_sample_gradients import hooks_cover, per_sample_gradient_moments
@@ -117,10 +117,9 @@ class HeldoutGradient(ProbeCallback):
                 "gradients through train-mode BatchNorm; use backend='microbatch' or probe_mode='eval'."
             )
         self._per_sample = self.backend == "functorch" or (self.backend == "auto" and not bn_train)
-        groups = parameter_groups(pl_module, self.layer_groups)
-        names = list(trainable_parameters(pl_module))
-        self.group_names = list(groups)
-        self._groups = [[names.index(n) for n in members] for members in groups.values()]
+
+    def take_parameters(self, pl_module: LightningModule) -> None:
+        self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_single_optimizer(self.owner, pl_module)  # (not at setup: Lightning makes the optimizers after it)

@@ -15,7 +15,7 @@ from genbounds.callbacks.channel import Channel, CurvatureRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode
 from genbounds.callbacks.state_key import state_key_once
-from genbounds.estimators.functional import LossFn, parameter_groups, per_sample_losses, trainable_parameters
+from genbounds.estimators.functional import LossFn, group_positions, per_sample_losses, trainable_parameters
 from genbounds.estimators.hessian_eigenvalue import top_eigenvalue
 from genbounds.estimators.hessian_trace import hutchinson_trace
 from genbounds.estimators.hessian_vector_product import HVPMethod, LossHessian
@@ -138,10 +138,6 @@ class HessianTrace(ProbeCallback):
                 "HessianTrace(backend='pyhessian') is a single-process cross-check; use the default "
                 "backend='hutchinson' under DDP."
             )
-        groups = parameter_groups(pl_module, self.layer_groups)
-        names = list(trainable_parameters(pl_module))
-        self.group_names = list(groups)
-        self._groups = [[names.index(n) for n in members] for members in groups.values()]
 
     @property
     def _eig_min_iter(self) -> int:
@@ -229,10 +225,14 @@ class HessianTrace(ProbeCallback):
         saved = state_dict.get("eigvec")
         self._eigvec = None if saved is None else list(saved)
 
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
+    def take_parameters(self, pl_module: LightningModule) -> None:
+        self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
+        params = list(trainable_parameters(pl_module).values())
         if self._eigvec is not None:
-            self._eigvec = [v.to(p.device, p.dtype) for v, p in zip(self._eigvec, trainable_parameters(pl_module).values())]
+            if len(self._eigvec) == len(params) and all(v.shape == p.shape for v, p in zip(self._eigvec, params)):
+                self._eigvec = [v.to(p.device, p.dtype) for v, p in zip(self._eigvec, params)]
+            else:
+                self._eigvec = None  # (other parameters trained: the power iteration starts afresh)
 
 
 class _LossAsModel(nn.Module):

@@ -84,6 +84,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lightning.pytorch import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 
 BUDGET_KEY = "_genbounds_overhead"
 """Where :meth:`OverheadBudget.shared` keeps the trainer's budget (``trainer.__dict__``)."""
@@ -308,6 +309,18 @@ def _clock(hook: Callable, step_start: bool, begins: bool = False, per_step: boo
     return clocked
 
 
+def _fit_only(load_state_dict: Callable) -> Callable:
+    """``load_state_dict`` that does nothing where :meth:`MeasurementCallback.on_load_checkpoint`
+    found the trainer not fitting."""
+
+    @functools.wraps(load_state_dict)
+    def load(self: Any, state_dict: dict[str, Any]) -> None:
+        if getattr(self, "_takes_state", True):
+            load_state_dict(self, state_dict)
+
+    return load
+
+
 class MeasurementCallback(Callback):
     """Base of the measurement callbacks: their hooks are charged whole to the overhead budget
     (see the module docstring), under :attr:`owner_name` (default: the class name)."""
@@ -317,6 +330,15 @@ class MeasurementCallback(Callback):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         _clock_hooks(cls)
+        own = cls.__dict__.get("load_state_dict")
+        if own is not None:
+            cls.load_state_dict = _fit_only(own)  # type: ignore[method-assign]
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        """Lightning restores callbacks' state in every stage, ``trainer.validate(ckpt_path=…)``
+        after a fit included, which put an older state back (a bound's final values gone): only a
+        resumed fit takes it (``load_state_dict`` comes next)."""
+        self._takes_state = trainer.state.fn == TrainerFn.FITTING
 
     @property
     def owner_name(self) -> str:

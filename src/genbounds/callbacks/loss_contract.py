@@ -66,6 +66,9 @@ class Need:
     per_sample: bool
     what: str
     """What the callback loses when only a batch-mean loss is available."""
+    gradients: bool = False
+    """Whether its passes take gradients by ``torch.autograd.grad`` (not possible through
+    ``torch.utils.checkpoint(use_reentrant=True)``)."""
 
 
 @dataclass
@@ -93,6 +96,9 @@ class LossContract:
         """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
+        self.reentrant_checkpoint = False
+        """Whether the trial's loss was computed through ``torch.utils.checkpoint(use_reentrant=True)``,
+        whose backward ``torch.autograd.grad`` cannot take: passes that need it measure nothing."""
         """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._draw_seeds = DrawSeeds()
         self._read = PerBatchRead()
@@ -128,13 +134,14 @@ class LossContract:
             pl_module.__dict__["_genbounds_loss_contract"] = contract
         return contract
 
-    def register(self, owner: str, loss_fn: UserLossFn | None, *, per_sample: bool = False, what: str = "") -> LossFn:
+    def register(self, owner: str, loss_fn: UserLossFn | None, *, per_sample: bool = False, what: str = "",
+                 gradients: bool = False) -> LossFn:
         """Called from a callback's ``setup``: declare what it needs; returns its ``loss_fn``."""
         if loss_fn is not None:
             if not callable(loss_fn):
                 raise MisconfigurationException(f"{owner}(loss_fn={loss_fn!r}) must be callable")
             self.explicit[owner] = loss_fn
-        self.needs = [n for n in self.needs if n.owner != owner] + [Need(owner, per_sample, what)]
+        self.needs = [n for n in self.needs if n.owner != owner] + [Need(owner, per_sample, what, gradients)]
         if loss_fn is not None:
             return _UserLoss(loss_fn)
         return self
@@ -199,6 +206,7 @@ class LossContract:
                     cuda_rng is not None and not torch.equal(torch.cuda.get_rng_state(device), cuda_rng)
                 ) or host_rng_states() != host or not same_states(kept, generator_states(gens))
                 returned = returned_loss(out, manual)
+                self.reentrant_checkpoint = returned is not None and _through_reentrant_checkpoint(returned)
                 records = [r for r in cap.records if r.mappable]
                 classification = [i for i, r in enumerate(records) if r.name in CLASSIFICATION_LOSSES]
                 if self.tier == "automatic":
@@ -373,6 +381,13 @@ class LossContract:
         self.tier = "none"
 
     def _report(self, module: LightningModule) -> None:
+        blocked = [n.owner for n in self.needs if n.gradients]
+        if self.reentrant_checkpoint and blocked:
+            rank_zero_warn(
+                f"genbounds: {type(module).__name__}.training_step runs torch.utils.checkpoint with "
+                f"use_reentrant=True, whose backward torch.autograd.grad cannot take: {', '.join(blocked)} measure "
+                "nothing in this run (NaN), nor do the bounds that need them (GradientDispersion and Flatness are "
+                "not affected). Pass use_reentrant=False, which PyTorch recommends, to measure them.")
         if self.tier == "none":
             owners = ", ".join(n.owner for n in self.needs) or "the genbounds callbacks"
             raise MisconfigurationException(
@@ -554,3 +569,19 @@ def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str]
     if not ok:
         notes.append(f"training_step's loss ({observed:.6g}) is not the mean of {what} ({reference:.6g})")
     return ok
+
+
+def _through_reentrant_checkpoint(loss: Tensor, limit: int = 100_000) -> bool:
+    """Whether ``loss``'s autograd graph holds a ``torch.utils.checkpoint(use_reentrant=True)``
+    segment (its node; walked once, at the trial)."""
+    seen: set[int] = set()
+    stack = [loss.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "CheckpointFunctionBackward":
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False

@@ -49,6 +49,7 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
     first_loader,
     num_train_samples,
     screen_probe_set,
+    training_loader,
     training_set_size,
     training_trial_batch,
     validation_loader,
@@ -56,6 +57,7 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
 )
 from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
+from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.functional import LossFn, Reduce, num_trainable
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
@@ -100,6 +102,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     needs_heldout_probe = False
     heldout_required = False
     per_sample_need: str | None = None
+    takes_gradients = True
+    """Whether its passes take gradients (``torch.autograd.grad``): then it measures nothing where
+    the loss runs through ``torch.utils.checkpoint(use_reentrant=True)`` (the loss contract says so)."""
     """What this callback loses without per-sample losses (``None``: it needs only means)."""
 
     def __init__(
@@ -149,6 +154,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._pending = False
         self._module: LightningModule | None = None
         self._init_pricing()
+        self._set_version = 0
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -158,7 +164,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         check_precision(self.owner, trainer)
         self.contract = LossContract.shared(pl_module)
         self._loss_fn = self.contract.register(self.owner, self.loss_fn, per_sample=self.per_sample_need is not None,
-                                               what=self.per_sample_need or "")
+                                               what=self.per_sample_need or "", gradients=self.takes_gradients)
         self.budget = OverheadBudget.shared(trainer, self.overhead_budget)
         if self.schedule.empty and not self._requested_by_aggregator(trainer):
             rank_zero_warn(
@@ -175,10 +181,14 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         assert self.budget is not None and self.contract is not None
         self.budget.begin()
         self._module = pl_module
+        trained = TrainableSet.shared(pl_module)
+        trained.take(pl_module)  # (after on_fit_start: a backbone BaseFinetuning froze is not trained)
+        self._set_version = trained.version
+        self.take_parameters(pl_module)
         self.budget.pricers[self.owner] = self.first_cost
         wanted = (self.probe_batch_size * self.num_probe_batches) if self.probe_batch_size else None
         if self.needs_train_probe:
-            self.train_probe = draw_training_subset(trainer, first_loader(trainer.train_dataloader),
+            self.train_probe = draw_training_subset(trainer, training_loader(trainer),
                                                     self.probe_batch_size, self.num_probe_batches, self.seed)
         if self.needs_heldout_probe:
             loader = validation_loader(trainer)
@@ -249,7 +259,8 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     # ------------------------------------------------------------------ machinery
     @property
     def active(self) -> bool:
-        return not (self.heldout_required and not self.heldout_available)
+        blocked = self.takes_gradients and self.contract is not None and self.contract.reentrant_checkpoint
+        return not (self.heldout_required and not self.heldout_available) and not blocked
 
     @staticmethod
     def reducer(trainer: Trainer) -> Reduce | None:
@@ -289,6 +300,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
+        if TrainableSet.shared(pl_module).check(pl_module, self._probe_step) != self._set_version:
+            self._set_version = TrainableSet.shared(pl_module).version
+            self.take_parameters(pl_module)  # (layers unfrozen or frozen since the last probe)
         self._start_final_share()
         try:
             with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
@@ -304,6 +318,10 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         records = self.step_log.flush(trainer, pl_module if log else None, epoch_end=epoch_end)
         if records:
             self.publish(step, values)
+
+    def take_parameters(self, pl_module: LightningModule) -> None:
+        """What a subclass keeps per trained parameter (groups, a warm start), taken at
+        ``on_train_start`` and again when the trained parameters change (``trainable_set.py``)."""
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         raise NotImplementedError
@@ -330,3 +348,5 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.train_probe = None
         self.heldout_probe = None
         self._module = None
+        if stage == "fit":
+            TrainableSet.shared(pl_module).reset()

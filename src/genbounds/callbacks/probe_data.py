@@ -50,6 +50,21 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
+def training_loader(trainer: Trainer) -> Any:
+    """The fit's training loader. Several (a list or dict given to ``fit``, which Lightning
+    combines into one batch of batches) are refused before step 0: the per-sample quantities are
+    defined on one training set, and a combined batch is not one batch of samples."""
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, (list, tuple, dict)):
+        names = list(loaders) if isinstance(loaders, dict) else list(range(len(loaders)))
+        raise MisconfigurationException(
+            f"genbounds: this fit has {len(names)} training dataloaders ({', '.join(map(repr, names))}), which "
+            "Lightning combines into one batch of batches; the genbounds callbacks measure per-sample quantities of "
+            "one training set. Give fit one DataLoader (e.g. over a torch.utils.data.ConcatDataset, or a Dataset "
+            "that returns what the loaders returned together), or leave the genbounds callbacks out of this fit.")
+    return loaders
+
+
 @contextmanager
 def own_iterator(loader: Any) -> Iterator[Any]:
     """An iterator over ``loader`` that leaves the loader's own state alone: a ``DataLoader`` with
@@ -146,7 +161,7 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
 
 def training_trial_batch(trainer: Trainer, seed: int = 0) -> Any:
     """One training batch's worth of samples for the loss contract's trial (before step 0)."""
-    loader = first_loader(trainer.train_dataloader)
+    loader = training_loader(trainer)
     size = getattr(loader, "batch_size", None)
     return draw_training_subset(trainer, loader, min(size, 64) if isinstance(size, int) else None, 1, seed)
 
@@ -176,7 +191,7 @@ def training_set_size(trainer: Trainer) -> int | None:
     dm = trainer.datamodule
     if dm is not None and isinstance(getattr(dm, "num_train", None), int):
         return int(dm.num_train)
-    loader = first_loader(trainer.train_dataloader)
+    loader = training_loader(trainer)
     dataset = getattr(loader, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]

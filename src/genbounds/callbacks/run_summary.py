@@ -50,6 +50,16 @@ def optimizer_notes(trainer: Trainer) -> tuple[str | None, bool, list[tuple[str,
     if not plain:
         notes.append(("optimizer", f"GeneralizationBound: the optimizer is {name}, not plain SGD; the bounds take "
                       "η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1)."))
+    clip = getattr(trainer, "gradient_clip_val", None)
+    module = getattr(trainer, "lightning_module", None)
+    own = module is not None and type(module).configure_gradient_clipping is not \
+        LightningModule.configure_gradient_clipping  # (the class's: an intervention patches the instance)
+    if (clip is not None and float(clip) > 0) or own:
+        plain = False
+        how = f"gradient_clip_val={clip}" if clip else f"{type(module).__name__}.configure_gradient_clipping"
+        notes.append(("clipping", f"GeneralizationBound: gradient clipping ({how}) makes the step differ from "
+                      "η_t·ḡ_B whenever it clips, and the bounds take η_t·ḡ_B as the step: they are heuristics here "
+                      "(bound/heuristic = 1)."))
     for config in getattr(trainer, "lr_scheduler_configs", []):
         if type(config.scheduler).__name__ == "ReduceLROnPlateau":
             notes.append(("plateau", "GeneralizationBound: ReduceLROnPlateau makes the learning-rate schedule "

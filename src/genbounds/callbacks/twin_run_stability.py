@@ -21,7 +21,7 @@ from genbounds.callbacks.checks import (
     check_choice,
     check_int,
 )
-from genbounds.callbacks.probe_data import first_loader, validation_loader
+from genbounds.callbacks.probe_data import training_loader, validation_loader
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, mark_run_complete, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
@@ -163,7 +163,7 @@ class TwinRunStability(FlushesStepLog, Callback):
     def _choose_samples(self, trainer: Trainer) -> None:
         if self.mode == "none":
             return
-        dataset = first_loader(trainer.train_dataloader).dataset
+        dataset = training_loader(trainer).dataset
         gen = torch.Generator().manual_seed(self.seed)
         i = self.sample_index if self.sample_index is not None else int(torch.randint(len(dataset), (1,), generator=gen))
         self.sample_index = i

@@ -19,7 +19,7 @@ from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.probe_data import draw_probe_batch, first_loader
+from genbounds.callbacks.probe_data import draw_probe_batch, training_loader
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, logger_step
 from genbounds.estimators.batching import batch_size, map_tensors
@@ -98,7 +98,7 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
         super().on_train_start(trainer, pl_module)
         if self.reference == "none":
             return
-        loader = first_loader(trainer.train_dataloader)
+        loader = training_loader(trainer)
         if self.reference_batches is None:  # every sample of the (rank's share of the) training set
             batch = draw_probe_batch(trainer, loader, len(loader.dataset), 1)
         else:

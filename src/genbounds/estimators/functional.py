@@ -627,6 +627,15 @@ def reduce_all(tensors: list[Tensor], reduce: Reduce | None) -> list[Tensor]:
     return out
 
 
+def group_positions(module: nn.Module, layer_groups: dict[str, str] | None = None
+                    ) -> tuple[list[str], list[list[int]]]:
+    """The group names of :func:`parameter_groups` and, per group, its parameters' positions in
+    :func:`trainable_parameters` (the trained parameters as they are now)."""
+    groups = parameter_groups(module, layer_groups)
+    position = {n: i for i, n in enumerate(trainable_parameters(module))}
+    return list(groups), [[position[n] for n in members] for members in groups.values()]
+
+
 def group_index(groups: dict[str, list[str]], names: list[str]) -> dict[str, int]:
     """Each of ``names`` → the position of its group in ``groups`` (``parameter_groups``' output)."""
     index = {n: gi for gi, members in enumerate(groups.values()) for n in members}

@@ -71,6 +71,8 @@ class SharedHooks:
                                     unhook_after_backward=True) if ghost else None
         self.backpack = BackpackNormHooks(list(backpack.values())) if backpack else None
         self.backpack_names = {id(m): n for n, m in backpack.items()}
+        self.key = _covering(ghost, backpack)
+        """The modules these hooks cover (hooks for another set are other hooks)."""
         self.owners: set[int] = set()
         self.cache: tuple[int, Any] | None = None
         self.verdict: tuple[int, str | None] | None = None
@@ -82,7 +84,8 @@ class SharedHooks:
     @staticmethod
     def for_module(module: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> SharedHooks:
         shared = module.__dict__.get("_genbounds_norm_hooks")
-        if shared is None:
+        key = _covering(ghost, backpack)
+        if shared is None or shared.key != key:  # (none yet, or other layers trained: trainable_set.py)
             shared = SharedHooks(module, ghost, backpack)
             module.__dict__["_genbounds_norm_hooks"] = shared
         return shared
@@ -360,8 +363,9 @@ class NormHooksBackend(DispersionBackend):
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
                 # (a weight tied by module attribute is refused by the plan before: ghost_norms.plan)
                 why = (f"on one sample of the first batch the norms of {worst} differ from the exact ones — a "
-                       "weight also used outside its layer's call (an output projection tied by F.linear?) or a "
-                       "layer whose output the whole batch shares (a positional embedding of arange(T)?)")
+                       "weight also used outside its layer's call (an output projection tied by F.linear?), a weight "
+                       "recomputed from other parameters before the call (torch.nn.utils.weight_norm's older API?) "
+                       "or a layer whose output the whole batch shares (a positional embedding of arange(T)?)")
             elif layout is not None:
                 why = f"on the first batch the hooks cannot measure it: {layout}"
         except HookProblem as err:
@@ -388,3 +392,8 @@ class NormHooksBackend(DispersionBackend):
             self.ring = None
         if self.shared is not None:
             self.shared.detach()
+
+
+def _covering(ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> tuple:
+    """Which modules a :class:`SharedHooks` covers, by route."""
+    return tuple((n, id(m)) for n, m in ghost.items()), tuple((n, id(m)) for n, m in backpack.items())
