@@ -130,7 +130,9 @@ def test_bound_values_without_inputs_are_nan_for_every_wanted_bound():
     from genbounds.callbacks.bound_evaluation import bound_values
 
     values, notes = bound_values(None, ("wang_mao_eq3", "neu"))
-    assert list(values) == ["bound/wang_mao_eq3", "bound/neu", "bound/wang_mao_eq3_se", "bound/neu_se"]
+    # (with Neu's: its |gap| bound, whose value of an earlier evaluation must not stand)
+    assert list(values) == ["bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "bound/wang_mao_eq3_se",
+                            "bound/neu_se", "bound/neu_abs_se"]
     assert all(math.isnan(v) for v in values.values()) and notes == []
 
 

@@ -159,3 +159,17 @@ def test_validate_after_fit_keeps_the_fits_final_values(tmp_path):
         first = sorted((tmp_path / "ckpt").glob("epoch=0-*.ckpt"))[0]  # (its state: one evaluation in)
         t.validate(dataloaders=_loader(32, 1), ckpt_path=str(first))
     assert evaluations == 3 and bound.evaluations == evaluations and bound.latest == final
+
+
+def test_reentrant_checkpointing_refuses_an_extra_pass_dispersion_and_vectorizes_no_probe(tmp_path):
+    """An extra-pass backend raised at step 0 (found by a review); a vectorized Flatness raised in
+    torch.func."""
+    from genbounds.callbacks import Flatness
+
+    with pytest.raises(MisconfigurationException, match="use_reentrant=False"):
+        _fit(tmp_path / "a", Net("reentrant"), [GradientDispersion(backend="functorch")], max_steps=2)
+    torch.manual_seed(0)
+    flat = Flatness(sigmas=[0.01], num_draws=8, draws_per_pass=4, every_n_steps=2, at_train_end=False,
+                    loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
+    _fit(tmp_path / "b", Net("reentrant"), [flat], max_steps=4)
+    assert flat.num_probes_run >= 2  # (each probe: vectorized no more, so not raising)

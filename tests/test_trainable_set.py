@@ -124,7 +124,7 @@ def test_trainable_set_says_each_change_once_naming_layers():
     net = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     net[0].requires_grad_(False)
     trained = TrainableSet.shared(net)
-    trained.take(net)
+    trained.take(net, 0)
     assert trained.check(net, 3) == 0
     net[0].requires_grad_(True)
     net[1].weight.requires_grad_(False)
@@ -136,3 +136,153 @@ def test_trainable_set_says_each_change_once_naming_layers():
     assert TrainableSet.shared(net) is trained
     trained.reset()
     assert trained.names is None and trained.version == 0
+
+
+# ---------------------------------------------------------------- found by a review of the above
+class Schedule(Backbone):
+    """``freeze_epochs``: the backbone's first layer frozen in ``on_train_epoch_start`` for those
+    epochs (a freeze schedule: the hooks run after ``on_train_start``); ``unfreeze_step``: unfrozen
+    in the module's own ``on_train_batch_start`` at that step (inside a step, after ours)."""
+
+    def __init__(self, freeze_epochs: tuple[int, ...] = (), unfreeze_step: int | None = None) -> None:
+        super().__init__()
+        self.freeze_epochs, self.unfreeze_step = freeze_epochs, unfreeze_step
+        if unfreeze_step is not None:
+            self.backbone[0].requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        if self.freeze_epochs:
+            self.backbone[0].requires_grad_(self.current_epoch not in self.freeze_epochs)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.global_step == self.unfreeze_step:
+            self.backbone[0].requires_grad_(True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _exact_per_step(records_out: dict):
+    class Reference(pl.Callback):  # the exact dispersion of the parameters the step trains
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.batch = batch
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            x, y = self.batch
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+            rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+                F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(len(x))]
+            g = torch.stack(rows).double()
+            b = len(g)
+            records_out[trainer.global_step] = float(b / (b - 1) * (g.square().sum(1).mean()
+                                                                    - g.mean(0).square().sum())) / b
+
+    return Reference()
+
+
+@pytest.mark.parametrize("backend", ["hooks", "functorch"])
+def test_a_freeze_in_the_first_epochs_start_is_the_fits_set_and_a_later_unfreeze_a_change(tmp_path, backend):
+    """The first epoch's first batch was never compared (functorch raised an IndexError at step 0,
+    and the freeze was dated as a change)."""
+    exact: dict[int, float] = {}
+    cb = GradientDispersion(backend=backend)
+    records: list = []
+    cb.add_listener(records.extend)
+    torch.manual_seed(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [cb, _exact_per_step(exact)], max_epochs=3).fit(Schedule(freeze_epochs=(0, 1)),
+                                                                           _data(64, 0))
+    changed = [str(w.message) for w in caught if str(w.message).startswith("genbounds: the trained parameters")]
+    assert len(changed) == 1 and "changed at step 8 (unfrozen: backbone.0)" in changed[0], changed
+    assert [r.step for r in records] == list(range(12))
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(exact[r.step], rel=1e-5), r.step
+
+
+def test_a_layer_unfrozen_inside_a_step_leaves_that_step_unmeasured_and_the_next_exact(tmp_path):
+    exact: dict[int, float] = {}
+    cb = GradientDispersion(backend="hooks")
+    records: list = []
+    cb.add_listener(records.extend)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [cb, _exact_per_step(exact)], max_steps=10).fit(Schedule(unfreeze_step=5), _data(64, 0))
+    assert [r.step for r in records] == [0, 1, 2, 3, 4, 6, 7, 8, 9]  # (step 5 was measured on the old set)
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(exact[r.step], rel=1e-5), r.step
+
+
+def test_a_change_before_a_checkpoint_holds_in_the_resumed_fit(tmp_path):
+    """Saved between the change (step 4) and the bound's next evaluation, the checkpoint had no
+    record of it; resumed, BaseFinetuning froze the backbone again and the bounds were finite."""
+    from lightning.pytorch.callbacks import BackboneFinetuning, ModelCheckpoint
+
+    from genbounds.callbacks import GeneralizationBound
+
+    def suite_with(*extra):
+        return [BackboneFinetuning(unfreeze_backbone_at_epoch=1), *bound_suite(), *extra]
+
+    torch.manual_seed(0)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_train_steps=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, suite_with(every), max_steps=7, enable_checkpointing=True).fit(
+            Backbone(), _data(64, 0), _data(32, 1))
+        resumed = suite_with()
+        trainer(tmp_path / "b", resumed, max_epochs=3).fit(Backbone(), _data(64, 0), _data(32, 1),
+                                                          ckpt_path=str(next((tmp_path / "ckpt").glob("*.ckpt"))))
+    bound = next(cb for cb in resumed if isinstance(cb, GeneralizationBound))
+    assert bound.changed_at == 4 and math.isnan(bound.latest["bound/wang_mao_eq2"])
+    assert bound.latest["bound/valid"] == 0.0
+
+
+def test_after_a_change_no_bound_keeps_a_value_of_before_and_a_second_fit_runs(tmp_path):
+    """``bound/neu_abs`` kept its last finite value; a second fit raised about a checkpoint."""
+    from genbounds.callbacks import GeneralizationBound
+
+    suite = bound_suite()
+    bound = next(cb for cb in suite if isinstance(cb, GeneralizationBound))
+    module = Backbone(unfreeze_epoch=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(tmp_path, suite, max_epochs=4)
+        t.fit(module, _data(64, 0), _data(32, 1))
+        assert bound.changed_at == 8
+        assert all(math.isnan(bound.latest[k]) for k in ("bound/neu", "bound/neu_abs", "bound/neu_abs_se"))
+        t.fit_loop.max_epochs = 5
+        t.fit(module, _data(64, 0), _data(32, 1))  # (continues: the bounds stay NaN)
+    assert math.isnan(bound.latest["bound/wang_mao_eq3"]) and t.global_step == 20
+
+
+def test_the_layerwise_bounds_follow_the_layers_trained_not_those_at_setup(tmp_path):
+    """BackboneFinetuning listed after the suite freezes the backbone after the bound's setup: the
+    one layer left (the head) has no layer-wise bounds, and nothing is flagged invalid for it."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    suite = bound_suite()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [*suite, BackboneFinetuning(unfreeze_backbone_at_epoch=10)], max_epochs=2).fit(
+            Backbone(), _data(64, 0), _data(32, 1))
+    bound = suite[-1]
+    assert not any(w.endswith("_layerwise") for w in bound.wanted)
+    assert not any("layerwise" in k for k in bound.latest)  # (they were NaN and flagged invalid)
+
+
+def test_a_failed_fit_leaves_no_trained_set_behind(tmp_path):
+    from genbounds.callbacks import HessianTrace
+
+    class Fails(Backbone):
+        def on_train_epoch_start(self):
+            if self.current_epoch == 1:
+                raise RuntimeError("boom")
+
+    module = Fails()
+    with warnings.catch_warnings(), pytest.raises(RuntimeError, match="boom"):
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [HessianTrace(every_n_steps=2, min_probes=4, max_probes=4)], max_epochs=3).fit(
+            module, _data(64, 0))
+    assert TrainableSet.shared(module).names is None

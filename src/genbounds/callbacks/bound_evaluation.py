@@ -147,8 +147,9 @@ def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | Non
 def bound_values(inputs: BoundInputs | None, wanted: Sequence[str]) -> tuple[dict[str, float], list[tuple[str, str]]]:
     """The ``wanted`` bounds and their SEs from the series' ``inputs`` (each NaN when there are
     none: never left out), with ``(kind, message)`` for each note the inputs carry."""
-    if inputs is None:
-        return {f"bound/{name}{tail}": math.nan for tail in ("", "_se") for name in wanted}, []
+    if inputs is None:  # (Neu's |gap| bound with Neu's: a value from an earlier evaluation must not stand)
+        names = list(wanted) + (["neu_abs"] if "neu" in wanted else [])
+        return {f"bound/{name}{tail}": math.nan for tail in ("", "_se") for name in names}, []
     parts = [note.split(":", 1) for note in inputs.notes]  # "kind: message"
     return compute_bounds(inputs), [(part[0], "GeneralizationBound: " + part[-1].strip()) for part in parts]
 

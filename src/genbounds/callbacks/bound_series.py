@@ -178,12 +178,16 @@ class BoundSeries:
         self.curvature = state.get("curvature")
         self.config = dict(state.get("config", {}))
 
-    def configure(self, sigmas: list[float], groups: dict[str, list[str]], sizes: dict[str, int]) -> None:
+    def configure(self, sigmas: list[float], groups: dict[str, list[str]], sizes: dict[str, int],
+                  trained: list[str] | None = None) -> None:
         """Note what the series are measured on — the σ grid, the parameter groups and their sizes
-        (``sizes``: elements per parameter name) — unless a checkpoint already did."""
+        (``sizes``: elements per parameter name), the trained parameters' names — unless a
+        checkpoint already did."""
         self.config.setdefault("sigmas", list(sigmas))
         self.config.setdefault("groups", list(groups))
         self.config.setdefault("group_sizes", [sum(sizes[n] for n in members) for members in groups.values()])
+        if trained is not None:
+            self.config.setdefault("trained", list(trained))
 
     def check_resumable(self, sigmas: list[float], groups: list[str]) -> None:
         """Raise when these series (from a checkpoint) were measured on another σ grid or other

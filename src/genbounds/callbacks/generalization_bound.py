@@ -143,8 +143,9 @@ class GeneralizationBound(ProbeCallback):
             o, "prog_bar", prog_bar) else (), log_nonfinite=True)
         self.series = BoundSeries()
         self.changed_at: int | None = None
-        self._evaluated_weights: Tensor | None = None
         """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
+        self._evaluated_weights: Tensor | None = None
+        self._trained_version = -1
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
         self.optimizer: str | None = None
@@ -209,18 +210,54 @@ class GeneralizationBound(ProbeCallback):
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
-    def take_parameters(self, pl_module: LightningModule) -> None:
-        if self._set_version == 0:  # (after a change the bounds are NaN: the groups stay the run's first)
-            self._groups = parameter_groups(pl_module, self.layer_groups)
-            self._d = num_trainable(pl_module)
-
-    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)  # (the trained parameters: take_parameters)
-        assert self.contract is not None and self._gap is not None
+    def _settle_trained(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """What the bounds are over — the groups, ``d``, the series' configuration and Neu's block
+        shape, the bounds computed — from the trained parameters: at ``on_train_start``, and again
+        where the set is taken again before the first step (``trainable_set.py``: a freeze in an
+        epoch-start hook). A resumed fit whose set is not the one its checkpoint's history was
+        measured on gives NaN bounds, said once."""
+        trained = TrainableSet.shared(pl_module)
+        trained.check(pl_module, int(trainer.global_step))
+        if trained.version == self._trained_version:
+            return
+        self._trained_version = trained.version
+        if trained.changes or self.changed_at is not None:
+            return  # (a change after the first step: NaN bounds, _trained_changed)
+        self._groups = parameter_groups(pl_module, self.layer_groups)
+        self._d = num_trainable(pl_module)
+        self._resolve_wanted()
+        names = list(trained.names or ())
+        saved = self.series.config.get("trained")
+        if saved is not None and list(saved) != names:
+            self.changed_at = int(trainer.global_step)
+            self._warn_once("resumed-other-parameters", (
+                f"GeneralizationBound: this fit trains other parameters from step {self.changed_at} than those its "
+                f"checkpoint's history was measured on ({len(names)} tensors against {len(saved)}: layers frozen or "
+                "unfrozen on resuming?): the bounds are stated for one parameter set from step 0, so they are NaN "
+                "(flagged bound/valid = 0)."))
+            return
+        if not self.series.dispersion_steps and not self.series.heldout_steps:  # (nothing measured yet)
+            self.series.config.clear()
         # a resumed run's series were measured on its first run's groups (kept by configure)
         self.series.check_resumable(self.sigmas, list(self._groups))
         sizes = {n: p.numel() for n, p in trainable_parameters(pl_module).items()}
-        self.series.configure(self.sigmas, self._groups, sizes)
+        self.series.configure(self.sigmas, self._groups, sizes, names)
+        if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
+            self.producers.set_neu_shape(self.series, self._groups, pl_module)
+
+    def _resolve_wanted(self) -> None:
+        """The bounds computed, for the groups as they are (layer-wise ones need two) and the
+        errors the loss contract gives."""
+        self.wanted = self.producers.resolve(self.bounds, len(self._groups))
+        self._warn_once.all(self.producers.notes(self.wanted))
+        if self.contract is not None and self.contract.tier is not None and not self.contract.errors_available:
+            self.wanted = tuple(b for b in self.wanted if b not in ERROR)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        assert self.contract is not None and self._gap is not None
+        self._trained_version = -1
+        self._settle_trained(trainer, pl_module)
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
@@ -229,15 +266,13 @@ class GeneralizationBound(ProbeCallback):
         self._gap.prepare(trainer, self.contract)
         self.heldout_available = self._gap.heldout_available
         if not self.contract.errors_available:
-            self.wanted = tuple(b for b in self.wanted if b not in ERROR)
+            self.wanted = tuple(b for b in self.wanted if b not in ERROR)  # (as _resolve_wanted)
         if trainer.optimizers:
             self.optimizer, self.plain_sgd, notes = optimizer_notes(trainer)
             self._warn_once.all(notes)
         if not self.heldout_available:
             self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
-        if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
-            self.producers.set_neu_shape(self.series, self._groups, pl_module)
         held = len(self.series.lrs)
         if trainer.global_step > held:
             self._unmeasured_steps = int(trainer.global_step) - held
@@ -257,6 +292,7 @@ class GeneralizationBound(ProbeCallback):
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._settle_trained(trainer, pl_module)  # (the first batch: after the epoch-start hooks)
         # evaluated at validation epoch end and train end only: Lightning need not call this again
         sleep_until(self, trainer, math.inf, hook_of=GeneralizationBound)
 
@@ -350,10 +386,14 @@ class GeneralizationBound(ProbeCallback):
     def _trained_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether the trained parameters changed since step 0 (``trainable_set.py``, which says so
         once): the bounds are stated for one parameter set trained from step 0."""
-        trained = TrainableSet.shared(pl_module)
-        if trained.check(pl_module, int(trainer.global_step)) and self.changed_at is None:
-            self.changed_at = trained.changes[0].step
+        self._settle_trained(trainer, pl_module)
+        self._note_change(pl_module)
         return self.changed_at is not None
+
+    def _note_change(self, pl_module: LightningModule) -> None:
+        changes = TrainableSet.shared(pl_module).changes
+        if changes and self.changed_at is None:
+            self.changed_at = changes[0].step
 
     def _nan_reason(self) -> str | None:
         """Why every bound is NaN, where that is known before the estimates (said once, before)."""
@@ -383,6 +423,8 @@ class GeneralizationBound(ProbeCallback):
     def state_dict(self) -> dict[str, Any]:
         if self.producers.dispersion is not None and self._trainer is not None:
             self.producers.dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
+        if self._module is not None:
+            self._note_change(self._module)  # (a change seen since the last evaluation: in the checkpoint)
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
                      warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step,

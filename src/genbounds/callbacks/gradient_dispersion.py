@@ -241,9 +241,9 @@ class GradientDispersion(MeasurementCallback):
         trial_batch = training_trial_batch(trainer, self.seed)
         self.contract.resolve(trainer, pl_module, trial_batch)
         self._trainable = TrainableSet.shared(pl_module)
-        self._trainable.take(pl_module)
+        self._trainable.take(pl_module, int(trainer.global_step))
         self._set_version = self._trainable.version
-        self._checked_epoch = trainer.current_epoch
+        self._checked_epoch = -1  # (the first batch checks: the epoch-start hooks run after this one)
         self._take_parameters(pl_module)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
@@ -251,6 +251,12 @@ class GradientDispersion(MeasurementCallback):
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
+        if self.contract.reentrant_checkpoint and self.slot.name not in ("hooks", "accumulation"):
+            raise MisconfigurationException(
+                f"GradientDispersion(backend={self.backend!r}): {type(pl_module).__name__}.training_step runs "
+                "torch.utils.checkpoint with use_reentrant=True, whose backward torch.autograd.grad cannot take; only "
+                f"the training backward's own (backend 'hooks') can be read through it, and here the backend is "
+                f"{self.slot.name!r}. Pass use_reentrant=False, which PyTorch recommends.")
         self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
         self._late_from_start(trainer, pl_module)
 
@@ -292,8 +298,9 @@ class GradientDispersion(MeasurementCallback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._checked_epoch != trainer.current_epoch:  # (an epoch's first batch start it sees)
             self._checked_epoch = trainer.current_epoch
-            if self._trainable.check(pl_module, logger_step(trainer)) != self._set_version:
-                self._replan(trainer, pl_module, batch)  # (layers unfrozen or frozen)
+            self._trainable.check(pl_module, int(trainer.global_step))
+        if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
+            self._replan(trainer, pl_module, batch)
         assert self.impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
             self._window = None
@@ -352,6 +359,9 @@ class GradientDispersion(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self.impl is None:
             return
+        if self._trainable.moved():  # (layers frozen or unfrozen inside this step: measured on the old set)
+            self._drop_step(trainer, pl_module)
+            return
         if self._late:  # (its batch end may be set aside: _READ_LATE_QUIET)
             self.step_budget.charge(self.impl.hook_seconds())
         ctx = self._context(trainer, pl_module) if self._late and self._batch is not None else None
@@ -380,6 +390,15 @@ class GradientDispersion(MeasurementCallback):
             self.step_log.record(self._step, values.tagged(self.group_names))
         self.measured_steps += 1
         self.step_budget.measured(trainer)
+
+    def _drop_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """This step is left unmeasured: the trained parameters changed after its batch start (a
+        module's own batch-start hook); the next batch start chooses the backend again."""
+        self._trainable.check(pl_module, int(trainer.global_step))  # (said there, once)
+        self._window = self._batch = self._manual_grads = None
+        self._measuring = False
+        assert self.impl is not None
+        self.impl.end_batch()
 
     def _one_sample(self, window: Any) -> None:
         """Said once: a measured step whose batch held one sample (no spread) is not measured

@@ -317,6 +317,8 @@ def _fit_only(load_state_dict: Callable) -> Callable:
     def load(self: Any, state_dict: dict[str, Any]) -> None:
         if getattr(self, "_takes_state", True):
             load_state_dict(self, state_dict)
+        else:
+            self._takes_state = True  # (this load only: a later call of the user's own takes its state)
 
     return load
 

@@ -138,16 +138,16 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
         stack.enter_context(original_forward(module))
         stack.enter_context(all_suspended())
         stack.enter_context(_math_attention())
-        if mode == "eval":
-            module.eval()
-        elif mode == "train":
-            module.train()
-        _fixed_spectral_norms(module)
-        if not grad:  # (a user's checkpointed segment says so at every call under no_grad)
-            stack.enter_context(warnings.catch_warnings())
-            warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
-        stack.enter_context(_batchnorm_without_running_updates(module))
         try:
+            if mode == "eval":
+                module.eval()
+            elif mode == "train":
+                module.train()
+            _fixed_spectral_norms(module)
+            if not grad:  # (a user's checkpointed segment says so at every call under no_grad)
+                stack.enter_context(warnings.catch_warnings())
+                warnings.filterwarnings("ignore", message="None of the inputs have requires_grad=True")
+            stack.enter_context(_batchnorm_without_running_updates(module))
             yield
         finally:
             with torch.no_grad():
@@ -164,11 +164,13 @@ def _fixed_spectral_norms(module: nn.Module) -> None:
     so a pass run again in training mode computed another function than the training step's
     forward (0.2–0.7 % off in the dispersion). Not iterating, it divides by the ``σ`` that
     forward used; the flags are restored with the others."""
-    from torch.nn.utils.parametrizations import _SpectralNorm
-    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils import parametrizations, spectral_norm
 
+    kinds = tuple(k for k in (getattr(parametrizations, "_SpectralNorm", None),) if k is not None)  # (private)
+    hook = getattr(spectral_norm, "SpectralNorm", None)
     for m in module.modules():
-        if isinstance(m, _SpectralNorm) or any(isinstance(h, SpectralNorm) for h in m._forward_pre_hooks.values()):
+        if (kinds and isinstance(m, kinds)) or (hook is not None and any(
+                isinstance(h, hook) for h in m._forward_pre_hooks.values())):
             m.training = False
 
 

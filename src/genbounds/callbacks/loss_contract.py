@@ -96,10 +96,10 @@ class LossContract:
         """Whether the trial's ``training_step`` drew from the global RNG (dropout, noise): an extra
         pass then runs with other random numbers than the training step it describes."""
         self.coupled = False
+        """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self.reentrant_checkpoint = False
         """Whether the trial's loss was computed through ``torch.utils.checkpoint(use_reentrant=True)``,
         whose backward ``torch.autograd.grad`` cannot take: passes that need it measure nothing."""
-        """Whether the trial's per-sample losses depend on each other (``estimators/coupling.py``)."""
         self._draw_seeds = DrawSeeds()
         self._read = PerBatchRead()
         """Each batch's weights read from its own loss, where ``per_batch`` (``captured_weights.py``)."""

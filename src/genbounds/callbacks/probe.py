@@ -102,10 +102,10 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     needs_heldout_probe = False
     heldout_required = False
     per_sample_need: str | None = None
+    """What this callback loses without per-sample losses (``None``: it needs only means)."""
     takes_gradients = True
     """Whether its passes take gradients (``torch.autograd.grad``): then it measures nothing where
     the loss runs through ``torch.utils.checkpoint(use_reentrant=True)`` (the loss contract says so)."""
-    """What this callback loses without per-sample losses (``None``: it needs only means)."""
 
     def __init__(
         self,
@@ -182,7 +182,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.budget.begin()
         self._module = pl_module
         trained = TrainableSet.shared(pl_module)
-        trained.take(pl_module)  # (after on_fit_start: a backbone BaseFinetuning froze is not trained)
+        trained.take(pl_module, int(trainer.global_step))  # (after on_fit_start: a backbone BaseFinetuning froze)
         self._set_version = trained.version
         self.take_parameters(pl_module)
         self.budget.pricers[self.owner] = self.first_cost
@@ -287,6 +287,8 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
 
     def per_pass(self, requested: int | None, module: torch.nn.Module, gpu_default: int = 8) -> int:
         """Vectorization width: as requested, else :func:`default_width` (at most ``gpu_default``)."""
+        if self.contract is not None and self.contract.reentrant_checkpoint:
+            return 1  # (a torch.func transform cannot run the checkpoint's autograd.Function)
         if requested is not None:
             return requested
         return default_width(module, gpu_default, self.contract.tier if self.contract is not None else None)
@@ -300,9 +302,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
             return  # already probed at these weights (e.g. epoch end and the next step start)
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
-        if TrainableSet.shared(pl_module).check(pl_module, self._probe_step) != self._set_version:
-            self._set_version = TrainableSet.shared(pl_module).version
-            self.take_parameters(pl_module)  # (layers unfrozen or frozen since the last probe)
+        self._follow_trained(pl_module, self._probe_step)
         self._start_final_share()
         try:
             with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
@@ -318,6 +318,14 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         records = self.step_log.flush(trainer, pl_module if log else None, epoch_end=epoch_end)
         if records:
             self.publish(step, values)
+
+    def _follow_trained(self, pl_module: LightningModule, step: int) -> None:
+        """The trained parameters as they are now (``trainable_set.py``): :meth:`take_parameters`
+        again when they changed since this callback took them."""
+        trained = TrainableSet.shared(pl_module)
+        if trained.check(pl_module, step) != self._set_version:
+            self._set_version = trained.version
+            self.take_parameters(pl_module)
 
     def take_parameters(self, pl_module: LightningModule) -> None:
         """What a subclass keeps per trained parameter (groups, a warm start), taken at
@@ -350,3 +358,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._module = None
         if stage == "fit":
             TrainableSet.shared(pl_module).reset()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        TrainableSet.shared(pl_module).reset()  # (Lightning tears no callback down after a failure)

@@ -1,22 +1,22 @@
 """The parameters a fit trains, as the whole suite sees them: one :class:`TrainableSet` per
 LightningModule, shared by every genbounds callback (as the loss contract is).
 
-The set is taken at ``on_train_start``, after ``on_fit_start``, where Lightning's
-``BaseFinetuning`` callbacks (``BackboneFinetuning``) freeze a backbone before step 0; taken at
-``setup`` it held parameters that never train. It is compared with the module again at every
+The set is taken at ``on_train_start`` and taken again, silently, at the fit's first batch when
+it differs there: the epoch-start hooks run in between, where a freeze schedule acts
+(``requires_grad_(epoch >= k)``, Lightning's ``BaseFinetuning``, which also freezes a backbone in
+``on_fit_start``). From the first optimizer step on, it is compared with the module at every
 epoch's first batch and before every probe and bound evaluation (a tuple of names: tens of µs for
-a ResNet, once an epoch), because a fit may unfreeze or freeze layers as it goes (a backbone
-unfrozen at an epoch, ``requires_grad_`` in a hook). A change bumps :attr:`TrainableSet.version`
-and is said once, naming the layers; each callback rebuilds what it keeps per parameter when it
-sees a version it has not seen. A change made inside an epoch is seen at the next epoch's first
-batch (or at a probe before it).
+a ResNet), because a fit may unfreeze or freeze layers as it goes. Either way
+:attr:`TrainableSet.version` goes up and each callback rebuilds what it keeps per parameter; a
+change after the first step is also recorded (:attr:`TrainableSet.changes`: the bounds need one
+set for the whole run) and said — the first with a warning, later ones as an info line. A change
+made inside an epoch is seen at the next epoch's first batch, or at a probe before it.
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from genbounds.estimators.functional import trainable_parameters
@@ -37,8 +37,12 @@ class TrainableSet:
     def __init__(self) -> None:
         self.names: tuple[str, ...] | None = None
         self.version = 0
-        """How many times the set changed since ``on_train_start`` (0: the set the fit started with)."""
+        """Times the set was taken again (changes, and a set taken again before the first step)."""
         self.changes: list[Change] = []
+        """Changes after the fit's first optimizer step."""
+        self.start_step = 0
+        self._all: list[nn.Parameter] = []
+        self._flags: tuple[bool, ...] = ()
 
     @staticmethod
     def shared(pl_module: nn.Module) -> TrainableSet:
@@ -49,36 +53,58 @@ class TrainableSet:
             pl_module.__dict__["_genbounds_trainable_set"] = found
         return found
 
-    def take(self, pl_module: nn.Module) -> None:
+    def take(self, pl_module: nn.Module, step: int) -> None:
         """At ``on_train_start`` (the first caller of a fit takes it; the others find it taken)."""
         if self.names is None:
             self.names = tuple(trainable_parameters(pl_module))
+            self.start_step = step
+            self._note_flags(pl_module)
+
+    def moved(self) -> bool:
+        """Whether a parameter's ``requires_grad`` changed since the set was taken: one flag read a
+        parameter tensor (tens of ns each), cheap enough for every measured step, where
+        :meth:`check` walks the module. Parameters added to the module are seen by :meth:`check`."""
+        return tuple(p.requires_grad for p in self._all) != self._flags
+
+    def _note_flags(self, pl_module: nn.Module) -> None:
+        self._all = list(pl_module.parameters())
+        self._flags = tuple(p.requires_grad for p in self._all)
 
     def reset(self) -> None:
-        """At the end of a fit: the next fit takes its own."""
+        """At the end of a fit, or when it fails: the next fit takes its own."""
         self.names = None
         self.version = 0
         self.changes.clear()
+        self._all, self._flags = [], ()
 
     def check(self, pl_module: nn.Module, step: int) -> int:
-        """Compare with the module now; on a change, record and say it (once per change).
-        Returns :attr:`version`."""
-        if self.names is None:
-            self.take(pl_module)
-            return self.version
+        """Compare with the module now (``step``: optimizer steps taken); a set that differs is
+        taken again — before the fit's first step silently, after it as a change, recorded and
+        said. Returns :attr:`version`."""
         now = tuple(trainable_parameters(pl_module))
+        if self.names is None:
+            self.names, self.start_step = now, step
+            self._note_flags(pl_module)
+            return self.version
         if now == self.names:
             return self.version
+        self._note_flags(pl_module)
         before, after = set(self.names), set(now)
         change = Change(step, tuple(n for n in now if n not in before), tuple(n for n in self.names if n not in after))
         self.names = now
         self.version += 1
+        if step == self.start_step:  # (no step taken yet in this fit: the set it trains from its first step)
+            return self.version
         self.changes.append(change)
-        rank_zero_warn(
-            f"genbounds: the trained parameters changed at step {step} ({describe(change)}). The per-step "
-            "statistics and the probes measure the parameters trained at each step from now on (per-layer series "
-            "change their layers); the bounds are stated for one parameter set trained from step 0, so "
-            "GeneralizationBound's bounds are NaN from here on (flagged bound/valid = 0), while gap/measured goes on.")
+        if len(self.changes) == 1:
+            rank_zero_warn(
+                f"genbounds: the trained parameters changed at step {step} ({describe(change)}). The per-step "
+                "statistics and the probes measure the parameters trained at each step from now on (per-layer "
+                "series change their layers); the bounds are stated for one parameter set trained from step 0, so "
+                "GeneralizationBound's bounds are NaN from here on (flagged bound/valid = 0), while gap/measured "
+                "goes on.")
+        else:
+            rank_zero_info(f"genbounds: the trained parameters changed again at step {step} ({describe(change)}).")
         return self.version
 
 
