@@ -286,3 +286,102 @@ def test_a_failed_fit_leaves_no_trained_set_behind(tmp_path):
         trainer(tmp_path, [HessianTrace(every_n_steps=2, min_probes=4, max_probes=4)], max_epochs=3).fit(
             module, _data(64, 0))
     assert TrainableSet.shared(module).names is None
+
+
+# ---------------------------------------------------------------- found by a second review
+class Frozen(Backbone):
+    """The backbone's first layer frozen for the whole fit: in ``__init__``, or by an epoch-start
+    hook (``schedule``: the set at ``on_train_start`` still trains it)."""
+
+    def __init__(self, schedule: bool) -> None:
+        super().__init__()
+        self.schedule = schedule
+        if not schedule:
+            self.backbone[0].requires_grad_(False)
+
+    def on_train_epoch_start(self):
+        if self.schedule:
+            self.backbone[0].requires_grad_(False)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _bounds_of(tmp_path, schedule: bool, **fit) -> dict[str, float]:
+    from genbounds.callbacks import GeneralizationBound, GradientSensitivity
+
+    torch.manual_seed(0)
+    module = Frozen(schedule)
+    suite = bound_suite()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, suite, **fit).fit(module, _data(64, 0), _data(32, 1))
+    bound = next(cb for cb in suite if isinstance(cb, GeneralizationBound))
+    sensitivity = next(cb for cb in suite if isinstance(cb, GradientSensitivity))
+    assert bound.changed_at is None and sensitivity.shape is not None
+    return {k: v for k, v in bound.latest.items() if k.startswith("bound")}
+
+
+def test_a_freeze_schedule_in_the_epoch_start_gives_the_bounds_of_the_same_freeze_from_init(tmp_path):
+    """The bound compared the set of on_train_start with the first batch's and made every bound
+    NaN (and GradientSensitivity dropped Neu's shape on the silent re-take)."""
+    by_init = _bounds_of(tmp_path / "init", False, max_epochs=2)
+    by_hook = _bounds_of(tmp_path / "hook", True, max_epochs=2)
+    assert math.isfinite(by_hook["bound/wang_mao_eq3"]) and by_hook["bound/valid"] == 1.0
+    assert by_hook == pytest.approx(by_init, rel=1e-12, nan_ok=True)
+
+
+def test_a_fit_resumed_with_the_same_freeze_schedule_ends_as_the_uninterrupted_one(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    whole = _bounds_of(tmp_path / "whole", True, max_epochs=3)
+    every = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, every_n_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        trainer(tmp_path / "a", [*bound_suite(), every], max_epochs=3, enable_checkpointing=True).fit(
+            Frozen(schedule=True), _data(64, 0), _data(32, 1))
+        first = str(sorted((tmp_path / "ckpt").glob("epoch=0-*.ckpt"))[0])
+        torch.manual_seed(0)
+        suite = bound_suite()
+        trainer(tmp_path / "b", suite, max_epochs=3).fit(Frozen(schedule=True), _data(64, 0), _data(32, 1),
+                                                          ckpt_path=first)
+    resumed = {k: v for k, v in suite[-1].latest.items() if k.startswith("bound")}
+    assert suite[-1].changed_at is None and resumed == pytest.approx(whole, rel=1e-9, nan_ok=True)
+
+
+def test_a_second_dispersion_callback_drops_a_step_the_first_saw_change(tmp_path):
+    exact: dict[int, float] = {}
+    first, second = GradientDispersion(backend="hooks"), GradientDispersion(backend="hooks", every_n_steps=5)
+    kept: list[list] = [[], []]
+    first.add_listener(kept[0].extend)
+    second.add_listener(kept[1].extend)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [first, second, _exact_per_step(exact)], max_steps=11).fit(
+            Schedule(unfreeze_step=5), _data(64, 0))
+    assert [r.step for r in kept[1]] == [0, 10]  # (step 5: planned on the old set, by both)
+    for r in kept[0] + kept[1]:
+        assert r.values["grad/dispersion"] == pytest.approx(exact[r.step], rel=1e-5), r.step
+
+
+def test_a_freeze_inside_the_first_steps_accumulation_window_is_a_change(tmp_path):
+    class Late(Backbone):
+        def on_train_batch_start(self, batch, batch_idx):
+            if self.global_step == 0 and batch_idx == 1:  # (micro-batch 0's backward ran on the layer)
+                self.backbone[0].requires_grad_(False)
+
+    module = Late()
+    seen: dict = {}
+
+    class Watch(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            seen["changes"] = list(TrainableSet.shared(pl_module).changes)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [GradientDispersion(), Watch()], max_steps=3, accumulate_grad_batches=2).fit(
+            module, _data(64, 0))
+    assert [c.step for c in seen["changes"]] == [0] and seen["changes"][0].removed == ("backbone.0.weight",
+                                                                                       "backbone.0.bias")

@@ -146,6 +146,8 @@ class GeneralizationBound(ProbeCallback):
         """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
         self._evaluated_weights: Tensor | None = None
         self._trained_version = -1
+        self._config_is_ours = True
+        self._first_batch_settled = False
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
         self.optimizer: str | None = None
@@ -210,15 +212,16 @@ class GeneralizationBound(ProbeCallback):
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
-    def _settle_trained(self, trainer: Trainer, pl_module: LightningModule) -> None:
+    def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_batch: bool = False) -> None:
         """What the bounds are over — the groups, ``d``, the series' configuration and Neu's block
-        shape, the bounds computed — from the trained parameters: at ``on_train_start``, and again
-        where the set is taken again before the first step (``trainable_set.py``: a freeze in an
-        epoch-start hook). A resumed fit whose set is not the one its checkpoint's history was
-        measured on gives NaN bounds, said once."""
+        shape, the bounds computed — from the trained parameters: at ``on_train_start`` and at the
+        first batch, after the epoch-start hooks (where a freeze schedule acts: ``trainable_set.py``
+        takes the set again there), before any step. A fit writes its own series' configuration
+        again then; a resumed fit compares, at the first batch, the set with the one its
+        checkpoint's history was measured on: another gives NaN bounds, said once."""
         trained = TrainableSet.shared(pl_module)
         trained.check(pl_module, int(trainer.global_step))
-        if trained.version == self._trained_version:
+        if trained.version == self._trained_version and not first_batch:
             return
         self._trained_version = trained.version
         if trained.changes or self.changed_at is not None:
@@ -227,19 +230,22 @@ class GeneralizationBound(ProbeCallback):
         self._d = num_trainable(pl_module)
         self._resolve_wanted()
         names = list(trained.names or ())
-        saved = self.series.config.get("trained")
-        if saved is not None and list(saved) != names:
-            self.changed_at = int(trainer.global_step)
-            self._warn_once("resumed-other-parameters", (
-                f"GeneralizationBound: this fit trains other parameters from step {self.changed_at} than those its "
-                f"checkpoint's history was measured on ({len(names)} tensors against {len(saved)}: layers frozen or "
-                "unfrozen on resuming?): the bounds are stated for one parameter set from step 0, so they are NaN "
-                "(flagged bound/valid = 0)."))
-            return
-        if not self.series.dispersion_steps and not self.series.heldout_steps:  # (nothing measured yet)
-            self.series.config.clear()
-        # a resumed run's series were measured on its first run's groups (kept by configure)
-        self.series.check_resumable(self.sigmas, list(self._groups))
+        if self._config_is_ours:
+            self.series.config.clear()  # (this fit's own, no step taken yet: written again)
+        elif not first_batch:
+            return  # (a resumed fit's set is compared at the first batch, after the epoch-start hooks)
+        else:
+            saved = self.series.config.get("trained")
+            if saved is not None and list(saved) != names:
+                self.changed_at = int(trainer.global_step)
+                self._warn_once("resumed-other-parameters", (
+                    f"GeneralizationBound: this fit trains other parameters from step {self.changed_at} than those "
+                    f"its checkpoint's history was measured on ({len(names)} tensors against {len(saved)}: layers "
+                    "frozen or unfrozen on resuming?): the bounds are stated for one parameter set from step 0, so "
+                    "they are NaN (flagged bound/valid = 0)."))
+                return
+            # a resumed run's series were measured on its first run's groups (kept by configure)
+            self.series.check_resumable(self.sigmas, list(self._groups))
         sizes = {n: p.numel() for n, p in trainable_parameters(pl_module).items()}
         self.series.configure(self.sigmas, self._groups, sizes, names)
         if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
@@ -257,6 +263,8 @@ class GeneralizationBound(ProbeCallback):
         super().on_train_start(trainer, pl_module)
         assert self.contract is not None and self._gap is not None
         self._trained_version = -1
+        self._config_is_ours = not self.series.config  # (else a checkpoint's, or an earlier fit's)
+        self._first_batch_settled = False
         self._settle_trained(trainer, pl_module)
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
@@ -292,7 +300,9 @@ class GeneralizationBound(ProbeCallback):
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._settle_trained(trainer, pl_module)  # (the first batch: after the epoch-start hooks)
+        if not self._first_batch_settled:  # (once: listed first, this hook runs at every batch)
+            self._first_batch_settled = True
+            self._settle_trained(trainer, pl_module, first_batch=True)  # (after the epoch-start hooks)
         # evaluated at validation epoch end and train end only: Lightning need not call this again
         sleep_until(self, trainer, math.inf, hook_of=GeneralizationBound)
 

@@ -359,8 +359,8 @@ class GradientDispersion(MeasurementCallback):
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if not self._measuring or self.impl is None:
             return
-        if self._trainable.moved():  # (layers frozen or unfrozen inside this step: measured on the old set)
-            self._drop_step(trainer, pl_module)
+        if self._trainable.version != self._set_version or self._trainable.moved():
+            self._drop_step(trainer, pl_module)  # (layers (un)frozen inside this step: planned on the old set)
             return
         if self._late:  # (its batch end may be set aside: _READ_LATE_QUIET)
             self.step_budget.charge(self.impl.hook_seconds())
@@ -394,7 +394,8 @@ class GradientDispersion(MeasurementCallback):
     def _drop_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """This step is left unmeasured: the trained parameters changed after its batch start (a
         module's own batch-start hook); the next batch start chooses the backend again."""
-        self._trainable.check(pl_module, int(trainer.global_step))  # (said there, once)
+        # (said there, once; a change at the first step's later micro-batch: a backward ran on the old set)
+        self._trainable.check(pl_module, int(trainer.global_step), after_backward=self._accumulate > 1)
         self._window = self._batch = self._manual_grads = None
         self._measuring = False
         assert self.impl is not None

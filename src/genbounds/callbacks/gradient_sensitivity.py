@@ -15,6 +15,7 @@ from genbounds.callbacks.channel import Channel, SensitivityRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_int, check_sigmas
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, sigma_tag
 from genbounds.callbacks.state_key import state_key_once
+from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.gradient_sensitivity import gradient_sensitivity
 
@@ -126,7 +127,7 @@ class GradientSensitivity(ProbeCallback):
         self.group_of_param = dict(group_of_param)
 
     def take_parameters(self, pl_module: LightningModule) -> None:
-        if self._set_version and self.shape is not None:
+        if TrainableSet.shared(pl_module).changes and self.shape is not None:
             # the shape's blocks are the parameters the fit started with: for the layer-wise bound,
             # which is NaN after such a change (trainable_set.py)
             self.shape = None

@@ -77,10 +77,12 @@ class TrainableSet:
         self.changes.clear()
         self._all, self._flags = [], ()
 
-    def check(self, pl_module: nn.Module, step: int) -> int:
+    def check(self, pl_module: nn.Module, step: int, after_backward: bool = False) -> int:
         """Compare with the module now (``step``: optimizer steps taken); a set that differs is
         taken again — before the fit's first step silently, after it as a change, recorded and
-        said. Returns :attr:`version`."""
+        said. ``after_backward``: a backward of this step already ran on the set before (a
+        later micro-batch of the first window changed it): a change even before the first step.
+        Returns :attr:`version`."""
         now = tuple(trainable_parameters(pl_module))
         if self.names is None:
             self.names, self.start_step = now, step
@@ -93,7 +95,7 @@ class TrainableSet:
         change = Change(step, tuple(n for n in now if n not in before), tuple(n for n in self.names if n not in after))
         self.names = now
         self.version += 1
-        if step == self.start_step:  # (no step taken yet in this fit: the set it trains from its first step)
+        if step == self.start_step and not after_backward:  # (no step taken yet: the set it trains from step 0)
             return self.version
         self.changes.append(change)
         if len(self.changes) == 1:
