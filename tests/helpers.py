@@ -36,6 +36,26 @@ def trainer(tmp_path, callbacks=(), **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(callbacks=list(callbacks), **defaults)
 
 
+class CrossEntropyModule(pl.LightningModule):
+    """A classifier's steps as Lightning's docs write them (cross-entropy, logged, plain SGD);
+    subclasses build the network and ``forward``."""
+
+    lr = 0.1
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
 class TensorData(LightningDataModule):
     """Train/val TensorDatasets with a fixed batch order (no shuffling unless asked)."""
 

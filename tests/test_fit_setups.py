@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from genbounds.callbacks import GeneralizationBound, GradientDispersion
-from helpers import bound_suite, trainer
+from helpers import CrossEntropyModule, bound_suite, trainer
 
 
 def _loader(n: int, seed: int, batch_size: int = 16) -> DataLoader:
@@ -27,7 +27,7 @@ def _loader(n: int, seed: int, batch_size: int = 16) -> DataLoader:
     return DataLoader(TensorDataset(x, (x[:, :3].argmax(1))), batch_size=batch_size)
 
 
-class Net(pl.LightningModule):
+class Net(CrossEntropyModule):
     """A small classifier as Lightning's docs write one; ``body`` wraps its middle block."""
 
     def __init__(self, body: str = "plain") -> None:
@@ -44,18 +44,6 @@ class Net(pl.LightningModule):
         h = checkpoint.checkpoint(self.block, h, use_reentrant=True) if self.body == "reentrant" else self.block(h)
         return self.out(h)
 
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _fit(tmp_path, module, callbacks, train=None, **kwargs):

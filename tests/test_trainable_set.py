@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from genbounds.callbacks import GradientDispersion
 from genbounds.callbacks.trainable_set import TrainableSet
-from helpers import bound_suite, trainer
+from helpers import CrossEntropyModule, bound_suite, trainer
 
 
 def _data(n: int, seed: int) -> DataLoader:
@@ -28,7 +28,7 @@ def _data(n: int, seed: int) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=16)
 
 
-class Backbone(pl.LightningModule):
+class Backbone(CrossEntropyModule):
     """A backbone and a head, written as Lightning's fine-tuning docs write it; ``unfreeze_epoch``:
     the backbone's first layer frozen in ``__init__`` and unfrozen by hand at that epoch."""
 
@@ -42,16 +42,6 @@ class Backbone(pl.LightningModule):
 
     def forward(self, x):
         return self.head(self.backbone(x))
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
 
     def on_train_epoch_start(self):
         if self.unfreeze_epoch is not None and self.current_epoch == self.unfreeze_epoch:
@@ -158,8 +148,7 @@ class Schedule(Backbone):
         if self.global_step == self.unfreeze_step:
             self.backbone[0].requires_grad_(True)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+    configure_optimizers = CrossEntropyModule.configure_optimizers  # (every parameter: some unfreeze)
 
 
 def _exact_per_step(records_out: dict):
@@ -303,8 +292,7 @@ class Frozen(Backbone):
         if self.schedule:
             self.backbone[0].requires_grad_(False)
 
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
+    configure_optimizers = CrossEntropyModule.configure_optimizers
 
 
 def _bounds_of(tmp_path, schedule: bool, **fit) -> dict[str, float]:

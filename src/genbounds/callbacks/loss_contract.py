@@ -52,6 +52,7 @@ from genbounds.callbacks.captured_weights import (CLASSIFICATION_LOSSES, Coeffic
                                                   coefficient_spec, coefficients_for, outside_inference, per_record,
                                                   returned_loss, same_spec, scores_one_prediction_twice)
 from genbounds.callbacks.isolation import call_training_step, isolated_pass, muted_training_step
+from genbounds.callbacks.per_module import kept_on
 from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_draws
 from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
@@ -128,11 +129,7 @@ class LossContract:
     @staticmethod
     def shared(pl_module: nn.Module) -> LossContract:
         """The suite's contract of ``pl_module`` (created on first use, kept on the module)."""
-        contract = pl_module.__dict__.get("_genbounds_loss_contract")
-        if contract is None:
-            contract = LossContract()
-            pl_module.__dict__["_genbounds_loss_contract"] = contract
-        return contract
+        return kept_on(pl_module, "_genbounds_loss_contract", LossContract)
 
     def register(self, owner: str, loss_fn: UserLossFn | None, *, per_sample: bool = False, what: str = "",
                  gradients: bool = False) -> LossFn:

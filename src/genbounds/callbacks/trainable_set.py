@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from genbounds.callbacks.per_module import kept_on
 from genbounds.estimators.functional import trainable_parameters
 
 
@@ -47,11 +48,7 @@ class TrainableSet:
     @staticmethod
     def shared(pl_module: nn.Module) -> TrainableSet:
         """The suite's set for ``pl_module`` (created on first use, kept on the module)."""
-        found = pl_module.__dict__.get("_genbounds_trainable_set")
-        if found is None:
-            found = TrainableSet()
-            pl_module.__dict__["_genbounds_trainable_set"] = found
-        return found
+        return kept_on(pl_module, "_genbounds_trainable_set", TrainableSet)
 
     def take(self, pl_module: nn.Module, step: int) -> None:
         """At ``on_train_start`` (the first caller of a fit takes it; the others find it taken)."""
