@@ -373,3 +373,84 @@ def test_a_freeze_inside_the_first_steps_accumulation_window_is_a_change(tmp_pat
             module, _data(64, 0))
     assert [c.step for c in seen["changes"]] == [0] and seen["changes"][0].removed == ("backbone.0.weight",
                                                                                        "backbone.0.bias")
+
+
+# ---------------------------------------------------------------- found by a third review
+def test_a_float64_probe_of_a_model_with_a_frozen_layer(tmp_path):
+    """A probe below σ = 1e-3 runs in float64: the frozen parameters stayed float32 and it raised."""
+    from genbounds.callbacks import Flatness, GradientSensitivity
+
+    flat = Flatness(sigmas=[1e-4], num_draws=4, every_n_steps=2, at_train_end=False)
+    sens = GradientSensitivity(sigmas=[1e-4], num_draws=4, every_n_steps=2)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [flat, sens], max_steps=4).fit(Backbone(unfreeze_epoch=99), _data(64, 0), _data(32, 1))
+    assert flat.num_probes_run >= 2 and sens.num_probes_run >= 2
+
+
+@pytest.mark.parametrize("probe", ["Flatness", "GradientSensitivity", "HeldoutGradient", "HessianTrace"])
+def test_an_epoch_with_every_parameter_frozen_leaves_training_as_it_is(tmp_path, probe):
+    """Nothing trained for an epoch (``training_step`` returns None then): Flatness' and
+    GradientSensitivity's StopIteration ended Lightning's epoch early (training changed); the
+    others raised."""
+    import genbounds.callbacks as cbs
+
+    class Idle(Backbone):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss if loss.requires_grad else None
+
+        def on_train_epoch_start(self):
+            for p in self.parameters():
+                p.requires_grad_(self.current_epoch != 1)
+
+        configure_optimizers = CrossEntropyModule.configure_optimizers
+
+    made = {"Flatness": lambda: cbs.Flatness(sigmas=[1e-2], num_draws=4, every_n_steps=3),
+            "GradientSensitivity": lambda: cbs.GradientSensitivity(sigmas=[1e-2], num_draws=4, every_n_steps=3),
+            "HeldoutGradient": lambda: cbs.HeldoutGradient(every_n_steps=2),
+            "HessianTrace": lambda: cbs.HessianTrace(min_probes=4, max_probes=4, every_n_steps=3)}[probe]()
+    steps: dict[int, int] = {}
+
+    class Count(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            steps[trainer.current_epoch] = trainer.global_step
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [made, Count()], max_epochs=3).fit(Idle(), _data(64, 0), _data(32, 1))
+    assert steps == {0: 4, 1: 8, 2: 12}  # (plain Lightning's: the idle epoch's steps still count)
+
+
+def test_callbacks_reused_by_another_trainer_start_a_new_run(tmp_path):
+    """The series kept the first fit's steps (wrong standard errors); a layer frozen in the second
+    model read as a change against the first fit's set."""
+    from genbounds.callbacks import GeneralizationBound
+
+    suite = bound_suite()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        trainer(tmp_path / "a", suite, max_epochs=2).fit(Backbone(), _data(64, 0), _data(32, 1))
+        torch.manual_seed(0)
+        trainer(tmp_path / "b", suite, max_epochs=2).fit(Frozen(schedule=False), _data(64, 0), _data(32, 1))
+        reused = next(cb for cb in suite if isinstance(cb, GeneralizationBound))
+        fresh = _bounds_of(tmp_path / "c", False, max_epochs=2)
+    assert reused.changed_at is None and len(reused.series.lrs) == 8
+    assert {k: v for k, v in reused.latest.items() if k.startswith("bound")} == pytest.approx(fresh, nan_ok=True)
+
+
+def test_after_a_change_no_term_or_setting_of_before_stands(tmp_path):
+    from genbounds.callbacks import GeneralizationBound
+
+    suite = bound_suite()
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, suite, max_epochs=4).fit(Backbone(unfreeze_epoch=2), _data(64, 0), _data(32, 1))
+    bound = next(cb for cb in suite if isinstance(cb, GeneralizationBound))
+    assert bound.changed_at == 8
+    assert not any(k.startswith(("bound_terms/", "setting/")) for k in bound.latest)
+    assert all(math.isnan(v) for k, v in bound.latest.items() if k.startswith("ci/bound/"))

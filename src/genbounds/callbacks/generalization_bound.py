@@ -148,6 +148,7 @@ class GeneralizationBound(ProbeCallback):
         self._trained_version = -1
         self._config_is_ours = True
         self._first_batch_settled = False
+        self._state_loaded = False
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
         self.optimizer: str | None = None
@@ -214,11 +215,12 @@ class GeneralizationBound(ProbeCallback):
 
     def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_batch: bool = False) -> None:
         """What the bounds are over — the groups, ``d``, the series' configuration and Neu's block
-        shape, the bounds computed — from the trained parameters: at ``on_train_start`` and at the
-        first batch, after the epoch-start hooks (where a freeze schedule acts: ``trainable_set.py``
-        takes the set again there), before any step. A fit writes its own series' configuration
-        again then; a resumed fit compares, at the first batch, the set with the one its
-        checkpoint's history was measured on: another gives NaN bounds, said once."""
+        shape, the bounds computed — from the trained parameters: at ``on_train_start``, and at the
+        fit's first optimizer step (``first_batch``), after every epoch- and batch-start hook
+        (where a freeze schedule acts: ``trainable_set.py`` takes the set again before the first
+        step). A fit writes its own series' configuration again then; a resumed fit compares there
+        the set with the one its checkpoint's history was measured on: another gives NaN bounds,
+        said once."""
         trained = TrainableSet.shared(pl_module)
         trained.check(pl_module, int(trainer.global_step))
         if trained.version == self._trained_version and not first_batch:
@@ -233,7 +235,7 @@ class GeneralizationBound(ProbeCallback):
         if self._config_is_ours:
             self.series.config.clear()  # (this fit's own, no step taken yet: written again)
         elif not first_batch:
-            return  # (a resumed fit's set is compared at the first batch, after the epoch-start hooks)
+            return  # (a resumed fit's set is compared at its first step, after the start hooks)
         else:
             saved = self.series.config.get("trained")
             if saved is not None and list(saved) != names:
@@ -251,6 +253,17 @@ class GeneralizationBound(ProbeCallback):
         if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
             self.producers.set_neu_shape(self.series, self._groups, pl_module)
 
+    def _new_run(self) -> None:
+        """A fit from step 0 that loaded no checkpoint: the series, values and flags of an earlier
+        fit of these callbacks (another Trainer) are dropped — its series had held both runs'
+        steps, and a layer frozen in the second model read as a change."""
+        self.series.load_state_dict({})
+        self.latest = {}
+        self.evaluations = 0
+        self._evaluated_step = self.changed_at = self.gap_at_start = None
+        self._evaluated_weights = None
+        self.loss_range = LossRange(self.loss_range.R)
+
     def _resolve_wanted(self) -> None:
         """The bounds computed, for the groups as they are (layer-wise ones need two) and the
         errors the loss contract gives."""
@@ -262,6 +275,9 @@ class GeneralizationBound(ProbeCallback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_start(trainer, pl_module)
         assert self.contract is not None and self._gap is not None
+        if trainer.global_step == 0 and not self._state_loaded:
+            self._new_run()  # (these callbacks reused by another Trainer: nothing of its run carries over)
+        self._state_loaded = False
         self._trained_version = -1
         self._config_is_ours = not self.series.config  # (else a checkpoint's, or an earlier fit's)
         self._first_batch_settled = False
@@ -297,12 +313,12 @@ class GeneralizationBound(ProbeCallback):
             self._log(trainer, pl_module, {**gap, "gap/measured_change": 0.0}, log=True)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
+        if not self._first_batch_settled:  # (the fit's first step: after every epoch- and batch-start hook)
+            self._first_batch_settled = True
+            self._settle_trained(trainer, pl_module, first_batch=True)
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if not self._first_batch_settled:  # (once: listed first, this hook runs at every batch)
-            self._first_batch_settled = True
-            self._settle_trained(trainer, pl_module, first_batch=True)  # (after the epoch-start hooks)
         # evaluated at validation epoch end and train end only: Lightning need not call this again
         sleep_until(self, trainer, math.inf, hook_of=GeneralizationBound)
 
@@ -377,6 +393,9 @@ class GeneralizationBound(ProbeCallback):
             with self.budget.timed(self.owner):
                 bounds, notes = bound_values(inputs, self.wanted)
                 values.update(bounds)
+            if inputs is None:  # (NaN bounds: no term or setting of an earlier evaluation stands beside them)
+                for key in [k for k in self.latest if k.startswith(("bound_terms/", "setting/"))]:
+                    del self.latest[key]
             self._warn_once.all(notes)
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
@@ -446,6 +465,7 @@ class GeneralizationBound(ProbeCallback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self.series.load_state_dict(state_dict.get("series", {}))  # (checked at on_train_start)
+        self._state_loaded = True
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
         self._warn_once.said = set(state_dict.get("warned", []))

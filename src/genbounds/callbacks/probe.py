@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from genbounds.callbacks.checks import (
@@ -155,6 +155,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._module: LightningModule | None = None
         self._init_pricing()
         self._set_version = 0
+        self._nothing_trained_said = False
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -303,10 +304,18 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._last_probe_step = trainer.global_step
         self._probe_step = int(trainer.global_step)
         self._follow_trained(pl_module, self._probe_step)
+        if not TrainableSet.shared(pl_module).names:  # (every parameter frozen: nothing to perturb or differentiate)
+            if not self._nothing_trained_said:
+                self._nothing_trained_said = True
+                rank_zero_info(f"{self.owner}: no parameter is trained at step {self._probe_step} (all frozen): its "
+                               "probes are left out while so.")
+            return
         self._start_final_share()
         try:
             with self.budget.timed(self.owner), isolated_pass(pl_module, mode=self.probe_mode):
                 values = self.measure(trainer, pl_module, batch)
+        except StopIteration as err:  # (escaping a hook, Lightning would take it for the end of the data)
+            raise RuntimeError(f"{self.owner}: a probe raised StopIteration") from err
         finally:
             self._final_until = None
         if not values:

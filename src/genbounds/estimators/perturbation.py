@@ -50,11 +50,11 @@ class PerturbedLoss:
         self._f = functional_loss(module, loss_fn, rows=rows)
         self.base: ParamDict = {k: _cast(v, dtype) for k, v in detached(self.named).items()}
         self._extra: dict[str, Tensor] = {}
-        if dtype is not None:
+        if dtype is not None:  # (the frozen parameters too: a float32 one beside float64 ones raised)
             self._extra = {
                 k: _cast(b.detach(), dtype)
-                for k, b in module.named_buffers()
-                if b.is_floating_point()
+                for k, b in [*module.named_buffers(), *module.named_parameters()]
+                if b.is_floating_point() and k not in self.named
             }
 
     def prepare(self, batch: Any) -> Any:
