@@ -86,6 +86,8 @@ class TrainableSet:
             self._note_flags(pl_module)
             return self.version
         if now == self.names:
+            if self.moved():  # (flags back as they were, or parameter objects replaced: a fresh snapshot)
+                self._note_flags(pl_module)
             return self.version
         self._note_flags(pl_module)
         before, after = set(self.names), set(now)
