@@ -261,8 +261,9 @@ class GeneralizationBound(ProbeCallback):
         self.latest = {}
         self.evaluations = 0
         self._evaluated_step = self.changed_at = self.gap_at_start = None
-        self._evaluated_weights = None
+        self._evaluated_weights = self._unmeasured_steps = None
         self.loss_range = LossRange(self.loss_range.R)
+        self._warn_once.said.clear()  # (once a run: this is another)
 
     def _resolve_wanted(self) -> None:
         """The bounds computed, for the groups as they are (layer-wise ones need two) and the
@@ -464,7 +465,7 @@ class GeneralizationBound(ProbeCallback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
-        self.series.load_state_dict(state_dict.get("series", {}))  # (checked at on_train_start)
+        self.series.load_state_dict(state_dict.get("series", {}))  # (checked at the fit's first step)
         self._state_loaded = True
         self.latest = dict(state_dict.get("latest", {}))
         self.optimizer = state_dict.get("optimizer")
