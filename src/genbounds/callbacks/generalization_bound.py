@@ -145,9 +145,8 @@ class GeneralizationBound(ProbeCallback):
         self.changed_at: int | None = None
         """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
         self._evaluated_weights: Tensor | None = None
-        self._trained_version = -1
         self._config_is_ours = True
-        self._first_batch_settled = False
+        self._first_step_settled = False
         self._state_loaded = False
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
@@ -213,19 +212,19 @@ class GeneralizationBound(ProbeCallback):
         if self.tensorboard_layout:
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
-    def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_batch: bool = False) -> None:
+    def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_step: bool = False) -> None:
         """What the bounds are over — the groups, ``d``, the series' configuration and Neu's block
         shape, the bounds computed — from the trained parameters: at ``on_train_start``, and at the
-        fit's first optimizer step (``first_batch``), after every epoch- and batch-start hook
+        fit's first optimizer step (``first_step``), after every epoch- and batch-start hook
         (where a freeze schedule acts: ``trainable_set.py`` takes the set again before the first
         step). A fit writes its own series' configuration again then; a resumed fit compares there
         the set with the one its checkpoint's history was measured on: another gives NaN bounds,
         said once."""
         trained = TrainableSet.shared(pl_module)
         trained.check(pl_module, int(trainer.global_step))
-        if trained.version == self._trained_version and not first_batch:
+        if trained.version == self._set_version and not first_step:
             return
-        self._trained_version = trained.version
+        self._set_version = trained.version
         if trained.changes or self.changed_at is not None:
             return  # (a change after the first step: NaN bounds, _trained_changed)
         self._groups = parameter_groups(pl_module, self.layer_groups)
@@ -234,7 +233,7 @@ class GeneralizationBound(ProbeCallback):
         names = list(trained.names or ())
         if self._config_is_ours:
             self.series.config.clear()  # (this fit's own, no step taken yet: written again)
-        elif not first_batch:
+        elif not first_step:
             return  # (a resumed fit's set is compared at its first step, after the start hooks)
         else:
             saved = self.series.config.get("trained")
@@ -279,9 +278,9 @@ class GeneralizationBound(ProbeCallback):
         if trainer.global_step == 0 and not self._state_loaded:
             self._new_run()  # (these callbacks reused by another Trainer: nothing of its run carries over)
         self._state_loaded = False
-        self._trained_version = -1
+        self._set_version = -1  # (ProbeCallback's: the version the bound's groups were taken at; now to take)
         self._config_is_ours = not self.series.config  # (else a checkpoint's, or an earlier fit's)
-        self._first_batch_settled = False
+        self._first_step_settled = False
         self._settle_trained(trainer, pl_module)
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
@@ -314,9 +313,9 @@ class GeneralizationBound(ProbeCallback):
             self._log(trainer, pl_module, {**gap, "gap/measured_change": 0.0}, log=True)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if not self._first_batch_settled:  # (the fit's first step: after every epoch- and batch-start hook)
-            self._first_batch_settled = True
-            self._settle_trained(trainer, pl_module, first_batch=True)
+        if not self._first_step_settled:  # (the fit's first step: after every epoch- and batch-start hook)
+            self._first_step_settled = True
+            self._settle_trained(trainer, pl_module, first_step=True)
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

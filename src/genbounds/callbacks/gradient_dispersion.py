@@ -32,7 +32,7 @@ from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
 from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.functional import parameter_groups, trainable_parameters
+from genbounds.estimators.functional import group_positions, trainable_parameters
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -217,16 +217,12 @@ class GradientDispersion(MeasurementCallback):
     def _take_parameters(self, pl_module: LightningModule) -> None:
         """The trained parameters, their groups and the logged row's names (at ``on_train_start``,
         after Lightning's ``BaseFinetuning`` froze a backbone, and again when they change)."""
-        groups = parameter_groups(pl_module, self.layer_groups)
-        named = trainable_parameters(pl_module)
-        names = list(named)
-        self._params = list(named.values())
-        self.group_names = list(groups)
+        self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
+        self._params = list(trainable_parameters(pl_module).values())
         self._row_names = ("grad/norm_sq", "grad/trace_cov", "grad/dispersion",
                            *(f"grad/dispersion/layer/{g}" for g in self.group_names))
-        self._groups = [[names.index(n) for n in members] for members in groups.values()]
         # the one-vector form below sums the groups for the totals: only when they partition
-        self._groups_partition = sorted(i for g in self._groups for i in g) == list(range(len(names)))
+        self._groups_partition = sorted(i for g in self._groups for i in g) == list(range(len(self._params)))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         assert self.contract is not None
