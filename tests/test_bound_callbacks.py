@@ -6,6 +6,7 @@ import glob
 import math
 import os
 import sys
+import time
 
 import lightning.pytorch as pl
 import pytest
@@ -241,6 +242,95 @@ def test_the_results_table_names_a_probe_that_never_ran(tmp_path, capsys):
     assert lines == ["not measured in this run: HessianContractivity (its schedule never let it run)"], out
     small_fit(tmp_path, bound_suite())
     assert "not measured in this run" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("place", ["before", "after"])
+def test_an_at_train_end_probe_runs_first_in_the_final_evaluation_at_its_fewest_points(tmp_path, capsys, place):
+    """Under a budget the bound's final probes take all that is left, so an ``at_train_end`` probe the
+    bound does not ask for (HessianContractivity) never ran on its own: the main job's summary said
+    "not measured in this run: HessianContractivity". The final evaluation now runs it first at its
+    fewest points, whichever side of GeneralizationBound it stands, and the reserve the
+    intermediate probes leave includes it; without a budget it takes all its points."""
+    from genbounds.callbacks import HessianContractivity
+
+    def fit(budget, place):
+        hc = HessianContractivity(num_points=12, min_points=3, every_n_epochs=None, at_train_end=True)
+        seen: list[tuple[str, dict]] = []
+        for cb in [hc] + [c for c in suite if hasattr(c, "measure")]:
+            def spy(trainer, values, _cb=cb, _orig=cb.finalize):
+                seen.append((type(_cb).__name__, dict(values)))
+                return _orig(trainer, values)
+            cb.finalize = spy
+        callbacks = [hc, *suite] if place == "before" else [*suite, hc]
+        t, _ = small_fit(tmp_path, callbacks)
+        return t, hc, seen
+
+    suite = bound_suite(overhead_budget=1e-3)
+    t, hc, seen = fit(1e-3, place)
+    assert hc.num_probes_run == 1
+    names = [n for n, _ in seen if n != "HeldoutGradient"]
+    final = names[names.index("HessianContractivity"):]
+    assert final[0] == "HessianContractivity" and "HessianTrace" in final[1:] and "Flatness" in final[1:], names
+    values = next(v for n, v in seen if n == "HessianContractivity")
+    assert values["curv/contractivity_points"] == 3.0 and math.isfinite(values["curv/contractivity_mean_se"])
+    assert "not measured in this run" not in capsys.readouterr().out
+    budget = t.__dict__["_genbounds_overhead"]
+    assert budget.by_owner["HessianContractivity"] > 0
+    bound = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert bound.producers.end_probes(bound.series) == [hc]
+    assert hc.first_cost() > 0 and bound.producers.end_cost(bound.series) == pytest.approx(hc.first_cost())
+    suite = bound_suite()  # no budget: every point
+    _, hc, seen = fit(None, place)
+    assert next(v for n, v in seen if n == "HessianContractivity")["curv/contractivity_points"] == 12.0
+
+
+def test_end_probes_take_their_fewest_draws_before_the_final_probes_and_share_the_rest_otherwise():
+    """What each of the Trainer's other final-weight probes may spend when it runs: nothing beyond its
+    fewest draws before the final evaluation's own probes (which take all that is left); a share of
+    what is left when the last validation already evaluated the final weights (no final
+    evaluation follows); the producers the bound asks for are not among them."""
+    from genbounds.callbacks import Flatness, HessianContractivity
+    from genbounds.callbacks.bound_producers import Producers
+    from genbounds.callbacks.bound_series import BoundSeries
+
+    class Recording(HessianContractivity):
+        def probe_now(self, trainer, pl_module, *, log=True, epoch_end=True):
+            seen.append((self, self.final_share, self.final_floor_after, log))
+
+        def first_cost(self):
+            return 0.5
+
+    seen: list = []
+    a, b = Recording(), Recording()
+    flat = Flatness(scaling="sqrt_steps")
+    producers = Producers(flatness=flat, at_end=[a, flat, b])
+    series = BoundSeries()
+    assert producers.end_probes(series) == [a, b] and producers.end_cost(series) == 1.0
+    producers.measure_at_end(None, None, series, fewest=True)
+    assert seen == [(a, 0.0, 0.0, False), (b, 0.0, 0.0, False)]
+    seen.clear()
+    producers.measure_at_end(None, None, series, fewest=False)
+    assert seen == [(a, 0.5, 0.5, False), (b, 1.0, 0.0, False)]
+    assert a.final_share is None and b.final_share is None  # (reset afterwards)
+
+
+def test_contractivity_is_priced_at_its_fewest_points_and_sized_by_the_budget():
+    from genbounds.callbacks import HessianContractivity
+    from genbounds.callbacks.overhead import OverheadBudget
+
+    hc = HessianContractivity(num_points=40, min_points=50)
+    assert hc.min_points == 40  # (never more than num_points)
+    hc = HessianContractivity(num_points=40, min_points=5, exact=False)
+    assert hc.forward_equivalents() == 30.0
+    assert HessianContractivity(num_points=40, min_points=5).forward_equivalents() == 34.0
+    hc.budget = OverheadBudget(0.2)
+    hc.budget.start = time.perf_counter() - 10.0  # 2 s of room
+    hc._unit_cost = 0.01  # 60 ms a point
+    assert hc.draws_within_budget(hc.num_points, hc.min_points, 6.0) == 33
+    hc.budget.reserve = 1.9
+    assert hc.draws_within_budget(hc.num_points, hc.min_points, 6.0) == 5
+    with pytest.raises(MisconfigurationException, match="min_points"):
+        HessianContractivity(min_points=1)
 
 
 def test_the_results_table_in_tensorboard_keeps_every_cell(tmp_path):

@@ -163,7 +163,7 @@ class BoundGate(MeasurementCallback):
                          "curv/weighted_dispersion_se", "curv/hessian_trace/*", "curv/hessian_trace_se/*"}
             elif isinstance(cb, HessianContractivity):
                 tags |= {"curv/contractivity_mean", "curv/contractivity_mean_se", "curv/contractivity_min",
-                         "curv/contractivity_exact"}
+                         "curv/contractivity_exact", "curv/contractivity_points"}
             elif isinstance(cb, (Flatness, GradientSensitivity)):
                 tags |= {"flat/*", "sens/*"}
         if self._bound is not None:

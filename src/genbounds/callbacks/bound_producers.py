@@ -4,8 +4,9 @@ evaluation asks of them."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -19,6 +20,7 @@ from genbounds.callbacks.gradient_dispersion import GradientDispersion
 from genbounds.callbacks.gradient_sensitivity import GradientSensitivity
 from genbounds.callbacks.heldout_gradient import HeldoutGradient
 from genbounds.callbacks.hessian_trace import HessianTrace
+from genbounds.callbacks.probe import ProbeCallback
 from genbounds.estimators.functional import group_index, trainable_parameters
 
 FLATNESS = 'Flatness(scaling="sqrt_steps")'
@@ -33,14 +35,20 @@ class Producers:
     hessian: HessianTrace | None = None
     sensitivity: GradientSensitivity | None = None
     heldout: HeldoutGradient | None = None
+    at_end: list[Any] = field(default_factory=list)
+    """Every other probe callback of the Trainer that measures the final weights (``at_train_end``):
+    the final evaluation runs them first, at their fewest draws (:meth:`end_probes`)."""
 
     @staticmethod
-    def find(trainer: Trainer) -> Producers:
+    def find(trainer: Trainer, bound: Any = None) -> Producers:
         def pick(kind: type, accept: Callable[[Any], bool] = lambda _: True) -> Any:
             return next((cb for cb in trainer.callbacks if isinstance(cb, kind) and accept(cb)), None)
 
+        at_end = [cb for cb in trainer.callbacks
+                  if isinstance(cb, ProbeCallback) and cb is not bound and cb.schedule.at_train_end]
         return Producers(pick(GradientDispersion), pick(Flatness, lambda f: f.scaling == "sqrt_steps"),
-                         pick(HessianTrace), pick(GradientSensitivity, lambda s: s.growing), pick(HeldoutGradient))
+                         pick(HessianTrace), pick(GradientSensitivity, lambda s: s.growing), pick(HeldoutGradient),
+                         at_end)
 
     def needs(self) -> dict[str, list[tuple[str, Any]]]:
         dispersion = ("GradientDispersion()", self.dispersion)
@@ -119,6 +127,28 @@ class Producers:
         sensitivity = self.sensitivity if not series.sensitivity_steps else None
         return [p for p in (self.hessian, sensitivity, self.flatness) if p is not None and p.active]
 
+    def end_probes(self, series: BoundSeries) -> list[Any]:
+        """The Trainer's other ``at_train_end`` probes (e.g. ``HessianContractivity``), which the final
+        evaluation runs first at their fewest draws: on their own, at train end, they would find the
+        budget spent by the bound's final probes, which take all that is left."""
+        asked = self.evaluation_probes(series)
+        return [p for p in self.at_end if p.active and p not in asked]
+
+    def measure_at_end(self, trainer: Trainer, pl_module: LightningModule, series: BoundSeries, *,
+                       fewest: bool) -> None:
+        """Have :meth:`end_probes` measure the final weights: at their fewest draws before the final
+        evaluation's own probes (``fewest``), else — no final evaluation to follow, the last one
+        already had these weights — sharing what is left of the budget (:func:`final_shares`)."""
+        probes = self.end_probes(series)
+        shares = _fewest_draws(probes) if fewest else final_shares(probes, [p.first_cost() for p in probes])
+        with shares:
+            for probe in probes:
+                probe.probe_now(trainer, pl_module, log=False, epoch_end=True)
+
+    def end_cost(self, series: BoundSeries) -> float:
+        """What :meth:`end_probes` cost at their fewest draws (a part of the final evaluation's reserve)."""
+        return sum(p.first_cost() for p in self.end_probes(series))
+
     def measure(self, trainer: Trainer, pl_module: LightningModule, series: BoundSeries,
                 groups: dict[str, list[str]], inputs: Callable[[], BoundInputs | None], *, log: bool) -> BoundInputs | None:
         """Have the probes measure the current weights for an evaluation (see
@@ -136,3 +166,15 @@ class Producers:
                                              group_index(groups, list(trainable_parameters(pl_module))), log=log)
                 current = inputs()
         return current
+
+
+@contextmanager
+def _fewest_draws(probes: list[Any]) -> Iterator[None]:
+    """``probes`` take their fewest draws under a budget while inside (a final share of nothing)."""
+    for probe in probes:
+        probe.final_share, probe.final_floor_after = 0.0, 0.0
+    try:
+        yield
+    finally:
+        for probe in probes:
+            probe.final_share, probe.final_floor_after = None, 0.0

@@ -194,7 +194,7 @@ class GeneralizationBound(ProbeCallback):
             return
         if sum(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one GeneralizationBound per Trainer: it aggregates the whole suite.")
-        self.producers = Producers.find(trainer)
+        self.producers = Producers.find(trainer, self)
         self._groups = parameter_groups(pl_module, self.layer_groups)
         self.wanted = self.producers.resolve(self.bounds, len(self._groups))
         self._warn_once.all(self.producers.notes(self.wanted))
@@ -335,6 +335,8 @@ class GeneralizationBound(ProbeCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._evaluated_step != trainer.global_step:  # the final weights are always evaluated
             self.evaluate(trainer, pl_module, log=False)
+        elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
+            self.producers.measure_at_end(trainer, pl_module, self.series, fewest=False)
         self.step_log.report_skipped(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -355,7 +357,8 @@ class GeneralizationBound(ProbeCallback):
     def first_cost(self) -> float:
         """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers
-        return evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
+        return (evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
+                + p.end_cost(self.series))
 
     def _affordable(self) -> bool:
         if self.budget is None:
@@ -387,6 +390,8 @@ class GeneralizationBound(ProbeCallback):
                 values.update(self._measure_gap(trainer, pl_module))
             else:
                 self.loss_range.unknown()
+            if not log:  # (the Trainer's other final-weight probes, at their fewest draws)
+                self.producers.measure_at_end(trainer, pl_module, self.series, fewest=True)
             # (the trained parameters changed: NaN bounds, and no probe is asked for them)
             inputs = None if self._trained_changed(trainer, pl_module) else self.producers.measure(
                 trainer, pl_module, self.series, self._groups, lambda: self._inputs(trainer), log=log)
@@ -404,7 +409,8 @@ class GeneralizationBound(ProbeCallback):
             # probes it asks for, the bound math), not the last block timed under this owner — and
             # the room intermediate probes leave for the final one
             self._eval_cost = time.perf_counter() - started
-            self.budget.reserve = self._eval_cost
+            # (+ the other at-train-end probes the final evaluation runs first, at their fewest draws)
+            self.budget.reserve = self._eval_cost + (self.producers.end_cost(self.series) if log else 0.0)
         self._warn_once.all(finish_values(values, self.wanted, self._evaluated_step, plain_sgd=self.plain_sgd,
                                           overhead=self.budget.overhead, reason=self._nan_reason()))
         self.evaluations += 1

@@ -20,16 +20,19 @@ class HessianContractivity(ProbeCallback):
     r"""Log how Hessian-contractive the loss is along its gradient near the current weights.
 
     ``curv/contractivity_mean`` (+ ``_se``) and ``curv/contractivity_min`` over ``num_points``
-    points ``w̃ = w + r·u`` on the sphere of radius ``r`` around the weights, with the finite
-    difference ``c(w̃) = [∇f(w̃) − ∇f(w̃ − η∇f(w̃))]ᵀ∇f(w̃) / (η‖∇f(w̃)‖²)`` on one probe minibatch
-    shared by all points (seed 004 Eq. 4; paper: ``r = 1``, ``η = 1e−3``, ``K = 100``, batch
+    (``curv/contractivity_points``) points ``w̃ = w + r·u`` on the sphere of radius ``r`` around the
+    weights, with the finite difference ``c(w̃) = [∇f(w̃) − ∇f(w̃ − η∇f(w̃))]ᵀ∇f(w̃) / (η‖∇f(w̃)‖²)``
+    on one probe minibatch shared by all points (seed 004 Eq. 4; paper: ``r = 1``, ``η = 1e−3``, ``K = 100``, batch
     128). ``curv/contractivity_exact = ∇fᵀH∇f/‖∇f‖²`` at the weights themselves, by one HVP.
     Positive values mean the gradient step contracts.
 
     Args:
         radius: ``r``.
         eta: ``η`` of the finite difference.
-        num_points: ``K``.
+        num_points: ``K``; under an overhead budget a probe takes fewer points (never below
+            ``min_points``) when ``K`` would not fit in what is left of it. The minimum is over the points
+            taken (``curv/contractivity_points``): fewer points, a higher minimum.
+        min_points: the fewest points a budgeted probe takes.
         points_per_pass: points evaluated in one vectorized pass (default 1 on CPU; on a GPU up to 8,
             as many as fit the probes' memory budget, :func:`~genbounds.callbacks.probe.vectorization_width`).
         exact: also log the exact HVP form.
@@ -53,6 +56,7 @@ class HessianContractivity(ProbeCallback):
         radius: float = 1.0,
         eta: float = 1e-3,
         num_points: int = 100,
+        min_points: int = 8,
         points_per_pass: int | None = None,
         exact: bool = True,
         precision: Precision = "auto",
@@ -73,6 +77,7 @@ class HessianContractivity(ProbeCallback):
         self.radius = check_float(o, "radius", radius, low=0.0)
         self.eta = check_float(o, "eta", eta, low=0.0, low_open=True)
         self.num_points = check_int(o, "num_points", num_points, minimum=2)
+        self.min_points = min(check_int(o, "min_points", min_points, minimum=2), self.num_points)
         self.points_per_pass = check_int(o, "points_per_pass", points_per_pass, optional=True)
         self.exact = check_bool(o, "exact", exact)
         self.precision = check_choice(o, "precision", precision, PRECISIONS)
@@ -80,19 +85,24 @@ class HessianContractivity(ProbeCallback):
         self._step = 0
 
     def forward_equivalents(self) -> float:
-        # two gradients (a forward and a backward each) per point, one HVP for the exact form
-        return 6.0 * self.num_points + (4.0 if self.exact else 0.0)
+        # two gradients (a forward and a backward each) per point, one HVP for the exact form, at
+        # the fewest points a budgeted probe takes
+        return 6.0 * self.min_points + (4.0 if self.exact else 0.0)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         assert self._loss_fn is not None
         self._step = int(trainer.global_step)
+        # (the exact form's HVP, about four loss evaluations, is left out of what the points may spend)
+        points = self.draws_within_budget(self.num_points, self.min_points, 6.0,
+                                          keep=4.0 * self.unit_cost() if self.exact else 0.0)
         est = contractivity(pl_module, self._loss_fn, self.train_probe, self.generator(pl_module.device),
-                            radius=self.radius, eta=self.eta, num_points=self.num_points,
+                            radius=self.radius, eta=self.eta, num_points=points,
                             points_per_pass=self.per_pass(self.points_per_pass, pl_module),
                             dtype=probe_dtype(self.precision, self.eta),
                             reduce=self.reducer(trainer))
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,
-               "curv/contractivity_min": est.minimum}
+               "curv/contractivity_min": est.minimum,
+               "curv/contractivity_points": float(points)}
         if self.exact:
             op = LossHessian(pl_module, self._loss_fn, self.train_probe, reduce=self.reducer(trainer))
             out["curv/contractivity_exact"] = contractivity_exact(op)
