@@ -1,7 +1,8 @@
 """Fit set-ups a matrix of users' modules and Lightning options found at fault (README, "Fit
 set-ups"): reentrant checkpointing, several training loaders, weights replaced at the end of
-training, gradient clipping, spectral normalization, ``trainer.validate`` after ``fit``. Each test
-failed on the code before its fix (a crash, a silent wrong number or a lost result)."""
+training, gradient clipping, spectral normalization, ``trainer.validate`` after ``fit``, an
+accumulation schedule, pruning during the fit. Each test failed on the code before its fix (a
+crash, a silent wrong number or a lost result)."""
 
 from __future__ import annotations
 
@@ -161,3 +162,67 @@ def test_reentrant_checkpointing_refuses_an_extra_pass_dispersion_and_vectorizes
                     loss_fn=lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"))
     _fit(tmp_path / "b", Net("reentrant"), [flat], max_steps=4)
     assert flat.num_probes_run >= 2  # (each probe: vectorized no more, so not raising)
+
+
+class StepReference(pl.Callback):
+    """After GradientDispersion: the brute-force ``Tr Σ_B`` of each optimizer step's whole window
+    (its micro-batches), from per-sample gradients of the parameters trained at that step."""
+
+    def __init__(self) -> None:
+        self.window: list = []
+        self.expected: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.window.append([t.clone() for t in batch])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        x = torch.cat([b[0] for b in self.window])
+        y = torch.cat([b[1] for b in self.window])
+        self.window = []
+        params = [p for p in pl_module.parameters() if p.requires_grad]
+        rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+            F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(len(x))]
+        g = torch.stack(rows).double()
+        b = len(g)
+        trace = b / (b - 1) * (g.square().sum(1).mean() - g.mean(0).square().sum())
+        self.expected[trainer.global_step] = float(trace) / b
+
+
+def test_an_accumulation_schedule_is_followed_and_the_dispersion_stays_exact(tmp_path, caplog):
+    """``GradientAccumulationScheduler`` changes ``accumulate_grad_batches`` at an epoch start: the
+    dispersion kept the fit's first value and was 48–67 % low, silently, from the change on."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, Net(), [cb, GradientAccumulationScheduler(scheduling={0: 1, 2: 2}), ref], max_epochs=4)
+    assert len(records) == 12 and set(ref.expected) == set(range(12))  # (4 + 4 steps of one batch, 2 + 2 of two)
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+    said = [m for m in caplog.messages if "accumulate_grad_batches is 2 from epoch 2" in m]
+    assert len(said) == 1
+
+
+def test_pruning_during_the_fit_is_followed_and_measured_exactly(tmp_path):
+    """``ModelPruning`` reparametrizes each layer at an epoch end (``weight`` → ``weight_orig`` and
+    a mask): HeldoutGradient's probe crashed the fit at the next step ("the norm hooks recorded no
+    gradient"). Now the change is said once as a replacement, the dispersion goes to an extra pass
+    that is exact for ``weight_orig``, the probes go on, and the bounds are NaN from the change."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    torch.manual_seed(0)
+    suite = bound_suite()
+    ref, records = StepReference(), []
+    suite[0].add_listener(records.extend)
+    said = _fit(tmp_path, Net(), [*suite, ModelPruning("l1_unstructured", amount=0.3), ref], max_epochs=2)
+    changed = [m for m in said if m.startswith("genbounds: the trained parameters changed")]
+    assert len(changed) == 1 and "replaced: inp (weight, bias → weight_orig, bias_orig)" in changed[0], changed
+    assert len(records) == 8
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+    heldout = next(cb for cb in suite if type(cb).__name__ == "HeldoutGradient")
+    assert heldout.num_probes_run >= 3  # (past the change at step 4)
+    bound = suite[-1]
+    assert math.isnan(bound.latest["bound/wang_mao_eq3"]) and bound.latest["bound/valid"] == 0.0

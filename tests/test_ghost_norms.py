@@ -868,6 +868,28 @@ def test_plan_refuses_unsupported_tied_and_functional():
         GhostNormHooks({"act": nn.PReLU()})
 
 
+def test_plan_leaves_reparametrized_layers_to_an_extra_pass():
+    """A pruned layer trains ``weight_orig`` (its weight is ``weight_orig * mask``, made before the
+    forward), the old ``weight_norm`` ``weight_g`` and ``weight_v``: the layer rule's per-sample
+    gradient is the computed weight's, not theirs. Covered, they crashed HeldoutGradient's probe
+    after ``ModelPruning`` ("recorded no gradient") and left its hook route's numbers unchecked."""
+    import warnings
+
+    from genbounds.estimators.per_sample_gradients import hooks_cover
+
+    pruned, old_norm, plain = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+    torch.nn.utils.prune.l1_unstructured(pruned, "weight", amount=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (weight_norm's deprecation)
+        torch.nn.utils.weight_norm(old_norm)
+    model = nn.Sequential(pruned, nn.Tanh(), old_norm, nn.Tanh(), plain)
+    covered, uncovered = plan(model)
+    assert set(covered) == {"4"}
+    assert set(uncovered) == {"0.weight_orig", "0.bias", "2.weight_g", "2.weight_v", "2.bias"}
+    assert "reparametrization" in uncovered["0.weight_orig"] and "weight_orig" in uncovered["0.bias"]
+    assert not hooks_cover(model) and hooks_cover(nn.Sequential(plain))
+
+
 def test_weight_used_outside_forward_is_detected():
     class Model(nn.Module):
         def __init__(self) -> None:

@@ -346,8 +346,8 @@ class GeneralizationBound(ProbeCallback):
                 "weights-replaced",
                 f"GeneralizationBound: the weights fit() returns are not those of its final evaluation (step "
                 f"{self._evaluated_step}): a callback replaced them at the end of training (StochasticWeightAveraging, "
-                "an EMA, a best-checkpoint reload?). The final bounds and gap/measured describe the weights SGD "
-                "reached at that step, for which the bounds are stated, not the weights returned.")
+                "an EMA, ModelPruning, a best-checkpoint reload?). The final bounds and gap/measured describe the "
+                "weights SGD reached at that step, for which the bounds are stated, not the weights returned.")
         if self.write_hparams:
             self._summary.write_hparams(trainer, pl_module, self)
         if self.print_summary:

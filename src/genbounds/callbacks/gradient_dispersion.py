@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
@@ -269,14 +270,32 @@ class GradientDispersion(MeasurementCallback):
     def _replan(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """The trained parameters changed (said once by ``TrainableSet``): the steps measured so far
         are written out under the old layers, and the backend is chosen and attached again for the
-        new set (hooks on the layers now trained), checked on this batch."""
+        new set (hooks on the layers now trained), checked on this batch. A backend asked for by
+        name that cannot measure the new set (``backend='hooks'`` and a layer now pruned) gives way
+        to ``auto``'s choice, said once: the fit is under way, an error would end it."""
         assert self.contract is not None
         self._set_version = self._trainable.version
         self.flush(trainer, pl_module)
         self.slot.detach()
         self._take_parameters(pl_module)
-        self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch)
+        try:
+            self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch)
+        except MisconfigurationException as err:  # (the named backend, or the one a resumed fit restored)
+            self.slot.options, self.slot.restored = replace(self.slot.options, backend="auto"), None
+            self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch,
+                            instead_of=f"{err} (The parameters trained changed during the fit.)")
         self._late_from_start(trainer, pl_module)
+
+    def _follow_accumulation(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """``accumulate_grad_batches`` changed at an epoch start (Lightning's
+        ``GradientAccumulationScheduler`` sets it there, where windows start afresh): the statistics
+        are of the new effective batch, so the backend is chosen again for it (the micro-steps as
+        chunks, the late read, the loss's scale all depend on it)."""
+        before, self._accumulate = self._accumulate, int(trainer.accumulate_grad_batches)
+        rank_zero_info(f"GradientDispersion: accumulate_grad_batches is {self._accumulate} from epoch "
+                       f"{trainer.current_epoch} (was {before}); the backend is chosen again for it.")
+        self.slot.options = replace(self.slot.options, accumulate=self._accumulate)
+        self._replan(trainer, pl_module, batch)
 
     # ------------------------------------------------------------------ per batch
     def _context(self, trainer: Trainer, pl_module: LightningModule,
@@ -295,6 +314,8 @@ class GradientDispersion(MeasurementCallback):
         if self._checked_epoch != trainer.current_epoch:  # (an epoch's first batch start it sees)
             self._checked_epoch = trainer.current_epoch
             self._trainable.check(pl_module, int(trainer.global_step))
+            if int(trainer.accumulate_grad_batches) != self._accumulate:  # (GradientAccumulationScheduler)
+                self._follow_accumulation(trainer, pl_module, batch)
         if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
             self._replan(trainer, pl_module, batch)
         assert self.impl is not None

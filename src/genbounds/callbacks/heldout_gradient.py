@@ -120,6 +120,10 @@ class HeldoutGradient(ProbeCallback):
 
     def take_parameters(self, pl_module: LightningModule) -> None:
         self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
+        # (again when the trained parameters change: a layer pruned mid-fit trains weight_orig,
+        # which the norm hooks do not cover)
+        self._hooks_ok = self.backend == "auto" and hooks_cover(pl_module) and not (
+            has_batchnorm(pl_module) and self.probe_mode == "train")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_single_optimizer(self.owner, pl_module)  # (not at setup: Lightning makes the optimizers after it)
@@ -131,8 +135,6 @@ class HeldoutGradient(ProbeCallback):
                     "HeldoutGradient(backend='functorch') needs per-sample losses: " + "; ".join(self.contract.notes)
                     + ". Add `per_sample_loss(self, batch)` or pass `loss_fn=...`, or use backend='microbatch'.")
             self._per_sample = False  # chunk means are all the contract gives
-        self._hooks_ok = self.backend == "auto" and hooks_cover(pl_module) and not (
-            has_batchnorm(pl_module) and self.probe_mode == "train")
         if trainer.optimizers:
             _warn_lr_groups(trainer.optimizers[0])
         if pl_module.automatic_optimization:  # on_after_backward has work under manual optimization only

@@ -110,16 +110,30 @@ class TrainableSet:
 
 
 def describe(change: Change) -> str:
-    """``unfrozen: backbone.0, backbone.1; frozen: head`` (by layer, the parameters' owners)."""
+    """``unfrozen: backbone.0, backbone.1; frozen: head`` (by layer, the parameters' owners); a layer
+    whose parameters were replaced by others (a reparametrization such as pruning's ``weight_orig``)
+    as ``replaced: net.0 (weight → weight_orig)``."""
 
-    def layers(names: tuple[str, ...]) -> str:
-        owners = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else "(root)" for n in names))
-        shown = ", ".join(owners[:6]) + (f", … ({len(owners)} layers)" if len(owners) > 6 else "")
-        return shown
+    def by_layer(names: tuple[str, ...]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for n in names:
+            owner, leaf = n.rsplit(".", 1) if "." in n else ("(root)", n)
+            out.setdefault(owner, []).append(leaf)
+        return out
 
+    def shown(items: list[str]) -> str:
+        return ", ".join(items[:6]) + (f", … ({len(items)} layers)" if len(items) > 6 else "")
+
+    added, removed = by_layer(change.added), by_layer(change.removed)
     parts = []
-    if change.added:
-        parts.append("unfrozen: " + layers(change.added))
-    if change.removed:
-        parts.append("frozen: " + layers(change.removed))
+    replaced = [o for o in added if o in removed]
+    if replaced:
+        pairs = [f"{o} ({', '.join(removed[o])} → {', '.join(added[o])})" for o in replaced]
+        parts.append("replaced: " + shown(pairs))
+    unfrozen = [o for o in added if o not in removed]
+    frozen = [o for o in removed if o not in added]
+    if unfrozen:
+        parts.append("unfrozen: " + shown(unfrozen))
+    if frozen:
+        parts.append("frozen: " + shown(frozen))
     return "; ".join(parts) or "the same names in another order"

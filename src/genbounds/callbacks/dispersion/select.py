@@ -65,9 +65,15 @@ class HookCoverage:
         return not self.uncovered
 
     def describe(self, limit: int = 6) -> str:
-        items = [f"{name} ({why})" for name, why in list(self.uncovered.items())[:limit]]
-        more = len(self.uncovered) - len(items)
-        return ", ".join(items) + (f" and {more} more" if more > 0 else "")
+        """The uncovered parameters by reason (one reason said once for all its parameters)."""
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.uncovered.items():
+            by_reason.setdefault(why, []).append(name)
+        items = []
+        for why, names in by_reason.items():
+            more = len(names) - limit
+            items.append(", ".join(names[:limit]) + (f" and {more} more" if more > 0 else "") + f" ({why})")
+        return "; ".join(items)
 
 
 def hook_coverage(module: nn.Module, mixed_precision: bool) -> HookCoverage:

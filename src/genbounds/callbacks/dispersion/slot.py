@@ -58,9 +58,10 @@ class BackendSlot:
         self.generator_state: Tensor | None = None
 
     def start(self, options: BackendOptions, trainer: Trainer, pl_module: LightningModule, contract: LossContract,
-              loss_fn: Any, trial_batch: Any) -> None:
+              loss_fn: Any, trial_batch: Any, instead_of: str | None = None) -> None:
         """Choose, attach and (hooks) check the backend before step 0 with the callback's settings as
-        they are when the fit starts; one line says which."""
+        they are when the fit starts; one line says which. ``instead_of``: why the backend asked for
+        cannot measure the set trained now (a change during the fit): said with the one chosen."""
         self.options = o = options
         backend, note = choose_backend(
             self.restored or o.backend, trainer, pl_module, contract, parameter_groups(pl_module, o.layer_groups),
@@ -74,10 +75,14 @@ class BackendSlot:
             # whole batch shares passes every shape check in training when its length equals b
             why = backend.verify(pl_module, loss_fn, trial_batch, fit=id(trainer))
             if why is not None:
-                rank_zero_warn(f"GradientDispersion(backend='hooks'): before step 0, {why}; switching to an "
+                when = "before step 0" if trainer.global_step == 0 else f"at step {trainer.global_step}"
+                rank_zero_warn(f"GradientDispersion(backend='hooks'): {when}, {why}; switching to an "
                                "extra-pass backend.")
                 self.fallback(trainer, pl_module, contract, loss_fn)
-        if note:
+        if instead_of is not None:
+            rank_zero_warn(f"{instead_of} From step {trainer.global_step} on it uses {backend.name!r}, as "
+                           "backend='auto' chooses.")
+        elif note:
             rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
         assert self.impl is not None  # (the backend that measures: after a failed check, not the one chosen)
         rank_zero_info(f"GradientDispersion: backend={self.impl.name!r} — {self.impl.description}.")

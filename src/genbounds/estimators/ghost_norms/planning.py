@@ -105,6 +105,12 @@ def plan(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
             continue  # (a MultiheadAttention with a trainable out_proj records it: kept)
         prefix = f"{mod_name}." if mod_name else ""
         reason = refused.get(module) if attention else _kind_of(module)[1]
+        if reason is None and not attention and any(n not in ("weight", "bias") for n, _ in own):
+            # (a reparametrized layer — torch.nn.utils.prune's weight_orig, the old weight_norm's
+            # weight_g and weight_v — computes its weight before the forward: the layer rule's
+            # per-sample gradient is that of the computed weight, not of these parameters)
+            reason = (f"{', '.join(n for n, _ in own if n not in ('weight', 'bias'))}: not the layer's weight or bias "
+                      "(a reparametrization: torch.nn.utils.prune, weight_norm)")
         if reason is None and id(module) in functional_children:
             reason = ("inside a MultiheadAttention that uses the weights without calling this module: "
                       + functional_children[id(module)])
