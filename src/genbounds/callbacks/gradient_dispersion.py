@@ -30,7 +30,7 @@ from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
-from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, logger_step, mark_run_complete
+from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, mark_run_complete, weights_step
 from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import group_positions, trainable_parameters
@@ -321,7 +321,9 @@ class GradientDispersion(MeasurementCallback):
         assert self.impl is not None
         if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
             self._window = None
-            self._step = logger_step(trainer)
+            # (the optimizer steps taken, as the bounds index η_t: Lightning's logging index can run
+            # ahead of it — BatchSizeFinder's trial fits left it one step ahead, and the series shifted)
+            self._step = weights_step(trainer)
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
             self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
