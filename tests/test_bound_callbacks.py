@@ -314,6 +314,23 @@ def test_end_probes_take_their_fewest_draws_before_the_final_probes_and_share_th
     assert a.final_share is None and b.final_share is None  # (reset afterwards)
 
 
+def test_a_run_too_short_for_the_final_probes_is_told_it_went_over_its_budget(tmp_path):
+    """The final evaluation always runs, each probe at its fewest draws: a run too short for them
+    (a matrix's 40 slow steps logged perf/overhead = 10 against 0.2) now says so once, with the
+    numbers; a run within its budget, or without one, says nothing."""
+    import warnings
+
+    def said(**kwargs):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            small_fit(tmp_path, bound_suite(**kwargs))
+        return [str(w.message) for w in caught if "measurement took" in str(w.message)]
+
+    over = said(overhead_budget=1e-3)
+    assert len(over) == 1 and "above overhead_budget=0.001" in over[0] and "the final evaluation alone" in over[0]
+    assert said() == [] and said(overhead_budget=100.0) == []
+
+
 def test_contractivity_is_priced_at_its_fewest_points_and_sized_by_the_budget():
     from genbounds.callbacks import HessianContractivity
     from genbounds.callbacks.overhead import OverheadBudget

@@ -261,3 +261,25 @@ def test_a_batch_size_finder_leaves_the_series_on_the_optimizer_steps(tmp_path):
     assert [r.step for r in records] == [r.step for r in plain_records] == list(range(12))
     for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu"):
         assert latest[name] == plain_latest[name], name
+
+
+@pytest.mark.parametrize("how", [dict(overfit_batches=2), dict(limit_train_batches=2)])
+def test_a_fit_on_a_fixed_prefix_of_the_training_set_states_the_bounds_for_it(tmp_path, how):
+    """``overfit_batches=2`` (shuffling turned off) trains on the same first 16 of 64 samples every
+    epoch: the bounds took n = 64 and gap/measured's training loss averaged 48 samples never
+    trained on, and nothing was said. So does ``limit_train_batches`` on a loader that does not
+    shuffle."""
+    torch.manual_seed(0)
+    suite = bound_suite()
+    train = _loader(64, 0, batch_size=8)
+    module = Net()
+    said = _fit(tmp_path, module, suite, train=train, max_steps=8, **how)
+    named = [m for m in said if "trains on the first 16 of the 64 training samples" in m]
+    assert len(named) == 1, said
+    bound = suite[-1]
+    assert bound.latest["setting/n"] == 16.0
+    x, y = train.dataset.tensors
+    with torch.no_grad():
+        module.eval()
+        prefix_loss = float(F.cross_entropy(module(x[:16]), y[:16]))
+    assert bound.latest["gap/train_loss"] == pytest.approx(prefix_loss, rel=1e-5)

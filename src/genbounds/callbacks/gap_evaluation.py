@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import TensorDataset
 
 from genbounds.bounds.gap import measured_gap
@@ -25,6 +26,7 @@ from genbounds.callbacks.probe_data import (
     PROBE_STREAM,
     forked_rng,
     own_iterator,
+    trained_prefix,
     training_loader,
     validation_loader,
 )
@@ -69,12 +71,19 @@ class GapEvaluation:
         self._train_loader = training_loader(trainer)
         self._val_loader = validation_loader(trainer)
         self.heldout_available = self._val_loader is not None
-        self._train_indices = self._indices(trainer, self._train_loader, seeded=True)
+        prefix = trained_prefix(trainer, self._train_loader)
+        if prefix is not None:
+            rank_zero_warn(
+                f"GeneralizationBound: this fit trains on the first {prefix} of the {len(self._train_loader.dataset)} "
+                "training samples, the same ones every epoch (overfit_batches, or limit_train_batches on a loader "
+                f"that does not shuffle): the bounds take n = {prefix}, and gap/measured's training loss is theirs.")
+        self._train_indices = self._indices(trainer, self._train_loader, seeded=True, prefix=prefix)
         self._val_indices = self._indices(trainer, self._val_loader, seeded=False)
 
-    def _indices(self, trainer: Trainer, loader: Any, seeded: bool) -> list[int] | None:
-        """This rank's share of the samples to evaluate (every sample once over the ranks), or
-        ``None`` for a dataset without random access (then the loader is iterated)."""
+    def _indices(self, trainer: Trainer, loader: Any, seeded: bool, prefix: int | None = None) -> list[int] | None:
+        """This rank's share of the samples to evaluate (every sample once over the ranks; the
+        first ``prefix`` only, when given), or ``None`` for a dataset without random access (then
+        the loader is iterated)."""
         dataset = getattr(loader, "dataset", None)
         with forked_rng(trainer):  # __getitem__ may draw an augmentation from the global RNG
             try:
@@ -82,6 +91,7 @@ class GapEvaluation:
                 dataset[0]  # type: ignore[index]
             except Exception:  # noqa: BLE001 - iterable datasets
                 return None
+        n = prefix or n
         if self.samples is None or self.samples >= n:
             order = torch.arange(n)
         elif seeded:

@@ -337,6 +337,7 @@ class GeneralizationBound(ProbeCallback):
             self.evaluate(trainer, pl_module, log=False)
         elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
             self.producers.measure_at_end(trainer, pl_module, self.series, fewest=False)
+        self._say_if_over_budget()
         self.step_log.report_skipped(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -354,6 +355,24 @@ class GeneralizationBound(ProbeCallback):
             self._summary.print_table(trainer, self)
 
     # ------------------------------------------------------------------ budget
+    OVER_BUDGET = 1.5
+    """A run whose measurement took more than this many times its budget is told so (once)."""
+
+    def _say_if_over_budget(self) -> None:
+        """The final evaluation runs whatever is left, each probe at its fewest draws: on a run too
+        short for those (few, slow steps) measurement can take many times the budget. Said, with what
+        the final evaluation cost, rather than left to ``perf/overhead``."""
+        b = self.budget
+        if b is None or b.fraction is None or b.overhead <= self.OVER_BUDGET * b.fraction:
+            return
+        final = f"; the final evaluation alone {self._eval_cost:.3g} s" if self._eval_cost is not None else ""
+        self._warn_once(
+            "over-budget",
+            f"GeneralizationBound: measurement took {b.overhead:.2f} of the training time ({b.probe_time:.3g} s "
+            f"against {b.train_time:.3g} s{final}), above overhead_budget={b.fraction:g}: the final weights are always "
+            "evaluated, each probe at its fewest draws, and this run was too short for them. Lower the probes' "
+            "min_draws / min_probes / probe_batch_size, or leave the final evaluation's probes out of short runs.")
+
     def first_cost(self) -> float:
         """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers

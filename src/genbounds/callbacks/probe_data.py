@@ -140,6 +140,7 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
         try:
             n = len(dataset)  # type: ignore[arg-type]
             dataset[0]  # type: ignore[index]
+            n = trained_prefix(trainer, loader) or n  # (the samples trained on)
         except Exception:  # noqa: BLE001 - iterable datasets have no random access
             n = None
         if n is None:
@@ -186,8 +187,31 @@ def num_train_samples(owner: str, num_train: int | None, trainer: Trainer) -> in
     return n
 
 
+def trained_prefix(trainer: Trainer, loader: Any) -> int | None:
+    """How many samples the fit trains on when that is a prefix of the training set: a loader that
+    does not shuffle (``SequentialSampler``) limited to fewer batches than it has —
+    ``overfit_batches`` (which turns shuffling off) or ``limit_train_batches`` — takes the same
+    first samples every epoch; ``None`` otherwise (one process)."""
+    batches = getattr(trainer, "num_training_batches", None)
+    sampler = getattr(loader, "sampler", None)
+    size = getattr(loader, "batch_size", None)
+    if getattr(trainer, "world_size", 1) > 1 or not isinstance(sampler, torch.utils.data.SequentialSampler) \
+            or not isinstance(size, int) or not isinstance(batches, int):
+        return None
+    try:
+        n = len(loader.dataset)
+    except TypeError:
+        return None
+    used = min(n, batches * size)
+    return used if used < n else None
+
+
 def training_set_size(trainer: Trainer) -> int | None:
-    """``n``: the number of training samples (all ranks), when the loader has a sized dataset."""
+    """``n``: the number of training samples (all ranks), when the loader has a sized dataset
+    (the samples trained on, when that is a prefix of it: :func:`trained_prefix`)."""
+    prefix = trained_prefix(trainer, training_loader(trainer))
+    if prefix is not None:
+        return prefix
     dm = trainer.datamodule
     if dm is not None and isinstance(getattr(dm, "num_train", None), int):
         return int(dm.num_train)
