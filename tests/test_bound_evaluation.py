@@ -136,6 +136,23 @@ def test_bound_values_without_inputs_are_nan_for_every_wanted_bound():
     assert all(math.isnan(v) for v in values.values()) and notes == []
 
 
+def test_the_notes_the_bound_math_adds_reach_the_user():
+    """compute_bounds adds notes of its own (a Hessian trace ≤ 0, a layer-wise relaxation refused):
+    bound_values read the notes before computing, so they were never said, and a negative trace
+    left Eq. 3 NaN with "a failed estimate" for its only reason (a matrix's fast_dev_run run)."""
+    import numpy as np
+
+    from genbounds.bounds.aggregate import BoundInputs
+    from genbounds.callbacks.bound_evaluation import bound_values
+
+    inp = BoundInputs(T=4, n=100, d=10, r=1.0, eta=np.full(4, 0.1), vhat=np.ones(4), sigmas=[0.1],
+                      wanted=("wang_mao_eq3",), curvature={"hessian_trace": -9.2, "hessian_trace_se": 4.1})
+    values, notes = bound_values(inp, ("wang_mao_eq3",))
+    assert math.isnan(values.get("bound/wang_mao_eq3", math.nan))
+    (trace,) = [message for kind, message in notes if kind == "trace"]
+    assert trace.startswith("GeneralizationBound: the Hessian trace estimate") and "-9.2 ± 4.1" in trace
+
+
 def test_finish_values_flags_a_bound_below_the_gap_and_says_so():
     from genbounds.callbacks.bound_evaluation import finish_values
 

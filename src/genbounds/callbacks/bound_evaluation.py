@@ -150,8 +150,9 @@ def bound_values(inputs: BoundInputs | None, wanted: Sequence[str]) -> tuple[dic
     if inputs is None:  # (Neu's |gap| bound with Neu's: a value from an earlier evaluation must not stand)
         names = list(wanted) + (["neu_abs"] if "neu" in wanted else [])
         return {f"bound/{name}{tail}": math.nan for tail in ("", "_se") for name in names}, []
+    values = compute_bounds(inputs)  # (first: it adds notes of its own, e.g. a Hessian trace ≤ 0)
     parts = [note.split(":", 1) for note in inputs.notes]  # "kind: message"
-    return compute_bounds(inputs), [(part[0], "GeneralizationBound: " + part[-1].strip()) for part in parts]
+    return values, [(part[0], "GeneralizationBound: " + part[-1].strip()) for part in parts]
 
 
 def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | None, *, plain_sgd: bool,
