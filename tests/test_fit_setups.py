@@ -277,9 +277,67 @@ def test_a_fit_on_a_fixed_prefix_of_the_training_set_states_the_bounds_for_it(tm
     named = [m for m in said if "trains on the first 16 of the 64 training samples" in m]
     assert len(named) == 1, said
     bound = suite[-1]
-    assert bound.latest["setting/n"] == 16.0
+    assert bound.latest["setting/n"] == 16.0 and "the bounds take n = 16," in named[0]
     x, y = train.dataset.tensors
     with torch.no_grad():
         module.eval()
         prefix_loss = float(F.cross_entropy(module(x[:16]), y[:16]))
     assert bound.latest["gap/train_loss"] == pytest.approx(prefix_loss, rel=1e-5)
+
+
+def test_an_accumulation_schedule_from_epoch_0_is_taken_before_step_0(tmp_path):
+    """A schedule sets ``accumulate_grad_batches`` at each epoch start, after ``on_train_start``:
+    batches of one sample accumulated four at a time by ``{0: 4}`` were refused there ("no spread
+    to measure") where ``Trainer(accumulate_grad_batches=4)``, the same training, was measured."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    _fit(tmp_path, Net(), [cb, GradientAccumulationScheduler(scheduling={0: 4}), ref],
+         train=_loader(32, 0, batch_size=1), max_epochs=1)
+    assert len(records) == 8
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+
+
+def test_a_resumed_fit_chooses_the_backend_at_a_change_as_the_uninterrupted_one(tmp_path):
+    """A resumed fit restores the backend it measured with ('hooks' under 'auto'); at a later
+    change of the trained parameters (pruning) it was forced again and failed, and the user was told
+    that backend='hooks' cannot measure the model and to use 'auto' — which they had asked for."""
+    from lightning.pytorch.callbacks import ModelPruning
+
+    def callbacks():
+        return [GradientDispersion(), ModelPruning("l1_unstructured", amount=0.3, apply_pruning=lambda e: e >= 1,
+                                                   verbose=0)]
+
+    def said(messages):
+        return [m.split(" because")[0] for m in messages if "GradientDispersion(backend=" in m]
+
+    torch.manual_seed(0)
+    whole = callbacks()
+    uninterrupted = said(_fit(tmp_path / "a", Net(), whole, max_epochs=3))
+    torch.manual_seed(0)
+    module, first = Net(), callbacks()
+    t = trainer(tmp_path / "b", first, max_epochs=1)
+    t.fit(module, _loader(64, 0), _loader(32, 1))
+    t.save_checkpoint(tmp_path / "one.ckpt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed = callbacks()
+        trainer(tmp_path / "b", resumed, max_epochs=3).fit(module, _loader(64, 0), _loader(32, 1),
+                                                            ckpt_path=tmp_path / "one.ckpt")
+    assert uninterrupted == said([str(w.message) for w in caught]) == [
+        "GradientDispersion(backend='auto'): not reading the training backward"]
+    assert whole[0].active_backend == resumed[0].active_backend == "functorch"
+
+
+
+def test_the_prefix_warning_names_the_n_the_bounds_take(tmp_path):
+    """With ``num_train=`` given, the bounds take it; the warning said they took the prefix's size."""
+    torch.manual_seed(0)
+    suite = bound_suite(num_train=100)
+    said = _fit(tmp_path, Net(), suite, train=_loader(64, 0, batch_size=8), max_steps=4, limit_train_batches=2)
+    named = [m for m in said if "trains on the first 16 of the 64" in m]
+    assert len(named) == 1 and "the bounds take n = 100 as num_train gives it" in named[0], said
+    assert suite[-1].latest["setting/n"] == 100.0

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.utils.data import TensorDataset
 
 from genbounds.bounds.gap import measured_gap
@@ -65,18 +64,15 @@ class GapEvaluation:
         self._train_indices: list[int] | None = None
         self._val_indices: list[int] | None = None
         self._short_reported = False
+        self.prefix: int | None = None
 
     def prepare(self, trainer: Trainer, contract: LossContract) -> None:
         self.contract = contract
         self._train_loader = training_loader(trainer)
         self._val_loader = validation_loader(trainer)
         self.heldout_available = self._val_loader is not None
-        prefix = trained_prefix(trainer, self._train_loader)
-        if prefix is not None:
-            rank_zero_warn(
-                f"GeneralizationBound: this fit trains on the first {prefix} of the {len(self._train_loader.dataset)} "
-                "training samples, the same ones every epoch (overfit_batches, or limit_train_batches on a loader "
-                f"that does not shuffle): the bounds take n = {prefix}, and gap/measured's training loss is theirs.")
+        # (the samples the fit trains on, when they are a prefix of the training set)
+        self.prefix = prefix = trained_prefix(trainer, self._train_loader)
         self._train_indices = self._indices(trainer, self._train_loader, seeded=True, prefix=prefix)
         self._val_indices = self._indices(trainer, self._val_loader, seeded=False)
 

@@ -30,6 +30,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.hook_clock import sleep_until
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
+from genbounds.callbacks.probe_data import training_loader
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
 from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
@@ -286,8 +287,16 @@ class GeneralizationBound(ProbeCallback):
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
         if self.budget is not None:
-            self.budget.reserve_estimate = self.first_cost
+            self.budget.reserve_estimate = self._final_cost
         self._gap.prepare(trainer, self.contract)
+        if self._gap.prefix is not None:
+            total = len(training_loader(trainer).dataset)
+            n = f"n = {self._n}" + ("" if self._n == self._gap.prefix else " as num_train gives it")
+            self._warn_once("prefix", (
+                f"GeneralizationBound: this fit trains on the first {self._gap.prefix} of the {total} training "
+                "samples, the same ones every epoch (a loader that does not shuffle, limited to fewer batches than it holds "
+                f"or dropping its last: overfit_batches, limit_train_batches, drop_last): the bounds take {n}, and "
+                "gap/measured's training loss is that of those samples."))
         self.heldout_available = self._gap.heldout_available
         if not self.contract.errors_available:
             self.wanted = tuple(b for b in self.wanted if b not in ERROR)  # (as _resolve_wanted)
@@ -374,10 +383,13 @@ class GeneralizationBound(ProbeCallback):
             "min_draws / min_probes / probe_batch_size, or leave the final evaluation's probes out of short runs.")
 
     def first_cost(self) -> float:
-        """An evaluation's cost before one was timed (:func:`evaluation_floor`)."""
+        """An intermediate evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers
-        return (evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
-                + p.end_cost(self.series))
+        return evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
+
+    def _final_cost(self) -> float:
+        """The final evaluation's, before one was timed: with the other final-weight probes it runs first."""
+        return self.first_cost() + self.producers.end_cost(self.series)
 
     def _affordable(self) -> bool:
         if self.budget is None:

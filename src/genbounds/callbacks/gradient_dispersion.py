@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -229,6 +230,7 @@ class GradientDispersion(MeasurementCallback):
         assert self.contract is not None
         check_single_optimizer(OWNER, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         self.step_budget.start()
+        self._accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)
         if isinstance(size, int) and size * self._accumulate < 2:
@@ -278,10 +280,13 @@ class GradientDispersion(MeasurementCallback):
         self.flush(trainer, pl_module)
         self.slot.detach()
         self._take_parameters(pl_module)
+        # (chosen as the uninterrupted fit chooses at this change: from the settings, not from the
+        # backend a resumed fit restored for the set it started with)
+        self.slot.restored = None
         try:
             self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch)
-        except MisconfigurationException as err:  # (the named backend, or the one a resumed fit restored)
-            self.slot.options, self.slot.restored = replace(self.slot.options, backend="auto"), None
+        except MisconfigurationException as err:  # (the backend asked for by name)
+            self.slot.options = replace(self.slot.options, backend="auto")
             self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch,
                             instead_of=f"{err} (The parameters trained changed during the fit.)")
         self._late_from_start(trainer, pl_module)
@@ -480,3 +485,12 @@ class GradientDispersion(MeasurementCallback):
         self.measured_steps = int(state_dict.get("measured_steps", 0))
         self.step_log.load_state_dict(state_dict)
         self.slot.load_state(state_dict)
+
+
+def scheduled_accumulation(trainer: Trainer) -> int:
+    """``accumulate_grad_batches`` for the current epoch: a ``GradientAccumulationScheduler`` sets
+    it only at each epoch start, after ``on_train_start``, so its schedule is read here."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, GradientAccumulationScheduler):
+            return int(cb.get_accumulate_grad_batches(trainer.current_epoch))
+    return int(trainer.accumulate_grad_batches)

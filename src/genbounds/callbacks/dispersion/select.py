@@ -114,9 +114,11 @@ def choose_backend(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     use_accumulation_steps: bool = True,
     seed: int = 0,
+    accumulate: int | None = None,
 ) -> tuple[DispersionBackend, str | None]:
-    """The backend, and a note for the user when ``auto`` did not get the cheapest exact one."""
-    accumulate = int(trainer.accumulate_grad_batches)
+    """The backend, and a note for the user when ``auto`` did not get the cheapest exact one
+    (``accumulate``: the fit's ``accumulate_grad_batches`` now, as the callback takes it)."""
+    accumulate = int(trainer.accumulate_grad_batches) if accumulate is None else accumulate
     mixed = str(trainer.precision) in MIXED_PRECISIONS
     cov = hook_coverage(module, mixed)
     compiled = is_compiled(module)

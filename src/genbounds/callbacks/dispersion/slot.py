@@ -42,7 +42,8 @@ class BackendOptions:
     layer_groups: dict[str, str] | None = None
     seed: int = 0
     accumulate: int = 1
-    """``accumulate_grad_batches`` as the callback's windows take it (fixed at ``setup``)."""
+    """``accumulate_grad_batches`` as the callback's windows take it (at the fit's start, and again
+    at an epoch start where an accumulation schedule changes it)."""
 
 
 class BackendSlot:
@@ -66,7 +67,7 @@ class BackendSlot:
         backend, note = choose_backend(
             self.restored or o.backend, trainer, pl_module, contract, parameter_groups(pl_module, o.layer_groups),
             loss_fn=loss_fn, num_chunks=o.num_chunks, chunk_size=o.chunk_size, memory_budget=o.memory_budget,
-            use_accumulation_steps=o.use_accumulation_steps, seed=o.seed)
+            use_accumulation_steps=o.use_accumulation_steps, seed=o.seed, accumulate=o.accumulate)
         if isinstance(backend, MicrobatchBackend):
             backend.generator_state = self.generator_state
         self.use(backend, pl_module)
