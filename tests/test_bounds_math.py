@@ -284,6 +284,31 @@ def test_trajectory_fill_se_matches_the_spread_of_the_thinned_eq2_trajectory():
     assert 0.8 < ratio < 1.5, ratio
 
 
+def test_bound_notes_name_the_cause_not_a_bystander():
+    """A NaN R (a hand-written loss, no per-sample losses) left Eq. 3 undefined and the note blamed
+    a positive trace ("328 ± 30 (≤ 0 or not finite)"); no Hessian trace at all (HessianTrace
+    unable to take second derivatives) and Σ η²(Γ + V) ≤ 0 at every σ (Neu) had no note."""
+    from genbounds.bounds.aggregate import BoundInputs
+
+    def notes(**kwargs):
+        base = dict(T=4, n=100, d=10, r=1.0, eta=np.full(4, 0.1), vhat=np.ones(4), sigmas=[0.1, 0.2],
+                    wanted=("wang_mao_eq3", "neu"))
+        inp = BoundInputs(**{**base, **kwargs})
+        compute_bounds(inp)
+        return inp.notes
+
+    assert not any("Hessian trace" in n for n in notes(r=math.nan, curvature={"hessian_trace": 328.0,
+                                                                               "hessian_trace_se": 30.0}))
+    (missing,) = [n for n in notes(curvature=None) if n.startswith("trace:")]
+    assert "no Hessian trace was measured" in missing
+    flat = {"term": [0.01, 0.02], "term_se": [0.001, 0.001], "train": [0.1, 0.1]}
+    negative = notes(curvature={"hessian_trace": 5.0}, gamma=-np.ones((4, 2)), v=np.zeros(4), flat=flat)
+    (neu,) = [n for n in negative if n.startswith("neu:")]
+    assert "≤ 0 at every σ" in neu
+    assert not any(n.startswith("neu:") for n in notes(curvature={"hessian_trace": 5.0}, gamma=np.ones((4, 2)),
+                                                       v=np.ones(4), flat=flat))
+
+
 def test_a_non_positive_trace_estimate_is_named_with_its_value():
     """Eq. 3 is undefined for Tr H ≤ 0: NaN, and the note gives the estimate with its SE (a
     Hutchinson estimate within its SE of 0 reads as a failed estimate without it) and the remedy."""

@@ -341,3 +341,50 @@ def test_the_prefix_warning_names_the_n_the_bounds_take(tmp_path):
     named = [m for m in said if "trains on the first 16 of the 64" in m]
     assert len(named) == 1 and "the bounds take n = 100 as num_train gives it" in named[0], said
     assert suite[-1].latest["setting/n"] == 100.0
+
+
+class HardNet(Net):
+    """MobileNetV3's squeeze-excitation gate: ``nn.Hardsigmoid``, which has no second derivative in
+    PyTorch (from step ``late`` on only, when given: a branch the check before step 0 cannot see)."""
+
+    def __init__(self, late: int | None = None) -> None:
+        super().__init__()
+        self.gate = nn.Hardsigmoid()
+        self.late = late
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.late is None or self._trainer is not None and self.trainer.global_step >= self.late:
+            h = h * self.gate(h)
+        return self.out(self.block(h))
+
+
+@pytest.mark.parametrize("late", [None, 3])
+def test_a_model_without_second_derivatives_leaves_the_hessian_out_with_one_warning(tmp_path, late):
+    """``HessianTrace`` met ``aten::hardsigmoid_backward``'s missing derivative at its first probe,
+    after training had run, and ended the fit. Now one Hessian-vector product on two samples before
+    step 0 finds it (and a probe that meets it later says the same): HessianTrace measures nothing
+    (one warning), Eq. 3 is NaN with the reason, HessianContractivity leaves its exact form out,
+    and the rest of the suite and training are untouched."""
+    from genbounds.callbacks import HessianContractivity
+
+    torch.manual_seed(0)
+    plain = HardNet(late)
+    _fit(tmp_path / "plain", plain, [], max_epochs=2)
+    torch.manual_seed(0)
+    module = HardNet(late)
+    contractivity = HessianContractivity(num_points=3, every_n_epochs=1)
+    suite = [*bound_suite(), contractivity]
+    values: list[dict] = []
+    original = contractivity.finalize
+    contractivity.finalize = lambda trainer, v: values.append(dict(v)) or original(trainer, v)
+    said = _fit(tmp_path / "suite", module, suite, max_epochs=2)
+    assert all(torch.equal(p, q) for p, q in zip(module.parameters(), plain.parameters()))
+    for owner in ("HessianTrace", "HessianContractivity"):
+        named = [m for m in said if m.startswith(f"{owner}: second derivatives of this model's loss cannot be taken")]
+        assert len(named) == 1 and "hardsigmoid_backward" in named[0], said
+    bound = suite[-2]
+    assert math.isnan(bound.latest["bound/wang_mao_eq3"]) and math.isfinite(bound.latest["bound/wang_mao_eq2"])
+    assert any("no Hessian trace was measured" in m for m in said)
+    assert values and "curv/contractivity_exact" not in values[-1]
+    assert math.isfinite(values[-1]["curv/contractivity_mean"])

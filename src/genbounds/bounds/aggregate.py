@@ -142,15 +142,19 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
 
     if "wang_mao_eq3" in inp.wanted:
         rec = inp.curvature
-        if rec is not None and rec.get("hessian_trace") is not None:
+        if rec is None or rec.get("hessian_trace") is None:
+            inp.notes.append("trace: no Hessian trace was measured at the evaluated weights (HessianTrace measured "
+                             "nothing: its warning says why), so Wang–Mao Eq. 3 is NaN")
+        else:
             eq3 = wang_mao_eq3(r, T, rec["hessian_trace"], sum_eta2_vhat, n, rec.get("hessian_trace_se"), sum_se)
-            if eq3 is None:
-                tr, tr_se = rec["hessian_trace"], rec.get("hessian_trace_se")
+            tr = rec["hessian_trace"]
+            if eq3 is None and not (tr > 0 and math.isfinite(tr)):  # (else R or the dispersion: said elsewhere)
+                tr_se = rec.get("hessian_trace_se")
                 est = f"{tr:.3g}" + (f" ± {tr_se:.2g}" if tr_se is not None and math.isfinite(tr_se) else "")
                 inp.notes.append(f"trace: the Hessian trace estimate at the evaluated weights is {est} (≤ 0 or not "
                                  "finite): Wang–Mao Eq. 3 is undefined there and logged as NaN (within its SE of 0: "
                                  "more Hutchinson probes, HessianTrace(max_probes=…), or a longer run)")
-            else:
+            elif eq3 is not None:
                 out.update({"bound/wang_mao_eq3": eq3.value, "bound/wang_mao_eq3_se": eq3.standard_error,
                             "bound_terms/trajectory_factor_wang_mao_eq3": eq3.trajectory_factor,
                             "bound_terms/flatness_factor_wang_mao_eq3": eq3.flatness_factor,
@@ -188,6 +192,10 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
             allowed = _allowed(flat, r, inp.max_loss_increase)
             neu = neu_theorem1(eta, inp.gamma, v, r, n, inp.sigmas, flat["term"], flat["term_se"],
                                inp.gamma_sum_se, inp.z, allowed, v_sum_se)
+            if neu.best < 0 and math.isfinite(r) and neu.trajectory and all(t == 0.0 for t in neu.trajectory):
+                inp.notes.append("neu: the estimate of Σ_t η_t²(Γ_t + V_t) is ≤ 0 at every σ of the grid (Γ from "
+                                 "GradientSensitivity, V from HeldoutGradient: noisy estimates of non-negative "
+                                 "quantities), so Neu's bounds are NaN there (more draws, or a longer run)")
             if "neu" in inp.wanted:
                 _put_selection(out, "neu", neu.value, neu.standard_error, neu.sigma, neu.selection)
                 out["bound/neu_abs"] = neu.value_abs
@@ -239,7 +247,7 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
                                          sum_se_blocks=None if filled is None else dispersion_sums_fill_se(eta, *filled))
             out["bound/wang_mao_eq3_layerwise"] = res.value if res.method == "layerwise" else math.nan
             out["bound/wang_mao_eq3_layerwise_se"] = res.standard_error if res.method == "layerwise" else math.nan
-            if res.method != "layerwise" and res.reason:
+            if res.method != "layerwise" and res.reason and math.isfinite(r):  # (a NaN R: said for every bound)
                 inp.notes.append("layerwise: " + res.reason)
     if "wang_mao_eq2_layerwise" in inp.wanted and inp.flat is not None:
         shape_rec = inp.flat_shaped

@@ -84,6 +84,12 @@ class HessianContractivity(ProbeCallback):
         self.channel: Channel[CurvatureRecord] = Channel()
         self._step = 0
 
+    without_second_order = ("curv/contractivity_exact (one Hessian-vector product) is left out in this fit; the "
+                            "finite-difference contractivity, which takes first derivatives only, is measured.")
+
+    def second_order_method(self) -> str | None:
+        return "reverse" if self.exact else None  # (the exact form's one HVP)
+
     def forward_equivalents(self) -> float:
         # two gradients (a forward and a backward each) per point, one HVP for the exact form, at
         # the fewest points a budgeted probe takes
@@ -103,7 +109,7 @@ class HessianContractivity(ProbeCallback):
         out = {"curv/contractivity_mean": est.mean, "curv/contractivity_mean_se": est.standard_error,
                "curv/contractivity_min": est.minimum,
                "curv/contractivity_points": float(points)}
-        if self.exact:
+        if self.exact and self.twice_differentiable_problem is None:
             op = LossHessian(pl_module, self._loss_fn, self.train_probe, reduce=self.reducer(trainer))
             out["curv/contractivity_exact"] = contractivity_exact(op)
             op.release()

@@ -144,6 +144,11 @@ class HessianTrace(ProbeCallback):
         """The fewest power-iteration products a budgeted probe takes."""
         return min(10, self.eig_max_iter)
 
+    second_order_needed = True
+
+    def second_order_method(self) -> str | None:
+        return "forward" if self.hvp_method == "forward" else "reverse"  # (PyHessian: a double backward)
+
     def forward_equivalents(self) -> float:
         # an HVP is about four forwards; Hutchinson stops at min_probes at the earliest, and power
         # iteration is counted at 20 products (it is warm-started from the previous vector)

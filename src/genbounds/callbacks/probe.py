@@ -56,6 +56,7 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
     warn_if_short,
 )
 from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
+from genbounds.callbacks.second_order import not_twice_differentiable, second_order_problem
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
 from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.functional import LossFn, Reduce, num_trainable
@@ -156,6 +157,8 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._init_pricing()
         self._set_version = 0
         self._nothing_trained_said = False
+        self.twice_differentiable_problem: str | None = None
+        """Why second derivatives of the loss cannot be taken in this fit (``second_order.py``), if so."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -216,6 +219,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 rank_zero_warn(message)
             else:
                 warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set")
+        self._check_second_order(pl_module)
 
     @property
     def owner_name(self) -> str:
@@ -261,7 +265,37 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     @property
     def active(self) -> bool:
         blocked = self.takes_gradients and self.contract is not None and self.contract.reentrant_checkpoint
-        return not (self.heldout_required and not self.heldout_available) and not blocked
+        needed = self.twice_differentiable_problem is not None and self.second_order_needed
+        return not (self.heldout_required and not self.heldout_available) and not blocked and not needed
+
+    second_order_needed = False
+    """Whether this callback measures nothing without second derivatives (``HessianTrace``)."""
+
+    def second_order_method(self) -> str | None:
+        """The Hessian-vector product method its probes use (``None``: no second derivatives)."""
+        return None
+
+    def _check_second_order(self, pl_module: LightningModule) -> None:
+        """Before step 0: one Hessian-vector product on two samples of the probe set (second_order.py)."""
+        self.twice_differentiable_problem = None
+        method = self.second_order_method()
+        batch = self.train_probe if self.train_probe is not None else self.heldout_probe
+        if method is not None and self.active and batch is not None:
+            problem = second_order_problem(pl_module, self._loss_fn, batch, self.probe_mode, method)
+            if problem is not None:
+                self._without_second_order(problem)
+
+    def _without_second_order(self, problem: str) -> None:
+        """Second derivatives cannot be taken (before step 0, or met by a probe): said once a fit."""
+        first = self.twice_differentiable_problem is None
+        self.twice_differentiable_problem = problem
+        if first:
+            rank_zero_warn(f"{self.owner}: second derivatives of this model's loss cannot be taken ({problem}; "
+                           "PyTorch has no double backward for some layers, e.g. nn.Hardsigmoid and nn.Hardswish): "
+                           f"{self.without_second_order}")
+
+    without_second_order = "it measures nothing in this fit (NaN), nor do the bounds that need it."
+    """What this callback leaves out without second derivatives, as the warning says it."""
 
     @staticmethod
     def reducer(trainer: Trainer) -> Reduce | None:
@@ -316,6 +350,11 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 values = self.measure(trainer, pl_module, batch)
         except StopIteration as err:  # (escaping a hook, Lightning would take it for the end of the data)
             raise RuntimeError(f"{self.owner}: a probe raised StopIteration") from err
+        except (RuntimeError, NotImplementedError) as err:  # (a branch the check before step 0 did not take)
+            if self.second_order_method() is None or not not_twice_differentiable(err):
+                raise
+            self._without_second_order(str(err).strip().splitlines()[0])
+            return
         finally:
             self._final_until = None
         if not values:

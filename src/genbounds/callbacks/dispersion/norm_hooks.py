@@ -283,7 +283,8 @@ class NormHooksBackend(DispersionBackend):
         except RuntimeError as err:
             self.shared.disarm(id(self))
             self.failed = err
-            rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; switching to an extra-pass backend.")
+            rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; this step is left unmeasured, and an "
+                           "extra-pass backend measures from the next one.")
             return None
         self.shared.unhook()
         if read is None or not self.shared.stays_armed:
@@ -291,7 +292,8 @@ class NormHooksBackend(DispersionBackend):
         if read is None:
             self.failed = RuntimeError("no per-sample norms for a hooked layer")
             rank_zero_warn("GradientDispersion(backend='hooks'): a hooked layer received no gradient in this step "
-                           "(a layer unused in this step?); switching to an extra-pass backend.")
+                           "(a layer unused in this step?); this step is left unmeasured, and an extra-pass backend "
+                           "measures from the next one.")
             return None
         sums, names, deferred = read
         if raw:
