@@ -31,9 +31,10 @@ def not_twice_differentiable(err: BaseException) -> bool:
 
 def second_order_problem(module: LightningModule, loss_fn: Any, batch: Any, mode: str, method: str = "reverse",
                          samples: int = 2) -> str | None:
-    """``None`` when one Hessian-vector product of the loss on ``samples`` samples of ``batch`` can
-    be taken by ``method``, else the error's first line (weights, buffers, modes and the RNG are
-    restored: :func:`~genbounds.callbacks.isolation.isolated_pass`)."""
+    """The first line of the error when one Hessian-vector product of the loss on ``samples`` samples
+    of ``batch`` by ``method`` meets an op without a second derivative, else ``None`` (any other
+    failure is left to the probes themselves). Weights, buffers, modes and the RNG are restored
+    (:func:`~genbounds.callbacks.isolation.isolated_pass`)."""
     if batch is None:
         return None
     few = index_batch(batch, torch.arange(min(samples, batch_size(batch))))
@@ -42,8 +43,7 @@ def second_order_problem(module: LightningModule, loss_fn: Any, batch: Any, mode
             op = LossHessian(module, loss_fn, few, method=method)  # type: ignore[arg-type]
             op.hvp([torch.ones_like(p) for p in op.params])
             op.release()
-    except (RuntimeError, NotImplementedError) as err:
+    except Exception as err:  # noqa: BLE001 - anything else (a loss that needs more samples?) is not this check's to say
         if not_twice_differentiable(err):
             return str(err).strip().splitlines()[0]
-        raise
     return None
