@@ -388,3 +388,30 @@ def test_a_model_without_second_derivatives_leaves_the_hessian_out_with_one_warn
     assert any("no Hessian trace was measured" in m for m in said)
     assert values and "curv/contractivity_exact" not in values[-1]
     assert math.isfinite(values[-1]["curv/contractivity_mean"])
+
+
+def test_batchnorm_set_to_eval_by_the_module_is_said_to_give_exact_values(tmp_path, caplog):
+    """Fine-tuning often sets BatchNorm to eval in ``on_train_epoch_start``, after the backend is
+    chosen: the line before step 0 said the values were the train-mode decomposition, an
+    approximation, though every value is an exact per-sample one."""
+
+    class Frozen(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            return self.out(self.block(self.norm(self.inp(x))))
+
+        def on_train_epoch_start(self):
+            self.norm.eval()
+
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, Frozen(), [cb, ref], max_epochs=2)
+    said = [m for m in caplog.messages if "no BatchNorm layer normalizes with batch statistics from epoch 0" in m]
+    assert len(said) == 1 and any("train-mode BatchNorm" in m for m in caplog.messages)
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step

@@ -230,6 +230,7 @@ class GradientDispersion(MeasurementCallback):
         assert self.contract is not None
         check_single_optimizer(OWNER, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         self.step_budget.start()
+        self.slot.batchnorm_eval_said = False
         self._accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)
@@ -321,6 +322,7 @@ class GradientDispersion(MeasurementCallback):
             self._trainable.check(pl_module, int(trainer.global_step))
             if int(trainer.accumulate_grad_batches) != self._accumulate:  # (GradientAccumulationScheduler)
                 self._follow_accumulation(trainer, pl_module, batch)
+            self.slot.note_batchnorm_mode(pl_module, trainer.current_epoch)
         if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
             self._replan(trainer, pl_module, batch)
         assert self.impl is not None

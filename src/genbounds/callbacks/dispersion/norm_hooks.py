@@ -209,6 +209,7 @@ class NormHooksBackend(DispersionBackend):
         self.backpack_modules = backpack
         self.group_of_module = group_of_module
         self.num_groups = num_groups
+        self.approximate_batchnorm = approximate_batchnorm
         parts = ["per-sample norms in the training backward (ghost norms"]
         if backpack:
             parts.append(", BackPACK for " + ", ".join(sorted({type(m).__name__ for m in backpack.values()})))

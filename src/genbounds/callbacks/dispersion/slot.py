@@ -21,6 +21,7 @@ from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
 from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
 from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
 from genbounds.callbacks.loss_contract import LossContract
+from genbounds.estimators.coupling import has_train_batchnorm
 from genbounds.estimators.functional import parameter_groups
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
@@ -57,6 +58,7 @@ class BackendSlot:
         self.name: str | None = None
         self.restored: str | None = None
         self.generator_state: Tensor | None = None
+        self.batchnorm_eval_said = False
 
     def start(self, options: BackendOptions, trainer: Trainer, pl_module: LightningModule, contract: LossContract,
               loss_fn: Any, trial_batch: Any, instead_of: str | None = None) -> None:
@@ -87,6 +89,18 @@ class BackendSlot:
             rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
         assert self.impl is not None  # (the backend that measures: after a failed check, not the one chosen)
         rank_zero_info(f"GradientDispersion: backend={self.impl.name!r} — {self.impl.description}.")
+
+    def note_batchnorm_mode(self, pl_module: LightningModule, epoch: int) -> None:
+        """At an epoch's first batch: where the backend was chosen while BatchNorm trained in batch
+        mode (said as the decomposition, an approximation) and the module has since set every
+        BatchNorm to eval (a fine-tuning pattern, in ``on_train_epoch_start``), say once that the
+        values are exact per-sample ones."""
+        if getattr(self.impl, "approximate_batchnorm", False) and not self.batchnorm_eval_said \
+                and not has_train_batchnorm(pl_module):
+            self.batchnorm_eval_said = True
+            rank_zero_info(f"GradientDispersion: no BatchNorm layer normalizes with batch statistics from epoch "
+                           f"{epoch} on (set to eval by the module?): the per-sample values are exact ones, not the "
+                           "train-mode decomposition said before step 0.")
 
     def use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
         if self.impl is not None:
