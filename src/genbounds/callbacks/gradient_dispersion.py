@@ -7,7 +7,6 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
@@ -24,6 +23,7 @@ from genbounds.callbacks.checks import (
     check_single_optimizer,
     check_strategy,
 )
+from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
@@ -487,12 +487,3 @@ class GradientDispersion(MeasurementCallback):
         self.measured_steps = int(state_dict.get("measured_steps", 0))
         self.step_log.load_state_dict(state_dict)
         self.slot.load_state(state_dict)
-
-
-def scheduled_accumulation(trainer: Trainer) -> int:
-    """``accumulate_grad_batches`` for the current epoch: a ``GradientAccumulationScheduler`` sets
-    it only at each epoch start, after ``on_train_start``, so its schedule is read here."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, GradientAccumulationScheduler):
-            return int(cb.get_accumulate_grad_batches(trainer.current_epoch))
-    return int(trainer.accumulate_grad_batches)

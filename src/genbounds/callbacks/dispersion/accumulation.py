@@ -6,6 +6,8 @@ micro-steps' gradients are rank-local)."""
 
 from __future__ import annotations
 
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from torch import Tensor
 
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
@@ -71,3 +73,12 @@ class AccumulationBackend(DispersionBackend):
             group_sq=None if window.group_sq is None else window.group_sq * factor**2,
         )
         return WindowResult(moments)
+
+
+def scheduled_accumulation(trainer: Trainer) -> int:
+    """``accumulate_grad_batches`` for the current epoch: a ``GradientAccumulationScheduler`` sets
+    it only at each epoch start, after ``on_train_start``, so its schedule is read here."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, GradientAccumulationScheduler):
+            return int(cb.get_accumulate_grad_batches(trainer.current_epoch))
+    return int(trainer.accumulate_grad_batches)
