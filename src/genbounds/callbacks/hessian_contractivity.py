@@ -12,6 +12,7 @@ from genbounds.callbacks.channel import Channel, CurvatureRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
 from genbounds.callbacks.gradient_sensitivity import PRECISIONS, Precision, probe_dtype
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode
+from genbounds.callbacks.second_order import not_twice_differentiable
 from genbounds.estimators.contractivity import contractivity, contractivity_exact
 from genbounds.estimators.hessian_vector_product import LossHessian
 
@@ -111,7 +112,12 @@ class HessianContractivity(ProbeCallback):
                "curv/contractivity_points": float(points)}
         if self.exact and self.twice_differentiable_problem is None:
             op = LossHessian(pl_module, self._loss_fn, self.train_probe, reduce=self.reducer(trainer))
-            out["curv/contractivity_exact"] = contractivity_exact(op)
+            try:
+                out["curv/contractivity_exact"] = contractivity_exact(op)
+            except (RuntimeError, NotImplementedError) as err:  # (a branch the check before step 0 did not take)
+                if not not_twice_differentiable(err):
+                    raise
+                self._without_second_order(str(err).strip().splitlines()[0])  # (the other values stand)
             op.release()
         return out
 

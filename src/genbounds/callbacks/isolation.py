@@ -191,8 +191,24 @@ def _copied(value: Any) -> Any:
     return copy.copy(value)
 
 
+def _in_transform() -> bool:
+    """Whether a ``torch.func`` transform is running (a forward-over-reverse Hessian-vector product
+    calls the user's ``training_step`` inside ``jvp``)."""
+    try:
+        return torch._C._functorch.peek_interpreter_stack() is not None
+    except AttributeError:  # pragma: no cover - other torch versions
+        return False
+
+
 def _metric_state(metric: Any) -> dict[str, Any]:
-    state = {name: _copied(getattr(metric, name)) for name in getattr(metric, "_defaults", {})}
+    """A metric's states to put back after a muted step: copies, except inside a ``torch.func``
+    transform, where a copy is a tensor of the transform's level that would outlive it in the
+    metric (the next snapshot then failed, "escaped?", and ended the fit: HessianTrace with
+    ``hvp_method="forward"`` on a module that owns a metric); there the state objects themselves
+    are kept (a muted step's metrics neither update nor run forward)."""
+    keep = _in_transform()
+    state = {name: getattr(metric, name) if keep else _copied(getattr(metric, name))
+             for name in getattr(metric, "_defaults", {})}
     for name in ("_update_count", "_computed", "_forward_cache", "_update_called"):
         if name in metric.__dict__:
             state[name] = metric.__dict__[name]

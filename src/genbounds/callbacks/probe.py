@@ -290,9 +290,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         first = self.twice_differentiable_problem is None
         self.twice_differentiable_problem = problem
         if first:
-            rank_zero_warn(f"{self.owner}: second derivatives of this model's loss cannot be taken ({problem}; "
-                           "PyTorch has no double backward for some layers, e.g. nn.Hardsigmoid and nn.Hardswish): "
-                           f"{self.without_second_order}")
+            rank_zero_warn(f"{self.owner}: Hessian-vector products of this model's loss cannot be taken "
+                           f"({problem}; PyTorch has no second derivative for some layers, e.g. nn.Hardsigmoid and "
+                           f"nn.Hardswish): {self.without_second_order}")
 
     without_second_order = "it measures nothing in this fit (NaN), nor do the bounds that need it."
     """What this callback leaves out without second derivatives, as the warning says it."""
@@ -351,7 +351,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         except StopIteration as err:  # (escaping a hook, Lightning would take it for the end of the data)
             raise RuntimeError(f"{self.owner}: a probe raised StopIteration") from err
         except (RuntimeError, NotImplementedError) as err:  # (a branch the check before step 0 did not take)
-            if self.second_order_method() is None or not not_twice_differentiable(err):
+            if not (self.second_order_needed and not_twice_differentiable(err)):
                 raise
             self._without_second_order(str(err).strip().splitlines()[0])
             return
