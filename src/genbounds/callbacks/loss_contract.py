@@ -57,7 +57,7 @@ from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_
 from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
-from genbounds.estimators.functional import LossFn
+from genbounds.estimators.functional import LossFn, graph_nodes
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -568,17 +568,7 @@ def _agrees(returned: Tensor | None, per_sample: Tensor | None, notes: list[str]
     return ok
 
 
-def _through_reentrant_checkpoint(loss: Tensor, limit: int = 100_000) -> bool:
+def _through_reentrant_checkpoint(loss: Tensor) -> bool:
     """Whether ``loss``'s autograd graph holds a ``torch.utils.checkpoint(use_reentrant=True)``
     segment (its node; walked once, at the trial)."""
-    seen: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if type(node).__name__ == "CheckpointFunctionBackward":
-            return True
-        stack.extend(n for n, _ in node.next_functions)
-    return False
+    return any(type(node).__name__ == "CheckpointFunctionBackward" for node in graph_nodes(loss))

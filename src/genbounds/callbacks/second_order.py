@@ -27,7 +27,7 @@ from lightning.pytorch import LightningModule
 
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.estimators.batching import batch_size, index_batch
-from genbounds.estimators.functional import per_sample_losses
+from genbounds.estimators.functional import graph_nodes, per_sample_losses
 from genbounds.estimators.hessian_vector_product import LossHessian
 
 TRIAL_SAMPLES = 64
@@ -67,18 +67,11 @@ def second_order_problem(module: LightningModule, loss_fn: Any, batch: Any, mode
     return None
 
 
-def _once_differentiable(loss: torch.Tensor, limit: int = 100_000) -> str | None:
+def _once_differentiable(loss: torch.Tensor) -> str | None:
     """The name of a node in ``loss``'s graph whose backward is ``@once_differentiable``, if any."""
-    seen: set[int] = set()
-    stack = [loss.grad_fn]
-    while stack and len(seen) < limit:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in graph_nodes(loss):
         backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
         code = getattr(backward, "__code__", None)
         if code is not None and code.co_name == "wrapper" and code.co_filename == autograd_function.__file__:
             return type(node).__name__.removesuffix("Backward")
-        stack.extend(next_node for next_node, _ in node.next_functions)
     return None

@@ -16,7 +16,7 @@ parameters are swapped in only for the duration of the call by
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -640,3 +640,16 @@ def group_index(groups: dict[str, list[str]], names: list[str]) -> dict[str, int
     """Each of ``names`` → the position of its group in ``groups`` (``parameter_groups``' output)."""
     index = {n: gi for gi, members in enumerate(groups.values()) for n in members}
     return {n: index[n] for n in names}
+
+
+def graph_nodes(tensor: Tensor, limit: int = 100_000) -> Iterator[Any]:
+    """The nodes of ``tensor``'s autograd graph, each once (at most ``limit``), depth first."""
+    seen: set[int] = set()
+    stack = [tensor.grad_fn]
+    while stack and len(seen) < limit:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        stack.extend(n for n, _ in node.next_functions)
