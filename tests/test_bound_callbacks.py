@@ -329,7 +329,7 @@ def test_a_run_too_short_for_the_final_probes_is_told_it_went_over_its_budget(tm
         return [str(w.message) for w in caught if "measurement took" in str(w.message)]
 
     over = said(overhead_budget=1e-3)
-    assert len(over) == 1 and "above overhead_budget=0.001" in over[0] and "the final evaluation alone" in over[0]
+    assert len(over) == 1 and "above overhead_budget=0.001" in over[0] and "the last evaluation alone" in over[0]
     assert said() == [] and said(overhead_budget=100.0) == []
 
 

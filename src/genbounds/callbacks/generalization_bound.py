@@ -294,9 +294,9 @@ class GeneralizationBound(ProbeCallback):
             n = f"n = {self._n}" + ("" if self._n == self._gap.prefix else " as num_train gives it")
             self._warn_once("prefix", (
                 f"GeneralizationBound: this fit trains on the first {self._gap.prefix} of the {total} training "
-                "samples, the same ones every epoch (a loader that does not shuffle, limited to fewer batches than it holds "
-                f"or dropping its last: overfit_batches, limit_train_batches, drop_last): the bounds take {n}, and "
-                "gap/measured's training loss is that of those samples."))
+                "samples, the same ones every epoch (a loader that does not shuffle, limited to fewer batches than "
+                "it holds or dropping its last: overfit_batches, limit_train_batches, drop_last): the bounds take "
+                f"{n}, and gap/measured's training loss is that of those samples."))
         self.heldout_available = self._gap.heldout_available
         if not self.contract.errors_available:
             self.wanted = tuple(b for b in self.wanted if b not in ERROR)  # (as _resolve_wanted)
@@ -374,7 +374,7 @@ class GeneralizationBound(ProbeCallback):
         b = self.budget
         if b is None or b.fraction is None or b.overhead <= self.OVER_BUDGET * b.fraction:
             return
-        final = f"; the final evaluation alone {self._eval_cost:.3g} s" if self._eval_cost is not None else ""
+        final = f"; the last evaluation alone {self._eval_cost:.3g} s" if self._eval_cost is not None else ""
         self._warn_once(
             "over-budget",
             f"GeneralizationBound: measurement took {b.overhead:.2f} of the training time ({b.probe_time:.3g} s "

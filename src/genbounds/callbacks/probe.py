@@ -158,7 +158,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self._set_version = 0
         self._nothing_trained_said = False
         self.twice_differentiable_problem: str | None = None
-        """Why second derivatives of the loss cannot be taken in this fit (``second_order.py``), if so."""
+        """Why Hessian-vector products of the loss cannot be taken in this fit (``second_order.py``), if so."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -276,7 +276,8 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         return None
 
     def _check_second_order(self, pl_module: LightningModule) -> None:
-        """Before step 0: one Hessian-vector product on two samples of the probe set (second_order.py)."""
+        """Before step 0: one Hessian-vector product on (up to 64 samples of) the probe set, and the
+        loss's graph searched for ``@once_differentiable`` nodes (``second_order.py``)."""
         self.twice_differentiable_problem = None
         method = self.second_order_method()
         batch = self.train_probe if self.train_probe is not None else self.heldout_probe
