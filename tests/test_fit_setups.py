@@ -362,8 +362,8 @@ class HardNet(Net):
 @pytest.mark.parametrize("late", [None, 3])
 def test_a_model_without_second_derivatives_leaves_the_hessian_out_with_one_warning(tmp_path, late):
     """``HessianTrace`` met ``aten::hardsigmoid_backward``'s missing derivative at its first probe,
-    after training had run, and ended the fit. Now one Hessian-vector product on two samples before
-    step 0 finds it (and a probe that meets it later says the same): HessianTrace measures nothing
+    after training had run, and ended the fit. Now one Hessian-vector product on (up to 64 samples
+    of) the probe set before step 0 finds it (and a probe that meets it later says the same): HessianTrace measures nothing
     (one warning), Eq. 3 is NaN with the reason, HessianContractivity leaves its exact form out,
     and the rest of the suite and training are untouched."""
     from genbounds.callbacks import HessianContractivity

@@ -292,8 +292,8 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.twice_differentiable_problem = problem
         if first:
             rank_zero_warn(f"{self.owner}: Hessian-vector products of this model's loss cannot be taken "
-                           f"({problem}; PyTorch has no second derivative for some layers, e.g. nn.Hardsigmoid and "
-                           f"nn.Hardswish): {self.without_second_order}")
+                           f"({problem}; PyTorch has no second derivative for some layers, e.g. nn.Hardsigmoid): "
+                           f"{self.without_second_order}")
 
     without_second_order = "it measures nothing in this fit (NaN), nor do the bounds that need it."
     """What this callback leaves out without second derivatives, as the warning says it."""
