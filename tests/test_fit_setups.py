@@ -363,9 +363,9 @@ class HardNet(Net):
 def test_a_model_without_second_derivatives_leaves_the_hessian_out_with_one_warning(tmp_path, late):
     """``HessianTrace`` met ``aten::hardsigmoid_backward``'s missing derivative at its first probe,
     after training had run, and ended the fit. Now one Hessian-vector product on (up to 64 samples
-    of) the probe set before step 0 finds it (and a probe that meets it later says the same): HessianTrace measures nothing
-    (one warning), Eq. 3 is NaN with the reason, HessianContractivity leaves its exact form out,
-    and the rest of the suite and training are untouched."""
+    of) the probe set before step 0 finds it (and a probe that meets it later says the same):
+    HessianTrace measures nothing (one warning), Eq. 3 is NaN with the reason, HessianContractivity
+    leaves its exact form out, and the rest of the suite and training are untouched."""
     from genbounds.callbacks import HessianContractivity
 
     torch.manual_seed(0)
@@ -381,7 +381,8 @@ def test_a_model_without_second_derivatives_leaves_the_hessian_out_with_one_warn
     said = _fit(tmp_path / "suite", module, suite, max_epochs=2)
     assert all(torch.equal(p, q) for p, q in zip(module.parameters(), plain.parameters()))
     for owner in ("HessianTrace", "HessianContractivity"):
-        named = [m for m in said if m.startswith(f"{owner}: Hessian-vector products of this model's loss cannot be")]
+        head = f"{owner}: Hessian-vector products of this model's loss cannot be"
+        named = [m for m in said if m.startswith(head)]
         assert len(named) == 1 and "hardsigmoid_backward" in named[0], said
     bound = suite[-2]
     assert math.isnan(bound.latest["bound/wang_mao_eq3"]) and math.isfinite(bound.latest["bound/wang_mao_eq2"])
@@ -415,6 +416,30 @@ def test_batchnorm_set_to_eval_by_the_module_is_said_to_give_exact_values(tmp_pa
     assert len(said) == 1 and any("train-mode BatchNorm" in m for m in caplog.messages)
     for r in records:
         assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+
+
+def test_batchnorm_back_in_train_mode_or_without_running_statistics_is_not_said_exact(tmp_path, caplog):
+    """The note fired once and never said the opposite when BatchNorm went back to train mode; and
+    a BatchNorm without running statistics normalizes with the batch's even in eval mode."""
+
+    class Toggles(Net):
+        def __init__(self, track: bool) -> None:
+            super().__init__()
+            self.norm = nn.BatchNorm1d(16, track_running_stats=track)
+
+        def forward(self, x):
+            return self.out(self.block(self.norm(self.inp(x))))
+
+        def on_train_epoch_start(self):
+            self.norm.train(self.current_epoch != 1)
+
+    for track, expected in ((True, ["from epoch 1 on", "again from epoch 2"]), (False, [])):
+        caplog.clear()
+        torch.manual_seed(0)
+        with caplog.at_level("INFO"):
+            _fit(tmp_path, Toggles(track), [GradientDispersion()], max_epochs=3)
+        said = [m for m in caplog.messages if "normalizes with batch statistics" in m]
+        assert len(said) == len(expected) and all(e in m for e, m in zip(expected, said)), said
 
 
 
@@ -519,3 +544,91 @@ def test_contractivity_does_not_take_a_first_order_failure_for_a_missing_second_
     with pytest.raises(NotImplementedError, match="float64 is not implemented"):
         _fit(tmp_path, Net64(), [HessianContractivity(num_points=2, precision="float64", every_n_epochs=1)],
              max_epochs=1)
+
+
+def _timed(fn):
+    """A user's own decorator (``functools.wraps``), as profiling code writes one."""
+    import functools
+
+    @functools.wraps(fn)
+    def inner(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return inner
+
+
+class SquareCustomBwd(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class SquareWrapped(SquareCustomBwd):
+    @staticmethod
+    @_timed
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+class SquareVjp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def vjp(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+@pytest.mark.parametrize("function", [SquareCustomBwd, SquareWrapped, SquareVjp])
+def test_once_differentiable_is_found_under_other_decorators_and_as_vjp(function):
+    """The search looked at ``backward``'s own code only: under ``torch.amp.custom_bwd`` (as
+    extension layers write it) or a user's ``functools.wraps`` decorator, or written as ``vjp``,
+    the marked backward passed and the trace was silently wrong (2.60 against 7.00 in a review)."""
+    from genbounds.callbacks.second_order import second_order_problem
+
+    torch.manual_seed(0)
+    module, (x, y) = SquareNet(function), next(iter(_loader(16, 0)))
+    problem = second_order_problem(module, lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                                   (x, y), "eval")
+    assert problem is not None and "once_differentiable" in problem
+    assert second_order_problem(SquareNet(SquareNoJvp), lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none"),
+                                (x, y), "eval") is None
+
+
+def test_a_metric_list_appended_by_hand_is_put_back_after_a_forward_mode_probe(tmp_path):
+    """Inside the forward-mode transform the muted step kept the metric's list object itself, so a
+    ``training_step`` appending to it by hand kept the probes' appends (13 entries for 4 steps)."""
+    import torchmetrics
+
+    from genbounds.callbacks import HessianTrace
+
+    class Appends(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.losses = torchmetrics.CatMetric()
+
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            self.losses.value.append(loss.detach().reshape(1))
+            return loss
+
+    torch.manual_seed(0)
+    module = Appends()
+    trace = HessianTrace(hvp_method="forward", every_n_steps=1, min_probes=2, max_probes=2, at_train_end=False,
+                         every_n_epochs=None)
+    _fit(tmp_path, module, [trace], max_epochs=1)
+    assert trace.num_probes_run == 4 and len(module.losses.value) == 4

@@ -230,7 +230,7 @@ class GradientDispersion(MeasurementCallback):
         assert self.contract is not None
         check_single_optimizer(OWNER, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         self.step_budget.start()
-        self.slot.batchnorm_eval_said = False
+        self.slot.batchnorm_said = set()
         self._accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
         loader = trainer.train_dataloader
         size = getattr(loader, "batch_size", None)

@@ -200,14 +200,21 @@ def _in_transform() -> bool:
         return False
 
 
+def _containers(value: Any) -> Any:
+    """``value``'s lists copied, their tensors kept (a list state appended to by hand is put back
+    without the appends; no tensor of a transform's level is made)."""
+    return [_containers(v) for v in value] if isinstance(value, list) else value
+
+
 def _metric_state(metric: Any) -> dict[str, Any]:
     """A metric's states to put back after a muted step: copies, except inside a ``torch.func``
     transform, where a copy is a tensor of the transform's level that would outlive it in the
     metric (the next snapshot then failed, "escaped?", and ended the fit: HessianTrace with
-    ``hvp_method="forward"`` on a module that owns a metric); there the state objects themselves
-    are kept (a muted step's metrics neither update nor run forward)."""
+    ``hvp_method="forward"`` on a module that owns a metric); there the state tensors themselves
+    are kept, in copies of their lists (a muted step's metrics neither update nor run forward;
+    torch.func refuses an in-place change of a captured tensor)."""
     keep = _in_transform()
-    state = {name: getattr(metric, name) if keep else _copied(getattr(metric, name))
+    state = {name: _containers(getattr(metric, name)) if keep else _copied(getattr(metric, name))
              for name in getattr(metric, "_defaults", {})}
     for name in ("_update_count", "_computed", "_forward_cache", "_update_called"):
         if name in metric.__dict__:

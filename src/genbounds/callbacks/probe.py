@@ -291,9 +291,10 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         first = self.twice_differentiable_problem is None
         self.twice_differentiable_problem = problem
         if first:
+            hint = ("; PyTorch has no second derivative for some layers, e.g. nn.Hardsigmoid"
+                    if not_twice_differentiable(RuntimeError(problem)) else "")
             rank_zero_warn(f"{self.owner}: Hessian-vector products of this model's loss cannot be taken "
-                           f"({problem}; PyTorch has no second derivative for some layers, e.g. nn.Hardsigmoid): "
-                           f"{self.without_second_order}")
+                           f"({problem}{hint}): {self.without_second_order}")
 
     without_second_order = "it measures nothing in this fit (NaN), nor do the bounds that need it."
     """What this callback leaves out without second derivatives, as the warning says it."""

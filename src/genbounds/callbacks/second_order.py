@@ -68,10 +68,22 @@ def second_order_problem(module: LightningModule, loss_fn: Any, batch: Any, mode
 
 
 def _once_differentiable(loss: torch.Tensor) -> str | None:
-    """The name of a node in ``loss``'s graph whose backward is ``@once_differentiable``, if any."""
+    """The name of a node in ``loss``'s graph whose backward (or ``vjp``) is ``@once_differentiable``
+    — under other decorators too (``torch.amp.custom_bwd``, a user's ``functools.wraps``) — if any."""
     for node in graph_nodes(loss):
-        backward = getattr(getattr(node, "_forward_cls", None), "backward", None)
-        code = getattr(backward, "__code__", None)
-        if code is not None and code.co_name == "wrapper" and code.co_filename == autograd_function.__file__:
+        cls = getattr(node, "_forward_cls", None)
+        if cls is not None and any(_marked_once(getattr(cls, name, None)) for name in ("backward", "vjp")):
             return type(node).__name__.removesuffix("Backward")
     return None
+
+
+def _marked_once(fn: Any, depth: int = 16) -> bool:
+    """Whether ``fn``, or a function it wraps (``__wrapped__``), is ``once_differentiable``'s wrapper."""
+    for _ in range(depth):
+        code = getattr(fn, "__code__", None)
+        if code is not None and code.co_name == "wrapper" and code.co_filename == autograd_function.__file__:
+            return True
+        fn = getattr(fn, "__wrapped__", None)
+        if fn is None:
+            return False
+    return False

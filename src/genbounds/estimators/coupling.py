@@ -41,8 +41,9 @@ MAX_LAYERS = 256
 
 
 def has_train_batchnorm(module: nn.Module) -> bool:
-    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples)."""
-    return any(isinstance(m, _BatchNorm) and m.training for m in module.modules())
+    """Whether a BatchNorm layer normalizes with batch statistics (couples the samples): in train
+    mode, or in eval mode without running statistics (``track_running_stats=False``)."""
+    return any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None) for m in module.modules())
 
 
 def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:

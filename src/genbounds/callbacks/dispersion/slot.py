@@ -58,7 +58,7 @@ class BackendSlot:
         self.name: str | None = None
         self.restored: str | None = None
         self.generator_state: Tensor | None = None
-        self.batchnorm_eval_said = False
+        self.batchnorm_said: set[str] = set()
 
     def start(self, options: BackendOptions, trainer: Trainer, pl_module: LightningModule, contract: LossContract,
               loss_fn: Any, trial_batch: Any, instead_of: str | None = None) -> None:
@@ -91,16 +91,23 @@ class BackendSlot:
         rank_zero_info(f"GradientDispersion: backend={self.impl.name!r} — {self.impl.description}.")
 
     def note_batchnorm_mode(self, pl_module: LightningModule, epoch: int) -> None:
-        """At an epoch's first batch: where the backend was chosen while BatchNorm trained in batch
-        mode (said as the decomposition, an approximation) and the module has since set every
-        BatchNorm to eval (a fine-tuning pattern, in ``on_train_epoch_start``), say once that the
-        values are exact per-sample ones."""
-        if getattr(self.impl, "approximate_batchnorm", False) and not self.batchnorm_eval_said \
-                and not has_train_batchnorm(pl_module):
-            self.batchnorm_eval_said = True
+        """At an epoch's first batch: where the backend was chosen while BatchNorm normalized with
+        batch statistics (said as the decomposition, an approximation) and the module has since set
+        every BatchNorm to eval (a fine-tuning pattern, in ``on_train_epoch_start``), say that the
+        values are exact per-sample ones; and, should it go back, that they are the decomposition
+        again (each said once a fit)."""
+        if not getattr(self.impl, "approximate_batchnorm", False):
+            return
+        coupled = has_train_batchnorm(pl_module)
+        if not coupled and "exact" not in self.batchnorm_said:
+            self.batchnorm_said.add("exact")
             rank_zero_info(f"GradientDispersion: no BatchNorm layer normalizes with batch statistics from epoch "
                            f"{epoch} on (set to eval by the module?): the per-sample values are exact ones, not the "
                            "train-mode decomposition said before step 0.")
+        elif coupled and "exact" in self.batchnorm_said and "again" not in self.batchnorm_said:
+            self.batchnorm_said.add("again")
+            rank_zero_info(f"GradientDispersion: BatchNorm normalizes with batch statistics again from epoch {epoch}: "
+                           "the per-sample values are the train-mode decomposition again.")
 
     def use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
         if self.impl is not None:
