@@ -443,34 +443,29 @@ def test_batchnorm_back_in_train_mode_or_without_running_statistics_is_not_said_
 
 
 
+def _square(ctx, x):
+    ctx.save_for_backward(x)
+    return x * x
+
+
+def _square_backward(ctx, g):
+    (x,) = ctx.saved_tensors
+    return 2 * x * g
+
+
 class Square(torch.autograd.Function):
     """``x²`` as a C++/CUDA extension layer is usually written: a backward marked
     ``@once_differentiable`` (and no ``jvp``)."""
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
+    forward = staticmethod(_square)
+    backward = staticmethod(torch.autograd.function.once_differentiable(_square_backward))
 
 
 class SquareNoJvp(torch.autograd.Function):
     """``x²`` with an ordinary backward (twice differentiable) and no ``jvp``."""
 
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
+    forward = staticmethod(_square)
+    backward = staticmethod(_square_backward)
 
 
 class SquareNet(Net):
@@ -558,39 +553,19 @@ def _timed(fn):
 
 
 class SquareCustomBwd(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cpu")
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
+    forward = staticmethod(_square)
+    backward = staticmethod(torch.amp.custom_bwd(device_type="cpu")(
+        torch.autograd.function.once_differentiable(_square_backward)))
 
 
-class SquareWrapped(SquareCustomBwd):
-    @staticmethod
-    @_timed
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
+class SquareWrapped(torch.autograd.Function):
+    forward = staticmethod(_square)
+    backward = staticmethod(_timed(torch.autograd.function.once_differentiable(_square_backward)))
 
 
 class SquareVjp(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def vjp(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 2 * x * g
+    forward = staticmethod(_square)
+    vjp = staticmethod(torch.autograd.function.once_differentiable(_square_backward))
 
 
 @pytest.mark.parametrize("function", [SquareCustomBwd, SquareWrapped, SquareVjp])
