@@ -607,3 +607,29 @@ def test_a_metric_list_appended_by_hand_is_put_back_after_a_forward_mode_probe(t
                          every_n_epochs=None)
     _fit(tmp_path, module, [trace], max_epochs=1)
     assert trace.num_probes_run == 4 and len(module.losses.value) == 4
+
+
+def test_the_second_order_check_is_decided_alike_in_every_process():
+    """Under DDP a process whose check failed would leave the probe out while the others wait for
+    it in the probe's collectives: every process takes the same decision (any failure counts)."""
+    from types import SimpleNamespace
+
+    from genbounds.callbacks import HessianTrace
+
+    torch.manual_seed(0)
+    x, y = next(iter(_loader(16, 0)))
+    trace = HessianTrace()
+    trace.train_probe = (x, y)
+    trace._loss_fn = lambda m, b: F.cross_entropy(m(b[0]), b[1], reduction="none")
+    asked: list = []
+
+    def other_failed(decision, all=True):  # (what Lightning's strategy answers: another process failed)
+        asked.append((decision, all))
+        return True
+
+    ddp = SimpleNamespace(world_size=2, strategy=SimpleNamespace(reduce_boolean_decision=other_failed))
+    with pytest.warns(UserWarning, match="the check failed in another process"):
+        trace._check_second_order(ddp, Net())
+    assert asked == [(False, False)] and not trace.active
+    trace._check_second_order(SimpleNamespace(world_size=1), Net())
+    assert trace.twice_differentiable_problem is None and trace.active

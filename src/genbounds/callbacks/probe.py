@@ -219,7 +219,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 rank_zero_warn(message)
             else:
                 warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set")
-        self._check_second_order(pl_module)
+        self._check_second_order(trainer, pl_module)
 
     @property
     def owner_name(self) -> str:
@@ -275,7 +275,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         """The Hessian-vector product method its probes use (``None``: no second derivatives)."""
         return None
 
-    def _check_second_order(self, pl_module: LightningModule) -> None:
+    def _check_second_order(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Before step 0: one Hessian-vector product on (up to 64 samples of) the probe set, and the
         loss's graph searched for ``@once_differentiable`` nodes (``second_order.py``)."""
         self.twice_differentiable_problem = None
@@ -283,6 +283,11 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         batch = self.train_probe if self.train_probe is not None else self.heldout_probe
         if method is not None and self.active and batch is not None:
             problem = second_order_problem(pl_module, self._loss_fn, batch, self.probe_mode, method)
+            # (every process decides alike: one without the probe would leave the others waiting in
+            # its collectives)
+            if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(problem is not None, all=False) \
+                    and problem is None:
+                problem = "the check failed in another process"
             if problem is not None:
                 self._without_second_order(problem)
 
