@@ -130,6 +130,23 @@ def test_a_misspelled_gate_metric_is_refused_at_setup(tmp_path):
     assert t.global_step == 0
 
 
+def test_a_gate_on_a_bound_that_is_not_asked_for_is_refused_at_setup(tmp_path):
+    """``bound/neu_abs`` and ``bound/test_error_upper`` were always taken as known, so a gate on
+    them passed setup in a Trainer whose bound never logs them and failed only after the fit
+    ("missing", a new user's walk)."""
+    from genbounds.callbacks import GeneralizationBound
+
+    for tag in ("bound/neu_abs", "bound/test_error_upper"):
+        suite = [cb for cb in bound_suite() if not isinstance(cb, GeneralizationBound)]
+        gate = BoundGate(max={tag: 5.0})
+        t = trainer(tmp_path, [*suite, GeneralizationBound(bounds=["wang_mao_eq3"]), gate], max_steps=2)
+        with pytest.raises(MisconfigurationException, match="will never be logged"):
+            t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+        assert t.global_step == 0
+    gate = BoundGate(max={"bound/neu_abs": 50.0, "bound/test_error_upper": 1.0})
+    trainer(tmp_path, [*bound_suite(), gate], max_steps=2).fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+
+
 # ---------------------------------------------------------------- exact resume
 class Kill(Callback):
     def __init__(self, at: int) -> None:

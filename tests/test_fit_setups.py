@@ -633,3 +633,20 @@ def test_the_second_order_check_is_decided_alike_in_every_process():
     assert asked == [(False, False)] and not trace.active
     trace._check_second_order(SimpleNamespace(world_size=1), Net())
     assert trace.twice_differentiable_problem is None and trace.active
+
+
+def test_a_hand_written_loss_is_told_what_the_0_1_error_needs(tmp_path):
+    """A hand-written loss drops the 0-1 error bounds with the per-sample losses; the one warning
+    named what per-sample losses give and not the 0-1 error's own remedy (a new user's walk)."""
+
+    class ByHand(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return -torch.log_softmax(self(x), -1).gather(1, y[:, None]).mean()
+
+    torch.manual_seed(0)
+    suite = bound_suite()
+    suite[0] = GradientDispersion()  # (auto: chunks, where the suite's helper asks for the hooks)
+    said = _fit(tmp_path, ByHand(), suite, max_steps=4)
+    named = [m for m in said if "Without per-sample losses these parts are not available" in m]
+    assert len(named) == 1 and "per_sample_error(self, batch)" in named[0], said

@@ -13,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from genbounds.bounds.aggregate import ERROR
 from genbounds.callbacks.checks import check_bool, check_choice, check_float
 from genbounds.callbacks.hook_clock import MeasurementCallback
 
@@ -167,7 +168,11 @@ class BoundGate(MeasurementCallback):
             elif isinstance(cb, (Flatness, GradientSensitivity)):
                 tags |= {"flat/*", "sens/*"}
         if self._bound is not None:
-            for name in self._bound.wanted + ("test_error_upper", "neu_abs"):
+            wanted = self._bound.wanted
+            # (Neu's |gap| bound comes with Neu's; the test-error bound with a 0-1 error bound)
+            extra = (("neu_abs",) if "neu" in wanted else ()) + \
+                (("test_error_upper",) if any(b in wanted for b in ERROR) else ())
+            for name in wanted + extra:
                 tags |= {f"bound/{name}", f"bound/{name}_se", f"bound_valid/{name}"}
             tags |= {"bound/valid", "bound/heuristic", "bound_terms/*", "ci/*", "setting/*",
                      "gap/measured", "gap/measured_se", "gap/error", "gap/error_se", "gap/train_loss",

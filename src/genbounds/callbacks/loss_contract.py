@@ -402,10 +402,13 @@ class LossContract:
         lost = [n for n in self.needs if n.per_sample]
         if lost:
             items = "; ".join(f"{n.owner}: {n.what}" for n in lost)
+            errors = "" if self.errors_available else (
+                " The 0-1 error (gap/error, the *_error bounds, bound/test_error_upper) needs per-sample errors as "
+                "well: add `per_sample_error(self, batch)` for a classifier.")
             rank_zero_warn(
                 "genbounds: " + "; ".join(self.notes) + ". Without per-sample losses these parts are not available — "
                 + items + ". To get them, add `per_sample_loss(self, batch)` to your LightningModule or pass "
-                "`loss_fn=...` to one genbounds callback."
+                "`loss_fn=...` to one genbounds callback." + errors
             )
             self.warned = True
 
