@@ -190,8 +190,9 @@ def num_train_samples(owner: str, num_train: int | None, trainer: Trainer) -> in
 def trained_prefix(trainer: Trainer, loader: Any) -> int | None:
     """How many samples the fit trains on when that is a prefix of the training set: a loader that
     does not shuffle (``SequentialSampler``) limited to fewer batches than it has —
-    ``overfit_batches`` (which turns shuffling off) or ``limit_train_batches`` — takes the same
-    first samples every epoch; ``None`` otherwise (one process)."""
+    ``overfit_batches`` (which turns shuffling off) or ``limit_train_batches`` — or dropping its
+    last, short batch (``drop_last``) takes the same first samples every epoch; ``None`` otherwise
+    (one process)."""
     batches = getattr(trainer, "num_training_batches", None)
     sampler = getattr(loader, "sampler", None)
     size = getattr(loader, "batch_size", None)
@@ -209,13 +210,13 @@ def trained_prefix(trainer: Trainer, loader: Any) -> int | None:
 def training_set_size(trainer: Trainer) -> int | None:
     """``n``: the number of training samples (all ranks), when the loader has a sized dataset
     (the samples trained on, when that is a prefix of it: :func:`trained_prefix`)."""
-    prefix = trained_prefix(trainer, training_loader(trainer))
+    loader = training_loader(trainer)
+    prefix = trained_prefix(trainer, loader)
     if prefix is not None:
         return prefix
     dm = trainer.datamodule
     if dm is not None and isinstance(getattr(dm, "num_train", None), int):
         return int(dm.num_train)
-    loader = training_loader(trainer)
     dataset = getattr(loader, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None  # type: ignore[arg-type]
