@@ -28,6 +28,7 @@ class StepBudget:
         self.budget: OverheadBudget | None = None
         self._total_steps: float | None = None
         self._last_measured: int | None = None
+        self._deciding: int | None = None
 
     def setup(self, trainer: Trainer) -> None:
         self.budget = OverheadBudget.shared(trainer, None)
@@ -37,11 +38,13 @@ class StepBudget:
         self.budget.begin()
         self._total_steps = None
         self._last_measured = None
+        self._deciding = None
 
     def measures(self, trainer: Trainer, measured_steps: int, every_n_steps: int) -> bool:
         """Whether the optimizer step starting now is measured: on the callback's schedule, and
         under a budget at most every :meth:`OverheadBudget.step_stride` steps."""
         step = int(trainer.global_step)
+        self._deciding = step  # (read again by measured(): the step does not change in between)
         if step % every_n_steps != 0:
             return False
         if self.budget is None or self.budget.fraction is None or measured_steps < self.ALWAYS_FIRST:
@@ -53,7 +56,9 @@ class StepBudget:
         return True
 
     def measured(self, trainer: Trainer) -> None:
-        self._last_measured = int(trainer.global_step)
+        """The step :meth:`measures` decided last was measured (Lightning's ``global_step``, a
+        chain of properties, read once a step: ~5 µs of a measured step's)."""
+        self._last_measured = self._deciding if self._deciding is not None else int(trainer.global_step)
 
     def charge(self, seconds: float) -> None:
         """Charge work done outside the Lightning hooks (the norm hooks inside forward and backward)."""

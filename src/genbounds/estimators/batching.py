@@ -53,7 +53,11 @@ def batch_size(batch: Any) -> int:
     Raises:
         ValueError: when the batch has no tensor, a 0-d tensor, or leaves of different lengths.
     """
-    sizes = {t.shape[0] if t.dim() > 0 else None for t in tensor_leaves(batch)}
+    if type(batch) in (tuple, list) and all(type(t) is Tensor for t in batch):
+        leaves = batch  # (the common (x, y): no walk, on every measured step)
+    else:
+        leaves = tensor_leaves(batch)
+    sizes = {t.shape[0] if t.dim() > 0 else None for t in leaves}
     if not sizes or None in sizes or len(sizes) != 1:
         raise ValueError(
             "genbounds needs a batch whose tensor leaves share one leading (sample) dimension; "

@@ -99,7 +99,7 @@ class SharedHooks:
         # a new step: the last read is not this step's (a backward that reaches no recorded call
         # leaves the ghost hooks' count where it was, and must not find the last step's values)
         self.cache = None
-        if self.owners and self.ghost is not None and self.ghost.armed:
+        if self.owners and self.ghost is not None and self.ghost.armed and self.ghost.recorded_since_clear:
             # armed since an earlier step (kept armed between consecutive measured steps): drop
             # whatever a forward outside the training step recorded since the last read
             self.ghost.clear()
@@ -310,7 +310,7 @@ class NormHooksBackend(DispersionBackend):
 
     def _module_groups(self, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """The indices in ``names`` of each group's hooked modules (cached for the last ``names``)."""
-        if self._index_key != names:
+        if self._index_key is not names and self._index_key != names:
             self._groups_of_names = tuple(tuple(j for j, name in enumerate(names) if self.group_of_module[name] == k)
                                           for k in range(self.num_groups))
             self._index_key = names

@@ -22,8 +22,10 @@ changes of its round, ``benchmarks/step_blocks.py`` went from 1.119x to 1.098-1.
 float64 sums.
 
 Memory: the lent rows and row norms and the piece norms (4 bytes per 1,024 parameters a step,
-and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (16: a
-drain's fixed cost, ~150 µs on the MLP, spread over 16 steps is ~10 µs a step) and within
+and fewer than one block of zeros per gradient tensor) of at most ``max_steps`` steps (64: a
+drain costs about 250 µs plus 6.5 µs a step on the MLP, 22 µs a step when it drained every 16
+steps, 11 µs at the step log's flush every 50 steps — Lightning's default ``log_every_n_steps``;
+docs/results/overhead.md, round 29) and within
 ``budget_bytes`` (default 1 MiB; at least one step, so a model of more than 256 M parameters
 keeps one step's piece norms beyond it); a step of the MLP keeps 7 KiB. Each step's checks run
 at its own read, so a failing step fails at once (the kept steps before it are logged); only the
@@ -49,11 +51,14 @@ if TYPE_CHECKING:
     from genbounds.callbacks.step_log import StepLog
 
 
+_CPU = torch.device("cpu")
+
+
 class RowRing:
     """Raw per-step values of the norm hooks' path, kept for a run of steps (module docstring)."""
 
     def __init__(self, ghost: GhostNormHooks, step_log: StepLog, names: tuple[str, ...],
-                 budget_bytes: int = 1 << 20, max_steps: int = 16) -> None:
+                 budget_bytes: int = 1 << 20, max_steps: int = 64) -> None:
         self.ghost, self.step_log, self.names = ghost, step_log, names
         self.budget_bytes, self.max_steps = budget_bytes, max_steps
         self.capacity = 0
@@ -79,7 +84,7 @@ class RowRing:
         """A slot's rows and pair norms for the step in flight, or ``None`` (the hooks use their
         own: a device other than the CPU, or a step of another shape while steps are pending)."""
         self.lent = None
-        if device.type != "cpu":
+        if device != _CPU:
             return None
         if self._shape != (b, dtype, device):
             if self._steps:

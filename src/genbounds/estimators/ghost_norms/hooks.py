@@ -88,6 +88,11 @@ def times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
 
 _ARMED: "weakref.WeakSet[GhostNormHooks]" = weakref.WeakSet()
 
+_any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+"""Whether autocast is on for any device: one call, where the gradient's device type (a device
+object made for it) and the device's flag took two, ~7 µs of each hooked layer's backward in a
+training step (line-profiled). Private to PyTorch; where it is missing every call asks the device."""
+
 
 @contextmanager
 def suspended_ghost_hooks() -> Iterator[None]:
@@ -194,6 +199,7 @@ class GhostNormHooks:
                     site.slices.append(sub)
                     self._sites.append(sub)
         self._modules = sum(not site.sub for site in self._sites)  # the sub-rows come last
+        self._module_names = tuple(site.name for site in self._sites if not site.sub)
         # read_sums folds each sub-row into its attention's row (None: no sub-rows)
         self._fold: Tensor | None = None
         if self._modules < len(self._sites):
@@ -242,8 +248,15 @@ class GhostNormHooks:
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        """The hooked modules' names, in the order of :meth:`read_sums`."""
-        return tuple(site.name for site in self._sites if not site.sub)
+        """The hooked modules' names, in the order of :meth:`read_sums` (one tuple for this
+        object's life: compared by identity first where it is read every step)."""
+        return self._module_names
+
+    @property
+    def recorded_since_clear(self) -> bool:
+        """Whether anything was recorded or reported since the last :meth:`clear` or read (a
+        :meth:`clear` then is a no-op but for the epoch: a step's ~10 µs when skipped)."""
+        return bool(self._touched or self._problems or self._step.rows is not None or self._ordinal)
 
     @property
     def problems(self) -> tuple[str, ...]:
@@ -420,8 +433,9 @@ class GhostNormHooks:
         # points of a raw step in five in-process A/B runs; docs/results/overhead.md). Not
         # detached here (an op, ~20 µs of the MLP's measured forward): the backward hook reads it
         # with gradient recording off, and releases it
-        call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x.device, wt, bt,
-                              _compute_dtype(x.dtype, output.dtype))
+        dt = x.dtype  # (the compute dtype: fp32 for fp32 calls without the promotion's op)
+        call = self._new_call(site, x if site.kind.needs_input(wt, bt) else None, x.shape[0], x, wt, bt,
+                              dt if dt is torch.float32 and output.dtype is dt else _compute_dtype(dt, output.dtype))
         if call is None:
             return
         node = output.grad_fn
@@ -474,17 +488,18 @@ class GhostNormHooks:
                 f"{', '.join(self._guessed)} (outside PyTorch's transformer layers) see the batch or positions shared "
                 "by the batch (e.g. a positional embedding) cannot be told")
 
-    def _new_call(self, site: _Site, x: Tensor | None, b: int, device: torch.device, wt: bool, bt: bool,
+    def _new_call(self, site: _Site, x: Tensor | None, b: int, on: Tensor, wt: bool, bt: bool,
                   dtype: torch.dtype) -> _Call | None:
         """Book one forward call of ``site`` (``None`` when it cannot be recorded: reported).
-        ``dtype``: the call's compute dtype, the step's rows' dtype when it is the first call."""
+        ``dtype``: the call's compute dtype, the step's rows' dtype when it is the first call;
+        ``on``: a tensor of the call, on the device of the step's rows (its device read only there)."""
         if site.calls and site.received == len(site.calls):
             self._problems.append(
                 f"{site.name}: forward recorded again after its backward; call read() or clear() "
                 "between steps")
             return None
         if self._step.rows is None:
-            self._step.take(b, dtype, device)
+            self._step.take(b, dtype, on.device)
         self._ordinal += 1
         if not site.calls:
             if not site.touched:
@@ -533,7 +548,7 @@ class GhostNormHooks:
             wt, bt = w.requires_grad, c is not None and c.requires_grad
             T = proj.T  # rows are position-major: [T·B, d] → [B, T, d] (a view)
             x = proj.rows.detach().view(T, B, -1).transpose(0, 1) if wt else None
-            call = self._new_call(target, x, B, out.device, wt, bt, _compute_dtype(out.dtype))
+            call = self._new_call(target, x, B, out, wt, bt, _compute_dtype(out.dtype))
             if call is not None:
                 proj.node.register_prehook(functools.partial(self._node_hook, call, T, B))
 
@@ -583,12 +598,11 @@ class GhostNormHooks:
             self._problems.append(f"{site.name}: its input was modified in place after the forward")
             return
         try:
-            dev = grad.device.type
             if torch.is_grad_enabled():  # backward(create_graph=True): nothing of ours is recorded
-                with torch.no_grad(), torch.autocast(dev, enabled=False):
+                with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
                     self._compute(site, x, grad, single)
-            elif torch.is_autocast_enabled(dev):  # backward called inside autocast: compute as told
-                with torch.autocast(dev, enabled=False):
+            elif _any_autocast() and torch.is_autocast_enabled(grad.device.type):
+                with torch.autocast(grad.device.type, enabled=False):  # backward called inside autocast
                     self._compute(site, x, grad, single)
             else:
                 self._compute(site, x, grad, single)
