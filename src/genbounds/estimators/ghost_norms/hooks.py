@@ -43,7 +43,7 @@ class _Site:
 
     __slots__ = ("name", "module", "group", "kind", "forced", "calls", "received", "factors",
                  "method", "coupled", "first_ordinal", "param_grad", "stale_grad", "flags", "b", "touched",
-                 "index", "partner", "slices", "sub", "layout", "batch_dim")
+                 "index", "partner", "slices", "sub", "layout", "batch_dim", "pairs")
 
     def __init__(self, name: str, module: nn.Module, group: str, kind: _Kind, forced: str | None,
                  index: int) -> None:
@@ -53,6 +53,9 @@ class _Site:
         self.slices: list[_Site] = []  # a MultiheadAttention's rows for cross-attention's key/value products
         self.sub = False  # one of those rows: no hooks of its own, the attention's name and group
         self.batch_dim: int | None = None  # declared by a transformer container (declared_batch_dims)
+        self.pairs = kind.defers_rows and forced != MATERIALIZE
+        """A 2-D call's values may be its row norms (``StepRows.write_pair``): a Linear not forced
+        to materialize."""
         self.reset()
 
     def reset(self) -> None:
@@ -555,19 +558,20 @@ class GhostNormHooks:
     def _node_hook(self, call: _Call, T: int, B: int, grad_outputs: tuple) -> None:
         grad = grad_outputs[0]
         if grad is not None:
-            self._grad_hook(call, grad.view(T, B, -1).transpose(0, 1))
+            started = time.perf_counter()
+            try:
+                self._on_grad(call, grad.view(T, B, -1).transpose(0, 1))
+            finally:
+                self.seconds += time.perf_counter() - started
 
     def _output_hook(self, call: _Call, nr: int, dim: int, grad_outputs: tuple) -> None:
         grad = grad_outputs[nr]
         if grad is not None:
-            self._grad_hook(call, grad.transpose(0, 1) if dim else grad)
-
-    def _grad_hook(self, call: _Call, grad: Tensor) -> None:
-        started = time.perf_counter()
-        try:
-            self._on_grad(call, grad)
-        finally:
-            self.seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            try:
+                self._on_grad(call, grad.transpose(0, 1) if dim else grad)
+            finally:
+                self.seconds += time.perf_counter() - started
 
     def _on_grad(self, call: _Call, grad: Tensor) -> None:
         site = call.site
@@ -611,7 +615,14 @@ class GhostNormHooks:
 
     def _compute(self, site: _Site, x: Tensor | None, grad: Tensor, single: bool) -> None:
         wt, bt = site.flags
-        if single and site.kind.defers_rows and self._defer_linear(site, x, grad, wt, bt):
+        # a 2-D Linear call (Goodfellow): only its two row norms ‖δ_i‖ and ‖a_i‖, written into the
+        # step's pair buffer (two ops in the backward, where squaring and combining them took
+        # five; the rows of every such module are made at the read in three: StepRows.finish_linear).
+        # write_pair declines anything else — another dtype than the rows' (autocast, a wider
+        # layer), a batch size other than the rows' — for the general route below
+        if single and site.pairs and self._step.write_pair(site.index, x if wt else None, grad, bt):
+            site.method = GOODFELLOW
+            site.b = grad.shape[0]
             return
         if single:
             cd = _compute_dtype(grad.dtype, x.dtype if x is not None else grad.dtype)
@@ -630,19 +641,6 @@ class GhostNormHooks:
             site.factors.append(site.kind.factor(site.module, x, grad, wt, bt))
             if site.received == len(site.calls):
                 self._finish(site)
-
-    def _defer_linear(self, site: _Site, x: Tensor | None, grad: Tensor, wt: bool, bt: bool) -> bool:
-        """A 2-D ``Linear`` call (Goodfellow): only its two row norms ``‖δ_i‖`` and ``‖a_i‖``,
-        written into the step's pair buffer (two ops in the backward, where squaring and combining
-        them took five; the rows of every such module are made at the read in three:
-        :meth:`StepRows.finish_linear`). ``False`` — the general route — for anything else:
-        another dtype than the rows' (autocast, a wider layer), a batch size other than the
-        rows', a forced route."""
-        if site.forced == MATERIALIZE or not self._step.write_pair(site.index, x if wt else None, grad, bt):
-            return False
-        site.method = GOODFELLOW
-        site.b = grad.shape[0]
-        return True
 
     def _param_hook(self, site: _Site, p: Tensor) -> None:
         if self._armed:
