@@ -269,3 +269,37 @@ def linear_mix(d_in: int, hidden: int, d_mid: int, d_out: int, with_norm_layer: 
     model = nn.Sequential(*layers)
     model[4].weight.requires_grad_(False)
     return model
+
+
+class RankGatedNet(CrossEntropyModule):
+    """From step ``late`` on, the process of rank 1 alone passes the hidden layer through
+    ``nn.Hardsigmoid``, which has no second derivative in PyTorch: a branch the check before step
+    0 cannot see, met by one DDP process's probe mid-fit (digits: 64 inputs, 10 classes)."""
+
+    def __init__(self, late: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 16)
+        self.out = nn.Linear(16, 10)
+        self.gate = nn.Hardsigmoid()
+        self.late = late
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late:
+            h = h * self.gate(h)
+        return self.out(h)
+
+
+class RecordSecondOrder(pl.Callback):
+    """Writes each process's ``HessianTrace.twice_differentiable_problem`` (empty: none) to
+    ``rank<r>_second_order.txt`` at train end (works across spawned processes)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from genbounds.callbacks import HessianTrace
+
+        probe = next(cb for cb in trainer.callbacks if isinstance(cb, HessianTrace))
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}_second_order.txt"), "w") as fh:
+            fh.write(probe.twice_differentiable_problem or "")

@@ -17,7 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from genbounds.callbacks import BoundGate, BoundViolation, GeneralizationBound, GradientDispersion
 from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
-from helpers import EndProcessGroup, RecordFinalStep, bound_suite, trainer
+from helpers import (EndProcessGroup, RankGatedNet, RecordFinalStep, RecordSecondOrder, bound_suite,
+                     trainer)
 
 BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "setting/R", "setting/n",
               "setting/d", "setting/T", "gap/measured", "gap/measured_se", "gap/error", "bound_terms/trajectory_wang_mao",
@@ -160,6 +161,33 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "setting/R", "curv/hessian_trace", "gap/measured"):
         a, b = float(one.callback_metrics[key]), float(two.callback_metrics[key])
         assert b == pytest.approx(a, rel=1e-4), key
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+@pytest.mark.slow
+def test_a_missing_second_derivative_in_one_ddp_process_disables_the_hessian_in_every_process(tmp_path):
+    """Mid-fit, only rank 1 takes a branch without a second derivative (``RankGatedNet``): its
+    Hessian-vector product raised, its probe left the Hessian out and went on, while rank 0 waited
+    in the product's collective — the two processes' collectives no longer matched and the fit
+    died (process 1 SIGABRT; a hang is the other way it ends, which the 2-minute timeout bounds).
+    Now both processes reach every collective and leave the Hessian out together (rank 0 told it
+    failed in the other process), and the fit runs to its end."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [*bound_suite(), RecordFinalStep(str(tmp_path)), RecordSecondOrder(str(tmp_path)),
+                           EndProcessGroup()], devices=2,
+                strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=120)),
+                max_epochs=2, limit_train_batches=3, limit_val_batches=2)
+    t.fit(RankGatedNet(late=2), DigitsDataModule(batch_size=16, seed=0))
+    steps = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?.txt")))}
+    assert steps == {"rank0.txt": "6", "rank1.txt": "6"}, steps
+    said = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?_second_order.txt")))}
+    assert "in another process" in said["rank0_second_order.txt"], said
+    assert "hardsigmoid_backward" in said["rank1_second_order.txt"], said
+    assert math.isnan(float(t.callback_metrics.get("bound/wang_mao_eq3", float("nan"))))
 
 
 @pytest.mark.slow

@@ -482,3 +482,39 @@ def test_an_overhead_budget_over_one_warns_that_it_is_a_fraction():
         warnings.simplefilter("error")
         GeneralizationBound(overhead_budget=0.2)
         Flatness(sigmas=[0.01], overhead_budget=1.0)
+
+
+def test_a_reduction_over_processes_raises_in_every_process_when_one_fails():
+    """``reduce_computed``: the local part of a collective that fails in one process is reduced as
+    zeros beside a flag, so the other processes' collective completes and they raise there too
+    (``FailedElsewhere``, telling a missing second derivative from other errors) — instead of
+    waiting in it, or going on with collectives that no longer match (the DDP test:
+    ``test_a_missing_second_derivative_in_one_ddp_process_disables_the_hessian_in_every_process``)."""
+    from genbounds.estimators.collective import FailedElsewhere, not_twice_differentiable, reduce_computed
+
+    def other_process(flags: list[float]):
+        # a two-process mean: this process's flat part with the other's (values 3, then its flags)
+        def reduce(flat):
+            other = torch.cat([torch.full((flat.numel() - 2,), 3.0, dtype=flat.dtype),
+                               torch.tensor(flags, dtype=flat.dtype)])
+            return (flat + other) / 2
+        return reduce
+
+    like = lambda: [torch.zeros(2)]  # noqa: E731
+    ok = reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([0.0, 0.0]))
+    assert torch.equal(ok[0], torch.tensor([2.0, 4.0]))
+    missing = RuntimeError("derivative for aten::hardsigmoid_backward is not implemented")
+
+    def fails():
+        raise missing
+
+    with pytest.raises(RuntimeError) as here:  # the process it failed in: its own error
+        reduce_computed(fails, like, other_process([0.0, 0.0]))
+    assert here.value is missing
+    with pytest.raises(FailedElsewhere) as elsewhere:  # the other: told, as a second-order failure
+        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([0.0, 1.0]))
+    assert elsewhere.value.second_order and not_twice_differentiable(elsewhere.value)
+    with pytest.raises(FailedElsewhere) as other:  # any other failure there: not a second-order one
+        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([1.0, 0.0]))
+    assert not other.value.second_order and not not_twice_differentiable(other.value)
+    assert reduce_computed(lambda: [torch.ones(1)], like, None)[0].item() == 1.0  # one process: no collective

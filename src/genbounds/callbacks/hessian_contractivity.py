@@ -12,7 +12,7 @@ from genbounds.callbacks.channel import Channel, CurvatureRecord
 from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
 from genbounds.callbacks.gradient_sensitivity import PRECISIONS, Precision, probe_dtype
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode
-from genbounds.callbacks.second_order import not_twice_differentiable
+from genbounds.estimators.collective import not_twice_differentiable
 from genbounds.estimators.contractivity import contractivity, contractivity_exact
 from genbounds.estimators.hessian_vector_product import LossHessian
 

@@ -56,9 +56,10 @@ from genbounds.callbacks.probe_data import (  # noqa: F401  (re-exported for cal
     warn_if_short,
 )
 from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_tag  # noqa: F401  (re-exported)
-from genbounds.callbacks.second_order import not_twice_differentiable, second_order_problem
+from genbounds.callbacks.second_order import second_order_problem
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
 from genbounds.callbacks.trainable_set import TrainableSet
+from genbounds.estimators.collective import not_twice_differentiable
 from genbounds.estimators.functional import LossFn, Reduce, num_trainable
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 

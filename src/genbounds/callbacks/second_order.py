@@ -13,8 +13,9 @@ backward, or forward-over-reverse). Not every model allows them:
 
 :func:`second_order_problem` takes one Hessian-vector product on (up to 64 samples of) the probe
 set in an isolated pass before step 0 and looks for such nodes in the loss's graph; any failure
-is the reason the probe cannot measure. :func:`not_twice_differentiable` tells a missing second
-derivative from other errors, for a probe that meets one later (a branch the trial did not take).
+is the reason the probe cannot measure. :func:`~genbounds.estimators.collective.not_twice_differentiable`
+tells a missing second derivative from other errors, for a probe that meets one later (a branch the
+trial did not take) — in its own process or, under DDP, in another one (``estimators/collective.py``).
 """
 
 from __future__ import annotations
@@ -31,17 +32,6 @@ from genbounds.estimators.functional import graph_nodes, per_sample_losses
 from genbounds.estimators.hessian_vector_product import LossHessian
 
 TRIAL_SAMPLES = 64
-
-
-def not_twice_differentiable(err: BaseException) -> bool:
-    """Whether ``err`` says an op of the model has no second derivative (or no forward-mode one)."""
-    if not isinstance(err, (RuntimeError, NotImplementedError)):
-        return False
-    text = str(err).lower()
-    return (("derivative for" in text and "not implemented" in text)
-            or ("forward" in text and ("ad" in text.split() or "jvp" in text)
-                and any(m in text for m in ("not implemented", "not support", "must implement")))
-            or "double backward" in text or "differentiate twice" in text or "once_differentiable" in text)
 
 
 def second_order_problem(module: LightningModule, loss_fn: Any, batch: Any, mode: str,

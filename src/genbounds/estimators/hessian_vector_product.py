@@ -24,13 +24,13 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
+from genbounds.estimators.collective import reduce_computed
 from genbounds.estimators.functional import (
     LossFn,
     Reduce,
     detached,
     functional_loss,
     per_sample_losses,
-    reduce_all,
     row_dot64,
     trainable_parameters,
 )
@@ -51,7 +51,10 @@ class LossHessian:
         batch: the batch the Hessian is taken on.
         method: ``"reverse"``, ``"forward"`` or ``"auto"`` (reverse).
         vectorize: ``vmap`` blocks of vectors (default: on accelerators only).
-        reduce: DDP mean over ranks of every product and gradient (see ``functional.Reduce``).
+        reduce: DDP mean over ranks of every product and gradient (see ``functional.Reduce``); a
+            product that fails in one process raises in every process at its collective
+            (:func:`~genbounds.estimators.collective.reduce_computed`), never leaving the others
+            waiting in it.
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any, method: HVPMethod = "auto",
@@ -86,25 +89,37 @@ class LossHessian:
             )
         return self._grad
 
+    def _reduced(self, compute: Any, like: Vector) -> Vector:
+        """``compute()`` averaged over the processes (``like``: the result's shapes and dtype)."""
+        return reduce_computed(compute, lambda: [torch.zeros_like(t) for t in like], self.reduce)
+
     def gradient(self) -> Vector:
         """``∇L`` at the current weights (detached)."""
         if self.method == "reverse":
-            return reduce_all([g.detach() for g in self._graph()], self.reduce)
+            return self._reduced(lambda: [g.detach() for g in self._graph()], self.params)
         base = detached(self.named)
         f = functional_loss(self.module, self.loss_fn)
-        g = off_training_thread(func_grad(lambda p: f(p, self.batch).mean()), base)  # (transform_thread.py)
-        return reduce_all([g[n] for n in self.named], self.reduce)
+
+        def local() -> Vector:
+            g = off_training_thread(func_grad(lambda p: f(p, self.batch).mean()), base)  # (transform_thread.py)
+            return [g[n] for n in self.named]
+
+        return self._reduced(local, self.params)
 
     def loss(self) -> Tensor:
         """``L`` at the current weights (detached)."""
-        if self._loss is None:
-            if self.method == "reverse":
-                self._graph()
-            else:
-                with torch.no_grad():
-                    self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
-        assert self._loss is not None
-        return reduce_all([self._loss], self.reduce)[0]
+        def local() -> Vector:
+            if self._loss is None:
+                if self.method == "reverse":
+                    self._graph()
+                else:
+                    with torch.no_grad():
+                        self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
+            assert self._loss is not None
+            # (in the parameters' dtype where it is reduced: every process's part alike, failed or not)
+            return [self._loss if self.reduce is None else self._loss.to(self.params[0].dtype)]
+
+        return self._reduced(local, [torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)])[0]
 
     def _live(self) -> list[int]:
         """Indices of gradient components that still depend on the weights (a component that is
@@ -114,13 +129,16 @@ class LossHessian:
     def hvp(self, v: Vector) -> Vector:
         """``H v`` for one vector."""
         if self.method == "reverse":
-            live = self._live()
-            if not live:
-                return reduce_all([torch.zeros_like(x) for x in v], self.reduce)
-            grads = self._graph()
-            out = torch.autograd.grad([grads[i] for i in live], self.params, grad_outputs=[v[i] for i in live],
-                                      retain_graph=True, allow_unused=True)
-            return reduce_all([torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)], self.reduce)
+            def local() -> Vector:
+                live = self._live()
+                if not live:
+                    return [torch.zeros_like(x) for x in v]
+                grads = self._graph()
+                out = torch.autograd.grad([grads[i] for i in live], self.params, grad_outputs=[v[i] for i in live],
+                                          retain_graph=True, allow_unused=True)
+                return [torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)]
+
+            return self._reduced(local, v)
         return [h[0] for h in self._hvp_stacked([t.unsqueeze(0) for t in v])]
 
     def hvp_batched(self, vs: Vector) -> Vector:
@@ -145,17 +163,20 @@ class LossHessian:
 
     def _hvp_stacked(self, vs: Vector) -> Vector:
         if self.method == "reverse":
-            grads = self._graph()
-            live = self._live()
-            if not live:
-                return reduce_all([torch.zeros_like(v) for v in vs], self.reduce)
-            out = torch.autograd.grad(
-                [grads[i] for i in live], self.params, grad_outputs=[vs[i] for i in live], retain_graph=True,
-                is_grads_batched=True, allow_unused=True
-            )
-            return reduce_all([torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)], self.reduce)
-        # (functorch transforms: off the training thread, transform_thread.py)
-        return off_training_thread(self._hvp_transformed, vs)
+            def local() -> Vector:
+                grads = self._graph()
+                live = self._live()
+                if not live:
+                    return [torch.zeros_like(v) for v in vs]
+                out = torch.autograd.grad(
+                    [grads[i] for i in live], self.params, grad_outputs=[vs[i] for i in live], retain_graph=True,
+                    is_grads_batched=True, allow_unused=True
+                )
+                return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)]
+
+            return self._reduced(local, vs)
+        # (functorch transforms: off the training thread, transform_thread.py; the collective on it)
+        return self._reduced(lambda: off_training_thread(self._hvp_transformed, vs), vs)
 
     def _hvp_transformed(self, vs: Vector) -> Vector:
         base = detached(self.named)
@@ -169,7 +190,7 @@ class LossHessian:
             _, hv = jvp(grad_of, (base,), (dict(zip(names, tangent)),))
             return tuple(hv[n] for n in names)
 
-        return reduce_all(list(vmap(one, randomness="same")(*vs)), self.reduce)
+        return list(vmap(one, randomness="same")(*vs))
 
     def release(self) -> None:
         """Free the retained gradient graph."""
