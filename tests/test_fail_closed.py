@@ -517,4 +517,25 @@ def test_a_reduction_over_processes_raises_in_every_process_when_one_fails():
     with pytest.raises(FailedElsewhere) as other:  # any other failure there: not a second-order one
         reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([1.0, 0.0]))
     assert not other.value.second_order and not not_twice_differentiable(other.value)
+    with pytest.raises(FailedElsewhere) as both:  # a missing derivative here, another failure there:
+        reduce_computed(fails, like, other_process([1.0, 0.0]))  # the fit ends here too (a review)
+    assert not not_twice_differentiable(both.value) and both.value.__cause__ is missing
     assert reduce_computed(lambda: [torch.ones(1)], like, None)[0].item() == 1.0  # one process: no collective
+
+
+def test_the_hessians_loss_reduced_over_processes_keeps_its_dtype_and_digits():
+    """``LossHessian.loss()`` under a reduction (a one-process stand-in here) gives the value and
+    dtype of one process: a bf16 model's fp32 loss was rounded to bf16 on its way through the
+    collective (a review)."""
+    from genbounds.estimators.hessian_vector_product import LossHessian
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    batch = (torch.randn(5, 3, dtype=torch.bfloat16), torch.randn(5, 2))
+
+    def loss_fn(module, b):
+        return ((module(b[0]).float() - b[1]) ** 2).mean(1)
+
+    alone = LossHessian(net, loss_fn, batch).loss()
+    reduced = LossHessian(net, loss_fn, batch, reduce=lambda t: t.clone()).loss()
+    assert alone.dtype == reduced.dtype == torch.float32 and torch.equal(alone, reduced)

@@ -22,6 +22,24 @@ def mean_over_ranks(trainer: Trainer) -> Reduce | None:
     return reduce
 
 
+def reason_from_every_process(trainer: Trainer, reason: str, elsewhere: bool) -> str:
+    """The reason a computation failed, where it failed: under DDP, every process being here at
+    once (all raised at the same collective, ``estimators/collective.py``), one gathering of the
+    processes' reasons — a process told it failed elsewhere (``elsewhere``) gets the first real
+    one, named by its process (only process 0 warns; the op's name was in another's error).
+    ``reason`` itself in one process."""
+    if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return reason
+    reasons: list[str | None] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(reasons, None if elsewhere else reason)
+    if not elsewhere:
+        return reason
+    for rank, their in enumerate(reasons):
+        if their is not None:
+            return f"{their} (in process {rank})"
+    return reason
+
+
 def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoments:
     """Sum the moments over DDP ranks (every rank calls this on the same steps)."""
     strategy = trainer.strategy

@@ -117,7 +117,7 @@ class HessianContractivity(ProbeCallback):
             except (RuntimeError, NotImplementedError) as err:  # (a branch the check before step 0 did not take)
                 if not not_twice_differentiable(err):
                     raise
-                self._without_second_order(str(err).strip().splitlines()[0])  # (the other values stand)
+                self._without_second_order(self.second_order_reason(trainer, err))  # (the other values stand)
             op.release()
         return out
 

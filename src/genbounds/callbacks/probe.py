@@ -37,7 +37,7 @@ from genbounds.callbacks.checks import (
     check_precision,
     check_strategy,
 )
-from genbounds.callbacks.distributed import mean_over_ranks
+from genbounds.callbacks.distributed import mean_over_ranks, reason_from_every_process
 from genbounds.callbacks.hook_clock import MeasurementCallback, sleep_until, sleep_until_time, wake
 from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
@@ -59,7 +59,7 @@ from genbounds.callbacks.probe_schedule import ProbeSchedule, probe_seed, sigma_
 from genbounds.callbacks.second_order import second_order_problem
 from genbounds.callbacks.step_log import StepLog, mark_run_complete, weights_step
 from genbounds.callbacks.trainable_set import TrainableSet
-from genbounds.estimators.collective import not_twice_differentiable
+from genbounds.estimators.collective import FailedElsewhere, not_twice_differentiable
 from genbounds.estimators.functional import LossFn, Reduce, num_trainable
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
@@ -302,6 +302,12 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
             rank_zero_warn(f"{self.owner}: Hessian-vector products of this model's loss cannot be taken "
                            f"({problem}{hint}): {self.without_second_order}")
 
+    @staticmethod
+    def second_order_reason(trainer: Trainer, err: BaseException) -> str:
+        """The first line of a probe's missing-derivative error — under DDP the one of the process
+        where it happened, in every process (``distributed.reason_from_every_process``)."""
+        return reason_from_every_process(trainer, str(err).strip().splitlines()[0], isinstance(err, FailedElsewhere))
+
     without_second_order = "it measures nothing in this fit (NaN), nor do the bounds that need it."
     """What this callback leaves out without second derivatives, as the warning says it."""
 
@@ -361,7 +367,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         except (RuntimeError, NotImplementedError) as err:  # (a branch the check before step 0 did not take)
             if not (self.second_order_needed and not_twice_differentiable(err)):
                 raise
-            self._without_second_order(str(err).strip().splitlines()[0])
+            self._without_second_order(self.second_order_reason(trainer, err))
             return
         finally:
             self._final_until = None

@@ -8,8 +8,10 @@ it: the two processes' collectives no longer match, and the fit dies (a test's p
 with SIGABRT) or hangs. :func:`reduce_computed` runs the local part and reduces it *with a flag*; the
 failing process reduces zeros of the result's shapes instead, so every process reaches the same
 collective, reads the same flags and raises there: the error itself where it happened,
-:class:`FailedElsewhere` in the others. The callbacks then decide alike (a missing second
-derivative disables the probe in every process; anything else ends the fit in every process).
+:class:`FailedElsewhere` in the others. Every process then takes the same decision: a missing
+second derivative leaves the probe out in every process — only where no process failed
+otherwise; any other failure in any process ends the fit in every process (a process whose own
+failure was a missing derivative raises :class:`FailedElsewhere` then, its error as the cause).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ def reduce_computed(compute: Callable[[], list[Tensor]], like: Callable[[], list
     process at this collective (module docstring) instead of leaving the others waiting in it.
 
     ``like()``: zeros of the shapes and dtype ``compute()`` returns (what a failed process
-    reduces). Two flags ride in the same collective, so it costs one reading of them on the host:
-    a probe's collective, never a training step's."""
+    reduces). Two flags ride in the same collective, so it costs one reading of them on the host
+    (``LossHessian``'s callers are probes; the per-step regularizer opts out: ``fail_together``)."""
     if reduce is None:
         return compute()
     failed: BaseException | None = None
@@ -67,6 +69,8 @@ def reduce_computed(compute: Callable[[], list[Tensor]], like: Callable[[], list
     out = reduce_all([*local, flags], reduce)
     other, second_order = (float(v) for v in out[-1].tolist())
     if failed is not None:
+        if second and other > 0.0:  # (another process failed otherwise: the fit ends everywhere)
+            raise FailedElsewhere(second_order=False) from failed
         raise failed
     if other > 0.0 or second_order > 0.0:
         raise FailedElsewhere(second_order=other == 0.0)

@@ -31,6 +31,7 @@ from genbounds.estimators.functional import (
     detached,
     functional_loss,
     per_sample_losses,
+    reduce_all,
     row_dot64,
     trainable_parameters,
 )
@@ -55,10 +56,13 @@ class LossHessian:
             product that fails in one process raises in every process at its collective
             (:func:`~genbounds.estimators.collective.reduce_computed`), never leaving the others
             waiting in it.
+        fail_together: with ``reduce``, carry the failure flags in each collective (one host read
+            of them a product). ``False``: the plain reduction, for a caller that runs every
+            training step (a failure there ends the fit anyway).
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any, method: HVPMethod = "auto",
-                 vectorize: bool | None = None, reduce: Reduce | None = None) -> None:
+                 vectorize: bool | None = None, reduce: Reduce | None = None, fail_together: bool = True) -> None:
         if method not in ("auto", "reverse", "forward"):
             raise ValueError(f"unknown HVP method {method!r}")
         self.module = module
@@ -70,6 +74,7 @@ class LossHessian:
         device = self.params[0].device if self.params else torch.device("cpu")
         self.vectorize = (device.type != "cpu") if vectorize is None else vectorize
         self.reduce = reduce
+        self.fail_together = fail_together
         self._grad: tuple[Tensor, ...] | None = None
         self._loss: Tensor | None = None
         self._grad_fn = None
@@ -91,6 +96,8 @@ class LossHessian:
 
     def _reduced(self, compute: Any, like: Vector) -> Vector:
         """``compute()`` averaged over the processes (``like``: the result's shapes and dtype)."""
+        if not self.fail_together:
+            return reduce_all(compute(), self.reduce)
         return reduce_computed(compute, lambda: [torch.zeros_like(t) for t in like], self.reduce)
 
     def gradient(self) -> Vector:
@@ -116,10 +123,15 @@ class LossHessian:
                     with torch.no_grad():
                         self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
             assert self._loss is not None
-            # (in the parameters' dtype where it is reduced: every process's part alike, failed or not)
-            return [self._loss if self.reduce is None else self._loss.to(self.params[0].dtype)]
+            # (reduced in float64, float32 on MPS: every process's part in one dtype, failed or
+            # not, the loss's own digits kept; returned in its dtype)
+            return [self._loss if self.reduce is None else self._loss.to(wide)]
 
-        return self._reduced(local, [torch.zeros((), dtype=self.params[0].dtype, device=self.params[0].device)])[0]
+        device = self.params[0].device
+        wide = torch.float32 if device.type == "mps" else torch.float64
+        out = self._reduced(local, [torch.zeros((), dtype=wide, device=device)])[0]
+        assert self._loss is not None
+        return out.to(self._loss.dtype)
 
     def _live(self) -> list[int]:
         """Indices of gradient components that still depend on the weights (a component that is

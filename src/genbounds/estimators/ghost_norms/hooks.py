@@ -92,9 +92,11 @@ def times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
 _ARMED: "weakref.WeakSet[GhostNormHooks]" = weakref.WeakSet()
 
 _any_autocast: Callable[[], bool] = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
-"""Whether autocast is on for any device: one call, where the gradient's device type (a device
-object made for it) and the device's flag took two, ~7 µs of each hooked layer's backward in a
-training step (line-profiled). Private to PyTorch; where it is missing every call asks the device."""
+"""Whether autocast is on for the CPU or CUDA (or a few other devices; not MPS in torch 2.14): one
+call, where the gradient's device type (a device object made for it) and the device's flag took
+two, ~7 µs of each hooked layer's backward in a training step (line-profiled). Asked only for a
+CPU or CUDA gradient; any other device is asked directly. Private to PyTorch; where it is missing
+every gradient's device is asked."""
 
 
 @contextmanager
@@ -605,7 +607,7 @@ class GhostNormHooks:
             if torch.is_grad_enabled():  # backward(create_graph=True): nothing of ours is recorded
                 with torch.no_grad(), torch.autocast(grad.device.type, enabled=False):
                     self._compute(site, x, grad, single)
-            elif _any_autocast() and torch.is_autocast_enabled(grad.device.type):
+            elif (_any_autocast() or not (grad.is_cpu or grad.is_cuda)) and torch.is_autocast_enabled(grad.device.type):
                 with torch.autocast(grad.device.type, enabled=False):  # backward called inside autocast
                     self._compute(site, x, grad, single)
             else:
