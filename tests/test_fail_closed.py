@@ -485,23 +485,26 @@ def test_an_overhead_budget_over_one_warns_that_it_is_a_fraction():
 
 
 def test_a_reduction_over_processes_raises_in_every_process_when_one_fails():
-    """``reduce_computed``: the local part of a collective that fails in one process is reduced as
-    zeros beside a flag, so the other processes' collective completes and they raise there too
-    (``FailedElsewhere``, telling a missing second derivative from other errors) — instead of
-    waiting in it, or going on with collectives that no longer match (the DDP test:
+    """``reduce_computed``: before the values, every process reduces two failure flags — also the
+    one whose part failed — so the others' collective completes and they raise there too
+    (``FailedElsewhere``, telling a missing second derivative from other errors), instead of
+    waiting in it or going on with collectives that no longer match (the DDP test:
     ``test_a_missing_second_derivative_in_one_ddp_process_disables_the_hessian_in_every_process``)."""
     from genbounds.estimators.collective import FailedElsewhere, not_twice_differentiable, reduce_computed
 
+    cpu = torch.device("cpu")
+
     def other_process(flags: list[float]):
-        # a two-process mean: this process's flat part with the other's (values 3, then its flags)
+        # a two-process mean: the first collective is the flags (the other's given), then the values (its 3s)
+        calls = [0]
+
         def reduce(flat):
-            other = torch.cat([torch.full((flat.numel() - 2,), 3.0, dtype=flat.dtype),
-                               torch.tensor(flags, dtype=flat.dtype)])
+            calls[0] += 1
+            other = torch.tensor(flags) if calls[0] == 1 else torch.full_like(flat, 3.0)
             return (flat + other) / 2
         return reduce
 
-    like = lambda: [torch.zeros(2)]  # noqa: E731
-    ok = reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([0.0, 0.0]))
+    ok = reduce_computed(lambda: [torch.tensor([1.0, 5.0])], other_process([0.0, 0.0]), cpu)
     assert torch.equal(ok[0], torch.tensor([2.0, 4.0]))
     missing = RuntimeError("derivative for aten::hardsigmoid_backward is not implemented")
 
@@ -509,18 +512,18 @@ def test_a_reduction_over_processes_raises_in_every_process_when_one_fails():
         raise missing
 
     with pytest.raises(RuntimeError) as here:  # the process it failed in: its own error
-        reduce_computed(fails, like, other_process([0.0, 0.0]))
+        reduce_computed(fails, other_process([0.0, 0.0]), cpu)
     assert here.value is missing
     with pytest.raises(FailedElsewhere) as elsewhere:  # the other: told, as a second-order failure
-        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([0.0, 1.0]))
+        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], other_process([0.0, 1.0]), cpu)
     assert elsewhere.value.second_order and not_twice_differentiable(elsewhere.value)
     with pytest.raises(FailedElsewhere) as other:  # any other failure there: not a second-order one
-        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], like, other_process([1.0, 0.0]))
+        reduce_computed(lambda: [torch.tensor([1.0, 5.0])], other_process([1.0, 0.0]), cpu)
     assert not other.value.second_order and not not_twice_differentiable(other.value)
     with pytest.raises(FailedElsewhere) as both:  # a missing derivative here, another failure there:
-        reduce_computed(fails, like, other_process([1.0, 0.0]))  # the fit ends here too (a review)
+        reduce_computed(fails, other_process([1.0, 0.0]), cpu)  # the fit ends here too (a review)
     assert not not_twice_differentiable(both.value) and both.value.__cause__ is missing
-    assert reduce_computed(lambda: [torch.ones(1)], like, None)[0].item() == 1.0  # one process: no collective
+    assert reduce_computed(lambda: [torch.ones(1)], None, cpu)[0].item() == 1.0  # one process: no collective
 
 
 def test_the_hessians_loss_reduced_over_processes_keeps_its_dtype_and_digits():
@@ -539,3 +542,58 @@ def test_the_hessians_loss_reduced_over_processes_keeps_its_dtype_and_digits():
     alone = LossHessian(net, loss_fn, batch).loss()
     reduced = LossHessian(net, loss_fn, batch, reduce=lambda t: t.clone()).loss()
     assert alone.dtype == reduced.dtype == torch.float32 and torch.equal(alone, reduced)
+
+
+def test_every_probe_reduction_raises_when_another_process_failed():
+    """Under DDP each probe reduction first reduces two failure flags (``fail_together``): a
+    process that failed elsewhere makes every other process raise there, instead of waiting in the
+    values' collective. A stand-in reduce reports "another process failed" at its first call: every
+    reduction of ``PerturbedLoss`` (Flatness, the sensitivity, contractivity), ``LossHessian`` and
+    the weighted dispersion must raise ``FailedElsewhere`` (before, they reduced the flags as
+    values and went on)."""
+    from genbounds.estimators.collective import FailedElsewhere
+    from genbounds.estimators.hessian_vector_product import LossHessian
+    from genbounds.estimators.perturbation import PerturbedLoss
+    from genbounds.estimators.weighted_dispersion import hessian_weighted_dispersion
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    batch = (torch.randn(6, 3), torch.randn(6, 2))
+
+    def loss_fn(module, b):
+        return ((module(b[0]) - b[1]) ** 2).mean(1)
+
+    def failed_elsewhere():
+        calls = [0]
+
+        def reduce(t):
+            calls[0] += 1
+            return torch.tensor([0.5, 0.0]) if calls[0] == 1 else t  # (the flags: another process failed)
+        return reduce
+
+    def raises(run) -> bool:
+        try:
+            run()
+        except FailedElsewhere:
+            return True
+        return False
+
+    fn = lambda: PerturbedLoss(net, loss_fn, reduce=failed_elsewhere())  # noqa: E731
+    points = {k: v.unsqueeze(0).repeat(2, *[1] * v.dim()) for k, v in fn().base.items()}
+    hessian = lambda: LossHessian(net, loss_fn, batch, reduce=failed_elsewhere())  # noqa: E731
+    vector = [torch.ones_like(p) for p in net.parameters()]
+    cases = {
+        "PerturbedLoss.loss": lambda: fn().loss(fn().base, batch),
+        "PerturbedLoss.losses_at": lambda: fn().losses_at(points, batch),
+        "PerturbedLoss.gradient": lambda: fn().gradient(fn().base, batch),
+        "PerturbedLoss.gradients_at": lambda: fn().gradients_at(points, batch),
+        "LossHessian.gradient": lambda: hessian().gradient(),
+        "LossHessian.loss": lambda: hessian().loss(),
+        "LossHessian.hvp": lambda: hessian().hvp(vector),
+        "LossHessian.hvp_batched": lambda: hessian().hvp_batched([v.unsqueeze(0) for v in vector]),
+        "weighted dispersion": lambda: hessian_weighted_dispersion(
+            net, loss_fn, batch, LossHessian(net, loss_fn, batch), num_chunks=2, reduce=failed_elsewhere()),
+    }
+    assert {name: raises(run) for name, run in cases.items()} == {name: True for name in cases}
+    plain = PerturbedLoss(net, loss_fn, reduce=failed_elsewhere(), fail_together=False)  # (an intervention's)
+    assert not raises(lambda: plain.loss(plain.base, batch))

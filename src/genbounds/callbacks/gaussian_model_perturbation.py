@@ -106,7 +106,8 @@ class GaussianModelPerturbation(GradientIntervention):
         """``mean_j ∇ℓ(w + Δ_j)`` on ``batch`` (averaged over DDP ranks)."""
         assert self._loss_fn is not None
         with isolated_pass(pl_module, mode="keep"):
-            fn = PerturbedLoss(pl_module, self._loss_fn, reduce=mean_over_ranks(trainer))
+            # (every step: the plain reduction, no flags read on the host; estimators/collective.py)
+            fn = PerturbedLoss(pl_module, self._loss_fn, reduce=mean_over_ranks(trainer), fail_together=False)
             eps = standard_normal(fn.base, self.k, self._rng(pl_module.device))
             width = self.draws_per_pass or self._width(pl_module)
             total: dict[str, Tensor] | None = None

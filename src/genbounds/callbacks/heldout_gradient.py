@@ -19,6 +19,7 @@ from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
+from genbounds.estimators.collective import fail_together
 from genbounds.estimators.functional import against_mean, dot, group_positions, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
 from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
@@ -188,15 +189,22 @@ class HeldoutGradient(ProbeCallback):
     def _moments(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> GradientMoments:
         """Moments of a probe set, summed over DDP ranks (the union of the ranks' shares)."""
         assert self._loss_fn is not None
-        if self._per_sample:
-            method = "hooks" if self._hooks_ok else (self.contract.per_sample_method if self.contract else "vmap")
-            moments = per_sample_gradient_moments(pl_module, self._loss_fn, batch, method=method, groups=self._groups)
-        else:
-            moments = microbatch_gradient_moments(
+
+        def local() -> GradientMoments:
+            assert self._loss_fn is not None
+            if self._per_sample:
+                method = "hooks" if self._hooks_ok else (self.contract.per_sample_method if self.contract else "vmap")
+                return per_sample_gradient_moments(pl_module, self._loss_fn, batch, method=method, groups=self._groups)
+            return microbatch_gradient_moments(
                 pl_module, self._loss_fn, batch, self.num_chunks, generator=self.generator(pl_module.device),
                 groups=self._groups,
             )
-        return reduce_moments(trainer, moments) if trainer.world_size > 1 else moments
+
+        if trainer.world_size <= 1:
+            return local()
+        # (a failure in one process raises in every process before the moments' collectives:
+        # estimators/collective.py)
+        return reduce_moments(trainer, fail_together(local, self.reducer(trainer), pl_module.device))
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         params = list(trainable_parameters(pl_module).values())

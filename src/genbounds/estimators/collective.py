@@ -1,14 +1,17 @@
 """Reductions over DDP processes that a failure in one process cannot leave hanging.
 
-A probe's Hessian-vector products are each averaged over the processes (one collective a
-product, :class:`~genbounds.estimators.hessian_vector_product.LossHessian`). When the product
+A probe's reductions — each Hessian-vector product (:class:`~genbounds.estimators.hessian_vector_product.LossHessian`),
+each loss and gradient at perturbed weights (:class:`~genbounds.estimators.perturbation.PerturbedLoss`:
+``Flatness``, ``GradientSensitivity``, ``HessianContractivity``), the weighted dispersion's chunk
+gradients, ``HeldoutGradient``'s moments — are collectives over the processes. When the local part
 fails in one process only — a layer without a second derivative in a branch that process alone
 takes, met mid-fit — that process leaves the probe while the others wait in the collective for
 it: the two processes' collectives no longer match, and the fit dies (a test's process 1 ended
-with SIGABRT) or hangs. :func:`reduce_computed` runs the local part and reduces it *with a flag*; the
-failing process reduces zeros of the result's shapes instead, so every process reaches the same
-collective, reads the same flags and raises there: the error itself where it happened,
-:class:`FailedElsewhere` in the others. Every process then takes the same decision: a missing
+with SIGABRT) or hangs. :func:`fail_together` runs the local part and then reduces two flags in
+every process — failed or not — so every process reaches the same small collective, reads the
+same flags and raises there: the error itself where it happened, :class:`FailedElsewhere` in
+the others. The values are reduced only after it (:func:`reduce_computed`): a failed process
+needs no stand-in of their shapes and dtypes. Every process then takes the same decision: a missing
 second derivative leaves the probe out in every process — only where no process failed
 otherwise; any other failure in any process ends the fit in every process (a process whose own
 failure was a missing derivative raises :class:`FailedElsewhere` then, its error as the cause).
@@ -17,6 +20,7 @@ failure was a missing derivative raises :class:`FailedElsewhere` then, its error
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,33 +52,38 @@ class FailedElsewhere(RuntimeError):
         self.second_order = second_order
 
 
-def reduce_computed(compute: Callable[[], list[Tensor]], like: Callable[[], list[Tensor]],
-                    reduce: Reduce | None) -> list[Tensor]:
-    """``reduce_all(compute(), reduce)``, where ``compute`` failing in one process raises in every
-    process at this collective (module docstring) instead of leaving the others waiting in it.
-
-    ``like()``: zeros of the shapes and dtype ``compute()`` returns (what a failed process
-    reduces). Two flags ride in the same collective, so it costs one reading of them on the host
-    (``LossHessian``'s callers are probes; the per-step regularizer opts out: ``fail_together``)."""
+def fail_together(compute: Callable[[], Any], reduce: Reduce | None, device: torch.device) -> Any:
+    """``compute()`` — where, under DDP (``reduce`` given), its failure in any process raises in
+    every process here (module docstring): each process reduces two flags (``[failed otherwise,
+    failed for a missing second derivative]``, one small collective on ``device`` and one read of
+    it on the host) before anything else. Then a process that failed raises its error (a missing
+    derivative here and another failure elsewhere: :class:`FailedElsewhere`, the fit ends), the
+    others :class:`FailedElsewhere`. One process: ``compute()``."""
     if reduce is None:
         return compute()
     failed: BaseException | None = None
     try:
         local = compute()
     except Exception as err:  # noqa: BLE001 - re-raised below, in every process alike
-        failed, local = err, like()
+        failed, local = err, None
     second = failed is not None and not_twice_differentiable(failed)
-    ref = local[0]
-    flags = torch.tensor([float(failed is not None and not second), float(second)], dtype=ref.dtype, device=ref.device)
-    out = reduce_all([*local, flags], reduce)
-    other, second_order = (float(v) for v in out[-1].tolist())
+    flags = torch.tensor([float(failed is not None and not second), float(second)], device=device)
+    other, second_order = (float(v) for v in reduce(flags).tolist())
     if failed is not None:
         if second and other > 0.0:  # (another process failed otherwise: the fit ends everywhere)
             raise FailedElsewhere(second_order=False) from failed
         raise failed
     if other > 0.0 or second_order > 0.0:
         raise FailedElsewhere(second_order=other == 0.0)
-    return out[:-1]
+    return local
 
 
-__all__ = ["FailedElsewhere", "not_twice_differentiable", "reduce_computed"]
+def reduce_computed(compute: Callable[[], list[Tensor]], reduce: Reduce | None, device: torch.device) -> list[Tensor]:
+    """``reduce_all(compute(), reduce)``, where ``compute`` failing in one process raises in every
+    process (:func:`fail_together`) instead of leaving the others waiting in the collective. A
+    probe's price: one more small collective and one host read a reduction (``LossHessian`` and
+    ``PerturbedLoss`` take ``fail_together=False`` for the interventions that run every step)."""
+    return reduce_all(fail_together(compute, reduce, device), reduce)
+
+
+__all__ = ["FailedElsewhere", "fail_together", "not_twice_differentiable", "reduce_computed"]

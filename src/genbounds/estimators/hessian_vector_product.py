@@ -94,16 +94,16 @@ class LossHessian:
             )
         return self._grad
 
-    def _reduced(self, compute: Any, like: Vector) -> Vector:
-        """``compute()`` averaged over the processes (``like``: the result's shapes and dtype)."""
+    def _reduced(self, compute: Any) -> Vector:
+        """``compute()`` averaged over the processes."""
         if not self.fail_together:
             return reduce_all(compute(), self.reduce)
-        return reduce_computed(compute, lambda: [torch.zeros_like(t) for t in like], self.reduce)
+        return reduce_computed(compute, self.reduce, self.params[0].device)
 
     def gradient(self) -> Vector:
         """``∇L`` at the current weights (detached)."""
         if self.method == "reverse":
-            return self._reduced(lambda: [g.detach() for g in self._graph()], self.params)
+            return self._reduced(lambda: [g.detach() for g in self._graph()])
         base = detached(self.named)
         f = functional_loss(self.module, self.loss_fn)
 
@@ -111,7 +111,7 @@ class LossHessian:
             g = off_training_thread(func_grad(lambda p: f(p, self.batch).mean()), base)  # (transform_thread.py)
             return [g[n] for n in self.named]
 
-        return self._reduced(local, self.params)
+        return self._reduced(local)
 
     def loss(self) -> Tensor:
         """``L`` at the current weights (detached)."""
@@ -123,15 +123,9 @@ class LossHessian:
                     with torch.no_grad():
                         self._loss = per_sample_losses(self.module, self.loss_fn, self.batch).mean()
             assert self._loss is not None
-            # (reduced in float64, float32 on MPS: every process's part in one dtype, failed or
-            # not, the loss's own digits kept; returned in its dtype)
-            return [self._loss if self.reduce is None else self._loss.to(wide)]
+            return [self._loss]
 
-        device = self.params[0].device
-        wide = torch.float32 if device.type == "mps" else torch.float64
-        out = self._reduced(local, [torch.zeros((), dtype=wide, device=device)])[0]
-        assert self._loss is not None
-        return out.to(self._loss.dtype)
+        return self._reduced(local)[0]
 
     def _live(self) -> list[int]:
         """Indices of gradient components that still depend on the weights (a component that is
@@ -150,7 +144,7 @@ class LossHessian:
                                           retain_graph=True, allow_unused=True)
                 return [torch.zeros_like(x) if h is None else h.detach() for h, x in zip(out, v)]
 
-            return self._reduced(local, v)
+            return self._reduced(local)
         return [h[0] for h in self._hvp_stacked([t.unsqueeze(0) for t in v])]
 
     def hvp_batched(self, vs: Vector) -> Vector:
@@ -186,9 +180,9 @@ class LossHessian:
                 )
                 return [torch.zeros_like(v) if h is None else h.detach() for h, v in zip(out, vs)]
 
-            return self._reduced(local, vs)
+            return self._reduced(local)
         # (functorch transforms: off the training thread, transform_thread.py; the collective on it)
-        return self._reduced(lambda: off_training_thread(self._hvp_transformed, vs), vs)
+        return self._reduced(lambda: off_training_thread(self._hvp_transformed, vs))
 
     def _hvp_transformed(self, vs: Vector) -> Vector:
         base = detached(self.named)

@@ -9,7 +9,7 @@ against.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from torch.func import grad as func_grad
 from torch.func import vmap
 
 from genbounds.estimators.batching import map_tensors
+from genbounds.estimators.collective import fail_together
 from genbounds.estimators.functional import (
     LossFn,
     ParamDict,
@@ -38,12 +39,15 @@ class PerturbedLoss:
     """Mean loss on ``batch`` as a function of the trainable parameters, evaluable at stacks of
     points. ``dtype`` (e.g. ``torch.float64``) evaluates in that precision: parameters, floating
     buffers and floating batch tensors are cast (the module itself is untouched). ``reduce``
-    averages every loss and gradient over DDP ranks (see ``functional.Reduce``)."""
+    averages every loss and gradient over DDP ranks (see ``functional.Reduce``); a failure in one
+    process raises in every process at that reduction (``estimators/collective.py``), unless
+    ``fail_together`` is false — the plain reduction, for an intervention that runs every step."""
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None,
-                 reduce: Reduce | None = None, rows: bool = False) -> None:
+                 reduce: Reduce | None = None, rows: bool = False, fail_together: bool = True) -> None:
         self.module = module
         self.reduce = reduce
+        self.fail_together = fail_together
         self.named = trainable_parameters(module)
         self.names = list(self.named)
         self.dtype = dtype
@@ -64,13 +68,21 @@ class PerturbedLoss:
         """The batch mean (``[k]`` means for a ``rows`` loss function)."""
         return self._f({**self._extra, **params}, batch).mean(-1)
 
-    def _reduced(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    def _together(self, compute: Callable[[], Any]) -> Any:
+        """``compute()``; under DDP its failure in any process raises in every process here."""
+        if not self.fail_together or self.reduce is None:
+            return compute()
+        first = next(iter(self.base.values()), None)
+        return fail_together(compute, self.reduce, first.device if first is not None else torch.device("cpu"))
+
+    def _reduced(self, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
+        tensors = self._together(compute)
         names = list(tensors)
         return dict(zip(names, reduce_all([tensors[k] for k in names], self.reduce)))
 
     def loss(self, params: ParamDict, batch: Any) -> Tensor:
         with torch.no_grad():
-            return reduce_all([self._mean(params, batch)], self.reduce)[0]
+            return reduce_all([self._together(lambda: self._mean(params, batch))], self.reduce)[0]
 
     def _local_gradient(self, params: ParamDict, batch: Any) -> ParamDict:
         """The gradient at one point by plain reverse-mode autograd: the same numbers as
@@ -92,27 +104,31 @@ class PerturbedLoss:
         return off_training_thread(func_grad(lambda p: self._mean(p, batch)), params)
 
     def gradient(self, params: ParamDict, batch: Any) -> ParamDict:
-        return self._reduced(self._local_gradient(params, batch))
+        return self._reduced(lambda: self._local_gradient(params, batch))
 
     def losses_at(self, points: Stacked, batch: Any) -> Tensor:
         """``[m]`` mean losses at ``m`` stacked points."""
         m = next(iter(points.values())).shape[0]
-        with torch.no_grad():
-            if m == 1:
-                out = self._mean({k: v[0] for k, v in points.items()}, batch).unsqueeze(0)
-            else:
-                out = off_training_thread(vmap(lambda p: self._mean(p, batch), randomness="same"), points)
-        return reduce_all([out], self.reduce)[0]
+
+        def local() -> Tensor:
+            with torch.no_grad():
+                if m == 1:
+                    return self._mean({k: v[0] for k, v in points.items()}, batch).unsqueeze(0)
+                return off_training_thread(vmap(lambda p: self._mean(p, batch), randomness="same"), points)
+
+        return reduce_all([self._together(local)], self.reduce)[0]
 
     def gradients_at(self, points: Stacked, batch: Any) -> Stacked:
         """Stacked gradients at ``m`` stacked points."""
         m = next(iter(points.values())).shape[0]
-        if m == 1:
-            g = self._local_gradient({k: v[0] for k, v in points.items()}, batch)
-            g = {k: v.unsqueeze(0) for k, v in g.items()}
-        else:
-            g = off_training_thread(vmap(lambda p: self._transformed_gradient(p, batch), randomness="same"), points)
-        return self._reduced(g)
+
+        def local() -> Stacked:
+            if m == 1:
+                g = self._local_gradient({k: v[0] for k, v in points.items()}, batch)
+                return {k: v.unsqueeze(0) for k, v in g.items()}
+            return off_training_thread(vmap(lambda p: self._transformed_gradient(p, batch), randomness="same"), points)
+
+        return self._reduced(local)
 
     def shifted(self, directions: Stacked, scale: float | Tensor, base: ParamDict | None = None,
                 shape: dict[str, float] | None = None, out: Stacked | None = None) -> Stacked:

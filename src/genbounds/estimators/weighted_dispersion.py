@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from genbounds.estimators.batching import batch_size, split_batch, split_sizes
-from genbounds.estimators.functional import LossFn, Reduce, per_sample_losses, reduce_all, trainable_parameters
+from genbounds.estimators.collective import reduce_computed
+from genbounds.estimators.functional import LossFn, Reduce, per_sample_losses, trainable_parameters
 from genbounds.estimators.hessian_vector_product import LossHessian, batched_dot
 
 
@@ -51,9 +52,13 @@ def hessian_weighted_dispersion(
         sizes = [b // k] * k  # equal chunks: drop the remainder
     grads = []
     for chunk in split_batch(chunk_batch, sizes):
-        loss = per_sample_losses(module, loss_fn, chunk).mean()
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        grads.append(reduce_all([torch.zeros_like(p) if x is None else x.detach() for x, p in zip(g, params)], reduce))
+        def local(chunk: Any = chunk) -> list[Tensor]:
+            loss = per_sample_losses(module, loss_fn, chunk).mean()
+            g = torch.autograd.grad(loss, params, allow_unused=True)
+            return [torch.zeros_like(p) if x is None else x.detach() for x, p in zip(g, params)]
+
+        # (a failure in one DDP process raises in every process: estimators/collective.py)
+        grads.append(reduce_computed(local, reduce, params[0].device))
     stacked = [torch.stack([g[i] for g in grads]) for i in range(len(params))]  # [k, *shape]
     centered = [s - s.mean(0, keepdim=True) for s in stacked]
     q = batched_dot(centered, hessian.hvp_batched(centered))  # [k]
