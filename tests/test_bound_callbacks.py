@@ -158,9 +158,17 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     os.makedirs(tmp_path / "one"), os.makedirs(tmp_path / "two")
     one = run(1, 32, tmp_path / "one")
     two = run(2, 16, tmp_path / "two")
-    for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "setting/R", "curv/hessian_trace", "gap/measured"):
+    for key in ("bound/wang_mao_eq3", "bound/wang_mao_eq2", "setting/R", "curv/hessian_trace", "gap/measured",
+                "bound/wang_mao_eq3_layerwise", "bound/wang_mao_eq2_layerwise", "bound/neu_layerwise"):
         a, b = float(one.callback_metrics[key]), float(two.callback_metrics[key])
         assert b == pytest.approx(a, rel=1e-4), key
+    # per layer too: the moments' per-group sums were dropped by the ranks' reduction, so under DDP
+    # no per-layer held-out distance was logged and the layer-wise bounds were NaN (a review)
+    layers = [k for k in one.callback_metrics if "/layer/" in k and k.startswith(("grad/dispersion", "grad/heldout"))]
+    assert {k.split("/layer/")[0] for k in layers} == {"grad/dispersion", "grad/heldout_dist_sq"}, layers
+    for key in layers:
+        a, b = float(one.callback_metrics[key]), float(two.callback_metrics[key])
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-9), key
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")

@@ -50,7 +50,10 @@ def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoment
     if moments.centered_sums is not None:
         s, s2, c = moments.centered_sums
         scalars += [s.to(device), s2.to(device), torch.tensor(float(c), dtype=torch.float64, device=device)]
-    packed = strategy.reduce(torch.stack(scalars), reduce_op="sum")
+    head = len(scalars)
+    # the per-group sums ride in the same collective (they were dropped: no per-layer values under DDP)
+    groups = [] if moments.group_sq is None else [moments.group_sq.double().to(device).reshape(-1)]
+    packed = strategy.reduce(torch.cat([torch.stack(scalars), *groups]), reduce_op="sum")
     summed = None
     if moments.weighted_sum is not None:
         flat = torch.cat([w.reshape(-1) for w in moments.weighted_sum])
@@ -66,4 +69,5 @@ def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoment
         num_units=packed[2],
         weighted_sum=summed,
         centered_sums=centered,
+        group_sq=packed[head:] if moments.group_sq is not None else None,
     )

@@ -141,7 +141,8 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
         reduce = mean_over_ranks(trainer)
         with isolated_pass(pl_module, mode="keep"):
             if self.lambda2 > 0:
-                # (every step: the plain reduction, no flags read on the host; estimators/collective.py)
+                # (every step: the plain reduction, no flags read on the host — a failure in one DDP
+                # process leaves the others waiting until the timeout; estimators/collective.py)
                 op = LossHessian(pl_module, self._loss_fn, batch, method="reverse", reduce=reduce, fail_together=False)
                 diff = [g - ref[n] for g, n in zip(op.gradient(), names)]
                 hv = op.hvp(diff)

@@ -56,9 +56,11 @@ class LossHessian:
             product that fails in one process raises in every process at its collective
             (:func:`~genbounds.estimators.collective.reduce_computed`), never leaving the others
             waiting in it.
-        fail_together: with ``reduce``, carry the failure flags in each collective (one host read
-            of them a product). ``False``: the plain reduction, for a caller that runs every
-            training step (a failure there ends the fit anyway).
+        fail_together: with ``reduce``, reduce failure flags before each product's values (one
+            small collective and one host read of them a product). ``False``: the plain
+            reduction, for a caller that runs every training step (the variability regularizer):
+            no host read a step, but a failure in one process then leaves the others waiting in
+            the collective until the process group's timeout, as before round 29.
     """
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, batch: Any, method: HVPMethod = "auto",

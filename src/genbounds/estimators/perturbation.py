@@ -41,7 +41,9 @@ class PerturbedLoss:
     buffers and floating batch tensors are cast (the module itself is untouched). ``reduce``
     averages every loss and gradient over DDP ranks (see ``functional.Reduce``); a failure in one
     process raises in every process at that reduction (``estimators/collective.py``), unless
-    ``fail_together`` is false — the plain reduction, for an intervention that runs every step."""
+    ``fail_together`` is false — the plain reduction, for an intervention that runs every step (no
+    host read a step; a failure in one process then leaves the others waiting until the process
+    group's timeout)."""
 
     def __init__(self, module: nn.Module, loss_fn: LossFn, dtype: torch.dtype | None = None,
                  reduce: Reduce | None = None, rows: bool = False, fail_together: bool = True) -> None:

@@ -89,12 +89,13 @@ class WindowResult:
             return self.row
         moments, group_mean_sq = self.moments, self.group_mean_sq
         assert moments is not None
-        if moments.weighted_sum is not None and group_mean_sq is None:
-            group_mean_sq = group_mean_sq_norms(moments, groups)
         if trainer.world_size > 1:
             moments = reduce_moments(trainer, moments)
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return None
+        if moments.weighted_sum is not None and group_mean_sq is None:
+            # (from the processes' summed gradient under DDP: this process's own mean was used)
+            group_mean_sq = group_mean_sq_norms(moments, groups)
         return batch_values(moments, self.mean_sq, group_mean_sq, groups_partition)
 
 
