@@ -650,3 +650,22 @@ def test_a_hand_written_loss_is_told_what_the_0_1_error_needs(tmp_path):
     said = _fit(tmp_path, ByHand(), suite, max_steps=4)
     named = [m for m in said if "Without per-sample losses these parts are not available" in m]
     assert len(named) == 1 and "per_sample_error(self, batch)" in named[0], said
+
+
+def test_a_training_step_that_returns_none_is_said_once_as_unmeasured(tmp_path, caplog):
+    """``training_step`` returning ``None`` (a batch skipped on purpose): Lightning runs no backward
+    but still counts the optimizer step, and the bounds count it too, with the measured step before
+    it standing for it. That was said nowhere; now once, and the step carries no record."""
+
+    class Skips(Net):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx in (1, 2) else super().training_step(batch, batch_idx)
+
+    torch.manual_seed(0)
+    cb, records = GradientDispersion(), []
+    cb.add_listener(records.extend)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, Skips(), [cb], max_epochs=1)
+    said = [m for m in caplog.messages if "ran no backward" in m]
+    assert len(said) == 1 and said[0].startswith("GradientDispersion: step 1 ran no backward"), said
+    assert [r.step for r in records] == [0, 3]

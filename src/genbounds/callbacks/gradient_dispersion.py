@@ -146,6 +146,7 @@ class GradientDispersion(MeasurementCallback):
         self.slot = BackendSlot()
         self.measured_steps = 0
         self._one_sample_said = False
+        self._no_backward_said = False
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
         self._groups_partition = False
@@ -377,7 +378,7 @@ class GradientDispersion(MeasurementCallback):
                 assert self.contract is not None
                 self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
                 self._measuring = False  # this window is incomplete: skip it
-            elif ctx.accumulate == 1:
+            elif ctx.accumulate == 1 and not self._no_backward():
                 self._one_sample(ctx.micro_size)
             return
         self._window = part if self._window is None else self._window.merged(part)
@@ -400,7 +401,8 @@ class GradientDispersion(MeasurementCallback):
         grads, self._manual_grads = self._manual_grads, None
         result = self.impl.end_window(ctx if ctx is not None else self._context(trainer, pl_module, grads), window)
         if result is None:
-            self._one_sample(window)
+            if not (window is None and self._no_backward()):
+                self._one_sample(window)
             return
         if result.kept:  # (recorded by the backend's row ring: dispersion/row_ring.py)
             self.measured_steps += 1
@@ -426,6 +428,19 @@ class GradientDispersion(MeasurementCallback):
         self._measuring = False
         assert self.impl is not None
         self.impl.end_batch()
+
+    def _no_backward(self) -> bool:
+        """Whether this measured step ran no backward — no trained parameter has a gradient: its
+        ``training_step`` returned ``None``, which Lightning counts as a step all the same (it says
+        so itself) — said once: the step is left unmeasured."""
+        if any(p.grad is not None for p in self._params):
+            return False
+        if not self._no_backward_said:
+            self._no_backward_said = True
+            rank_zero_info(f"GradientDispersion: step {self._step} ran no backward (training_step returned None?): "
+                           "it is left unmeasured, and in the bounds, which count it as Lightning does, the measured "
+                           "step before it stands for it.")
+        return True
 
     def _one_sample(self, window: Any) -> None:
         """Said once: a measured step whose batch held one sample (no spread) is not measured
