@@ -49,7 +49,7 @@ class Flatness(ProbeCallback):
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
         at_train_end: probe the final weights.
-        probe_batch_size: samples in each probe set.
+        probe_batch_size: samples in each probe set, in all (under DDP divided among the processes).
         num_probe_batches: loader batches concatenated into each probe set.
         probe_mode: ``"eval"`` (default) or ``"train"``.
         loss_fn: the loss contract (default: ``per_sample_loss``, else captured from ``training_step``).

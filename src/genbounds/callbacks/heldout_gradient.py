@@ -57,7 +57,8 @@ class HeldoutGradient(ProbeCallback):
             ``"microbatch"`` chunks, or ``"auto"`` (functorch unless train-mode BatchNorm).
         num_chunks: chunks for the micro-batch backend.
         num_train: ``n``; default: the training dataset's length.
-        probe_batch_size: samples per probe batch (default: one loader batch).
+        probe_batch_size: samples per probe batch, in all (under DDP divided among the processes;
+            default: one loader batch, the global batch).
         num_probe_batches: loader batches concatenated into each probe set.
         probe_mode: ``"eval"`` (default) or ``"train"`` mode for the probe passes.
         loss_fn: ``loss_fn(pl_module, batch) -> per-sample losses`` (default: the module's

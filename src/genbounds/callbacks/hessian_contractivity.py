@@ -43,7 +43,8 @@ class HessianContractivity(ProbeCallback):
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
         at_train_end: probe the final weights.
-        probe_batch_size: samples in the probe minibatch (paper: 128).
+        probe_batch_size: samples in the probe minibatch, in all (under DDP divided among the
+            processes; paper: 128).
         num_probe_batches: loader batches concatenated into the probe minibatch.
         probe_mode: ``"eval"`` (default) or ``"train"``.
         loss_fn: the loss contract (default: ``per_sample_loss``).

@@ -62,7 +62,8 @@ class HessianTrace(ProbeCallback):
         every_n_epochs: probe at the end of every this many epochs.
         log_spaced: probe at this many log-spaced steps per decade.
         at_train_end: probe the final weights.
-        probe_batch_size: samples in the training probe batch.
+        probe_batch_size: samples in the training probe batch, in all (under DDP divided among the
+            processes).
         num_probe_batches: loader batches concatenated into the probe batch.
         probe_mode: ``"eval"`` (default) or ``"train"``.
         loss_fn: the loss contract (default: ``per_sample_loss``, else captured from ``training_step``).

@@ -118,24 +118,36 @@ def _collect_batches(iterator: Any, size: int | None, count: int) -> Any:
     return merged
 
 
+def _share(size: int | None, world: int) -> int | None:
+    """A process's share of a probe set of ``size`` samples a batch in all: under DDP each process
+    takes ``⌈size / world⌉`` of its own shard, so the processes' probe sets together are one
+    process's (the union of the interleaved shards' first samples); a 2-process run probed twice the
+    samples of a 1-process one, and reported other values (a DDP matrix, round 29)."""
+    return size if size is None or world <= 1 else -(-size // world)
+
+
 def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int) -> Any:
     """``count`` probe batches of one dataloader concatenated — the first full batches
-    (``size=None``) or the first ``size × count`` samples — on the module's device."""
+    (``size=None``: each process's own, the global batch divided among them) or the first
+    ``size × count`` samples in all, each process taking its share (:func:`_share`) — on the
+    module's device."""
     with forked_rng(trainer):
-        batch = _loader_batches(loader, size, count)
+        batch = _loader_batches(loader, _share(size, trainer.world_size), count)
     if batch is None:
         return None
     return trainer.strategy.batch_to_device(batch)
 
 
 def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
-    """A uniform random subset of the training set (seeded): ``size × count`` samples per rank
-    (``size`` defaults to the loader's batch size), collated like the loader's batches and moved to
-    the device. Under DDP every rank draws the same global subset of ``world_size ×`` that size
-    and keeps its interleaved share. Falls back to the loader's first batches for datasets without
-    random access."""
+    """A uniform random subset of the training set (seeded): ``size × count`` samples in all
+    (``size`` defaults to the global batch: the loader's batch size times the processes), collated
+    like the loader's batches and moved to the device. Under DDP every process draws the same
+    subset — the one a single process draws — and keeps its interleaved share (it drew a subset
+    ``world_size ×`` as large: round 29). Falls back to the loader's first batches (each process's
+    share of them) for datasets without random access."""
     dataset = getattr(loader, "dataset", None)
-    per_rank = (size or getattr(loader, "batch_size", None) or 1) * count
+    world = trainer.world_size
+    in_all = (size or (getattr(loader, "batch_size", None) or 1) * world) * count
     with forked_rng(trainer):
         try:
             n = len(dataset)  # type: ignore[arg-type]
@@ -144,10 +156,10 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
         except Exception:  # noqa: BLE001 - iterable datasets have no random access
             n = None
         if n is None:
-            batch = _loader_batches(loader, size, count)
+            batch = _loader_batches(loader, _share(size, world), count)
         else:
-            world, rank = trainer.world_size, trainer.global_rank
-            total = min(per_rank * world, n)
+            rank = trainer.global_rank
+            total = min(in_all, n)
             # a stream of its own: randperm from a plain `seed` would replay a data module's epoch-0
             # order when the two seeds agree (both default to 0), and the probe would be B_1 again
             stream = (seed * 0x9E3779B1 + PROBE_STREAM) % (2**63 - 1)
