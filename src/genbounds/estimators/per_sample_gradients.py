@@ -89,7 +89,8 @@ def per_sample_gradient_moments(
         chunk_size: samples per chunk; ``None`` sizes chunks from ``memory_budget``.
         memory_budget: bytes (see the module docstring).
         groups: parameter indices per group (layer) for ``group_sq``.
-        mean_gradient: ``ḡ`` per parameter, for the standard error when chunked.
+        mean_gradient: ``ḡ`` per parameter, which centres the standard error's terms (without it a
+            single chunk's are centred at the batch's own mean, from the running sum).
         gradient_sum: accumulate ``Σ_i g_i`` (``weighted_sum``); ``False`` needs ``mean_gradient``,
             which then also centres a single chunk's terms (see the module docstring).
         randomness: ``vmap`` randomness for dropout-like layers (``"vmap"`` method).
@@ -138,7 +139,8 @@ def per_sample_gradient_moments(
     assert per_param_sq is not None and (grad_sum is not None or not gradient_sum)
     terms = None
     if kept is not None:
-        mean = [s / b for s in grad_sum] if grad_sum is not None else mean_gradient
+        # (the caller's ḡ where given: under DDP the processes' mean, which this batch's own is not)
+        mean = mean_gradient if mean_gradient is not None else [s / b for s in grad_sum]  # type: ignore[union-attr]
         assert mean is not None
         scratch = _centring_scratch(kept)
         terms = torch.stack([centered_row_sq_norms(g, m.reshape(-1), scratch) for g, m in zip(kept, mean)]).sum(0)
