@@ -173,18 +173,21 @@ def test_ddp_two_processes_match_one_process(tmp_path):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
 @pytest.mark.slow
-def test_ddp_probe_sets_of_a_given_size_are_the_one_process_sets(tmp_path):
-    """``probe_batch_size`` counts samples in all: under DDP each process takes its share, so two
-    processes probe the set one process probes. It counted per process — a 2-process run probed
-    twice the samples and reported other values (a DDP matrix: Eq. 2 0.02313 against 0.01724 with
-    the main config's size)."""
+@pytest.mark.parametrize("one_size, two_size", [(48, 48), (46, 47)])
+def test_ddp_probe_sets_of_a_given_size_are_the_one_process_sets(tmp_path, one_size, two_size):
+    """``probe_batch_size`` counts samples in all: under DDP each process takes an equal share, so
+    two processes probe the set one process probes (a size they do not divide, 47, is rounded down
+    to 46: the processes' values are averaged with equal weights). It counted per process — a
+    2-process run probed twice the samples and reported other values (a DDP matrix: Eq. 2 0.02313
+    against 0.01724 with the main config's size)."""
     from genbounds.callbacks import Flatness, HeldoutGradient
 
     def run(devices, batch, directory):
+        size = one_size if devices == 1 else two_size
         pl.seed_everything(0, verbose=False)
-        suite = [Flatness(sigmas=[0.01, 0.1], num_draws=4, probe_batch_size=48, precision="float64",
+        suite = [Flatness(sigmas=[0.01, 0.1], num_draws=4, probe_batch_size=size, precision="float64",
                           every_n_epochs=1, at_train_end=False),
-                 HeldoutGradient(every_n_steps=2, probe_batch_size=48)]
+                 HeldoutGradient(every_n_steps=2, probe_batch_size=size)]
         kwargs = dict(strategy="ddp_spawn") if devices > 1 else {}
         t = trainer(directory, [*suite, EndProcessGroup()], devices=devices, max_epochs=1, limit_train_batches=4,
                     limit_val_batches=2, **kwargs)

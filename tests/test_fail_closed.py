@@ -597,3 +597,28 @@ def test_every_probe_reduction_raises_when_another_process_failed():
     assert {name: raises(run) for name, run in cases.items()} == {name: True for name in cases}
     plain = PerturbedLoss(net, loss_fn, reduce=failed_elsewhere(), fail_together=False)  # (an intervention's)
     assert not raises(lambda: plain.loss(plain.base, batch))
+
+
+def test_a_single_chunk_is_centred_at_its_own_mean_unless_told():
+    """``per_sample_gradient_moments`` with a running sum and a caller's mean: a single chunk's
+    standard-error terms are centred at the batch's own mean — the caller's ``.grad`` may hold more
+    than this batch (manual optimization that accumulates: the SE moved 0.1727 → 0.2691 when a
+    round-29 change centred there, a review) — and at the caller's mean only when told
+    (``center_at_mean``: under DDP, the processes' mean)."""
+    from genbounds.estimators.functional import trainable_parameters
+    from genbounds.estimators.per_sample_gradients import per_sample_gradient_moments
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    batch = (torch.randn(6, 3), torch.randn(6, 2))
+
+    def loss_fn(module, b):
+        return ((module(b[0]) - b[1]) ** 2).mean(1)
+
+    own = per_sample_gradient_moments(net, loss_fn, batch)
+    wrong = [2.0 * w.reshape(-1) / 6 for w in own.weighted_sum]  # (a .grad holding two batches)
+    kept = per_sample_gradient_moments(net, loss_fn, batch, mean_gradient=wrong)
+    told = per_sample_gradient_moments(net, loss_fn, batch, mean_gradient=wrong, center_at_mean=True)
+    assert torch.equal(kept.centered_sums[0], own.centered_sums[0])
+    assert not torch.allclose(told.centered_sums[0], own.centered_sums[0])
+    assert len(trainable_parameters(net)) == 2

@@ -207,7 +207,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
         self.heldout_probe = screen_probe_set(trainer, pl_module, self.heldout_probe, "held-out probe set", self.contract,
                                               self.probe_mode)
         if self.needs_train_probe:
-            warn_if_short(self.owner, self.train_probe, wanted, "training probe set")
+            warn_if_short(self.owner, self.train_probe, wanted, "training probe set", trainer.world_size)
         if self.needs_heldout_probe:
             self.heldout_available = self.heldout_probe is not None
             if not self.heldout_available:
@@ -219,7 +219,7 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                                "losses), so the held-out quantities are disabled.")
                 rank_zero_warn(message)
             else:
-                warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set")
+                warn_if_short(self.owner, self.heldout_probe, wanted, "held-out probe set", trainer.world_size)
         self._check_second_order(trainer, pl_module)
 
     @property

@@ -118,21 +118,33 @@ def _collect_batches(iterator: Any, size: int | None, count: int) -> Any:
     return merged
 
 
-def _share(size: int | None, world: int) -> int | None:
-    """A process's share of a probe set of ``size`` samples a batch in all: under DDP each process
-    takes ``⌈size / world⌉`` of its own shard, so the processes' probe sets together are one
-    process's (the union of the interleaved shards' first samples); a 2-process run probed twice the
-    samples of a 1-process one, and reported other values (a DDP matrix, round 29)."""
-    return size if size is None or world <= 1 else -(-size // world)
+def share_of(wanted: int | None, world: int) -> int | None:
+    """A process's share of a probe set of ``wanted`` samples in all: under DDP each process takes
+    ``⌊wanted / world⌋`` of its own shard (at least one), so the processes' probe sets together are
+    one process's (the union of the interleaved shards' first samples) — a 2-process run probed
+    twice the samples of a 1-process one, and reported other values (a DDP matrix, round 29). The
+    shares are equal, as the processes' values are averaged with equal weights: a size that the
+    number of processes does not divide is rounded down to one that it does (said by
+    :func:`warn_if_short`)."""
+    return wanted if wanted is None or world <= 1 else max(1, wanted // world)
+
+
+def _own_part(loader: Any, size: int | None, count: int, world: int) -> Any:
+    """This process's part of ``count`` probe batches — the first full batches (``size=None``: each
+    process's own, the global batch divided among them), or its :func:`share_of` the first
+    ``size × count`` samples."""
+    if size is None:
+        return _loader_batches(loader, None, count)
+    return _loader_batches(loader, share_of(size * count, world), 1)
 
 
 def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int) -> Any:
     """``count`` probe batches of one dataloader concatenated — the first full batches
     (``size=None``: each process's own, the global batch divided among them) or the first
-    ``size × count`` samples in all, each process taking its share (:func:`_share`) — on the
+    ``size × count`` samples in all, each process taking its share (:func:`share_of`) — on the
     module's device."""
     with forked_rng(trainer):
-        batch = _loader_batches(loader, _share(size, trainer.world_size), count)
+        batch = _own_part(loader, size, count, trainer.world_size)
     if batch is None:
         return None
     return trainer.strategy.batch_to_device(batch)
@@ -156,10 +168,11 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
         except Exception:  # noqa: BLE001 - iterable datasets have no random access
             n = None
         if n is None:
-            batch = _loader_batches(loader, _share(size, world), count)
+            batch = _own_part(loader, size, count, world)
         else:
             rank = trainer.global_rank
             total = min(in_all, n)
+            total = max(world, total - total % world)  # (equal shares: share_of)
             # a stream of its own: randperm from a plain `seed` would replay a data module's epoch-0
             # order when the two seeds agree (both default to 0), and the probe would be B_1 again
             stream = (seed * 0x9E3779B1 + PROBE_STREAM) % (2**63 - 1)
@@ -267,11 +280,16 @@ def screen_probe_set(trainer: Trainer, pl_module: Any, batch: Any, what: str, co
     return None if dropped == n else index_batch(batch, keep.nonzero().squeeze(1).to(tensor_leaves(batch)[0].device))
 
 
-def warn_if_short(owner: str, batch: Any, wanted: int | None, what: str) -> None:
-    """Warn when a probe set has fewer samples than ``probe_batch_size × num_probe_batches``."""
+def warn_if_short(owner: str, batch: Any, wanted: int | None, what: str, world: int = 1) -> None:
+    """Warn when a probe set has fewer samples than ``probe_batch_size × num_probe_batches`` — in
+    all: under DDP each of the ``world`` processes holds its share (:func:`share_of`)."""
     if batch is None or wanted is None:
         return
-    got = batch_size(batch)
-    if got < wanted:
-        rank_zero_warn(f"{owner}: the {what} has {got} samples, fewer than the {wanted} asked for "
-                       f"(probe_batch_size × num_probe_batches); using all {got}.")
+    got, share = batch_size(batch), share_of(wanted, world)
+    assert share is not None
+    if got < share:
+        rank_zero_warn(f"{owner}: the {what} has {got * world} samples, fewer than the {wanted} asked for "
+                       f"(probe_batch_size × num_probe_batches); using all {got * world}.")
+    elif world > 1 and wanted % world:
+        rank_zero_warn(f"{owner}: the {what} holds {share * world} samples, not the {wanted} asked for: under DDP "
+                       f"each of the {world} processes takes an equal share ({share}).")

@@ -78,6 +78,7 @@ def per_sample_gradient_moments(
     mean_gradient: list[Tensor] | None = None,
     gradient_sum: bool = True,
     randomness: str = "different",
+    center_at_mean: bool = False,
 ) -> GradientMoments:
     """Sufficient statistics of the per-sample gradients ``g_i`` of ``batch`` (units = samples).
 
@@ -89,11 +90,14 @@ def per_sample_gradient_moments(
         chunk_size: samples per chunk; ``None`` sizes chunks from ``memory_budget``.
         memory_budget: bytes (see the module docstring).
         groups: parameter indices per group (layer) for ``group_sq``.
-        mean_gradient: ``ḡ`` per parameter, which centres the standard error's terms (without it a
-            single chunk's are centred at the batch's own mean, from the running sum).
+        mean_gradient: ``ḡ`` per parameter, for the standard error when chunked.
         gradient_sum: accumulate ``Σ_i g_i`` (``weighted_sum``); ``False`` needs ``mean_gradient``,
             which then also centres a single chunk's terms (see the module docstring).
         randomness: ``vmap`` randomness for dropout-like layers (``"vmap"`` method).
+        center_at_mean: a single chunk's terms centred at ``mean_gradient`` even with a running
+            sum (under DDP the processes' mean, which this batch's own is not); else at the batch's
+            own mean (``.grad`` may hold more than this batch: manual optimization that
+            accumulates).
 
     Returns:
         :class:`GradientMoments` with ``Σ_i ‖g_i‖²``, ``Σ_i g_i`` (unless ``gradient_sum=False``),
@@ -139,8 +143,10 @@ def per_sample_gradient_moments(
     assert per_param_sq is not None and (grad_sum is not None or not gradient_sum)
     terms = None
     if kept is not None:
-        # (the caller's ḡ where given: under DDP the processes' mean, which this batch's own is not)
-        mean = mean_gradient if mean_gradient is not None else [s / b for s in grad_sum]  # type: ignore[union-attr]
+        if center_at_mean and mean_gradient is not None:
+            mean = mean_gradient
+        else:
+            mean = [s / b for s in grad_sum] if grad_sum is not None else mean_gradient
         assert mean is not None
         scratch = _centring_scratch(kept)
         terms = torch.stack([centered_row_sq_norms(g, m.reshape(-1), scratch) for g, m in zip(kept, mean)]).sum(0)

@@ -58,7 +58,8 @@ class PerSampleBackend(DispersionBackend):
                     ctx.module, self.loss_fn, ctx.batch, method=self.method, chunk_size=self.chunk_size,
                     memory_budget=self.memory_budget, groups=ctx.groups,
                     mean_gradient=None if mean is None else [m.reshape(-1) for m in mean],
-                    gradient_sum=own_sum)
+                    gradient_sum=own_sum,
+                    center_at_mean=ctx.trainer.world_size > 1 and ctx.module.automatic_optimization)
         except Exception as err:  # noqa: BLE001 - never crash mid-training on a model torch.func cannot handle
             if self._verified:
                 raise
