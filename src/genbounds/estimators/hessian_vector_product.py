@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
-from genbounds.estimators.collective import reduce_computed
+from genbounds.estimators.collective import fail_together
 from genbounds.estimators.functional import (
     LossFn,
     Reduce,
@@ -73,8 +73,8 @@ class LossHessian:
         self.method = "reverse" if method == "auto" else method
         self.named = trainable_parameters(module)
         self.params = list(self.named.values())
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self.vectorize = (device.type != "cpu") if vectorize is None else vectorize
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.vectorize = (self.device.type != "cpu") if vectorize is None else vectorize
         self.reduce = reduce
         self.fail_together = fail_together
         self._grad: tuple[Tensor, ...] | None = None
@@ -97,10 +97,9 @@ class LossHessian:
         return self._grad
 
     def _reduced(self, compute: Any) -> Vector:
-        """``compute()`` averaged over the processes."""
-        if not self.fail_together:
-            return reduce_all(compute(), self.reduce)
-        return reduce_computed(compute, self.reduce, self.params[0].device)
+        """``compute()`` averaged over the processes (its failure decided together unless
+        ``fail_together`` is false)."""
+        return reduce_all(fail_together(compute, self.reduce if self.fail_together else None, self.device), self.reduce)
 
     def gradient(self) -> Vector:
         """``∇L`` at the current weights (detached)."""

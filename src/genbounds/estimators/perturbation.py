@@ -71,11 +71,11 @@ class PerturbedLoss:
         return self._f({**self._extra, **params}, batch).mean(-1)
 
     def _together(self, compute: Callable[[], Any]) -> Any:
-        """``compute()``; under DDP its failure in any process raises in every process here."""
-        if not self.fail_together or self.reduce is None:
-            return compute()
+        """``compute()``; under DDP its failure in any process raises in every process here (unless
+        ``fail_together`` is false)."""
         first = next(iter(self.base.values()), None)
-        return fail_together(compute, self.reduce, first.device if first is not None else torch.device("cpu"))
+        return fail_together(compute, self.reduce if self.fail_together else None,
+                             first.device if first is not None else torch.device("cpu"))
 
     def _reduced(self, compute: Callable[[], dict[str, Tensor]]) -> dict[str, Tensor]:
         tensors = self._together(compute)

@@ -51,7 +51,8 @@ class PerSampleBackend(DispersionBackend):
         # processes' ḡ is their sum's), and .grad — DDP's average over the processes — centres the
         # standard error's terms: each process's own mean did (0.1546 against one process's 0.1409
         # in a DDP matrix, round 29; equal now)
-        own_sum = mean is None or not ctx.module.automatic_optimization or ctx.trainer.world_size > 1
+        ddp, automatic = ctx.trainer.world_size > 1, ctx.module.automatic_optimization
+        own_sum = mean is None or not automatic or ddp
         try:
             with isolated_pass(ctx.module, mode="keep"):
                 moments = per_sample_gradient_moments(
@@ -59,7 +60,7 @@ class PerSampleBackend(DispersionBackend):
                     memory_budget=self.memory_budget, groups=ctx.groups,
                     mean_gradient=None if mean is None else [m.reshape(-1) for m in mean],
                     gradient_sum=own_sum,
-                    center_at_mean=ctx.trainer.world_size > 1 and ctx.module.automatic_optimization)
+                    center_at_mean=ddp and automatic)
         except Exception as err:  # noqa: BLE001 - never crash mid-training on a model torch.func cannot handle
             if self._verified:
                 raise

@@ -260,8 +260,10 @@ class GhostNormHooks:
     @property
     def recorded_since_clear(self) -> bool:
         """Whether anything was recorded or reported since the last :meth:`clear` or read (a
-        :meth:`clear` then is a no-op but for the epoch: a step's ~10 µs when skipped)."""
-        return bool(self._touched or self._problems or self._step.rows is not None or self._ordinal)
+        :meth:`clear` then is a no-op but for the epoch: a step's ~10 µs when skipped). A recorded
+        call touches its site, which the rows taken and the call's ordinal imply; the sequence-first
+        notes are the only state a call can leave without touching a site or reporting."""
+        return bool(self._touched or self._problems or self._guessed or self._length_is_batch)
 
     @property
     def problems(self) -> tuple[str, ...]:
