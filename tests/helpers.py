@@ -290,6 +290,40 @@ class RankGatedNet(CrossEntropyModule):
         return self.out(h)
 
 
+class RankBranchNet(CrossEntropyModule):
+    """A middle block called on every batch whose output, from step ``late`` on, the process of
+    rank 1 alone leaves unused (a branch one process's batches skip; DDP with
+    ``find_unused_parameters=True``) (digits: 64 inputs, 10 classes)."""
+
+    def __init__(self, late: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
+        self.late = late
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        m = torch.tanh(self.mid(h))
+        skip = self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late
+        return self.out(h if skip else m)
+
+
+class RecordDispersion(pl.Callback):
+    """Writes each process's ``GradientDispersion`` backend and measured steps to
+    ``rank<r>_dispersion.txt`` at train end (works across spawned processes)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        from genbounds.callbacks import GradientDispersion
+
+        cb = next(c for c in trainer.callbacks if isinstance(c, GradientDispersion))
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}_dispersion.txt"), "w") as fh:
+            fh.write(f"{cb.active_backend} {cb.measured_steps}")
+
+
 class RecordSecondOrder(pl.Callback):
     """Writes each process's ``HessianTrace.twice_differentiable_problem`` (empty: none) to
     ``rank<r>_second_order.txt`` at train end (works across spawned processes)."""

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from genbounds.callbacks import BoundGate, BoundViolation, GeneralizationBound, GradientDispersion
 from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
-from helpers import (EndProcessGroup, RankGatedNet, RecordFinalStep, RecordSecondOrder, bound_suite,
-                     trainer)
+from helpers import (EndProcessGroup, RankBranchNet, RankGatedNet, RecordDispersion, RecordFinalStep,
+                     RecordSecondOrder, bound_suite, trainer)
 
 BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "setting/R", "setting/n",
               "setting/d", "setting/T", "gap/measured", "gap/measured_se", "gap/error", "bound_terms/trajectory_wang_mao",
@@ -251,6 +251,31 @@ def test_a_missing_second_derivative_in_one_ddp_process_disables_the_hessian_in_
     assert said["rank0_second_order.txt"].endswith("(in process 1)"), said
     assert "hardsigmoid_backward" in said["rank1_second_order.txt"], said
     assert math.isnan(float(t.callback_metrics.get("bound/wang_mao_eq3", float("nan"))))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+@pytest.mark.slow
+def test_a_branch_one_ddp_process_leaves_unused_keeps_every_process_measuring_alike(tmp_path):
+    """From step 2, only rank 1 leaves a called block's output unused (``RankBranchNet``): its
+    hooks' read gave nothing, rank 1 alone left the step unmeasured and went to an extra pass, and
+    the processes' collectives no longer matched — the fit waited until the process group's timeout
+    (60 s here). The unused call adds zero: both processes keep the hooks and measure every step."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [GradientDispersion(), RecordFinalStep(str(tmp_path)), RecordDispersion(str(tmp_path)),
+                           EndProcessGroup()], devices=2,
+                strategy=DDPStrategy(start_method="spawn", find_unused_parameters=True,
+                                     timeout=timedelta(seconds=60)),
+                max_epochs=2, limit_train_batches=3, limit_val_batches=0)
+    t.fit(RankBranchNet(late=2), DigitsDataModule(batch_size=16, seed=0))
+    steps = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?.txt")))}
+    assert steps == {"rank0.txt": "6", "rank1.txt": "6"}, steps
+    measured = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?_dispersion.txt")))}
+    assert measured == {"rank0_dispersion.txt": "hooks 6", "rank1_dispersion.txt": "hooks 6"}, measured
+    assert math.isfinite(float(t.callback_metrics["grad/dispersion/layer/mid"]))
 
 
 @pytest.mark.slow

@@ -113,7 +113,8 @@ def test_spectral_norm_extra_passes_compute_the_training_forwards_function(tmp_p
             sn.eval()  # (no iteration: the u, v the training forward left)
             try:
                 rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-                    F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(len(x))]
+                    F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params, materialize_grads=True)])
+            for i in range(len(x))]
             finally:
                 sn.train()
             g = torch.stack(rows).double()
@@ -181,7 +182,8 @@ class StepReference(pl.Callback):
         self.window = []
         params = [p for p in pl_module.parameters() if p.requires_grad]
         rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(
-            F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params)]) for i in range(len(x))]
+            F.cross_entropy(pl_module(x[i:i + 1]), y[i:i + 1]), params, materialize_grads=True)])
+            for i in range(len(x))]
         g = torch.stack(rows).double()
         b = len(g)
         trace = b / (b - 1) * (g.square().sum(1).mean() - g.mean(0).square().sum())
@@ -669,3 +671,25 @@ def test_a_training_step_that_returns_none_is_said_once_as_unmeasured(tmp_path, 
     said = [m for m in caplog.messages if "ran no backward" in m]
     assert len(said) == 1 and said[0].startswith("GradientDispersion: step 1 ran no backward"), said
     assert [r.step for r in records] == [0, 3]
+
+
+def test_a_branch_some_batches_leave_unused_keeps_the_hooks_and_their_exact_values(tmp_path):
+    """A block called on every batch whose output only some steps use (an auxiliary branch a batch
+    skips): at the first such step the hooks' read gave nothing, the dispersion warned, left the
+    step unmeasured and measured the rest of the fit by an extra pass. The unused call adds zero to
+    every per-sample gradient: the hooks stay, and every step equals the brute force."""
+
+    class Branch(Net):
+        def forward(self, x):
+            h = self.inp(x)
+            a = self.block(h)
+            return self.out(a if self.global_step % 3 else torch.tanh(h))
+
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    said = _fit(tmp_path, Branch(), [cb, ref], max_epochs=2)
+    assert not [m for m in said if "GradientDispersion" in m], said
+    assert cb.active_backend == "hooks" and [r.step for r in records] == list(range(8))
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step

@@ -424,6 +424,39 @@ def test_weight_sharing_with_an_unused_call():
     check(Model(), torch.randn(5, 4))
 
 
+@pytest.mark.parametrize("kind", ["linear", "linear_seq", "conv", "embedding", "layernorm"])
+def test_a_module_whose_output_is_unused_has_zero_norms(kind):
+    """A hooked module called but whose output the loss does not use (a branch a batch skips)
+    adds zero to every per-sample gradient, as a module that did not run: zero norms, the others
+    exact — ``read`` gave ``None`` for the whole step (and the dispersion fell back to an extra
+    pass for the rest of the fit; under DDP in one process alone, which broke its collectives)."""
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = nn.Linear(6, 6)
+            self.out = nn.Linear(6, 3)
+            self.aux = {"linear": nn.Linear(6, 6), "linear_seq": nn.Linear(6, 6),
+                        "conv": nn.Conv1d(1, 2, 3, padding=1), "embedding": nn.Embedding(7, 6),
+                        "layernorm": nn.LayerNorm(6)}[kind]
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            if kind == "linear_seq":
+                self.aux(h.unsqueeze(1).expand(-1, 4, -1))
+            elif kind == "conv":
+                self.aux(h.unsqueeze(1))
+            elif kind == "embedding":
+                self.aux((h.detach().abs() * 7).long().clamp(max=6))
+            else:
+                self.aux(h)
+            return self.out(h)
+
+    norms = check(Model(), torch.randn(5, 6))
+    assert torch.equal(norms.per_group["aux"], torch.zeros(5, dtype=torch.float64))
+    assert float(norms.per_group["inp"].min()) > 0
+
+
 # --------------------------------------------------------------------------- frozen params
 
 

@@ -75,7 +75,7 @@ def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: 
     finally:
         hooks.detach()
     if norms is None:
-        raise HookProblem("a hooked layer received no gradient")
+        raise HookProblem("no hooked layer's output received gradient")
     present = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, flat)]
     sq = _per_tensor_sq_norms(present)
     del grads, present

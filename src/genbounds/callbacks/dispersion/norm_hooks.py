@@ -291,10 +291,11 @@ class NormHooksBackend(DispersionBackend):
         if read is None or not self.shared.stays_armed:
             self.shared.disarm(id(self))
         if read is None:
-            self.failed = RuntimeError("no per-sample norms for a hooked layer")
-            rank_zero_warn("GradientDispersion(backend='hooks'): a hooked layer received no gradient in this step "
-                           "(a layer unused in this step?); this step is left unmeasured, and an extra-pass backend "
-                           "measures from the next one.")
+            self.failed = RuntimeError("no per-sample norms: the weights' gradient came past the hooked outputs")
+            rank_zero_warn("GradientDispersion(backend='hooks'): the weights received gradient in this step, but not "
+                           "through the outputs the hooks read (layers applied outside their modules' forward, or an "
+                           "RNN/LSTM read through its final state alone); this step is left unmeasured, and an "
+                           "extra-pass backend measures from the next one.")
             return None
         sums, names, deferred = read
         if raw:

@@ -676,9 +676,9 @@ class GhostNormHooks:
                 moved to the host).
 
         Returns:
-            ``None`` when nothing was recorded, or when some recorded call of a module received
-            no gradient at all (read before the backward, or a module whose output did not reach
-            the loss).
+            ``None`` when nothing was recorded, or when no recorded call received gradient
+            (read before the backward). A module whose recorded calls received none (its output
+            did not reach the loss) has zero norms, as one that did not run.
 
         Raises:
             RuntimeError: when exact values cannot be produced (unbatched input, an input
@@ -748,7 +748,11 @@ class GhostNormHooks:
                     "recorded forward call of it did (weights used outside the module's forward, or "
                     "armed after the forward)")
         recorded = [s for s in self._touched if s.calls]
-        if not recorded or any(s.received == 0 for s in recorded):
+        # a recorded call whose output the backward did not reach adds zero to every sample's
+        # gradient, as a module that did not run: its row stays unwritten, zeroed below (a branch
+        # whose output a batch does not use; under DDP one process's alone, where leaving the step
+        # to an extra pass broke the processes' matching collectives). Nothing reached: no backward
+        if not any(s.received for s in recorded):
             return None
         if finish_linear and self._step.deferred:
             self._step.finish_linear()
@@ -758,7 +762,7 @@ class GhostNormHooks:
             if site.factors:  # shared module whose other calls got no gradient (they add zero)
                 with _autocast_off(site.factors[0][1]):
                     self._finish(site)
-        sizes = {s.b for s in recorded}
+        sizes = {s.b for s in recorded if s.received}
         if len(sizes) != 1:
             raise RuntimeError(f"ghost norms unavailable: modules saw different batch sizes {sorted(sizes)}")
         self._step.zero_unwritten()
