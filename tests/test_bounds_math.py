@@ -320,3 +320,18 @@ def test_a_non_positive_trace_estimate_is_named_with_its_value():
     assert math.isnan(out.get("bound/wang_mao_eq3", math.nan))
     (note,) = [n for n in inp.notes if n.startswith("trace:")]
     assert "-6.6 ± 4.9" in note and "max_probes" in note
+
+
+def test_a_block_without_curvature_leaves_the_layerwise_eq3_nan_and_says_so_plainly():
+    """``Tr H_k = 0`` in one block (a layer the loss at the final weights does not use): the
+    layer-wise Eq. 3 is undefined and logged NaN, while its note said "isotropic Eq. 3 reported"
+    beside a NaN — it now says the layer-wise value is left NaN and where the equal-σ form is."""
+    from genbounds.bounds.aggregate import BoundInputs
+
+    inp = BoundInputs(T=4, n=100, d=10, r=1.0, eta=np.full(4, 0.1), vhat=np.ones(4), sigmas=[0.1],
+                      wanted=("wang_mao_eq3", "wang_mao_eq3_layerwise"), vhat_blocks=np.ones((4, 2)) / 2,
+                      d_blocks=[6, 4], curvature={"hessian_trace": 5.0, "group_traces": [5.0, 0.0]})
+    out = compute_bounds(inp)
+    assert math.isfinite(out["bound/wang_mao_eq3"]) and math.isnan(out["bound/wang_mao_eq3_layerwise"])
+    (note,) = [n for n in inp.notes if n.startswith("layerwise:")]
+    assert "block(s) [1]" in note and "left NaN" in note and "reported" not in note, note
