@@ -810,6 +810,30 @@ def test_recurrent_probes_either_layout(tmp_path, cell, batch_first):
         assert rec.values["grad/dispersion"] == pytest.approx(ref["grad/dispersion"], rel=1e-5), gd.active_backend
 
 
+def test_an_lstm_read_through_its_final_state_is_found_before_step_0_and_every_step_measured(tmp_path):
+    """An LSTM classifier reading only ``h_n``: BackPACK's hooks see no gradient at the unused
+    ``output``, so the hooks' first measured step had nothing for the LSTM and was left unmeasured
+    (said), an extra pass measuring from the next. The check before step 0 now runs BackPACK's
+    layers on its one sample too: the extra pass measures from step 0, exactly."""
+
+    class FinalState(RecurrentClassifier):
+        def forward(self, x):
+            _, (h, _) = self.rnn(x)
+            return self.fc(h[-1])
+
+    case = Case(lambda: FinalState("lstm"), lambda **kw: loaders(sequences, **kw))
+    snaps, gd, records = BatchAndWeights(), GradientDispersion(), []
+    gd.add_listener(records.extend)
+    run = fit(case, tmp_path, suite=[gd, snaps], max_epochs=1)
+    said = [m for m in run.warnings if m.startswith("GradientDispersion")]
+    assert len(said) == 1 and "before step 0" in said[0] and "BackPACK gave no per-sample norms for rnn" in said[0]
+    assert gd.active_backend == "functorch" and [r.step for r in records] == list(range(len(snaps.snapshots)))
+    for rec in records:
+        params, batch = snaps.snapshots[rec.step]
+        ref = per_sample_reference(run.module, params, batch)
+        assert rec.values["grad/dispersion"] == pytest.approx(ref["grad/dispersion"], rel=1e-5), rec.step
+
+
 # ------------------------------------------------------------------------------ torchvision
 def test_torchvision_resnet18_drop_in(tmp_path):
     """``torchvision.models.resnet18(num_classes=10)`` on 32×32 inputs, batch 4, one epoch of two

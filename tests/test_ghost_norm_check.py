@@ -139,3 +139,52 @@ def test_a_sequence_length_equal_to_the_batch_size_is_seen_before_step_0(b, T):
         assert said is None
     batch_first = SharedPositions()
     assert sequence_layout_problem(batch_first, plan(batch_first)[0], token_losses, batch_of(6, 6)) is None
+
+
+@pytest.mark.parametrize("final_state", [False, True])
+def test_backpacks_layers_are_checked_in_the_same_backward(final_state):
+    """An LSTM (BackPACK's ``BatchL2Grad``) beside a hooked Linear: exact when the LSTM's output is
+    read; reported when only its final state is (BackPACK then has no values for it, although its
+    weights get gradient — the hooks' first measured step found it, and was lost)."""
+
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = nn.LSTM(3, 5, batch_first=True)
+            self.fc = nn.Linear(5, 4)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out, (h, _) = self.rnn(x)
+            return self.fc(h[-1] if final_state else out[:, -1])
+
+    torch.manual_seed(0)
+    model = Recurrent()
+    batch = (torch.randn(6, 7, 3), torch.randint(0, 4, (6,)))
+
+    def losses(module, b):
+        return F.cross_entropy(module(b[0]), b[1], reduction="none")
+
+    if final_state:
+        with pytest.raises(HookProblem, match="no per-sample norms for rnn"):
+            hook_norm_errors(model, {"fc": model.fc}, losses, batch, {"rnn": model.rnn})
+    else:
+        assert hook_norm_errors(model, {"fc": model.fc}, losses, batch, {"rnn": model.rnn}) == {}
+    assert not any(hasattr(p, "batch_l2") for p in model.parameters())  # (BackPACK's fields left behind: none)
+
+
+def test_a_wrong_backpack_value_is_caught(monkeypatch):
+    from genbounds.estimators import backpack_norms
+
+    real = backpack_norms.BackpackNormHooks.read_modules
+    monkeypatch.setattr(backpack_norms.BackpackNormHooks, "read_modules",
+                        lambda self, scale: {m: 2 * v for m, v in real(self, scale).items()})
+    torch.manual_seed(0)
+    rnn, fc = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 4)
+    model = nn.ModuleDict({"rnn": rnn, "fc": fc})
+
+    def losses(module, b):
+        return F.cross_entropy(module["fc"](module["rnn"](b[0])[0][:, -1]), b[1], reduction="none")
+
+    errors = hook_norm_errors(model, {"fc": fc}, losses, (torch.randn(6, 7, 3), torch.randint(0, 4, (6,))),
+                              {"rnn": rnn})
+    assert set(errors) == {"rnn"} and errors["rnn"] == pytest.approx(1.0)

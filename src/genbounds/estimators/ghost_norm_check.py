@@ -12,7 +12,10 @@ squared norms and the exact ones (``‖∂ℓ_1/∂θ_layer‖²`` from ``autogr
 sample's activations and one gradient of the parameters, before training allocates ``.grad``
 (a check on the whole batch with a per-sample loop raised ResNet-18's peak growth from 1.0× to
 1.35× of plain training).  Train-mode BatchNorm runs on its running statistics for the check (one
-sample has no batch statistics).
+sample has no batch statistics). The RNN/LSTM layers the hooks leave to BackPACK's ``BatchL2Grad``
+are checked in the same backward: BackPACK reads a layer's output gradient, so an LSTM read
+through its final state alone (``h_n``: the output unused) gets no values although its weights get
+gradient — found here rather than at the first measured step, which it lost.
 
 A sequence-first model (``batch_first=False``) has the opposite blind spot: on one sample every
 layout is clear, but in training a layer outside PyTorch's transformer layers finds its batch
@@ -30,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.batching import batch_size, index_batch
 from genbounds.estimators.functional import piece_owners, squared_pieces
 from genbounds.estimators.ghost_norms import GhostNormHooks, declared_batch_dims
@@ -43,39 +47,68 @@ class HookProblem(RuntimeError):
     """The hooks reported the batch (``GhostNormHooks.read``)."""
 
 
-def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: Any, batch: Any) -> dict[str, float]:
+def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: Any, batch: Any,
+                     backpack_modules: dict[str, nn.Module] | None = None) -> dict[str, float]:
     """Each hooked module whose squared gradient norm on the first sample of ``batch``, as the
     hooks give it, differs from the exact one by more than :data:`RTOL`, with the relative error
-    (empty: the hooks are exact here).
+    (empty: the hooks are exact here). ``backpack_modules`` (RNN/LSTM layers the hooks leave to
+    BackPACK's ``BatchL2Grad``) are checked in the same backward.
 
     Run it inside an isolated pass (weights, buffers, modes and the RNG are the caller's to
     restore); ``loss_fn(module, batch)`` gives the ``[b]`` per-sample losses with their graph.
 
     Raises:
         HookProblem: the hooks reported the sample (a layer whose leading size is not 1: its
-            output is shared by the batch, or its rows are not samples).
+            output is shared by the batch, or its rows are not samples), or BackPACK gave no
+            values for a layer whose weights received gradient (its output got none: an LSTM read
+            through its final state alone).
     """
     if batch_size(batch) < 1:
         return {}
+    backpack_modules = backpack_modules or {}
     one = index_batch(batch, slice(0, 1))
     for m in module.modules():
         if isinstance(m, _BatchNorm):
             m.eval()
-    own = {name: [p for p in m.parameters(recurse=False) if p.requires_grad] for name, m in modules.items()}
+    every = {**modules, **backpack_modules}
+    own = {name: [p for p in m.parameters(recurse=False) if p.requires_grad] for name, m in every.items()}
     flat = [p for ps in own.values() for p in ps]
-    hooks = GhostNormHooks(modules, batch_dims=declared_batch_dims(module))
+    hooks = GhostNormHooks(modules, batch_dims=declared_batch_dims(module)) if modules else None
+    extension = BackpackNormHooks(list(backpack_modules.values())) if backpack_modules else None
+    got: dict[str, float] = {}
     try:
-        hooks.arm(1)
+        if hooks is not None:
+            hooks.arm(1)
+        if extension is not None:
+            extension.attach()
         losses = loss_fn(module, one)
+        if extension is not None:
+            extension.enter_backward()
         grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
-        try:
-            norms = hooks.read(scale=1)
-        except RuntimeError as err:
-            raise HookProblem(str(err)) from err
+        if extension is not None:
+            extension.exit_backward()
+            missing = [name for name, m in backpack_modules.items()
+                       if any(p.requires_grad and not hasattr(p, "batch_l2") for p in m.parameters(recurse=False))]
+            if missing:
+                raise HookProblem(f"BackPACK gave no per-sample norms for {', '.join(missing)} although its weights "
+                                  "received gradient (its output got none: an RNN/LSTM read through its final state "
+                                  "alone?)")
+            read = extension.read_modules(1)
+            assert read is not None
+            got.update({name: float(read[m][0]) for name, m in backpack_modules.items() if m in read})
+        if hooks is not None:
+            try:
+                norms = hooks.read(scale=1)
+            except RuntimeError as err:
+                raise HookProblem(str(err)) from err
+            if norms is None:
+                raise HookProblem("no hooked layer's output received gradient")
+            got.update({name: float(norms.per_group[name][0]) for name in modules if name in norms.per_group})
     finally:
-        hooks.detach()
-    if norms is None:
-        raise HookProblem("no hooked layer's output received gradient")
+        if hooks is not None:
+            hooks.detach()
+        if extension is not None:
+            extension.detach()
     present = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, flat)]
     sq = _per_tensor_sq_norms(present)
     del grads, present
@@ -84,8 +117,7 @@ def hook_norm_errors(module: nn.Module, modules: dict[str, nn.Module], loss_fn: 
     for name, ps in own.items():
         want = sum(sq[start:start + len(ps)], 0.0)
         start += len(ps)
-        got = norms.per_group.get(name)
-        got_v = 0.0 if got is None else float(got[0])
+        got_v = got.get(name, 0.0)
         if abs(got_v - want) > RTOL * abs(want) + 1e-30:
             errors[name] = abs(got_v - want) / want if want > 0 else float("inf")
     return errors

@@ -353,16 +353,17 @@ class NormHooksBackend(DispersionBackend):
         the hooks reported (:mod:`genbounds.estimators.ghost_norm_check`) — or ``None``. An error
         of the user's code leaves the check undecided (``None``): the per-step checks still apply."""
         assert self.shared is not None
-        if not self.ghost_modules:
+        if not (self.ghost_modules or self.backpack_modules):
             return None
         if self.shared.verdict is not None and self.shared.verdict[0] == fit:
             return self.shared.verdict[1]
         why: str | None = None
         try:
             with isolated_pass(module, mode="keep"):
-                errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch)
+                errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch, self.backpack_modules)
                 # (a sequence-first model only: None at once for a batch-first one)
-                layout = None if errors else sequence_layout_problem(module, self.ghost_modules, loss_fn, batch)
+                layout = (None if errors or not self.ghost_modules else
+                          sequence_layout_problem(module, self.ghost_modules, loss_fn, batch))
             if errors:
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
                 # (a weight tied by module attribute is refused by the plan before: ghost_norms.plan)
