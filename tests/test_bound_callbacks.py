@@ -306,6 +306,32 @@ def test_tensorboard_layout_and_hparams(tmp_path):
     del plugins
 
 
+def test_the_tensorboard_layout_follows_a_freeze_at_the_fits_start(tmp_path):
+    """A freeze at ``on_fit_start`` leaves one trained layer: no layer-wise bound is computed, yet
+    the layout, written from the setup's groups, charted them (and the per-layer panels), empty
+    all run. It is written at the first step now, from the groups and bounds settled there."""
+
+    class FreezeAllButHead(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):
+            params = list(pl_module.parameters())
+            for p in params[:-2]:  # (the last Linear's weight and bias stay trained)
+                p.requires_grad_(False)
+
+    def layout(directory, extra):
+        logger = TensorBoardLogger(str(directory), name="tb", default_hp_metric=False)
+        agg = next(cb for cb in bound_suite() if isinstance(cb, GeneralizationBound))
+        suite = [cb for cb in bound_suite() if not isinstance(cb, GeneralizationBound)]
+        small_fit(directory, [*extra, *suite, agg], logger=logger, max_epochs=1)
+        (path,) = glob.glob(os.path.join(logger.log_dir, "events.out.tfevents*"))
+        return open(path, "rb").read(), agg
+
+    raw, agg = layout(tmp_path / "all", [])
+    assert b"bound/wang_mao_eq3_layerwise" in raw and b"dispersion per layer" in raw
+    raw, agg = layout(tmp_path / "frozen", [FreezeAllButHead()])
+    assert "wang_mao_eq3_layerwise" not in agg.wanted and b"bound vs gap/measured" in raw
+    assert b"bound/wang_mao_eq3_layerwise" not in raw and b"dispersion per layer" not in raw
+
+
 def test_given_r_without_validation_still_gives_the_bounds_that_need_no_heldout(tmp_path):
     # R given as a number: a run without a validation loader has it from the start (it was NaN
     # until a gap evaluation, which never came, so Eq. 3 was NaN although nothing held-out enters it)

@@ -148,6 +148,7 @@ class GeneralizationBound(ProbeCallback):
         self._evaluated_weights: Tensor | None = None
         self._config_is_ours = True
         self._first_step_settled = False
+        self._layout_due = False
         self._state_loaded = False
         self.wanted: tuple[str, ...] = ()
         self.latest: dict[str, float] = {}
@@ -210,7 +211,13 @@ class GeneralizationBound(ProbeCallback):
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         check_monitors_see_every_value(self.owner, trainer, self.budget)  # (its fraction: set by any callback's setup)
-        if self.tensorboard_layout:
+        # the layout's charts follow the bounds computed and the groups trained, settled at the first
+        # step (a freeze at the fit's start dropped the layer-wise bounds the setup's groups had charted)
+        self._layout_due = self.tensorboard_layout
+
+    def _write_layout(self, trainer: Trainer) -> None:
+        if self._layout_due:
+            self._layout_due = False
             self._summary.add_layout(trainer, self.wanted, list(self._groups))
 
     def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_step: bool = False) -> None:
@@ -325,6 +332,7 @@ class GeneralizationBound(ProbeCallback):
         if not self._first_step_settled:  # (the fit's first step: after every epoch- and batch-start hook)
             self._first_step_settled = True
             self._settle_trained(trainer, pl_module, first_step=True)
+            self._write_layout(trainer)
         self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -342,6 +350,7 @@ class GeneralizationBound(ProbeCallback):
             self.evaluate(trainer, pl_module, log=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._write_layout(trainer)  # (a fit without a step)
         if self._evaluated_step != trainer.global_step:  # the final weights are always evaluated
             self.evaluate(trainer, pl_module, log=False)
         elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
