@@ -693,3 +693,63 @@ def test_a_branch_some_batches_leave_unused_keeps_the_hooks_and_their_exact_valu
     assert cb.active_backend == "hooks" and [r.step for r in records] == list(range(8))
     for r in records:
         assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+
+
+@pytest.mark.parametrize("backend", ["functorch", "microbatch"])
+def test_an_extra_pass_runs_the_steps_own_loss_for_a_step_that_reads_its_batch_idx(tmp_path, backend):
+    """A ``training_step`` that adds an auxiliary term on odd batches: the extra pass called
+    ``training_step(batch, 0)``, so on odd steps it measured the even steps' loss — 14–22 % off,
+    silently (a matrix, round 30). It passes the step's own ``batch_idx`` now (the probes' batches,
+    drawn apart from training, keep 0)."""
+
+    class AuxOnOdd(Net):
+        def __init__(self) -> None:
+            super().__init__()
+            self.aux = nn.Linear(16, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.block(self.inp(x))
+            loss = F.cross_entropy(self.out(h), y)
+            if batch_idx % 2:
+                loss = loss + 0.5 * F.cross_entropy(self.aux(h), y)
+            self.log("train_loss", loss)
+            return loss
+
+        def forward(self, x):  # (the reference's per-sample loss: the aux term on odd steps)
+            h = self.block(self.inp(x))
+            return self.out(h)
+
+    class OddReference(StepReference):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+            self.odd = batch_idx % 2 == 1
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            x, y = self.window[0]
+            self.window = []
+            params = [p for p in pl_module.parameters() if p.requires_grad]
+
+            def loss(i):
+                h = pl_module.block(pl_module.inp(x[i:i + 1]))
+                value = F.cross_entropy(pl_module.out(h), y[i:i + 1])
+                return value + 0.5 * F.cross_entropy(pl_module.aux(h), y[i:i + 1]) if self.odd else value
+
+            g = torch.stack([torch.cat([t.reshape(-1) for t in torch.autograd.grad(
+                loss(i), params, materialize_grads=True)]) for i in range(len(x))]).double()
+            b = len(g)
+            self.expected[trainer.global_step] = float(b / (b - 1) * (g.square().sum(1).mean()
+                                                                       - g.mean(0).square().sum())) / b
+
+    torch.manual_seed(0)
+    module = AuxOnOdd()
+    cb, ref, records = GradientDispersion(backend=backend, num_chunks=16), OddReference(), []
+    cb.add_listener(records.extend)
+    _fit(tmp_path, module, [cb, ref], max_epochs=1)
+    assert cb.active_backend == backend and [r.step for r in records] == [0, 1, 2, 3]
+    if backend == "functorch":
+        for r in records:
+            assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+    else:  # 16 chunks of one sample of a batch of 16: the chunk estimator is the per-sample one
+        for r in records:
+            assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-4), r.step

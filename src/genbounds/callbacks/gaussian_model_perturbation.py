@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from genbounds.callbacks.checks import check_callable, check_float, check_int
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
-from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.isolation import as_training_batch, isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.probe import default_width
 from genbounds.callbacks.state_key import state_key_once
@@ -69,6 +69,7 @@ class GaussianModelPerturbation(GradientIntervention):
         self.seed = check_int(o, "seed", seed, minimum=None)
         self._loss_fn: LossFn | None = None
         self._batch: Any = None
+        self._batch_idx = 0
         self._generator: torch.Generator | None = None
         self._generator_state: Tensor | None = None
 
@@ -89,7 +90,7 @@ class GaussianModelPerturbation(GradientIntervention):
             self.owner, self.loss_fn, per_sample=False, what="per-sample gradients for its penalty")
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch
+        self._batch, self._batch_idx = batch, batch_idx
 
     def _rng(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -122,7 +123,8 @@ class GaussianModelPerturbation(GradientIntervention):
     def modify_gradients(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if self._batch is None or self.rho == 0:
             return
-        perturbed = self.perturbed_gradient(trainer, pl_module, self._batch)
+        with as_training_batch(self._batch_idx):  # (the step's own loss on its own batch)
+            perturbed = self.perturbed_gradient(trainer, pl_module, self._batch)
         for name, p in trainable_parameters(pl_module).items():
             if p.grad is None:
                 continue

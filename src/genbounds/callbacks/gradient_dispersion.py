@@ -157,6 +157,7 @@ class GradientDispersion(MeasurementCallback):
         self._measuring = False
         self._step = 0
         self._batch: Any = None
+        self._batch_idx = 0
         self._window: Any = None  # GradientMoments, or the backend's raw form (HookSums)
         self._accumulate = 1
         self._scaler: Any = None
@@ -315,7 +316,7 @@ class GradientDispersion(MeasurementCallback):
             extras["grads"] = grads
         m = batch_size(self._batch) if self._batch is not None else 0
         return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
-                           extras, self._groups_partition, self._step)
+                           extras, self._groups_partition, self._step, self._batch_idx)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._checked_epoch != trainer.current_epoch:  # (an epoch's first batch start it sees)
@@ -346,7 +347,7 @@ class GradientDispersion(MeasurementCallback):
                                       if self._measuring else
                                       _MEASURED_STEP_HOOKS if len(self.step_log) and log_step else None)
         if self._measuring:
-            self._batch = batch
+            self._batch, self._batch_idx = batch, batch_idx
             self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:

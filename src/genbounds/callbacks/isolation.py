@@ -354,8 +354,27 @@ def _muted(module: nn.Module) -> Iterator[MutedStep]:
                 setattr(metric, name, value)
 
 
+_BATCH_INDEX = [0]
+"""The ``batch_idx`` :func:`call_training_step` passes (a list, not a context variable: the step may
+run on the thread that takes ``torch.func`` transforms, ``estimators/transform_thread.py``)."""
+
+
+@contextmanager
+def as_training_batch(batch_idx: int) -> Iterator[None]:
+    """Inside the block, :func:`call_training_step` passes ``batch_idx``: an extra pass over the
+    step's own training batch runs the step's own loss (a ``training_step`` that adds a term on odd
+    batches, say). Elsewhere — the probes' batches, the trial before step 0 — it passes 0."""
+    saved = _BATCH_INDEX[0]
+    _BATCH_INDEX[0] = int(batch_idx)
+    try:
+        yield
+    finally:
+        _BATCH_INDEX[0] = saved
+
+
 def call_training_step(module: nn.Module, batch: Any) -> Any:
-    """``module.training_step(batch, 0)`` (or ``(batch)`` for a one-argument signature)."""
+    """``module.training_step(batch, batch_idx)`` (or ``(batch)`` for a one-argument signature),
+    ``batch_idx`` 0 unless set by :func:`as_training_batch`."""
     import inspect
 
     step = module.training_step  # type: ignore[attr-defined]
@@ -366,7 +385,7 @@ def call_training_step(module: nn.Module, batch: Any) -> Any:
     positional = [p for p in params.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     varargs = any(p.kind == p.VAR_POSITIONAL for p in params.values())
     if len(positional) >= 2 or varargs:
-        return step(batch, 0)
+        return step(batch, _BATCH_INDEX[0])
     return step(batch)
 
 

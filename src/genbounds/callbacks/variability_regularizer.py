@@ -17,7 +17,7 @@ from torch.optim import Optimizer
 from genbounds.callbacks.checks import check_callable, check_choice, check_float, check_int
 from genbounds.callbacks.distributed import mean_over_ranks
 from genbounds.callbacks.intervention import GradientIntervention
-from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.isolation import as_training_batch, isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.probe_data import draw_probe_batch, training_loader
 from genbounds.callbacks.state_key import state_key_once
@@ -78,6 +78,7 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
         self.step_log = StepLog(self.owner)
         self._loss_fn: LossFn | None = None
         self._batch: Any = None
+        self._batch_idx = 0
         self._reference_data: list[Any] = []
         self._ref: dict[str, Tensor] | None = None
 
@@ -106,7 +107,7 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
         self._reference_data = [batch] if batch is not None else []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch
+        self._batch, self._batch_idx = batch, batch_idx
         if self.reference == "dataset" and trainer.global_step % self.refresh_every_n_steps == 0:
             self._ref = self.dataset_gradient(trainer, pl_module)
 
@@ -170,7 +171,8 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
     def modify_gradients(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
         if self._batch is None:
             return
-        grads, values = self.penalty_gradient(trainer, pl_module, self._batch, self._ref)
+        with as_training_batch(self._batch_idx):  # (the step's own loss on its own batch)
+            grads, values = self.penalty_gradient(trainer, pl_module, self._batch, self._ref)
         for name, p in trainable_parameters(pl_module).items():
             if p.grad is not None:
                 p.grad.add_(grads[name].to(p.grad.dtype))

@@ -40,6 +40,8 @@ class StepContext:
     """Whether ``groups`` partition ``params`` (every parameter in exactly one group)."""
     step: int = -1
     """The logger step the callback records this step's values at."""
+    batch_idx: int = 0
+    """Lightning's ``batch_idx`` of this micro-batch (an extra pass re-runs ``training_step`` with it)."""
 
 
 class LazyGrads(dict):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext
-from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.isolation import as_training_batch, isolated_pass
 from genbounds.estimators.batching import batch_device, batch_size
 from genbounds.estimators.functional import LossFn
 from genbounds.estimators.gradient_dispersion import GradientMoments
@@ -38,7 +38,7 @@ class MicrobatchBackend(DispersionBackend):
     def after_backward(self, ctx: StepContext) -> GradientMoments | None:
         if batch_size(ctx.batch) < 2:
             return None
-        with isolated_pass(ctx.module, mode="keep"):
+        with isolated_pass(ctx.module, mode="keep"), as_training_batch(ctx.batch_idx):
             return microbatch_gradient_moments(ctx.module, self.loss_fn, ctx.batch, self.num_chunks,
                                                generator=self.generator(batch_device(ctx.batch)), groups=ctx.groups)
 

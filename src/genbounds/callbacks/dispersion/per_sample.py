@@ -7,7 +7,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
-from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.isolation import as_training_batch, isolated_pass
 from genbounds.estimators.functional import LossFn, grouped_sq_norms
 from genbounds.estimators.gradient_dispersion import GradientMoments
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET, Method, per_sample_gradient_moments
@@ -54,7 +54,7 @@ class PerSampleBackend(DispersionBackend):
         ddp, automatic = ctx.trainer.world_size > 1, ctx.module.automatic_optimization
         own_sum = mean is None or not automatic or ddp
         try:
-            with isolated_pass(ctx.module, mode="keep"):
+            with isolated_pass(ctx.module, mode="keep"), as_training_batch(ctx.batch_idx):
                 moments = per_sample_gradient_moments(
                     ctx.module, self.loss_fn, ctx.batch, method=self.method, chunk_size=self.chunk_size,
                     memory_budget=self.memory_budget, groups=ctx.groups,
