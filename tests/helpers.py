@@ -309,6 +309,28 @@ class RankBranchNet(CrossEntropyModule):
         return self.out(h if skip else m)
 
 
+class RankSubsetNet(CrossEntropyModule):
+    """From step ``late`` on, the process of rank 1 alone applies its middle layer to part of the
+    batch (the samples of some classes, an adapter), which the hooks cannot attribute to samples
+    (digits: 64 inputs, 10 classes)."""
+
+    def __init__(self, late: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 10)
+        self.late = late
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        if self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late:
+            part = torch.arange(h.shape[0]) % 2 == 0
+            out = h.clone()
+            out[part] = torch.tanh(self.mid(h[part]))
+            return self.out(out)
+        return self.out(torch.tanh(self.mid(h)))
+
+
 class RecordDispersion(pl.Callback):
     """Writes each process's ``GradientDispersion`` backend and measured steps to
     ``rank<r>_dispersion.txt`` at train end (works across spawned processes)."""

@@ -17,8 +17,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from genbounds.callbacks import BoundGate, BoundViolation, GeneralizationBound, GradientDispersion
 from genbounds.data import DigitsDataModule
 from genbounds.models import MLP, Classifier
-from helpers import (EndProcessGroup, RankBranchNet, RankGatedNet, RecordDispersion, RecordFinalStep,
-                     RecordSecondOrder, bound_suite, trainer)
+from helpers import (EndProcessGroup, RankBranchNet, RankGatedNet, RankSubsetNet, RecordDispersion,
+                     RecordFinalStep, RecordSecondOrder, bound_suite, trainer)
 
 BOUND_TAGS = ["bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu", "bound/neu_abs", "setting/R", "setting/n",
               "setting/d", "setting/T", "gap/measured", "gap/measured_se", "gap/error", "bound_terms/trajectory_wang_mao",
@@ -276,6 +276,32 @@ def test_a_branch_one_ddp_process_leaves_unused_keeps_every_process_measuring_al
     measured = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?_dispersion.txt")))}
     assert measured == {"rank0_dispersion.txt": "hooks 6", "rank1_dispersion.txt": "hooks 6"}, measured
     assert math.isfinite(float(t.callback_metrics["grad/dispersion/layer/mid"]))
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="ddp_spawn with gloo")
+@pytest.mark.slow
+def test_hooks_failing_in_one_ddp_process_fall_back_in_every_process_together(tmp_path):
+    """From step 2, only rank 1 applies a layer to part of its batch (``RankSubsetNet``): its hooks
+    fail there, rank 1 alone went to an extra pass and the other process waited in the step's
+    reduction until the process group's timeout (a matrix, round 30). Now rank 1 enters the
+    reduction with NaN moments flagged failed, the step is skipped in both, and both fall back
+    at the next flush, with rank 1's reason in rank 0's one warning."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy
+
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [GradientDispersion(), RecordFinalStep(str(tmp_path)), RecordDispersion(str(tmp_path)),
+                           EndProcessGroup()], devices=2,
+                strategy=DDPStrategy(start_method="spawn", timeout=timedelta(seconds=60)),
+                max_epochs=2, limit_train_batches=3, limit_val_batches=0, log_every_n_steps=2)
+    t.fit(RankSubsetNet(late=2), DigitsDataModule(batch_size=16, seed=0))
+    steps = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?.txt")))}
+    assert steps == {"rank0.txt": "6", "rank1.txt": "6"}, steps
+    measured = {os.path.basename(p): open(p).read() for p in sorted(glob.glob(str(tmp_path / "rank?_dispersion.txt")))}
+    assert measured["rank0_dispersion.txt"] == measured["rank1_dispersion.txt"], measured
+    assert measured["rank0_dispersion.txt"].startswith("functorch "), measured
+    assert math.isfinite(float(t.callback_metrics["grad/dispersion"]))
 
 
 @pytest.mark.slow

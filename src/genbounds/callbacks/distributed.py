@@ -44,9 +44,11 @@ def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoment
     """Sum the moments over DDP ranks (every rank calls this on the same steps)."""
     strategy = trainer.strategy
     device = moments.weighted_sq_norm_sum.device
+    # (the failure count rides in the same collective: estimators.gradient_dispersion.GradientMoments.failed)
     scalars = [moments.weighted_sq_norm_sum.double(),
                torch.tensor(float(moments.num_samples), dtype=torch.float64, device=device),
-               torch.tensor(float(moments.num_units), dtype=torch.float64, device=device)]
+               torch.tensor(float(moments.num_units), dtype=torch.float64, device=device),
+               torch.as_tensor(moments.failed, dtype=torch.float64, device=device).reshape(())]
     if moments.centered_sums is not None:
         s, s2, c = moments.centered_sums
         scalars += [s.to(device), s2.to(device), torch.tensor(float(c), dtype=torch.float64, device=device)]
@@ -62,7 +64,7 @@ def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoment
         for w in moments.weighted_sum:
             summed.append(flat[start : start + w.numel()].view_as(w))
             start += w.numel()
-    centered = (packed[3], packed[4], packed[5]) if moments.centered_sums is not None else None
+    centered = (packed[4], packed[5], packed[6]) if moments.centered_sums is not None else None
     return GradientMoments(
         weighted_sq_norm_sum=packed[0],
         num_samples=packed[1],
@@ -70,4 +72,5 @@ def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoment
         weighted_sum=summed,
         centered_sums=centered,
         group_sq=packed[head:] if moments.group_sq is not None else None,
+        failed=packed[3],
     )

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.optim import Optimizer
 
@@ -162,6 +162,7 @@ class GradientDispersion(MeasurementCallback):
         self._accumulate = 1
         self._scaler: Any = None
         self._manual_grads: list[Tensor] | None = None
+        self._failed: Tensor | None = None  # (DDP: failed parts since the last flush, _fail_together)
         self._late_ok = self._late = False  # (norms read at the optimizer step: _READ_LATE)
         self._trainable = TrainableSet()
         self._set_version = 0
@@ -203,7 +204,28 @@ class GradientDispersion(MeasurementCallback):
 
     def flush(self, trainer: Trainer, pl_module: LightningModule | None = None, epoch_end: bool = False) -> None:
         """Log and dispatch the buffered records (all ranks call it)."""
+        self._fail_together(trainer)
         self.step_log.flush(trainer, pl_module, epoch_end=epoch_end)
+
+    def _fail_together(self, trainer: Trainer) -> None:
+        """Under DDP: when the backend failed in some process at a step since the last flush (its
+        data took a branch the hooks cannot measure: ``NormHooksBackend._failed_step``), every
+        process falls back to the next backend here, together — the failing process alone did, and
+        the others waited in the next step's reduction until the process group's timeout. The count
+        was summed on the device in the steps' own reductions; it is read here, where the step log
+        reads its values, not at every step. Said once, with the failing process's reason."""
+        failed, self._failed = self._failed, None
+        if failed is None or float(failed) == 0.0:
+            return
+        from genbounds.callbacks.distributed import reason_from_every_process
+
+        assert self.impl is not None and self.contract is not None
+        own = getattr(self.impl, "failure_here", None)
+        why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
+        rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): {why}; the steps it failed at are left "
+                       "unmeasured in every process (non-finite, skipped), and an extra-pass backend measures in "
+                       f"every process from step {int(trainer.global_step)} on.")
+        self.slot.fallback(trainer, trainer.lightning_module, self.contract, self._loss_fn)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -410,6 +432,8 @@ class GradientDispersion(MeasurementCallback):
             self.step_budget.measured(trainer)
             return
         values = result.values(trainer, self._groups, self._groups_partition)
+        if result.failed is not None:  # (DDP: read at the next flush, with the step log's values)
+            self._failed = result.failed if self._failed is None else self._failed + result.failed
         if values is None:
             self._one_sample(window)
             return

@@ -248,8 +248,9 @@ class StepLog:
             if not self._warned:
                 self._warned = True
                 rank_zero_warn(
-                    f"{self.owner}: non-finite statistics (NaN/inf loss or gradients) at step {bad[0]}; that step is "
-                    "skipped (later ones are counted and reported at the end of training).",
+                    f"{self.owner}: non-finite statistics (NaN/inf loss or gradients, or a measurement said to have "
+                    f"failed) at step {bad[0]}; that step is skipped (later ones are counted and reported at the end "
+                    "of training).",
                     category=RuntimeWarning,
                 )
         written = records if self.every_record else records[-1:]

@@ -62,6 +62,10 @@ class GradientMoments:
     group_sq: Tensor | None = None
     """``Σ_j m_j ‖h_{j,k}‖²`` per parameter group ``k`` (float64 ``[K]``), when the backend splits
     its squared norms by group (layer); ``Σ_k group_sq[k] == weighted_sq_norm_sum``."""
+    failed: float | Tensor = 0.0
+    """How many of the parts summed here stand for a failed computation (NaN values of the same
+    layout): under DDP a process whose per-sample norms failed still enters the step's reduction
+    with such a part, and the summed count tells every process (read at a flush, not per step)."""
 
     def merged(self, other: GradientMoments) -> GradientMoments:
         """Moments of the union of two disjoint batches taken at the same weights
@@ -97,6 +101,7 @@ class GradientMoments:
             centered_sums=centered,
             losses=losses,
             group_sq=group_sq,
+            failed=self.failed + other.failed,
         )
 
 

@@ -81,6 +81,9 @@ class WindowResult:
     order), when the backend computed it in one pass (then ``moments`` may be ``None``)."""
     kept: bool = False
     """The row waits in a row ring, which hands it to the step log (nothing to record now)."""
+    failed: Tensor | None = None
+    """Under DDP, after :meth:`values`: how many processes' parts of this step failed (summed on
+    the device in the moments' own reduction; read by the callback at its next flush)."""
 
     def values(self, trainer: Trainer, groups: list[list[int]], groups_partition: bool
                ) -> Tensor | DispersionEstimate | None:
@@ -93,6 +96,7 @@ class WindowResult:
         assert moments is not None
         if trainer.world_size > 1:
             moments = reduce_moments(trainer, moments)
+            self.failed = moments.failed  # type: ignore[assignment]
         elif isinstance(moments.num_units, int) and moments.num_units < 2:
             return None
         if moments.weighted_sum is not None and group_mean_sq is None:

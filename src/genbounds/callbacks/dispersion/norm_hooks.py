@@ -224,6 +224,8 @@ class NormHooksBackend(DispersionBackend):
         self.deltas = GradientDeltas()
         self._accumulated: list[Tensor] | None = None
         self.failed: Exception | None = None
+        self.failure_here: str | None = None
+        """Under DDP: why this process's hooks failed at a step since the last flush (``_failed_step``)."""
         self._index_key: tuple[str, ...] | None = None
         self._groups_of_names: tuple[tuple[int, ...], ...] = ()
         self._backwards_at_forward = -1
@@ -283,20 +285,16 @@ class NormHooksBackend(DispersionBackend):
             read = self.shared.read()  # (unscaled: callbacks sharing the hooks read the same values)
         except RuntimeError as err:
             self.shared.disarm(id(self))
-            self.failed = err
-            rank_zero_warn(f"GradientDispersion(backend='hooks'): {err}; this step is left unmeasured, and an "
-                           "extra-pass backend measures from the next one.")
-            return None
+            return self._failed_step(ctx, err, str(err))
         self.shared.unhook()
         if read is None or not self.shared.stays_armed:
             self.shared.disarm(id(self))
         if read is None:
-            self.failed = RuntimeError("no per-sample norms: the weights' gradient came past the hooked outputs")
-            rank_zero_warn("GradientDispersion(backend='hooks'): the weights received gradient in this step, but not "
-                           "through the outputs the hooks read (layers applied outside their modules' forward, or an "
-                           "RNN/LSTM read through its final state alone); this step is left unmeasured, and an "
-                           "extra-pass backend measures from the next one.")
-            return None
+            return self._failed_step(ctx, RuntimeError("no per-sample norms: the weights' gradient came past the "
+                                                       "hooked outputs"),
+                                     "the weights received gradient in this step, but not through the outputs the "
+                                     "hooks read (layers applied outside their modules' forward, or an RNN/LSTM read "
+                                     "through its final state alone)")
         sums, names, deferred = read
         if raw:
             return HookSums(sums, names, scale, m, deferred)
@@ -308,6 +306,26 @@ class NormHooksBackend(DispersionBackend):
             part = [d * scale for d in self.deltas.delta(ctx.extras["grads"])]
             self._accumulated = part if self._accumulated is None else [a + p for a, p in zip(self._accumulated, part)]
         return GradientMoments(per_group[-1], m, m, group_sq=per_group[:-1])
+
+    def _failed_step(self, ctx: StepContext, err: Exception, why: str) -> GradientMoments | None:
+        """The hooks could not measure this step (a layer applied to part of the batch, say). One
+        process: the step is left unmeasured and an extra pass measures from the next (said once,
+        ``failed``). Under DDP the failure may be this process's alone (its data took the branch),
+        and the others are about to enter the step's reduction: this process enters it too, with
+        NaN moments of the same layout flagged failed — the step's values are NaN everywhere (a
+        skipped step) and every process falls back together at the callback's next flush
+        (``GradientDispersion``), where the summed flag is read with the step log's values."""
+        if ctx.trainer.world_size <= 1:
+            self.failed = err
+            rank_zero_warn(f"GradientDispersion(backend='hooks'): {why}; this step is left unmeasured, and an "
+                           "extra-pass backend measures from the next one.")
+            return None
+        if self.failure_here is None:
+            self.failure_here = why
+        device = ctx.params[0].device if ctx.params else torch.device("cpu")
+        nan = torch.full((self.num_groups,), float("nan"), dtype=torch.float64, device=device)
+        m = ctx.micro_size
+        return GradientMoments(nan.sum(), m, m, group_sq=nan, failed=1.0)
 
     def _module_groups(self, names: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
         """The indices in ``names`` of each group's hooked modules (cached for the last ``names``)."""
