@@ -494,10 +494,11 @@ def test_forward_hooks_live_only_in_measured_training_forwards(tmp_path):
     assert cb.active_backend == "hooks" and cb.measured_steps == 3 and run.trainer.global_step == 6
     # the loss contract's trial forward, its second draw (the layer's dropout: does the loss's
     # weighting change with it?) and its coupling check's two (the batch, one sample; isolated),
-    # the hooks' exactness check before step 0 (its own hooks), steps 0-2, validation (2 batches),
-    # steps 3-5, validation: hooks in the forwards of the check and of steps 0, 2, 4 only
+    # the hooks' checks before step 0 (their own hooks: one sample's exactness, the whole first
+    # batch's shapes), steps 0-2, validation (2 batches), steps 3-5, validation: hooks in the
+    # forwards of the checks and of steps 0, 2, 4 only
     n = max(first.in_forward)
-    assert n > 0 and first.in_forward == [0, 0, 0, 0, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
+    assert n > 0 and first.in_forward == [0, 0, 0, 0, n, n, n, 0, n, 0, 0, 0, n, 0, 0, 0], first.in_forward
     for spy in (first, last):
         assert {where for where, _ in spy.outside} == {
             "on_train_batch_end", "on_before_optimizer_step", "on_validation_batch_start", "on_train_epoch_end"}

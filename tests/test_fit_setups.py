@@ -753,3 +753,48 @@ def test_an_extra_pass_runs_the_steps_own_loss_for_a_step_that_reads_its_batch_i
     else:  # 16 chunks of one sample of a batch of 16: the chunk estimator is the per-sample one
         for r in records:
             assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-4), r.step
+
+
+class MixtureOfExperts(CrossEntropyModule):
+    """Top-1 routing: each expert a Linear applied to the rows routed to it, scattered back."""
+
+    def __init__(self, experts: int = 3) -> None:
+        super().__init__()
+        self.inp, self.router, self.out = nn.Linear(8, 16), nn.Linear(16, experts), nn.Linear(16, 3)
+        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(experts))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        gate, idx = self.router(h).softmax(-1).max(-1)
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            m = idx == e
+            if m.any():
+                y[m] = expert(h[m]) * gate[m, None]
+        return self.out(torch.tanh(y) + h)
+
+
+def test_a_mixture_of_experts_is_measured_from_step_0_and_the_suite_goes_on(tmp_path):
+    """Experts applied to the rows routed to them: the hooks cannot give those rows to samples.
+    On one sample (the check before step 0) each expert sees the sample or nothing, so step 0's
+    read failed and the step was lost; and HeldoutGradient's first probe ended the fit with the
+    hooks' error (a matrix, round 30). One forward of the first batch now finds it before step 0
+    (an extra pass, exact from step 0), and the held-out probe goes to exact per-sample gradients
+    with one warning."""
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    said = _fit(tmp_path / "alone", MixtureOfExperts(), [cb, ref], max_epochs=1)
+    before = [m for m in said if m.startswith("GradientDispersion")]
+    assert len(before) == 1 and "before step 0" in before[0] and "rows of a batch of 16" in before[0], before
+    assert cb.active_backend == "functorch" and [r.step for r in records] == [0, 1, 2, 3]
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+    torch.manual_seed(0)
+    suite = bound_suite()
+    said = _fit(tmp_path / "suite", MixtureOfExperts(), suite, max_epochs=2)
+    held = [m for m in said if m.startswith("HeldoutGradient: the norm hooks cannot measure")]
+    assert len(held) == 1, said
+    heldout = next(cb for cb in suite if type(cb).__name__ == "HeldoutGradient")
+    assert heldout.num_probes_run >= 2
+    assert math.isfinite(suite[-1].latest["bound/neu"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors, sequence_layout_problem
+from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors, batch_layout_problem
 from genbounds.estimators.ghost_norms import plan
 
 
@@ -132,13 +132,13 @@ def test_a_sequence_length_equal_to_the_batch_size_is_seen_before_step_0(b, T):
     covered = plan(model)[0]
     batch = batch_of(b, T)
     assert hook_norm_errors(model, covered, token_losses, batch) == {}
-    said = sequence_layout_problem(model, covered, token_losses, batch)
+    said = batch_layout_problem(model, covered, token_losses, batch)
     if T == b:
         assert said is not None and "sequence length equals the batch size (6)" in said and "tok" in said, said
     else:
         assert said is None
     batch_first = SharedPositions()
-    assert sequence_layout_problem(batch_first, plan(batch_first)[0], token_losses, batch_of(6, 6)) is None
+    assert batch_layout_problem(batch_first, plan(batch_first)[0], token_losses, batch_of(6, 6)) is None
 
 
 @pytest.mark.parametrize("final_state", [False, True])
@@ -188,3 +188,39 @@ def test_a_wrong_backpack_value_is_caught(monkeypatch):
     errors = hook_norm_errors(model, {"fc": fc}, losses, (torch.randn(6, 7, 3), torch.randint(0, 4, (6,))),
                               {"rnn": rnn})
     assert set(errors) == {"rnn"} and errors["rnn"] == pytest.approx(1.0)
+
+
+def test_a_layer_applied_to_part_of_the_batch_is_seen_before_step_0():
+    """A top-1 mixture of experts (each expert a Linear on the rows routed to it): on one sample
+    every expert sees the sample or nothing, so the exactness check passes, and the hooks failed
+    at step 0's read (the step lost). One forward of the whole first batch shows it."""
+
+    class MoE(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.router, self.out = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 4)
+            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = torch.tanh(self.inp(x))
+            gate, idx = self.router(h).softmax(-1).max(-1)
+            y = torch.zeros_like(h)
+            for e, expert in enumerate(self.experts):
+                m = idx == e
+                if m.any():
+                    y[m] = expert(h[m]) * gate[m, None]
+            return self.out(y + h)
+
+    torch.manual_seed(0)
+    model = MoE()
+    batch = (torch.randn(12, 6), torch.randint(0, 4, (12,)))
+
+    def losses(module, b):
+        return F.cross_entropy(module(b[0]), b[1], reduction="none")
+
+    covered = plan(model)[0]
+    assert hook_norm_errors(model, covered, losses, batch) == {}
+    said = batch_layout_problem(model, covered, losses, batch)
+    assert said is not None and "rows of a batch of 12" in said and "experts." in said, said
+    plain = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
+    assert batch_layout_problem(plain, plan(plain)[0], losses, batch) is None

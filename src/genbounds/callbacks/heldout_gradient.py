@@ -14,16 +14,16 @@ from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
-from genbounds.callbacks.distributed import reduce_moments
+from genbounds.callbacks.distributed import reason_from_every_process, reduce_moments
 from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.backpack_norms import has_batchnorm
-from genbounds.estimators.collective import fail_together
+from genbounds.estimators.collective import FailedElsewhere, fail_together
 from genbounds.estimators.functional import against_mean, dot, group_positions, trainable_parameters
 from genbounds.estimators.gradient_dispersion import GradientMoments, dispersion_from_moments, group_sums
 from genbounds.estimators.microbatch_gradients import microbatch_gradient_moments
-from genbounds.estimators.per_sample_gradients import hooks_cover, per_sample_gradient_moments
+from genbounds.estimators.per_sample_gradients import HooksUnavailable, hooks_cover, per_sample_gradient_moments
 
 
 class HeldoutGradient(ProbeCallback):
@@ -102,6 +102,7 @@ class HeldoutGradient(ProbeCallback):
         self._lr = 0.0
         self._per_sample = True
         self._hooks_ok = False
+        self._hooks_refused = False  # (the hooks failed on a probe set: not again this fit, _moments)
         self._manual_grad: list[Tensor] | None = None
 
     @property
@@ -124,7 +125,7 @@ class HeldoutGradient(ProbeCallback):
         self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
         # (again when the trained parameters change: a layer pruned mid-fit trains weight_orig,
         # which the norm hooks do not cover)
-        self._hooks_ok = self.backend == "auto" and hooks_cover(pl_module) and not (
+        self._hooks_ok = self.backend == "auto" and not self._hooks_refused and hooks_cover(pl_module) and not (
             has_batchnorm(pl_module) and self.probe_mode == "train")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -201,11 +202,29 @@ class HeldoutGradient(ProbeCallback):
                 groups=self._groups,
             )
 
-        if trainer.world_size <= 1:
-            return local()
-        # (a failure in one process raises in every process before the moments' collectives:
-        # estimators/collective.py)
-        return reduce_moments(trainer, fail_together(local, self.reducer(trainer), pl_module.device))
+        def moments() -> GradientMoments:
+            if trainer.world_size <= 1:
+                return local()
+            # (a failure in one process raises in every process before the moments' collectives:
+            # estimators/collective.py)
+            return reduce_moments(trainer, fail_together(local, self.reducer(trainer), pl_module.device))
+
+        try:
+            return moments()
+        except (HooksUnavailable, FailedElsewhere) as err:
+            if not (self._per_sample and self._hooks_ok) or (isinstance(err, FailedElsewhere) and err.second_order):
+                raise
+            # the hooks cannot measure this model's probe batches (a layer applied to part of the
+            # batch: a mixture of experts' routing, say): exact per-sample gradients from here on, in
+            # every process at once (they all raised here); a failure elsewhere that was no hooks'
+            # fails again below and ends the fit, as it would have (a matrix, round 30: the fit
+            # ended at the first probe, where GradientDispersion had gone on by an extra pass)
+            own = str(err) if isinstance(err, HooksUnavailable) else None
+            why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
+            self._hooks_ok, self._hooks_refused = False, True
+            rank_zero_warn(f"HeldoutGradient: the norm hooks cannot measure the probe sets ({why}); exact per-sample "
+                           "gradients by an extra pass measure them from this probe on.")
+            return moments()
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, float]:
         params = list(trainable_parameters(pl_module).values())

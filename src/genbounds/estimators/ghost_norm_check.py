@@ -20,9 +20,10 @@ gradient — found here rather than at the first measured step, which it lost.
 A sequence-first model (``batch_first=False``) has the opposite blind spot: on one sample every
 layout is clear, but in training a layer outside PyTorch's transformer layers finds its batch
 dimension by the batch size, which a sequence length can equal.  The hooks report that from the
-shapes of a forward (no backward), so :func:`sequence_layout_problem` runs one forward of the
+shapes of a forward (no backward), so :func:`batch_layout_problem` runs one forward of the
 whole first batch under them — before step 0, instead of at step 0's read (which then lost
-that step).
+that step). The same forward shows, in any model, a layer called on part of the batch (a mixture
+of experts' routing, a mask), which one sample cannot: there an expert sees the sample or nothing.
 """
 
 from __future__ import annotations
@@ -136,23 +137,30 @@ def _per_tensor_sq_norms(tensors: list[Tensor]) -> list[float]:
     return out
 
 
-def sequence_layout_problem(module: nn.Module, modules: dict[str, nn.Module], loss_fn: Any, batch: Any) -> str | None:
-    """What the hooks report from the shapes of one forward of ``batch`` in a sequence-first model
-    (a sequence length equal to the batch size, with layers whose batch dimension is guessed), or
-    ``None`` — also for a batch-first model, where nothing is guessed. Run it inside an isolated pass;
+def batch_layout_problem(module: nn.Module, modules: dict[str, nn.Module], loss_fn: Any, batch: Any) -> str | None:
+    """What one forward of the whole ``batch`` under the hooks shows from its shapes, or ``None``:
+    in a sequence-first model, a sequence length equal to the batch size where layers' batch
+    dimension is guessed; in any model, a layer called on fewer or more rows than the batch holds
+    (a layer applied to part of the batch — a mixture of experts' routing, a mask — which one sample
+    does not show: there each expert sees the sample or nothing). Run it inside an isolated pass;
     the forward's graph is dropped unused (its memory is a training forward's)."""
     hooks = GhostNormHooks(modules, batch_dims=declared_batch_dims(module))
-    if not hooks.sequence_first:
-        return None
+    b = batch_size(batch)
     try:
-        hooks.arm(batch_size(batch))
+        hooks.arm(b)
         with torch.enable_grad():
             losses = loss_fn(module, batch)
         del losses
-        problems = hooks.problems
+        problems = list(hooks.problems)
+        for name, rows in hooks.call_rows().items():
+            other = sorted({r for r in rows if r != b})
+            if other:
+                problems.append(f"{name}: called on {other[0]} rows of a batch of {b} (a layer applied to part of the "
+                                "batch — a mixture of experts' routing, a mask — has no rows the hooks can give to "
+                                "samples)")
     finally:
         hooks.detach()
     return "; ".join(problems) or None
 
 
-__all__ = ["RTOL", "HookProblem", "hook_norm_errors", "sequence_layout_problem"]
+__all__ = ["RTOL", "HookProblem", "batch_layout_problem", "hook_norm_errors"]

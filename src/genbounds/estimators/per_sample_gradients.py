@@ -215,6 +215,12 @@ def _add_row_sums_(acc: list[Tensor], chunk: list[Tensor]) -> None:
             a.addmv_(rows.t(), rows.new_ones(rows.shape[0]))
 
 
+class HooksUnavailable(RuntimeError):
+    """``method="hooks"`` cannot measure this batch (the hooks reported it: a layer applied to part
+    of the batch, an input modified in place, …, or no hooked output received gradient); the
+    callers take another method."""
+
+
 def hooks_cover(module: nn.Module) -> bool:
     """Whether the ghost-norm hooks reach every trainable parameter of ``module``."""
     from genbounds.estimators.ghost_norms import plan
@@ -238,11 +244,14 @@ def _hook_moments(module: nn.Module, loss_fn: LossFn, batch: Any, params: dict[s
         if not isinstance(losses, Tensor) or losses.dim() != 1 or losses.shape[0] != b:
             raise ValueError("per-sample norms need one loss per sample")
         grads = torch.autograd.grad(losses.mean(), list(params.values()), allow_unused=True)
-        norms = hooks.read(scale=b)
+        try:
+            norms = hooks.read(scale=b)
+        except RuntimeError as err:
+            raise HooksUnavailable(str(err)) from err
     finally:
         hooks.detach()
     if norms is None:
-        raise ValueError("the norm hooks recorded no gradient")
+        raise HooksUnavailable("the norm hooks recorded no gradient")
     mean = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params.values())]
     group_sq = None
     if groups is not None:

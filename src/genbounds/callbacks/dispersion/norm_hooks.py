@@ -39,7 +39,7 @@ from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
 from genbounds.estimators.batching import batch_size
-from genbounds.estimators.ghost_norm_check import HookProblem, hook_norm_errors, sequence_layout_problem
+from genbounds.estimators.ghost_norm_check import HookProblem, batch_layout_problem, hook_norm_errors
 from genbounds.estimators.ghost_norms import GhostNormHooks, times_scale_sq_, declared_batch_dims
 from genbounds.estimators.gradient_dispersion import GradientMoments, group_sums, hook_dispersion_row
 
@@ -379,9 +379,10 @@ class NormHooksBackend(DispersionBackend):
         try:
             with isolated_pass(module, mode="keep"):
                 errors = hook_norm_errors(module, self.ghost_modules, loss_fn, batch, self.backpack_modules)
-                # (a sequence-first model only: None at once for a batch-first one)
+                # (the whole first batch's shapes: a sequence length equal to its size in a
+                # sequence-first model, a layer applied to part of it)
                 layout = (None if errors or not self.ghost_modules else
-                          sequence_layout_problem(module, self.ghost_modules, loss_fn, batch))
+                          batch_layout_problem(module, self.ghost_modules, loss_fn, batch))
             if errors:
                 worst = ", ".join(f"{name} (relative error {err:.2g})" for name, err in sorted(errors.items())[:4])
                 # (a weight tied by module attribute is refused by the plan before: ghost_norms.plan)

@@ -74,10 +74,10 @@ class _Site:
 
 
 class _Call:
-    __slots__ = ("site", "x", "version", "epoch", "got")
+    __slots__ = ("site", "x", "version", "epoch", "got", "rows")
 
-    def __init__(self, site: _Site, x: Tensor | None, version: int, epoch: int) -> None:
-        self.site, self.x, self.version, self.epoch, self.got = site, x, version, epoch, False
+    def __init__(self, site: _Site, x: Tensor | None, version: int, epoch: int, rows: int) -> None:
+        self.site, self.x, self.version, self.epoch, self.got, self.rows = site, x, version, epoch, False, rows
 
 
 def times_scale_sq_(t: Tensor, scale: float | Tensor) -> Tensor:
@@ -269,6 +269,13 @@ class GhostNormHooks:
     def problems(self) -> tuple[str, ...]:
         """What the hooks reported since the last read (what :meth:`read` would raise with)."""
         return tuple(self._problems)
+
+    def call_rows(self) -> dict[str, tuple[int, ...]]:
+        """Per hooked module recorded since the last read (attention's projections left out), the
+        leading size of each call's input as recorded (batch first): the batch size, for a
+        layer whose rows are samples."""
+        return {s.name: tuple(c.rows for c in s.calls) for s in self._touched
+                if s.calls and s.kind is not _ATTENTION and not s.sub}
 
     @property
     def step_buffers(self) -> Lender | None:
@@ -514,7 +521,7 @@ class GhostNormHooks:
                 self._touched.append(site)
             site.first_ordinal = self._ordinal
             site.flags = (wt, bt)
-        call = _Call(site, x, x._version if x is not None else 0, self._epoch)
+        call = _Call(site, x, x._version if x is not None else 0, self._epoch, b)
         site.calls.append(call)
         return call
 

@@ -130,7 +130,14 @@ class StepRows:
         """Row ``index`` is ``sq`` (``[b]``; usually already written in place by the module's last op)."""
         self.written.add(index)
         if sq is not self.views[index]:
-            self.row_for(index, sq.dtype).copy_(sq)
+            row = self.row_for(index, sq.dtype)
+            if sq.shape != row.shape:
+                raise RuntimeError(
+                    f"mismatched batch sizes: {sq.shape[0] if sq.dim() else 1} per-sample values against "
+                    f"{row.shape[0]} for the step's first hooked call (a layer applied to part of the batch — a "
+                    "mixture of experts' routing, a mask — or one whose output the whole batch shares has no rows the "
+                    "hooks can give to samples)")
+            row.copy_(sq)
 
     def write_pair(self, index: int, x: Tensor | None, grad: Tensor, bt: bool) -> bool:
         """A 2-D Linear call's row norms ``‖δ_i‖`` and ``‖a_i‖`` (``x`` ``None``: a frozen
