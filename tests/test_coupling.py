@@ -93,3 +93,35 @@ def test_cannot_tell_means_false():
     assert not losses_couple(ce, (X[:1], Y[:1]), 1)
     with torch.no_grad():
         assert not losses_couple(ce, (X, Y), 6)
+
+
+def test_mixup_between_hidden_states_couples_through_any_row():
+    """Manifold mixup, ``h·λ + h[perm]·(1−λ)`` after the first layer: the first sample's loss reads
+    row ``perm[0]`` of that layer's output, which the others read too. Comparing the first two
+    losses alone saw it only where ``perm`` paired those two (here it does not: missed, a matrix,
+    round 30); the first against all the others sees it."""
+    perm = torch.tensor([2, 3, 4, 5, 0, 1])  # (0 ↔ 1 not paired)
+    first, head = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def manifold(batch):
+        x, y = batch
+        h = torch.tanh(first(x))
+        return F.cross_entropy(head(0.7 * h + 0.3 * h[perm[: len(h)] % len(h)]), y, reduction="none")
+
+    assert losses_couple(manifold, (X, Y), 6)
+
+
+def test_a_loss_that_needs_gradient_on_one_sample_is_still_checked():
+    """The one-sample forward ran under ``no_grad``: a loss that takes a backward through its own
+    arithmetic there (genbounds' weights read from the step's returned loss, a mixup λ) recorded no
+    layer, and the check said "cannot tell" for every such loss."""
+
+    def needs_grad(batch):
+        x, y = batch
+        h = torch.tanh(MLP[0](x))
+        z = F.normalize(h, dim=1)
+        losses = F.cross_entropy(z @ z.t(), torch.arange(len(x)), reduction="none")
+        torch.autograd.grad(losses.sum(), h, retain_graph=True)  # (raises under no_grad)
+        return losses
+
+    assert losses_couple(needs_grad, (X, Y), 6)

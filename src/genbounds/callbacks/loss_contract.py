@@ -256,8 +256,9 @@ class LossContract:
         if self.coupled and self.per_sample:
             self.reads_training_backward = False
             self.notes.append(
-                "the per-sample losses depend on the other samples of the batch (two samples' losses read common "
-                "entries of the first layer's output: in-batch negatives, a contrastive or ranking loss?): the "
+                "the per-sample losses depend on the other samples of the batch (a sample's loss reads entries of a "
+                "layer's output that other samples' losses read: in-batch negatives, a contrastive or ranking loss, "
+                "mixup between hidden states?): the "
                 "training backward's rows are not per-sample gradients, so the dispersion is taken from the "
                 "gradients of the per-sample losses through the whole batch (a decomposition: their mean is the batch "
                 "gradient)")

@@ -47,8 +47,8 @@ def has_train_batchnorm(module: nn.Module) -> bool:
 
 
 def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
-    """Whether ``loss_of(batch)`` (``[b]`` per-sample losses, computed with gradient) has its first
-    two entries read common entries of some parameterized layer's batched output; ``False`` when
+    """Whether the first entry of ``loss_of(batch)`` (``[b]`` per-sample losses, computed with
+    gradient) reads an entry of some parameterized layer's batched output that another entry reads; ``False`` when
     that cannot be told (one sample, no such layer, no graph). Batched: the output's shape changes
     when the same model runs on one sample of the batch (a table shared by the batch, whose shape
     does not, is left out even when its length equals the batch size)."""
@@ -73,7 +73,9 @@ def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
     one: list = []
     handle = register_module_forward_hook(record(one, keep=False))
     try:
-        with torch.no_grad():
+        # (with gradient: a loss whose weights are read from the step's returned loss takes a
+        # backward through its arithmetic, and under no_grad recorded no layer — no check at all)
+        with torch.enable_grad():
             loss_of(index_batch(batch, slice(0, 1)))
     finally:
         handle.remove()
@@ -82,9 +84,12 @@ def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
     outputs = [out for (_, shape, out), (_, shape1, _) in zip(seen, one) if shape != shape1 and out.requires_grad]
     if not outputs or not isinstance(losses, Tensor) or not losses.requires_grad or losses.numel() != b:
         return False
+    # the first loss against all the others at once: coupled when it reads an entry any other reads
+    # (the first two alone missed a coupling through a permutation of the batch — mixup between
+    # hidden states, h·λ + h[perm]·(1−λ) — unless it happened to pair those two: a matrix, round 30)
     flat = losses.reshape(-1)
     supports = []
-    for i in (0, 1):
-        grads = torch.autograd.grad(flat[i], outputs, allow_unused=True, retain_graph=i == 0)
+    for i, part in enumerate((flat[0], flat[1:].sum())):
+        grads = torch.autograd.grad(part, outputs, allow_unused=True, retain_graph=i == 0)
         supports.append([None if g is None else (g != 0) & g.isfinite() for g in grads])
     return any(a is not None and c is not None and bool((a & c).any()) for a, c in zip(*supports))
