@@ -798,3 +798,28 @@ def test_a_mixture_of_experts_is_measured_from_step_0_and_the_suite_goes_on(tmp_
     heldout = next(cb for cb in suite if type(cb).__name__ == "HeldoutGradient")
     assert heldout.num_probes_run >= 2
     assert math.isfinite(suite[-1].latest["bound/neu"])
+
+
+def test_a_batch_whose_every_target_is_ignored_is_said_as_such(tmp_path):
+    """A training batch whose targets are all ``ignore_index``: its loss is NaN (a mean over no
+    element), and the capture said "a term beyond its captured losses (of nan, nan unexplained)…
+    add per_sample_loss" — a fault it does not have (a matrix, round 30). It says what it is."""
+
+    class Masked(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y, ignore_index=-100)
+            self.log("train_loss", loss)
+            return loss
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 8, generator=g)
+    y = x[:, :3].argmax(1)
+    y[32:48] = -100
+    torch.manual_seed(0)
+    suite = bound_suite()
+    said = _fit(tmp_path, Masked(), suite, train=DataLoader(TensorDataset(x, y), batch_size=16), max_epochs=2)
+    assert not [m for m in said if "unexplained" in m or "otherwise than the trial batch" in m], said
+    (nonfinite,) = [m for m in said if "returned it is nan" in m]
+    assert "ignore_index" in nonfinite
+    assert math.isfinite(suite[-1].latest["bound/wang_mao_eq3"])
