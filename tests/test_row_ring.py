@@ -254,7 +254,7 @@ def test_weights_used_outside_their_modules_warn_and_fall_back(tmp_path):
     disp = GradientDispersion(backend="auto")
     out: list = []
     disp.add_listener(out.extend)
-    with pytest.warns(UserWarning, match="not through the outputs the hooks read"):
+    with pytest.warns(UserWarning, match="not through the outputs the hooks read|received gradient but no recorded forward"):
         trainer(tmp_path, [disp], max_steps=12).fit(Classifier(Switch(), lr=0.05), DigitsDataModule(batch_size=32))
     steps = [r.step for r in out]  # every step but the one that fell back (its window is incomplete)
     assert disp.active_backend != "hooks" and len(steps) == 11 and steps == sorted(set(steps)) and steps[-1] == 11
