@@ -335,3 +335,15 @@ def test_a_block_without_curvature_leaves_the_layerwise_eq3_nan_and_says_so_plai
     assert math.isfinite(out["bound/wang_mao_eq3"]) and math.isnan(out["bound/wang_mao_eq3_layerwise"])
     (note,) = [n for n in inp.notes if n.startswith("layerwise:")]
     assert "block(s) [1]" in note and "left NaN" in note and "reported" not in note, note
+
+
+def test_no_block_with_curvature_points_to_no_bound():
+    from genbounds.bounds.aggregate import BoundInputs
+
+    inp = BoundInputs(T=4, n=100, d=10, r=1.0, eta=np.full(4, 0.1), vhat=np.ones(4), sigmas=[0.1],
+                      wanted=("wang_mao_eq3", "wang_mao_eq3_layerwise"), vhat_blocks=np.ones((4, 2)) / 2,
+                      d_blocks=[6, 4], curvature={"hessian_trace": -1.0, "group_traces": [-1.0, 0.0]})
+    out = compute_bounds(inp)
+    assert math.isnan(out["bound/wang_mao_eq3"]) and math.isnan(out["bound/wang_mao_eq3_layerwise"])
+    (note,) = [n for n in inp.notes if n.startswith("layerwise:")]
+    assert "undefined too" in note and "equal-σ form" not in note, note

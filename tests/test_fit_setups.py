@@ -823,3 +823,43 @@ def test_a_batch_whose_every_target_is_ignored_is_said_as_such(tmp_path):
     (nonfinite,) = [m for m in said if "returned it is nan" in m]
     assert "ignore_index" in nonfinite
     assert math.isfinite(suite[-1].latest["bound/wang_mao_eq3"])
+
+
+def test_an_unused_call_whose_weight_gets_gradient_another_way_is_not_taken_for_zero(tmp_path):
+    """A hooked layer called but its output dropped, its weight applied by ``F.linear`` instead
+    (from step 2, on even steps): the call adds nothing, but the weight's gradient is not zero.
+    Taking an unreached call for zero (round 30) measured those steps 43–47 % low, silently, once
+    the verification hooks were gone (a review); an unreached call counts as zero only where its
+    weights have no gradient at all — here the step is left unmeasured and an extra pass follows,
+    as before."""
+
+    class Shared(Net):
+        def forward(self, x):
+            h = self.inp(x)
+            a = self.block(h)
+            if self.global_step >= 2 and self.global_step % 2 == 0:
+                lin = self.block[1]
+                return self.out(torch.tanh(F.linear(torch.tanh(h), lin.weight, lin.bias)))
+            return self.out(a)
+
+    torch.manual_seed(0)
+    cb, ref, records = GradientDispersion(), StepReference(), []
+    cb.add_listener(records.extend)
+    said = _fit(tmp_path, Shared(), [cb, ref], max_steps=6)
+    assert any("not through the outputs the hooks read" in m for m in said), said
+    assert cb.active_backend == "functorch" and [r.step for r in records] == [0, 1, 3, 4, 5]
+    for r in records:
+        assert r.values["grad/dispersion"] == pytest.approx(ref.expected[r.step], rel=1e-5), r.step
+
+
+def test_the_held_out_probes_refusal_of_the_hooks_is_one_fits(tmp_path):
+    """After a fit whose model the hooks could not measure, the same ``HeldoutGradient`` used the
+    extra pass for every later fit, on any model (a review): the refusal is the fit's."""
+    from genbounds.callbacks import HeldoutGradient
+
+    torch.manual_seed(0)
+    held = HeldoutGradient(every_n_steps=2)
+    _fit(tmp_path / "moe", MixtureOfExperts(), [held], max_epochs=1)
+    assert not held._hooks_ok
+    _fit(tmp_path / "plain", Net(), [held], max_epochs=1)
+    assert held._hooks_ok and held.num_probes_run >= 1

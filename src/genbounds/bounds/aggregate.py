@@ -249,9 +249,12 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
             out["bound/wang_mao_eq3_layerwise_se"] = res.standard_error if res.method == "layerwise" else math.nan
             if res.method != "layerwise" and res.reason and math.isfinite(r):  # (a NaN R: said for every bound)
                 # (the pure formula's fallback value is not logged here: bound/wang_mao_eq3 is that form)
-                why = res.reason.removesuffix("; isotropic Eq. 3 reported")
-                inp.notes.append(f"layerwise: {why}; bound/wang_mao_eq3_layerwise is left NaN (bound/wang_mao_eq3 is "
-                                 "the equal-σ form)")
+                if res.method == "isotropic_fallback":
+                    why = res.reason.removesuffix("; isotropic Eq. 3 reported")
+                    inp.notes.append(f"layerwise: {why}; bound/wang_mao_eq3_layerwise is left NaN (bound/wang_mao_eq3 "
+                                     "is the equal-σ form)")
+                else:
+                    inp.notes.append("layerwise: " + res.reason)
     if "wang_mao_eq2_layerwise" in inp.wanted and inp.flat is not None:
         shape_rec = inp.flat_shaped
         family = candidate_family(inp.sigmas, inp.d_blocks,

@@ -113,6 +113,7 @@ class HeldoutGradient(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        self._hooks_refused = False  # (a fit of its own: an earlier fit's model is not this one)
         bn_train = has_batchnorm(pl_module) and self.probe_mode == "train"
         if self.backend == "functorch" and bn_train:
             raise MisconfigurationException(
@@ -207,12 +208,50 @@ class HeldoutGradient(ProbeCallback):
                 return local()
             # (a failure in one process raises in every process before the moments' collectives:
             # estimators/collective.py)
-            return reduce_moments(trainer, fail_together(local, self.reducer(trainer), pl_module.device))
+            reduce = self.reducer(trainer)
+            try:
+                part = fail_together(local, reduce, pl_module.device)
+            except Exception as err:
+                if not (self._per_sample and self._hooks_ok):
+                    raise
+                # every process raised here: the hooks' fallback only where no process failed
+                # otherwise, decided alike in all of them (one more small collective)
+                assert reduce is not None
+                other = torch.tensor([float(not isinstance(err, (HooksUnavailable, FailedElsewhere)))],
+                                     device=pl_module.device)
+                if float(reduce(other)[0]) > 0.0:
+                    raise
+                raise HooksUnavailable(str(err) if isinstance(err, HooksUnavailable) else "") from err
+            return reduce_moments(trainer, part)
 
         try:
             return moments()
-        except (HooksUnavailable, FailedElsewhere) as err:
-            if not (self._per_sample and self._hooks_ok) or (isinstance(err, FailedElsewhere) and err.second_order):
+        except HooksUnavailable as err:
+            if not (self._per_sample and self._hooks_ok):
+                raise
+            # the hooks cannot measure this model's probe batches (a layer applied to part of the
+            # batch: a mixture of experts' routing, say): exact per-sample gradients from here on, in
+            # every process at once (a matrix, round 30: the fit ended at the first probe, where
+            # GradientDispersion had gone on by an extra pass)
+            own = str(err) or None
+            why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
+            self._hooks_ok, self._hooks_refused = False, True
+            rank_zero_warn(f"HeldoutGradient: the norm hooks cannot measure the probe sets ({why}); exact per-sample "
+                           "gradients by an extra pass measure them from this probe on.")
+            return moments()
+        except Exception as err:
+            if not (self._per_sample and self._hooks_ok):
+                raise
+            if trainer.world_size > 1:
+                # every process raised here (fail_together): the fallback only where no process
+                # failed otherwise — decided alike in all of them (one more small collective)
+                reduce = self.reducer(trainer)
+                assert reduce is not None
+                kinds = torch.tensor([float(not isinstance(err, (HooksUnavailable, FailedElsewhere)))],
+                                     device=pl_module.device)
+                if float(reduce(kinds)[0]) > 0.0:
+                    raise
+            elif not isinstance(err, HooksUnavailable):
                 raise
             # the hooks cannot measure this model's probe batches (a layer applied to part of the
             # batch: a mixture of experts' routing, say): exact per-sample gradients from here on, in
