@@ -331,31 +331,62 @@ class RankSubsetNet(CrossEntropyModule):
         return self.out(torch.tanh(self.mid(h)))
 
 
-class RecordDispersion(pl.Callback):
-    """Writes each process's ``GradientDispersion`` backend and measured steps to
-    ``rank<r>_dispersion.txt`` at train end (works across spawned processes)."""
+class _RecordAtTrainEnd(pl.Callback):
+    """Writes :meth:`text` to ``rank<r>_<name>.txt`` at train end (works across spawned processes)."""
+
+    name = ""
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
 
+    def text(self, trainer) -> str:
+        raise NotImplementedError
+
     def on_train_end(self, trainer, pl_module) -> None:
+        with open(os.path.join(self.directory, f"rank{trainer.global_rank}_{self.name}.txt"), "w") as fh:
+            fh.write(self.text(trainer))
+
+
+class RecordDispersion(_RecordAtTrainEnd):
+    """Each process's ``GradientDispersion`` backend and measured steps (``rank<r>_dispersion.txt``)."""
+
+    name = "dispersion"
+
+    def text(self, trainer) -> str:
         from genbounds.callbacks import GradientDispersion
 
         cb = next(c for c in trainer.callbacks if isinstance(c, GradientDispersion))
-        with open(os.path.join(self.directory, f"rank{trainer.global_rank}_dispersion.txt"), "w") as fh:
-            fh.write(f"{cb.active_backend} {cb.measured_steps}")
+        return f"{cb.active_backend} {cb.measured_steps}"
 
 
-class RecordSecondOrder(pl.Callback):
-    """Writes each process's ``HessianTrace.twice_differentiable_problem`` (empty: none) to
-    ``rank<r>_second_order.txt`` at train end (works across spawned processes)."""
+class RecordSecondOrder(_RecordAtTrainEnd):
+    """Each process's ``HessianTrace.twice_differentiable_problem``, empty for none
+    (``rank<r>_second_order.txt``)."""
 
-    def __init__(self, directory: str) -> None:
-        self.directory = directory
+    name = "second_order"
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def text(self, trainer) -> str:
         from genbounds.callbacks import HessianTrace
 
         probe = next(cb for cb in trainer.callbacks if isinstance(cb, HessianTrace))
-        with open(os.path.join(self.directory, f"rank{trainer.global_rank}_second_order.txt"), "w") as fh:
-            fh.write(probe.twice_differentiable_problem or "")
+        return probe.twice_differentiable_problem or ""
+
+
+class MixtureOfExperts(nn.Module):
+    """Top-1 routing: each expert a Linear applied to the rows routed to it, gated, scattered back
+    (a layer applied to part of the batch)."""
+
+    def __init__(self, d_in: int, width: int, d_out: int, experts: int = 3) -> None:
+        super().__init__()
+        self.inp, self.router, self.out = nn.Linear(d_in, width), nn.Linear(width, experts), nn.Linear(width, d_out)
+        self.experts = nn.ModuleList(nn.Linear(width, width) for _ in range(experts))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.inp(x))
+        gate, idx = self.router(h).softmax(-1).max(-1)
+        y = torch.zeros_like(h)
+        for e, expert in enumerate(self.experts):
+            m = idx == e
+            if m.any():
+                y[m] = expert(h[m]) * gate[m, None]
+        return self.out(torch.tanh(y) + h)

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from genbounds.callbacks import GeneralizationBound, GradientDispersion
 from helpers import CrossEntropyModule, bound_suite, trainer
+from helpers import MixtureOfExperts as Experts
 
 
 def _loader(n: int, seed: int, batch_size: int = 16) -> DataLoader:
@@ -756,22 +757,14 @@ def test_an_extra_pass_runs_the_steps_own_loss_for_a_step_that_reads_its_batch_i
 
 
 class MixtureOfExperts(CrossEntropyModule):
-    """Top-1 routing: each expert a Linear applied to the rows routed to it, scattered back."""
+    """``helpers.MixtureOfExperts`` as a classifier (8 inputs, 3 classes)."""
 
-    def __init__(self, experts: int = 3) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.inp, self.router, self.out = nn.Linear(8, 16), nn.Linear(16, experts), nn.Linear(16, 3)
-        self.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(experts))
+        self.net = Experts(8, 16, 3)
 
     def forward(self, x):
-        h = torch.tanh(self.inp(x))
-        gate, idx = self.router(h).softmax(-1).max(-1)
-        y = torch.zeros_like(h)
-        for e, expert in enumerate(self.experts):
-            m = idx == e
-            if m.any():
-                y[m] = expert(h[m]) * gate[m, None]
-        return self.out(torch.tanh(y) + h)
+        return self.net(x)
 
 
 def test_a_mixture_of_experts_is_measured_from_step_0_and_the_suite_goes_on(tmp_path):

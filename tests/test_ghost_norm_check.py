@@ -195,24 +195,10 @@ def test_a_layer_applied_to_part_of_the_batch_is_seen_before_step_0():
     every expert sees the sample or nothing, so the exactness check passes, and the hooks failed
     at step 0's read (the step lost). One forward of the whole first batch shows it."""
 
-    class MoE(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inp, self.router, self.out = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 4)
-            self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
-
-        def forward(self, x: Tensor) -> Tensor:
-            h = torch.tanh(self.inp(x))
-            gate, idx = self.router(h).softmax(-1).max(-1)
-            y = torch.zeros_like(h)
-            for e, expert in enumerate(self.experts):
-                m = idx == e
-                if m.any():
-                    y[m] = expert(h[m]) * gate[m, None]
-            return self.out(y + h)
+    from helpers import MixtureOfExperts
 
     torch.manual_seed(0)
-    model = MoE()
+    model = MixtureOfExperts(6, 8, 4)
     batch = (torch.randn(12, 6), torch.randint(0, 4, (12,)))
 
     def losses(module, b):

@@ -26,6 +26,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
+from genbounds.callbacks.distributed import reason_from_every_process
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
@@ -217,8 +218,6 @@ class GradientDispersion(MeasurementCallback):
         failed, self._failed = self._failed, None
         if failed is None or float(failed) == 0.0:
             return
-        from genbounds.callbacks.distributed import reason_from_every_process
-
         assert self.impl is not None and self.contract is not None
         own = getattr(self.impl, "failure_here", None)
         why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
@@ -517,6 +516,7 @@ class GradientDispersion(MeasurementCallback):
         self._window = None
         self._batch = None
         self._manual_grads = None
+        self._failed = None  # (a fit's own: not read by the next fit's first flush)
         self.step_log.clear()
 
     # ------------------------------------------------------------------ state

@@ -55,9 +55,10 @@ def has_train_batchnorm(module: nn.Module) -> bool:
 
 
 def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
-    """Whether the first entry of ``loss_of(batch)`` (``[b]`` per-sample losses, computed with
-    gradient) reads an entry of some parameterized layer's batched output that another entry reads; ``False`` when
-    that cannot be told (one sample, no such layer, no graph). Batched: the output's shape changes
+    """Whether the first or the second entry of ``loss_of(batch)`` (``[b]`` per-sample losses,
+    computed with gradient; on the batch's first :data:`SAMPLES` samples) reads an entry of some
+    parameterized layer's batched output that another entry reads; ``False`` when that cannot be
+    told (one sample, no such layer, no graph). Batched: the output's shape changes
     when the same model runs on one sample of the batch (a table shared by the batch, whose shape
     does not, is left out even when its length equals the batch size)."""
     if b < 2:
@@ -95,9 +96,9 @@ def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
     outputs = [out for (_, shape, out), (_, shape1, _) in zip(seen, one) if shape != shape1 and out.requires_grad]
     if not outputs or not isinstance(losses, Tensor) or not losses.requires_grad or losses.numel() != b:
         return False
-    # the first loss against all the others at once: coupled when it reads an entry any other reads
-    # (the first two alone missed a coupling through a permutation of the batch — mixup between
-    # hidden states, h·λ + h[perm]·(1−λ) — unless it happened to pair those two: a matrix, round 30)
+    # the first two losses, each against all the others at once: coupled when it reads an entry
+    # another reads (the first against the second alone missed a coupling through a permutation of
+    # the batch — mixup between hidden states, h·λ + h[perm]·(1−λ) — unless it paired those two)
     flat = losses.reshape(-1)
     total = flat.sum()
     for i in (0, 1):
