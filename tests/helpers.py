@@ -290,10 +290,9 @@ class RankGatedNet(CrossEntropyModule):
         return self.out(h)
 
 
-class RankBranchNet(CrossEntropyModule):
-    """A middle block called on every batch whose output, from step ``late`` on, the process of
-    rank 1 alone leaves unused (a branch one process's batches skip; DDP with
-    ``find_unused_parameters=True``) (digits: 64 inputs, 10 classes)."""
+class _RankLateNet(CrossEntropyModule):
+    """64 → 16 → 16 → 10 (digits), whose process of rank 1 alone does something else from step
+    ``late`` on (:meth:`rank1_late`)."""
 
     def __init__(self, late: int = 2) -> None:
         super().__init__()
@@ -301,29 +300,28 @@ class RankBranchNet(CrossEntropyModule):
         self.mid = nn.Linear(16, 16)
         self.out = nn.Linear(16, 10)
         self.late = late
+
+    def rank1_late(self) -> bool:
+        return self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late
+
+
+class RankBranchNet(_RankLateNet):
+    """The middle block is called on every batch, and from step ``late`` on rank 1 alone leaves its
+    output unused (a branch one process's batches skip; DDP with ``find_unused_parameters=True``)."""
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
         m = torch.tanh(self.mid(h))
-        skip = self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late
-        return self.out(h if skip else m)
+        return self.out(h if self.rank1_late() else m)
 
 
-class RankSubsetNet(CrossEntropyModule):
-    """From step ``late`` on, the process of rank 1 alone applies its middle layer to part of the
-    batch (the samples of some classes, an adapter), which the hooks cannot attribute to samples
-    (digits: 64 inputs, 10 classes)."""
-
-    def __init__(self, late: int = 2) -> None:
-        super().__init__()
-        self.inp = nn.Linear(64, 16)
-        self.mid = nn.Linear(16, 16)
-        self.out = nn.Linear(16, 10)
-        self.late = late
+class RankSubsetNet(_RankLateNet):
+    """From step ``late`` on, rank 1 alone applies its middle layer to part of the batch (the
+    samples of some classes, an adapter), which the hooks cannot attribute to samples."""
 
     def forward(self, x):
         h = torch.tanh(self.inp(x))
-        if self._trainer is not None and self.trainer.global_rank == 1 and self.trainer.global_step >= self.late:
+        if self.rank1_late():
             part = torch.arange(h.shape[0]) % 2 == 0
             out = h.clone()
             out[part] = torch.tanh(self.mid(h[part]))
