@@ -856,3 +856,30 @@ def test_the_held_out_probes_refusal_of_the_hooks_is_one_fits(tmp_path):
     assert not held._hooks_ok
     _fit(tmp_path / "plain", Net(), [held], max_epochs=1)
     assert held._hooks_ok and held.num_probes_run >= 1
+
+
+def test_mixup_between_hidden_states_applied_with_a_probability_is_found_before_step_0(tmp_path):
+    """Manifold mixup drawn with probability ½ per batch: the coupling check ran once, on the
+    first two samples of one draw, and the hooks' rows passed for per-sample gradients (6 % off,
+    silently; a matrix, round 30). It now runs on four runs of the trial batch's samples, each
+    drawing again: the coupling is found, and an extra pass measures through the batch."""
+
+    class MaybeMixup(Net):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            h = self.inp(x)
+            if float(torch.rand(())) < 0.5:
+                lam, perm = 0.7, torch.randperm(len(x))
+                h = lam * h + (1 - lam) * h[perm]
+                out = self.out(self.block(h))
+                loss = lam * F.cross_entropy(out, y) + (1 - lam) * F.cross_entropy(out, y[perm])
+            else:
+                loss = F.cross_entropy(self.out(self.block(h)), y)
+            self.log("train_loss", loss)
+            return loss
+
+    torch.manual_seed(0)
+    cb = GradientDispersion()
+    said = _fit(tmp_path, MaybeMixup(), [cb], train=_loader(64, 0, batch_size=32), max_epochs=1)
+    assert cb.active_backend != "hooks", said
+    assert any("depend on the other samples" in m for m in said), said

@@ -51,13 +51,16 @@ from torch import Tensor, nn
 from genbounds.callbacks.captured_weights import (CLASSIFICATION_LOSSES, CoefficientSpec, PerBatchRead, captured_step,
                                                   coefficient_spec, coefficients_for, outside_inference, per_record,
                                                   returned_loss, same_spec, scores_one_prediction_twice)
-from genbounds.callbacks.isolation import call_training_step, isolated_pass, muted_training_step
+from genbounds.callbacks.isolation import as_training_batch, call_training_step, isolated_pass, muted_training_step
 from genbounds.callbacks.per_module import kept_on
 from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_draws
 from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.coupling import has_train_batchnorm, losses_couple
 from genbounds.estimators.functional import LossFn, graph_nodes
+
+COUPLING_PARTS = 4
+"""Runs of the trial batch's samples the coupling check takes (``estimators/coupling.py``)."""
 
 UserLossFn = Callable[[LightningModule, Any], Tensor]
 
@@ -250,7 +253,14 @@ class LossContract:
             try:
                 with torch.random.fork_rng(devices=devices, device_type=device.type), \
                         isolated_pass(module, mode="keep", grad=True):
-                    self.coupled = losses_couple(lambda part: self(module, part), batch, b)
+                    # four runs of the batch's samples, the t-th as batch_idx t: a step that
+                    # couples on some draws (mixup applied with a probability: each run draws
+                    # again) or on some batches (an in-batch term on odd ones) shows it in one
+                    for t in range(COUPLING_PARTS):
+                        with as_training_batch(t):
+                            self.coupled = losses_couple(lambda part: self(module, part), batch, b, part=t)
+                        if self.coupled:
+                            break
             except Exception:  # noqa: BLE001 - a check the user's step cannot take says nothing
                 self.coupled = False
         if self.coupled and self.per_sample:

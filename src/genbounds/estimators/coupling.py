@@ -16,8 +16,9 @@ independent samples read disjoint entries of every layer's output (``[b, …]`` 
 …]`` columns of a sequence-first model, the ``2b`` rows of two views of each sample), so the
 supports do not overlap; a loss with in-batch negatives reads other samples' entries, and they
 do; so does mixup between hidden states (``h·λ + h[perm]·(1−λ)``), missed only where ``perm``
-fixes both samples (1 in ``k(k−1)`` for a random permutation of ``k``: 1 in 56). It runs on the
-batch's first :data:`SAMPLES` samples: its memory is the gradient of every layer's output of
+fixes both samples (1 in ``k(k−1)`` for a random permutation of ``k``: 1 in 56). It runs on a
+run of :data:`SAMPLES` of the batch's samples (``part``; the loss contract takes four, each as
+another ``batch_idx`` and drawing again): its memory is the gradient of every layer's output of
 those — on the whole batch of the AlexNet-style CNN at b = 64 the fit's peak resident-set growth
 was 384–399 MiB against 311–333 on eight samples (two runs each; plain training 265–295; found
 in round 30). At a layer's output, not at the batch's input: what the training step does to its inputs
@@ -54,19 +55,25 @@ def has_train_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, _BatchNorm) and (m.training or m.running_mean is None) for m in module.modules())
 
 
-def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
+def losses_couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int, part: int = 0) -> bool:
     """Whether the first or the second entry of ``loss_of(batch)`` (``[b]`` per-sample losses,
-    computed with gradient; on the batch's first :data:`SAMPLES` samples) reads an entry of some
-    parameterized layer's batched output that another entry reads; ``False`` when that cannot be
-    told (one sample, no such layer, no graph). Batched: the output's shape changes
-    when the same model runs on one sample of the batch (a table shared by the batch, whose shape
-    does not, is left out even when its length equals the batch size)."""
-    if b < 2:
-        return False
+    computed with gradient; on the batch's ``part``-th run of :data:`SAMPLES` samples) reads an
+    entry of some parameterized layer's batched output that another entry reads; ``False`` when
+    that cannot be told (one sample, no such layer, no graph, no such part). Batched: the output's
+    shape changes when the same model runs on one sample of the batch (a table shared by the batch,
+    whose shape does not, is left out even when its length equals the batch size)."""
     from genbounds.estimators.batching import index_batch
 
-    if b > SAMPLES:
-        batch, b = index_batch(batch, slice(0, SAMPLES)), SAMPLES
+    start = SAMPLES * part
+    size = min(SAMPLES, b - start)
+    if size < 2:
+        return False
+    return _couple(loss_of, index_batch(batch, slice(start, start + size)) if size < b else batch, size)
+
+
+def _couple(loss_of: Callable[[Any], Tensor], batch: Any, b: int) -> bool:
+    """:func:`losses_couple` on ``batch`` of ``b`` samples, all of them."""
+    from genbounds.estimators.batching import index_batch
 
     def record(into: list, keep: bool) -> Callable:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
