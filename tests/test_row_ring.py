@@ -232,30 +232,36 @@ def test_piece_norms_count_against_the_budget():
 
 
 def test_weights_used_outside_their_modules_warn_and_fall_back(tmp_path):
-    """From the fifth training forward on, the model applies its Linear weights with ``F.linear``:
-    the hooks record no call, yet the weights get gradients. The step is not taken for one
-    without a backward (the ghost hooks count only a backward that reached a recorded call), nor
-    given the last step's values: it is read, warns and falls back, and the other steps are logged.
-    (Before the shared hooks' cache was cleared at each arm, it logged only step 0.)"""
+    """From step 2 on, the model applies its Linear weights with ``F.linear``: the hooks record no
+    call, yet the weights get gradients. The step is not taken for one without a backward (the
+    ghost hooks count only a backward that reached a recorded call), nor given the last step's
+    values: it is read, warns and falls back, and the other steps are logged. (Before the shared
+    hooks' cache was cleared at each arm, it logged only step 0.) The switch is by step, not by
+    forward count: the checks before step 0 run forwards of their own."""
 
     class Switch(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.a, self.c, self.calls = nn.Linear(64, 32), nn.Linear(32, 10), 0
+            self.a, self.c, self.step = nn.Linear(64, 32), nn.Linear(32, 10), -1
 
         def forward(self, x):
-            self.calls += torch.is_grad_enabled()
-            if self.calls < 5:
+            if self.step < 2:
                 return self.c(torch.tanh(self.a(x)))
             h = torch.tanh(nn.functional.linear(x, self.a.weight, self.a.bias))
             return nn.functional.linear(h, self.c.weight, self.c.bias)
+
+    class SetStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            pl_module.network.step = trainer.global_step
 
     pl.seed_everything(0, verbose=False)
     disp = GradientDispersion(backend="auto")
     out: list = []
     disp.add_listener(out.extend)
-    with pytest.warns(UserWarning, match="not through the outputs the hooks read|received gradient but no recorded forward"):
-        trainer(tmp_path, [disp], max_steps=12).fit(Classifier(Switch(), lr=0.05), DigitsDataModule(batch_size=32))
+    with pytest.warns(UserWarning,
+                      match="not through the outputs the hooks read|received gradient but no recorded forward"):
+        trainer(tmp_path, [SetStep(), disp], max_steps=12).fit(Classifier(Switch(), lr=0.05),
+                                                                DigitsDataModule(batch_size=32))
     steps = [r.step for r in out]  # every step but the one that fell back (its window is incomplete)
     assert disp.active_backend != "hooks" and len(steps) == 11 and steps == sorted(set(steps)) and steps[-1] == 11
 
