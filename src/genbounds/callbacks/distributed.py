@@ -40,6 +40,13 @@ def reason_from_every_process(trainer: Trainer, reason: str, elsewhere: bool) ->
     return reason
 
 
+def reason_anywhere(trainer: Trainer, reason: str | None) -> str | None:
+    """:func:`reason_from_every_process` for a reason a process may not have (``None``): this
+    process's own, else the first other process's (named), else ``None`` — the same decision in
+    every process."""
+    return reason_from_every_process(trainer, reason or "", elsewhere=reason is None) or None
+
+
 def reduce_moments(trainer: Trainer, moments: GradientMoments) -> GradientMoments:
     """Sum the moments over DDP ranks (every rank calls this on the same steps)."""
     strategy = trainer.strategy

@@ -26,7 +26,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
-from genbounds.callbacks.distributed import reason_from_every_process
+from genbounds.callbacks.distributed import reason_anywhere
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
@@ -219,8 +219,7 @@ class GradientDispersion(MeasurementCallback):
         if failed is None or float(failed) == 0.0:
             return
         assert self.impl is not None and self.contract is not None
-        own = getattr(self.impl, "failure_here", None)
-        why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
+        why = reason_anywhere(trainer, getattr(self.impl, "failure_here", None))
         rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): {why}; the steps it failed at are left "
                        "unmeasured in every process (non-finite, skipped), and an extra-pass backend measures in "
                        f"every process from step {int(trainer.global_step)} on.")

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, HeldoutRecord
 from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
-from genbounds.callbacks.distributed import reason_from_every_process, reduce_moments
+from genbounds.callbacks.distributed import reason_anywhere, reduce_moments
 from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.state_key import state_key_once
@@ -233,33 +233,7 @@ class HeldoutGradient(ProbeCallback):
             # batch: a mixture of experts' routing, say): exact per-sample gradients from here on, in
             # every process at once (a matrix, round 30: the fit ended at the first probe, where
             # GradientDispersion had gone on by an extra pass)
-            own = str(err) or None
-            why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
-            self._hooks_ok, self._hooks_refused = False, True
-            rank_zero_warn(f"HeldoutGradient: the norm hooks cannot measure the probe sets ({why}); exact per-sample "
-                           "gradients by an extra pass measure them from this probe on.")
-            return moments()
-        except Exception as err:
-            if not (self._per_sample and self._hooks_ok):
-                raise
-            if trainer.world_size > 1:
-                # every process raised here (fail_together): the fallback only where no process
-                # failed otherwise — decided alike in all of them (one more small collective)
-                reduce = self.reducer(trainer)
-                assert reduce is not None
-                kinds = torch.tensor([float(not isinstance(err, (HooksUnavailable, FailedElsewhere)))],
-                                     device=pl_module.device)
-                if float(reduce(kinds)[0]) > 0.0:
-                    raise
-            elif not isinstance(err, HooksUnavailable):
-                raise
-            # the hooks cannot measure this model's probe batches (a layer applied to part of the
-            # batch: a mixture of experts' routing, say): exact per-sample gradients from here on, in
-            # every process at once (they all raised here); a failure elsewhere that was no hooks'
-            # fails again below and ends the fit, as it would have (a matrix, round 30: the fit
-            # ended at the first probe, where GradientDispersion had gone on by an extra pass)
-            own = str(err) if isinstance(err, HooksUnavailable) else None
-            why = reason_from_every_process(trainer, own or "", elsewhere=own is None)
+            why = reason_anywhere(trainer, str(err) or None)
             self._hooks_ok, self._hooks_refused = False, True
             rank_zero_warn(f"HeldoutGradient: the norm hooks cannot measure the probe sets ({why}); exact per-sample "
                            "gradients by an extra pass measure them from this probe on.")

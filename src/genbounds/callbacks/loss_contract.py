@@ -255,7 +255,9 @@ class LossContract:
                         isolated_pass(module, mode="keep", grad=True):
                     # four runs of the batch's samples, the t-th as batch_idx t: a step that
                     # couples on some draws (mixup applied with a probability: each run draws
-                    # again) or on some batches (an in-batch term on odd ones) shows it in one
+                    # again) shows it in one; one that couples on some batches only where those
+                    # batches capture the trial batch's losses (an in-batch term of its own on odd
+                    # batches captures others: read per batch, not with gradient — not seen)
                     for t in range(COUPLING_PARTS):
                         with as_training_batch(t):
                             self.coupled = losses_couple(lambda part: self(module, part), batch, b, part=t)

@@ -20,7 +20,7 @@ from genbounds.callbacks.dispersion.base import DispersionBackend
 from genbounds.callbacks.dispersion.microbatch import MicrobatchBackend
 from genbounds.callbacks.dispersion.norm_hooks import NormHooksBackend
 from genbounds.callbacks.dispersion.select import choose_backend, fallback_backend
-from genbounds.callbacks.distributed import reason_from_every_process
+from genbounds.callbacks.distributed import reason_anywhere
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.estimators.coupling import has_train_batchnorm
 from genbounds.estimators.functional import parameter_groups
@@ -82,8 +82,7 @@ class BackendSlot:
                 # each process checked its own first batch (a layer its data sends part of the batch
                 # through shows in one process only): refused in one, refused in every one — a
                 # process alone on an extra pass reduces other moments (a review: SIGABRT in gloo)
-                agreed = reason_from_every_process(trainer, why or "", elsewhere=why is None)
-                why = agreed or None
+                why = reason_anywhere(trainer, why)
             if why is not None:
                 when = "before step 0" if trainer.global_step == 0 else f"at step {trainer.global_step}"
                 rank_zero_warn(f"GradientDispersion(backend='hooks'): {when}, {why}; switching to an "

@@ -683,9 +683,11 @@ class GhostNormHooks:
                 moved to the host).
 
         Returns:
-            ``None`` when nothing was recorded, or when no recorded call received gradient
-            (read before the backward). A module whose recorded calls received none (its output
-            did not reach the loss) has zero norms, as one that did not run.
+            ``None`` when nothing was recorded, when no recorded call received gradient (read
+            before the backward), or when a module whose recorded calls received none has
+            weights with a gradient (which the read cannot place). A module whose recorded calls
+            received none (its output did not reach the loss) and whose weights have no gradient
+            has zero norms, as one that did not run.
 
         Raises:
             RuntimeError: when exact values cannot be produced (unbatched input, an input
