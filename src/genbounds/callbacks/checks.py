@@ -192,6 +192,15 @@ def check_automatic_optimization(owner: str, pl_module: LightningModule) -> None
         )
 
 
+def check_batch_spread(owner: str, trainer: Trainer, accumulate: int) -> None:
+    """At the fit's start: batches of one sample (and no accumulation) have no spread to measure."""
+    size = getattr(trainer.train_dataloader, "batch_size", None)
+    if isinstance(size, int) and size * accumulate < 2:
+        raise MisconfigurationException(
+            f"{owner}: batches of {size} sample(s) (accumulate_grad_batches={accumulate}) have no spread to measure; "
+            "use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
+
+
 def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:
     """Manual optimization is supported with one optimizer (its ``step`` fires Lightning's
     ``on_before_optimizer_step``); several optimizers step different parameter sets at different

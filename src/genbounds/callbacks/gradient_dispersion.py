@@ -8,12 +8,13 @@ from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, DispersionRecord
 from genbounds.callbacks.checks import (
+    check_batch_spread,
     check_bool,
     check_callable,
     check_choice,
@@ -26,7 +27,7 @@ from genbounds.callbacks.checks import (
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
-from genbounds.callbacks.distributed import reason_anywhere
+from genbounds.callbacks.dispersion.unmeasured import UnmeasuredNotes
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
@@ -146,8 +147,7 @@ class GradientDispersion(MeasurementCallback):
 
         self.slot = BackendSlot()
         self.measured_steps = 0
-        self._one_sample_said = False
-        self._no_backward_said = False
+        self._unmeasured = UnmeasuredNotes()
         self.group_names: list[str] = []
         self._row_names: tuple[str, ...] = ()
         self._groups_partition = False
@@ -209,21 +209,14 @@ class GradientDispersion(MeasurementCallback):
         self.step_log.flush(trainer, pl_module, epoch_end=epoch_end)
 
     def _fail_together(self, trainer: Trainer) -> None:
-        """Under DDP: when the backend failed in some process at a step since the last flush (its
-        data took a branch the hooks cannot measure: ``NormHooksBackend._failed_step``), every
-        process falls back to the next backend here, together — the failing process alone did, and
-        the others waited in the next step's reduction until the process group's timeout. The count
-        was summed on the device in the steps' own reductions; it is read here, where the step log
-        reads its values, not at every step. Said once, with the failing process's reason."""
+        """Under DDP: the backend failed in some process at a step since the last flush — every
+        process falls back here, together (``BackendSlot.fall_back_together``). The count was
+        summed on the device in the steps' own reductions; it is read here, where the step log
+        reads its values, not at every step."""
         failed, self._failed = self._failed, None
-        if failed is None or float(failed) == 0.0:
-            return
-        assert self.impl is not None and self.contract is not None
-        why = reason_anywhere(trainer, getattr(self.impl, "failure_here", None))
-        rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): {why}; the steps it failed at are left "
-                       "unmeasured in every process (non-finite, skipped), and an extra-pass backend measures in "
-                       f"every process from step {int(trainer.global_step)} on.")
-        self.slot.fallback(trainer, trainer.lightning_module, self.contract, self._loss_fn)
+        if failed is not None and float(failed) != 0.0:
+            assert self.contract is not None
+            self.slot.fall_back_together(trainer, self.contract, self._loss_fn)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -254,12 +247,7 @@ class GradientDispersion(MeasurementCallback):
         self.step_budget.start()
         self.slot.batchnorm_said = set()
         self._accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
-        loader = trainer.train_dataloader
-        size = getattr(loader, "batch_size", None)
-        if isinstance(size, int) and size * self._accumulate < 2:
-            raise MisconfigurationException(
-                f"GradientDispersion: batches of {size} sample(s) (accumulate_grad_batches={self._accumulate}) have "
-                "no spread to measure; use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
+        check_batch_spread(OWNER, trainer, self._accumulate)
         trial_batch = training_trial_batch(trainer, self.seed)
         self.contract.resolve(trainer, pl_module, trial_batch)
         self._trainable = TrainableSet.shared(pl_module)
@@ -273,12 +261,7 @@ class GradientDispersion(MeasurementCallback):
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
             int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
         self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
-        if self.contract.reentrant_checkpoint and self.slot.name not in ("hooks", "accumulation"):
-            raise MisconfigurationException(
-                f"GradientDispersion(backend={self.backend!r}): {type(pl_module).__name__}.training_step runs "
-                "torch.utils.checkpoint with use_reentrant=True, whose backward torch.autograd.grad cannot take; only "
-                f"the training backward's own (backend 'hooks') can be read through it, and here the backend is "
-                f"{self.slot.name!r}. Pass use_reentrant=False, which PyTorch recommends.")
+        self.slot.check_reentrant(pl_module, self.contract)
         self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
         self._late_from_start(trainer, pl_module)
 
@@ -453,27 +436,10 @@ class GradientDispersion(MeasurementCallback):
         self.impl.end_batch()
 
     def _no_backward(self) -> bool:
-        """Whether this measured step ran no backward — no trained parameter has a gradient: its
-        ``training_step`` returned ``None``, which Lightning counts as a step all the same (it says
-        so itself) — said once: the step is left unmeasured."""
-        if any(p.grad is not None for p in self._params):
-            return False
-        if not self._no_backward_said:
-            self._no_backward_said = True
-            rank_zero_info(f"GradientDispersion: step {self._step} ran no backward (training_step returned None?): "
-                           "it is left unmeasured, and in the bounds, which count it as Lightning does, the measured "
-                           "step before it stands for it.")
-        return True
+        return self._unmeasured.no_backward(self._params, self._step)
 
     def _one_sample(self, window: Any) -> None:
-        """Said once: a measured step whose batch held one sample (no spread) is not measured
-        (``window``: the step's window, or its batch size)."""
-        units = window if isinstance(window, int) else getattr(window, "batch", getattr(window, "num_units", None))
-        if isinstance(units, int) and units < 2 and not self._one_sample_said:
-            self._one_sample_said = True
-            rank_zero_info(f"GradientDispersion: step {self._step}'s batch holds one sample (a last batch of size 1? "
-                           "DataLoader(drop_last=True) avoids it): it has no spread to measure, so the step is left "
-                           "unmeasured (in the bounds, the measured step before it stands for it).")
+        self._unmeasured.one_sample(window, self._step)
 
     def _end_batch(self) -> None:
         if self.impl is not None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
@@ -114,6 +115,30 @@ class BackendSlot:
             self.batchnorm_said.add("again")
             rank_zero_info(f"GradientDispersion: BatchNorm normalizes with batch statistics again from epoch {epoch}: "
                            "the per-sample values are the train-mode decomposition again.")
+
+    def check_reentrant(self, pl_module: LightningModule, contract: LossContract) -> None:
+        """Before step 0: a ``training_step`` that checkpoints with ``use_reentrant=True`` can be
+        read through by the training backward's own backends only (``torch.autograd.grad`` cannot
+        take its backward): an error for any other."""
+        if contract.reentrant_checkpoint and self.name not in ("hooks", "accumulation"):
+            raise MisconfigurationException(
+                f"GradientDispersion(backend={self.options.backend!r}): {type(pl_module).__name__}.training_step "
+                "runs torch.utils.checkpoint with use_reentrant=True, whose backward torch.autograd.grad cannot take; "
+                "only the training backward's own (backend 'hooks') can be read through it, and here the backend is "
+                f"{self.name!r}. Pass use_reentrant=False, which PyTorch recommends.")
+
+    def fall_back_together(self, trainer: Trainer, contract: LossContract, loss_fn: Any) -> None:
+        """Under DDP, at a flush: the backend failed in some process at a step since the last one
+        (its data took a branch the hooks cannot measure: ``NormHooksBackend._failed_step``).
+        Every process falls back to the next backend here, together — the failing process alone
+        did, and the others waited in the next step's reduction until the process group's timeout.
+        Said once, with the failing process's reason."""
+        assert self.impl is not None
+        why = reason_anywhere(trainer, getattr(self.impl, "failure_here", None))
+        rank_zero_warn(f"GradientDispersion(backend={self.impl.name!r}): {why}; the steps it failed at are left "
+                       "unmeasured in every process (non-finite, skipped), and an extra-pass backend measures in "
+                       f"every process from step {int(trainer.global_step)} on.")
+        self.fallback(trainer, trainer.lightning_module, contract, loss_fn)
 
     def use(self, backend: DispersionBackend, pl_module: LightningModule) -> None:
         if self.impl is not None:
