@@ -436,12 +436,18 @@ def test_hooks_backend_one_forward_per_step_and_exact(tmp_path):
 
 
 def _forward_hooks(module: torch.nn.Module) -> int:
-    """Forward (pre-)hooks on ``module`` and its children (the spies' own left out), and global
-    module forward hooks that dispatch to one of them (genbounds' ghost-norm hooks)."""
+    """Forward (pre-)hooks on ``module`` and its children that can act (the spies' own left out;
+    genbounds' per-module ghost-norm hooks while their recording window is open: closed, they
+    return at once), and global module forward hooks that dispatch to one of them (genbounds'
+    ghost-norm hooks on a module with a ``TransformerEncoderLayer``)."""
     from torch.nn.modules import module as module_module
 
+    from genbounds.estimators.ghost_norms.hooks import _ModuleHook
+
+    shared = module.__dict__.get("_genbounds_norm_hooks")
+    window = shared is not None and shared.ghost is not None and shared.ghost.attached
     ids = {id(m) for m in module.modules()}
-    local = sum(not getattr(h, "spy", False) for m in module.modules()
+    local = sum(not getattr(h, "spy", False) and (window or not isinstance(h, _ModuleHook)) for m in module.modules()
                 for h in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()))
     owners = [h.args[0]() for h in (*module_module._global_forward_hooks.values(),
                                     *module_module._global_forward_pre_hooks.values())
@@ -523,13 +529,15 @@ class SkipsSteps(CEClassifier):
 
 @pytest.mark.parametrize("stop", [False, True])
 def test_no_hook_left_when_a_step_has_no_backward_or_the_epoch_stops(tmp_path, stop):
-    """A measured step whose ``training_step`` returns ``None`` leaves the forward hook until our
-    ``on_before_optimizer_step``; a skipped batch (``-1``) until the epoch's end: callbacks after
-    ours, and the epoch-end and validation hooks, see none."""
+    """A measured step whose ``training_step`` returns ``None`` leaves the forward hooks'
+    recording window open until our ``on_before_optimizer_step``; a skipped batch (``-1``) until
+    the epoch's end: callbacks after ours, and the epoch-end and validation hooks, see none that
+    can act (this model's hooks are per module, kept between measured steps, the window closed)."""
     first, last = HookSpy(), HookSpy()
     cb = GradientDispersion(backend="hooks")
-    fit(Case(lambda: SkipsSteps(stop), _vec_data), tmp_path, suite=[first, cb, last])
+    run = fit(Case(lambda: SkipsSteps(stop), _vec_data), tmp_path, suite=[first, cb, last])
     assert cb.active_backend == "hooks" and cb.measured_steps >= 2
+    assert run.module.__dict__["_genbounds_norm_hooks"].ghost.per_module
     assert any(where == "on_train_epoch_end" for where, _ in last.outside)
     assert all(n == 0 for _, n in last.outside), last.outside
     # (a callback before ours sees the hook in the Lightning hook where ours removes it)

@@ -270,17 +270,76 @@ def test_hooks_stay_armed_between_measured_steps_and_a_stray_forward_changes_not
     assert shared.ghost is not None and not shared.ghost.attached
 
 
+class _ForwardAfterBackward(pl.Callback):
+    """A grad-enabled forward of the model after the step's backward, before its optimizer step
+    (where the norms are read): outside the recording window, it must not join the step's calls."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.x = batch[0][:3]
+
+    def on_after_backward(self, trainer, pl_module):
+        pl_module(self.x)
+
+
+class _CopiesTheModule(pl.Callback):
+    """Between measured steps: pickles the whole module and deep-copies it (an EMA's or SWA's
+    copy), and runs the copy with gradient inside the next step's forward window."""
+
+    def __init__(self) -> None:
+        self.hooks: list[tuple[int, bool, int]] = []  # (step, window open, our hooks on the module)
+        self.copy = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.copy is not None:
+            self.copy(batch[0][:5]).sum()  # (recorded by nothing: the copy's hooks are inert)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        import copy
+        import io
+
+        from genbounds.estimators.ghost_norms.hooks import _inert_hook, _ModuleHook
+
+        ours = [h for m in pl_module.modules() for h in m._forward_hooks.values() if isinstance(h, _ModuleHook)]
+        shared = pl_module.__dict__["_genbounds_norm_hooks"]
+        self.hooks.append((trainer.global_step - 1, shared.ghost.attached, len(ours)))
+        buffer = io.BytesIO()
+        torch.save(pl_module.network, buffer)  # (a closure on the module would not pickle)
+        self.copy = copy.deepcopy(pl_module.network)
+        copied = [h for m in self.copy.modules() for h in m._forward_hooks.values()]
+        assert all(h is _inert_hook for h in copied) and len(copied) == len(ours)
+
+
+@pytest.mark.parametrize("extra", [_ForwardAfterBackward, _CopiesTheModule])
+def test_per_module_hooks_record_only_their_steps_forward(tmp_path, extra):
+    """The MLP's hooks are one per hooked module (``per_module``), kept from measured step to
+    measured step: they record a step's own forward only — not a forward after its backward, nor
+    a copy of the module (deep-copied or pickled with them on) run inside the window — and the
+    values are those of the run without the extra callback."""
+    _, _, ref = _records(tmp_path / "a", [GradientDispersion(backend="hooks")])
+    spy = extra()
+    module, disp, got = _records(tmp_path / "b", [GradientDispersion(backend="hooks"), spy])
+    assert disp.active_backend == "hooks" and module.__dict__["_genbounds_norm_hooks"].ghost.per_module
+    assert len(got) == len(ref) == 6
+    for a, b in zip(got, ref):
+        assert a.values["grad/dispersion"] == pytest.approx(b.values["grad/dispersion"], rel=1e-12)
+    if isinstance(spy, _CopiesTheModule):  # kept between steps (two Linear layers), the window closed
+        assert spy.hooks == [(s, False, 2) for s in range(6)]
+    assert not any(m._forward_hooks for m in module.modules())  # (removed at the end of fit)
+
+
 def test_hooks_disarm_on_unmeasured_steps(tmp_path):
     seen = []
 
     class Probe(pl.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             shared = pl_module.__dict__["_genbounds_norm_hooks"]
-            seen.append((trainer.global_step - 1, shared.ghost.armed))
+            seen.append((trainer.global_step - 1, shared.ghost.armed, sum(map(len, (
+                m._forward_hooks for m in pl_module.modules())))))
 
     _records(tmp_path, [GradientDispersion(backend="hooks", every_n_steps=3), Probe()])
-    # measured at steps 0 and 3: armed after them; steps 1, 2, 4, 5 are not measured
-    assert seen == [(0, True), (1, False), (2, False), (3, True), (4, False), (5, False)]
+    # measured at steps 0 and 3: armed after them (their per-module forward hooks kept); steps
+    # 1, 2, 4, 5 are not measured (no hook of ours on the module)
+    assert seen == [(0, True, 2), (1, False, 0), (2, False, 0), (3, True, 2), (4, False, 0), (5, False, 0)]
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2, "large"])

@@ -7,13 +7,24 @@ normalization layers; BackPACK's ``BatchL2Grad`` for ``RNN``/``LSTM`` layers, wh
 reaches. No extra forward or backward.
 
 Hooks are shared by every ``GradientDispersion`` of a module (two callbacks with different
-schedules read the same norms). The ghost norms' forward hook is one process-wide hook
-(``GhostNormHooks.attach``) that exists only from a measured step's forward to its backward:
-unmeasured steps cost nothing; it runs before any module hook of the user's (so a hook that
-returns a new output cannot come between a product and the gradient we read); and the user's
-validation, test and ``no_grad`` forwards run exactly as without us — a module hook anywhere in a
-``TransformerEncoderLayer`` turns off its eval-mode fast path, whose results differ from the slow
-path's in the last bits (the drop-in test caught it at two threads). Once a fit, before step 0,
+schedules read the same norms). The ghost norms record a call only from a measured step's forward
+to its backward, and unmeasured steps cost nothing. Their forward hooks (``GhostNormHooks.attach``):
+
+* by default one per hooked module, registered first among its hooks (``prepend=True``, so a
+  user's hook that returns a new output cannot come between the product and the gradient we
+  read), kept from a run of measured steps' first to its last (a flag closes them at each
+  backward's end: a forward of the user's between steps records nothing, and returns what it
+  would without us). One hook per module instead of one process-wide one spares the other module
+  calls of the step PyTorch's slow path of hooked calls: the MLP benchmark's measured step went
+  from 1.101× to 1.093× (docs/results/overhead.md, round 31). A copy of the module (``deepcopy``,
+  ``torch.save``) carries an inert hook;
+* one process-wide hook that exists only from a measured step's forward to its backward for a
+  module with a ``TransformerEncoderLayer`` — a module hook anywhere in one turns off its eval-mode
+  fast path, whose results differ from the slow path's in the last bits (the drop-in test caught
+  it in the user's validation loss at two threads) — and for one with BackPACK layers (disarmed
+  every step: hooks registered per step would cost more than the global one).
+
+Once a fit, before step 0,
 the hooks are checked against exact gradients on one sample (:meth:`NormHooksBackend.verify`).
 
 Under train-mode BatchNorm the per-sample terms are those of the batch gradient's exact
@@ -67,8 +78,12 @@ class SharedHooks:
     are read once and served to every owner."""
 
     def __init__(self, root: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
-        self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root),
-                                    unhook_after_backward=True) if ghost else None
+        # each hooked module's own hook, kept while the hooks stay armed (below), unless BackPACK's
+        # layers disarm them every step or a TransformerEncoderLayer would lose its eval-mode fast
+        # path to it (the one global hook, only from a measured forward to its backward, then)
+        per_module = not backpack and not any(isinstance(m, nn.TransformerEncoderLayer) for m in root.modules())
+        self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root), unhook_after_backward=True,
+                                    per_module=per_module) if ghost else None
         self.backpack = BackpackNormHooks(list(backpack.values())) if backpack else None
         self.backpack_names = {id(m): n for n, m in backpack.items()}
         self.key = _covering(ghost, backpack)

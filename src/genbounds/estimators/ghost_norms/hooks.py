@@ -117,6 +117,33 @@ def _dispatch_forward(ref: "weakref.ref[GhostNormHooks]", module: nn.Module, arg
             fn(module, args, output)
 
 
+def _inert_hook(module: nn.Module, args: tuple, output: Any) -> None:
+    """What a copy of a module carries in place of our per-module hook (:class:`_ModuleHook`)."""
+    return None
+
+
+class _ModuleHook:
+    """A hooked module's own forward hook (``GhostNormHooks(per_module=True)``). It lives on
+    the user's module while the hooks stay armed, so a module copied or pickled then (an EMA or
+    ``StochasticWeightAveraging``'s ``deepcopy``, a ``torch.save`` of the whole module) must not
+    carry it: the copy gets :func:`_inert_hook` instead (a closure would not even pickle)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable) -> None:
+        self.fn = fn
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        return self.fn(module, args, output)
+
+    def __reduce__(self) -> tuple:
+        return (_returns_inert, ())
+
+
+def _returns_inert() -> Callable:
+    return _inert_hook
+
+
 _GLOBAL_HOOKS: list[tuple["weakref.ref[GhostNormHooks]", RemovableHandle]] = []
 """Every registered global hook with its owner (weakly)."""
 
@@ -152,6 +179,8 @@ class GhostNormHooks:
             sign of a weight used outside its module's ``forward``.  The check costs one
             autograd hook call per parameter and backward; the usage it detects is structural,
             so by default it runs on the first measured backward after each :meth:`arm` only.
+        per_module: one forward hook per hooked module, kept while armed, instead of the global
+            one (:meth:`attach`).
         unhook_after_backward: :meth:`unhook` at the end of a backward that reached a recorded
             call (an autograd engine callback, queued by the first such call's gradient):
             ``GradientDispersion``'s hooks, whose forward hook then lives only from a measured
@@ -168,8 +197,12 @@ class GhostNormHooks:
         verify_every_step: bool = False,
         batch_dims: Mapping[str, int] | None = None,
         unhook_after_backward: bool = False,
+        per_module: bool = False,
     ) -> None:
         self.unhook_after_backward = unhook_after_backward
+        self.per_module = per_module
+        self._open = False  # (per_module: the window from arm to the backward's end)
+        self._module_handles: list[RemovableHandle] = []
         self._unhook_queued = False  # (an unhook queued to run at the end of the current backward)
         group_of = dict(group_of or {})
         batch_dims = dict(batch_dims or {})
@@ -240,7 +273,7 @@ class GhostNormHooks:
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None
+        return self._open if self.per_module else self._handle is not None
 
     @property
     def armed(self) -> bool:
@@ -294,15 +327,30 @@ class GhostNormHooks:
         return self._scratch.nbytes
 
     def attach(self) -> None:
-        """Register the forward hook (a no-op while it is registered).
+        """Register the forward hook (a no-op while it is registered) and open the recording
+        window (closed by :meth:`unhook`).
 
-        One *global* module forward hook (``torch.nn.modules.module.register_module_forward_hook``)
+        By default one *global* module forward hook (``torch.nn.modules.module.register_module_forward_hook``)
         that dispatches by module to the hooked sites, not a hook on each module: global hooks run
         before a module's own, so a user's hook that returns a new output (registered before or
         after ours) cannot put itself between the module's product and the gradient we read; and
         PyTorch's eval-mode fast path of ``TransformerEncoderLayer``, which is refused while the
         layer or a child carries a forward hook, stays available to the user's own ``no_grad``
-        forwards — a module hook changed the user's validation values in the last bits."""
+        forwards — a module hook changed the user's validation values in the last bits.
+
+        ``per_module``: a hook on each hooked module instead, first among its hooks
+        (``prepend=True``: a user's hook registered later with ``prepend=True`` would come before
+        it), registered once and kept until :meth:`disarm`; :meth:`unhook` only closes the window
+        (a flag), so a forward outside it records nothing and the user's module calls that are not
+        hooked keep PyTorch's hook-free fast path. For models without ``TransformerEncoderLayer``."""
+        if self.per_module:
+            self._open = True
+            if not self._module_handles:
+                for site in self._sites:
+                    if not site.sub:
+                        self._module_handles.append(site.module.register_forward_hook(
+                            _ModuleHook(self._dispatch[id(site.module)]), prepend=True))
+            return
         if self._handle is not None:
             return
         # the process-wide hook holds this object weakly; the hook of an object collected without
@@ -322,7 +370,11 @@ class GhostNormHooks:
     def unhook(self) -> None:
         """Remove the forward hook only (armed state, gradient hooks, recorded calls and work
         buffers stay): it exists from a measured step's forward to its backward, so every other
-        module call of the process takes PyTorch's hook-free fast path."""
+        module call of the process takes PyTorch's hook-free fast path. ``per_module``: close the
+        recording window only (the hooks stay until :meth:`disarm`)."""
+        if self.per_module:
+            self._open = False
+            return
         handle, self._handle = self._handle, None
         if handle is None:
             return
@@ -355,9 +407,16 @@ class GhostNormHooks:
         release the work buffers."""
         self._armed = False
         self._remove_param_hooks()
+        self._remove_module_hooks()
         self._scratch.clear()
         self._step.release()
         _ARMED.discard(self)
+
+    def _remove_module_hooks(self) -> None:
+        self._open = False
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
 
     def _remove_param_hooks(self) -> None:
         for h in self._param_handles:
@@ -403,7 +462,7 @@ class GhostNormHooks:
 
     def _forward_hook(self, site: _Site) -> Callable:
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
-            if not self._armed:
+            if not self._armed or (self.per_module and (not self._open or module is not site.module)):
                 return None
             started = time.perf_counter()
             self._record(site, module, args, output)
@@ -600,7 +659,7 @@ class GhostNormHooks:
         if not self._counted:
             self._counted = True
             self.backwards += 1
-        if self.unhook_after_backward and not self._unhook_queued and self._handle is not None:
+        if self.unhook_after_backward and not self._unhook_queued and self.attached:
             # the step's forward hook goes when this backward ends (callbacks and hooks that run
             # before the norms are read see none); not before: a segment checkpointed with
             # use_reentrant=True runs its forward again inside the backward, to be recorded
