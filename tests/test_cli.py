@@ -84,3 +84,10 @@ def test_command_line_overrides_name_the_run(tmp_path, monkeypatch):
     run = load_run(str(tmp_path / "digits_mlp" / names[0]))
     assert "label_noise=0.4" in str(run.hparams.get("cli_overrides")), run.hparams
     assert run.hparams.get("run_name") == f"digits_mlp/{names[0]}"
+    # its stored config run again (as the README says) names the folder: the run goes to the next
+    # free name, not into it (it wrote a second event file there, and report read both as one run)
+    monkeypatch.setattr(sys, "argv", ["genbounds", "fit", "--config",
+                                      str(tmp_path / "digits_mlp" / names[0] / "config.yaml")])
+    main()
+    assert sorted(os.listdir(tmp_path / "digits_mlp")) == sorted([names[0], names[0] + "_2"])
+    assert len([f for f in os.listdir(tmp_path / "digits_mlp" / names[0]) if f.startswith("events.")]) == 1

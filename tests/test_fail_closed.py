@@ -145,6 +145,12 @@ def test_a_gate_on_a_bound_that_is_not_asked_for_is_refused_at_setup(tmp_path):
         assert t.global_step == 0
     gate = BoundGate(max={"bound/neu_abs": 50.0, "bound/test_error_upper": 1.0})
     trainer(tmp_path, [*bound_suite(), gate], max_steps=2).fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+    # the test-error bound is a value alone: no SE, no validity flag (accepted at setup, then
+    # "missing" at the end: a new user's walk, round 31)
+    for tag in ("bound/test_error_upper_se", "bound_valid/test_error_upper"):
+        t = trainer(tmp_path, [*bound_suite(), BoundGate(max={tag: 10.0})], max_steps=2)
+        with pytest.raises(MisconfigurationException, match="will never be logged"):
+            t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
 
 
 # ---------------------------------------------------------------- exact resume

@@ -83,6 +83,63 @@ def test_adam_is_flagged_a_heuristic_in_the_record_and_the_summary(tmp_path, cap
     assert "not plain SGD" in capsys.readouterr().out
 
 
+def test_plain_sgd_with_clipping_is_said_as_clipping_in_the_summary(tmp_path, capsys):
+    """Plain SGD with ``gradient_clip_val``: a heuristic for the clipping, which the summary says
+    (it read "SGD: not plain SGD", a new user's walk, round 31)."""
+    t = fit(tmp_path, bound_suite(), Classifier(MLP(64, 10, 16)), gradient_clip_val=0.01)
+    assert aggregator(t).latest["bound/heuristic"] == 1.0
+    out = capsys.readouterr().out
+    assert "with gradient clipping: the step is not" in out and "not plain SGD" not in out
+
+
+def test_a_missing_producers_note_is_said_once_a_fit(tmp_path):
+    """Without ``HeldoutGradient`` Neu's ``V_t`` takes ``grad/dispersion``: said once a fit (it
+    was said at setup and again at the run's start, a new user's walk, round 31), and again in
+    another Trainer's fit of the same callbacks."""
+    from genbounds.callbacks import HeldoutGradient
+
+    suite = [cb for cb in bound_suite() if not isinstance(cb, HeldoutGradient)]
+    for run in ("a", "b"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path / run, suite, Classifier(MLP(64, 10, 16)), max_epochs=1)
+        assert sum("no HeldoutGradient" in str(w.message) for w in caught) == 1, run
+
+
+def test_bounds_left_out_for_want_of_callbacks_are_named_at_setup(tmp_path, caplog):
+    """With ``bounds`` at its default, a bound whose callbacks are missing is not computed: one
+    info line names it and what it needs (nothing said before: a new user's walk, round 31)."""
+    import logging
+
+    from genbounds.callbacks import HessianTrace as Trace
+
+    suite = [cb for cb in bound_suite() if not isinstance(cb, Trace)]
+    with caplog.at_level(logging.INFO):
+        t = fit(tmp_path, suite, Classifier(MLP(64, 10, 16)), max_epochs=1)
+    said = [r.getMessage() for r in caplog.records if "not computed" in r.getMessage()]
+    assert len(said) == 1 and "wang_mao_eq3 (HessianTrace())" in said[0], said
+    assert "bound/wang_mao_eq3" not in aggregator(t).latest and "bound/wang_mao_eq2" in aggregator(t).latest
+
+
+def test_a_failed_neu_abs_is_said_failed_in_the_summary():
+    """``bound/neu_abs`` NaN (``bound_valid/neu_abs`` 0): its row says FAILED, as every other
+    bound's (it printed a bare ``nan``, a new user's walk, round 31)."""
+    from types import SimpleNamespace
+
+    from genbounds.callbacks.run_summary import results_table
+
+    latest = {"bound/neu": 1.0, "bound_valid/neu": 1.0, "bound/neu_abs": math.nan, "bound_valid/neu_abs": 0.0,
+              "setting/R": 1.0}
+    bound = SimpleNamespace(latest=latest, wanted=("neu",), headline="neu", R="quantile", plain_sgd=True,
+                            optimizer="SGD", budget=None)
+    fake = SimpleNamespace(global_step=3, loggers=[], callbacks=[bound], optimizers=[])
+    text, _ = results_table(fake, bound)
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("bound/neu_abs")]
+    assert "FAILED" in line
+    (line,) = [ln for ln in text.splitlines() if ln.startswith("bound/neu ")]
+    assert "FAILED" not in line
+
+
 def test_two_dispersion_callbacks_share_the_hooks_and_both_are_correct(tmp_path):
     every, second = GradientDispersion(every_n_steps=1), GradientDispersion(every_n_steps=2)
     a, b = [], []

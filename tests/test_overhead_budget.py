@@ -191,3 +191,25 @@ def test_affordable_from_is_the_first_time_allows_holds_and_a_smaller_reserve_wa
     budget.next_wake_time = when
     budget.reserve = 0.01  # smaller: the waiting probes are woken at the next step
     assert budget.next_wake_time == -math.inf and budget.timed_sleepers[1][1] == -math.inf
+
+
+def test_different_budgets_on_one_trainers_callbacks_are_said_once():
+    """The budget is one for the suite: the first stated fraction stands, and a different one on
+    another callback is said once (it was silent: a new user's walk, round 31); the same one, or
+    none, says nothing."""
+    import warnings
+
+    class FakeTrainer:
+        world_size = 1
+
+    t = FakeTrainer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        budget = OverheadBudget.shared(t, 0.5)
+        assert OverheadBudget.shared(t, None) is budget and OverheadBudget.shared(t, 0.5) is budget
+    with pytest.warns(UserWarning, match=r"different overhead budgets \(0.5 first, then 0.2\)"):
+        OverheadBudget.shared(t, 0.2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        OverheadBudget.shared(t, 0.1)
+    assert budget.fraction == 0.5

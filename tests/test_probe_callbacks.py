@@ -128,6 +128,18 @@ def test_missing_validation_disables_only_heldout_quantities(tmp_path):
     assert "flat/train/sigma=0.1" in flat.step_log.latest and "flat/term/sigma=0.1" not in flat.step_log.latest
 
 
+@pytest.mark.parametrize("schedule", [{}, {"every_n_epochs": 1, "at_train_end": True}])
+def test_weighted_dispersion_without_a_step_schedule_is_refused_before_step_0(tmp_path, schedule):
+    """``Tr(H Σ_B)`` needs a step-start probe's training batch: with only epoch-end or train-end
+    probes it was never logged, and nothing said so (a new user's walk, round 31)."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    t = trainer(tmp_path, [HessianTrace(weighted_dispersion=True, **schedule)], max_steps=2)
+    with pytest.raises(MisconfigurationException, match="every_n_steps"):
+        t.fit(Classifier(MLP(64, 10, 8)), DigitsDataModule())
+    assert t.global_step == 0
+
+
 def test_hessian_trace_callback_linear_regression_trace_is_one(tmp_path):
     x, y = unit_sphere_regression(64, 10, seed=2)
     module = linear_regressor(10, lr=0.0)

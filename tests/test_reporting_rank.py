@@ -64,7 +64,8 @@ def _grid(root, extra=None):
         finals = {"gap/measured": gap, "good": 2 * gap + 1, "bad": -gap, "const": 3.0,
                   "bound/wang_mao_eq3": 5 * gap, "bound/neu": 1.0 + (i % 3),  # scrambled
                   "bound_terms/sum_eta2_dispersion": gap ** 2,
-                  "nan_in_one": float("nan") if i == 2 else gap}
+                  "nan_in_one": float("nan") if i == 2 else gap,
+                  "gap/measured_se": gap / 10, "ci/gap/measured_lower": gap * 0.9}
         finals.update((extra or {}).get(i, {}))
         scalars = {tag: [(0, 0.5), (END, value)] for tag, value in finals.items()}
         hparams = {"run_name": f"lr{lr}_b{batch}", "lr": lr, "batch_size": batch, "seed": 100 + i,
@@ -95,7 +96,9 @@ def test_rank_perfect_and_inverse_metrics(tmp_path, capsys):
     assert "constant" in rows["const"]["note"] and rows["const"]["tau"] is None
     assert "NaN in 1 of 6 runs" in rows["nan_in_one"]["note"]
     assert rows["bound/wang_mao_eq2"]["tau"] is None and "no final value" in rows["bound/wang_mao_eq2"]["note"]
-    assert "gap/measured" not in rows  # the target itself
+    assert "gap/measured" not in rows  # the target itself, and what is derived from it (said)
+    assert "gap/measured_se" not in rows and "ci/gap/measured_lower" not in rows
+    assert "left out, derived from the target: ci/gap/measured_lower, gap/measured_se" in data["notes"]
     # sorted by Ψ, then τ; undefined last
     ranked = [m for m in data["metrics"] if m["tau"] is not None]
     psis = [m["psi"] for m in ranked]

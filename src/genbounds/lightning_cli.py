@@ -65,18 +65,33 @@ class GenboundsCLI(LightningCLI):
         overrides = cli_overrides(self._raw_args)
         self._overrides = overrides
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if not overrides or config is None:
+        if config is None:
             return
         logger = config.get("trainer", {}).get("logger") if hasattr(config, "get") else None
         init = getattr(logger, "init_args", None) if logger is not None and not isinstance(logger, bool) else None
-        if init is None or getattr(init, "version", None) is not None:
+        if init is None:
             return
         save_dir = getattr(init, "save_dir", ".") or "."
         name = getattr(init, "name", "") or ""
-        base = run_name(overrides)
+        given = getattr(init, "version", None)
+        if given is None and overrides:
+            base = run_name(overrides)
+        elif given is not None and not config.get("ckpt_path"):
+            # a folder named in the config (a run's stored config.yaml run again, whose overrides
+            # named it): one that holds a run already gets the next free name — written into, it
+            # took a second event file, and `genbounds report` read both runs as one
+            base = given if isinstance(given, str) else f"version_{given}"
+            folder = os.path.join(save_dir, name, base)
+            if not (os.path.isdir(folder) and os.listdir(folder)):
+                return
+        else:
+            return
         version, k = base, 2
         while os.path.exists(os.path.join(save_dir, name, version)):
             version, k = f"{base}_{k}", k + 1
+        if given is not None:
+            print(f"genbounds: {os.path.join(save_dir, name, base)} holds an earlier run; this one logs to "
+                  f"{os.path.join(save_dir, name, version)}", file=sys.stderr)
         init.version = version
 
     def before_fit(self) -> None:

@@ -122,7 +122,8 @@ def bound_notes(values: dict[str, float], wanted: Sequence[str], step: int | Non
     failed = [name for name in wanted if values.get(f"bound_valid/{name}") == 0.0
               and not math.isfinite(values.get(f"bound/{name}", math.nan))]
     if failed:
-        why = reason or "a failed estimate"
+        why = reason or ("no finite value from its inputs — a measurement it needs not taken yet (a probe on a "
+                         "sparser schedule than the evaluations, early in the run) or a non-finite estimate")
         if reason is None and not math.isfinite(values.get("setting/R", 0.0)):
             why = ("R is NaN (no per-sample losses to read the loss range from, or no held-out data; "
                    "GeneralizationBound(R=…) takes a number)")

@@ -169,11 +169,12 @@ class BoundGate(MeasurementCallback):
                 tags |= {"flat/*", "sens/*"}
         if self._bound is not None:
             wanted = self._bound.wanted
-            # (Neu's |gap| bound comes with Neu's; the test-error bound with a 0-1 error bound)
-            extra = (("neu_abs",) if "neu" in wanted else ()) + \
-                (("test_error_upper",) if any(b in wanted for b in ERROR) else ())
-            for name in wanted + extra:
+            # (Neu's |gap| bound comes with Neu's; the test-error bound, a value alone — no SE, no
+            # validity flag —, with a 0-1 error bound)
+            for name in wanted + (("neu_abs",) if "neu" in wanted else ()):
                 tags |= {f"bound/{name}", f"bound/{name}_se", f"bound_valid/{name}"}
+            if any(b in wanted for b in ERROR):
+                tags.add("bound/test_error_upper")
             tags |= {"bound/valid", "bound/heuristic", "bound_terms/*", "ci/*", "setting/*",
                      "gap/measured", "gap/measured_se", "gap/error", "gap/error_se", "gap/train_loss",
                      "gap/heldout_loss", "gap/train_error", "gap/heldout_error", "gap/measured_change",

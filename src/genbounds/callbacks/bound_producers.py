@@ -88,6 +88,18 @@ class Producers:
                     f"the same σ grid; got {self.sensitivity.sigmas} and {self.flatness.sigmas}.")
         return wanted
 
+    def left_out(self, wanted: tuple[str, ...]) -> str | None:
+        """With ``bounds=`` at its default: the bounds not computed for want of a producer, each
+        with the callbacks it needs (``None`` when none is)."""
+        need = self.needs()
+        left = [f"{name} ({', '.join(what for what, cb in need[name] if cb is None)})" for name in ALL_BOUNDS
+                if name not in wanted and name not in LAYERWISE and any(cb is None for _, cb in need[name])]
+        if not left:
+            return None
+        return (f"GeneralizationBound: computing {', '.join(wanted)}; not computed, their callbacks not being in this "
+                f"Trainer: {'; '.join(left)}. With bounds=[...] a bound whose callbacks are missing is an error "
+                "before step 0.")
+
     def notes(self, wanted: tuple[str, ...]) -> list[tuple[str, str]]:
         """``(kind, message)`` for each stand-in the ``wanted`` bounds take for a missing producer."""
         if self.heldout is None and "neu" in wanted:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -197,8 +198,14 @@ class GeneralizationBound(ProbeCallback):
         if sum(isinstance(cb, GeneralizationBound) for cb in trainer.callbacks) > 1:
             raise MisconfigurationException("Only one GeneralizationBound per Trainer: it aggregates the whole suite.")
         self.producers = Producers.find(trainer, self)
+        # each kind of note once a fit (a checkpoint's kinds, said in its run, replace these where
+        # the fit resumes); cleared here, not at the run's start, where the setup's were said twice
+        self._warn_once.said.clear()
         self._groups = parameter_groups(pl_module, self.layer_groups)
         self.wanted = self.producers.resolve(self.bounds, len(self._groups))
+        left = self.producers.left_out(self.wanted) if self.bounds is None else None
+        if left is not None:
+            rank_zero_info(left)
         self._warn_once.all(self.producers.notes(self.wanted))
         self.producers.connect(self.series)
         self._trainer = trainer
@@ -270,7 +277,6 @@ class GeneralizationBound(ProbeCallback):
         self._evaluated_step = self.changed_at = self.gap_at_start = None
         self._evaluated_weights = self._unmeasured_steps = None
         self.loss_range = LossRange(self.loss_range.R)
-        self._warn_once.said.clear()  # (once a run: this is another)
 
     def _resolve_wanted(self) -> None:
         """The bounds computed, for the groups as they are (layer-wise ones need two) and the

@@ -55,7 +55,8 @@ class HessianTrace(ProbeCallback):
         eig_max_iter: power-iteration cap (with an ``overhead_budget``, also capped by what is left,
             never below 10; ``curv/hessian_top_eig_residual`` says how converged it is).
         eig_tol: relative change of the Rayleigh quotient to stop at.
-        weighted_dispersion: also estimate ``Tr(H Σ_B)``.
+        weighted_dispersion: also estimate ``Tr(H Σ_B)`` (at step-start probes: needs ``every_n_steps``
+            or ``log_spaced``; an error before step 0 otherwise).
         num_chunks: chunks of the training batch for ``Tr(H Σ_B)``.
         pyhessian_tol: PyHessian's own relative-change tolerance.
         every_n_steps: probe every this many optimizer steps.
@@ -134,6 +135,13 @@ class HessianTrace(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        if self.weighted_dispersion and not (self.schedule.every_n_steps or self.schedule.log_spaced):
+            # (an epoch-end, train-end or bound-requested probe has no training batch to chunk)
+            raise MisconfigurationException(
+                "HessianTrace(weighted_dispersion=True) estimates Tr(H Σ_B) on the training batch of a step-start "
+                f"probe, and this schedule has none (every_n_steps={self.schedule.every_n_steps}, "
+                f"log_spaced={self.schedule.log_spaced}): curv/weighted_dispersion would never be logged. Set "
+                "every_n_steps (or log_spaced).")
         if self.backend == "pyhessian" and trainer.world_size > 1:
             raise MisconfigurationException(
                 "HessianTrace(backend='pyhessian') is a single-process cross-check; use the default "

@@ -60,6 +60,7 @@ class OverheadBudget:
 
     def __init__(self, fraction: float | None) -> None:
         self.fraction = fraction
+        self.conflict_said = False
         self.start: float | None = None
         self.probe_time = 0.0
         """Seconds spent measuring: probes, evaluations and per-step statistics."""
@@ -111,6 +112,11 @@ class OverheadBudget:
             trainer.__dict__[BUDGET_KEY] = budget
         elif budget.fraction is None and fraction is not None:
             budget.fraction = fraction
+        elif fraction is not None and fraction != budget.fraction and not budget.conflict_said:
+            budget.conflict_said = True  # (said once a Trainer; the first stated fraction stands)
+            rank_zero_warn(f"genbounds: the callbacks of this Trainer state different overhead budgets "
+                           f"({budget.fraction:g} first, then {fraction:g}); the budget is one for the whole suite, "
+                           f"so {budget.fraction:g} applies. State it on one callback only.")
         return budget
 
     def begin(self) -> None:

@@ -322,7 +322,8 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
         if name == bound.headline:
             note += " (headline)"
         row(f"bound/{name}", note)
-    row("bound/neu_abs", "Neu Thm 1 with |flatness| (bounds |gap|)")
+    row("bound/neu_abs", "Neu Thm 1 with |flatness| (bounds |gap|)"
+        + (" — FAILED (NaN or below the gap)" if v.get("bound_valid/neu_abs") == 0.0 else ""))
     row("bound/test_error_upper", "training error + tightest 0-1 error bound")
     row("setting/R", f"R ({bound.R if isinstance(bound.R, str) else 'given'})")
     width = max([len(r[0]) for r in rows] + [24])
@@ -335,7 +336,12 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
         lines.append(f"{tag:<{width}}  {value:>{vwidth}}  {note}")
     lines.append("─" * (width + vwidth + 40))
     if not bound.plain_sgd:
-        lines.append(f"optimizer {bound.optimizer}: not plain SGD — the bounds are heuristics here (bound/heuristic = 1)")
+        if trainer.optimizers and describe_optimizer(trainer.optimizers[0])[1]:  # (plain SGD, clipped)
+            lines.append(f"optimizer {bound.optimizer} with gradient clipping: the step is not η_t·ḡ_B whenever it "
+                         "clips — the bounds are heuristics here (bound/heuristic = 1)")
+        else:
+            lines.append(f"optimizer {bound.optimizer}: not plain SGD — the bounds are heuristics here "
+                         "(bound/heuristic = 1)")
     idle = [type(cb).__name__ for cb in trainer.callbacks if cb is not bound and getattr(cb, "num_probes_run", 1) == 0]
     if idle:  # (said, not left to the reader to notice a missing tag)
         budget = bound.budget.fraction if bound.budget is not None else None

@@ -152,7 +152,13 @@ def rank_runs(runs: Sequence[Run], target: str = "gap/measured", axes: Sequence[
         notes.append("no hyper-parameter varies across the runs: Ψ is undefined")
 
     getters: dict[str, Callable[[Run], float | None]] = {}
-    for tag in sorted({t for r in runs for t in r.scalars} | set(HEADLINE_BOUNDS) | {SUM_ETA2_TAG, ROBERTS_TAG}):
+    tags = {t for r in runs for t in r.scalars} | set(HEADLINE_BOUNDS) | {SUM_ETA2_TAG, ROBERTS_TAG}
+    # the target's own SE, change and interval ends rank it by construction (they came out on top:
+    # a new user's walk, round 31): left out, and said
+    derived = sorted(t for t in tags if t.startswith((f"{target}_", f"ci/{target}_")))
+    if derived:
+        notes.append(f"left out, derived from the target: {', '.join(derived)}")
+    for tag in sorted(tags - set(derived)):
         if tag != target:
             getters[tag] = lambda r, tag=tag: r.final(tag)
     getters[LR_BATCH] = _lr_batch

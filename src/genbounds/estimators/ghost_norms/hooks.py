@@ -1,4 +1,5 @@
-"""The hooks themselves: :class:`GhostNormHooks` (one global forward hook; per hooked module a
+"""The hooks themselves: :class:`GhostNormHooks` (one global forward hook, or one per hooked
+module with ``per_module``; per hooked module a
 site that stores its calls' inputs and computes the per-sample norms when the output gradient
 arrives in the backward), :func:`suspended_ghost_hooks` for probe passes. Where each step's values
 land (rows, Linear pair norms, lent buffers) is ``step_rows.StepRows``."""
