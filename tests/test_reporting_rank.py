@@ -65,7 +65,8 @@ def _grid(root, extra=None):
                   "bound/wang_mao_eq3": 5 * gap, "bound/neu": 1.0 + (i % 3),  # scrambled
                   "bound_terms/sum_eta2_dispersion": gap ** 2,
                   "nan_in_one": float("nan") if i == 2 else gap,
-                  "gap/measured_se": gap / 10, "ci/gap/measured_lower": gap * 0.9}
+                  "gap/measured_se": gap / 10, "ci/gap/measured_lower": gap * 0.9,
+                  "gap/measured_other": 2 * gap}  # (a name that merely begins with the target's)
         finals.update((extra or {}).get(i, {}))
         scalars = {tag: [(0, 0.5), (END, value)] for tag, value in finals.items()}
         hparams = {"run_name": f"lr{lr}_b{batch}", "lr": lr, "batch_size": batch, "seed": 100 + i,
@@ -98,6 +99,7 @@ def test_rank_perfect_and_inverse_metrics(tmp_path, capsys):
     assert rows["bound/wang_mao_eq2"]["tau"] is None and "no final value" in rows["bound/wang_mao_eq2"]["note"]
     assert "gap/measured" not in rows  # the target itself, and what is derived from it (said)
     assert "gap/measured_se" not in rows and "ci/gap/measured_lower" not in rows
+    assert rows["gap/measured_other"]["tau"] == 1.0
     assert "left out, derived from the target: ci/gap/measured_lower, gap/measured_se" in data["notes"]
     # sorted by Ψ, then τ; undefined last
     ranked = [m for m in data["metrics"] if m["tau"] is not None]

@@ -155,7 +155,7 @@ def rank_runs(runs: Sequence[Run], target: str = "gap/measured", axes: Sequence[
     tags = {t for r in runs for t in r.scalars} | set(HEADLINE_BOUNDS) | {SUM_ETA2_TAG, ROBERTS_TAG}
     # the target's own SE, change and interval ends rank it by construction (they came out on top:
     # a new user's walk, round 31): left out, and said
-    derived = sorted(t for t in tags if t.startswith((f"{target}_", f"ci/{target}_")))
+    derived = sorted(tags & {f"{target}_se", f"{target}_change", f"ci/{target}_lower", f"ci/{target}_upper"})
     if derived:
         notes.append(f"left out, derived from the target: {', '.join(derived)}")
     for tag in sorted(tags - set(derived)):

@@ -16,7 +16,7 @@ to its backward, and unmeasured steps cost nothing. Their forward hooks (``Ghost
   backward's end: a forward of the user's between steps records nothing, and returns what it
   would without us). One hook per module instead of one process-wide one spares the other module
   calls of the step PyTorch's slow path of hooked calls: the MLP benchmark's measured step went
-  from 1.101× to 1.093× (docs/results/overhead.md, round 31). A copy of the module (``deepcopy``,
+  from 1.102× to 1.093× (docs/results/overhead.md, round 31). A copy of the module (``deepcopy``,
   ``torch.save``) carries an inert hook;
 * one process-wide hook that exists only from a measured step's forward to its backward for a
   module with a ``TransformerEncoderLayer`` — a module hook anywhere in one turns off its eval-mode
