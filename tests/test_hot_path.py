@@ -248,13 +248,13 @@ class _StrayForward(pl.Callback):
         pl_module(batch[0][:3])
 
 
-def _records(tmp_path, callbacks, seed=0):
+def _records(tmp_path, callbacks, seed=0, **trainer_kwargs):
     pl.seed_everything(seed, verbose=False)
     module = Classifier(MLP(64, 10, 32), lr=0.0)
     disp = next(c for c in callbacks if isinstance(c, GradientDispersion))
     out = []
     disp.add_listener(out.extend)
-    trainer(tmp_path, callbacks, max_steps=6).fit(module, DigitsDataModule(batch_size=32))
+    trainer(tmp_path, callbacks, max_steps=6, **trainer_kwargs).fit(module, DigitsDataModule(batch_size=32))
     return module, disp, out
 
 
@@ -282,16 +282,31 @@ class _ForwardAfterBackward(pl.Callback):
 
 
 class _CopiesTheModule(pl.Callback):
-    """Between measured steps: pickles the whole module and deep-copies it (an EMA's or SWA's
-    copy), and runs the copy with gradient inside the next step's forward window."""
+    """Copies the network inside an epoch, between measured steps (an EMA's copy), and at the next
+    epoch's start (``StochasticWeightAveraging``'s), pickles and scripts it there (an export), and
+    runs the copy with gradient inside the next step's forward window."""
 
     def __init__(self) -> None:
-        self.hooks: list[tuple[int, bool, int]] = []  # (step, window open, our hooks on the module)
+        self.hooks: list[tuple[int, bool, int]] = []  # (step, window open, forward hooks on the module)
         self.copy = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        import copy
+        import io
+
+        if trainer.current_epoch == 0:
+            return
+        assert not any(m._forward_hooks for m in pl_module.modules())  # (out at the epoch's end)
+        buffer = io.BytesIO()
+        torch.save(pl_module.network, buffer)  # (nothing of our hooks in the pickle: the network's class is
+        assert b"ghost_norms" not in buffer.getvalue()  # genbounds' own MLP, loaded with genbounds anyway)
+        torch.jit.script(pl_module.network)  # (a Python hook on a module is compiled with it, and fails)
+        self.copy = copy.deepcopy(pl_module.network)
+        assert not any(m._forward_hooks for m in self.copy.modules())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.copy is not None:
-            self.copy(batch[0][:5]).sum()  # (recorded by nothing: the copy's hooks are inert)
+            self.copy(batch[0][:5]).sum()  # (recorded by nothing: a copy of ours is inert, or has none)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         import copy
@@ -302,8 +317,7 @@ class _CopiesTheModule(pl.Callback):
         ours = [h for m in pl_module.modules() for h in m._forward_hooks.values() if isinstance(h, _ModuleHook)]
         shared = pl_module.__dict__["_genbounds_norm_hooks"]
         self.hooks.append((trainer.global_step - 1, shared.ghost.attached, len(ours)))
-        buffer = io.BytesIO()
-        torch.save(pl_module.network, buffer)  # (a closure on the module would not pickle)
+        torch.save(pl_module.network, io.BytesIO())  # (a closure on the module would not pickle)
         self.copy = copy.deepcopy(pl_module.network)
         copied = [h for m in self.copy.modules() for h in m._forward_hooks.values()]
         assert all(h is _inert_hook for h in copied) and len(copied) == len(ours)
@@ -312,12 +326,14 @@ class _CopiesTheModule(pl.Callback):
 @pytest.mark.parametrize("extra", [_ForwardAfterBackward, _CopiesTheModule])
 def test_per_module_hooks_record_only_their_steps_forward(tmp_path, extra):
     """The MLP's hooks are one per hooked module (``per_module``), kept from measured step to
-    measured step: they record a step's own forward only — not a forward after its backward, nor
-    a copy of the module (deep-copied or pickled with them on) run inside the window — and the
-    values are those of the run without the extra callback."""
-    _, _, ref = _records(tmp_path / "a", [GradientDispersion(backend="hooks")])
+    measured step within an epoch and taken out at its end: they record a step's own forward only
+    — not a forward after its backward, nor a copy of the module (deep-copied or pickled with them
+    on, an inert hook) run inside the window —, between epochs the network copies, pickles and
+    scripts as without us (a review: kept hooks broke ``torch.jit.script``), and the values are
+    those of the run without the extra callback."""
+    _, _, ref = _records(tmp_path / "a", [GradientDispersion(backend="hooks")], limit_train_batches=3)
     spy = extra()
-    module, disp, got = _records(tmp_path / "b", [GradientDispersion(backend="hooks"), spy])
+    module, disp, got = _records(tmp_path / "b", [GradientDispersion(backend="hooks"), spy], limit_train_batches=3)
     assert disp.active_backend == "hooks" and module.__dict__["_genbounds_norm_hooks"].ghost.per_module
     assert len(got) == len(ref) == 6
     for a, b in zip(got, ref):
@@ -325,6 +341,83 @@ def test_per_module_hooks_record_only_their_steps_forward(tmp_path, extra):
     if isinstance(spy, _CopiesTheModule):  # kept between steps (two Linear layers), the window closed
         assert spy.hooks == [(s, False, 2) for s in range(6)]
     assert not any(m._forward_hooks for m in module.modules())  # (removed at the end of fit)
+
+
+class _DoublesFirstLayer(Classifier):
+    """Registers, at each batch start (after ours armed the hooks) or once as a process-wide hook,
+    a forward hook that doubles the first Linear's output — and runs before ours."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__(MLP(64, 10, 32), lr=0.0)
+        self.how, self.handle = how, None
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.how == "between" and self.handle is None:  # (after step 0: before ours from step 1)
+            self.handle = self.network.net[1].register_forward_hook(lambda module, args, out: out * 2, prepend=True)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.how in ("prepend", "global") and self.handle is None:
+            first = self.network.net[1]
+            double = lambda module, args, out: out * 2  # noqa: E731
+            self.handle = (first.register_forward_hook(double, prepend=True) if self.how == "prepend"
+                           else torch.nn.modules.module.register_module_forward_hook(
+                               lambda module, args, out: out * 2 if module is first else None))
+
+    def on_train_end(self):
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def test_a_user_hook_put_first_between_steps_is_put_after_ours_again(tmp_path):
+    """A user's ``prepend=True`` hook registered between measured steps: ours is put first again
+    at the next step's arm, and every step is measured by the hooks, with the values of a run whose
+    doubling hook came after ours from the start (the forward computes the same either way)."""
+    def run(how, root):
+        pl.seed_everything(0, verbose=False)
+        module = _DoublesFirstLayer(how)
+        disp = GradientDispersion(backend="hooks")
+        out = []
+        disp.add_listener(out.extend)
+        trainer(root, [disp], max_steps=4).fit(module, DigitsDataModule(batch_size=32, shuffle=False))
+        return disp, out
+
+    class _After(_DoublesFirstLayer):
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            if self.handle is None:  # (the same hook, registered after ours: it never runs first)
+                self.handle = self.network.net[1].register_forward_hook(lambda module, args, out: out * 2)
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*runs before ours.*")
+        disp, got = run("between", tmp_path / "a")
+    pl.seed_everything(0, verbose=False)
+    module = _After("after")
+    ref_disp = GradientDispersion(backend="hooks")
+    ref = []
+    ref_disp.add_listener(ref.extend)
+    trainer(tmp_path / "b", [ref_disp], max_steps=4).fit(module, DigitsDataModule(batch_size=32, shuffle=False))
+    assert disp.active_backend == ref_disp.active_backend == "hooks"
+    assert [r.step for r in got] == [r.step for r in ref] == [0, 1, 2, 3]
+    for a, b in zip(got, ref):
+        assert a.values["grad/trace_cov"] == pytest.approx(b.values["grad/trace_cov"], rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["prepend", "global"])
+def test_a_user_hook_that_runs_before_ours_is_not_silently_read(tmp_path, how):
+    """A user's forward hook that runs before ours — registered with ``prepend=True`` after ours
+    were put first, or process-wide (those run before every module's) — may replace the layer's
+    output, and the gradient we read is then not the one the weight's is made of: 0.27-0.33 off,
+    silently (a review; the process-wide case on the global hook too). The step is not measured
+    (said), and an extra pass measures from the next one: exact against brute force."""
+    pl.seed_everything(0, verbose=False)
+    module = _DoublesFirstLayer(how)
+    disp = GradientDispersion(backend="hooks")
+    out = []
+    disp.add_listener(out.extend)
+    with pytest.warns(UserWarning, match="runs before ours"):
+        trainer(tmp_path, [disp], max_steps=4).fit(module, DigitsDataModule(batch_size=32, shuffle=False))
+    assert disp.active_backend != "hooks" and [r.step for r in out] == [1, 2, 3]
 
 
 def test_hooks_disarm_on_unmeasured_steps(tmp_path):
@@ -337,8 +430,8 @@ def test_hooks_disarm_on_unmeasured_steps(tmp_path):
                 m._forward_hooks for m in pl_module.modules())))))
 
     _records(tmp_path, [GradientDispersion(backend="hooks", every_n_steps=3), Probe()])
-    # measured at steps 0 and 3: armed after them (their per-module forward hooks kept); steps
-    # 1, 2, 4, 5 are not measured (no hook of ours on the module)
+    # measured at steps 0 and 3: armed after them (their per-module forward hooks kept, the window
+    # closed); steps 1, 2, 4, 5 are not measured (no hook of ours on the module)
     assert seen == [(0, True, 2), (1, False, 0), (2, False, 0), (3, True, 2), (4, False, 0), (5, False, 0)]
 
 

@@ -121,6 +121,38 @@ def test_bounds_left_out_for_want_of_callbacks_are_named_at_setup(tmp_path, capl
     assert "bound/wang_mao_eq3" not in aggregator(t).latest and "bound/wang_mao_eq2" in aggregator(t).latest
 
 
+def test_a_measured_module_pickles_and_copies_without_the_suites_objects(tmp_path):
+    """``torch.save`` of a whole module the suite measured failed ("Can't pickle local object":
+    the norm hooks kept on it, a review); now it pickles, during the fit and after, with builtins
+    only in place of what the suite keeps on it, and a deep copy carries none of it either."""
+    import copy
+    import io
+
+    from lightning.pytorch import Callback
+
+    saved = []
+
+    class SaveMidFit(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                buffer = io.BytesIO()
+                torch.save(pl_module, buffer)
+                saved.append(buffer.getvalue())
+
+    module = Classifier(MLP(64, 10, 16))
+    fit(tmp_path, [*bound_suite(), SaveMidFit()], module, max_epochs=1)
+    keys = ("_genbounds_norm_hooks", "_genbounds_loss_contract", "_genbounds_trainable_set")
+    assert all(module.__dict__.get(k) is not None for k in keys)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    for blob in (saved[0], buffer.getvalue()):
+        assert b"genbounds.callbacks" not in blob  # (no class of the suite's; its keys hold None)
+        loaded = torch.load(io.BytesIO(blob), weights_only=False)
+        assert all(loaded.__dict__.get(k) is None for k in keys)
+    twin = copy.deepcopy(module)
+    assert all(twin.__dict__.get(k) is None for k in keys)
+
+
 def test_a_failed_neu_abs_is_said_failed_in_the_summary():
     """``bound/neu_abs`` NaN (``bound_valid/neu_abs`` 0): its row says FAILED, as every other
     bound's (it printed a bare ``nan``, a new user's walk, round 31)."""

@@ -441,9 +441,11 @@ class GradientDispersion(MeasurementCallback):
     def _one_sample(self, window: Any) -> None:
         self._unmeasured.one_sample(window, self._step)
 
-    def _end_batch(self) -> None:
+    def _end_batch(self, epoch: bool = False) -> None:
         if self.impl is not None:
             self.impl.end_batch()
+            if epoch:
+                self.impl.end_epoch()
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -455,11 +457,11 @@ class GradientDispersion(MeasurementCallback):
         self.step_budget.charge(self.impl.hook_seconds() if self.impl is not None else 0.0)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_batch()  # (on_train_batch_start returning -1 skips on_train_batch_end)
+        self._end_batch(epoch=True)  # (on_train_batch_start returning -1 skips on_train_batch_end)
         self.flush(trainer, pl_module, epoch_end=True)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end_batch()
+        self._end_batch(epoch=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_batch()

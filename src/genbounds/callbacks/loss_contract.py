@@ -52,7 +52,7 @@ from genbounds.callbacks.captured_weights import (CLASSIFICATION_LOSSES, Coeffic
                                                   coefficient_spec, coefficients_for, outside_inference, per_record,
                                                   returned_loss, same_spec, scores_one_prediction_twice)
 from genbounds.callbacks.isolation import as_training_batch, call_training_step, isolated_pass, muted_training_step
-from genbounds.callbacks.per_module import kept_on
+from genbounds.callbacks.per_module import KeptOnModule, kept_on
 from genbounds.callbacks.step_draws import DrawSeeds, host_rng_states, replayed_draws
 from genbounds.callbacks.user_state import generator_states, module_generators, same_states
 from genbounds.estimators.batching import batch_size
@@ -84,7 +84,7 @@ class TrialResult:
     notes: list[str] = field(default_factory=list)
 
 
-class LossContract:
+class LossContract(KeptOnModule):
     """The losses of a batch for one LightningModule (see the module docstring). Callable as the
     estimators' ``loss_fn(module, batch)``: a 1-d tensor of per-sample losses, or — in the
     ``returned`` tier — a 1-element tensor holding the batch mean."""

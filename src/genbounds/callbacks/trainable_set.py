@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from genbounds.callbacks.per_module import kept_on
+from genbounds.callbacks.per_module import KeptOnModule, kept_on
 from genbounds.estimators.functional import trainable_parameters
 
 
@@ -32,7 +32,7 @@ class Change:
     removed: tuple[str, ...]
 
 
-class TrainableSet:
+class TrainableSet(KeptOnModule):
     """The trained parameters' names (:attr:`names`) and their changes over the fit."""
 
     def __init__(self) -> None:

@@ -151,6 +151,9 @@ class DispersionBackend:
     def end_batch(self) -> None:
         """At the end of every training batch (``on_train_batch_end``)."""
 
+    def end_epoch(self) -> None:
+        """At an epoch's end and before validation (after :meth:`end_batch`)."""
+
     def hook_seconds(self) -> float:
         """Seconds spent in hooks inside forward/backward since the last call (reset)."""
         return 0.0

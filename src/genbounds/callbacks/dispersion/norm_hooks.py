@@ -10,19 +10,24 @@ Hooks are shared by every ``GradientDispersion`` of a module (two callbacks with
 schedules read the same norms). The ghost norms record a call only from a measured step's forward
 to its backward, and unmeasured steps cost nothing. Their forward hooks (``GhostNormHooks.attach``):
 
-* by default one per hooked module, registered first among its hooks (``prepend=True``, so a
-  user's hook that returns a new output cannot come between the product and the gradient we
-  read), kept from a run of measured steps' first to its last (a flag closes them at each
-  backward's end: a forward of the user's between steps records nothing, and returns what it
-  would without us). One hook per module instead of one process-wide one spares the other module
-  calls of the step PyTorch's slow path of hooked calls: the MLP benchmark's measured step went
-  from 1.102× to 1.093× (docs/results/overhead.md, round 31). A copy of the module (``deepcopy``,
-  ``torch.save``) carries an inert hook;
+* by default one per hooked module, first among its hooks (``prepend=True``; put first again at
+  each measured step's arm), kept from a measured step to the next and taken out at an unmeasured
+  one, at an epoch's end and before validation. A flag closes the recording window at each
+  backward's end, so a forward outside it records nothing and computes what it would without us.
+  A hook of the user's that runs before ours and may replace the output — registered with
+  ``prepend=True`` inside the window, or process-wide — leaves the step unmeasured (said) and an
+  extra pass takes over. Inside an epoch, between measured steps, a copy of the module
+  (``deepcopy``, pickling) carries an inert hook, and ``torch.jit.script`` of it fails (it compiles
+  Python hooks): at the epoch's end and before validation there is none. One hook per module
+  instead of one process-wide one spares the step's other module calls PyTorch's slow path of
+  hooked calls: the MLP benchmark's measured step went from 1.102× to 1.093×
+  (docs/results/overhead.md, round 31; put in and taken out at every step, the hooks cost that
+  gain again: 1.107×);
 * one process-wide hook that exists only from a measured step's forward to its backward for a
   module with a ``TransformerEncoderLayer`` — a module hook anywhere in one turns off its eval-mode
   fast path, whose results differ from the slow path's in the last bits (the drop-in test caught
-  it in the user's validation loss at two threads) — and for one with BackPACK layers (disarmed
-  every step: hooks registered per step would cost more than the global one).
+  it in the user's validation loss at two threads) — and for one with BackPACK layers (left as
+  they were: not measured or tested with per-module hooks).
 
 Once a fit, before step 0,
 the hooks are checked against exact gradients on one sample (:meth:`NormHooksBackend.verify`).
@@ -46,6 +51,7 @@ from genbounds.callbacks.dispersion.accumulation import GradientDeltas
 from genbounds.callbacks.dispersion.base import DispersionBackend, StepContext, WindowResult
 from genbounds.callbacks.dispersion.row_ring import RowRing
 from genbounds.callbacks.isolation import isolated_pass
+from genbounds.callbacks.per_module import KeptOnModule
 from genbounds.estimators import recording
 from genbounds.estimators.backpack_norms import BackpackNormHooks
 from genbounds.estimators.functional import group_matrix, grouped_sq_norms, per_tensor_sq_norms
@@ -73,14 +79,14 @@ class HookSums:
     deferred: tuple = ()
 
 
-class SharedHooks:
+class SharedHooks(KeptOnModule):
     """One set of norm hooks per module, armed while any owner measures; each backward's norms
     are read once and served to every owner."""
 
     def __init__(self, root: nn.Module, ghost: dict[str, nn.Module], backpack: dict[str, nn.Module]) -> None:
-        # each hooked module's own hook, kept while the hooks stay armed (below), unless BackPACK's
-        # layers disarm them every step or a TransformerEncoderLayer would lose its eval-mode fast
-        # path to it (the one global hook, only from a measured forward to its backward, then)
+        # each hooked module's own hook, kept between measured steps (module docstring), unless a
+        # TransformerEncoderLayer would lose its eval-mode fast path to it, or with BackPACK
+        # layers (the one global hook, from a measured forward to its backward only, then)
         per_module = not backpack and not any(isinstance(m, nn.TransformerEncoderLayer) for m in root.modules())
         self.ghost = GhostNormHooks(ghost, batch_dims=declared_batch_dims(root), unhook_after_backward=True,
                                     per_module=per_module) if ghost else None
@@ -417,6 +423,12 @@ class NormHooksBackend(DispersionBackend):
     def end_batch(self) -> None:
         if self.shared is not None:
             self.shared.unhook()  # (a measured step whose training_step returned None: no backward)
+
+    def end_epoch(self) -> None:
+        # the per-module forward hooks out of the user's modules until the next measured step
+        # (where callbacks copy, save or script them: GhostNormHooks.release)
+        if self.shared is not None and self.shared.ghost is not None:
+            self.shared.ghost.release()
 
     def hook_seconds(self) -> float:
         ghost = self.shared.ghost if self.shared is not None else None

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.autograd import Variable
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import _global_forward_hooks, register_module_forward_hook
 from torch.utils.hooks import RemovableHandle
 
 from genbounds.estimators import ghost_attention
@@ -115,7 +115,20 @@ def _dispatch_forward(ref: "weakref.ref[GhostNormHooks]", module: nn.Module, arg
     if owner is not None:
         fn = owner._dispatch.get(id(module))
         if fn is not None:
-            fn(module, args, output)
+            handle = owner._handle
+            fn(module, args, output, handle.id if handle is not None else None)
+
+
+def _foreign_global_hook_before(key: int | None) -> bool:
+    """Whether a process-wide module forward hook that is not one of ours (:func:`_dispatch_forward`)
+    runs before the one registered under ``key`` (``None``: before any module's own hooks). Global
+    hooks run in registration order, before every module's."""
+    for k, h in _global_forward_hooks.items():
+        if k == key:
+            return False
+        if not (isinstance(h, functools.partial) and h.func is _dispatch_forward):
+            return True
+    return False
 
 
 def _inert_hook(module: nn.Module, args: tuple, output: Any) -> None:
@@ -124,18 +137,18 @@ def _inert_hook(module: nn.Module, args: tuple, output: Any) -> None:
 
 
 class _ModuleHook:
-    """A hooked module's own forward hook (``GhostNormHooks(per_module=True)``). It lives on
-    the user's module while the hooks stay armed, so a module copied or pickled then (an EMA or
-    ``StochasticWeightAveraging``'s ``deepcopy``, a ``torch.save`` of the whole module) must not
-    carry it: the copy gets :func:`_inert_hook` instead (a closure would not even pickle)."""
+    """A hooked module's own forward hook (``GhostNormHooks(per_module=True)``). It stays on the
+    user's module between measured steps of an epoch, so a module copied or pickled then (an EMA's
+    ``deepcopy``, a ``torch.save`` of the whole module) must not carry it: the copy gets
+    :func:`_inert_hook` instead (a closure would not even pickle)."""
 
-    __slots__ = ("fn",)
+    __slots__ = ("fn", "key")
 
-    def __init__(self, fn: Callable) -> None:
-        self.fn = fn
+    def __init__(self, fn: Callable, key: int) -> None:
+        self.fn, self.key = fn, key
 
     def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
-        return self.fn(module, args, output)
+        return self.fn(module, args, output, self.key)
 
     def __reduce__(self) -> tuple:
         return (_returns_inert, ())
@@ -180,8 +193,8 @@ class GhostNormHooks:
             sign of a weight used outside its module's ``forward``.  The check costs one
             autograd hook call per parameter and backward; the usage it detects is structural,
             so by default it runs on the first measured backward after each :meth:`arm` only.
-        per_module: one forward hook per hooked module, kept while armed, instead of the global
-            one (:meth:`attach`).
+        per_module: one forward hook per hooked module instead of the global one, kept between
+            windows (:meth:`attach`).
         unhook_after_backward: :meth:`unhook` at the end of a backward that reached a recorded
             call (an autograd engine callback, queued by the first such call's gradient):
             ``GradientDispersion``'s hooks, whose forward hook then lives only from a measured
@@ -203,7 +216,7 @@ class GhostNormHooks:
         self.unhook_after_backward = unhook_after_backward
         self.per_module = per_module
         self._open = False  # (per_module: the window from arm to the backward's end)
-        self._module_handles: list[RemovableHandle] = []
+        self._module_entries: list[tuple[nn.Module, RemovableHandle, _ModuleHook]] = []  # (per_module, while armed)
         self._unhook_queued = False  # (an unhook queued to run at the end of the current backward)
         group_of = dict(group_of or {})
         batch_dims = dict(batch_dims or {})
@@ -339,18 +352,33 @@ class GhostNormHooks:
         layer or a child carries a forward hook, stays available to the user's own ``no_grad``
         forwards — a module hook changed the user's validation values in the last bits.
 
-        ``per_module``: a hook on each hooked module instead, first among its hooks
-        (``prepend=True``: a user's hook registered later with ``prepend=True`` would come before
-        it), registered once and kept until :meth:`disarm`; :meth:`unhook` only closes the window
-        (a flag), so a forward outside it records nothing and the user's module calls that are not
-        hooked keep PyTorch's hook-free fast path. For models without ``TransformerEncoderLayer``."""
+        ``per_module``: a hook on each hooked module instead, registered first among its hooks
+        (``prepend=True``) and kept until :meth:`disarm` or :meth:`release`; each call puts it first
+        again where a hook of the user's came before it (registered with ``prepend=True`` between
+        steps) and opens the recording window, which :meth:`unhook` closes (a flag). The user's
+        module calls that are not hooked keep PyTorch's hook-free fast path, which a process-wide
+        hook takes from every call. A forward hook of the user's that runs before ours in the
+        window and may replace the output — registered with ``prepend=True`` inside it, or
+        process-wide — is a problem of the step (it was silently wrong): not measured. Put in and
+        taken out at every step instead (two dict operations a module), the hooks measured 1.107×
+        against 1.093× kept (docs/results/overhead.md, round 31). For models without
+        ``TransformerEncoderLayer``, whose eval-mode fast path a module hook turns off (its results
+        differ in the last bits)."""
         if self.per_module:
             self._open = True
-            if not self._module_handles:
+            if not self._module_entries:
                 for site in self._sites:
                     if not site.sub:
-                        self._module_handles.append(site.module.register_forward_hook(
-                            _ModuleHook(self._dispatch[id(site.module)]), prepend=True))
+                        hook = _ModuleHook(self._dispatch[id(site.module)], -1)
+                        handle = site.module.register_forward_hook(hook, prepend=True)
+                        hook.key = handle.id
+                        self._module_entries.append((site.module, handle, hook))
+                return
+            for module, handle, hook in self._module_entries:
+                hooks = module._forward_hooks  # (looked up each time: a user may have replaced the dict)
+                if next(iter(hooks), None) != handle.id:  # (a hook of the user's put before ours, or ours gone)
+                    hooks[handle.id] = hook
+                    hooks.move_to_end(handle.id, last=False)
             return
         if self._handle is not None:
             return
@@ -372,7 +400,7 @@ class GhostNormHooks:
         """Remove the forward hook only (armed state, gradient hooks, recorded calls and work
         buffers stay): it exists from a measured step's forward to its backward, so every other
         module call of the process takes PyTorch's hook-free fast path. ``per_module``: close the
-        recording window only (the hooks stay until :meth:`disarm`)."""
+        recording window only (the hooks stay until :meth:`disarm` or :meth:`release`)."""
         if self.per_module:
             self._open = False
             return
@@ -413,11 +441,19 @@ class GhostNormHooks:
         self._step.release()
         _ARMED.discard(self)
 
+    def release(self) -> None:
+        """``per_module``: take the modules' hooks out until the next :meth:`attach` (armed state
+        kept) — at an epoch's end and before validation, where users' callbacks copy, save or
+        script the module (``StochasticWeightAveraging``'s copy, a checkpoint, an export)."""
+        if self.per_module:
+            self._remove_module_hooks()
+
     def _remove_module_hooks(self) -> None:
         self._open = False
-        for h in self._module_handles:
-            h.remove()
-        self._module_handles.clear()
+        for module, handle, _ in self._module_entries:
+            handle.remove()
+            module._forward_hooks.pop(handle.id, None)  # (a dict the user put in place of the one it knows)
+        self._module_entries.clear()
 
     def _remove_param_hooks(self) -> None:
         for h in self._param_handles:
@@ -462,8 +498,18 @@ class GhostNormHooks:
     # -- hooks -------------------------------------------------------------------------------
 
     def _forward_hook(self, site: _Site) -> Callable:
-        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, output: Any, key: int | None = None) -> None:
             if not self._armed or (self.per_module and (not self._open or module is not site.module)):
+                return None
+            if key is not None and (
+                    (next(iter(module._forward_hooks), None) != key
+                     or _global_forward_hooks and _foreign_global_hook_before(None))
+                    if self.per_module else _foreign_global_hook_before(key)) and torch.is_grad_enabled():
+                # another forward hook ran first and may have replaced the product's output: the
+                # gradient read would not be the one its weight's gradient is made of
+                self._problems.append(
+                    f"{site.name}: a forward hook of the user's runs before ours (one registered with prepend=True "
+                    "during the step, or a process-wide one) and may replace the layer's output")
                 return None
             started = time.perf_counter()
             self._record(site, module, args, output)
