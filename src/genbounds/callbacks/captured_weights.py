@@ -97,23 +97,25 @@ class PerBatchRead:
                 losses = torch.where(ok, losses, nan.to(losses.dtype))
                 if not grad and "remainder" not in self.nan_said and not bool(ok):
                     # (a host read in an evaluation's call only, and only until said)
-                    if not math.isfinite(float(returned)):  # (not a term beyond the captured ones)
-                        self.say_nonfinite(float(returned))
-                    else:
+                    if not self.nonfinite(returned):  # (a NaN loss: not a term beyond the captured ones)
                         self.say_nan("remainder", f"a batch's loss holds a term beyond its captured losses (of "
                                       f"{float(returned):.6g}, {float(remainder):.6g} unexplained), which the trial "
                                       "batch's did not")
         return (losses if grad else losses.detach()), records
 
-    def say_nonfinite(self, value: float) -> None:
-        """Once: a batch whose returned loss is itself not finite (every target ignored: a mean over
-        no element; a NaN in the batch) — its per-sample losses are NaN, which is no fault of the
-        capture."""
+    def nonfinite(self, returned: Tensor) -> bool:
+        """Whether a batch's returned loss is itself not finite (every target ignored: a mean over
+        no element; a NaN in the batch), said once: its per-sample losses are NaN, which is no fault
+        of the capture (one host read: callers ask only where a check already failed)."""
+        value = float(returned)
+        if math.isfinite(value):
+            return False
         if "nonfinite" not in self.nan_said:
             self.nan_said.add("nonfinite")
             rank_zero_warn(f"genbounds: a batch's loss as training_step returned it is {value} (every target "
                            "ignore_index, a mean over no element? a NaN in the batch?): its per-sample losses are NaN, "
                            "and what is measured on it is left out.")
+        return True
 
     def say_nan(self, kind: str, why: str) -> None:
         """Once per kind: why some batches' per-sample losses are NaN."""

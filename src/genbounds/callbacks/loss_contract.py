@@ -471,22 +471,13 @@ class LossContract(KeptOnModule):
             mean = losses.detach().mean().to(torch.float64)
             ok = torch.isclose(mean, returned.detach().to(torch.float64).reshape(()), rtol=1e-4, atol=1e-6)
             losses = torch.where(ok, losses, torch.full_like(losses, math.nan))
-            if readable and not torch.is_grad_enabled() and not bool(ok) and not self._nonfinite(returned):
+            if readable and not torch.is_grad_enabled() and not bool(ok) and not self._read.nonfinite(returned):
                 # (a host read in an evaluation's call only, not in a backend's per-step pass: the
                 # weights are then read from each batch's own loss, this one's included)
                 return self._read_per_batch_from_now(
                     module, batch, b, f"weights its captured losses otherwise than the trial batch (their mean "
                     f"{float(mean):.6g} against the returned {float(returned):.6g})", reseed)
         return losses, records
-
-    def _nonfinite(self, returned: Tensor) -> bool:
-        """Whether the step's returned loss is not finite (said once): its batch's NaN per-sample
-        losses then say so, and its weights are no sign that the trial batch's weighting changed."""
-        value = float(returned)
-        if math.isfinite(value):
-            return False
-        self._read.say_nonfinite(value)
-        return True
 
     def _read_per_batch_from_now(self, module: nn.Module, batch: Any, b: int, what: str,
                                  reseed: Callable[[], None] | None) -> tuple[Tensor, list]:
