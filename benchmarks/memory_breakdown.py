@@ -32,7 +32,11 @@ resident growth of its first call in a fresh process (after a plain step has run
 ``--mmap-threshold BYTES`` runs every child with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed (by
 default the threshold moves up with the sizes a run frees, and where a step's blocks then land
 changes the heap's high-water mark). ``--no-row-ring``: the dispersion with its row ring's lending
-disabled (each step read at once). Write-up: ``docs/results/mlp_memory_cpu.md``.
+disabled (each step read at once). ``--measure first`` / ``--measure none``: the dispersion set
+up and attached as usual (the loss contract's trial and the hooks' check before step 0) but
+measuring only step 0, or no step at all (``StepBudget.measures`` replaced) — how much of the
+growth the set-up leaves and how much the measured steps add (round 32: most of it is the
+set-up's). Write-up: ``docs/results/mlp_memory_cpu.md``.
 """
 
 from __future__ import annotations
@@ -221,6 +225,9 @@ def _code_pages_child(statement: str) -> dict[str, float]:
     return {"file_mib": (_status()["RssFile"] - before) / 1024}
 
 
+MEASURES = {"every": "every step", "first": "measuring step 0 only", "none": "set up, measuring no step"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mlp")
@@ -229,6 +236,8 @@ def main() -> None:
     parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES")
     parser.add_argument("--no-row-ring", action="store_true",
                         help="the dispersion without its row ring (RowRing.lend disabled: every step read at once)")
+    parser.add_argument("--measure", choices=tuple(MEASURES), default="every",
+                        help="which steps the dispersion measures: every one, step 0 only, or none (set up only)")
     parser.add_argument("--ops", action="store_true", help="list the ops only the dispersion's fit runs")
     parser.add_argument("--code-pages", action="store_true", help="the code pages of a few of those ops")
     parser.add_argument("--out", default=None)
@@ -243,6 +252,11 @@ def main() -> None:
             from genbounds.callbacks.dispersion.row_ring import RowRing
 
             RowRing.lend = lambda self, b, dtype, device: None  # (the hooks then use their own buffers)
+        if args.measure != "every":
+            from genbounds.callbacks.step_budget import StepBudget
+
+            first = args.measure == "first"
+            StepBudget.measures = lambda self, trainer, measured, every: first and trainer.global_step == 0
         res = od.child(args.child[0], args.child[1], args.steps, 30, probe=MemoryProbe())
         print(json.dumps(res))
         return
@@ -261,7 +275,8 @@ def main() -> None:
     for r in range(args.rounds):
         for config in configs if r % 2 == 0 else configs[::-1]:
             res = run_json_child([here, "--child", args.model, config, "--steps", str(args.steps),
-                                  *(["--no-row-ring"] if args.no_row_ring else [])], env=env)
+                                  "--measure", args.measure, *(["--no-row-ring"] if args.no_row_ring else [])],
+                                 env=env)
             runs[config].append(res)
             p = res["probe"]
             print(f"[round {r + 1}/{args.rounds}] {config:10s} peak +{res['peak_growth_mib']:.1f} MiB, anon peak "
@@ -279,7 +294,7 @@ def main() -> None:
         ("anonymous, live after fit and malloc_trim", lambda x: x["probe"]["live_after_trim_mib"]),
         ("bytes in use (mallinfo2), train end − step 30", lambda x: x["probe"]["in_use_growth_mib"]),
     ]
-    lines = [f"### Peak growth by kind of memory: {args.model}, plain vs GradientDispersion() every step "
+    lines = [f"### Peak growth by kind of memory: {args.model}, plain vs GradientDispersion() {MEASURES[args.measure]} "
              f"({args.rounds} rounds, fresh processes, 30 + {args.steps} steps"
              + (f", MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else "")
              + (", the dispersion without its row ring" if args.no_row_ring else "") + ")",

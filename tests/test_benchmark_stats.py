@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import statistics
 
 import pytest
 import torch
-
 from helpers import benchmark_module
 
 
@@ -251,6 +251,24 @@ def test_memory_breakdown_probe_reads_anonymous_growth_and_mappings():
     maps = mb._by_mapping()
     assert maps.get("libtorch_cpu.so", 0) > 0 and "[anon]" in maps
     block.close()
+
+
+@pytest.mark.parametrize("measure, steps", [("none", 0), ("first", 1)])
+def test_memory_breakdown_measures_the_steps_it_is_told(measure, steps):
+    """``memory_breakdown.py --measure``: the dispersion's child set up as usual (its backend
+    chosen before step 0) measures no step, or step 0 only — the split of round 32 (how much of
+    the peak growth the set-up leaves)."""
+    import json
+    import subprocess
+    import sys
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    out = subprocess.run([sys.executable, os.path.join(here, "memory_breakdown.py"), "--child", "mlp", "dispersion",
+                          "--steps", "4", "--measure", measure], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads([ln for ln in out.stdout.splitlines() if ln.startswith("{")][-1])
+    assert res["backend"] == "hooks" and res["measured_steps"] == steps
 
 
 def test_in_process_cpu_report_reads_time_targets_only():
