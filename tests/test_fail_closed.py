@@ -628,3 +628,30 @@ def test_a_single_chunk_is_centred_at_its_own_mean_unless_told():
     assert torch.equal(kept.centered_sums[0], own.centered_sums[0])
     assert not torch.allclose(told.centered_sums[0], own.centered_sums[0])
     assert len(trainable_parameters(net)) == 2
+
+
+@pytest.mark.parametrize("pair", [
+    (lambda: GradientDispersion(backend="hooks"), lambda: GradientDispersion(backend="functorch", every_n_steps=2)),
+    (lambda: HessianTrace(backend="hutchinson"), lambda: HessianTrace(backend="pyhessian")),
+    (lambda: HeldoutGradient(every_n_steps=1), lambda: HeldoutGradient(every_n_steps=2)),
+])
+def test_two_callbacks_that_write_the_same_tags_are_said_once_before_step_0(tmp_path, pair):
+    """Two dispersions (two Hessian traces, two held-out gradients) with other settings on one
+    Trainer write the same tags, their values interleaved in the loggers, and the bounds read the
+    first only (found by a new user's walk, round 31): one warning before step 0 names both. Each
+    keeps its own values (a backend compared with another in one fit reads them there)."""
+    first, second = pair[0](), pair[1]()
+    said = []
+
+    class Count(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            said.append(sum("same tags" in str(w.message) for w in caught))
+
+    module = Classifier(MLP(64, 10, 32), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, [first, second, Count()], max_steps=2).fit(module, DigitsDataModule(batch_size=32))
+    name = type(first).__name__
+    shared = [str(w.message) for w in caught if "same tags" in str(w.message)]
+    assert len(shared) == 1 and f"2 {name} callbacks ({first.state_key}; {second.state_key})" in shared[0]
+    assert said and said[0] == 1  # (said before step 0)

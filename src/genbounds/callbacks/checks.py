@@ -17,6 +17,7 @@ from typing import Any
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 FULL_PRECISIONS = ("32-true", "64-true", "32", "64")
 MIXED_PRECISIONS = ("16-mixed", "bf16-mixed")
@@ -152,6 +153,20 @@ def check_positive(owner: str, **values: int | float | None) -> None:
 
 
 # ---------------------------------------------------------------------------------- environment
+def warn_shared_tags(owner: str, trainer: Trainer, callback: Any, tags: Sequence[str]) -> None:
+    """Two callbacks of ``callback``'s class with other settings (Lightning refuses two with the
+    same state key itself) write their values under the same ``tags``: interleaved in the loggers
+    (each keeps its own ``step_log`` and channel, and the bounds read the first). Said once, before
+    step 0, by the first of them."""
+    same = [cb for cb in trainer.callbacks if type(cb) is type(callback)]
+    if len(same) > 1 and same[0] is callback:
+        rank_zero_warn(
+            f"{owner}: the Trainer has {len(same)} {type(callback).__name__} callbacks "
+            f"({'; '.join(cb.state_key for cb in same)}); they write their values under the same tags "
+            f"({', '.join(tags)}), interleaved in the loggers, and the bounds read the first one only. Compare "
+            "them through their own step_log or channel, or in separate fits.")
+
+
 def check_strategy(owner: str, trainer: Trainer) -> None:
     """Single-device and DDP only: sharded strategies split or flatten the parameters."""
     strategy = trainer.strategy

@@ -23,6 +23,7 @@ from genbounds.callbacks.checks import (
     check_precision,
     check_single_optimizer,
     check_strategy,
+    warn_shared_tags,
 )
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
@@ -223,6 +224,7 @@ class GradientDispersion(MeasurementCallback):
         if stage != "fit":
             return
         owner = OWNER
+        warn_shared_tags(owner, trainer, self, ("grad/norm_sq", "grad/trace_cov", "grad/dispersion"))
         check_strategy(owner, trainer)
         check_precision(owner, trainer)
         self.contract = LossContract.shared(pl_module)

@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from genbounds.callbacks.channel import Channel, HeldoutRecord
-from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer
+from genbounds.callbacks.checks import check_choice, check_int, check_single_optimizer, warn_shared_tags
 from genbounds.callbacks.distributed import reason_anywhere, reduce_moments
 from genbounds.callbacks.hook_clock import HooksAside
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
@@ -113,6 +113,7 @@ class HeldoutGradient(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        warn_shared_tags(self.owner, trainer, self, ("grad/heldout_dist_sq", "gap/step_realized"))
         self._hooks_refused = False  # (a fit of its own: an earlier fit's model is not this one)
         bn_train = has_batchnorm(pl_module) and self.probe_mode == "train"
         if self.backend == "functorch" and bn_train:

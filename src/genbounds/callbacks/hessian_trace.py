@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
 
 from genbounds.callbacks.channel import Channel, CurvatureRecord
-from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int
+from genbounds.callbacks.checks import check_bool, check_choice, check_float, check_int, warn_shared_tags
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.estimators.functional import LossFn, group_positions, per_sample_losses, trainable_parameters
@@ -135,6 +135,7 @@ class HessianTrace(ProbeCallback):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
+        warn_shared_tags(self.owner, trainer, self, ("curv/hessian_trace", "curv/hessian_trace_se"))
         if self.weighted_dispersion and not (self.schedule.every_n_steps or self.schedule.log_spaced):
             # (an epoch-end, train-end or bound-requested probe has no training batch to chunk)
             raise MisconfigurationException(
