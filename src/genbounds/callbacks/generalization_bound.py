@@ -68,6 +68,10 @@ class GeneralizationBound(ProbeCallback):
     (``…_degenerate``); ``max_loss_increase`` restricts the grid to perturbations that raise the
     training loss by at most that many ``R``.
 
+    One per Trainer: its state key is the class name, so Lightning refuses a second one at the
+    Trainer's construction ("Found more than one stateful callback of type `GeneralizationBound`");
+    compute another selection of bounds with ``bounds=`` on the one (its tags are per bound).
+
     Args:
         bounds: the bounds to compute (default: every one the suite's producers allow).
         R: the loss's sub-Gaussian constant: a number, ``"quantile"`` (default: half the central 98 %
