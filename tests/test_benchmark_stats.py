@@ -13,6 +13,7 @@ import statistics
 
 import pytest
 import torch
+
 from helpers import benchmark_module
 
 
@@ -258,7 +259,6 @@ def test_memory_breakdown_measures_the_steps_it_is_told(measure, steps):
     """``memory_breakdown.py --measure``: the dispersion's child set up as usual (its backend
     chosen before step 0) measures no step, or step 0 only — the split of round 32 (how much of
     the peak growth the set-up leaves)."""
-    import json
     import subprocess
     import sys
 
