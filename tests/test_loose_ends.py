@@ -291,3 +291,25 @@ def test_a_compiled_module_fits_twice_without_a_spurious_fallback(tmp_path):
         assert cb.active_backend in ("functorch", "microbatch") and len(records) == 4
         assert all(math.isfinite(r.values["grad/dispersion"]) and r.values["grad/dispersion"] > 0 for r in records)
         assert sum("torch.compile" in m for m in messages) == 1  # said once, explicitly
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_parameter_groups_at_other_rates_take_the_largest_and_are_a_heuristic(tmp_path, head_first):
+    """Plain SGD whose parameter groups have different learning rates (a body and a head): the
+    bounds took the first group's η_t — 14× apart with the groups listed in the other order, and
+    flagged exact (a new user's walk, round 32). Now η_t is the largest group's, whatever the
+    order, the bounds are flagged heuristics, and the warning says why."""
+    class TwoRates(Classifier):
+        def configure_optimizers(self):
+            body = {"params": self.network.net[1].parameters(), "lr": 0.01}
+            head = {"params": self.network.net[3].parameters(), "lr": 0.5}
+            return torch.optim.SGD([head, body] if head_first else [body, head])
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit(tmp_path, bound_suite(), TwoRates(MLP(64, 10, 16)))
+    bound = aggregator(t)
+    assert bound.latest["bound/heuristic"] == 1.0
+    assert set(bound.series.lrs) == {0.5}
+    said = [str(w.message) for w in caught if "lr per group" in str(w.message)]
+    assert len(said) == 1 and "the largest group's learning rate" in said[0]

@@ -343,7 +343,13 @@ class GeneralizationBound(ProbeCallback):
             self._first_step_settled = True
             self._settle_trained(trainer, pl_module, first_step=True)
             self._write_layout(trainer)
-        self.series.lrs.append(float(optimizer.param_groups[0]["lr"]))
+        # (groups at different rates: the largest, whatever their order — and the step is not η_t·ḡ_B then)
+        lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        lr = max(lrs)
+        if self.plain_sgd and lr != min(lrs):  # (groups whose rates part during the fit: a scheduler's own factors)
+            self.optimizer, self.plain_sgd, notes = optimizer_notes(trainer)
+            self._warn_once.all(notes)
+        self.series.lrs.append(lr)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # evaluated at validation epoch end and train end only: Lightning need not call this again

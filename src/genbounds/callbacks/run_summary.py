@@ -27,10 +27,16 @@ ISOTROPIC_TITLES = {
 
 
 def describe_optimizer(optimizer: torch.optim.Optimizer) -> tuple[str, bool]:
-    """A readable description and whether it is plain SGD (no momentum, no weight decay)."""
+    """A readable description and whether it is plain SGD (no momentum, no weight decay, one learning
+    rate for every parameter group: groups stepped at different rates take a step that is not
+    ``η_t·ḡ_B``)."""
     name = type(optimizer).__name__
     extras: list[str] = []
     plain = isinstance(optimizer, torch.optim.SGD)
+    lrs = [float(group["lr"]) for group in optimizer.param_groups if "lr" in group]
+    if len(set(lrs)) > 1:
+        extras.append(f"lr per group={tuple(lrs)}")
+        plain = False
     for group in optimizer.param_groups:
         for key in ("momentum", "weight_decay", "dampening", "betas", "eps", "nesterov"):
             if key in group and group[key] not in (0, 0.0, False, None) and f"{key}={group[key]}" not in extras:
@@ -49,7 +55,8 @@ def optimizer_notes(trainer: Trainer) -> tuple[str | None, bool, list[tuple[str,
     notes: list[tuple[str, str]] = []
     if not plain:
         notes.append(("optimizer", f"GeneralizationBound: the optimizer is {name}, not plain SGD; the bounds take "
-                      "η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1)."))
+                      "η_t·ḡ_B as the step and are heuristics here (bound/heuristic = 1)" + (
+                          ", with η_t the largest group's learning rate" if "lr per group" in name else "") + "."))
     clip = getattr(trainer, "gradient_clip_val", None)
     module = getattr(trainer, "lightning_module", None)
     own = module is not None and type(module).configure_gradient_clipping is not \
