@@ -655,3 +655,24 @@ def test_two_callbacks_that_write_the_same_tags_are_said_once_before_step_0(tmp_
     shared = [str(w.message) for w in caught if "same tags" in str(w.message)]
     assert len(shared) == 1 and f"2 {name} callbacks ({first.state_key}; {second.state_key})" in shared[0]
     assert said and said[0] == 1  # (said before step 0)
+
+
+@pytest.mark.parametrize("every, stale", [(2, True), (1, False)])
+def test_a_validation_metric_older_than_the_final_weights_is_stale_in_the_trainer_too(tmp_path, every, stale):
+    """The in-Trainer gate on a metric of the user's that validation computes: when the last
+    validation ran before the final weights (``check_val_every_n_epoch=2`` over 3 epochs), the value
+    is stale — a violation, as ``genbounds gate`` reads it from the logs (it passed in the Trainer
+    while the CLI failed the same run, a new user's walk, round 32). The training loss, logged at
+    every step, is not stale; a run validated at its end passes."""
+    gate = BoundGate(max={"val_loss": 100.0, "train_loss": 100.0}, on_violation="warn")
+    module = Classifier(MLP(64, 10, 32), lr=0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, [gate], max_epochs=3, limit_train_batches=5, limit_val_batches=2,
+                check_val_every_n_epoch=every).fit(module, DigitsDataModule(batch_size=32))
+    reasons = {v["metric"]: v["reason"] for v in gate.final["violations"]}
+    if stale:
+        assert set(reasons) == {"val_loss"} and reasons["val_loss"] == (
+            "stale: last computed at step 10, the run ended at step 15")
+    else:
+        assert gate.final["passed"] and not reasons

@@ -116,6 +116,11 @@ class BoundGate(MeasurementCallback):
         self.final: dict[str, Any] | None = None
         self._warned = False
         self._bound: Any = None
+        self._before_validation: dict[str, Any] = {}
+        self.from_validation: set[str] = set()
+        """The metrics a validation run computed (their value objects changed during it)."""
+        self.validated_at: int | None = None
+        """The step of the last validation run of the fit."""
 
     @property
     def state_key(self) -> str:
@@ -187,8 +192,15 @@ class BoundGate(MeasurementCallback):
 
         return bool(trainer.sanity_checking or trainer.fast_dev_run or trainer.state.fn != TrainerFn.FITTING)
 
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._skip(trainer):  # (the value objects: those a validation logs are new at its end)
+            self._before_validation = dict(trainer.callback_metrics)
+
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self._skip(trainer):
+            before, self._before_validation = self._before_validation, {}
+            self.from_validation |= {k for k, v in trainer.callback_metrics.items() if v is not before.get(k)}
+            self.validated_at = int(trainer.global_step)
             self._check(trainer)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -223,10 +235,14 @@ class BoundGate(MeasurementCallback):
         found = check_thresholds(values, self.max, self.min, lenient)
         step = int(trainer.global_step)
         if final and "stale" not in self.lenient:
+            # a bound of weights before the final ones; a metric of yours that validation computes, whose
+            # last validation ran before the final weights (check_val_every_n_epoch, a run stopped between
+            # validations): as `genbounds gate` reads the logs
             for name, limit in [*self.max.items(), *self.min.items()]:
-                if name in steps and steps[name] < step:
+                last = steps.get(name, self.validated_at if name in self.from_validation else None)
+                if name in values and last is not None and last < step:
                     found.append({"metric": name, "kind": "max" if name in self.max else "min", "limit": limit,
-                                  "value": values[name], "reason": f"stale: last computed at step {steps[name]}, "
+                                  "value": values[name], "reason": f"stale: last computed at step {last}, "
                                                                    f"the run ended at step {step}"})
         violated = trainer.strategy.reduce_boolean_decision(bool(found), all=False)
         self.checks += 1
@@ -272,13 +288,16 @@ class BoundGate(MeasurementCallback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"violations": list(self.violations), "checks": self.checks, "stopped_step": self.stopped_step,
-                "warned": self._warned}
+                "warned": self._warned, "from_validation": sorted(self.from_validation),
+                "validated_at": self.validated_at}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.violations = list(state_dict.get("violations", []))
         self.checks = int(state_dict.get("checks", 0))
         self.stopped_step = state_dict.get("stopped_step")
         self._warned = bool(state_dict.get("warned", False))
+        self.from_validation = set(state_dict.get("from_validation", ()))
+        self.validated_at = state_dict.get("validated_at")
 
 
 def _apart(value: float, limit: float) -> str:
