@@ -883,3 +883,26 @@ def test_mixup_between_hidden_states_applied_with_a_probability_is_found_before_
     said = _fit(tmp_path, MaybeMixup(), [cb], train=_loader(64, 0, batch_size=32), max_epochs=1)
     assert cb.active_backend != "hooks", said
     assert any("depend on the other samples" in m for m in said), said
+
+
+def test_several_validation_loaders_say_which_is_the_held_out_set(tmp_path):
+    """Two validation dataloaders: the gap and every held-out probe use the first — which one
+    depended on the list's order, silently (a new user's walk, round 32); now said once a fit,
+    naming it, however many callbacks read it."""
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+
+    class TwoSets(Classifier):
+        def validation_step(self, batch, batch_idx, dataloader_idx=0):
+            return super().validation_step(batch, batch_idx)
+
+    pl.seed_everything(0, verbose=False)
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    val = data.val_dataloader()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, bound_suite(), max_epochs=1, limit_train_batches=4, limit_val_batches=2).fit(
+            TwoSets(MLP(64, 10, 16)), data.train_dataloader(), [val, val])
+    said = [str(w.message) for w in caught if "validation dataloaders" in str(w.message)]
+    assert len(said) == 1 and "the Trainer has 2 validation dataloaders" in said[0] and "the first one (0)" in said[0]

@@ -193,13 +193,25 @@ def training_trial_batch(trainer: Trainer, seed: int = 0) -> Any:
 
 
 def validation_loader(trainer: Trainer) -> Any:
-    """The first validation dataloader, set up now if Lightning has not done so yet."""
+    """The first validation dataloader, set up now if Lightning has not done so yet. With several,
+    said once a fit: the held-out set of the gap and of every held-out probe is the first (the
+    others' order decided which, silently, until round 32)."""
     if trainer.val_dataloaders is None:
         try:
             trainer.fit_loop.epoch_loop.val_loop.setup_data()
         except Exception:  # noqa: BLE001 - no validation data is a legitimate configuration
             return None
-    return first_loader(trainer.val_dataloaders)
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple, dict)) and len(loaders) > 1 and not trainer.__dict__.get(_SAID_LOADERS):
+        trainer.__dict__[_SAID_LOADERS] = True
+        first = next(iter(loaders)) if isinstance(loaders, dict) else 0
+        rank_zero_warn(f"genbounds: the Trainer has {len(loaders)} validation dataloaders; the held-out set of "
+                       f"gap/measured and of every held-out probe is the first one ({first!r}), the others are not "
+                       "used by genbounds. Put the held-out set the bounds should be compared with first.")
+    return first_loader(loaders)
+
+
+_SAID_LOADERS = "_genbounds_said_validation_loaders"
 
 
 def num_train_samples(owner: str, num_train: int | None, trainer: Trainer) -> int:
