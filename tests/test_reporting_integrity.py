@@ -338,3 +338,32 @@ def test_add_hparams_subfolder_is_merged_into_its_run(tmp_path, capsys):
     assert run_cli("gate", str(tmp_path), "--max", "gap/measured=1", "--format", "json") == 0
     data = json.loads(capsys.readouterr().out)
     assert [r["label"] for r in data["runs"]] == ["version_0 (label_noise=0)", "version_1 (label_noise=0.2)"]
+
+
+def test_the_users_hyperparameters_in_a_csv_loggers_hparams_yaml_keep_their_values(tmp_path):
+    """A module whose ``save_hyperparameters()`` has keys the run's settings also use (``model``,
+    ``optimizer``, ``n``, ``d``, ``lr``): the settings overwrote them in ``hparams.yaml``, and
+    ``load_from_checkpoint(hparams_file=…)`` built another model (a new user's walk, round 32).
+    The user's values stay; ours that differ go under ``genbounds/``."""
+    import lightning.pytorch as pl
+    import yaml
+    from lightning.pytorch.loggers import CSVLogger
+
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from helpers import bound_suite, trainer
+
+    class Named(Classifier):
+        def __init__(self, model="mlp", optimizer="adam", n=2, d=16, lr=0.1):
+            super().__init__(MLP(64, 10, d), lr=lr)
+            self.save_hyperparameters("model", "optimizer", "n", "d", "lr")
+
+    logger = CSVLogger(str(tmp_path), name="run")
+    pl.seed_everything(0, verbose=False)
+    trainer(tmp_path, bound_suite(), logger=logger, max_epochs=1, limit_train_batches=4, limit_val_batches=2).fit(
+        Named(), DigitsDataModule(batch_size=64))
+    saved = yaml.safe_load(open(f"{logger.log_dir}/hparams.yaml"))
+    assert {k: saved[k] for k in ("model", "optimizer", "n", "d", "lr")} == {
+        "model": "mlp", "optimizer": "adam", "n": 2, "d": 16, "lr": 0.1}
+    assert saved["genbounds/model"] == "Named" and saved["genbounds/optimizer"].startswith("SGD")
+    assert saved["genbounds/d"] > 16 and "genbounds/lr" not in saved  # (the same value: one key)

@@ -247,7 +247,12 @@ class RunSummary:
                 logger.experiment.add_text("genbounds/settings", _markdown_settings(params))
                 logger.experiment.flush()
             elif isinstance(logger, CSVLogger):
-                logger.log_hyperparams(params)
+                # (one hparams.yaml for the user's and ours: a key of the user's — their `model`, `lr`, `n`
+                # — keeps its value, ours goes under genbounds/; load_from_checkpoint(hparams_file=…) read
+                # ours until round 32, a new user's walk)
+                own = dict(getattr(logger.experiment, "hparams", {}) or {})
+                logger.log_hyperparams({(f"genbounds/{k}" if k in own and own[k] != v else k): v
+                                        for k, v in params.items()})
                 logger.save()
 
     def print_table(self, trainer: Trainer, bound: GeneralizationBound) -> None:
