@@ -232,6 +232,12 @@ class BoundGate(MeasurementCallback):
         values, steps = self._values(trainer)
         # before the end a metric may not be logged yet (its first evaluation is still to come)
         lenient = self.lenient if final else self.lenient + ("missing",)
+        if not final:
+            # a bound's NaN before the end says "not computable yet" as often as "failed" (a callback on a
+            # sparser schedule than the evaluations: Neu's bound waits for the sensitivity to cover the
+            # steps so far), and `stop` ended healthy runs at their first validation (a new user's walk,
+            # round 32): counted as missing until the final check, which fails it
+            values = {k: v for k, v in values.items() if not (k.startswith("bound") and math.isnan(v))}
         found = check_thresholds(values, self.max, self.min, lenient)
         step = int(trainer.global_step)
         if final and "stale" not in self.lenient:
