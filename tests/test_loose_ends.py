@@ -313,3 +313,24 @@ def test_parameter_groups_at_other_rates_take_the_largest_and_are_a_heuristic(tm
     assert set(bound.series.lrs) == {0.5}
     said = [str(w.message) for w in caught if "lr per group" in str(w.message)]
     assert len(said) == 1 and "the largest group's learning rate" in said[0]
+
+
+@pytest.mark.parametrize("kinds", [("csv", "tb"), ("csv",)])
+def test_the_summary_points_tensorboard_at_a_tensorboard_loggers_folder(tmp_path, capsys, kinds):
+    """A CSVLogger listed before a TensorBoardLogger: the summary's ``next: tensorboard --logdir``
+    named the CSV folder, which holds no event files (a new user's walk, round 32). It names each
+    logger's folder, points TensorBoard at the TensorBoardLogger's, and suggests no TensorBoard
+    without one."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(str(tmp_path), name="csv_run")] + (
+        [TensorBoardLogger(str(tmp_path), name="tb_run")] if "tb" in kinds else [])
+    fit(tmp_path, bound_suite(), Classifier(MLP(64, 10, 16)), logger=loggers)
+    out = capsys.readouterr().out
+    logs = next(line for line in out.splitlines() if line.startswith("logs: "))
+    nxt = next(line for line in out.splitlines() if line.startswith("next: "))
+    assert logs.count("version_0") == len(kinds)
+    if "tb" in kinds:
+        assert f"tensorboard --logdir {tmp_path / 'tb_run'}" in nxt
+    else:
+        assert "tensorboard" not in nxt and "genbounds report" in nxt

@@ -362,9 +362,13 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
     if gate:
         lines.append(f"gate: {gate}")
     if log_dir:
-        lines.append(f"logs: {log_dir}")
-        lines.append(f"next: tensorboard --logdir {os.path.dirname(log_dir.rstrip(os.sep)) or log_dir}    "
-                     f"genbounds report {log_dir}")
+        # each logger's folder; TensorBoard pointed at a TensorBoardLogger's (it named the first logger's,
+        # a CSVLogger's folder without event files, until round 32)
+        dirs = list(dict.fromkeys(d for d in (getattr(lg, "log_dir", None) for lg in trainer.loggers) if d))
+        lines.append(f"logs: {', '.join(dirs) or log_dir}")
+        board = next((lg.log_dir for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+        view = f"tensorboard --logdir {os.path.dirname(board.rstrip(os.sep)) or board}    " if board else ""
+        lines.append(f"next: {view}genbounds report {log_dir}")
     md = [f"**{heading}**", "", "| metric | value | note |", "|---|---:|---|"]
     md += [f"| `{t}` | {_cell(val)} | {_cell(note)} |" for t, val, note in rows]
     md += ["", *(f"* {line}" for line in lines[len(rows) + 3:])]
