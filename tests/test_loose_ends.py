@@ -334,3 +334,14 @@ def test_the_summary_points_tensorboard_at_a_tensorboard_loggers_folder(tmp_path
         assert f"tensorboard --logdir {tmp_path / 'tb_run'}" in nxt
     else:
         assert "tensorboard" not in nxt and "genbounds report" in nxt
+
+
+def test_the_final_bounds_reach_callback_metrics_under_a_budget(tmp_path):
+    """Under ``overhead_budget`` the final evaluation at the train end writes to the loggers
+    directly (``pl_module.log`` cannot run there): the final bounds were missing from
+    ``trainer.callback_metrics`` after ``fit`` (an Optuna objective reading it got ``KeyError``; a
+    new user's walk, round 32). They are there, equal to the summary's."""
+    t = fit(tmp_path, bound_suite(overhead_budget=0.2), Classifier(MLP(64, 10, 16)))
+    latest = aggregator(t).latest
+    for key in ("bound/wang_mao_eq3", "bound/neu", "gap/measured"):
+        assert float(t.callback_metrics[key]) == latest[key]

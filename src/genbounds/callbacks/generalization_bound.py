@@ -507,8 +507,12 @@ class GeneralizationBound(ProbeCallback):
         values = {**values, **margin_values(values)}
         self.latest.update(values)
         step = weights_step(trainer)
-        self.step_log.record(step, {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()})
+        record = {k: torch.tensor(v, dtype=torch.float64) for k, v in values.items()}
+        self.step_log.record(step, record)
         self.step_log.flush(trainer, pl_module if log else None, epoch_end=log)
+        if not log:  # (written to the loggers directly, where pl_module.log cannot run — the train end under
+            # a budget: the final bounds were missing from callback_metrics after fit, a new user's walk, round 32)
+            trainer.callback_metrics.update(record)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
