@@ -345,3 +345,20 @@ def test_the_final_bounds_reach_callback_metrics_under_a_budget(tmp_path):
     latest = aggregator(t).latest
     for key in ("bound/wang_mao_eq3", "bound/neu", "gap/measured"):
         assert float(t.callback_metrics[key]) == latest[key]
+
+
+def test_the_summary_says_a_probe_without_held_out_data_had_none(tmp_path, capsys):
+    """No validation loader: the held-out probes are disabled before step 0 (said then), and the
+    summary said their "schedule never let it run" (a new user's walk, round 32); it says there was
+    no held-out data."""
+    from genbounds.data import DigitsDataModule
+
+    data = DigitsDataModule(batch_size=64)
+    data.setup("fit")
+    pl.seed_everything(0, verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer(tmp_path, bound_suite(), max_epochs=1, limit_train_batches=5).fit(
+            Classifier(MLP(64, 10, 16)), data.train_dataloader())
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("not measured in this run"))
+    assert "HeldoutGradient" in line and "no held-out data" in line and "schedule" not in line

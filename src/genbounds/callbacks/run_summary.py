@@ -354,7 +354,14 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
         else:
             lines.append(f"optimizer {bound.optimizer}: not plain SGD — the bounds are heuristics here "
                          "(bound/heuristic = 1)")
-    idle = [type(cb).__name__ for cb in trainer.callbacks if cb is not bound and getattr(cb, "num_probes_run", 1) == 0]
+    idle = [cb for cb in trainer.callbacks if cb is not bound and getattr(cb, "num_probes_run", 1) == 0]
+    # (one that needs held-out data and had none was disabled before step 0, not held back by its schedule)
+    unfed = [type(cb).__name__ for cb in idle if getattr(cb, "heldout_required", False)
+             and not getattr(cb, "heldout_available", True)]
+    idle = [type(cb).__name__ for cb in idle if type(cb).__name__ not in unfed]
+    if unfed:
+        lines.append(f"not measured in this run: {', '.join(unfed)} (no held-out data: no validation dataloader, "
+                     "or every held-out sample left out)")
     if idle:  # (said, not left to the reader to notice a missing tag)
         budget = bound.budget.fraction if bound.budget is not None else None
         why = f"its schedule, or the overhead budget of {budget:g}," if budget else "its schedule"
