@@ -501,16 +501,19 @@ class GhostNormHooks:
         def hook(module: nn.Module, args: tuple, output: Any, key: int | None = None) -> None:
             if not self._armed or (self.per_module and (not self._open or module is not site.module)):
                 return None
-            if key is not None and (
-                    (next(iter(module._forward_hooks), None) != key
-                     or _global_forward_hooks and _foreign_global_hook_before(None))
-                    if self.per_module else _foreign_global_hook_before(key)) and torch.is_grad_enabled():
+            if key is not None:
                 # another forward hook ran first and may have replaced the product's output: the
                 # gradient read would not be the one its weight's gradient is made of
-                self._problems.append(
-                    f"{site.name}: a forward hook of the user's runs before ours (one registered with prepend=True "
-                    "during the step, or a process-wide one) and may replace the layer's output")
-                return None
+                if self.per_module:  # (ours first among the module's, and no process-wide one of the user's)
+                    before = next(iter(module._forward_hooks), None) != key or (
+                        bool(_global_forward_hooks) and _foreign_global_hook_before(None))
+                else:  # (no process-wide one of the user's registered before ours)
+                    before = _foreign_global_hook_before(key)
+                if before and torch.is_grad_enabled():
+                    self._problems.append(
+                        f"{site.name}: a forward hook of the user's runs before ours (one registered with "
+                        "prepend=True during the step, or a process-wide one) and may replace the layer's output")
+                    return None
             started = time.perf_counter()
             self._record(site, module, args, output)
             self.seconds += time.perf_counter() - started
