@@ -5,6 +5,7 @@ needs besides the bound formulas, kept out of the callback's hooks:
   evaluations see (a number, half the central 98 % range now, or half the range ever seen);
 * :func:`evaluation_floor` — what an evaluation costs at its probes' fewest draws, the budget's
   price for it before one was timed (and the reserve intermediate probes leave for it);
+* :func:`over_budget_notes` — what a run whose measurement took well over its budget is told;
 * :func:`final_floors`, :func:`final_shares` — the final evaluation's probes share what is left of
   the budget: each takes ``1/k`` of it at its turn (``k`` the probes still to run), less the later
   probes' floors;
@@ -88,6 +89,26 @@ def flatness_floor(flatness: Any, series: Any) -> float:
     """The flatness probe at its fewest draws, with the layer-wise shapes it will be asked for."""
     shapes = 1 + int(series.config.get("neu_shape") is not None)
     return flatness.forward_equivalents(num_shapes=shapes) * flatness.unit_cost()
+
+
+OVER_BUDGET = 1.5
+"""A run whose measurement took more than this many times its budget is told so (once)."""
+
+
+def over_budget_notes(owner: str, budget: Any, last_cost: float | None) -> list[tuple[str, str]]:
+    """The final evaluation runs whatever is left, each probe at its fewest draws: on a run too
+    short for those (few, slow steps) measurement can take many times the budget. Said at the
+    train end, with what the last evaluation cost (``last_cost`` s), rather than left to
+    ``perf/overhead``."""
+    if budget is None or budget.fraction is None or budget.overhead <= OVER_BUDGET * budget.fraction:
+        return []
+    final = f"; the last evaluation alone {last_cost:.3g} s" if last_cost is not None else ""
+    return [("over-budget", (
+        f"{owner}: measurement took {budget.overhead:.2f} of the training time ({budget.probe_time:.3g} s "
+        f"against {budget.train_time:.3g} s{final}), above overhead_budget={budget.fraction:g}: the final weights "
+        "are always evaluated, each probe at its fewest draws, and this run was too short for them. Lower the "
+        "probes' min_draws / min_probes / probe_batch_size, or leave the final evaluation's probes out of short "
+        "runs."))]
 
 
 def final_floors(probes: Sequence[Any], flatness: Any, series: Any) -> list[float]:

@@ -16,10 +16,17 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from genbounds.bounds.aggregate import ALL_BOUNDS, ERROR, BoundInputs
-from genbounds.callbacks.bound_evaluation import LossRange, WarnOnce, bound_values, evaluation_floor, finish_values
+from genbounds.callbacks.bound_evaluation import (
+    LossRange,
+    WarnOnce,
+    bound_values,
+    evaluation_floor,
+    finish_values,
+    over_budget_notes,
+)
 from genbounds.callbacks.bound_producers import Producers
+from genbounds.callbacks.bound_scope import BoundScope
 from genbounds.callbacks.bound_series import BoundSeries
-from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.callbacks.checks import (
     check_bool,
     check_choice,
@@ -34,7 +41,6 @@ from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_sample
 from genbounds.callbacks.probe_data import training_loader
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
 from genbounds.callbacks.step_log import StepLog, weights_step
-from genbounds.estimators.functional import num_trainable, parameter_groups, trainable_parameters
 
 BoundName = Literal["wang_mao_eq2", "wang_mao_eq3", "neu", "wang_mao_eq2_error", "neu_error",
                     "wang_mao_eq2_layerwise", "wang_mao_eq3_layerwise", "neu_layerwise"]
@@ -148,10 +154,9 @@ class GeneralizationBound(ProbeCallback):
         self.step_log = StepLog(o, prog_bar=(f"bound/{self.headline}", "gap/measured") if check_bool(
             o, "prog_bar", prog_bar) else (), log_nonfinite=True)
         self.series = BoundSeries()
-        self.changed_at: int | None = None
-        """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
+        self.scope = BoundScope(o, self.layer_groups)
+        """The parameter set and history the bounds are stated over (``bound_scope.py``)."""
         self._evaluated_weights: Tensor | None = None
-        self._config_is_ours = True
         self._first_step_settled = False
         self._layout_due = False
         self._state_loaded = False
@@ -160,16 +165,11 @@ class GeneralizationBound(ProbeCallback):
         self.optimizer: str | None = None
         self.plain_sgd = True
         self.gap_at_start: float | None = None
-        self._unmeasured_steps: int | None = None
-        """Steps before this fit's start that the series does not hold (a fit resumed from a
-        checkpoint without its state): the bounds, sums from step 0, are then NaN."""
         self.evaluations = 0
         self._gap: GapEvaluation | None = None
         self.producers = Producers()
         self._summary = RunSummary()
         self._n: int | None = None
-        self._d: int | None = None
-        self._groups: dict[str, list[str]] = {}
         self._warn_once = WarnOnce()
         self._evaluated_step: int | None = None
         self._trainer: Trainer | None = None
@@ -190,6 +190,11 @@ class GeneralizationBound(ProbeCallback):
         self.loss_range.R = value
 
     @property
+    def changed_at(self) -> int | None:
+        """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
+        return self.scope.changed_at
+
+    @property
     def sigmas(self) -> list[float]:
         flatness = self.producers.flatness
         return list(flatness.sigmas) if flatness is not None else []
@@ -205,8 +210,7 @@ class GeneralizationBound(ProbeCallback):
         # each kind of note once a fit (a checkpoint's kinds, said in its run, replace these where
         # the fit resumes); cleared here, not at the run's start, where the setup's were said twice
         self._warn_once.said.clear()
-        self._groups = parameter_groups(pl_module, self.layer_groups)
-        self.wanted = self.producers.resolve(self.bounds, len(self._groups))
+        self.wanted = self.producers.resolve(self.bounds, len(self.scope.take_groups(pl_module)))
         left = self.producers.left_out(self.wanted) if self.bounds is None else None
         if left is not None:
             rank_zero_info(left)
@@ -229,47 +233,14 @@ class GeneralizationBound(ProbeCallback):
     def _write_layout(self, trainer: Trainer) -> None:
         if self._layout_due:
             self._layout_due = False
-            self._summary.add_layout(trainer, self.wanted, list(self._groups))
+            self._summary.add_layout(trainer, self.wanted, list(self.scope.groups))
 
     def _settle_trained(self, trainer: Trainer, pl_module: LightningModule, *, first_step: bool = False) -> None:
-        """What the bounds are over — the groups, ``d``, the series' configuration and Neu's block
-        shape, the bounds computed — from the trained parameters: at ``on_train_start``, and at the
-        fit's first optimizer step (``first_step``), after every epoch- and batch-start hook
-        (where a freeze schedule acts: ``trainable_set.py`` takes the set again before the first
-        step). A fit writes its own series' configuration again then; a resumed fit compares there
-        the set with the one its checkpoint's history was measured on: another gives NaN bounds,
-        said once."""
-        trained = TrainableSet.shared(pl_module)
-        trained.check(pl_module, int(trainer.global_step))
-        if trained.version == self._set_version and not first_step:
-            return
-        self._set_version = trained.version
-        if trained.changes or self.changed_at is not None:
-            return  # (a change after the first step: NaN bounds, _trained_changed)
-        self._groups = parameter_groups(pl_module, self.layer_groups)
-        self._d = num_trainable(pl_module)
-        self._resolve_wanted()
-        names = list(trained.names or ())
-        if self._config_is_ours:
-            self.series.config.clear()  # (this fit's own, no step taken yet: written again)
-        elif not first_step:
-            return  # (a resumed fit's set is compared at its first step, after the start hooks)
-        else:
-            saved = self.series.config.get("trained")
-            if saved is not None and list(saved) != names:
-                self.changed_at = int(trainer.global_step)
-                self._warn_once("resumed-other-parameters", (
-                    f"GeneralizationBound: this fit trains other parameters from step {self.changed_at} than those "
-                    f"its checkpoint's history was measured on ({len(names)} tensors against {len(saved)}: layers "
-                    "frozen or unfrozen on resuming?): the bounds are stated for one parameter set from step 0, so "
-                    "they are NaN (flagged bound/valid = 0)."))
-                return
-            # a resumed run's series were measured on its first run's groups (kept by configure)
-            self.series.check_resumable(self.sigmas, list(self._groups))
-        sizes = {n: p.numel() for n, p in trainable_parameters(pl_module).items()}
-        self.series.configure(self.sigmas, self._groups, sizes, names)
-        if "neu_layerwise" in self.wanted and len(self._groups) >= 2:
-            self.producers.set_neu_shape(self.series, self._groups, pl_module)
+        """What the bounds are over, from the trained parameters (``BoundScope.settle``), and the
+        bounds computed and Neu's block shape for its groups."""
+        if self.scope.settle(trainer, pl_module, self.series, self.sigmas, self._warn_once, self._resolve_wanted,
+                             first_step=first_step) and "neu_layerwise" in self.wanted and len(self.scope.groups) >= 2:
+            self.producers.set_neu_shape(self.series, self.scope.groups, pl_module)
 
     def _new_run(self) -> None:
         """A fit from step 0 that loaded no checkpoint: the series, values and flags of an earlier
@@ -278,14 +249,14 @@ class GeneralizationBound(ProbeCallback):
         self.series.load_state_dict({})
         self.latest = {}
         self.evaluations = 0
-        self._evaluated_step = self.changed_at = self.gap_at_start = None
-        self._evaluated_weights = self._unmeasured_steps = None
+        self._evaluated_step = self.gap_at_start = self._evaluated_weights = None
+        self.scope.new_run()
         self.loss_range = LossRange(self.loss_range.R)
 
     def _resolve_wanted(self) -> None:
         """The bounds computed, for the groups as they are (layer-wise ones need two) and the
         errors the loss contract gives."""
-        self.wanted = self.producers.resolve(self.bounds, len(self._groups))
+        self.wanted = self.producers.resolve(self.bounds, len(self.scope.groups))
         self._warn_once.all(self.producers.notes(self.wanted))
         if self.contract is not None and self.contract.tier is not None and not self.contract.errors_available:
             self.wanted = tuple(b for b in self.wanted if b not in ERROR)
@@ -296,8 +267,7 @@ class GeneralizationBound(ProbeCallback):
         if trainer.global_step == 0 and not self._state_loaded:
             self._new_run()  # (these callbacks reused by another Trainer: nothing of its run carries over)
         self._state_loaded = False
-        self._set_version = -1  # (ProbeCallback's: the version the bound's groups were taken at; now to take)
-        self._config_is_ours = not self.series.config  # (else a checkpoint's, or an earlier fit's)
+        self.scope.start(self.series)
         self._first_step_settled = False
         self._settle_trained(trainer, pl_module)
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
@@ -323,16 +293,7 @@ class GeneralizationBound(ProbeCallback):
         if not self.heldout_available:
             self._warn_once("no-val", "GeneralizationBound: without a validation loader the held-out terms and "
                             "gap/measured cannot be measured; the bounds that need them are logged as NaN.")
-        held = len(self.series.lrs)
-        if trainer.global_step > held:
-            self._unmeasured_steps = int(trainer.global_step) - held
-            self._warn_once(
-                "unmeasured-history",
-                f"GeneralizationBound: the fit resumes at step {trainer.global_step}, but the checkpoint holds the "
-                f"learning rates and measurements of {held} steps only (saved by a run without GeneralizationBound "
-                "in its Trainer?): the bounds sum over every step from 0, so this run's are NaN (flagged "
-                "bound_valid/… = 0). Resume from a checkpoint saved with the genbounds callbacks, or train from "
-                "step 0.")
+        self.scope.check_history(trainer, self.series, self._warn_once)
         if trainer.global_step == 0 and self.heldout_available:
             gap = self._measure_gap(trainer, pl_module)
             self.gap_at_start = gap.get("gap/measured")
@@ -371,7 +332,7 @@ class GeneralizationBound(ProbeCallback):
             self.evaluate(trainer, pl_module, log=False)
         elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
             self.producers.measure_at_end(trainer, pl_module, self.series, fewest=False)
-        self._say_if_over_budget()
+        self._warn_once.all(over_budget_notes(self.owner, self.budget, self._eval_cost))
         self.step_log.report_skipped(trainer)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -389,24 +350,6 @@ class GeneralizationBound(ProbeCallback):
             self._summary.print_table(trainer, self)
 
     # ------------------------------------------------------------------ budget
-    OVER_BUDGET = 1.5
-    """A run whose measurement took more than this many times its budget is told so (once)."""
-
-    def _say_if_over_budget(self) -> None:
-        """The final evaluation runs whatever is left, each probe at its fewest draws: on a run too
-        short for those (few, slow steps) measurement can take many times the budget. Said, with what
-        the final evaluation cost, rather than left to ``perf/overhead``."""
-        b = self.budget
-        if b is None or b.fraction is None or b.overhead <= self.OVER_BUDGET * b.fraction:
-            return
-        final = f"; the last evaluation alone {self._eval_cost:.3g} s" if self._eval_cost is not None else ""
-        self._warn_once(
-            "over-budget",
-            f"GeneralizationBound: measurement took {b.overhead:.2f} of the training time ({b.probe_time:.3g} s "
-            f"against {b.train_time:.3g} s{final}), above overhead_budget={b.fraction:g}: the final weights are always "
-            "evaluated, each probe at its fewest draws, and this run was too short for them. Lower the probes' "
-            "min_draws / min_probes / probe_batch_size, or leave the final evaluation's probes out of short runs.")
-
     def first_cost(self) -> float:
         """An intermediate evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers
@@ -450,7 +393,7 @@ class GeneralizationBound(ProbeCallback):
                 self.producers.measure_at_end(trainer, pl_module, self.series, fewest=True)
             # (the trained parameters changed: NaN bounds, and no probe is asked for them)
             inputs = None if self._trained_changed(trainer, pl_module) else self.producers.measure(
-                trainer, pl_module, self.series, self._groups, lambda: self._inputs(trainer), log=log)
+                trainer, pl_module, self.series, self.scope.groups, lambda: self._inputs(trainer), log=log)
             with self.budget.timed(self.owner):
                 bounds, notes = bound_values(inputs, self.wanted)
                 values.update(bounds)
@@ -468,7 +411,7 @@ class GeneralizationBound(ProbeCallback):
             # (+ the other at-train-end probes the final evaluation runs first, at their fewest draws)
             self.budget.reserve = self._eval_cost + (self.producers.end_cost(self.series) if log else 0.0)
         self._warn_once.all(finish_values(values, self.wanted, self._evaluated_step, plain_sgd=self.plain_sgd,
-                                          overhead=self.budget.overhead, reason=self._nan_reason()))
+                                          overhead=self.budget.overhead, reason=self.scope.nan_reason()))
         self.evaluations += 1
         self._evaluated_weights = _fingerprint(pl_module)  # (compared at the fit's end)
         self._log(trainer, pl_module, values, log=log)
@@ -478,30 +421,17 @@ class GeneralizationBound(ProbeCallback):
         """Whether the trained parameters changed since step 0 (``trainable_set.py``, which says so
         once): the bounds are stated for one parameter set trained from step 0."""
         self._settle_trained(trainer, pl_module)
-        self._note_change(pl_module)
-        return self.changed_at is not None
-
-    def _note_change(self, pl_module: LightningModule) -> None:
-        changes = TrainableSet.shared(pl_module).changes
-        if changes and self.changed_at is None:
-            self.changed_at = changes[0].step
-
-    def _nan_reason(self) -> str | None:
-        """Why every bound is NaN, where that is known before the estimates (said once, before)."""
-        if self.changed_at is not None:
-            return (f"the trained parameters changed at step {self.changed_at}, and the bounds are stated for one "
-                    "parameter set trained from step 0")
-        if self._unmeasured_steps:
-            return "the checkpoint this fit resumed from holds no measurements of its first steps"
-        return None
+        self.scope.note_change(pl_module)
+        return self.scope.changed_at is not None
 
     def _inputs(self, trainer: Trainer) -> BoundInputs | None:
         T = min(int(trainer.global_step), len(self.series.lrs))
-        if self._n is None or self._d is None or self._unmeasured_steps or self.changed_at is not None:
+        if self._n is None or not self.scope.complete():
             return None  # (a history that misses steps, or another parameter set: NaN bounds)
-        return self.series.inputs(T, self._n, self._d, self.loss_range.value, self.sigmas, self.wanted, z=self.selection_z,
-                                  max_loss_increase=self.max_loss_increase, fill=self.sensitivity_fill,
-                                  grouped=len(self._groups) >= 2)
+        assert self.scope.d is not None
+        return self.series.inputs(T, self._n, self.scope.d, self.loss_range.value, self.sigmas, self.wanted,
+                                  z=self.selection_z, max_loss_increase=self.max_loss_increase,
+                                  fill=self.sensitivity_fill, grouped=len(self.scope.groups) >= 2)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
         values = {**values, **margin_values(values)}
@@ -519,7 +449,7 @@ class GeneralizationBound(ProbeCallback):
         if self.producers.dispersion is not None and self._trainer is not None:
             self.producers.dispersion.flush(self._trainer)  # buffered statistics belong in the checkpoint
         if self._module is not None:
-            self._note_change(self._module)  # (a change seen since the last evaluation: in the checkpoint)
+            self.scope.note_change(self._module)  # (a change seen since the last evaluation: in the checkpoint)
         state = super().state_dict()
         state.update(series=self.series.state_dict(), latest=dict(self.latest), optimizer=self.optimizer,
                      warned=sorted(self._warn_once.said), evaluated_step=self._evaluated_step,
@@ -537,7 +467,7 @@ class GeneralizationBound(ProbeCallback):
         self._warn_once.said = set(state_dict.get("warned", []))
         self._evaluated_step = state_dict.get("evaluated_step")
         self.gap_at_start = state_dict.get("gap_at_start")
-        self.changed_at = state_dict.get("changed_at")
+        self.scope.changed_at = state_dict.get("changed_at")
         self.loss_range.load_state_dict(state_dict)
         self.evaluations = int(state_dict.get("evaluations", 0))
         self._budget_state = state_dict.get("budget")

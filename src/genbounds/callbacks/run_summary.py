@@ -201,7 +201,7 @@ def run_settings(trainer: Trainer, pl_module: LightningModule, bound: Generaliza
     params["sigma_grid"] = ",".join(f"{s:g}" for s in bound.sigmas)
     params["bounds"] = ",".join(bound.wanted)
     params["n"] = int(bound._n or 0)
-    params["d"] = int(bound._d or 0)
+    params["d"] = int(bound.scope.d or 0)
     overrides = trainer.__dict__.get("_genbounds_cli_overrides")
     if overrides:
         params["cli_overrides"] = " ".join(overrides)
