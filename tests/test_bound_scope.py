@@ -94,3 +94,16 @@ def test_a_change_after_the_first_step_is_noted_once():
     scope.settle(SimpleNamespace(global_step=9), module, series, [], said, lambda: None)
     scope.note_change(module)
     assert scope.changed_at == 4 and said.kinds == []
+
+
+def test_the_callbacks_settings_reach_its_scope():
+    """``GeneralizationBound.layer_groups`` and ``changed_at`` read and write its scope's (a
+    reassigned ``layer_groups`` was left behind by the scope: a review, round 33)."""
+    from genbounds.callbacks import GeneralizationBound
+
+    bound = GeneralizationBound(layer_groups={"0": "first"})
+    assert bound.scope.layer_groups == {"0": "first"}
+    bound.layer_groups = {"2": "last"}
+    assert bound.scope.take_groups(_module()) == {"0": ["0.weight", "0.bias"], "last": ["2.weight", "2.bias"]}
+    bound.changed_at = 3
+    assert bound.scope.changed_at == 3 and not bound.scope.complete()

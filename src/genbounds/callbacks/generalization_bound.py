@@ -146,7 +146,8 @@ class GeneralizationBound(ProbeCallback):
         self.max_loss_increase = check_float(o, "max_loss_increase", max_loss_increase, low=0.0, low_open=True,
                                              optional=True)
         self.sensitivity_fill = check_choice(o, "sensitivity_fill", sensitivity_fill, ("scaled", "block"))
-        self.layer_groups = dict(layer_groups) if layer_groups else None
+        self.scope = BoundScope(o, dict(layer_groups) if layer_groups else None)
+        """The parameter set and history the bounds are stated over (``bound_scope.py``)."""
         self.tensorboard_layout = check_bool(o, "tensorboard_layout", tensorboard_layout)
         self.write_hparams = check_bool(o, "hparams", hparams)
         self.print_summary = check_bool(o, "summary", summary)
@@ -154,8 +155,6 @@ class GeneralizationBound(ProbeCallback):
         self.step_log = StepLog(o, prog_bar=(f"bound/{self.headline}", "gap/measured") if check_bool(
             o, "prog_bar", prog_bar) else (), log_nonfinite=True)
         self.series = BoundSeries()
-        self.scope = BoundScope(o, self.layer_groups)
-        """The parameter set and history the bounds are stated over (``bound_scope.py``)."""
         self._evaluated_weights: Tensor | None = None
         self._first_step_settled = False
         self._layout_due = False
@@ -193,6 +192,19 @@ class GeneralizationBound(ProbeCallback):
     def changed_at(self) -> int | None:
         """The step at which the trained parameters first changed (``None``: never): NaN bounds from then."""
         return self.scope.changed_at
+
+    @changed_at.setter
+    def changed_at(self, step: int | None) -> None:
+        self.scope.changed_at = step
+
+    @property
+    def layer_groups(self) -> dict[str, str] | None:
+        """Parameter-name prefix → group name for the layer-wise bounds (read at each fit's set-up)."""
+        return self.scope.layer_groups
+
+    @layer_groups.setter
+    def layer_groups(self, groups: dict[str, str] | None) -> None:
+        self.scope.layer_groups = dict(groups) if groups else None
 
     @property
     def sigmas(self) -> list[float]:
