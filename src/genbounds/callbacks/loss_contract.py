@@ -248,6 +248,11 @@ class LossContract(KeptOnModule):
                 f"training_step calls manual_backward {len(manual.manual_losses)} times on one batch: the per-sample "
                 "rows of separate backward passes cannot be added up per sample, so the dispersion is taken by an "
                 "extra pass on the per-sample losses (their sum)")
+        # the trial's graph (the whole batch's activations) let go before the coupling check: held
+        # through it, the heap grew to two passes' size and the check's lasting allocations (first-use
+        # caches) landed at its top, where the heap could not shrink below them — the CNN's peak
+        # growth +42 MiB over plain training (round 33; benchmarks/setup_heap.py)
+        del out, returned, user_per_sample, records, cap, manual
         if self.per_sample and not has_train_batchnorm(module):
             # (train-mode BatchNorm couples the samples too; it has estimators of its own)
             try:
