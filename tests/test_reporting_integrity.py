@@ -165,6 +165,27 @@ def test_nan_final_value_is_a_violation(tmp_path, capsys):
     assert "warn" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("value, rule", [(float("-inf"), "bound/neu=10"), (float("inf"), "bound/neu=-1")])
+def test_an_infinite_final_value_is_a_violation_even_when_nan_is_lenient(tmp_path, capsys, value, rule):
+    """A −inf upper bound passed ``--max`` and a +inf value passed ``--min`` (a new user's walk,
+    round 33): no bound or measurement is infinite where it holds."""
+    scalars = standard_scalars()
+    scalars["bound/neu"][-1] = (END, value)
+    run = write_tb_run(tmp_path / "inf_run", scalars)
+    flag = "--max" if value < 0 else "--min"
+    assert run_cli("gate", run, flag, rule, "--lenient", "nan") == 1
+    out = capsys.readouterr().out
+    assert f"infinite: the final value (step {END}) is" in out
+
+
+def test_the_trainer_gate_fails_an_infinite_value():
+    from genbounds.callbacks.bound_gate import check_thresholds
+
+    got = check_thresholds({"bound/neu": float("-inf"), "val_acc": float("inf")}, max={"bound/neu": 5.0},
+                           min={"val_acc": 0.9}, lenient=("nan", "missing"))
+    assert [(v["metric"], v["reason"]) for v in got] == [("bound/neu", "infinite"), ("val_acc", "infinite")]
+
+
 def test_stale_value_is_a_violation_naming_the_step(tmp_path, capsys):
     scalars = standard_scalars()
     scalars["bound/neu"] = [(s, v) for s, v in scalars["bound/neu"] if s <= 120]

@@ -31,7 +31,7 @@ class BoundViolation(RuntimeError):
 def check_thresholds(values: dict[str, float], max: dict[str, float], min: dict[str, float],
                      lenient: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """The violated thresholds: ``value > max`` or ``value < min``; a NaN value (unless ``"nan"`` is
-    lenient) or a missing one (unless ``"missing"`` is) violates too, with its reason."""
+    lenient), a missing one (unless ``"missing"`` is) or an infinite one violates too, with its reason."""
     violations = []
     for kind, limits in (("max", max), ("min", min)):
         for name, limit in limits.items():
@@ -45,6 +45,10 @@ def check_thresholds(values: dict[str, float], max: dict[str, float], min: dict[
                 if "nan" not in lenient:
                     violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": value,
                                        "reason": "nan"})
+                continue
+            if math.isinf(value):  # (±inf passed a max or a min: a new user's walk, round 33)
+                violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": value,
+                                   "reason": "infinite"})
                 continue
             if value > limit if kind == "max" else value < limit:
                 violations.append({"metric": name, "kind": kind, "limit": float(limit), "value": value,

@@ -3,6 +3,7 @@
 A gated metric whose final value is
 
 * **NaN** (``nan``),
+* **infinite** (``±inf``: no bound or measurement is infinite where it holds; never lenient),
 * **missing** (never logged in the run), or
 * **stale** (its last step is older than the run's end: the step of ``run/complete``, else the
   largest step of any scalar; by more than ``stale_tolerance`` steps, default 1 because Lightning
@@ -130,6 +131,10 @@ def check_run(run: Run, thresholds: list[Threshold], lenient: set[str] | frozens
             status = "warn" if "nan" in lenient else "fail"
             reason = f"nan: the final value (step {step}) is NaN" + (" (lenient: nan)" if status == "warn" else "")
             checks.append(Check(th.metric, th.kind, th.limit, value, step, end, status, reason))
+            continue
+        if math.isinf(value):  # (±inf passed a max or a min: a new user's walk, round 33)
+            checks.append(Check(th.metric, th.kind, th.limit, value, step, end, "fail",
+                                f"infinite: the final value (step {step}) is {fmt(value)}"))
             continue
         crossed = value > th.limit if th.kind == "max" else value < th.limit
         comparison = f"{fmt(value)} {'>' if th.kind == 'max' else '<'} {th.kind} {th.limit:g}" if crossed \
