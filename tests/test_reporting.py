@@ -377,3 +377,24 @@ def test_fmt_writes_counts_and_sizes_as_integers():
     assert fmt(38410.0) == "38410" and fmt(1.0) == "1" and fmt(0.0) == "0" and fmt(-3.0) == "-3"
     assert fmt(2.3141) == "2.314" and fmt(1e20) == "1e+20" and fmt(float("inf")) == "inf"
     assert fmt(float("nan")) == "nan" and fmt(None) == "—"
+
+
+def test_the_overlay_shows_a_bound_evaluated_once(tmp_path, captured_figures):
+    """Under a budget a bound is often evaluated once, at the end: a line through one point draws
+    nothing, and its ± SE band has no width (the overlay of two main-job runs showed only the gaps,
+    a new user's walk, round 33). A lone point gets a marker and an error bar."""
+    from matplotlib.collections import LineCollection
+
+    scalars = standard_scalars()
+    for tag in ("bound/wang_mao_eq3", "bound/wang_mao_eq2"):
+        scalars[tag] = [(END, 3.0)]
+        scalars[f"{tag}_se"] = [(END, 0.2)]
+    runs = [write_tb_run(tmp_path / name, scalars) for name in ("a", "b")]
+    assert run_cli("compare", *runs, "--out", str(tmp_path / "cmp")) == 0
+    ax = captured_figures["bounds_overlay.png"].axes[0]
+    lone = [ln for ln in ax.lines if "wang_mao" in ln.get_label()]
+    assert len(lone) == 4 and all(ln.get_marker() == "o" for ln in lone)
+    bars = [c for c in ax.collections if isinstance(c, LineCollection)]
+    assert len(bars) == 4 and all(len(c.get_segments()) == 1 for c in bars)
+    gaps = [ln for ln in ax.lines if "gap/measured" in ln.get_label()]
+    assert gaps and all(ln.get_marker() in ("None", None, "") for ln in gaps)  # (lines as before)

@@ -103,17 +103,33 @@ def draw_curve(ax, run: Run, curve: Curve, prefix: str = "") -> list[float]:
     if not finite:
         return []
     label = prefix + (curve.label or curve.tag)
-    (line,) = ax.plot(steps, values, label=label, **curve.style)
+    alone = set(_lone_points(values))
+    style = dict(curve.style)
+    if alone and "marker" not in style:  # (a point without a finite neighbour draws no line: a bound
+        style["marker"] = "o"  # evaluated once under a budget was invisible, a new user's walk, round 33)
+        style.setdefault("markersize", 4)
+    (line,) = ax.plot(steps, values, label=label, **style)
     if curve.band and has_data(run, se_tag(curve.tag)):
         se_by_step = dict(zip(*run.series(se_tag(curve.tag))))
-        pts = [(s, v, se_by_step[s]) for s, v in zip(steps, values)
+        pts = [(i, s, v, se_by_step[s]) for i, (s, v) in enumerate(zip(steps, values))
                if s in se_by_step and math.isfinite(v) and math.isfinite(se_by_step[s])]
         if pts:
-            xs = [p[0] for p in pts]
-            ax.fill_between(xs, [p[1] - p[2] for p in pts], [p[1] + p[2] for p in pts], color=line.get_color(),
+            xs = [p[1] for p in pts]
+            ax.fill_between(xs, [p[2] - p[3] for p in pts], [p[2] + p[3] for p in pts], color=line.get_color(),
                             alpha=0.2, linewidth=0, label=f"{label} ± SE")
-            finite += [p[1] - p[2] for p in pts] + [p[1] + p[2] for p in pts]
+            lone = [p for p in pts if p[0] in alone]  # (a band of one point has no width: an error bar)
+            if lone:
+                ax.errorbar([p[1] for p in lone], [p[2] for p in lone], yerr=[p[3] for p in lone], fmt="none",
+                            ecolor=line.get_color(), capsize=3, linewidth=1)
+            finite += [p[2] - p[3] for p in pts] + [p[2] + p[3] for p in pts]
     return finite
+
+
+def _lone_points(values: Sequence[float]) -> list[int]:
+    """Indices of the finite values whose neighbours are not finite (or absent): a line skips them."""
+    ok = [math.isfinite(v) for v in values]
+    return [i for i, good in enumerate(ok)
+            if good and not (i > 0 and ok[i - 1]) and not (i + 1 < len(ok) and ok[i + 1])]
 
 
 def set_scale(ax, values: Sequence[float], scale: str) -> None:
