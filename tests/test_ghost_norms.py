@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from genbounds.estimators.ghost_norms import base as ghost_base
 from genbounds.estimators.ghost_norms import conv as ghost_conv
 from genbounds.estimators.ghost_norms import (
     DECOMPOSITION,
@@ -562,41 +561,13 @@ def test_scratch_views_follow_their_buffer():
     like = torch.zeros(1)
     small = scratch.get("A", (2, 3), like)
     assert scratch.get("A", (2, 3), like) is small  # (cached: no slice or view op)
-    big = scratch.get("A", (4, ghost_base.OUTSIDE_HEAP_BYTES // 16 + 1), like)  # outgrows the buffer: a new one
+    big = scratch.get("A", (4, 5), like)  # outgrows the buffer: a new one
     again = scratch.get("A", (2, 3), like)
     assert again is not small and again.untyped_storage().data_ptr() == big.untyped_storage().data_ptr()
     again.fill_(1.0)
     assert big.view(-1)[:6].eq(1.0).all()
     assert scratch.get("B", (2, 3), like).untyped_storage().data_ptr() != big.untyped_storage().data_ptr()
     assert scratch.get("A", (2, 3), torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
-
-
-def test_kept_cpu_buffers_live_outside_the_heap_and_count_what_they_use():
-    """A kept CPU work buffer reserves past glibc's largest heap block (a mapping of its own: it
-    never holds the heap's top up between steps); ``nbytes`` counts the part the views use."""
-    scratch = ghost_conv._Scratch()
-    a = scratch.get("A", (64, 64), torch.zeros(1))
-    assert a.untyped_storage().nbytes() >= ghost_base.OUTSIDE_HEAP_BYTES
-    scratch.get("B", (10,), torch.zeros(1, dtype=torch.float64))
-    assert scratch.nbytes == 64 * 64 * 4 + 10 * 8
-    heap = _heap_range()
-    if heap is None:
-        pytest.skip("no [heap] mapping in /proc/self/maps (not Linux)")
-    assert not heap[0] <= a.data_ptr() < heap[1]
-    scratch.clear()
-    assert scratch.nbytes == 0
-
-
-def _heap_range() -> tuple[int, int] | None:
-    try:
-        with open("/proc/self/maps") as fh:
-            for line in fh:
-                if line.rstrip().endswith("[heap]"):
-                    lo, hi = line.split()[0].split("-")
-                    return int(lo, 16), int(hi, 16)
-    except OSError:
-        pass
-    return None
 
 
 KERNEL_BUDGET = {  # kernels beyond plain with one hooked layer: the layer's + 3 a step (rows, their float64 copy, sum)

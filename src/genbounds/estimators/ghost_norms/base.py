@@ -81,12 +81,6 @@ def _prod(xs) -> int:
     return out
 
 
-OUTSIDE_HEAP_BYTES = 32 * 2**20 + 2**16
-"""Bytes a kept CPU work buffer reserves at least: above glibc's largest ``mmap`` threshold (32 MiB on
-64-bit systems, where its moving threshold stops), so the buffer gets a mapping of its own and
-never sits in the heap; pages it does not touch are never resident."""
-
-
 class _Scratch:
     """Work buffers reused from step to step, one flat buffer per named slot (CPU only).
 
@@ -95,21 +89,13 @@ class _Scratch:
     on CPU is a large part of their price.  On other devices the caching allocator already
     reuses memory, so :meth:`get` just allocates.  A slot's tensor is valid until the next
     :meth:`get` of the same slot; computations run one at a time (inside backward hooks).
-
-    A CPU buffer is reserved at :data:`OUTSIDE_HEAP_BYTES` at least, of which only the part in
-    use is ever touched (resident): glibc places a block that large in a mapping of its own. A
-    smaller one is carved from its heap — made mid-backward, at the first measured step, above
-    that step's temporaries — and, kept from step to step, holds the heap's top there: the heap
-    cannot shrink below it and the pages freed under it stay resident (round 33: the
-    AlexNet-style CNN's peak growth, ``benchmarks/setup_heap.py``).
     """
 
-    __slots__ = ("_store", "_views", "_used")
+    __slots__ = ("_store", "_views")
 
     def __init__(self) -> None:
         self._store: dict[str, Tensor] = {}
         self._views: dict[tuple, Tensor] = {}  # (slot, shape, dtype) → a view of the slot's buffer
-        self._used: dict[str, int] = {}  # slot → the most bytes of its buffer a view covered
 
     def get(self, slot: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         if like.device.type != "cpu":
@@ -121,25 +107,21 @@ class _Scratch:
         n = _prod(shape)
         buf = self._store.get(slot)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype:
-            # (reserved past glibc's largest heap block: only the n elements written become resident)
-            buf = torch.empty(max(n, -(-OUTSIDE_HEAP_BYTES // like.element_size())), dtype=like.dtype)
+            buf = torch.empty(n, dtype=like.dtype)
             self._store[slot] = buf
             self._views = {k: v for k, v in self._views.items() if k[0] != slot}  # views of the old buffer
         if len(self._views) >= 64:  # shapes that change from step to step (sequence lengths)
             self._views.clear()
         view = self._views[key] = buf[:n].view(shape)
-        self._used[slot] = max(self._used.get(slot, 0), n * buf.element_size())
         return view
 
     def clear(self) -> None:
         self._store.clear()
         self._views.clear()
-        self._used.clear()
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the buffers in use (written at some point; the rest of a reserve is never touched)."""
-        return sum(self._used.get(slot, 0) for slot in self._store)
+        return sum(t.numel() * t.element_size() for t in self._store.values())
 
 
 class _Fresh(_Scratch):
