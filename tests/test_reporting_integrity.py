@@ -59,6 +59,38 @@ def killed_run(tmp_path):
     return write_tb_run(tmp_path / "killed" / "version_0", standard_scalars(), {"lr": 0.1}, complete=False)
 
 
+def test_a_crashed_rerun_into_the_same_folder_is_not_passed_on_the_earlier_fit(tmp_path, capsys):
+    """A fit run again into a used folder (a re-run CI job, a fixed logger version) that crashed at
+    step 30: the earlier, complete fit's run/complete and final values were read as its own and
+    the gate passed (a new user's walk, round 33). The later fit supersedes the earlier from the
+    step it starts at: incomplete."""
+    run = write_tb_run(tmp_path / "ci", standard_scalars(), {"lr": 0.1})
+    short = {tag: [(s, v) for s, v in pts if s <= 30] for tag, pts in standard_scalars(scale=50.0).items()}
+    write_tb_run(tmp_path / "ci", short, complete=False)
+    assert run_cli("gate", run, *GATE_OK) == 2
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "superseded" in out
+
+
+def test_a_fit_resumed_into_its_folder_keeps_the_history_before_it(tmp_path, capsys):
+    """A fit killed at step 150 and resumed from its step-100 checkpoint into the same folder: the
+    resumed fit's values from step 100 on, the killed fit's before, and the resumed run/complete."""
+    from genbounds.reporting import read_run_dir
+
+    whole = standard_scalars()
+    write_tb_run(tmp_path / "r", {t: [(s, v + 7.0) for s, v in p if s <= 150] for t, p in whole.items()},
+                 complete=False)
+    run_dir = write_tb_run(tmp_path / "r", {t: [(s, v) for s, v in p if s >= 100] for t, p in whole.items()})
+    run = read_run_dir(run_dir)
+    assert run.complete and run.end_step == END
+    steps, values = run.series("val_acc")
+    want_steps, want = zip(*whole["val_acc"])
+    assert steps == list(want_steps)
+    assert values == pytest.approx([v + 7.0 if s < 100 else v for s, v in zip(want_steps, want)], rel=1e-6)
+    assert any("superseded" in note for note in run.notes)
+    assert run_cli("gate", run_dir, *GATE_OK) == 0
+
+
 # --- TFRecord framing --------------------------------------------------------------------------------
 def test_event_accumulator_would_not_notice(truncated_run):
     """Why the reader checks framing itself: tensorboard's loader reads the cut file without an error."""

@@ -205,10 +205,14 @@ def _read_tensorboard(directory: str, files: list[str]) -> Run:
     from tensorboard.compat.proto import event_pb2
     from tensorboard.util import tensor_util
 
+    files = sorted(files, key=_writer_order)
     run = Run(directory, source="tensorboard", files=list(files))
     plugin_of: dict[str, str] = {}
     hparams_plugin: dict[str, Any] = {}
+    per_file: list[dict[str, list[tuple[int, float]]]] = []
     for path in files:
+        run.scalars = {}
+        per_file.append(run.scalars)
         try:
             for offset, data in read_records(path):
                 try:
@@ -238,12 +242,53 @@ def _read_tensorboard(directory: str, files: list[str]) -> Run:
             raise CorruptRun(str(err)) from None
         except OSError as err:
             raise UnreadableRun(f"{path}: cannot read ({err})") from None
+    run.scalars = _latest_fit_supersedes(run, files, per_file)
     if not run.scalars:
         if hparams_plugin:
             raise HParamsOnly(f"{directory}: event files hold hyper-parameters but no scalars", hparams_plugin)
         raise UnreadableRun(f"{directory}: event files hold no scalars")
     run.hparams = _merge_hparams(directory, hparams_plugin)
     return run
+
+
+def _writer_order(path: str) -> tuple:
+    """An event file's place among the writers of its folder: ``events.out.tfevents.<seconds>.<host>.<pid>.<n>``
+    by its creation second, then its counter (the name's order where it does not parse)."""
+    parts = os.path.basename(path).split(".")
+    try:
+        return (0, int(parts[3]), int(parts[-1]), path)
+    except (IndexError, ValueError):
+        return (1, 0, 0, path)
+
+
+#: Tags a fit writes at step 0 whatever step it starts from (Lightning's hyper-parameter metric).
+_START_TAGS = ("hp_metric",)
+
+
+def _latest_fit_supersedes(run: Run, files: list[str], per_file: list[dict[str, list[tuple[int, float]]]]
+                           ) -> dict[str, list[tuple[int, float]]]:
+    """Every file's scalars merged, a later writer's superseding the earlier ones' from the first
+    step it logged: a fit run again into the same folder (a re-run CI job with a fixed logger
+    version) starts at step 0 and replaces the earlier fit whole — its ``run/complete`` and final
+    values were read as the new fit's, and a crashed re-run passed the gate (a new user's walk,
+    round 33) — and a fit resumed there from a checkpoint keeps the history before its first step
+    (as TensorBoard purges orphaned steps). Files without scalars (a writer of images) take no part."""
+    merged: dict[str, list[tuple[int, float]]] = {}
+    writers = [(path, scalars) for path, scalars in zip(files, per_file) if scalars]
+    for i, (path, scalars) in enumerate(writers):
+        starts = [step for tag, series in scalars.items() if tag not in _START_TAGS for step, _ in series]
+        first = min(starts) if starts else None
+        if first is not None and i > 0:
+            dropped = sum(1 for series in merged.values() for step, _ in series if step >= first)
+            if dropped:
+                merged = {tag: kept for tag, series in merged.items()
+                          if (kept := [(st, v) for st, v in series if st < first])}
+                run.notes.append(f"{os.path.basename(path)} is a later fit's log from step {first} on: {dropped} "
+                                 f"value(s) that earlier event files in this folder logged from that step are "
+                                 "superseded by it")
+        for tag, series in scalars.items():
+            merged.setdefault(tag, []).extend(series)
+    return merged
 
 
 def _read_csv(directory: str, path: str) -> Run:
@@ -276,9 +321,10 @@ def require_complete(run: Run) -> None:
         return
     logged = run.final(COMPLETE_TAG)
     why = "never logged" if logged is None else f"logged as {logged}, not 1"
+    later = [note for note in run.notes if "later fit" in note]  # (an earlier fit's completion is not this one's)
     raise IncompleteRun(f"{run.path}: incomplete run — {COMPLETE_TAG} {why}, so training ended before "
                         f"Trainer.fit finished (killed or crashed; last logged step {run.end_step}). "
-                        "Pass --allow-incomplete to use it anyway.")
+                        + "".join(f"{note}. " for note in later) + "Pass --allow-incomplete to use it anyway.")
 
 
 # --- names and labels ------------------------------------------------------------------------------
