@@ -558,3 +558,30 @@ def test_the_gate_verdict_shows_enough_digits_to_tell_a_value_from_its_limit():
 
     assert _apart(0.50000001, 0.5) == "0.50000001" and _apart(6.407, 5.0) == "6.407"
     assert _apart(0.123456, 0.123457) == "0.123456"  # (0.1235 would read as over the limit)
+
+
+def test_a_final_violation_under_raise_leaves_the_fits_results(tmp_path, capsys):
+    """``on_violation="raise"`` on the final values: the exception comes after the fit's end, with
+    the results table printed, its Text-tab copy and ``gate/passed`` = 0 logged (raised inside the
+    final check, it cut all three short; a new user's walk, round 33)."""
+    from helpers import tensorboard_scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    gate = BoundGate(max={"bound/wang_mao_eq3": 1e-9}, on_violation="raise")
+    logger = TensorBoardLogger(str(tmp_path), name="raise", default_hp_metric=False)
+    # (the run's validations pass: the limit is only checked on the final values)
+    gate.max, late = {}, {"bound/wang_mao_eq3": 1e-9}
+
+    class Tighten(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            gate.max = late
+
+    with pytest.raises(BoundViolation, match="final values violated"):
+        small_fit(tmp_path, [*bound_suite(), gate, Tighten()], max_epochs=2, logger=logger)
+    out = capsys.readouterr().out
+    assert "gate: FAIL" in out and "bound/wang_mao_eq3" in out  # (the table, with the verdict)
+    scalars = tensorboard_scalars(logger.log_dir)
+    assert scalars["gate/passed"][-1][1] == 0.0 and scalars["run/complete"][-1][1] == 1.0
+    acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    assert any("genbounds/results" in tag for tag in acc.Tags()["tensors"])

@@ -79,7 +79,9 @@ class BoundGate(MeasurementCallback):
 
     On a violation: ``"warn"`` — one warning at the first violation, and the verdict at the end;
     ``"stop"`` — a graceful stop, the decision reduced over DDP ranks (``min_epochs`` still
-    applies); ``"raise"`` — :class:`BoundViolation` on every rank.
+    applies); ``"raise"`` — :class:`BoundViolation` on every rank: at once at a check during
+    training, and at the fit's teardown for the final values, after the fit has ended with its
+    results (the table, its Text-tab copy, ``gate/passed`` and ``run/complete``: training did finish).
 
     The verdict is written to the loggers (``gate/violations``, ``gate/checks``, and
     ``gate/passed`` at the end) and kept in the checkpointed state.
@@ -118,6 +120,7 @@ class BoundGate(MeasurementCallback):
         self.checks = 0
         self.stopped_step: int | None = None
         self.final: dict[str, Any] | None = None
+        self._raise_at_teardown: str | None = None
         self._warned = False
         self._bound: Any = None
         self._before_validation: dict[str, Any] = {}
@@ -221,6 +224,11 @@ class BoundGate(MeasurementCallback):
             self.final_check(trainer)
         mark_run_complete(trainer)
 
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        message, self._raise_at_teardown = self._raise_at_teardown, None
+        if message is not None:
+            raise BoundViolation(message)
+
     def _values(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, int]]:
         values = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
@@ -264,7 +272,11 @@ class BoundGate(MeasurementCallback):
             return found
         table = format_violations(found) if found else "(violated on another rank)"
         message = f"BoundGate: {'final values' if final else 'threshold'} violated at step {step}:\n{table}"
-        if self.on_violation == "raise":
+        if self.on_violation == "raise" and final:
+            # (raised once the fit's end has run: raised here, it cut the results table, its Text-tab copy
+            # and gate/passed short, a new user's walk, round 33)
+            self._raise_at_teardown = message
+        elif self.on_violation == "raise":
             raise BoundViolation(message)
         if self.on_violation == "stop" and not final:
             rank_zero_info(message + "\nStopping the run.")
