@@ -23,13 +23,13 @@ one fit's heap sizes here show where the set-up leaves the heap.
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit_report, single_thread_env  # noqa: E402
+from common import emit_report, run_json_child  # noqa: E402
 
 
 def _heap_mib() -> float:
@@ -51,10 +51,10 @@ def _rss_mib() -> float:
 
 def _child(model: str, config: str) -> None:
     import lightning.pytorch as pl
+    import overhead_dispersion as od
 
     import genbounds.callbacks.dispersion.norm_hooks as norm_hooks
     import genbounds.callbacks.loss_contract as loss_contract
-    import overhead_dispersion as od
 
     start = [0.0]
     rows: list[str] = []
@@ -97,7 +97,7 @@ def _child(model: str, config: str) -> None:
 
     result = od.child(model, config, 6, 2, probe=Probe())
     rows.append(f"| {config} | peak growth (VmHWM − VmRSS before fit) | – | {result['peak_growth_mib']:+.1f} |")
-    print("\n".join(rows))
+    print(json.dumps({"rows": rows}))
 
 
 def main() -> None:
@@ -112,11 +112,7 @@ def main() -> None:
     lines = [f"### The heap through the set-up: {args.model}, one fit each (fresh processes)", "",
              "| fit | when | `[heap]` MiB | resident set − at fit start (MiB) |", "|---|---|---:|---:|"]
     for config in ("plain", "dispersion"):
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", args.model, config],
-                              capture_output=True, text=True, env=single_thread_env())
-        if proc.returncode != 0:
-            raise RuntimeError(f"{config} failed:\n{proc.stderr[-3000:]}")
-        lines += [ln for ln in proc.stdout.splitlines() if ln.startswith("| ")]
+        lines += run_json_child([os.path.abspath(__file__), "--child", args.model, config])["rows"]
     emit_report("\n".join(lines), args.out)
 
 
