@@ -585,3 +585,26 @@ def test_a_final_violation_under_raise_leaves_the_fits_results(tmp_path, capsys)
     acc = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
     acc.Reload()
     assert any("genbounds/results" in tag for tag in acc.Tags()["tensors"])
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_the_trainer_gate_reads_a_probes_value_at_the_step_it_was_logged(tmp_path, every):
+    """A genbounds callback's value in ``callback_metrics`` carries the step its step log wrote it at:
+    the Trainer's gate passed a value `genbounds gate` failed as stale on the same logs (a new
+    user's walk, round 33). Ten steps: measured every step, the last value (step 9) is current; every
+    4th step, the last (step 8) is stale, as the CLI reads it (one step of slack)."""
+    gate = BoundGate(max={"grad/dispersion": 1e9})
+    with pytest.warns(UserWarning, match="final values violated") if every == 4 else warnings_none():
+        small_fit(tmp_path, [GradientDispersion(every_n_steps=every), gate], max_epochs=2)
+    assert gate.final is not None
+    if every == 1:
+        assert gate.final["passed"]
+    else:
+        (v,) = gate.final["violations"]
+        assert v["metric"] == "grad/dispersion" and v["reason"].startswith("stale: last computed at step 9")
+
+
+def warnings_none():
+    import contextlib
+
+    return contextlib.nullcontext()

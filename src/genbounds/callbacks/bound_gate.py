@@ -16,6 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from genbounds.bounds.aggregate import ERROR
 from genbounds.callbacks.checks import check_bool, check_choice, check_float
 from genbounds.callbacks.hook_clock import MeasurementCallback
+from genbounds.callbacks.step_log import StepLog
 
 OnViolation = Literal["warn", "stop", "raise"]
 Lenient = Literal["nan", "missing", "stale"]
@@ -26,6 +27,12 @@ GENBOUNDS_PREFIXES = ("bound/", "bound_terms/", "bound_valid/", "ci/", "gap/", "
 
 class BoundViolation(RuntimeError):
     """Raised on every rank by ``BoundGate(on_violation="raise")``."""
+
+
+STALE_TOLERANCE = 1
+"""Steps a value logged by a genbounds callback may lag the run's end before it is stale: one, as
+``genbounds gate`` reads the logs (``reporting.gate.DEFAULT_STALE_TOLERANCE``: a measured step's
+statistics describe the weights before its update)."""
 
 
 def check_thresholds(values: dict[str, float], max: dict[str, float], min: dict[str, float],
@@ -233,6 +240,17 @@ class BoundGate(MeasurementCallback):
         values = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
         steps: dict[str, int] = {}
+        # a genbounds probe's value, at the step its callback logged it (the step the logs carry): the
+        # Trainer's gate passed a held-out probe's value of step 10 in a run that ended at step 630,
+        # which `genbounds gate` failed as stale on the same logs (a new user's walk, round 33)
+        for cb in trainer.callbacks:
+            log = getattr(cb, "step_log", None)
+            if cb is self._bound or not isinstance(log, StepLog):
+                continue
+            for key, logged in log.latest_step.items():
+                # (the value in callback_metrics is the step log's, as a float32 tensor)
+                if key in values and math.isclose(values[key], log.latest.get(key, math.nan), rel_tol=1e-6):
+                    steps[key] = logged + STALE_TOLERANCE  # (the gate's rule: stale beyond one step)
         if self._bound is not None:
             for key, value in self._bound.latest.items():
                 values[key] = float(value)

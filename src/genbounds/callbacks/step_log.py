@@ -108,6 +108,8 @@ class StepLog:
         self._warned = False
         self._reported = 0
         self.latest: dict[str, float] = {}
+        self.latest_step: dict[str, int] = {}
+        """The step each of :attr:`latest`'s values was logged at (``BoundGate`` reads it for staleness)."""
 
     def state_dict(self) -> dict:
         return {"skipped_steps": list(self.skipped_steps), "skipped_count": self.skipped_count,
@@ -259,6 +261,7 @@ class StepLog:
                 logger.log_metrics(rec.values, step=rec.step)
         if records:
             self.latest.update(records[-1].values)
+            self.latest_step.update(dict.fromkeys(records[-1].values, records[-1].step))
             if pl_module is not None:
                 self._expose(trainer, pl_module, records[-1].values, epoch_end)
             for listener in self._listeners:
