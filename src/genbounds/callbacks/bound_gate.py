@@ -236,10 +236,13 @@ class BoundGate(MeasurementCallback):
         if message is not None:
             raise BoundViolation(message)
 
-    def _values(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, int]]:
+    def _values(self, trainer: Trainer) -> tuple[dict[str, float], dict[str, int], set[str]]:
+        """The gated values, the step each was computed at where known, and which of those steps a
+        genbounds step log wrote (stale only beyond :data:`STALE_TOLERANCE` steps)."""
         values = {k: float(v) for k, v in trainer.callback_metrics.items()
                   if isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)}
         steps: dict[str, int] = {}
+        logged: set[str] = set()
         # a genbounds probe's value, at the step its callback logged it (the step the logs carry): the
         # Trainer's gate passed a held-out probe's value of step 10 in a run that ended at step 630,
         # which `genbounds gate` failed as stale on the same logs (a new user's walk, round 33)
@@ -247,19 +250,21 @@ class BoundGate(MeasurementCallback):
             log = getattr(cb, "step_log", None)
             if cb is self._bound or not isinstance(log, StepLog):
                 continue
-            for key, logged in log.latest_step.items():
+            for key, at in log.latest_step.items():
                 # (the value in callback_metrics is the step log's, as a float32 tensor)
                 if key in values and math.isclose(values[key], log.latest.get(key, math.nan), rel_tol=1e-6):
-                    steps[key] = logged + STALE_TOLERANCE  # (the gate's rule: stale beyond one step)
+                    steps[key] = at
+                    logged.add(key)
         if self._bound is not None:
             for key, value in self._bound.latest.items():
                 values[key] = float(value)
                 if self._bound._evaluated_step is not None:
                     steps[key] = int(self._bound._evaluated_step)
-        return values, steps
+                    logged.discard(key)
+        return values, steps, logged
 
     def _check(self, trainer: Trainer, final: bool = False) -> list[dict[str, Any]]:
-        values, steps = self._values(trainer)
+        values, steps, logged = self._values(trainer)
         # before the end a metric may not be logged yet (its first evaluation is still to come)
         lenient = self.lenient if final else self.lenient + ("missing",)
         if not final:
@@ -276,7 +281,8 @@ class BoundGate(MeasurementCallback):
             # validations): as `genbounds gate` reads the logs
             for name, limit in [*self.max.items(), *self.min.items()]:
                 last = steps.get(name, self.validated_at if name in self.from_validation else None)
-                if name in values and last is not None and last < step:
+                slack = STALE_TOLERANCE if name in logged else 0  # (as `genbounds gate` reads the logs)
+                if name in values and last is not None and last < step - slack:
                     found.append({"metric": name, "kind": "max" if name in self.max else "min", "limit": limit,
                                   "value": values[name], "reason": f"stale: last computed at step {last}, "
                                                                    f"the run ended at step {step}"})
@@ -292,9 +298,10 @@ class BoundGate(MeasurementCallback):
         message = f"BoundGate: {'final values' if final else 'threshold'} violated at step {step}:\n{table}"
         if self.on_violation == "raise" and final:
             # (raised once the fit's end has run: raised here, it cut the results table, its Text-tab copy
-            # and gate/passed short, a new user's walk, round 33)
+            # and gate/passed short, a new user's walk, round 33; said by the exception, not a warning too)
             self._raise_at_teardown = message
-        elif self.on_violation == "raise":
+            return found
+        if self.on_violation == "raise":
             raise BoundViolation(message)
         if self.on_violation == "stop" and not final:
             rank_zero_info(message + "\nStopping the run.")

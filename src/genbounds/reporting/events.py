@@ -211,8 +211,8 @@ def _read_tensorboard(directory: str, files: list[str]) -> Run:
     hparams_plugin: dict[str, Any] = {}
     per_file: list[dict[str, list[tuple[int, float]]]] = []
     for path in files:
-        run.scalars = {}
-        per_file.append(run.scalars)
+        scalars: dict[str, list[tuple[int, float]]] = {}  # (this file's: a later writer's supersede them)
+        per_file.append(scalars)
         try:
             for offset, data in read_records(path):
                 try:
@@ -227,7 +227,7 @@ def _read_tensorboard(directory: str, files: list[str]) -> Run:
                         plugin_of[value.tag] = value.metadata.plugin_data.plugin_name
                     kind = value.WhichOneof("value")
                     if kind == "simple_value":
-                        run.scalars.setdefault(value.tag, []).append(
+                        scalars.setdefault(value.tag, []).append(
                             (int(event.step), _shortest_float32(value.simple_value)))
                     elif plugin_of.get(value.tag) == "hparams" and value.tag == hp.HPARAMS_TAG:
                         hparams_plugin.update(hp.from_plugin_content(value.metadata.plugin_data.content))
@@ -237,7 +237,7 @@ def _read_tensorboard(directory: str, files: list[str]) -> Run:
                             scalar = float(array.reshape(()))
                             if array.dtype.itemsize == 4:
                                 scalar = _shortest_float32(scalar)
-                            run.scalars.setdefault(value.tag, []).append((int(event.step), scalar))
+                            scalars.setdefault(value.tag, []).append((int(event.step), scalar))
         except CorruptEventFile as err:
             raise CorruptRun(str(err)) from None
         except OSError as err:
