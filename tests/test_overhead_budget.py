@@ -91,6 +91,36 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0
 
 
+def test_under_a_budget_the_last_step_is_measured_so_a_gate_on_the_dispersion_is_not_stale(tmp_path):
+    """A budget that thins the dispersion still measures the run's last step when its length is
+    known (here ``max_epochs`` × the epoch's batches): the value a gate reads at the end is the final
+    batch's, and ``genbounds gate`` (one step of slack) does not call it stale. Before, the last
+    measured step of the main job was 577 of 630 and the gate failed it."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from genbounds.callbacks import GradientDispersion
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from genbounds.reporting import load_run
+    from genbounds.reporting.gate import Threshold, check_run
+    from helpers import bound_suite, trainer
+
+    pl.seed_everything(0, verbose=False)
+    suite = bound_suite(overhead_budget=1e-3)
+    dispersion = next(cb for cb in suite if isinstance(cb, GradientDispersion))
+    records: list[int] = []
+    dispersion.add_listener(lambda recs: records.extend(r.step for r in recs))
+    logger = TensorBoardLogger(str(tmp_path), name="run", default_hp_metric=False)
+    t = trainer(tmp_path, suite, max_epochs=3, limit_train_batches=9, limit_val_batches=2, logger=logger,
+                log_every_n_steps=4)
+    t.fit(Classifier(MLP(64, 10, 32), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
+    assert t.__dict__["_genbounds_overhead"].skipped_steps > 0  # (thinned: the stride is above one)
+    assert records[-1] == 26 and t.global_step == 27, records  # the last step, whatever the stride
+    checks = check_run(load_run(logger.log_dir), [Threshold("grad/dispersion", "max", 1e9)])
+    assert [c.status for c in checks] == ["pass"], [c.reason for c in checks]
+
+
 def test_the_per_step_share_leaves_room_for_the_final_evaluation():
     """Projected to the end of training, the per-step statistics leave the final evaluation what it
     needs and share the rest with the probes: 1 s of training at 10 % progress → 2 s of budget at

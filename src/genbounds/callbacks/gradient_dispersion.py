@@ -89,7 +89,8 @@ class GradientDispersion(MeasurementCallback):
         backend: how per-sample statistics are obtained (see above).
         every_n_steps: measure every this many optimizer steps. Under an ``overhead_budget`` (set
             on any probe callback of the Trainer) its own time is charged to the budget and, beyond
-            its share, it measures every ``k``-th of those steps (:mod:`genbounds.callbacks.overhead`).
+            its share, it measures every ``k``-th of those steps and the run's last step when the
+            run's length is known (:mod:`genbounds.callbacks.overhead`).
         num_chunks: ``k`` for the micro-batch backend (≥ 2).
         use_accumulation_steps: with gradient accumulation, use the micro-steps as chunks for
             ``"microbatch"`` (and for ``"auto"`` under train-mode BatchNorm).

@@ -42,17 +42,21 @@ class StepBudget:
 
     def measures(self, trainer: Trainer, measured_steps: int, every_n_steps: int) -> bool:
         """Whether the optimizer step starting now is measured: on the callback's schedule, and
-        under a budget at most every :meth:`OverheadBudget.step_stride` steps."""
+        under a budget at most every :meth:`OverheadBudget.step_stride` steps, the run's last step
+        always (when ``estimated_stepping_batches`` knows it)."""
         step = int(trainer.global_step)
         self._deciding = step  # (read again by measured(): the step does not change in between)
         if step % every_n_steps != 0:
             return False
         if self.budget is None or self.budget.fraction is None or measured_steps < self.ALWAYS_FIRST:
             return True
-        stride = every_n_steps * self.budget.step_stride(self.owner, measured_steps, step + 1, self._progress(trainer))
-        if self._last_measured is not None and step - self._last_measured < stride:
+        progress = self._progress(trainer)
+        stride = every_n_steps * self.budget.step_stride(self.owner, measured_steps, step + 1, progress)
+        if self._last_measured is not None and step - self._last_measured < stride and progress != 1.0:
             self.budget.skipped_steps += 1
             return False
+        # (the run's last step, when its length is known, is measured whatever the stride: a gate on
+        # the final value reads the final batch's statistics, not ones from steps before — stale)
         return True
 
     def measured(self, trainer: Trainer) -> None:
