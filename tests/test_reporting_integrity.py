@@ -91,6 +91,49 @@ def test_a_fit_resumed_into_its_folder_keeps_the_history_before_it(tmp_path, cap
     assert run_cli("gate", run_dir, *GATE_OK) == 0
 
 
+def test_a_test_stage_after_fit_supersedes_nothing(tmp_path, capsys):
+    """``trainer.test`` after ``fit`` on the same TensorBoardLogger: Lightning opens a new event file,
+    whose first values are at the fit's last step. It goes on from there and drops nothing (as
+    TensorBoard keeps them); before, it superseded the fit's final values and ``run/complete`` at
+    that step, and a finished run failed the gate as killed (exit 2; an engineer's walk, round 34)."""
+    run_dir = write_tb_run(tmp_path / "t", standard_scalars())
+    write_tb_run(tmp_path / "t", {"test_loss": [(END, 0.3)], "test_acc": [(END, 0.9)]}, complete=False)
+    run = read_run_dir(run_dir)
+    assert run.complete and run.end_step == END and not run.notes
+    assert run.final("bound/wang_mao_eq3") is not None and run.final("test_loss") == pytest.approx(0.3)
+    assert run_cli("gate", run_dir, *GATE_OK) == 0
+
+
+def test_fit_then_test_and_validate_with_lightning_then_gate(tmp_path):
+    """The same, from Lightning itself: fit, then ``validate`` and ``test`` on the same Trainer."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from genbounds.callbacks import GradientDispersion
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from helpers import trainer
+
+    class WithTest(Classifier):
+        def test_step(self, batch, batch_idx):
+            x, y = batch
+            self.log("test_loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    pl.seed_everything(0, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path), name="run", default_hp_metric=False)
+    t = trainer(tmp_path, [GradientDispersion()], logger=logger,
+                max_epochs=1, limit_train_batches=4, limit_val_batches=2, limit_test_batches=2)
+    model, data = WithTest(MLP(64, 10, 16), lr=0.05), DigitsDataModule(batch_size=64, seed=0, test_fraction=0.2)
+    t.fit(model, data)
+    t.validate(model, data)
+    t.test(model, datamodule=data)
+    assert len(glob.glob(os.path.join(logger.log_dir, "events.out.tfevents.*"))) >= 2  # (what made the case)
+    run = read_run_dir(logger.log_dir)
+    assert run.complete and run.end_step == 4 and run.final("test_loss") is not None
+    assert run_cli("gate", logger.log_dir, "--max", "grad/dispersion=1e9", "--max", "val_loss=1e9") == 0
+
+
 # --- TFRecord framing --------------------------------------------------------------------------------
 def test_event_accumulator_would_not_notice(truncated_run):
     """Why the reader checks framing itself: tensorboard's loader reads the cut file without an error."""
