@@ -53,6 +53,30 @@ def test_the_reserve_for_the_final_evaluation_is_kept_free():
     assert budget.allows("HeldoutGradient", expected=0.1)
 
 
+def test_due_probes_take_their_turns_a_cheap_frequent_one_cannot_starve_an_expensive_one():
+    """Two probes due and waiting: the one that began waiting later runs only when the budget also
+    covers the earlier one's cost; the earlier one runs as soon as its own cost fits, and the later
+    one's turn follows. Without the queue, the cheap one (0.05 s) ran whenever 0.05 s was free and
+    the expensive one (0.15 s) never found 0.15 s (a 5,800-step run: 369 held-out probes, 2 of Γ)."""
+    budget = budget_after(1.0)  # 0.2 s of room at 0.2
+    budget.last_cost.update(GradientSensitivity=0.25, HeldoutGradient=0.05)
+    assert not budget.allows("GradientSensitivity", queue=True)  # waits (0.25 > 0.2) …
+    assert not budget.allows("HeldoutGradient", queue=True)  # … and the cheap one waits behind it
+    assert budget.allows("HeldoutGradient")  # (a caller that does not queue: as before)
+    assert list(budget.waiting) == ["GradientSensitivity", "HeldoutGradient"]
+    # the later one's earliest time counts the earlier one's cost; the earlier one's does not count the later's
+    assert budget.affordable_from("HeldoutGradient") > budget.affordable_from("GradientSensitivity")
+    budget.start -= 0.3  # training went on: 1.3 s → 0.26 s of room
+    assert not budget.allows("HeldoutGradient", queue=True)  # 0.05 + 0.25 > 0.26
+    assert budget.allows("GradientSensitivity", queue=True) and list(budget.waiting) == ["HeldoutGradient"]
+    budget.charge("GradientSensitivity", 0.25)
+    budget.start -= 0.5  # 1.55 s of training → 0.31 s of room, 0.25 of it spent
+    assert budget.allows("HeldoutGradient", queue=True) and not budget.waiting
+    budget.allows("Flatness", queue=True, expected=1.0)
+    budget.leave_queue("Flatness")  # (its fit's training ended: it holds no one back)
+    assert not budget.waiting
+
+
 def test_without_a_fraction_everything_runs_and_is_still_counted():
     budget = budget_after(1.0, fraction=None)
     budget.pricers["Flatness"] = lambda: 100.0

@@ -255,7 +255,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
                 wake(self, trainer)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.schedule.at_train_end and self._affordable():
+        if self.budget is not None:
+            self.budget.leave_queue(self.owner)  # (a probe still due now never runs: it holds no one back)
+        if self.schedule.at_train_end and self._affordable(queue=False):
             self._probe(trainer, pl_module, log=False)
         self.step_log.report_skipped(trainer)
 

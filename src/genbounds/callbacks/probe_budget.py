@@ -102,8 +102,10 @@ class BudgetedProbe:
         remaining = self.budget.remaining()
         return remaining - self.final_share * (remaining - self.final_floor_after)
 
-    def _affordable(self) -> bool:
-        return self.budget is None or self.budget.allows(self.owner)
+    def _affordable(self, queue: bool = True) -> bool:
+        """Whether a probe now fits the budget; ``queue``: a due one that does not waits its turn
+        (:meth:`OverheadBudget.allows`)."""
+        return self.budget is None or self.budget.allows(self.owner, queue=queue)
 
     def _start_final_share(self) -> None:
         """At a probe's start: fix the end of its final share (``None`` for an intermediate probe)."""
