@@ -25,6 +25,7 @@ from genbounds.callbacks.probe_data import (
     PROBE_STREAM,
     forked_rng,
     own_iterator,
+    step_batch,
     trained_prefix,
     training_loader,
     validation_loader,
@@ -96,7 +97,7 @@ class GapEvaluation:
             order = torch.arange(self.samples)
         return order[trainer.global_rank::trainer.world_size].tolist()
 
-    def _chunks_from_dataset(self, trainer: Trainer, loader: Any, indices: list[int]) -> Any:
+    def _chunks_from_dataset(self, trainer: Trainer, loader: Any, indices: list[int], stage: str) -> Any:
         size = self.chunk or getattr(loader, "batch_size", None) or 64
         collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
         dataset = loader.dataset
@@ -107,14 +108,14 @@ class GapEvaluation:
             for start in range(0, len(indices), size):
                 rows = order[start:start + size]
                 # (contiguous, as torch.stack makes it: a channels_last dataset keeps its strides)
-                yield trainer.strategy.batch_to_device([t[rows].contiguous() for t in dataset.tensors])
+                yield step_batch(trainer, [t[rows].contiguous() for t in dataset.tensors], stage)
             return
         for start in range(0, len(indices), size):
             with forked_rng(trainer):
                 items = [dataset[i] for i in indices[start:start + size]]
-            yield trainer.strategy.batch_to_device(collate(items))
+            yield step_batch(trainer, collate(items), stage)
 
-    def _chunks_from_loader(self, trainer: Trainer, loader: Any, limit: int | None) -> Any:
+    def _chunks_from_loader(self, trainer: Trainer, loader: Any, limit: int | None, stage: str) -> Any:
         seen = 0
         with forked_rng(trainer), own_iterator(loader) as iterator:
             while limit is None or seen < limit:
@@ -123,7 +124,7 @@ class GapEvaluation:
                 except StopIteration:
                     return
                 seen += batch_size(batch)
-                yield trainer.strategy.batch_to_device(batch)
+                yield step_batch(trainer, batch, stage)
 
     def _evaluate(self, module: LightningModule, chunks: Any, rows: bool) -> tuple[np.ndarray, np.ndarray | None, int]:
         assert self.contract is not None
@@ -147,11 +148,12 @@ class GapEvaluation:
         rows = self.contract.per_sample and self.contract.errors_available
         result = GapResult()
         with isolated_pass(module, mode=self.mode, grad=False):  # type: ignore[arg-type]
-            train_chunks = self._chunks_from_dataset(trainer, self._train_loader, self._train_indices) \
+            train_chunks = self._chunks_from_dataset(trainer, self._train_loader, self._train_indices, "train") \
                 if self._train_indices is not None else \
-                self._chunks_from_loader(trainer, self._train_loader, self.samples or 10_000)
-            val_chunks = self._chunks_from_dataset(trainer, self._val_loader, self._val_indices) \
-                if self._val_indices is not None else self._chunks_from_loader(trainer, self._val_loader, self.samples)
+                self._chunks_from_loader(trainer, self._train_loader, self.samples or 10_000, "train")
+            val_chunks = self._chunks_from_dataset(trainer, self._val_loader, self._val_indices, "validate") \
+                if self._val_indices is not None else \
+                self._chunks_from_loader(trainer, self._val_loader, self.samples, "validate")
             tr_loss, tr_err, unit = self._evaluate(module, train_chunks, rows)
             he_loss, he_err, _ = self._evaluate(module, val_chunks, rows)
         tr_loss, he_loss = _gather(trainer, tr_loss), _gather(trainer, he_loss)

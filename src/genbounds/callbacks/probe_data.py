@@ -40,6 +40,44 @@ def forked_rng(trainer: Trainer) -> Iterator[None]:
         yield
 
 
+def step_batch(trainer: Trainer, batch: Any, stage: str = "train") -> Any:
+    """A loader's batch as Lightning hands it to a step: the precision plugin's input conversion
+    (``64-true`` casts floating tensors to float64), the module's (or data module's)
+    ``on_before_batch_transfer``, then the move to the device through ``transfer_batch_to_device``
+    and ``on_after_batch_transfer`` — the probe sets, the loss contract's trial and the gap's
+    batches skipped the first two, so a module that turns a dict batch into ``(x, y)`` in
+    ``on_before_batch_transfer`` crashed before step 0, and ``64-true`` met float32 inputs (an
+    engineer's walk, round 34). The hooks run under a forked RNG (augmentation on the device draws
+    from a copy); for ``stage="validate"`` (the held-out set) as in Lightning's validation: the
+    trainer's stage validating and the module in eval mode, both restored after."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    module = trainer.lightning_module
+    if module is None:
+        return trainer.strategy.batch_to_device(batch)
+    with forked_rng(trainer), _as_stage(trainer, module, stage):
+        batch = module._on_before_batch_transfer(batch, dataloader_idx=0)
+        return trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+
+
+@contextmanager
+def _as_stage(trainer: Trainer, module: Any, stage: str) -> Iterator[None]:
+    if stage != "validate":
+        yield
+        return
+    from lightning.pytorch.trainer.states import RunningStage
+
+    before = trainer.state.stage
+    modes = [(m, m.training) for m in module.modules()]
+    trainer.state.stage = RunningStage.VALIDATING
+    module.eval()
+    try:
+        yield
+    finally:
+        trainer.state.stage = before
+        for m, mode in modes:
+            m.training = mode
+
+
 def first_loader(loaders: Any) -> Any:
     if loaders is None:
         return None
@@ -138,16 +176,16 @@ def _own_part(loader: Any, size: int | None, count: int, world: int) -> Any:
     return _loader_batches(loader, share_of(size * count, world), 1)
 
 
-def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int) -> Any:
+def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int, stage: str = "validate") -> Any:
     """``count`` probe batches of one dataloader concatenated — the first full batches
     (``size=None``: each process's own, the global batch divided among them) or the first
-    ``size × count`` samples in all, each process taking its share (:func:`share_of`) — on the
-    module's device."""
+    ``size × count`` samples in all, each process taking its share (:func:`share_of`) — prepared
+    as Lightning prepares a batch of ``stage`` (:func:`step_batch`), on the module's device."""
     with forked_rng(trainer):
         batch = _own_part(loader, size, count, trainer.world_size)
     if batch is None:
         return None
-    return trainer.strategy.batch_to_device(batch)
+    return step_batch(trainer, batch, stage)
 
 
 def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
@@ -182,7 +220,7 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
             batch = collate(items)
     if batch is None:
         return None
-    return trainer.strategy.batch_to_device(batch)
+    return step_batch(trainer, batch)
 
 
 def training_trial_batch(trainer: Trainer, seed: int = 0) -> Any:

@@ -101,9 +101,9 @@ class VariabilityRegularizer(FlushesStepLog, GradientIntervention):
             return
         loader = training_loader(trainer)
         if self.reference_batches is None:  # every sample of the (rank's share of the) training set
-            batch = draw_probe_batch(trainer, loader, len(loader.dataset), 1)
+            batch = draw_probe_batch(trainer, loader, len(loader.dataset), 1, stage="train")
         else:
-            batch = draw_probe_batch(trainer, loader, None, self.reference_batches)
+            batch = draw_probe_batch(trainer, loader, None, self.reference_batches, stage="train")
         self._reference_data = [batch] if batch is not None else []
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
