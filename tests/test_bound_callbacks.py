@@ -609,8 +609,29 @@ def test_the_trainer_gate_reads_a_probes_value_at_the_step_it_was_logged(tmp_pat
 
 
 def test_both_gates_allow_a_logged_value_the_same_slack():
-    """The Trainer's gate and `genbounds gate` call a genbounds value stale beyond the same number of steps."""
-    from genbounds.callbacks.bound_gate import STALE_TOLERANCE
+    """The Trainer's gate and `genbounds gate` call a genbounds value stale beyond the same number of
+    steps, and the CLI reads the tag the Trainer's gate logs where it raises."""
+    from genbounds.callbacks.bound_gate import RAISED_TAG, STALE_TOLERANCE
+    from genbounds.reporting import events
     from genbounds.reporting.gate import DEFAULT_STALE_TOLERANCE
 
-    assert STALE_TOLERANCE == DEFAULT_STALE_TOLERANCE
+    assert STALE_TOLERANCE == DEFAULT_STALE_TOLERANCE and RAISED_TAG == events.RAISED_TAG
+
+
+def test_a_fit_ended_by_raise_during_training_reads_back_as_ended_by_the_gate(tmp_path, capsys):
+    """``on_violation="raise"`` during training ends the fit: `genbounds gate` on its logs exits 2
+    (incomplete: no final values) and says the gate ended it, not "killed or crashed" (an
+    engineer's walk, round 34)."""
+    from genbounds.cli import main
+
+    gate = BoundGate(max={"val_loss": -1.0}, on_violation="raise")
+    logger = TensorBoardLogger(str(tmp_path), name="raise", default_hp_metric=False)
+    with pytest.raises(BoundViolation, match="threshold violated"):
+        small_fit(tmp_path, [GradientDispersion(), gate], max_epochs=2, logger=logger)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["gate", logger.log_dir, "--max", "grad/dispersion=1e9"])
+    out = capsys.readouterr()
+    assert info.value.code == 2
+    assert "ended by BoundGate(on_violation='raise') at step" in out.out + out.err
+    assert "killed or crashed" not in out.out + out.err

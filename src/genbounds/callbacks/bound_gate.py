@@ -29,6 +29,9 @@ class BoundViolation(RuntimeError):
     """Raised on every rank by ``BoundGate(on_violation="raise")``."""
 
 
+RAISED_TAG = "gate/raised"
+"""Logged (1) at the step where ``on_violation="raise"`` ends the fit: ``genbounds gate`` reads it
+(``reporting.events.RAISED_TAG``, checked equal by a test) and says so instead of "killed or crashed"."""
 STALE_TOLERANCE = 1
 """Steps a value logged by a genbounds callback may lag the run's end before it is stale: one, as
 ``genbounds gate`` reads the logs (``reporting.gate.DEFAULT_STALE_TOLERANCE``: a measured step's
@@ -302,6 +305,9 @@ class BoundGate(MeasurementCallback):
             self._raise_at_teardown = message
             return found
         if self.on_violation == "raise":
+            # (the run's logs say why it ends here: `genbounds gate` names the gate instead of "killed or crashed")
+            for logger in trainer.loggers:
+                logger.log_metrics({RAISED_TAG: 1.0}, step=step)
             raise BoundViolation(message)
         if self.on_violation == "stop" and not final:
             rank_zero_info(message + "\nStopping the run.")

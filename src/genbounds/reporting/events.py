@@ -20,6 +20,7 @@ from genbounds.reporting.csv_runs import METRICS_FILE, CorruptCSV, read_metrics_
 from genbounds.reporting.tfrecord import CorruptEventFile, read_records
 
 COMPLETE_TAG = "run/complete"
+RAISED_TAG = "gate/raised"  # (BoundGate's, logged where on_violation="raise" ends the fit)
 EVENT_FILE_MARKER = "events.out.tfevents."
 HPARAMS_FILE = "hparams.yaml"
 
@@ -328,8 +329,11 @@ def require_complete(run: Run) -> None:
     logged = run.final(COMPLETE_TAG)
     why = "never logged" if logged is None else f"logged as {logged}, not 1"
     later = [note for note in run.notes if "later fit" in note]  # (an earlier fit's completion is not this one's)
+    steps, _ = run.series(RAISED_TAG)
+    how = (f"ended by BoundGate(on_violation='raise') at step {steps[-1]}: a threshold was violated (the fit's "
+           "output names it)" if steps else "killed or crashed")
     raise IncompleteRun(f"{run.path}: incomplete run — {COMPLETE_TAG} {why}, so training ended before "
-                        f"Trainer.fit finished (killed or crashed; last logged step {run.end_step}). "
+                        f"Trainer.fit finished ({how}; last logged step {run.end_step}). "
                         + "".join(f"{note}. " for note in later) + "Pass --allow-incomplete to use it anyway.")
 
 
