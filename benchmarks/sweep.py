@@ -737,74 +737,77 @@ def document(args, name, grid, runs, ranks, main_job, state, figures) -> str:
 #: Written after reading the recorded full run (the tables above are regenerated on every run; this
 #: section is not: rerun, then re-read it against the new numbers).
 DISCUSSION = r"""
-## Discussion (of the recorded run, 24 runs, 2026-12-02)
+## Discussion (of the recorded run, 24 runs, 2026-12-07)
 
-This recording has this commit's code: the per-step dispersion path in fewer ops, Neu's held-out
-`V_t` filling error in Neu's SE, `HeldoutGradient`'s first two measurements always taken, and Neu's
-σ selection skipping a σ whose estimated Σ η²(Γ + V) is ≤ 0 (docs/math.md §6.4). The runs took
-10–41 s. Because the overhead budget is wall time, which probes run — and so the draws and the
-dispersion's stride — differ between identical runs on a busy machine; the previous recording of
-the same grid earlier the same day (before these changes) gave Eq. 3 Ψ = +0.88 and Eq. 2 +0.73
-against `gap/error`, this one +0.81 and +0.65: **rankings from one budgeted recording move by
-about ±0.1 in Ψ**, which is as large as the margins below.
+This recording has commit cff2dac's code, whose overhead budget lets due probes take turns (a probe
+that began waiting later runs only when the budget also covers the ones waiting before it). The
+recording before it, the same morning on the commit before (95b6e72), had Γ from **one**
+`GradientSensitivity` probe in 23 of 24 runs: the held-out gradient, cheap and due every 10 steps,
+took every free moment of the budget, and Γ, due every 21 steps, never found its larger cost free.
+Neu's bound, Γ filled from that one probe, then moved by more than its SE between identical runs
+(1,211 ± 172 and 2,399 ± 217 in an A/B of one run of this grid). Here Γ has 9–26 probes per run at
+batch 32 and 1–5 at batch 128. The runs took 12–88 s (helpers and tests shared the machine's second
+core). Which probes run under a wall-time budget differs between identical runs on a busy machine:
+**rankings from one budgeted recording move by about ±0.1 in Ψ** (95b6e72's recording against this
+one: Eq. 2 +0.67 → +0.79 and Eq. 3 +0.62 → +0.69 against `gap/measured`; Eq. 3 +0.62 → +0.77 and
+Neu +0.75 → +0.62 against `gap/error`), as large as the margins below.
 
-**Which measure ranks best, and the target.** Against `gap/error` the target is met by Wang–Mao
-Eq. 3 (Ψ = +0.81, τ = +0.86), Neu (+0.75) and its 0-1 variant (+0.69): τ > 0 on every axis and Ψ
-above `lr/batch`'s +0.67; **not** by Eq. 2 (+0.65) or its 0-1 variant (+0.60), which are positive
-on every axis but below `lr/batch` in this recording. Against `gap/measured` it is **not met** by
-`rank`'s Ψ: `lr/batch` scores +0.83, the best bounds `neu_error` +0.75, Eq. 3 +0.71, Neu +0.69. That
-comparison flatters `lr/batch`: its Ψ is the mean over the two axes it can see (lr, batch); on exactly
-those axes Eq. 3 scores +0.83 and +0.67 against `lr/batch`'s +0.67 and +1.00, and on label noise and
-width, where `lr/batch` is constant, Eq. 3 is positive (+0.83 and +0.50). Counted over all four
-axes (Ψ₀) `lr/batch` drops to +0.42 and every Wang–Mao and Neu variant beats it (+0.58 to +0.75).
-Over all runs the best single numbers are Eq. 2 and Neu (τ = +0.88 for the loss gap) and Eq. 3 and
-Neu (+0.86 for the error gap). Roberts' predicted gap (`gap/predicted_cumulative`, a baseline) is
-the one measure above `lr/batch` on the loss gap (Ψ +0.88, positive on every axis), and below Eq. 3
-and Neu on the error gap (+0.65).
+**Which measure ranks best, and the target.** Against `gap/error` the target (τ > 0 on every axis
+and Ψ above `lr/batch`'s +0.67) is met by Wang–Mao Eq. 3 (Ψ = +0.77, τ = +0.86) and Eq. 2 (+0.71,
+τ = +0.84), their layer-wise versions, and Eq. 2's 0-1 variant (+0.69); **not** by Neu (+0.62) or
+its 0-1 variant (+0.62), positive on every axis but below `lr/batch` in this recording. Against
+`gap/measured` it is **not met** by `rank`'s Ψ: `lr/batch` scores +0.83, the best bounds Eq. 2
++0.79, Neu +0.71, Eq. 3 +0.69. That comparison flatters `lr/batch`: its Ψ is the mean over the two
+axes it can see (lr, batch); on exactly those axes Eq. 2 scores +0.67 and +1.00 against `lr/batch`'s
++0.67 and +1.00, and on label noise and width, where `lr/batch` is constant, Eq. 2 is positive
+(+0.83 and +0.67). Counted over all four axes (Ψ₀) `lr/batch` drops to +0.42 and every Wang–Mao and
+Neu variant beats it (+0.67 to +0.79). Over all runs the best single numbers are Eq. 2 (τ = +0.91
+for the loss gap) and Eq. 3 (+0.86 for the error gap). Roberts' predicted gap
+(`gap/predicted_cumulative`, a baseline) is second to `lr/batch` on the loss gap (Ψ +0.81, positive
+on every axis) and below Eq. 2 and Eq. 3 on the error gap (+0.65).
 
 What limits the τ is mostly the target, not the bounds. Of the pairs that differ along one axis only,
-the measured gap separates by more than 2 SE only 2 of 12 width pairs, 7 of 12 learning-rate pairs and
-8 of 12 batch-size pairs. On the pairs it does separate, Neu, its 0-1 variant and Roberts' prediction
-order **every** pair on every axis, Eq. 3 all but some label-noise pairs (+0.83), Eq. 2 all but some
-label-noise (+0.83) and learning-rate pairs (+0.71); against the error gap (0 of 12 width pairs
-resolved) every bound, Σ η² V̂ and Roberts order every resolved pair. More seeds or a larger held-out
-set, not a better bound, are what the lr and width axes need.
+the measured gap separates by more than 2 SE only 2 of 12 width pairs, 8 of 12 learning-rate pairs and
+8 of 12 batch-size pairs. On the pairs it does separate, Neu orders **every** pair on every axis, Eq. 2,
+Eq. 3 and their 0-1 variants all but some label-noise pairs (+0.83), Roberts' prediction all but
+some label-noise pairs (+0.91); against the error gap (2 of 12 width and 4 of 12 learning-rate pairs
+resolved) Eq. 2, Neu and both 0-1 variants order every resolved pair, Eq. 3 all but the width pairs.
+More seeds or a larger held-out set, not a better bound, are what the lr and width axes need.
 
-`bound/wang_mao_eq2_error` is **Σ η² V̂ in a bound's clothing**: its row equals the Σ η² V̂ baseline's
-on every axis and for both targets. Its σ is the grid's largest (0.1) in 24 of 24 runs, where
-log1p(x) ≈ x makes the trajectory term √(R'² Σ η² V̂ /(n σ²)) with R' = ½ — a monotone function of
-Σ η² V̂ — and its flatness term is 5.4 % of its value (median). Σ η² V̂ needs neither a σ grid, nor R,
-nor held-out data.
+`bound/wang_mao_eq2_error` is **nearly Σ η² V̂ in a bound's clothing**: its σ is the grid's largest
+(0.1) in 24 of 24 runs, where log1p(x) ≈ x makes the trajectory term √(R'² Σ η² V̂ /(n σ²)) with
+R' = ½ — a monotone function of Σ η² V̂ — and its flatness term is 6 % of its value (median); its
+rows differ from the Σ η² V̂ baseline's only on the width axis (+0.67 against +0.50 on the loss gap).
+Σ η² V̂ needs neither a σ grid, nor R, nor held-out data.
 
 **Flags, and "more than a held-out estimate".** Eq. 2 is flagged degenerate in 24/24 runs (σ at the
-grid edge in 8), its 0-1 variant degenerate and at the edge in 24/24; Neu is degenerate and at the
-grid's edge in 4/24 (σ = 0.003 in 20 runs) — `extend the grid` is said in those runs; Eq. 3 has no σ
-grid and cannot be. No bound was invalid (below its gap) in any run. In the degenerate regime the 0-1
-flatness term at σ = 0.1 compares the held-out and training errors of heavily perturbed models — a
-held-out estimate, exactly the warning of SPEC §6.6 — and the loss flatness term of Eq. 2 is the
-difference of two destroyed models' losses. But the trajectory term carries Eq. 2's value (median
-flatness share 11 %) and its ranking (Eq. 2's trajectory term alone: Ψ = +0.62 on the loss gap,
-τ = +0.87, as Eq. 2 itself), so the bounds are more than held-out estimates. One leak to know about:
-`R` (quantile rule) is computed on the training **and** held-out per-sample losses, and `setting/R`
-alone has τ = +0.81 (Ψ +0.52) against the loss gap; Eq. 2, Eq. 3 and Neu all scale with R. Σ η² V̂
-has no R and ranks about as well (Ψ +0.58), so the bounds' ranking is not borrowed from R.
+grid edge in 8), its 0-1 variant degenerate and at the edge in 24/24; Neu is degenerate in 2/24 and at
+the grid's edge in 9/24 (σ = 0.003 in 16 runs) — `extend the grid` is said in those runs; Eq. 3 has
+no σ grid and cannot be. No bound was invalid (below its gap) in any run. In the degenerate regime
+the 0-1 flatness term at σ = 0.1 compares the held-out and training errors of heavily perturbed
+models — a held-out estimate, exactly the warning of SPEC §6.6 — and the loss flatness term of Eq. 2
+is the difference of two destroyed models' losses. But the trajectory term carries Eq. 2's value
+(median flatness share 12 %) and much of its ranking (Eq. 2's trajectory term alone: Ψ = +0.73 on
+the loss gap, τ = +0.91, as Eq. 2 itself), so the bounds are more than held-out estimates. One leak
+to know about: `R` (quantile rule) is computed on the training **and** held-out per-sample losses,
+and `setting/R` alone has τ = +0.79 (Ψ +0.48) against the loss gap; Eq. 2, Eq. 3 and Neu all scale
+with R. Σ η² V̂ has no R and ranks about as well (Ψ +0.65), so the bounds' ranking is not borrowed
+from R.
 
-**Neu** ranks with Eq. 3 in this recording (Ψ = +0.69 against the loss gap, +0.75 against the error
-gap; `neu_error` +0.75/+0.69, positive on every axis). Its Γ comes from 1–15 `GradientSensitivity`
-probes per run (batch 32: 1–15, batch 128: 1–5) and its held-out `V_t` is mostly negative once a run
-fits its training set; its SE now carries the error of filling `V_t` between measurements. It is the
-loosest (Neu/gap median 1,380 against 44 for Eq. 2 and 87 for Eq. 3).
+**Neu** ranks between Eq. 3 and Eq. 2 on the loss gap (Ψ = +0.71) and below both on the error gap
+(+0.62). Its held-out `V_t` is mostly negative once a run fits its training set; its SE carries the
+error of filling Γ and `V_t` between measurements (median SE / bound 0.125 here, 0.122 in the
+recording with one Γ probe, whose worst run had SE 3.1× its bound against 0.82× here). It is the
+loosest (Neu/gap median 1,240 against 46 for Eq. 2 and 82 for Eq. 3).
 
-**Test-error bound.** True in 24 of 24 runs, but at its cap of 1 in 18 of them: `wang_mao_eq2_error`
+**Test-error bound.** True in 24 of 24 runs, but at its cap of 1 in 16 of them: `wang_mao_eq2_error`
 is above 1 whenever the labels are noisy and the learning rate or batch gives a large Σ η² V̂ (R' = ½
 and n = 899 leave a trajectory term near 1 even at σ = 0.1); median ratio to the test error 3.0 over
-all runs, 21.4 over the 6 below the cap. (The main job's config with a 20 % test split, in the
-previous recording: `bound/test_error_upper` = 0.153 ± 0.006 against a test error of 0.053 ± 0.012,
-2.9×; not re-run.)
+all runs, 6.1 over the 8 below the cap.
 
 **Layer-wise vs isotropic.** Each Wang–Mao layer-wise bound is ≤ its isotropic version in 24/24 runs;
 Neu's in 22/24 and within one SE of the difference in 24/24. The tightening is negligible on this
-two-layer MLP: median ratio 0.9995 (Eq. 2; best 0.942), 0.996 (Eq. 3; best 0.985) and 1 (Neu: the
+two-layer MLP: median ratio 0.9996 (Eq. 2; best 0.919), 0.996 (Eq. 3; best 0.979) and 1 (Neu: the
 isotropic member is selected in most runs). Eq. 3 can only gain what Cauchy–Schwarz leaves,
 Σ_k √(A_k B_k) ≤ √(Σ A_k · Σ B_k), which is little when the two layers' η² V̂ and Tr H are nearly
 proportional.

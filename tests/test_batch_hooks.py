@@ -8,6 +8,7 @@ met float32 inputs)."""
 from __future__ import annotations
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,9 +20,10 @@ from helpers import bound_suite, trainer
 class DictDigits(Dataset):
     """The bundled digits as ``{"image", "label"}`` items (a dataset of dicts, as many are)."""
 
-    def __init__(self, part: slice) -> None:
+    def __init__(self, part: slice, split: int) -> None:
         from sklearn.datasets import load_digits
 
+        self.split = split
         x, y = load_digits(return_X_y=True)
         self.x = torch.tensor(x / 16.0, dtype=torch.float32)[part]
         self.y = torch.tensor(y)[part]
@@ -30,23 +32,26 @@ class DictDigits(Dataset):
         return len(self.x)
 
     def __getitem__(self, i: int) -> dict:
-        return {"image": self.x[i], "label": self.y[i]}
+        return {"image": self.x[i], "label": self.y[i], "split": self.split}
 
 
 class HookedModule(pl.LightningModule):
-    """Turns the dict batch into ``(x, y)`` before the transfer and adds noise from the global RNG
-    after it while training (augmentation on the device, as Lightning's docs show it)."""
+    """Turns the dict batch into ``(x, y)`` before the transfer and adds noise from the global RNGs
+    (torch's and NumPy's) after it while training (augmentation on the device, as Lightning's docs
+    show it)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
         self.seen: list[tuple[str, bool]] = []  # (the trainer's stage, module.training) at each after-transfer call
         self.dtypes: set[torch.dtype] = set()
+        self.stages: set[tuple[int, str]] = set()  # (0 training set, 1 held-out; the trainer's stage)
 
     def forward(self, x):
         return self.net(x)
 
     def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.stages.add((int(batch["split"][0]), self.trainer.state.stage.value))
         return batch["image"], batch["label"]
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
@@ -54,7 +59,7 @@ class HookedModule(pl.LightningModule):
         self.seen.append((self.trainer.state.stage.value, self.training))
         self.dtypes.add(x.dtype)
         if self.trainer.training:
-            x = x + 0.05 * torch.randn_like(x)
+            x = x + 0.05 * torch.randn_like(x) + torch.from_numpy(np.random.normal(0, 0.01, x.shape)).to(x)
         return x, y
 
     def training_step(self, batch, batch_idx):
@@ -75,8 +80,8 @@ def _fit(tmp_path, callbacks, precision):
     pl.seed_everything(0, verbose=False)
     module = HookedModule()
     t = trainer(tmp_path, callbacks, max_epochs=2, limit_train_batches=6, limit_val_batches=2, precision=precision)
-    t.fit(module, DataLoader(DictDigits(slice(0, 1000)), batch_size=32, shuffle=True),
-          DataLoader(DictDigits(slice(1000, None)), batch_size=64))
+    t.fit(module, DataLoader(DictDigits(slice(0, 1000), 0), batch_size=32, shuffle=True),
+          DataLoader(DictDigits(slice(1000, None), 1), batch_size=64))
     return module, t
 
 
@@ -85,7 +90,7 @@ def test_probe_batches_are_prepared_as_lightning_prepares_a_steps_batch(tmp_path
     plain, _ = _fit(tmp_path / "plain", [], precision)
     suite = bound_suite()  # (dispersion, held-out gradient, Γ, flatness, Hessian trace and the bounds with the gap)
     measured, t = _fit(tmp_path / "suite", suite, precision)
-    # zero observer effect: the hooks' noise for our batches was drawn from a copy of the RNG
+    # zero observer effect: the hooks' noise for our batches was drawn from copies of the RNGs
     for p, q in zip(plain.parameters(), measured.parameters()):
         assert torch.equal(p, q)
     assert torch.isfinite(torch.as_tensor(t.callback_metrics["grad/dispersion"]))
@@ -97,4 +102,7 @@ def test_probe_batches_are_prepared_as_lightning_prepares_a_steps_batch(tmp_path
         assert measured.seen.count(case) > plain.seen.count(case), case
     # (and no other stage or mode, but the gap's pass over the training set in eval mode)
     assert set(measured.seen) <= set(plain.seen) | {("train", False)}
+    # the training set's batches in the training stage, the held-out set's in validation's, also
+    # when the gap is evaluated at a validation's end (a review, round 34)
+    assert measured.stages == {(0, "train"), (1, "validate")}
     assert measured.dtypes == {torch.float64 if precision == "64-true" else torch.float32}

@@ -104,6 +104,20 @@ def test_a_test_stage_after_fit_supersedes_nothing(tmp_path, capsys):
     assert run_cli("gate", run_dir, *GATE_OK) == 0
 
 
+def test_a_fit_resumed_from_the_last_step_that_crashed_is_incomplete(tmp_path, capsys):
+    """A complete fit, then a fit resumed from its last checkpoint into the same folder (more
+    epochs) that crashed: its first values are at the earlier fit's last step and go on past it,
+    so it supersedes from there — the earlier ``run/complete`` is not its own (a review, round 34:
+    the reader took it for a test stage and the gate passed)."""
+    whole = standard_scalars(end=600)
+    run_dir = write_tb_run(tmp_path / "r", {t: [(s, v) for s, v in p if s <= END] for t, p in whole.items()})
+    write_tb_run(tmp_path / "r", {t: [(s, v) for s, v in p if END <= s <= 450] for t, p in whole.items()},
+                 complete=False)
+    assert run_cli("gate", run_dir, *GATE_OK) == 2
+    out = capsys.readouterr().out
+    assert "incomplete" in out and "superseded" in out
+
+
 def test_fit_then_test_and_validate_with_lightning_then_gate(tmp_path):
     """The same, from Lightning itself: fit, then ``validate`` and ``test`` on the same Trainer."""
     import lightning.pytorch as pl

@@ -96,7 +96,7 @@ def _batchnorm_without_running_updates(module: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def _forked_host_rngs() -> Iterator[None]:
+def forked_host_rngs() -> Iterator[None]:
     """Python's ``random`` and NumPy's global generator as they were after the block (a
     ``training_step`` drawing mixup's λ from ``np.random.beta`` shifted the run's stream)."""
     import random
@@ -131,7 +131,7 @@ def isolated_pass(module: nn.Module, mode: ProbeMode = "keep", grad: bool = True
     snapshot = [(b, b.detach().clone()) for b in module.buffers()]
     with ExitStack() as stack:
         stack.enter_context(torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type))
-        stack.enter_context(_forked_host_rngs())
+        stack.enter_context(forked_host_rngs())
         stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
         if device.type in ("cuda", "cpu"):
             stack.enter_context(torch.autocast(device_type=device.type, enabled=False))

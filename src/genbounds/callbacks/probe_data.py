@@ -34,9 +34,15 @@ PROBE_STREAM = 0x5EED_0F_9B0BE
 
 @contextmanager
 def forked_rng(trainer: Trainer) -> Iterator[None]:
+    """torch's generators (CPU and the module's CUDA device), Python's ``random`` and NumPy's as they
+    were after the block (a dataset or batch hook drawing its augmentation from NumPy shifted the
+    run's stream: a review, round 34)."""
+    from genbounds.callbacks.isolation import forked_host_rngs
+
     device = trainer.strategy.root_device
     devices = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"):
+    with torch.random.fork_rng(devices=devices, device_type=device.type if device.type == "cuda" else "cuda"), \
+            forked_host_rngs():
         yield
 
 
@@ -47,9 +53,11 @@ def step_batch(trainer: Trainer, batch: Any, stage: str = "train") -> Any:
     and ``on_after_batch_transfer`` — the probe sets, the loss contract's trial and the gap's
     batches skipped the first two, so a module that turns a dict batch into ``(x, y)`` in
     ``on_before_batch_transfer`` crashed before step 0, and ``64-true`` met float32 inputs (an
-    engineer's walk, round 34). The hooks run under a forked RNG (augmentation on the device draws
-    from a copy); for ``stage="validate"`` (the held-out set) as in Lightning's validation: the
-    trainer's stage validating and the module in eval mode, both restored after."""
+    engineer's walk, round 34). The hooks run under a forked RNG (augmentation drawn there, from
+    torch, NumPy or ``random``, draws from a copy), with the trainer's stage ``stage``: for
+    ``"validate"`` (the held-out set) as in Lightning's validation, the module in eval mode too;
+    for ``"train"`` training (the gap's pass over the training set at a validation's end
+    included). Both restored after."""
     batch = trainer.precision_plugin.convert_input(batch)
     module = trainer.lightning_module
     if module is None:
@@ -61,15 +69,15 @@ def step_batch(trainer: Trainer, batch: Any, stage: str = "train") -> Any:
 
 @contextmanager
 def _as_stage(trainer: Trainer, module: Any, stage: str) -> Iterator[None]:
-    if stage != "validate":
-        yield
-        return
+    """The trainer's stage as ``stage`` (a training-set batch prepared at a validation's end, for
+    the gap, still sees training); for ``"validate"`` the module in eval mode too. Restored after."""
     from lightning.pytorch.trainer.states import RunningStage
 
     before = trainer.state.stage
-    modes = [(m, m.training) for m in module.modules()]
-    trainer.state.stage = RunningStage.VALIDATING
-    module.eval()
+    modes = [(m, m.training) for m in module.modules()] if stage == "validate" else []
+    trainer.state.stage = RunningStage.VALIDATING if stage == "validate" else RunningStage.TRAINING
+    if stage == "validate":
+        module.eval()
     try:
         yield
     finally:

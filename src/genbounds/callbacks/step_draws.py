@@ -75,7 +75,7 @@ def replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]]
 
     import numpy as np
 
-    from genbounds.callbacks.isolation import _forked_host_rngs, _rng_devices
+    from genbounds.callbacks.isolation import _rng_devices, forked_host_rngs
 
     device = next((p.device for p in module.parameters()), torch.device("cpu"))
     gens = module_generators(module)  # (noise from self.gen: chunks of one batch must differ too)
@@ -91,7 +91,7 @@ def replayed_draws(module: nn.Module, seed: int) -> Iterator[Callable[[], None]]
         seed_generators(gens, seed)
 
     try:
-        with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), _forked_host_rngs():
+        with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type), forked_host_rngs():
             reseed()
             yield reseed
     finally:

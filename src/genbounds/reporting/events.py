@@ -271,11 +271,13 @@ def _latest_fit_supersedes(run: Run, files: list[str], per_file: list[dict[str, 
     """Every file's scalars merged, a later writer's superseding the earlier ones' from the first
     step it logged when that step goes back before the latest step logged so far (TensorBoard's
     rule for orphaned steps: an event older than the most recent one purges those from its step
-    on). A fit run again into the same folder (a re-run CI job with a fixed logger version) starts
-    at step 0 and replaces the earlier fit whole — its ``run/complete`` and final values were read
-    as the new fit's, and a crashed re-run passed the gate (a new user's walk, round 33) — and a fit
-    resumed there from a checkpoint keeps the history before its first step. A writer that goes on
-    from the latest step supersedes nothing: ``trainer.test``/``validate`` after ``fit`` (Lightning
+    on), or starts at it and goes on past it (a fit resumed from the earlier one's last checkpoint
+    into its folder: one that crashed read as the earlier, complete fit — a review, round 34). A
+    fit run again into the same folder (a re-run CI job with a fixed logger version) starts at step
+    0 and replaces the earlier fit whole — its ``run/complete`` and final values were read as the
+    new fit's, and a crashed re-run passed the gate (a new user's walk, round 33) — and a fit
+    resumed there from a checkpoint keeps the history before its first step. A writer that stays at
+    the latest step supersedes nothing: ``trainer.test``/``validate`` after ``fit`` (Lightning
     opens a new event file at the fit's last step) had dropped the fit's final values and
     ``run/complete`` (an engineer's walk, round 34). Files without scalars (a writer of images)
     take no part."""
@@ -285,7 +287,11 @@ def _latest_fit_supersedes(run: Run, files: list[str], per_file: list[dict[str, 
         starts = [step for tag, series in scalars.items() if tag not in _START_TAGS for step, _ in series]
         first = min(starts) if starts else None
         latest = max((step for series in merged.values() for step, _ in series), default=None)
-        if first is not None and latest is not None and first < latest:
+        last = max((step for series in scalars.values() for step, _ in series), default=None)
+        # (going back before the latest step, or starting at it and going on past it: a fit resumed
+        # from the earlier one's last checkpoint that crashed later; a stage that stays at the latest
+        # step, trainer.validate/test after fit, supersedes nothing)
+        if first is not None and latest is not None and (first < latest or (first == latest and last > latest)):
             dropped = sum(1 for series in merged.values() for step, _ in series if step >= first)
             if dropped:
                 merged = {tag: kept for tag, series in merged.items()
