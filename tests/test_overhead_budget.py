@@ -115,11 +115,16 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0
 
 
-def test_under_a_budget_the_last_step_is_measured_so_a_gate_on_the_dispersion_is_not_stale(tmp_path):
+@pytest.mark.parametrize("case", ["epochs", "accumulation_schedule", "accumulate_2", "max_steps"])
+def test_under_a_budget_the_last_step_is_measured_so_a_gate_on_the_dispersion_is_not_stale(tmp_path, case):
     """A budget that thins the dispersion still measures the run's last step when its length is
     known (here ``max_epochs`` × the epoch's batches): the value a gate reads at the end is the final
     batch's, and ``genbounds gate`` (one step of slack) does not call it stale. Before, the last
-    measured step of the main job was 577 of 630 and the gate failed it."""
+    measured step of the main job was 577 of 630 and the gate failed it. Also under a
+    ``GradientAccumulationScheduler`` (``estimated_stepping_batches`` named a step the run never
+    took: a review), with a partial last window and with ``max_steps`` before the epochs' end."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
     import lightning.pytorch as pl
     from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -136,11 +141,18 @@ def test_under_a_budget_the_last_step_is_measured_so_a_gate_on_the_dispersion_is
     records: list[int] = []
     dispersion.add_listener(lambda recs: records.extend(r.step for r in recs))
     logger = TensorBoardLogger(str(tmp_path), name="run", default_hp_metric=False)
-    t = trainer(tmp_path, suite, max_epochs=3, limit_train_batches=9, limit_val_batches=2, logger=logger,
-                log_every_n_steps=4)
+    settings, steps = {
+        "epochs": ({}, 27),
+        "accumulation_schedule": ({"callbacks_extra": [GradientAccumulationScheduler({1: 2})]}, 9 + 5 + 5),
+        "accumulate_2": ({"accumulate_grad_batches": 2, "limit_train_batches": 10}, 15),
+        "max_steps": ({"max_steps": 20, "max_epochs": 5}, 20),
+    }[case]
+    extra = settings.pop("callbacks_extra", [])
+    kwargs = {"max_epochs": 3, "limit_train_batches": 9, **settings}
+    t = trainer(tmp_path, [*suite, *extra], limit_val_batches=2, logger=logger, log_every_n_steps=4, **kwargs)
     t.fit(Classifier(MLP(64, 10, 32), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
     assert t.__dict__["_genbounds_overhead"].skipped_steps > 0  # (thinned: the stride is above one)
-    assert records[-1] == 26 and t.global_step == 27, records  # the last step, whatever the stride
+    assert t.global_step == steps and records[-1] == steps - 1, records  # the last step, whatever the stride
     checks = check_run(load_run(logger.log_dir), [Threshold("grad/dispersion", "max", 1e9)])
     assert [c.status for c in checks] == ["pass"], [c.reason for c in checks]
 

@@ -341,7 +341,8 @@ class GradientDispersion(MeasurementCallback):
             self._step = weights_step(trainer)
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
-            self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps)
+            self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps, batch_idx,
+                                                        self._accumulate)
             self.impl.start_window(self._measuring)
             self._late = self._measuring and self._late_ok and self.impl.reads_late
             # a step it does not measure: Lightning need not dispatch its hooks (the batch end only

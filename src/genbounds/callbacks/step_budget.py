@@ -40,23 +40,25 @@ class StepBudget:
         self._last_measured = None
         self._deciding = None
 
-    def measures(self, trainer: Trainer, measured_steps: int, every_n_steps: int) -> bool:
-        """Whether the optimizer step starting now is measured: on the callback's schedule, and
-        under a budget at most every :meth:`OverheadBudget.step_stride` steps, the run's last step
-        always (when ``estimated_stepping_batches`` knows it)."""
+    def measures(self, trainer: Trainer, measured_steps: int, every_n_steps: int, batch_idx: int = 0,
+                 accumulate: int = 1) -> bool:
+        """Whether the optimizer step starting now (at the window of ``accumulate`` batches from
+        ``batch_idx``) is measured: on the callback's schedule, and under a budget at most every
+        :meth:`OverheadBudget.step_stride` steps, the run's last step always when it is known
+        (:func:`last_step`)."""
         step = int(trainer.global_step)
         self._deciding = step  # (read again by measured(): the step does not change in between)
         if step % every_n_steps != 0:
             return False
         if self.budget is None or self.budget.fraction is None or measured_steps < self.ALWAYS_FIRST:
             return True
-        progress = self._progress(trainer)
-        stride = every_n_steps * self.budget.step_stride(self.owner, measured_steps, step + 1, progress)
-        if self._last_measured is not None and step - self._last_measured < stride and progress != 1.0:
+        stride = every_n_steps * self.budget.step_stride(self.owner, measured_steps, step + 1, self._progress(trainer))
+        if self._last_measured is not None and step - self._last_measured < stride \
+                and not last_step(trainer, batch_idx, accumulate):
             self.budget.skipped_steps += 1
             return False
-        # (the run's last step, when its length is known, is measured whatever the stride: a gate on
-        # the final value reads the final batch's statistics, not ones from steps before — stale)
+        # (the run's last step is measured whatever the stride: a gate on the final value reads the
+        # final batch's statistics, not ones from steps before — stale)
         return True
 
     def measured(self, trainer: Trainer) -> None:
@@ -79,3 +81,19 @@ class StepBudget:
             self._total_steps = total if 0.0 < total < float("inf") else 0.0
         return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
 
+
+
+def last_step(trainer: Trainer, batch_idx: int, accumulate: int) -> bool:
+    """Whether the optimizer step of the window starting at ``batch_idx`` is the fit's last as its
+    stopping rules stand: ``max_steps`` reached by it, or the last window of the last epoch (of a
+    loader whose length is known). Not ``estimated_stepping_batches``: it assumes the current
+    ``accumulate_grad_batches`` for every epoch, so under a ``GradientAccumulationScheduler`` it
+    named a step the run never took (a review, round 34). A run stopped otherwise (``max_time``,
+    ``EarlyStopping``, ``should_stop``) is not foreseen."""
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step + 1 >= max_steps:
+        return True
+    batches = trainer.num_training_batches
+    max_epochs = trainer.max_epochs
+    return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+            and batches != float("inf") and batch_idx + accumulate >= batches)
