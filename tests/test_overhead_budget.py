@@ -77,6 +77,28 @@ def test_due_probes_take_their_turns_a_cheap_frequent_one_cannot_starve_an_expen
     assert not budget.waiting
 
 
+def test_a_probe_that_cannot_fit_by_the_runs_end_holds_no_one_back():
+    """The turn of a waiting probe that would not fit even in the budget projected to the end of the
+    run never comes: the probes after it do not wait for it (a review: a Hessian trace of 1 s in a
+    0.76 s budget held the held-out gradient back for the whole run, 129 probes → 2)."""
+    import weakref
+
+    class Horizon:  # (what the budget reads of the trainer)
+        estimated_stepping_batches = 100
+        global_step = 49  # half-way: the budget projected to the end is twice today's
+
+    budget = budget_after(1.0)  # 0.2 s of room now, 0.4 s projected to the end
+    horizon = Horizon()
+    budget._trainer = weakref.ref(horizon)
+    budget.last_cost.update(HessianTrace=0.5, HeldoutGradient=0.05)
+    assert not budget.allows("HessianTrace", queue=True)  # waits, and never fits (0.5 > 0.4)
+    assert budget.allows("HeldoutGradient", queue=True)  # not held back by it
+    budget.last_cost["HessianTrace"] = 0.3  # fits by the end (0.3 + 0.05 ≤ 0.4): its turn comes first
+    assert not budget.allows("HeldoutGradient", queue=True)
+    horizon.estimated_stepping_batches = float("inf")  # (an unknown horizon: turns as they are)
+    assert not budget.allows("HeldoutGradient", queue=True)
+
+
 def test_without_a_fraction_everything_runs_and_is_still_counted():
     budget = budget_after(1.0, fraction=None)
     budget.pricers["Flatness"] = lambda: 100.0

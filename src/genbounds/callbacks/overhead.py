@@ -11,7 +11,8 @@ One :class:`OverheadBudget` per ``Trainer`` is shared by every genbounds callbac
   probe that has not run yet is priced from one timed loss evaluation of its probe set times the
   number of loss evaluations it makes (:meth:`ProbeCallback.forward_equivalents`): its first run is
   no longer free. Due probes take turns (:meth:`OverheadBudget.allows` with ``queue``): one that
-  began waiting later runs only when the budget also covers the ones waiting before it.
+  began waiting later runs only when the budget also covers the ones waiting before it (except one
+  that cannot fit even in the budget projected to the run's end: :meth:`OverheadBudget.ahead`).
 * **The reserve** is what the final bound evaluation will cost (its last measured cost; before
   the first one, the bound's estimate from the probes it will ask for): intermediate probes only
   run when they leave that much of the budget. The final weights are always evaluated; a
@@ -43,6 +44,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -90,6 +92,7 @@ class OverheadBudget:
         """Callbacks whose batch start sleeps until a ``time.perf_counter()`` reading (a probe
         waiting for the budget), and the soonest of those times."""
         self.next_wake_time = math.inf
+        self._trainer: Any = None  # (a weak reference: the run's horizon, for ahead())
         self.waiting: dict[str, float] = {}
         """Probes due and waiting for the budget (owner → when it began waiting): one that began
         waiting later runs only when the budget also covers the earlier ones' (:meth:`allows`)."""
@@ -113,6 +116,7 @@ class OverheadBudget:
         budget = trainer.__dict__.get(BUDGET_KEY)
         if budget is None:
             budget = OverheadBudget(fraction)
+            budget._trainer = weakref.ref(trainer)
             trainer.__dict__[BUDGET_KEY] = budget
         elif budget.fraction is None and fraction is not None:
             budget.fraction = fraction
@@ -159,9 +163,30 @@ class OverheadBudget:
 
     def ahead(self, owner: str) -> float:
         """What the probes waiting since before ``owner`` began waiting (all of them when it is not
-        waiting yet) are expected to cost: its turn comes after theirs."""
+        waiting yet) are expected to cost: its turn comes after theirs — but not after one that
+        cannot fit even in the budget projected to the run's end (it would hold every probe behind
+        it back for the whole run: a review, round 34)."""
         since = self.waiting.get(owner, math.inf)
-        return sum(self.expected(other) for other, began in self.waiting.items() if other != owner and began < since)
+        earlier = [other for other, began in self.waiting.items() if other != owner and began < since]
+        if not earlier:
+            return 0.0
+        projected = self._projected_budget()
+        return sum(cost for other in earlier
+                   if (cost := self.expected(other)) + self.probe_time + self.reserve <= projected)
+
+    def _projected_budget(self) -> float:
+        """``fraction`` × the training time projected to the run's end (from the steps done out of
+        ``estimated_stepping_batches``); ``inf`` when the horizon is unknown."""
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None or self.fraction is None:
+            return math.inf
+        try:
+            total = float(trainer.estimated_stepping_batches)
+        except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
+            return math.inf
+        if not 0.0 < total < math.inf:
+            return math.inf
+        return self.fraction * self.train_time * total / min(total, trainer.global_step + 1)
 
     def affordable_from(self, owner: str) -> float:
         """The earliest ``time.perf_counter()`` at which :meth:`allows` can hold for ``owner``'s
