@@ -99,6 +99,33 @@ def test_a_probe_that_cannot_fit_by_the_runs_end_holds_no_one_back():
     assert not budget.allows("HeldoutGradient", queue=True)
 
 
+def test_a_probe_asked_for_while_it_waits_its_turn_is_done(tmp_path):
+    """A due probe waiting for the budget that the bound aggregator (``probe_now``) runs at the
+    current weights is done: not pending, out of the turns (a review, round 34: it kept its place
+    and ran again at the next step start)."""
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import GradientSensitivity
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from helpers import trainer
+
+    sensitivity = GradientSensitivity(sigmas=[0.01], num_draws=4, every_n_steps=1, overhead_budget=1e-3)
+    seen: list[tuple[bool, bool]] = []
+
+    class AskWhileWaiting(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            budget = trainer.__dict__["_genbounds_overhead"]
+            if sensitivity._pending and "GradientSensitivity" in budget.waiting and not seen:
+                sensitivity.probe_now(trainer, pl_module)
+                seen.append((sensitivity._pending, "GradientSensitivity" in budget.waiting))
+
+    pl.seed_everything(0, verbose=False)
+    t = trainer(tmp_path, [sensitivity, AskWhileWaiting()], max_epochs=1, limit_train_batches=12, limit_val_batches=1)
+    t.fit(Classifier(MLP(64, 10, 16), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
+    assert seen == [(False, False)]
+
+
 def test_without_a_fraction_everything_runs_and_is_still_counted():
     budget = budget_after(1.0, fraction=None)
     budget.pricers["Flatness"] = lambda: 100.0

@@ -377,6 +377,11 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
             return
         values = self.finalize(trainer, values)
         self.num_probes_run += 1
+        # (a due probe waiting for its turn is done by any probe of these weights — the bound's
+        # probe_now at a validation's end included: it neither runs again at the next step start
+        # nor holds the others back in the budget's turns)
+        self._pending = False
+        self.budget.leave_queue(self.owner)
         device = pl_module.device
         self.step_log.record(step, {k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in values.items()})
         records = self.step_log.flush(trainer, pl_module if log else None, epoch_end=epoch_end)
