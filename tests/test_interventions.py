@@ -199,6 +199,23 @@ def test_twin_with_a_changed_sample_diverges_after_it_is_seen(tmp_path, mode):
         values[-1] / math.sqrt(sum(float(p.double().pow(2).sum()) for p in module.parameters())), rel=1e-9)
 
 
+def test_twin_finds_the_changed_sample_through_the_modules_batch_hooks(tmp_path):
+    """A module whose ``on_after_batch_transfer`` changes the data (here: scales the inputs): the
+    chosen sample is compared as a prepared row of a batch, so it is still found and replaced (a
+    review, round 34: compared raw, it was never found — no divergence, only a warning)."""
+
+    class Scaled(Classifier):
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            x, y = batch
+            return x * 2.0, y
+
+    pl.seed_everything(0, verbose=False)
+    twin = TwinRunStability(mode="replace", seed=3)
+    trainer(tmp_path, [twin], max_epochs=2, limit_val_batches=1).fit(
+        Scaled(MLP(64, 10, 32), lr=0.1), DigitsDataModule(batch_size=64))
+    assert twin.changed_batches == 2  # the sample is in one batch per epoch
+
+
 def test_twin_refuses_mixed_precision(tmp_path):
     with pytest.raises(MisconfigurationException, match="full precision"):
         trainer(tmp_path, [TwinRunStability()], max_steps=1, precision="bf16-mixed").fit(

@@ -21,7 +21,7 @@ from genbounds.callbacks.checks import (
     check_choice,
     check_int,
 )
-from genbounds.callbacks.probe_data import training_loader, validation_loader
+from genbounds.callbacks.probe_data import forked_rng, step_batch, training_loader, validation_loader
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, mark_run_complete, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
@@ -36,6 +36,18 @@ def _sample_fields(item: Any) -> list[Tensor]:
     if not isinstance(item, (tuple, list)):
         item = [item]
     return [torch.as_tensor(field) for field in item]
+
+
+def _prepared_item(trainer: Trainer, loader: Any, index: int) -> list[Tensor]:
+    """Item ``index`` of ``loader``'s dataset as a row of the training batches it is compared with
+    and swapped into: collated as a batch of one and prepared as Lightning prepares a training
+    batch (``probe_data.step_batch``: the batch hooks, the input precision), its fields' row 0.
+    Read under forked RNGs. Raw items were compared with the prepared batches: with a batch hook
+    that changes the data no changed sample was found (a review, round 34)."""
+    with forked_rng(trainer):
+        item = loader.dataset[index]
+    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+    return [leaf[0] for leaf in tensor_leaves(step_batch(trainer, collate([item]), "train"))]
 
 
 def _step_output_loss(output: Any) -> Tensor:
@@ -163,11 +175,12 @@ class TwinRunStability(FlushesStepLog, Callback):
     def _choose_samples(self, trainer: Trainer) -> None:
         if self.mode == "none":
             return
-        dataset = training_loader(trainer).dataset
+        loader = training_loader(trainer)
+        dataset = loader.dataset
         gen = torch.Generator().manual_seed(self.seed)
         i = self.sample_index if self.sample_index is not None else int(torch.randint(len(dataset), (1,), generator=gen))
         self.sample_index = i
-        self._sample = dataset[i]
+        self._sample = _prepared_item(trainer, loader, i)
         if self.mode == "replace":
             val = validation_loader(trainer)
             if val is None:
@@ -177,7 +190,7 @@ class TwinRunStability(FlushesStepLog, Callback):
             j = (self.replacement_index if self.replacement_index is not None
                  else int(torch.randint(len(held), (1,), generator=gen)))
             self.replacement_index = j
-            self._replacement = held[j]
+            self._replacement = _prepared_item(trainer, val, j)
         rank_zero_info(f"TwinRunStability: the twin's training set differs at sample {self.sample_index} "
                        f"({self.mode}" + (f" by held-out sample {self.replacement_index})" if self.mode == "replace" else ")"))
 
