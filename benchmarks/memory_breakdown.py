@@ -256,7 +256,7 @@ def main() -> None:
             from genbounds.callbacks.step_budget import StepBudget
 
             first = args.measure == "first"
-            StepBudget.measures = lambda self, trainer, measured, every: first and trainer.global_step == 0
+            StepBudget.measures = lambda self, trainer, measured, every, *window: first and trainer.global_step == 0
         res = od.child(args.child[0], args.child[1], args.steps, 30, probe=MemoryProbe())
         print(json.dumps(res))
         return

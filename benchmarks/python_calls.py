@@ -53,7 +53,7 @@ def profiled_fit(variant: str) -> pstats.Stats:
         if variant == "unmeasured":
             class Never(pl.Callback):  # (measures the first steps only: the backend's set-up done)
                 def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-                    disp.step_budget.measures = lambda t, m, e: t.global_step < 20
+                    disp.step_budget.measures = lambda t, m, e, *window: t.global_step < 20
             callbacks.append(Never())
         callbacks.append(disp)
     with tempfile.TemporaryDirectory() as logdir:

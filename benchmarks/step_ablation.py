@@ -118,7 +118,7 @@ def main() -> None:
 
     class Blocks(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-            disp.step_budget.measures = lambda trainer, measured, every: (
+            disp.step_budget.measures = lambda trainer, measured, every, *window: (
                 kind_of(int(trainer.global_step), args.warmup, args.block) != "unmeasured")
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001

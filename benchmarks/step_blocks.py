@@ -73,7 +73,7 @@ def block_schedule(disp: Any, block: int, warmup: int, measured: dict[int, bool]
 
     class Blocks(pl.Callback):
         def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
-            def measures(trainer, measured_steps, every_n_steps) -> bool:  # noqa: ANN001
+            def measures(trainer, measured_steps, every_n_steps, *window) -> bool:  # noqa: ANN001
                 step = int(trainer.global_step)
                 out = step < warmup or block_measured(step - warmup, block)
                 measured[step] = out
