@@ -199,11 +199,12 @@ def test_gap_chunks_of_a_tensor_dataset_are_what_the_loaders_collate_makes():
     # images stored channels_last: the stacked batches are contiguous whatever the dataset's strides
     x = torch.randn(23, 3, 4, 4, generator=g).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 3, (23,), generator=g)
-    trainer = SimpleNamespace(strategy=SimpleNamespace(batch_to_device=lambda b: b, root_device=torch.device("cpu")))
+    trainer = SimpleNamespace(strategy=SimpleNamespace(batch_to_device=lambda b: b, root_device=torch.device("cpu")),
+                              precision_plugin=SimpleNamespace(convert_input=lambda b: b), lightning_module=None)
     indices = [4, 0, 22, 7, 7, 13, 1, 9, 2, 18, 3]
     gap = GapEvaluation("test", samples=None, chunk=4, mode="eval")
-    fast = list(gap._chunks_from_dataset(trainer, DataLoader(TensorDataset(x, y), batch_size=8), indices))
-    slow = list(gap._chunks_from_dataset(trainer, DataLoader(Subclass(x, y), batch_size=8), indices))
+    fast = list(gap._chunks_from_dataset(trainer, DataLoader(TensorDataset(x, y), batch_size=8), indices, "train"))
+    slow = list(gap._chunks_from_dataset(trainer, DataLoader(Subclass(x, y), batch_size=8), indices, "train"))
     assert len(fast) == len(slow) == 3
     for a, b in zip(fast, slow):
         assert type(a) is type(b) and len(a) == len(b) == 2
