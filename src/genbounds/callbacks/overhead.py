@@ -232,7 +232,8 @@ class OverheadBudget:
         return ok
 
     def leave_queue(self, owner: str) -> None:
-        """``owner`` no longer waits (its fit's training ended)."""
+        """``owner`` no longer waits: it ran (a probe of the current weights, whoever asked for it),
+        or its fit's training ended."""
         if self.waiting.pop(owner, None) is not None:
             self._wake_waiting()
 

@@ -82,7 +82,6 @@ class StepBudget:
         return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
 
 
-
 def last_step(trainer: Trainer, batch_idx: int, accumulate: int) -> bool:
     """Whether the optimizer step of the window starting at ``batch_idx`` is the fit's last as its
     stopping rules stand: ``max_steps`` reached by it, or the last window of the last epoch (of a
