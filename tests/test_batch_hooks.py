@@ -11,10 +11,9 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from helpers import bound_suite, trainer
+from helpers import CrossEntropyModule, bound_suite, trainer
 
 
 class DictDigits(Dataset):
@@ -35,7 +34,7 @@ class DictDigits(Dataset):
         return {"image": self.x[i], "label": self.y[i], "split": self.split}
 
 
-class HookedModule(pl.LightningModule):
+class HookedModule(CrossEntropyModule):
     """Turns the dict batch into ``(x, y)`` before the transfer and adds noise from the global RNGs
     (torch's and NumPy's) after it while training (augmentation on the device, as Lightning's docs
     show it)."""
@@ -61,19 +60,6 @@ class HookedModule(pl.LightningModule):
         if self.trainer.training:
             x = x + 0.05 * torch.randn_like(x) + torch.from_numpy(np.random.normal(0, 0.01, x.shape)).to(x)
         return x, y
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", F.cross_entropy(self(x), y))
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
 def _fit(tmp_path, callbacks, precision):
