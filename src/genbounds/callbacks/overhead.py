@@ -56,6 +56,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from genbounds.callbacks.hook_clock import BUDGET_KEY
 
 
+def horizon(trainer: Trainer) -> float | None:
+    """The run's optimizer steps, ``estimated_stepping_batches`` (``None`` when unknown: no length,
+    no ``max_steps``)."""
+    try:
+        total = float(trainer.estimated_stepping_batches)
+    except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
+        return None
+    return total if 0.0 < total < math.inf else None
+
+
 class OverheadBudget:
     STEP_SHARE = 0.5
     """Fraction of what the final evaluation leaves of the budget that the per-step statistics may
@@ -175,18 +185,18 @@ class OverheadBudget:
                    if (cost := self.expected(other)) + self.probe_time + self.reserve <= projected)
 
     def _projected_budget(self) -> float:
-        """``fraction`` × the training time projected to the run's end (from the steps done out of
-        ``estimated_stepping_batches``); ``inf`` when the horizon is unknown."""
+        """:meth:`projected` at the trainer's progress now; ``inf`` when the horizon is unknown."""
         trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None or self.fraction is None:
-            return math.inf
-        try:
-            total = float(trainer.estimated_stepping_batches)
-        except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
-            return math.inf
-        if not 0.0 < total < math.inf:
-            return math.inf
-        return self.fraction * self.train_time * total / min(total, trainer.global_step + 1)
+        total = horizon(trainer) if trainer is not None else None
+        projected = self.projected(min(1.0, (trainer.global_step + 1) / total)) if total is not None else None
+        return math.inf if projected is None else projected
+
+    def projected(self, progress: float | None) -> float | None:
+        """The budget, ``fraction`` × the training time, projected to the end of training from
+        ``progress`` (fraction of the run's steps done); ``None`` without a fraction or a horizon."""
+        if progress is None or not 0.0 < progress <= 1.0 or self.fraction is None:
+            return None
+        return self.fraction * self.train_time / progress
 
     def affordable_from(self, owner: str) -> float:
         """The earliest ``time.perf_counter()`` at which :meth:`allows` can hold for ``owner``'s
@@ -242,10 +252,8 @@ class OverheadBudget:
         evaluation (the reserve) leaves of the budget projected to the end of training — the other
         part is the intermediate probes' (``progress``: fraction of the run's steps done; ``None``:
         unknown horizon, then :attr:`STEP_SHARE` of the whole budget)."""
-        if progress is None or not 0.0 < progress <= 1.0 or self.fraction is None:
-            return self.STEP_SHARE
-        projected = self.fraction * self.train_time / progress
-        if projected <= 0.0:
+        projected = self.projected(progress)
+        if projected is None or projected <= 0.0:
             return self.STEP_SHARE
         return self.STEP_SHARE * max(0.0, 1.0 - self.reserve / projected)
 

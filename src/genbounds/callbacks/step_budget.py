@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from lightning.pytorch import Trainer
 
-from genbounds.callbacks.overhead import OverheadBudget
+from genbounds.callbacks.overhead import OverheadBudget, horizon
 
 
 class StepBudget:
@@ -74,11 +74,7 @@ class StepBudget:
     def _progress(self, trainer: Trainer) -> float | None:
         """Fraction of the run's optimizer steps done (``None`` when the horizon is unknown)."""
         if self._total_steps is None:
-            try:
-                total = float(trainer.estimated_stepping_batches)
-            except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
-                total = float("inf")
-            self._total_steps = total if 0.0 < total < float("inf") else 0.0
+            self._total_steps = horizon(trainer) or 0.0
         return (trainer.global_step + 1) / self._total_steps if self._total_steps else None
 
 

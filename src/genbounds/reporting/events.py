@@ -283,7 +283,7 @@ def _latest_fit_supersedes(run: Run, files: list[str], per_file: list[dict[str, 
     take no part."""
     merged: dict[str, list[tuple[int, float]]] = {}
     writers = [(path, scalars) for path, scalars in zip(files, per_file) if scalars]
-    for i, (path, scalars) in enumerate(writers):
+    for path, scalars in writers:
         starts = [step for tag, series in scalars.items() if tag not in _START_TAGS for step, _ in series]
         first = min(starts) if starts else None
         latest = max((step for series in merged.values() for step, _ in series), default=None)
