@@ -23,7 +23,9 @@ from genbounds.callbacks.isolation import isolated_pass
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.probe_data import (
     PROBE_STREAM,
+    collated_items,
     forked_rng,
+    loader_collate,
     own_iterator,
     step_batch,
     trained_prefix,
@@ -99,7 +101,7 @@ class GapEvaluation:
 
     def _chunks_from_dataset(self, trainer: Trainer, loader: Any, indices: list[int], stage: str) -> Any:
         size = self.chunk or getattr(loader, "batch_size", None) or 64
-        collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+        collate = loader_collate(loader)
         dataset = loader.dataset
         if type(dataset) is TensorDataset and collate is torch.utils.data.default_collate:
             # what default_collate makes of its items, by one index per tensor: no per-sample
@@ -111,9 +113,7 @@ class GapEvaluation:
                 yield step_batch(trainer, [t[rows].contiguous() for t in dataset.tensors], stage)
             return
         for start in range(0, len(indices), size):
-            with forked_rng(trainer):
-                items = [dataset[i] for i in indices[start:start + size]]
-            yield step_batch(trainer, collate(items), stage)
+            yield step_batch(trainer, collated_items(trainer, loader, indices[start:start + size]), stage)
 
     def _chunks_from_loader(self, trainer: Trainer, loader: Any, limit: int | None, stage: str) -> Any:
         seen = 0

@@ -17,7 +17,7 @@ once, when the loader is first iterated, and that must stay Lightning's first it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -196,6 +196,19 @@ def draw_probe_batch(trainer: Trainer, loader: Any, size: int | None, count: int
     return step_batch(trainer, batch, stage)
 
 
+def loader_collate(loader: Any) -> Callable[[list], Any]:
+    """The loader's ``collate_fn`` (PyTorch's ``default_collate`` when it has none)."""
+    return getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
+
+
+def collated_items(trainer: Trainer, loader: Any, indices: list[int]) -> Any:
+    """Items ``indices`` of ``loader``'s dataset, read under forked RNGs (a ``__getitem__`` drawing
+    its augmentation from the global RNGs), collated as the loader collates a batch."""
+    with forked_rng(trainer):
+        items = [loader.dataset[i] for i in indices]
+    return loader_collate(loader)(items)
+
+
 def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count: int, seed: int) -> Any:
     """A uniform random subset of the training set (seeded): ``size × count`` samples in all
     (``size`` defaults to the global batch: the loader's batch size times the processes), collated
@@ -223,9 +236,7 @@ def draw_training_subset(trainer: Trainer, loader: Any, size: int | None, count:
             # order when the two seeds agree (both default to 0), and the probe would be B_1 again
             stream = (seed * 0x9E3779B1 + PROBE_STREAM) % (2**63 - 1)
             order = torch.randperm(n, generator=torch.Generator().manual_seed(stream))[:total]
-            items = [dataset[i] for i in order[rank::world].tolist()]
-            collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-            batch = collate(items)
+            batch = collated_items(trainer, loader, order[rank::world].tolist())
     if batch is None:
         return None
     return step_batch(trainer, batch)

@@ -21,7 +21,7 @@ from genbounds.callbacks.checks import (
     check_choice,
     check_int,
 )
-from genbounds.callbacks.probe_data import forked_rng, step_batch, training_loader, validation_loader
+from genbounds.callbacks.probe_data import collated_items, step_batch, training_loader, validation_loader
 from genbounds.callbacks.state_key import state_key_once
 from genbounds.callbacks.step_log import FlushesStepLog, StepLog, mark_run_complete, weights_step
 from genbounds.estimators.batching import batch_size, index_batch, map_tensors, tensor_leaves
@@ -44,10 +44,7 @@ def _prepared_item(trainer: Trainer, loader: Any, index: int) -> list[Tensor]:
     batch (``probe_data.step_batch``: the batch hooks, the input precision), its fields' row 0.
     Read under forked RNGs. Raw items were compared with the prepared batches: with a batch hook
     that changes the data no changed sample was found (a review, round 34)."""
-    with forked_rng(trainer):
-        item = loader.dataset[index]
-    collate = getattr(loader, "collate_fn", None) or torch.utils.data.default_collate
-    return [leaf[0] for leaf in tensor_leaves(step_batch(trainer, collate([item]), "train"))]
+    return [leaf[0] for leaf in tensor_leaves(step_batch(trainer, collated_items(trainer, loader, [index]), "train"))]
 
 
 def _step_output_loss(output: Any) -> Tensor:
