@@ -7,7 +7,6 @@ from dataclasses import replace
 from typing import Any, Literal
 
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from torch.optim import Optimizer
@@ -26,18 +25,16 @@ from genbounds.callbacks.checks import (
     warn_shared_tags,
 )
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
-from genbounds.callbacks.dispersion.base import DispersionBackend, LazyGrads, StepContext
+from genbounds.callbacks.dispersion.base import DispersionBackend
+from genbounds.callbacks.dispersion.measured_step import KEPT, MeasuredStep
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
-from genbounds.callbacks.dispersion.unmeasured import UnmeasuredNotes
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
-from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, mark_run_complete, weights_step
+from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, mark_run_complete
 from genbounds.callbacks.trainable_set import TrainableSet
-from genbounds.estimators.batching import batch_size
-from genbounds.estimators.functional import group_positions, trainable_parameters
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
 OWNER = "GradientDispersion"
@@ -148,25 +145,10 @@ class GradientDispersion(MeasurementCallback):
         self.step_log.add_listener(self._publish)
 
         self.slot = BackendSlot()
-        self.measured_steps = 0
-        self._unmeasured = UnmeasuredNotes()
-        self.group_names: list[str] = []
-        self._row_names: tuple[str, ...] = ()
-        self._groups_partition = False
+        self.step_measurement = MeasuredStep(self.slot)
+        """The step under measurement: parameters, window, values (``dispersion/measured_step.py``)."""
         self.contract: LossContract | None = None
-        self._loss_fn: Any = None
-        self._params: list[Tensor] = []
-        self._groups: list[list[int]] = []
-        self._measuring = False
-        self._step = 0
-        self._batch: Any = None
-        self._batch_idx = 0
-        self._window: Any = None  # GradientMoments, or the backend's raw form (HookSums)
-        self._accumulate = 1
-        self._scaler: Any = None
-        self._manual_grads: list[Tensor] | None = None
-        self._failed: Tensor | None = None  # (DDP: failed parts since the last flush, _fail_together)
-        self._late_ok = self._late = False  # (norms read at the optimizer step: _READ_LATE)
+        self.measured_steps = 0
         self._trainable = TrainableSet()
         self._set_version = 0
         self._checked_epoch = -1
@@ -182,6 +164,11 @@ class GradientDispersion(MeasurementCallback):
     def active_backend(self) -> str | None:
         """Its name: ``"hooks"``, ``"functorch"``, ``"microbatch"`` or ``"accumulation"``."""
         return self.slot.name
+
+    @property
+    def group_names(self) -> list[str]:
+        """The per-layer groups of ``grad/dispersion/layer/<name>``, in the logged row's order."""
+        return self.step_measurement.group_names
 
     @property
     def state_key(self) -> str:
@@ -207,243 +194,126 @@ class GradientDispersion(MeasurementCallback):
 
     def flush(self, trainer: Trainer, pl_module: LightningModule | None = None, epoch_end: bool = False) -> None:
         """Log and dispatch the buffered records (all ranks call it)."""
-        self._fail_together(trainer)
+        self.step_measurement.fail_together(trainer)
         self.step_log.flush(trainer, pl_module, epoch_end=epoch_end)
-
-    def _fail_together(self, trainer: Trainer) -> None:
-        """Under DDP: the backend failed in some process at a step since the last flush — every
-        process falls back here, together (``BackendSlot.fall_back_together``). The count was
-        summed on the device in the steps' own reductions; it is read here, where the step log
-        reads its values, not at every step."""
-        failed, self._failed = self._failed, None
-        if failed is not None and float(failed) != 0.0:
-            assert self.contract is not None
-            self.slot.fall_back_together(trainer, self.contract, self._loss_fn)
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        owner = OWNER
+        owner, m = OWNER, self.step_measurement
         warn_shared_tags(owner, trainer, self, ("grad/norm_sq", "grad/trace_cov", "grad/dispersion"))
         check_strategy(owner, trainer)
         check_precision(owner, trainer)
-        self.contract = LossContract.shared(pl_module)
-        self._loss_fn = self.contract.register(owner, self.loss_fn, per_sample=self.backend == "functorch",
-                                               what="exact per-sample gradients (backend='functorch')")
-        self._accumulate = int(trainer.accumulate_grad_batches)
+        m.contract = self.contract = LossContract.shared(pl_module)
+        m.loss_fn = self.contract.register(owner, self.loss_fn, per_sample=self.backend == "functorch",
+                                           what="exact per-sample gradients (backend='functorch')")
+        m.accumulate = int(trainer.accumulate_grad_batches)
         self.step_budget.setup(trainer)
 
-    def _take_parameters(self, pl_module: LightningModule) -> None:
-        """The trained parameters, their groups and the logged row's names (at ``on_train_start``,
-        after Lightning's ``BaseFinetuning`` froze a backbone, and again when they change)."""
-        self.group_names, self._groups = group_positions(pl_module, self.layer_groups)
-        self._params = list(trainable_parameters(pl_module).values())
-        self._row_names = ("grad/norm_sq", "grad/trace_cov", "grad/dispersion",
-                           *(f"grad/dispersion/layer/{g}" for g in self.group_names))
-        # the one-vector form below sums the groups for the totals: only when they partition
-        self._groups_partition = sorted(i for g in self._groups for i in g) == list(range(len(self._params)))
-
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert self.contract is not None
+        m = self.step_measurement
+        assert m.contract is not None
         check_single_optimizer(OWNER, pl_module)  # (not at setup: Lightning makes the optimizers after it)
         self.step_budget.start()
         self.slot.batchnorm_said = set()
-        self._accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
-        check_batch_spread(OWNER, trainer, self._accumulate)
+        m.accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
+        check_batch_spread(OWNER, trainer, m.accumulate)
         trial_batch = training_trial_batch(trainer, self.seed)
-        self.contract.resolve(trainer, pl_module, trial_batch)
+        m.contract.resolve(trainer, pl_module, trial_batch)
         self._trainable = TrainableSet.shared(pl_module)
         self._trainable.take(pl_module, int(trainer.global_step))
         self._set_version = self._trainable.version
         self._checked_epoch = -1  # (the first batch checks: the epoch-start hooks run after this one)
-        self._take_parameters(pl_module)
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._scaler = scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+        m.take_parameters(pl_module, self.layer_groups)
+        m.take_scaler(trainer)
         options = BackendOptions(  # (the settings as they are now, as setup's groups)
             self.backend, self.num_chunks, self.use_accumulation_steps, self.chunk_size,
-            int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, self._accumulate)
-        self.slot.start(options, trainer, pl_module, self.contract, self._loss_fn, trial_batch)
-        self.slot.check_reentrant(pl_module, self.contract)
+            int(self.memory_budget_mb * 2**20), self.layer_groups, self.seed, m.accumulate)
+        self.slot.start(options, trainer, pl_module, m.contract, m.loss_fn, trial_batch)
+        self.slot.check_reentrant(pl_module, m.contract)
         self._aside = HooksAside(self, GradientDispersion, _MEASURED_STEP_HOOKS + ("on_train_batch_end",))
-        self._late_from_start(trainer, pl_module)
-
-    def _late_from_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        assert self._aside is not None
-        # one backward a step whose gradient is the batch mean, read by the norms' raw path: the
-        # backward's norms can wait for the optimizer step (one Lightning hook fewer a step; not
-        # where the after-backward hook cannot be set aside: a subclass's own, an older Lightning)
-        self._late_ok = (self._accumulate == 1 and pl_module.automatic_optimization and trainer.world_size == 1
-                         and self._groups_partition and "on_after_backward" in self._aside.names)
-        if self._late_ok and self.impl is not None:
-            self.impl.use_row_ring(self.step_log, self._row_names)
+        m.plan_late(trainer, pl_module, self.step_log, "on_after_backward" in self._aside.names)
 
     def _replan(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """The trained parameters changed (said once by ``TrainableSet``): the steps measured so far
         are written out under the old layers, and the backend is chosen and attached again for the
-        new set (hooks on the layers now trained), checked on this batch. A backend asked for by
-        name that cannot measure the new set (``backend='hooks'`` and a layer now pruned) gives way
-        to ``auto``'s choice, said once: the fit is under way, an error would end it."""
-        assert self.contract is not None
+        new set, checked on this batch (``BackendSlot.restart``)."""
+        m = self.step_measurement
+        assert m.contract is not None and self._aside is not None
         self._set_version = self._trainable.version
         self.flush(trainer, pl_module)
-        self.slot.detach()
-        self._take_parameters(pl_module)
-        # (chosen as the uninterrupted fit chooses at this change: from the settings, not from the
-        # backend a resumed fit restored for the set it started with)
-        self.slot.restored = None
-        try:
-            self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch)
-        except MisconfigurationException as err:  # (the backend asked for by name)
-            self.slot.options = replace(self.slot.options, backend="auto")
-            self.slot.start(self.slot.options, trainer, pl_module, self.contract, self._loss_fn, batch,
-                            instead_of=f"{err} (The parameters trained changed during the fit.)")
-        self._late_from_start(trainer, pl_module)
+        m.take_parameters(pl_module, self.layer_groups)
+        self.slot.restart(trainer, pl_module, m.contract, m.loss_fn, batch)
+        m.plan_late(trainer, pl_module, self.step_log, "on_after_backward" in self._aside.names)
 
     def _follow_accumulation(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """``accumulate_grad_batches`` changed at an epoch start (Lightning's
         ``GradientAccumulationScheduler`` sets it there, where windows start afresh): the statistics
         are of the new effective batch, so the backend is chosen again for it (the micro-steps as
         chunks, the late read, the loss's scale all depend on it)."""
-        before, self._accumulate = self._accumulate, int(trainer.accumulate_grad_batches)
-        rank_zero_info(f"GradientDispersion: accumulate_grad_batches is {self._accumulate} from epoch "
+        m = self.step_measurement
+        before, m.accumulate = m.accumulate, int(trainer.accumulate_grad_batches)
+        rank_zero_info(f"GradientDispersion: accumulate_grad_batches is {m.accumulate} from epoch "
                        f"{trainer.current_epoch} (was {before}); the backend is chosen again for it.")
-        self.slot.options = replace(self.slot.options, accumulate=self._accumulate)
+        self.slot.options = replace(self.slot.options, accumulate=m.accumulate)
         self._replan(trainer, pl_module, batch)
 
     # ------------------------------------------------------------------ per batch
-    def _context(self, trainer: Trainer, pl_module: LightningModule,
-                 grads: list[Tensor] | None = None) -> StepContext:
-        scale: Tensor | float = 1.0
-        if self._scaler is not None and getattr(self._scaler, "_scale", None) is not None:
-            scale = self._scaler._scale.reshape(())
-        extras = LazyGrads(self._params, scaler=self._scaler is not None)
-        if grads is not None:
-            extras["grads"] = grads
-        m = batch_size(self._batch) if self._batch is not None else 0
-        return StepContext(trainer, pl_module, self._params, self._groups, self._batch, m, self._accumulate, scale,
-                           extras, self._groups_partition, self._step, self._batch_idx)
-
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        m = self.step_measurement
         if self._checked_epoch != trainer.current_epoch:  # (an epoch's first batch start it sees)
             self._checked_epoch = trainer.current_epoch
             self._trainable.check(pl_module, int(trainer.global_step))
-            if int(trainer.accumulate_grad_batches) != self._accumulate:  # (GradientAccumulationScheduler)
+            if int(trainer.accumulate_grad_batches) != m.accumulate:  # (GradientAccumulationScheduler)
                 self._follow_accumulation(trainer, pl_module, batch)
             self.slot.note_batchnorm_mode(pl_module, trainer.current_epoch)
         if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
             self._replan(trainer, pl_module, batch)
-        assert self.impl is not None
-        if batch_idx % self._accumulate == 0:  # Lightning's first micro-batch of a window
-            self._window = None
-            # (the optimizer steps taken, as the bounds index η_t: Lightning's logging index can run
-            # ahead of it — BatchSizeFinder's trial fits left it one step ahead, and the series shifted)
-            self._step = weights_step(trainer)
+        if batch_idx % m.accumulate == 0:  # Lightning's first micro-batch of a window
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
-            self._measuring = self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps, batch_idx,
-                                                        self._accumulate)
-            self.impl.start_window(self._measuring)
-            self._late = self._measuring and self._late_ok and self.impl.reads_late
+            m.start_window(trainer, self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps,
+                                                              batch_idx, m.accumulate))
             # a step it does not measure: Lightning need not dispatch its hooks (the batch end only
             # where it writes measured values to the loggers; hook_clock.HooksAside); one it reads
             # at the optimizer step: not its after-backward hook
             if self._aside is not None:  # (None: every one that can be)
                 log_step = is_log_step(trainer)
-                self._aside.set_aside(((_READ_LATE if log_step else _READ_LATE_QUIET) if self._late else ())
-                                      if self._measuring else
+                self._aside.set_aside(((_READ_LATE if log_step else _READ_LATE_QUIET) if m.late else ())
+                                      if m.measuring else
                                       _MEASURED_STEP_HOOKS if len(self.step_log) and log_step else None)
-        if self._measuring:
-            self._batch, self._batch_idx = batch, batch_idx
-            self.impl.before_forward(StepContext(trainer, pl_module, self._params, self._groups, batch))
+        if m.measuring:
+            m.before_forward(trainer, pl_module, batch, batch_idx)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
-        if self._measuring and self.impl is not None:
-            self.impl.before_backward(StepContext(trainer, pl_module, self._params, self._groups, self._batch))
+        self.step_measurement.before_backward(trainer, pl_module)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self._measuring or self._batch is None or self.impl is None:
-            if self._measuring and self._window is not None and not pl_module.automatic_optimization:
-                assert self.contract is not None  # (a second manual_backward: the window holds part of the step's)
-                if self.slot.second_backward(trainer, pl_module, self.contract, self._loss_fn):
-                    self._window, self._measuring = None, False
-            return
-        self._take_backward(trainer, pl_module, self._context(trainer, pl_module))
-
-    def _take_backward(self, trainer: Trainer, pl_module: LightningModule, ctx: StepContext) -> None:
-        """The backend's part of the backward just taken (after it, or at the optimizer step)."""
-        assert self.impl is not None
-        if not pl_module.automatic_optimization:
-            # the batch gradient as the backward left it: under manual optimization the user's
-            # step may clip .grad (self.clip_gradients) before on_before_optimizer_step reads it
-            scale = ctx.loss_scale
-            self._manual_grads = [g.clone() if isinstance(scale, float) and scale == 1.0 else g / scale
-                                  for g in ctx.extras["grads"]]
-        part = self.impl.after_backward(ctx)  # (GradientMoments, or the backend's raw form)
-        self._batch = None
-        if part is None:
-            if getattr(self.impl, "failed", None) is not None:
-                assert self.contract is not None
-                self.slot.fallback(trainer, pl_module, self.contract, self._loss_fn)
-                self._measuring = False  # this window is incomplete: skip it
-            elif ctx.accumulate == 1 and not self._no_backward():
-                self._one_sample(ctx.micro_size)
-            return
-        self._window = part if self._window is None else self._window.merged(part)
+        self.step_measurement.after_backward(trainer, pl_module)
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer: Optimizer) -> None:
-        if not self._measuring or self.impl is None:
+        m = self.step_measurement
+        if not m.measuring or self.impl is None:
             return
         if self._trainable.version != self._set_version or self._trainable.moved():
-            self._drop_step(trainer, pl_module)  # (layers (un)frozen inside this step: planned on the old set)
+            # layers (un)frozen inside this step (a module's own batch-start hook): planned on the
+            # old set, the step is left unmeasured; the next batch start chooses the backend again
+            # (said there, once; a change at the first step's later micro-batch: a backward ran on the old set)
+            self._trainable.check(pl_module, int(trainer.global_step), after_backward=m.accumulate > 1)
+            m.drop()
             return
-        if self._late:  # (its batch end may be set aside: _READ_LATE_QUIET)
+        if m.late:  # (its batch end may be set aside: _READ_LATE_QUIET)
             self.step_budget.charge(self.impl.hook_seconds())
-        ctx = self._context(trainer, pl_module) if self._late and self._batch is not None else None
-        if ctx is not None:  # (its on_after_backward was set aside: _READ_LATE)
-            self._take_backward(trainer, pl_module, ctx)
-            if not self._measuring:
-                return
-        self.impl.end_batch()  # (a step with no backward left the forward hook: callbacks after this one run free of it)
-        window, self._window = self._window, None
-        grads, self._manual_grads = self._manual_grads, None
-        result = self.impl.end_window(ctx if ctx is not None else self._context(trainer, pl_module, grads), window)
-        if result is None:
-            if not (window is None and self._no_backward()):
-                self._one_sample(window)
-            return
-        if result.kept:  # (recorded by the backend's row ring: dispersion/row_ring.py)
-            self.measured_steps += 1
-            self.step_budget.measured(trainer)
-            return
-        values = result.values(trainer, self._groups, self._groups_partition)
-        if result.failed is not None:  # (DDP: read at the next flush, with the step log's values)
-            self._failed = result.failed if self._failed is None else self._failed + result.failed
+        values = m.end(trainer, pl_module)
         if values is None:
-            self._one_sample(window)
             return
         if isinstance(values, Tensor):  # one copy into the step log
-            self.step_log.record_row(self._step, self._row_names, values)
-        else:
-            self.step_log.record(self._step, values.tagged(self.group_names))
+            self.step_log.record_row(m.step, m.row_names, values)
+        elif values is not KEPT:  # (KEPT: recorded by the backend's row ring, dispersion/row_ring.py)
+            self.step_log.record(m.step, values.tagged(m.group_names))
         self.measured_steps += 1
         self.step_budget.measured(trainer)
-
-    def _drop_step(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """This step is left unmeasured: the trained parameters changed after its batch start (a
-        module's own batch-start hook); the next batch start chooses the backend again."""
-        # (said there, once; a change at the first step's later micro-batch: a backward ran on the old set)
-        self._trainable.check(pl_module, int(trainer.global_step), after_backward=self._accumulate > 1)
-        self._window = self._batch = self._manual_grads = None
-        self._measuring = False
-        assert self.impl is not None
-        self.impl.end_batch()
-
-    def _no_backward(self) -> bool:
-        return self._unmeasured.no_backward(self._params, self._step)
-
-    def _one_sample(self, window: Any) -> None:
-        self._unmeasured.one_sample(window, self._step)
 
     def _end_batch(self, epoch: bool = False) -> None:
         if self.impl is not None:
@@ -484,10 +354,7 @@ class GradientDispersion(MeasurementCallback):
     def _cleanup(self) -> None:
         self.slot.detach()
         self._trainable.reset()
-        self._window = None
-        self._batch = None
-        self._manual_grads = None
-        self._failed = None  # (a fit's own: not read by the next fit's first flush)
+        self.step_measurement.clear()
         self.step_log.clear()
 
     # ------------------------------------------------------------------ state

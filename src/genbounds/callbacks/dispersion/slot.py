@@ -8,7 +8,7 @@ keeps the schedule and the values; this keeps which backend produces them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
@@ -96,6 +96,23 @@ class BackendSlot:
             rank_zero_warn(f"GradientDispersion(backend='auto'): {note}. Using {backend.name!r}.")
         assert self.impl is not None  # (the backend that measures: after a failed check, not the one chosen)
         rank_zero_info(f"GradientDispersion: backend={self.impl.name!r} — {self.impl.description}.")
+
+    def restart(self, trainer: Trainer, pl_module: LightningModule, contract: LossContract, loss_fn: Any,
+                batch: Any) -> None:
+        """The trained parameters changed during the fit: the backend is chosen and attached again
+        for the new set (hooks on the layers now trained), checked on ``batch``. A backend asked for
+        by name that cannot measure the new set (``backend='hooks'`` and a layer now pruned) gives
+        way to ``auto``'s choice, said once: the fit is under way, an error would end it."""
+        self.detach()
+        # (chosen as the uninterrupted fit chooses at this change: from the settings, not from the
+        # backend a resumed fit restored for the set it started with)
+        self.restored = None
+        try:
+            self.start(self.options, trainer, pl_module, contract, loss_fn, batch)
+        except MisconfigurationException as err:  # (the backend asked for by name)
+            self.options = replace(self.options, backend="auto")
+            self.start(self.options, trainer, pl_module, contract, loss_fn, batch,
+                       instead_of=f"{err} (The parameters trained changed during the fit.)")
 
     def note_batchnorm_mode(self, pl_module: LightningModule, epoch: int) -> None:
         """At an epoch's first batch: where the backend was chosen while BatchNorm normalized with
