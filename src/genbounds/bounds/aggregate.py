@@ -73,6 +73,10 @@ class BoundInputs:
     """The steps ``V̂`` was measured at (``None``: every step); with ``vhat_measured``, the SE of
     the steps filled in between (:func:`~genbounds.bounds.series.fill_standard_error`)."""
     vhat_measured: np.ndarray | None = None
+    fill_scale: np.ndarray | None = None
+    """Per step ``1/b_t`` where the batches differ in size (:func:`~genbounds.bounds.series.size_scaling`):
+    ``vhat_measured`` (and ``vhat_measured_blocks``) are then the size-free levels ``V̂_{s_i}·b_{s_i}``
+    and the filling SE weighs step ``t`` by it (``docs/math.md`` §6.8); ``None``: one batch size."""
     vhat_blocks: np.ndarray | None = None
     """``[T, K]`` per-step per-group dispersion."""
     vhat_measured_blocks: np.ndarray | None = None
@@ -133,10 +137,11 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     eta, vhat, n, d, r, T = inp.eta, inp.vhat, inp.n, inp.d, inp.r, inp.T
     sum_eta2_vhat = float(np.sum(eta**2 * np.maximum(vhat, 0.0)))
     out["bound_terms/sum_eta2_dispersion"] = sum_eta2_vhat
-    filled = None  # (steps, values) of V̂ when steps between its measurements were block-filled
+    filled = None  # (steps, values, scale) of V̂ when steps between its measurements were block-filled
     if inp.vhat_steps is not None and inp.vhat_measured is not None:  # its SE is 0 when nothing was filled
-        filled = (inp.vhat_steps, inp.vhat_measured)
-    sum_se = fill_standard_error(*filled, eta**2) if filled is not None else 0.0
+        filled = (inp.vhat_steps, inp.vhat_measured, inp.fill_scale)
+    sum_se = 0.0 if filled is None else fill_standard_error(
+        filled[0], filled[1], eta**2 if inp.fill_scale is None else eta**2 * inp.fill_scale)
     out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
     flat = inp.flat
 
@@ -236,7 +241,7 @@ def _layerwise(inp: BoundInputs, out: dict[str, float]) -> None:
     # the per-block dispersion's filling error (docs/math.md §6.7): steps between measurements
     filled = None
     if inp.vhat_steps is not None and inp.vhat_measured_blocks is not None:
-        filled = (inp.vhat_steps, inp.vhat_measured_blocks)
+        filled = (inp.vhat_steps, inp.vhat_measured_blocks, inp.fill_scale)
     if "wang_mao_eq3_layerwise" in inp.wanted:
         ab = eq3_shape_inputs(inp)
         rec = inp.curvature

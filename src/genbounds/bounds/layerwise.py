@@ -99,9 +99,10 @@ def trajectory_wang_mao_blocks(eta: np.ndarray, vhat_blocks: np.ndarray, r: floa
 
 def trajectory_blocks_fill_se(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n: int, d_blocks: Sequence[int],
                               sigmas: Sequence[float], steps: Sequence[int], measured_blocks: np.ndarray,
-                              trajectory: float | None = None) -> float:
+                              scale: np.ndarray | None = None, trajectory: float | None = None) -> float:
     """SE of :func:`trajectory_wang_mao_blocks` from the steps whose ``V̂_{t,k}`` were filled from a
-    neighbouring measurement (``steps``; ``measured_blocks [m, K]``: the per-block measurements).
+    neighbouring measurement (``steps``; ``measured_blocks [m, K]``: the per-block measurements;
+    ``scale``: :func:`~genbounds.bounds.wang_mao.log1p_sum_fill_se`'s).
 
     Block ``k``'s part of the sum under the root gets the isotropic rule with ``d_k, σ_k``
     (:func:`~genbounds.bounds.wang_mao.log1p_sum_fill_se`: linearized in ``V̂_{t,k}``, relative
@@ -113,19 +114,22 @@ def trajectory_blocks_fill_se(eta: np.ndarray, vhat_blocks: np.ndarray, r: float
     v = np.asarray(vhat_blocks, dtype=np.float64).reshape(len(eta), len(d))
     x = np.asarray(measured_blocks, dtype=np.float64).reshape(len(steps), len(d))
     sig = np.asarray(sigmas, dtype=np.float64).ravel()
-    inner = sum(log1p_sum_fill_se(eta, v[:, k], r, n, d[k], float(sig[k]), steps, x[:, k]) for k in range(len(d)))
+    inner = sum(log1p_sum_fill_se(eta, v[:, k], r, n, d[k], float(sig[k]), steps, x[:, k], scale)
+                for k in range(len(d)))
     if inner == 0.0:
         return 0.0
     traj = trajectory_wang_mao_blocks(eta, vhat_blocks, r, n, d, sig) if trajectory is None else trajectory
     return inner / (2.0 * traj) if traj > 0 else math.nan
 
 
-def dispersion_sums_fill_se(eta: np.ndarray, steps: Sequence[int], measured_blocks: np.ndarray) -> np.ndarray:
+def dispersion_sums_fill_se(eta: np.ndarray, steps: Sequence[int], measured_blocks: np.ndarray,
+                            scale: np.ndarray | None = None) -> np.ndarray:
     """Per block, the filling SE of ``Σ_t η_t² V̂_{t,k}`` (relative noise; ``0`` when nothing was
-    filled; ``docs/math.md`` §6.7)."""
+    filled; ``docs/math.md`` §6.7; ``scale``: per step ``1/b_t`` with size-free measurements, §6.8)."""
     eta = np.asarray(eta, dtype=np.float64)
     x = np.atleast_2d(np.asarray(measured_blocks, dtype=np.float64))
-    return np.array([fill_standard_error(steps, x[:, k], eta**2) for k in range(x.shape[1])])
+    w = eta**2 if scale is None else eta**2 * scale
+    return np.array([fill_standard_error(steps, x[:, k], w) for k in range(x.shape[1])])
 
 
 class _SelectedCandidate:
@@ -171,14 +175,15 @@ def wang_mao_eq2_layerwise(eta: np.ndarray, vhat_blocks: np.ndarray, r: float, n
                            candidates: np.ndarray, flatness_terms: Sequence[float],
                            flatness_term_se: Sequence[float] | None = None, z: float = 1.0,
                            groups: Sequence[int] | None = None,
-                           filled: tuple[Sequence[int], np.ndarray] | None = None) -> Eq2LayerwiseResult:
+                           filled: tuple[Sequence[int], np.ndarray, np.ndarray | None] | None = None
+                           ) -> Eq2LayerwiseResult:
     """Eq. 2 with block noise for every candidate ``σ ∈ R^K`` and the family minimum (§9.1, §9.4).
 
     ``bound_c = traj(σ_c) + |flatness_terms[c]|`` with ``flatness_terms[c] = γ_{Σ_c}(W_T,S) −
     γ_{Σ_c}(W_T,S')`` measured with block-shaped draws ``√T·σ_c ⊙ ε``. The selected candidate
     minimizes ``bound + z·SE`` (``sigma_min_with_se``); candidates with a non-finite or non-positive
     ``σ_k`` or a non-finite flatness are ignored (``selection.ignored``). ``filled``: ``(steps,
-    measured_blocks)`` of the dispersion measurements when ``vhat_blocks`` was block-filled between
+    measured_blocks, scale)`` of the dispersion measurements when ``vhat_blocks`` was block-filled between
     them; each candidate's trajectory SE from the filling (:func:`trajectory_blocks_fill_se`) is then
     added to its flatness SE in quadrature.
     """

@@ -34,6 +34,43 @@ def expand_blocks(steps: Sequence[int], values: Sequence[float] | np.ndarray, to
     return vals[idx]
 
 
+def size_scaling(steps: Sequence[int], sizes: np.ndarray | None, total_steps: int
+                 ) -> tuple[np.ndarray, np.ndarray] | None:
+    """How a per-batch dispersion measured at ``steps`` stands for the steps of its block when the
+    batches differ in size (``docs/math.md`` §6.8): ``Tr Σ_B = tr Σ/b``, so the block carries the
+    measurement's size-free level ``V̂_{s_i}·b_{s_i}`` and each step divides it by its own ``b_t``.
+
+    ``sizes``: each step's batch size (``≥ total_steps`` long, 0 where unknown). Returns
+    ``(b_{s_i}`` per measurement in the order of ``steps``, ``b_t`` per step``)``, or ``None`` —
+    plain block filling — when every step's batch has one size (nothing changes) or a size the
+    filling needs is unknown."""
+    if sizes is None or total_steps <= 0 or len(steps) == 0:
+        return None
+    b = np.asarray(sizes, dtype=np.float64)
+    s = np.asarray(steps, dtype=np.int64)
+    if len(b) < total_steps or np.any(s < 0) or np.any(s >= len(b)):
+        return None
+    b_t, b_s = b[:total_steps], b[s]
+    if not (np.all(b_t > 0) and np.all(b_s > 0)):
+        return None
+    if np.all(b_t == b_t[0]) and np.all(b_s == b_t[0]):
+        return None
+    return b_s, b_t
+
+
+def expand_blocks_scaled(steps: Sequence[int], values: Sequence[float] | np.ndarray, total_steps: int,
+                         scaling: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """:func:`expand_blocks` of a per-batch dispersion, each step at its own batch size
+    (:func:`size_scaling`; ``None``: plain block filling). ``values`` may be 2-d (per group)."""
+    if scaling is None:
+        return expand_blocks(steps, values, total_steps)
+    b_s, b_t = scaling
+    vals = np.asarray(values, dtype=np.float64)
+    level = vals * (b_s if vals.ndim == 1 else b_s[:, None])
+    filled = expand_blocks(steps, level, total_steps)
+    return filled / (b_t if filled.ndim == 1 else b_t[:, None])
+
+
 def block_weights(steps: Sequence[int], weights: np.ndarray) -> np.ndarray:
     """Sum of per-step ``weights`` (length ``T``) over each measurement's block, in the order of
     ``steps`` (sorted) — e.g. ``Σ_{t∈block} η_t²``, the weight of that measurement's error."""

@@ -88,14 +88,14 @@ def wang_mao_eq2(
     flatness_term_se: Sequence[float] | None = None,
     z: float = 1.0,
     allowed: Sequence[bool] | None = None,
-    filled: tuple[Sequence[int], Sequence[float]] | None = None,
+    filled: tuple[Sequence[int], Sequence[float], np.ndarray | None] | None = None,
 ) -> Eq2Result:
     """Eq. 2 at every grid σ and the selected one. ``flatness_term[i]`` is ``γ(W_T,S;σ_i√T) −
     γ(W_T,S';σ_i√T)`` (signed; its absolute value enters the bound). The selection minimizes
     ``bound + z·SE`` over the finite (and ``allowed``) grid points (:mod:`genbounds.bounds.selection`).
-    ``filled``: ``(steps, values)`` of the dispersion measurements when ``vhat`` was block-filled
-    between them; the trajectory term's SE from the filling (:func:`trajectory_fill_se`) is then
-    added to the flatness SE in quadrature."""
+    ``filled``: ``(steps, values, scale)`` of the dispersion measurements when ``vhat`` was
+    block-filled between them (``scale``: :func:`log1p_sum_fill_se`'s); the trajectory term's SE
+    from the filling (:func:`trajectory_fill_se`) is then added to the flatness SE in quadrature."""
     traj = [trajectory_wang_mao(eta, vhat, r, n, d, s) for s in sigmas]
     flat = [abs(float(f)) for f in flatness_term]
     bound = [a + b for a, b in zip(traj, flat)]
@@ -111,22 +111,25 @@ def wang_mao_eq2(
 
 
 def log1p_sum_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
-                      steps: Sequence[int], measured: Sequence[float]) -> float:
+                      steps: Sequence[int], measured: Sequence[float], scale: np.ndarray | None = None) -> float:
     """Filling SE of ``(R²d/n) Σ_t log1p(a_t V̂_t)``, ``a_t = η_t²/(dσ²)`` — the sum inside Eq. 2's
     square root — linearized in ``V̂_t`` (weights ``(R²d/n)·a_t/(1 + a_t V̂_t)``) and taken by
-    :func:`~genbounds.bounds.series.fill_standard_error` (``steps``/``measured``: the measurements)."""
+    :func:`~genbounds.bounds.series.fill_standard_error` (``steps``/``measured``: the measurements;
+    ``scale``: per step, ``1/b_t`` where the batches differ in size and ``measured`` are the size-free
+    levels ``V̂·b``, :func:`~genbounds.bounds.series.size_scaling`)."""
     eta = np.asarray(eta, dtype=np.float64)
     a = eta**2 / (d * sigma**2)
     weights = r * r * d / n * a / (1.0 + a * np.maximum(np.asarray(vhat, dtype=np.float64), 0.0))
-    return fill_standard_error(steps, measured, weights)
+    return fill_standard_error(steps, measured, weights if scale is None else weights * scale)
 
 
 def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
-                       steps: Sequence[int], measured: Sequence[float], trajectory: float | None = None) -> float:
+                       steps: Sequence[int], measured: Sequence[float], scale: np.ndarray | None = None,
+                       trajectory: float | None = None) -> float:
     """SE of :func:`trajectory_wang_mao` from the steps whose ``V̂_t`` was filled from a neighbouring
     measurement: :func:`log1p_sum_fill_se`, then ``SE(√x) = SE(x)/(2√x)``.
     ``trajectory``: the term's value when the caller has it (else computed)."""
-    se_inner = log1p_sum_fill_se(eta, vhat, r, n, d, sigma, steps, measured)
+    se_inner = log1p_sum_fill_se(eta, vhat, r, n, d, sigma, steps, measured, scale)
     if se_inner == 0.0:
         return 0.0
     traj = trajectory_wang_mao(eta, vhat, r, n, d, sigma) if trajectory is None else trajectory

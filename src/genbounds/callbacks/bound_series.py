@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from genbounds.bounds import expand_blocks, growing_level_series
+from genbounds.bounds import expand_blocks, expand_blocks_scaled, growing_level_series, size_scaling
 from genbounds.bounds.aggregate import BoundInputs
 from genbounds.callbacks.channel import (
     CurvatureRecord,
@@ -95,16 +95,21 @@ class BoundSeries:
 
     def inputs(self, T: int, n: int, d: int, r: float, sigmas: list[float], wanted: tuple[str, ...], *,
                z: float = 1.0, max_loss_increase: float | None = None, fill: str = "scaled",
-               grouped: bool = False) -> BoundInputs | None:
+               grouped: bool = False, sizes: np.ndarray | None = None) -> BoundInputs | None:
         """The bounds' inputs at step ``T`` (every quantity measured at step ``s`` standing for the
-        steps of its block, each with its own ``η_t``); ``None`` before the first step."""
+        steps of its block, each with its own ``η_t``; the dispersion, ``Tr Σ/b``, also at its own
+        batch size ``b_t`` where ``sizes`` gives them and they differ: ``docs/math.md`` §6.8);
+        ``None`` before the first step."""
         if T == 0 or not self.dispersion_steps:
             return None
         eta = np.asarray(self.lrs[:T], dtype=np.float64)
-        vhat = expand_blocks(self.dispersion_steps, self.dispersion_values, T)
+        scaling = size_scaling(self.dispersion_steps, sizes, T)
+        vhat = expand_blocks_scaled(self.dispersion_steps, self.dispersion_values, T, scaling)
+        measured = np.asarray(self.dispersion_values, dtype=np.float64)
         inp = BoundInputs(T=T, n=n, d=d, r=r, eta=eta, vhat=vhat, sigmas=list(sigmas), wanted=wanted, z=z,
-                          max_loss_increase=max_loss_increase,
-                          vhat_steps=np.asarray(self.dispersion_steps), vhat_measured=np.asarray(self.dispersion_values))
+                          max_loss_increase=max_loss_increase, vhat_steps=np.asarray(self.dispersion_steps),
+                          vhat_measured=measured if scaling is None else measured * scaling[0],
+                          fill_scale=None if scaling is None else 1.0 / scaling[1])
         flats = [rec for rec in self.flatness if rec["step"] == T and rec["term"] is not None]
         inp.flat = next((rec for rec in flats if rec.get("shape") is None), None)
         shaped = [rec for rec in flats if rec.get("shape") is not None]
@@ -129,8 +134,9 @@ class BoundSeries:
                 inp.gamma_shaped_sum_se = np.sqrt(np.sum(((w2 @ eta**2)[:, None] * se2) ** 2, axis=0))
                 inp.neu_shape = None if neu_shape is None else np.asarray(neu_shape, dtype=np.float64)
         if grouped and self.dispersion_groups and len(self.dispersion_groups) == len(self.dispersion_steps):
-            inp.vhat_blocks = expand_blocks(self.dispersion_steps, self.dispersion_groups, T)
-            inp.vhat_measured_blocks = np.asarray(self.dispersion_groups, dtype=np.float64)
+            inp.vhat_blocks = expand_blocks_scaled(self.dispersion_steps, self.dispersion_groups, T, scaling)
+            blocks = np.asarray(self.dispersion_groups, dtype=np.float64)
+            inp.vhat_measured_blocks = blocks if scaling is None else blocks * scaling[0][:, None]
             inp.d_blocks = list(self.config.get("group_sizes") or []) or None
             if self.heldout_groups and len(self.heldout_groups) == len(self.heldout_steps):
                 inp.v_blocks = expand_blocks(self.heldout_steps, self.heldout_groups, T)

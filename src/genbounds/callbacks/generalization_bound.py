@@ -441,9 +441,11 @@ class GeneralizationBound(ProbeCallback):
         if self._n is None or not self.scope.complete():
             return None  # (a history that misses steps, or another parameter set: NaN bounds)
         assert self.scope.d is not None
+        dispersion = self.producers.dispersion
         return self.series.inputs(T, self._n, self.scope.d, self.loss_range.value, self.sigmas, self.wanted,
                                   z=self.selection_z, max_loss_increase=self.max_loss_increase,
-                                  fill=self.sensitivity_fill, grouped=len(self.scope.groups) >= 2)
+                                  fill=self.sensitivity_fill, grouped=len(self.scope.groups) >= 2,
+                                  sizes=dispersion.step_sizes.array(T) if dispersion is not None else None)
 
     def _log(self, trainer: Trainer, pl_module: LightningModule, values: dict[str, float], *, log: bool) -> None:
         values = {**values, **margin_values(values)}

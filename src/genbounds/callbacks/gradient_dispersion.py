@@ -28,12 +28,13 @@ from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
 from genbounds.callbacks.dispersion.base import DispersionBackend
 from genbounds.callbacks.dispersion.measured_step import KEPT, MeasuredStep
 from genbounds.callbacks.dispersion.slot import BackendOptions, BackendSlot
+from genbounds.callbacks.dispersion.step_sizes import StepSizes
 from genbounds.callbacks.hook_clock import HooksAside, MeasurementCallback
 from genbounds.callbacks.loss_contract import LossContract
 from genbounds.callbacks.step_budget import StepBudget
 from genbounds.callbacks.probe import training_trial_batch
 from genbounds.callbacks.state_key import state_key_once
-from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, mark_run_complete
+from genbounds.callbacks.step_log import Listener, StepLog, is_log_step, mark_run_complete, weights_step
 from genbounds.callbacks.trainable_set import TrainableSet
 from genbounds.estimators.per_sample_gradients import DEFAULT_MEMORY_BUDGET
 
@@ -147,6 +148,9 @@ class GradientDispersion(MeasurementCallback):
         self.slot = BackendSlot()
         self.step_measurement = MeasuredStep(self.slot)
         """The step under measurement: parameters, window, values (``dispersion/measured_step.py``)."""
+        self.step_sizes = StepSizes()
+        """Every optimizer step's batch size, for the bounds' filling of the steps not measured
+        (``dispersion/step_sizes.py``)."""
         self.contract: LossContract | None = None
         self.measured_steps = 0
         self._trainable = TrainableSet()
@@ -225,6 +229,7 @@ class GradientDispersion(MeasurementCallback):
         self._trainable.take(pl_module, int(trainer.global_step))
         self._set_version = self._trainable.version
         self._checked_epoch = -1  # (the first batch checks: the epoch-start hooks run after this one)
+        self.step_sizes.truncate(int(trainer.global_step))  # (a fit from step 0, or resumed: its steps from here)
         m.take_parameters(pl_module, self.layer_groups)
         m.take_scaler(trainer)
         options = BackendOptions(  # (the settings as they are now, as setup's groups)
@@ -270,7 +275,9 @@ class GradientDispersion(MeasurementCallback):
             self.slot.note_batchnorm_mode(pl_module, trainer.current_epoch)
         if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
             self._replan(trainer, pl_module, batch)
-        if batch_idx % m.accumulate == 0:  # Lightning's first micro-batch of a window
+        first = batch_idx % m.accumulate == 0  # Lightning's first micro-batch of a window
+        self.step_sizes.add(weights_step(trainer), batch, first)
+        if first:
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
             m.start_window(trainer, self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps,
@@ -359,9 +366,11 @@ class GradientDispersion(MeasurementCallback):
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"measured_steps": self.measured_steps, **self.slot.state(), **self.step_log.state_dict()}
+        return {"measured_steps": self.measured_steps, **self.slot.state(), **self.step_log.state_dict(),
+                **self.step_sizes.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.measured_steps = int(state_dict.get("measured_steps", 0))
         self.step_log.load_state_dict(state_dict)
         self.slot.load_state(state_dict)
+        self.step_sizes.load_state_dict(state_dict)

@@ -1,0 +1,194 @@
+"""The dispersion's filling at each step's own batch size (docs/math.md §6.8).
+
+``Tr Σ_B = tr Σ/b``: a loader that keeps its last, smaller batch has one step an epoch whose
+dispersion is ``b/b_last`` times the others'. Before, a measurement stood for the unmeasured steps of
+its block at its own size, so whether a stride measured the small batch moved the bounds far beyond
+their SE (Wang–Mao Eq. 3 19 vs 34 for the same seed in two sweep recordings).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from helpers import CrossEntropyModule, trainer
+from torch.utils.data import DataLoader, TensorDataset
+
+from genbounds.bounds.series import (
+    expand_blocks,
+    expand_blocks_scaled,
+    fill_standard_error,
+    size_scaling,
+)
+from genbounds.callbacks import GeneralizationBound, GradientDispersion, HessianTrace
+from genbounds.callbacks.dispersion.step_sizes import StepSizes
+
+
+def _epoch_sizes(T: int, full: int = 32, last: int = 2, per_epoch: int = 5) -> np.ndarray:
+    """Batch sizes of T steps: ``per_epoch − 1`` full batches then one of ``last`` samples."""
+    return np.array([last if (t % per_epoch) == per_epoch - 1 else full for t in range(T)], dtype=np.float64)
+
+
+def test_scaling_is_none_for_one_batch_size_or_an_unknown_size():
+    """One size everywhere: plain block filling, bit for bit; an unknown size (0), a measured step
+    outside the sizes, or no sizes: plain block filling too (the filling falls back, never guesses)."""
+    T = 20
+    steps = [0, 4, 9]
+    assert size_scaling(steps, np.full(T, 32.0), T) is None
+    b = _epoch_sizes(T)
+    assert size_scaling(steps, b, T) is not None
+    assert size_scaling(steps, None, T) is None
+    unknown = b.copy()
+    unknown[7] = 0.0
+    assert size_scaling(steps, unknown, T) is None
+    assert size_scaling([0, 4, 25], b, T) is None
+    assert size_scaling(steps, b[:10], T) is None
+    vals = [1.0, 2.0, 3.0]
+    assert np.array_equal(expand_blocks_scaled(steps, vals, T, None), expand_blocks(steps, vals, T))
+
+
+def test_scaled_filling_is_exact_for_a_constant_level_whatever_the_stride():
+    """``V_t = S/b_t`` with a constant ``S``: the scaled filling recovers every step exactly from any
+    measured subset, measured steps keep their values; the plain filling is off by the size ratio
+    wherever a block spans the small batch (the stride of the epoch length never measures it)."""
+    T = 100
+    b = _epoch_sizes(T)
+    truth = 64.0 / b
+    for steps in (np.arange(0, T, 5), np.arange(0, T, 3), np.array([0, 4, 37, 62, 99]), np.arange(T)):
+        scaling = size_scaling(steps, b, T)
+        filled = expand_blocks_scaled(steps, truth[steps], T, scaling)
+        np.testing.assert_allclose(filled, truth, rtol=1e-12)
+        np.testing.assert_array_equal(filled[steps], truth[steps])
+    plain = expand_blocks(np.arange(0, T, 5), truth[np.arange(0, T, 5)], T)
+    assert float(np.sum(plain)) < 0.3 * float(np.sum(truth))  # (the 2-sample batches carry 80 % of it)
+
+
+def _simulate(steps: np.ndarray, T: int, runs: int = 400) -> dict[str, tuple[float, float, float]]:
+    """``(mean error, spread of the error, mean SE)`` of ``Σ η² V̂`` over simulated runs, scaled and
+    plain filling: size-free level ``x_t = μ_t(1 + 0.3 ε_t)`` with a trend, ``V_t = x_t/b_t`` at a
+    32/32/32/32/2 epoch."""
+    eta2 = np.full(T, 0.01)
+    b = _epoch_sizes(T)
+    rng = np.random.default_rng(0)
+    mu = np.linspace(1.0, 3.0, T)
+    scaling = size_scaling(steps, b, T)
+    assert scaling is not None
+    b_s, b_t = scaling
+    out: dict[str, list[list[float]]] = {"scaled": [[], []], "plain": [[], []]}
+    for _ in range(runs):
+        v = mu * (1 + 0.3 * rng.standard_normal(T)) / b
+        truth = float(np.sum(eta2 * v))
+        out["scaled"][0].append(float(np.sum(eta2 * expand_blocks_scaled(steps, v[steps], T, scaling))) - truth)
+        out["scaled"][1].append(fill_standard_error(steps, v[steps] * b_s, eta2 / b_t))
+        out["plain"][0].append(float(np.sum(eta2 * expand_blocks(steps, v[steps], T))) - truth)
+        out["plain"][1].append(fill_standard_error(steps, v[steps], eta2))
+    return {k: (float(np.mean(e)), float(np.std(e)), float(np.mean(se))) for k, (e, se) in out.items()}
+
+
+@pytest.mark.parametrize("stride", [3, 5])
+def test_scaled_filling_and_its_standard_error_are_calibrated_where_plain_filling_is_not(stride):
+    """Measured every 3rd step (prime to the 5-step epoch) or every 5th (the epoch's length: always
+    the same batch of the epoch, never the small one). Over 400 simulated runs the scaled filling's
+    mean error is within 3 of its SEs of 0 and its SE (``fill_standard_error`` on the levels with
+    weights ``η²/b_t``) is within [0.9, 1.5]× the spread of its actual error. Plain filling: at the
+    epoch's stride its mean error is many times its own SE (a bias its SE cannot see); prime to it
+    it is unbiased, but its SE is several times the scaled one's."""
+    T = 600
+    res = _simulate(np.arange(0, T, stride), T)
+    mean, spread, se = res["scaled"]
+    assert abs(mean) < 3 * spread / math.sqrt(400) + 1e-12, res
+    assert 0.9 < se / spread < 1.5, res
+    p_mean, _, p_se = res["plain"]
+    if stride == 5:
+        assert abs(p_mean) > 5 * p_se, res
+    else:
+        assert p_se > 3 * se, res
+
+
+def test_step_sizes_run_length_accumulation_resume_and_unknown():
+    """Runs change only where the size does; micro-batches of one window add up; a fit that starts
+    again at an earlier step (from 0, or resumed) overwrites from there; a batch whose size cannot be
+    read is unknown (0); the state round-trips with the step under way."""
+    x = torch.zeros(32, 3)
+    small = torch.zeros(2, 3)
+    sizes = StepSizes()
+    for step in range(10):
+        batch = small if step % 5 == 4 else x
+        sizes.add(step, (batch, batch[:, 0]), True)
+    assert sizes.runs() == ([0, 4, 5, 9], [32, 2, 32, 2])
+    np.testing.assert_array_equal(sizes.array(10), _epoch_sizes(10))
+    acc = StepSizes()
+    for i, step in enumerate([0, 0, 1, 1]):
+        acc.add(step, (x,) if i < 3 else (small,), first=i % 2 == 0)
+    np.testing.assert_array_equal(acc.array(2), [64.0, 34.0])
+    sizes.truncate(5)
+    sizes.add(5, (small,), True)
+    sizes.add(6, (x,), True)
+    assert sizes.runs() == ([0, 4, 6], [32, 2, 32])  # (step 5 now as small as step 4: one run)
+    state = sizes.state_dict()
+    again = StepSizes()
+    again.load_state_dict(state)
+    assert again.runs() == sizes.runs()
+    odd = StepSizes()
+    odd.add(0, {"a": torch.zeros(3), "b": torch.zeros(4)}, True)
+    odd.add(1, (x,), True)
+    np.testing.assert_array_equal(odd.array(2), [0.0, 32.0])
+    assert size_scaling([1], odd.array(2), 2) is None
+
+
+class _SmallNet(CrossEntropyModule):
+    lr = 0.2
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _small_last_batch_fit(tmp_path, every_n_steps: int) -> GeneralizationBound:
+    """A fit whose shuffled loader keeps an 8-sample last batch (72 = 2·32 + 8 samples: three steps
+    an epoch, the third with a dispersion about four times the others')."""
+    g = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(72, 8, generator=g), torch.randn(64, 8, generator=g)
+    y, yv = (x[:, 0] > 0).long(), (xv[:, 0] > 0).long()
+    pl.seed_everything(0)
+    bound = GeneralizationBound(bounds=["wang_mao_eq3"], num_train=72, summary=False)
+    callbacks = [GradientDispersion(every_n_steps=every_n_steps), HessianTrace(min_probes=4, max_probes=8), bound]
+    t = trainer(tmp_path / f"every{every_n_steps}", callbacks, max_epochs=20)
+    t.fit(_SmallNet(), DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True),
+          DataLoader(TensorDataset(xv, yv), batch_size=64))
+    return bound
+
+
+def test_a_stride_that_skips_the_small_last_batch_keeps_the_dense_sum(tmp_path):
+    """Measured every 3rd step, the stride of the epoch's three steps never measures the 8-sample
+    batch. The bounds' ``Σ η² V̂`` agrees with the every-step run's within 20 % (the every-step sum
+    has its own noise: the small batches' dispersion is estimated from 8 samples); filled as before,
+    each measurement standing for the small batch at its own size, it is about a third too low."""
+    dense = _small_last_batch_fit(tmp_path, 1).latest
+    sparse_bound = _small_last_batch_fit(tmp_path, 3)
+    sparse = sparse_bound.latest
+    d = dense["bound_terms/sum_eta2_dispersion"]
+    s, se = sparse["bound_terms/sum_eta2_dispersion"], sparse["bound_terms/sum_eta2_dispersion_se"]
+    assert dense["bound_terms/sum_eta2_dispersion_se"] == 0.0
+    assert se > 0 and math.isfinite(se)
+    series = sparse_bound.series
+    T = len(series.lrs)
+    assert T == 60 and set(np.asarray(series.dispersion_steps) % 3) == {0}
+    plain = float(np.sum(np.asarray(series.lrs) ** 2 * expand_blocks(series.dispersion_steps,
+                                                                      series.dispersion_values, T)))
+    assert abs(s - d) < 0.2 * d, (s, d, se)
+    assert plain < 0.8 * d, (plain, d)
+
+
+def test_equal_batches_fill_as_before():
+    """Every batch the same size (``drop_last=True``): nothing changes — ``size_scaling`` is None."""
+    sizes = StepSizes()
+    for step in range(6):
+        sizes.add(step, (torch.zeros(32, 2),), True)
+    assert size_scaling([0, 3], sizes.array(6), 6) is None
