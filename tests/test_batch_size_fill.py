@@ -192,3 +192,22 @@ def test_equal_batches_fill_as_before():
     for step in range(6):
         sizes.add(step, (torch.zeros(32, 2),), True)
     assert size_scaling([0, 3], sizes.array(6), 6) is None
+
+
+@pytest.mark.parametrize("n, drop_last, said", [(66, False, True), (80, False, False), (66, True, False)])
+def test_a_small_last_batch_is_said_once_before_step_0(tmp_path, n, drop_last, said):
+    """66 samples in batches of 32 keep a 2-sample last batch: said once, with its size and the ratio
+    (16×); 80 keep 16 (half a batch: not said); ``drop_last=True`` keeps none."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    t = trainer(tmp_path, [GradientDispersion()], max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t.fit(_SmallNet(), DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, drop_last=drop_last))
+    notes = [str(w.message) for w in caught if "keeps a last batch" in str(w.message)]
+    assert len(notes) == (1 if said else 0), notes
+    if said:
+        assert "last batch of 2 sample(s) after batches of 32" in notes[0] and "about 16×" in notes[0]

@@ -216,6 +216,32 @@ def check_batch_spread(owner: str, trainer: Trainer, accumulate: int) -> None:
             "use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
 
 
+def note_small_last_batch(owner: str, trainer: Trainer) -> int | None:
+    """At the fit's start, said once: a training loader that keeps a last batch of at most a quarter
+    of the others' (``drop_last=False``, the default, and ``n mod b`` small). Its step's dispersion
+    ``tr Σ/b_t`` is ``b/b_t`` times a full batch's, one step an epoch: the bounds fill at each step's
+    own size (``docs/math.md`` §6.8), but such steps weigh that much more in the trajectory terms,
+    and the final weights come from one. Returns the last batch's size when said."""
+    loader = trainer.train_dataloader
+    size = getattr(loader, "batch_size", None)
+    if not isinstance(size, int) or size < 2 or getattr(loader, "drop_last", True):
+        return None
+    try:  # (this process's samples: a distributed sampler's share)
+        n = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
+    except TypeError:  # (an iterable dataset)
+        return None
+    last = n % size
+    if last == 0 or 4 * last > size:
+        return None
+    rank_zero_warn(
+        f"{owner}: the training loader keeps a last batch of {last} sample(s) after batches of {size} ({n} "
+        f"samples, drop_last=False): one step an epoch has a dispersion (tr Σ/b) about {size / last:.0f}× a full "
+        "batch's. The bounds fill the steps not measured at each step's own batch size (docs/math.md §6.8), but "
+        "those steps weigh that much more in the trajectory terms, and the final weights come from one of them; "
+        "DataLoader(drop_last=True) avoids both.")
+    return last
+
+
 def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:
     """Manual optimization is supported with one optimizer (its ``step`` fires Lightning's
     ``on_before_optimizer_step``); several optimizers step different parameter sets at different

@@ -22,6 +22,7 @@ from genbounds.callbacks.checks import (
     check_precision,
     check_single_optimizer,
     check_strategy,
+    note_small_last_batch,
     warn_shared_tags,
 )
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
@@ -223,6 +224,7 @@ class GradientDispersion(MeasurementCallback):
         self.slot.batchnorm_said = set()
         m.accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
         check_batch_spread(OWNER, trainer, m.accumulate)
+        note_small_last_batch(OWNER, trainer)
         trial_batch = training_trial_batch(trainer, self.seed)
         m.contract.resolve(trainer, pl_module, trial_batch)
         self._trainable = TrainableSet.shared(pl_module)
