@@ -343,8 +343,11 @@ def test_the_final_bounds_reach_callback_metrics_under_a_budget(tmp_path):
     new user's walk, round 32). They are there, equal to the summary's."""
     t = fit(tmp_path, bound_suite(overhead_budget=0.2), Classifier(MLP(64, 10, 16)))
     latest = aggregator(t).latest
-    for key in ("bound/wang_mao_eq3", "bound/neu", "gap/measured"):
-        assert float(t.callback_metrics[key]) == latest[key]
+    import math
+
+    for key in ("bound/wang_mao_eq3", "bound/neu", "gap/measured"):  # (Neu: NaN when one Γ probe stands for the run)
+        got = float(t.callback_metrics[key])
+        assert got == latest[key] or (math.isnan(got) and math.isnan(latest[key])), key
 
 
 def test_the_summary_says_a_probe_without_held_out_data_had_none(tmp_path, capsys):

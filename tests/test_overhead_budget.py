@@ -158,8 +158,10 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     assert budget.skipped_steps > 0 and 2 <= dispersion.measured_steps < 24
     assert len(records) == dispersion.measured_steps and records[:2] == [0, 1]  # the first two are measured
     assert budget.by_owner["GradientDispersion"] > 0
-    for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3", "bound/neu"):
+    for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3"):
         assert math.isfinite(agg.latest[name]) and math.isfinite(agg.latest[name + "_se"]), name
+    # Neu: Γ probed once, at the final weights (no probe fits during training): NaN, fail closed (§6.9)
+    assert len({s for s in agg.series.sensitivity_steps if s >= 1}) == 1 and math.isnan(agg.latest["bound/neu"])
     # the filled steps' error is in the SE (0 when every step is measured)
     assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0
 

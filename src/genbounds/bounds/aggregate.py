@@ -75,8 +75,9 @@ class BoundInputs:
     vhat_measured: np.ndarray | None = None
     fill_scale: np.ndarray | None = None
     """Per step ``1/b_t`` where the batches differ in size (:func:`~genbounds.bounds.series.size_scaling`):
-    ``vhat_measured`` (and ``vhat_measured_blocks``) are then the size-free levels ``V̂_{s_i}·b_{s_i}``
-    and the filling SE weighs step ``t`` by it (``docs/math.md`` §6.8); ``None``: one batch size."""
+    ``vhat_measured`` (and ``vhat_measured_blocks``) are then the size-free levels ``V̂_{s_i}·b_{s_i}``,
+    and the filling SE weighs step ``t`` by it and takes it as the level's relative noise variance
+    (``docs/math.md`` §6.8); ``None``: one batch size."""
     vhat_blocks: np.ndarray | None = None
     """``[T, K]`` per-step per-group dispersion."""
     vhat_measured_blocks: np.ndarray | None = None
@@ -141,7 +142,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     if inp.vhat_steps is not None and inp.vhat_measured is not None:  # its SE is 0 when nothing was filled
         filled = (inp.vhat_steps, inp.vhat_measured, inp.fill_scale)
     sum_se = 0.0 if filled is None else fill_standard_error(
-        filled[0], filled[1], eta**2 if inp.fill_scale is None else eta**2 * inp.fill_scale)
+        filled[0], filled[1], eta**2 if inp.fill_scale is None else eta**2 * inp.fill_scale, spread=inp.fill_scale)
     out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
     flat = inp.flat
 

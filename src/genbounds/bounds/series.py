@@ -65,10 +65,9 @@ def expand_blocks_scaled(steps: Sequence[int], values: Sequence[float] | np.ndar
     if scaling is None:
         return expand_blocks(steps, values, total_steps)
     b_s, b_t = scaling
-    vals = np.asarray(values, dtype=np.float64)
-    level = vals * (b_s if vals.ndim == 1 else b_s[:, None])
-    filled = expand_blocks(steps, level, total_steps)
-    return filled / (b_t if filled.ndim == 1 else b_t[:, None])
+    filled = expand_blocks(steps, values, total_steps)
+    ratio = expand_blocks(steps, b_s, total_steps) / b_t  # (exactly 1 where the sizes are equal)
+    return filled * (ratio if filled.ndim == 1 else ratio[:, None])
 
 
 def block_weights(steps: Sequence[int], weights: np.ndarray) -> np.ndarray:
@@ -117,8 +116,33 @@ def growing_level_series(steps: Sequence[int], values: np.ndarray, total_steps: 
     return weights.T @ vals, weights
 
 
+def growing_level_fill_se(steps: Sequence[int], values: np.ndarray, weights: np.ndarray,
+                          fill: str = "scaled") -> np.ndarray:
+    """Per column (grid σ), the filling SE of ``Σ_τ w_τ Γ_τ`` with ``Γ`` from
+    :func:`growing_level_series` (``docs/math.md`` §6.9): §6.7's relative model on the level the
+    fill carries through a block — ``Γ_{σ√s}/s`` under ``"scaled"`` (weights ``w_τ·τ``),
+    ``Γ_{σ√s}`` itself under ``"block"``; probes at ``s = 0``, where ``Γ_0 = 0``, carry none. NaN where
+    steps were filled from fewer than two probes that carry a level: one probe standing for the
+    whole run has an error nothing measured tells (``weights``: length ``T``)."""
+    if fill not in ("scaled", "block"):
+        raise ValueError(f"fill must be 'scaled' or 'block', got {fill!r}")
+    w = np.asarray(weights, dtype=np.float64)
+    order = np.argsort(np.asarray(steps), kind="stable")
+    s = np.asarray(steps)[order]
+    vals = np.asarray(values, dtype=np.float64).reshape(len(s), -1)[order]
+    keep = s >= 1  # (Γ_0 = 0 exactly: a level for no fill — under "block" its block's zeros are the fill's own bias)
+    s, vals = s[keep], vals[keep]
+    if fill == "scaled":
+        vals, w = vals / s[:, None], w * np.arange(len(w))
+    if len(w) == 0 or not np.any(w != 0):
+        return np.zeros(vals.shape[1])
+    if len(s) == 0:
+        return np.full(vals.shape[1], math.nan)
+    return np.array([fill_standard_error(s, vals[:, k], w) for k in range(vals.shape[1])])
+
+
 def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarray, weights: np.ndarray,
-                        noise: str = "relative") -> float:
+                        noise: str = "relative", spread: np.ndarray | None = None) -> float:
     """SE of ``Σ_t w_t x̂_t`` (``x̂`` the block-filled series, :func:`expand_blocks`) as an estimate of
     ``Σ_t w_t x_t``, the same sum had ``x`` been measured at every step (``docs/math.md`` §6.7).
 
@@ -133,6 +157,11 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     ``ε_t`` of one variance ``τ²`` everywhere, estimated by half the mean squared difference of
     consecutive measurements (again counting any trend: conservative), and
     ``Var = τ² Σ_i [(W_i − w_{s_i})² + Σ_{t∈B_i, t≠s_i} w_t²]``.
+
+    ``spread`` (per step, relative model): the noise's variance at step ``t`` is ``κ² μ_i² v_t`` —
+    a statistic estimated from ``b_t`` samples has ``v_t = 1/b_t`` (``docs/math.md`` §6.8) —
+    so ``κ²`` is estimated from consecutive measurements as ``mean(d_i² / (v_{s_i} + v_{s_{i+1}}))``
+    and ``Var = Σ_i κ² μ_i² [(W_i − w_{s_i})² v_{s_i} + Σ_{t∈B_i, t≠s_i} w_t² v_t]``; ``None``: ``v ≡ 1``.
 
     Returns 0 when every step was measured (nothing was filled) and, relative, when every
     measurement is 0 (the model's variance ``κ² μ²`` is then 0 whatever ``κ``); NaN when steps were
@@ -155,6 +184,12 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     w_own = np.where(inside, w[np.clip(s, 0, total - 1)], 0.0)
     # (W_i − w_{s_i})² + Σ_{t≠s_i} w_t² per block
     coef = (w_block - w_own) ** 2 + (w2_block - w_own**2)
+    if spread is not None and noise == "relative":
+        v = np.asarray(spread, dtype=np.float64)
+        v_own = v[np.clip(s, 0, total - 1)]  # (a measurement past the end: its own size unknown here, its block empty)
+        vw2_block = np.bincount(block, weights=w * w * v, minlength=len(s))
+        coef = (w_block - w_own) ** 2 * v_own + (vw2_block - np.where(inside, w_own**2 * v_own, 0.0))
+        pair = v_own[1:] + v_own[:-1]
     if not np.any(coef > 0):
         return 0.0
     if noise == "absolute":
@@ -169,6 +204,7 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     ok = np.abs(mean) > 0
     if len(x) < 2 or not np.any(ok):
         return math.nan
-    kappa2 = 0.5 * float(np.mean(((x[1:] - x[:-1])[ok] / mean[ok]) ** 2))
+    rel2 = ((x[1:] - x[:-1])[ok] / mean[ok]) ** 2
+    kappa2 = 0.5 * float(np.mean(rel2)) if spread is None else float(np.mean(rel2 / pair[ok]))
     var = kappa2 * float(np.sum(coef * x * x))
     return math.sqrt(var) if math.isfinite(var) else math.nan

@@ -133,10 +133,10 @@ class Producers:
         self.sensitivity.set_shape(list(shape), group_index(groups, list(params)))
 
     def evaluation_probes(self, series: BoundSeries) -> list[Any]:
-        """The probes an evaluation asks for, in the order they run: the Hessian, Γ while no Γ
-        probe fitted in the budget during training (one then stands for the run: second-order
-        fill), the flatness with the layer-wise shapes."""
-        sensitivity = self.sensitivity if not series.sensitivity_steps else None
+        """The probes an evaluation asks for, in the order they run: the Hessian, Γ while fewer
+        than two Γ probes after step 0 stand for the run (one alone leaves Neu's bounds NaN:
+        ``docs/math.md`` §6.9), the flatness with the layer-wise shapes."""
+        sensitivity = self.sensitivity if len({s for s in series.sensitivity_steps if s >= 1}) < 2 else None
         return [p for p in (self.hessian, sensitivity, self.flatness) if p is not None and p.active]
 
     def end_probes(self, series: BoundSeries) -> list[Any]:

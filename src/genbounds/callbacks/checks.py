@@ -216,30 +216,22 @@ def check_batch_spread(owner: str, trainer: Trainer, accumulate: int) -> None:
             "use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
 
 
-def note_small_last_batch(owner: str, trainer: Trainer) -> int | None:
-    """At the fit's start, said once: a training loader that keeps a last batch of at most a quarter
-    of the others' (``drop_last=False``, the default, and ``n mod b`` small). Its step's dispersion
-    ``tr Σ/b_t`` is ``b/b_t`` times a full batch's, one step an epoch: the bounds fill at each step's
-    own size (``docs/math.md`` §6.8), but such steps weigh that much more in the trajectory terms,
-    and the final weights come from one. Returns the last batch's size when said."""
-    loader = trainer.train_dataloader
-    size = getattr(loader, "batch_size", None)
-    if not isinstance(size, int) or size < 2 or getattr(loader, "drop_last", True):
-        return None
-    try:  # (this process's samples: a distributed sampler's share)
-        n = len(loader.sampler) if getattr(loader, "sampler", None) is not None else len(loader.dataset)
-    except TypeError:  # (an iterable dataset)
-        return None
-    last = n % size
-    if last == 0 or 4 * last > size:
-        return None
+def note_small_batches(owner: str, smallest: int, largest: int, epoch: int) -> bool:
+    """Said once a fit, at its first epoch's end, from the sizes its optimizer steps had
+    (``dispersion/step_sizes.py``): a step of at most a quarter of the largest batch. Its
+    dispersion ``tr Σ/b_t`` is ``b/b_t`` times a full batch's: the bounds fill at each step's own
+    size (``docs/math.md`` §6.8), but such steps weigh that much more in the trajectory terms, and
+    where they end an epoch the final weights come from one. Returns whether it was said."""
+    if smallest <= 0 or 4 * smallest > largest:
+        return False
     rank_zero_warn(
-        f"{owner}: the training loader keeps a last batch of {last} sample(s) after batches of {size} ({n} "
-        f"samples, drop_last=False): one step an epoch has a dispersion (tr Σ/b) about {size / last:.0f}× a full "
-        "batch's. The bounds fill the steps not measured at each step's own batch size (docs/math.md §6.8), but "
-        "those steps weigh that much more in the trajectory terms, and the final weights come from one of them; "
-        "DataLoader(drop_last=True) avoids both.")
-    return last
+        f"{owner}: the optimizer steps of epoch {epoch} had batches of {smallest} to {largest} samples (a last "
+        f"batch kept by drop_last=False, an accumulation window cut short at the epoch's end?): a step of {smallest} "
+        f"has a dispersion (tr Σ/b) about {largest / smallest:.0f}× a full batch's. The bounds fill the steps not "
+        "measured at each step's own batch size (docs/math.md §6.8), but those steps weigh that much more in the "
+        "trajectory terms, and at an epoch's end the final weights come from one of them; where the small batch is "
+        "a loader's last, DataLoader(drop_last=True) avoids both.")
+    return True
 
 
 def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:

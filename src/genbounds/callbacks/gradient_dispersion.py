@@ -22,7 +22,7 @@ from genbounds.callbacks.checks import (
     check_precision,
     check_single_optimizer,
     check_strategy,
-    note_small_last_batch,
+    note_small_batches,
     warn_shared_tags,
 )
 from genbounds.callbacks.dispersion.accumulation import scheduled_accumulation
@@ -159,6 +159,7 @@ class GradientDispersion(MeasurementCallback):
         self._checked_epoch = -1
         self.step_budget = StepBudget(OWNER)
         self._aside: HooksAside | None = None
+        self._sizes_from, self._sizes_said = 0, True
 
     @property
     def impl(self) -> DispersionBackend | None:
@@ -224,7 +225,7 @@ class GradientDispersion(MeasurementCallback):
         self.slot.batchnorm_said = set()
         m.accumulate = scheduled_accumulation(trainer)  # (a schedule sets it at each epoch start, after this)
         check_batch_spread(OWNER, trainer, m.accumulate)
-        note_small_last_batch(OWNER, trainer)
+        self._sizes_from, self._sizes_said = int(trainer.global_step), False
         trial_batch = training_trial_batch(trainer, self.seed)
         m.contract.resolve(trainer, pl_module, trial_batch)
         self._trainable = TrainableSet.shared(pl_module)
@@ -341,6 +342,11 @@ class GradientDispersion(MeasurementCallback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._end_batch(epoch=True)  # (on_train_batch_start returning -1 skips on_train_batch_end)
+        if not self._sizes_said:  # (the fit's first epoch's steps, as they were trained)
+            self._sizes_said = True
+            sizes = self.step_sizes.extremes(self._sizes_from, int(trainer.global_step))
+            if sizes is not None:
+                note_small_batches(OWNER, *sizes, trainer.current_epoch)
         self.flush(trainer, pl_module, epoch_end=True)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -79,6 +79,13 @@ class StepSizes:
                 sizes.append(self._size)
         return starts, sizes
 
+    def extremes(self, first: int, end: int) -> tuple[int, int] | None:
+        """The smallest and largest known size of the steps ``first … end − 1`` (``None``: none known)."""
+        starts, sizes = self.runs()
+        seen = [size for start, size, nxt in zip(starts, sizes, starts[1:] + [end])
+                if size > 0 and start < end and nxt > first]
+        return (min(seen), max(seen)) if seen else None
+
     def array(self, total_steps: int) -> np.ndarray:
         """Per-step sizes of steps ``0 … total_steps − 1`` (0 where unknown)."""
         out = np.zeros(max(total_steps, 0), dtype=np.float64)
