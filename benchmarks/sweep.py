@@ -739,78 +739,66 @@ def document(args, name, grid, runs, ranks, main_job, state, figures) -> str:
 DISCUSSION = r"""
 ## Discussion (of the recorded run, 24 runs, 2026-12-07)
 
-This recording has commit cff2dac's code, whose overhead budget lets due probes take turns (a probe
-that began waiting later runs only when the budget also covers the ones waiting before it). The
-recording before it, the same morning on the commit before (95b6e72), had Γ from **one**
-`GradientSensitivity` probe in 23 of 24 runs: the held-out gradient, cheap and due every 10 steps,
-took every free moment of the budget, and Γ, due every 21 steps, never found its larger cost free.
-Neu's bound, Γ filled from that one probe, then moved by more than its SE between identical runs
-(1,211 ± 172 and 2,399 ± 217 in an A/B of one run of this grid). Here Γ has 9–26 probes per run at
-batch 32 and 1–5 at batch 128. The runs took 12–88 s (helpers and tests shared the machine's second
-core). Which probes run under a wall-time budget differs between identical runs on a busy machine:
-**rankings from one budgeted recording move by about ±0.1 in Ψ** (95b6e72's recording against this
-one: Eq. 2 +0.67 → +0.79 and Eq. 3 +0.62 → +0.69 against `gap/measured`; Eq. 3 +0.62 → +0.77 and
-Neu +0.75 → +0.62 against `gap/error`), as large as the margins below.
+This recording has commit a42cd5d's code (round 35). Two changes since round 34's recording (cff2dac)
+move its numbers, both found by recording this grid again:
+
+* **The dispersion is filled at each step's own batch size** (`docs/math.md` §6.8). The 899 training
+  samples leave a last batch of 3 every epoch, after 28 batches of 32 or 7 of 128; its dispersion
+  `tr Σ/b` is 11× (batch 32) or 43× (batch 128) a full batch's, so it carries about 28 % and 86 % of
+  `Σ η² V̂`. Before, whether the budget's stride measured it decided how much of it a run counted: the
+  `lr=0.1, batch_size=128, label_noise=0.2, hidden=512` run gave Eq. 3 33.7 ± 1.2 in round 34's
+  recording and 19.1 ± 0.7 in one this morning on 78c4433, against 34.1 ± 0.6 with every step measured.
+  Here it gives 33.4 ± 1.0. The batch-128 runs' Eq. 3 no longer jumps between recordings (e.g.
+  `label_noise=0.4, hidden=128`: 17.1 and 30.0 in the two recordings before, 29.9 here).
+* **Neu's SE counts the error of filling Γ between its probes, and one probe leaves Neu NaN**
+  (§6.9); the bound asks for Γ at its evaluations until two probes stand for the run. Γ has 17–26
+  probes per run at batch 32 and 2–6 at batch 128; every Neu here is finite, with larger SEs than
+  before where few probes stand for the run (median SE / bound 0.20, round 34's 0.125; at most 3.7, for a
+  run whose Neu is 22 ± 83). The main job (below) has one Γ
+  probe under its budget: its Neu bounds are NaN.
 
 **Which measure ranks best, and the target.** Against `gap/error` the target (τ > 0 on every axis
-and Ψ above `lr/batch`'s +0.67) is met by Wang–Mao Eq. 3 (Ψ = +0.77, τ = +0.86) and Eq. 2 (+0.71,
-τ = +0.84), their layer-wise versions, and Eq. 2's 0-1 variant (+0.69); **not** by Neu (+0.62) or
-its 0-1 variant (+0.62), positive on every axis but below `lr/batch` in this recording. Against
-`gap/measured` it is **not met** by `rank`'s Ψ: `lr/batch` scores +0.83, the best bounds Eq. 2
-+0.79, Neu +0.71, Eq. 3 +0.69. That comparison flatters `lr/batch`: its Ψ is the mean over the two
-axes it can see (lr, batch); on exactly those axes Eq. 2 scores +0.67 and +1.00 against `lr/batch`'s
-+0.67 and +1.00, and on label noise and width, where `lr/batch` is constant, Eq. 2 is positive
-(+0.83 and +0.67). Counted over all four axes (Ψ₀) `lr/batch` drops to +0.42 and every Wang–Mao and
-Neu variant beats it (+0.67 to +0.79). Over all runs the best single numbers are Eq. 2 (τ = +0.91
-for the loss gap) and Eq. 3 (+0.86 for the error gap). Roberts' predicted gap
-(`gap/predicted_cumulative`, a baseline) is second to `lr/batch` on the loss gap (Ψ +0.81, positive
-on every axis) and below Eq. 2 and Eq. 3 on the error gap (+0.65).
+and Ψ above `lr/batch`'s +0.67) is met by Eq. 2's 0-1 variant (Ψ = +0.75), Neu (+0.73, τ = +0.85)
+and its layer-wise form, Wang–Mao Eq. 3 (+0.69, τ = +0.85) and its layer-wise form, and Neu's 0-1
+variant (+0.69); **not** by Eq. 2 (+0.63). Against `gap/measured` it is **not met**: `lr/batch` scores +0.83 (over the two axes it
+can see), the best bounds Eq. 2's 0-1 variant +0.75, Neu +0.73, Eq. 2 +0.71, Eq. 3 +0.52. Counted
+over all four axes (Ψ₀) `lr/batch` drops to +0.42 and every bound but the test-error one beats it.
+Over all runs the best single numbers are Eq. 2 (τ = +0.88 for the loss gap) and Eq. 3 and Neu
+(+0.85 for the error gap).
+
+**Eq. 3 ranks worse on the loss gap than in round 34's recording** (Ψ +0.69 → +0.52; τ[batch_size]
++0.67 → +0.33). That is the correct filling, not noise: the batch-128 runs now count their 3-sample
+steps in full, which raises their trajectory factor relative to the batch-32 runs', while their
+measured gaps are smaller. The theory's `V_t` is the batch's own, so the bound is right to count a
+noisy 3-sample step; the sweep's loader (`drop_last=False`) makes that step an artefact of the grid
+rather than of SGD at batch 128, and `GradientDispersion` now says so in every batch-128 run (the
+steps of epoch 0 had batches of 3 to 128 samples, 43×). A recording with `drop_last=True` is the
+next comparison; it was not made this round.
 
 What limits the τ is mostly the target, not the bounds. Of the pairs that differ along one axis only,
 the measured gap separates by more than 2 SE only 2 of 12 width pairs, 8 of 12 learning-rate pairs and
-8 of 12 batch-size pairs. On the pairs it does separate, Neu orders **every** pair on every axis, Eq. 2,
-Eq. 3 and their 0-1 variants all but some label-noise pairs (+0.83), Roberts' prediction all but
-some label-noise pairs (+0.91); against the error gap (2 of 12 width and 4 of 12 learning-rate pairs
-resolved) Eq. 2, Neu and both 0-1 variants order every resolved pair, Eq. 3 all but the width pairs.
-More seeds or a larger held-out set, not a better bound, are what the lr and width axes need.
+8 of 12 batch-size pairs. On the pairs it does separate, Eq. 3, Neu, Eq. 2's 0-1 variant, `Σ η² V̂`
+and Roberts' prediction order every pair on every axis, Eq. 2 all but some label-noise pairs (+0.83);
+against the error gap (2 of 12 width and 4 of 12 learning-rate pairs resolved) Eq. 2's 0-1 variant
+orders every resolved pair, Eq. 3 and Neu all but the two width pairs.
 
 `bound/wang_mao_eq2_error` is **nearly Σ η² V̂ in a bound's clothing**: its σ is the grid's largest
 (0.1) in 24 of 24 runs, where log1p(x) ≈ x makes the trajectory term √(R'² Σ η² V̂ /(n σ²)) with
 R' = ½ — a monotone function of Σ η² V̂ — and its flatness term is 6 % of its value (median); its
-rows differ from the Σ η² V̂ baseline's only on the width axis (+0.67 against +0.50 on the loss gap).
-Σ η² V̂ needs neither a σ grid, nor R, nor held-out data.
+rows equal the Σ η² V̂ baseline's on both targets. Σ η² V̂ needs neither a σ grid, nor R, nor
+held-out data.
 
-**Flags, and "more than a held-out estimate".** Eq. 2 is flagged degenerate in 24/24 runs (σ at the
-grid edge in 8), its 0-1 variant degenerate and at the edge in 24/24; Neu is degenerate in 2/24 and at
-the grid's edge in 9/24 (σ = 0.003 in 16 runs) — `extend the grid` is said in those runs; Eq. 3 has
-no σ grid and cannot be. No bound was invalid (below its gap) in any run. In the degenerate regime
-the 0-1 flatness term at σ = 0.1 compares the held-out and training errors of heavily perturbed
-models — a held-out estimate, exactly the warning of SPEC §6.6 — and the loss flatness term of Eq. 2
-is the difference of two destroyed models' losses. But the trajectory term carries Eq. 2's value
-(median flatness share 12 %) and much of its ranking (Eq. 2's trajectory term alone: Ψ = +0.73 on
-the loss gap, τ = +0.91, as Eq. 2 itself), so the bounds are more than held-out estimates. One leak
-to know about: `R` (quantile rule) is computed on the training **and** held-out per-sample losses,
-and `setting/R` alone has τ = +0.79 (Ψ +0.48) against the loss gap; Eq. 2, Eq. 3 and Neu all scale
-with R. Σ η² V̂ has no R and ranks about as well (Ψ +0.65), so the bounds' ranking is not borrowed
-from R.
+**Flags.** Eq. 2 is flagged degenerate in 24/24 runs (σ at the grid edge in 8), its 0-1 variant
+degenerate and at the edge in 24/24; Neu is at the grid's edge in 8/24 (σ = 0.003 in 15 runs) and
+degenerate in none; Eq. 3 has no σ grid. No bound was invalid (below its gap) in any run. In the
+degenerate regime the 0-1 flatness term at σ = 0.1 compares heavily perturbed models — a held-out
+estimate, the warning of SPEC §6.6 — but the trajectory term carries Eq. 2's value (median flatness
+share 13 %) and its ranking (its trajectory term alone: Ψ = +0.67 on the loss gap, τ = +0.89). `R`
+(quantile rule) is computed on the training and held-out per-sample losses and scales Eq. 2, Eq. 3
+and Neu; Σ η² V̂ has no R and ranks as well (Ψ +0.75), so the bounds' ranking is not borrowed from R.
 
-**Neu** ranks between Eq. 3 and Eq. 2 on the loss gap (Ψ = +0.71) and below both on the error gap
-(+0.62). Its held-out `V_t` is mostly negative once a run fits its training set; its SE carries the
-error of filling Γ and `V_t` between measurements (median SE / bound 0.125 here, 0.122 in the
-recording with one Γ probe, whose worst run had SE 3.1× its bound against 0.82× here). It is the
-loosest (Neu/gap median 1,240 against 46 for Eq. 2 and 82 for Eq. 3).
-
-**Test-error bound.** True in 24 of 24 runs, but at its cap of 1 in 16 of them: `wang_mao_eq2_error`
-is above 1 whenever the labels are noisy and the learning rate or batch gives a large Σ η² V̂ (R' = ½
-and n = 899 leave a trajectory term near 1 even at σ = 0.1); median ratio to the test error 3.0 over
-all runs, 6.1 over the 8 below the cap.
-
-**Layer-wise vs isotropic.** Each Wang–Mao layer-wise bound is ≤ its isotropic version in 24/24 runs;
-Neu's in 22/24 and within one SE of the difference in 24/24. The tightening is negligible on this
-two-layer MLP: median ratio 0.9996 (Eq. 2; best 0.919), 0.996 (Eq. 3; best 0.979) and 1 (Neu: the
-isotropic member is selected in most runs). Eq. 3 can only gain what Cauchy–Schwarz leaves,
-Σ_k √(A_k B_k) ≤ √(Σ A_k · Σ B_k), which is little when the two layers' η² V̂ and Tr H are nearly
-proportional.
+**Width** is the axis no bound sees well (τ[d] +0.17 to +0.67): the measured gap itself separates 2 of
+its 12 pairs.
 """
 
 
