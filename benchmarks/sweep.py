@@ -771,8 +771,9 @@ Over all runs the best single numbers are Eq. 2 (τ = +0.88 for the loss gap) an
 steps in full, which raises their trajectory factor relative to the batch-32 runs', while their
 measured gaps are smaller. The theory's `V_t` is the batch's own, so the bound is right to count a
 noisy 3-sample step; the sweep's loader (`drop_last=False`) makes that step an artefact of the grid
-rather than of SGD at batch 128, and `GradientDispersion` now says so in every batch-128 run (the
-steps of epoch 0 had batches of 3 to 128 samples, 43×). A recording with `drop_last=True` is the
+rather than of SGD at batch 128, and `GradientDispersion` now says so in every run of the grid (the
+steps of epoch 0 had batches of 3 to 128 samples, 43×, in the batch-128 runs; 3 to 32, 11×, in the
+others: `runs/sweep/warnings.txt`). A recording with `drop_last=True` is the
 next comparison; it was not made this round.
 
 What limits the τ is mostly the target, not the bounds. Of the pairs that differ along one axis only,

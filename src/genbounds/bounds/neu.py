@@ -98,7 +98,8 @@ def neu_theorem1(
         sigmas: the grid.
         flatness_term: signed ``γ(S) − γ(S')`` at ``σ√T`` per σ.
         flatness_term_se: its SE per σ.
-        gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` per σ (from the Γ probes' SEs).
+        gamma_sum_se: SE of ``Σ_t η_t² Γ_t`` per σ (the Γ probes' Monte-Carlo SEs and the error of
+            filling Γ between them, ``docs/math.md`` §6.9; NaN where one probe stands for the run).
         z: the selection minimizes ``bound + z·SE`` (:mod:`genbounds.bounds.selection`).
         allowed: grid points that may be selected (default: all).
         v_sum_se: SE of ``Σ_t η_t² V_t`` from the steps whose ``V_t`` was filled from a neighbouring

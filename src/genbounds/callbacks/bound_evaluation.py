@@ -189,6 +189,20 @@ def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | N
     return bound_notes(values, wanted, step, reason)
 
 
+def one_gamma_probe_note(steps: Sequence[int], step: int) -> tuple[str, str]:
+    """Said at the final weights where fewer than two Γ probes after step 0 stand for the run:
+    Neu's bounds are NaN (``docs/math.md`` §6.9)."""
+    probed = sorted({s for s in steps if s >= 1})
+    where = f"one step ({probed[0]})" if probed else "no step after step 0"
+    return ("neu-one-gamma-probe",
+            f"GeneralizationBound: Neu's bounds are NaN at step {step}: Γ (GradientSensitivity) was probed at {where} "
+            "and would stand for the whole run, with an error nothing measured tells (docs/math.md §6.9; in a sweep "
+            "run, Neu from one probe was 3.8 of its SEs from the run with every probe). The final evaluation probes Γ "
+            "where the schedule gave fewer than two; one probe during training is enough with it "
+            "(GradientSensitivity's every_n_steps below the run's length; under an overhead budget, a larger budget "
+            "or a longer run).")
+
+
 class WarnOnce:
     """``rank_zero_warn`` each kind of note once per run; the kinds said are resumable state."""
 

@@ -132,18 +132,25 @@ class Producers:
             series.config["neu_shape"] = shape
         self.sensitivity.set_shape(list(shape), group_index(groups, list(params)))
 
-    def evaluation_probes(self, series: BoundSeries) -> list[Any]:
-        """The probes an evaluation asks for, in the order they run: the Hessian, Γ while fewer
-        than two Γ probes after step 0 stand for the run (one alone leaves Neu's bounds NaN:
-        ``docs/math.md`` §6.9), the flatness with the layer-wise shapes."""
-        sensitivity = self.sensitivity if len({s for s in series.sensitivity_steps if s >= 1}) < 2 else None
+    def evaluation_probes(self, series: BoundSeries, final: bool = False) -> list[Any]:
+        """The probes an evaluation asks for, in the order they run: the Hessian; Γ at the final
+        weights (``final``) where fewer than two Γ probes after step 0 stand for the run (one alone
+        leaves Neu's bounds NaN: ``docs/math.md`` §6.9) — not at an intermediate evaluation, whose
+        probe would enter the series and which a resumed fit can skip (Lightning does not repeat the
+        validation of a checkpoint saved at an epoch's last batch): resumes stay exact; the flatness
+        with the layer-wise shapes."""
+        sensitivity = self.sensitivity if final and self.gamma_short(series) else None
         return [p for p in (self.hessian, sensitivity, self.flatness) if p is not None and p.active]
+
+    def gamma_short(self, series: BoundSeries) -> bool:
+        """Whether fewer than two Γ probes after step 0 stand for the run."""
+        return self.sensitivity is not None and len({s for s in series.sensitivity_steps if s >= 1}) < 2
 
     def end_probes(self, series: BoundSeries) -> list[Any]:
         """The Trainer's other ``at_train_end`` probes (e.g. ``HessianContractivity``), which the final
         evaluation runs first at their fewest draws: on their own, at train end, they would find the
         budget spent by the bound's final probes, which take all that is left."""
-        asked = self.evaluation_probes(series)
+        asked = self.evaluation_probes(series, final=True)
         return [p for p in self.at_end if p.active and p not in asked]
 
     def measure_at_end(self, trainer: Trainer, pl_module: LightningModule, series: BoundSeries, *,
@@ -162,11 +169,13 @@ class Producers:
         return sum(p.first_cost() for p in self.end_probes(series))
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, series: BoundSeries,
-                groups: dict[str, list[str]], inputs: Callable[[], BoundInputs | None], *, log: bool) -> BoundInputs | None:
+                groups: dict[str, list[str]], inputs: Callable[[], BoundInputs | None], *, log: bool,
+                final: bool) -> BoundInputs | None:
         """Have the probes measure the current weights for an evaluation (see
-        :meth:`evaluation_probes`); a final one (``log=False``) shares what is left of the budget
-        among them (:func:`final_shares`). The bounds' inputs after it."""
-        probes = self.evaluation_probes(series)
+        :meth:`evaluation_probes`; ``final``: at the fit's final weights); the train end's
+        (``log=False``) shares what is left of the budget among them (:func:`final_shares`). The
+        bounds' inputs after it."""
+        probes = self.evaluation_probes(series, final=final)
         with final_shares(probes, final_floors(probes, self.flatness, series) if not log else [], enabled=not log):
             for probe in probes:
                 if probe is not self.flatness:

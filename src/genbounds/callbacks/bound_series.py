@@ -15,12 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from genbounds.bounds import (
-    expand_blocks,
-    expand_blocks_scaled,
-    growing_level_series,
-    size_scaling,
-)
+from genbounds.bounds import expand_blocks, expand_blocks_scaled, growing_level_series, size_scaling
 from genbounds.bounds.aggregate import BoundInputs
 from genbounds.bounds.series import growing_level_fill_se
 from genbounds.callbacks.channel import (
@@ -135,15 +130,7 @@ class BoundSeries:
             # the probes' Monte-Carlo SE and the error of filling the steps between them (§6.9)
             fill_se = growing_level_fill_se(self.sensitivity_steps, self.sensitivity_values, eta**2, fill)
             inp.gamma_sum_se = np.hypot(np.sqrt(np.sum(((weights @ eta**2)[:, None] * se) ** 2, axis=0)), fill_se)
-            if not np.any(np.isfinite(fill_se)):
-                probed = sorted(s for s in self.sensitivity_steps if s >= 1 or fill == "block")
-                inp.notes.append(
-                    f"neu-one-gamma-probe: Neu's bounds are NaN at step {T}: Γ (GradientSensitivity) was probed at "
-                    + (f"one step ({probed[0]})" if probed else "no step after step 0")
-                    + " and would stand for the whole run, with an error nothing measured tells (docs/math.md §6.9; "
-                    "in a sweep run, Neu from one probe was 3.8 of its SEs from the run with every probe). The "
-                    "bound asks for Γ at its evaluations until a second probe; where only the final evaluation fits "
-                    "an overhead budget, probes during training need a larger budget or a longer run.")
+            # (NaN from one probe: said by the bound at the final weights, bound_evaluation.one_gamma_probe_note)
             if self.sensitivity_shaped and len(self.sensitivity_shaped) == len(self.sensitivity_steps):
                 g2, w2 = growing_level_series(self.sensitivity_steps, self.sensitivity_shaped, T, fill)
                 se2 = np.asarray(self.sensitivity_shaped_se, dtype=np.float64)[order]

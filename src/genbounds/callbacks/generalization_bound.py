@@ -22,6 +22,7 @@ from genbounds.callbacks.bound_evaluation import (
     bound_values,
     evaluation_floor,
     finish_values,
+    one_gamma_probe_note,
     over_budget_notes,
 )
 from genbounds.callbacks.bound_producers import Producers
@@ -171,6 +172,7 @@ class GeneralizationBound(ProbeCallback):
         self._n: int | None = None
         self._warn_once = WarnOnce()
         self._evaluated_step: int | None = None
+        self._evaluated_final = False
         self._trainer: Trainer | None = None
         self._budget_state: dict | None = None
         self._eval_cost: float | None = None
@@ -340,7 +342,10 @@ class GeneralizationBound(ProbeCallback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write_layout(trainer)  # (a fit without a step)
-        if self._evaluated_step != trainer.global_step:  # the final weights are always evaluated
+        if self._evaluated_step != trainer.global_step or (  # the final weights are always evaluated
+                not self._evaluated_final and self.producers.gamma_short(self.series)
+                and any(b.startswith("neu") for b in self.wanted)):
+            # (… and again where the last validation had them but not as the final ones: Γ is asked there)
             self.evaluate(trainer, pl_module, log=False)
         elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
             self.producers.measure_at_end(trainer, pl_module, self.series, fewest=False)
@@ -362,14 +367,14 @@ class GeneralizationBound(ProbeCallback):
             self._summary.print_table(trainer, self)
 
     # ------------------------------------------------------------------ budget
-    def first_cost(self) -> float:
+    def first_cost(self, final: bool = False) -> float:
         """An intermediate evaluation's cost before one was timed (:func:`evaluation_floor`)."""
         p = self.producers
-        return evaluation_floor(self.budget, p.evaluation_probes(self.series), p.flatness, self.series)
+        return evaluation_floor(self.budget, p.evaluation_probes(self.series, final), p.flatness, self.series)
 
     def _final_cost(self) -> float:
         """The final evaluation's, before one was timed: with the other final-weight probes it runs first."""
-        return self.first_cost() + self.producers.end_cost(self.series)
+        return self.first_cost(final=True) + self.producers.end_cost(self.series)
 
     def _affordable(self) -> bool:
         if self.budget is None:
@@ -404,8 +409,10 @@ class GeneralizationBound(ProbeCallback):
             if not log:  # (the Trainer's other final-weight probes, at their fewest draws)
                 self.producers.measure_at_end(trainer, pl_module, self.series, fewest=True)
             # (the trained parameters changed: NaN bounds, and no probe is asked for them)
+            self._evaluated_final = final = not log or _final_weights(trainer)
             inputs = None if self._trained_changed(trainer, pl_module) else self.producers.measure(
-                trainer, pl_module, self.series, self.scope.groups, lambda: self._inputs(trainer), log=log)
+                trainer, pl_module, self.series, self.scope.groups, lambda: self._inputs(trainer), log=log,
+                final=final)
             with self.budget.timed(self.owner):
                 bounds, notes = bound_values(inputs, self.wanted)
                 values.update(bounds)
@@ -413,6 +420,8 @@ class GeneralizationBound(ProbeCallback):
                 for key in [k for k in self.latest if k.startswith(("bound_terms/", "setting/"))]:
                     del self.latest[key]
             self._warn_once.all(notes)
+            if final and self.producers.gamma_short(self.series) and any(b.startswith("neu") for b in self.wanted):
+                self._warn_once(*one_gamma_probe_note(self.series.sensitivity_steps, self._evaluated_step))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
         if trainer.global_step > 0:
@@ -493,3 +502,14 @@ def _fingerprint(module: nn.Module) -> Tensor:
     with torch.no_grad():
         parts = [torch.stack([p.double().sum(), p.double().square().sum()]) for p in module.parameters()]
     return torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _final_weights(trainer: Trainer) -> bool:
+    """At a validation's end: whether the fit takes no step after it (``max_steps`` reached, or the
+    last epoch's batches done; ``False`` where Lightning's loop does not say: the train end's
+    evaluation then asks what the final one does)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    done = getattr(trainer.fit_loop.epoch_loop, "_is_training_done", False)
+    return bool(done) and max_epochs is not None and max_epochs > 0 and trainer.current_epoch + 1 >= max_epochs
