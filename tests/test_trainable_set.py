@@ -100,7 +100,11 @@ def test_backbone_finetuning_with_the_suite_fits_and_fails_closed_after_the_unfr
     changed = [m for m in said if m.startswith("genbounds: the trained parameters changed")]
     assert len(changed) == 1 and "at step 8 (unfrozen: backbone.0, backbone.2)" in changed[0], changed
     nan = [m for m in said if "could not be computed (NaN)" in m]
-    assert len(nan) == 1 and "the trained parameters changed at step 8" in nan[0], nan
+    changed_nan = [m for m in nan if "the trained parameters changed at step 8" in m]
+    assert len(changed_nan) == 1, nan
+    # (any other: Neu's, at an evaluation before a second Γ probe after step 0 — docs/math.md §6.9)
+    assert all(m.startswith("GeneralizationBound: bound/neu") and "wang_mao" not in m
+               for m in nan if m not in changed_nan), nan
     # frozen from on_fit_start: the head alone until the unfreeze, every layer after it
     assert {tuple(sorted(k for k in r.values if "/layer/" in k)) for r in records if r.step < 8} == \
         {("grad/dispersion/layer/head",)}

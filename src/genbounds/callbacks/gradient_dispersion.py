@@ -64,7 +64,10 @@ class GradientDispersion(MeasurementCallback):
 
     Caveats: batches drawn without replacement make ``s²/b`` too large by ``n/(n−b)``; once a model
     memorizes, ``s²`` measures the *training-set* covariance — :class:`HeldoutGradient` measures
-    the difference.
+    the difference. ``s²/b`` is the batch's own: a small last batch (``drop_last=False``) has a
+    dispersion ``b/b_last`` times a full one's. Every step's batch size is recorded, measured or not,
+    so the bounds fill the steps not measured at their own sizes (``docs/math.md`` §6.8), and the
+    fit's first epoch end says once when a step's batch was at most a quarter of the largest.
 
     Backends (``backend``; ``"auto"`` picks the cheapest exact one and says which at the start):
 
