@@ -101,7 +101,7 @@ def _simulate(steps: np.ndarray, T: int, runs: int = 400) -> dict[str, tuple[flo
         v = rng.gamma(shape, mu / shape) / b
         truth = float(np.sum(eta2 * v))
         out["scaled"][0].append(float(np.sum(eta2 * expand_blocks_scaled(steps, v[steps], T, scaling))) - truth)
-        out["scaled"][1].append(fill_standard_error(steps, v[steps] * b_s, eta2 / b_t, spread=1.0 / b_t))
+        out["scaled"][1].append(fill_standard_error(steps, v[steps] * b_s, eta2, scale=1.0 / b_t))
         out["plain"][0].append(float(np.sum(eta2 * expand_blocks(steps, v[steps], T))) - truth)
         out["plain"][1].append(fill_standard_error(steps, v[steps], eta2))
     return {k: (float(np.mean(e)), float(np.std(e)), float(np.mean(se))) for k, (e, se) in out.items()}
@@ -271,7 +271,8 @@ def test_neu_from_one_gamma_probe_is_nan_and_says_why(tmp_path):
     latest, said = _neu_fit(tmp_path, None, val_every=6)
     assert math.isnan(latest["bound/neu"]) and latest["bound_valid/neu"] == 0.0
     assert math.isfinite(latest["bound/wang_mao_eq3"])
-    assert len([m for m in said if "NaN at step 24: Γ (GradientSensitivity) was probed at one step (24)" in m]) == 1, said
+    note = "NaN at step 24: Γ (GradientSensitivity) was probed at one step (24)"
+    assert len([m for m in said if note in m]) == 1, said
     latest, said = _neu_fit(tmp_path, None)
     assert math.isnan(latest["bound/neu"])
     assert len([m for m in said if "Γ (GradientSensitivity) was probed at one step (24)" in m]) == 1

@@ -141,8 +141,7 @@ def compute_bounds(inp: BoundInputs) -> dict[str, float]:
     filled = None  # (steps, values, scale) of V̂ when steps between its measurements were block-filled
     if inp.vhat_steps is not None and inp.vhat_measured is not None:  # its SE is 0 when nothing was filled
         filled = (inp.vhat_steps, inp.vhat_measured, inp.fill_scale)
-    sum_se = 0.0 if filled is None else fill_standard_error(
-        filled[0], filled[1], eta**2 if inp.fill_scale is None else eta**2 * inp.fill_scale, spread=inp.fill_scale)
+    sum_se = 0.0 if filled is None else fill_standard_error(*filled[:2], eta**2, scale=inp.fill_scale)
     out["bound_terms/sum_eta2_dispersion_se"] = sum_se  # 0: every step measured
     flat = inp.flat
 

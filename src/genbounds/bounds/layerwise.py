@@ -128,8 +128,7 @@ def dispersion_sums_fill_se(eta: np.ndarray, steps: Sequence[int], measured_bloc
     filled; ``docs/math.md`` §6.7; ``scale``: per step ``1/b_t`` with size-free measurements, §6.8)."""
     eta = np.asarray(eta, dtype=np.float64)
     x = np.atleast_2d(np.asarray(measured_blocks, dtype=np.float64))
-    w = eta**2 if scale is None else eta**2 * scale
-    return np.array([fill_standard_error(steps, x[:, k], w, spread=scale) for k in range(x.shape[1])])
+    return np.array([fill_standard_error(steps, x[:, k], eta**2, scale=scale) for k in range(x.shape[1])])
 
 
 class _SelectedCandidate:

@@ -142,7 +142,7 @@ def growing_level_fill_se(steps: Sequence[int], values: np.ndarray, weights: np.
 
 
 def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarray, weights: np.ndarray,
-                        noise: str = "relative", spread: np.ndarray | None = None) -> float:
+                        noise: str = "relative", scale: np.ndarray | None = None) -> float:
     """SE of ``Σ_t w_t x̂_t`` (``x̂`` the block-filled series, :func:`expand_blocks`) as an estimate of
     ``Σ_t w_t x_t``, the same sum had ``x`` been measured at every step (``docs/math.md`` §6.7).
 
@@ -158,10 +158,13 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     consecutive measurements (again counting any trend: conservative), and
     ``Var = τ² Σ_i [(W_i − w_{s_i})² + Σ_{t∈B_i, t≠s_i} w_t²]``.
 
-    ``spread`` (per step, relative model): the noise's variance at step ``t`` is ``κ² μ_i² v_t`` —
-    a statistic estimated from ``b_t`` samples has ``v_t = 1/b_t`` (``docs/math.md`` §6.8) —
-    so ``κ²`` is estimated from consecutive measurements as ``mean(d_i² / (v_{s_i} + v_{s_{i+1}}))``
-    and ``Var = Σ_i κ² μ_i² [(W_i − w_{s_i})² v_{s_i} + Σ_{t∈B_i, t≠s_i} w_t² v_t]``; ``None``: ``v ≡ 1``.
+    ``scale`` (relative model; ``docs/math.md`` §6.8): per step ``v_t = 1/b_t`` where ``values`` are
+    the size-free levels ``V̂·b`` of a statistic whose batches differ in size
+    (:func:`size_scaling`). Step ``t`` then weighs ``w_t v_t``, and its noise's variance is
+    ``κ² μ_i² v_t`` (a statistic estimated from ``b_t`` samples), so ``κ²`` is estimated from
+    consecutive measurements as ``mean(d_i² / (v_{s_i} + v_{s_{i+1}}))`` and
+    ``Var = Σ_i κ² μ_i² [(W_i − w_{s_i})² v_{s_i} + Σ_{t∈B_i, t≠s_i} w_t² v_t]`` (weights ``w v``);
+    ``None``: ``v ≡ 1``.
 
     Returns 0 when every step was measured (nothing was filled) and, relative, when every
     measurement is 0 (the model's variance ``κ² μ²`` is then 0 whatever ``κ``); NaN when steps were
@@ -171,6 +174,11 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     if noise not in ("relative", "absolute"):
         raise ValueError(f"noise must be 'relative' or 'absolute', got {noise!r}")
     w = np.asarray(weights, dtype=np.float64)
+    if scale is not None and noise == "relative":
+        v = np.asarray(scale, dtype=np.float64)
+        w = w * v
+    else:
+        v = np.ones_like(w)
     total = len(w)
     if total == 0 or len(steps) == 0:
         return 0.0
@@ -180,16 +188,11 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     inside = (s >= 0) & (s < total)
     block = np.clip(np.searchsorted(s, np.arange(total), side="right") - 1, 0, len(s) - 1)
     w_block = np.bincount(block, weights=w, minlength=len(s))
-    w2_block = np.bincount(block, weights=w * w, minlength=len(s))
+    w2_block = np.bincount(block, weights=w * w * v, minlength=len(s))
     w_own = np.where(inside, w[np.clip(s, 0, total - 1)], 0.0)
-    # (W_i − w_{s_i})² + Σ_{t≠s_i} w_t² per block
-    coef = (w_block - w_own) ** 2 + (w2_block - w_own**2)
-    if spread is not None and noise == "relative":
-        v = np.asarray(spread, dtype=np.float64)
-        v_own = v[np.clip(s, 0, total - 1)]  # (a measurement past the end: its own size unknown here, its block empty)
-        vw2_block = np.bincount(block, weights=w * w * v, minlength=len(s))
-        coef = (w_block - w_own) ** 2 * v_own + (vw2_block - np.where(inside, w_own**2 * v_own, 0.0))
-        pair = v_own[1:] + v_own[:-1]
+    v_own = v[np.clip(s, 0, total - 1)]  # (a measurement past the end: its own size unknown here, its block empty)
+    # (W_i − w_{s_i})² v_{s_i} + Σ_{t≠s_i} w_t² v_t per block
+    coef = (w_block - w_own) ** 2 * v_own + (w2_block - w_own**2 * v_own)
     if not np.any(coef > 0):
         return 0.0
     if noise == "absolute":
@@ -205,6 +208,6 @@ def fill_standard_error(steps: Sequence[int], values: Sequence[float] | np.ndarr
     if len(x) < 2 or not np.any(ok):
         return math.nan
     rel2 = ((x[1:] - x[:-1])[ok] / mean[ok]) ** 2
-    kappa2 = 0.5 * float(np.mean(rel2)) if spread is None else float(np.mean(rel2 / pair[ok]))
+    kappa2 = float(np.mean(rel2 / (v_own[1:] + v_own[:-1])[ok]))
     var = kappa2 * float(np.sum(coef * x * x))
     return math.sqrt(var) if math.isfinite(var) else math.nan

@@ -120,7 +120,7 @@ def log1p_sum_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: in
     eta = np.asarray(eta, dtype=np.float64)
     a = eta**2 / (d * sigma**2)
     weights = r * r * d / n * a / (1.0 + a * np.maximum(np.asarray(vhat, dtype=np.float64), 0.0))
-    return fill_standard_error(steps, measured, weights if scale is None else weights * scale, spread=scale)
+    return fill_standard_error(steps, measured, weights, scale=scale)
 
 
 def trajectory_fill_se(eta: np.ndarray, vhat: np.ndarray, r: float, n: int, d: int, sigma: float,
