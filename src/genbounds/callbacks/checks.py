@@ -216,14 +216,14 @@ def check_batch_spread(owner: str, trainer: Trainer, accumulate: int) -> None:
             "use a batch size of at least 2 (or accumulate_grad_batches ≥ 2).")
 
 
-def note_small_batches(owner: str, smallest: int, largest: int, epoch: int) -> bool:
+def note_small_batches(owner: str, smallest: int, largest: int, epoch: int) -> None:
     """Said once a fit, at its first epoch's end, from the sizes its optimizer steps had
     (``dispersion/step_sizes.py``): a step of at most a quarter of the largest batch. Its
     dispersion ``tr Σ/b_t`` is ``b/b_t`` times a full batch's: the bounds fill at each step's own
     size (``docs/math.md`` §6.8), but such steps weigh that much more in the trajectory terms, and
-    where they end an epoch the final weights come from one. Returns whether it was said."""
+    where they end an epoch the final weights come from one."""
     if smallest <= 0 or 4 * smallest > largest:
-        return False
+        return
     rank_zero_warn(
         f"{owner}: the optimizer steps of epoch {epoch} had batches of {smallest} to {largest} samples (a last "
         f"batch kept by drop_last=False, an accumulation window cut short at the epoch's end?): a step of {smallest} "
@@ -231,7 +231,6 @@ def note_small_batches(owner: str, smallest: int, largest: int, epoch: int) -> b
         "measured at each step's own batch size (docs/math.md §6.8), but those steps weigh that much more in the "
         "trajectory terms, and at an epoch's end the final weights come from one of them; where the small batch is "
         "a loader's last, DataLoader(drop_last=True) avoids both.")
-    return True
 
 
 def check_single_optimizer(owner: str, pl_module: LightningModule) -> None:

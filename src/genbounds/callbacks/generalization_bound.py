@@ -343,8 +343,7 @@ class GeneralizationBound(ProbeCallback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._write_layout(trainer)  # (a fit without a step)
         if self._evaluated_step != trainer.global_step or (  # the final weights are always evaluated
-                not self._evaluated_final and self.producers.gamma_short(self.series)
-                and any(b.startswith("neu") for b in self.wanted)):
+                not self._evaluated_final and self._neu_short_of_gamma()):
             # (… and again where the last validation had them but not as the final ones: Γ is asked there)
             self.evaluate(trainer, pl_module, log=False)
         elif not trainer.sanity_checking:  # (evaluated at the last validation: the other final-weight probes)
@@ -420,7 +419,7 @@ class GeneralizationBound(ProbeCallback):
                 for key in [k for k in self.latest if k.startswith(("bound_terms/", "setting/"))]:
                     del self.latest[key]
             self._warn_once.all(notes)
-            if final and self.producers.gamma_short(self.series) and any(b.startswith("neu") for b in self.wanted):
+            if final and self._neu_short_of_gamma():
                 self._warn_once(*one_gamma_probe_note(self.series.sensitivity_steps, self._evaluated_step))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
@@ -437,6 +436,11 @@ class GeneralizationBound(ProbeCallback):
         self._evaluated_weights = _fingerprint(pl_module)  # (compared at the fit's end)
         self._log(trainer, pl_module, values, log=log)
         return values
+
+    def _neu_short_of_gamma(self) -> bool:
+        """Whether a Neu bound is computed and fewer than two Γ probes after step 0 stand for the run
+        (``Producers.gamma_short``; ``docs/math.md`` §6.9)."""
+        return self.producers.gamma_short(self.series) and any(b.startswith("neu") for b in self.wanted)
 
     def _trained_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether the trained parameters changed since step 0 (``trainable_set.py``, which says so

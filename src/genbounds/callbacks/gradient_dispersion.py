@@ -282,12 +282,15 @@ class GradientDispersion(MeasurementCallback):
         if self._trainable.version != self._set_version:  # (here, or at a probe since: layers (un)frozen)
             self._replan(trainer, pl_module, batch)
         first = batch_idx % m.accumulate == 0  # Lightning's first micro-batch of a window
-        self.step_sizes.add(weights_step(trainer), batch, first)
+        # (the optimizer steps taken, as the bounds index η_t: Lightning's logging index can run
+        # ahead of it — BatchSizeFinder's trial fits left it one step ahead, and the series shifted)
+        step = weights_step(trainer)
+        micro_size = self.step_sizes.add(step, batch, first)
         if first:
             # on its schedule and, under an overhead budget, at the stride its share of the budget
             # affords (callbacks/step_budget.py); an unmeasured step disarms the hooks
-            m.start_window(trainer, self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps,
-                                                              batch_idx, m.accumulate))
+            m.start_window(step, self.step_budget.measures(trainer, self.measured_steps, self.every_n_steps,
+                                                           batch_idx, m.accumulate))
             # a step it does not measure: Lightning need not dispatch its hooks (the batch end only
             # where it writes measured values to the loggers; hook_clock.HooksAside); one it reads
             # at the optimizer step: not its after-backward hook
@@ -297,7 +300,7 @@ class GradientDispersion(MeasurementCallback):
                                       if m.measuring else
                                       _MEASURED_STEP_HOOKS if len(self.step_log) and log_step else None)
         if m.measuring:
-            m.before_forward(trainer, pl_module, batch, batch_idx)
+            m.before_forward(trainer, pl_module, batch, batch_idx, micro_size)
 
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         self.step_measurement.before_backward(trainer, pl_module)

@@ -19,7 +19,6 @@ from genbounds.callbacks.dispersion.base import LazyGrads, StepContext
 from genbounds.callbacks.dispersion.slot import BackendSlot
 from genbounds.callbacks.dispersion.unmeasured import UnmeasuredNotes
 from genbounds.callbacks.loss_contract import LossContract
-from genbounds.callbacks.step_log import weights_step
 from genbounds.estimators.batching import batch_size
 from genbounds.estimators.functional import group_positions, trainable_parameters
 from genbounds.estimators.gradient_dispersion import DispersionEstimate
@@ -48,6 +47,7 @@ class MeasuredStep:
         self.step = 0
         self.batch: Any = None
         self.batch_idx = 0
+        self.micro_size = 0  # (the batch's size as StepSizes read it at the batch start; 0: unknown)
         self.window: Any = None  # GradientMoments, or the backend's raw form (HookSums)
         self.manual_grads: list[Tensor] | None = None
         self.failed: Tensor | None = None  # (DDP: failed parts since the last flush, fail_together)
@@ -98,25 +98,24 @@ class MeasuredStep:
         extras = LazyGrads(self.params, scaler=self.scaler is not None)
         if grads is not None:
             extras["grads"] = grads
-        m = batch_size(self.batch) if self.batch is not None else 0
+        m = (self.micro_size or batch_size(self.batch)) if self.batch is not None else 0
         return StepContext(trainer, pl_module, self.params, self.groups, self.batch, m, self.accumulate, scale,
                            extras, self.groups_partition, self.step, self.batch_idx)
 
-    def start_window(self, trainer: Trainer, measuring: bool) -> None:
-        """At the first micro-batch of an optimizer step: whether it is measured (the schedule's
-        answer) and whether its backward is read late."""
+    def start_window(self, step: int, measuring: bool) -> None:
+        """At the first micro-batch of optimizer step ``step`` (``step_log.weights_step``): whether
+        it is measured (the schedule's answer) and whether its backward is read late."""
         impl = self.slot.impl
         assert impl is not None
         self.window = None
-        # (the optimizer steps taken, as the bounds index η_t: Lightning's logging index can run
-        # ahead of it — BatchSizeFinder's trial fits left it one step ahead, and the series shifted)
-        self.step = weights_step(trainer)
+        self.step = step
         self.measuring = measuring
         impl.start_window(measuring)
         self.late = measuring and self.late_ok and impl.reads_late
 
-    def before_forward(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self.batch, self.batch_idx = batch, batch_idx
+    def before_forward(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int,
+                       micro_size: int = 0) -> None:
+        self.batch, self.batch_idx, self.micro_size = batch, batch_idx, micro_size
         assert self.slot.impl is not None
         self.slot.impl.before_forward(StepContext(trainer, pl_module, self.params, self.groups, batch))
 

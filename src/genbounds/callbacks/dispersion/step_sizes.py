@@ -34,8 +34,9 @@ class StepSizes:
         self._step = -1
         self._size = 0
 
-    def add(self, step: int, batch: Any, first: bool) -> None:
-        """One micro-batch of optimizer step ``step`` (``first``: the first of its window)."""
+    def add(self, step: int, batch: Any, first: bool) -> int:
+        """One micro-batch of optimizer step ``step`` (``first``: the first of its window); its size
+        (0: unknown)."""
         try:
             m = batch_size(batch)
         except (ValueError, TypeError, AttributeError):
@@ -47,6 +48,7 @@ class StepSizes:
             self._size += m
         else:
             self._size = 0
+        return m
 
     def _close(self) -> None:
         step, size = self._step, self._size
