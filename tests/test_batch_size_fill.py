@@ -240,7 +240,32 @@ def test_small_batches_are_said_once_from_the_steps_as_trained(tmp_path, n, drop
         assert f"epoch 0 had batches of {said}" in notes[0] and f"about {ratio}" in notes[0], notes[0]
 
 
-def _neu_fit(tmp_path, gamma_every: int | None, val_every: int = 1) -> tuple[dict[str, float], list[str]]:
+class _StopAt(pl.Callback):
+    """Ends the fit after ``step`` optimizer steps (as EarlyStopping would)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+class _RequiredCost(pl.Callback):
+    """Records, after each step, what the budget holds back for Neu's midway Γ probe."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, float, float]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bound = next(cb for cb in trainer.callbacks if isinstance(cb, GeneralizationBound))
+        budget = bound.budget
+        self.seen.append((trainer.global_step, bound.midway.required_cost(), budget.reserve))
+
+
+def _neu_fit(tmp_path, gamma_every: int | None, val_every: int = 1, stop_at: int | None = None,
+             overhead_budget: float | None = None) -> tuple[GeneralizationBound, list[str], _RequiredCost]:
+    """24 steps (6 epochs of 4); Neu's midway Γ step is 12."""
     import warnings
 
     from helpers import bound_suite
@@ -251,31 +276,76 @@ def _neu_fit(tmp_path, gamma_every: int | None, val_every: int = 1) -> tuple[dic
     x, xv = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
     y, yv = (x[:, 0] > 0).long(), (xv[:, 0] > 0).long()
     pl.seed_everything(0)
-    suite = bound_suite(bounds=["neu", "wang_mao_eq3"], summary=False)
+    suite = bound_suite(bounds=["neu", "wang_mao_eq3"], summary=False, overhead_budget=overhead_budget)
     suite[2] = GradientSensitivity(sigmas=[1e-3, 1e-2, 1e-1], num_draws=4, every_n_steps=gamma_every)
-    t = trainer(tmp_path / f"gamma{gamma_every}-{val_every}", suite, max_epochs=6, check_val_every_n_epoch=val_every)
+    watch = _RequiredCost()
+    extra = [watch] + ([_StopAt(stop_at)] if stop_at is not None else [])
+    t = trainer(tmp_path / f"gamma{gamma_every}-{val_every}-{stop_at}-{overhead_budget}", suite + extra,
+                max_epochs=6, check_val_every_n_epoch=val_every)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(_SmallNet(), DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
               DataLoader(TensorDataset(xv, yv), batch_size=64))
-    return suite[-1].latest, [str(w.message) for w in caught]
+    return suite[5], [str(w.message) for w in caught], watch
 
 
-def test_neu_from_one_gamma_probe_is_nan_and_says_why(tmp_path):
-    """No Γ probe during training: the final evaluation probes Γ at the final weights alone, which
-    would stand for the whole run with an error nothing measured tells — Neu is NaN, flagged
-    invalid, with a note naming the probe's step; Eq. 3 is unaffected. So whether the bound is
-    evaluated at the end only or every epoch (intermediate evaluations ask for no Γ: a resumed fit
-    can skip one). Γ scheduled once during training (step 20): with the final weights' probe, two
-    stand for the run — Neu finite, nothing said."""
-    latest, said = _neu_fit(tmp_path, None, val_every=6)
-    assert math.isnan(latest["bound/neu"]) and latest["bound_valid/neu"] == 0.0
-    assert math.isfinite(latest["bound/wang_mao_eq3"])
-    note = "NaN at step 24: Γ (GradientSensitivity) was probed at one step (24)"
-    assert len([m for m in said if note in m]) == 1, said
-    latest, said = _neu_fit(tmp_path, None)
-    assert math.isnan(latest["bound/neu"])
-    assert len([m for m in said if "Γ (GradientSensitivity) was probed at one step (24)" in m]) == 1
-    latest, said = _neu_fit(tmp_path, 20)
-    assert math.isfinite(latest["bound/neu"]) and latest["bound/neu_se"] > 0
+def _gamma_steps(bound: GeneralizationBound) -> list[int]:
+    return sorted({s for s in bound.series.sensitivity_steps if s >= 1})
+
+
+def test_the_bound_asks_for_gamma_at_the_run_s_middle_step_when_the_schedule_gives_none(tmp_path):
+    """No Γ probe in the schedule: the bound has Γ probe the weights at the run's middle step (12
+    of 24), and the final evaluation the final weights — two probes stand for the run, Neu is
+    finite, nothing is said (docs/math.md §6.9). Before, Γ from the final weights alone left Neu NaN.
+    The midway probe draws what a scheduled probe at step 12 draws (its generator is seeded from
+    the step): its record is bit-identical to that of a run with ``every_n_steps=12``. With bound
+    evaluations at the end only, or every epoch."""
+    for val_every in (1, 6):
+        bound, said, _ = _neu_fit(tmp_path, None, val_every=val_every)
+        assert _gamma_steps(bound) == [12, 24]
+        assert math.isfinite(bound.latest["bound/neu"]) and bound.latest["bound/neu_se"] > 0
+        assert math.isfinite(bound.latest["bound/wang_mao_eq3"])
+        assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m], said
+    scheduled, _, _ = _neu_fit(tmp_path, 12, val_every=6)
+    assert _gamma_steps(scheduled) == [12, 24]
+    i, j = bound.series.sensitivity_steps.index(12), scheduled.series.sensitivity_steps.index(12)
+    assert bound.series.sensitivity_values[i] == scheduled.series.sensitivity_values[j]
+    assert bound.series.sensitivity_se[i] == scheduled.series.sensitivity_se[j]
+
+
+def test_no_midway_probe_where_the_schedule_gives_one_before_the_end(tmp_path):
+    """Γ every 20 steps, no budget: the schedule probes at step 20 (after the middle, before the
+    end), so the bound asks for nothing at step 12: the user's schedule is all that runs, and
+    with the final weights' probe two stand for the run."""
+    bound, said, _ = _neu_fit(tmp_path, 20)
+    assert _gamma_steps(bound) == [20, 24]
+    assert math.isfinite(bound.latest["bound/neu"]) and bound.latest["bound/neu_se"] > 0
+    assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m]
+
+
+def test_neu_is_nan_and_says_why_where_the_fit_ends_before_its_middle_step(tmp_path):
+    """A fit that stops at step 8 of 24 (as EarlyStopping would) never reaches the midway probe:
+    Γ from the final weights alone would stand for the whole run with an error nothing measured
+    tells — Neu is NaN, flagged invalid, with one note naming the probe's step and the midway step
+    not reached; Eq. 3 is unaffected."""
+    bound, said, _ = _neu_fit(tmp_path, None, val_every=6, stop_at=8)
+    assert _gamma_steps(bound) == [8]
+    assert math.isnan(bound.latest["bound/neu"]) and bound.latest["bound_valid/neu"] == 0.0
+    assert math.isfinite(bound.latest["bound/wang_mao_eq3"])
+    notes = [m for m in said if "NaN at step 8: Γ (GradientSensitivity) was probed at one step (8)" in m]
+    assert len(notes) == 1, said
+    assert "the midway probe at step 12 was not taken" in notes[0]
+
+
+def test_under_a_budget_the_midway_probe_is_reserved_then_runs_whatever_the_budget(tmp_path):
+    """Γ due every 3 steps under a budget too small for any probe during training: the midway
+    probe runs at step 12 all the same (at its fewest draws), and until it ran its expected cost was
+    part of the reserve the other probes and the dispersion leave free; after it, none."""
+    bound, said, watch = _neu_fit(tmp_path, 3, overhead_budget=1e-3)
+    assert _gamma_steps(bound) == [12, 24]
+    assert math.isfinite(bound.latest["bound/neu"])
+    before = [(cost, reserve) for step, cost, reserve in watch.seen if step < 12]
+    after = [cost for step, cost, _ in watch.seen if step > 12]
+    assert before and all(cost > 0 and reserve >= cost for cost, reserve in before)
+    assert after and all(cost == 0.0 for cost in after)
     assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m]

@@ -185,6 +185,34 @@ def test_resume_is_exact_with_the_main_suite(tmp_path, kill_at):
     assert hessian._eigvec is not None  # the power-iteration warm start travelled with the checkpoint
 
 
+@pytest.mark.parametrize("kill_at", [5, 10])  # before and after Neu's midway Γ probe (step 8 of 15)
+def test_resume_is_exact_around_neu_s_midway_gamma_probe(tmp_path, kill_at):
+    """Γ without a schedule: the bound asks for it at the run's middle step (docs/math.md §6.9).
+    Resumed from a checkpoint before that step, the resumed fit asks at the same step; after it,
+    the probe travelled in the checkpoint's series and is not asked for again: both give the
+    uninterrupted run's Γ probes and bounds."""
+    def suite():
+        callbacks = main_suite()
+        callbacks[2] = GradientSensitivity(sigmas=[0.001, 0.01, 0.1], num_draws=4, every_n_steps=None)
+        return callbacks
+
+    full = fit(tmp_path / "full", suite(), max_epochs=3)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=kill_at, save_top_k=-1)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(tmp_path / "first", [*suite(), ckpt, Kill(kill_at + 1)], max_epochs=3, enable_checkpointing=True)
+    (path,) = glob.glob(str(tmp_path / "ckpt" / f"*step={kill_at}*.ckpt"))
+    resumed = fit(tmp_path / "second", suite(), max_epochs=3, ckpt_path=path)
+    a, b = aggregator(full), aggregator(resumed)
+    assert sorted(s for s in a.series.sensitivity_steps if s >= 1) == [8, 15]
+    assert b.series.sensitivity_steps == a.series.sensitivity_steps
+    assert b.series.sensitivity_values == a.series.sensitivity_values
+    assert math.isfinite(a.latest["bound/neu"])
+    for key in [k for k in a.latest if k.startswith(("bound/", "gap/", "setting/"))]:
+        x, y = a.latest[key], b.latest.get(key)
+        assert y is not None, key
+        assert (math.isnan(x) and math.isnan(y)) or y == pytest.approx(x, rel=1e-6, abs=1e-12), key
+
+
 def test_resume_from_a_checkpoint_without_the_suite_says_why_the_bounds_are_nan(tmp_path):
     """A checkpoint saved by a run without the callbacks holds none of the steps before it: the
     bounds (sums from step 0) are NaN and flagged, and one warning says why before any is computed

@@ -53,6 +53,23 @@ def test_the_reserve_for_the_final_evaluation_is_kept_free():
     assert budget.allows("HeldoutGradient", expected=0.1)
 
 
+def test_a_required_probe_still_to_come_is_part_of_the_reserve():
+    """Neu's midway Γ probe (``midway_gamma.py``): while it is to come its expected cost is held
+    back with the final evaluation's; a measured evaluation replaces only the latter; once it ran
+    (``required`` gives 0) the reserve is the evaluation's alone."""
+    budget = budget_after(1.0)
+    budget.reserve_estimate = lambda: 0.05
+    to_come = [0.08]
+    budget.required = lambda: to_come[0]
+    assert budget.reserve == pytest.approx(0.13)
+    assert not budget.allows("HeldoutGradient", expected=0.1)  # 0.1 + 0.13 > 0.2
+    budget.reserve = 0.02
+    assert budget.reserve == pytest.approx(0.10)
+    to_come[0] = 0.0
+    assert budget.reserve == pytest.approx(0.02) and budget.allows("HeldoutGradient", expected=0.1)
+    assert OverheadBudget(None).reserve == 0.0  # (no budget: nothing is held back)
+
+
 def test_due_probes_take_their_turns_a_cheap_frequent_one_cannot_starve_an_expensive_one():
     """Two probes due and waiting: the one that began waiting later runs only when the budget also
     covers the earlier one's cost; the earlier one runs as soon as its own cost fits, and the later
@@ -160,8 +177,10 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     assert budget.by_owner["GradientDispersion"] > 0
     for name in ("bound/wang_mao_eq2", "bound/wang_mao_eq3"):
         assert math.isfinite(agg.latest[name]) and math.isfinite(agg.latest[name + "_se"]), name
-    # Neu: Γ probed once, at the final weights (no probe fits during training): NaN, fail closed (§6.9)
-    assert len({s for s in agg.series.sensitivity_steps if s >= 1}) == 1 and math.isnan(agg.latest["bound/neu"])
+    # Neu: no scheduled Γ probe fits during training; the bound's midway probe (step 12 of 24) runs
+    # whatever the budget and the final weights' probe is the second: Neu is computed (§6.9)
+    assert sorted({s for s in agg.series.sensitivity_steps if s >= 1}) == [12, 24]
+    assert math.isfinite(agg.latest["bound/neu"]) and math.isfinite(agg.latest["bound/neu_se"])
     # the filled steps' error is in the SE (0 when every step is measured)
     assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0
 

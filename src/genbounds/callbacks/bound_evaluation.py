@@ -189,18 +189,25 @@ def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | N
     return bound_notes(values, wanted, step, reason)
 
 
-def one_gamma_probe_note(steps: Sequence[int], step: int) -> tuple[str, str]:
+def one_gamma_probe_note(steps: Sequence[int], step: int, midway: int | None) -> tuple[str, str]:
     """Said at the final weights where fewer than two Γ probes after step 0 stand for the run:
-    Neu's bounds are NaN (``docs/math.md`` §6.9)."""
+    Neu's bounds are NaN (``docs/math.md`` §6.9). ``midway``: the step at which the bound asked
+    for Γ's midway probe (``None``: not asked, the run's length being unknown or too short)."""
     probed = sorted({s for s in steps if s >= 1})
     where = f"one step ({probed[0]})" if probed else "no step after step 0"
+    if midway is None:
+        why = ("this fit's length is unknown (a loader without a length and no max_steps) or one step, so no "
+               "midway probe was asked for: set max_steps, or give GradientSensitivity an every_n_steps below the "
+               "run's length")
+    else:
+        why = (f"the midway probe at step {midway} was not taken (the fit ended before it, or the probe measured "
+               "nothing there)")
     return ("neu-one-gamma-probe",
             f"GeneralizationBound: Neu's bounds are NaN at step {step}: Γ (GradientSensitivity) was probed at {where} "
             "and would stand for the whole run, with an error nothing measured tells (docs/math.md §6.9; in a sweep "
-            "run, Neu from one probe was 3.8 of its SEs from the run with every probe). The final evaluation probes Γ "
-            "where the schedule gave fewer than two; one probe during training is enough with it "
-            "(GradientSensitivity's every_n_steps below the run's length; under an overhead budget, a larger budget "
-            "or a longer run).")
+            "run, Neu from one probe was 3.8 of its SEs from the run with every probe). The bound asks for a Γ probe "
+            "at the run's middle step when the schedule gave none after step 0 by then, and the final evaluation "
+            f"probes the final weights; here {why}.")
 
 
 class WarnOnce:

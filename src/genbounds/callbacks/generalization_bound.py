@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -38,6 +37,7 @@ from genbounds.callbacks.checks import (
 )
 from genbounds.callbacks.gap_evaluation import GapEvaluation
 from genbounds.callbacks.hook_clock import sleep_until
+from genbounds.callbacks.midway_gamma import MidwayGamma
 from genbounds.callbacks.probe import ProbeCallback, ProbeMode, num_train_samples
 from genbounds.callbacks.probe_data import training_loader
 from genbounds.callbacks.run_summary import RunSummary, margin_values, optimizer_notes, progress_status
@@ -176,6 +176,8 @@ class GeneralizationBound(ProbeCallback):
         self._trainer: Trainer | None = None
         self._budget_state: dict | None = None
         self._eval_cost: float | None = None
+        self.midway = MidwayGamma()
+        """Neu's second Γ probe, at the run's middle step where the schedule gave none (``midway_gamma.py``)."""
 
     @property
     def state_key(self) -> str:
@@ -287,8 +289,10 @@ class GeneralizationBound(ProbeCallback):
         self._n = num_train_samples("GeneralizationBound", self.num_train, trainer)
         if self._budget_state and self.budget is not None:
             self.budget.load_state_dict(self._budget_state)
+        self.midway.arm(trainer, self.producers.sensitivity, self.series, self._computes_neu)
         if self.budget is not None:
             self.budget.reserve_estimate = self._final_cost
+            self.budget.required = self.midway.required_cost
         self._gap.prepare(trainer, self.contract)
         if self._gap.prefix is not None:
             total = len(training_loader(trainer).dataset)
@@ -327,8 +331,11 @@ class GeneralizationBound(ProbeCallback):
         self.series.lrs.append(lr)
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # evaluated at validation epoch end and train end only: Lightning need not call this again
-        sleep_until(self, trainer, math.inf, hook_of=GeneralizationBound)
+        if batch_idx % trainer.accumulate_grad_batches == 0:
+            self.midway.maybe_probe(trainer, pl_module)
+        # evaluated at validation epoch end and train end only: until Neu's midway Γ probe (if still
+        # to come), Lightning need not call this again
+        sleep_until(self, trainer, self.midway.wake_step(), hook_of=GeneralizationBound)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.enable_validation and self._affordable():  # no validation loop: every epoch end instead
@@ -420,7 +427,8 @@ class GeneralizationBound(ProbeCallback):
                     del self.latest[key]
             self._warn_once.all(notes)
             if final and self._neu_short_of_gamma():
-                self._warn_once(*one_gamma_probe_note(self.series.sensitivity_steps, self._evaluated_step))
+                self._warn_once(*one_gamma_probe_note(self.series.sensitivity_steps, self._evaluated_step,
+                                                         self.midway.step))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
         if trainer.global_step > 0:
@@ -437,10 +445,14 @@ class GeneralizationBound(ProbeCallback):
         self._log(trainer, pl_module, values, log=log)
         return values
 
+    def _computes_neu(self) -> bool:
+        """Whether a Neu bound is among the bounds computed."""
+        return any(b.startswith("neu") for b in self.wanted)
+
     def _neu_short_of_gamma(self) -> bool:
         """Whether a Neu bound is computed and fewer than two Γ probes after step 0 stand for the run
         (``Producers.gamma_short``; ``docs/math.md`` §6.9)."""
-        return self.producers.gamma_short(self.series) and any(b.startswith("neu") for b in self.wanted)
+        return self.producers.gamma_short(self.series) and self._computes_neu()
 
     def _trained_changed(self, trainer: Trainer, pl_module: LightningModule) -> bool:
         """Whether the trained parameters changed since step 0 (``trainable_set.py``, which says so

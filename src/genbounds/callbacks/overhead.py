@@ -86,6 +86,9 @@ class OverheadBudget:
         """Steps the per-step statistics left unmeasured to stay within their share."""
         self.reserve_estimate: Callable[[], float] | None = None
         self._reserve: float | None = None
+        self.required: Callable[[], float] | None = None
+        """What probes that must run before the final evaluation are expected to cost while they are
+        still to come (Neu's midway Γ probe, :mod:`~genbounds.callbacks.midway_gamma`): part of the reserve."""
         self.elsewhere_time = 0.0
         """Part of :attr:`probe_time` charged for work done outside the hook that charged it."""
         self.hook_depth = 0
@@ -154,19 +157,22 @@ class OverheadBudget:
 
     @property
     def reserve(self) -> float:
-        """Seconds kept free for the final evaluation: its last measured cost, else the estimate."""
+        """Seconds kept free for the final evaluation — its last measured cost, else the estimate —
+        and for the :attr:`required` probes still to come."""
         if self._reserve is None and self.reserve_estimate is not None and self.fraction is not None:
             self._reserve = float(self.reserve_estimate())
-        return self._reserve or 0.0
+        required = float(self.required()) if self.required is not None and self.fraction is not None else 0.0
+        return (self._reserve or 0.0) + required
 
     @reserve.setter
     def reserve(self, seconds: float) -> None:
         if self._reserve is not None and seconds < self._reserve:
-            self._wake_waiting()  # (a smaller reserve may make a waiting probe affordable sooner)
+            self.wake_waiting()  # (a smaller reserve may make a waiting probe affordable sooner)
         self._reserve = float(seconds)
 
-    def _wake_waiting(self) -> None:
-        """Every probe sleeping until its cost fits checks again at the next step start."""
+    def wake_waiting(self) -> None:
+        """Every probe sleeping until its cost fits checks again at the next step start (the
+        reserve became smaller)."""
         if self.timed_sleepers:
             self.timed_sleepers = {k: (cb, -math.inf) for k, (cb, _) in self.timed_sleepers.items()}
             self.next_wake_time = -math.inf
@@ -238,14 +244,14 @@ class OverheadBudget:
             if queue:
                 self.waiting.setdefault(owner, time.perf_counter())
         elif queue and self.waiting.pop(owner, None) is not None:
-            self._wake_waiting()  # (the ones after it are one turn nearer)
+            self.wake_waiting()  # (the ones after it are one turn nearer)
         return ok
 
     def leave_queue(self, owner: str) -> None:
         """``owner`` no longer waits: it ran (a probe of the current weights, whoever asked for it),
         or its fit's training ended."""
         if self.waiting.pop(owner, None) is not None:
-            self._wake_waiting()
+            self.wake_waiting()
 
     def step_share(self, progress: float | None) -> float:
         """The per-step statistics' share of the budget: :attr:`STEP_SHARE` of what the final
