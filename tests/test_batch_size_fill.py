@@ -9,6 +9,7 @@ their SE (Wang–Mao Eq. 3 19 vs 34 for the same seed in two sweep recordings).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -255,33 +256,40 @@ class _RequiredCost(pl.Callback):
     """Records, after each step, what the budget holds back for Neu's midway Γ probe."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[int, float, float]] = []
+        self.seen: list[tuple[int, float, float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bound = next(cb for cb in trainer.callbacks if isinstance(cb, GeneralizationBound))
         budget = bound.budget
-        self.seen.append((trainer.global_step, bound.midway.required_cost(), budget.reserve))
+        self.seen.append((trainer.global_step, bound.midway.required_cost(), budget.reserve, budget._reserve or 0.0))
 
 
-def _neu_fit(tmp_path, gamma_every: int | None, val_every: int = 1, stop_at: int | None = None,
-             overhead_budget: float | None = None) -> tuple[GeneralizationBound, list[str], _RequiredCost]:
-    """24 steps (6 epochs of 4); Neu's midway Γ step is 12."""
-    import warnings
-
+def _neu_suite(gamma_every: int | None, overhead_budget: float | None = None) -> list[pl.Callback]:
     from helpers import bound_suite
 
     from genbounds.callbacks import GradientSensitivity
+
+    suite = bound_suite(bounds=["neu", "wang_mao_eq3"], summary=False, overhead_budget=overhead_budget)
+    suite[2] = GradientSensitivity(sigmas=[1e-3, 1e-2, 1e-1], num_draws=4, every_n_steps=gamma_every)
+    return suite
+
+
+def _neu_fit(tmp_path, gamma_every: int | None, val_every: int = 1, stop_at: int | None = None,
+             overhead_budget: float | None = None, suite: list[pl.Callback] | None = None, name: str = "",
+             **trainer_kwargs: Any) -> tuple[GeneralizationBound, list[str], _RequiredCost]:
+    """By default 24 steps (6 epochs of 4); Neu's midway Γ step is then 12."""
+    import warnings
 
     g = torch.Generator().manual_seed(0)
     x, xv = torch.randn(64, 8, generator=g), torch.randn(64, 8, generator=g)
     y, yv = (x[:, 0] > 0).long(), (xv[:, 0] > 0).long()
     pl.seed_everything(0)
-    suite = bound_suite(bounds=["neu", "wang_mao_eq3"], summary=False, overhead_budget=overhead_budget)
-    suite[2] = GradientSensitivity(sigmas=[1e-3, 1e-2, 1e-1], num_draws=4, every_n_steps=gamma_every)
+    suite = suite if suite is not None else _neu_suite(gamma_every, overhead_budget)
     watch = _RequiredCost()
     extra = [watch] + ([_StopAt(stop_at)] if stop_at is not None else [])
-    t = trainer(tmp_path / f"gamma{gamma_every}-{val_every}-{stop_at}-{overhead_budget}", suite + extra,
-                max_epochs=6, check_val_every_n_epoch=val_every)
+    trainer_kwargs.setdefault("max_epochs", 6)
+    t = trainer(tmp_path / f"gamma{gamma_every}-{val_every}-{stop_at}-{overhead_budget}{name}", suite + extra,
+                check_val_every_n_epoch=val_every, **trainer_kwargs)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t.fit(_SmallNet(), DataLoader(TensorDataset(x, y), batch_size=16, shuffle=True),
@@ -313,14 +321,43 @@ def test_the_bound_asks_for_gamma_at_the_run_s_middle_step_when_the_schedule_giv
     assert bound.series.sensitivity_se[i] == scheduled.series.sensitivity_se[j]
 
 
-def test_no_midway_probe_where_the_schedule_gives_one_before_the_end(tmp_path):
-    """Γ every 20 steps, no budget: the schedule probes at step 20 (after the middle, before the
-    end), so the bound asks for nothing at step 12: the user's schedule is all that runs, and
-    with the final weights' probe two stand for the run."""
+def test_a_scheduled_gamma_probe_at_the_middle_step_is_the_midway_one_and_a_later_one_does_not_replace_it(tmp_path):
+    """Γ every 12 steps: its probe at step 12 is the midway probe (whichever asks first measures;
+    step 12 is in the series once). Γ every 20 steps: the schedule would probe at 20, after the
+    middle, but the bound does not wait for it — a fit stopped at step 16 (as EarlyStopping would)
+    still has two probes and a finite Neu (a review: leaving it to the schedule left Neu NaN there)."""
+    bound, _, _ = _neu_fit(tmp_path, 12, val_every=6)
+    assert bound.series.sensitivity_steps.count(12) == 1 and _gamma_steps(bound) == [12, 24]
     bound, said, _ = _neu_fit(tmp_path, 20)
-    assert _gamma_steps(bound) == [20, 24]
+    assert _gamma_steps(bound) == [12, 20]  # (two stand for the run: the final evaluation asks for none)
+    bound, said, _ = _neu_fit(tmp_path, 20, stop_at=16)
+    assert _gamma_steps(bound) == [12, 16]
     assert math.isfinite(bound.latest["bound/neu"]) and bound.latest["bound/neu_se"] > 0
     assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m]
+
+
+def test_a_second_fit_of_the_same_callbacks_takes_its_own_midway_probe(tmp_path):
+    """The same callbacks in a second Trainer: the first fit's last Γ probe was at step 12, the
+    second fit's middle step is 12 too. Before, the probe of step 12 was taken for done (the last
+    probed step was never reset between fits): Neu NaN in the second fit (a review)."""
+    suite = _neu_suite(None)
+    bound, _, _ = _neu_fit(tmp_path, None, suite=suite, name="first", max_epochs=-1, max_steps=12)
+    assert _gamma_steps(bound) == [6, 12]
+    bound, said, _ = _neu_fit(tmp_path, None, suite=suite, name="second", max_epochs=-1, max_steps=24)
+    assert _gamma_steps(bound) == [12, 24] and math.isfinite(bound.latest["bound/neu"])
+
+
+def test_under_an_accumulation_schedule_the_middle_step_is_the_run_s(tmp_path):
+    """``GradientAccumulationScheduler({0: 1, 1: 4})`` over 6 epochs of 4 batches: 4 steps, then one
+    an epoch — 9 in all, where ``estimated_stepping_batches`` read 24 at the fit's start and the
+    middle step (12) was never reached (a review). The horizon now sums each epoch at its own
+    accumulation: the middle step is 5."""
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    suite = _neu_suite(None) + [GradientAccumulationScheduler({0: 1, 1: 4})]
+    bound, _, _ = _neu_fit(tmp_path, None, suite=suite, val_every=6)
+    assert bound.midway.step == 5 and _gamma_steps(bound) == [5, 9]
+    assert math.isfinite(bound.latest["bound/neu"])
 
 
 def test_neu_is_nan_and_says_why_where_the_fit_ends_before_its_middle_step(tmp_path):
@@ -344,8 +381,8 @@ def test_under_a_budget_the_midway_probe_is_reserved_then_runs_whatever_the_budg
     bound, said, watch = _neu_fit(tmp_path, 3, overhead_budget=1e-3)
     assert _gamma_steps(bound) == [12, 24]
     assert math.isfinite(bound.latest["bound/neu"])
-    before = [(cost, reserve) for step, cost, reserve in watch.seen if step < 12]
-    after = [cost for step, cost, _ in watch.seen if step > 12]
-    assert before and all(cost > 0 and reserve >= cost for cost, reserve in before)
-    assert after and all(cost == 0.0 for cost in after)
+    before = [(cost, reserve, base) for step, cost, reserve, base in watch.seen if step < 12]
+    after = [(cost, reserve, base) for step, cost, reserve, base in watch.seen if step > 12]
+    assert before and all(cost > 0 and reserve == pytest.approx(base + cost) for cost, reserve, base in before)
+    assert after and all(cost == 0.0 and reserve == base for cost, reserve, base in after)
     assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m]

@@ -63,6 +63,11 @@ def test_a_required_probe_still_to_come_is_part_of_the_reserve():
     budget.required = lambda: to_come[0]
     assert budget.reserve == pytest.approx(0.13)
     assert not budget.allows("HeldoutGradient", expected=0.1)  # 0.1 + 0.13 > 0.2
+    # Γ's own scheduled probe would stand in for the required one: it leaves the evaluation's only
+    # (before, it had to leave a second Γ probe's cost as well: a review)
+    budget.required_owner = "GradientSensitivity"
+    assert budget.reserve_for("GradientSensitivity") == pytest.approx(0.05)
+    assert budget.allows("GradientSensitivity", expected=0.1) and not budget.allows("HeldoutGradient", expected=0.1)
     budget.reserve = 0.02
     assert budget.reserve == pytest.approx(0.10)
     to_come[0] = 0.0
@@ -349,3 +354,25 @@ def test_different_budgets_on_one_trainers_callbacks_are_said_once():
         warnings.simplefilter("error")
         OverheadBudget.shared(t, 0.1)
     assert budget.fraction == 0.5
+
+
+def test_the_horizon_under_an_accumulation_schedule_sums_each_epoch_at_its_own_accumulation():
+    """``estimated_stepping_batches`` takes the accumulation of the moment for every epoch; under
+    ``GradientAccumulationScheduler({0: 1, 1: 4})`` with 6 epochs of 10 batches the run takes
+    10 + 5·⌈10/4⌉ = 25 steps (a partial window steps at the epoch's end), at most ``max_steps``."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    from genbounds.callbacks.overhead import horizon, scheduled_horizon
+
+    scheduler = GradientAccumulationScheduler({0: 1, 1: 4})
+    run = SimpleNamespace(callbacks=[scheduler], num_training_batches=10, max_epochs=6, max_steps=-1,
+                          estimated_stepping_batches=60)
+    assert scheduled_horizon(run) == horizon(run) == 25.0
+    run.max_steps = 20
+    assert horizon(run) == 20.0
+    run.num_training_batches = float("inf")  # (no length: max_steps alone)
+    assert horizon(run) == 20.0
+    assert scheduled_horizon(SimpleNamespace(callbacks=[], num_training_batches=10, max_epochs=6, max_steps=-1)) is None
+

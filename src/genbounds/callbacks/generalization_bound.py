@@ -293,6 +293,7 @@ class GeneralizationBound(ProbeCallback):
         if self.budget is not None:
             self.budget.reserve_estimate = self._final_cost
             self.budget.required = self.midway.required_cost
+            self.budget.required_owner = self.producers.sensitivity.owner if self.producers.sensitivity else None
         self._gap.prepare(trainer, self.contract)
         if self._gap.prefix is not None:
             total = len(training_loader(trainer).dataset)

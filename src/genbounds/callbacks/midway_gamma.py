@@ -8,11 +8,12 @@ still needed, and a schedule can give none: ``every_n_steps`` longer than the ru
 budget that never affords a Γ probe while training (the main job: its 0.2 budget of a 3-second
 training run is mostly the final evaluation's).
 
-So at the run's middle step (half of ``estimated_stepping_batches``, rounded up) the bound has Γ
-probe the current weights when no probe after step 0 stands yet — unless, without a budget, Γ's
-own step schedule probes at that step or a later one before the end (a due probe then runs at
-once). Under a budget the probe is *required*: its expected cost is part of the reserve the other
-probes and the per-step statistics leave free until it ran (:attr:`OverheadBudget.required`), it
+So at the run's middle step (:func:`~genbounds.callbacks.overhead.horizon` halved, rounded up) the
+bound has Γ probe the current weights when no probe after step 0 stands yet (a probe Γ's own
+schedule takes at that step is the same probe: whichever asks first measures, the other finds the
+weights measured). Under a budget the probe is *required*: its expected cost is part of the reserve
+the other probes and the per-step statistics leave free until it ran (:attr:`OverheadBudget.required`;
+Γ's own scheduled probes, any of which would stand in for it, leave only the final evaluation's), it
 takes the draws what is left affords (never fewer than its ``min_draws``), and it runs whether or
 not the budget affords it then — an overshoot, if any, is in ``perf/overhead``, as for the final
 evaluation.
@@ -45,8 +46,6 @@ class MidwayGamma:
         self.sensitivity: Any = None
         self._series: Any = None
         self._neu: Callable[[], bool] | None = None
-        self._total: float | None = None
-        self._running = False
         self._asked = False
 
     def arm(self, trainer: Trainer, sensitivity: Any, series: Any, neu: Callable[[], bool]) -> None:
@@ -57,13 +56,13 @@ class MidwayGamma:
         total = horizon(trainer)
         middle = math.ceil(total / 2) if total is not None else None
         self.step = middle if sensitivity is not None and middle is not None and middle < total else None
-        self.sensitivity, self._series, self._neu, self._total = sensitivity, series, neu, total
+        self.sensitivity, self._series, self._neu = sensitivity, series, neu
         self._asked = False
 
     def pending(self) -> bool:
         """Whether the probe is still to come: armed, a Neu bound computed, Γ's callback active, and
         no Γ probe after step 0 in the series."""
-        return (self.step is not None and not self._running and not self._asked and self._neu is not None and self._neu()
+        return (self.step is not None and not self._asked and self._neu is not None and self._neu()
                 and self.sensitivity.active and not any(s >= 1 for s in self._series.sensitivity_steps))
 
     def wake_step(self) -> float:
@@ -85,23 +84,8 @@ class MidwayGamma:
         if self.step is None or step < self.step or not self.pending():
             return False
         self._asked = True
-        if self._schedule_gives_one(step):
-            return False  # (the user's schedule probes before the end: no probe of ours)
-        self._running = True  # (its own cost is not a reserve it must leave)
-        try:
-            self.sensitivity.probe_now(trainer, pl_module, log=True, epoch_end=False)
-        finally:
-            self._running = False
+        self.sensitivity.probe_now(trainer, pl_module, log=True, epoch_end=False)
         budget = self.sensitivity.budget
         if budget is not None:
             budget.wake_waiting()  # (the reserve no longer holds its cost)
         return True
-
-    def _schedule_gives_one(self, step: int) -> bool:
-        """Without an overhead budget (a due probe then runs at once): whether Γ's own step schedule
-        probes at ``step`` or at a later step before the end."""
-        budget = self.sensitivity.budget
-        if budget is not None and budget.fraction is not None:
-            return False  # (a due probe may wait for the budget until the end)
-        schedule = self.sensitivity.schedule
-        return schedule.due_at_step(step) or schedule.next_due_step(step) < (self._total or 0)

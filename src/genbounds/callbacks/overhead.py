@@ -50,6 +50,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.profilers import PassThroughProfiler
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
@@ -58,12 +59,35 @@ from genbounds.callbacks.hook_clock import BUDGET_KEY
 
 def horizon(trainer: Trainer) -> float | None:
     """The run's optimizer steps, ``estimated_stepping_batches`` (``None`` when unknown: no length,
-    no ``max_steps``)."""
+    no ``max_steps``) — under a ``GradientAccumulationScheduler`` summed over the epochs, each at
+    its own accumulation (:func:`scheduled_horizon`)."""
+    scheduled = scheduled_horizon(trainer)
+    if scheduled is not None:
+        return scheduled
     try:
         total = float(trainer.estimated_stepping_batches)
     except Exception:  # noqa: BLE001 - no length, no max_steps: the horizon is unknown
         return None
     return total if 0.0 < total < math.inf else None
+
+
+def scheduled_horizon(trainer: Trainer) -> float | None:
+    """Under a ``GradientAccumulationScheduler``: ``Σ_epochs ⌈batches / accumulation(epoch)⌉`` (a
+    partial window steps at the epoch's end), at most ``max_steps``. ``estimated_stepping_batches``
+    takes the accumulation of the moment for every epoch: with ``{0: 1, 1: 4}`` over 6 epochs of 4
+    batches it read 24 steps of a run that takes 9 (a review, round 36). ``None`` without a
+    scheduler, or where the epochs or the loader's length are unknown."""
+    scheduler = next((cb for cb in getattr(trainer, "callbacks", ()) or ()
+                      if isinstance(cb, GradientAccumulationScheduler)), None)
+    if scheduler is None:
+        return None
+    batches, max_epochs, max_steps = trainer.num_training_batches, trainer.max_epochs, trainer.max_steps
+    if not isinstance(batches, int) or batches <= 0 or max_epochs is None or max_epochs < 0:
+        return float(max_steps) if max_steps is not None and max_steps > 0 else None
+    total = sum(math.ceil(batches / scheduler.get_accumulate_grad_batches(epoch)) for epoch in range(max_epochs))
+    if max_steps is not None and max_steps > 0:
+        total = min(total, max_steps)
+    return float(total) if total > 0 else None
 
 
 class OverheadBudget:
@@ -88,7 +112,9 @@ class OverheadBudget:
         self._reserve: float | None = None
         self.required: Callable[[], float] | None = None
         """What probes that must run before the final evaluation are expected to cost while they are
-        still to come (Neu's midway Γ probe, :mod:`~genbounds.callbacks.midway_gamma`): part of the reserve."""
+        still to come (Neu's midway Γ probe, :mod:`~genbounds.callbacks.midway_gamma`): part of the
+        reserve — except for :attr:`required_owner`'s own probes, any of which would stand in for it."""
+        self.required_owner: str | None = None
         self.elsewhere_time = 0.0
         """Part of :attr:`probe_time` charged for work done outside the hook that charged it."""
         self.hook_depth = 0
@@ -159,9 +185,17 @@ class OverheadBudget:
     def reserve(self) -> float:
         """Seconds kept free for the final evaluation — its last measured cost, else the estimate —
         and for the :attr:`required` probes still to come."""
+        return self.reserve_for(None)
+
+    def reserve_for(self, owner: str | None) -> float:
+        """:attr:`reserve` as ``owner``'s probe must leave it: without the :attr:`required` probe's
+        cost when ``owner`` is the one whose probe would stand in for it (its scheduled Γ probe
+        before the middle step leaves the final evaluation's reserve, not a second Γ probe's)."""
         if self._reserve is None and self.reserve_estimate is not None and self.fraction is not None:
             self._reserve = float(self.reserve_estimate())
-        required = float(self.required()) if self.required is not None and self.fraction is not None else 0.0
+        required = 0.0
+        if self.required is not None and self.fraction is not None and (owner is None or owner != self.required_owner):
+            required = float(self.required())
         return (self._reserve or 0.0) + required
 
     @reserve.setter
@@ -188,7 +222,7 @@ class OverheadBudget:
             return 0.0
         projected = self._projected_budget()
         return sum(cost for other in earlier
-                   if (cost := self.expected(other)) + self.probe_time + self.reserve <= projected)
+                   if (cost := self.expected(other)) + self.probe_time + self.reserve_for(other) <= projected)
 
     def _projected_budget(self) -> float:
         """:meth:`projected` at the trainer's progress now; ``inf`` when the horizon is unknown."""
@@ -212,7 +246,7 @@ class OverheadBudget:
         if self.fraction is None or self.start is None or self.fraction <= 0.0:
             return -math.inf
         cost = self.expected(owner) + self.ahead(owner)
-        return self.start + self.probe_time + (self.probe_time + cost + self.reserve) / self.fraction
+        return self.start + self.probe_time + (self.probe_time + cost + self.reserve_for(owner)) / self.fraction
 
     def remaining(self) -> float:
         """Seconds the probes may still spend now (``inf`` without a budget; may be negative)."""
@@ -238,7 +272,7 @@ class OverheadBudget:
         if self.fraction is None:
             return True
         cost = (self.expected(owner) if expected is None else expected) + (self.ahead(owner) if queue else 0.0)
-        ok = self.probe_time + cost + self.reserve <= self.fraction * self.train_time
+        ok = self.probe_time + cost + self.reserve_for(owner) <= self.fraction * self.train_time
         if not ok:
             self.deferred += 1
             if queue:

@@ -165,6 +165,9 @@ class ProbeCallback(BudgetedProbe, MeasurementCallback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        # (a fit's own: another fit of these callbacks probed other weights at its steps; a checkpoint
+        # restores the value after this hook)
+        self._last_probe_step = None
         check_strategy(self.owner, trainer)
         check_precision(self.owner, trainer)
         self.contract = LossContract.shared(pl_module)

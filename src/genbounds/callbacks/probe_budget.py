@@ -92,7 +92,7 @@ class BudgetedProbe:
             until = self._final_until if self._final_until is not None else self._final_pool_end()
             left = self.budget.remaining() - until - keep
         else:
-            left = self.budget.remaining() - self.budget.reserve - keep
+            left = self.budget.remaining() - self.budget.reserve_for(self.owner) - keep
         return max(minimum, min(wanted, int(left // max(per_draw, 1e-12))))
 
     def _final_pool_end(self) -> float:
