@@ -739,64 +739,61 @@ def document(args, name, grid, runs, ranks, main_job, state, figures) -> str:
 DISCUSSION = r"""
 ## Discussion (of the recorded run, 24 runs, 2026-12-07)
 
-This recording has commit 03529d8's code (round 35's final). Three changes since round 34's
-recording (cff2dac) move its numbers, all found by recording this grid again:
+This recording has commit 83d0ef2's code (round 36's final). One change since the round-35
+recording (03529d8) moves its numbers:
 
-* **The dispersion is filled at each step's own batch size** (`docs/math.md` §6.8). The 899 training
-  samples leave a last batch of 3 every epoch, after 28 batches of 32 or 7 of 128; its dispersion
-  `tr Σ/b` is 11× (batch 32) or 43× (batch 128) a full batch's, so it carries about 28 % and 86 % of
-  `Σ η² V̂`. Before, whether the budget's stride measured it decided how much of it a run counted: the
-  `lr=0.1, batch_size=128, label_noise=0.2, hidden=512` run gave Eq. 3 33.7 ± 1.2 in round 34's
-  recording and 19.1 ± 0.7 in one this morning on 78c4433, against 34.1 ± 0.6 with every step
-  measured; here 34.3 ± 1.3 (and 33.4 ± 1.0 in a recording on a42cd5d in between). `label_noise=0.4,
-  hidden=128`: 17.1 and 30.0 in the two recordings before, 29.9 and 29.7 since. `GradientDispersion`
-  says it in every run of the grid (the steps of epoch 0 had batches of 3 to 128 samples, 43×, or 3 to
-  32, 11×: `runs/sweep/warnings.txt`).
-* **Neu's SE counts the error of filling Γ between its probes, and one probe leaves Neu NaN** (§6.9).
-* **The final evaluation, not every evaluation, asks for Γ** where fewer than two probes stand for
-  the run (an intermediate evaluation's probe broke the exactness of a resume). Γ has 16–26 probes
-  per run at batch 32 (one run: 1) and 1–5 at batch 128; **Neu is NaN in 3 of 24 runs** (one Γ probe
-  standing for the run; flagged ✗), and `rank` leaves a measure with a NaN run undefined, so Neu has no
-  Ψ here. Where finite, its median SE / bound is 0.14 (round 34's: 0.125). The recording on a42cd5d
-  (which asked at every evaluation until two) had Neu finite in 24 of 24, Ψ +0.73 on both gaps.
+* **Neu's second Γ probe at the run's middle step** (`docs/math.md` §6.9). Where no Γ probe after
+  step 0 stands by the middle step, the bound has Γ probe the weights there, under the budget too
+  (its cost held in the reserve until then). Round 35's recording had **Neu NaN in 3 of 24 runs**
+  (one Γ probe standing for the run), so `rank` left Neu undefined; here Neu is finite, and valid,
+  in **24 of 24**. Γ has 14–22 logged probes per run at batch 32 and 2–4 at batch 128.
+* The dispersion is filled at each step's own batch size (§6.8, round 35): the 899 training samples
+  leave a last batch of 3 every epoch, 11× (batch 32) or 43× (batch 128) a full batch's dispersion;
+  `GradientDispersion` says so in every run (`runs/sweep/warnings.txt`).
 
-**Recordings move.** The same code for Eq. 2 and Eq. 3 gave, against `gap/measured`, Eq. 3 Ψ +0.52
-(a42cd5d) and +0.71 (here), Eq. 2 +0.71 and +0.73: which steps and probes a wall-time budget
-affords differs from recording to recording on a shared machine, and so do the bounds' Monte-Carlo
-draws. Differences of 0.2 in Ψ between recordings are not differences between measures.
+**Recordings move, by up to 0.3 in Ψ.** A recording an hour earlier, on 9036661 (the midway probe
+before a review's four fixes, which change when Γ's scheduled probes fit the budget), with other
+work on the machine's second core as here, gave Neu Ψ +0.62 against `gap/measured` (here +0.92)
+and +0.71 against `gap/error` (here +0.75); Eq. 3 +0.60 and +0.77 (here +0.56 and +0.73); Eq. 2
++0.69 and +0.69 (here +0.75 and +0.67). Which steps and probes a wall-time budget affords differs
+from recording to recording on a shared machine, and so do the bounds' Monte-Carlo draws.
+Differences of 0.3 in Ψ between recordings are not differences between measures.
 
-**Which measure ranks best, and the target.** Against `gap/measured` the target (τ > 0 on every axis
-and Ψ above `lr/batch`'s +0.83) is **not met** by any bound: Eq. 2's 0-1 variant ties it (+0.83), Eq.
-2 +0.73, Eq. 3 +0.71; over all four axes (Ψ₀) `lr/batch` drops to +0.42 and every bound with a value
-in every run beats it (+0.68 to +0.83). Against `gap/error` it is **not met** either in this recording: `lr/batch` +0.67,
-Eq. 2's 0-1 variant +0.67, Eq. 2 +0.65, Eq. 3 +0.62 (the a42cd5d recording: Eq. 2's 0-1 variant +0.75,
-Neu +0.73, Eq. 3 +0.69 above it). Over all runs the best single numbers are Eq. 2 (τ = +0.89 for the
-loss gap) and Eq. 3 (+0.83 for the error gap). Roberts' predicted gap (a baseline) scores +0.83 and
-+0.67, Σ η² V̂ +0.83 and +0.67.
+**Which measure ranks best, and the target.** Against `gap/measured` the target (τ > 0 on every
+axis and Ψ above `lr/batch`'s +0.83) is **met in this recording by Neu** (+0.92; its 0-1 variant
++0.87) and by no other bound (Eq. 2 +0.75, Eq. 2's 0-1 variant +0.75, Eq. 3 +0.56); in the 9036661
+recording it was met by none (best bound Ψ +0.79). Against `gap/error` (`lr/batch` +0.67) it is
+**met in both recordings**: here by Neu (+0.75), Eq. 2's 0-1 variant (+0.75), Eq. 3 (+0.73) and
+Neu's 0-1 variant (+0.71); on 9036661 by Eq. 2's 0-1 variant (+0.79), Eq. 3 (+0.77), Neu (+0.71),
+Eq. 2 (+0.69). Over all four axes (Ψ₀) `lr/batch` drops to +0.42 and +0.33 and every bound but the
+test-error bound beats it (+0.56 to +0.92). Over all runs the best single numbers are Eq. 2 (τ =
++0.91 for the loss gap) and Eq. 3 (+0.86 for the error gap). Roberts' predicted gap (a baseline)
+scores +0.79 and +0.71, Σ η² V̂ +0.75 and +0.75.
 
 What limits the τ is mostly the target, not the bounds. Of the pairs that differ along one axis only,
 the measured gap separates by more than 2 SE only 2 of 12 width pairs, 8 of 12 learning-rate pairs and
-8 of 12 batch-size pairs. On the pairs it does separate, Eq. 2's 0-1 variant orders every pair on
-every axis, Eq. 3 all but some label-noise pairs (+0.91), Eq. 2 likewise (+0.83); against the error
-gap (2 of 12 width and 4 of 12 learning-rate pairs resolved) Eq. 3 and Eq. 2's 0-1 variant order every
-resolved pair, Eq. 2 all but some label-noise pairs (+0.88).
+8 of 12 batch-size pairs. On the pairs it does separate, Eq. 3, Neu and Eq. 2's 0-1 variant order
+every pair on every axis, Eq. 2 all but some label-noise pairs (+0.83); against the error gap (2 of
+12 width and 4 of 12 learning-rate pairs resolved) the same three order every resolved pair, Eq. 2
+all but some label-noise pairs (+0.88).
 
 `bound/wang_mao_eq2_error` is **nearly Σ η² V̂ in a bound's clothing**: its σ is the grid's largest
 (0.1) in 24 of 24 runs, where log1p(x) ≈ x makes the trajectory term √(R'² Σ η² V̂ /(n σ²)) with
 R' = ½ — a monotone function of Σ η² V̂ — and its flatness term is 6 % of its value (median). Σ η² V̂
-needs neither a σ grid, nor R, nor held-out data.
+needs neither a σ grid, nor R, nor held-out data. Neu's ranking is its trajectory term's (Ψ +0.92 and
++0.75 alone; its flatness term is 0.01 % of it, median).
 
 **Flags.** Eq. 2 is flagged degenerate in 24/24 runs (σ at the grid edge in 8), its 0-1 variant
-degenerate and at the edge in 24/24; Neu is at the grid's edge in 4/24 and NaN in 3; Eq. 3 has no σ
-grid. No finite bound was below its gap in any run. In the degenerate regime the 0-1 flatness term at
-σ = 0.1 compares heavily perturbed models — a held-out estimate, the warning of SPEC §6.6 — but the
-trajectory term carries Eq. 2's value (median flatness share 12 %) and its ranking (its trajectory
-term alone: Ψ = +0.71 on the loss gap, τ = +0.91). `R` (quantile rule) is computed on the training and
-held-out per-sample losses and scales Eq. 2, Eq. 3 and Neu; Σ η² V̂ has no R and ranks as well, so
-the bounds' ranking is not borrowed from R.
+degenerate and at the edge in 24/24; Neu is degenerate in 3/24 and at the grid's edge in 8/24; Eq. 3
+has no σ grid. No bound was below its gap, or NaN, in any run. In the degenerate regime the 0-1
+flatness term at σ = 0.1 compares heavily perturbed models — a held-out estimate, the warning of SPEC
+§6.6 — but the trajectory term carries Eq. 2's value (median flatness share 12 %) and its ranking
+(its trajectory term alone: Ψ = +0.71 on the loss gap, τ = +0.91). `R` (quantile rule) is computed on
+the training and held-out per-sample losses and scales Eq. 2, Eq. 3 and Neu; Σ η² V̂ has no R and
+ranks as well, so the bounds' ranking is not borrowed from R.
 
-**Width** is the axis no bound sees well (τ[d] +0.17 to +0.67): the measured gap itself separates 2 of
-its 12 pairs.
+**Width** is the axis Eq. 2 and Eq. 3 see least well (τ[d] +0.33 to +0.67; Neu +0.67 and +1.00): the
+measured gap itself separates 2 of its 12 pairs.
 """
 
 
