@@ -386,3 +386,40 @@ def test_under_a_budget_the_midway_probe_is_reserved_then_runs_whatever_the_budg
     assert before and all(cost > 0 and reserve == pytest.approx(base + cost) for cost, reserve, base in before)
     assert after and all(cost == 0.0 and reserve == base for cost, reserve, base in after)
     assert not [m for m in said if "Γ (GradientSensitivity) was probed at" in m]
+
+
+def _gamma_fill_coverage(steps: list[int], trend, T: int = 300, runs: int = 400, widen: bool = True) -> float:
+    """Fraction of simulated runs whose Γ filling error ``Σ_τ Γ̂_τ − Σ_τ Γ_τ`` lies within ±1.96 of
+    ``growing_level_fill_se`` (``Γ_τ = τ·y_τ``, ``y`` a trend with 30 % relative noise per step,
+    probed at ``steps``). ``widen=False`` divides :func:`few_differences_factor` back out."""
+    from genbounds.bounds.series import few_differences_factor, growing_level_fill_se, growing_level_series
+
+    rng = np.random.default_rng(0)
+    tau = np.arange(T + 1)
+    inside = 0
+    for _ in range(runs):
+        gamma = tau * trend(tau / T) * (1 + 0.3 * rng.standard_normal(T + 1))
+        values = np.array([[gamma[s]] for s in steps])
+        filled, _ = growing_level_series(steps, values, T, "scaled")
+        error = float(np.asarray(filled)[:, 0].sum() - gamma[:T].sum())
+        se = growing_level_fill_se(steps, values, np.ones(T), "scaled")[0]
+        if not widen:
+            se /= few_differences_factor(len([s for s in steps if s >= 1]) - 1)
+        inside += abs(error) <= 1.96 * se
+    return inside / runs
+
+
+@pytest.mark.parametrize("trend", [lambda u: np.ones_like(u), lambda u: 2.0 - u, lambda u: 1 + 2 * np.exp(-5 * u)],
+                         ids=["flat", "declining", "early-bump"])
+def test_the_gamma_filling_se_covers_also_from_two_probes(trend):
+    """±1.96 filling SE is a 95 % interval of the Γ filling error, simulated (400 runs): probes every
+    20 steps, and only the midway and final probes (Neu's fewest, ``docs/math.md`` §6.9). From two
+    probes ``κ`` rests on one difference, and the SE unwidened covered 0.72–0.83 of the runs (the
+    error over it is Student's t with 1 degree of freedom); widened by ``t_{0.975,k}/1.96`` it covers
+    0.95 or more."""
+    T = 300
+    every = list(range(0, T, 20)) + [T]
+    midway = [T // 2, T]
+    for steps in (every, midway):
+        assert 0.92 <= _gamma_fill_coverage(steps, trend, T) <= 1.0, steps
+    assert _gamma_fill_coverage(midway, trend, T, widen=False) < 0.85
