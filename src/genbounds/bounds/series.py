@@ -150,7 +150,7 @@ def few_differences_factor(k: int) -> float:
     """``t_{0.975,k} / z_{0.975}``: how much wider a filling SE must be when its variance was
     estimated from ``k`` consecutive differences, so that ±1.96 of it is still a 95 % interval
     (the estimated variance is ``χ²_k/k`` times the true one: the error over the SE is Student's
-    ``t_k``; ``docs/math.md`` §6.7). 6.48 at ``k = 1`` (two measurements), 1.12 at 10, 1.04 at 30;
+    ``t_k``; ``docs/math.md`` §6.7). 6.48 at ``k = 1`` (two measurements), 1.14 at 10, 1.04 at 30;
     exact for ``k ≤ 10``, Cornish–Fisher beyond (relative error below 4e-6)."""
     if k < 1:
         return math.nan
