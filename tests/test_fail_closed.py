@@ -163,14 +163,20 @@ class Kill(Callback):
             raise RuntimeError("killed")
 
 
-@pytest.mark.parametrize("kill_at", [5, 7])  # 5: at an epoch boundary; 7: mid-epoch
-def test_resume_is_exact_with_the_main_suite(tmp_path, kill_at):
-    full = fit(tmp_path / "full", main_suite(), max_epochs=3)
+def killed_and_resumed(tmp_path, suite, kill_at: int):
+    """The uninterrupted 3-epoch fit of ``suite()``, and the same fit killed after the checkpoint
+    of step ``kill_at`` and resumed from it."""
+    full = fit(tmp_path / "full", suite(), max_epochs=3)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=kill_at, save_top_k=-1)
     with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path / "first", [*main_suite(), ckpt, Kill(kill_at + 1)], max_epochs=3, enable_checkpointing=True)
+        fit(tmp_path / "first", [*suite(), ckpt, Kill(kill_at + 1)], max_epochs=3, enable_checkpointing=True)
     (path,) = glob.glob(str(tmp_path / "ckpt" / f"*step={kill_at}*.ckpt"))
-    resumed = fit(tmp_path / "second", main_suite(), max_epochs=3, ckpt_path=path)
+    return full, fit(tmp_path / "second", suite(), max_epochs=3, ckpt_path=path)
+
+
+@pytest.mark.parametrize("kill_at", [5, 7])  # 5: at an epoch boundary; 7: mid-epoch
+def test_resume_is_exact_with_the_main_suite(tmp_path, kill_at):
+    full, resumed = killed_and_resumed(tmp_path, main_suite, kill_at)
     a, b = aggregator(full).latest, aggregator(resumed).latest
     tags = [k for k in a if k.startswith(("bound/", "gap/", "setting/"))]
     assert len(tags) > 20 and "bound/wang_mao_eq3" in tags
@@ -196,12 +202,7 @@ def test_resume_is_exact_around_neu_s_midway_gamma_probe(tmp_path, kill_at):
         callbacks[2] = GradientSensitivity(sigmas=[0.001, 0.01, 0.1], num_draws=4, every_n_steps=None)
         return callbacks
 
-    full = fit(tmp_path / "full", suite(), max_epochs=3)
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=kill_at, save_top_k=-1)
-    with pytest.raises(RuntimeError, match="killed"):
-        fit(tmp_path / "first", [*suite(), ckpt, Kill(kill_at + 1)], max_epochs=3, enable_checkpointing=True)
-    (path,) = glob.glob(str(tmp_path / "ckpt" / f"*step={kill_at}*.ckpt"))
-    resumed = fit(tmp_path / "second", suite(), max_epochs=3, ckpt_path=path)
+    full, resumed = killed_and_resumed(tmp_path, suite, kill_at)
     a, b = aggregator(full), aggregator(resumed)
     assert sorted(s for s in a.series.sensitivity_steps if s >= 1) == [8, 15]
     assert b.series.sensitivity_steps == a.series.sensitivity_steps
