@@ -189,11 +189,11 @@ def finish_values(values: dict[str, float], wanted: Sequence[str], step: int | N
     return bound_notes(values, wanted, step, reason)
 
 
-def one_gamma_probe_note(steps: Sequence[int], step: int, midway: int | None) -> tuple[str, str]:
+def one_gamma_probe_note(probed: Sequence[int], step: int, midway: int | None) -> tuple[str, str]:
     """Said at the final weights where fewer than two Γ probes after step 0 stand for the run:
-    Neu's bounds are NaN (``docs/math.md`` §6.9). ``midway``: the step at which the bound asked
-    for Γ's midway probe (``None``: not asked, the run's length being unknown or too short)."""
-    probed = sorted({s for s in steps if s >= 1})
+    Neu's bounds are NaN (``docs/math.md`` §6.9). ``probed``: those probes' steps
+    (``BoundSeries.gamma_level_steps``); ``midway``: the step at which the bound asked for Γ's
+    midway probe (``None``: not asked, the run's length being unknown or too short)."""
     where = f"one step ({probed[0]})" if probed else "no step after step 0"
     if midway is None:
         why = ("this fit's length is unknown (a loader without a length and no max_steps) or one step, so no "

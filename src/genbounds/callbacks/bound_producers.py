@@ -144,7 +144,7 @@ class Producers:
 
     def gamma_short(self, series: BoundSeries) -> bool:
         """Whether fewer than two Γ probes after step 0 stand for the run."""
-        return self.sensitivity is not None and len({s for s in series.sensitivity_steps if s >= 1}) < 2
+        return self.sensitivity is not None and len(series.gamma_level_steps()) < 2
 
     def end_probes(self, series: BoundSeries) -> list[Any]:
         """The Trainer's other ``at_train_end`` probes (e.g. ``HessianContractivity``), which the final

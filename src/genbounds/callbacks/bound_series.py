@@ -123,21 +123,11 @@ class BoundSeries:
             inp.v = expand_blocks(self.heldout_steps, self.heldout_values, T)
             inp.v_steps, inp.v_measured = np.asarray(self.heldout_steps), np.asarray(self.heldout_values)
         if self.sensitivity_steps:
-            order = np.argsort(self.sensitivity_steps, kind="stable")
-            gamma, weights = growing_level_series(self.sensitivity_steps, self.sensitivity_values, T, fill)
-            se = np.asarray(self.sensitivity_se, dtype=np.float64)[order]
-            inp.gamma = gamma
-            # the probes' Monte-Carlo SE and the error of filling the steps between them (§6.9)
-            fill_se = growing_level_fill_se(self.sensitivity_steps, self.sensitivity_values, eta**2, fill)
-            inp.gamma_sum_se = np.hypot(np.sqrt(np.sum(((weights @ eta**2)[:, None] * se) ** 2, axis=0)), fill_se)
+            inp.gamma, inp.gamma_sum_se = self._gamma(self.sensitivity_values, self.sensitivity_se, T, eta, fill)
             # (NaN from one probe: said by the bound at the final weights, bound_evaluation.one_gamma_probe_note)
             if self.sensitivity_shaped and len(self.sensitivity_shaped) == len(self.sensitivity_steps):
-                g2, w2 = growing_level_series(self.sensitivity_steps, self.sensitivity_shaped, T, fill)
-                se2 = np.asarray(self.sensitivity_shaped_se, dtype=np.float64)[order]
-                inp.gamma_shaped = g2
-                inp.gamma_shaped_sum_se = np.hypot(
-                    np.sqrt(np.sum(((w2 @ eta**2)[:, None] * se2) ** 2, axis=0)),
-                    growing_level_fill_se(self.sensitivity_steps, self.sensitivity_shaped, eta**2, fill))
+                inp.gamma_shaped, inp.gamma_shaped_sum_se = self._gamma(
+                    self.sensitivity_shaped, self.sensitivity_shaped_se, T, eta, fill)
                 inp.neu_shape = None if neu_shape is None else np.asarray(neu_shape, dtype=np.float64)
         if grouped and self.dispersion_groups and len(self.dispersion_groups) == len(self.dispersion_steps):
             inp.vhat_blocks = expand_blocks_scaled(self.dispersion_steps, self.dispersion_groups, T, scaling)
@@ -168,6 +158,21 @@ class BoundSeries:
             "curvature": self.curvature,
             "config": dict(self.config),
         }
+
+    def _gamma(self, values: list[list[float]], se: list[list[float]], T: int, eta: np.ndarray,
+               fill: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-step Γ filled from the probes' ``values`` (isotropic or block-shaped), and the SE of
+        ``Σ η² Γ``: the probes' Monte-Carlo ``se`` through the fill's weights and the error of filling
+        the steps between them, in quadrature (``docs/math.md`` §6.9)."""
+        gamma, weights = growing_level_series(self.sensitivity_steps, values, T, fill)
+        se = np.asarray(se, dtype=np.float64)[np.argsort(self.sensitivity_steps, kind="stable")]
+        monte_carlo = np.sqrt(np.sum(((weights @ eta**2)[:, None] * se) ** 2, axis=0))
+        return gamma, np.hypot(monte_carlo, growing_level_fill_se(self.sensitivity_steps, values, eta**2, fill))
+
+    def gamma_level_steps(self) -> list[int]:
+        """The steps of the Γ probes that carry a level (after step 0, where ``Γ_0 = 0``), sorted, once
+        each: two at least for Neu's bounds (``docs/math.md`` §6.9)."""
+        return sorted({s for s in self.sensitivity_steps if s >= 1})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         def floats(key: str) -> list:

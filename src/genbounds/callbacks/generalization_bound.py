@@ -428,7 +428,7 @@ class GeneralizationBound(ProbeCallback):
                     del self.latest[key]
             self._warn_once.all(notes)
             if final and self._neu_short_of_gamma():
-                self._warn_once(*one_gamma_probe_note(self.series.sensitivity_steps, self._evaluated_step,
+                self._warn_once(*one_gamma_probe_note(self.series.gamma_level_steps(), self._evaluated_step,
                                                          self.midway.step))
         if "gap/measured" in values and self.gap_at_start is not None:
             values["gap/measured_change"] = values["gap/measured"] - self.gap_at_start
