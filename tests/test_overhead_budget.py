@@ -190,6 +190,32 @@ def test_a_tight_budget_thins_the_dispersion_and_the_bounds_still_come_out(tmp_p
     assert agg.latest["bound_terms/sum_eta2_dispersion_se"] > 0
 
 
+def test_the_callbacks_pickle_after_a_budgeted_fit(tmp_path):
+    """After a fit under a budget every callback pickles (before, each failed on the budget's weak
+    reference to its Trainer: ``TypeError: cannot pickle 'weakref.ReferenceType'``), and the copy
+    keeps its results; the copy's budget holds no trainer until a fit's set-up names one."""
+    import pickle
+
+    import lightning.pytorch as pl
+
+    from genbounds.callbacks import GeneralizationBound
+    from genbounds.data import DigitsDataModule
+    from genbounds.models import MLP, Classifier
+    from helpers import bound_suite, trainer
+
+    pl.seed_everything(0, verbose=False)
+    suite = bound_suite(overhead_budget=0.2)
+    t = trainer(tmp_path, suite, max_epochs=1, limit_train_batches=4, limit_val_batches=1)
+    t.fit(Classifier(MLP(64, 10, 16), lr=0.05), DigitsDataModule(batch_size=64, seed=0))
+    agg = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    assert agg.budget is not None and agg.budget._trainer is not None and agg.budget._trainer() is t
+    copies = pickle.loads(pickle.dumps(suite))
+    bound = next(cb for cb in copies if isinstance(cb, GeneralizationBound))
+    assert repr(bound.latest) == repr(agg.latest) and bound.budget is not None and bound.budget._trainer is None
+    assert bound.budget.by_owner == agg.budget.by_owner
+    assert OverheadBudget.shared(t, 0.2) is agg.budget and agg.budget._trainer() is t  # (the original's is kept)
+
+
 @pytest.mark.parametrize("case", ["epochs", "accumulation_schedule", "accumulate_2", "max_steps"])
 def test_under_a_budget_the_last_step_is_measured_so_a_gate_on_the_dispersion_is_not_stale(tmp_path, case):
     """A budget that thins the dispersion still measures the run's last step when its length is

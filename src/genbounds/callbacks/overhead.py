@@ -155,9 +155,10 @@ class OverheadBudget:
         budget = trainer.__dict__.get(BUDGET_KEY)
         if budget is None:
             budget = OverheadBudget(fraction)
-            budget._trainer = weakref.ref(trainer)
             trainer.__dict__[BUDGET_KEY] = budget
-        elif budget.fraction is None and fraction is not None:
+        if budget._trainer is None:
+            budget._trainer = weakref.ref(trainer)
+        if budget.fraction is None and fraction is not None:
             budget.fraction = fraction
         elif fraction is not None and fraction != budget.fraction and not budget.conflict_said:
             budget.conflict_said = True  # (said once a Trainer; the first stated fraction stands)
@@ -165,6 +166,15 @@ class OverheadBudget:
                            f"({budget.fraction:g} first, then {fraction:g}); the budget is one for the whole suite, "
                            f"so {budget.fraction:g} applies. State it on one callback only.")
         return budget
+
+    def __getstate__(self) -> dict:
+        """Picklable after a fit too (a ``ddp_spawn`` launch, ``copy``, a user's own pickling of the
+        callbacks that share it): the trainer is held by a weak reference, which does not pickle and
+        would not point at anything in another process — dropped, the horizon then unknown until the
+        next :meth:`shared` sets it."""
+        state = self.__dict__.copy()
+        state["_trainer"] = None
+        return state
 
     def begin(self) -> None:
         if self.start is None:
