@@ -419,6 +419,27 @@ def test_the_results_table_names_a_probe_that_never_ran(tmp_path, capsys):
     assert "not measured in this run" not in capsys.readouterr().out
 
 
+def test_the_results_table_says_what_measuring_cost_and_why_it_is_over_the_budget(tmp_path, capsys):
+    """The end-of-fit table says ``perf/overhead`` against the budget: the main job logged 0.20–0.23
+    under ``overhead_budget: 0.2`` and said nothing of it at the end. Over the budget it says what
+    runs whatever the budget affords; without one, that there is none."""
+    from genbounds.callbacks.run_summary import measurement_line
+
+    t, _ = small_fit(tmp_path, bound_suite(overhead_budget=1e-3))
+    bound = next(cb for cb in t.callbacks if isinstance(cb, GeneralizationBound))
+    overhead = bound.latest["perf/overhead"]
+    assert overhead > 1e-3
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("measurement time:")]
+    assert lines == [measurement_line(overhead, 1e-3)]
+    assert lines[0].startswith(f"measurement time: {overhead:.3g} × the training time (perf/overhead; "
+                               "overhead_budget 0.001) — over it: the final evaluation") and "64th step" in lines[0]
+    t, _ = small_fit(tmp_path, bound_suite())
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("measurement time:")]
+    assert len(lines) == 1 and lines[0].endswith("(perf/overhead; no overhead_budget)"), lines
+    assert measurement_line(0.15, 0.2) == "measurement time: 0.15 × the training time (perf/overhead; overhead_budget 0.2)"
+    assert measurement_line(math.nan, 0.2) is None and measurement_line(None, None) is None
+
+
 @pytest.mark.parametrize("place", ["before", "after"])
 def test_an_at_train_end_probe_runs_first_in_the_final_evaluation_at_its_fewest_points(tmp_path, capsys, place):
     """Under a budget the bound's final probes take all that is left, so an ``at_train_end`` probe the

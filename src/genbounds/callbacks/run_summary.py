@@ -15,6 +15,8 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from genbounds.callbacks.overhead import OverheadBudget
+
 if TYPE_CHECKING:
     from genbounds.callbacks.generalization_bound import GeneralizationBound
 
@@ -347,6 +349,9 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
     for tag, value, note in rows:
         lines.append(f"{tag:<{width}}  {value:>{vwidth}}  {note}")
     lines.append("─" * (width + vwidth + 40))
+    measured = measurement_line(v.get("perf/overhead"), bound.budget.fraction if bound.budget is not None else None)
+    if measured:
+        lines.append(measured)
     if not bound.plain_sgd:
         if trainer.optimizers and describe_optimizer(trainer.optimizers[0])[1]:  # (plain SGD, clipped)
             lines.append(f"optimizer {bound.optimizer} with gradient clipping: the step is not η_t·ḡ_B whenever it "
@@ -380,6 +385,25 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
     md += [f"| `{t}` | {_cell(val)} | {_cell(note)} |" for t, val, note in rows]
     md += ["", *(f"* {line}" for line in lines[len(rows) + 3:])]
     return "\n".join(lines), "\n".join(md)
+
+
+def measurement_line(overhead: float | None, fraction: float | None) -> str | None:
+    """What measuring cost, against the budget when there is one (``perf/overhead``: measurement
+    time over training time at the final evaluation). Over the budget, what can put it there: the
+    final evaluation and Neu's midway Γ probe run whatever the budget affords, the per-step
+    statistics measure at least every :attr:`OverheadBudget.MAX_STRIDE` steps, and a probe's cost
+    is predicted, not known (the main job, a 3-second training run: 0.20–0.23)."""
+    if overhead is None or not math.isfinite(overhead):
+        return None
+    line = f"measurement time: {overhead:.3g} × the training time (perf/overhead"
+    if fraction is None:
+        return line + "; no overhead_budget)"
+    line += f"; overhead_budget {fraction:g})"
+    if overhead > fraction:
+        line += (" — over it: the final evaluation and Neu's midway Γ probe run whatever it affords (at their "
+                 f"fewest draws), the per-step statistics at least every {OverheadBudget.MAX_STRIDE}th step, "
+                 "and a probe can cost more than its price (README, Overhead)")
+    return line
 
 
 def _cell(text: Any) -> str:
