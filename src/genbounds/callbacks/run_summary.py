@@ -392,7 +392,7 @@ def measurement_line(overhead: float | None, fraction: float | None) -> str | No
     time over training time at the final evaluation). Over the budget, what can put it there: the
     final evaluation and Neu's midway Γ probe run whatever the budget affords, the per-step
     statistics measure at least every :attr:`OverheadBudget.MAX_STRIDE` steps, and a probe's cost
-    is predicted, not known (the main job, a 3-second training run: 0.20–0.23)."""
+    is predicted, not known (the main job, a 3-second training run: 0.19–0.22)."""
     if overhead is None or not math.isfinite(overhead):
         return None
     line = f"measurement time: {overhead:.3g} × the training time (perf/overhead"
