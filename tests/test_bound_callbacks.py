@@ -435,7 +435,7 @@ def test_the_results_table_says_what_measuring_cost_and_why_it_is_over_the_budge
                                "overhead_budget 0.001) — over it: the final evaluation") and "64th step" in lines[0]
     t, _ = small_fit(tmp_path, bound_suite())
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("measurement time:")]
-    assert len(lines) == 1 and lines[0].endswith("(perf/overhead; no overhead_budget)"), lines
+    assert len(lines) == 1 and lines[0].endswith("(perf/overhead; no overhead_budget: every probe ran on its schedule)")
     under = "measurement time: 0.15 × the training time (perf/overhead; overhead_budget 0.2)"
     assert measurement_line(0.15, 0.2) == under
     assert measurement_line(math.nan, 0.2) is None and measurement_line(None, None) is None

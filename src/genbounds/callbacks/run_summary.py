@@ -388,8 +388,9 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
 
 
 def measurement_line(overhead: float | None, fraction: float | None) -> str | None:
-    """What measuring cost, against the budget when there is one (``perf/overhead``: measurement
-    time over training time at the final evaluation). Over the budget, what can put it there: the
+    """What measuring cost, against the budget when there is one (``perf/overhead``: the wall time
+    of the genbounds callbacks' hooks, the probes and the per-step statistics, over the rest of
+    the wall time since training started, at the final evaluation). Over the budget, what can put it there: the
     final evaluation and Neu's midway Γ probe run whatever the budget affords, the per-step
     statistics measure at least every :attr:`OverheadBudget.MAX_STRIDE` steps, and a probe's cost
     is predicted, not known (the main job, a 3-second training run: 0.19–0.22)."""
@@ -397,12 +398,12 @@ def measurement_line(overhead: float | None, fraction: float | None) -> str | No
         return None
     line = f"measurement time: {overhead:.3g} × the training time (perf/overhead"
     if fraction is None:
-        return line + "; no overhead_budget)"
+        return line + "; no overhead_budget: every probe ran on its schedule)"
     line += f"; overhead_budget {fraction:g})"
     if overhead > fraction:
         line += (" — over it: the final evaluation and Neu's midway Γ probe run whatever it affords (at their "
                  f"fewest draws), the per-step statistics at least every {OverheadBudget.MAX_STRIDE}th step, "
-                 "and a probe can cost more than its price (README, Overhead)")
+                 "and a probe can take longer than its cost estimate (README, Overhead)")
     return line
 
 
