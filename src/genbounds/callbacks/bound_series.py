@@ -169,6 +169,12 @@ class BoundSeries:
         monte_carlo = np.sqrt(np.sum(((weights @ eta**2)[:, None] * se) ** 2, axis=0))
         return gamma, np.hypot(monte_carlo, growing_level_fill_se(self.sensitivity_steps, values, eta**2, fill))
 
+    def has_gamma_level(self) -> bool:
+        """Whether a Γ probe that carries a level stands (one after step 0): :meth:`gamma_level_steps`
+        not empty, without building it (asked at every step start under a budget while Neu's midway
+        probe is still to come)."""
+        return any(s >= 1 for s in self.sensitivity_steps)
+
     def gamma_level_steps(self) -> list[int]:
         """The steps of the Γ probes that carry a level (after step 0, where ``Γ_0 = 0``), sorted, once
         each: two at least for Neu's bounds (``docs/math.md`` §6.9)."""

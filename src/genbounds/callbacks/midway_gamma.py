@@ -63,7 +63,7 @@ class MidwayGamma:
         """Whether the probe is still to come: armed, a Neu bound computed, Γ's callback active, and
         no Γ probe after step 0 in the series."""
         return (self.step is not None and not self._asked and self._neu is not None and self._neu()
-                and self.sensitivity.active and not any(s >= 1 for s in self._series.sensitivity_steps))
+                and self.sensitivity.active and not self._series.has_gamma_level())
 
     def wake_step(self) -> float:
         """The step until which the bound's batch start has nothing to do for it (``inf``: never)."""

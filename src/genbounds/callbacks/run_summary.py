@@ -389,11 +389,11 @@ def results_table(trainer: Trainer, bound: GeneralizationBound) -> tuple[str, st
 
 def measurement_line(overhead: float | None, fraction: float | None) -> str | None:
     """What measuring cost, against the budget when there is one (``perf/overhead``: the wall time
-    of the genbounds callbacks' hooks, the probes and the per-step statistics, over the rest of
-    the wall time since training started, at the final evaluation). Over the budget, what can put it there: the
-    final evaluation and Neu's midway Γ probe run whatever the budget affords, the per-step
-    statistics measure at least every :attr:`OverheadBudget.MAX_STRIDE` steps, and a probe's cost
-    is predicted, not known (the main job, a 3-second training run: 0.19–0.22)."""
+    of the genbounds callbacks' hooks, the probes and the per-step statistics, over the rest of the
+    wall time since training started, at the final evaluation). Over the budget, what can put it
+    there: the final evaluation and Neu's midway Γ probe run whatever the budget affords, the
+    per-step statistics measure at least every :attr:`OverheadBudget.MAX_STRIDE` steps, and a
+    probe's cost is estimated before it runs (the main job, a 3-second training run: 0.19–0.23)."""
     if overhead is None or not math.isfinite(overhead):
         return None
     line = f"measurement time: {overhead:.3g} × the training time (perf/overhead"
